@@ -1,0 +1,16 @@
+"""secretbus: libvirt-compatible secret storage, natively on D-Bus.
+
+    import secretbus
+    with secretbus.open("secret:///embed?root=/srv/vmhost") as conn:
+        s = conn.define_xml(xml)
+        s.set_value(b"passphrase")
+"""
+from . import errors
+from .connection import Connection, Secret
+from .errors import SecretError
+from .model import EventId, Lifecycle, ListFlags, SecretDef, SecretEvent, UsageType
+from .uri import open_connection as open
+
+__all__ = ["open", "Connection", "Secret", "SecretError", "errors", "EventId", "Lifecycle",
+           "ListFlags", "SecretDef", "SecretEvent", "UsageType"]
+__version__ = "0.1.0"

@@ -1,0 +1,83 @@
+"""Access control between the D-Bus layer and the driver: permissions and their checkers.
+
+Permissions and action ids are libvirt's (spec §5), so existing polkit rules keep working.
+The session bus uses `AllowAll` (the bus itself admits only the user); the system bus uses
+the polkit checker in polkit.py. Every checker fails closed.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from .model import SecretDef, UsageType
+
+CONNECT_DRIVER = "secret"
+
+
+class Perm(str, enum.Enum):
+    SEARCH_SECRETS = "org.libvirt.api.connect.search-secrets"
+    GETATTR = "org.libvirt.api.secret.getattr"
+    READ = "org.libvirt.api.secret.read"
+    WRITE = "org.libvirt.api.secret.write"
+    SAVE = "org.libvirt.api.secret.save"
+    DELETE = "org.libvirt.api.secret.delete"
+    READ_SECURE = "org.libvirt.api.secret.read-secure"
+
+
+# libvirt's detail key per usage type; vtpm gets secret_usage_name too (libvirt omits it).
+_USAGE_DETAIL = {
+    UsageType.VOLUME: "secret_usage_volume",
+    UsageType.CEPH: "secret_usage_ceph",
+    UsageType.ISCSI: "secret_usage_target",
+    UsageType.TLS: "secret_usage_name",
+    UsageType.VTPM: "secret_usage_name",
+}
+
+
+def details_for(d: SecretDef | None) -> dict[str, str]:
+    """The CheckAuthorization details dict for a check on `d` (None: connection level)."""
+    details = {"connect_driver": CONNECT_DRIVER}
+    if d is not None:
+        details["secret_uuid"] = d.uuid
+        key = _USAGE_DETAIL.get(d.usage_type)
+        if key and d.usage_id is not None:
+            details[key] = d.usage_id
+    return details
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a call: unique bus name, and whether it allows interactive authorisation."""
+
+    sender: str
+    interactive: bool = False
+
+
+class AccessControl(Protocol):
+    # False means every check passes without awaiting anything (fast path).
+    enabled: bool
+
+    async def allowed(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool:
+        """True if `caller` holds `perm` on `d`; False on denial or any failure."""
+
+    async def caller_uid(self, caller: Caller) -> int | None:
+        """The caller's uid as the bus daemon knows it, None if it cannot be found."""
+
+
+class AllowAll:
+    """Session bus: the bus admits only its user, so no per-call checks."""
+
+    enabled = False
+
+    def __init__(self, uid_lookup=None):
+        self._uid_lookup = uid_lookup
+
+    async def allowed(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool:
+        return True
+
+    async def caller_uid(self, caller: Caller) -> int | None:
+        return await self._uid_lookup(caller.sender) if self._uid_lookup else None
+
+    def close(self) -> None:
+        pass

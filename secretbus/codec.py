@@ -1,0 +1,90 @@
+"""Value file codecs: how a secret's value bytes become the content of `<uuid>.<suffix>`.
+
+The store picks one codec for writing and keeps every codec it can read. Adding a
+format means adding a codec here (or in crypto.py); the driver never sees formats.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Damage(enum.Enum):
+    """Why a value file could not be decoded (said in logs; never includes content)."""
+
+    BAD_ENCODING = "not valid base64"
+    TRUNCATED = "truncated"
+    TAMPERED = "failed authentication (modified or corrupted)"
+    WRONG_KEY = "encrypted with a different key"
+    MOVED = "belongs to another secret (moved or swapped)"
+    NO_KEY = "encrypted, but no encryption key is loaded"
+    BAD_PADDING = "decryption failed (wrong key or corrupted)"
+    TOO_LARGE = "value larger than allowed"
+
+
+class ValueFileError(Exception):
+    """A value file that cannot be turned back into the value. Never carries content."""
+
+    def __init__(self, damage: Damage, detail: str = ""):
+        super().__init__(damage.value + (f" ({detail})" if detail else ""))
+        self.damage = damage
+
+
+class ValueCodec(Protocol):
+    suffix: str  # file suffix without the dot: "base64", "aes256gcm", "aes256cbc"
+
+    def encode(self, uuid: str, value: bytes) -> bytes:
+        """File content for `value` of secret `uuid`."""
+
+    def decode(self, uuid: str, data: bytes) -> bytes:
+        """Value from file content; raises ValueFileError."""
+
+
+def strict_b64decode(data: bytes) -> bytes:
+    """Standard base64 with padding; surrounding whitespace tolerated, anything else refused.
+
+    libvirt's decoder skips invalid characters and returns garbage; we refuse instead.
+    """
+    try:
+        return base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueFileError(Damage.BAD_ENCODING) from None
+
+
+class Base64Codec:
+    """libvirt's plain scheme: `<uuid>.base64`, one line of standard base64, no newline."""
+
+    suffix = "base64"
+
+    def encode(self, uuid: str, value: bytes) -> bytes:
+        return base64.b64encode(value)
+
+    def decode(self, uuid: str, data: bytes) -> bytes:
+        return strict_b64decode(data)
+
+
+@dataclass
+class ValueCodecs:
+    """The store's codec choice: one writer, every reader (the writer among them)."""
+
+    writer: ValueCodec
+    readers: dict[str, ValueCodec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.readers.setdefault(self.writer.suffix, self.writer)
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return tuple(self.readers)
+
+
+# Every suffix the store knows of, whether or not it can read it right now; used to
+# find and remove stale value files of other schemes.
+KNOWN_SUFFIXES = ("aes256gcm", "aes256cbc", "base64")
+
+
+def plain_codecs() -> ValueCodecs:
+    return ValueCodecs(writer=Base64Codec())

@@ -1,0 +1,88 @@
+"""Durable file operations: private directories, atomic writes, fsync of directories."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+TMP_SUFFIX = ".new"  # libvirt's temp suffix; start-up removes stale ones
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create `path` and its parents with mode 0700 (existing directories are left alone)."""
+    old = os.umask(0o077)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    finally:
+        os.umask(old)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Replace `path` with `data`: temp 0600 file, write, fsync, rename, fsync the directory.
+
+    A crash at any instant leaves either the old or the new content at `path`.
+    """
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quiet(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def unlink_if_exists(path: Path) -> bool:
+    """Unlink; True if something was removed. ENOENT is not an error."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """Read a whole regular file, refusing more than `limit` bytes and symlinks."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        chunks = []
+        total = 0
+        while True:
+            b = os.read(fd, 65536)
+            if not b:
+                break
+            total += len(b)
+            if total > limit:
+                raise OSError(errno.EFBIG, f"file larger than {limit} bytes", str(path))
+            chunks.append(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

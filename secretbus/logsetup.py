@@ -1,0 +1,78 @@
+"""Logging set-up: the journal with structured fields under systemd, else stderr.
+
+Log records carry only UUIDs, usage ids, operations and file names, never values:
+`extra={"SECRET_UUID": ..., "SECRET_OPERATION": ..., "CALLER_UID": ...}` become journal fields.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+JOURNAL_FIELDS = ("SECRET_UUID", "SECRET_OPERATION", "CALLER_UID")
+
+
+class _JournalFieldsHandler(logging.Handler):
+    """Sends each record to journald with our fields; silently drops when none listens."""
+
+    def __init__(self, identifier: str):
+        super().__init__()
+        from systemd import journal   # import only when the journal is wanted
+        self._journal = journal
+        self._identifier = identifier
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {k: str(getattr(record, k)) for k in JOURNAL_FIELDS if getattr(record, k, None) not in (None, "")}
+            self._journal.send(self.format(record), PRIORITY=_priority(record.levelno),
+                               SYSLOG_IDENTIFIER=self._identifier, LOGGER=record.name, **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def _priority(level: int) -> int:
+    if level >= logging.CRITICAL:
+        return 2
+    if level >= logging.ERROR:
+        return 3
+    if level >= logging.WARNING:
+        return 4
+    if level >= logging.INFO:
+        return 6
+    return 7
+
+
+class _FieldsFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        extra = " ".join(f"{k}={getattr(record, k)}" for k in JOURNAL_FIELDS if getattr(record, k, None) not in (None, ""))
+        return f"{base} [{extra}]" if extra else base
+
+
+def setup_daemon_logging(identifier: str = "secretbusd", verbose: bool = False) -> None:
+    root = logging.getLogger("secretbus")
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    handler: logging.Handler
+    if os.environ.get("JOURNAL_STREAM"):
+        try:
+            handler = _JournalFieldsHandler(identifier)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        except ImportError:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(_FieldsFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_FieldsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+
+
+def setup_cli_logging() -> None:
+    root = logging.getLogger("secretbus")
+    if not root.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("warning: %(message)s"))
+        root.addHandler(h)
+        root.setLevel(logging.WARNING)
+        root.propagate = False

@@ -1,0 +1,93 @@
+"""The secret model: usage types, definitions, flags and event numbers (libvirt's values)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+VALUE_MAX = 65536  # REMOTE_SECRET_VALUE_MAX: largest value accepted
+
+
+class UsageType(enum.IntEnum):
+    NONE = 0
+    VOLUME = 1
+    CEPH = 2
+    ISCSI = 3
+    TLS = 4
+    VTPM = 5
+
+    @property
+    def xml_name(self) -> str:
+        return self.name.lower()
+
+    @property
+    def child(self) -> str | None:
+        """Element under <usage> that holds the usage id."""
+        return _CHILD[self]
+
+    @classmethod
+    def from_xml_name(cls, name: str) -> "UsageType | None":
+        return _BY_XML_NAME.get(name)
+
+
+_CHILD = {UsageType.NONE: None, UsageType.VOLUME: "volume", UsageType.CEPH: "name",
+          UsageType.ISCSI: "target", UsageType.TLS: "name", UsageType.VTPM: "name"}
+_BY_XML_NAME = {u.xml_name: u for u in UsageType}
+
+
+class ListFlags(enum.IntFlag):
+    EPHEMERAL = 1
+    NO_EPHEMERAL = 2
+    PRIVATE = 4
+    NO_PRIVATE = 8
+
+
+LIST_FLAGS_ALL = 0xF
+DEFINE_VALIDATE = 1
+GET_VALUE_INTERNAL_CALL = 1  # historic libvirt internal flag; never accepted from a bus
+
+
+class EventId(enum.IntEnum):
+    LIFECYCLE = 0
+    VALUE_CHANGED = 1
+
+
+class Lifecycle(enum.IntEnum):
+    DEFINED = 0
+    UNDEFINED = 1
+
+
+@dataclass(frozen=True)
+class SecretDef:
+    """One secret's definition (everything but the value)."""
+
+    uuid: str                       # lowercase dashed
+    ephemeral: bool = False
+    private: bool = False
+    description: str | None = None
+    usage_type: UsageType = UsageType.NONE
+    usage_id: str | None = None     # None exactly when usage_type is NONE
+
+
+@dataclass(frozen=True)
+class SecretEvent:
+    """What subscribers receive; carries usage data so a handle can be built after undefine."""
+
+    event_id: EventId
+    uuid: str
+    usage_type: UsageType
+    usage_id: str
+    lifecycle: Lifecycle | None = None   # set for LIFECYCLE events
+    detail: int = 0
+
+
+def matches_list_flags(d: SecretDef, flags: int) -> bool:
+    """libvirt's ListAllSecrets filter: OR within a group, AND across groups."""
+    eph = flags & (ListFlags.EPHEMERAL | ListFlags.NO_EPHEMERAL)
+    if eph and eph != (ListFlags.EPHEMERAL | ListFlags.NO_EPHEMERAL):
+        if bool(eph & ListFlags.EPHEMERAL) != d.ephemeral:
+            return False
+    prv = flags & (ListFlags.PRIVATE | ListFlags.NO_PRIVATE)
+    if prv and prv != (ListFlags.PRIVATE | ListFlags.NO_PRIVATE):
+        if bool(prv & ListFlags.PRIVATE) != d.private:
+            return False
+    return True

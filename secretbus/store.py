@@ -1,0 +1,212 @@
+"""libvirt's on-disk layout: `<uuid>.xml` per persistent secret plus one value file.
+
+The store knows files and codecs, nothing of API rules. Writes are durable and atomic
+(fsutil.atomic_write). Loading never deletes a file it could not read; it only removes
+`*.new` temp files, which are by construction writes that were never acknowledged.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import errors
+from .codec import KNOWN_SUFFIXES, Damage, ValueCodecs, ValueFileError
+from .fsutil import TMP_SUFFIX, atomic_write, ensure_private_dir, fsync_dir, read_limited, unlink_if_exists
+from .model import VALUE_MAX, SecretDef
+from .secretxml import format_secret_xml, parse_secret_xml
+from .uuids import is_canonical
+
+log = logging.getLogger("secretbus.store")
+
+XML_READ_LIMIT = 1024 * 1024
+VALUE_FILE_LIMIT = 1024 * 1024   # an encoded 64 KiB value is ~88 KiB
+
+
+@dataclass
+class LoadedSecret:
+    definition: SecretDef
+    value: bytes | None
+
+
+@dataclass
+class Skipped:
+    file: str
+    uuid: str | None
+    reason: str
+
+
+@dataclass
+class LoadReport:
+    secrets: list[LoadedSecret]
+    skipped: list[Skipped]
+
+
+class SecretStore:
+    def __init__(self, config_dir: Path, codecs: ValueCodecs):
+        self.dir = config_dir
+        self.codecs = codecs
+
+    # -- paths -------------------------------------------------------------
+    def _path(self, uuid: str, suffix: str) -> Path:
+        # Only canonical UUIDs ever reach here, so no name can leave the directory.
+        if not is_canonical(uuid):
+            raise errors.InternalError(f"refusing non-canonical secret uuid '{uuid!r}'")
+        return self.dir / f"{uuid}.{suffix}"
+
+    def xml_path(self, uuid: str) -> Path:
+        return self._path(uuid, "xml")
+
+    def value_paths(self, uuid: str) -> list[Path]:
+        return [self._path(uuid, s) for s in KNOWN_SUFFIXES]
+
+    # -- writing -------------------------------------------------------------
+    def prepare(self) -> None:
+        try:
+            ensure_private_dir(self.dir)
+        except OSError as e:
+            raise errors.SystemError_(f"cannot create config directory '{self.dir}': {e.strerror}") from None
+
+    def write_definition(self, d: SecretDef) -> None:
+        self._write(self.xml_path(d.uuid), format_secret_xml(d).encode("utf-8"))
+
+    def write_value(self, uuid: str, value: bytes) -> None:
+        """Write the value under the current scheme, then remove every other value file."""
+        writer = self.codecs.writer
+        self._write(self._path(uuid, writer.suffix), writer.encode(uuid, value))
+        self._unlink_values(uuid, keep=writer.suffix)
+
+    def delete_definition(self, uuid: str) -> None:
+        path = self.xml_path(uuid)
+        try:
+            if unlink_if_exists(path):
+                fsync_dir(self.dir)
+        except OSError as e:
+            raise errors.SystemError_(f"cannot unlink '{path}': {e.strerror}") from None
+
+    def delete_values(self, uuid: str) -> None:
+        self._unlink_values(uuid, keep=None)
+
+    def _unlink_values(self, uuid: str, keep: str | None) -> None:
+        removed = False
+        for suffix in KNOWN_SUFFIXES:
+            if suffix == keep:
+                continue
+            try:
+                removed |= unlink_if_exists(self._path(uuid, suffix))
+            except OSError as e:
+                log.warning("cannot remove stale value file %s.%s: %s", uuid, suffix, e.strerror)
+        if removed:
+            fsync_dir(self.dir)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            atomic_write(path, data)
+        except OSError as e:
+            raise errors.SystemError_(f"cannot write '{path}': {e.strerror}") from None
+
+    # -- loading ------------------------------------------------------------
+    def load(self) -> LoadReport:
+        report = LoadReport([], [])
+        try:
+            names = sorted(os.listdir(self.dir))
+        except FileNotFoundError:
+            return report
+        except OSError as e:
+            raise errors.SystemError_(f"cannot read config directory '{self.dir}': {e.strerror}") from None
+        self._remove_stale_temps(names)
+        xml_names = [n for n in names if n.endswith(".xml")]
+        xml_uuids = [n[:-4] for n in xml_names if is_canonical(n[:-4])]
+        # Oldest first: when two files claim one usage, the one that was there first wins.
+        for name in sorted(xml_names, key=lambda n: (self._mtime(n), n)):
+            try:
+                report.secrets.append(self._load_one(name, xml_uuids))
+            except _Skip as s:
+                log.error("skipping secret file '%s': %s", s.skipped.file, s.skipped.reason,
+                          extra={"SECRET_UUID": s.skipped.uuid or "", "SECRET_OPERATION": "load"})
+                report.skipped.append(s.skipped)
+        return report
+
+    def _mtime(self, name: str) -> int:
+        try:
+            return (self.dir / name).lstat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def _remove_stale_temps(self, names: list[str]) -> None:
+        for n in names:
+            if n.endswith(TMP_SUFFIX):
+                # A temp file is a write that never completed, hence never acknowledged.
+                log.warning("removing incomplete write '%s'", n)
+                unlink_if_exists(self.dir / n)
+
+    def _load_one(self, name: str, all_uuids: list[str]) -> LoadedSecret:
+        path = self.dir / name
+        try:
+            data = read_limited(path, XML_READ_LIMIT)
+            d = parse_secret_xml(data, source=str(path))
+        except errors.SecretError as e:
+            raise _Skip(name, None, f"invalid XML: {e.message}") from None
+        except OSError as e:
+            raise _Skip(name, None, f"cannot read: {e.strerror}") from None
+        if name != f"{d.uuid}.xml":
+            raise _Skip(name, d.uuid, f"{d.uuid} does not match secret file name '{name}'")
+        return LoadedSecret(d, self._load_value(d.uuid, name, all_uuids))
+
+    def _load_value(self, uuid: str, name: str, all_uuids: list[str]) -> bytes | None:
+        present = []
+        for suffix in KNOWN_SUFFIXES:
+            p = self._path(uuid, suffix)
+            try:
+                present.append((p.lstat().st_mtime_ns, suffix, p))
+            except FileNotFoundError:
+                continue
+        if not present:
+            return None
+        if len(present) > 1:
+            # A crash between writing the new file and unlinking the old one leaves
+            # both; the newest is the last write (libvirt lets .base64 win instead).
+            present.sort(reverse=True)
+            log.warning("secret %s has %d value files; using the newest, %s", uuid,
+                        len(present), present[0][2].name, extra={"SECRET_UUID": uuid})
+        _, suffix, p = present[0]
+        codec = self.codecs.readers.get(suffix)
+        if codec is None:
+            raise _Skip(name, uuid, f"value file {p.name}: no reader for this format")
+        try:
+            data = read_limited(p, VALUE_FILE_LIMIT)
+        except OSError as e:
+            raise _Skip(name, uuid, f"value file {p.name}: cannot read: {e.strerror}") from None
+        try:
+            value = codec.decode(uuid, data)
+        except ValueFileError as e:
+            damage = e.damage
+            if damage is Damage.TAMPERED:
+                owner = self._find_owner(codec, data, uuid, all_uuids)
+                if owner:
+                    raise _Skip(name, uuid, f"value file {p.name}: {Damage.MOVED.value} "
+                                            f"(it was written for secret {owner})") from None
+            raise _Skip(name, uuid, f"value file {p.name}: {e}") from None
+        if len(value) > VALUE_MAX:
+            raise _Skip(name, uuid, f"value file {p.name}: {Damage.TOO_LARGE.value}")
+        return value
+
+    @staticmethod
+    def _find_owner(codec, data: bytes, uuid: str, all_uuids: list[str]) -> str | None:
+        """On an authentication failure, tell a moved file from a damaged one."""
+        for other in all_uuids:
+            if other == uuid:
+                continue
+            try:
+                codec.decode(other, data)
+            except ValueFileError:
+                continue
+            return other
+        return None
+
+
+class _Skip(Exception):
+    def __init__(self, file: str, uuid: str | None, reason: str):
+        super().__init__(reason)
+        self.skipped = Skipped(file, uuid, reason)

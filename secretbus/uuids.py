@@ -1,0 +1,40 @@
+"""UUID parsing with libvirt's leniency, always normalised to lowercase dashed form."""
+from __future__ import annotations
+
+import uuid as _uuid
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def parse_uuid(text: str) -> str | None:
+    """Return the canonical form, or None if `text` is not a UUID by libvirt's rules.
+
+    Leading/trailing whitespace is allowed; '-' or ' ' may separate hex *pairs*;
+    exactly 32 hex digits, any case.
+    """
+    s = text.strip(" \t\n\r\v\f")
+    digits: list[str] = []
+    i = 0
+    n = len(s)
+    while i < n:
+        if s[i] in "- ":
+            i += 1
+            continue
+        if i + 1 >= n or s[i] not in _HEX or s[i + 1] not in _HEX:
+            return None
+        digits.append(s[i:i + 2])
+        i += 2
+        if len(digits) > 16:
+            return None
+    if len(digits) != 16:
+        return None
+    h = "".join(digits).lower()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def is_canonical(text: str) -> bool:
+    return parse_uuid(text) == text
+
+
+def generate() -> str:
+    return str(_uuid.uuid4())

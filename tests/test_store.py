@@ -1,0 +1,218 @@
+"""Store: libvirt's layout, durable writes, crash at every step, damaged and foreign files."""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import stat
+
+import pytest
+
+import secretbus
+from secretbus import fsutil
+
+U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
+U2 = "f52a81b2-424e-490c-823d-6bd4235bc573"
+U3 = "22e1353d-c27e-4d6d-bf15-465053e6ba0b"
+
+LIBVIRT_XML = """<secret ephemeral='no' private='no'>
+  <uuid>{uuid}</uuid>
+  <usage type='ceph'>
+    <name>{name}</name>
+  </usage>
+</secret>
+"""
+
+
+def open_root(root):
+    return secretbus.open(f"secret:///embed?root={root}")
+
+
+def cfg(root):
+    return root / "etc" / "secrets"
+
+
+def test_reads_a_directory_written_the_way_libvirt_writes_it(tmp_path):
+    d = cfg(tmp_path)
+    d.mkdir(parents=True)
+    (d / f"{U1}.xml").write_text(LIBVIRT_XML.format(uuid=U1, name="one"))
+    (d / f"{U1}.base64").write_bytes(base64.b64encode(b"libvirt-value\0"))
+    (d / f"{U2}.xml").write_text(LIBVIRT_XML.format(uuid=U2, name="two"))   # no value yet
+    with open_root(tmp_path) as c:
+        assert c.lookup_by_uuid(U1).get_value() == b"libvirt-value\0"
+        assert c.lookup_by_usage(2, "two").uuid == U2
+        assert c.lookup_by_uuid(U1).xml_desc() == LIBVIRT_XML.format(uuid=U1, name="one")
+
+
+def test_file_modes_after_each_operation(tmp_path):
+    with open_root(tmp_path) as c:
+        s = c.define_xml(f"<secret><uuid>{U1}</uuid></secret>")
+        s.set_value(b"v")
+        for name in os.listdir(cfg(tmp_path)):
+            assert stat.S_IMODE((cfg(tmp_path) / name).stat().st_mode) == 0o600, name
+        for d in (tmp_path / "etc", cfg(tmp_path), tmp_path / "run" / "secrets"):
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+        assert sorted(os.listdir(cfg(tmp_path))) == [f"{U1}.base64", f"{U1}.xml"]
+        s.undefine()
+        assert os.listdir(cfg(tmp_path)) == []
+
+
+def test_bad_files_are_skipped_logged_and_kept(tmp_path, caplog):
+    d = cfg(tmp_path)
+    d.mkdir(parents=True)
+    good = LIBVIRT_XML.format(uuid=U1, name="good")
+    (d / f"{U1}.xml").write_text(good)
+    (d / f"{U1}.base64").write_bytes(base64.b64encode(b"ok"))
+    bad_files = {
+        f"{U2}.xml": b"<secret><uuid>",                                    # malformed
+        "11111111-1111-1111-1111-111111111111.xml": LIBVIRT_XML.format(   # uuid differs from name
+            uuid=U3, name="x").encode(),
+        "22222222-2222-2222-2222-222222222222.xml": LIBVIRT_XML.format(
+            uuid="22222222-2222-2222-2222-222222222222", name="good").encode(),  # duplicate usage
+        "33333333-3333-3333-3333-333333333333.xml": LIBVIRT_XML.format(
+            uuid="33333333-3333-3333-3333-333333333333", name="badvalue").encode(),
+        "33333333-3333-3333-3333-333333333333.base64": b"!!not base64!!",
+        "foreign.txt": b"something else",
+        "README": b"x",
+    }
+    for name, content in bad_files.items():
+        (d / name).write_bytes(content)
+    # The duplicate is the newer file; the older claim wins.
+    os.utime(d / f"{U1}.xml", ns=(1_000_000_000, 1_000_000_000))
+    before = sorted(os.listdir(d))
+    with caplog.at_level(logging.WARNING, logger="secretbus"):
+        with open_root(tmp_path) as c:
+            assert [s.uuid for s in c.list_secrets()] == [U1]
+            assert c.lookup_by_uuid(U1).get_value() == b"ok"
+    assert sorted(os.listdir(d)) == before      # nothing deleted
+    text = caplog.text
+    assert f"{U2}.xml" in text and "invalid XML" in text
+    assert "does not match secret file name '11111111-1111-1111-1111-111111111111.xml'" in text
+    assert "already defined for use with good" in text
+    assert "not valid base64" in text
+
+
+def test_uuid_cannot_escape_config_dir(tmp_path):
+    with open_root(tmp_path) as c:
+        with pytest.raises(secretbus.errors.SecretError):
+            c.define_xml("<secret><uuid>../../../../etc/passwd</uuid></secret>")
+        with pytest.raises(secretbus.errors.InvalidArg):
+            c.lookup_by_uuid("../x")
+    assert sorted(os.listdir(cfg(tmp_path))) == []
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    d = cfg(tmp_path)
+    d.mkdir(parents=True)
+    (d / f"{U1}.xml").write_text(LIBVIRT_XML.format(uuid=U1, name="n"))
+    (d / f"{U1}.base64.new").write_bytes(b"half")
+    with open_root(tmp_path):
+        pass
+    assert os.listdir(d) == [f"{U1}.xml"]
+
+
+def test_two_value_files_newest_is_used(tmp_path):
+    d = cfg(tmp_path)
+    d.mkdir(parents=True)
+    (d / f"{U1}.xml").write_text(LIBVIRT_XML.format(uuid=U1, name="n"))
+    old = d / f"{U1}.base64"
+    old.write_bytes(base64.b64encode(b"old"))
+    os.utime(old, ns=(1_000_000_000, 1_000_000_000))
+    with open_root(tmp_path) as c:
+        c.lookup_by_uuid(U1)   # only base64 here
+    # A crash between writing the new file and unlinking the old leaves both.
+    (d / f"{U1}.aes256gcm").write_bytes(b"x")   # unreadable without key -> newer but undecodable
+    with open_root(tmp_path) as c:
+        assert c.list_secrets() == []          # skipped, reported, not garbage
+    os.unlink(d / f"{U1}.aes256gcm")
+    with open_root(tmp_path) as c:
+        assert c.lookup_by_uuid(U1).get_value() == b"old"
+
+
+# -- crash at every step of a write -----------------------------------------------------
+_STEP_CALLS = ("open", "write", "fsync", "rename", "unlink")
+
+
+def _crash_child(root: str, op: str, crash_at: int) -> None:
+    """Run `op` in a forked child that dies (os._exit) at the crash_at-th file syscall."""
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            count = [0]
+            real = {n: getattr(os, n) for n in _STEP_CALLS}
+
+            def wrap(name):
+                def f(*a, **kw):
+                    count[0] += 1
+                    if count[0] == crash_at:
+                        os._exit(77)
+                    return real[name](*a, **kw)
+                return f
+            c = open_root(root)
+            for n in _STEP_CALLS:
+                setattr(os, n, wrap(n))
+            if op == "set":
+                c.lookup_by_uuid(U1).set_value(b"new-value")
+            elif op == "define":
+                c.define_xml(f"<secret><uuid>{U1}</uuid><description>new</description>"
+                             "<usage type='tls'><name>t</name></usage></secret>")
+            elif op == "undefine":
+                c.lookup_by_uuid(U1).undefine()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("op", ["set", "define", "undefine"])
+def test_crash_at_each_step_leaves_old_or_new(tmp_path, op):
+    step = 1
+    outcomes = set()
+    while True:
+        root = tmp_path / f"r{step}"
+        with open_root(root) as c:
+            s = c.define_xml(f"<secret><uuid>{U1}</uuid><description>old</description>"
+                             "<usage type='tls'><name>t</name></usage></secret>")
+            s.set_value(b"old-value")
+        rc = _crash_child(str(root), op, step)
+        assert rc in (0, 77), rc
+        with open_root(root) as c:
+            names = os.listdir(cfg(root))
+            assert not [n for n in names if n.endswith(".new")]
+            if op == "set":
+                v = c.lookup_by_uuid(U1).get_value()
+                assert v in (b"old-value", b"new-value")
+                outcomes.add(v)
+                if rc == 0:
+                    assert v == b"new-value"
+            elif op == "define":
+                desc = c.lookup_by_uuid(U1).xml_desc()
+                assert ("<description>old</description>" in desc) or ("<description>new</description>" in desc)
+                assert c.lookup_by_uuid(U1).get_value() == b"old-value"
+                outcomes.add("new" if "new</description>" in desc else "old")
+            else:
+                present = [s.uuid for s in c.list_secrets()]
+                if present:
+                    assert c.lookup_by_uuid(U1).get_value() == b"old-value"
+                outcomes.add(bool(present))
+                if rc == 0:
+                    assert not present
+        if rc == 0:
+            break
+        step += 1
+        assert step < 50
+    assert len(outcomes) == 2, outcomes   # both the old and the new state were observed
+
+
+def test_atomic_write_leaves_no_temp_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f"
+    target.write_bytes(b"old")
+
+    def boom(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError):
+        fsutil.atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f"]
