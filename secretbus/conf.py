@@ -1,0 +1,331 @@
+"""secret.conf: libvirt's virConf syntax → `SecretConf`.
+
+Syntax accepted (the subset of libvirt's virconf.c that libvirt's own daemons use):
+
+    # comment                         whole-line comment
+    name = value   # comment          names: a letter, then letters, digits, '_'
+    a = 1; b = 2                      ';' also separates statements
+    s = "text"  /  s = 'text'         single-line strings, no escapes
+    s = \"\"\"multi
+    line\"\"\"                            triple-quoted string (may span lines)
+    n = 42  /  n = -1  /  n = +1      decimal integers
+    l = [ "a", 7,                     lists may span lines; trailing comma allowed
+          "b", ]
+
+As in virConf, a comment may not appear inside a multi-line list, and a value may not
+be left out. We deliberately stay no more lenient than virConf so that a secret.conf
+secretbus accepts is still one libvirt accepts (the host can go back to libvirt).
+
+Duplicate keys are an error. (virConf silently uses the *first* occurrence, which
+surprises people who expect "last wins"; for a file that decides whether secrets are
+encrypted, refusing to guess is the safer choice.)
+
+Every error is a `ConfigError` whose message starts with "<file>:<line>: ".
+"""
+from __future__ import annotations
+
+import logging
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import errors
+
+log = logging.getLogger("secretbus.conf")
+
+SCHEMES = ("aes256gcm", "aes256cbc")
+MAX_CONF_SIZE = 10 * 1024 * 1024  # virConf's sanity limit
+UID_MAX = 2**32 - 2               # (uid_t)-1 means "no user"
+
+
+@dataclass(frozen=True)
+class SecretConf:
+    path: Path | None = None                  # the file actually read; None = built-in defaults
+    encrypt_data: bool | None = None          # None = not set
+    secrets_encryption_key: str | None = None
+    encryption_scheme: str = "aes256gcm"      # or "aes256cbc"
+    private_value_readers: tuple[str | int, ...] = ()   # user names or uids
+
+
+# ---------------------------------------------------------------------------
+# Lexing / parsing into (name, value, line) entries
+
+
+@dataclass(frozen=True)
+class _Value:
+    data: str | int | list["_Value"]
+    line: int  # line where the value starts (elements of a multi-line list keep their own)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    value: _Value
+    line: int
+
+
+_BLANK = " \t"
+_EOL = "\r\n"
+
+
+class _Parser:
+    def __init__(self, text: str, path: str):
+        self.s = text
+        self.i = 0
+        self.line = 1
+        self.path = path
+
+    # -- helpers ----------------------------------------------------------
+    def error(self, what: str, line: int | None = None) -> errors.SecretError:
+        return errors.ConfigError(f"{self.path}:{self.line if line is None else line}: {what}")
+
+    @property
+    def cur(self) -> str:
+        return self.s[self.i] if self.i < len(self.s) else ""
+
+    def at_end(self) -> bool:
+        return self.i >= len(self.s)
+
+    def skip_blanks(self) -> None:
+        while not self.at_end() and self.cur in _BLANK:
+            self.i += 1
+
+    def skip_blanks_and_eol(self) -> None:
+        while not self.at_end() and self.cur in _BLANK + _EOL:
+            if self.cur == "\n":
+                self.line += 1
+            self.i += 1
+
+    def skip_to_eol(self) -> None:
+        while not self.at_end() and self.cur not in _EOL:
+            self.i += 1
+
+    # -- grammar ----------------------------------------------------------
+    def parse(self) -> list[_Entry]:
+        entries: list[_Entry] = []
+        while True:
+            self.skip_blanks_and_eol()
+            if self.at_end():
+                return entries
+            if self.cur == "#":
+                self.skip_to_eol()
+                continue
+            entries.append(self.statement())
+            self.separator()
+
+    def statement(self) -> _Entry:
+        line = self.line
+        name = self.name()
+        self.skip_blanks()
+        if self.cur != "=":
+            raise self.error("expecting an assignment")
+        self.i += 1
+        self.skip_blanks()
+        value = self.value()
+        self.skip_blanks()
+        if self.cur == "#":
+            self.skip_to_eol()
+        return _Entry(name, value, line)
+
+    def separator(self) -> None:
+        self.skip_blanks()
+        if self.at_end() or self.cur in _EOL:
+            return
+        if self.cur == ";":
+            self.i += 1
+            return
+        raise self.error("expecting a separator")
+
+    def name(self) -> str:
+        start = self.i
+        if not (self.cur.isascii() and self.cur.isalpha()):
+            raise self.error("expecting a name")
+        while not self.at_end() and self.cur.isascii() and (self.cur.isalnum() or self.cur == "_"):
+            self.i += 1
+        return self.s[start:self.i]
+
+    def value(self) -> _Value:
+        line = self.line
+        c = self.cur
+        if c == "":
+            raise self.error("expecting a value")
+        if self.s.startswith('"""', self.i):
+            return _Value(self.triple_string(), line)
+        if c in "\"'":
+            return _Value(self.string(c), line)
+        if c == "[":
+            return _Value(self.list_(), line)
+        if (c.isascii() and c.isdigit()) or c in "+-":
+            return _Value(self.integer(), line)
+        raise self.error("expecting a value")
+
+    def string(self, quote: str) -> str:
+        self.i += 1
+        start = self.i
+        while not self.at_end() and self.cur != quote and self.cur not in _EOL:
+            self.i += 1
+        if self.cur != quote:
+            raise self.error("unterminated string")
+        text = self.s[start:self.i]
+        self.i += 1
+        return text
+
+    def triple_string(self) -> str:
+        start_line = self.line
+        self.i += 3
+        end = self.s.find('"""', self.i)
+        if end < 0:
+            raise self.error("unterminated string", start_line)
+        text = self.s[self.i:end]
+        self.line += text.count("\n")
+        self.i = end + 3
+        return text
+
+    def integer(self) -> int:
+        start = self.i
+        if self.cur in "+-":
+            self.i += 1
+        if not self.cur.isdigit() or not self.cur.isascii():
+            raise self.error("unterminated number")
+        while not self.at_end() and self.cur.isascii() and self.cur.isdigit():
+            self.i += 1
+        return int(self.s[start:self.i])
+
+    def list_(self) -> list[_Value]:
+        start_line = self.line
+        self.i += 1
+        items: list[_Value] = []
+        self.skip_blanks_and_eol()
+        while not self.at_end() and self.cur != "]":
+            if items:
+                if self.cur != ",":
+                    raise self.error("expecting a separator in list")
+                self.i += 1
+                self.skip_blanks_and_eol()
+                if self.cur == "]":
+                    break  # trailing comma
+            if self.at_end():
+                break
+            items.append(self.value())
+            self.skip_blanks_and_eol()
+        if self.cur != "]":
+            raise self.error("list is not closed with ]", start_line)
+        self.i += 1
+        return items
+
+
+# ---------------------------------------------------------------------------
+# Typed options
+
+
+def _type_name(v: _Value) -> str:
+    return {str: "a string", int: "an integer", list: "a list"}[type(v.data)]
+
+
+def _encrypt_data(e: _Entry, p: _Parser) -> bool:
+    v = e.value.data
+    if not isinstance(v, int):
+        raise p.error(f"expected 0 or 1 for '{e.name}' (got {_type_name(e.value)})", e.line)
+    if v not in (0, 1):
+        raise p.error(f"'{e.name}' must be 0 or 1", e.line)
+    return v == 1
+
+
+def _key_path(e: _Entry, p: _Parser) -> str:
+    v = e.value.data
+    if not isinstance(v, str):
+        raise p.error(f"expected a string for '{e.name}' (got {_type_name(e.value)})", e.line)
+    if not v:
+        raise p.error(f"'{e.name}' must not be empty", e.line)
+    # A relative path would depend on the daemon's working directory.
+    if not v.startswith("/"):
+        raise p.error(f"'{e.name}' must be an absolute path", e.line)
+    return v
+
+
+def _scheme(e: _Entry, p: _Parser) -> str:
+    v = e.value.data
+    if not isinstance(v, str):
+        raise p.error(f"expected a string for '{e.name}' (got {_type_name(e.value)})", e.line)
+    if v not in SCHEMES:
+        raise p.error(f"'{e.name}' must be \"aes256gcm\" or \"aes256cbc\", not {v!r}", e.line)
+    return v
+
+
+def _readers(e: _Entry, p: _Parser) -> tuple[str | int, ...]:
+    if not isinstance(e.value.data, list):
+        raise p.error(f"expected a list for '{e.name}' (got {_type_name(e.value)})", e.line)
+    out: list[str | int] = []
+    for item in e.value.data:
+        v = item.data
+        if isinstance(v, str) and v:
+            out.append(v)
+        elif isinstance(v, int) and 0 <= v <= UID_MAX:
+            out.append(v)
+        else:
+            raise p.error(f"'{e.name}' entries must be user names or uids", item.line)
+    return tuple(out)
+
+
+_OPTIONS = {
+    "encrypt_data": _encrypt_data,
+    "secrets_encryption_key": _key_path,
+    "encryption_scheme": _scheme,
+    "private_value_readers": _readers,
+}
+
+
+def parse_conf(text: str, path: str = "<string>") -> SecretConf:
+    p = _Parser(text, path)
+    entries = p.parse()
+    seen: dict[str, int] = {}
+    values: dict[str, object] = {}
+    for e in entries:
+        if e.name in seen:
+            raise p.error(f"duplicate key '{e.name}' (first set at line {seen[e.name]})", e.line)
+        seen[e.name] = e.line
+        check = _OPTIONS.get(e.name)
+        if check is None:
+            log.warning("%s:%d: unknown key '%s' ignored", path, e.line, e.name)
+            continue
+        values[e.name] = check(e, p)
+    return SecretConf(path=None if path == "<string>" else Path(path), **values)  # type: ignore[arg-type]
+
+
+def load_conf(path: Path) -> SecretConf:
+    """Read secret.conf; a missing file means built-in defaults (as libvirt)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONF_SIZE + 1)
+    except FileNotFoundError:
+        return SecretConf()
+    except OSError as e:
+        raise errors.ConfigError(f"Failed to open file '{path}': {e.strerror}") from None
+    if len(data) > MAX_CONF_SIZE:
+        raise errors.ConfigError(f"Failed to read file '{path}': larger than {MAX_CONF_SIZE} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise errors.ConfigError(f"{path}:{line}: not valid UTF-8") from None
+    return parse_conf(text, str(path))
+
+
+def resolve_readers(conf: SecretConf) -> frozenset[int]:
+    """uids allowed to read private values. Names go through the user database;
+    a string that is no user name but all digits is a uid (like chown(1))."""
+    uids: set[int] = set()
+    for r in conf.private_value_readers:
+        if isinstance(r, int):
+            uids.add(r)
+            continue
+        try:
+            uids.add(pwd.getpwnam(r).pw_uid)
+        except KeyError:
+            if r.isascii() and r.isdigit() and int(r) <= UID_MAX:
+                uids.add(int(r))
+            else:
+                where = conf.path if conf.path is not None else "<string>"
+                raise errors.ConfigError(
+                    f"{where}: private_value_readers: unknown user '{r}'") from None
+    return frozenset(uids)

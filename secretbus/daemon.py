@@ -1,0 +1,178 @@
+"""`secretbusd`: the secret service on the system or session bus.
+
+    secretbusd --system                      # /etc/libvirt/secrets, polkit on every call
+    secretbusd --session                     # ~/.config/libvirt/secrets, the user's bus
+    secretbusd --session --root DIR --bus-address unix:path=...   # tests, private buses
+
+sd_notify READY/RELOADING/STOPPING/STATUS; SIGHUP reloads secret.conf, the key and the
+store (a failed reload keeps the old state); SIGTERM finishes in-flight calls, exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from dbus_fast import BusType
+from dbus_fast.aio import MessageBus
+from dbus_fast.constants import NameFlag, RequestNameReply
+
+from . import errors
+from .access import AllowAll
+from .conf import resolve_readers
+from .dbus_service import BUS_NAME, SecretService
+from .driver import SecretDriver
+from .logsetup import setup_daemon_logging
+from .notify import notify, reloading
+from .paths import InstancePaths
+from .polkit import BusUids, PolkitAccess
+
+log = logging.getLogger("secretbus.daemon")
+
+EXIT_CONFIG = 78   # EX_CONFIG: bad secret.conf or key, as systemd's status table reads it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="secretbusd", description="libvirt-compatible secret service on D-Bus")
+    bus = p.add_mutually_exclusive_group()
+    bus.add_argument("--system", action="store_true", help="serve the system bus, authorise with polkit")
+    bus.add_argument("--session", action="store_true", help="serve the user's session bus (default)")
+    p.add_argument("--root", metavar="DIR", help="keep the store under DIR (DIR/etc/secrets, DIR/run/secrets, "
+                   "DIR/etc/secret.conf) instead of the instance's standard places")
+    p.add_argument("--bus-address", metavar="ADDR", help="connect to this bus instead of the standard one")
+    p.add_argument("--timeout", type=float, default=0, metavar="SECS",
+                   help="exit after SECS idle seconds (never while an ephemeral secret exists); 0 = never")
+    p.add_argument("--no-polkit", action="store_true",
+                   help="with --system: skip polkit (only for a private bus whose policy admits root alone)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.system = bool(args.system)
+        if args.root:
+            self.paths = InstancePaths.embed(os.path.abspath(args.root))
+        else:
+            self.paths = InstancePaths.system() if self.system else InstancePaths.session()
+        self.stop_event: asyncio.Event | None = None
+        self.driver: SecretDriver | None = None
+        self.service: SecretService | None = None
+        self.bus: MessageBus | None = None
+        self._reloading = False
+
+    async def run(self) -> int:
+        t0 = time.monotonic()
+        self.stop_event = asyncio.Event()
+        notify("STATUS=loading secrets")
+        try:
+            self.driver = SecretDriver(self.paths)
+            readers = resolve_readers(self.driver.conf)
+        except errors.SecretError as e:
+            log.error("cannot start: %s", errors.display(e))
+            notify(f"STATUS=failed: {errors.display(e)}")
+            return EXIT_CONFIG
+        try:
+            return await self._serve(readers, t0)
+        finally:
+            self.driver.close()
+
+    async def _connect(self) -> MessageBus:
+        if self.args.bus_address:
+            bus = MessageBus(bus_address=self.args.bus_address)
+        else:
+            bus = MessageBus(bus_type=BusType.SYSTEM if self.system else BusType.SESSION)
+        return await asyncio.wait_for(bus.connect(), 30)
+
+    async def _serve(self, readers: frozenset[int], t0: float) -> int:
+        try:
+            self.bus = await self._connect()
+        except Exception as e:  # noqa: BLE001
+            log.error("cannot connect to the %s bus: %s", "system" if self.system else "session", e)
+            return 1
+        if self.system and not self.args.no_polkit:
+            access = PolkitAccess(self.bus)
+            await access.start()
+        else:
+            uids = BusUids(self.bus)
+            await uids.start()
+            access = AllowAll(uids)
+        self.service = SecretService(self.driver, self.bus, access, private_readers=readers)
+        self.service.attach()
+        reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            log.error("cannot own %s on the bus (%s): another instance runs, or the bus policy refuses",
+                      BUS_NAME, reply.name)
+            self.bus.disconnect()
+            return 1
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        n = len(self.driver.list_secrets())
+        log.info("serving %d secrets as %s on the %s bus (ready in %.3f s; %s)", n, BUS_NAME,
+                 "system" if self.system else "session", time.monotonic() - t0,
+                 self.driver.key_description or "values not encrypted")
+        notify("READY=1", f"STATUS=serving {n} secrets")
+        waiters = [asyncio.create_task(self.stop_event.wait()), asyncio.create_task(self.bus.wait_for_disconnect())]
+        if self.args.timeout > 0:
+            waiters.append(asyncio.create_task(self._idle_watch(self.args.timeout)))
+        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+        lost_bus = waiters[1] in done
+        notify("STOPPING=1", "STATUS=stopping")
+        log.info("stopping (%s)", "bus connection lost" if lost_bus else "signal or idle timeout")
+        await self.service.drain()
+        access.close()
+        if self.bus.connected:
+            self.bus.disconnect()
+        return 1 if lost_bus else 0
+
+    async def _idle_watch(self, timeout: float) -> None:
+        """Exit after `timeout` idle seconds; an ephemeral secret would be lost, so never then."""
+        last_calls, idle_since = -1, time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            busy = self.service.calls != last_calls or self.service.in_flight or self.driver.has_ephemeral()
+            if busy:
+                last_calls, idle_since = self.service.calls, time.monotonic()
+            elif time.monotonic() - idle_since >= timeout:
+                log.info("idle for %.0f s, exiting", timeout)
+                return
+
+    async def reload(self) -> None:
+        if self._reloading:
+            return
+        self._reloading = True
+        reloading()
+        try:
+            report = await asyncio.get_running_loop().run_in_executor(None, self.driver.reload)
+            self.service.private_readers = resolve_readers(self.driver.conf)
+            self.service.refresh()
+            log.info("reloaded: %d secrets, %d skipped", len(report.secrets), len(report.skipped))
+            notify("READY=1", f"STATUS=serving {len(self.driver.list_secrets())} secrets")
+        except errors.SecretError as e:
+            log.error("reload failed, keeping the previous state: %s", errors.display(e))
+            notify("READY=1", f"STATUS=reload failed, previous state kept: {errors.display(e)}")
+        finally:
+            self._reloading = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_daemon_logging(verbose=args.verbose)
+    os.umask(0o077)
+    try:
+        return asyncio.run(Daemon(args).run())
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Encryption key: where it comes from (spec §4.3), loading it, the codec choice, and
+creating the sealed key once (what virt-secret-init-encryption.service does).
+
+Precedence, row by row (libvirt's, with quirk 10 fixed):
+  1. `secrets_encryption_key` in secret.conf, if set, is the key path;
+  2. else `$CREDENTIALS_DIRECTORY/secrets-encryption-key` if that file exists
+     (systemd `LoadCredentialEncrypted=` puts it there);
+  3. `encrypt_data` unset → encrypt iff a key path is known;
+  4. `encrypt_data = 0` → no encryption, and the key is not read at all;
+  5. `encrypt_data = 1` with no path → ConfigError. (libvirt falls back to a
+     surprising `<user runtime dir>/secrets/encryption-key` instead.)
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import errors, fsutil
+from .codec import KNOWN_SUFFIXES, Base64Codec, ValueCodec, ValueCodecs
+from .conf import SecretConf
+from .crypto import KEY_SIZE, CbcCodec, GcmCodec, NoKeyCodec
+
+CREDENTIAL_NAME = "secrets-encryption-key"
+SEALED_KEY_PATH = Path("/var/lib/libvirt/secrets/secrets-encryption-key")
+SYSTEMD_CREDS = "systemd-creds"
+
+
+@dataclass(frozen=True)
+class KeyChoice:
+    encrypt: bool
+    path: Path | None   # key file that would be used (kept for logs even when encrypt is False)
+    source: str         # "secret.conf", "credential" or "none"
+
+    def describe(self) -> str:
+        if self.encrypt:
+            return f"encryption on, key from {self.source} '{self.path}'"
+        if self.path is not None:
+            return f"encryption off (encrypt_data = 0; key '{self.path}' not read)"
+        return "encryption off (no key configured)"
+
+
+def resolve_key(conf: SecretConf, environ: Mapping[str, str] = os.environ) -> KeyChoice:
+    if conf.secrets_encryption_key is not None:
+        path, source = Path(conf.secrets_encryption_key), "secret.conf"
+    else:
+        path, source = _credential_path(environ), "credential"
+        if path is None:
+            source = "none"
+    encrypt = path is not None if conf.encrypt_data is None else conf.encrypt_data
+    if encrypt and path is None:
+        raise errors.ConfigError(
+            "encrypt_data = 1 but no key: set secrets_encryption_key or provide the "
+            f"{CREDENTIAL_NAME} credential")
+    return KeyChoice(encrypt=encrypt, path=path, source=source)
+
+
+def _credential_path(environ: Mapping[str, str]) -> Path | None:
+    d = environ.get("CREDENTIALS_DIRECTORY")
+    if not d:
+        return None
+    p = Path(d) / CREDENTIAL_NAME
+    try:
+        os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        # Not "absent": silently turning encryption off here would be wrong.
+        raise errors.ConfigError(f"Failed to open file '{p}': {e.strerror}") from None
+    return p
+
+
+def load_key(path: Path) -> bytes:
+    """Exactly 32 raw bytes from a private regular file (messages never show key bytes)."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise errors.ConfigError(f"Failed to open file '{path}': {e.strerror}") from None
+    # lstat first: opening a FIFO would block, and a symlink could point anywhere.
+    if not stat.S_ISREG(st.st_mode):
+        raise errors.ConfigError(f"key file '{path}' is not a regular file")
+    if st.st_mode & 0o077:
+        raise errors.ConfigError(
+            f"key file '{path}' has mode {stat.S_IMODE(st.st_mode):04o}; it must not be "
+            "accessible by group or others (chmod 0600)")
+    wrong_size = errors.InvalidEncrKey(f"Encryption key length must be '{KEY_SIZE}' '{path}'")
+    try:
+        key = fsutil.read_limited(path, KEY_SIZE + 1)
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise wrong_size from None
+        raise errors.ConfigError(f"Failed to open file '{path}': {e.strerror}") from None
+    if len(key) != KEY_SIZE:
+        raise wrong_size
+    return key
+
+
+def codecs_for(conf: SecretConf,
+               environ: Mapping[str, str] = os.environ) -> tuple[ValueCodecs, str | None]:
+    """Writer and readers for the store; the description is None when no key is loaded."""
+    choice = resolve_key(conf, environ)
+    plain = Base64Codec()
+    if not choice.encrypt:
+        readers: dict[str, ValueCodec] = {
+            s: (plain if s == plain.suffix else NoKeyCodec(s)) for s in KNOWN_SUFFIXES}
+        return ValueCodecs(writer=plain, readers=readers), None
+    assert choice.path is not None
+    key = load_key(choice.path)
+    by_suffix: dict[str, ValueCodec] = {
+        "aes256gcm": GcmCodec(key), "aes256cbc": CbcCodec(key), "base64": plain}
+    writer = by_suffix[conf.encryption_scheme]
+    readers = {s: by_suffix[s] for s in KNOWN_SUFFIXES}
+    kid = writer.key_id.hex()  # type: ignore[attr-defined]
+    desc = f"{conf.encryption_scheme} key_id={kid} from {choice.source} '{choice.path}'"
+    return ValueCodecs(writer=writer, readers=readers), desc
+
+
+def init_encryption(key_path: Path = SEALED_KEY_PATH, with_key: str | None = None,
+                    raw: bool = False, environ: Mapping[str, str] = os.environ) -> Path:
+    """Create a fresh key once: sealed with systemd-creds (default) or raw 0600 bytes.
+
+    The key travels only through memory and the child's stdin, never argv or logs.
+    The final name appears atomically and is never replaced: the new file is
+    hard-linked into place, which fails if the name already exists.
+    """
+    key_path = Path(key_path)
+    if os.path.lexists(key_path):
+        raise _exists(key_path)
+    try:
+        _create(key_path, with_key, raw, environ)
+    except OSError as e:
+        raise errors.OperationFailed(
+            f"cannot create key file '{key_path}': {e.strerror or e}") from None
+    return key_path
+
+
+def _create(key_path: Path, with_key: str | None, raw: bool,
+            environ: Mapping[str, str]) -> None:
+    fsutil.ensure_private_dir(key_path.parent)
+    tmp = key_path.with_name(key_path.name + ".init")
+    fsutil.unlink_if_exists(tmp)  # leftover of an interrupted run; never the real key
+    key = os.urandom(KEY_SIZE)
+    try:
+        if raw:
+            fsutil.atomic_write(tmp, key, sync_dir=False)
+        else:
+            _seal(key, tmp, with_key, environ)
+        try:
+            os.link(tmp, key_path)
+        except FileExistsError:
+            raise _exists(key_path) from None
+    finally:
+        fsutil.unlink_if_exists(tmp)
+    fsutil.fsync_dir(key_path.parent)
+
+
+def _exists(p: Path) -> errors.SecretError:
+    return errors.OperationFailed(f"key file '{p}' already exists; refusing to overwrite")
+
+
+def _seal(key: bytes, out: Path, with_key: str | None, environ: Mapping[str, str]) -> None:
+    argv = [SYSTEMD_CREDS, "encrypt", f"--name={CREDENTIAL_NAME}"]
+    if with_key is not None:
+        argv.append(f"--with-key={with_key}")
+    argv += ["-", str(out)]
+    try:
+        # umask: systemd-creds creates its output with the caller's umask.
+        proc = subprocess.run(argv, input=key, capture_output=True, env=dict(environ),
+                              umask=0o077, check=False)
+    except FileNotFoundError:
+        raise errors.OperationFailed(
+            f"{SYSTEMD_CREDS} not found; install systemd or create a raw key file") from None
+    if proc.returncode != 0:
+        detail = proc.stderr.decode("utf-8", "replace").strip()
+        raise errors.OperationFailed(
+            f"{SYSTEMD_CREDS} encrypt failed (exit status {proc.returncode}): {detail}")
+    os.chmod(out, 0o600)
+    fd = os.open(out, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

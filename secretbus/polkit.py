@@ -1,0 +1,172 @@
+"""polkit checks for the system bus, with a decision cache.
+
+Subject is the caller's `system-bus-name`; action ids and details are libvirt's (access.py).
+Fails closed: polkitd absent, slow or erroring means "no" (logged, not cached).
+Cached per (unique name, action, details); a caller's entries go when its name leaves the
+bus, all entries go on polkit's `Changed` signal (rules or actions reloaded) or when polkitd
+restarts, and each entry expires after `max_age` seconds. Challenge results are never cached.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+
+from dbus_fast import Message, MessageType, Variant
+
+from .access import Caller, Perm, details_for
+from .model import SecretDef
+
+log = logging.getLogger("secretbus.polkit")
+
+PK_NAME = "org.freedesktop.PolicyKit1"
+PK_PATH = "/org/freedesktop/PolicyKit1/Authority"
+PK_IFACE = "org.freedesktop.PolicyKit1.Authority"
+DBUS = dict(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus")
+ALLOW_USER_INTERACTION = 1
+
+_MATCHES = (
+    # Only names that vanish matter: arg2 (new owner) empty.
+    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+    "member='NameOwnerChanged',arg2=''",
+    f"type='signal',sender='{PK_NAME}',interface='{PK_IFACE}',member='Changed',path='{PK_PATH}'",
+    f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{PK_NAME}'",
+)
+
+
+class PolkitAccess:
+    enabled = True
+
+    def __init__(self, bus, *, timeout: float = 5.0, max_age: float = 60.0, max_entries: int = 16384,
+                 cache: bool = True):
+        self.bus = bus
+        self.timeout = timeout
+        self.max_age = max_age
+        self.max_entries = max_entries
+        self.cache_enabled = cache
+        self._cache: OrderedDict[tuple, tuple[float, bool]] = OrderedDict()
+        self._by_sender: dict[str, set[tuple]] = {}
+        self._pending: dict[tuple, asyncio.Future] = {}
+        self._uids: dict[str, int] = {}
+        self._generation = 0
+        self.stats = {"checks": 0, "hits": 0, "errors": 0}
+
+    async def start(self) -> None:
+        self.bus.add_message_handler(self._on_signal)
+        for rule in _MATCHES:
+            await self._call(**DBUS, member="AddMatch", signature="s", body=[rule])
+
+    def close(self) -> None:
+        self.bus.remove_message_handler(self._on_signal)
+
+    # -- invalidation -------------------------------------------------------------
+    def _on_signal(self, msg: Message) -> None:
+        if msg.message_type is not MessageType.SIGNAL:
+            return None
+        if msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus":
+            name, _old, new = msg.body
+            if name == PK_NAME:
+                self.flush("polkitd restarted")
+            elif not new:
+                self._forget(name)
+        elif msg.member == "Changed" and msg.interface == PK_IFACE:
+            self.flush("polkit rules or actions changed")
+        return None
+
+    def flush(self, why: str) -> None:
+        if self._cache:
+            log.info("dropping %d cached authorisations: %s", len(self._cache), why)
+        self._generation += 1
+        self._cache.clear()
+        self._by_sender.clear()
+
+    def _forget(self, sender: str) -> None:
+        self._uids.pop(sender, None)
+        for key in self._by_sender.pop(sender, ()):
+            self._cache.pop(key, None)
+
+    # -- checks -------------------------------------------------------------------
+    async def allowed(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool:
+        details = details_for(d)
+        key = (caller.sender, perm.value, tuple(sorted(details.items())))
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            self._cache.move_to_end(key)
+            self.stats["hits"] += 1
+            return hit[1]
+        pending = self._pending.get(key)
+        if pending is not None and not caller.interactive:
+            return await asyncio.shield(pending)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            ok = await self._check(caller, perm, details, key)
+            fut.set_result(ok)
+            return ok
+        finally:
+            if not fut.done():
+                fut.set_result(False)
+            self._pending.pop(key, None)
+
+    async def _check(self, caller: Caller, perm: Perm, details: dict[str, str], key: tuple) -> bool:
+        self.stats["checks"] += 1
+        generation = self._generation
+        subject = ["system-bus-name", {"name": Variant("s", caller.sender)}]
+        flags = ALLOW_USER_INTERACTION if caller.interactive else 0
+        try:
+            reply = await self._call(destination=PK_NAME, path=PK_PATH, interface=PK_IFACE,
+                                     member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
+                                     body=[subject, perm.value, details, flags, ""],
+                                     timeout=self.timeout if not caller.interactive else max(self.timeout, 120))
+        except Exception as e:  # noqa: BLE001 - fail closed on anything
+            self.stats["errors"] += 1
+            log.error("polkit check of %s for %s failed, denying: %s", perm.value, caller.sender, e)
+            return False
+        authorized, challenge, _ = reply[0]
+        if self.cache_enabled and not challenge and generation == self._generation:
+            self._store(key, caller.sender, bool(authorized))
+        return bool(authorized)
+
+    def _store(self, key: tuple, sender: str, ok: bool) -> None:
+        self._cache[key] = (time.monotonic() + self.max_age, ok)
+        self._cache.move_to_end(key)
+        self._by_sender.setdefault(sender, set()).add(key)
+        while len(self._cache) > self.max_entries:
+            old, _ = self._cache.popitem(last=False)
+            self._by_sender.get(old[0], set()).discard(old)
+
+    async def caller_uid(self, caller: Caller) -> int | None:
+        uid = self._uids.get(caller.sender)
+        if uid is None:
+            try:
+                (uid,) = await self._call(**DBUS, member="GetConnectionUnixUser", signature="s",
+                                          body=[caller.sender])
+            except Exception as e:  # noqa: BLE001
+                log.error("cannot find the uid of %s: %s", caller.sender, e)
+                return None
+            self._uids[caller.sender] = uid
+        return uid
+
+    async def _call(self, *, timeout: float | None = None, **kw) -> list:
+        reply = await asyncio.wait_for(self.bus.call(Message(**kw)), timeout or self.timeout)
+        if reply.message_type is MessageType.ERROR:
+            raise RuntimeError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
+        return reply.body
+
+
+class BusUids:
+    """Caller uid lookups for buses without polkit (session): the same cache, no checks."""
+
+    def __init__(self, bus, timeout: float = 5.0):
+        self._access = PolkitAccess(bus, timeout=timeout)
+
+    async def start(self) -> None:
+        await self._access.start()
+
+    async def __call__(self, sender: str) -> int | None:
+        return await self._access.caller_uid(Caller(sender))
+
+    def close(self) -> None:
+        self._access.close()
