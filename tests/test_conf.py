@@ -226,7 +226,7 @@ def test_unreadable_file_is_an_error(tmp_path):
         load_conf(p)
 
 
-def test_permission_denied_is_an_error():
+def test_permission_denied_is_an_error(request):
     # root reads mode-000 files, so as root run the check as "nobody" in a child.
     d = Path(tempfile.mkdtemp())
     try:
@@ -242,10 +242,11 @@ def test_permission_denied_is_an_error():
             code = ("import sys\nfrom pathlib import Path\nfrom secretbus import conf, errors\n"
                     "try:\n    conf.load_conf(Path(sys.argv[1]))\n"
                     "except errors.ConfigError as e:\n    print(e)\n")
-            root = Path(__file__).resolve().parent.parent
-            out = subprocess.run([sys.executable, "-c", code, str(p)], user=65534, cwd=root,
+            # The checkout (and its venv) may be unreachable for uid 65534: use the harness copy.
+            py = request.getfixturevalue("unpriv_python")
+            out = subprocess.run(py.argv("-c", code, str(p)), user=65534, cwd="/",
                                  capture_output=True, text=True, check=True,
-                                 env={**os.environ, "PYTHONPATH": str(root)}).stdout.strip()
+                                 env=py.env()).stdout.strip()
         assert out == f"Failed to open file '{p}': Permission denied"
     finally:
         shutil.rmtree(d)

@@ -399,7 +399,7 @@ def test_credentials_directory_that_is_a_file_counts_as_no_credential(tmp_path):
     assert resolve_key(SecretConf(), {"CREDENTIALS_DIRECTORY": str(f)}).encrypt is False
 
 
-def test_unsearchable_credentials_directory_is_an_error_not_encryption_off():
+def test_unsearchable_credentials_directory_is_an_error_not_encryption_off(request):
     # EACCES must not be read as "no credential" (that would silently store plain values).
     # root can search any directory, so as root run the check as "nobody" in a child.
     import sys
@@ -415,12 +415,15 @@ def test_unsearchable_credentials_directory_is_an_error_not_encryption_off():
                 "    print('no error')\n"
                 "except errors.ConfigError as e:\n    print(e)\n")
         root = Path(__file__).resolve().parent.parent
-        kw = {"user": 65534} if os.geteuid() == 0 else {}
-        if os.geteuid() != 0:
+        if os.geteuid() == 0:
+            # The checkout (and its venv) may be unreachable for uid 65534: use the harness copy.
+            py = request.getfixturevalue("unpriv_python")
+            argv, env, kw = py.argv("-c", code, str(creds)), py.env(), {"user": 65534, "cwd": "/"}
+        else:
             creds.chmod(0o000)
-        out = subprocess.run([sys.executable, "-c", code, str(creds)], cwd=root, capture_output=True,
-                             text=True, check=True, env={**os.environ, "PYTHONPATH": str(root)},
-                             **kw).stdout.strip()
+            argv, env = [sys.executable, "-c", code, str(creds)], {**os.environ, "PYTHONPATH": str(root)}
+            kw = {"cwd": root}
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env, **kw).stdout.strip()
         assert out == f"Failed to open file '{creds / CREDENTIAL_NAME}': Permission denied"
     finally:
         creds.chmod(0o700)

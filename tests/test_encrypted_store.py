@@ -1,0 +1,146 @@
+"""Encryption at rest through the whole stack: secret.conf → key → codecs → store → driver."""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+
+import pytest
+
+import secretbus
+from secretbus import errors
+
+U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
+U2 = "f52a81b2-424e-490c-823d-6bd4235bc573"
+SENTINEL = b"S3ntinel-\x00-value-\xff"
+
+
+def make_root(tmp_path, conf_lines, key=None):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True, mode=0o700)
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(key or os.urandom(32))
+    keyfile.chmod(0o600)
+    text = "\n".join(line.replace("KEY", str(keyfile)) for line in conf_lines) + "\n"
+    (root / "etc" / "secret.conf").write_text(text)
+    return root, keyfile
+
+
+def open_root(root):
+    return secretbus.open(f"secret:///embed?root={root}")
+
+
+def xml(uuid, name):
+    return f"<secret><uuid>{uuid}</uuid><usage type='ceph'><name>{name}</name></usage></secret>"
+
+
+def scan_for_sentinel(directory, value=SENTINEL):
+    forms = [value, base64.b64encode(value), value.hex().encode(), value.hex().upper().encode()]
+    hits = []
+    for dirpath, _, files in os.walk(directory):
+        for f in files:
+            data = open(os.path.join(dirpath, f), "rb").read()
+            hits += [(f, form) for form in forms if form in data]
+    return hits
+
+
+@pytest.mark.parametrize("scheme", ["aes256gcm", "aes256cbc"])
+def test_values_encrypted_and_round_trip(tmp_path, scheme):
+    root, _ = make_root(tmp_path, ['secrets_encryption_key = "KEY"', f'encryption_scheme = "{scheme}"'])
+    with open_root(root) as c:
+        c.define_xml(xml(U1, "a")).set_value(SENTINEL)
+    cfg = root / "etc" / "secrets"
+    assert sorted(os.listdir(cfg)) == [f"{U1}.{scheme}", f"{U1}.xml"]
+    assert scan_for_sentinel(root) == []
+    with open_root(root) as c:
+        assert c.lookup_by_uuid(U1).get_value() == SENTINEL
+
+
+def test_legacy_base64_is_reencrypted_on_next_write(tmp_path):
+    root, _ = make_root(tmp_path, ["encrypt_data = 0"])
+    with open_root(root) as c:
+        c.define_xml(xml(U1, "a")).set_value(b"old")
+        c.define_xml(xml(U2, "b")).set_value(b"other")
+    (root / "etc" / "secret.conf").write_text(f'secrets_encryption_key = "{tmp_path / "key"}"\n')
+    with open_root(root) as c:
+        assert c.lookup_by_uuid(U1).get_value() == b"old"       # base64 is still read
+        c.lookup_by_uuid(U1).set_value(SENTINEL)
+    names = sorted(os.listdir(root / "etc" / "secrets"))
+    assert f"{U1}.aes256gcm" in names and f"{U1}.base64" not in names
+    assert f"{U2}.base64" in names
+    # The re-write command converts the rest now.
+    with open_root(root) as c:
+        assert c.rewrite_values() == (2, 2)
+    names = sorted(os.listdir(root / "etc" / "secrets"))
+    assert [n for n in names if not n.endswith(".xml")] == [f"{U1}.aes256gcm", f"{U2}.aes256gcm"]
+    assert scan_for_sentinel(root) == []
+    with open_root(root) as c:
+        assert c.lookup_by_uuid(U2).get_value() == b"other"
+
+
+def test_damage_is_detected_and_named(tmp_path, caplog):
+    root, keyfile = make_root(tmp_path, ['secrets_encryption_key = "KEY"'])
+    uuids = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(5)]
+    with open_root(root) as c:
+        for i, u in enumerate(uuids):
+            c.define_xml(xml(u, f"n{i}")).set_value(f"value-{i}".encode())
+    cfg = root / "etc" / "secrets"
+    f = [cfg / f"{u}.aes256gcm" for u in uuids]
+    # 0: flipped bit, 1: truncated, 2 <- 3: moved (3's file copied over 2's), 4 healthy
+    raw = bytearray(base64.b64decode(f[0].read_bytes()))
+    raw[-5] ^= 0x01
+    f[0].write_bytes(base64.b64encode(bytes(raw)))
+    f[1].write_bytes(f[1].read_bytes()[:20])
+    f[2].write_bytes(f[3].read_bytes())
+    before = {p.name: p.read_bytes() for p in cfg.iterdir()}
+    with caplog.at_level(logging.ERROR, logger="secretbus"):
+        with open_root(root) as c:
+            assert [s.uuid for s in c.list_secrets()] == [uuids[3], uuids[4]]
+            assert c.lookup_by_uuid(uuids[4]).get_value() == b"value-4"
+    assert {p.name: p.read_bytes() for p in cfg.iterdir()} == before   # nothing deleted or changed
+    text = caplog.text
+    assert f"{uuids[0]}.aes256gcm: failed authentication" in text
+    assert f"{uuids[1]}.aes256gcm: truncated" in text
+    assert f"{uuids[2]}.aes256gcm: belongs to another secret" in text and f"written for secret {uuids[3]}" in text
+    for i in range(5):
+        assert f"value-{i}" not in text
+
+
+def test_wrong_key_skips_and_says_so(tmp_path, caplog):
+    root, keyfile = make_root(tmp_path, ['secrets_encryption_key = "KEY"'])
+    with open_root(root) as c:
+        c.define_xml(xml(U1, "a")).set_value(b"v")
+    keyfile.write_bytes(os.urandom(32))
+    with caplog.at_level(logging.ERROR, logger="secretbus"):
+        with open_root(root) as c:
+            assert c.list_secrets() == []
+    assert "encrypted with a different key" in caplog.text
+    assert (root / "etc" / "secrets" / f"{U1}.aes256gcm").exists()
+
+
+def test_encryption_off_makes_encrypted_values_unreadable_not_garbage(tmp_path, caplog):
+    root, _ = make_root(tmp_path, ['secrets_encryption_key = "KEY"'])
+    with open_root(root) as c:
+        c.define_xml(xml(U1, "a")).set_value(b"v")
+    (root / "etc" / "secret.conf").write_text("encrypt_data = 0\n")
+    with caplog.at_level(logging.ERROR, logger="secretbus"):
+        with open_root(root) as c:
+            assert c.list_secrets() == []
+    assert "no encryption key is loaded" in caplog.text
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"short", "Encryption key length must be '32'"),
+    (os.urandom(33), "Encryption key length must be '32'"),
+])
+def test_bad_key_is_a_startup_error(tmp_path, content, message):
+    root, keyfile = make_root(tmp_path, ['secrets_encryption_key = "KEY"'], key=content)
+    with pytest.raises(errors.SecretError, match=message) as ei:
+        open_root(root)
+    assert str(keyfile) in str(ei.value)
+
+
+def test_bad_conf_is_a_startup_error_naming_file_and_line(tmp_path):
+    root, _ = make_root(tmp_path, ["# comment", "encrypt_data = \"yes\""])
+    with pytest.raises(errors.ConfigError, match=r"secret\.conf:2:"):
+        open_root(root)

@@ -1,0 +1,315 @@
+"""The integration-test harness itself: buses, bus policy, polkitd, users, NOTIFY_SOCKET,
+unprivileged Python. Each daemon is checked to be gone (by PID) once stopped."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import harness
+from harness import busctl, gdbus
+
+pytestmark = pytest.mark.integration
+
+DBUS = ("--dest", "org.freedesktop.DBus", "--object-path", "/org/freedesktop/DBus")
+TEST_NAME = "org.example.SbTest"
+
+THROWAWAY_POLICY = f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy user="root">
+    <allow own="{TEST_NAME}"/>
+    <allow send_destination="{TEST_NAME}"/>
+  </policy>
+  <policy group="libvirt">
+    <allow send_destination="{TEST_NAME}"/>
+  </policy>
+</busconfig>
+"""
+
+# Owns TEST_NAME on the bus given as argv[1]; Ping() -> "pong".
+PING_SERVICE = f"""
+import asyncio, sys
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface, method
+
+class Ping(ServiceInterface):
+    def __init__(self):
+        super().__init__("{TEST_NAME}")
+
+    @method()
+    def Ping(self) -> "s":
+        return "pong"
+
+async def main():
+    bus = await MessageBus(bus_address=sys.argv[1]).connect()
+    bus.export("/org/example/SbTest", Ping())
+    await bus.request_name("{TEST_NAME}")
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+PING_CLIENT = f"""
+import asyncio, sys
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+async def main():
+    bus = await MessageBus(bus_address=sys.argv[1]).connect()
+    reply = await asyncio.wait_for(bus.call(Message(
+        destination="{TEST_NAME}", path="/org/example/SbTest",
+        interface="{TEST_NAME}", member="Ping")), 10)
+    print(reply.error_name if reply.message_type == MessageType.ERROR else reply.body[0])
+
+asyncio.run(main())
+"""
+
+POLKIT_ACTIONS = ("org.example.sbtest.policy", """<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE policyconfig PUBLIC "-//freedesktop//DTD PolicyKit Policy Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/PolicyKit/1/policyconfig.dtd">
+<policyconfig>
+  <vendor>secretbus tests</vendor>
+  <action id="org.example.sbtest.read">
+    <description>harness test action</description>
+    <message>harness test action</message>
+    <defaults><allow_any>no</allow_any><allow_inactive>no</allow_inactive><allow_active>no</allow_active></defaults>
+  </action>
+</policyconfig>
+""")
+POLKIT_RULES = ("50-sbtest.rules", """
+polkit.addRule(function(action, subject) {
+    if (action.id == "org.example.sbtest.read" && subject.isInGroup("libvirt"))
+        return polkit.Result.YES;
+    return polkit.Result.NOT_HANDLED;
+});
+""")
+
+
+def request_name(bus, name, user=None):
+    return gdbus(bus.address, "call", *DBUS, "--method", "org.freedesktop.DBus.RequestName",
+                 name, "0", user=user)
+
+
+def assert_stopped(thing):
+    pid, directory = thing.pid, thing.dir
+    thing.stop()
+    assert not harness.pid_alive(pid)
+    assert not directory.exists()
+
+
+# buses ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["session", "system"])
+def test_bus_starts_answers_and_stops(make_bus, kind):
+    bus = make_bus(kind)
+    assert bus.address == f"unix:path={bus.socket_path}"
+    assert Path(bus.socket_path).is_socket()
+    assert os.stat(bus.dir).st_mode & 0o777 == 0o755
+    r = busctl(bus.address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+               "org.freedesktop.DBus", "GetId")
+    assert r.returncode == 0 and r.stdout.startswith('s "'), r.stderr
+    r = gdbus(bus.address, "call", *DBUS, "--method", "org.freedesktop.DBus.ListNames")
+    assert r.returncode == 0 and "org.freedesktop.DBus" in r.stdout, r.stderr
+    assert bus.env() == {f"DBUS_{kind.upper()}_BUS_ADDRESS": bus.address}
+    assert_stopped(bus)
+
+
+def test_session_bus_admits_only_its_owner(session_bus, test_users):
+    assert request_name(session_bus, TEST_NAME).stdout.strip() == "(uint32 1,)"
+    r = busctl(session_bus.address, "list", user=test_users.other)
+    assert r.returncode != 0
+
+
+def test_user_session_bus_admits_only_that_user(make_bus, test_users):
+    bus = make_bus("session", user=test_users.member)
+    r = busctl(bus.address, "list", user=test_users.member)
+    assert r.returncode == 0, r.stderr
+    assert "sbtest-member" in r.stdout
+    assert busctl(bus.address, "list", user=test_users.other).returncode != 0
+    assert busctl(bus.address, "list").returncode != 0  # root is a stranger there too
+    assert_stopped(bus)
+
+
+def test_system_bus_policy_include_dir(make_bus, test_users, tmp_path):
+    policy = tmp_path / "org.example.SbTest.conf"
+    policy.write_text(THROWAWAY_POLICY)
+    bus = make_bus("system")
+    # default-deny: nobody may own the name before the policy file is included
+    assert "AccessDenied" in request_name(bus, TEST_NAME).stderr
+    bus.add_policy(policy)
+    assert (bus.policy_dir / policy.name).read_text() == THROWAWAY_POLICY
+    assert request_name(bus, TEST_NAME).stdout.strip() == "(uint32 1,)"
+    for user in test_users:
+        r = request_name(bus, TEST_NAME, user=user)
+        assert r.returncode != 0
+        assert "org.freedesktop.DBus.Error.AccessDenied" in r.stderr
+        assert "not allowed to own the service" in r.stderr
+
+
+def test_system_bus_send_policy_by_group(system_bus, test_users, unpriv_python, tmp_path):
+    policy = tmp_path / "org.example.SbTest.conf"
+    policy.write_text(THROWAWAY_POLICY)
+    system_bus.add_policy(policy)
+    service = harness.spawn([sys.executable, "-c", PING_SERVICE, system_bus.address],
+                            what="ping service", log=tmp_path / "service.log")
+    try:
+        system_bus.wait_for_name(TEST_NAME, proc=service, log=tmp_path / "service.log")
+        ping = ("call", "--dest", TEST_NAME, "--object-path", "/org/example/SbTest",
+                "--method", f"{TEST_NAME}.Ping")
+        assert gdbus(system_bus.address, *ping).stdout.strip() == "('pong',)"
+        r = gdbus(system_bus.address, *ping, user=test_users.member)
+        assert r.stdout.strip() == "('pong',)", r.stderr
+        r = gdbus(system_bus.address, *ping, user=test_users.other)
+        assert r.returncode != 0 and "AccessDenied" in r.stderr
+        # the same through dbus-fast, as an unprivileged Python client would do it
+        r = unpriv_python.run(test_users.member, "-c", PING_CLIENT, system_bus.address)
+        assert r.stdout.strip() == "pong", r.stderr
+        r = unpriv_python.run(test_users.other, "-c", PING_CLIENT, system_bus.address)
+        assert r.stdout.strip() == "org.freedesktop.DBus.Error.AccessDenied", r.stderr
+    finally:
+        harness.stop_process(service)
+    assert not harness.pid_alive(service.pid)
+
+
+@pytest.mark.bus_policy(Path(__file__))
+def test_bus_policy_marker_rejects_non_conf(request):
+    with pytest.raises(ValueError):
+        request.getfixturevalue("system_bus")
+
+
+# polkit --------------------------------------------------------------------------
+
+def check(bus, action, user=None):
+    r = harness.run_as(user, harness.check_authorization_argv(bus.address, action))
+    assert r.returncode == 0, r.stderr
+    return harness.parse_check_result(r.stdout)
+
+
+def test_polkitd_answers_root(polkitd, system_bus):
+    assert system_bus.name_has_owner("org.freedesktop.PolicyKit1")
+    # uid 0 is always authorized, even for an action whose defaults say no
+    assert check(system_bus, "org.freedesktop.policykit.exec") == (True, False)
+    r = busctl(system_bus.address, "introspect", "org.freedesktop.PolicyKit1",
+               "/org/freedesktop/PolicyKit1/Authority")
+    assert ".CheckAuthorization" in r.stdout, r.stderr
+    assert_stopped(polkitd)
+
+
+@pytest.mark.polkit(actions=[POLKIT_ACTIONS], rules=[POLKIT_RULES])
+def test_polkitd_with_installed_actions_and_rules(polkitd, system_bus, test_users):
+    policy = harness.polkit.ACTIONS_DIR / POLKIT_ACTIONS[0]
+    rules = harness.polkit.RULES_DIR / POLKIT_RULES[0]
+    assert policy.read_text() == POLKIT_ACTIONS[1]
+    assert rules.stat().st_mode & 0o777 == 0o644 and rules.stat().st_uid == 0
+    assert check(system_bus, "org.example.sbtest.read") == (True, False)
+    assert check(system_bus, "org.example.sbtest.read", test_users.member) == (True, False)
+    assert check(system_bus, "org.example.sbtest.read", test_users.other) == (False, False)
+    assert_stopped(polkitd)
+    assert not policy.exists() and not rules.exists()
+
+
+def test_polkit_rules_hot_reload(make_polkitd, system_bus, test_users):
+    pk = make_polkitd(system_bus, actions=[POLKIT_ACTIONS])
+    assert check(system_bus, "org.example.sbtest.read", test_users.member) == (False, False)
+    with harness.PolkitFiles(rules=[POLKIT_RULES]):
+        pk.wait_for_log("Reloading rules")
+        harness.wait_until(
+            lambda: check(system_bus, "org.example.sbtest.read", test_users.member)[0],
+            timeout=5, what="polkitd picking up the rules")
+    assert not (harness.polkit.RULES_DIR / POLKIT_RULES[0]).exists()
+
+
+def test_polkit_files_restore_what_was_there():
+    target = harness.polkit.RULES_DIR / "49-sbtest-restore.rules"
+    target.write_text("// original\n")
+    target.chmod(0o600)
+    try:
+        with harness.PolkitFiles(rules=[(target.name, "// replaced\n")]):
+            assert target.read_text() == "// replaced\n"
+        assert target.read_text() == "// original\n"
+        assert target.stat().st_mode & 0o777 == 0o600
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def test_polkitd_rejects_session_bus_and_fails_fast_on_dead_bus(make_bus, make_polkitd):
+    # a session-type bus is not accepted; a stopped bus makes polkitd exit, reported quickly
+    with pytest.raises(ValueError):
+        harness.Polkitd(make_bus("session"))
+    bus = make_bus("system")
+    bus.stop()
+    t0 = time.monotonic()
+    with pytest.raises(harness.HarnessError):
+        make_polkitd(bus)
+    assert time.monotonic() - t0 < 10
+
+
+# users, unprivileged Python, NOTIFY_SOCKET ---------------------------------------
+
+def test_users_and_setpriv(test_users):
+    member, other = test_users
+    assert member.groups == ("libvirt",) and other.groups == ()
+    assert harness.ensure_user("sbtest-member", ["libvirt"]) == member  # idempotent
+    r = harness.run_as(member, ["sh", "-c", "id -u; id -G"], check=True)
+    uid, gids = r.stdout.split("\n")[:2]
+    assert int(uid) == member.uid
+    assert str(__import__("grp").getgrnam("libvirt").gr_gid) in gids.split()
+    assert harness.as_user(other, ["true"])[:1] == ["setpriv"]
+    r = harness.run_as(other, ["sh", "-c", "id -u; echo $HOME; pwd"], check=True)
+    assert r.stdout.split() == [str(other.uid), other.home, "/"]
+
+
+def test_unpriv_python_imports_as_other_user(unpriv_python, test_users):
+    code = ("import os, secretbus, dbus_fast, lxml, cryptography, systemd;"
+            "print(secretbus.__file__);"
+            "print(os.access(os.path.dirname(secretbus.__file__), os.W_OK))")
+    r = unpriv_python.run(test_users.other, "-c", code)
+    assert r.returncode == 0, r.stderr
+    path, writable = r.stdout.split()
+    assert path.startswith(unpriv_python.pythonpath) and writable == "False"
+    assert unpriv_python.argv("-V") == ["/usr/bin/python3", "-V"]
+    assert unpriv_python.env()["PYTHONPATH"] == unpriv_python.pythonpath
+
+
+def test_notify_socket_receives_from_other_user(notify_socket, unpriv_python, test_users):
+    code = "from systemd import daemon; assert daemon.notify('READY=1\\nSTATUS=up')"
+    r = unpriv_python.run(test_users.other, "-c", code, env={**os.environ, **notify_socket.env()})
+    assert r.returncode == 0, r.stderr
+    got = notify_socket.wait_for(b"READY=1", timeout=5)
+    assert got.data == b"READY=1\nSTATUS=up"
+    assert got.uid == test_users.other.uid and got.pid > 0
+    assert notify_socket.messages() == [b"READY=1\nSTATUS=up"]
+    with pytest.raises(harness.HarnessError):
+        notify_socket.wait_for(b"READY=1", timeout=0.1)  # already consumed
+
+
+def test_notify_socket_plain_datagram(notify_socket):
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"STATUS=starting", notify_socket.path)
+        s.sendto(b"RELOADING=1", notify_socket.path)
+    assert notify_socket.wait_for(b"STATUS=", timeout=5).data == b"STATUS=starting"
+    assert notify_socket.wait_for(b"RELOADING=1", timeout=5).pid == os.getpid()
+
+
+# cost ------------------------------------------------------------------------------
+
+def test_startup_times(make_bus, make_polkitd, record_property):
+    bus = make_bus("system")
+    pk = make_polkitd(bus)
+    record_property("system_bus_start_s", round(bus.startup_seconds, 4))
+    record_property("polkitd_start_s", round(pk.startup_seconds, 4))
+    assert bus.startup_seconds < 2
+    assert pk.startup_seconds < 5
+
+
+def test_no_leftover_harness_processes():
+    assert harness.leftover_processes() == {}
+    children = subprocess.run(["ps", "--no-headers", "-o", "pid,args", "--ppid", str(os.getpid())],
+                              capture_output=True, text=True).stdout.splitlines()
+    assert [c for c in children if " ps " not in f" {c} "] == []
