@@ -312,12 +312,22 @@ def cmd_rewrite_values(conn, a) -> int:
 
 
 # -- argument parsing ----------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="secretbus", description="libvirt-compatible secret service client")
-    p.add_argument("-c", "--connect", metavar="URI", help="connection URI (default: $SECRETBUS_DEFAULT_URI, "
-                   "else secret:///system for root and secret:///session otherwise)")
-    sub = p.add_subparsers(dest="command", metavar="<command>")
-    sub.required = True
+class _Commands:
+    """Sub-command parsers, each parsed with parse_intermixed_args so that options and
+    positionals mix as in virsh (`secret-set-value UUID --file F BASE64`)."""
+
+    def __init__(self) -> None:
+        self.parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def add_parser(self, name: str, help: str) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=f"secretbus {name}", description=help)
+        p.set_defaults(command_help=help)
+        self.parsers[name] = p
+        return p
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    sub = _Commands()
 
     c = sub.add_parser("secret-define", help="define or modify a secret from an XML file")
     c.add_argument("file", metavar="FILE")
@@ -372,7 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("rewrite-values", help="re-write every persistent value under the current "
                        "scheme and key (the service must not be running for system/session)")
     c.set_defaults(func=cmd_rewrite_values, direct_driver=True)
-    return p
+    listing = "\n".join(f"  {n:<18} {p.get_default('command_help')}" for n, p in sub.parsers.items())
+    p = argparse.ArgumentParser(prog="secretbus", description="libvirt-compatible secret service client",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="commands:\n" + listing)
+    p.add_argument("-c", "--connect", metavar="URI", help="connection URI (default: $SECRETBUS_DEFAULT_URI, "
+                   "else secret:///system for root and secret:///session otherwise)")
+    p.add_argument("command", metavar="<command>", choices=sorted(sub.parsers))
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p, sub.parsers
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    top, commands = build_parser()
+    a = top.parse_args(argv)
+    sub = commands[a.command].parse_intermixed_args(a.args)
+    sub.connect, sub.command = a.connect, a.command
+    return sub
 
 
 def _open(uri: str | None, direct_driver: bool):
@@ -390,8 +416,7 @@ def _open(uri: str | None, direct_driver: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
+    a = parse_args(argv)
     from .logsetup import setup_cli_logging
     setup_cli_logging()
     conn = None
