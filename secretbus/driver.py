@@ -19,7 +19,7 @@ from .model import (DEFINE_VALIDATE, LIST_FLAGS_ALL, VALUE_MAX, EventId, Lifecyc
                     SecretEvent, UsageType, matches_list_flags)
 from .paths import InstancePaths
 from .secretxml import format_secret_xml, parse_secret_xml
-from .store import LoadReport, SecretStore
+from .store import LoadReport, SecretStore, Skipped
 from .uuids import parse_uuid
 
 log = logging.getLogger("secretbus.driver")
@@ -31,6 +31,10 @@ EventCallback = Callable[[SecretEvent], None]
 class _Secret:
     definition: SecretDef
     value: bytearray | None = None   # wiped in place when replaced or undefined
+
+
+def _buffer(value: bytes | None) -> bytearray | None:
+    return bytearray(value) if value is not None else None
 
 
 def _wipe(buf: bytearray | None) -> None:
@@ -76,11 +80,18 @@ class SecretDriver:
             d = loaded.definition
             key = self._usage_key(d)
             if key and key in usage:
-                log.error("skipping secret %s: a secret with UUID %s already defined for use with %s",
-                          d.uuid, usage[key], d.usage_id,
-                          extra={"SECRET_UUID": d.uuid, "SECRET_OPERATION": "load"})
+                # Two files claim one usage: the older claim wins, the newer is skipped.
+                older, newer = sorted((table[usage[key]].definition, d),
+                                      key=lambda x: (self.store.xml_mtime(x.uuid), x.uuid))
+                if older is d:
+                    _wipe(table.pop(newer.uuid).value)
+                    table[d.uuid] = _Secret(d, _buffer(loaded.value))
+                    usage[key] = d.uuid
+                SecretStore.report_skip(report, Skipped(
+                    f"{newer.uuid}.xml", newer.uuid,
+                    f"a secret with UUID {older.uuid} already defined for use with {newer.usage_id}"))
                 continue
-            table[d.uuid] = _Secret(d, bytearray(loaded.value) if loaded.value is not None else None)
+            table[d.uuid] = _Secret(d, _buffer(loaded.value))
             if key:
                 usage[key] = d.uuid
         with self._mutex:

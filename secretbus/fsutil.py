@@ -73,9 +73,13 @@ def read_limited(path: Path, limit: int) -> bytes:
     """Read a whole regular file, refusing more than `limit` bytes and symlinks."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        chunks = []
-        total = 0
-        while True:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise OSError(errno.EFBIG, f"file larger than {limit} bytes", str(path))
+        # One read for the usual file; the loop only runs if the file grew meanwhile.
+        chunks = [os.read(fd, size + 1)]
+        total = len(chunks[0])
+        while total > size:
             b = os.read(fd, 65536)
             if not b:
                 break

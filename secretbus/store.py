@@ -116,21 +116,26 @@ class SecretStore:
         except OSError as e:
             raise errors.SystemError_(f"cannot read config directory '{self.dir}': {e.strerror}") from None
         self._remove_stale_temps(names)
+        present = set(names)
         xml_names = [n for n in names if n.endswith(".xml")]
         xml_uuids = [n[:-4] for n in xml_names if is_canonical(n[:-4])]
-        # Oldest first: when two files claim one usage, the one that was there first wins.
-        for name in sorted(xml_names, key=lambda n: (self._mtime(n), n)):
+        for name in xml_names:
             try:
-                report.secrets.append(self._load_one(name, xml_uuids))
+                report.secrets.append(self._load_one(name, xml_uuids, present))
             except _Skip as s:
-                log.error("skipping secret file '%s': %s", s.skipped.file, s.skipped.reason,
-                          extra={"SECRET_UUID": s.skipped.uuid or "", "SECRET_OPERATION": "load"})
-                report.skipped.append(s.skipped)
+                self.report_skip(report, s.skipped)
         return report
 
-    def _mtime(self, name: str) -> int:
+    @staticmethod
+    def report_skip(report: LoadReport, skipped: Skipped) -> None:
+        log.error("skipping secret file '%s': %s", skipped.file, skipped.reason,
+                  extra={"SECRET_UUID": skipped.uuid or "", "SECRET_OPERATION": "load"})
+        report.skipped.append(skipped)
+
+    def xml_mtime(self, uuid: str) -> int:
+        """When the definition was written (0 if unknown); the older of two clashing claims wins."""
         try:
-            return (self.dir / name).lstat().st_mtime_ns
+            return os.lstat(self.xml_path(uuid)).st_mtime_ns
         except OSError:
             return 0
 
@@ -141,36 +146,36 @@ class SecretStore:
                 log.warning("removing incomplete write '%s'", n)
                 unlink_if_exists(self.dir / n)
 
-    def _load_one(self, name: str, all_uuids: list[str]) -> LoadedSecret:
-        path = self.dir / name
+    def _load_one(self, name: str, all_uuids: list[str], present: set[str]) -> LoadedSecret:
+        path = os.path.join(self.dir, name)
         try:
             data = read_limited(path, XML_READ_LIMIT)
-            d = parse_secret_xml(data, source=str(path))
+            d = parse_secret_xml(data, source=path)
         except errors.SecretError as e:
             raise _Skip(name, None, f"invalid XML: {e.message}") from None
         except OSError as e:
             raise _Skip(name, None, f"cannot read: {e.strerror}") from None
         if name != f"{d.uuid}.xml":
             raise _Skip(name, d.uuid, f"{d.uuid} does not match secret file name '{name}'")
-        return LoadedSecret(d, self._load_value(d.uuid, name, all_uuids))
+        return LoadedSecret(d, self._load_value(d.uuid, name, all_uuids, present))
 
-    def _load_value(self, uuid: str, name: str, all_uuids: list[str]) -> bytes | None:
-        present = []
-        for suffix in KNOWN_SUFFIXES:
-            p = self._path(uuid, suffix)
-            try:
-                present.append((p.lstat().st_mtime_ns, suffix, p))
-            except FileNotFoundError:
-                continue
-        if not present:
+    def _load_value(self, uuid: str, name: str, all_uuids: list[str], present: set[str]) -> bytes | None:
+        found = [s for s in KNOWN_SUFFIXES if f"{uuid}.{s}" in present]
+        if not found:
             return None
-        if len(present) > 1:
+        suffix = found[0]
+        if len(found) > 1:
             # A crash between writing the new file and unlinking the old one leaves
             # both; the newest is the last write (libvirt lets .base64 win instead).
-            present.sort(reverse=True)
-            log.warning("secret %s has %d value files; using the newest, %s", uuid,
-                        len(present), present[0][2].name, extra={"SECRET_UUID": uuid})
-        _, suffix, p = present[0]
+            def mtime(sfx: str) -> int:
+                try:
+                    return os.lstat(self._path(uuid, sfx)).st_mtime_ns
+                except OSError:
+                    return -1
+            suffix = max(found, key=mtime)
+            log.warning("secret %s has %d value files; using the newest, %s.%s", uuid,
+                        len(found), uuid, suffix, extra={"SECRET_UUID": uuid})
+        p = self._path(uuid, suffix)
         codec = self.codecs.readers.get(suffix)
         if codec is None:
             raise _Skip(name, uuid, f"value file {p.name}: no reader for this format")
