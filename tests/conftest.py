@@ -20,7 +20,7 @@ MEMBER = "sbtest-member"  # in group libvirt
 OTHER = "sbtest-other"    # in no extra group
 LIBVIRT_GROUP = "libvirt"
 
-INTEGRATION_FIXTURES = {"session_bus", "system_bus", "polkitd", "test_users", "make_bus",
+INTEGRATION_FIXTURES = {"make_secretbusd", "session_bus", "system_bus", "polkitd", "test_users", "make_bus",
                         "make_polkitd", "unpriv_python", "notify_socket"}
 
 
@@ -125,3 +125,18 @@ def notify_socket():
 def unpriv_python() -> harness.UnprivPython:
     """The project's Python packages copied where any uid can import them."""
     return harness.unpriv_python()
+
+
+@pytest.fixture
+def make_secretbusd():
+    """Factory: `make_secretbusd(bus, system=False, conf=None, args=(), env=None)` starts
+    secretbusd on `bus` with a fresh store and waits until it owns org.libvirt.secret."""
+    started: list[harness.Secretbusd] = []
+
+    def make(bus: harness.PrivateBus, *, wait: bool = True, **kw) -> harness.Secretbusd:
+        d = harness.Secretbusd(bus, **kw)
+        started.append(d)
+        return d.start(wait=wait)
+    yield make
+    for d in started:
+        d.cleanup()

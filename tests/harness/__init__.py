@@ -4,13 +4,14 @@ by PID (procs.STARTED) and stopped by PID; nothing depends on the host's buses o
 from .bus import PrivateBus, busctl, gdbus
 from .notify import Notification, NotifySocket
 from .polkit import PolkitFiles, Polkitd, check_authorization_argv, parse_check_result
+from .secretbusd import Secretbusd
 from .procs import (HarnessError, leftover_processes, pid_alive, public_tempdir, spawn,
                     stop_process, wait_until)
 from .unpriv import UnprivPython, unpriv_python
 from .users import User, UserPair, as_user, ensure_user, lookup_user, run_as, user_env
 
 __all__ = [
-    "HarnessError", "Notification", "NotifySocket", "PolkitFiles", "Polkitd", "PrivateBus",
+    "HarnessError", "Notification", "Secretbusd", "NotifySocket", "PolkitFiles", "Polkitd", "PrivateBus",
     "UnprivPython", "User", "as_user", "busctl", "check_authorization_argv", "ensure_user",
     "gdbus", "leftover_processes", "lookup_user", "parse_check_result", "pid_alive",
     "public_tempdir", "run_as", "spawn", "stop_process", "unpriv_python", "user_env",
