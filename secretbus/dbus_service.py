@@ -159,7 +159,7 @@ class SecretService:
         # One worker keeps writes in arrival order; the driver serialises them anyway.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretbus-io")
         self._tasks: set[asyncio.Task] = set()
-        self._exported: dict[str, dict[str, Variant]] = {}
+        self._exported: dict[str, SecretDef] = {}   # what the bus has been told exists
         self._closing = False
         self.calls = 0                         # for idle tracking
         self._sub: int | None = None
@@ -169,7 +169,7 @@ class SecretService:
 
     # -- life cycle -------------------------------------------------------------------
     def attach(self) -> None:
-        self._exported = {d.uuid: secret_properties(d) for d in self.driver.list_secrets()}
+        self._exported = {d.uuid: d for d in self.driver.list_secrets()}
         self.bus.add_message_handler(self._on_message)
         self._sub = self.driver.subscribe(self._on_driver_event)
 
@@ -181,11 +181,10 @@ class SecretService:
                 del self._exported[uuid]
                 self._signal(CONNECT_PATH, OM_IFACE, "InterfacesRemoved", "oas", [secret_path(uuid), [SECRET_IFACE]])
         for uuid, d in now.items():
-            props = secret_properties(d)
             if uuid not in self._exported:
                 self._signal(CONNECT_PATH, OM_IFACE, "InterfacesAdded", "oa{sa{sv}}",
-                             [secret_path(uuid), {SECRET_IFACE: props}])
-            self._exported[uuid] = props
+                             [secret_path(uuid), {SECRET_IFACE: secret_properties(d)}])
+            self._exported[uuid] = d
 
     @property
     def in_flight(self) -> int:
@@ -218,17 +217,19 @@ class SecretService:
             return
         if ev.lifecycle == Lifecycle.DEFINED:
             try:
-                props = secret_properties(self.driver.lookup_by_uuid(ev.uuid))
+                d = self.driver.lookup_by_uuid(ev.uuid)
             except errors.NoSecret:
-                props = None      # undefined again before this ran; its own event follows
-            if props is not None:
+                d = None      # undefined again before this ran; its own event follows
+            if d is not None:
                 old = self._exported.get(ev.uuid)
-                self._exported[ev.uuid] = props
+                self._exported[ev.uuid] = d
+                props = secret_properties(d)
                 if old is None:
                     self._signal(CONNECT_PATH, OM_IFACE, "InterfacesAdded", "oa{sa{sv}}",
                                  [path, {SECRET_IFACE: props}])
                 else:
-                    changed = {k: v for k, v in props.items() if old.get(k) != v}
+                    before = secret_properties(old)
+                    changed = {k: v for k, v in props.items() if before[k] != v}
                     if changed:
                         self._signal(path, PROPS_IFACE, "PropertiesChanged", "sa{sv}as",
                                      [SECRET_IFACE, changed, []])
