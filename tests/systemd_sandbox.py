@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Run a command inside the sandbox that a systemd unit file asks for, as far as that can be
+reproduced without systemd as PID 1 (for tests; run as root).
+
+    systemd_sandbox.py --unit FILE [--map UNITPATH=REALPATH]... -- COMMAND [ARG]...
+
+It reads the unit's [Service] settings and applies them with the same kernel mechanisms
+systemd uses, in three stages that each exec the next, so the command keeps this PID:
+
+ 1. `unshare --mount [--net] --propagation private` (PrivateNetwork=: a new network
+    namespace; AF_UNIX path sockets still work, only abstract ones are per namespace);
+ 2. mounts, as root: ProtectSystem=strict (every mount read-only except /proc and /dev,
+    which also gives ProtectKernelTunables='s read-only /sys) with ReadWritePaths= left
+    writable (through --map when the unit's paths are stood in for by test directories),
+    ProcSubset=pid / ProtectProc= (a fresh procfs with subset=pid,hidepid=...), UMask=;
+    then `setpriv` for NoNewPrivileges=, CapabilityBoundingSet= and AmbientCapabilities=;
+ 3. seccomp filters through libseccomp, built like systemd builds them:
+    SystemCallFilter= (allow list: its groups and names, minus the ~ lines, plus @default,
+    groups expanded with `systemd-analyze syscall-filter`), SystemCallErrorNumber=,
+    SystemCallArchitectures=native (a native-only filter), RestrictAddressFamilies=
+    (socket() of another family fails with EAFNOSUPPORT), MemoryDenyWriteExecute=
+    (mmap W+X, mprotect/pkey_mprotect +X and shmat SHM_EXEC fail with EPERM),
+    RestrictNamespaces=yes (unshare/clone with namespace flags and setns fail with EPERM,
+    clone3 with ENOSYS so that glibc falls back to clone).
+
+Not reproduced (listed on stderr): PrivateTmp=, PrivateDevices=/DevicePolicy=, ProtectHome=,
+the other Protect*= mounts, LoadCredentialEncrypted= (the caller decrypts the credential
+itself), IPAddressDeny= and the remaining seccomp-based Restrict*=/LockPersonality= options.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+SELF = os.path.abspath(__file__)
+
+EMULATED = {
+    "PrivateNetwork", "ProtectSystem", "ReadWritePaths", "ProtectKernelTunables", "ProcSubset",
+    "ProtectProc", "UMask", "NoNewPrivileges", "CapabilityBoundingSet", "AmbientCapabilities",
+    "SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
+    "RestrictAddressFamilies", "MemoryDenyWriteExecute", "RestrictNamespaces",
+}
+NOT_SANDBOXING = {  # [Service] keys that are not about the sandbox at all
+    "Type", "NotifyAccess", "BusName", "ExecStart", "ExecReload", "Restart",
+    "RestartPreventExitStatus", "RemainAfterExit", "ConfigurationDirectory",
+    "ConfigurationDirectoryMode", "RuntimeDirectory", "RuntimeDirectoryMode", "StateDirectory",
+    "StateDirectoryMode", "LoadCredentialEncrypted", "Environment",
+}
+
+
+# -- unit files ----------------------------------------------------------------------------
+def parse_unit(path: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
+    """{section: {key: [values in order]}}; repeated keys accumulate, as systemd's lists do."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    text = Path(path).read_text()
+    for raw in text.replace("\\\n", " ").splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        if current is None or "=" not in line:
+            raise ValueError(f"{path}: cannot parse line {raw!r}")
+        key, value = line.split("=", 1)
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def service(unit: dict) -> dict[str, list[str]]:
+    return unit.get("Service", {})
+
+
+def last(svc: dict[str, list[str]], key: str, default: str | None = None) -> str | None:
+    values = svc.get(key)
+    return values[-1] if values else default
+
+
+def yes(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "yes", "true", "on")
+
+
+def words(svc: dict[str, list[str]], key: str) -> list[list[str]]:
+    return [shlex.split(v) for v in svc.get(key, [])]
+
+
+# -- stage 1: namespaces -------------------------------------------------------------------
+def stage_namespaces(args, svc) -> None:
+    argv = ["unshare", "--mount", "--propagation", "private"]
+    if yes(last(svc, "PrivateNetwork")):
+        argv.append("--net")
+    _exec(argv + ["--", sys.executable, SELF, "--stage", "mounts", *args.passthrough])
+
+
+# -- stage 2: mounts and privileges --------------------------------------------------------
+def _mountpoints() -> list[str]:
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4]
+            points.append(mp.encode().decode("unicode_escape"))  # \040 etc.
+    return points
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _mount(*argv: str) -> None:
+    subprocess.run(["mount", *argv], check=True)
+
+
+def stage_mounts(args, svc) -> None:
+    mapping = dict(m.split("=", 1) for m in args.map)
+    if last(svc, "ProtectSystem") == "strict":
+        writable = []
+        for group in words(svc, "ReadWritePaths"):
+            for p in group:
+                optional = p.startswith("-")
+                real = mapping.get(p.lstrip("-"), p.lstrip("-"))
+                if not os.path.isdir(real):
+                    if optional:
+                        continue
+                    raise SystemExit(f"sandbox: ReadWritePaths {p} ({real}) does not exist")
+                writable.append(os.path.realpath(real))
+        for w in writable:
+            _mount("--bind", w, w)
+        for mp in _mountpoints():
+            if _under(mp, "/proc") or _under(mp, "/dev") or any(_under(mp, w) for w in writable):
+                continue
+            # util-linux keeps the mount's other flags; errors on odd mounts are fatal here,
+            # since a mount left writable would make the emulation lie.
+            _mount("-o", "remount,bind,ro", mp)
+    subset, hidepid = last(svc, "ProcSubset"), last(svc, "ProtectProc")
+    if subset == "pid" or hidepid in ("invisible", "noaccess", "ptraceable"):
+        opts = []
+        if hidepid in ("invisible", "noaccess", "ptraceable"):
+            opts.append(f"hidepid={hidepid}")
+        if subset == "pid":
+            opts.append("subset=pid")
+        _mount("-t", "proc", "-o", ",".join(opts + ["nosuid", "nodev", "noexec"]), "proc", "/proc")
+    umask = last(svc, "UMask")
+    if umask is not None:
+        os.umask(int(umask, 8))
+
+    setpriv = ["setpriv"]
+    if yes(last(svc, "NoNewPrivileges")) or svc.get("SystemCallFilter"):
+        setpriv.append("--no-new-privs")
+    if "CapabilityBoundingSet" in svc:
+        caps = [c for v in svc["CapabilityBoundingSet"] for c in v.split()]
+        if any(c.startswith("~") for c in caps):
+            raise SystemExit("sandbox: CapabilityBoundingSet=~... is not supported")
+        setpriv.append("--bounding-set=" + ",".join(["-all"] + [f"+{c.lower()[4:]}" for c in caps]))
+    ambient = [c for v in svc.get("AmbientCapabilities", []) for c in v.split()]
+    setpriv += ["--inh-caps=-all", "--ambient-caps=" + ",".join(["-all"] + [f"+{c.lower()[4:]}" for c in ambient])]
+    _exec(setpriv + ["--", sys.executable, SELF, "--stage", "seccomp", *args.passthrough])
+
+
+# -- stage 3: seccomp -----------------------------------------------------------------------
+SCMP_ACT_KILL_PROCESS = 0x80000000
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_NE, SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ = 1, 4, 7
+SCMP_FLTATR_CTL_NNP = 3
+PROT_WRITE, PROT_EXEC, SHM_EXEC = 0x2, 0x4, 0o100000
+NS_FLAGS = {"cgroup": 0x02000000, "ipc": 0x08000000, "net": 0x40000000, "mnt": 0x00020000,
+            "pid": 0x20000000, "user": 0x10000000, "uts": 0x04000000}
+AF = {"AF_UNIX": 1, "AF_LOCAL": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16, "AF_PACKET": 17}
+
+
+def SCMP_ACT_ERRNO(e: int) -> int:
+    return 0x00050000 | (e & 0xFFFF)
+
+
+class ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+class Filter:
+    """One seccomp filter (native architecture only, like SystemCallArchitectures=native)."""
+    lib = None
+
+    def __init__(self, default_action: int):
+        if Filter.lib is None:
+            Filter.lib = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2", use_errno=True)
+            Filter.lib.seccomp_init.restype = ctypes.c_void_p
+            Filter.lib.seccomp_init.argtypes = [ctypes.c_uint32]
+            Filter.lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                                          ctypes.c_uint, ctypes.POINTER(ArgCmp)]
+            Filter.lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+            Filter.lib.seccomp_load.argtypes = [ctypes.c_void_p]
+            Filter.lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+        self.ctx = Filter.lib.seccomp_init(default_action)
+        if not self.ctx:
+            raise OSError("seccomp_init failed")
+        Filter.lib.seccomp_attr_set(self.ctx, SCMP_FLTATR_CTL_NNP, 0)  # setpriv did it already
+
+    @staticmethod
+    def nr(name: str) -> int:
+        n = Filter.lib.seccomp_syscall_resolve_name(name.encode())
+        return n  # negative: unknown here, or a pseudo-syscall of another architecture
+
+    def add(self, action: int, name: str, *cmps: tuple[int, int, int, int]) -> None:
+        n = self.nr(name)
+        if n < 0:
+            return
+        arr = (ArgCmp * max(1, len(cmps)))(*[ArgCmp(*c) for c in cmps])
+        rc = Filter.lib.seccomp_rule_add_array(self.ctx, action, n, len(cmps), arr)
+        if rc < 0:
+            raise OSError(-rc, f"seccomp_rule_add({name}): {os.strerror(-rc)}")
+
+    def load(self) -> None:
+        rc = Filter.lib.seccomp_load(self.ctx)
+        if rc < 0:
+            raise OSError(-rc, f"seccomp_load: {os.strerror(-rc)}")
+
+
+def syscall_groups() -> dict[str, list[str]]:
+    """Every @group with its members (names and nested @groups), from systemd-analyze."""
+    out = subprocess.run(["systemd-analyze", "syscall-filter", "--no-pager"], check=True,
+                         capture_output=True, text=True).stdout
+    groups: dict[str, list[str]] = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif current is not None and line.strip() and not line.strip().startswith("#"):
+            current.append(line.strip())
+    return groups
+
+
+def expand(items, groups, seen=None) -> set[str]:
+    seen = set() if seen is None else seen
+    names: set[str] = set()
+    for item in items:
+        if item.startswith("@"):
+            if item not in seen:
+                seen.add(item)
+                names |= expand(groups[item], groups, seen)
+        else:
+            names.add(item.split(":")[0])
+    return names
+
+
+def allowed_syscalls(svc) -> set[str] | None:
+    """The allow list systemd builds from SystemCallFilter= lines (None: no allow list)."""
+    lines = svc.get("SystemCallFilter", [])
+    if not lines:
+        return None
+    groups = syscall_groups()
+    allow: set[str] | None = None
+    for v in lines:
+        invert = v.startswith("~")
+        items = v.lstrip("~").split()
+        if allow is None:
+            if invert:
+                raise SystemExit("sandbox: deny-list SystemCallFilter= is not supported")
+            allow = expand(["@default"], groups)
+        if invert:
+            allow -= expand(items, groups)
+        else:
+            allow |= expand(items, groups)
+    return allow
+
+
+def build_filters(svc) -> list[Filter]:
+    filters = []
+    errno_name = last(svc, "SystemCallErrorNumber")
+    deny = SCMP_ACT_ERRNO(getattr(errno, errno_name)) if errno_name else SCMP_ACT_KILL_PROCESS
+    if os.environ.get("SANDBOX_DENY") == "kill":   # to find which denied call a program makes
+        deny = SCMP_ACT_KILL_PROCESS
+    allow = allowed_syscalls(svc)
+    families = [f for v in svc.get("RestrictAddressFamilies", []) for f in v.split()]
+    if allow is not None:
+        f = Filter(deny)
+        for name in sorted(allow):
+            f.add(SCMP_ACT_ALLOW, name)
+        filters.append(f)
+    if families:
+        if any(x.startswith("~") for x in families):
+            raise SystemExit("sandbox: RestrictAddressFamilies=~ is not supported")
+        f = Filter(SCMP_ACT_ALLOW)
+        nums = sorted({AF[x] for x in families})
+        if len(nums) != 1:
+            raise SystemExit("sandbox: only one address family is supported")
+        f.add(SCMP_ACT_ERRNO(errno.EAFNOSUPPORT), "socket", (0, SCMP_CMP_NE, nums[0], 0))
+        filters.append(f)
+    if yes(last(svc, "MemoryDenyWriteExecute")):
+        f = Filter(SCMP_ACT_ALLOW)
+        wx = PROT_WRITE | PROT_EXEC
+        f.add(SCMP_ACT_ERRNO(errno.EPERM), "mmap", (2, SCMP_CMP_MASKED_EQ, wx, wx))
+        f.add(SCMP_ACT_ERRNO(errno.EPERM), "mprotect", (2, SCMP_CMP_MASKED_EQ, PROT_EXEC, PROT_EXEC))
+        f.add(SCMP_ACT_ERRNO(errno.EPERM), "pkey_mprotect", (2, SCMP_CMP_MASKED_EQ, PROT_EXEC, PROT_EXEC))
+        f.add(SCMP_ACT_ERRNO(errno.EPERM), "shmat", (2, SCMP_CMP_MASKED_EQ, SHM_EXEC, SHM_EXEC))
+        filters.append(f)
+    if yes(last(svc, "RestrictNamespaces")):
+        f = Filter(SCMP_ACT_ALLOW)
+        for flag in NS_FLAGS.values():
+            f.add(SCMP_ACT_ERRNO(errno.EPERM), "unshare", (0, SCMP_CMP_MASKED_EQ, flag, flag))
+            f.add(SCMP_ACT_ERRNO(errno.EPERM), "clone", (0, SCMP_CMP_MASKED_EQ, flag, flag))
+        f.add(SCMP_ACT_ERRNO(errno.EPERM), "setns")
+        f.add(SCMP_ACT_ERRNO(errno.ENOSYS), "clone3")
+        filters.append(f)
+    return filters
+
+
+def stage_seccomp(args, svc) -> None:
+    filters = build_filters(svc)
+    cmd = args.passthrough[args.passthrough.index("--") + 1:]
+    # The allow list (first) goes in last: it denies seccomp() itself.
+    for f in reversed(filters):
+        f.load()
+    os.execvp(cmd[0], cmd)
+
+
+# -- driver --------------------------------------------------------------------------------
+def _exec(argv: list[str]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(argv[0], argv)
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--unit", required=True)
+    p.add_argument("--map", action="append", default=[], metavar="UNITPATH=REALPATH")
+    p.add_argument("--stage", default="namespaces", choices=("namespaces", "mounts", "seccomp"))
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if not args.command or args.command[0] != "--" or len(args.command) < 2:
+        p.error("missing -- COMMAND")
+    args.passthrough = ["--unit", args.unit, *[x for m in args.map for x in ("--map", m)], *args.command]
+    svc = service(parse_unit(args.unit))
+    if args.stage == "namespaces":
+        skipped = sorted(k for k in svc if k not in EMULATED and k not in NOT_SANDBOXING)
+        if skipped:
+            print("sandbox: not emulated: " + json.dumps(skipped), file=sys.stderr)
+        stage_namespaces(args, svc)
+    elif args.stage == "mounts":
+        stage_mounts(args, svc)
+    else:
+        stage_seccomp(args, svc)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
