@@ -21,7 +21,7 @@ from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 
-from . import errors
+from . import busconn, errors
 from .access import AllowAll
 from .conf import resolve_readers
 from .dbus_service import BUS_NAME, SecretService
@@ -83,11 +83,8 @@ class Daemon:
             self.driver.close()
 
     async def _connect(self) -> MessageBus:
-        if self.args.bus_address:
-            bus = MessageBus(bus_address=self.args.bus_address)
-        else:
-            bus = MessageBus(bus_type=BusType.SYSTEM if self.system else BusType.SESSION)
-        return await asyncio.wait_for(bus.connect(), 30)
+        return await asyncio.wait_for(
+            busconn.connect(self.args.bus_address, BusType.SYSTEM if self.system else BusType.SESSION), 30)
 
     async def _serve(self, readers: frozenset[int], t0: float) -> int:
         try:

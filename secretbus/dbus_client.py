@@ -35,7 +35,7 @@ from typing import Any, Callable, Coroutine
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
-from . import errors
+from . import busconn, errors
 from .connection import Connection, EventHandler, Secret, event_filter
 from .dbus_service import (BUS_NAME, CONNECT_IFACE, CONNECT_PATH, OM_IFACE, PROPS_IFACE,
                            SECRET_IFACE, SECRETS_PATH, secret_path, uuid_from_path)
@@ -226,8 +226,7 @@ class DBusConnection(Connection):
         self._loop_tid = threading.get_ident()
         where = f"cannot connect to the {self.bus_label} at {self.address}"
         try:
-            bus = MessageBus(bus_address=self.address)
-            await asyncio.wait_for(bus.connect(), self.timeout)
+            bus = await asyncio.wait_for(busconn.connect(self.address), self.timeout)
         except asyncio.TimeoutError:
             raise errors.OperationFailed(f"{where}: no answer within {self.timeout:g} s") from None
         except OSError as e:

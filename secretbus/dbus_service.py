@@ -180,11 +180,8 @@ class SecretService:
             if uuid not in now:
                 del self._exported[uuid]
                 self._signal(CONNECT_PATH, OM_IFACE, "InterfacesRemoved", "oas", [secret_path(uuid), [SECRET_IFACE]])
-        for uuid, d in now.items():
-            if uuid not in self._exported:
-                self._signal(CONNECT_PATH, OM_IFACE, "InterfacesAdded", "oa{sa{sv}}",
-                             [secret_path(uuid), {SECRET_IFACE: secret_properties(d)}])
-            self._exported[uuid] = d
+        for d in now.values():
+            self._announce(d)
 
     @property
     def in_flight(self) -> int:
@@ -217,26 +214,28 @@ class SecretService:
             return
         if ev.lifecycle == Lifecycle.DEFINED:
             try:
-                d = self.driver.lookup_by_uuid(ev.uuid)
+                self._announce(self.driver.lookup_by_uuid(ev.uuid))
             except errors.NoSecret:
-                d = None      # undefined again before this ran; its own event follows
-            if d is not None:
-                old = self._exported.get(ev.uuid)
-                self._exported[ev.uuid] = d
-                props = secret_properties(d)
-                if old is None:
-                    self._signal(CONNECT_PATH, OM_IFACE, "InterfacesAdded", "oa{sa{sv}}",
-                                 [path, {SECRET_IFACE: props}])
-                else:
-                    before = secret_properties(old)
-                    changed = {k: v for k, v in props.items() if before[k] != v}
-                    if changed:
-                        self._signal(path, PROPS_IFACE, "PropertiesChanged", "sa{sv}as",
-                                     [SECRET_IFACE, changed, []])
+                pass      # undefined again before this ran; its own event follows
         else:
             if self._exported.pop(ev.uuid, None) is not None:
                 self._signal(CONNECT_PATH, OM_IFACE, "InterfacesRemoved", "oas", [path, [SECRET_IFACE]])
         self._signal(CONNECT_PATH, CONNECT_IFACE, "SecretEvent", "oii", [path, int(ev.lifecycle), ev.detail])
+
+    def _announce(self, d: SecretDef) -> None:
+        """Tell ObjectManager / Properties watchers that `d` exists or changed."""
+        old = self._exported.get(d.uuid)
+        self._exported[d.uuid] = d
+        props = secret_properties(d)
+        if old is None:
+            self._signal(CONNECT_PATH, OM_IFACE, "InterfacesAdded", "oa{sa{sv}}",
+                         [secret_path(d.uuid), {SECRET_IFACE: props}])
+        elif old != d:
+            before = secret_properties(old)
+            changed = {k: v for k, v in props.items() if before[k] != v}
+            if changed:
+                self._signal(secret_path(d.uuid), PROPS_IFACE, "PropertiesChanged", "sa{sv}as",
+                             [SECRET_IFACE, changed, []])
 
     # -- dispatch ---------------------------------------------------------------------
     def _method_table(self) -> dict[tuple[str, str, str], tuple[str, Callable[[Message], Op]]]:
@@ -355,10 +354,7 @@ class SecretService:
         uuid = uuid_from_path(msg.path)
         if uuid is None:
             raise _DBusFailure(ErrorType.UNKNOWN_OBJECT.value, f"no object at {msg.path}")
-        try:
-            return self.driver.lookup_by_uuid(uuid)
-        except errors.NoSecret:
-            raise _DBusFailure(ErrorType.UNKNOWN_OBJECT.value, f"no secret object at {msg.path}") from None
+        return self.driver.lookup_by_uuid(uuid)   # NoSecret with libvirt's wording if gone
 
     def _introspect(self, msg: Message, kind: str) -> Message:
         if kind == "connect":
@@ -446,31 +442,27 @@ class SecretService:
         return Op(run=run, checks=[(Perm.DELETE, d)], blocking=True)
 
     # -- org.freedesktop.DBus.Properties -----------------------------------------------
-    def _props(self, msg: Message, iface: str) -> dict[str, Variant]:
+    def _props(self, msg: Message, iface: str) -> tuple[SecretDef, dict[str, Variant]]:
         d = self._secret_def(msg)
         if iface not in (SECRET_IFACE, ""):
             raise _DBusFailure(ErrorType.UNKNOWN_INTERFACE.value, f"no interface {iface} at {msg.path}")
-        return secret_properties(d)
+        return d, secret_properties(d)
 
     def _prop_get(self, msg: Message) -> Op:
         iface, name = msg.body
-        props = self._props(msg, iface)
+        d, props = self._props(msg, iface)
         if name not in props:
             raise _DBusFailure(ErrorType.UNKNOWN_PROPERTY.value, f"no property {name} on {SECRET_IFACE}")
-        d = self._secret_def(msg)
         return Op(run=lambda: ("v", [props[name]]), checks=[(Perm.GETATTR, d)])
 
     def _prop_get_all(self, msg: Message) -> Op:
         (iface,) = msg.body
-        if iface not in (SECRET_IFACE, ""):
-            self._secret_def(msg)
-            return Op(run=lambda: ("a{sv}", [{}]))
-        props = self._props(msg, iface)
-        return Op(run=lambda: ("a{sv}", [props]), checks=[(Perm.GETATTR, self._secret_def(msg))])
+        d, props = self._props(msg, iface)
+        return Op(run=lambda: ("a{sv}", [props]), checks=[(Perm.GETATTR, d)])
 
     def _prop_set(self, msg: Message) -> Op:
         iface, name, _ = msg.body
-        props = self._props(msg, iface)
+        _, props = self._props(msg, iface)
         if name not in props:
             raise _DBusFailure(ErrorType.UNKNOWN_PROPERTY.value, f"no property {name} on {SECRET_IFACE}")
         raise _DBusFailure(ErrorType.PROPERTY_READ_ONLY.value, f"property {name} is read-only")

@@ -62,7 +62,9 @@ def from_dbus(name: str, message: str) -> SecretError:
 def unsupported_flags(flags: int, supported: int, function: str) -> None:
     extra = flags & ~supported
     if flags < 0 or extra:
-        raise InvalidArg(f"unsupported flags (0x{extra & 0xFFFFFFFF:x}) in function {function}")
+        # Negative numbers are shown as the C unsigned int they would be.
+        shown = extra if flags >= 0 else extra & 0xFFFFFFFF
+        raise InvalidArg(f"unsupported flags (0x{shown:x}) in function {function}")
 
 
 # How libvirt prefixes a message of each kind when it prints it (virsh "error: ..." lines).

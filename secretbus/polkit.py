@@ -39,7 +39,7 @@ class PolkitAccess:
     enabled = True
 
     def __init__(self, bus, *, timeout: float = 5.0, max_age: float = 60.0, max_entries: int = 16384,
-                 cache: bool = True):
+                 cache: bool = True, max_concurrent: int = 64):
         self.bus = bus
         self.timeout = timeout
         self.max_age = max_age
@@ -50,6 +50,9 @@ class PolkitAccess:
         self._pending: dict[tuple, asyncio.Future] = {}
         self._uids: dict[str, int] = {}
         self._generation = 0
+        # dbus-daemon allows 128 pending calls per connection; listing many secrets
+        # must not exceed that (the excess would be refused, i.e. silently denied).
+        self._slots = asyncio.Semaphore(max_concurrent)
         self.stats = {"checks": 0, "hits": 0, "errors": 0}
 
     async def start(self) -> None:
@@ -116,10 +119,11 @@ class PolkitAccess:
         subject = ["system-bus-name", {"name": Variant("s", caller.sender)}]
         flags = ALLOW_USER_INTERACTION if caller.interactive else 0
         try:
-            reply = await self._call(destination=PK_NAME, path=PK_PATH, interface=PK_IFACE,
-                                     member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
-                                     body=[subject, perm.value, details, flags, ""],
-                                     timeout=self.timeout if not caller.interactive else max(self.timeout, 120))
+            async with self._slots:
+                reply = await self._call(destination=PK_NAME, path=PK_PATH, interface=PK_IFACE,
+                                         member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
+                                         body=[subject, perm.value, details, flags, ""],
+                                         timeout=self.timeout if not caller.interactive else max(self.timeout, 120))
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             self.stats["errors"] += 1
             log.error("polkit check of %s for %s failed, denying: %s", perm.value, caller.sender, e)

@@ -326,6 +326,7 @@ def test_second_daemon_on_same_store_or_name_fails(session_bus, make_secretbusd,
 
 # -- system-type bus: the bus policy ----------------------------------------------------------
 @pytest.mark.bus_policy(str(REPO / "dbus" / "org.libvirt.secret.conf"))
+@pytest.mark.polkit(actions=[str(REPO / "polkit" / "org.libvirt.api.secret.policy")])
 def test_system_bus_policy(system_bus, polkitd, make_secretbusd, test_users):
     make_secretbusd(system_bus, system=True)
     ok = bcall(system_bus, CONNECT, "org.libvirt.Connect", "ListSecrets", "u", 0)
@@ -340,3 +341,40 @@ def test_system_bus_policy(system_bus, polkitd, make_secretbusd, test_users):
                           "--object-path", "/org/freedesktop/DBus",
                           "--method", "org.freedesktop.DBus.RequestName", NAME, "4", user=user)
         assert "AccessDenied" in r.stderr, (user, r.stdout, r.stderr)
+
+
+_LISTEN = r"""
+import asyncio, sys
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+async def main():
+    bus = await MessageBus(bus_address=sys.argv[1]).connect()
+    got = []
+    bus.add_message_handler(lambda m: got.append(m.member) if m.message_type is MessageType.SIGNAL
+                            and m.path and m.path.startswith("/org/libvirt/secret") else None)
+    await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                           interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                           body=["type='signal',path_namespace='/org/libvirt/secret'"]))
+    print("listening", flush=True)
+    await asyncio.sleep(float(sys.argv[2]))
+    print(len(got), flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.bus_policy(str(REPO / "dbus" / "org.libvirt.secret.conf"))
+@pytest.mark.polkit(actions=[str(REPO / "polkit" / "org.libvirt.api.secret.policy")])
+def test_signals_reach_only_root_and_group(system_bus, polkitd, make_secretbusd, test_users, unpriv_python):
+    """Events name secrets and their usage: a user outside group libvirt must not see them."""
+    make_secretbusd(system_bus, system=True)
+    listeners = {}
+    for who in (test_users.member, test_users.other):
+        listeners[who.name] = subprocess.Popen(
+            harness.as_user(who, unpriv_python.argv("-c", _LISTEN, system_bus.address, "3")),
+            env=unpriv_python.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    for p in listeners.values():
+        assert p.stdout.readline().strip() == "listening"
+    assert bcall(system_bus, CONNECT, "org.libvirt.Connect", "SecretDefineXML", "su", xml(), 0).returncode == 0
+    counts = {name: int(p.communicate(timeout=30)[0].strip()) for name, p in listeners.items()}
+    assert counts[test_users.member.name] >= 2          # InterfacesAdded + SecretEvent
+    assert counts[test_users.other.name] == 0

@@ -583,18 +583,6 @@ def member_call(bus, users, method, path, *args, **kw) -> Result:
     return g(bus, users.member, path, method, *args, **kw)
 
 
-# Known bugs outside this file; strict, so each marker must go once its bug is fixed.
-BUG_BUS_POLICY_SIGNALS = pytest.mark.xfail(strict=True, reason=(
-    "dbus/org.libvirt.secret.conf: the default-context <deny send_destination=\"org.libvirt.secret\"/> "
-    "also refuses broadcast signals to the name's owner, so polkit's Changed never reaches secretbusd; "
-    "fix: add send_type=\"method_call\" to that deny"))
-BUG_UNBOUNDED_CHECKS = pytest.mark.xfail(strict=True, reason=(
-    "dbus_service/polkit: ListSecrets sends one CheckAuthorization per secret all at once; beyond "
-    "the system bus's max_replies_per_connection (128) they fail (LimitsExceeded -> denied -> the "
-    "secret silently left out), and a burst of a few hundred makes dbus-fast 5.2.0 drop the bus "
-    "connection on EAGAIN; fix: bound outstanding polkit calls (semaphore < 128)"))
-
-
 # ======================================================================================
 # tests
 
@@ -779,7 +767,6 @@ def test_polkitd_gone_fails_closed(system_bus, make_polkitd, make_secretbusd, te
         os.kill(pk2.pid, signal.SIGCONT)
 
 
-@BUG_BUS_POLICY_SIGNALS
 def test_bus_policy_passes_polkit_signals(system_bus, make_polkitd):
     """The owner of org.libvirt.secret must receive polkit's Changed broadcast, or the cache
     outlives rule changes. (A default-context `<deny send_destination="org.libvirt.secret"/>`
@@ -818,7 +805,6 @@ def test_bus_policy_passes_polkit_signals(system_bus, make_polkitd):
         "dbus/org.libvirt.secret.conf refuses it")
 
 
-@BUG_BUS_POLICY_SIGNALS
 def test_rules_added_and_removed_during_the_run(system_bus, make_polkitd, make_secretbusd,
                                                 test_users, pyclient, make_monitor):
     """polkit's Changed signal empties the cache: one connection sees a rules file appear and
@@ -951,7 +937,6 @@ def test_without_the_actions_file_nobody_gets_anything(system_bus, make_polkitd,
     assert "is not registered" in sbd.log()
 
 
-@BUG_UNBOUNDED_CHECKS
 @pytest.mark.parametrize("who", ["member", "root"])
 def test_list_many_secrets(system_bus, make_polkitd, make_secretbusd, test_users, who):
     """ListSecrets filters every secret through getattr: with 300 secrets each caller still
