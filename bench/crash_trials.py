@@ -228,6 +228,18 @@ async def run(a: argparse.Namespace) -> Stats:
     return stats
 
 
+def figures(size: str = "small") -> list[tuple[str, object, str]]:
+    """Rows for bench/reliability.py: (figure, value, goal). small = CI-sized, full = the issue's."""
+    trials = {"small": 8, "full": 50}.get(size, 50)
+    a = argparse.Namespace(trials=trials, clients=4, secrets=24, encrypted=True, seed=int(time.time()), keep=False)
+    s = asyncio.run(run(a))
+    return [("crash: trials (kill -9 + restart)", s.trials, f"= {trials}"),
+            ("crash: acknowledged operations", s.acked_ops, "-"),
+            ("crash: lost acknowledged writes", s.lost, "0"),
+            ("crash: temp files left after restart", s.temp_left, "0"),
+            ("crash: secrets skipped as damaged", s.skipped, "0")]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=50)
