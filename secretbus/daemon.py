@@ -111,7 +111,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-        n = len(self.driver.list_secrets())
+        n = self.driver.count()
         log.info("serving %d secrets as %s on the %s bus (ready in %.3f s; %s)", n, BUS_NAME,
                  "system" if self.system else "session", time.monotonic() - t0,
                  self.driver.key_description or "values not encrypted")
@@ -152,8 +152,8 @@ class Daemon:
             report = await asyncio.get_running_loop().run_in_executor(None, self.driver.reload)
             self.service.private_readers = resolve_readers(self.driver.conf)
             self.service.refresh()
-            log.info("reloaded: %d secrets, %d skipped", len(report.secrets), len(report.skipped))
-            notify("READY=1", f"STATUS=serving {len(self.driver.list_secrets())} secrets")
+            log.info("reloaded: %d secrets, %d skipped", report.loaded, len(report.skipped))
+            notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")
         except errors.SecretError as e:
             log.error("reload failed, keeping the previous state: %s", errors.display(e))
             notify("READY=1", f"STATUS=reload failed, previous state kept: {errors.display(e)}")

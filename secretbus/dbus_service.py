@@ -146,6 +146,7 @@ class Op:
     filter_perm: Perm | None = None                # run(allowed_defs) gets the defs passing it
     candidates: list[SecretDef] | None = None
     private_value: bool = False                    # GetValue of a private secret
+    large: bool = False                            # a reply that can be ~1 MB (lists)
 
 
 class SecretService:
@@ -161,6 +162,8 @@ class SecretService:
         self._tasks: set[asyncio.Task] = set()
         self._exported: dict[str, SecretDef] = {}   # what the bus has been told exists
         self._closing = False
+        self._path_cache: dict[int, tuple[int, list[str]]] = {}
+        self._large_replies = asyncio.Lock()
         self.calls = 0                         # for idle tracking
         self._sub: int | None = None
         self._connect_xml = _node(_STANDARD + _OBJECT_MANAGER + _interface_xml(CONNECT_IFACE), ["secret"])
@@ -290,7 +293,7 @@ class SecretService:
         caller = Caller(msg.sender, bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
         try:
             op = prepare(msg)
-            if not self.access.enabled and not op.blocking and not op.private_value:
+            if not self.access.enabled and not op.blocking and not op.private_value and not op.large:
                 sig, body = op.run(op.candidates) if op.filter_perm else op.run()
                 return self._reply(msg, sig, body)
         except Exception as e:   # noqa: BLE001 - every failure becomes a clean error reply
@@ -315,21 +318,37 @@ class SecretService:
             if op.filter_perm is not None:
                 cands = op.candidates or []
                 if self.access.enabled:
-                    oks = await asyncio.gather(*(self.access.allowed(caller, op.filter_perm, d) for d in cands))
-                    cands = [d for d, ok in zip(cands, oks) if ok]
+                    cands = await self._filter(caller, op.filter_perm, cands)
                 args = (cands,)
             if op.private_value:
                 uid = await self.access.caller_uid(caller)
                 args = (uid is not None and uid in self.private_readers,)
             if op.blocking:
                 sig, body = await self._loop.run_in_executor(self._executor, op.run, *args)
+            elif op.large:
+                # One big reply in the socket queue at a time: 16 concurrent lists of 10,000
+                # paths would otherwise hold 16 marshalled copies (~0.7 MB each) at once.
+                async with self._large_replies:
+                    reply = self._reply(msg, *op.run(*args))
+                    if isinstance(reply, Message) and self.bus.connected:
+                        await self.bus.send(reply)
+                    return
             else:
                 sig, body = op.run(*args)
             reply = self._reply(msg, sig, body)
         except Exception as e:  # noqa: BLE001
             reply = self._error_reply(msg, e)
-        if reply is not None and self.bus.connected:
+        if isinstance(reply, Message) and self.bus.connected:
             self.bus.send(reply)
+
+    async def _filter(self, caller: Caller, perm: Perm, defs: list[SecretDef]) -> list[SecretDef]:
+        """The defs `caller` may see; cached decisions are read without awaiting each one."""
+        cached = getattr(self.access, "cached", None)
+        known = [cached(caller, perm, d) if cached else None for d in defs]
+        missing = [d for d, k in zip(defs, known) if k is None]
+        asked = dict(zip((d.uuid for d in missing),
+                         await asyncio.gather(*(self.access.allowed(caller, perm, d) for d in missing))))
+        return [d for d, k in zip(defs, known) if (k if k is not None else asked[d.uuid])]
 
     @staticmethod
     def _reply(msg: Message, sig: str, body: list[Any]) -> Message | bool:
@@ -375,15 +394,30 @@ class SecretService:
     # -- org.libvirt.Connect -----------------------------------------------------------
     def _list_secrets(self, msg: Message) -> Op:
         (flags,) = msg.body
+        if not self.access.enabled:
+            paths = self._paths_for(flags)
+            return Op(run=lambda: ("ao", [paths]), large=len(paths) > 1000)
         defs = self.driver.list_secrets(flags)
         return Op(run=lambda allowed: ("ao", [[secret_path(d.uuid) for d in allowed]]),
-                  checks=[(Perm.SEARCH_SECRETS, None)], filter_perm=Perm.GETATTR, candidates=defs)
+                  checks=[(Perm.SEARCH_SECRETS, None)], filter_perm=Perm.GETATTR, candidates=defs,
+                  large=len(defs) > 1000)
+
+    def _paths_for(self, flags: int) -> list[str]:
+        """Object paths of ListSecrets(flags), kept until the driver's table changes."""
+        version = self.driver.version        # read first: a racing change marks the entry stale
+        hit = self._path_cache.get(flags)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        paths = [secret_path(d.uuid) for d in self.driver.list_secrets(flags)]
+        self._path_cache[flags] = (version, paths)
+        return paths
 
     def _managed_objects(self, msg: Message) -> Op:
         defs = self.driver.list_secrets(0)
         return Op(run=lambda allowed: ("a{oa{sa{sv}}}", [{secret_path(d.uuid): {SECRET_IFACE: secret_properties(d)}
                                                            for d in allowed}]),
-                  checks=[(Perm.SEARCH_SECRETS, None)], filter_perm=Perm.GETATTR, candidates=defs)
+                  checks=[(Perm.SEARCH_SECRETS, None)], filter_perm=Perm.GETATTR, candidates=defs,
+                  large=len(defs) > 200)
 
     def _define_xml(self, msg: Message) -> Op:
         xml, flags = msg.body

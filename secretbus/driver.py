@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import Callable
 
 from . import errors
@@ -16,10 +17,10 @@ from .conf import SecretConf, load_conf
 from .keys import codecs_for
 from .lock import InstanceLock
 from .model import (DEFINE_VALIDATE, LIST_FLAGS_ALL, VALUE_MAX, EventId, Lifecycle, SecretDef,
-                    SecretEvent, UsageType, matches_list_flags)
+                    SecretEvent, UsageType, list_filter)
 from .paths import InstancePaths
 from .secretxml import format_secret_xml, parse_secret_xml
-from .store import LoadReport, SecretStore, Skipped
+from .store import SecretStore, Skipped
 from .uuids import parse_uuid
 
 log = logging.getLogger("secretbus.driver")
@@ -27,7 +28,7 @@ log = logging.getLogger("secretbus.driver")
 EventCallback = Callable[[SecretEvent], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Secret:
     definition: SecretDef
     value: bytearray | None = None   # wiped in place when replaced or undefined
@@ -42,6 +43,12 @@ def _wipe(buf: bytearray | None) -> None:
         buf[:] = b"\0" * len(buf)
 
 
+@dataclass(frozen=True)
+class LoadSummary:
+    loaded: int
+    skipped: list[Skipped]
+
+
 class SecretDriver:
     def __init__(self, paths: InstancePaths, *, conf: SecretConf | None = None,
                  environ: dict[str, str] | None = None, take_lock: bool = True):
@@ -52,6 +59,8 @@ class SecretDriver:
         self._by_usage: dict[tuple[UsageType, str], str] = {}
         self._subscribers: dict[int, EventCallback] = {}
         self._next_sub = 0
+        self.version = 0                                  # bumped on every change of the table
+        self._sorted: tuple[int, list[SecretDef]] = (-1, [])
         self._lock = InstanceLock(paths.lock_file) if take_lock else None
         self.conf, codecs, self.key_description = self._load_config(conf)
         self.store = SecretStore(paths.config_dir, codecs)
@@ -59,7 +68,7 @@ class SecretDriver:
         if self._lock:
             self._lock.acquire()
         try:
-            self.last_load = self._load_store()
+            self.last_load = self._load_store()   # counts and skipped files; no values
         except BaseException:
             self.close()
             raise
@@ -72,8 +81,9 @@ class SecretDriver:
         codecs, desc = codecs_for(conf, os.environ if self._environ is None else self._environ)
         return conf, codecs, desc
 
-    def _load_store(self) -> LoadReport:
+    def _load_store(self) -> "LoadSummary":
         report = self.store.load()
+        skipped_by_store = len(report.skipped)
         table: dict[str, _Secret] = {}
         usage: dict[tuple[UsageType, str], str] = {}
         for loaded in report.secrets:
@@ -109,10 +119,13 @@ class SecretDriver:
                 if table.get(uuid) is not s:
                     _wipe(s.value)
             self._secrets, self._by_usage = table, usage
-        log.info("loaded %d secrets, skipped %d", len(report.secrets), len(report.skipped))
-        return report
+        self._changed()
+        loaded = len(report.secrets) - (len(report.skipped) - skipped_by_store)
+        report.secrets.clear()    # the decoded values now live only in the wipeable table
+        log.info("loaded %d secrets, skipped %d", loaded, len(report.skipped))
+        return LoadSummary(loaded, report.skipped)
 
-    def reload(self) -> LoadReport:
+    def reload(self) -> "LoadSummary":
         """Re-read secret.conf, the key and the store; on failure keep the old state."""
         with self._mutex:
             conf, codecs, desc = self._load_config(None)
@@ -187,10 +200,22 @@ class SecretDriver:
             raise errors.NoSecret(f"no secret with matching usage '{usage_id}'")
         return self._secrets[uuid].definition
 
+    def _changed(self) -> None:
+        self.version += 1
+
     def list_secrets(self, flags: int = 0) -> list[SecretDef]:
+        """Definitions sorted by UUID; the sorted list is kept until the table changes."""
         errors.unsupported_flags(flags, LIST_FLAGS_ALL, "virConnectListAllSecrets")
-        defs = [s.definition for s in list(self._secrets.values())]
-        return sorted((d for d in defs if matches_list_flags(d, flags)), key=lambda d: d.uuid)
+        version, defs = self._sorted
+        if version != self.version:
+            version = self.version    # read before the table: a racing change only makes it stale-marked
+            defs = sorted((s.definition for s in list(self._secrets.values())), key=attrgetter("uuid"))
+            self._sorted = (version, defs)
+        keep = list_filter(flags)
+        return list(defs) if keep is None else [d for d in defs if keep(d)]
+
+    def count(self) -> int:
+        return len(self._secrets)
 
     def get_xml_desc(self, uuid: str, flags: int = 0) -> str:
         errors.unsupported_flags(flags, 0, "virSecretGetXMLDesc")
@@ -236,6 +261,7 @@ class SecretDriver:
                 old_obj.definition = new
             else:
                 self._secrets[new.uuid] = _Secret(new)
+            self._changed()
             if new_key:
                 self._by_usage[new_key] = new.uuid
         log.info("defined secret %s", new.uuid, extra={"SECRET_UUID": new.uuid, "SECRET_OPERATION": "define"})
@@ -301,6 +327,7 @@ class SecretDriver:
             except OSError:
                 log.warning("could not remove value files of %s", d.uuid)
             del self._secrets[d.uuid]
+            self._changed()
             key = self._usage_key(d)
             if key and self._by_usage.get(key) == d.uuid:
                 del self._by_usage[key]

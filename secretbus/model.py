@@ -56,7 +56,7 @@ class Lifecycle(enum.IntEnum):
     UNDEFINED = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SecretDef:
     """One secret's definition (everything but the value)."""
 
@@ -80,14 +80,17 @@ class SecretEvent:
     detail: int = 0
 
 
-def matches_list_flags(d: SecretDef, flags: int) -> bool:
-    """libvirt's ListAllSecrets filter: OR within a group, AND across groups."""
-    eph = flags & (ListFlags.EPHEMERAL | ListFlags.NO_EPHEMERAL)
-    if eph and eph != (ListFlags.EPHEMERAL | ListFlags.NO_EPHEMERAL):
-        if bool(eph & ListFlags.EPHEMERAL) != d.ephemeral:
-            return False
-    prv = flags & (ListFlags.PRIVATE | ListFlags.NO_PRIVATE)
-    if prv and prv != (ListFlags.PRIVATE | ListFlags.NO_PRIVATE):
-        if bool(prv & ListFlags.PRIVATE) != d.private:
-            return False
-    return True
+_EPH, _NO_EPH, _PRIV, _NO_PRIV = 1, 2, 4, 8   # plain ints: this runs per secret per list call
+
+
+def list_filter(flags: int):
+    """libvirt's ListAllSecrets filter for `flags` (OR within a group, AND across groups),
+    or None when it lets everything through."""
+    eph = flags & (_EPH | _NO_EPH)
+    want_eph = None if eph in (0, _EPH | _NO_EPH) else bool(eph & _EPH)
+    prv = flags & (_PRIV | _NO_PRIV)
+    want_priv = None if prv in (0, _PRIV | _NO_PRIV) else bool(prv & _PRIV)
+    if want_eph is None and want_priv is None:
+        return None
+    return lambda d: ((want_eph is None or d.ephemeral == want_eph)
+                      and (want_priv is None or d.private == want_priv))

@@ -90,15 +90,26 @@ class PolkitAccess:
             self._cache.pop(key, None)
 
     # -- checks -------------------------------------------------------------------
-    async def allowed(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool:
-        details = details_for(d)
-        key = (caller.sender, perm.value, tuple(sorted(details.items())))
-        now = time.monotonic()
+    @staticmethod
+    def _key(caller: Caller, perm: Perm, details: dict[str, str]) -> tuple:
+        return (caller.sender, perm.value, tuple(sorted(details.items())))
+
+    def cached(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool | None:
+        """The cached decision, or None when polkit must be asked."""
+        key = self._key(caller, perm, details_for(d))
         hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            self._cache.move_to_end(key)
-            self.stats["hits"] += 1
-            return hit[1]
+        if hit is None or hit[0] <= time.monotonic():
+            return None
+        self._cache.move_to_end(key)
+        self.stats["hits"] += 1
+        return hit[1]
+
+    async def allowed(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool:
+        hit = self.cached(caller, perm, d)
+        if hit is not None:
+            return hit
+        details = details_for(d)
+        key = self._key(caller, perm, details)
         pending = self._pending.get(key)
         if pending is not None and not caller.interactive:
             return await asyncio.shield(pending)

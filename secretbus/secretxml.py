@@ -234,11 +234,52 @@ def _parse_usage(root: etree._Element) -> tuple[UsageType, str | None]:
     return usage, usage_id
 
 
+# Documents exactly in the canonical layout (what secretbus and libvirt write: every stored
+# file) are read with one regular expression instead of libxml2, which halves start-up for
+# large stores. Text may contain nothing that would need unescaping or that XML forbids, so
+# the result is the one the full parser gives; anything else falls through to it.
+_FAST_TEXT = rb"[^<>&\"'\r\x00-\x08\x0b\x0c\x0e-\x1f]+"
+_FAST = re.compile(
+    rb"<secret ephemeral='(yes|no)' private='(yes|no)'>\n"
+    rb"  <uuid>([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})</uuid>\n"
+    rb"(?:  <description>(" + _FAST_TEXT + rb")</description>\n)?"
+    rb"(?:  <usage type='(volume|ceph|iscsi|tls|vtpm)'>\n"
+    rb"    <(volume|name|target)>(" + _FAST_TEXT + rb")</\6>\n  </usage>\n)?"
+    rb"</secret>\n")
+
+
+def _parse_canonical(data: bytes) -> SecretDef | None:
+    m = _FAST.fullmatch(data)
+    if m is None:
+        return None
+    eph, priv, uuid, desc, utype, child, uid = m.groups()
+    usage = UsageType.from_xml_name(utype.decode()) if utype else UsageType.NONE
+    if utype and usage.child != child.decode():
+        return None
+    try:
+        description = desc.decode("utf-8") if desc is not None else None
+        usage_id = uid.decode("utf-8") if uid is not None else None
+    except UnicodeDecodeError:
+        return None
+    if any(t is not None and ("\ufffe" in t or "\uffff" in t) for t in (description, usage_id)):
+        return None
+    return SecretDef(uuid=uuid.decode(), ephemeral=eph == b"yes", private=priv == b"yes",
+                     description=description, usage_type=usage, usage_id=usage_id)
+
+
 def parse_secret_xml(text: str | bytes, *, validate: bool = False,
                      source: str | None = None) -> SecretDef:
     """Parse untrusted secret XML; every failure is a `errors.SecretError`."""
     name = source if source is not None else "(string)"
     data, from_str = _to_bytes(text, name)
+    if not validate:
+        fast = _parse_canonical(data)
+        if fast is not None:
+            return fast
+    return _parse_full(data, from_str, name, validate)
+
+
+def _parse_full(data: bytes, from_str: bool, name: str, validate: bool) -> SecretDef:
     root = _parse_tree(data, from_str, name)
     if root.tag != "secret":
         # Clark notation shows a namespace instead of a confusing bare 'secret'.
