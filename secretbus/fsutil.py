@@ -69,9 +69,10 @@ def _unlink_quiet(path: Path) -> None:
         pass
 
 
-def read_limited(path: Path, limit: int) -> bytes:
-    """Read a whole regular file, refusing more than `limit` bytes and symlinks."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def read_limited(path: Path | str, limit: int, *, dir_fd: int | None = None) -> bytes:
+    """Read a whole regular file, refusing more than `limit` bytes and symlinks.
+    With `dir_fd`, `path` is a name in that directory (no path walk: start-up reads thousands)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         size = os.fstat(fd).st_size
         if size > limit:

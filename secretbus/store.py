@@ -47,6 +47,7 @@ class SecretStore:
     def __init__(self, config_dir: Path, codecs: ValueCodecs):
         self.dir = config_dir
         self.codecs = codecs
+        self._dir_fd: int | None = None    # open while loading
 
     # -- paths -------------------------------------------------------------
     def _path(self, uuid: str, suffix: str) -> Path:
@@ -119,11 +120,16 @@ class SecretStore:
         present = set(names)
         xml_names = [n for n in names if n.endswith(".xml")]
         xml_uuids = [n[:-4] for n in xml_names if is_canonical(n[:-4])]
-        for name in xml_names:
-            try:
-                report.secrets.append(self._load_one(name, xml_uuids, present))
-            except _Skip as s:
-                self.report_skip(report, s.skipped)
+        self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in xml_names:
+                try:
+                    report.secrets.append(self._load_one(name, xml_uuids, present))
+                except _Skip as s:
+                    self.report_skip(report, s.skipped)
+        finally:
+            os.close(self._dir_fd)
+            self._dir_fd = None
         return report
 
     @staticmethod
@@ -147,10 +153,9 @@ class SecretStore:
                 unlink_if_exists(self.dir / n)
 
     def _load_one(self, name: str, all_uuids: list[str], present: set[str]) -> LoadedSecret:
-        path = os.path.join(self.dir, name)
         try:
-            data = read_limited(path, XML_READ_LIMIT)
-            d = parse_secret_xml(data, source=path)
+            data = read_limited(name, XML_READ_LIMIT, dir_fd=self._dir_fd)
+            d = parse_secret_xml(data, source=os.path.join(self.dir, name))
         except errors.SecretError as e:
             raise _Skip(name, None, f"invalid XML: {e.message}") from None
         except OSError as e:
@@ -169,20 +174,20 @@ class SecretStore:
             # both; the newest is the last write (libvirt lets .base64 win instead).
             def mtime(sfx: str) -> int:
                 try:
-                    return os.lstat(self._path(uuid, sfx)).st_mtime_ns
+                    return os.lstat(f"{uuid}.{sfx}", dir_fd=self._dir_fd).st_mtime_ns
                 except OSError:
                     return -1
             suffix = max(found, key=mtime)
             log.warning("secret %s has %d value files; using the newest, %s.%s", uuid,
                         len(found), uuid, suffix, extra={"SECRET_UUID": uuid})
-        p = self._path(uuid, suffix)
+        fname = f"{uuid}.{suffix}"
         codec = self.codecs.readers.get(suffix)
         if codec is None:
-            raise _Skip(name, uuid, f"value file {p.name}: no reader for this format")
+            raise _Skip(name, uuid, f"value file {fname}: no reader for this format")
         try:
-            data = read_limited(p, VALUE_FILE_LIMIT)
+            data = read_limited(fname, VALUE_FILE_LIMIT, dir_fd=self._dir_fd)
         except OSError as e:
-            raise _Skip(name, uuid, f"value file {p.name}: cannot read: {e.strerror}") from None
+            raise _Skip(name, uuid, f"value file {fname}: cannot read: {e.strerror}") from None
         try:
             value = codec.decode(uuid, data)
         except ValueFileError as e:
@@ -190,11 +195,11 @@ class SecretStore:
             if damage is Damage.TAMPERED:
                 owner = self._find_owner(codec, data, uuid, all_uuids)
                 if owner:
-                    raise _Skip(name, uuid, f"value file {p.name}: {Damage.MOVED.value} "
+                    raise _Skip(name, uuid, f"value file {fname}: {Damage.MOVED.value} "
                                             f"(it was written for secret {owner})") from None
-            raise _Skip(name, uuid, f"value file {p.name}: {e}") from None
+            raise _Skip(name, uuid, f"value file {fname}: {e}") from None
         if len(value) > VALUE_MAX:
-            raise _Skip(name, uuid, f"value file {p.name}: {Damage.TOO_LARGE.value}")
+            raise _Skip(name, uuid, f"value file {fname}: {Damage.TOO_LARGE.value}")
         return value
 
     @staticmethod
