@@ -378,3 +378,51 @@ def test_signals_reach_only_root_and_group(system_bus, polkitd, make_secretbusd,
     counts = {name: int(p.communicate(timeout=30)[0].strip()) for name, p in listeners.items()}
     assert counts[test_users.member.name] >= 2          # InterfacesAdded + SecretEvent
     assert counts[test_users.other.name] == 0
+
+
+def test_sigterm_finishes_in_flight_calls(session_bus, make_secretbusd):
+    d = make_secretbusd(session_bus)
+    conns = [DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
+                                 bus_address=session_bus.address) for _ in range(4)]
+    uuids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
+    for c, u in zip(conns, uuids):
+        c.define_xml(xml(u, uid=u))
+    acked: dict[str, tuple[bytes, bytes | None]] = {}
+    unexpected: list[str] = []
+
+    def writer(c, u):
+        n, last = 0, None
+        while True:
+            n += 1
+            value = f"{u}-{n}".encode()
+            try:
+                c.lookup_by_uuid(u).set_value(value)
+            except errors.SecretError as e:
+                acked[u] = (last, value)              # value may or may not have landed
+                if not ("shutting down" in e.message or "not running" in e.message
+                        or "lost" in e.message or "closed" in e.message or "NoReply" in e.message
+                        or "no reply" in e.message or "disconnected" in e.message.lower()):
+                    unexpected.append(e.message)
+                return
+            last = value
+    threads = [threading.Thread(target=writer, args=cu) for cu in zip(conns, uuids)]
+    for t in threads:
+        t.start()
+    time.sleep(0.7)
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0
+    for t in threads:
+        t.join(30)
+    for c in conns:
+        c.close()
+    assert unexpected == []
+    again = harness.Secretbusd(session_bus, root=d.root).start()
+    try:
+        with DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
+                                 bus_address=session_bus.address) as c:
+            for u in uuids:
+                last, maybe = acked[u]
+                assert last is not None
+                assert c.lookup_by_uuid(u).get_value() in (last, maybe)
+    finally:
+        again.cleanup()
