@@ -190,10 +190,11 @@ def check(bus, action, user=None):
     return harness.parse_check_result(r.stdout)
 
 
+@pytest.mark.polkit(actions=[POLKIT_ACTIONS])
 def test_polkitd_answers_root(polkitd, system_bus):
     assert system_bus.name_has_owner("org.freedesktop.PolicyKit1")
     # uid 0 is always authorized, even for an action whose defaults say no
-    assert check(system_bus, "org.freedesktop.policykit.exec") == (True, False)
+    assert check(system_bus, "org.example.sbtest.read") == (True, False)
     r = busctl(system_bus.address, "introspect", "org.freedesktop.PolicyKit1",
                "/org/freedesktop/PolicyKit1/Authority")
     assert ".CheckAuthorization" in r.stdout, r.stderr
@@ -202,8 +203,11 @@ def test_polkitd_answers_root(polkitd, system_bus):
 
 @pytest.mark.polkit(actions=[POLKIT_ACTIONS], rules=[POLKIT_RULES])
 def test_polkitd_with_installed_actions_and_rules(polkitd, system_bus, test_users):
-    policy = harness.polkit.ACTIONS_DIR / POLKIT_ACTIONS[0]
-    rules = harness.polkit.RULES_DIR / POLKIT_RULES[0]
+    policy = polkitd.actions_dir / POLKIT_ACTIONS[0]
+    rules = polkitd.rules_dir / POLKIT_RULES[0]
+    # Private to this polkitd: nothing lands in the host's polkit directories.
+    assert not (harness.polkit.ACTIONS_DIR / POLKIT_ACTIONS[0]).exists()
+    assert not (harness.polkit.RULES_DIR / POLKIT_RULES[0]).exists()
     assert policy.read_text() == POLKIT_ACTIONS[1]
     assert rules.stat().st_mode & 0o777 == 0o644 and rules.stat().st_uid == 0
     assert check(system_bus, "org.example.sbtest.read") == (True, False)
@@ -216,12 +220,12 @@ def test_polkitd_with_installed_actions_and_rules(polkitd, system_bus, test_user
 def test_polkit_rules_hot_reload(make_polkitd, system_bus, test_users):
     pk = make_polkitd(system_bus, actions=[POLKIT_ACTIONS])
     assert check(system_bus, "org.example.sbtest.read", test_users.member) == (False, False)
-    with harness.PolkitFiles(rules=[POLKIT_RULES]):
+    with pk.add_files(rules=[POLKIT_RULES]):
         pk.wait_for_log("Reloading rules")
         harness.wait_until(
             lambda: check(system_bus, "org.example.sbtest.read", test_users.member)[0],
             timeout=5, what="polkitd picking up the rules")
-    assert not (harness.polkit.RULES_DIR / POLKIT_RULES[0]).exists()
+    assert not (pk.rules_dir / POLKIT_RULES[0]).exists()
 
 
 def test_polkit_files_restore_what_was_there():

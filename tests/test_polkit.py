@@ -35,9 +35,8 @@ BUS_CONF = REPO / "dbus" / "org.libvirt.secret.conf"
 POLICY = REPO / "polkit" / "org.libvirt.api.secret.policy"
 RULES_EXAMPLE = REPO / "polkit" / "50-secretbus-libvirt-group.rules.example"
 
-# Installed under names of our own: /usr/share/polkit-1/actions and /etc/polkit-1/rules.d are
-# shared by every polkitd on the machine, so we must not replace a file someone else put there
-# (a second file declaring the same action ids with the same content is harmless).
+# Each test polkitd has private actions/rules dirs (tests/harness/polkit.py); the names
+# are our own anyway.
 ACTIONS_FILE = ("sbtest-polkit.org.libvirt.api.secret.policy", POLICY.read_text())
 RULES_FILE = ("50-sbtest-polkit-libvirt-group.rules", RULES_EXAMPLE.read_text())
 
@@ -776,7 +775,7 @@ def test_bus_policy_passes_polkit_signals(system_bus, make_polkitd):
     from dbus_fast import Message, MessageType
     from dbus_fast.aio import MessageBus
 
-    make_polkitd(system_bus, actions=[ACTIONS_FILE])
+    pk = make_polkitd(system_bus, actions=[ACTIONS_FILE])
     match = (f"type='signal',sender='{PK_NAME}',interface='org.freedesktop.PolicyKit1.Authority',"
              "member='Changed',path='/org/freedesktop/PolicyKit1/Authority'")
 
@@ -791,7 +790,7 @@ def test_bus_policy_passes_polkit_signals(system_bus, make_polkitd):
                                    signature="s", body=[match]))
             await bus.request_name(BUS_NAME)
             noop = "polkit.addRule(function(a, s) { return polkit.Result.NOT_HANDLED; });\n"
-            with harness.PolkitFiles(rules=[("50-sbtest-polkit-noop.rules", noop)]):
+            with pk.add_files(rules=[("50-sbtest-polkit-noop.rules", noop)]):
                 for _ in range(100):
                     if got:
                         break
@@ -825,7 +824,7 @@ def test_rules_added_and_removed_during_the_run(system_bus, make_polkitd, make_s
     mon.sync()
     assert [c.action for c in mon.checks(client.name)] == ["org.libvirt.api.secret.write"]  # denial cached
 
-    rules = harness.PolkitFiles(rules=[RULES_FILE]).install()
+    rules = pk.add_files(rules=[RULES_FILE]).install()
     try:
         r = harness.wait_until(lambda: (x := set_value(b"after")).ok and x, timeout=5, interval=0.05,
                                what="rules file taking effect")

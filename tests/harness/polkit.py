@@ -27,14 +27,16 @@ def _source(item) -> tuple[str, bytes]:
 
 
 class PolkitFiles:
-    """Installs polkit actions (*.policy → /usr/share/polkit-1/actions) and rules
-    (*.rules → /etc/polkit-1/rules.d, root-owned 0644 so that user polkitd can read them);
-    uninstall() removes them and puts back any file of the same name that was there before.
-    polkitd watches both directories, but installing before it starts avoids the reload delay."""
+    """Installs polkit actions (*.policy → the actions dir) and rules (*.rules → the rules dir,
+    root-owned 0644 so that user polkitd can read them); uninstall() removes them and puts
+    back any file of the same name that was there before. The dirs default to the host's
+    (/usr/share/polkit-1/actions, /etc/polkit-1/rules.d); a `Polkitd` gives its own private
+    ones (`Polkitd.add_files`). polkitd watches both, but installing before it starts avoids
+    the reload delay."""
 
-    def __init__(self, actions=(), rules=()):
-        self._items = ([(ACTIONS_DIR, ".policy", a) for a in actions]
-                       + [(RULES_DIR, ".rules", r) for r in rules])
+    def __init__(self, actions=(), rules=(), *, actions_dir: Path = ACTIONS_DIR, rules_dir: Path = RULES_DIR):
+        self._items = ([(Path(actions_dir), ".policy", a) for a in actions]
+                       + [(Path(rules_dir), ".rules", r) for r in rules])
         self._installed: list[tuple[Path, bytes | None, int | None]] = []
 
     def install(self) -> "PolkitFiles":
@@ -76,21 +78,47 @@ class PolkitFiles:
         self.uninstall()
 
 
+# polkitd reads actions and rules from fixed host directories. Each test polkitd runs in a
+# private mount namespace with its own empty directories bound over them, so tests (and
+# anything else on the machine) never see each other's files, and a crashed run leaves
+# nothing behind in the host's polkit configuration.
+_PRIVATE_DIRS = """set -e
+mount --bind "$1" /usr/share/polkit-1/actions
+mount --bind "$2" /etc/polkit-1/rules.d
+mount --bind "$3" /usr/share/polkit-1/rules.d
+exec "$4"
+"""
+
+
 class Polkitd:
     """/usr/lib/polkit-1/polkitd (it drops to user polkitd by itself) on `bus`, a running
-    system-type PrivateBus. start() installs `actions` / `rules` (see PolkitFiles), starts the
-    daemon and returns once it owns org.freedesktop.PolicyKit1. Nothing touches the host's
-    system bus, so a polkitd already serving it is left alone."""
+    system-type PrivateBus, with private actions and rules directories (`actions_dir`,
+    `rules_dir`). start() installs `actions` / `rules` there, starts the daemon and returns
+    once it owns org.freedesktop.PolicyKit1. Nothing touches the host's system bus or its
+    polkit files, so a polkitd already serving the host is left alone."""
 
     def __init__(self, bus: PrivateBus, *, actions=(), rules=(), start_timeout: float = 15):
         if bus.kind != "system":
             raise ValueError("polkitd needs a system-type bus")
         self.bus = bus
-        self.files = PolkitFiles(actions, rules)
+        self._actions, self._rules = actions, rules
+        self.files: PolkitFiles | None = None
         self.start_timeout = start_timeout
         self.dir: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+
+    @property
+    def actions_dir(self) -> Path:
+        return self.dir / "actions"
+
+    @property
+    def rules_dir(self) -> Path:
+        return self.dir / "rules.d"
+
+    def add_files(self, actions=(), rules=()) -> PolkitFiles:
+        """Files for this polkitd's private dirs (call .install(), or use as a context manager)."""
+        return PolkitFiles(actions, rules, actions_dir=self.actions_dir, rules_dir=self.rules_dir)
 
     @property
     def pid(self) -> int:
@@ -109,11 +137,16 @@ class Polkitd:
         t0 = time.monotonic()
         self.dir = public_tempdir("sb-polkitd-")
         try:
-            self.files.install()
+            for d in (self.actions_dir, self.rules_dir, self.dir / "share-rules.d"):
+                d.mkdir(mode=0o755)
+            self.files = self.add_files(self._actions, self._rules).install()
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("DBUS_", "NOTIFY_SOCKET", "LISTEN_"))}
             env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
-            self.proc = spawn([POLKITD], what="polkitd", log=self.log_path, env=env)
+            # unshare and sh exec in place: the PID we track is polkitd's own.
+            argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _PRIVATE_DIRS, "sh",
+                    str(self.actions_dir), str(self.rules_dir), str(self.dir / "share-rules.d"), POLKITD]
+            self.proc = spawn(argv, what="polkitd", log=self.log_path, env=env)
             self.bus.wait_for_name(BUS_NAME, timeout=self.start_timeout, proc=self.proc,
                                    log=self.log_path)
         except BaseException:
@@ -124,7 +157,8 @@ class Polkitd:
 
     def stop(self) -> None:
         stop_process(self.proc)
-        self.files.uninstall()
+        if self.files is not None:
+            self.files.uninstall()
         remove_tree(self.dir)
 
     def __enter__(self) -> "Polkitd":
