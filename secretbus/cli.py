@@ -418,7 +418,9 @@ def _open(uri: str | None, direct_driver: bool):
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from .logsetup import setup_cli_logging
+    from .procsec import no_core_dumps
     setup_cli_logging()
+    no_core_dumps()
     conn = None
     try:
         if not getattr(a, "no_connection", False):

@@ -167,6 +167,8 @@ class _Parser:
         if self.cur != quote:
             raise self.error("unterminated string")
         text = self.s[start:self.i]
+        if "\0" in text:   # no path or user name can hold one; refuse it here, clearly
+            raise self.error("NUL character in string")
         self.i += 1
         return text
 
@@ -177,6 +179,8 @@ class _Parser:
         if end < 0:
             raise self.error("unterminated string", start_line)
         text = self.s[self.i:end]
+        if "\0" in text:
+            raise self.error("NUL character in string", start_line)
         self.line += text.count("\n")
         self.i = end + 3
         return text

@@ -30,6 +30,7 @@ from .logsetup import setup_daemon_logging
 from .notify import notify, reloading
 from .paths import InstancePaths
 from .polkit import BusUids, PolkitAccess
+from .procsec import no_core_dumps
 
 log = logging.getLogger("secretbus.daemon")
 
@@ -164,6 +165,7 @@ class Daemon:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_daemon_logging(verbose=args.verbose)
+    no_core_dumps()
     os.umask(0o077)
     try:
         return asyncio.run(Daemon(args).run())

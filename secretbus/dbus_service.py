@@ -12,6 +12,7 @@ No reply, error or signal ever carries a value except GetValue's own return.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib.resources
 import logging
 import re
@@ -23,7 +24,7 @@ from typing import Any, Callable
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.constants import ErrorType
 
-from . import errors
+from . import errors, logsetup
 from .access import AccessControl, Caller, Perm
 from .model import VALUE_MAX, EventId, Lifecycle, SecretDef, SecretEvent
 
@@ -268,11 +269,21 @@ class SecretService:
             kind = "secret"
         elif path in ("/", "/org", "/org/libvirt", SECRETS_PATH):
             kind = "tree"
+        elif path.startswith(CONNECT_PATH + "/"):
+            return Message.new_error(msg, ErrorType.UNKNOWN_OBJECT.value, f"no object at {path}")
         else:
             return None
         iface, member = msg.interface, msg.member
         if iface == INTROSPECT_IFACE or (iface is None and member == "Introspect"):
+            if member != "Introspect":
+                return Message.new_error(msg, ErrorType.UNKNOWN_METHOD.value,
+                                         f"{INTROSPECT_IFACE}.{member} does not exist")
+            if msg.signature != "":
+                return Message.new_error(msg, INVALID_ARGS, "Introspect takes no arguments")
             return self._introspect(msg, kind)
+        if kind == "tree" and iface != PEER_IFACE:
+            return Message.new_error(msg, ErrorType.UNKNOWN_METHOD.value,
+                                     f"{iface}.{member} does not exist at {path}")
         if iface == PEER_IFACE:
             return None   # the library answers Ping / GetMachineId
         if iface is None:
@@ -311,8 +322,13 @@ class SecretService:
 
     async def _finish(self, msg: Message, caller: Caller, op: Op) -> None:
         try:
+            if op.blocking or self.access.enabled:
+                # Who did it goes into the log records of this request (journal CALLER_UID).
+                logsetup.caller_uid.set(await self.access.caller_uid(caller))
             for perm, d in op.checks:
                 if not await self.access.allowed(caller, perm, d):
+                    log.warning("denied %s to %s", perm.value, caller.sender,
+                                extra={"SECRET_UUID": d.uuid if d else "", "SECRET_OPERATION": msg.member})
                     raise errors.AccessDenied(f"'{perm.value}' denied access")
             args: tuple[Any, ...] = ()
             if op.filter_perm is not None:
@@ -324,7 +340,9 @@ class SecretService:
                 uid = await self.access.caller_uid(caller)
                 args = (uid is not None and uid in self.private_readers,)
             if op.blocking:
-                sig, body = await self._loop.run_in_executor(self._executor, op.run, *args)
+                # run_in_executor does not carry context variables over; copy them.
+                ctx = contextvars.copy_context()
+                sig, body = await self._loop.run_in_executor(self._executor, ctx.run, op.run, *args)
             elif op.large:
                 # One big reply in the socket queue at a time: 16 concurrent lists of 10,000
                 # paths would otherwise hold 16 marshalled copies (~0.7 MB each) at once.

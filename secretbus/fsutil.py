@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 TMP_SUFFIX = ".new"  # libvirt's temp suffix; start-up removes stale ones
@@ -72,9 +73,13 @@ def _unlink_quiet(path: Path) -> None:
 def read_limited(path: Path | str, limit: int, *, dir_fd: int | None = None) -> bytes:
     """Read a whole regular file, refusing more than `limit` bytes and symlinks.
     With `dir_fd`, `path` is a name in that directory (no path walk: start-up reads thousands)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    # O_NONBLOCK: a FIFO planted in the store must not hang start-up waiting for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        size = st.st_size
         if size > limit:
             raise OSError(errno.EFBIG, f"file larger than {limit} bytes", str(path))
         # One read for the usual file; the loop only runs if the file grew meanwhile.

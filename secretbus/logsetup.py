@@ -5,11 +5,23 @@ Log records carry only UUIDs, usage ids, operations and file names, never values
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
 
 JOURNAL_FIELDS = ("SECRET_UUID", "SECRET_OPERATION", "CALLER_UID")
+
+# The uid of the bus caller whose request is being served; the D-Bus layer sets it and
+# every log record made on that request's behalf (driver, store) carries it.
+caller_uid: contextvars.ContextVar[int | None] = contextvars.ContextVar("caller_uid", default=None)
+
+
+class _CallerFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "CALLER_UID", None) is None:
+            record.CALLER_UID = caller_uid.get()
+        return True
 
 
 class _JournalFieldsHandler(logging.Handler):
@@ -65,6 +77,7 @@ def setup_daemon_logging(identifier: str = "secretbusd", verbose: bool = False) 
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_FieldsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_CallerFilter())
     root.addHandler(handler)
 
 

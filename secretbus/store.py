@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,10 +148,17 @@ class SecretStore:
 
     def _remove_stale_temps(self, names: list[str]) -> None:
         for n in names:
-            if n.endswith(TMP_SUFFIX):
+            if not n.endswith(TMP_SUFFIX):
+                continue
+            path = self.dir / n
+            try:
+                if not stat.S_ISREG(path.lstat().st_mode):
+                    continue        # not a temp file of ours: leave it alone
                 # A temp file is a write that never completed, hence never acknowledged.
                 log.warning("removing incomplete write '%s'", n)
-                unlink_if_exists(self.dir / n)
+                unlink_if_exists(path)
+            except OSError as e:
+                log.warning("cannot remove incomplete write '%s': %s", n, e.strerror)
 
     def _load_one(self, name: str, all_uuids: list[str], present: set[str]) -> LoadedSecret:
         try:
