@@ -269,10 +269,10 @@ class SecretService:
             kind = "secret"
         elif path in ("/", "/org", "/org/libvirt", SECRETS_PATH):
             kind = "tree"
-        elif path.startswith(CONNECT_PATH + "/"):
-            return Message.new_error(msg, ErrorType.UNKNOWN_OBJECT.value, f"no object at {path}")
+        elif msg.interface == PEER_IFACE:
+            return None          # the library answers Ping / GetMachineId on any path
         else:
-            return None
+            return Message.new_error(msg, ErrorType.UNKNOWN_OBJECT.value, f"no object at {path}")
         iface, member = msg.interface, msg.member
         if iface == INTROSPECT_IFACE or (iface is None and member == "Introspect"):
             if member != "Introspect":
