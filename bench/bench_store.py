@@ -69,7 +69,7 @@ def main() -> None:
             c.close()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"store bench: {a.n} persistent secrets, scheme {a.scheme}, {os.cpu_count()} cores, {a.runs} runs")
-        print(f"| figure | value |\n|---|---|")
+        print("| figure | value |\n|---|---|")
         print(f"| create (define + set value, fsync each) | {create:.2f} s |")
         print(f"| open store (load + decrypt all), median | {statistics.median(opens) * 1000:.0f} ms |")
         print(f"| open store, best / worst | {min(opens) * 1000:.0f} / {max(opens) * 1000:.0f} ms |")

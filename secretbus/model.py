@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 VALUE_MAX = 65536  # REMOTE_SECRET_VALUE_MAX: largest value accepted
 

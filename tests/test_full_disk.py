@@ -9,9 +9,7 @@ the real errno from the kernel, the daemon, the bus, the CLI and the restart.
 """
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod      # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+from harness import load_bench as _bench
 
 
 corruption = _bench("corruption")

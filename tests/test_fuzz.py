@@ -7,10 +7,8 @@ Reproducers of bugs the fuzzer found that are fixed stay as regression tests.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,21 +16,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+from harness import load_bench as _bench  # noqa: E402
 U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
 
 
-def _load_bench_fuzz():
-    name = "secretbus_bench_fuzz"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "fuzz.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod          # dataclasses look their module up while it loads
-    spec.loader.exec_module(mod)
-    return mod
 
 
-fuzz = _load_bench_fuzz()
+fuzz = _bench("fuzz")
 
 # part (Result.name) -> {failure kind (Result.kinds key): the strict-xfail reproducer tracking it}
 KNOWN_BUGS: dict[str, dict[str, str]] = {}

@@ -10,7 +10,6 @@ cannot be wiped in Python.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import os
 import subprocess
 import sys
@@ -29,12 +28,7 @@ from secretbus.paths import InstancePaths
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod      # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+from harness import load_bench as _bench
 
 
 leak = _bench("leak_audit")
