@@ -2,7 +2,8 @@
 """Load and soak: many concurrent clients, root and non-root, on a system bus with polkit.
 
     python bench/soak.py [--size small|full] [--clients N] [--calls N] [--root-share 0.5]
-                         [--shared 32] [--seed S] [--keep]
+                         [--shared 32] [--connections 4] [--seed S] [--timeout 30]
+                         [--no-prime] [--trace-memory] [--keep] [--json FILE]
 
 Run as root. It starts, and stops by PID, everything itself: a private system-type
 dbus-daemon with the project's bus policy (dbus/org.libvirt.secret.conf), a real polkitd with
@@ -14,9 +15,10 @@ every call bounded by a timeout: root ones are plain subprocesses of this Python
 ones run as `sbtest-member` (group libvirt) through setpriv with Debian's python3 and the
 copied packages (tests/harness `unpriv_python`). Each makes `calls` calls drawn from a fixed
 mix (weights in MIX): SecretLookupByUUID / ByUsage, ListSecrets, GetManagedObjects,
-GetXMLDesc, GetValue, SetValue, Properties.Get / GetAll, now and then SecretDefineXML /
-Undefine of the client's own "churn" secret, and a reconnect (a new connection, so a new
-unique name: the service must drop what it cached for the old one).
+GetXMLDesc, GetValue, SetValue, Properties.Get / GetAll, and now and then SecretDefineXML /
+Undefine of the client's own "churn" secret; and, evenly spaced, a few reconnects (a new
+connection, so a new unique name: the service must drop what it cached for the old one;
+CONNECTIONS_PER_CLIENT, --connections).
 
 Targets: `shared` secrets defined (with a value) before the clients start and never
 undefined — the first of them private, readable by sbtest-member (secret.conf
@@ -49,7 +51,10 @@ sizes), then all wait at a barrier; the daemon's VmRSS is read
 calls/s are over this part) while VmRSS is sampled every 0.5 s; all wait at a second barrier
 (still connected) and VmRSS is read as "at end". Drift = end / warm-up - 1 (goal < 10 %).
 The daemon's open fds are compared the same way, and its log is searched for
-ERROR / CRITICAL lines and tracebacks. `figures(size)` returns the rows for bench/reliability.py.
+ERROR / CRITICAL lines and tracebacks; polkitd's log for its runaway-script watchdog (a
+polkitd stall of 15 s, seen when rules files change under load: secretbusd's checks time
+out after 5 s and it denies, fail-closed, so those calls count as unexpected errors). When
+anything unexpected happened, the logs are copied to a kept /tmp/sb-soak-logs-* directory. `figures(size)` returns the rows for bench/reliability.py.
 """
 from __future__ import annotations
 
@@ -58,9 +63,11 @@ import json
 import os
 import random
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -80,21 +87,27 @@ RULES_EXAMPLE = REPO / "polkit" / "50-secretbus-libvirt-group.rules.example"
 
 SIZES = {"small": (8, 300), "full": (32, 5000)}
 
-# Call kinds and their weights (per 100 calls).
+# Call kinds and their weights (per 1,000 calls).
 MIX = {
-    "SecretLookupByUUID": 12,
-    "SecretLookupByUsage": 7,
-    "ListSecrets": 7,
-    "GetManagedObjects": 2,
-    "GetXMLDesc": 14,
-    "GetValue": 18,
-    "SetValue": 10,
-    "Properties.GetAll": 14,
-    "Properties.Get": 10,
-    "SecretDefineXML": 3,
-    "Undefine": 3,
-    "Reconnect": 1,     # a new bus connection (new unique name): the service must forget the old one
+    "SecretLookupByUUID": 120,
+    "SecretLookupByUsage": 70,
+    "ListSecrets": 70,
+    "GetManagedObjects": 20,
+    "GetXMLDesc": 140,
+    "GetValue": 180,
+    "SetValue": 100,
+    "Properties.GetAll": 140,
+    "Properties.Get": 100,
+    "SecretDefineXML": 30,
+    "Undefine": 30,
 }
+# Each client also reconnects (new bus connection, so a new unique name: the service must
+# forget what it cached for the old one) at evenly spaced points, so that it uses this many
+# connections in all. Few on purpose: a fresh name starts with an empty polkit decision
+# cache, so every (permission, secret) it touches costs a CheckAuthorization round trip. With
+# connections living ~100 calls (1 % reconnects) those misses dominated the read latencies
+# (GetValue p50 57 ms instead of ~1 ms at 32 x 5,000).
+CONNECTIONS_PER_CLIENT = 4
 CHURN_SHARE = 0.2       # per-secret calls aimed at a churn secret instead of a shared one
 
 CLIENT = r'''
@@ -131,8 +144,8 @@ async def main():
     weights = [spec["mix"][k] for k in kinds]
     shared_paths = {spath(u) for u in shared}
     state = {"present": spec["own_present"], "value": False}   # own churn secret
-    lat = {k: [] for k in kinds}
-    counts = {k: 0 for k in kinds}
+    lat = {k: [] for k in kinds + ["Reconnect"]}
+    counts = {k: 0 for k in kinds + ["Reconnect"]}
     expected = {}
     unexpected = {}
     samples = []
@@ -262,10 +275,14 @@ async def main():
         elif effect == "setvalue-own":
             state["value"] = True
 
+    every = spec["reconnect_every"]
+
     async def run(lo, hi, record):
         for n in range(lo, hi):
             kind = rng.choices(kinds, weights)[0]
-            if kind == "Undefine" and not state["present"]:
+            if every and n % every == every // 2:
+                kind = "Reconnect"
+            elif kind == "Undefine" and not state["present"]:
                 kind = "SecretDefineXML"
             counts[kind] += 1
             await do(kind, n, record)
@@ -495,6 +512,9 @@ class SoakResult:
     rss_series: list[tuple[float, int]] = field(default_factory=list)
     log_errors: list[str] = field(default_factory=list)
     memory_diff: list[str] = field(default_factory=list)             # --trace-memory
+    logs_kept: str = ""                                              # on failure: a copy of the logs
+    polkit_failures: int = 0         # secretbusd: "polkit check ... failed, denying" (timeout / error)
+    polkitd_stalls: int = 0          # polkitd: "Terminating runaway script after 15 seconds"
     load: tuple[float, float] = (0.0, 0.0)
 
     @property
@@ -545,7 +565,8 @@ def _compare(a: Path, b: Path, top: int = 15) -> list[str]:
 
 def run(clients: int = 8, calls: int = 300, *, root_share: float = 0.5, shared: int = 32,
         seed: int | None = None, timeout: float = 30.0, keep: bool = False,
-        prime: bool = True, trace_memory: bool = False, progress=None) -> SoakResult:
+        connections: int = CONNECTIONS_PER_CLIENT, prime: bool = True, trace_memory: bool = False,
+        progress=None) -> SoakResult:
     """The whole soak, set-up and tear-down included."""
     if os.geteuid() != 0:
         raise PermissionError("the soak runs as root (dbus-daemon, polkitd, secretbusd, setpriv)")
@@ -596,7 +617,8 @@ def run(clients: int = 8, calls: int = 300, *, root_share: float = 0.5, shared: 
             spec = {"id": i, "address": bus.address, "calls": calls, "warm": warm, "timeout": timeout,
                     "seed": rng.getrandbits(32), "shared": shared_uuids, "churn": churn_uuids,
                     "own_present": False, "mix": MIX, "churn_share": CHURN_SHARE, "prime": prime,
-                    "private": shared_uuids[0]}
+                    "private": shared_uuids[0],
+                    "reconnect_every": calls // (connections - 1) if connections > 1 else 0}
             err = tmp / f"client-{i}.err"
             if i < n_root:
                 cl.start([sys.executable, str(script), json.dumps(spec)], dict(env), err)
@@ -657,10 +679,21 @@ def run(clients: int = 8, calls: int = 300, *, root_share: float = 0.5, shared: 
             res.unexpected["secretbusd exited during the soak"] = 1
         res.log_errors = [line for line in log.read_text(errors="replace").splitlines()
                           if " ERROR " in line or " CRITICAL " in line or "Traceback" in line]
+        res.polkit_failures = sum("failed, denying" in line for line in res.log_errors)
+        res.polkitd_stalls = pk.log().count("Terminating runaway script")
     finally:
         cl.stop()
-        for part in (daemon,):
-            harness.stop_process(part)
+        harness.stop_process(daemon)
+        failed = res.unexpected_total or res.dead_clients or res.log_errors or sys.exc_info()[0] is not None
+        if failed or keep:
+            # Logs outlive the run when something went wrong (polkitd's and the bus's dirs go on stop).
+            keep_dir = Path(tempfile.mkdtemp(prefix="sb-soak-logs-"))
+            for src in [tmp / "secretbusd.log", *sorted(tmp.glob("client-*.err")),
+                        *(x.log_path for x in (pk, bus) if x is not None and x.dir is not None)]:
+                if src.exists():
+                    shutil.copyfile(src, keep_dir / src.name)
+            res.logs_kept = str(keep_dir)
+            say(f"logs kept in {keep_dir}")
         for part in (pk, bus):
             if part is not None:
                 part.stop()
@@ -692,7 +725,7 @@ def rows(res: SoakResult) -> list[tuple[str, object, str]]:
         (p + "calls/s overall (after warm-up)", round(res.rate), "-"),
         (p + "seconds: priming + warm-up / measured part", f"{res.warmup_seconds:.1f} / {res.seconds:.1f}", "-"),
     ]
-    for kind in MIX:
+    for kind in [*MIX, "Reconnect"]:
         if res.latencies.get(kind):
             out.append((p + f"{kind} p50 / p99 ms (n={len(res.latencies[kind])})",
                         f"{_ms(res.pct(kind, 0.5))} / {_ms(res.pct(kind, 0.99))}", "-"))
@@ -704,6 +737,8 @@ def rows(res: SoakResult) -> list[tuple[str, object, str]]:
         (p + "daemon VmRSS drift after warm-up (%)", round(res.drift, 1), "< 10"),
         (p + "daemon open fds, end - warm-up", res.end.get("fds", 0) - res.warm.get("fds", 0), "0"),
         (p + "daemon error log lines", len(res.log_errors), "0"),
+        (p + "of which polkit checks that failed (timeout or error; the caller is denied)", res.polkit_failures, "0"),
+        (p + "polkitd stalls ('Terminating runaway script after 15 seconds')", res.polkitd_stalls, "-"),
     ]
     cpu = res.end.get("cpu_ticks", 0) - res.warm.get("cpu_ticks", 0)
     if res.main_calls:
@@ -736,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--timeout", type=float, default=30.0, help="per-call timeout in the clients")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (store, logs)")
+    ap.add_argument("--connections", type=int, default=CONNECTIONS_PER_CLIENT,
+                    help="bus connections per client over its run (reconnects evenly spaced)")
     ap.add_argument("--no-prime", action="store_true",
                     help="skip the priming sweep (polkit decision cache fills during the measured part)")
     ap.add_argument("--trace-memory", action="store_true",
@@ -746,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     clients, calls = SIZES[a.size]
     clients, calls = a.clients or clients, a.calls or calls
     res = run(clients, calls, root_share=a.root_share, shared=a.shared, seed=a.seed, timeout=a.timeout,
-              keep=a.keep, prime=not a.no_prime, trace_memory=a.trace_memory, progress=lambda s: print(s, file=sys.stderr, flush=True))
+              keep=a.keep, connections=a.connections, prime=not a.no_prime, trace_memory=a.trace_memory, progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(f"soak: {clients} clients x {calls} calls on a private system bus with polkitd; "
           f"{os.cpu_count()} CPUs; load average {res.load[0]:.2f} at start, {res.load[1]:.2f} at end; "
           f"{res.total_seconds:.1f} s in all")
@@ -765,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + s)
     for line in res.log_errors[:10]:
         print("  log: " + line)
+    if res.logs_kept:
+        print(f"\nlogs (secretbusd, polkitd, dbus-daemon, clients' stderr) kept in {res.logs_kept}")
     if a.trace_memory:
         print("\n(--trace-memory: tracemalloc's own bookkeeping grows with the heap, so VmRSS drift is not judged)")
     if res.memory_diff:

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after SECS idle seconds (never while an ephemeral secret exists); 0 = never")
     p.add_argument("--no-polkit", action="store_true",
                    help="with --system: skip polkit (only for a private bus whose policy admits root alone)")
+    p.add_argument("--polkit-timeout", type=float, default=20.0, metavar="SECS",
+                   help="how long to wait for polkitd before denying (default 20: polkitd 122 can "
+                        "stall 15 s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -94,7 +97,7 @@ class Daemon:
             log.error("cannot connect to the %s bus: %s", "system" if self.system else "session", e)
             return 1
         if self.system and not self.args.no_polkit:
-            access = PolkitAccess(self.bus)
+            access = PolkitAccess(self.bus, timeout=self.args.polkit_timeout)
             await access.start()
         else:
             uids = BusUids(self.bus)

@@ -38,7 +38,9 @@ _MATCHES = (
 class PolkitAccess:
     enabled = True
 
-    def __init__(self, bus, *, timeout: float = 5.0, max_age: float = 60.0, max_entries: int = 16384,
+    # polkitd 122 can stall for 15 s ("Terminating runaway script"); a shorter timeout turns
+    # every such stall into denials for everyone. Clients wait 25 s by default.
+    def __init__(self, bus, *, timeout: float = 20.0, max_age: float = 60.0, max_entries: int = 16384,
                  cache: bool = True, max_concurrent: int = 64):
         self.bus = bus
         self.timeout = timeout
@@ -137,7 +139,8 @@ class PolkitAccess:
                                          timeout=self.timeout if not caller.interactive else max(self.timeout, 120))
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             self.stats["errors"] += 1
-            log.error("polkit check of %s for %s failed, denying: %s", perm.value, caller.sender, e)
+            log.error("polkit check of %s for %s failed, denying: %s %s", perm.value, caller.sender,
+                      type(e).__name__, e)
             return False
         authorized, challenge, _ = reply[0]
         if self.cache_enabled and not challenge and generation == self._generation:

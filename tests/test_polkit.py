@@ -57,8 +57,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.bus_policy(BUS_CONF)]
 class Secretbusd:
     """secretbusd --system --root DIR --bus-address ADDR, as root."""
 
-    def __init__(self, bus: harness.PrivateBus, readers=(READER,), secrets: int = 0):
+    def __init__(self, bus: harness.PrivateBus, readers=(READER,), secrets: int = 0, args=()):
         self.bus = bus
+        self.args = tuple(args)
         self.readers = readers
         self.secrets = secrets      # write this many volume secrets into the store first
         self.dir: Path | None = None
@@ -89,7 +90,7 @@ class Secretbusd:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("DBUS_", "NOTIFY_SOCKET", "LISTEN_", "CREDENTIALS_DIRECTORY"))}
         self.proc = harness.spawn([sys.executable, "-m", "secretbus.daemon", "--system",
-                                   "--root", str(self.dir), "--bus-address", self.bus.address],
+                                   "--root", str(self.dir), "--bus-address", self.bus.address, *self.args],
                                   what="secretbusd", log=self.log_path, env=env)
         try:
             self.bus.wait_for_name(BUS_NAME, proc=self.proc, log=self.log_path)
@@ -717,7 +718,7 @@ def test_polkitd_gone_fails_closed(system_bus, make_polkitd, make_secretbusd, te
     A polkitd that hangs costs one timeout (5 s) per uncached check, then a refusal; what was
     cached stays valid until max age, since nothing told secretbusd that anything changed."""
     pk = make_polkitd(system_bus, actions=[ACTIONS_FILE], rules=[RULES_FILE])
-    sbd = make_secretbusd(system_bus)
+    sbd = make_secretbusd(system_bus, args=("--polkit-timeout", "5"))
     uuid = uuid_for(5, 1, False)
     root_define(system_bus, uuid, False, "/var/lib/sbtest/gone.img", b"value")
     path = secret_path(uuid)
@@ -754,7 +755,7 @@ def test_polkitd_gone_fails_closed(system_bus, make_polkitd, make_secretbusd, te
     r = value()
     assert r.ok and r.out == [b"value"], r          # root's SetValue above changed nothing
 
-    # a hung polkitd: uncached checks time out (5 s) and are refused; the cached one stays
+    # a hung polkitd: uncached checks time out (--polkit-timeout 5) and are refused; the cached one stays
     os.kill(pk2.pid, signal.SIGSTOP)
     try:
         r = g(system_bus, test_users.member, path, f"{SECRET}.GetValue", "0")

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+from harness import load_bench
 
-import reliability  # noqa: E402
+reliability = load_bench("reliability")
 
 
 @pytest.mark.integration
 def test_crash_trials_lose_no_acknowledged_write():
-    import crash_trials
+    crash_trials = load_bench("crash_trials")
     a = argparse.Namespace(trials=4, clients=4, secrets=24, encrypted=True, seed=20261122, keep=False)
     s = asyncio.run(crash_trials.run(a))
     assert s.trials == 4
@@ -37,7 +36,7 @@ def test_crash_trials_lose_no_acknowledged_write():
 @pytest.mark.integration
 @pytest.mark.skipif(not Path("/usr/lib/polkit-1/polkitd").exists(), reason="polkitd not installed")
 def test_soak_has_no_unexpected_error(test_users, unpriv_python):
-    import soak
+    soak = load_bench("soak")
     r = soak.run(4, 100, root_share=0.5, seed=20261122)
     detail = f"unexpected {r.unexpected}; samples {r.samples}; log {r.log_errors}"
     assert r.uids == {0: 2, test_users.member.uid: 2}, r.uids
