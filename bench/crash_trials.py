@@ -28,9 +28,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
 from dbus_fast import Message, MessageType  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
+from harness import PrivateBus  # noqa: E402
 
 NAME = "org.libvirt.secret"
 CONNECT = "/org/libvirt/secret"
@@ -65,26 +67,7 @@ class Stats:
     notes: list[str] = field(default_factory=list)
 
 
-class Bus:
-    """A private session-type dbus-daemon."""
-
-    def __init__(self, base: Path):
-        self.dir = base
-        conf = base / "bus.conf"
-        conf.write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig><type>session</type><listen>unix:path={base}/bus</listen><auth>EXTERNAL</auth>
-<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>""")
-        self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address=1"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.address = self.proc.stdout.readline().strip()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-def start_daemon(bus: Bus, root: Path, log: Path) -> subprocess.Popen:
+def start_daemon(bus: PrivateBus, root: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "ab") as f:
         return subprocess.Popen([sys.executable, "-m", "secretbus.daemon", "--session", "--root", str(root),
@@ -161,7 +144,7 @@ async def observe(bus: MessageBus, uuid: str) -> tuple:
     return ("present", desc, value)
 
 
-async def trial(n: int, bus: Bus, root: Path, log: Path, state: dict[str, Tracked], stats: Stats,
+async def trial(n: int, bus: PrivateBus, root: Path, log: Path, state: dict[str, Tracked], stats: Stats,
                 clients: int, rng: random.Random) -> None:
     proc = start_daemon(bus, root, log)
     check = await wait_ready(bus.address, proc)
@@ -208,7 +191,7 @@ async def run(a: argparse.Namespace) -> Stats:
     root = base / "root"
     log = base / "secretbusd.log"
     stats = Stats()
-    bus = Bus(base)
+    bus = PrivateBus("session").start()
     rng = random.Random(a.seed)
     try:
         if a.encrypted:

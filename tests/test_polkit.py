@@ -19,7 +19,6 @@ import re
 import selectors
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,32 +53,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.bus_policy(BUS_CONF)]
 # --------------------------------------------------------------------------------------
 # secretbusd
 
-class Secretbusd:
-    """secretbusd --system --root DIR --bus-address ADDR, as root."""
+class Secretbusd(harness.Secretbusd):
+    """secretbusd --system on `bus`, as root, with `readers` as private_value_readers and
+    `secrets` volume secrets written into the store (libvirt's layout) before it starts."""
 
     def __init__(self, bus: harness.PrivateBus, readers=(READER,), secrets: int = 0, args=()):
-        self.bus = bus
-        self.args = tuple(args)
-        self.readers = readers
-        self.secrets = secrets      # write this many volume secrets into the store first
-        self.dir: Path | None = None
-        self.proc: subprocess.Popen | None = None
+        listed = ", ".join(json.dumps(r) for r in readers)
+        super().__init__(bus, system=True, conf=f"private_value_readers = [ {listed} ]\n", args=tuple(args))
+        self.secrets = secrets
 
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "secretbusd.log"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def start(self) -> "Secretbusd":
-        self.dir = harness.public_tempdir("sb-pk-root-")
-        (self.dir / "etc").mkdir(mode=0o700)
-        readers = ", ".join(json.dumps(r) for r in self.readers)
-        (self.dir / "etc" / "secret.conf").write_text(f"private_value_readers = [ {readers} ]\n")
-        if self.secrets:   # libvirt's layout: <config dir>/<uuid>.xml, 0600 in a 0700 dir
-            store = self.dir / "etc" / "secrets"
-            store.mkdir(mode=0o700)
+    def start(self, **kw) -> "Secretbusd":
+        if self.secrets:   # <config dir>/<uuid>.xml, 0600 in a 0700 dir
+            store = self.root / "etc" / "secrets"
+            store.mkdir(mode=0o700, parents=True)
             for i in range(self.secrets):
                 uuid = many_uuid(i)
                 f = store / f"{uuid}.xml"
@@ -87,21 +73,7 @@ class Secretbusd:
                              f"  <usage type='volume'>\n    <volume>/var/lib/sbtest/many/{i}.img</volume>\n"
                              "  </usage>\n</secret>\n")
                 f.chmod(0o600)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("DBUS_", "NOTIFY_SOCKET", "LISTEN_", "CREDENTIALS_DIRECTORY"))}
-        self.proc = harness.spawn([sys.executable, "-m", "secretbus.daemon", "--system",
-                                   "--root", str(self.dir), "--bus-address", self.bus.address, *self.args],
-                                  what="secretbusd", log=self.log_path, env=env)
-        try:
-            self.bus.wait_for_name(BUS_NAME, proc=self.proc, log=self.log_path)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        harness.stop_process(self.proc)
-        remove_tree(self.dir)
+        return super().start(**kw)
 
 
 def many_uuid(i: int) -> str:
@@ -119,7 +91,7 @@ def make_secretbusd():
 
     yield make
     for d in reversed(daemons):
-        d.stop()
+        d.cleanup()
 
 
 # --------------------------------------------------------------------------------------
