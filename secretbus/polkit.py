@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import OrderedDict
 
@@ -148,8 +149,17 @@ class PolkitAccess:
         return bool(authorized)
 
     def _store(self, key: tuple, sender: str, ok: bool) -> None:
-        self._cache[key] = (time.monotonic() + self.max_age, ok)
+        now = time.monotonic()
+        # Jitter: decisions made together (a ListSecrets of thousands) must not all expire
+        # together and send the next call to polkit thousands of times at once.
+        self._cache[key] = (now + self.max_age * random.uniform(0.75, 1.0), ok)
         self._cache.move_to_end(key)
+        while self._cache:          # drop expired entries from the old end
+            oldest, (expires, _) = next(iter(self._cache.items()))
+            if expires > now:
+                break
+            del self._cache[oldest]
+            self._by_sender.get(oldest[0], set()).discard(oldest)
         self._by_sender.setdefault(sender, set()).add(key)
         while len(self._cache) > self.max_entries:
             old, _ = self._cache.popitem(last=False)
