@@ -80,4 +80,4 @@ class AllowAll:
         return await self._uid_lookup(caller.sender) if self._uid_lookup else None
 
     def close(self) -> None:
-        pass
+        pass   # the uid source is closed by whoever made it

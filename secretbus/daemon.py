@@ -29,7 +29,7 @@ from .driver import SecretDriver
 from .logsetup import setup_daemon_logging
 from .notify import notify, reloading
 from .paths import InstancePaths
-from .polkit import BusUids, PolkitAccess
+from .polkit import CallerUids, PolkitAccess
 from .procsec import no_core_dumps
 
 log = logging.getLogger("secretbus.daemon")
@@ -96,12 +96,12 @@ class Daemon:
         except Exception as e:  # noqa: BLE001
             log.error("cannot connect to the %s bus: %s", "system" if self.system else "session", e)
             return 1
+        uids = CallerUids(self.bus)
+        await uids.start()
         if self.system and not self.args.no_polkit:
-            access = PolkitAccess(self.bus, timeout=self.args.polkit_timeout)
+            access = PolkitAccess(self.bus, uids, timeout=self.args.polkit_timeout)
             await access.start()
         else:
-            uids = BusUids(self.bus)
-            await uids.start()
             access = AllowAll(uids)
         self.service = SecretService(self.driver, self.bus, access, private_readers=readers)
         self.service.attach()
@@ -131,6 +131,7 @@ class Daemon:
         log.info("stopping (%s)", "bus connection lost" if lost_bus else "signal or idle timeout")
         await self.service.drain()
         access.close()
+        uids.close()
         if self.bus.connected:
             self.bus.disconnect()
         return 1 if lost_bus else 0

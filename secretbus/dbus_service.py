@@ -322,9 +322,11 @@ class SecretService:
 
     async def _finish(self, msg: Message, caller: Caller, op: Op) -> None:
         try:
-            if op.blocking or self.access.enabled:
+            uid = None
+            if op.blocking or op.private_value or self.access.enabled:
                 # Who did it goes into the log records of this request (journal CALLER_UID).
-                logsetup.caller_uid.set(await self.access.caller_uid(caller))
+                uid = await self.access.caller_uid(caller)
+                logsetup.caller_uid.set(uid)
             for perm, d in op.checks:
                 if not await self.access.allowed(caller, perm, d):
                     log.warning("denied %s to %s", perm.value, caller.sender,
@@ -337,7 +339,6 @@ class SecretService:
                     cands = await self._filter(caller, op.filter_perm, cands)
                 args = (cands,)
             if op.private_value:
-                uid = await self.access.caller_uid(caller)
                 args = (uid is not None and uid in self.private_readers,)
             if op.blocking:
                 # run_in_executor does not carry context variables over; copy them.

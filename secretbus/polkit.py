@@ -27,13 +27,62 @@ PK_IFACE = "org.freedesktop.PolicyKit1.Authority"
 DBUS = dict(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus")
 ALLOW_USER_INTERACTION = 1
 
-_MATCHES = (
-    # Only names that vanish matter: arg2 (new owner) empty.
-    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
-    "member='NameOwnerChanged',arg2=''",
+# Only names that vanish matter to the uid cache: arg2 (new owner) empty.
+_NAME_GONE = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+              "member='NameOwnerChanged',arg2=''")
+_POLKIT_MATCHES = (
     f"type='signal',sender='{PK_NAME}',interface='{PK_IFACE}',member='Changed',path='{PK_PATH}'",
     f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{PK_NAME}'",
 )
+
+
+async def _bus_call(bus, timeout: float, **kw) -> list:
+    reply = await asyncio.wait_for(bus.call(Message(**kw)), timeout)
+    if reply.message_type is MessageType.ERROR:
+        raise RuntimeError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
+    return reply.body
+
+
+class CallerUids:
+    """The uid of each caller as the bus daemon knows it, per unique name; forgotten when the
+    name leaves the bus (unique names are never reused). Listeners hear of departed names."""
+
+    def __init__(self, bus, timeout: float = 5.0):
+        self.bus = bus
+        self.timeout = timeout
+        self._uids: dict[str, int] = {}
+        self._on_gone: list = []
+
+    async def start(self) -> None:
+        self.bus.add_message_handler(self._on_signal)
+        await _bus_call(self.bus, self.timeout, **DBUS, member="AddMatch", signature="s", body=[_NAME_GONE])
+
+    def close(self) -> None:
+        self.bus.remove_message_handler(self._on_signal)
+
+    def when_gone(self, callback) -> None:
+        self._on_gone.append(callback)
+
+    def _on_signal(self, msg: Message) -> None:
+        if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+                and msg.sender == "org.freedesktop.DBus" and not msg.body[2]):
+            name = msg.body[0]
+            self._uids.pop(name, None)
+            for callback in self._on_gone:
+                callback(name)
+        return None
+
+    async def __call__(self, sender: str) -> int | None:
+        uid = self._uids.get(sender)
+        if uid is None:
+            try:
+                (uid,) = await _bus_call(self.bus, self.timeout, **DBUS, member="GetConnectionUnixUser",
+                                         signature="s", body=[sender])
+            except Exception as e:  # noqa: BLE001
+                log.error("cannot find the uid of %s: %s %s", sender, type(e).__name__, e)
+                return None
+            self._uids[sender] = uid
+        return uid
 
 
 class PolkitAccess:
@@ -41,9 +90,10 @@ class PolkitAccess:
 
     # polkitd 122 can stall for 15 s ("Terminating runaway script"); a shorter timeout turns
     # every such stall into denials for everyone. Clients wait 25 s by default.
-    def __init__(self, bus, *, timeout: float = 20.0, max_age: float = 60.0, max_entries: int = 16384,
-                 cache: bool = True, max_concurrent: int = 64):
+    def __init__(self, bus, uids: CallerUids, *, timeout: float = 20.0, max_age: float = 60.0,
+                 max_entries: int = 16384, cache: bool = True, max_concurrent: int = 64):
         self.bus = bus
+        self.uids = uids
         self.timeout = timeout
         self.max_age = max_age
         self.max_entries = max_entries
@@ -51,7 +101,6 @@ class PolkitAccess:
         self._cache: OrderedDict[tuple, tuple[float, bool]] = OrderedDict()
         self._by_sender: dict[str, set[tuple]] = {}
         self._pending: dict[tuple, asyncio.Future] = {}
-        self._uids: dict[str, int] = {}
         self._generation = 0
         # dbus-daemon allows 128 pending calls per connection; listing many secrets
         # must not exceed that (the excess would be refused, i.e. silently denied).
@@ -59,9 +108,12 @@ class PolkitAccess:
         self.stats = {"checks": 0, "hits": 0, "errors": 0}
 
     async def start(self) -> None:
+        """Listen for polkit reloads and restarts; `uids` (started by the caller) reports
+        callers that left."""
+        self.uids.when_gone(self._forget)
         self.bus.add_message_handler(self._on_signal)
-        for rule in _MATCHES:
-            await self._call(**DBUS, member="AddMatch", signature="s", body=[rule])
+        for rule in _POLKIT_MATCHES:
+            await _bus_call(self.bus, self.timeout, **DBUS, member="AddMatch", signature="s", body=[rule])
 
     def close(self) -> None:
         self.bus.remove_message_handler(self._on_signal)
@@ -70,12 +122,9 @@ class PolkitAccess:
     def _on_signal(self, msg: Message) -> None:
         if msg.message_type is not MessageType.SIGNAL:
             return None
-        if msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus":
-            name, _old, new = msg.body
-            if name == PK_NAME:
-                self.flush("polkitd restarted")
-            elif not new:
-                self._forget(name)
+        if (msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus"
+                and msg.body[0] == PK_NAME):
+            self.flush("polkitd restarted")
         elif msg.member == "Changed" and msg.interface == PK_IFACE:
             self.flush("polkit rules or actions changed")
         return None
@@ -88,9 +137,12 @@ class PolkitAccess:
         self._by_sender.clear()
 
     def _forget(self, sender: str) -> None:
-        self._uids.pop(sender, None)
         for key in self._by_sender.pop(sender, ()):
             self._cache.pop(key, None)
+
+    def _evict(self, key: tuple) -> None:
+        del self._cache[key]
+        self._by_sender.get(key[0], set()).discard(key)
 
     # -- checks -------------------------------------------------------------------
     @staticmethod
@@ -134,10 +186,10 @@ class PolkitAccess:
         flags = ALLOW_USER_INTERACTION if caller.interactive else 0
         try:
             async with self._slots:
-                reply = await self._call(destination=PK_NAME, path=PK_PATH, interface=PK_IFACE,
-                                         member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
-                                         body=[subject, perm.value, details, flags, ""],
-                                         timeout=self.timeout if not caller.interactive else max(self.timeout, 120))
+                reply = await _bus_call(self.bus, self.timeout if not caller.interactive else max(self.timeout, 120),
+                                        destination=PK_NAME, path=PK_PATH, interface=PK_IFACE,
+                                        member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
+                                        body=[subject, perm.value, details, flags, ""])
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             self.stats["errors"] += 1
             log.error("polkit check of %s for %s failed, denying: %s %s", perm.value, caller.sender,
@@ -154,47 +206,13 @@ class PolkitAccess:
         # together and send the next call to polkit thousands of times at once.
         self._cache[key] = (now + self.max_age * random.uniform(0.75, 1.0), ok)
         self._cache.move_to_end(key)
-        while self._cache:          # drop expired entries from the old end
-            oldest, (expires, _) = next(iter(self._cache.items()))
-            if expires > now:
-                break
-            del self._cache[oldest]
-            self._by_sender.get(oldest[0], set()).discard(oldest)
         self._by_sender.setdefault(sender, set()).add(key)
-        while len(self._cache) > self.max_entries:
-            old, _ = self._cache.popitem(last=False)
-            self._by_sender.get(old[0], set()).discard(old)
+        # Drop expired entries from the old end, then whatever is over the bound.
+        while self._cache:
+            oldest, (expires, _) = next(iter(self._cache.items()))
+            if expires > now and len(self._cache) <= self.max_entries:
+                break
+            self._evict(oldest)
 
     async def caller_uid(self, caller: Caller) -> int | None:
-        uid = self._uids.get(caller.sender)
-        if uid is None:
-            try:
-                (uid,) = await self._call(**DBUS, member="GetConnectionUnixUser", signature="s",
-                                          body=[caller.sender])
-            except Exception as e:  # noqa: BLE001
-                log.error("cannot find the uid of %s: %s", caller.sender, e)
-                return None
-            self._uids[caller.sender] = uid
-        return uid
-
-    async def _call(self, *, timeout: float | None = None, **kw) -> list:
-        reply = await asyncio.wait_for(self.bus.call(Message(**kw)), timeout or self.timeout)
-        if reply.message_type is MessageType.ERROR:
-            raise RuntimeError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
-        return reply.body
-
-
-class BusUids:
-    """Caller uid lookups for buses without polkit (session): the same cache, no checks."""
-
-    def __init__(self, bus, timeout: float = 5.0):
-        self._access = PolkitAccess(bus, timeout=timeout)
-
-    async def start(self) -> None:
-        await self._access.start()
-
-    async def __call__(self, sender: str) -> int | None:
-        return await self._access.caller_uid(Caller(sender))
-
-    def close(self) -> None:
-        self._access.close()
+        return await self.uids(caller.sender)
