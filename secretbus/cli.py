@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import getpass
 import os
 import signal
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 from . import errors
+from .codec import ValueFileError, strict_b64decode
 from .model import VALUE_MAX, EventId, Lifecycle, ListFlags, UsageType
 
 DEFINE_FILE_LIMIT = 10 * 1024 * 1024   # virsh reads at most 10 MiB of XML
@@ -49,10 +49,9 @@ def _lookup(conn, arg: str):
 def _decode_b64(data: bytes) -> bytes:
     # Whitespace (wrapped lines from base64(1), a trailing newline) is fine; anything
     # else is refused, where virsh would silently skip it and store garbage.
-    compact = b"".join(data.split())
     try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
+        return strict_b64decode(b"".join(data.split()))
+    except ValueFileError:
         raise CommandError("Failed to set secret value", "secret value is not valid base64") from None
 
 

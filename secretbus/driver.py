@@ -6,6 +6,7 @@ bus front end may run them in worker threads while reads stay on its event loop.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from operator import attrgetter
@@ -77,7 +78,6 @@ class SecretDriver:
     def _load_config(self, conf: SecretConf | None) -> tuple[SecretConf, ValueCodecs, str | None]:
         if conf is None:
             conf = load_conf(self.paths.conf_file)
-        import os
         codecs, desc = codecs_for(conf, os.environ if self._environ is None else self._environ)
         return conf, codecs, desc
 
@@ -350,6 +350,3 @@ class SecretDriver:
 
     def has_ephemeral(self) -> bool:
         return any(s.definition.ephemeral for s in list(self._secrets.values()))
-
-    def is_private_definition(self, uuid: str) -> bool:
-        return self._get(uuid).definition.private

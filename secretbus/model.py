@@ -43,7 +43,6 @@ class ListFlags(enum.IntFlag):
 
 LIST_FLAGS_ALL = 0xF
 DEFINE_VALIDATE = 1
-GET_VALUE_INTERNAL_CALL = 1  # historic libvirt internal flag; never accepted from a bus
 
 
 class EventId(enum.IntEnum):

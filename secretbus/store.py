@@ -60,8 +60,6 @@ class SecretStore:
     def xml_path(self, uuid: str) -> Path:
         return self._path(uuid, "xml")
 
-    def value_paths(self, uuid: str) -> list[Path]:
-        return [self._path(uuid, s) for s in KNOWN_SUFFIXES]
 
     # -- writing -------------------------------------------------------------
     def prepare(self) -> None:
