@@ -21,6 +21,7 @@ PACKAGES=(
     polkitd                               # authorisation on the system bus
     systemd                               # systemd-creds, systemd-analyze, busctl
     util-linux                            # setpriv
+    procps                                # ps, kill (minbase roots lack them)
     openssl
     passwd adduser                        # useradd / groupadd for test users
 )
@@ -60,7 +61,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
 else
     say "pip install -e '$REPO[test]'"
     # (the filter drops pip's notes about this machine's missing local index directories)
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[test]" \
+    # --use-pep517: Debian's venv has no `wheel`, and without it pip installs systemd-python
+    # (an sdist) the legacy way, with no RECORD of its compiled modules; the test harness copies
+    # packages for unprivileged users from that record.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --use-pep517 -e "$REPO[test]" \
         2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     echo "$want" > "$stamp"
 fi
