@@ -11,7 +11,7 @@ Starts its own dbus-daemon (session-type policy) and secretbusd on it, with a st
   * Peer.Ping answered by secretbusd (dbus-fast's own handler: the library floor);
   * every secretbus method, sequential and with 16 calls in flight on one connection,
     through a dbus-fast client that sends raw `Message`s;
-  * GetValue through the project's synchronous client (secretbus.dbus_client);
+  * GetValue through the project's synchronous client (secretbus.bus.client);
   * the goals of issue 4: GetValue 16-in-flight >= 30 % of the bus-floor Ping rate,
     ListSecrets (N secrets) p50/p99 <= 10 ms, start-up to the first answered ListSecrets
     <= 0.5 s, RSS <= 57 MB;
@@ -42,9 +42,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,8 +53,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from dbus_fast import Message, MessageType  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 
-from secretbus.dbus_service import (BUS_NAME, CONNECT_IFACE, CONNECT_PATH,  # noqa: E402
-                                    PROPS_IFACE, SECRET_IFACE, secret_path)
+from secretbus.bus.names import BUS_NAME, CONNECT_IFACE, CONNECT_PATH, PROPS_IFACE, SECRET_IFACE, secret_path  # noqa: E402
 
 DBUS_NAME = "org.freedesktop.DBus"
 DBUS_PATH = "/org/freedesktop/DBus"
@@ -229,7 +228,7 @@ class Client:
         self.address = address
         self.bus: MessageBus | None = None
 
-    async def connect(self) -> "Client":
+    async def connect(self) -> Client:
         self.bus = await asyncio.wait_for(MessageBus(bus_address=self.address).connect(), 30)
         return self
 
@@ -359,7 +358,7 @@ async def start_once(procs: Procs, client: Client, root: Path, address: str, log
         while True:
             try:
                 await asyncio.wait_for(owned.wait(), 0.05)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if proc.poll() is not None:
                 raise RuntimeError(f"secretbusd exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
@@ -423,8 +422,8 @@ async def stall_test(procs: Procs, client: Client, address: str, read_path: str,
 
 
 def sync_client_bench(address: str, uuid: str, calls: int, seconds: float, rounds: int) -> list[Sample]:
-    from secretbus.dbus_client import DBusConnection
-    from secretbus.paths import InstanceKind
+    from secretbus.bus.client import DBusConnection
+    from secretbus.store.paths import InstanceKind
     conn = DBusConnection.open(InstanceKind.SESSION, "secret:///session", bus_address=address)
     out = []
     try:
@@ -573,7 +572,7 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
             label = "sequential" if mode == 1 else f"{mode} in flight"
             print(f"| {row.name} | {label} | {cnt} | {rate:,.0f} | {ms(p50)} | {ms(p99)} | {opt(svc)} | {opt(bus)} | {goal} |")
     cnt, rate, p50, p99, _, _ = summarise(sync)
-    print(f"| GetValue via secretbus.dbus_client (sync) | sequential | {cnt} | {rate:,.0f} | {ms(p50)} | {ms(p99)} "
+    print(f"| GetValue via secretbus.bus.client (sync) | sequential | {cnt} | {rate:,.0f} | {ms(p50)} | {ms(p99)} "
           f"| {sync_svc:.0f} | {sync_bus:.0f} | |")
     def ratios(mode: int) -> list[float]:
         return [100 * g.rate / p.rate for g, p in zip(get_row.samples[mode], rows[0].samples[mode])]

@@ -45,9 +45,9 @@ MEMBER = "sbtest-member"
 # check, no sharing (leans on PolkitAccess._check; bench-only).
 LAUNCHER = """
 import functools, sys
-import secretbus.access as access
+import secretbus.access.permissions as access
 import secretbus.daemon as daemon
-import secretbus.polkit as polkit
+import secretbus.access.polkit as polkit
 
 class EveryCall(polkit.PolkitAccess):
     async def allowed(self, caller, perm, d):
@@ -177,7 +177,7 @@ class Stack:
         self.mode = mode
         self.bus = self.pk = self.daemon = None
 
-    def start(self) -> "Stack":
+    def start(self) -> Stack:
         self.bus = harness.PrivateBus("system", policy_files=[REPO / "dbus" / "org.libvirt.secret.conf"]).start()
         # file names of our own per stack: the polkit directories are shared by every polkitd
         self.pk = harness.Polkitd(self.bus, actions=[(f"sbbench-{self.mode}.org.libvirt.api.secret.policy",

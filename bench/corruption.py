@@ -248,7 +248,7 @@ class StoreBuilder:
         self.expect.append(Expect(u, "not base64", False, phrases=(f"{u}.aes256gcm", "not valid base64")))
 
     def wrong_key(self) -> None:
-        from secretbus.crypto import GcmCodec
+        from secretbus.store.crypto import GcmCodec
         u = self.secret(None)
         self.gcm(u).write_bytes(GcmCodec(os.urandom(32)).encode(u, self.value(u)))
         os.chmod(self.gcm(u), 0o600)
@@ -447,7 +447,7 @@ class UserDaemon:
                             if e.get("SYSLOG_IDENTIFIER") == [b"secretbusd"])
         return text
 
-    def start(self, ready_text: str = "serving ", timeout: float = 30) -> "UserDaemon":
+    def start(self, ready_text: str = "serving ", timeout: float = 30) -> UserDaemon:
         env = self.py.env(harness.user_env(self.user))
         for k in [k for k in env if k.startswith(("DBUS_", "NOTIFY_SOCKET", "LISTEN_", "JOURNAL_STREAM",
                                                    "CREDENTIALS_DIRECTORY"))]:

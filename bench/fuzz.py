@@ -64,9 +64,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 for _p in (str(REPO), str(REPO / "tests")):
@@ -77,12 +78,12 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import seed as hseed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from secretbus import errors  # noqa: E402
-from secretbus.codec import Base64Codec, ValueFileError  # noqa: E402
-from secretbus.conf import SecretConf, load_conf, parse_conf, resolve_readers  # noqa: E402
-from secretbus.crypto import CbcCodec, GcmCodec, NoKeyCodec  # noqa: E402
-from secretbus.keys import codecs_for  # noqa: E402
-from secretbus.secretxml import MAX_XML_BYTES, format_secret_xml, parse_secret_xml  # noqa: E402
+from secretbus.core import errors  # noqa: E402
+from secretbus.core.secretxml import MAX_XML_BYTES, format_secret_xml, parse_secret_xml  # noqa: E402
+from secretbus.store.codec import Base64Codec, ValueFileError  # noqa: E402
+from secretbus.store.conf import SecretConf, load_conf, parse_conf, resolve_readers  # noqa: E402
+from secretbus.store.crypto import CbcCodec, GcmCodec, NoKeyCodec  # noqa: E402
+from secretbus.store.keys import codecs_for  # noqa: E402
 
 SIZES: dict[str, dict[str, int]] = {
     # inputs per part; "values" is per codec, "dbus" counts calls (batches of 1-3)
@@ -215,7 +216,7 @@ class _FormatOnly(logging.Handler):
             LOG_PROBLEMS.append(f"a value in a log line: {text[:300]!r}")
 
 
-def collect_log_problems(res: "Result") -> None:
+def collect_log_problems(res: Result) -> None:
     while LOG_PROBLEMS:
         res.fail(LOG_PROBLEMS.pop(0), None, kind="log record")
 
@@ -735,7 +736,7 @@ def store_entries(draw: st.DrawFn, specials: bool) -> list[tuple[str, str, Any]]
 
 
 def _good_def(u: str):
-    from secretbus.model import SecretDef, UsageType
+    from secretbus.core.model import SecretDef, UsageType
     return SecretDef(uuid=u, description="d", usage_type=UsageType.VOLUME, usage_id=f"/img/{u}.img")
 
 
@@ -754,8 +755,8 @@ def _snapshot(d: Path) -> dict[str, tuple]:
 
 
 def check_store(entries: list, res: Result, base: Path, encrypted: bool) -> None:
-    from secretbus.driver import SecretDriver
-    from secretbus.paths import InstancePaths
+    from secretbus.driver.driver import SecretDriver
+    from secretbus.store.paths import InstancePaths
     res.tried += 1
     root = Path(tempfile.mkdtemp(dir=base))
     sdir = root / "etc" / "secrets"
@@ -1156,7 +1157,7 @@ class DBusTarget:
         self.start()
 
     def reconnect(self) -> None:
-        from secretbus import busconn   # dbus-fast plus its EAGAIN workaround
+        from secretbus.bus import connect as busconn  # dbus-fast plus its EAGAIN workaround
         if self.client is not None and self.client.connected:
             self.client.disconnect()
         self.client = self.run(busconn.connect(self.bus.address), 20)
@@ -1394,9 +1395,10 @@ ATHERIS_TARGETS = ("xml", "conf")
 def _atheris_child(target: str, seconds: int, workdir: str) -> None:
     """Runs in a child process: libFuzzer on one parser; any unexpected exception is a crash."""
     import atheris
-    from secretbus import conf as conf_mod   # instrumented by _ATHERIS_BOOT
-    from secretbus import errors as err
-    from secretbus import secretxml as xml_mod
+
+    from secretbus.core import errors as err
+    from secretbus.core import secretxml as xml_mod
+    from secretbus.store import conf as conf_mod  # instrumented by _ATHERIS_BOOT
 
     def xml_one(data: bytes) -> None:
         for doc in (data, data.decode("utf-8", "replace")):
@@ -1433,7 +1435,7 @@ def _atheris_child(target: str, seconds: int, workdir: str) -> None:
 _ATHERIS_BOOT = """
 import sys, atheris
 with atheris.instrument_imports(include=["secretbus"]):
-    import secretbus.conf, secretbus.errors, secretbus.secretxml, secretbus.uuids, secretbus.model
+    import secretbus.store.conf, secretbus.core.errors, secretbus.core.secretxml, secretbus.core.uuids, secretbus.core.model
 sys.path.insert(0, sys.argv[1])
 import fuzz
 fuzz._atheris_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -58,10 +58,9 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 import harness  # noqa: E402
+from corruption import CONNECT_PATH, SyncBus, spath  # noqa: E402
 from harness.journal import JournalSocket, stream_env  # noqa: E402
 from harness.procs import remove_tree  # noqa: E402
-
-from corruption import CONNECT_PATH, SyncBus, spath  # noqa: E402
 
 BUS_NAME = "org.libvirt.secret"
 SECRET = "org.libvirt.Secret"
@@ -700,8 +699,9 @@ def find_cores(sc: Scanner, since: float, extra_dirs: list[Path]) -> int:
 def wipe_check() -> tuple[int, int, list[str]]:
     """(checked, zeroed, notes): hold the driver's own bytearrays and see them zeroed."""
     import tempfile
-    from secretbus.driver import SecretDriver
-    from secretbus.paths import InstancePaths
+
+    from secretbus.driver.driver import SecretDriver
+    from secretbus.store.paths import InstancePaths
     checked = zeroed = 0
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,11 +5,11 @@
         s = conn.define_xml(xml)
         s.set_value(b"passphrase")
 """
-from . import errors
-from .connection import Connection, Secret
-from .errors import SecretError
-from .model import EventId, Lifecycle, ListFlags, SecretDef, SecretEvent, UsageType
-from .uri import open_connection as open
+from secretbus.core import errors
+from secretbus.core.api import Connection, Secret
+from secretbus.core.errors import SecretError
+from secretbus.core.model import EventId, Lifecycle, ListFlags, SecretDef, SecretEvent, UsageType
+from secretbus.uri import open_connection as open
 
 __all__ = ["open", "Connection", "Secret", "SecretError", "errors", "EventId", "Lifecycle",
            "ListFlags", "SecretDef", "SecretEvent", "UsageType"]

@@ -15,9 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-from . import errors
-from .codec import ValueFileError, strict_b64decode
-from .model import VALUE_MAX, EventId, Lifecycle, ListFlags, UsageType
+from secretbus.core import errors
+from secretbus.core.model import VALUE_MAX, EventId, Lifecycle, ListFlags, UsageType
+from secretbus.store.codec import ValueFileError, strict_b64decode
 
 DEFINE_FILE_LIMIT = 10 * 1024 * 1024   # virsh reads at most 10 MiB of XML
 
@@ -289,7 +289,7 @@ def cmd_event(conn, a) -> int:
 
 
 def cmd_init_encryption(conn_unused, a) -> int:
-    from .keys import init_encryption
+    from secretbus.store.keys import init_encryption
     kw = {"with_key": a.with_key, "raw": a.raw}
     if a.key_path:
         kw["key_path"] = Path(a.key_path)
@@ -401,11 +401,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _open(uri: str | None, direct_driver: bool):
-    from .uri import default_uri, open_connection, parse_uri
+    from secretbus.uri import default_uri, open_connection, parse_uri
     if direct_driver:
-        from .connection import EmbeddedConnection
-        from .driver import SecretDriver
-        from .paths import InstanceKind, InstancePaths
+        from secretbus.driver.driver import SecretDriver
+        from secretbus.driver.embedded import EmbeddedConnection
+        from secretbus.store.paths import InstanceKind, InstancePaths
         uri = uri or default_uri()
         parsed = parse_uri(uri)
         paths = {InstanceKind.SYSTEM: InstancePaths.system, InstanceKind.SESSION: InstancePaths.session}
@@ -416,8 +416,8 @@ def _open(uri: str | None, direct_driver: bool):
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from .logsetup import setup_cli_logging
-    from .procsec import no_core_dumps
+    from secretbus.core.logsetup import setup_cli_logging
+    from secretbus.procsec import no_core_dumps
     setup_cli_logging()
     no_core_dumps()
     conn = None

@@ -21,16 +21,18 @@ from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 
-from . import busconn, errors
-from .access import AllowAll
-from .conf import resolve_readers
-from .dbus_service import BUS_NAME, SecretService
-from .driver import SecretDriver
-from .logsetup import setup_daemon_logging
-from .notify import notify, reloading
-from .paths import InstancePaths
-from .polkit import CallerUids, PolkitAccess
-from .procsec import no_core_dumps
+from secretbus.access.permissions import AllowAll
+from secretbus.access.polkit import CallerUids, PolkitAccess
+from secretbus.bus import connect as busconn
+from secretbus.bus.names import BUS_NAME
+from secretbus.bus.service import SecretService
+from secretbus.core import errors
+from secretbus.core.logsetup import setup_daemon_logging
+from secretbus.driver.driver import SecretDriver
+from secretbus.notify import notify, reloading
+from secretbus.procsec import no_core_dumps
+from secretbus.store.conf import resolve_readers
+from secretbus.store.paths import InstancePaths
 
 log = logging.getLogger("secretbus.daemon")
 

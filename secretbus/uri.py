@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from . import errors
-from .paths import InstanceKind
+from secretbus.core import errors
+from secretbus.store.paths import InstanceKind
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,12 @@ def open_connection(uri: str | None = None, *, timeout: float = 25.0):
     uri = uri or default_uri()
     parsed = parse_uri(uri)
     if parsed.kind is InstanceKind.EMBED:
-        from .connection import EmbeddedConnection
-        from .driver import SecretDriver
-        from .paths import InstancePaths
+        from secretbus.driver.driver import SecretDriver
+        from secretbus.driver.embedded import EmbeddedConnection
+        from secretbus.store.paths import InstancePaths
         return EmbeddedConnection(SecretDriver(InstancePaths.embed(parsed.root)), uri)
     try:
-        from .dbus_client import DBusConnection
+        from secretbus.bus.client import DBusConnection
     except ImportError:
         raise errors.NoSupport(f"URI '{uri}' is not supported yet") from None
     return DBusConnection.open(parsed.kind, uri, timeout=timeout)

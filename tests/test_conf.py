@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from secretbus import errors
-from secretbus.conf import SecretConf, load_conf, parse_conf, resolve_readers
+from secretbus.core import errors
+from secretbus.store.conf import SecretConf, load_conf, parse_conf, resolve_readers
 
 F = "/etc/libvirt/secret.conf"
 
@@ -178,15 +178,15 @@ def test_duplicate_key_is_an_error_naming_both_lines():
 
 
 def test_unknown_key_warns_with_file_and_line(caplog):
-    with caplog.at_level(logging.WARNING, logger="secretbus.conf"):
+    with caplog.at_level(logging.WARNING, logger="secretbus.store.conf"):
         c = parse('encrypt_data = 1\nsecret_encryption_key = "/typo"\n')
     assert c.encrypt_data is True and c.secrets_encryption_key is None
-    msgs = [r.getMessage() for r in caplog.records if r.name == "secretbus.conf"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "secretbus.store.conf"]
     assert msgs == [f"{F}:2: unknown key 'secret_encryption_key' ignored"]
 
 
 def test_known_keys_do_not_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="secretbus.conf"):
+    with caplog.at_level(logging.WARNING, logger="secretbus.store.conf"):
         parse('encrypt_data = 1\nsecrets_encryption_key = "/k"\n'
               'encryption_scheme = "aes256gcm"\nprivate_value_readers = []\n')
     assert caplog.records == []

@@ -20,7 +20,6 @@ pytestmark = pytest.mark.integration
 
 from harness import load_bench as _bench
 
-
 corruption = _bench("corruption")
 
 EXPECTED_KINDS = {

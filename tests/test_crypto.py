@@ -11,9 +11,9 @@ import subprocess
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from secretbus import errors
-from secretbus.codec import Damage, ValueFileError
-from secretbus.crypto import CbcCodec, GcmCodec, NoKeyCodec, key_id
+from secretbus.core import errors
+from secretbus.store.codec import Damage, ValueFileError
+from secretbus.store.crypto import CbcCodec, GcmCodec, NoKeyCodec, key_id
 
 KEY = bytes(range(32))
 KEY2 = bytes(range(1, 33))

@@ -10,16 +10,15 @@ import threading
 import time
 from pathlib import Path
 
+import harness
 import pytest
 from lxml import etree
 
 import secretbus
-from secretbus import errors
-from secretbus.dbus_client import DBusConnection
-from secretbus.model import EventId, Lifecycle, ListFlags, UsageType
-from secretbus.paths import InstanceKind
-
-import harness
+from secretbus.bus.client import DBusConnection
+from secretbus.core import errors
+from secretbus.core.model import EventId, Lifecycle, ListFlags, UsageType
+from secretbus.store.paths import InstanceKind
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "org.libvirt.secret"
@@ -239,7 +238,7 @@ def test_runtime_introspection_equals_files(session_bus, daemon, conn):
         assert r.returncode == 0, r.stderr
         shipped = (REPO / "dbus" / "interfaces" / file).read_text()
         assert _interface(r.stdout, iface) == _interface(shipped, iface)
-        assert shipped == (REPO / "secretbus" / "interfaces" / file).read_text()
+        assert shipped == (REPO / "secretbus" / "bus" / "interfaces" / file).read_text()
     r = busctl(session_bus, "tree", NAME)
     assert P1 in r.stdout
 

@@ -11,10 +11,10 @@ import time
 import pytest
 from dbus_fast import Message, MessageType, Variant
 
-from secretbus import errors
-from secretbus.dbus_client import DBusConnection, _u32, _wire_safe, default_address, error_from_reply
-from secretbus.model import EventId, Lifecycle, UsageType
-from secretbus.paths import InstanceKind
+from secretbus.bus.client import DBusConnection, _u32, _wire_safe, default_address, error_from_reply
+from secretbus.core import errors
+from secretbus.core.model import EventId, Lifecycle, UsageType
+from secretbus.store.paths import InstanceKind
 
 U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
 P1 = "/org/libvirt/secret/secret/_f52a81b2_424e_490c_823d_6bd4235bc572"

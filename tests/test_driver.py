@@ -7,9 +7,9 @@ import stat
 import pytest
 
 import secretbus
-from secretbus import errors
-from secretbus.uuids import parse_uuid
-from secretbus.model import EventId, Lifecycle, ListFlags, UsageType
+from secretbus.core import errors
+from secretbus.core.model import EventId, Lifecycle, ListFlags, UsageType
+from secretbus.core.uuids import parse_uuid
 
 U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
 U2 = "f52a81b2-424e-490c-823d-6bd4235bc573"

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import secretbus
-from secretbus import errors
+from secretbus.core import errors
 
 U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
 U2 = "f52a81b2-424e-490c-823d-6bd4235bc573"

@@ -18,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 from harness import load_bench as _bench  # noqa: E402
+
 U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
 
 
@@ -94,9 +95,9 @@ def test_the_checks_catch_what_they_should(tmp_path):
 def test_conf_nul_in_key_path_or_reader_is_a_config_error(text):
     """Found by fuzzing: a NUL reached os.lstat / pwd.getpwnam, whose ValueError made
     secretbusd exit 1 with a traceback (not 78) and a SIGHUP reload never send READY=1."""
-    from secretbus import errors
-    from secretbus.conf import parse_conf, resolve_readers
-    from secretbus.keys import codecs_for
+    from secretbus.core import errors
+    from secretbus.store.conf import parse_conf, resolve_readers
+    from secretbus.store.keys import codecs_for
     with pytest.raises(errors.ConfigError):
         conf = parse_conf(text)
         codecs_for(conf, {})
@@ -104,8 +105,8 @@ def test_conf_nul_in_key_path_or_reader_is_a_config_error(text):
 
 
 def _store(tmp_path: Path):
-    from secretbus.codec import plain_codecs
-    from secretbus.store import SecretStore
+    from secretbus.store.codec import plain_codecs
+    from secretbus.store.filestore import SecretStore
     d = tmp_path / "secrets"
     d.mkdir()
     return d, SecretStore(d, plain_codecs())
@@ -125,9 +126,9 @@ def test_store_directory_named_new_does_not_break_loading(tmp_path, name):
 @pytest.mark.parametrize("suffix", ["xml", "aes256gcm", "base64"])
 def test_store_fifo_does_not_hang_loading(tmp_path, suffix):
     """Found by fuzzing: a FIFO in the store blocked start-up forever in open()."""
-    from secretbus.codec import ValueCodecs
-    from secretbus.crypto import GcmCodec
-    from secretbus.store import SecretStore
+    from secretbus.store.codec import ValueCodecs
+    from secretbus.store.crypto import GcmCodec
+    from secretbus.store.filestore import SecretStore
     d, _ = _store(tmp_path)
     store = SecretStore(d, ValueCodecs(writer=GcmCodec(fuzz.KEY), readers={"base64": fuzz.Base64Codec()}))
     if suffix != "xml":
@@ -150,7 +151,7 @@ def _raw_call(bus_address: str, path: str, iface: str | None, member: str, sig: 
 
     from dbus_fast import Message
 
-    from secretbus import busconn
+    from secretbus.bus import connect as busconn
 
     async def go():
         bus = await busconn.connect(bus_address)

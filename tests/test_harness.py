@@ -8,9 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import harness
+import pytest
 from harness import busctl, gdbus
 
 pytestmark = pytest.mark.integration

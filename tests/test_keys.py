@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from secretbus import errors
-from secretbus.codec import Base64Codec, Damage, ValueFileError
-from secretbus.conf import SecretConf
-from secretbus.crypto import CbcCodec, GcmCodec, NoKeyCodec, key_id
-from secretbus.keys import (CREDENTIAL_NAME, KeyChoice, codecs_for, init_encryption, load_key,
-                            resolve_key)
+from secretbus.core import errors
+from secretbus.store.codec import Base64Codec, Damage, ValueFileError
+from secretbus.store.conf import SecretConf
+from secretbus.store.crypto import CbcCodec, GcmCodec, NoKeyCodec, key_id
+from secretbus.store.keys import CREDENTIAL_NAME, KeyChoice, codecs_for, init_encryption, load_key, resolve_key
 
 UUID = "c37f5c0e-2a2b-4d7e-8c2f-0d7a0e7f4b11"
 VALUE = b"sentinel-value"

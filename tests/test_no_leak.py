@@ -16,20 +16,19 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 import harness
+import pytest
 from harness.journal import JournalSocket
+
 import secretbus
-from secretbus import errors
-from secretbus.driver import SecretDriver
-from secretbus.paths import InstancePaths
+from secretbus.core import errors
+from secretbus.driver.driver import SecretDriver
+from secretbus.store.paths import InstancePaths
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 from harness import load_bench as _bench
-
 
 leak = _bench("leak_audit")
 

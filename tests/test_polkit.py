@@ -23,9 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import harness
+import pytest
 from harness import busctl, gdbus
 from harness.procs import remove_tree
 
@@ -62,7 +61,7 @@ class Secretbusd(harness.Secretbusd):
         super().__init__(bus, system=True, conf=f"private_value_readers = [ {listed} ]\n", args=tuple(args))
         self.secrets = secrets
 
-    def start(self, **kw) -> "Secretbusd":
+    def start(self, **kw) -> Secretbusd:
         if self.secrets:   # <config dir>/<uuid>.xml, 0600 in a 0700 dir
             store = self.root / "etc" / "secrets"
             store.mkdir(mode=0o700, parents=True)
@@ -562,7 +561,7 @@ def test_policy_file_matches_access_model():
     """The shipped actions are exactly secretbus's permissions, with libvirt's texts."""
     from lxml import etree
 
-    from secretbus.access import Perm
+    from secretbus.access.permissions import Perm
     doc = etree.parse(str(POLICY))
     actions = {a.get("id"): a for a in doc.iter("action")}
     assert set(actions) == {p.value for p in Perm}

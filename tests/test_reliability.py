@@ -15,7 +15,6 @@ import types
 from pathlib import Path
 
 import pytest
-
 from harness import load_bench
 
 reliability = load_bench("reliability")

@@ -1,4 +1,4 @@
-"""secretbus.secretxml: libvirt-exact parse/format, safe parsing, schema validation."""
+"""secretbus.core.secretxml: libvirt-exact parse/format, safe parsing, schema validation."""
 from __future__ import annotations
 
 import re
@@ -8,10 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from secretbus import errors
-from secretbus.model import SecretDef, UsageType
-from secretbus.secretxml import (
-    MAX_XML_BYTES, escape_text, format_secret_xml, parse_secret_xml, schema_path,
+from secretbus.core import errors
+from secretbus.core.model import SecretDef, UsageType
+from secretbus.core.secretxml import (
+    MAX_XML_BYTES,
+    escape_text,
+    format_secret_xml,
+    parse_secret_xml,
+    schema_path,
 )
 
 DATA = Path(__file__).resolve().parent / "data" / "conformance"
@@ -496,7 +500,7 @@ def test_schema_errors_do_not_echo_values() -> None:
 
 
 def test_schema_error_lines_redact_quoted_values() -> None:
-    from secretbus.secretxml import _schema_error_line
+    from secretbus.core.secretxml import _schema_error_line
     assert _schema_error_line(3, f"Type string doesn't allow value '{MARK}'\n") == \
         "line 3: Type string doesn't allow value '...'"
     assert _schema_error_line(1, f"Value '{MARK}'s x' is bad") == "line 1: Value '...' is bad"

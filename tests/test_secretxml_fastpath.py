@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from secretbus import errors
-from secretbus.secretxml import _parse_canonical, _parse_full, format_secret_xml
 from test_secretxml import secret_defs
+
+from secretbus.core import errors
+from secretbus.core.secretxml import _parse_canonical, _parse_full, format_secret_xml
 
 SETTINGS = settings(max_examples=300, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -9,7 +9,7 @@ import stat
 import pytest
 
 import secretbus
-from secretbus import fsutil
+from secretbus.store import fsutil
 
 U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
 U2 = "f52a81b2-424e-490c-823d-6bd4235bc573"
@@ -94,9 +94,9 @@ def test_bad_files_are_skipped_logged_and_kept(tmp_path, caplog):
 
 def test_uuid_cannot_escape_config_dir(tmp_path):
     with open_root(tmp_path) as c:
-        with pytest.raises(secretbus.errors.SecretError):
+        with pytest.raises(secretbus.core.errors.SecretError):
             c.define_xml("<secret><uuid>../../../../etc/passwd</uuid></secret>")
-        with pytest.raises(secretbus.errors.InvalidArg):
+        with pytest.raises(secretbus.core.errors.InvalidArg):
             c.lookup_by_uuid("../x")
     assert sorted(os.listdir(cfg(tmp_path))) == []
 

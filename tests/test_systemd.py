@@ -34,14 +34,14 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import harness
+import pytest
 import systemd_sandbox
 from harness import busctl
-from secretbus.dbus_service import BUS_NAME, CONNECT_PATH, secret_path
-from secretbus.keys import CREDENTIAL_NAME, SEALED_KEY_PATH
-from secretbus.paths import InstancePaths
+
+from secretbus.bus.names import BUS_NAME, CONNECT_PATH, secret_path
+from secretbus.store.keys import CREDENTIAL_NAME, SEALED_KEY_PATH
+from secretbus.store.paths import InstancePaths
 
 REPO = Path(__file__).resolve().parents[1]
 SANDBOX = Path(__file__).with_name("systemd_sandbox.py")

@@ -4,10 +4,9 @@ by PID (procs.STARTED) and stopped by PID; nothing depends on the host's buses o
 from .benchmods import load_bench
 from .bus import PrivateBus, busctl, gdbus
 from .notify import Notification, NotifySocket
-from .polkit import PolkitFiles, Polkitd, check_authorization_argv, parse_check_result
+from .polkit import Polkitd, PolkitFiles, check_authorization_argv, parse_check_result
+from .procs import HarnessError, leftover_processes, pid_alive, public_tempdir, spawn, stop_process, wait_until
 from .secretbusd import Secretbusd
-from .procs import (HarnessError, leftover_processes, pid_alive, public_tempdir, spawn,
-                    stop_process, wait_until)
 from .unpriv import UnprivPython, unpriv_python
 from .users import User, UserPair, as_user, ensure_user, lookup_user, run_as, user_env
 

@@ -134,7 +134,7 @@ class PrivateBus:
                   self.extra_config, "</busconfig>\n"]
         return "".join(parts)
 
-    def start(self) -> "PrivateBus":
+    def start(self) -> PrivateBus:
         t0 = time.monotonic()
         self.dir = public_tempdir(f"sb-{self.kind}bus-")
         try:
@@ -160,7 +160,7 @@ class PrivateBus:
         stop_process(self.proc)
         remove_tree(self.dir)
 
-    def __enter__(self) -> "PrivateBus":
+    def __enter__(self) -> PrivateBus:
         return self.start()
 
     def __exit__(self, *exc) -> None:

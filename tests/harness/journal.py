@@ -89,7 +89,7 @@ class JournalSocket:
         self._mutex = threading.Lock()
 
     # -- life cycle --------------------------------------------------------------------
-    def start(self) -> "JournalSocket":
+    def start(self) -> JournalSocket:
         os.makedirs(os.path.dirname(LOCK_FILE), exist_ok=True)
         self._lock = open(LOCK_FILE, "a")
         deadline = time.monotonic() + self.wait_free
@@ -144,7 +144,7 @@ class JournalSocket:
             self._lock.close()      # releases the flock
             self._lock = None
 
-    def __enter__(self) -> "JournalSocket":
+    def __enter__(self) -> JournalSocket:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -158,7 +158,7 @@ class JournalSocket:
             size = self._sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
             data, anc, flags, _ = self._sock.recvmsg(
                 max(size, 1), socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             return False
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

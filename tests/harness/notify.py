@@ -45,7 +45,7 @@ class NotifySocket:
         self.sock.settimeout(timeout if timeout else 0.0)
         try:
             data, anc, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(_UCRED.size))
-        except (BlockingIOError, socket.timeout):
+        except (TimeoutError, BlockingIOError):
             return False
         pid = uid = gid = None
         for level, kind, payload in anc:
@@ -82,7 +82,7 @@ class NotifySocket:
         self.sock.close()
         remove_tree(self.dir)
 
-    def __enter__(self) -> "NotifySocket":
+    def __enter__(self) -> NotifySocket:
         return self
 
     def __exit__(self, *exc) -> None:

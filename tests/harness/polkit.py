@@ -39,7 +39,7 @@ class PolkitFiles:
                        + [(Path(rules_dir), ".rules", r) for r in rules])
         self._installed: list[tuple[Path, bytes | None, int | None]] = []
 
-    def install(self) -> "PolkitFiles":
+    def install(self) -> PolkitFiles:
         try:
             for directory, suffix, item in self._items:
                 name, content = _source(item)
@@ -71,7 +71,7 @@ class PolkitFiles:
                 dest.write_bytes(old)
                 dest.chmod(old_mode)
 
-    def __enter__(self) -> "PolkitFiles":
+    def __enter__(self) -> PolkitFiles:
         return self.install()
 
     def __exit__(self, *exc) -> None:
@@ -131,7 +131,7 @@ class Polkitd:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self) -> "Polkitd":
+    def start(self) -> Polkitd:
         if not os.access(POLKITD, os.X_OK):
             raise FileNotFoundError(f"{POLKITD} not found (apt-get install polkitd)")
         t0 = time.monotonic()
@@ -161,7 +161,7 @@ class Polkitd:
             self.files.uninstall()
         remove_tree(self.dir)
 
-    def __enter__(self) -> "Polkitd":
+    def __enter__(self) -> Polkitd:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -37,7 +37,7 @@ class Secretbusd:
         return [sys.executable, "-m", "secretbus.daemon", "--system" if self.system else "--session",
                 "--root", str(self.root), "--bus-address", self.bus.address, *self.args]
 
-    def start(self, *, wait: bool = True, timeout: float = 20) -> "Secretbusd":
+    def start(self, *, wait: bool = True, timeout: float = 20) -> Secretbusd:
         if self.conf is not None:
             (self.root / "etc").mkdir(mode=0o700, exist_ok=True)
             (self.root / "etc" / "secret.conf").write_text(self.conf)
@@ -70,7 +70,7 @@ class Secretbusd:
         if self._own_root:
             remove_tree(self.root)
 
-    def __enter__(self) -> "Secretbusd":
+    def __enter__(self) -> Secretbusd:
         return self.start()
 
     def __exit__(self, *exc) -> None:

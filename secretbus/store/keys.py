@@ -20,10 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import errors, fsutil
-from .codec import KNOWN_SUFFIXES, Base64Codec, ValueCodec, ValueCodecs
-from .conf import SecretConf
-from .crypto import KEY_SIZE, CbcCodec, GcmCodec, NoKeyCodec
+from secretbus.core import errors
+from secretbus.store import fsutil
+from secretbus.store.codec import KNOWN_SUFFIXES, Base64Codec, ValueCodec, ValueCodecs
+from secretbus.store.conf import SecretConf
+from secretbus.store.crypto import KEY_SIZE, CbcCodec, GcmCodec, NoKeyCodec
 
 CREDENTIAL_NAME = "secrets-encryption-key"
 SEALED_KEY_PATH = Path("/var/lib/libvirt/secrets/secrets-encryption-key")

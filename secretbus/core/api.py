@@ -1,15 +1,15 @@
 """The public Python API: a connection and secret handles, the same for every URI.
 
-`EmbeddedConnection` runs the driver in this process; the D-Bus client (dbus_client.py)
-implements the same `Connection` methods over the bus.
+`secretbus.driver.embedded.EmbeddedConnection` runs the driver in this process; the D-Bus
+client (`secretbus.bus.client`) implements the same `Connection` methods over the bus.
 """
 from __future__ import annotations
 
 import abc
-from typing import Callable
+from collections.abc import Callable
 
-from . import errors
-from .model import EventId, SecretDef, SecretEvent, UsageType
+from secretbus.core import errors
+from secretbus.core.model import EventId, SecretDef, SecretEvent, UsageType
 
 EventHandler = Callable[["Secret", SecretEvent], None]
 
@@ -19,14 +19,14 @@ class Secret:
 
     __slots__ = ("_conn", "uuid", "usage_type", "usage_id")
 
-    def __init__(self, conn: "Connection", uuid: str, usage_type: int, usage_id: str):
+    def __init__(self, conn: Connection, uuid: str, usage_type: int, usage_id: str):
         self._conn = conn
         self.uuid = uuid
         self.usage_type = UsageType(usage_type)
         self.usage_id = usage_id     # "" for usage type NONE, as libvirt
 
     @classmethod
-    def from_def(cls, conn: "Connection", d: SecretDef) -> "Secret":
+    def from_def(cls, conn: Connection, d: SecretDef) -> Secret:
         return cls(conn, d.uuid, d.usage_type, d.usage_id or "")
 
     def xml_desc(self, flags: int = 0) -> str:
@@ -92,7 +92,7 @@ class Connection(abc.ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Connection":
+    def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -104,68 +104,10 @@ def check_event_id(event_id: int | None) -> None:
         raise errors.InvalidArg(f"eventID in virConnectSecretEventRegisterAny must be less than {len(EventId)}")
 
 
-def event_filter(event_id: int | None, secret: "Secret | str | None"):
+def event_filter(event_id: int | None, secret: Secret | str | None):
     check_event_id(event_id)
     uuid = secret.uuid if isinstance(secret, Secret) else secret
 
     def wanted(ev: SecretEvent) -> bool:
         return (event_id is None or ev.event_id == event_id) and (uuid is None or ev.uuid == uuid)
     return wanted
-
-
-class EmbeddedConnection(Connection):
-    """The driver in the caller's process (`secret:///embed?root=DIR`): no bus, no daemon."""
-
-    def __init__(self, driver, uri: str):
-        self._driver = driver
-        self.uri = uri
-
-    @property
-    def driver(self):
-        return self._driver
-
-    def define_xml(self, xml: str, flags: int = 0) -> Secret:
-        return Secret.from_def(self, self._driver.define_xml(xml, flags))
-
-    def lookup_by_uuid(self, uuid: str) -> Secret:
-        return Secret.from_def(self, self._driver.lookup_by_uuid(uuid))
-
-    def lookup_by_usage(self, usage_type: int, usage_id: str) -> Secret:
-        return Secret.from_def(self, self._driver.lookup_by_usage(usage_type, usage_id))
-
-    def list_secrets(self, flags: int = 0) -> list[Secret]:
-        return [Secret.from_def(self, d) for d in self._driver.list_secrets(flags)]
-
-    def secret_xml_desc(self, uuid: str, flags: int = 0) -> str:
-        return self._driver.get_xml_desc(uuid, flags)
-
-    def secret_get_value(self, uuid: str, flags: int = 0, *, internal_call: bool = False) -> bytes:
-        """`internal_call=True` is libvirt's VIR_SECRET_GET_VALUE_INTERNAL_CALL: the one
-        way to read a private value, for a VM launcher that embeds the driver."""
-        return self._driver.get_value(uuid, flags, internal_call=internal_call)
-
-    def secret_set_value(self, uuid: str, value: bytes, flags: int = 0) -> None:
-        self._driver.set_value(uuid, value, flags)
-
-    def secret_undefine(self, uuid: str) -> None:
-        self._driver.undefine(uuid)
-
-    def subscribe(self, handler: EventHandler, event_id: int | None = None,
-                  secret: Secret | str | None = None) -> int:
-        wanted = event_filter(event_id, secret)
-
-        def deliver(ev: SecretEvent) -> None:
-            if wanted(ev):
-                handler(Secret(self, ev.uuid, ev.usage_type, ev.usage_id), ev)
-        return self._driver.subscribe(deliver)
-
-    def unsubscribe(self, sub_id: int) -> None:
-        self._driver.unsubscribe(sub_id)
-
-    def rewrite_values(self) -> tuple[int, int]:
-        return self._driver.rewrite_values()
-
-    def close(self) -> None:
-        if self._driver is not None:
-            self._driver.close()
-            self._driver = None

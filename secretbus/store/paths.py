@@ -25,12 +25,12 @@ class InstancePaths:
         return self.state_dir / "driver.pid"
 
     @classmethod
-    def system(cls) -> "InstancePaths":
+    def system(cls) -> InstancePaths:
         return cls(InstanceKind.SYSTEM, Path("/etc/libvirt/secrets"),
                    Path("/run/libvirt/secrets"), Path("/etc/libvirt/secret.conf"))
 
     @classmethod
-    def session(cls, environ: "os._Environ[str] | dict[str, str] | None" = None) -> "InstancePaths":
+    def session(cls, environ: os._Environ[str] | dict[str, str] | None = None) -> InstancePaths:
         env = os.environ if environ is None else environ
         home = Path(env.get("HOME") or os.path.expanduser("~"))
         config = Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "libvirt"
@@ -40,7 +40,7 @@ class InstancePaths:
         return cls(InstanceKind.SESSION, config / "secrets", run / "secrets" / "run", config / "secret.conf")
 
     @classmethod
-    def embed(cls, root: str | Path) -> "InstancePaths":
+    def embed(cls, root: str | Path) -> InstancePaths:
         r = Path(root)
         # Unlike libvirt (quirk 12), an embedded instance reads its own secret.conf.
         return cls(InstanceKind.EMBED, r / "etc" / "secrets", r / "run" / "secrets", r / "etc" / "secret.conf")

@@ -5,8 +5,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from . import errors
-from .fsutil import ensure_private_dir
+from secretbus.core import errors
+from secretbus.store.fsutil import ensure_private_dir
 
 
 class InstanceLock:

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import errors
-from .codec import Damage, ValueFileError, strict_b64decode
+from secretbus.core import errors
+from secretbus.store.codec import Damage, ValueFileError, strict_b64decode
 
 KEY_SIZE = 32
 KEY_ID_SIZE = 8

@@ -15,47 +15,38 @@ import asyncio
 import contextvars
 import importlib.resources
 import logging
-import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.constants import ErrorType
 
-from . import errors, logsetup
-from .access import AccessControl, Caller, Perm
-from .model import VALUE_MAX, EventId, Lifecycle, SecretDef, SecretEvent
+from secretbus.access.permissions import AccessControl, Caller, Perm
+from secretbus.bus.names import (
+    CONNECT_IFACE,
+    CONNECT_PATH,
+    INTROSPECT_IFACE,
+    INVALID_ARGS,
+    OM_IFACE,
+    PEER_IFACE,
+    PROPS_IFACE,
+    SECRET_IFACE,
+    SECRET_PREFIX,
+    SECRETS_PATH,
+    secret_path,
+    uuid_from_path,
+)
+from secretbus.core import errors, logsetup
+from secretbus.core.model import VALUE_MAX, EventId, Lifecycle, SecretDef, SecretEvent
 
 log = logging.getLogger("secretbus.dbus")
 
-BUS_NAME = "org.libvirt.secret"
-CONNECT_PATH = "/org/libvirt/secret"
-SECRETS_PATH = "/org/libvirt/secret/secret"
-SECRET_PREFIX = SECRETS_PATH + "/_"
-CONNECT_IFACE = "org.libvirt.Connect"
-SECRET_IFACE = "org.libvirt.Secret"
-PROPS_IFACE = "org.freedesktop.DBus.Properties"
-INTROSPECT_IFACE = "org.freedesktop.DBus.Introspectable"
-PEER_IFACE = "org.freedesktop.DBus.Peer"
-OM_IFACE = "org.freedesktop.DBus.ObjectManager"
-INVALID_ARGS = ErrorType.INVALID_ARGS.value
-_UUID_PATH = re.compile(r"^[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12}$")
-
-
-def secret_path(uuid: str) -> str:
-    return SECRET_PREFIX + uuid.replace("-", "_")
-
-
-def uuid_from_path(path: str) -> str | None:
-    tail = path[len(SECRET_PREFIX):] if path.startswith(SECRET_PREFIX) else ""
-    return tail.replace("_", "-") if _UUID_PATH.match(tail) else None
-
-
 def _interface_xml(name: str) -> str:
     """The <interface> element of dbus/<name>.xml, verbatim, so introspection equals the file."""
-    text = importlib.resources.files("secretbus").joinpath(f"interfaces/{name}.xml").read_text()
+    text = importlib.resources.files("secretbus.bus").joinpath(f"interfaces/{name}.xml").read_text()
     start = text.index("  <interface ")
     end = text.index("</interface>", start) + len("</interface>")
     return text[start:end]

@@ -29,7 +29,7 @@ class _JournalFieldsHandler(logging.Handler):
 
     def __init__(self, identifier: str):
         super().__init__()
-        from systemd import journal   # import only when the journal is wanted
+        from systemd import journal  # import only when the journal is wanted
         self._journal = journal
         self._identifier = identifier
 

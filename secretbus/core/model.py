@@ -25,7 +25,7 @@ class UsageType(enum.IntEnum):
         return _CHILD[self]
 
     @classmethod
-    def from_xml_name(cls, name: str) -> "UsageType | None":
+    def from_xml_name(cls, name: str) -> UsageType | None:
         return _BY_XML_NAME.get(name)
 
 

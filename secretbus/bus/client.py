@@ -30,24 +30,35 @@ import os
 import queue
 import stat
 import threading
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
-from . import busconn, errors
-from .connection import Connection, EventHandler, Secret, event_filter
-from .dbus_service import (BUS_NAME, CONNECT_IFACE, CONNECT_PATH, OM_IFACE, PROPS_IFACE,
-                           SECRET_IFACE, SECRETS_PATH, secret_path, uuid_from_path)
-from .model import VALUE_MAX, EventId, Lifecycle, SecretEvent, UsageType
-from .paths import InstanceKind
-from .uuids import parse_uuid
+from secretbus.bus import connect as busconn
+from secretbus.bus.names import (
+    BUS_NAME,
+    CONNECT_IFACE,
+    CONNECT_PATH,
+    DBUS_IFACE,
+    DBUS_NAME,
+    DBUS_PATH,
+    OM_IFACE,
+    PROPS_IFACE,
+    SECRET_IFACE,
+    SECRETS_PATH,
+    secret_path,
+    uuid_from_path,
+)
+from secretbus.core import errors
+from secretbus.core.api import Connection, EventHandler, Secret, event_filter
+from secretbus.core.model import VALUE_MAX, EventId, Lifecycle, SecretEvent, UsageType
+from secretbus.core.uuids import parse_uuid
+from secretbus.store.paths import InstanceKind
 
 log = logging.getLogger("secretbus.client")
 
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
-DBUS_IFACE = "org.freedesktop.DBus"
 DEFAULT_SYSTEM_ADDRESS = "unix:path=/var/run/dbus/system_bus_socket"
 
 ERR_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
@@ -125,7 +136,8 @@ def _wire_safe(text: str) -> bool:
 def _decode_document(data: bytes) -> str | None:
     """`data` as text, in the encoding libxml2 reads it with; None if it does not parse."""
     from lxml import etree
-    from .secretxml import _new_parser
+
+    from secretbus.core.secretxml import _new_parser
     try:
         root = etree.fromstring(data, _new_parser())
         encoding = root.getroottree().docinfo.encoding or "utf-8"
@@ -203,7 +215,7 @@ class DBusConnection(Connection):
     # -- opening and closing --------------------------------------------------------------
     @classmethod
     def open(cls, kind: InstanceKind, uri: str, *, timeout: float = 25.0,
-             bus_address: str | None = None, interactive: bool = False) -> "DBusConnection":
+             bus_address: str | None = None, interactive: bool = False) -> DBusConnection:
         """Connect to the system (SYSTEM) or session (SESSION) bus; `bus_address` overrides
         the address ($DBUS_SYSTEM_BUS_ADDRESS / $DBUS_SESSION_BUS_ADDRESS otherwise).
         `interactive=True` lets polkit ask the user (ALLOW_INTERACTIVE_AUTHORIZATION)."""
@@ -227,7 +239,7 @@ class DBusConnection(Connection):
         where = f"cannot connect to the {self.bus_label} at {self.address}"
         try:
             bus = await asyncio.wait_for(busconn.connect(self.address), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise errors.OperationFailed(f"{where}: no answer within {self.timeout:g} s") from None
         except OSError as e:
             raise errors.OperationFailed(f"{where}: {e.strerror or e}") from None
@@ -416,7 +428,7 @@ class DBusConnection(Connection):
         Bytes are decoded as their XML declaration (or BOM) says, as the embedded driver
         reads them; the service re-encodes a string as UTF-8 whatever its declaration says.
         """
-        from .secretxml import parse_secret_xml
+        from secretbus.core.secretxml import parse_secret_xml
         if isinstance(xml, (bytes, bytearray, memoryview)):
             data = bytes(xml)
             text = _decode_document(data)
@@ -435,7 +447,7 @@ class DBusConnection(Connection):
     @staticmethod
     def _usage_from_xml(uuid: str, text: str) -> tuple[str, int, str] | None:
         try:
-            from .secretxml import parse_secret_xml
+            from secretbus.core.secretxml import parse_secret_xml
             d = parse_secret_xml(text)
         except Exception:  # noqa: BLE001
             return None

@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 from lxml import etree
 
-from . import errors, uuids
-from .model import SecretDef, UsageType
+from secretbus.core import errors, uuids
+from secretbus.core.model import SecretDef, UsageType
 
 MAX_XML_BYTES = 1024 * 1024
 SCHEMA_RESOURCE = "schemas/secret.rng"
@@ -139,13 +139,13 @@ _schema: tuple[etree.RelaxNG, str] | None = None
 
 def schema_path() -> str:
     """Where the packaged schema lives (used in the libvirt-style error text)."""
-    return str(importlib.resources.files("secretbus").joinpath(SCHEMA_RESOURCE))
+    return str(importlib.resources.files("secretbus.core").joinpath(SCHEMA_RESOURCE))
 
 
 def _load_schema() -> tuple[etree.RelaxNG, str]:
     global _schema
     if _schema is None:
-        resource = importlib.resources.files("secretbus").joinpath(SCHEMA_RESOURCE)
+        resource = importlib.resources.files("secretbus.core").joinpath(SCHEMA_RESOURCE)
         try:
             doc = etree.fromstring(resource.read_bytes(), _new_parser())
             _schema = (etree.RelaxNG(doc), str(resource))

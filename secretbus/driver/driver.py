@@ -8,21 +8,30 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Callable
 
-from . import errors
-from .codec import ValueCodecs
-from .conf import SecretConf, load_conf
-from .keys import codecs_for
-from .lock import InstanceLock
-from .model import (DEFINE_VALIDATE, LIST_FLAGS_ALL, VALUE_MAX, EventId, Lifecycle, SecretDef,
-                    SecretEvent, UsageType, list_filter)
-from .paths import InstancePaths
-from .secretxml import format_secret_xml, parse_secret_xml
-from .store import SecretStore, Skipped
-from .uuids import parse_uuid
+from secretbus.core import errors
+from secretbus.core.model import (
+    DEFINE_VALIDATE,
+    LIST_FLAGS_ALL,
+    VALUE_MAX,
+    EventId,
+    Lifecycle,
+    SecretDef,
+    SecretEvent,
+    UsageType,
+    list_filter,
+)
+from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
+from secretbus.core.uuids import parse_uuid
+from secretbus.store.codec import ValueCodecs
+from secretbus.store.conf import SecretConf, load_conf
+from secretbus.store.filestore import SecretStore, Skipped
+from secretbus.store.keys import codecs_for
+from secretbus.store.lock import InstanceLock
+from secretbus.store.paths import InstancePaths
 
 log = logging.getLogger("secretbus.driver")
 
@@ -81,7 +90,7 @@ class SecretDriver:
         codecs, desc = codecs_for(conf, os.environ if self._environ is None else self._environ)
         return conf, codecs, desc
 
-    def _load_store(self) -> "LoadSummary":
+    def _load_store(self) -> LoadSummary:
         report = self.store.load()
         skipped_by_store = len(report.skipped)
         table: dict[str, _Secret] = {}
@@ -125,7 +134,7 @@ class SecretDriver:
         log.info("loaded %d secrets, skipped %d", loaded, len(report.skipped))
         return LoadSummary(loaded, report.skipped)
 
-    def reload(self) -> "LoadSummary":
+    def reload(self) -> LoadSummary:
         """Re-read secret.conf, the key and the store; on failure keep the old state."""
         with self._mutex:
             conf, codecs, desc = self._load_config(None)

@@ -12,12 +12,19 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import errors
-from .codec import KNOWN_SUFFIXES, Damage, ValueCodecs, ValueFileError
-from .fsutil import TMP_SUFFIX, atomic_write, ensure_private_dir, fsync_dir, read_limited, unlink_if_exists
-from .model import VALUE_MAX, SecretDef
-from .secretxml import format_secret_xml, parse_secret_xml
-from .uuids import is_canonical
+from secretbus.core import errors
+from secretbus.core.model import VALUE_MAX, SecretDef
+from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
+from secretbus.core.uuids import is_canonical
+from secretbus.store.codec import KNOWN_SUFFIXES, Damage, ValueCodecs, ValueFileError
+from secretbus.store.fsutil import (
+    TMP_SUFFIX,
+    atomic_write,
+    ensure_private_dir,
+    fsync_dir,
+    read_limited,
+    unlink_if_exists,
+)
 
 log = logging.getLogger("secretbus.store")
 

@@ -16,8 +16,8 @@ from collections import OrderedDict
 
 from dbus_fast import Message, MessageType, Variant
 
-from .access import Caller, Perm, details_for
-from .model import SecretDef
+from secretbus.access.permissions import Caller, Perm, details_for
+from secretbus.core.model import SecretDef
 
 log = logging.getLogger("secretbus.polkit")
 

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
-from .model import SecretDef, UsageType
+from secretbus.core.model import SecretDef, UsageType
 
 CONNECT_DRIVER = "secret"
 

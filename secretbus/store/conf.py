@@ -29,7 +29,7 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import errors
+from secretbus.core import errors
 
 log = logging.getLogger("secretbus.conf")
 
@@ -53,7 +53,7 @@ class SecretConf:
 
 @dataclass(frozen=True)
 class _Value:
-    data: str | int | list["_Value"]
+    data: str | int | list[_Value]
     line: int  # line where the value starts (elements of a multi-line list keep their own)
 
 

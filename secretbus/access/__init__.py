@@ -1,0 +1,1 @@
+"""Permissions, polkit details and the polkit client, caller identity."""

@@ -1,0 +1,1 @@
+"""The D-Bus front end (service) and the D-Bus client."""
