@@ -178,15 +178,15 @@ def test_duplicate_key_is_an_error_naming_both_lines():
 
 
 def test_unknown_key_warns_with_file_and_line(caplog):
-    with caplog.at_level(logging.WARNING, logger="secretbus.store.conf"):
+    with caplog.at_level(logging.WARNING, logger="secretbus.conf"):
         c = parse('encrypt_data = 1\nsecret_encryption_key = "/typo"\n')
     assert c.encrypt_data is True and c.secrets_encryption_key is None
-    msgs = [r.getMessage() for r in caplog.records if r.name == "secretbus.store.conf"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "secretbus.conf"]
     assert msgs == [f"{F}:2: unknown key 'secret_encryption_key' ignored"]
 
 
 def test_known_keys_do_not_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="secretbus.store.conf"):
+    with caplog.at_level(logging.WARNING, logger="secretbus.conf"):
         parse('encrypt_data = 1\nsecrets_encryption_key = "/k"\n'
               'encryption_scheme = "aes256gcm"\nprivate_value_readers = []\n')
     assert caplog.records == []
@@ -238,7 +238,7 @@ def test_permission_denied_is_an_error(request):
                 load_conf(p)
             out = str(ei.value)
         else:
-            code = ("import sys\nfrom pathlib import Path\nfrom secretbus import conf, errors\n"
+            code = ("import sys\nfrom pathlib import Path\nfrom secretbus.core import errors\nfrom secretbus.store import conf\n"
                     "try:\n    conf.load_conf(Path(sys.argv[1]))\n"
                     "except errors.ConfigError as e:\n    print(e)\n")
             # The checkout (and its venv) may be unreachable for uid 65534: use the harness copy.

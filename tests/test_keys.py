@@ -409,7 +409,7 @@ def test_unsearchable_credentials_directory_is_an_error_not_encryption_off(reque
         creds = base / "creds"
         creds.mkdir(mode=0o700)
         write_key(creds / CREDENTIAL_NAME, b"D" * 32, 0o400)
-        code = ("import sys\nfrom secretbus import conf, errors, keys\n"
+        code = ("import sys\nfrom secretbus.core import errors\nfrom secretbus.store import conf, keys\n"
                 "try:\n    keys.resolve_key(conf.SecretConf(), {'CREDENTIALS_DIRECTORY': sys.argv[1]})\n"
                 "    print('no error')\n"
                 "except errors.ConfigError as e:\n    print(e)\n")

@@ -245,9 +245,9 @@ def test_a_failed_write_leaves_the_current_value_unwiped(tmp_path, monkeypatch):
         held = _held(drv, U1)
 
         def full(*a, **kw):
-            raise errors.SystemError_("cannot write 'x': No space left on device")
+            raise errors.SystemError("cannot write 'x': No space left on device")
         monkeypatch.setattr(drv.store, "write_value", full)
-        with pytest.raises(errors.SystemError_):
+        with pytest.raises(errors.SystemError):
             drv.set_value(U1, b"new")
         assert _held(drv, U1) is held and bytes(held) == b"current"
     finally:

@@ -113,7 +113,7 @@ class Result:
         if self.error == "org.libvirt.Error.AccessDenied":
             m = re.search(r"'org\.libvirt\.api\.(?:secret|connect)\.([a-z-]+)'", self.message)
             return f"denied:{m.group(1)}" if m else "denied:?"
-        if self.error == "org.libvirt.Error.InvalidSecret" and self.message == "secret is private":
+        if self.error == "org.libvirt.Error.InvalidSecret" and self.message == "Invalid secret: secret is private":
             return "private"
         return f"{(self.error or '?').rsplit('.', 1)[-1]}: {self.message}"
 

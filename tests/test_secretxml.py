@@ -441,7 +441,7 @@ def test_size_limit_boundary() -> None:
 def test_schema_is_packaged() -> None:
     path = Path(schema_path())
     assert path.is_file() and path.name == "secret.rng" and path.parent.name == "schemas"
-    assert path.parent.parent.name == "secretbus"
+    assert path.parent.parent.name == "core" and path.parent.parent.parent.name == "secretbus"
 
 
 INVALID = {

@@ -369,7 +369,7 @@ class SecretService:
     @staticmethod
     def _error_reply(msg: Message, e: Exception) -> Message:
         if isinstance(e, errors.SecretError):
-            return Message.new_error(msg, e.dbus_name, e.message)
+            return Message.new_error(msg, e.dbus_name, e.display())
         if isinstance(e, _DBusFailure):
             return Message.new_error(msg, e.name, e.text)
         # Unexpected: the caller learns nothing; the log gets the type and the stack,

@@ -73,7 +73,7 @@ class SecretStore:
         try:
             ensure_private_dir(self.dir)
         except OSError as e:
-            raise errors.SystemError_(f"cannot create config directory '{self.dir}': {e.strerror}") from None
+            raise errors.SystemError(f"cannot create config directory '{self.dir}': {e.strerror}") from None
 
     def write_definition(self, d: SecretDef) -> None:
         self._write(self.xml_path(d.uuid), format_secret_xml(d).encode("utf-8"))
@@ -90,7 +90,7 @@ class SecretStore:
             if unlink_if_exists(path):
                 fsync_dir(self.dir)
         except OSError as e:
-            raise errors.SystemError_(f"cannot unlink '{path}': {e.strerror}") from None
+            raise errors.SystemError(f"cannot unlink '{path}': {e.strerror}") from None
 
     def delete_values(self, uuid: str) -> None:
         self._unlink_values(uuid, keep=None)
@@ -111,7 +111,7 @@ class SecretStore:
         try:
             atomic_write(path, data)
         except OSError as e:
-            raise errors.SystemError_(f"cannot write '{path}': {e.strerror}") from None
+            raise errors.SystemError(f"cannot write '{path}': {e.strerror}") from None
 
     # -- loading ------------------------------------------------------------
     def load(self) -> LoadReport:
@@ -121,7 +121,7 @@ class SecretStore:
         except FileNotFoundError:
             return report
         except OSError as e:
-            raise errors.SystemError_(f"cannot read config directory '{self.dir}': {e.strerror}") from None
+            raise errors.SystemError(f"cannot read config directory '{self.dir}': {e.strerror}") from None
         self._remove_stale_temps(names)
         present = set(names)
         xml_names = [n for n in names if n.endswith(".xml")]

@@ -25,7 +25,7 @@ class InstanceLock:
                 f"another secret driver already holds the lock '{self.path}'") from None
         except OSError as e:
             os.close(fd)
-            raise errors.SystemError_(f"cannot lock '{self.path}': {e.strerror}") from None
+            raise errors.SystemError(f"cannot lock '{self.path}': {e.strerror}") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
