@@ -868,7 +868,7 @@ def full_disk(mode: str = "auto", keep: bool = False) -> DiskResult:
         after = _state(c)
         expect = dict(before_state)
         expect[FD_E] = ("org.libvirt.Error.NoSecret", ("org.libvirt.Error.NoSecret",
-                                                       f"no secret with matching uuid '{FD_E}'"))
+                                                       f"Secret not found: no secret with matching uuid '{FD_E}'"))
         res.intact_after_restart = after == expect and _store_files(store) == before_files
         # Space back: the same writes succeed, without a restart.
         filler.release(daemon.proc.pid)

@@ -1240,7 +1240,7 @@ def judge(c: Call, reply, res: Result) -> None:
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
         res.seen[name] += 1
         if name == "org.libvirt.Error.InternalError":
-            if not internal_error_ok(text):
+            if not internal_error_ok(text.removeprefix(errors.InternalError.prefix)):
                 res.fail(f"InternalError {text!r}", c, kind=f"InternalError {text[:60]!r}")
         elif not (name.startswith("org.libvirt.Error.") or name in ALLOWED_FD):
             res.fail(f"error name {name} ({text!r})", c,

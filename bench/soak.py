@@ -252,7 +252,7 @@ async def main():
             msg = r.body[0] if r.body else ""
             if r.error_name == NOSECRET and allowed:
                 bump(expected, "%s NoSecret on %s churn secret" % (kind, t))
-            elif r.error_name == INVALID and t == "private" and msg == "secret is private":
+            elif r.error_name == INVALID and t == "private" and msg == "Invalid secret: secret is private":
                 bump(expected, "GetValue InvalidSecret (secret is private) by root")
             else:
                 note(kind, t, "%s: %s" % (r.error_name, msg))
