@@ -162,7 +162,7 @@ def test_load_key_wrong_size(tmp_path, size):
     with pytest.raises(errors.InvalidEncrKey) as ei:
         load_key(p)
     assert str(ei.value) == f"Encryption key length must be '32' '{p}'"
-    assert ei.value.code == 112
+    assert ei.value.code == 114     # VIR_ERR_INVALID_ENCR_KEY_SECRET
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o601])

@@ -59,6 +59,12 @@ class XMLError(SecretError):
     code, kind, prefix = 27, "XMLError", "XML error: "
 
 
+class XMLDetail(SecretError):
+    """VIR_ERR_XML_DETAIL: libxml2's own error, already framed as `NAME:LINE: MESSAGE`
+    (virerror.c formats this code as the bare message)."""
+    code, kind, prefix = 35, "XMLDetail", ""
+
+
 class OperationDenied(SecretError):
     """VIR_ERR_OPERATION_DENIED"""
     code, kind, prefix = 29, "OperationDenied", "operation forbidden: "
@@ -67,6 +73,12 @@ class OperationDenied(SecretError):
 class SystemError(SecretError):   # libvirt's name; always used as errors.SystemError
     """VIR_ERR_SYSTEM_ERROR: the message already names the failing call (libvirt adds no prefix)."""
     code, kind, prefix = 38, "SystemError", ""
+
+
+class RPCError(SecretError):
+    """VIR_ERR_RPC: a limit of libvirt's wire protocol (virerror.c formats it as the bare
+    message, like VIR_ERR_SYSTEM_ERROR; "RPC error" is only its text when there is no message)."""
+    code, kind, prefix = 39, "RPCError", ""
 
 
 class InvalidSecret(SecretError):
@@ -95,8 +107,9 @@ class XMLInvalidSchema(SecretError):
 
 
 class InvalidEncrKey(SecretError):
-    """VIR_ERR_INVALID_ENCR_KEY_SECRET (libvirt 12.1 added it right after 111)."""
-    code, kind, prefix = 112, "InvalidEncrKey", ""
+    """VIR_ERR_INVALID_ENCR_KEY_SECRET, added by libvirt 12.1 after 110 MULTIPLE_DOMAINS,
+    111 NO_NETWORK_METADATA, 112 AGENT_COMMAND_TIMEOUT and 113 AGENT_COMMAND_FAILED."""
+    code, kind, prefix = 114, "InvalidEncrKey", ""
 
 
 class ConfigError(ConfigUnsupported):
