@@ -129,8 +129,10 @@ def test_values(conn, root):
     assert conn.lookup_by_uuid(U1).get_value() == b""
     big = bytes(range(256)) * 256
     conn.lookup_by_uuid(U1).set_value(big)
-    with pytest.raises(errors.InvalidArg, match="larger than 65536"):
+    with pytest.raises(errors.RPCError) as ei:
         conn.lookup_by_uuid(U1).set_value(big + b"x")
+    assert ei.value.display() == "value length greater than maximum: 65537 > 65536"
+    assert ei.value.code == 39
     assert conn.lookup_by_uuid(U1).get_value() == big
     conn.close()
 
@@ -146,15 +148,19 @@ def test_private_value_refused_except_internal_call(conn):
 
 
 def test_flags_checked(conn):
+    # libvirt's virCheckFlags names the driver function (secret_driver.c), not the public API.
     s = conn.define_xml(xml())
-    with pytest.raises(errors.InvalidArg, match=r"unsupported flags \(0x2\) in function virSecretDefineXML"):
-        conn.define_xml(xml(), 2)
-    with pytest.raises(errors.InvalidArg, match=r"unsupported flags \(0x10\) in function virConnectListAllSecrets"):
-        conn.list_secrets(0x10)
-    with pytest.raises(errors.InvalidArg):
-        s.set_value(b"x", 1)
-    with pytest.raises(errors.InvalidArg):
-        s.xml_desc(1)
+    s.set_value(b"v")
+    calls = [("0x2", "secretDefineXML", lambda: conn.define_xml(xml(), 2)),
+             ("0x10", "secretConnectListAllSecrets", lambda: conn.list_secrets(0x10)),
+             ("0x1", "secretSetValue", lambda: s.set_value(b"x", 1)),
+             ("0x4", "secretGetValue", lambda: s.get_value(4)),
+             ("0x80000000", "secretGetXMLDesc", lambda: s.xml_desc(-(2 ** 31)))]
+    for shown, function, call in calls:
+        with pytest.raises(errors.InvalidArg) as ei:
+            call()
+        assert ei.value.display() == f"invalid argument: unsupported flags ({shown}) in function {function}"
+    assert s.get_value() == b"v"                 # the refused SetValue changed nothing
 
 
 def test_define_validate_flag(conn):
@@ -286,5 +292,40 @@ def test_errors_map_to_dbus_names():
     assert isinstance(errors.from_dbus("org.libvirt.Error.InvalidSecret", "secret is private"),
                       errors.InvalidSecret)
     names = {c.kind for c in errors.ALL_ERRORS}
-    for needed in ("NoSecret", "InvalidSecret", "XMLError", "InvalidArg", "AccessDenied", "OperationFailed"):
+    for needed in ("NoSecret", "InvalidSecret", "XMLError", "InvalidArg", "AccessDenied", "OperationFailed",
+                   "XMLDetail", "RPCError"):
         assert needed in names
+
+
+@pytest.mark.parametrize("cls,code,prefix", [
+    (errors.InternalError, 1, "internal error: "),
+    (errors.NoSupport, 3, "this function is not supported by the connection driver: "),
+    (errors.InvalidArg, 8, "invalid argument: "),
+    (errors.OperationFailed, 9, "operation failed: "),
+    (errors.XMLError, 27, "XML error: "),
+    (errors.OperationDenied, 29, "operation forbidden: "),
+    (errors.XMLDetail, 35, ""),
+    (errors.SystemError, 38, ""),
+    (errors.RPCError, 39, ""),
+    (errors.InvalidSecret, 65, "Invalid secret: "),
+    (errors.NoSecret, 66, "Secret not found: "),
+    (errors.ConfigUnsupported, 67, "unsupported configuration: "),
+    (errors.AccessDenied, 88, "access denied: "),
+    (errors.XMLInvalidSchema, 92, "XML document failed to validate against schema: "),
+    (errors.InvalidEncrKey, 114, ""),
+])
+def test_codes_and_prefixes_are_libvirts(cls, code, prefix):
+    # virerror.c's virErrorMsgStrings (libvirt 9.0): the text each code puts before a message.
+    assert (cls.code, cls.prefix) == (code, prefix)
+    err = cls("m")
+    assert err.display() == prefix + "m"
+    back = errors.from_dbus(err.dbus_name, err.display())
+    assert type(back) is cls and back.message == "m"
+
+
+def test_oversized_value_changes_nothing(conn):
+    s = conn.define_xml(xml())
+    s.set_value(b"old")
+    with pytest.raises(errors.RPCError, match=r"^value length greater than maximum: 65537 > 65536$"):
+        s.set_value(b"n" * 65537)
+    assert s.get_value() == b"old"

@@ -451,7 +451,7 @@ class SecretService:
     def _get_value(self, msg: Message) -> Op:
         d = self._secret_def(msg)
         (flags,) = msg.body
-        errors.unsupported_flags(flags, 0, "virSecretGetValue")
+        self.driver.check_flags("get_value", flags)
 
         def run(private_reader: bool = False) -> tuple[str, list[Any]]:
             if d.private and not private_reader:
@@ -462,7 +462,7 @@ class SecretService:
     def _set_value(self, msg: Message) -> Op:
         d = self._secret_def(msg)
         value, flags = msg.body
-        errors.unsupported_flags(flags, 0, "virSecretSetValue")
+        self.driver.check_flags("set_value", flags)
         if len(value) > VALUE_MAX:
             raise errors.InvalidArg(f"secret value is larger than {VALUE_MAX} bytes")
 
@@ -474,7 +474,7 @@ class SecretService:
     def _xml_desc(self, msg: Message) -> Op:
         d = self._secret_def(msg)
         (flags,) = msg.body
-        errors.unsupported_flags(flags, 0, "virSecretGetXMLDesc")
+        self.driver.check_flags("get_xml_desc", flags)
         return Op(run=lambda: ("s", [self.driver.get_xml_desc(d.uuid)]), checks=[(Perm.READ, d)])
 
     def _undefine(self, msg: Message) -> Op:

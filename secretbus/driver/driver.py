@@ -37,6 +37,16 @@ log = logging.getLogger("secretbus.driver")
 
 EventCallback = Callable[[SecretEvent], None]
 
+# Supported flags per API and the libvirt driver function (secret_driver.c) that its
+# "unsupported flags (0x..) in function NAME" error names.
+_FLAGS: dict[str, tuple[int, str]] = {
+    "list": (LIST_FLAGS_ALL, "secretConnectListAllSecrets"),
+    "define": (DEFINE_VALIDATE, "secretDefineXML"),
+    "get_xml_desc": (0, "secretGetXMLDesc"),
+    "set_value": (0, "secretSetValue"),
+    "get_value": (0, "secretGetValue"),
+}
+
 
 @dataclass(slots=True)
 class _Secret:
@@ -214,7 +224,7 @@ class SecretDriver:
 
     def list_secrets(self, flags: int = 0) -> list[SecretDef]:
         """Definitions sorted by UUID; the sorted list is kept until the table changes."""
-        errors.unsupported_flags(flags, LIST_FLAGS_ALL, "virConnectListAllSecrets")
+        self.check_flags("list", flags)
         version, defs = self._sorted
         if version != self.version:
             version = self.version    # read before the table: a racing change only makes it stale-marked
@@ -223,17 +233,23 @@ class SecretDriver:
         keep = list_filter(flags)
         return list(defs) if keep is None else [d for d in defs if keep(d)]
 
+    @staticmethod
+    def check_flags(api: str, flags: int) -> None:
+        """libvirt's virCheckFlags for `api` (a key of _FLAGS); front ends that check early call it."""
+        supported, function = _FLAGS[api]
+        errors.unsupported_flags(flags, supported, function)
+
     def count(self) -> int:
         return len(self._secrets)
 
     def get_xml_desc(self, uuid: str, flags: int = 0) -> str:
-        errors.unsupported_flags(flags, 0, "virSecretGetXMLDesc")
+        self.check_flags("get_xml_desc", flags)
         return format_secret_xml(self._get(uuid).definition)
 
     # -- define -------------------------------------------------------------------
     @staticmethod
     def parse_definition(xml: str | bytes, flags: int = 0) -> SecretDef:
-        errors.unsupported_flags(flags, DEFINE_VALIDATE, "virSecretDefineXML")
+        SecretDriver.check_flags("define", flags)
         return parse_secret_xml(xml, validate=bool(flags & DEFINE_VALIDATE))
 
     def define_xml(self, xml: str | bytes, flags: int = 0) -> SecretDef:
@@ -298,11 +314,12 @@ class SecretDriver:
 
     # -- values -------------------------------------------------------------------
     def set_value(self, uuid: str, value: bytes, flags: int = 0) -> None:
-        errors.unsupported_flags(flags, 0, "virSecretSetValue")
+        self.check_flags("set_value", flags)
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise errors.InvalidArg("value in virSecretSetValue must be bytes")
         if len(value) > VALUE_MAX:
-            raise errors.InvalidArg(f"secret value is larger than {VALUE_MAX} bytes")
+            # libvirt's remote driver refuses it before sending (REMOTE_SECRET_VALUE_MAX).
+            raise errors.RPCError(f"value length greater than maximum: {len(value)} > {VALUE_MAX}")
         with self._mutex:
             s = self._get(uuid)
             d = s.definition
@@ -315,7 +332,7 @@ class SecretDriver:
 
     def get_value(self, uuid: str, flags: int = 0, *, internal_call: bool = False) -> bytes:
         """The value; private secrets only for `internal_call` (an in-process VM launcher)."""
-        errors.unsupported_flags(flags, 0, "virSecretGetValue")
+        self.check_flags("get_value", flags)
         s = self._get(uuid)
         if s.definition.private and not internal_call:
             raise errors.InvalidSecret("secret is private")
