@@ -144,7 +144,7 @@ def test_local_checks_need_no_round_trip(offline):
         offline.lookup_by_usage(2, None)
     with pytest.raises(errors.NoSecret, match="no secret with matching usage 'a\x00b'"):
         offline.lookup_by_usage(2, "a\0b")
-    with pytest.raises(errors.XMLError):
+    with pytest.raises(errors.XMLDetail, match=r"^\(definition_of_secret\):1: .*Char 0x0 out of allowed range$"):
         offline.define_xml("<secret>\0</secret>")
     with pytest.raises(errors.InvalidArg, match="eventID"):
         offline.subscribe(lambda s, e: None, 7)

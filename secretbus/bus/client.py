@@ -428,20 +428,20 @@ class DBusConnection(Connection):
         Bytes are decoded as their XML declaration (or BOM) says, as the embedded driver
         reads them; the service re-encodes a string as UTF-8 whatever its declaration says.
         """
-        from secretbus.core.secretxml import parse_secret_xml
+        from secretbus.core.secretxml import DOCUMENT_NAME, parse_secret_xml
         if isinstance(xml, (bytes, bytearray, memoryview)):
             data = bytes(xml)
             text = _decode_document(data)
             if text is None:
                 parse_secret_xml(data)     # raises the embedded driver's XMLError
-                raise errors.XMLError("failed to parse xml document '(string)': unknown encoding")
+                raise errors.XMLError(f"failed to parse xml document '{DOCUMENT_NAME}': unknown encoding")
         elif isinstance(xml, str):
             text = xml
         else:
             raise errors.InvalidArg("secret XML must be str or bytes")
         if not _wire_safe(text):
             parse_secret_xml(text)         # raises the embedded driver's XMLError
-            raise errors.XMLError("failed to parse xml document '(string)': invalid character")
+            raise errors.XMLError(f"failed to parse xml document '{DOCUMENT_NAME}': invalid character")
         return text
 
     @staticmethod

@@ -5,15 +5,23 @@ classes and texts. Values are read with the same XPath expressions libvirt uses,
 "the first <uuid>", "string value includes text of nested elements" and "an empty
 string counts as absent" behave exactly as there.
 
+Errors as libvirt reports them: a document that is not well-formed gives libxml2's first
+fatal error as VIR_ERR_XML_DETAIL `(definition_of_secret):LINE: MESSAGE` (the file path
+instead of the name for a stored file), a schema failure libxml2's Relax-NG messages one
+per line after "Unable to validate doc against PATH".
+
 Safety: lxml parser without entity resolution, DTD loading or network; any DOCTYPE or
 entity reference is refused; documents above MAX_XML_BYTES are refused before
-libxml2 sees them. Error messages never quote document text: parse errors name the
-libxml2 error kind and position only, schema errors have quoted values redacted.
+libxml2 sees them. libxml2's messages name markup (tag, attribute, entity and encoding
+names) but never text or attribute values; libvirt's extra context line and caret, which
+quote the document (a value file passed by mistake, say), are left out.
 
 Deliberate differences from libvirt (all invisible for documents libvirt round-trips):
 - The root must be exactly `secret` without a namespace (libvirt compares only the
   local name, and under a default namespace would then silently find no children).
-  The error names such a root in Clark notation, e.g. '{urn:x}secret'.
+  The error names such a root as the document writes it: 'x:secret' with xmlns:x='urn:x'.
+- No context line and caret after a well-formedness error (above); only the first line of
+  libxml2's message (libxml2 2.9 appends the undecodable bytes on a second one).
 - DOCTYPE/DTD, entity references and documents over MAX_XML_BYTES are refused.
 - A str is parsed as the UTF-8 text it is: an XML encoding declaration in it is ignored.
 - A text carriage return is written as `&#13;` (libvirt writes it raw, and libxml2 then
@@ -35,6 +43,10 @@ from secretbus.core.model import SecretDef, UsageType
 
 MAX_XML_BYTES = 1024 * 1024
 SCHEMA_RESOURCE = "schemas/secret.rng"
+DOCUMENT_NAME = "(definition_of_secret)"   # libvirt's name for a document given as a string
+# libvirt formats every message into a 1024-byte buffer (VIR_ERROR_MAX_LENGTH); libxml2's
+# messages quote names, which may be as long as the document.
+_MAX_MESSAGE = 1022
 
 # libvirt's texts for a <usage> element whose id child is missing or empty.
 _MISSING_USAGE_ID = {
@@ -99,22 +111,22 @@ def _too_large() -> errors.SecretError:
     return errors.XMLError(f"secret XML document is larger than {MAX_XML_BYTES} bytes")
 
 
-def _syntax_detail(exc: etree.LxmlError) -> str:
-    """Position and libxml2 error kind only: libxml2's own text can quote the document."""
-    code = getattr(exc, "code", 0) or 0
-    name = etree.ErrorTypes._getName(code, None) if code else None
-    kind = name.removeprefix("ERR_").replace("_", " ").lower() if name else "not well-formed"
-    line = getattr(exc, "lineno", None)
-    return f"line {line}: {kind}" if isinstance(line, int) and line > 0 else kind
+def _syntax_error(parser: etree.XMLParser, source: str) -> errors.SecretError:
+    """libvirt's catchXMLError: the first fatal error of libxml2's log for this parse."""
+    for entry in parser.error_log:
+        if entry.level == etree.ErrorLevels.FATAL and entry.message:
+            message = entry.message.strip().split("\n", 1)[0]
+            return errors.XMLDetail(f"{source}:{entry.line}: {message}"[:_MAX_MESSAGE])
+    return errors.XMLError(f"failed to parse xml document '{source}'")
 
 
 def _parse_tree(data: bytes, from_str: bool, source: str) -> etree._Element:
     """Well-formedness (§1.3 step 1) plus the safety refusals; returns the root."""
+    parser = _parser(from_str)
     try:
-        root = etree.fromstring(data, _parser(from_str))
-    except etree.XMLSyntaxError as exc:
-        raise errors.XMLError(f"failed to parse xml document '{source}': "
-                              f"{_syntax_detail(exc)}") from None
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError:
+        raise _syntax_error(parser, source) from None
     except (etree.LxmlError, ValueError, TypeError, UnicodeError):
         raise errors.XMLError(f"failed to parse xml document '{source}'") from None
     if root is None:
@@ -122,7 +134,8 @@ def _parse_tree(data: bytes, from_str: bool, source: str) -> etree._Element:
     docinfo = root.getroottree().docinfo
     # Entities can only be declared in a DTD, so refusing every DTD closes XXE,
     # parameter entities and expansion bombs regardless of libxml2's own limits.
-    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
+    doctype = docinfo.doctype  # type: ignore[union-attr]  # lxml-stubs lack DocInfo.doctype
+    if doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
         raise errors.XMLError("DTD is not allowed in secret XML")
     if next(root.iter(etree.Entity), None) is not None:   # unreachable without a DTD; kept as a belt
         raise errors.XMLError("entity references are not allowed in secret XML")
@@ -160,10 +173,12 @@ def _load_schema() -> tuple[etree.RelaxNG, str]:
 _QUOTED = re.compile(r"(?<![A-Za-z])'.*'", re.DOTALL)
 
 
-def _schema_error_line(line: int, message: str) -> str:
-    """One line of schema error detail; quoted parts of libxml2's text are document values."""
-    msg = _QUOTED.sub("'...'", message.strip())
-    return f"line {line}: {msg}" if line > 0 else msg
+def _schema_error_line(message: str) -> str:
+    """One line of schema error detail as libvirt collects it (libxml2's text, newline-ended).
+
+    The Relax-NG messages libvirt's schema produces name elements and attributes only; the
+    few libxml2 messages that quote a value (datatype errors) get it redacted."""
+    return _QUOTED.sub("'...'", message.strip()) + "\n"
 
 
 def _validate(root: etree._Element) -> None:
@@ -172,9 +187,8 @@ def _validate(root: etree._Element) -> None:
         schema, path = _load_schema()
         if schema.validate(root):
             return
-        lines = [_schema_error_line(entry.line, entry.message) for entry in schema.error_log]
-    detail = "\n".join(lines[:8]) or "document does not match the schema"
-    raise errors.XMLInvalidSchema(f"Unable to validate doc against {path}\n{detail}")
+        detail = "".join(_schema_error_line(entry.message) for entry in schema.error_log)
+    raise errors.XMLInvalidSchema(f"Unable to validate doc against {path}\n{detail}"[:_MAX_MESSAGE])
 
 
 # ---------------------------------------------------------------------------
@@ -254,7 +268,7 @@ def _parse_canonical(data: bytes) -> SecretDef | None:
         return None
     eph, priv, uuid, desc, utype, child, uid = m.groups()
     usage = UsageType.from_xml_name(utype.decode()) if utype else UsageType.NONE
-    if utype and usage.child != child.decode():
+    if usage is None or (utype and usage.child != child.decode()):
         return None
     try:
         description = desc.decode("utf-8") if desc is not None else None
@@ -270,7 +284,7 @@ def _parse_canonical(data: bytes) -> SecretDef | None:
 def parse_secret_xml(text: str | bytes, *, validate: bool = False,
                      source: str | None = None) -> SecretDef:
     """Parse untrusted secret XML; every failure is a `errors.SecretError`."""
-    name = source if source is not None else "(string)"
+    name = source if source is not None else DOCUMENT_NAME
     data, from_str = _to_bytes(text, name)
     if not validate:
         fast = _parse_canonical(data)
@@ -279,11 +293,22 @@ def parse_secret_xml(text: str | bytes, *, validate: bool = False,
     return _parse_full(data, from_str, name, validate)
 
 
+def _wrong_root(root: etree._Element) -> errors.SecretError:
+    """libvirt's text; a namespace is named as the document declares it, since a bare
+    'secret' would be confusing."""
+    qname = etree.QName(root)
+    if qname.namespace is None:
+        return errors.XMLError(f"expecting root element of 'secret', not '{qname.localname}'")
+    written = f"{root.prefix}:{qname.localname}" if root.prefix else qname.localname
+    xmlns = f"xmlns:{root.prefix}" if root.prefix else "xmlns"
+    return errors.XMLError(f"expecting root element of 'secret', not '{written}' "
+                           f"with {xmlns}='{qname.namespace}'")
+
+
 def _parse_full(data: bytes, from_str: bool, name: str, validate: bool) -> SecretDef:
     root = _parse_tree(data, from_str, name)
     if root.tag != "secret":
-        # Clark notation shows a namespace instead of a confusing bare 'secret'.
-        raise errors.XMLError(f"expecting root element of 'secret', not '{root.tag}'")
+        raise _wrong_root(root)
     if validate:
         _validate(root)
     ephemeral = _yes_no(_EPHEMERAL(root), "ephemeral")
