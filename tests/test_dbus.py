@@ -95,8 +95,13 @@ def test_client_errors_map_to_project_exceptions(conn):
         s.set_value(b"x" * 65537)
     with pytest.raises(errors.InternalError, match="already defined for use with client.admin"):
         conn.define_xml(xml(U2))
-    with pytest.raises(errors.InvalidArg, match="unsupported flags"):
+    with pytest.raises(errors.InvalidArg, match=r"^unsupported flags \(0x2\) in function secretGetXMLDesc$"):
         s.xml_desc(2)
+    with pytest.raises(errors.InvalidArg, match=r"^unsupported flags \(0x1\) in function secretSetValue$"):
+        s.set_value(b"x", 1)
+    with pytest.raises(errors.XMLDetail, match=r"^\(definition_of_secret\):1: Opening and ending tag mismatch: "
+                                              r"secret line 1 and sec$"):
+        conn.define_xml("<secret></sec>")
 
 
 def test_client_events(conn, session_bus):
