@@ -388,7 +388,7 @@ def test_sigterm_finishes_in_flight_calls(session_bus, make_secretbusd):
     conns = [DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
                                  bus_address=session_bus.address) for _ in range(4)]
     uuids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
-    for c, u in zip(conns, uuids):
+    for c, u in zip(conns, uuids, strict=True):
         c.define_xml(xml(u, uid=u))
     acked: dict[str, tuple[bytes, bytes | None]] = {}
     unexpected: list[str] = []
@@ -408,7 +408,7 @@ def test_sigterm_finishes_in_flight_calls(session_bus, make_secretbusd):
                     unexpected.append(e.message)
                 return
             last = value
-    threads = [threading.Thread(target=writer, args=cu) for cu in zip(conns, uuids)]
+    threads = [threading.Thread(target=writer, args=cu) for cu in zip(conns, uuids, strict=True)]
     for t in threads:
         t.start()
     time.sleep(0.7)
