@@ -116,6 +116,30 @@ def test_redefine_cannot_take_another_secrets_usage(conn):
         conn.define_xml(xml(U1, usage="tls", uid="x"))
 
 
+def test_define_refuses_what_would_not_load_after_restart(conn, root, monkeypatch):
+    from secretbus.driver import rules
+    # 200 000 apostrophes format to 1.2 MB ("&apos;"), over the store's 1 MiB read limit.
+    with pytest.raises(errors.XMLError, match="description is longer than 131072 characters"):
+        conn.define_xml(xml(desc="'" * 200_000))
+    with pytest.raises(errors.XMLError, match="usage id is longer than 4096 characters"):
+        conn.define_xml(xml(usage="volume", uid="/" + "v" * 4096))
+    # The formatted size is checked too, whatever the per-field limits say.
+    monkeypatch.setattr(rules, "DESCRIPTION_MAX", 10**7)
+    with pytest.raises(errors.XMLError, match=r"would be 1200\d+ bytes when stored, more than 1048576"):
+        conn.define_xml(xml(desc="'" * 200_000))
+    assert os.listdir(root / "etc" / "secrets") == [] and conn.list_secrets() == []
+    monkeypatch.undo()
+    # At the limits, a definition is stored and loads again.
+    s = conn.define_xml(xml(desc="'" * 131072, usage="volume", uid="/" + "&apos;" * 4095))
+    s.set_value(b"v")
+    stored = s.xml_desc()
+    assert len(stored.encode()) > 800_000
+    conn = reopen(conn, root)
+    assert conn.lookup_by_uuid(U1).get_value() == b"v"
+    assert conn.lookup_by_uuid(U1).xml_desc() == stored
+    conn.close()
+
+
 def test_values(conn, root):
     s = conn.define_xml(xml())
     with pytest.raises(errors.NoSecret, match=f"secret '{U1}' does not have a value"):

@@ -77,6 +77,10 @@ class SecretEvent:
     usage_id: str
     lifecycle: Lifecycle | None = None   # set for LIFECYCLE events
     detail: int = 0
+    # The definition the event is about (after a define, before an undefine), so a
+    # subscriber need not look it up again. The driver always sets it; a client that
+    # rebuilds an event from a bus signal, which carries no definition, may not.
+    definition: SecretDef | None = None
 
 
 _EPH, _NO_EPH, _PRIV, _NO_PRIV = 1, 2, 4, 8   # plain ints: this runs per secret per list call

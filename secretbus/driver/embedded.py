@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
 from secretbus.core.model import SecretEvent
+from secretbus.driver.driver import RewriteResult
 
 
 class EmbeddedConnection(Connection):
@@ -55,7 +56,7 @@ class EmbeddedConnection(Connection):
     def unsubscribe(self, sub_id: int) -> None:
         self._driver.unsubscribe(sub_id)
 
-    def rewrite_values(self) -> tuple[int, int]:
+    def rewrite_values(self) -> RewriteResult:
         return self._driver.rewrite_values()
 
     def close(self) -> None:
