@@ -278,6 +278,20 @@ def test_events(conn):
         conn.subscribe(lambda *a: None, 2)
 
 
+def test_events_carry_the_definition(conn):
+    defs = []
+    conn.driver.subscribe(lambda ev: defs.append((ev.event_id, ev.lifecycle, ev.definition)))
+    s = conn.define_xml(xml(desc="one"))
+    conn.define_xml(xml(desc="two"))
+    s.set_value(b"x")
+    s.undefine()
+    descs = [(e, lc, d.uuid, d.description) for e, lc, d in defs]
+    assert descs == [(EventId.LIFECYCLE, Lifecycle.DEFINED, U1, "one"),
+                     (EventId.LIFECYCLE, Lifecycle.DEFINED, U1, "two"),
+                     (EventId.VALUE_CHANGED, None, U1, "two"),
+                     (EventId.LIFECYCLE, Lifecycle.UNDEFINED, U1, "two")]
+
+
 def test_event_filter_by_secret(conn):
     got = []
     conn.subscribe(lambda sec, ev: got.append(sec.uuid), None, U2)

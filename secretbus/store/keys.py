@@ -1,7 +1,7 @@
-"""Encryption key: where it comes from (spec §4.3), loading it, the codec choice, and
+"""Encryption key: where it comes from, loading it, the codec choice, and
 creating the sealed key once (what virt-secret-init-encryption.service does).
 
-Precedence, row by row (libvirt's, with quirk 10 fixed):
+Precedence, row by row (libvirt's, except row 5):
   1. `secrets_encryption_key` in secret.conf, if set, is the key path;
   2. else `$CREDENTIALS_DIRECTORY/secrets-encryption-key` if that file exists
      (systemd `LoadCredentialEncrypted=` puts it there);
