@@ -29,12 +29,13 @@ from secretbus.bus.names import BUS_NAME
 from secretbus.bus.service import SecretService
 from secretbus.core import errors
 from secretbus.core.logsetup import setup_daemon_logging
+from secretbus.core.model import InstanceKind
 from secretbus.driver.build import open_instance
 from secretbus.driver.driver import SecretDriver
 from secretbus.notify import notify, reloading
 from secretbus.procsec import no_core_dumps
 from secretbus.store.conf import resolve_readers
-from secretbus.store.paths import InstanceKind, InstancePaths
+from secretbus.store.paths import InstancePaths
 
 log = logging.getLogger("secretbus.daemon")
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from secretbus.core import errors
-from secretbus.store.paths import InstanceKind
+from secretbus.core.model import InstanceKind
 
 if TYPE_CHECKING:
     from secretbus.driver.embedded import EmbeddedConnection

@@ -4,7 +4,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-VALUE_MAX = 65536  # REMOTE_SECRET_VALUE_MAX: largest value accepted
+VALUE_MAX = 65536  # REMOTE_SECRET_VALUE_MAX: largest value a caller may set
+
+
+class InstanceKind(enum.Enum):
+    """Which instance a connection or a daemon serves (store.paths says where it lives)."""
+
+    SYSTEM = "system"
+    SESSION = "session"
+    EMBED = "embed"
 
 
 class UsageType(enum.IntEnum):

@@ -2,16 +2,13 @@
 mapping (system: /etc/libvirt, session: $XDG_CONFIG_HOME/libvirt, embedded: under a root)."""
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from secretbus.core.model import InstanceKind
 
-class InstanceKind(enum.Enum):
-    SYSTEM = "system"
-    SESSION = "session"
-    EMBED = "embed"
+__all__ = ["InstanceKind", "InstancePaths"]   # InstanceKind lives in core; kept importable here
 
 
 @dataclass(frozen=True)
