@@ -205,6 +205,23 @@ def test_list_flags(conn):
     assert ids(0xF) == sorted([U1, U2, U3])
 
 
+def test_list_view_is_kept_until_the_table_changes(conn):
+    calls = []
+
+    def uuids(defs):
+        calls.append(len(defs))
+        return [d.uuid for d in defs]
+    drv = conn.driver
+    conn.define_xml(xml(U1, uid="a"))
+    assert drv.list_view(0, uuids) == [U1]
+    assert drv.list_view(0, uuids) == [U1] and calls == [1]          # cached
+    assert drv.list_view(ListFlags.EPHEMERAL, uuids) == [] and calls == [1, 0]
+    conn.define_xml(xml(U2, uid="b"))
+    assert drv.list_view(0, uuids) == [U1, U2] and calls == [1, 0, 2]  # the table changed
+    with pytest.raises(errors.InvalidArg, match="unsupported flags"):
+        drv.list_view(0x10, uuids)
+
+
 def test_ephemeral_never_touches_disk(conn, root):
     s = conn.define_xml(xml(eph="yes"))
     s.set_value(b"mem")

@@ -10,7 +10,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 from secretbus.core import errors
 from secretbus.core.model import DEFINE_VALIDATE, EventId, Lifecycle, SecretDef, SecretEvent, UsageType, list_filter
@@ -25,6 +25,7 @@ from secretbus.store.lock import InstanceLock
 log = logging.getLogger("secretbus.driver")
 
 EventCallback = Callable[[SecretEvent], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class SecretDriver:
         self._table = SecretTable()
         self._subscribers: dict[int, EventCallback] = {}
         self._next_sub = 0
+        self._views: dict[tuple[int, Callable[..., Any]], tuple[int, Any]] = {}
         self._setup = setup
         try:
             self._load_store(setup.store)
@@ -170,6 +172,19 @@ class SecretDriver:
         defs = self._table.snapshot()
         keep = list_filter(flags)
         return list(defs) if keep is None else [d for d in defs if keep(d)]
+
+    def list_view(self, flags: int, derive: Callable[[list[SecretDef]], T]) -> T:
+        """derive(list_secrets(flags)), kept until the table changes: a front end's own form
+        of a listing (D-Bus object paths, say) without a second cache keyed on `version`.
+        `derive` must be one long-lived function (it is part of the cache key)."""
+        version = self._table.version    # read first: a racing change only marks the entry stale
+        key = (flags, derive)
+        hit = self._views.get(key)
+        if hit is not None and hit[0] == version:
+            return cast(T, hit[1])
+        result = derive(self.list_secrets(flags))
+        self._views[key] = (version, result)
+        return result
 
     def count(self) -> int:
         return len(self._table)
