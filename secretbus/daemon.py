@@ -224,5 +224,6 @@ def _config_failure(e: errors.SecretError) -> int:
     notify(f"STATUS=failed: {errors.display(e)}")
     return EXIT_CONFIG
 
+
 if __name__ == "__main__":
     sys.exit(main())
