@@ -8,8 +8,8 @@ Run as root from the dev venv (it starts everything itself and stops it by PID):
 Set-up: a private system-type dbus-daemon with dbus/org.libvirt.secret.conf, a real polkitd
 with polkit/org.libvirt.api.secret.policy and the example rules (group libvirt gets
 read-secure), and secretbusd (`--system --root DIR --bus-address ADDR`, as root) whose
-PolkitAccess is built in one of three modes (the daemon has no switch for it, so a small
-launcher swaps the class before calling secretbus.daemon.main): "on" (as shipped), "off"
+PolkitAccess is built in one of three modes (a small launcher passes the class to
+secretbus.daemon.main): "on" (as shipped), "off"
 (cache=False: no decision cache, but concurrent identical checks still share one polkit
 answer) and "off, no sharing" (every call pays one CheckAuthorization). The client is a
 dbus-fast script run as the test user `sbtest-member` (group libvirt) through setpriv with
@@ -56,11 +56,9 @@ class EveryCall(polkit.PolkitAccess):
         return await self._check(caller, perm, details, key)
 
 mode = sys.argv[1]
-if mode == "off":
-    daemon.PolkitAccess = functools.partial(polkit.PolkitAccess, cache=False)
-elif mode == "every":
-    daemon.PolkitAccess = functools.partial(EveryCall, cache=False)
-sys.exit(daemon.main(sys.argv[2:]))
+kinds = {"on": polkit.PolkitAccess, "off": functools.partial(polkit.PolkitAccess, cache=False),
+         "every": functools.partial(EveryCall, cache=False)}
+sys.exit(daemon.main(sys.argv[2:], polkit=kinds[mode]))
 """
 MODES = ("on", "off", "every")
 MODE_TEXT = {"on": "on", "off": "off", "every": "off, no sharing"}
@@ -249,7 +247,7 @@ def main() -> int:
     table = [head] + rows
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     for i, r in enumerate(table):
-        print("  ".join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        print("  ".join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
     bad = {(r["mode"], r["op"], r["inflight"]): r["errors"] for r in results

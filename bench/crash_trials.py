@@ -8,7 +8,9 @@ drives define / set-value / redefine / undefine from several clients (each owns 
 secrets and has at most one call in flight per secret), kills the daemon with SIGKILL at a
 random moment, restarts it and compares what it serves with what was acknowledged:
 a secret must be in its last acknowledged state, or in the state of the one call that was
-in flight when the daemon died. Also checks that no temp file survives the restart and
+in flight when the daemon died; an undefine in flight may also be cut between its two
+unlinks (values go first), leaving the secret defined without a value, never a value file
+that a new secret with that UUID would inherit. Also checks that no temp file survives the restart and
 that no secret was skipped as damaged. Prints a table; exit status 1 on any violation.
 """
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Stats:
     acked_ops: int = 0
     lost: int = 0                         # acknowledged state not found after restart
     half: int = 0                         # state matching neither acked nor in-flight result
+    cut_undefines: int = 0                # in-flight undefine cut after its value unlink
+    orphans: int = 0                      # value files without their XML after a restart
     temp_left: int = 0
     skipped: int = 0
     notes: list[str] = field(default_factory=list)
@@ -144,6 +148,13 @@ async def observe(bus: MessageBus, uuid: str) -> tuple:
     return ("present", desc, value)
 
 
+def orphan_values(d: Path) -> list[str]:
+    """Value files whose secret has no XML: what a new secret with that UUID could inherit."""
+    names = set(os.listdir(d))
+    return sorted(n for n in names if n.rsplit(".", 1)[-1] in ("base64", "aes256gcm", "aes256cbc")
+                  and f"{n.rsplit('.', 1)[0]}.xml" not in names)
+
+
 async def trial(n: int, bus: PrivateBus, root: Path, log: Path, state: dict[str, Tracked], stats: Stats,
                 clients: int, rng: random.Random) -> None:
     proc = start_daemon(bus, root, log)
@@ -169,6 +180,9 @@ async def trial(n: int, bus: PrivateBus, root: Path, log: Path, state: dict[str,
                 pass
             elif t.in_flight is not None and seen == t.in_flight:
                 t.acked = seen        # the in-flight call had completed before the kill
+            elif t.in_flight is ABSENT and t.acked is not ABSENT and seen == (*t.acked[:2], None):
+                stats.cut_undefines += 1
+                t.acked = seen
             else:
                 stats.lost += 1
                 stats.notes.append(f"trial {n}: {uuid}: acked {t.acked!r:.60} in flight {t.in_flight!r:.60} "
@@ -176,6 +190,7 @@ async def trial(n: int, bus: PrivateBus, root: Path, log: Path, state: dict[str,
                 t.acked = seen
             t.in_flight = None
         stats.temp_left += len(list((root / "etc" / "secrets").glob("*.new")))
+        stats.orphans += len(orphan_values(root / "etc" / "secrets"))
         stats.trials += 1
         if temps_before:
             stats.notes.append(f"trial {n}: {len(temps_before)} temp file(s) found after the kill, removed at start")
@@ -220,6 +235,8 @@ def figures(size: str = "small") -> list[tuple[str, object, str]]:
             ("crash: acknowledged operations", s.acked_ops, "-"),
             ("crash: lost acknowledged writes", s.lost, "0"),
             ("crash: temp files left after restart", s.temp_left, "0"),
+            ("crash: orphan value files after restart", s.orphans, "0"),
+            ("crash: undefines cut between value and XML", s.cut_undefines, "-"),
             ("crash: secrets skipped as damaged", s.skipped, "0")]
 
 
@@ -239,11 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     print("| figure | value |\n|---|---|")
     for k, v in (("trials (kill -9 + restart)", s.trials), ("acknowledged operations", s.acked_ops),
                  ("lost acknowledged writes", s.lost), ("temp files left after restart", s.temp_left),
+                 ("orphan value files after restart", s.orphans),
+                 ("undefines cut between value and XML", s.cut_undefines),
                  ("secrets skipped as damaged", s.skipped)):
         print(f"| {k} | {v} |")
     for note in s.notes[:20]:
         print("  " + note)
-    return 0 if s.lost == 0 and s.temp_left == 0 and s.skipped == 0 and s.trials == a.trials else 1
+    ok = s.lost == 0 and s.temp_left == 0 and s.orphans == 0 and s.skipped == 0
+    return 0 if ok and s.trials == a.trials else 1
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ What counts as a failure:
 - Value files (`Base64Codec`, `GcmCodec`, `CbcCodec`, `NoKeyCodec`): `decode` raising anything
   but `ValueFileError`; a round trip that does not return the value; GCM returning anything
   but the original value for a modified file, or any value under another UUID.
-- Store loading (`SecretDriver` start-up over a directory of random, damaged, misnamed,
+- Store loading (driver start-up over a directory of random, damaged, misnamed,
   foreign, oversized, non-UTF-8-named files and symlinks; in a second row also
   subdirectories and FIFOs): an exception, a hang (> 5 s, or a reader blocked opening a
   FIFO), a file deleted (other than a regular `*.new` file, which must be) or changed, an
@@ -755,7 +755,7 @@ def _snapshot(d: Path) -> dict[str, tuple]:
 
 
 def check_store(entries: list, res: Result, base: Path, encrypted: bool) -> None:
-    from secretbus.driver.driver import SecretDriver
+    from secretbus.driver.build import open_instance
     from secretbus.store.paths import InstancePaths
     res.tried += 1
     root = Path(tempfile.mkdtemp(dir=base))
@@ -788,7 +788,7 @@ def check_store(entries: list, res: Result, base: Path, encrypted: bool) -> None
 
         def load():
             try:
-                drv = SecretDriver(InstancePaths.embed(root), conf=conf, environ={}, take_lock=False)
+                drv = open_instance(InstancePaths.embed(root), conf=conf, environ={}, take_lock=False)
                 box["served"] = {d.uuid: d for d in drv.list_secrets()}
                 box["values"] = {}
                 for u in box["served"]:
@@ -796,7 +796,7 @@ def check_store(entries: list, res: Result, base: Path, encrypted: bool) -> None
                         box["values"][u] = drv.get_value(u, internal_call=True)
                     except errors.NoSecret:
                         box["values"][u] = None
-                box["skipped"] = drv.last_load.skipped
+                box["skipped"] = drv.skipped()
                 drv.close()
             except BaseException as e:  # noqa: BLE001
                 box["error"] = e
@@ -1022,7 +1022,7 @@ def xml_args(draw: st.DrawFn) -> str:
     """SecretDefineXML's document: mostly valid-looking, often mutated, sometimes junk or huge;
     NUL and lone surrogates (which no D-Bus string can carry) replaced."""
     x = draw(randoms).random()
-    for p, strategy in _XML_ARG_KINDS:
+    for p, strategy in _XML_ARG_KINDS:  # noqa: B007 - the strategy where the loop stops is used
         if x < p:
             break
         x -= p
@@ -1296,7 +1296,7 @@ def fuzz_dbus(n: int, seed: int | None = None, quiet: bool = False, bus=None,
                 replies = target.run(go(), CALL_TIMEOUT + 10)
             except Exception as e:  # noqa: BLE001
                 replies = [e] * len(batch)
-            for c, r in zip(batch, replies):
+            for c, r in zip(batch, replies, strict=True):
                 if isinstance(r, asyncio.TimeoutError):
                     res.fail(f"no reply within {CALL_TIMEOUT} s (hang)", c)
                 elif isinstance(r, BaseException):
@@ -1435,7 +1435,8 @@ def _atheris_child(target: str, seconds: int, workdir: str) -> None:
 _ATHERIS_BOOT = """
 import sys, atheris
 with atheris.instrument_imports(include=["secretbus"]):
-    import secretbus.store.conf, secretbus.core.errors, secretbus.core.secretxml, secretbus.core.uuids, secretbus.core.model
+    import secretbus.store.conf, secretbus.core.errors, secretbus.core.secretxml
+    import secretbus.core.uuids, secretbus.core.model
 sys.path.insert(0, sys.argv[1])
 import fuzz
 fuzz._atheris_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])

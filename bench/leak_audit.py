@@ -700,15 +700,15 @@ def wipe_check() -> tuple[int, int, list[str]]:
     """(checked, zeroed, notes): hold the driver's own bytearrays and see them zeroed."""
     import tempfile
 
-    from secretbus.driver.driver import SecretDriver
+    from secretbus.driver.build import open_instance
     from secretbus.store.paths import InstancePaths
     checked = zeroed = 0
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        drv = SecretDriver(InstancePaths.embed(tmp))
+        drv = open_instance(InstancePaths.embed(tmp))
         try:
             def buf(u):
-                b = drv._secrets[u].value
+                b = drv._table.get(u).value
                 if not isinstance(b, bytearray):
                     notes.append(f"{u}: value held as {type(b).__name__}, not bytearray")
                 return b

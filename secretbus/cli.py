@@ -303,11 +303,13 @@ def cmd_init_encryption(conn_unused, a) -> int:
 
 def cmd_rewrite_values(conn, a) -> int:
     try:
-        done, total = conn.rewrite_values()
+        done, total, skipped = conn.rewrite_values()
     except errors.SecretError as e:
         raise CommandError("Failed to rewrite secret values", errors.display(e)) from None
     _print(f"Rewrote {done} of {total} persistent secret values")
-    return 0 if done == total else 1
+    if skipped:
+        _err(f"{skipped} secrets could not be loaded and were not rewritten (the log says why)")
+    return 0 if done == total and not skipped else 1
 
 
 # -- argument parsing ----------------------------------------------------------------
@@ -401,16 +403,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _open(uri: str | None, direct_driver: bool):
-    from secretbus.uri import default_uri, open_connection, parse_uri
+    from secretbus.uri import default_uri, open_connection, open_driver, parse_uri
     if direct_driver:
-        from secretbus.driver.driver import SecretDriver
-        from secretbus.driver.embedded import EmbeddedConnection
-        from secretbus.store.paths import InstanceKind, InstancePaths
         uri = uri or default_uri()
-        parsed = parse_uri(uri)
-        paths = {InstanceKind.SYSTEM: InstancePaths.system, InstanceKind.SESSION: InstancePaths.session}
-        p = InstancePaths.embed(parsed.root) if parsed.kind is InstanceKind.EMBED else paths[parsed.kind]()
-        return EmbeddedConnection(SecretDriver(p), uri)
+        return open_driver(parse_uri(uri), uri)
     return open_connection(uri)
 
 

@@ -16,18 +16,21 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 
-from secretbus.access.permissions import AllowAll
+from secretbus.access.permissions import AccessControl, AllowAll
 from secretbus.access.polkit import CallerUids, PolkitAccess
 from secretbus.bus import connect as busconn
 from secretbus.bus.names import BUS_NAME
 from secretbus.bus.service import SecretService
 from secretbus.core import errors
 from secretbus.core.logsetup import setup_daemon_logging
+from secretbus.core.model import InstanceKind
+from secretbus.driver.build import open_instance
 from secretbus.driver.driver import SecretDriver
 from secretbus.notify import notify, reloading
 from secretbus.procsec import no_core_dumps
@@ -58,73 +61,94 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Builds the access control once the bus is up: polkit on the system bus, none on a session bus.
+AccessFactory = Callable[[MessageBus, CallerUids], Awaitable[AccessControl]]
+BusFactory = Callable[[], Awaitable[MessageBus]]
+
+
+def polkit_access(timeout: float, cls: Callable[..., PolkitAccess] = PolkitAccess) -> AccessFactory:
+    """Access through polkitd; `cls` lets a bench measure a variant of PolkitAccess."""
+    async def make(bus: MessageBus, uids: CallerUids) -> AccessControl:
+        access = cls(bus, uids, timeout=timeout)
+        await access.start()
+        return access
+    return make
+
+
+async def allow_all(bus: MessageBus, uids: CallerUids) -> AccessControl:
+    return AllowAll(uids)
+
+
+def bus_factory(address: str | None, system: bool) -> BusFactory:
+    async def connect() -> MessageBus:
+        return await asyncio.wait_for(busconn.connect(address, BusType.SYSTEM if system else BusType.SESSION), 30)
+    return connect
+
+
 class Daemon:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.system = bool(args.system)
-        if args.root:
-            self.paths = InstancePaths.embed(os.path.abspath(args.root))
-        else:
-            self.paths = InstancePaths.system() if self.system else InstancePaths.session()
-        self.stop_event: asyncio.Event | None = None
-        self.driver: SecretDriver | None = None
-        self.service: SecretService | None = None
-        self.bus: MessageBus | None = None
+    """One driver served on one bus, built by main() (or a test) from its parts."""
+
+    service: SecretService     # made in run(), once the bus is connected
+
+    def __init__(self, driver: SecretDriver, *, access: AccessFactory, connect: BusFactory,
+                 system: bool, idle_timeout: float = 0):
+        self.driver = driver
+        self.system = system
+        self._make_access = access
+        self._connect = connect
+        self._idle_timeout = idle_timeout
+        self.stop_event = asyncio.Event()
         self._reloading = False
 
-    async def run(self) -> int:
-        t0 = time.monotonic()
-        self.stop_event = asyncio.Event()
-        notify("STATUS=loading secrets")
-        try:
-            self.driver = SecretDriver(self.paths)
-            readers = resolve_readers(self.driver.conf)
-        except errors.SecretError as e:
-            log.error("cannot start: %s", errors.display(e))
-            notify(f"STATUS=failed: {errors.display(e)}")
-            return EXIT_CONFIG
-        try:
-            return await self._serve(readers, t0)
-        finally:
-            self.driver.close()
+    @property
+    def _bus_kind(self) -> str:
+        return "system" if self.system else "session"
 
-    async def _connect(self) -> MessageBus:
-        return await asyncio.wait_for(
-            busconn.connect(self.args.bus_address, BusType.SYSTEM if self.system else BusType.SESSION), 30)
-
-    async def _serve(self, readers: frozenset[int], t0: float) -> int:
+    async def run(self, readers: frozenset[int], t0: float | None = None) -> int:
+        """Serve until SIGTERM/SIGINT, idle timeout or loss of the bus; the exit status."""
+        t0 = time.monotonic() if t0 is None else t0
         try:
-            self.bus = await self._connect()
+            bus = await self._connect()
         except Exception as e:  # noqa: BLE001
-            log.error("cannot connect to the %s bus: %s", "system" if self.system else "session", e)
+            log.error("cannot connect to the %s bus: %s", self._bus_kind, e)
             return 1
-        uids = CallerUids(self.bus)
+        uids = CallerUids(bus)
         await uids.start()
-        if self.system and not self.args.no_polkit:
-            access = PolkitAccess(self.bus, uids, timeout=self.args.polkit_timeout)
-            await access.start()
-        else:
-            access = AllowAll(uids)
-        self.service = SecretService(self.driver, self.bus, access, private_readers=readers)
+        access = await self._make_access(bus, uids)
+        self.service = SecretService(self.driver, bus, access, private_readers=readers)
         self.service.attach()
-        reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
-        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-            log.error("cannot own %s on the bus (%s): another instance runs, or the bus policy refuses",
-                      BUS_NAME, reply.name)
-            self.bus.disconnect()
-            return 1
+        try:
+            if not await self._own_name(bus):
+                return 1
+            return await self._serve(bus, t0)
+        finally:
+            getattr(access, "close", lambda: None)()
+            uids.close()
+            if bus.connected:
+                bus.disconnect()
+
+    @staticmethod
+    async def _own_name(bus: MessageBus) -> bool:
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            return True
+        log.error("cannot own %s on the bus (%s): another instance runs, or the bus policy refuses",
+                  BUS_NAME, reply.name)
+        return False
+
+    async def _serve(self, bus: MessageBus, t0: float) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         n = self.driver.count()
         log.info("serving %d secrets as %s on the %s bus (ready in %.3f s; %s)", n, BUS_NAME,
-                 "system" if self.system else "session", time.monotonic() - t0,
+                 self._bus_kind, time.monotonic() - t0,
                  self.driver.key_description or "values not encrypted")
         notify("READY=1", f"STATUS=serving {n} secrets")
-        waiters = [asyncio.create_task(self.stop_event.wait()), asyncio.create_task(self.bus.wait_for_disconnect())]
-        if self.args.timeout > 0:
-            waiters.append(asyncio.create_task(self._idle_watch(self.args.timeout)))
+        waiters = [asyncio.create_task(self.stop_event.wait()), asyncio.create_task(bus.wait_for_disconnect())]
+        if self._idle_timeout > 0:
+            waiters.append(asyncio.create_task(self._idle_watch(self._idle_timeout)))
         done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
             t.cancel()
@@ -132,10 +156,6 @@ class Daemon:
         notify("STOPPING=1", "STATUS=stopping")
         log.info("stopping (%s)", "bus connection lost" if lost_bus else "signal or idle timeout")
         await self.service.drain()
-        access.close()
-        uids.close()
-        if self.bus.connected:
-            self.bus.disconnect()
         return 1 if lost_bus else 0
 
     async def _idle_watch(self, timeout: float) -> None:
@@ -168,15 +188,41 @@ class Daemon:
             self._reloading = False
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] = PolkitAccess) -> int:
+    """secretbusd; `polkit` is the access-control class on the system bus (benches vary it)."""
     args = build_parser().parse_args(argv)
     setup_daemon_logging(verbose=args.verbose)
     no_core_dumps()
     os.umask(0o077)
+    t0 = time.monotonic()
+    system = bool(args.system)
+    paths = InstancePaths.for_kind(InstanceKind.SYSTEM if system else InstanceKind.SESSION,
+                                   os.path.abspath(args.root) if args.root else None)
+    notify("STATUS=loading secrets")
     try:
-        return asyncio.run(Daemon(args).run())
+        driver = open_instance(paths)
+    except errors.SecretError as e:
+        return _config_failure(e)
+    try:
+        readers = resolve_readers(driver.conf)
+    except errors.SecretError as e:
+        driver.close()
+        return _config_failure(e)
+    access = polkit_access(args.polkit_timeout, polkit) if system and not args.no_polkit else allow_all
+    daemon = Daemon(driver, access=access, connect=bus_factory(args.bus_address, system),
+                    system=system, idle_timeout=args.timeout)
+    try:
+        return asyncio.run(daemon.run(readers, t0))
     except KeyboardInterrupt:
         return 0
+    finally:
+        driver.close()
+
+
+def _config_failure(e: errors.SecretError) -> int:
+    log.error("cannot start: %s", errors.display(e))
+    notify(f"STATUS=failed: {errors.display(e)}")
+    return EXIT_CONFIG
 
 
 if __name__ == "__main__":

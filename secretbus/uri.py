@@ -1,13 +1,17 @@
-"""Connection URIs (DESIGN §2) and `open()`."""
+"""Connection URIs (secret:///system, secret:///session, secret:///embed?root=DIR) and `open()`."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from secretbus.core import errors
-from secretbus.store.paths import InstanceKind
+from secretbus.core.model import InstanceKind
+
+if TYPE_CHECKING:
+    from secretbus.driver.embedded import EmbeddedConnection
 
 
 @dataclass(frozen=True)
@@ -53,15 +57,21 @@ def default_uri() -> str:
     return "secret:///system" if os.geteuid() == 0 else "secret:///session"
 
 
+def open_driver(parsed: ParsedURI, uri: str) -> EmbeddedConnection:
+    """The instance of `parsed` as a driver in this process (embedded, or the direct-driver
+    commands that must not run while the service does)."""
+    from secretbus.driver.build import open_instance
+    from secretbus.driver.embedded import EmbeddedConnection
+    from secretbus.store.paths import InstancePaths
+    return EmbeddedConnection(open_instance(InstancePaths.for_kind(parsed.kind, parsed.root)), uri)
+
+
 def open_connection(uri: str | None = None, *, timeout: float = 25.0):
     """Open `uri` (default: $SECRETBUS_DEFAULT_URI, else system for root, session otherwise)."""
     uri = uri or default_uri()
     parsed = parse_uri(uri)
     if parsed.kind is InstanceKind.EMBED:
-        from secretbus.driver.driver import SecretDriver
-        from secretbus.driver.embedded import EmbeddedConnection
-        from secretbus.store.paths import InstancePaths
-        return EmbeddedConnection(SecretDriver(InstancePaths.embed(parsed.root)), uri)
+        return open_driver(parsed, uri)
     try:
         from secretbus.bus.client import DBusConnection
     except ImportError:

@@ -179,6 +179,13 @@ def test_init_encryption_raw_then_rewrite(cli, xmlfile, tmp_path):
     assert (p.returncode, p.stdout) == (0, b"Rewrote 1 of 1 persistent secret values\n")
     assert sorted(os.listdir(cfg)) == [f"{U1}.aes256gcm", f"{U1}.xml"]
     assert cli("secret-get-value", U1, "--plain").stdout == SENTINEL
+    # Without the key the encrypted value cannot load: counted as skipped, exit status 1.
+    (cli.root / "etc" / "secret.conf").write_text("encrypt_data = 0\n")
+    p = cli("rewrite-values")
+    assert p.returncode == 1
+    assert p.stdout == b"Rewrote 0 of 1 persistent secret values\n"
+    assert b"error: 1 secrets could not be loaded and were not rewritten" in p.stderr
+    assert sorted(os.listdir(cfg)) == [f"{U1}.aes256gcm", f"{U1}.xml"]
 
 
 def test_unsupported_uri(cli):

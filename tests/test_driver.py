@@ -116,6 +116,30 @@ def test_redefine_cannot_take_another_secrets_usage(conn):
         conn.define_xml(xml(U1, usage="tls", uid="x"))
 
 
+def test_define_refuses_what_would_not_load_after_restart(conn, root, monkeypatch):
+    from secretbus.driver import rules
+    # 200 000 apostrophes format to 1.2 MB ("&apos;"), over the store's 1 MiB read limit.
+    with pytest.raises(errors.XMLError, match="description is longer than 131072 characters"):
+        conn.define_xml(xml(desc="'" * 200_000))
+    with pytest.raises(errors.XMLError, match="usage id is longer than 4096 characters"):
+        conn.define_xml(xml(usage="volume", uid="/" + "v" * 4096))
+    # The formatted size is checked too, whatever the per-field limits say.
+    monkeypatch.setattr(rules, "DESCRIPTION_MAX", 10**7)
+    with pytest.raises(errors.XMLError, match=r"would be 1200\d+ bytes when stored, more than 1048576"):
+        conn.define_xml(xml(desc="'" * 200_000))
+    assert os.listdir(root / "etc" / "secrets") == [] and conn.list_secrets() == []
+    monkeypatch.undo()
+    # At the limits, a definition is stored and loads again.
+    s = conn.define_xml(xml(desc="'" * 131072, usage="volume", uid="/" + "&apos;" * 4095))
+    s.set_value(b"v")
+    stored = s.xml_desc()
+    assert len(stored.encode()) > 800_000
+    conn = reopen(conn, root)
+    assert conn.lookup_by_uuid(U1).get_value() == b"v"
+    assert conn.lookup_by_uuid(U1).xml_desc() == stored
+    conn.close()
+
+
 def test_values(conn, root):
     s = conn.define_xml(xml())
     with pytest.raises(errors.NoSecret, match=f"secret '{U1}' does not have a value"):
@@ -185,6 +209,23 @@ def test_list_flags(conn):
     assert ids(ListFlags.NO_PRIVATE | ListFlags.EPHEMERAL) == [U2]
     assert ids(ListFlags.PRIVATE | ListFlags.NO_EPHEMERAL) == []
     assert ids(0xF) == sorted([U1, U2, U3])
+
+
+def test_list_view_is_kept_until_the_table_changes(conn):
+    calls = []
+
+    def uuids(defs):
+        calls.append(len(defs))
+        return [d.uuid for d in defs]
+    drv = conn.driver
+    conn.define_xml(xml(U1, uid="a"))
+    assert drv.list_view(0, uuids) == [U1]
+    assert drv.list_view(0, uuids) == [U1] and calls == [1]          # cached
+    assert drv.list_view(ListFlags.EPHEMERAL, uuids) == [] and calls == [1, 0]
+    conn.define_xml(xml(U2, uid="b"))
+    assert drv.list_view(0, uuids) == [U1, U2] and calls == [1, 0, 2]  # the table changed
+    with pytest.raises(errors.InvalidArg, match="unsupported flags"):
+        drv.list_view(0x10, uuids)
 
 
 def test_ephemeral_never_touches_disk(conn, root):
@@ -258,6 +299,20 @@ def test_events(conn):
         conn.unsubscribe(sub)
     with pytest.raises(errors.InvalidArg, match="must be less than 2"):
         conn.subscribe(lambda *a: None, 2)
+
+
+def test_events_carry_the_definition(conn):
+    defs = []
+    conn.driver.subscribe(lambda ev: defs.append((ev.event_id, ev.lifecycle, ev.definition)))
+    s = conn.define_xml(xml(desc="one"))
+    conn.define_xml(xml(desc="two"))
+    s.set_value(b"x")
+    s.undefine()
+    descs = [(e, lc, d.uuid, d.description) for e, lc, d in defs]
+    assert descs == [(EventId.LIFECYCLE, Lifecycle.DEFINED, U1, "one"),
+                     (EventId.LIFECYCLE, Lifecycle.DEFINED, U1, "two"),
+                     (EventId.VALUE_CHANGED, None, U1, "two"),
+                     (EventId.LIFECYCLE, Lifecycle.UNDEFINED, U1, "two")]
 
 
 def test_event_filter_by_secret(conn):

@@ -70,7 +70,7 @@ def test_legacy_base64_is_reencrypted_on_next_write(tmp_path):
     assert f"{U2}.base64" in names
     # The re-write command converts the rest now.
     with open_root(root) as c:
-        assert c.rewrite_values() == (2, 2)
+        assert c.rewrite_values() == (2, 2, 0)
     names = sorted(os.listdir(root / "etc" / "secrets"))
     assert [n for n in names if not n.endswith(".xml")] == [f"{U1}.aes256gcm", f"{U2}.aes256gcm"]
     assert scan_for_sentinel(root) == []
@@ -144,3 +144,30 @@ def test_bad_conf_is_a_startup_error_naming_file_and_line(tmp_path):
     root, _ = make_root(tmp_path, ["# comment", "encrypt_data = \"yes\""])
     with pytest.raises(errors.ConfigError, match=r"secret\.conf:2:"):
         open_root(root)
+
+
+def test_secret_skipped_without_its_key_is_never_overwritten(tmp_path, caplog):
+    root, _ = make_root(tmp_path, ['secrets_encryption_key = "KEY"'])
+    with open_root(root) as c:
+        c.define_xml(xml(U1, "a")).set_value(SENTINEL)
+    cfg = root / "etc" / "secrets"
+    before = {p.name: p.read_bytes() for p in cfg.iterdir()}
+    conf = (root / "etc" / "secret.conf").read_text()
+    (root / "etc" / "secret.conf").write_text("encrypt_data = 0\n")
+    with caplog.at_level(logging.ERROR, logger="secretbus"):
+        with open_root(root) as c:
+            assert c.list_secrets() == []
+            # Neither its UUID nor its usage is free while its files are there.
+            with pytest.raises(errors.OperationFailed,
+                               match=f"secret {U1} exists in the store but could not be loaded "
+                                     r"\(value file .*no encryption key is loaded\)"):
+                c.define_xml(xml(U1, "other"))
+            with pytest.raises(errors.OperationFailed, match="could not be loaded"):
+                c.define_xml(f"<secret ephemeral='yes'><uuid>{U1}</uuid></secret>")
+            with pytest.raises(errors.InternalError, match=f"UUID {U1} is already defined for use with a"):
+                c.define_xml(xml(U2, "a"))
+            assert c.rewrite_values() == (0, 1, 1)
+    assert {p.name: p.read_bytes() for p in cfg.iterdir()} == before
+    (root / "etc" / "secret.conf").write_text(conf)
+    with open_root(root) as c:
+        assert c.lookup_by_uuid(U1).get_value() == SENTINEL

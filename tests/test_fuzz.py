@@ -105,11 +105,11 @@ def test_conf_nul_in_key_path_or_reader_is_a_config_error(text):
 
 
 def _store(tmp_path: Path):
-    from secretbus.store.codec import plain_codecs
+    from secretbus.store.codec import Base64Codec, ValueCodecs
     from secretbus.store.filestore import SecretStore
     d = tmp_path / "secrets"
     d.mkdir()
-    return d, SecretStore(d, plain_codecs())
+    return d, SecretStore(d, ValueCodecs(writer=Base64Codec()))
 
 
 @pytest.mark.parametrize("name", [f"{U1}.xml.new", "notes.new"])

@@ -143,12 +143,6 @@ def test_secrets_encryption_key_env_var_is_not_used(conf_key):
     assert resolve_key(SecretConf(), {"SECRETS_ENCRYPTION_KEY": str(conf_key)}).encrypt is False
 
 
-def test_describe():
-    assert "key from credential" in KeyChoice(True, Path("/c/k"), "credential").describe()
-    assert "encrypt_data = 0" in KeyChoice(False, Path("/c/k"), "secret.conf").describe()
-    assert "no key configured" in KeyChoice(False, None, "none").describe()
-
-
 # --- load_key -------------------------------------------------------------------------
 
 def test_load_key_exact_32(tmp_path):
@@ -214,7 +208,7 @@ def test_load_key_messages_never_contain_key_bytes(tmp_path):
 def test_codecs_gcm_default(conf_key):
     codecs, desc = codecs_for(SecretConf(secrets_encryption_key=str(conf_key)), {})
     assert isinstance(codecs.writer, GcmCodec)
-    assert set(codecs.suffixes) == {"aes256gcm", "aes256cbc", "base64"}
+    assert set(codecs.readers) == {"aes256gcm", "aes256cbc", "base64"}
     assert codecs.readers["aes256gcm"] is codecs.writer
     assert isinstance(codecs.readers["aes256cbc"], CbcCodec)
     assert isinstance(codecs.readers["base64"], Base64Codec)
@@ -245,7 +239,7 @@ def test_codecs_without_key_read_base64_and_report_no_key(conf_key):
     codecs, desc = codecs_for(SecretConf(), {})
     assert desc is None
     assert isinstance(codecs.writer, Base64Codec)
-    assert set(codecs.suffixes) == {"aes256gcm", "aes256cbc", "base64"}
+    assert set(codecs.readers) == {"aes256gcm", "aes256cbc", "base64"}
     for suffix in ("aes256gcm", "aes256cbc"):
         assert isinstance(codecs.readers[suffix], NoKeyCodec)
         with pytest.raises(ValueFileError) as ei:

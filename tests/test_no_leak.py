@@ -18,17 +18,16 @@ from pathlib import Path
 
 import harness
 import pytest
+from harness import load_bench as _bench
 from harness.journal import JournalSocket
 
 import secretbus
 from secretbus.core import errors
+from secretbus.driver.build import open_instance
 from secretbus.driver.driver import SecretDriver
 from secretbus.store.paths import InstancePaths
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-from harness import load_bench as _bench
 
 leak = _bench("leak_audit")
 
@@ -176,7 +175,7 @@ def _xml(uuid, eph="no"):
 
 
 def _held(drv: SecretDriver, uuid: str) -> bytearray:
-    buf = drv._secrets[uuid].value
+    buf = drv._table.get(uuid).value
     assert type(buf) is bytearray        # a mutable buffer the driver can zero in place
     return buf
 
@@ -186,7 +185,7 @@ def _zeroed(buf: bytearray, n: int) -> bool:
 
 
 def test_replaced_and_undefined_values_are_zeroed(tmp_path):
-    drv = SecretDriver(InstancePaths.embed(tmp_path))
+    drv = open_instance(InstancePaths.embed(tmp_path))
     try:
         v1, v2 = b"first \x00 secret", b"second secret"
         for u, eph in ((U1, "no"), (U2, "yes")):
@@ -215,7 +214,7 @@ def test_replaced_and_undefined_values_are_zeroed(tmp_path):
 
 
 def test_reload_zeroes_the_buffers_it_replaces_or_drops(tmp_path):
-    drv = SecretDriver(InstancePaths.embed(tmp_path))
+    drv = open_instance(InstancePaths.embed(tmp_path))
     try:
         drv.define_xml(_xml(U1))
         drv.set_value(U1, b"value one")
@@ -238,7 +237,7 @@ def test_reload_zeroes_the_buffers_it_replaces_or_drops(tmp_path):
 
 
 def test_a_failed_write_leaves_the_current_value_unwiped(tmp_path, monkeypatch):
-    drv = SecretDriver(InstancePaths.embed(tmp_path))
+    drv = open_instance(InstancePaths.embed(tmp_path))
     try:
         drv.define_xml(_xml(U1))
         drv.set_value(U1, b"current")

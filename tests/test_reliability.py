@@ -29,6 +29,7 @@ def test_crash_trials_lose_no_acknowledged_write():
     assert s.acked_ops > 0, "the clients made no acknowledged call before the kills"
     assert s.lost == 0 and s.half == 0, s.notes
     assert s.temp_left == 0
+    assert s.orphans == 0          # no value file outlives its XML
     assert s.skipped == 0
 
 

@@ -129,6 +129,52 @@ def test_two_value_files_newest_is_used(tmp_path):
         assert c.lookup_by_uuid(U1).get_value() == b"old"
 
 
+def test_value_larger_than_the_write_limit_still_loads(tmp_path):
+    """libvirt's embedded driver has no 64 KiB limit: what it stored is served; only new
+    writes are limited."""
+    d = cfg(tmp_path)
+    d.mkdir(parents=True)
+    big = os.urandom(65536 * 3 + 1)
+    (d / f"{U1}.xml").write_text(LIBVIRT_XML.format(uuid=U1, name="big"))
+    (d / f"{U1}.base64").write_bytes(base64.b64encode(big))
+    with open_root(tmp_path) as c:
+        s = c.lookup_by_uuid(U1)
+        assert s.get_value() == big
+        assert c.rewrite_values() == (1, 1, 0)          # rewriting keeps it whole
+        with pytest.raises(secretbus.core.errors.RPCError, match="^value length greater than maximum: 65537 > 65536$"):
+            s.set_value(big)
+    with open_root(tmp_path) as c:
+        assert c.lookup_by_uuid(U1).get_value() == big
+
+
+def test_read_limit_is_not_below_the_write_limit():
+    from secretbus.core.secretxml import MAX_XML_BYTES
+    from secretbus.store.filestore import XML_READ_LIMIT
+    assert XML_READ_LIMIT >= MAX_XML_BYTES
+
+
+def test_stale_value_file_is_not_inherited_by_a_new_secret(tmp_path):
+    """A value file without its XML (an interrupted undefine of old) is cleared by a define."""
+    d = cfg(tmp_path)
+    d.mkdir(parents=True)
+    (d / f"{U1}.base64").write_bytes(base64.b64encode(b"stale"))
+    (d / f"{U2}.base64").write_bytes(base64.b64encode(b"stale too"))
+    with open_root(tmp_path) as c:
+        s = c.define_xml(f"<secret><uuid>{U1}</uuid></secret>")
+        with pytest.raises(secretbus.core.errors.NoSecret):
+            s.get_value()
+        assert f"{U1}.base64" not in os.listdir(d)
+        # An ephemeral secret made persistent without a value likewise.
+        c.define_xml(f"<secret ephemeral='yes'><uuid>{U2}</uuid></secret>")
+        assert f"{U2}.base64" in os.listdir(d)          # ephemeral: the disk is not touched
+        c.define_xml(f"<secret><uuid>{U2}</uuid></secret>")
+        assert sorted(os.listdir(d)) == [f"{U1}.xml", f"{U2}.xml"]
+    with open_root(tmp_path) as c:
+        for u in (U1, U2):
+            with pytest.raises(secretbus.core.errors.NoSecret, match="does not have a value"):
+                c.lookup_by_uuid(u).get_value()
+
+
 # -- crash at every step of a write -----------------------------------------------------
 _STEP_CALLS = ("open", "write", "fsync", "rename", "unlink")
 
@@ -194,10 +240,26 @@ def test_crash_at_each_step_leaves_old_or_new(tmp_path, op):
             else:
                 present = [s.uuid for s in c.list_secrets()]
                 if present:
-                    assert c.lookup_by_uuid(U1).get_value() == b"old-value"
+                    # Values go first: the secret is whole, or left without a value.
+                    try:
+                        assert c.lookup_by_uuid(U1).get_value() == b"old-value"
+                    except secretbus.core.errors.NoSecret:
+                        assert names == [f"{U1}.xml"]
+                else:
+                    # Never an orphan value file once the XML is gone ...
+                    assert names == []
                 outcomes.add(bool(present))
                 if rc == 0:
                     assert not present
+                if not present:
+                    # ... and a new secret with this UUID never inherits the old value.
+                    c.define_xml(f"<secret><uuid>{U1}</uuid></secret>")
+                    with pytest.raises(secretbus.core.errors.NoSecret):
+                        c.lookup_by_uuid(U1).get_value()
+        if op == "undefine" and not present:
+            with open_root(root) as c:
+                with pytest.raises(secretbus.core.errors.NoSecret):
+                    c.lookup_by_uuid(U1).get_value()
         if rc == 0:
             break
         step += 1

@@ -451,7 +451,7 @@ class SecretService:
     def _get_value(self, msg: Message) -> Op:
         d = self._secret_def(msg)
         (flags,) = msg.body
-        self.driver.check_flags("get_value", flags)
+        rules.check_get_value_flags(flags)
 
         def run(private_reader: bool = False) -> tuple[str, list[Any]]:
             if d.private and not private_reader:
@@ -462,9 +462,8 @@ class SecretService:
     def _set_value(self, msg: Message) -> Op:
         d = self._secret_def(msg)
         value, flags = msg.body
-        self.driver.check_flags("set_value", flags)
-        if len(value) > VALUE_MAX:
-            raise errors.InvalidArg(f"secret value is larger than {VALUE_MAX} bytes")
+        rules.check_set_value_flags(flags)
+        rules.check_value(value)
 
         def run() -> tuple[str, list[Any]]:
             self.driver.set_value(d.uuid, value, 0)
@@ -474,7 +473,7 @@ class SecretService:
     def _xml_desc(self, msg: Message) -> Op:
         d = self._secret_def(msg)
         (flags,) = msg.body
-        self.driver.check_flags("get_xml_desc", flags)
+        rules.check_xml_desc_flags(flags)
         return Op(run=lambda: ("s", [self.driver.get_xml_desc(d.uuid)]), checks=[(Perm.READ, d)])
 
     def _undefine(self, msg: Message) -> Op:

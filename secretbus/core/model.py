@@ -4,7 +4,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-VALUE_MAX = 65536  # REMOTE_SECRET_VALUE_MAX: largest value accepted
+VALUE_MAX = 65536  # REMOTE_SECRET_VALUE_MAX: largest value a caller may set
+
+
+class InstanceKind(enum.Enum):
+    """Which instance a connection or a daemon serves (store.paths says where it lives)."""
+
+    SYSTEM = "system"
+    SESSION = "session"
+    EMBED = "embed"
 
 
 class UsageType(enum.IntEnum):
@@ -77,6 +85,10 @@ class SecretEvent:
     usage_id: str
     lifecycle: Lifecycle | None = None   # set for LIFECYCLE events
     detail: int = 0
+    # The definition the event is about (after a define, before an undefine), so a
+    # subscriber need not look it up again. The driver always sets it; a client that
+    # rebuilds an event from a bus signal, which carries no definition, may not.
+    definition: SecretDef | None = None
 
 
 _EPH, _NO_EPH, _PRIV, _NO_PRIV = 1, 2, 4, 8   # plain ints: this runs per secret per list call

@@ -22,7 +22,6 @@ class Damage(enum.Enum):
     MOVED = "belongs to another secret (moved or swapped)"
     NO_KEY = "encrypted, but no encryption key is loaded"
     BAD_PADDING = "decryption failed (wrong key or corrupted)"
-    TOO_LARGE = "value larger than allowed"
 
 
 class ValueFileError(Exception):
@@ -76,15 +75,8 @@ class ValueCodecs:
     def __post_init__(self) -> None:
         self.readers.setdefault(self.writer.suffix, self.writer)
 
-    @property
-    def suffixes(self) -> tuple[str, ...]:
-        return tuple(self.readers)
-
 
 # Every suffix the store knows of, whether or not it can read it right now; used to
 # find and remove stale value files of other schemes.
 KNOWN_SUFFIXES = ("aes256gcm", "aes256cbc", "base64")
 
-
-def plain_codecs() -> ValueCodecs:
-    return ValueCodecs(writer=Base64Codec())

@@ -76,7 +76,7 @@ class _KeyHolder:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str | tuple[object, ...]:
         raise TypeError(f"{type(self).__name__} holds a key and cannot be pickled")
 
 

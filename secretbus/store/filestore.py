@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secretbus.core import errors
-from secretbus.core.model import VALUE_MAX, SecretDef
-from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
+from secretbus.core.model import SecretDef
+from secretbus.core.secretxml import MAX_XML_BYTES, format_secret_xml, parse_secret_xml
 from secretbus.core.uuids import is_canonical
-from secretbus.store.codec import KNOWN_SUFFIXES, Damage, ValueCodecs, ValueFileError
+from secretbus.store.codec import KNOWN_SUFFIXES, Damage, ValueCodec, ValueCodecs, ValueFileError
 from secretbus.store.fsutil import (
     TMP_SUFFIX,
     atomic_write,
@@ -28,14 +28,19 @@ from secretbus.store.fsutil import (
 
 log = logging.getLogger("secretbus.store")
 
-XML_READ_LIMIT = 1024 * 1024
-VALUE_FILE_LIMIT = 1024 * 1024   # an encoded 64 KiB value is ~88 KiB
+# The driver refuses to define what formats to more than MAX_XML_BYTES, so every definition
+# it wrote loads again: the read limit is the write limit, never below it.
+XML_READ_LIMIT = MAX_XML_BYTES
+# libvirt reads value files of up to 10 MiB and its embedded driver has no 64 KiB limit:
+# a value it stored must load (the 64 KiB limit applies to new writes only).
+VALUE_FILE_LIMIT = 10 * 1024 * 1024
 
 
 @dataclass
 class LoadedSecret:
     definition: SecretDef
     value: bytes | None
+    mtime_ns: int = 0     # of the XML file: of two files claiming one usage, the older wins
 
 
 @dataclass
@@ -43,6 +48,19 @@ class Skipped:
     file: str
     uuid: str | None
     reason: str
+    definition: SecretDef | None = None   # when the XML itself was readable
+
+    @property
+    def file_uuid(self) -> str | None:
+        """The UUID whose files these are, from the file name: defining it anew would
+        overwrite them, so the driver refuses that."""
+        stem = self.file[:-4] if self.file.endswith(".xml") else ""
+        return stem if is_canonical(stem) else None
+
+
+def log_skip(skipped: Skipped) -> None:
+    log.error("skipping secret file '%s': %s", skipped.file, skipped.reason,
+              extra={"SECRET_UUID": skipped.uuid or "", "SECRET_OPERATION": "load"})
 
 
 @dataclass
@@ -66,7 +84,6 @@ class SecretStore:
 
     def xml_path(self, uuid: str) -> Path:
         return self._path(uuid, "xml")
-
 
     # -- writing -------------------------------------------------------------
     def prepare(self) -> None:
@@ -93,19 +110,28 @@ class SecretStore:
             raise errors.SystemError(f"cannot unlink '{path}': {e.strerror}") from None
 
     def delete_values(self, uuid: str) -> None:
-        self._unlink_values(uuid, keep=None)
+        """Remove every value file of `uuid`; a file that stays is an error (it would be
+        inherited by the next secret with this UUID)."""
+        self._unlink_values(uuid, keep=None, strict=True)
 
-    def _unlink_values(self, uuid: str, keep: str | None) -> None:
+    def _unlink_values(self, uuid: str, keep: str | None, strict: bool = False) -> None:
         removed = False
         for suffix in KNOWN_SUFFIXES:
             if suffix == keep:
                 continue
+            path = self._path(uuid, suffix)
             try:
-                removed |= unlink_if_exists(self._path(uuid, suffix))
+                removed |= unlink_if_exists(path)
             except OSError as e:
+                if strict:
+                    raise errors.SystemError(f"cannot unlink '{path}': {e.strerror}") from None
+                # After a successful write the newest file wins at load, so this is harmless.
                 log.warning("cannot remove stale value file %s.%s: %s", uuid, suffix, e.strerror)
         if removed:
-            fsync_dir(self.dir)
+            try:
+                fsync_dir(self.dir)
+            except OSError as e:
+                raise errors.SystemError(f"cannot sync '{self.dir}': {e.strerror}") from None
 
     def _write(self, path: Path, data: bytes) -> None:
         try:
@@ -132,22 +158,16 @@ class SecretStore:
                 try:
                     report.secrets.append(self._load_one(name, xml_uuids, present))
                 except _Skip as s:
-                    self.report_skip(report, s.skipped)
+                    log_skip(s.skipped)
+                    report.skipped.append(s.skipped)
         finally:
             os.close(self._dir_fd)
             self._dir_fd = None
         return report
 
-    @staticmethod
-    def report_skip(report: LoadReport, skipped: Skipped) -> None:
-        log.error("skipping secret file '%s': %s", skipped.file, skipped.reason,
-                  extra={"SECRET_UUID": skipped.uuid or "", "SECRET_OPERATION": "load"})
-        report.skipped.append(skipped)
-
-    def xml_mtime(self, uuid: str) -> int:
-        """When the definition was written (0 if unknown); the older of two clashing claims wins."""
+    def _mtime(self, name: str) -> int:
         try:
-            return os.lstat(self.xml_path(uuid)).st_mtime_ns
+            return os.lstat(name, dir_fd=self._dir_fd).st_mtime_ns
         except OSError:
             return 0
 
@@ -175,7 +195,12 @@ class SecretStore:
             raise _Skip(name, None, f"cannot read: {e.strerror}") from None
         if name != f"{d.uuid}.xml":
             raise _Skip(name, d.uuid, f"{d.uuid} does not match secret file name '{name}'")
-        return LoadedSecret(d, self._load_value(d.uuid, name, all_uuids, present))
+        try:
+            value = self._load_value(d.uuid, name, all_uuids, present)
+        except _Skip as s:
+            s.skipped.definition = d
+            raise
+        return LoadedSecret(d, value, self._mtime(name))
 
     def _load_value(self, uuid: str, name: str, all_uuids: list[str], present: set[str]) -> bytes | None:
         found = [s for s in KNOWN_SUFFIXES if f"{uuid}.{s}" in present]
@@ -185,12 +210,7 @@ class SecretStore:
         if len(found) > 1:
             # A crash between writing the new file and unlinking the old one leaves
             # both; the newest is the last write (libvirt lets .base64 win instead).
-            def mtime(sfx: str) -> int:
-                try:
-                    return os.lstat(f"{uuid}.{sfx}", dir_fd=self._dir_fd).st_mtime_ns
-                except OSError:
-                    return -1
-            suffix = max(found, key=mtime)
+            suffix = max(found, key=lambda sfx: self._mtime(f"{uuid}.{sfx}"))
             log.warning("secret %s has %d value files; using the newest, %s.%s", uuid,
                         len(found), uuid, suffix, extra={"SECRET_UUID": uuid})
         fname = f"{uuid}.{suffix}"
@@ -211,12 +231,10 @@ class SecretStore:
                     raise _Skip(name, uuid, f"value file {fname}: {Damage.MOVED.value} "
                                             f"(it was written for secret {owner})") from None
             raise _Skip(name, uuid, f"value file {fname}: {e}") from None
-        if len(value) > VALUE_MAX:
-            raise _Skip(name, uuid, f"value file {fname}: {Damage.TOO_LARGE.value}")
         return value
 
     @staticmethod
-    def _find_owner(codec, data: bytes, uuid: str, all_uuids: list[str]) -> str | None:
+    def _find_owner(codec: ValueCodec, data: bytes, uuid: str, all_uuids: list[str]) -> str | None:
         """On an authentication failure, tell a moved file from a damaged one."""
         for other in all_uuids:
             if other == uuid:

@@ -1,7 +1,7 @@
-"""Encryption key: where it comes from (spec §4.3), loading it, the codec choice, and
+"""Encryption key: where it comes from, loading it, the codec choice, and
 creating the sealed key once (what virt-secret-init-encryption.service does).
 
-Precedence, row by row (libvirt's, with quirk 10 fixed):
+Precedence, row by row (libvirt's, except row 5):
   1. `secrets_encryption_key` in secret.conf, if set, is the key path;
   2. else `$CREDENTIALS_DIRECTORY/secrets-encryption-key` if that file exists
      (systemd `LoadCredentialEncrypted=` puts it there);
@@ -37,15 +37,9 @@ class KeyChoice:
     path: Path | None   # key file that would be used (kept for logs even when encrypt is False)
     source: str         # "secret.conf", "credential" or "none"
 
-    def describe(self) -> str:
-        if self.encrypt:
-            return f"encryption on, key from {self.source} '{self.path}'"
-        if self.path is not None:
-            return f"encryption off (encrypt_data = 0; key '{self.path}' not read)"
-        return "encryption off (no key configured)"
-
 
 def resolve_key(conf: SecretConf, environ: Mapping[str, str] = os.environ) -> KeyChoice:
+    path: Path | None
     if conf.secrets_encryption_key is not None:
         path, source = Path(conf.secrets_encryption_key), "secret.conf"
     else:

@@ -1,16 +1,14 @@
-"""Where each kind of instance keeps its store, lock and secret.conf (DESIGN §2)."""
+"""Where each kind of instance keeps its store, lock and secret.conf: the one kind → paths
+mapping (system: /etc/libvirt, session: $XDG_CONFIG_HOME/libvirt, embedded: under a root)."""
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from secretbus.core.model import InstanceKind
 
-class InstanceKind(enum.Enum):
-    SYSTEM = "system"
-    SESSION = "session"
-    EMBED = "embed"
+__all__ = ["InstanceKind", "InstancePaths"]   # InstanceKind lives in core; kept importable here
 
 
 @dataclass(frozen=True)
@@ -23,6 +21,16 @@ class InstancePaths:
     @property
     def lock_file(self) -> Path:
         return self.state_dir / "driver.pid"
+
+    @classmethod
+    def for_kind(cls, kind: InstanceKind, root: str | Path | None = None) -> InstancePaths:
+        """The paths of a `kind` instance; an embedded one (kind EMBED, or any kind given a
+        `root`, as `secretbusd --root` does) lives under `root`."""
+        if root is not None:
+            return cls.embed(root)
+        if kind is InstanceKind.EMBED:
+            raise ValueError("an embedded instance needs a root directory")
+        return cls.system() if kind is InstanceKind.SYSTEM else cls.session()
 
     @classmethod
     def system(cls) -> InstancePaths:
@@ -42,5 +50,5 @@ class InstancePaths:
     @classmethod
     def embed(cls, root: str | Path) -> InstancePaths:
         r = Path(root)
-        # Unlike libvirt (quirk 12), an embedded instance reads its own secret.conf.
+        # Unlike libvirt's embedded driver, an embedded instance reads its own secret.conf.
         return cls(InstanceKind.EMBED, r / "etc" / "secrets", r / "run" / "secrets", r / "etc" / "secret.conf")

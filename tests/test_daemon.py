@@ -1,0 +1,78 @@
+"""The daemon built from its parts, in this process: the driver from the composition root,
+the access control and the bus passed in (no monkeypatching of the daemon module)."""
+from __future__ import annotations
+
+import asyncio
+
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from secretbus import daemon
+from secretbus.access.permissions import Caller, Perm
+from secretbus.bus.names import BUS_NAME, CONNECT_IFACE, CONNECT_PATH
+from secretbus.core.model import SecretDef
+from secretbus.driver.build import open_instance
+from secretbus.store.paths import InstancePaths
+
+U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
+
+
+class DenyAll:
+    """Access control that refuses every check and records what it was asked."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.closed = False
+
+    async def allowed(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool:
+        self.asked.append(perm.value)
+        return False
+
+    async def caller_uid(self, caller: Caller) -> int | None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_daemon_serves_with_the_access_control_it_is_given(tmp_path, session_bus):
+    driver = open_instance(InstancePaths.embed(tmp_path))
+    driver.define_xml(f"<secret><uuid>{U1}</uuid></secret>")
+    deny = DenyAll()
+
+    async def make_access(bus, uids):
+        return deny
+
+    d = daemon.Daemon(driver, access=make_access, system=False,
+                      connect=daemon.bus_factory(session_bus.address, system=False))
+
+    async def scenario() -> tuple[int, Message]:
+        served = asyncio.create_task(d.run(frozenset()))
+        client = await MessageBus(bus_address=session_bus.address).connect()
+        try:
+            for _ in range(200):
+                owner = await client.call(Message(destination="org.freedesktop.DBus",
+                                                  path="/org/freedesktop/DBus",
+                                                  interface="org.freedesktop.DBus",
+                                                  member="NameHasOwner", signature="s", body=[BUS_NAME]))
+                if owner.body == [True]:
+                    break
+                await asyncio.sleep(0.05)
+            reply = await client.call(Message(destination=BUS_NAME, path=CONNECT_PATH,
+                                              interface=CONNECT_IFACE, member="ListSecrets",
+                                              signature="u", body=[0]))
+        finally:
+            client.disconnect()
+        d.stop_event.set()
+        return await asyncio.wait_for(served, 30), reply
+
+    try:
+        rc, reply = asyncio.run(scenario())
+    finally:
+        driver.close()
+    assert rc == 0
+    assert reply.message_type is MessageType.ERROR and reply.error_name == "org.libvirt.Error.AccessDenied"
+    assert deny.asked and deny.asked[0] == Perm.SEARCH_SECRETS.value
+    assert deny.closed
