@@ -207,6 +207,28 @@ def test_define_bytes_is_decoded_as_declared():
     assert wire.xml_text(bytearray(plain.encode())) == plain
 
 
+_BODY = f"<secret><uuid>{U1}</uuid><description>é ☃ x</description></secret>"
+_DECLS = ["", "<?xml version='1.0'?>", "<?xml version=\"1.0\" encoding=\"UTF-8\"?>",
+          "<?xml version='1.0' encoding='ISO-8859-1'?>", "<?xml version='1.0' encoding='UTF-16'?>",
+          "<?xml version='1.0'  encoding = 'windows-1252' standalone='yes'?>", "<?xml version='1.1'?>"]
+
+
+@pytest.mark.parametrize("decl", _DECLS)
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "latin-1"])
+def test_wire_text_means_what_the_bytes_mean(decl, encoding):
+    """The service parses the string the client sends; it must read the same definition the
+    embedded driver reads from the bytes (or both refuse the document)."""
+    from secretbus.core.secretxml import parse_secret_xml
+    data = (decl + _BODY).encode(encoding, "replace")
+    try:
+        expected = parse_secret_xml(data)
+    except errors.SecretError:
+        with pytest.raises(errors.SecretError):
+            parse_secret_xml(wire.xml_text(data))
+        return
+    assert parse_secret_xml(wire.xml_text(data)) == expected
+
+
 def _driver_error(doc):
     from secretbus.core.secretxml import parse_secret_xml
     with pytest.raises(errors.SecretError) as ei:
