@@ -20,7 +20,7 @@ from secretbus.bus.calls import check_reply
 from secretbus.bus.client import DBusConnection, default_address, error_from_reply
 from secretbus.bus.loop import LoopThread
 from secretbus.core import errors
-from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
+from secretbus.core.model import EventId, Lifecycle, ListFlags, SecretEvent, UsageType
 from secretbus.store.paths import InstanceKind
 
 U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
@@ -537,3 +537,90 @@ def test_subscribe_fails_cleanly_when_the_first_hook_fails():
     closed = _dispatcher(closed=lambda: True)
     with pytest.raises(errors.OperationFailed, match="^the connection is closed$"):
         closed.add(lambda s, e: None, lambda ev: True, first=lambda: None)
+
+
+# -- the connection over a fake call layer --------------------------------------------------------
+U2 = "0a1b2c3d-0000-4000-8000-000000000002"
+P2 = "/org/libvirt/secret/secret/_0a1b2c3d_0000_4000_8000_000000000002"
+
+
+class FakeCalls:
+    """Canned replies by (member, path); an exception instance is raised."""
+
+    def __init__(self, replies):
+        self.replies = replies
+        self.seen = []
+
+    async def call(self, path, iface, member, sig, body, reply_sig, *, uuid=None, **kw):
+        self.seen.append((member, path, body))
+        r = self.replies[(member, path)]
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    async def disconnect(self, farewell):
+        pass
+
+
+@pytest.fixture
+def faked():
+    made = []
+
+    def make(replies):
+        c = DBusConnection(InstanceKind.SESSION, "secret:///session", "unix:path=/nonexistent",
+                           timeout=2, interactive=False)
+        c._calls = FakeCalls(replies)
+        c._loop.start()
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
+
+
+DOC = f"<secret><uuid>{U1}</uuid><usage type='ceph'><name>from-doc</name></usage></secret>"
+
+
+def test_define_takes_the_usage_from_the_service(faked):
+    c = faked({("SecretDefineXML", "/org/libvirt/secret"): [P1], ("GetAll", P1): [_props(2, "from-service")]})
+    s = c.define_xml(DOC, 0)
+    assert (s.uuid, s.usage_type, s.usage_id) == (U1, UsageType.CEPH, "from-service")
+    assert [m for m, _, _ in c._calls.seen] == ["SecretDefineXML", "GetAll"]
+    assert c._calls.seen[0][2] == [DOC, 0]          # the document travels as it is
+
+
+def test_define_without_getattr_uses_the_accepted_document(faked):
+    c = faked({("SecretDefineXML", "/org/libvirt/secret"): [P1],
+               ("GetAll", P1): errors.AccessDenied("'org.libvirt.api.secret.getattr' denied access")})
+    s = c.define_xml(DOC.encode())
+    assert (s.uuid, s.usage_type, s.usage_id) == (U1, UsageType.CEPH, "from-doc")
+
+
+def test_define_refuses_an_odd_object_path(faked):
+    c = faked({("SecretDefineXML", "/org/libvirt/secret"): ["/not/a/secret"]})
+    with pytest.raises(errors.OperationFailed, match="unexpected object path /not/a/secret"):
+        c.define_xml(DOC)
+
+
+def test_service_errors_reach_the_caller_unchanged(faked):
+    c = faked({("SetValue", P1): errors.InvalidArg("secret value is larger than 65536 bytes")})
+    with pytest.raises(errors.InvalidArg, match="^secret value is larger than 65536 bytes$"):
+        c.secret_set_value(U1, b"x" * 65537)
+    assert c._calls.seen == [("SetValue", P1, [b"x" * 65537, 0])]   # no local size rule
+
+
+def test_list_fills_in_what_the_object_manager_missed(faked):
+    c = faked({("ListSecrets", "/org/libvirt/secret"): [[P1, P2]],
+               ("GetManagedObjects", "/org/libvirt/secret"): [{P1: {"org.libvirt.Secret": _props(5, "tpm")}}],
+               ("GetAll", P2): errors.NoSecret(f"no secret with matching uuid '{U2}'")})
+    assert [(s.uuid, s.usage_type, s.usage_id) for s in c.list_secrets()] == [(U1, UsageType.VTPM, "tpm")]
+    c._calls.replies[("GetAll", P2)] = [{**_props(), "UUID": Variant("s", U2)}]
+    assert [s.uuid for s in c.list_secrets(ListFlags.NO_PRIVATE)] == [U1, U2]
+    assert c._calls.seen[-3][2] == [int(ListFlags.NO_PRIVATE)]
+
+
+def test_lookup_by_usage_trusts_the_exact_match(faked):
+    c = faked({("SecretLookupByUsage", "/org/libvirt/secret"): [P1]})
+    s = c.lookup_by_usage(UsageType.CEPH, "client.admin")
+    assert (s.uuid, s.usage_type, s.usage_id) == (U1, UsageType.CEPH, "client.admin")
+    assert [m for m, _, _ in c._calls.seen] == ["SecretLookupByUsage"]     # no second round trip
