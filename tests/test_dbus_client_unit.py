@@ -15,7 +15,7 @@ import time
 import pytest
 from dbus_fast import Message, MessageType, Variant
 
-from secretbus.bus import events, wire
+from secretbus.bus import events, signals, wire
 from secretbus.bus.calls import check_reply
 from secretbus.bus.client import DBusConnection, default_address, error_from_reply
 from secretbus.bus.loop import LoopThread
@@ -296,7 +296,7 @@ def test_loop_thread_never_started_stops_cleanly():
     assert lt.loop.is_closed()
 
 
-# -- signal decoding (pure) -----------------------------------------------------------------------
+# -- signal decoding (pure): bus/signals.py -----------------------------------------------------------------------
 def _sig(path, iface, member, sig, body, sender=OWNER):
     return Message(message_type=MessageType.SIGNAL, path=path, interface=iface, member=member,
                    signature=sig, body=body, sender=sender)
@@ -311,7 +311,7 @@ CONNECT = ("/org/libvirt/secret", "org.libvirt.Connect")
 
 
 def test_match_rules():
-    rules = events.match_rules()
+    rules = signals.match_rules()
     assert len(rules) == 5 and len(set(rules)) == 5
     assert rules[0] == ("type='signal',sender='org.freedesktop.DBus',path='/org/freedesktop/DBus',"
                         "interface='org.freedesktop.DBus',member='NameOwnerChanged',arg0='org.libvirt.secret'")
@@ -325,13 +325,14 @@ def test_match_rules():
 
 
 def test_decode_signal():
-    d = events.decode_signal
-    assert d(_sig(*CONNECT, "SecretEvent", "oii", [P1, 1, 0])) == events.LifecycleSignal(U1, P1, Lifecycle.UNDEFINED, 0)
-    assert d(_sig(*CONNECT, "SecretValueChanged", "o", [P1])) == events.ValueChangedSignal(U1, P1)
+    d = signals.decode_signal
+    assert d(_sig(*CONNECT, "SecretEvent", "oii", [P1, 1, 0])) == signals.LifecycleSignal(U1, P1,
+                                                                                           Lifecycle.UNDEFINED, 0)
+    assert d(_sig(*CONNECT, "SecretValueChanged", "o", [P1])) == signals.ValueChangedSignal(U1, P1)
     assert d(_sig("/org/libvirt/secret", "org.freedesktop.DBus.ObjectManager", "InterfacesAdded", "oa{sa{sv}}",
-                  [P1, {"org.libvirt.Secret": _props(9, "x")}])) == events.UsageSeen(U1, 0, "x")   # unknown type
+                  [P1, {"org.libvirt.Secret": _props(9, "x")}])) == signals.UsageSeen(U1, 0, "x")   # unknown type
     assert d(_sig(P1, "org.freedesktop.DBus.Properties", "PropertiesChanged", "sa{sv}as",
-                  ["org.libvirt.Secret", {"UsageID": Variant("s", "y")}, []])) == events.UsageChanged(U1, None, "y")
+                  ["org.libvirt.Secret", {"UsageID": Variant("s", "y")}, []])) == signals.UsageChanged(U1, None, "y")
     junk = [
         _sig(*CONNECT, "SecretEvent", "oii", [P1, 7, 0]),                # no such lifecycle
         _sig(*CONNECT, "SecretEvent", "oii", ["/bad", 0, 0]),            # not a secret path
@@ -350,19 +351,19 @@ def test_decode_signal():
 def test_decode_owner_change():
     msg = _sig("/org/freedesktop/DBus", "org.freedesktop.DBus", "NameOwnerChanged", "sss",
                ["org.libvirt.secret", ":1.1", ""], sender="org.freedesktop.DBus")
-    assert events.decode_owner_change(msg) == events.OwnerChanged(None)
+    assert signals.decode_owner_change(msg) == signals.OwnerChanged(None)
     other = _sig("/org/freedesktop/DBus", "org.freedesktop.DBus", "NameOwnerChanged", "sss",
                  ["org.example", "", ":1.2"], sender="org.freedesktop.DBus")
-    assert events.decode_owner_change(other) is None
+    assert signals.decode_owner_change(other) is None
 
 
 def test_usage_from_props():
-    assert events.usage_from_props(_props()) == (U1, 2, "client.admin")
+    assert signals.usage_from_props(_props()) == (U1, 2, "client.admin")
     with pytest.raises(errors.OperationFailed, match="incomplete"):
-        events.usage_from_props({"UUID": Variant("s", U1)})
+        signals.usage_from_props({"UUID": Variant("s", U1)})
     with pytest.raises(errors.OperationFailed, match="invalid"):
-        events.usage_from_props({**_props(), "UUID": Variant("s", "nope")})
-    assert [events.known_usage(t) for t in (0, 5, 6, -1)] == [0, 5, 0, 0]
+        signals.usage_from_props({**_props(), "UUID": Variant("s", "nope")})
+    assert [signals.known_usage(t) for t in (0, 5, 6, -1)] == [0, 5, 0, 0]
 
 
 def test_usage_cache_keeps_the_most_recent():
@@ -451,9 +452,9 @@ def test_owner_change_is_tracked(feed):
 
 
 def test_farewell_removes_every_rule(feed):
-    feed.rules = events.match_rules()
+    feed.rules = signals.match_rules()
     msgs = feed.farewell()
-    assert [m.body[0] for m in msgs] == events.match_rules() and feed.rules == []
+    assert [m.body[0] for m in msgs] == signals.match_rules() and feed.rules == []
     assert all(m.member == "RemoveMatch" and m.destination == "org.freedesktop.DBus" for m in msgs)
 
 

@@ -6,7 +6,8 @@ embedded connection, and thread-safe. The parts, one concern each:
 - `secretbus.bus.loop`: the private event loop thread ("secretbus-dbus") every public method
   submits its coroutine to, with a bounded wait;
 - `secretbus.bus.calls`: the bus connection, method calls with a timeout, error mapping;
-- `secretbus.bus.events`: match rules, signal decoding, the usage cache, the subscriber thread;
+- `secretbus.bus.signals`: match rules and decoding signals and properties (pure);
+- `secretbus.bus.events`: the usage cache, trusted senders, the subscriber thread;
 - `secretbus.bus.wire`: Python arguments as D-Bus values.
 
 The service owns every API rule (value size, flags, XML size, private values); this class
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from secretbus.bus import wire
 from secretbus.bus.calls import Calls, default_address, error_from_reply
-from secretbus.bus.events import Dispatcher, Pending, SignalFeed, Usage, UsageCache, known_usage, usage_from_props
+from secretbus.bus.events import Dispatcher, Pending, SignalFeed, Usage, UsageCache
 from secretbus.bus.loop import LoopThread
 from secretbus.bus.names import (
     CONNECT_IFACE,
@@ -34,6 +35,7 @@ from secretbus.bus.names import (
     secret_path,
     uuid_from_path,
 )
+from secretbus.bus.signals import known_usage, usage_from_props
 from secretbus.core import errors
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
 from secretbus.core.uuids import parse_uuid
