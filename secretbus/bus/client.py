@@ -135,9 +135,6 @@ class DBusConnection(Connection):
     def _handle_of(self, uuid: str, utype: int, uid: str) -> Secret:
         return Secret(self, uuid, utype, uid)
 
-    def _handle(self, found: Found) -> Secret:
-        return Secret(self, *found)
-
     @staticmethod
     def _canon(uuid: str) -> str:
         """The object path needs the canonical UUID; libvirt's text for one that is not."""
@@ -163,7 +160,7 @@ class DBusConnection(Connection):
                 # No getattr permission (or undefined again already): the usage is still the
                 # one of the document the service has just accepted.
                 return self._usage_of_document(uuid, text)
-        return self._handle(self._loop.submit(run(), 2 * self.timeout + 1))
+        return self._handle_of(*self._loop.submit(run(), 2 * self.timeout + 1))
 
     def _usage_of_document(self, uuid: str, text: str) -> Found:
         from secretbus.core.secretxml import parse_secret_xml
@@ -179,7 +176,7 @@ class DBusConnection(Connection):
         # GetAll (two polkit checks on the system bus), with the same permission (getattr)
         # and the same NoSecret for a missing secret.
         canon = self._canon(uuid)
-        return self._handle(self._loop.submit(self._props(secret_path(canon), canon)))
+        return self._handle_of(*self._loop.submit(self._props(secret_path(canon), canon)))
 
     def lookup_by_usage(self, usage_type: int, usage_id: str) -> Secret:
         # Arguments that cannot be put on the wire ('i', 's') get the answer the service gives
@@ -199,11 +196,11 @@ class DBusConnection(Connection):
             # The service matched (type, id) exactly, so they are the secret's usage.
             self._cache.remember(uuid, utype, usage_id)
             return uuid, utype, usage_id
-        return self._handle(self._loop.submit(run(), 2 * self.timeout + 1))
+        return self._handle_of(*self._loop.submit(run(), 2 * self.timeout + 1))
 
     def list_secrets(self, flags: int = 0) -> list[Secret]:
         flags = wire.u32(flags)
-        return [self._handle(f) for f in self._loop.submit(self._list(flags), 2 * self.timeout + 1)]
+        return [self._handle_of(*f) for f in self._loop.submit(self._list(flags), 2 * self.timeout + 1)]
 
     async def _list(self, flags: int) -> list[Found]:
         # ListSecrets filters by flags (server side); GetManagedObjects, pipelined right behind
