@@ -91,7 +91,7 @@ def test_client_errors_map_to_project_exceptions(conn):
     assert SENTINEL.hex() not in str(ei.value)
     with pytest.raises(errors.InvalidArg, match="internal_call"):
         s.get_value(internal_call=True)
-    with pytest.raises(errors.InvalidArg, match="larger than 65536"):
+    with pytest.raises(errors.RPCError, match="^value length greater than maximum: 65537 > 65536$"):
         s.set_value(b"x" * 65537)
     with pytest.raises(errors.InternalError, match="already defined for use with client.admin"):
         conn.define_xml(xml(U2))
