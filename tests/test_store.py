@@ -141,7 +141,7 @@ def test_value_larger_than_the_write_limit_still_loads(tmp_path):
         s = c.lookup_by_uuid(U1)
         assert s.get_value() == big
         assert c.rewrite_values() == (1, 1, 0)          # rewriting keeps it whole
-        with pytest.raises(secretbus.core.errors.RPCError, match="^value length greater than maximum: 65537 > 65536$"):
+        with pytest.raises(secretbus.core.errors.RPCError, match="^value length greater than maximum: 196609 > 65536$"):
             s.set_value(big)
     with open_root(tmp_path) as c:
         assert c.lookup_by_uuid(U1).get_value() == big

@@ -59,9 +59,10 @@ class XMLError(SecretError):
     code, kind, prefix = 27, "XMLError", "XML error: "
 
 
-class XMLDetail(SecretError):
+class XMLDetail(XMLError):
     """VIR_ERR_XML_DETAIL: libxml2's own error, already framed as `NAME:LINE: MESSAGE`
-    (virerror.c formats this code as the bare message)."""
+    (virerror.c formats this code as the bare message). An XMLError to callers that catch
+    XML problems as one."""
     code, kind, prefix = 35, "XMLDetail", ""
 
 
@@ -118,8 +119,18 @@ class ConfigError(ConfigUnsupported):
     prefix = ""
 
 
-# One class per D-Bus name: ConfigError shares ConfigUnsupported's and is not a direct subclass.
-ALL_ERRORS: tuple[type[SecretError], ...] = tuple(SecretError.__subclasses__())
+def _kinds(base: type[SecretError]) -> list[type[SecretError]]:
+    """Every class below `base` with a D-Bus name of its own: ConfigError shares
+    ConfigUnsupported's, and InternalError stands for the base class's."""
+    out = []
+    for c in base.__subclasses__():
+        if c.kind != base.kind:
+            out.append(c)
+        out += _kinds(c)
+    return out
+
+
+ALL_ERRORS: tuple[type[SecretError], ...] = (InternalError, *_kinds(SecretError))
 BY_DBUS_NAME: dict[str, type[SecretError]] = {DBUS_ERROR_PREFIX + c.kind: c for c in ALL_ERRORS}
 
 
