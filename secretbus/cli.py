@@ -570,6 +570,12 @@ def _finish(rc: int) -> int:
         _out.flush()
     except OutputLost:
         pass
+    if _out.lost is None and sys.stdout is not None:
+        # Nothing of ours goes through sys.stdout, but a library might have printed.
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError) as e:
+            _out.lost = OutputLost(e if isinstance(e, OSError) else OSError(errno.EBADF, str(e)))
     if _out.lost is None:
         return rc
     if not _out.lost_reported:

@@ -471,3 +471,23 @@ def test_help_pages_match_real_virsh(cli, command):
     v = subprocess.run(["virsh", "-c", "test:///default", "help", command], capture_output=True, timeout=60)
     p = cli("help", command)
     assert (p.returncode, p.stdout.decode(), p.stderr) == (v.returncode, v.stdout.decode(), v.stderr)
+
+
+def test_text_left_in_pythons_stdout_is_flushed_and_reported(cli, xmlfile):
+    # Something printed through sys.stdout (not the CLI's writer) would otherwise fail only in
+    # the interpreter's flush at exit, as "Exception ignored ... BrokenPipeError".
+    code = ("import sys; from secretbus import cli; print('from a library'); "
+            f"sys.exit(cli.main(['-q', '-c', {cli.uri!r}, 'secret-list']))")   # no output of its own
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # Python's default buffering
+    with open("/dev/full", "wb") as full:
+        p = subprocess.run([sys.executable, "-c", code], stdout=full, stderr=subprocess.PIPE, timeout=60,
+                           env=env)
+    _assert_one_error_line(p, b"No space left on device")
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-c", code], stdout=w, stderr=subprocess.PIPE, timeout=60,
+                           env=env)
+    finally:
+        os.close(w)
+    _assert_one_error_line(p, b"Broken pipe")
