@@ -1,25 +1,32 @@
-"""`secretbus [-c URI] <command>`: virsh's secret commands, same options and messages.
+"""`secretbus [-c URI] [-q] <command>`: virsh's secret commands, same options and messages.
 
 Values never reach argv of another process, a log or an error message: they go from
 the input (file, terminal, stdin) to the connection and from the connection to stdout.
+As in virsh, every command that ran ends its output with a blank line unless --quiet.
 """
 from __future__ import annotations
 
-import argparse
 import base64
+import errno
 import getpass
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+from secretbus.cli_options import CommandDef, Kind, Opt, UsageError, format_help, parse
+from secretbus.cli_output import Output, OutputLost, guard_std_fds
 from secretbus.core import errors
 from secretbus.core.model import VALUE_MAX, EventId, Lifecycle, ListFlags, UsageType
+from secretbus.core.uuids import parse_uuid
 from secretbus.store.codec import ValueFileError, strict_b64decode
 
 DEFINE_FILE_LIMIT = 10 * 1024 * 1024   # virsh reads at most 10 MiB of XML
+TIMEOUT_MAX = 2**31 // 1000 - 1        # virsh keeps the timeout in ms in an int
 
 
 class CommandError(Exception):
@@ -30,20 +37,75 @@ class CommandError(Exception):
         self.lines = lines
 
 
+_out = Output()
+
+
 def _err(msg: str) -> None:
-    sys.stderr.write(f"error: {msg}\n")
+    try:
+        sys.stderr.write(f"error: {msg}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass    # stderr is gone too; the exit status still tells
 
 
 def _print(msg: str = "") -> None:
-    sys.stdout.write(msg + "\n")
+    _out.print(msg + "\n")
+
+
+def _extra(msg: str = "") -> None:
+    """Informational output that --quiet hides (vshPrintExtra)."""
+    _out.extra(msg + "\n")
 
 
 # -- helpers -------------------------------------------------------------------------
-def _lookup(conn, arg: str):
+def _req(a, name: str) -> str | None:
+    """vshCommandOptStringReq: a given option must not be empty."""
+    value = getattr(a, name.replace("-", "_"))
+    if value == "":
+        raise CommandError(f"Failed to get option '{name}': Option argument is empty")
+    return value
+
+
+def _required(a, name: str) -> str:
+    """An option the grammar made mandatory: present, and not empty."""
+    value = _req(a, name)
+    assert value is not None, name
+    return value
+
+
+def _lookup(conn, a, name: str = "secret"):
+    arg = _required(a, name)
+    if parse_uuid(arg) is None:
+        # libvirt's client library refuses it before any call, with this text and no prefix.
+        raise CommandError(f"failed to get secret '{arg}'",
+                           "uuidstr in virSecretLookupByUUIDString must be a valid UUID")
     try:
         return conn.lookup_by_uuid(arg)
     except errors.SecretError as e:
         raise CommandError(f"failed to get secret '{arg}'", errors.display(e)) from None
+
+
+def _read_file(path: str, limit: int) -> bytes:
+    """virFileReadAll: its two messages, and EOVERFLOW's text when over the limit."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CommandError(f"Failed to open file '{path}': {e.strerror}") from None
+    try:
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(limit + 1 - size, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise CommandError(f"Failed to read file '{path}': {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise CommandError(f"Failed to read file '{path}': {os.strerror(errno.EOVERFLOW)}")
+    return b"".join(chunks)
 
 
 def _decode_b64(data: bytes) -> bytes:
@@ -66,7 +128,7 @@ def _safe_cell(text: str) -> str:
     return "".join(out)
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
+def format_table(header: list[str], rows: list[list[str]], with_header: bool = True) -> str:
     """virsh's vshTable layout: ' cell' + padding to the column width + 2 spaces."""
     table = [[_safe_cell(c) for c in r] for r in [header] + rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
@@ -78,97 +140,72 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
             if i < len(r) - 1:
                 parts.append(" " * (widths[i] - len(cell) + 2))
         return "".join(parts) + "\n"
-    out = [line(table[0]), "-" * sum(w + 3 for w in widths) + "\n"]
+    out = [line(table[0]), "-" * sum(w + 3 for w in widths) + "\n"] if with_header else []
     out += [line(r) for r in table[1:]]
     return "".join(out)
 
 
-def _read_value_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(VALUE_MAX * 2 + 1)
-    except OSError as e:
-        raise CommandError(f"Failed to read '{path}': {e.strerror}") from None
-    if len(data) > VALUE_MAX * 2:
-        raise CommandError(f"file '{path}' is too large for a secret value")
-    return data
-
-
 def _read_interactive() -> bytes:
-    if sys.stdin.isatty():
-        text = getpass.getpass("Enter new value for secret:")
-    else:
-        # Scripted use: one line from stdin, never echoed anywhere.
-        sys.stderr.write("Enter new value for secret:")
-        sys.stderr.flush()
-        text = sys.stdin.readline()
-        sys.stderr.write("\n")
-        if text.endswith("\n"):
-            text = text[:-1]
+    try:
+        if sys.stdin.isatty():
+            text = getpass.getpass("Enter new value for secret:")
+        else:
+            # Scripted use: one line from stdin, never echoed anywhere.
+            sys.stderr.write("Enter new value for secret:")
+            sys.stderr.flush()
+            text = sys.stdin.readline()
+            sys.stderr.write("\n")
+            if not text:
+                raise EOFError
+            if text.endswith("\n"):
+                text = text[:-1]
+    except EOFError:
+        # Nothing at all was read: storing an empty value would silently wipe the old one.
+        raise CommandError("Failed to read secret: end of input before any value") from None
     return text.encode("utf-8")
 
 
 # -- commands ------------------------------------------------------------------------
 def cmd_define(conn, a) -> int:
-    try:
-        size = os.path.getsize(a.file)
-        if size > DEFINE_FILE_LIMIT:
-            raise CommandError(f"Failed to read file '{a.file}' to buffer: file too large")
-        with open(a.file, "rb") as f:
-            xml = f.read()
-    except OSError as e:
-        raise CommandError(f"Failed to read file '{a.file}' to buffer: {e.strerror}") from None
+    path = _required(a, "file")
+    xml = _read_file(path, DEFINE_FILE_LIMIT)
     try:
         s = conn.define_xml(xml, 1 if a.validate else 0)
     except errors.SecretError as e:
-        raise CommandError(f"Failed to set attributes from {a.file}", errors.display(e)) from None
-    _print(f"Secret {s.uuid} created")
-    _print()
+        raise CommandError(f"Failed to set attributes from {path}", errors.display(e)) from None
+    _extra(f"Secret {s.uuid} created")
     return 0
 
 
 def cmd_dumpxml(conn, a) -> int:
-    s = _lookup(conn, a.secret)
+    s = _lookup(conn, a)
+    xpath = _req(a, "xpath")
     xml = s.xml_desc()
-    if a.xpath:
-        xml = _xpath(xml, a.xpath, a.wrap)
-    sys.stdout.write(xml)
+    if xpath is not None:
+        from secretbus.cli_xpath import XPathFailure, select
+        try:
+            xml = select(xml, xpath, a.wrap)
+        except XPathFailure as e:
+            raise CommandError(str(e)) from None
+    _out.print(xml)
     return 0
 
 
-def _xpath(xml: str, expr: str, wrap: bool) -> str:
-    from lxml import etree
-    # The document is our own formatted output, so the default parser is safe here.
-    doc = etree.fromstring(xml.encode())
-    try:
-        res = doc.xpath(expr)
-    except etree.XPathError as e:
-        raise CommandError(f"Failed to evaluate XPath '{expr}': {e}") from None
-    if not isinstance(res, list):
-        return f"{res}\n"
-    parts = [etree.tostring(r, encoding="unicode").strip() if isinstance(r, etree._Element) else str(r)
-             for r in res]
-    if wrap:
-        return "<nodes>\n" + "".join(f"  {p}\n" for p in parts) + "</nodes>\n"
-    return "".join(p + "\n" for p in parts)
+_EXCLUSIVE = (("file", "base64"), ("plain", "base64"), ("interactive", "base64"),
+              ("interactive", "plain"), ("interactive", "file"))
 
 
 def cmd_set_value(conn, a) -> int:
-    b64 = a.base64 if a.base64 is not None else a.base64_pos
-    pairs = [("file", a.file is not None, "base64", b64 is not None),
-             ("plain", a.plain, "base64", b64 is not None),
-             ("interactive", a.interactive, "base64", b64 is not None),
-             ("interactive", a.interactive, "plain", a.plain),
-             ("interactive", a.interactive, "file", a.file is not None)]
-    for n1, v1, n2, v2 in pairs:
-        if v1 and v2:
+    for n1, n2 in _EXCLUSIVE:
+        if getattr(a, n1) not in (None, False) and getattr(a, n2) not in (None, False):
             raise CommandError(f"Options --{n1} and --{n2} are mutually exclusive")
-    s = _lookup(conn, a.secret)
+    s = _lookup(conn, a)
+    b64, path = _req(a, "base64"), _req(a, "file")
     if b64 is not None:
         _err("Passing secret value as command-line argument is insecure!")
         value = _decode_b64(b64.encode("ascii", "replace"))
-    elif a.file is not None:
-        raw = _read_value_file(a.file)
+    elif path is not None:
+        raw = _read_file(path, VALUE_MAX * 2)
         value = raw if a.plain else _decode_b64(raw)
     elif a.interactive:
         value = _read_interactive()
@@ -180,35 +217,35 @@ def cmd_set_value(conn, a) -> int:
         raise CommandError("Failed to set secret value", errors.display(e)) from None
     finally:
         value = b""
-    _print("Secret value set")
-    _print()
+    _extra("Secret value set")
     return 0
 
 
 def cmd_get_value(conn, a) -> int:
-    s = _lookup(conn, a.secret)
+    s = _lookup(conn, a)
     try:
         value = s.get_value()
     except errors.SecretError as e:
         raise CommandError(errors.display(e)) from None
-    out = sys.stdout.buffer
-    sys.stdout.flush()
     try:
-        out.write(value if a.plain else base64.b64encode(value) + b"\n")
-        out.flush()
-    except OSError:
+        # No newline of its own: the command's trailing blank line ends it (virsh).
+        _out.write(value if a.plain else base64.b64encode(value))
+        _out.flush()
+    except OutputLost:
+        _out.lost_reported = True
         raise CommandError("failed to write secret") from None
+    finally:
+        value = b""
     return 0
 
 
 def cmd_undefine(conn, a) -> int:
-    s = _lookup(conn, a.secret)
+    s = _lookup(conn, a)
     try:
         s.undefine()
     except errors.SecretError as e:
         raise CommandError(f"Failed to delete secret {a.secret}", errors.display(e)) from None
-    _print(f"Secret {a.secret} deleted")
-    _print()
+    _extra(f"Secret {a.secret} deleted")
     return 0
 
 
@@ -226,12 +263,25 @@ def cmd_list(conn, a) -> int:
     for s in sorted(secrets, key=lambda s: s.uuid.lower()):
         usage = "Unused" if s.usage_type == UsageType.NONE else f"{s.usage_type.xml_name} {s.usage_id}"
         rows.append([s.uuid, usage])
-    sys.stdout.write(format_table(["UUID", "Usage"], rows))
-    _print()
+    _out.print(format_table(["UUID", "Usage"], rows, with_header=not _out.quiet))
     return 0
 
 
 _EVENT_NAMES = {"lifecycle": EventId.LIFECYCLE, "value-changed": EventId.VALUE_CHANGED}
+
+
+def _timeout(a) -> int | None:
+    """vshCommandOptTimeoutToMs: a whole number of seconds, at least 1."""
+    if a.timeout is None:
+        return None
+    if not re.fullmatch(r"[ \t\n\v\f\r]*[+-]?[0-9]+", a.timeout) or not 0 < int(a.timeout) <= TIMEOUT_MAX:
+        raise CommandError(f"Numeric value '{a.timeout}' for <timeout> option is malformed or out of range")
+    return int(a.timeout)
+
+
+def _timestamp() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}+0000: "
 
 
 def cmd_event(conn, a) -> int:
@@ -239,11 +289,13 @@ def cmd_event(conn, a) -> int:
         for name in _EVENT_NAMES:
             _print(name)
         return 0
-    if not a.event:
+    event = _req(a, "event")
+    if event is None:
         raise CommandError("either --list or --event <type> is required")
-    if a.event not in _EVENT_NAMES:
-        raise CommandError(f"unknown event type {a.event}")
-    target = _lookup(conn, a.secret) if a.secret else None
+    if event not in _EVENT_NAMES:
+        raise CommandError(f"unknown event type {event}")
+    timeout = _timeout(a)
+    target = _lookup(conn, a) if a.secret is not None else None
     count = 0
     done = threading.Event()
     lock = threading.Lock()
@@ -253,18 +305,22 @@ def cmd_event(conn, a) -> int:
         with lock:
             if done.is_set():
                 return
-            prefix = time.strftime("%Y-%m-%d %H:%M:%S.000+0000: ", time.gmtime()) if a.timestamp else ""
-            if ev.event_id == EventId.LIFECYCLE:
-                what = "Defined" if ev.lifecycle == Lifecycle.DEFINED else "Undefined"
-                _print(f"{prefix}event 'lifecycle' for secret {ev.uuid}: {what}")
-            else:
-                _print(f"{prefix}event 'value-changed' for secret {ev.uuid}")
-            sys.stdout.flush()
+            prefix = _timestamp() if a.timestamp else ""
+            try:
+                if ev.event_id == EventId.LIFECYCLE:
+                    what = "Defined" if ev.lifecycle == Lifecycle.DEFINED else "Undefined"
+                    _print(f"{prefix}event 'lifecycle' for secret {ev.uuid}: {what}")
+                else:
+                    _print(f"{prefix}event 'value-changed' for secret {ev.uuid}")
+                _out.flush()
+            except OutputLost:
+                done.set()      # nobody is reading any more: stop waiting
+                return
             count += 1
             if not a.loop:
                 done.set()
 
-    sub = conn.subscribe(handler, _EVENT_NAMES[a.event], target)
+    sub = conn.subscribe(handler, _EVENT_NAMES[event], target)
     interrupted = threading.Event()
 
     def on_sigint(*_: object) -> None:
@@ -272,7 +328,7 @@ def cmd_event(conn, a) -> int:
         done.set()
     old = signal.signal(signal.SIGINT, on_sigint)
     try:
-        done.wait(a.timeout if a.timeout else None)
+        done.wait(timeout)
     finally:
         signal.signal(signal.SIGINT, old)
         try:
@@ -290,8 +346,8 @@ def cmd_event(conn, a) -> int:
 
 def cmd_init_encryption(conn_unused, a) -> int:
     from secretbus.store.keys import init_encryption
-    kw = {"with_key": a.with_key, "raw": a.raw}
-    if a.key_path:
+    kw = {"with_key": _req(a, "with-key"), "raw": a.raw}
+    if _req(a, "key-path"):
         kw["key_path"] = Path(a.key_path)
     try:
         path = init_encryption(**kw)
@@ -312,94 +368,144 @@ def cmd_rewrite_values(conn, a) -> int:
     return 0 if done == total and not skipped else 1
 
 
-# -- argument parsing ----------------------------------------------------------------
-class _Commands:
-    """Sub-command parsers, each parsed with parse_intermixed_args so that options and
-    positionals mix as in virsh (`secret-set-value UUID --file F BASE64`)."""
-
-    def __init__(self) -> None:
-        self.parsers: dict[str, argparse.ArgumentParser] = {}
-
-    def add_parser(self, name: str, help: str) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog=f"secretbus {name}", description=help)
-        p.set_defaults(command_help=help)
-        self.parsers[name] = p
-        return p
+# -- command table -------------------------------------------------------------------
+S, B, N = Kind.STRING, Kind.BOOL, Kind.NUMBER
+_SECRET = Opt("secret", S, "secret UUID", required=True)
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    sub = _Commands()
-
-    c = sub.add_parser("secret-define", help="define or modify a secret from an XML file")
-    c.add_argument("file", metavar="FILE")
-    c.add_argument("--validate", action="store_true", help="validate the XML against the schema")
-    c.set_defaults(func=cmd_define)
-
-    c = sub.add_parser("secret-dumpxml", help="secret attributes in XML")
-    c.add_argument("secret", metavar="SECRET")
-    c.add_argument("--xpath", help="xpath expression to filter the XML document")
-    c.add_argument("--wrap", action="store_true", help="wrap xpath results in a common root element")
-    c.set_defaults(func=cmd_dumpxml)
-
-    c = sub.add_parser("secret-set-value", help="set a secret value")
-    c.add_argument("secret", metavar="SECRET")
-    c.add_argument("base64_pos", nargs="?", metavar="BASE64", help="base64-encoded value (insecure)")
-    c.add_argument("--base64", help="base64-encoded value (insecure)")
-    c.add_argument("--file", help="read the value from a file")
-    c.add_argument("--plain", action="store_true", help="read the file as raw bytes, not base64")
-    c.add_argument("--interactive", action="store_true", help="read the value from the terminal")
-    c.set_defaults(func=cmd_set_value)
-
-    c = sub.add_parser("secret-get-value", help="Output a secret value")
-    c.add_argument("secret", metavar="SECRET")
-    c.add_argument("--plain", action="store_true", help="write the raw value, not base64")
-    c.set_defaults(func=cmd_get_value)
-
-    c = sub.add_parser("secret-undefine", help="undefine a secret")
-    c.add_argument("secret", metavar="SECRET")
-    c.set_defaults(func=cmd_undefine)
-
-    c = sub.add_parser("secret-list", help="list secrets")
-    for opt in ("ephemeral", "no-ephemeral", "private", "no-private"):
-        c.add_argument(f"--{opt}", action="store_true", help=f"list {opt.replace('-', ' ')} secrets")
-    c.set_defaults(func=cmd_list)
-
-    c = sub.add_parser("secret-event", help="Secret Events")
-    c.add_argument("--secret", help="filter by secret UUID")
-    c.add_argument("--event", help="which event type to wait for (lifecycle, value-changed)")
-    c.add_argument("--loop", action="store_true", help="loop until timeout or interrupt")
-    c.add_argument("--timeout", type=int, help="timeout seconds")
-    c.add_argument("--list", action="store_true", help="list valid event types")
-    c.add_argument("--timestamp", action="store_true", help="show timestamp for each printed event")
-    c.set_defaults(func=cmd_event)
-
-    c = sub.add_parser("init-encryption", help="create the sealed encryption key (once)")
-    c.add_argument("--key-path", help="where to put the key "
-                   "(default /var/lib/libvirt/secrets/secrets-encryption-key)")
-    c.add_argument("--with-key", help="systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...)")
-    c.add_argument("--raw", action="store_true", help="write a raw 0600 key file (hosts without systemd)")
-    c.set_defaults(func=cmd_init_encryption, no_connection=True)
-
-    c = sub.add_parser("rewrite-values", help="re-write every persistent value under the current "
-                       "scheme and key (the service must not be running for system/session)")
-    c.set_defaults(func=cmd_rewrite_values, direct_driver=True)
-    listing = "\n".join(f"  {n:<18} {p.get_default('command_help')}" for n, p in sub.parsers.items())
-    p = argparse.ArgumentParser(prog="secretbus", description="libvirt-compatible secret service client",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="commands:\n" + listing)
-    p.add_argument("-c", "--connect", metavar="URI", help="connection URI (default: $SECRETBUS_DEFAULT_URI, "
-                   "else secret:///system for root and secret:///session otherwise)")
-    p.add_argument("command", metavar="<command>", choices=sorted(sub.parsers))
-    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    return p, sub.parsers
+COMMANDS: dict[str, tuple[CommandDef, object, dict[str, bool]]] = {}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    top, commands = build_parser()
-    a = top.parse_args(argv)
-    sub = commands[a.command].parse_intermixed_args(a.args)
-    sub.connect, sub.command = a.connect, a.command
-    return sub
+def _command(name: str, help: str, desc: str, opts: tuple[Opt, ...], func, **flags: bool) -> None:
+    COMMANDS[name] = (CommandDef(name, help, desc, opts), func, flags)
+
+
+_command("secret-define", "define or modify a secret from an XML file", "Define or modify a secret.",
+         (Opt("file", S, "file containing secret attributes in XML", required=True),
+          Opt("validate", B, "validate the XML against the schema")), cmd_define)
+_command("secret-dumpxml", "secret attributes in XML",
+         "Output attributes of a secret as an XML dump to stdout.",
+         (_SECRET, Opt("xpath", S, "xpath expression to filter the XML document", named_only=True),
+          Opt("wrap", B, "wrap xpath results in an common root element")), cmd_dumpxml)
+_command("secret-event", "Secret Events", "List event types, or wait for secret events to occur",
+         (Opt("secret", S, "filter by secret name or uuid"),
+          Opt("event", S, "which event type to wait for"),
+          Opt("loop", B, "loop until timeout or interrupt, rather than one-shot"),
+          Opt("timeout", N, "timeout seconds"),
+          Opt("list", B, "list valid event types"),
+          Opt("timestamp", B, "show timestamp for each printed event")), cmd_event)
+_command("secret-get-value", "Output a secret value", "Output a secret value to stdout.",
+         (_SECRET, Opt("plain", B, "get value without converting to base64")), cmd_get_value)
+_command("secret-list", "list secrets", "Returns a list of secrets",
+         (Opt("ephemeral", B, "list ephemeral secrets"), Opt("no-ephemeral", B, "list non-ephemeral secrets"),
+          Opt("private", B, "list private secrets"), Opt("no-private", B, "list non-private secrets")),
+         cmd_list)
+_command("secret-set-value", "set a secret value", "Set a secret value.",
+         (_SECRET, Opt("file", S, "read secret from file", named_only=True),
+          Opt("plain", B, "read the secret from file without converting from base64"),
+          Opt("interactive", B, "read the secret from the terminal"),
+          Opt("base64", S, "base64-encoded secret value")), cmd_set_value)
+_command("secret-undefine", "undefine a secret", "Undefine a secret.", (_SECRET,), cmd_undefine)
+_command("init-encryption", "create the sealed encryption key (once)",
+         "Create the key that encrypts secret values at rest, sealed with systemd-creds.",
+         (Opt("key-path", S, "where to put the key (default /var/lib/libvirt/secrets/secrets-encryption-key)",
+              named_only=True),
+          Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...)", named_only=True),
+          Opt("raw", B, "write a raw 0600 key file (hosts without systemd)")),
+         cmd_init_encryption, no_connection=True)
+_command("rewrite-values", "re-write every persistent value under the current scheme and key",
+         "Re-write every persistent value under the current scheme and key "
+         "(the service must not be running for system/session).", (), cmd_rewrite_values,
+         direct_driver=True)
+
+
+# -- the command line ----------------------------------------------------------------
+def top_help() -> str:
+    cmds = "".join(f"    {name:<18} {d.help}\n" for name, (d, _f, _fl) in COMMANDS.items())
+    return ("secretbus [options]... <command> [args...]\n\n"
+            "  options:\n"
+            "    -c | --connect=URI      connection URI (default: $SECRETBUS_DEFAULT_URI, else\n"
+            "                            secret:///system for root and secret:///session otherwise)\n"
+            "    -h | --help             this help\n"
+            "    -q | --quiet            quiet mode\n\n"
+            "  commands (see 'secretbus help <command>' or '<command> --help'):\n"
+            f"    {'help':<18} print help\n" + cmds)
+
+
+class Invocation(SimpleNamespace):
+    """What the command line asks for: a help page, or a command and its options."""
+
+
+def _top_options(argv: list[str]) -> tuple[dict[str, object], list[str]]:
+    """virsh's own options (getopt_long: -c URI, -cURI, --connect[=]URI, -q, -h, bundled)."""
+    top: dict[str, object] = {"connect": None, "quiet": False, "help": False}
+    i = 0
+    while i < len(argv):
+        w = argv[i]
+        i += 1
+        if w == "--":
+            break
+        if w.startswith("--"):
+            name, eq, value = w[2:].partition("=")
+            if name == "connect":
+                if not eq:
+                    if i >= len(argv):
+                        raise UsageError("option '-c'/'--connect' requires an argument")
+                    value, i = argv[i], i + 1
+                top["connect"] = value
+            elif name in ("quiet", "help") and not eq:
+                top[name] = True
+            else:
+                raise UsageError(f"unsupported option '{w}'. See --help.")
+            continue
+        if w.startswith("-") and len(w) > 1:
+            for j, ch in enumerate(w[1:], start=1):
+                if ch == "c":
+                    value = w[j + 1:]
+                    if not value:
+                        if i >= len(argv):
+                            raise UsageError("option '-c'/'--connect' requires an argument")
+                        value, i = argv[i], i + 1
+                    top["connect"] = value
+                    break
+                if ch in "qh":
+                    top["quiet" if ch == "q" else "help"] = True
+                else:
+                    raise UsageError(f"unsupported option '-{ch}'. See --help.")
+            continue
+        i -= 1
+        break
+    return top, argv[i:]
+
+
+def parse_command_line(argv: list[str]) -> Invocation:
+    top, rest = _top_options(argv)
+    inv = Invocation(connect=top["connect"], quiet=top["quiet"], help_text=None, func=None,
+                     flags={}, args=None)
+    if top["help"] or not rest:
+        if not top["help"]:
+            raise UsageError("a command is required (secretbus has no interactive shell); see --help")
+        inv.help_text = top_help()
+        return inv
+    name, words = rest[0], rest[1:]
+    if name == "help":
+        if len(words) > 1:
+            raise UsageError(f"unexpected data '{words[1]}'")
+        if words and words[0] not in COMMANDS:
+            raise UsageError(f"command or command group '{words[0]}' doesn't exist")
+        inv.help_text = format_help(COMMANDS[words[0]][0]) if words else top_help()
+        return inv
+    if name not in COMMANDS:
+        raise UsageError(f"unknown command: '{name}'")
+    definition, func, flags = COMMANDS[name]
+    given = parse(definition, words)
+    if given is None:
+        inv.help_text = format_help(definition)
+        return inv
+    values = {o.name.replace("-", "_"): given.get(o.name, False if o.kind is Kind.BOOL else None)
+              for o in definition.opts}
+    inv.func, inv.flags, inv.args = func, flags, SimpleNamespace(**values, command=name)
+    return inv
 
 
 def _open(uri: str | None, direct_driver: bool):
@@ -410,34 +516,94 @@ def _open(uri: str | None, direct_driver: bool):
     return open_connection(uri)
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+def _report(lines: tuple[str, ...] | list[str]) -> None:
+    try:
+        _out.flush()        # what the command printed comes before its error, as in virsh
+    except OutputLost:
+        pass
+    for line in lines:
+        _err(line)
+
+
+def _run(inv: Invocation) -> int:
+    """Connect, run the command, and print virsh's trailing blank line after it."""
     from secretbus.core.logsetup import setup_cli_logging
     from secretbus.procsec import no_core_dumps
     setup_cli_logging()
     no_core_dumps()
     conn = None
     try:
-        if not getattr(a, "no_connection", False):
+        if not inv.flags.get("no_connection"):
             try:
-                conn = _open(a.connect, getattr(a, "direct_driver", False))
+                conn = _open(inv.connect, inv.flags.get("direct_driver", False))
             except errors.SecretError as e:
-                raise CommandError("failed to connect to the hypervisor", errors.display(e)) from None
-        return a.func(conn, a)
-    except CommandError as e:
-        sys.stdout.flush()
-        for line in e.lines:
-            _err(line)
-        return 1
-    except errors.SecretError as e:
-        sys.stdout.flush()
-        _err(errors.display(e))
-        return 1
-    except KeyboardInterrupt:
-        return 130
+                _report(["failed to connect to the hypervisor", errors.display(e)])
+                return 1
+        try:
+            rc = inv.func(conn, inv.args)
+        except CommandError as e:
+            _report(e.lines)
+            rc = 1
+        except errors.SecretError as e:
+            _report([errors.display(e)])
+            rc = 1
+        except OutputLost:
+            rc = 1
+        _extra()
+        return rc
     finally:
         if conn is not None:
             conn.close()
+
+
+def _finish(rc: int) -> int:
+    """Flush stdout; output that could not be written is one error line and status 1."""
+    try:
+        _out.flush()
+    except OutputLost:
+        pass
+    if _out.lost is None and sys.stdout is not None:
+        # Nothing of ours goes through sys.stdout, but a library might have printed.
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError) as e:
+            _out.lost = OutputLost(e if isinstance(e, OSError) else OSError(errno.EBADF, str(e)))
+    if _out.lost is None:
+        return rc
+    if not _out.lost_reported:
+        _err(f"failed to write to standard output: {_out.lost.strerror}")
+    # Python flushes sys.stdout once more at exit; let that go nowhere instead of failing.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, _out.fd)
+        os.close(devnull)
+    except OSError:
+        pass
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _out
+    _out = Output()
+    guard_std_fds(_out)
+    try:
+        inv = parse_command_line(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        _err(str(e))
+        return 1
+    _out.quiet = bool(inv.quiet)
+    try:
+        if inv.help_text is not None:
+            _out.print(inv.help_text)
+            _extra()
+            rc = 0
+        else:
+            rc = _run(inv)
+    except OutputLost:
+        rc = 1
+    except KeyboardInterrupt:
+        rc = 130
+    return _finish(rc)
 
 
 if __name__ == "__main__":

@@ -269,13 +269,13 @@ def test_cli_over_session_bus_and_secret_event(session_bus, daemon, tmp_path):
     raw = tmp_path / "v"
     raw.write_bytes(SENTINEL)
     assert _cli(session_bus, "secret-set-value", U1, "--file", str(raw), "--plain").returncode == 0
-    assert _cli(session_bus, "secret-get-value", U1, "--plain").stdout == SENTINEL
+    assert _cli(session_bus, "secret-get-value", U1, "--plain").stdout == SENTINEL + b"\n"   # virsh's blank line
     assert f" {U1}   ceph client.admin\n".encode() in _cli(session_bus, "secret-list").stdout
     assert _cli(session_bus, "secret-undefine", U1).stdout == f"Secret {U1} deleted\n\n".encode()
     out, err = ev.communicate(timeout=30)
     assert out.decode() == (f"event 'lifecycle' for secret {U1}: Defined\n"
                             f"event 'lifecycle' for secret {U1}: Undefined\n"
-                            "event loop timed out\nevents received: 2\n"), err
+                            "event loop timed out\nevents received: 2\n\n"), err
 
 
 def test_cli_reports_service_not_running(session_bus):
