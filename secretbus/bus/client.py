@@ -51,7 +51,7 @@ from secretbus.bus.names import (
     secret_path,
     uuid_from_path,
 )
-from secretbus.core import errors
+from secretbus.core import compat, errors
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
 from secretbus.core.model import VALUE_MAX, EventId, Lifecycle, SecretEvent, UsageType
 from secretbus.core.uuids import parse_uuid
@@ -157,7 +157,7 @@ def _usage(props: dict[str, Any]) -> tuple[str, int, str]:
     canon = parse_uuid(uuid) if isinstance(uuid, str) else None
     if canon is None or not isinstance(uid, str):
         raise errors.OperationFailed("the service sent invalid org.libvirt.Secret properties")
-    if utype not in UsageType._value2member_map_:
+    if not compat.enum_has_value(UsageType, utype):
         utype = UsageType.NONE
     return canon, utype, uid
 
@@ -344,9 +344,7 @@ class DBusConnection(Connection):
                 reply = await bus.call(msg)
         except BaseException as e:
             # Timed out or cancelled: forget the call, so a late reply is dropped.
-            handlers = getattr(bus, "_method_return_handlers", None)
-            if isinstance(handlers, dict):
-                handlers.pop(msg.serial, None)
+            compat.forget_pending_call(bus, msg.serial)
             if isinstance(e, TimeoutError):
                 raise errors.OperationFailed(f"no reply from {destination} within {self.timeout:g} s") from None
             if not isinstance(e, Exception):
@@ -472,7 +470,7 @@ class DBusConnection(Connection):
             (path,) = await self._call(CONNECT_PATH, CONNECT_IFACE, "SecretLookupByUsage", "is",
                                        [utype, usage_id], "o")
             uuid = uuid_from_path(path)
-            if uuid is None or utype not in UsageType._value2member_map_:
+            if uuid is None or not compat.enum_has_value(UsageType, utype):
                 return await self._props(path, uuid)
             # The service matched (type, id) exactly, so they are the secret's usage.
             self._remember(uuid, utype, usage_id)
@@ -635,7 +633,7 @@ class DBusConnection(Connection):
         if path == CONNECT_PATH and iface == CONNECT_IFACE:
             if member == "SecretEvent" and msg.signature == "oii":
                 uuid = uuid_from_path(body[0])
-                if uuid is None or body[1] not in Lifecycle._value2member_map_:
+                if uuid is None or not compat.enum_has_value(Lifecycle, body[1]):
                     return
                 lifecycle = Lifecycle(body[1])
                 usage = (self._usage_cache.pop(uuid, None) if lifecycle is Lifecycle.UNDEFINED
@@ -658,7 +656,7 @@ class DBusConnection(Connection):
                 changed = body[1]
                 utype = int(changed["UsageType"].value) if "UsageType" in changed else old[0]
                 uid = changed["UsageID"].value if "UsageID" in changed else old[1]
-                if utype not in UsageType._value2member_map_:
+                if not compat.enum_has_value(UsageType, utype):
                     utype = UsageType.NONE
                 self._remember(uuid, utype, uid)
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from lxml import etree
 
-from secretbus.core import errors, uuids
+from secretbus.core import compat, errors, uuids
 from secretbus.core.model import SecretDef, UsageType
 
 MAX_XML_BYTES = 1024 * 1024
@@ -102,7 +102,7 @@ def _too_large() -> errors.SecretError:
 def _syntax_detail(exc: etree.LxmlError) -> str:
     """Position and libxml2 error kind only: libxml2's own text can quote the document."""
     code = getattr(exc, "code", 0) or 0
-    name = etree.ErrorTypes._getName(code, None) if code else None
+    name = compat.libxml2_error_name(code) if code else None
     kind = name.removeprefix("ERR_").replace("_", " ").lower() if name else "not well-formed"
     line = getattr(exc, "lineno", None)
     return f"line {line}: {kind}" if isinstance(line, int) and line > 0 else kind
