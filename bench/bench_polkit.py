@@ -37,6 +37,8 @@ import harness  # noqa: E402
 from harness import gdbus  # noqa: E402
 from harness.procs import remove_tree  # noqa: E402
 
+from secretbus.bus.names import secret_path  # noqa: E402
+
 BUS_NAME = "org.libvirt.secret"
 MEMBER = "sbtest-member"
 
@@ -47,7 +49,7 @@ LAUNCHER = """
 import functools, sys
 import secretbus.access.permissions as access
 import secretbus.daemon as daemon
-import secretbus.access.polkit as polkit
+import secretbus.bus.polkit as polkit
 
 class EveryCall(polkit.PolkitAccess):
     async def allowed(self, caller, perm, d):
@@ -121,10 +123,6 @@ async def main():
 
 asyncio.run(main())
 '''
-
-
-def secret_path(uuid: str) -> str:
-    return "/org/libvirt/secret/secret/_" + uuid.replace("-", "_")
 
 
 def define(bus, uuid: str, private: bool, value: bytes) -> str:
@@ -249,7 +247,7 @@ def main() -> int:
     table = [head] + rows
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     for i, r in enumerate(table):
-        print("  ".join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        print("  ".join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=False))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
     bad = {(r["mode"], r["op"], r["inflight"]): r["errors"] for r in results
