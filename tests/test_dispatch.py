@@ -240,6 +240,8 @@ def test_methods_replies_and_signals(tmp_path):
             name, text = err(await h.call(P1, PROPS_IFACE, "Set", "ssv", [SECRET_IFACE, "UsageID", Variant("s", "x")]))
             assert name == "org.freedesktop.DBus.Error.PropertyReadOnly" and "read-only" in text
             ok(await h.call(P1, SECRET_IFACE, "Undefine"))
+            # The path list memo follows the table (P1's list was kept above).
+            assert ok(await h.call(CONNECT_PATH, CONNECT_IFACE, "ListSecrets", "u", [0])) == [[]]
             assert [m.body for m in h.signals("SecretEvent")] == [[P1, 0, 0], [P1, 1, 0]]
             assert [m.body for m in h.signals("SecretValueChanged")] == [[P1]]
             assert len(h.signals("InterfacesAdded")) == 1 and len(h.signals("InterfacesRemoved")) == 1

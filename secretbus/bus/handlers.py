@@ -93,12 +93,25 @@ class ConnectHandlers:
 
     def __init__(self, driver: Any):
         self.driver = driver
+        # The last path list per ListSecrets flags, with the definitions it was made from:
+        # a list of 10,000 secrets costs 10,000 new strings per call otherwise. It is a memo
+        # of a pure function (equal definitions, equal paths), so it cannot go stale; the
+        # comparison is by identity first, ~50 us for 10,000 unchanged definitions.
+        self._paths: dict[int, tuple[list[SecretDef], list[str]]] = {}
+
+    def _paths_of(self, flags: int, defs: list[SecretDef]) -> list[str]:
+        hit = self._paths.get(flags)
+        if hit is not None and hit[0] == defs:
+            return hit[1]
+        paths = [secret_path(d.uuid) for d in defs]
+        self._paths[flags] = (defs, paths)    # flags are checked by the driver: few keys
+        return paths
 
     @method(CONNECT_IFACE, "ListSecrets", "u", perms=(Perm.SEARCH_SECRETS,), each=Perm.GETATTR)
     def list_secrets(self, msg: Message) -> Prepared:
         (flags,) = msg.body
         defs = self.driver.list_secrets(flags)
-        return Prepared(lambda g: [[secret_path(d.uuid) for d in g.visible]], candidates=defs,
+        return Prepared(lambda g: [self._paths_of(flags, list(g.visible))], candidates=defs,
                         large=len(defs) > LARGE_LIST)
 
     @method(CONNECT_IFACE, "SecretDefineXML", "su", perms=(Perm.WRITE, Perm.SAVE), writes=True)

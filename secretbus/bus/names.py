@@ -40,7 +40,7 @@ def secret_node(uuid: str) -> str:
 
 
 def secret_path(uuid: str) -> str:
-    return SECRETS_PATH + "/" + secret_node(uuid)
+    return SECRET_PREFIX + uuid.replace("-", "_")     # = SECRETS_PATH/secret_node(uuid), one call
 
 
 def uuid_from_path(path: str) -> str | None:
