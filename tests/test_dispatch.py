@@ -12,7 +12,7 @@ from lxml import etree
 
 from secretbus.access.permissions import AllowAll, Caller, Perm
 from secretbus.bus import introspection
-from secretbus.bus.calls import MethodSpec, specs_of
+from secretbus.bus.execute import MethodSpec, specs_of
 from secretbus.bus.dispatch import ObjectType
 from secretbus.bus.handlers import LIBVIRT_COMPAT, ConnectHandlers, SecretHandlers, encode_version
 from secretbus.bus.names import (

@@ -2,7 +2,7 @@
 
 Handlers parse arguments and find objects (errors here are the caller's: no access check
 has run, so they name nothing the caller could not name itself), then return the action
-for calls.CallRunner to authorise and run. No reply or error carries a value except
+for execute.CallRunner to authorise and run. No reply or error carries a value except
 GetValue's own return.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from dbus_fast import Message, Variant
 
 from secretbus.access.permissions import Perm
-from secretbus.bus.calls import DBusFailure, Grant, Prepared, method
+from secretbus.bus.execute import DBusFailure, Grant, Prepared, method
 from secretbus.bus.names import (
     CONNECT_IFACE,
     OM_IFACE,
