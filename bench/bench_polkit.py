@@ -37,6 +37,8 @@ import harness  # noqa: E402
 from harness import gdbus  # noqa: E402
 from harness.procs import remove_tree  # noqa: E402
 
+from secretbus.bus.names import secret_path  # noqa: E402
+
 BUS_NAME = "org.libvirt.secret"
 MEMBER = "sbtest-member"
 
@@ -47,7 +49,7 @@ LAUNCHER = """
 import functools, sys
 import secretbus.access.permissions as access
 import secretbus.daemon as daemon
-import secretbus.access.polkit as polkit
+import secretbus.bus.polkit as polkit
 
 class EveryCall(polkit.PolkitAccess):
     async def allowed(self, caller, perm, d):
@@ -119,10 +121,6 @@ async def main():
 
 asyncio.run(main())
 '''
-
-
-def secret_path(uuid: str) -> str:
-    return "/org/libvirt/secret/secret/_" + uuid.replace("-", "_")
 
 
 def define(bus, uuid: str, private: bool, value: bytes) -> str:

@@ -18,21 +18,25 @@ owners, contents) is compared with its state before the daemon started.
 
 Damage kinds (each one secret, or two for the swap and the usage clash; "full" injects several
 of each, with random cut points and bit positions, and more healthy secrets):
-    truncated value          gcm file cut inside a base64 quantum        -> skipped, "truncated"
-    empty value file         gcm file of 0 bytes                         -> skipped, "truncated"
-    flipped bit              one bit of the ciphertext or tag            -> skipped, "failed authentication"
-    value files swapped      A's and B's value files exchanged           -> both skipped, "belongs to another secret", naming the other
-    not base64               value file of foreign bytes                 -> skipped, "not valid base64"
-    wrong key                value encrypted with another key            -> skipped, "encrypted with a different key"
-    unreadable value file    mode 000 (daemon not root)                  -> skipped, "cannot read: Permission denied"
-    unreadable XML           mode 000                                    -> skipped, "cannot read: Permission denied"
-    malformed XML            the XML cut in half                         -> skipped, "invalid XML"
-    UUID differs from name   F.xml holds <uuid>G</uuid>                  -> skipped, "G does not match secret file name 'F.xml'"
-    duplicate usage          two files, same usage; older mtime wins     -> newer skipped, "already defined for use with"
-    two value files          .base64 (older) and .aes256gcm (newer)      -> served with the newer value, warning "has 2 value files"
-    stale temp file          <uuid>.aes256gcm.new left by a crash        -> removed (the one deletion allowed), warning; secret served
-    symlink                  value file replaced by a symlink            -> skipped, "cannot read" (O_NOFOLLOW)
-    directory                a directory named <uuid>.aes256gcm          -> skipped, "cannot read: not a regular file"
+    truncated value          gcm file cut inside a base64 quantum    -> skipped, "truncated"
+    empty value file         gcm file of 0 bytes                     -> skipped, "truncated"
+    flipped bit              one bit of the ciphertext or tag        -> skipped, "failed authentication"
+    value files swapped      A's and B's value files exchanged       -> both skipped, "belongs to another secret",
+                                                                        naming the other
+    not base64               value file of foreign bytes             -> skipped, "not valid base64"
+    wrong key                value encrypted with another key        -> skipped, "encrypted with a different key"
+    unreadable value file    mode 000 (daemon not root)              -> skipped, "cannot read: Permission denied"
+    unreadable XML           mode 000                                -> skipped, "cannot read: Permission denied"
+    malformed XML            the XML cut in half                     -> skipped, "invalid XML"
+    UUID differs from name   F.xml holds <uuid>G</uuid>              -> skipped,
+                                                                        "G does not match secret file name 'F.xml'"
+    duplicate usage          two files, same usage; older mtime wins -> newer skipped, "already defined for use with"
+    two value files          .base64 (older) and .aes256gcm (newer)  -> served with the newer value,
+                                                                        warning "has 2 value files"
+    stale temp file          <uuid>.aes256gcm.new left by a crash    -> removed (the one deletion allowed),
+                                                                        warning; secret served
+    symlink                  value file replaced by a symlink        -> skipped, "cannot read" (O_NOFOLLOW)
+    directory                a directory named <uuid>.aes256gcm      -> skipped, "cannot read: not a regular file"
 
 A FIFO in place of a value or XML file is tried in a store of its own (`fifo_run()`): opening it
 for reading blocks until a writer appears, so start-up must skip it rather than open it.
@@ -44,9 +48,10 @@ bus. With the disk nearly full (16 KiB left) a 64 KiB SetValue fails part-way th
 with room for one small file, an ephemeral->persistent redefine writes the value file but not
 the XML (the value file must be removed again); with the disk full, SetValue (with and without
 an old value), a redefine, a new define and an ephemeral->persistent redefine fail over D-Bus,
-and set-value / redefine / new define fail through the CLI. Each must answer a clear error (org.libvirt.Error.SystemError naming the file and
-"No space left on device") and leave the previous value, XML and directory unchanged, also
-after a restart; once space is freed, the same writes succeed without a restart.
+and set-value / redefine / new define fail through the CLI. Each must answer a clear error
+(org.libvirt.Error.SystemError naming the file and "No space left on device") and leave the
+previous value, XML and directory unchanged, also after a restart; once space is freed, the same
+writes succeed without a restart.
 """
 from __future__ import annotations
 
@@ -73,6 +78,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import harness  # noqa: E402
 from harness.procs import remove_tree  # noqa: E402
 
+from secretbus.bus.names import secret_path as spath  # noqa: E402
+
 USER = "sbtest-member"
 BUS_NAME = "org.libvirt.secret"
 
@@ -82,8 +89,7 @@ import asyncio, base64, json, sys
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-NAME = "org.libvirt.secret"
-def spath(u): return "/org/libvirt/secret/secret/_" + u.replace("-", "_")
+from secretbus.bus.names import BUS_NAME as NAME, secret_path as spath, uuid_from_path
 
 async def call(bus, path, iface, member, sig, body):
     r = await bus.call(Message(destination=NAME, path=path, interface=iface, member=member, signature=sig, body=body))
@@ -96,7 +102,7 @@ async def main():
     bus = await MessageBus(bus_address=address).connect()
     out = {"list": None, "lookup": {}, "value": {}}
     r = await call(bus, "/org/libvirt/secret", "org.libvirt.Connect", "ListSecrets", "u", [0])
-    out["list"] = sorted(p.rsplit("/_", 1)[1].replace("_", "-") for p in r["ok"][0]) if "ok" in r else r
+    out["list"] = sorted(uuid_from_path(p) for p in r["ok"][0]) if "ok" in r else r
     for u in uuids:
         r = await call(bus, "/org/libvirt/secret", "org.libvirt.Connect", "SecretLookupByUUID", "s", [u])
         out["lookup"][u] = "ok" if "ok" in r else r
@@ -511,7 +517,8 @@ def judge(res: Result, expected: list[Expect], answers: dict, log_first: str) ->
             if e.uuid not in listed:
                 ok, note = False, "not listed"
             elif want_b64 is None:
-                ok = got.get("error") == "org.libvirt.Error.NoSecret" and "does not have a value" in got.get("message", "")
+                ok = (got.get("error") == "org.libvirt.Error.NoSecret"
+                      and "does not have a value" in got.get("message", ""))
                 note = "" if ok else f"expected no value, got {str(got)[:80]}"
             else:
                 ok = got.get("b64") == want_b64
@@ -535,7 +542,8 @@ def judge(res: Result, expected: list[Expect], answers: dict, log_first: str) ->
                 ok, note = False, f"skip line lacks {e.phrases}: {lines[0][-160:]}"
             elif got.get("error") != "org.libvirt.Error.NoSecret":
                 ok, note = False, f"GetValue answered {str(got)[:80]}"
-        kind = e.kind.replace(" (older file)", "").replace("symlink target (healthy)", "symlink instead of a value file")
+        kind = (e.kind.replace(" (older file)", "")
+                .replace("symlink target (healthy)", "symlink instead of a value file"))
         res.kind_ok[kind] = res.kind_ok.get(kind, True) and ok
         if note and kind not in res.kind_notes:
             res.kind_notes[kind] = f"{e.uuid}: {note}"
@@ -641,10 +649,6 @@ class SyncBus:
 
 
 CONNECT_PATH = "/org/libvirt/secret"
-
-
-def spath(uuid: str) -> str:
-    return "/org/libvirt/secret/secret/_" + uuid.replace("-", "_")
 
 
 # -- full disk --------------------------------------------------------------------------
@@ -843,7 +847,8 @@ def full_disk(mode: str = "auto", keep: bool = False) -> DiskResult:
         # Full.
         filler.leave(0, daemon.proc.pid)
         new = b"new value"
-        attempt("SetValue, replacing a value (D-Bus)", dbus(spath(FD_A), "org.libvirt.Secret", "SetValue", "ayu", [new, 0]))
+        attempt("SetValue, replacing a value (D-Bus)",
+                dbus(spath(FD_A), "org.libvirt.Secret", "SetValue", "ayu", [new, 0]))
         attempt("SetValue, first value (D-Bus)", dbus(spath(FD_B), "org.libvirt.Secret", "SetValue", "ayu", [new, 0]))
         attempt("DefineXML, redefine (D-Bus)", dbus(CONNECT_PATH, "org.libvirt.Connect", "SecretDefineXML", "su",
                                                     [fd_xml(FD_A, "after"), 0]))

@@ -36,13 +36,11 @@ from dbus_fast import Message, MessageType  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 from harness import PrivateBus  # noqa: E402
 
+from secretbus.bus.names import secret_path as spath  # noqa: E402
+
 NAME = "org.libvirt.secret"
 CONNECT = "/org/libvirt/secret"
 ABSENT = ("absent",)
-
-
-def spath(uuid: str) -> str:
-    return "/org/libvirt/secret/secret/_" + uuid.replace("-", "_")
 
 
 def defxml(uuid: str, desc: str) -> str:

@@ -54,7 +54,8 @@ The daemon's open fds are compared the same way, and its log is searched for
 ERROR / CRITICAL lines and tracebacks; polkitd's log for its runaway-script watchdog (a
 polkitd stall of 15 s, seen when rules files change under load: secretbusd's checks time
 out after 5 s and it denies, fail-closed, so those calls count as unexpected errors). When
-anything unexpected happened, the logs are copied to a kept /tmp/sb-soak-logs-* directory. `figures(size)` returns the rows for bench/reliability.py.
+anything unexpected happened, the logs are copied to a kept /tmp/sb-soak-logs-* directory.
+`figures(size)` returns the rows for bench/reliability.py.
 """
 from __future__ import annotations
 
@@ -122,8 +123,7 @@ NOSECRET = "org.libvirt.Error.NoSecret"
 INVALID = "org.libvirt.Error.InvalidSecret"
 USAGE_VOLUME = 1
 
-def spath(u):
-    return "/org/libvirt/secret/secret/_" + u.replace("-", "_")
+from secretbus.bus.names import secret_path as spath
 
 def usage(u):
     return "/var/lib/sbsoak/" + u + ".img"
@@ -341,10 +341,6 @@ signal.signal(signal.SIGUSR1, dump)
 import secretbus.daemon
 sys.exit(secretbus.daemon.main(sys.argv[1:]))
 """
-
-
-def spath(uuid: str) -> str:
-    return "/org/libvirt/secret/secret/_" + uuid.replace("-", "_")
 
 
 def usage(uuid: str) -> str:
@@ -651,7 +647,7 @@ def run(clients: int = 8, calls: int = 300, *, root_share: float = 0.5, shared: 
         res.rss_series = sampler.samples
         cl.release()
         results = cl.lines(60)
-        for i, (a, b, r) in enumerate(zip(first, second, results)):
+        for i, (a, b, r) in enumerate(zip(first, second, results, strict=False)):
             if a is None or b is None or r is None or "counts" not in r:
                 res.dead_clients += 1
                 res.samples.append(f"client {i} died: {cl.stderr(i).strip()[-500:]}")
@@ -783,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
     clients, calls = SIZES[a.size]
     clients, calls = a.clients or clients, a.calls or calls
     res = run(clients, calls, root_share=a.root_share, shared=a.shared, seed=a.seed, timeout=a.timeout,
-              keep=a.keep, connections=a.connections, prime=not a.no_prime, trace_memory=a.trace_memory, progress=lambda s: print(s, file=sys.stderr, flush=True))
+              keep=a.keep, connections=a.connections, prime=not a.no_prime, trace_memory=a.trace_memory,
+              progress=lambda s: print(s, file=sys.stderr, flush=True))
     print(f"soak: {clients} clients x {calls} calls on a private system bus with polkitd; "
           f"{os.cpu_count()} CPUs; load average {res.load[0]:.2f} at start, {res.load[1]:.2f} at end; "
           f"{res.total_seconds:.1f} s in all")

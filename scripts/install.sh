@@ -73,8 +73,9 @@ MANIFEST=(
     "systemd/secretbusd-init-encryption.service   $SYSTEMD_UNITDIR subst"
     "systemd/user/secretbusd.service              $SYSTEMD_USERUNITDIR subst"
 )
-for f in "$REPO"/dbus/interfaces/*.xml; do
-    [ -e "$f" ] && MANIFEST+=("dbus/interfaces/${f##*/} $DBUS_INTERFACESDIR")
+# The interface XML has one copy, the packaged one (dbus/interfaces links to it).
+for f in "$REPO"/secretbus/bus/interfaces/*.xml; do
+    [ -e "$f" ] && MANIFEST+=("secretbus/bus/interfaces/${f##*/} $DBUS_INTERFACESDIR")
 done
 for f in "$REPO"/polkit/*; do
     [ -f "$f" ] || continue

@@ -23,9 +23,9 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 
 from secretbus.access.permissions import AccessControl, AllowAll
-from secretbus.access.polkit import CallerUids, PolkitAccess
 from secretbus.bus import connect as busconn
 from secretbus.bus.names import BUS_NAME
+from secretbus.bus.polkit import CallerUids, PolkitAccess
 from secretbus.bus.service import SecretService
 from secretbus.core import errors
 from secretbus.core.logsetup import setup_daemon_logging

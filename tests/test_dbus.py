@@ -1,9 +1,11 @@
 """secretbusd on private buses, exercised through the project's client and through busctl / gdbus."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import harness
 import pytest
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
 from lxml import etree
 
 import secretbus
@@ -209,6 +213,33 @@ def test_error_names_and_wrong_signatures(session_bus, daemon):
     assert "org.freedesktop.DBus.Error.UnknownMethod" in r.stderr
 
 
+def test_raw_error_reply_carries_libvirts_prefixed_text(session_bus, daemon):
+    """What any D-Bus client sees, without the project's client stripping the prefix."""
+    async def main():
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        try:
+            return await bus.call(Message(destination=NAME, path=CONNECT, interface="org.libvirt.Connect",
+                                          member="SecretLookupByUUID", signature="s", body=[U2]))
+        finally:
+            bus.disconnect()
+    reply = asyncio.run(main())
+    assert reply.message_type is MessageType.ERROR
+    assert reply.error_name == "org.libvirt.Error.NoSecret"
+    assert reply.body == [f"Secret not found: no secret with matching uuid '{U2}'"]
+    r = busctl(session_bus, "call", NAME, P1, "org.libvirt.Secret", "GetValue", "u", "0")
+    assert r.returncode != 0 and f"Secret not found: no secret with matching uuid '{U1}'" in r.stderr
+
+
+def test_connect_properties_over_the_bus(session_bus, daemon):
+    expect = {"Encrypted": "b false", "Secure": "b true", "LibVersion": "t 12001000", "Version": "t 1000",
+              "Hostname": f's "{socket.gethostname()}"'}
+    for prop, want in expect.items():
+        r = busctl(session_bus, "get-property", NAME, CONNECT, "org.libvirt.Connect", prop)
+        assert r.returncode == 0 and r.stdout.strip() == want, (prop, r.stdout, r.stderr)
+    r = busctl(session_bus, "set-property", NAME, CONNECT, "org.libvirt.Connect", "Secure", "b", "false")
+    assert r.returncode != 0 and "read-only" in r.stderr
+
+
 def test_signals_seen_by_gdbus_monitor(session_bus, daemon):
     mon = subprocess.Popen(["gdbus", "monitor", "--address", session_bus.address, "--dest", NAME],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -231,8 +262,9 @@ def test_signals_seen_by_gdbus_monitor(session_bus, daemon):
 def _interface(xml_text: str, name: str) -> bytes:
     root = etree.fromstring(xml_text.encode(), etree.XMLParser(load_dtd=False, no_network=True,
                                                                 resolve_entities=False))
-    (iface,) = root.xpath("interface[@name=$n]", n=name)
-    return etree.tostring(iface, method="c14n")
+    found = root.xpath("interface[@name=$n]", n=name)
+    assert isinstance(found, list) and len(found) == 1 and isinstance(found[0], etree._Element)
+    return etree.tostring(found[0], method="c14n")
 
 
 def test_runtime_introspection_equals_files(session_bus, daemon, conn):
@@ -243,7 +275,9 @@ def test_runtime_introspection_equals_files(session_bus, daemon, conn):
         assert r.returncode == 0, r.stderr
         shipped = (REPO / "dbus" / "interfaces" / file).read_text()
         assert _interface(r.stdout, iface) == _interface(shipped, iface)
-        assert shipped == (REPO / "secretbus" / "bus" / "interfaces" / file).read_text()
+        # One copy: dbus/interfaces is the packaged directory.
+        assert (REPO / "dbus" / "interfaces" / file).resolve() == \
+            (REPO / "secretbus" / "bus" / "interfaces" / file).resolve()
     r = busctl(session_bus, "tree", NAME)
     assert P1 in r.stdout
 
@@ -376,7 +410,7 @@ def test_signals_reach_only_root_and_group(system_bus, polkitd, make_secretbusd,
             harness.as_user(who, unpriv_python.argv("-c", _LISTEN, system_bus.address, "3")),
             env=unpriv_python.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     for p in listeners.values():
-        assert p.stdout.readline().strip() == "listening"
+        assert p.stdout is not None and p.stdout.readline().strip() == "listening"
     assert bcall(system_bus, CONNECT, "org.libvirt.Connect", "SecretDefineXML", "su", xml(), 0).returncode == 0
     counts = {name: int(p.communicate(timeout=30)[0].strip()) for name, p in listeners.items()}
     assert counts[test_users.member.name] >= 2          # InterfacesAdded + SecretEvent
@@ -390,11 +424,12 @@ def test_sigterm_finishes_in_flight_calls(session_bus, make_secretbusd):
     uuids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
     for c, u in zip(conns, uuids, strict=True):
         c.define_xml(xml(u, uid=u))
-    acked: dict[str, tuple[bytes, bytes | None]] = {}
+    acked: dict[str, tuple[bytes | None, bytes]] = {}   # (last acknowledged, the one in flight)
     unexpected: list[str] = []
 
     def writer(c, u):
-        n, last = 0, None
+        n = 0
+        last: bytes | None = None
         while True:
             n += 1
             value = f"{u}-{n}".encode()
@@ -422,10 +457,10 @@ def test_sigterm_finishes_in_flight_calls(session_bus, make_secretbusd):
     again = harness.Secretbusd(session_bus, root=d.root).start()
     try:
         with DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
-                                 bus_address=session_bus.address) as c:
+                                 bus_address=session_bus.address) as after:
             for u in uuids:
                 last, maybe = acked[u]
                 assert last is not None
-                assert c.lookup_by_uuid(u).get_value() in (last, maybe)
+                assert after.lookup_by_uuid(u).get_value() in (last, maybe)
     finally:
         again.cleanup()

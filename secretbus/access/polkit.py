@@ -1,6 +1,7 @@
 """polkit checks for the system bus, with a decision cache.
 
-Subject is the caller's `system-bus-name`; action ids and details are libvirt's (access.py).
+Subject is the caller's `system-bus-name`; action ids and details are libvirt's (permissions.py).
+The bus is reached through a `BusPort` (busport.py): no D-Bus library below the front ends.
 Fails closed: polkitd absent, slow or erroring means "no" (logged, not cached).
 Cached per (unique name, action, details); a caller's entries go when its name leaves the
 bus, all entries go on polkit's `Changed` signal (rules or actions reloaded) or when polkitd
@@ -13,9 +14,9 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
-from dbus_fast import Message, MessageType, Variant
-
+from secretbus.access.busport import BusPort, Signal, Typed
 from secretbus.access.permissions import Caller, Perm, details_for
 from secretbus.core.model import SecretDef
 
@@ -24,60 +25,52 @@ log = logging.getLogger("secretbus.polkit")
 PK_NAME = "org.freedesktop.PolicyKit1"
 PK_PATH = "/org/freedesktop/PolicyKit1/Authority"
 PK_IFACE = "org.freedesktop.PolicyKit1.Authority"
-DBUS = dict(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus")
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS = (DBUS_NAME, "/org/freedesktop/DBus", "org.freedesktop.DBus")   # destination, path, interface
 ALLOW_USER_INTERACTION = 1
 
 # Only names that vanish matter to the uid cache: arg2 (new owner) empty.
 _NAME_GONE = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
               "member='NameOwnerChanged',arg2=''")
+_Key = tuple[str, str, tuple[tuple[str, str], ...]]   # (sender, action id, details)
 _POLKIT_MATCHES = (
     f"type='signal',sender='{PK_NAME}',interface='{PK_IFACE}',member='Changed',path='{PK_PATH}'",
     f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{PK_NAME}'",
 )
 
 
-async def _bus_call(bus, timeout: float, **kw) -> list:
-    reply = await asyncio.wait_for(bus.call(Message(**kw)), timeout)
-    if reply.message_type is MessageType.ERROR:
-        raise RuntimeError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
-    return reply.body
-
-
 class CallerUids:
     """The uid of each caller as the bus daemon knows it, per unique name; forgotten when the
     name leaves the bus (unique names are never reused). Listeners hear of departed names."""
 
-    def __init__(self, bus, timeout: float = 5.0):
+    def __init__(self, bus: BusPort, timeout: float = 5.0):
         self.bus = bus
         self.timeout = timeout
         self._uids: dict[str, int] = {}
-        self._on_gone: list = []
+        self._on_gone: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
-        self.bus.add_message_handler(self._on_signal)
-        await _bus_call(self.bus, self.timeout, **DBUS, member="AddMatch", signature="s", body=[_NAME_GONE])
+        self.bus.watch(self._on_signal)
+        await self.bus.call(*DBUS, "AddMatch", "s", [_NAME_GONE], self.timeout)
 
     def close(self) -> None:
-        self.bus.remove_message_handler(self._on_signal)
+        self.bus.unwatch(self._on_signal)
 
-    def when_gone(self, callback) -> None:
+    def when_gone(self, callback: Callable[[str], None]) -> None:
         self._on_gone.append(callback)
 
-    def _on_signal(self, msg: Message) -> None:
-        if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
-                and msg.sender == "org.freedesktop.DBus" and not msg.body[2]):
-            name = msg.body[0]
+    def _on_signal(self, sig: Signal) -> None:
+        if sig.member == "NameOwnerChanged" and sig.sender == DBUS_NAME and not sig.body[2]:
+            name = sig.body[0]
             self._uids.pop(name, None)
             for callback in self._on_gone:
                 callback(name)
-        return None
 
     async def __call__(self, sender: str) -> int | None:
         uid = self._uids.get(sender)
         if uid is None:
             try:
-                (uid,) = await _bus_call(self.bus, self.timeout, **DBUS, member="GetConnectionUnixUser",
-                                         signature="s", body=[sender])
+                (uid,) = await self.bus.call(*DBUS, "GetConnectionUnixUser", "s", [sender], self.timeout)
             except Exception as e:  # noqa: BLE001
                 log.error("cannot find the uid of %s: %s %s", sender, type(e).__name__, e)
                 return None
@@ -90,7 +83,7 @@ class PolkitAccess:
 
     # polkitd 122 can stall for 15 s ("Terminating runaway script"); a shorter timeout turns
     # every such stall into denials for everyone. Clients wait 25 s by default.
-    def __init__(self, bus, uids: CallerUids, *, timeout: float = 20.0, max_age: float = 60.0,
+    def __init__(self, bus: BusPort, uids: CallerUids, *, timeout: float = 20.0, max_age: float = 60.0,
                  max_entries: int = 16384, cache: bool = True, max_concurrent: int = 64):
         self.bus = bus
         self.uids = uids
@@ -98,9 +91,9 @@ class PolkitAccess:
         self.max_age = max_age
         self.max_entries = max_entries
         self.cache_enabled = cache
-        self._cache: OrderedDict[tuple, tuple[float, bool]] = OrderedDict()
-        self._by_sender: dict[str, set[tuple]] = {}
-        self._pending: dict[tuple, asyncio.Future] = {}
+        self._cache: OrderedDict[_Key, tuple[float, bool]] = OrderedDict()
+        self._by_sender: dict[str, set[_Key]] = {}
+        self._pending: dict[_Key, asyncio.Future[bool]] = {}
         self._generation = 0
         # dbus-daemon allows 128 pending calls per connection; listing many secrets
         # must not exceed that (the excess would be refused, i.e. silently denied).
@@ -111,23 +104,19 @@ class PolkitAccess:
         """Listen for polkit reloads and restarts; `uids` (started by the caller) reports
         callers that left."""
         self.uids.when_gone(self._forget)
-        self.bus.add_message_handler(self._on_signal)
+        self.bus.watch(self._on_signal)
         for rule in _POLKIT_MATCHES:
-            await _bus_call(self.bus, self.timeout, **DBUS, member="AddMatch", signature="s", body=[rule])
+            await self.bus.call(*DBUS, "AddMatch", "s", [rule], self.timeout)
 
     def close(self) -> None:
-        self.bus.remove_message_handler(self._on_signal)
+        self.bus.unwatch(self._on_signal)
 
     # -- invalidation -------------------------------------------------------------
-    def _on_signal(self, msg: Message) -> None:
-        if msg.message_type is not MessageType.SIGNAL:
-            return None
-        if (msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus"
-                and msg.body[0] == PK_NAME):
+    def _on_signal(self, sig: Signal) -> None:
+        if sig.member == "NameOwnerChanged" and sig.sender == DBUS_NAME and sig.body[0] == PK_NAME:
             self.flush("polkitd restarted")
-        elif msg.member == "Changed" and msg.interface == PK_IFACE:
+        elif sig.member == "Changed" and sig.interface == PK_IFACE:
             self.flush("polkit rules or actions changed")
-        return None
 
     def flush(self, why: str) -> None:
         if self._cache:
@@ -140,13 +129,13 @@ class PolkitAccess:
         for key in self._by_sender.pop(sender, ()):
             self._cache.pop(key, None)
 
-    def _evict(self, key: tuple) -> None:
+    def _evict(self, key: _Key) -> None:
         del self._cache[key]
         self._by_sender.get(key[0], set()).discard(key)
 
     # -- checks -------------------------------------------------------------------
     @staticmethod
-    def _key(caller: Caller, perm: Perm, details: dict[str, str]) -> tuple:
+    def _key(caller: Caller, perm: Perm, details: dict[str, str]) -> _Key:
         return (caller.sender, perm.value, tuple(sorted(details.items())))
 
     def cached(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool | None:
@@ -179,17 +168,16 @@ class PolkitAccess:
                 fut.set_result(False)
             self._pending.pop(key, None)
 
-    async def _check(self, caller: Caller, perm: Perm, details: dict[str, str], key: tuple) -> bool:
+    async def _check(self, caller: Caller, perm: Perm, details: dict[str, str], key: _Key) -> bool:
         self.stats["checks"] += 1
         generation = self._generation
-        subject = ["system-bus-name", {"name": Variant("s", caller.sender)}]
+        subject = ["system-bus-name", {"name": Typed("s", caller.sender)}]
         flags = ALLOW_USER_INTERACTION if caller.interactive else 0
         try:
             async with self._slots:
-                reply = await _bus_call(self.bus, self.timeout if not caller.interactive else max(self.timeout, 120),
-                                        destination=PK_NAME, path=PK_PATH, interface=PK_IFACE,
-                                        member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
-                                        body=[subject, perm.value, details, flags, ""])
+                reply = await self.bus.call(PK_NAME, PK_PATH, PK_IFACE, "CheckAuthorization", "(sa{sv})sa{ss}us",
+                                            [subject, perm.value, details, flags, ""],
+                                            self.timeout if not caller.interactive else max(self.timeout, 120))
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             self.stats["errors"] += 1
             log.error("polkit check of %s for %s failed, denying: %s %s", perm.value, caller.sender,
@@ -200,7 +188,7 @@ class PolkitAccess:
             self._store(key, caller.sender, bool(authorized))
         return bool(authorized)
 
-    def _store(self, key: tuple, sender: str, ok: bool) -> None:
+    def _store(self, key: _Key, sender: str, ok: bool) -> None:
         now = time.monotonic()
         # Jitter: decisions made together (a ListSecrets of thousands) must not all expire
         # together and send the next call to polkit thousands of times at once.

@@ -17,7 +17,7 @@ from dbus_fast.aio import MessageBus
 from secretbus.bus import connect as busconn
 from secretbus.bus.loop import CLOSED
 from secretbus.bus.names import BUS_NAME, DBUS_IFACE, DBUS_NAME, DBUS_PATH
-from secretbus.core import errors
+from secretbus.core import compat, errors
 
 if TYPE_CHECKING:   # the bus layer may not import store at run time
     from secretbus.store.paths import InstanceKind
@@ -137,9 +137,7 @@ class Calls:
                 reply = await bus.call(msg)
         except BaseException as e:
             # Timed out or cancelled: forget the call, so a late reply is dropped.
-            handlers = getattr(bus, "_method_return_handlers", None)
-            if isinstance(handlers, dict):
-                handlers.pop(msg.serial, None)
+            compat.forget_pending_call(bus, msg.serial)
             raise self._call_failed(e, destination) from None
         return check_reply(reply, f"{iface}.{member}", reply_sig, bus=self.bus_label, uuid=uuid)
 

@@ -1,0 +1,80 @@
+"""Every use of a third-party or stdlib private API, in one place.
+
+Each entry names what it touches, why, the upstream reference and when it can go.
+`tests/test_compat.py` fails when upstream changes under an entry, and pyproject.toml
+pins the upper bounds of the packages concerned. It imports no dbus_fast (only `bus/`
+may): it works on the bus objects it is handed, so every layer may use it.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from lxml import etree
+
+
+# -- stdlib enum: `_value2member_map_` ----------------------------------------------------
+# Why: "is this int one of the enum's values" on every received event and list entry,
+# without raising and catching ValueError. Python 3.11's `value in EnumCls` raises
+# TypeError for non-members. Remove when the minimum Python is 3.12, where
+# `value in EnumCls` accepts plain values (docs: enum.EnumType.__contains__, "Changed in 3.12").
+def enum_has_value(cls: type[enum.Enum], value: object) -> bool:
+    try:
+        return value in cls._value2member_map_
+    except TypeError:          # unhashable value: certainly not a member
+        return False
+
+
+# -- lxml: `etree.ErrorTypes._getName` -------------------------------------------------
+# Why: an XML syntax error is reported by libxml2's error kind ("document empty"), never
+# by libxml2's message, which can quote the document (a secret's XML). lxml has no public
+# code -> name lookup. Reference: lxml src/lxml/xmlerror.pxi (class ErrorTypes, _getName).
+# Remove when lxml offers a public lookup (or drop it for the public ERR_* constants).
+def libxml2_error_name(code: int) -> str | None:
+    name = etree.ErrorTypes._getName(code, None)
+    return name if isinstance(name, str) else None
+
+
+# -- dbus-fast: `MessageBus._method_return_handlers` --------------------------------------
+# Why: a `bus.call()` that times out or is cancelled leaves its reply handler registered
+# until a reply comes, which may be never; dropping it keeps a late reply from being
+# routed and the dict from growing. dbus-fast has no public way to abandon a call.
+# Reference: dbus_fast/message_bus.py (BaseMessageBus._method_return_handlers, 5.x).
+# Remove when dbus-fast cleans up cancelled calls itself.
+def forget_pending_call(bus: Any, serial: int) -> None:
+    handlers = getattr(bus, "_method_return_handlers", None)
+    if isinstance(handlers, dict):
+        handlers.pop(serial, None)
+
+
+# -- dbus-fast: `MessageBus._writer.sock` (EAGAIN is not fatal) ---------------------------
+# Why: dbus-fast 5.2 sends a message straight away when its queue is empty; if the socket
+# buffer is full at that moment, `send` raises BlockingIOError (EAGAIN), which the library
+# treats as fatal and drops the whole bus connection. A burst of replies or polkit checks
+# can do that. Here a full buffer counts as "0 bytes sent": the writer then keeps the
+# message and waits for the socket to become writable, as it does for a partial write.
+# Reference: python-dbus-next #153 / PR #154 (same code, inherited by dbus-fast).
+# Remove when dbus-fast's writer handles BlockingIOError itself.
+class EagainIsNotFatal:
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: Any):
+        self._sock = sock
+
+    # Only send() is wrapped: sendmsg() carries unix fds, which this project never sends.
+    def send(self, data: bytes | memoryview) -> int:
+        try:
+            return int(self._sock.send(data))
+        except BlockingIOError:
+            return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def eagain_is_not_fatal(bus: Any) -> Any:
+    """Wrap the socket of `bus`'s writer (a connected dbus-fast aio MessageBus); idempotent."""
+    writer = getattr(bus, "_writer", None)
+    if writer is not None and hasattr(writer, "sock") and not isinstance(writer.sock, EagainIsNotFatal):
+        writer.sock = EagainIsNotFatal(writer.sock)
+    return bus

@@ -1,0 +1,98 @@
+"""Each private API that secretbus/core/compat.py leans on still exists and still behaves as
+the workaround assumes. A failure here means upstream changed: revisit the entry."""
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+from typing import Any
+
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
+from lxml import etree
+
+from secretbus.core import compat
+from secretbus.core.model import Lifecycle, UsageType
+
+
+def test_enum_value_map():
+    assert compat.enum_has_value(UsageType, 2) and not compat.enum_has_value(UsageType, 99)
+    assert compat.enum_has_value(Lifecycle, 0) and not compat.enum_has_value(Lifecycle, "0")
+    assert not compat.enum_has_value(UsageType, [1])      # unhashable: no TypeError
+
+    class E(enum.Enum):
+        A = 1
+    assert E._value2member_map_ == {1: E.A}
+
+
+def test_lxml_error_names():
+    try:
+        etree.fromstring(b"")
+    except etree.XMLSyntaxError as e:
+        assert compat.libxml2_error_name(getattr(e, "code", 0)) == "ERR_DOCUMENT_EMPTY"
+    assert compat.libxml2_error_name(etree.ErrorTypes.ERR_TAG_NAME_MISMATCH) == "ERR_TAG_NAME_MISMATCH"
+    assert compat.libxml2_error_name(987654) is None
+
+
+class _Bus:
+    """What dbus-fast's aio _MessageWriter reads of its MessageBus."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock, self._fd, self._negotiate_unix_fd = sock, sock.fileno(), False
+        self._loop = asyncio.get_running_loop()
+        self._user_disconnect = False
+        self.unique_name = ":1.1"
+        self.finalized: list[Exception] = []
+        self._writer: Any = None
+
+    def _finalize(self, e: Exception) -> None:
+        self.finalized.append(e)
+
+
+def test_dbus_fast_pending_call_handlers():
+    async def main():
+        bus = MessageBus(bus_address="unix:path=/nonexistent")
+        # A dict keyed by serial (compat.forget_pending_call).
+        assert isinstance(bus._method_return_handlers, dict)
+        bus._method_return_handlers[7] = lambda *a: None
+        compat.forget_pending_call(bus, 7)
+        assert 7 not in bus._method_return_handlers
+    asyncio.run(main())
+
+
+def _full_writer(wrap: bool):
+    from dbus_fast.aio.message_bus import _MessageWriter
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    while True:                                   # fill the send buffer
+        try:
+            a.send(b"\0" * 65536)
+        except BlockingIOError:
+            break
+    bus = _Bus(a)
+    writer = _MessageWriter(bus)  # type: ignore[arg-type]  # a stand-in with what it reads
+    bus._writer = writer
+    assert writer.sock is a                       # the attribute the workaround replaces
+    if wrap:
+        compat.eagain_is_not_fatal(bus)
+        compat.eagain_is_not_fatal(bus)           # idempotent
+        assert isinstance(writer.sock, compat.EagainIsNotFatal) and writer.sock._sock is a
+    writer.buffer_message(Message(path="/", interface="a.b", member="C"))
+    writer.write_callback(remove_writer=False)
+    return bus, writer, (a, b)
+
+
+def test_eagain_still_fatal_upstream_and_not_with_the_workaround():
+    async def main():
+        bus, writer, socks = _full_writer(wrap=False)
+        # Upstream still drops the connection on EAGAIN; when this fails, dbus-fast handles it
+        # and compat.eagain_is_not_fatal can go.
+        assert len(bus.finalized) == 1 and isinstance(bus.finalized[0], BlockingIOError)
+        for s in socks:
+            s.close()
+        bus, writer, socks = _full_writer(wrap=True)
+        assert bus.finalized == [] and writer.buf is not None   # kept, waits for writability
+        assert writer.sock.fileno() == socks[0].fileno()         # the rest passes through
+        for s in socks:
+            s.close()
+    asyncio.run(main())
