@@ -456,7 +456,7 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
     _main_task = asyncio.current_task()
     from harness.bus import PrivateBus
     n = a.secrets
-    load0 = "load average %.2f %.2f %.2f" % os.getloadavg()
+    load0 = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     procs.bus = PrivateBus("session").start()
     address = procs.bus.address
     bus_pid = procs.bus.pid
@@ -549,7 +549,7 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
 
     # -- table ---------------------------------------------------------------------------
     kb_mb = kb
-    load = "load average %.2f %.2f %.2f" % os.getloadavg()
+    load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     print()
     print(f"D-Bus bench: secretbusd with {n:,} encrypted (aes256gcm) persistent secrets on a private "
           f"session-type dbus-daemon; client dbus-fast raw Messages on one connection; "
@@ -570,12 +570,13 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
             if row.name.startswith("ListSecrets") and mode == 1:
                 goal = f"p50/p99 ≤ {GOAL_LIST_MS:g} ms: {'met' if p99 <= GOAL_LIST_MS / 1000 else 'MISSED'}"
             label = "sequential" if mode == 1 else f"{mode} in flight"
-            print(f"| {row.name} | {label} | {cnt} | {rate:,.0f} | {ms(p50)} | {ms(p99)} | {opt(svc)} | {opt(bus)} | {goal} |")
+            print(f"| {row.name} | {label} | {cnt} | {rate:,.0f} | {ms(p50)} | {ms(p99)} "
+                  f"| {opt(svc)} | {opt(bus)} | {goal} |")
     cnt, rate, p50, p99, _, _ = summarise(sync)
     print(f"| GetValue via secretbus.bus.client (sync) | sequential | {cnt} | {rate:,.0f} | {ms(p50)} | {ms(p99)} "
           f"| {sync_svc:.0f} | {sync_bus:.0f} | |")
     def ratios(mode: int) -> list[float]:
-        return [100 * g.rate / p.rate for g, p in zip(get_row.samples[mode], rows[0].samples[mode])]
+        return [100 * g.rate / p.rate for g, p in zip(get_row.samples[mode], rows[0].samples[mode], strict=False)]
     get_row = rows[7]
     assert get_row.name == "GetValue"
     for mode in (INFLIGHT, 1):
@@ -594,7 +595,8 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
           f"≤ {GOAL_START_S * 1000:.0f} ms: {'met' if med_start <= GOAL_START_S else 'MISSED'} |")
     rss = kb_mb(st["VmRSS"])
     print(f"| RSS of secretbusd ({n:,} secrets) after the benchmarks | VmRSS | | {rss:.1f} MB (anon "
-          f"{kb_mb(st['RssAnon']):.1f}, file {kb_mb(st['RssFile']):.1f}); at start {kb_mb(status_start['VmRSS']):.1f} MB "
+          f"{kb_mb(st['RssAnon']):.1f}, file {kb_mb(st['RssFile']):.1f}); "
+          f"at start {kb_mb(status_start['VmRSS']):.1f} MB "
           f"| | | | | ≤ {GOAL_RSS_MB:g} MB: {'met' if rss <= GOAL_RSS_MB else 'MISSED'} |")
     where = f"; highest during {peak.where}: {peak.max:.1f} MB" if peak.resettable else \
         f"; VmHWM {kb_mb(st['VmHWM']):.1f} MB"

@@ -7,7 +7,7 @@ import time
 log = logging.getLogger("secretbus.notify")
 
 try:
-    from systemd import daemon as _sd_daemon
+    import systemd.daemon as _sd_daemon
 except ImportError:  # systemd-python is a dependency, but a bare checkout may lack it
     _sd_daemon = None
 

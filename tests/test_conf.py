@@ -238,7 +238,8 @@ def test_permission_denied_is_an_error(request):
                 load_conf(p)
             out = str(ei.value)
         else:
-            code = ("import sys\nfrom pathlib import Path\nfrom secretbus.core import errors\nfrom secretbus.store import conf\n"
+            code = ("import sys\nfrom pathlib import Path\nfrom secretbus.core import errors\n"
+                    "from secretbus.store import conf\n"
                     "try:\n    conf.load_conf(Path(sys.argv[1]))\n"
                     "except errors.ConfigError as e:\n    print(e)\n")
             # The checkout (and its venv) may be unreachable for uid 65534: use the harness copy.

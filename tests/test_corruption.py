@@ -13,12 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from harness import load_bench as _bench
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
-
-from harness import load_bench as _bench
 
 corruption = _bench("corruption")
 

@@ -520,7 +520,7 @@ def format_matrix(title: str, rows: list[tuple[str, dict[str, str]]]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = [title]
     for i, row in enumerate(table):
-        lines.append(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
+        lines.append(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
         if i == 0:
             lines.append("-+-".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
+from secretbus.bus import compat
 from secretbus.bus import connect as busconn
 from secretbus.bus.loop import CLOSED
 from secretbus.bus.names import BUS_NAME, DBUS_IFACE, DBUS_NAME, DBUS_PATH
-from secretbus.core import compat, errors
+from secretbus.core import errors
 
-if TYPE_CHECKING:   # the bus layer may not import store at run time
-    from secretbus.store.paths import InstanceKind
+if TYPE_CHECKING:
+    from secretbus.core.model import InstanceKind
 
 DEFAULT_SYSTEM_ADDRESS = "unix:path=/var/run/dbus/system_bus_socket"
 

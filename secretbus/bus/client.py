@@ -40,8 +40,8 @@ from secretbus.core import errors
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
 from secretbus.core.uuids import parse_uuid
 
-if TYPE_CHECKING:   # the bus layer may not import store at run time
-    from secretbus.store.paths import InstanceKind
+if TYPE_CHECKING:
+    from secretbus.core.model import InstanceKind
 
 __all__ = ["DBusConnection", "default_address", "error_from_reply"]
 

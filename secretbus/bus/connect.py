@@ -1,10 +1,10 @@
-"""Connecting to a bus with dbus-fast (with the EAGAIN workaround of core/compat.py)."""
+"""Connecting to a bus with dbus-fast (with the EAGAIN workaround of bus/compat.py)."""
 from __future__ import annotations
 
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 
-from secretbus.core.compat import eagain_is_not_fatal
+from secretbus.bus.compat import eagain_is_not_fatal
 
 
 def harden(bus: MessageBus) -> MessageBus:

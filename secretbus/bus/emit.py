@@ -9,7 +9,6 @@ from dbus_fast import Message
 
 from secretbus.bus.handlers import secret_properties
 from secretbus.bus.names import CONNECT_IFACE, CONNECT_PATH, OM_IFACE, PROPS_IFACE, SECRET_IFACE, secret_path
-from secretbus.core import errors
 from secretbus.core.model import EventId, Lifecycle, SecretDef, SecretEvent
 
 

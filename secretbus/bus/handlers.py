@@ -28,9 +28,8 @@ from secretbus.bus.names import (
     secret_path,
     uuid_from_path,
 )
-from secretbus.core import errors
-from secretbus.driver import rules
 from secretbus.core.model import SecretDef
+from secretbus.driver import rules
 
 # libvirt's version encoding, major * 1,000,000 + minor * 1,000 + micro.
 LIBVIRT_COMPAT = 12_001_000    # 12.1.0: the secret driver (encryption at rest) secretbus implements

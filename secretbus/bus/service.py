@@ -15,8 +15,9 @@ from dbus_fast import Message
 from dbus_fast.introspection import Interface
 
 from secretbus.access.permissions import AccessControl
-from secretbus.bus.execute import Bound, CallRunner, specs_of
 from secretbus.bus.dispatch import Dispatcher, Entry, ObjectType, Reply, error
+from secretbus.bus.emit import Announcer
+from secretbus.bus.execute import Bound, CallRunner, specs_of
 from secretbus.bus.handlers import ConnectHandlers, SecretHandlers, secret_properties
 from secretbus.bus.introspection import STANDARD, node_xml, packaged
 from secretbus.bus.names import (
@@ -32,7 +33,6 @@ from secretbus.bus.names import (
     secret_node,
     uuid_from_path,
 )
-from secretbus.bus.emit import Announcer
 from secretbus.core.model import SecretEvent
 
 __all__ = ["SecretService", "secret_properties"]

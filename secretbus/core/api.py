@@ -89,7 +89,7 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def unsubscribe(self, sub_id: int) -> None: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: most connections hold nothing
         pass
 
     def __enter__(self) -> Connection:

@@ -29,7 +29,7 @@ class _JournalFieldsHandler(logging.Handler):
 
     def __init__(self, identifier: str):
         super().__init__()
-        from systemd import journal  # import only when the journal is wanted
+        import systemd.journal as journal  # import only when the journal is wanted
         self._journal = journal
         self._identifier = identifier
 
@@ -57,7 +57,8 @@ def _priority(level: int) -> int:
 class _FieldsFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
-        extra = " ".join(f"{k}={getattr(record, k)}" for k in JOURNAL_FIELDS if getattr(record, k, None) not in (None, ""))
+        extra = " ".join(f"{k}={getattr(record, k)}" for k in JOURNAL_FIELDS
+                         if getattr(record, k, None) not in (None, ""))
         return f"{base} [{extra}]" if extra else base
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 from lxml import etree
 
-from secretbus.core import compat, errors, uuids
+from secretbus.core import errors, uuids
 from secretbus.core.model import SecretDef, UsageType
 
 MAX_XML_BYTES = 1024 * 1024

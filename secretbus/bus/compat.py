@@ -1,38 +1,12 @@
-"""Every use of a third-party or stdlib private API, in one place.
+"""Every use of a private API of a dependency (today: dbus-fast's), in one place.
 
 Each entry names what it touches, why, the upstream reference and when it can go.
 `tests/test_compat.py` fails when upstream changes under an entry, and pyproject.toml
-pins the upper bounds of the packages concerned. It imports no dbus_fast (only `bus/`
-may): it works on the bus objects it is handed, so every layer may use it.
+pins the upper bounds of the packages concerned.
 """
 from __future__ import annotations
 
-import enum
 from typing import Any
-
-from lxml import etree
-
-
-# -- stdlib enum: `_value2member_map_` ----------------------------------------------------
-# Why: "is this int one of the enum's values" on every received event and list entry,
-# without raising and catching ValueError. Python 3.11's `value in EnumCls` raises
-# TypeError for non-members. Remove when the minimum Python is 3.12, where
-# `value in EnumCls` accepts plain values (docs: enum.EnumType.__contains__, "Changed in 3.12").
-def enum_has_value(cls: type[enum.Enum], value: object) -> bool:
-    try:
-        return value in cls._value2member_map_
-    except TypeError:          # unhashable value: certainly not a member
-        return False
-
-
-# -- lxml: `etree.ErrorTypes._getName` -------------------------------------------------
-# Why: an XML syntax error is reported by libxml2's error kind ("document empty"), never
-# by libxml2's message, which can quote the document (a secret's XML). lxml has no public
-# code -> name lookup. Reference: lxml src/lxml/xmlerror.pxi (class ErrorTypes, _getName).
-# Remove when lxml offers a public lookup (or drop it for the public ERR_* constants).
-def libxml2_error_name(code: int) -> str | None:
-    name = etree.ErrorTypes._getName(code, None)
-    return name if isinstance(name, str) else None
 
 
 # -- dbus-fast: `MessageBus._method_return_handlers` --------------------------------------

@@ -1,0 +1,105 @@
+"""The package's layers (docs/ARCHITECTURE.md): each subpackage imports only the layers below it,
+and nothing below the front ends speaks D-Bus. Walks every module's imports with `ast`, so an
+import inside a function counts as much as one at the top."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "secretbus"
+
+# layer -> the layers it may import (itself always allowed)
+ALLOWED: dict[str, set[str]] = {
+    "core": set(),
+    "store": {"core"},
+    "fleet": {"core", "store"},
+    "driver": {"core", "store", "fleet"},
+    "access": {"core"},
+    "bus": {"core", "driver", "access"},
+    "rpc": {"core", "driver", "access"},
+}
+TOP = "top"                        # daemon.py, cli.py, uri.py, …: may import everything
+FRONT_ENDS = {"bus", "rpc", TOP}
+PROTOCOL_LIBS = {"dbus_fast"}      # only front ends speak a bus protocol
+
+
+def _layer_of(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] != "secretbus":
+        raise ValueError(module)
+    return parts[1] if len(parts) >= 2 and parts[1] in ALLOWED else TOP
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) for every import in the file, relative ones resolved."""
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if node.module is None or mod in ("secretbus",) or mod.count(".") == 1 and mod.startswith("secretbus."):
+                # `from secretbus import x` / `from secretbus.core import errors`: x may be a module
+                out += [(node.lineno, f"{mod}.{a.name}") for a in node.names]
+            else:
+                out.append((node.lineno, mod))
+    return out
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_layer_of_the_design_exists():
+    for layer in ("core", "store", "driver", "access", "bus"):
+        assert (PKG / layer / "__init__.py").is_file(), layer
+
+
+def test_the_walker_sees_a_violation():
+    # The check itself must be able to fail: a core module importing the driver is caught.
+    bad = PKG / "core" / "_layer_probe_tmp.py"
+    bad.write_text("from secretbus.driver import driver\nimport dbus_fast\n")
+    try:
+        assert _violations([bad]) == [
+            f"{bad.relative_to(PKG.parent)}:1: core imports secretbus.driver.driver (layer driver)",
+            f"{bad.relative_to(PKG.parent)}:2: core imports dbus_fast (only front ends may)",
+        ]
+    finally:
+        bad.unlink()
+
+
+def _violations(paths: list[Path]) -> list[str]:
+    found = []
+    for path in paths:
+        layer = _layer_of(_module_name(path))
+        where = path.relative_to(PKG.parent)
+        for line, mod in _imports(path):
+            top = mod.split(".")[0]
+            if top in PROTOCOL_LIBS and layer not in FRONT_ENDS:
+                found.append(f"{where}:{line}: {layer} imports {mod} (only front ends may)")
+            if top != "secretbus" or layer == TOP:
+                continue
+            target = _layer_of(mod)
+            if target == TOP:
+                found.append(f"{where}:{line}: {layer} imports {mod} (the top level)")
+            elif target != layer and target not in ALLOWED[layer]:
+                found.append(f"{where}:{line}: {layer} imports {mod} (layer {target})")
+    return found
+
+
+def test_no_layer_imports_upward_or_sideways():
+    assert _violations(_modules()) == []
