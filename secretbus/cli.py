@@ -436,46 +436,55 @@ class Invocation(SimpleNamespace):
     """What the command line asks for: a help page, or a command and its options."""
 
 
+_NEEDS_URI = "option '-c'/'--connect' requires an argument"
+
+
 def _top_options(argv: list[str]) -> tuple[dict[str, object], list[str]]:
     """virsh's own options (getopt_long: -c URI, -cURI, --connect[=]URI, -q, -h, bundled)."""
     top: dict[str, object] = {"connect": None, "quiet": False, "help": False}
     i = 0
     while i < len(argv):
         w = argv[i]
-        i += 1
         if w == "--":
-            break
+            return top, argv[i + 1:]
         if w.startswith("--"):
-            name, eq, value = w[2:].partition("=")
-            if name == "connect":
-                if not eq:
-                    if i >= len(argv):
-                        raise UsageError("option '-c'/'--connect' requires an argument")
-                    value, i = argv[i], i + 1
-                top["connect"] = value
-            elif name in ("quiet", "help") and not eq:
-                top[name] = True
-            else:
-                raise UsageError(f"unsupported option '{w}'. See --help.")
-            continue
-        if w.startswith("-") and len(w) > 1:
-            for j, ch in enumerate(w[1:], start=1):
-                if ch == "c":
-                    value = w[j + 1:]
-                    if not value:
-                        if i >= len(argv):
-                            raise UsageError("option '-c'/'--connect' requires an argument")
-                        value, i = argv[i], i + 1
-                    top["connect"] = value
-                    break
-                if ch in "qh":
-                    top["quiet" if ch == "q" else "help"] = True
-                else:
-                    raise UsageError(f"unsupported option '-{ch}'. See --help.")
-            continue
-        i -= 1
-        break
+            i += 1 + _long_option(top, w, argv, i + 1)
+        elif w.startswith("-") and len(w) > 1:
+            i += 1 + _short_options(top, w, argv, i + 1)
+        else:
+            break
     return top, argv[i:]
+
+
+def _option_value(argv: list[str], i: int) -> str:
+    if i >= len(argv):
+        raise UsageError(_NEEDS_URI)
+    return argv[i]
+
+
+def _long_option(top: dict[str, object], w: str, argv: list[str], i: int) -> int:
+    """Record `--name[=value]`: how many of the words after it were its value."""
+    name, eq, value = w[2:].partition("=")
+    if name == "connect":
+        top["connect"] = value if eq else _option_value(argv, i)
+        return 0 if eq else 1
+    if name in ("quiet", "help") and not eq:
+        top[name] = True
+        return 0
+    raise UsageError(f"unsupported option '{w}'. See --help.")
+
+
+def _short_options(top: dict[str, object], w: str, argv: list[str], i: int) -> int:
+    """Record bundled `-qh`, `-cURI`, `-c URI`: how many of the words after it were a value."""
+    for j, ch in enumerate(w[1:], start=1):
+        if ch == "c":
+            value = w[j + 1:]
+            top["connect"] = value or _option_value(argv, i)
+            return 0 if value else 1
+        if ch not in "qh":
+            raise UsageError(f"unsupported option '-{ch}'. See --help.")
+        top["quiet" if ch == "q" else "help"] = True
+    return 0
 
 
 def parse_command_line(argv: list[str]) -> Invocation:

@@ -55,38 +55,50 @@ def parse(cmd: CommandDef, words: list[str]) -> dict[str, str | bool] | None:
         i += 1
         if not data_only and w == "--":
             data_only = True
-            continue
-        if not data_only and w.startswith("--") and len(w) > 2:
-            name, eq, value = w[2:].partition("=")
-            if name == "help":
-                if eq:
-                    raise UsageError("invalid '=' after option --help")
+        elif not data_only and w.startswith("--") and len(w) > 2:
+            taken = _named_option(cmd, w[2:], words, i, seen)
+            if taken is None:
                 return None
-            o = cmd.opt(name)
-            if o is None:
-                raise UsageError(f"command '{cmd.name}' doesn't support option --{name}")
-            if name in seen:
-                raise UsageError(f"option --{name} already seen")
-            if o.kind is Kind.BOOL:
-                if eq:
-                    raise UsageError(f"invalid '=' after option --{name}")
-                seen[name] = True
-                continue
-            if not eq:
-                if i >= len(words):
-                    raise UsageError(f"expected syntax: --{name} <{o.kind.value}>")
-                value = words[i]
-                i += 1
-            seen[name] = value
-            continue
-        target = next((o for o in cmd.opts if o.positional and o.name not in seen), None)
-        if target is None:
-            raise UsageError(f"unexpected data '{w}'")
-        seen[target.name] = w
+            i += taken
+        else:
+            _positional(cmd, w, seen)
     for o in cmd.opts:
         if o.required and o.name not in seen:
             raise UsageError(f"command '{cmd.name}' requires <{o.name}> option")
     return seen
+
+
+def _named_option(cmd: CommandDef, spec: str, words: list[str], i: int,
+                  seen: dict[str, str | bool]) -> int | None:
+    """Record `--spec` (words[i] may be its value): how many more words it took, None for --help."""
+    name, eq, value = spec.partition("=")
+    o = cmd.opt(name)
+    if name == "help" or (o is not None and o.kind is Kind.BOOL):
+        if eq:
+            raise UsageError(f"invalid '=' after option --{name}")
+        if name == "help":
+            return None
+    if o is None:
+        raise UsageError(f"command '{cmd.name}' doesn't support option --{name}")
+    if name in seen:
+        raise UsageError(f"option --{name} already seen")
+    if o.kind is Kind.BOOL:
+        seen[name] = True
+        return 0
+    if eq:
+        seen[name] = value
+        return 0
+    if i >= len(words):
+        raise UsageError(f"expected syntax: --{name} <{o.kind.value}>")
+    seen[name] = words[i]
+    return 1
+
+
+def _positional(cmd: CommandDef, word: str, seen: dict[str, str | bool]) -> None:
+    target = next((o for o in cmd.opts if o.positional and o.name not in seen), None)
+    if target is None:
+        raise UsageError(f"unexpected data '{word}'")
+    seen[target.name] = word
 
 
 def format_help(cmd: CommandDef) -> str:
