@@ -14,13 +14,25 @@ DBUS_ERROR_PREFIX = "org.libvirt.Error."
 class SecretError(Exception):
     """Base class of every error the project raises on purpose.
 
-    `code` is libvirt's virErrorNumber, `kind` the last part of the D-Bus error name and
-    `prefix` libvirt's text for the code, which every front end puts before `message`.
+    `code` is libvirt's virErrorNumber, `kind` the last part of the D-Bus error name (the
+    class name unless a subclass shares its parent's) and `prefix` libvirt's text for the
+    code, which every front end puts before `message`. A subclass states them in its class
+    line: `class NoSecret(SecretError, code=66, prefix="Secret not found: ")`.
     """
 
     code: ClassVar[int] = 1
     kind: ClassVar[str] = "InternalError"
     prefix: ClassVar[str] = "internal error: "
+
+    def __init_subclass__(cls, *, code: int | None = None, prefix: str | None = None,
+                          own_kind: bool = True, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        if code is not None:
+            cls.code = code
+        if prefix is not None:
+            cls.prefix = prefix
+        if own_kind:
+            cls.kind = cls.__name__
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -35,88 +47,78 @@ class SecretError(Exception):
         return self.prefix + self.message
 
 
+# libvirt's names for the codes are in each docstring; virerror.c gives the prefixes.
+
 class InternalError(SecretError):
-    """VIR_ERR_INTERNAL_ERROR"""
+    """VIR_ERR_INTERNAL_ERROR: what libvirt itself reports this way (usage clashes, malformed
+    elements), and anything unexpected, which a front end answers without detail."""
 
 
-class NoSupport(SecretError):
+class NoSupport(SecretError, code=3, prefix="this function is not supported by the connection driver: "):
     """VIR_ERR_NO_SUPPORT"""
-    code, kind, prefix = 3, "NoSupport", "this function is not supported by the connection driver: "
 
 
-class InvalidArg(SecretError):
-    """VIR_ERR_INVALID_ARG"""
-    code, kind, prefix = 8, "InvalidArg", "invalid argument: "
+class InvalidArg(SecretError, code=8, prefix="invalid argument: "):
+    """VIR_ERR_INVALID_ARG: flags, UUID strings, event ids, argument types."""
 
 
-class OperationFailed(SecretError):
-    """VIR_ERR_OPERATION_FAILED"""
-    code, kind, prefix = 9, "OperationFailed", "operation failed: "
+class OperationFailed(SecretError, code=9, prefix="operation failed: "):
+    """VIR_ERR_OPERATION_FAILED: the service cannot be reached or could not do what was asked
+    for a reason outside the request (it is shutting down, a reply got lost)."""
 
 
-class XMLError(SecretError):
+class XMLError(SecretError, code=27, prefix="XML error: "):
     """VIR_ERR_XML_ERROR"""
-    code, kind, prefix = 27, "XMLError", "XML error: "
 
 
-class XMLDetail(XMLError):
+class XMLDetail(XMLError, code=35, prefix=""):
     """VIR_ERR_XML_DETAIL: libxml2's own error, already framed as `NAME:LINE: MESSAGE`
     (virerror.c formats this code as the bare message). An XMLError to callers that catch
     XML problems as one."""
-    code, kind, prefix = 35, "XMLDetail", ""
 
 
-class OperationDenied(SecretError):
-    """VIR_ERR_OPERATION_DENIED"""
-    code, kind, prefix = 29, "OperationDenied", "operation forbidden: "
+class OperationDenied(SecretError, code=29, prefix="operation forbidden: "):
+    """VIR_ERR_OPERATION_DENIED: a read-only connection asked for a change."""
 
 
-class SystemError(SecretError):   # libvirt's name; always used as errors.SystemError
+class SystemError(SecretError, code=38, prefix=""):   # libvirt's name; used as errors.SystemError
     """VIR_ERR_SYSTEM_ERROR: the message already names the failing call (libvirt adds no prefix)."""
-    code, kind, prefix = 38, "SystemError", ""
 
 
-class RPCError(SecretError):
+class RPCError(SecretError, code=39, prefix=""):
     """VIR_ERR_RPC: a limit of libvirt's wire protocol (virerror.c formats it as the bare
     message, like VIR_ERR_SYSTEM_ERROR; "RPC error" is only its text when there is no message)."""
-    code, kind, prefix = 39, "RPCError", ""
 
 
-class InvalidSecret(SecretError):
-    """VIR_ERR_INVALID_SECRET"""
-    code, kind, prefix = 65, "InvalidSecret", "Invalid secret: "
+class InvalidSecret(SecretError, code=65, prefix="Invalid secret: "):
+    """VIR_ERR_INVALID_SECRET: a private value asked for."""
 
 
-class NoSecret(SecretError):
-    """VIR_ERR_NO_SECRET"""
-    code, kind, prefix = 66, "NoSecret", "Secret not found: "
+class NoSecret(SecretError, code=66, prefix="Secret not found: "):
+    """VIR_ERR_NO_SECRET: no secret with that UUID or usage, or no value set yet."""
 
 
-class ConfigUnsupported(SecretError):
+class ConfigUnsupported(SecretError, code=67, prefix="unsupported configuration: "):
     """VIR_ERR_CONFIG_UNSUPPORTED"""
-    code, kind, prefix = 67, "ConfigUnsupported", "unsupported configuration: "
 
 
-class AccessDenied(SecretError):
-    """VIR_ERR_ACCESS_DENIED"""
-    code, kind, prefix = 88, "AccessDenied", "access denied: "
+class AccessDenied(SecretError, code=88, prefix="access denied: "):
+    """VIR_ERR_ACCESS_DENIED: polkit (or the bus policy) said no, or could not be asked; the
+    message names the permission as libvirt does."""
 
 
-class XMLInvalidSchema(SecretError):
+class XMLInvalidSchema(SecretError, code=92, prefix="XML document failed to validate against schema: "):
     """VIR_ERR_XML_INVALID_SCHEMA"""
-    code, kind, prefix = 92, "XMLInvalidSchema", "XML document failed to validate against schema: "
 
 
-class InvalidEncrKey(SecretError):
+class InvalidEncrKey(SecretError, code=114, prefix=""):
     """VIR_ERR_INVALID_ENCR_KEY_SECRET, added by libvirt 12.1 after 110 MULTIPLE_DOMAINS,
     111 NO_NETWORK_METADATA, 112 AGENT_COMMAND_TIMEOUT and 113 AGENT_COMMAND_FAILED."""
-    code, kind, prefix = 114, "InvalidEncrKey", ""
 
 
-class ConfigError(ConfigUnsupported):
+class ConfigError(ConfigUnsupported, prefix="", own_kind=False):
     """A secret.conf or key problem found at start-up or reload. It travels as libvirt's
     VIR_ERR_CONFIG_UNSUPPORTED; its message already says "<file>:<line>: what", so no prefix."""
-    prefix = ""
 
 
 def _kinds(base: type[SecretError]) -> list[type[SecretError]]:
