@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import programs
 
 U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
 U2 = "1b40a534-8301-45d5-b1aa-11894ebb1735"
@@ -484,17 +485,16 @@ def test_help_pages_match_real_virsh(cli, command):
 def test_text_left_in_pythons_stdout_is_flushed_and_reported(cli, xmlfile):
     # Something printed through sys.stdout (not the CLI's writer) would otherwise fail only in
     # the interpreter's flush at exit, as "Exception ignored ... BrokenPipeError".
-    code = ("import sys; from secretbus import cli; print('from a library'); "
-            f"sys.exit(cli.main(['-q', '-c', {cli.uri!r}, 'secret-list']))")   # no output of its own
+    code = programs.source("cli_after_library_print")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # Python's default buffering
     with open("/dev/full", "wb") as full:
-        p = subprocess.run([sys.executable, "-c", code], stdout=full, stderr=subprocess.PIPE, timeout=60,
+        p = subprocess.run([sys.executable, "-c", code, cli.uri], stdout=full, stderr=subprocess.PIPE, timeout=60,
                            env=env)
     _assert_one_error_line(p, b"No space left on device")
     r, w = os.pipe()
     os.close(r)
     try:
-        p = subprocess.run([sys.executable, "-c", code], stdout=w, stderr=subprocess.PIPE, timeout=60,
+        p = subprocess.run([sys.executable, "-c", code, cli.uri], stdout=w, stderr=subprocess.PIPE, timeout=60,
                            env=env)
     finally:
         os.close(w)

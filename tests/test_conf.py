@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from harness import programs
 
 from secretbus.core import errors
 from secretbus.store.conf import SecretConf, load_conf, parse_conf, resolve_readers
@@ -238,10 +239,7 @@ def test_permission_denied_is_an_error(request):
                 load_conf(p)
             out = str(ei.value)
         else:
-            code = ("import sys\nfrom pathlib import Path\nfrom secretbus.core import errors\n"
-                    "from secretbus.store import conf\n"
-                    "try:\n    conf.load_conf(Path(sys.argv[1]))\n"
-                    "except errors.ConfigError as e:\n    print(e)\n")
+            code = programs.source("load_conf")
             # The checkout (and its venv) may be unreachable for uid 65534: use the harness copy.
             py = request.getfixturevalue("unpriv_python")
             out = subprocess.run(py.argv("-c", code, str(p)), user=65534, cwd="/",

@@ -16,6 +16,7 @@ import harness
 import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
+from harness import programs
 from lxml import etree
 
 import secretbus
@@ -380,23 +381,6 @@ def test_system_bus_policy(system_bus, polkitd, make_secretbusd, test_users):
         assert "AccessDenied" in r.stderr, (user, r.stdout, r.stderr)
 
 
-_LISTEN = r"""
-import asyncio, sys
-from dbus_fast import Message, MessageType
-from dbus_fast.aio import MessageBus
-async def main():
-    bus = await MessageBus(bus_address=sys.argv[1]).connect()
-    got = []
-    bus.add_message_handler(lambda m: got.append(m.member) if m.message_type is MessageType.SIGNAL
-                            and m.path and m.path.startswith("/org/libvirt/secret") else None)
-    await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                           interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                           body=["type='signal',path_namespace='/org/libvirt/secret'"]))
-    print("listening", flush=True)
-    await asyncio.sleep(float(sys.argv[2]))
-    print(len(got), flush=True)
-asyncio.run(main())
-"""
 
 
 @pytest.mark.bus_policy(str(REPO / "dbus" / "org.libvirt.secret.conf"))
@@ -407,7 +391,8 @@ def test_signals_reach_only_root_and_group(system_bus, polkitd, make_secretbusd,
     listeners = {}
     for who in (test_users.member, test_users.other):
         listeners[who.name] = subprocess.Popen(
-            harness.as_user(who, unpriv_python.argv("-c", _LISTEN, system_bus.address, "3")),
+            harness.as_user(who, unpriv_python.argv("-c", programs.source("count_secret_signals"),
+                                                    system_bus.address, "3")),
             env=unpriv_python.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     for p in listeners.values():
         assert p.stdout is not None and p.stdout.readline().strip() == "listening"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import harness
 import pytest
-from harness import busctl, gdbus
+from harness import busctl, gdbus, programs
 
 pytestmark = pytest.mark.integration
 
@@ -31,42 +31,7 @@ THROWAWAY_POLICY = f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus
 """
 
 # Owns TEST_NAME on the bus given as argv[1]; Ping() -> "pong".
-PING_SERVICE = f"""
-import asyncio, sys
-from dbus_fast.aio import MessageBus
-from dbus_fast.service import ServiceInterface, method
 
-class Ping(ServiceInterface):
-    def __init__(self):
-        super().__init__("{TEST_NAME}")
-
-    @method()
-    def Ping(self) -> "s":
-        return "pong"
-
-async def main():
-    bus = await MessageBus(bus_address=sys.argv[1]).connect()
-    bus.export("/org/example/SbTest", Ping())
-    await bus.request_name("{TEST_NAME}")
-    await asyncio.Event().wait()
-
-asyncio.run(main())
-"""
-
-PING_CLIENT = f"""
-import asyncio, sys
-from dbus_fast import Message, MessageType
-from dbus_fast.aio import MessageBus
-
-async def main():
-    bus = await MessageBus(bus_address=sys.argv[1]).connect()
-    reply = await asyncio.wait_for(bus.call(Message(
-        destination="{TEST_NAME}", path="/org/example/SbTest",
-        interface="{TEST_NAME}", member="Ping")), 10)
-    print(reply.error_name if reply.message_type == MessageType.ERROR else reply.body[0])
-
-asyncio.run(main())
-"""
 
 POLKIT_ACTIONS = ("org.example.sbtest.policy", """<?xml version="1.0" encoding="UTF-8"?>
 <!DOCTYPE policyconfig PUBLIC "-//freedesktop//DTD PolicyKit Policy Configuration 1.0//EN"
@@ -154,7 +119,7 @@ def test_system_bus_send_policy_by_group(system_bus, test_users, unpriv_python, 
     policy = tmp_path / "org.example.SbTest.conf"
     policy.write_text(THROWAWAY_POLICY)
     system_bus.add_policy(policy)
-    service = harness.spawn([sys.executable, "-c", PING_SERVICE, system_bus.address],
+    service = harness.spawn([sys.executable, "-c", programs.source("ping_service"), system_bus.address, TEST_NAME],
                             what="ping service", log=tmp_path / "service.log")
     try:
         system_bus.wait_for_name(TEST_NAME, proc=service, log=tmp_path / "service.log")
@@ -166,9 +131,9 @@ def test_system_bus_send_policy_by_group(system_bus, test_users, unpriv_python, 
         r = gdbus(system_bus.address, *ping, user=test_users.other)
         assert r.returncode != 0 and "AccessDenied" in r.stderr
         # the same through dbus-fast, as an unprivileged Python client would do it
-        r = unpriv_python.run(test_users.member, "-c", PING_CLIENT, system_bus.address)
+        r = unpriv_python.run(test_users.member, "-c", programs.source("ping_client"), system_bus.address, TEST_NAME)
         assert r.stdout.strip() == "pong", r.stderr
-        r = unpriv_python.run(test_users.other, "-c", PING_CLIENT, system_bus.address)
+        r = unpriv_python.run(test_users.other, "-c", programs.source("ping_client"), system_bus.address, TEST_NAME)
         assert r.stdout.strip() == "org.freedesktop.DBus.Error.AccessDenied", r.stderr
     finally:
         harness.stop_process(service)
@@ -268,10 +233,7 @@ def test_users_and_setpriv(test_users):
 
 
 def test_unpriv_python_imports_as_other_user(unpriv_python, test_users):
-    code = ("import os, secretbus, dbus_fast, lxml, cryptography, systemd;"
-            "print(secretbus.__file__);"
-            "print(os.access(os.path.dirname(secretbus.__file__), os.W_OK))")
-    r = unpriv_python.run(test_users.other, "-c", code)
+    r = unpriv_python.run(test_users.other, "-c", programs.source("import_check"))
     assert r.returncode == 0, r.stderr
     path, writable = r.stdout.split()
     assert path.startswith(unpriv_python.pythonpath) and writable == "False"
@@ -280,8 +242,8 @@ def test_unpriv_python_imports_as_other_user(unpriv_python, test_users):
 
 
 def test_notify_socket_receives_from_other_user(notify_socket, unpriv_python, test_users):
-    code = "from systemd import daemon; assert daemon.notify('READY=1\\nSTATUS=up')"
-    r = unpriv_python.run(test_users.other, "-c", code, env={**os.environ, **notify_socket.env()})
+    r = unpriv_python.run(test_users.other, "-c", programs.source("notify_ready"),
+                          env={**os.environ, **notify_socket.env()})
     assert r.returncode == 0, r.stderr
     got = notify_socket.wait_for(b"READY=1", timeout=5)
     assert got.data == b"READY=1\nSTATUS=up"

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from harness import programs
 
 from secretbus.core import errors
 from secretbus.store.codec import Base64Codec, Damage, ValueFileError
@@ -403,10 +404,7 @@ def test_unsearchable_credentials_directory_is_an_error_not_encryption_off(reque
         creds = base / "creds"
         creds.mkdir(mode=0o700)
         write_key(creds / CREDENTIAL_NAME, b"D" * 32, 0o400)
-        code = ("import sys\nfrom secretbus.core import errors\nfrom secretbus.store import conf, keys\n"
-                "try:\n    keys.resolve_key(conf.SecretConf(), {'CREDENTIALS_DIRECTORY': sys.argv[1]})\n"
-                "    print('no error')\n"
-                "except errors.ConfigError as e:\n    print(e)\n")
+        code = programs.source("resolve_key")
         root = Path(__file__).resolve().parent.parent
         if os.geteuid() == 0:
             # The checkout (and its venv) may be unreachable for uid 65534: use the harness copy.

@@ -13,12 +13,12 @@ import base64
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import harness
 import pytest
 from harness import load_bench as _bench
+from harness import programs
 from harness.journal import JournalSocket
 
 import secretbus
@@ -57,13 +57,7 @@ def test_every_form_of_a_sentinel_is_found():
 @pytest.mark.integration
 def test_journal_emulation_receives_native_entries_and_memfds():
     value = leak.sentinel("journal")
-    code = textwrap.dedent("""
-        import sys
-        from systemd import journal
-        v = bytes.fromhex(sys.argv[1])
-        journal.send("hex " + v.hex(), SECRET_UUID="u1", RAW=v + b"\\nwith newline")
-        journal.send("x" * (12 << 20), BIG="1")
-    """)
+    code = programs.source("journal_send")
     with JournalSocket() as j:
         r = subprocess.run([sys.executable, "-c", code, value.hex()], capture_output=True, timeout=30)
         assert r.returncode == 0, r.stderr
