@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import U1, U2
 from harness import programs
 
-U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
-U2 = "1b40a534-8301-45d5-b1aa-11894ebb1735"
 SENTINEL = b"cli-S3ntinel\x00\xfe"
 
 

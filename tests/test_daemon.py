@@ -6,6 +6,7 @@ import asyncio
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
+from fixtures import U1
 
 from secretbus import daemon
 from secretbus.access.permissions import Caller, Perm
@@ -13,8 +14,6 @@ from secretbus.bus.names import BUS_NAME, CONNECT_IFACE, CONNECT_PATH
 from secretbus.core.model import SecretDef
 from secretbus.driver.build import open_instance
 from secretbus.store.paths import InstancePaths
-
-U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
 
 
 class DenyAll:

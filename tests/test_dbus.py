@@ -16,6 +16,7 @@ import harness
 import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
+from fixtures import U1, U2, secret_xml
 from harness import programs
 from lxml import etree
 
@@ -28,16 +29,12 @@ from secretbus.store.paths import InstanceKind
 REPO = Path(__file__).resolve().parents[1]
 NAME = "org.libvirt.secret"
 CONNECT = "/org/libvirt/secret"
-U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
-U2 = "1b40a534-8301-45d5-b1aa-11894ebb1735"
 P1 = "/org/libvirt/secret/secret/_f52a81b2_424e_490c_823d_6bd4235bc572"
 SENTINEL = b"dbus-S3ntinel\x00\x01\xff"
 
 
-def xml(uuid=U1, *, eph="no", priv="no", usage="ceph", uid="client.admin", desc="d"):
-    child = {"volume": "volume", "ceph": "name", "iscsi": "target", "tls": "name", "vtpm": "name"}[usage]
-    return (f"<secret ephemeral='{eph}' private='{priv}'><uuid>{uuid}</uuid><description>{desc}</description>"
-            f"<usage type='{usage}'><{child}>{uid}</{child}></usage></secret>")
+def xml(uuid=U1, *, desc="d", **kw):
+    return secret_xml(uuid, desc=desc, **kw)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import time
 
 import pytest
 from dbus_fast import Message, MessageType, Variant
+from fixtures import U1
 
 from secretbus.bus import events, signals, wire
 from secretbus.bus.calls import check_reply
@@ -23,7 +24,6 @@ from secretbus.core import errors
 from secretbus.core.model import EventId, Lifecycle, ListFlags, SecretEvent, UsageType
 from secretbus.store.paths import InstanceKind
 
-U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
 P1 = "/org/libvirt/secret/secret/_f52a81b2_424e_490c_823d_6bd4235bc572"
 OWNER = ":1.42"
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.introspection import Interface, Method
+from fixtures import U1, U2
+from fixtures import secret_xml as xml
 from lxml import etree
 
 from secretbus.access.permissions import AllowAll, Caller, Perm
@@ -33,15 +35,8 @@ from secretbus.driver.build import open_instance
 from secretbus.store.paths import InstancePaths
 
 REPO = Path(__file__).resolve().parents[1]
-U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
-U2 = "1b40a534-8301-45d5-b1aa-11894ebb1735"
 P1 = secret_path(U1)
 VALUE = b"dispatch-S3ntinel\x00\xff"
-
-
-def xml(uuid=U1, *, priv="no", uid="client.admin"):
-    return (f"<secret ephemeral='no' private='{priv}'><uuid>{uuid}</uuid>"
-            f"<usage type='ceph'><name>{uid}</name></usage></secret>")
 
 
 class FakeBus:

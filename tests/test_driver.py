@@ -5,28 +5,16 @@ import os
 import stat
 
 import pytest
+from fixtures import U1
+from fixtures import U1_NEXT as U2
+from fixtures import secret_xml as xml
 
 import secretbus
 from secretbus.core import errors
 from secretbus.core.model import EventId, Lifecycle, ListFlags, UsageType
 from secretbus.core.uuids import parse_uuid
 
-U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
-U2 = "f52a81b2-424e-490c-823d-6bd4235bc573"
 U3 = "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"
-
-
-def xml(uuid=U1, *, eph="no", priv="no", usage="ceph", uid="client.admin", desc=None):
-    parts = [f"<secret ephemeral='{eph}' private='{priv}'>"]
-    if uuid:
-        parts.append(f"<uuid>{uuid}</uuid>")
-    if desc:
-        parts.append(f"<description>{desc}</description>")
-    if usage:
-        child = {"volume": "volume", "ceph": "name", "iscsi": "target", "tls": "name", "vtpm": "name"}[usage]
-        parts.append(f"<usage type='{usage}'><{child}>{uid}</{child}></usage>")
-    parts.append("</secret>")
-    return "".join(parts)
 
 
 @pytest.fixture

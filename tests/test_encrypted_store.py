@@ -6,12 +6,12 @@ import logging
 import os
 
 import pytest
+from fixtures import U1, secret_xml
+from fixtures import U1_NEXT as U2
 
 import secretbus
 from secretbus.core import errors
 
-U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
-U2 = "f52a81b2-424e-490c-823d-6bd4235bc573"
 SENTINEL = b"S3ntinel-\x00-value-\xff"
 
 
@@ -31,7 +31,7 @@ def open_root(root):
 
 
 def xml(uuid, name):
-    return f"<secret><uuid>{uuid}</uuid><usage type='ceph'><name>{name}</name></usage></secret>"
+    return secret_xml(uuid, uid=name)
 
 
 def scan_for_sentinel(directory, value=SENTINEL):

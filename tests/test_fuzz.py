@@ -14,15 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures import U1
+from harness import load_bench as _bench
 
 REPO = Path(__file__).resolve().parents[1]
-
-from harness import load_bench as _bench  # noqa: E402
-
-U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
-
-
-
 
 fuzz = _bench("fuzz")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import harness
 import pytest
+from fixtures import U1, U2
 from harness import load_bench as _bench
 from harness import programs
 from harness.journal import JournalSocket
@@ -31,8 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 leak = _bench("leak_audit")
 
-U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
-U2 = "1b40a534-8301-45d5-b1aa-11894ebb1735"
 U3 = "22e1353d-c27e-4d6d-bf15-465053e6ba0b"
 
 

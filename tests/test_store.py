@@ -7,12 +7,12 @@ import os
 import stat
 
 import pytest
+from fixtures import U1
+from fixtures import U1_NEXT as U2
 
 import secretbus
 from secretbus.store import fsutil
 
-U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
-U2 = "f52a81b2-424e-490c-823d-6bd4235bc573"
 U3 = "22e1353d-c27e-4d6d-bf15-465053e6ba0b"
 
 LIBVIRT_XML = """<secret ephemeral='no' private='no'>
