@@ -369,7 +369,7 @@ def test_system_bus_policy(system_bus, polkitd, make_secretbusd, test_users):
     member = bcall(system_bus, CONNECT, "org.libvirt.Connect", "ListSecrets", "u", 0, user=test_users.member)
     assert member.returncode == 0, member.stderr
     other = bcall(system_bus, CONNECT, "org.libvirt.Connect", "ListSecrets", "u", 0, user=test_users.other)
-    assert other.returncode != 0 and "Access denied" in other.stderr or "AccessDenied" in other.stderr
+    assert other.returncode != 0 and ("Access denied" in other.stderr or "AccessDenied" in other.stderr)
     # Nobody but root may own the name.
     for user in (test_users.member, test_users.other):
         r = harness.gdbus(system_bus.address, "call", "--dest", "org.freedesktop.DBus",
