@@ -28,9 +28,8 @@ from secretbus.bus.names import (
     secret_path,
     uuid_from_path,
 )
-from secretbus.core import errors
-from secretbus.driver import rules
 from secretbus.core.model import SecretDef
+from secretbus.driver import rules
 
 # libvirt's version encoding, major * 1,000,000 + minor * 1,000 + micro.
 LIBVIRT_COMPAT = 12_001_000    # 12.1.0: the secret driver (encryption at rest) secretbus implements
@@ -170,7 +169,7 @@ class SecretHandlers:
             raise DBusFailure(UNKNOWN_OBJECT, f"no object at {msg.path}")
         return self.driver.lookup_by_uuid(uuid)   # NoSecret with libvirt's wording if gone
 
-    @method(SECRET_IFACE, "GetValue", "u", perms=(Perm.READ_SECURE,))
+    @method(SECRET_IFACE, "GetValue", "u", perms=(Perm.READ_SECURE,), audit=True)
     def get_value(self, msg: Message) -> Prepared:
         d = self._secret(msg)
         rules.check_get_value_flags(msg.body[0])
