@@ -20,16 +20,8 @@ from pathlib import Path
 import harness
 import pytest
 from harness.journal import Journald, JournalSocket, parse_entry
-from test_polkit import (
-    ACTIONS_FILE,
-    BUS_CONF,
-    SECRET,
-    g,
-    gdbus_bytes,
-    root_define,
-    secret_path,
-)
-from test_polkit import pyclient as _pyclient_fixture  # noqa: F401 - registers the fixture `pyclient`
+from harness.procs import remove_tree
+from test_polkit import ACTIONS_FILE, BUS_CONF, PYCLIENT, SECRET, PyClient, g, gdbus_bytes, root_define, secret_path
 
 from secretbus.access import audit
 from secretbus.access.audit import AuditFailed, AuditMode, Auditor, AuditRecord, Outcome, Reason
@@ -195,6 +187,24 @@ needs_journald = pytest.mark.skipif(not Journald.available(), reason="needs syst
 
 
 @pytest.fixture
+def clients(unpriv_python):
+    """Factory: clients(user, bus) -> test_polkit.PyClient (one connection, as `user`)."""
+    d = harness.public_tempdir("sb-audit-client-")
+    script = d / "pyclient.py"
+    script.write_text(PYCLIENT)
+    script.chmod(0o644)
+    made: list[PyClient] = []
+
+    def make(user, bus) -> PyClient:
+        made.append(PyClient(unpriv_python, user, bus, script))
+        return made[-1]
+    yield make
+    for c in made:
+        c.close()
+    remove_tree(d)
+
+
+@pytest.fixture
 def journald():
     j = Journald()
     j.start()
@@ -218,11 +228,11 @@ def define_all(bus) -> dict[str, bytes]:
 @pytest.mark.integration
 @pytest.mark.bus_policy(BUS_CONF)
 def test_reads_allowed_and_denied_are_each_one_record_without_the_value(
-        system_bus, make_polkitd, make_secretbusd, test_users, pyclient, journald):
+        system_bus, make_polkitd, make_secretbusd, test_users, clients, journald):
     make_polkitd(system_bus, actions=[ACTIONS_FILE], rules=[RULE])
     sbd = start_daemon(make_secretbusd, system_bus, journald.socket)
     values = define_all(system_bus)
-    member = pyclient(test_users.member, system_bus)
+    member = clients(test_users.member, system_bus)
 
     r = member.call(secret_path(READABLE), SECRET, "GetValue", "u", [0])
     assert r.ok and r.out == [values[READABLE]], r
@@ -322,11 +332,11 @@ def test_best_effort_reads_on_without_a_journal(system_bus, session_bus, make_po
 @pytest.mark.integration
 @pytest.mark.bus_policy(BUS_CONF)
 def test_secretbus_audit_prints_the_records_of_a_secret(system_bus, make_polkitd, make_secretbusd,
-                                                      test_users, pyclient, journald):
+                                                      test_users, clients, journald):
     make_polkitd(system_bus, actions=[ACTIONS_FILE], rules=[RULE])
     start_daemon(make_secretbusd, system_bus, journald.socket)
     values = define_all(system_bus)
-    member = pyclient(test_users.member, system_bus)
+    member = clients(test_users.member, system_bus)
     assert member.call(secret_path(READABLE), SECRET, "GetValue", "u", [0]).ok
     assert not member.call(secret_path(HIDDEN), SECRET, "GetValue", "u", [0]).ok
     journald.wait_for(MSGID, count=2)
