@@ -375,7 +375,7 @@ def scenario_session(res: Result, base: Path, journal: JournalSocket) -> None:
         v5 = sc.add("v5 bad flags", sentinel("v5"))
         expect_error(res, "set with flags 1", setv(P1, v5, 1), "InvalidArg")
         v6 = sc.add("v6 too large", sentinel("v6"))
-        expect_error(res, "set too large", setv(P1, v6 * (65536 // len(v6) + 1)), "InvalidArg")
+        expect_error(res, "set too large", setv(P1, v6 * (65536 // len(v6) + 1)), "RPCError")
         v7 = sc.add("v7 wrong signature", pysecrets.token_hex(20).encode())
         expect_error(res, "set with signature su", c.call(spath(P1), SECRET, "SetValue", "su", [v7.decode(), 0]),
                      "InvalidArgs")
