@@ -517,8 +517,9 @@ def scenario_polkit(res: Result, base: Path, journal: JournalSocket) -> None:
         pk = harness.Polkitd(bus, actions=[("sbtest-leak.org.libvirt.api.secret.policy", POLICY.read_text())],
                              rules=[("10-sbtest-leak.rules", rules_for(S3, [S1, S2, S3]))]).start()
         mon = PcapMonitor(bus.address, private / "system.pcap", bus.log)
+        # Its audit records of value reads go to the same emulated journald, and are scanned too.
         daemon = harness.Secretbusd(bus, system=True, root=root, conf=conf, args=("-v",),
-                                    env=stream_env(log)).start()
+                                    env={**stream_env(log), "SECRETBUS_JOURNAL_SOCKET": str(journal.path)}).start()
         c = SyncBus(bus.address)
         for u, priv in ((S1, "no"), (S2, "yes"), (S3, "no")):
             expect_ok(res, f"root define {u}", c.call(CONNECT_PATH, CONNECT, "SecretDefineXML", "su",

@@ -368,6 +368,22 @@ def cmd_rewrite_values(conn, a) -> int:
     return 0 if done == total and not skipped else 1
 
 
+def cmd_audit(conn_unused, a) -> int:
+    from secretbus import cli_audit
+    secret = None
+    if _req(a, "secret"):
+        secret = parse_uuid(a.secret)
+        if secret is None:
+            raise CommandError(f"invalid secret UUID '{a.secret}'")
+    q = cli_audit.Query(since=_req(a, "since"), secret=secret, directory=_req(a, "directory"), file=_req(a, "file"))
+    try:
+        records = cli_audit.read_records(q)
+    except cli_audit.AuditReadError as e:
+        raise CommandError(str(e)) from None
+    _print(format_table(cli_audit.HEADER, [cli_audit.row(r) for r in records]).rstrip("\n"))
+    return 0
+
+
 # -- command table -------------------------------------------------------------------
 S, B, N = Kind.STRING, Kind.BOOL, Kind.NUMBER
 _SECRET = Opt("secret", S, "secret UUID", required=True)
@@ -413,6 +429,15 @@ _command("init-encryption", "create the sealed encryption key (once)",
           Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...)", named_only=True),
           Opt("raw", B, "write a raw 0600 key file (hosts without systemd)")),
          cmd_init_encryption, no_connection=True)
+_command("audit", "show the audit records of value reads",
+         "Show the journal's records of secret value reads (allowed and denied), oldest first.",
+         (Opt("since", S, "records since this time (journalctl --since: \"2025-01-31 10:00\", \"-1h\", today)",
+              named_only=True),
+          Opt("secret", S, "only the records of this secret UUID", named_only=True),
+          Opt("directory", S, "read the journal files in this directory (journalctl --directory)",
+              named_only=True),
+          Opt("file", S, "read this journal file (journalctl --file)", named_only=True)),
+         cmd_audit, no_connection=True)
 _command("rewrite-values", "re-write every persistent value under the current scheme and key",
          "Re-write every persistent value under the current scheme and key "
          "(the service must not be running for system/session).", (), cmd_rewrite_values,

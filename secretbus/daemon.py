@@ -22,8 +22,11 @@ from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag, RequestNameReply
 
+from secretbus.access.audit import AuditMode, Auditor
+from secretbus.access.journal import JournalWriter
 from secretbus.access.permissions import AccessControl, AllowAll
 from secretbus.bus import connect as busconn
+from secretbus.bus.auditing import ReadAudit, pid_lookup
 from secretbus.bus.names import BUS_NAME
 from secretbus.bus.polkit import CallerUids, PolkitAccess
 from secretbus.bus.service import SecretService
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polkit-timeout", type=float, default=20.0, metavar="SECS",
                    help="how long to wait for polkitd before denying (default 20: polkitd 122 can "
                         "stall 15 s)")
+    p.add_argument("--audit", choices=[m.value for m in AuditMode], metavar="MODE",
+                   help="audit records of value reads in the journal: required (no record, no value; "
+                        "the system bus's default), best-effort (the session bus's default) or off")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -91,9 +97,10 @@ class Daemon:
     service: SecretService     # made in run(), once the bus is connected
 
     def __init__(self, driver: SecretDriver, *, access: AccessFactory, connect: BusFactory,
-                 system: bool, idle_timeout: float = 0):
+                 system: bool, idle_timeout: float = 0, audit: AuditMode | None = None):
         self.driver = driver
         self.system = system
+        self.audit_mode = audit or AuditMode.default(system)
         self._make_access = access
         self._connect = connect
         self._idle_timeout = idle_timeout
@@ -115,7 +122,11 @@ class Daemon:
         uids = CallerUids(bus)
         await uids.start()
         access = await self._make_access(bus, uids)
-        self.service = SecretService(self.driver, bus, access, private_readers=readers)
+        journal = JournalWriter()
+        pids = pid_lookup(uids.bus)
+        uids.when_gone(pids.forget)
+        audit = ReadAudit(Auditor(journal, self.audit_mode), access, pids)
+        self.service = SecretService(self.driver, bus, access, private_readers=readers, audit=audit)
         self.service.attach()
         try:
             if not await self._own_name(bus):
@@ -124,6 +135,7 @@ class Daemon:
         finally:
             getattr(access, "close", lambda: None)()
             uids.close()
+            journal.close()
             if bus.connected:
                 bus.disconnect()
 
@@ -210,7 +222,8 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
         return _config_failure(e)
     access = polkit_access(args.polkit_timeout, polkit) if system and not args.no_polkit else allow_all
     daemon = Daemon(driver, access=access, connect=bus_factory(args.bus_address, system),
-                    system=system, idle_timeout=args.timeout)
+                    system=system, idle_timeout=args.timeout,
+                    audit=AuditMode(args.audit) if args.audit else None)
     try:
         return asyncio.run(daemon.run(readers, t0))
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from dbus_fast import Message, MessageFlag
 
 from secretbus.access.permissions import AccessControl, Caller, Perm
+from secretbus.bus.auditing import ReadAudit
 from secretbus.bus.dispatch import Reply, error
 from secretbus.bus.names import error_name, error_text
 from secretbus.core import errors, logsetup
@@ -36,15 +37,16 @@ class MethodSpec:
     perms: tuple[Perm, ...] = ()    # all needed, on the Prepared's target
     each: Perm | None = None        # the candidates are filtered by this permission
     writes: bool = False            # writes files: runs in the worker thread
+    audit: bool = False             # a value read: each reply or refusal is an audit record
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def method(iface: str, member: str, signature: str, *, perms: tuple[Perm, ...] = (),
-           each: Perm | None = None, writes: bool = False) -> Callable[[F], F]:
+           each: Perm | None = None, writes: bool = False, audit: bool = False) -> Callable[[F], F]:
     """Declare the handler of `iface.member` (firewalld's style: the spec sits on the handler)."""
-    spec = MethodSpec(iface, member, signature, perms, each, writes)
+    spec = MethodSpec(iface, member, signature, perms, each, writes, audit)
 
     def mark(fn: F) -> F:
         fn.dbus_method = spec  # type: ignore[attr-defined]
@@ -127,8 +129,10 @@ def error_reply(msg: Message, e: Exception) -> Message:
 
 
 class CallRunner:
-    def __init__(self, bus: Any, access: AccessControl, private_readers: frozenset[int]):
+    def __init__(self, bus: Any, access: AccessControl, private_readers: frozenset[int],
+                 audit: ReadAudit | None = None):
         self.bus = bus
+        self.audit = audit if audit is not None and audit.active else None
         self.access = access
         self.private_readers = private_readers
         self._loop = asyncio.get_running_loop()
@@ -141,7 +145,8 @@ class CallRunner:
         """Reply now when nothing needs awaiting, else finish in a task."""
         try:
             prep = prepare(msg)
-            if not self.access.enabled and not spec.writes and not prep.private and not prep.large:
+            if (not self.access.enabled and not spec.writes and not prep.private and not prep.large
+                    and not (spec.audit and self.audit)):
                 return reply(msg, out_sig, prep.act(Grant(prep.candidates)))
         except Exception as e:   # noqa: BLE001 - every failure becomes a clean error reply
             return error_reply(msg, e)
@@ -168,8 +173,12 @@ class CallRunner:
                     return
             else:
                 body = prep.act(grant)
+                if spec.audit and self.audit:    # no record, no value (AuditFailed)
+                    await self.audit.allowed(caller, prep.target)
             out = reply(msg, out_sig, body)
         except Exception as e:  # noqa: BLE001 - every failure becomes a clean error reply
+            if spec.audit and self.audit:
+                await self.audit.denied(caller, prep.target, e, prep.private)
             out = error_reply(msg, e)
         if isinstance(out, Message) and self.bus.connected:
             self.bus.send(out)

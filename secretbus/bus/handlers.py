@@ -169,7 +169,7 @@ class SecretHandlers:
             raise DBusFailure(UNKNOWN_OBJECT, f"no object at {msg.path}")
         return self.driver.lookup_by_uuid(uuid)   # NoSecret with libvirt's wording if gone
 
-    @method(SECRET_IFACE, "GetValue", "u", perms=(Perm.READ_SECURE,))
+    @method(SECRET_IFACE, "GetValue", "u", perms=(Perm.READ_SECURE,), audit=True)
     def get_value(self, msg: Message) -> Prepared:
         d = self._secret(msg)
         rules.check_get_value_flags(msg.body[0])

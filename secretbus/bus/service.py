@@ -15,6 +15,7 @@ from dbus_fast import Message
 from dbus_fast.introspection import Interface
 
 from secretbus.access.permissions import AccessControl
+from secretbus.bus.auditing import ReadAudit
 from secretbus.bus.dispatch import Dispatcher, Entry, ObjectType, Reply, error
 from secretbus.bus.emit import Announcer
 from secretbus.bus.execute import Bound, CallRunner, specs_of
@@ -55,14 +56,14 @@ def _locate(path: str) -> str | None:
 
 class SecretService:
     def __init__(self, driver: Any, bus: Any, access: AccessControl, *,
-                 private_readers: frozenset[int] = frozenset()):
+                 private_readers: frozenset[int] = frozenset(), audit: ReadAudit | None = None):
         self.driver = driver
         self.bus = bus
         self.access = access
         self.private_readers = private_readers
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._runner = CallRunner(bus, access, private_readers)
+        self._runner = CallRunner(bus, access, private_readers, audit)
         self._signals = Announcer(bus, driver)
         self._closing = False
         self.calls = 0                         # for idle tracking

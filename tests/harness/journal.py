@@ -11,21 +11,27 @@ when closed. `stream_env(path)` is what systemd sets for a service whose stderr 
 journal: JOURNAL_STREAM=<dev>:<ino> of that stream, which makes secretbus's logsetup choose the
 journal handler.
 
-Only one JournalSocket can exist on a machine at a time; a lock file serialises test processes.
+Only one JournalSocket can exist at the fixed path on a machine at a time; a lock file serialises
+test processes. One at another path (a daemon pointed at it with SECRETBUS_JOURNAL_SOCKET) needs no
+lock. `Journald` is the real thing: systemd-journald in a private mount namespace whose sockets and
+journal files are in a test directory, read back with `journalctl --directory`.
 """
 from __future__ import annotations
 
 import array
 import fcntl
+import json
 import os
+import shutil
 import socket
 import stat
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
 
-from .procs import HarnessError
+from .procs import HarnessError, public_tempdir, remove_tree, spawn, stop_process, wait_until
 
 SOCKET_PATH = Path("/run/systemd/journal/socket")
 LOCK_FILE = "/run/lock/secretbus-test-journal.lock"
@@ -89,19 +95,24 @@ class JournalSocket:
         self._mutex = threading.Lock()
 
     # -- life cycle --------------------------------------------------------------------
-    def start(self) -> JournalSocket:
+    def _take_lock(self) -> None:
         os.makedirs(os.path.dirname(LOCK_FILE), exist_ok=True)
         self._lock = open(LOCK_FILE, "a")
         deadline = time.monotonic() + self.wait_free
         while True:
             try:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                return
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     self._lock.close()
+                    self._lock = None
                     raise HarnessError(f"another test holds {LOCK_FILE}") from None
                 time.sleep(0.1)
+
+    def start(self) -> JournalSocket:
+        if self.path == SOCKET_PATH:
+            self._take_lock()
         try:
             if self.path.exists() or self.path.is_symlink():
                 raise HarnessError(f"{self.path} exists (a real journald?); not replacing it")
@@ -223,6 +234,85 @@ class JournalSocket:
 
     def wait_for_message(self, text: str, timeout: float = 10) -> dict[str, list[bytes]]:
         return self.wait_for(lambda e: any(text.encode() in m for m in e.get("MESSAGE", ())), timeout)
+
+
+JOURNALD = "/lib/systemd/systemd-journald"
+
+# In its own mount namespace: /run and /var/log become empty tmpfs mounts (nothing of the
+# host's is touched or seen), then its socket dir and its volatile journal dir are bound to
+# test directories. Storage=auto with no /var/log/journal keeps the journal in /run/log/journal.
+_NAMESPACE_SCRIPT = (
+    'set -e; mount -t tmpfs -o mode=0755 sbtest-run /run; mount -t tmpfs sbtest-log /var/log; '
+    'mkdir -p /run/systemd/journal /run/log/journal; '
+    'mount --bind "$1" /run/systemd/journal; mount --bind "$2" /run/log/journal; exec "$3"')
+
+
+class Journald:
+    """The real systemd-journald, private to a test: `.socket` is its native-protocol socket
+    (point a daemon at it with SECRETBUS_JOURNAL_SOCKET), `.files` its journal directory
+    (`journalctl --directory`). Started as root; stopped by PID."""
+
+    def __init__(self, base: Path | None = None):
+        self._own_base = base is None
+        self.base = base or public_tempdir("sb-journald-")
+        self.sockets = self.base / "run"
+        self.files = self.base / "files"
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return os.access(JOURNALD, os.X_OK) and bool(shutil.which("journalctl")) and bool(shutil.which("unshare"))
+
+    @property
+    def socket(self) -> Path:
+        return self.sockets / "socket"
+
+    def start(self, timeout: float = 15) -> Journald:
+        self.sockets.mkdir(mode=0o755, exist_ok=True)
+        self.files.mkdir(mode=0o755, exist_ok=True)
+        log = self.base / "journald.log"
+        for stale in self.sockets.iterdir():     # of a journald stopped before: wait for the new ones
+            if stale.is_socket():
+                stale.unlink()
+        self.proc = spawn(["unshare", "--mount", "--propagation", "private", "sh", "-c", _NAMESPACE_SCRIPT,
+                           "sh", str(self.sockets), str(self.files), JOURNALD], what="systemd-journald", log=log)
+        wait_until(self._listening, timeout=timeout, what="systemd-journald socket", proc=self.proc, log=log)
+        return self
+
+    def _listening(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            try:
+                s.connect(str(self.socket))
+                return True
+            except OSError:
+                return False
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_base:
+            remove_tree(self.base)
+
+    def __enter__(self) -> Journald:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    def read(self, *matches: str) -> list[dict[str, object]]:
+        """Entries matching `matches` (journalctl's FIELD=value terms), as journalctl -o json gives them."""
+        r = subprocess.run(["journalctl", "--no-pager", "--directory", str(self.files), "-o", "json", *matches],
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise HarnessError(f"journalctl failed ({r.returncode}): {r.stderr.strip()}")
+        return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+    def wait_for(self, *matches: str, count: int = 1, timeout: float = 10) -> list[dict[str, object]]:
+        """At least `count` entries matching, polled (journald writes them asynchronously)."""
+        return wait_until(lambda: (lambda got: got if len(got) >= count else None)(self.read(*matches)),
+                          timeout=timeout, interval=0.1, what=f"{count} journal entries {matches}")
 
 
 def stream_env(stream_path: str | Path) -> dict[str, str]:

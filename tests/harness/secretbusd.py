@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .bus import PrivateBus
+from .journal import JournalSocket
 from .procs import public_tempdir, remove_tree, spawn, stop_process
 
 BUS_NAME = "org.libvirt.secret"
@@ -18,6 +19,9 @@ class Secretbusd:
 
     `root` defaults to a fresh 0755 temp dir (its etc/ and run/ are made 0700 by the daemon).
     `conf` is written to DIR/etc/secret.conf before start. `.log()` is everything it printed.
+    On the system bus the value-read audit is required by default: unless the test names a
+    journal socket (SECRETBUS_JOURNAL_SOCKET in `env`) or an `--audit` mode, `.journal` is an
+    emulated one (DIR/journal.socket) that receives the audit records.
     """
 
     def __init__(self, bus: PrivateBus, *, system: bool = False, root: Path | None = None,
@@ -31,6 +35,7 @@ class Secretbusd:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.log_path = self.root / "secretbusd.log"
+        self.journal: JournalSocket | None = None
 
     @property
     def argv(self) -> list[str]:
@@ -42,6 +47,11 @@ class Secretbusd:
             (self.root / "etc").mkdir(mode=0o700, exist_ok=True)
             (self.root / "etc" / "secret.conf").write_text(self.conf)
         env = {**os.environ, **(self.env or {})}
+        if (self.system and self.journal is None and "SECRETBUS_JOURNAL_SOCKET" not in (self.env or {})
+                and not any(a.startswith("--audit") for a in self.args)):
+            self.journal = JournalSocket(self.root / "journal.socket").start()
+        if self.journal is not None:
+            env["SECRETBUS_JOURNAL_SOCKET"] = str(self.journal.path)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                           env.get("PYTHONPATH")]))
         self.proc = spawn(self.argv, what="secretbusd", log=self.log_path, env=env)
@@ -67,6 +77,9 @@ class Secretbusd:
 
     def cleanup(self) -> None:
         self.stop()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
         if self._own_root:
             remove_tree(self.root)
 

@@ -1,0 +1,193 @@
+"""The audit trail of value reads: one journal record per GetValue, allowed or denied.
+
+Every front end (D-Bus now, libvirt RPC next) builds an `AuditRecord` for each read that
+returns a value and each one refused by access control or the private-value rule, and hands
+it to the one `Auditor`. A record names who (uid, pid, unique name or peer), which secret
+(UUID, usage), when and through which front end; it never holds the value. In `required`
+mode a record that cannot be written raises `AuditFailed` and the front end must not return
+the value (fail closed); `best-effort` logs the failure and goes on; `off` writes nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from secretbus.core import errors
+from secretbus.core.model import SecretDef
+
+log = logging.getLogger("secretbus.audit")
+
+# The record type's own id, for `journalctl MESSAGE_ID=...` (made once with uuid4, never reused).
+MESSAGE_ID = "63b3172d74704f8da05016cf4730d35f"
+IDENTIFIER = "secretbusd"
+WARN_EVERY = 60.0     # seconds between repeated best-effort failure warnings
+DENIAL_WINDOW = 60.0  # seconds: one denied record per (uid, secret, reason) in each
+DENIAL_KEYS = 4096    # (uid, secret, reason) windows kept; the oldest go first
+
+
+class AuditMode(enum.StrEnum):
+    REQUIRED = "required"         # no record, no value (the system bus's default)
+    BEST_EFFORT = "best-effort"   # a lost record is logged (the session bus's default)
+    OFF = "off"
+
+    @classmethod
+    def default(cls, system: bool) -> AuditMode:
+        return cls.REQUIRED if system else cls.BEST_EFFORT
+
+
+class Outcome(enum.StrEnum):
+    ALLOWED = "allowed"
+    DENIED = "denied"
+
+
+class Reason(enum.StrEnum):
+    ACCESS = "access"     # access control (polkit) refused read-secure
+    PRIVATE = "private"   # the private-value rule: the caller is not a private value reader
+
+
+class AuditFailed(errors.OperationFailed):
+    """The record could not be written; in required mode the value is not returned."""
+
+    def __init__(self) -> None:
+        super().__init__("audit record could not be written")
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    front_end: str                 # "dbus", "rpc"
+    outcome: Outcome
+    secret: SecretDef
+    uid: int | None                # None: the front end could not find it
+    pid: int | None
+    peer: str                      # D-Bus unique name, or the RPC peer
+    reason: Reason | None = None   # why it was denied
+    operation: str = "GetValue"
+    suppressed: int = 0            # like denials not recorded since the last record of this one
+    usec: int = field(default_factory=lambda: time.time_ns() // 1000)   # wall clock, microseconds
+
+    def fields(self) -> dict[str, str]:
+        """The journal fields (SECRET_UUID and CALLER_UID as in every other log record)."""
+        d = self.secret
+        who = f"uid {_text(self.uid)} pid {_text(self.pid)} ({self.peer or '?'})"
+        verdict = self.outcome.value if self.reason is None else f"{self.outcome.value} ({self.reason.value})"
+        out = {
+            "MESSAGE": f"secret value read {verdict}: secret {d.uuid} for {who} via {self.front_end}",
+            "MESSAGE_ID": MESSAGE_ID,
+            "PRIORITY": "5" if self.outcome is Outcome.ALLOWED else "4",   # notice / warning
+            "SYSLOG_IDENTIFIER": IDENTIFIER,
+            "SECRET_UUID": d.uuid,
+            "SECRET_USAGE_TYPE": d.usage_type.xml_name,
+            "SECRET_USAGE_ID": d.usage_id or "",
+            "SECRET_OPERATION": self.operation,
+            "AUDIT_OUTCOME": self.outcome.value,
+            "AUDIT_REASON": self.reason.value if self.reason else "",
+            "AUDIT_FRONT_END": self.front_end,
+            "AUDIT_TIME_USEC": str(self.usec),
+            "CALLER_UID": _text(self.uid, ""),
+            "CALLER_PID": _text(self.pid, ""),
+            "CALLER_PEER": self.peer,
+            "AUDIT_SUPPRESSED": str(self.suppressed) if self.suppressed else "",
+        }
+        return {k: v for k, v in out.items() if v != ""}
+
+
+def _text(n: int | None, unknown: str = "?") -> str:
+    return unknown if n is None else str(n)
+
+
+class RecordSink(Protocol):
+    async def send(self, fields: dict[str, str]) -> None:
+        """Write one record; raise OSError when it was not kept."""
+
+
+class Auditor:
+    """Writes value-read records to `sink` (the journal) under `mode`."""
+
+    def __init__(self, sink: RecordSink, mode: AuditMode):
+        self.sink = sink
+        self.mode = mode
+        self._failures = 0
+        self._warned_at = float("-inf")
+        # Repeated denials are folded (a caller looping on a refused read must not flood the
+        # journal into rate-limiting us, which would drop the records of real reads).
+        self._denials: dict[tuple[int | None, str, Reason | None], list[float]] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.mode is not AuditMode.OFF
+
+    async def write(self, rec: AuditRecord) -> None:
+        """Write `rec`; AuditFailed when it cannot be written in required mode."""
+        if not self.active:
+            return
+        if rec.outcome is Outcome.DENIED:
+            folded = self._fold(rec)
+            if folded is None:
+                return
+            rec = folded
+        try:
+            await self.sink.send(rec.fields())
+        except (OSError, ValueError) as e:
+            self._failed(rec, e)
+
+    def _fold(self, rec: AuditRecord) -> AuditRecord | None:
+        """None when a like denial was recorded less than DENIAL_WINDOW ago (it is counted),
+        else `rec` with the count of those folded since."""
+        key = (rec.uid, rec.secret.uuid, rec.reason)
+        now = time.monotonic()
+        window = self._denials.pop(key, None)
+        if window is not None and now - window[0] < DENIAL_WINDOW:
+            window[1] += 1
+            self._denials[key] = window
+            return None
+        if len(self._denials) >= DENIAL_KEYS:
+            self._denials.pop(next(iter(self._denials)))     # insertion order: the oldest
+        self._denials[key] = [now, 0]
+        return dataclasses.replace(rec, suppressed=int(window[1])) if window and window[1] else rec
+
+    def _failed(self, rec: AuditRecord, e: Exception) -> None:
+        self._failures += 1
+        why = getattr(e, "strerror", None) or type(e).__name__
+        if self.mode is AuditMode.REQUIRED:
+            log.error("audit record could not be written (%s); value not returned", why,
+                      extra={"SECRET_UUID": rec.secret.uuid, "SECRET_OPERATION": rec.operation})
+            raise AuditFailed() from None
+        # best-effort: the reads go on, the log says so (once a minute, with a count).
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY:
+            self._warned_at = now
+            log.warning("audit records could not be written (%s); %d lost so far, reads continue "
+                        "(audit = best-effort)", why, self._failures)
+
+
+class CallerPids:
+    """The pid of each caller as the bus daemon knows it, per unique name, at most `max_entries`
+    (oldest dropped); `forget` is called when a name leaves the bus. `lookup` is the bus call
+    (GetConnectionUnixProcessID); a failure gives None (the record says "unknown")."""
+
+    def __init__(self, lookup: Callable[[str], Awaitable[int]], max_entries: int = 4096):
+        self._lookup = lookup
+        self._pids: dict[str, int] = {}
+        self.max_entries = max_entries
+
+    def forget(self, sender: str) -> None:
+        self._pids.pop(sender, None)
+
+    async def __call__(self, sender: str) -> int | None:
+        pid = self._pids.get(sender)
+        if pid is not None:
+            return pid
+        try:
+            pid = int(await self._lookup(sender))
+        except Exception as e:  # noqa: BLE001 - the record is still written, with pid unknown
+            log.debug("cannot find the pid of %s: %s", sender, type(e).__name__)
+            return None
+        if len(self._pids) >= self.max_entries:
+            self._pids.pop(next(iter(self._pids)))    # dicts keep insertion order: the oldest
+        self._pids[sender] = pid
+        return pid

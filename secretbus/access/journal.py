@@ -1,0 +1,97 @@
+"""journald's native protocol, written directly so that a lost record is an error.
+
+libsystemd's sd_journal_send() ignores a missing socket (ENOENT is dropped), so a caller
+cannot tell whether a record was kept. Here an entry is one datagram of fields, each
+`NAME=value\\n`, or `NAME\\n` + little-endian u64 length + value + `\\n` when the value holds
+a newline (systemd's docs/JOURNAL_NATIVE_PROTOCOL.md), sent to journald's socket; any send
+error raises.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import struct
+from collections.abc import Mapping
+
+DEFAULT_SOCKET = "/run/systemd/journal/socket"
+# Test-only, harmless: only whoever sets the daemon's environment (root, its unit) moves it.
+SOCKET_ENV = "SECRETBUS_JOURNAL_SOCKET"
+SEND_TIMEOUT = 2.0      # seconds to wait for room in journald's queue before giving up
+
+# journald keeps only names of A-Z, 0-9 and _ (not leading), at most 64 characters.
+_FIELD_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]{0,63}")
+
+
+def encode_entry(fields: Mapping[str, str | bytes]) -> bytes:
+    """One native-protocol entry; ValueError for a name journald would drop."""
+    out = bytearray()
+    for name, value in fields.items():
+        if not _FIELD_NAME.fullmatch(name):
+            raise ValueError(f"invalid journal field name {name!r}")
+        data = value.encode("utf-8", "replace") if isinstance(value, str) else bytes(value)
+        key = name.encode("ascii")
+        if b"\n" in data:
+            out += key + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key + b"=" + data + b"\n"
+    return bytes(out)
+
+
+def socket_path() -> str:
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class JournalWriter:
+    """Sends entries to journald over one non-blocking datagram socket, connected so that a
+    full journald queue is waited for (asynchronously, bounded) instead of blocking the loop.
+    A journald restart makes a new socket: on a refused send it reconnects once."""
+
+    def __init__(self, path: str | None = None, *, timeout: float = SEND_TIMEOUT):
+        self.path = path or socket_path()
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._slow = asyncio.Lock()    # one waiter on the fd at a time (asyncio allows one writer)
+
+    def _connected(self) -> socket.socket:
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            try:
+                s.setblocking(False)
+                s.connect(self.path)
+            except BaseException:
+                s.close()
+                raise
+            self._sock = s
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def send(self, fields: Mapping[str, str | bytes]) -> None:
+        """Send one entry; OSError (or TimeoutError) if journald did not take it."""
+        data = encode_entry(fields)
+        for attempt in (1, 2):
+            try:
+                await self._send(data)
+                return
+            except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
+                # journald restarted (a new socket at the path) or stopped: reconnect once.
+                self.close()
+                if attempt == 2:
+                    raise
+
+    async def _send(self, data: bytes) -> None:
+        sock = self._connected()
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            async with self._slow:
+                loop = asyncio.get_running_loop()
+                await asyncio.wait_for(loop.sock_sendall(sock, data), self.timeout)
+            return
+        if sent != len(data):
+            raise OSError(f"journal took {sent} of {len(data)} bytes")
