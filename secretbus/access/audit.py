@@ -50,7 +50,7 @@ class Reason(enum.StrEnum):
     PRIVATE = "private"   # the private-value rule: the caller is not a private value reader
 
 
-class AuditFailed(errors.OperationFailed):
+class AuditFailed(errors.OperationFailed, own_kind=False):
     """The record could not be written; in required mode the value is not returned."""
 
     def __init__(self) -> None:
