@@ -626,3 +626,35 @@ def test_sandbox_enforces_the_system_units_settings(installed, tmp_path):
     print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (rw / "probe").exists()
+
+
+# -- the units' resource limits fit the daemon -------------------------------------------------
+MANY = 10_000
+
+
+def test_resource_limits_leave_headroom_at_10k_secrets(installed, session_bus, tmp_path):
+    """MemoryHigh=/TasksMax= are at least twice what the daemon uses with 10k secrets
+    loaded and listed (the figures the units' comments give)."""
+    svc = installed.unit(SYSTEM_UNIT)
+    high = int(systemd_sandbox.last(svc, "MemoryHigh", "0").rstrip("M")) << 20
+    tasks = int(systemd_sandbox.last(svc, "TasksMax", "0"))
+    root = tmp_path / "root"
+    store = root / "etc" / "secrets"
+    store.mkdir(parents=True, mode=0o700)
+    for i in range(MANY):
+        uuid = f"5b7e5700-0000-4000-8002-{i:012x}"
+        (store / f"{uuid}.xml").write_text(
+            f"<secret ephemeral='no' private='no'>\n  <uuid>{uuid}</uuid>\n  <usage type='volume'>\n"
+            f"    <volume>/var/lib/sbtest/many/{i}.img</volume>\n  </usage>\n</secret>\n")
+    d = harness.Secretbusd(session_bus, root=root).start(timeout=60)
+    try:
+        out = call(session_bus, CONNECT_PATH, CONNECT_IFACE, "ListSecrets", "u", "0")
+        assert out.split()[:2] == ["ao", str(MANY)]
+        assert d.proc is not None
+        st = proc_status(d.proc.pid)
+        peak, threads = int(st["VmHWM"].split()[0]) << 10, int(st["Threads"])
+    finally:
+        d.cleanup()
+    print(f"{MANY} secrets: peak RSS {peak >> 20} MiB (MemoryHigh= {high >> 20} MiB), "
+          f"{threads} threads (TasksMax= {tasks})")
+    assert 2 * peak <= high and 2 * threads <= tasks
