@@ -2,16 +2,21 @@
 """Run a command inside the sandbox that a systemd unit file asks for, as far as that can be
 reproduced without systemd as PID 1 (for tests; run as root).
 
-    systemd_sandbox.py --unit FILE [--map UNITPATH=REALPATH]... -- COMMAND [ARG]...
+    systemd_sandbox.py --unit FILE [--user] [--map UNITPATH=REALPATH]... -- COMMAND [ARG]...
 
 It reads the unit's [Service] settings and applies them with the same kernel mechanisms
 systemd uses, in three stages that each exec the next, so the command keeps this PID:
 
  1. `unshare --mount [--net] --propagation private` (PrivateNetwork=: a new network
     namespace; AF_UNIX path sockets still work, only abstract ones are per namespace);
- 2. mounts, as root: ProtectSystem=strict (every mount read-only except /proc and /dev,
-    which also gives ProtectKernelTunables='s read-only /sys) with ReadWritePaths= left
-    writable (through --map when the unit's paths are stood in for by test directories),
+ 2. mounts, as root: TemporaryFileSystem= (a tmpfs, read-only with ":ro") with
+    BindReadOnlyPaths= bound onto it from what it hides, InaccessiblePaths= and
+    ProtectHome=yes (/home, /root, /run/user) covered by an empty mode-0000 tmpfs or file,
+    then ProtectSystem=strict (every mount read-only except /proc and /dev, which also gives
+    ProtectKernelTunables='s read-only /sys) with ReadWritePaths= and the unit's
+    Configuration/Runtime/StateDirectory= left writable (through --map when the unit's
+    paths are stood in for by test directories; --user: a user unit's directories, named
+    %E/DIR, %t/DIR and %S/DIR for --map, as systemd's specifiers name their roots),
     ProcSubset=pid / ProtectProc= (a fresh procfs with subset=pid,hidepid=...), UMask=;
     then `setpriv` for NoNewPrivileges=, CapabilityBoundingSet= and AmbientCapabilities=;
  3. seccomp filters through libseccomp, built like systemd builds them:
@@ -23,9 +28,10 @@ systemd uses, in three stages that each exec the next, so the command keeps this
     RestrictNamespaces=yes (unshare/clone with namespace flags and setns fail with EPERM,
     clone3 with ENOSYS so that glibc falls back to clone).
 
-Not reproduced (listed on stderr): PrivateTmp=, PrivateDevices=/DevicePolicy=, ProtectHome=,
-the other Protect*= mounts, LoadCredentialEncrypted= (the caller decrypts the credential
-itself), IPAddressDeny= and the remaining seccomp-based Restrict*=/LockPersonality= options.
+Not reproduced (listed on stderr): PrivateTmp=, PrivateDevices=/DevicePolicy=, PrivateUsers=,
+ProtectHome= other than yes, the other Protect*= mounts, LoadCredentialEncrypted= (the caller
+decrypts the credential itself), IPAddressDeny=, the cgroup limits (MemoryMax= and the like)
+and the remaining seccomp-based Restrict*=/LockPersonality= options.
 """
 from __future__ import annotations
 
@@ -38,7 +44,9 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import overload
 
 SELF = os.path.abspath(__file__)
 
@@ -47,13 +55,18 @@ EMULATED = {
     "ProtectProc", "UMask", "NoNewPrivileges", "CapabilityBoundingSet", "AmbientCapabilities",
     "SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
     "RestrictAddressFamilies", "MemoryDenyWriteExecute", "RestrictNamespaces",
+    "TemporaryFileSystem", "BindReadOnlyPaths", "InaccessiblePaths", "PrivateMounts", "ProtectHome",
 }
 NOT_SANDBOXING = {  # [Service] keys that are not about the sandbox at all
     "Type", "NotifyAccess", "BusName", "ExecStart", "ExecReload", "Restart",
     "RestartPreventExitStatus", "RemainAfterExit", "ConfigurationDirectory",
     "ConfigurationDirectoryMode", "RuntimeDirectory", "RuntimeDirectoryMode", "StateDirectory",
-    "StateDirectoryMode", "LoadCredentialEncrypted", "Environment",
+    "StateDirectoryMode", "RuntimeDirectoryPreserve", "LoadCredentialEncrypted", "Environment",
 }
+# Where systemd puts a unit's exec directories: (system root, user-unit specifier).
+EXEC_DIRS = {"ConfigurationDirectory": ("/etc", "%E"), "RuntimeDirectory": ("/run", "%t"),
+             "StateDirectory": ("/var/lib", "%S")}
+PROTECT_HOME = ("/home", "/root", "/run/user")
 
 
 # -- unit files ----------------------------------------------------------------------------
@@ -80,6 +93,10 @@ def service(unit: dict) -> dict[str, list[str]]:
     return unit.get("Service", {})
 
 
+@overload
+def last(svc: dict[str, list[str]], key: str, default: str) -> str: ...
+@overload
+def last(svc: dict[str, list[str]], key: str, default: None = None) -> str | None: ...
 def last(svc: dict[str, list[str]], key: str, default: str | None = None) -> str | None:
     values = svc.get(key)
     return values[-1] if values else default
@@ -119,19 +136,109 @@ def _mount(*argv: str) -> None:
     subprocess.run(["mount", *argv], check=True)
 
 
+def _exec_dirs(svc, user: bool) -> list[str]:
+    """The unit paths of its Configuration/Runtime/StateDirectory= (writable under strict)."""
+    out = []
+    for key, (root, spec) in EXEC_DIRS.items():
+        for group in words(svc, key):
+            out += [f"{spec if user else root}/{d}" for d in group]
+    return out
+
+
+def _optional(p: str) -> tuple[str, bool]:
+    return (p[1:], True) if p.startswith("-") else (p, False)
+
+
+def hide_paths(svc, mapping: dict[str, str], stage: Path) -> list[str]:
+    """TemporaryFileSystem= with BindReadOnlyPaths= onto it, InaccessiblePaths= and
+    ProtectHome=yes. Returns the mounts to make read-only afterwards."""
+    read_only: list[str] = []
+    tmpfs = [t for group in words(svc, "TemporaryFileSystem") for t in group]
+    binds = [b for group in words(svc, "BindReadOnlyPaths") for b in group]
+    hidden = [h for group in words(svc, "InaccessiblePaths") for h in group]
+    home = last(svc, "ProtectHome", "no")
+    if yes(home):
+        hidden += [f"-{p}" for p in PROTECT_HOME]
+    elif home == "read-only" and last(svc, "ProtectSystem") != "strict":   # strict covers it
+        raise SystemExit("sandbox: ProtectHome=read-only needs ProtectSystem=strict here")
+    elif home not in ("no", "false", "0", "off", "read-only"):
+        raise SystemExit(f"sandbox: ProtectHome={home} is not supported")
+    # Bind sources are resolved on the host's tree (symlinks too), as systemd does, so
+    # resolve them first and keep a view of each directory a tmpfs is about to cover.
+    sources = []
+    for b in binds:
+        spec, optional = _optional(b)
+        src, _, dst = spec.partition(":")
+        real = os.path.realpath(mapping.get(src, src))
+        if not os.path.exists(real):
+            if optional:
+                continue
+            raise SystemExit(f"sandbox: BindReadOnlyPaths {src} ({real}) does not exist")
+        sources.append((real, dst.partition(":")[0] or src))
+    views: dict[str, Path] = {}
+    for n, t in enumerate(tmpfs):
+        path, _, opts = t.partition(":")
+        views[path] = stage / f"view{n}"
+        views[path].mkdir()
+        _mount("--bind", path, str(views[path]))
+        _mount("-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "tmpfs", path)
+        if "ro" in opts.split(","):
+            read_only.append(path)
+
+    def host_path(p: str) -> str:
+        for top, view in views.items():
+            if _under(p, top):
+                return str(view) + p[len(top):]
+        return p
+
+    for src, dst in sources:
+        real = host_path(src)
+        if os.path.isdir(real):
+            os.makedirs(dst, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if not os.path.exists(dst):
+                open(dst, "w").close()
+        _mount("--bind", real, dst)
+        read_only.append(dst)
+    for view in views.values():
+        _mount("--make-private", str(view))
+        subprocess.run(["umount", "-l", str(view)], check=True)
+    empty_file = stage / "inaccessible"
+    empty_file.touch(mode=0)
+    for h in hidden:
+        path, optional = _optional(h)
+        if not os.path.lexists(path):
+            if optional:
+                continue
+            raise SystemExit(f"sandbox: InaccessiblePaths {path} does not exist")
+        if os.path.isdir(path) and not os.path.islink(path):
+            _mount("-t", "tmpfs", "-o", "mode=0000,ro,nosuid,nodev,noexec", "tmpfs", path)
+        else:
+            _mount("--bind", str(empty_file), path)
+            read_only.append(path)
+    return read_only
+
+
 def stage_mounts(args, svc) -> None:
     mapping = dict(m.split("=", 1) for m in args.map)
+    with tempfile.TemporaryDirectory(prefix="sandbox-", dir="/run") as stage:
+        read_only = hide_paths(svc, mapping, Path(stage))
+    for p in read_only:
+        _mount("-o", "remount,bind,ro", p)
     if last(svc, "ProtectSystem") == "strict":
         writable = []
-        for group in words(svc, "ReadWritePaths"):
-            for p in group:
-                optional = p.startswith("-")
-                real = mapping.get(p.lstrip("-"), p.lstrip("-"))
-                if not os.path.isdir(real):
-                    if optional:
-                        continue
-                    raise SystemExit(f"sandbox: ReadWritePaths {p} ({real}) does not exist")
-                writable.append(os.path.realpath(real))
+        paths = [p for group in words(svc, "ReadWritePaths") for p in group] + _exec_dirs(svc, args.user)
+        for p in paths:
+            optional = p.startswith("-")
+            real = mapping.get(p.lstrip("-"), p.lstrip("-"))
+            if "%" in real:
+                raise SystemExit(f"sandbox: {p} needs --map")
+            if not os.path.isdir(real):
+                if optional:
+                    continue
+                raise SystemExit(f"sandbox: writable path {p} ({real}) does not exist")
+            writable.append(os.path.realpath(real))
         for w in writable:
             _mount("--bind", w, w)
         for mp in _mountpoints():
@@ -206,6 +313,7 @@ class Filter:
 
     @staticmethod
     def nr(name: str) -> int:
+        assert Filter.lib is not None
         n = Filter.lib.seccomp_syscall_resolve_name(name.encode())
         return n  # negative: unknown here, or a pseudo-syscall of another architecture
 
@@ -214,11 +322,13 @@ class Filter:
         if n < 0:
             return
         arr = (ArgCmp * max(1, len(cmps)))(*[ArgCmp(*c) for c in cmps])
+        assert Filter.lib is not None
         rc = Filter.lib.seccomp_rule_add_array(self.ctx, action, n, len(cmps), arr)
         if rc < 0:
             raise OSError(-rc, f"seccomp_rule_add({name}): {os.strerror(-rc)}")
 
     def load(self) -> None:
+        assert Filter.lib is not None
         rc = Filter.lib.seccomp_load(self.ctx)
         if rc < 0:
             raise OSError(-rc, f"seccomp_load: {os.strerror(-rc)}")
@@ -333,12 +443,14 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--unit", required=True)
     p.add_argument("--map", action="append", default=[], metavar="UNITPATH=REALPATH")
+    p.add_argument("--user", action="store_true", help="a user unit (its directories are %%E/..., %%t/...)")
     p.add_argument("--stage", default="namespaces", choices=("namespaces", "mounts", "seccomp"))
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     if not args.command or args.command[0] != "--" or len(args.command) < 2:
         p.error("missing -- COMMAND")
-    args.passthrough = ["--unit", args.unit, *[x for m in args.map for x in ("--map", m)], *args.command]
+    args.passthrough = ["--unit", args.unit, *(["--user"] if args.user else []),
+                        *[x for m in args.map for x in ("--map", m)], *args.command]
     svc = service(parse_unit(args.unit))
     if args.stage == "namespaces":
         skipped = sorted(k for k in svc if k not in EMULATED and k not in NOT_SANDBOXING)

@@ -176,19 +176,26 @@ def test_verify_would_catch_a_warning(installed, tmp_path):
     assert r.returncode == 0 and "ProtectClok" in r.stderr
 
 
-def exposure(unit: Path) -> float:
-    r = analyze("security", "--offline=true", "--no-pager", str(unit))
+def exposure(unit: Path, *, user: bool = False, tmp: Path | None = None) -> float:
+    r = analyze("security", "--offline=true", "--no-pager", str(unit), user=user, tmp=tmp)
     assert r.returncode == 0, r.stderr
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
     assert m, r.stdout[-500:]
     return float(m.group(1))
 
 
-@pytest.mark.parametrize("name", [SYSTEM_UNIT, INIT_UNIT])
-def test_security_exposure(installed, name, record_property):
-    level = exposure(installed.unitdir / name)
+# `systemd-analyze security --offline=true` (systemd 252) before issue 12's hardening, for the
+# record: the user unit was the weak one.
+EXPOSURE_BEFORE = {SYSTEM_UNIT: 0.9, INIT_UNIT: 1.1, "user/" + SYSTEM_UNIT: 6.1}
+
+
+@pytest.mark.parametrize("name", [SYSTEM_UNIT, INIT_UNIT, "user/" + SYSTEM_UNIT])
+def test_security_exposure(installed, name, record_property, tmp_path):
+    user = name.startswith("user/")
+    unit = installed.userunitdir / SYSTEM_UNIT if user else installed.unitdir / name
+    level = exposure(unit, user=user, tmp=tmp_path)
     record_property("exposure", level)
-    print(f"{name}: exposure {level}")
+    print(f"{name}: exposure {level} (before issue 12: {EXPOSURE_BEFORE[name]})")
     assert level <= MAX_EXPOSURE
 
 
@@ -215,6 +222,19 @@ def test_system_unit_settings(installed):
     assert rw == {str(system.config_dir), str(system.state_dir)}
     assert svc["CapabilityBoundingSet"] == [""] and svc["UMask"] == ["0077"]
     assert svc["RestrictAddressFamilies"] == ["AF_UNIX"] and svc["PrivateNetwork"] == ["yes"]
+    assert_limits(svc)
+    # Root's files stay out of sight: /etc is an empty tmpfs with a few files bound back.
+    assert svc["TemporaryFileSystem"] == ["/etc:ro"] and svc["ProtectHome"] == ["yes"]
+    binds = {p.lstrip("-") for v in svc["BindReadOnlyPaths"] for p in v.split()}
+    assert "/etc/libvirt" in binds and "/etc/passwd" in binds
+    assert not {b for b in binds if any(k in b for k in ("shadow", "ssh", "ssl", "krb5"))}
+
+
+def assert_limits(svc: dict) -> None:
+    """MemoryMax= above MemoryHigh=, both in bytes of M; a TasksMax=."""
+    high, top = (int(systemd_sandbox.last(svc, k, "0").rstrip("M")) for k in ("MemoryHigh", "MemoryMax"))
+    assert 0 < high < top
+    assert 16 <= int(systemd_sandbox.last(svc, "TasksMax", "0")) <= 128
 
 
 def test_init_unit_settings(installed):
@@ -224,6 +244,8 @@ def test_init_unit_settings(installed):
     assert svc["Type"] == ["oneshot"] and svc["RemainAfterExit"] == ["yes"]
     assert execstart(svc) == [f"{BINDIR}/secretbus", "init-encryption"]
     assert unit["ConditionPathExists"] == [f"!{SEALED_KEY_PATH}"]
+    assert int(systemd_sandbox.last(svc, "MemoryMax", "0").rstrip("M")) > 0 and "TasksMax" in svc
+    assert svc["TemporaryFileSystem"] == ["/etc:ro"]
     assert SYSTEM_UNIT in " ".join(unit["Before"]).split()
     rw = {p for v in svc["ReadWritePaths"] for p in v.split()}
     assert str(SEALED_KEY_PATH.parent) in rw
@@ -233,12 +255,21 @@ def test_user_unit_settings(installed):
     svc = systemd_sandbox.service(systemd_sandbox.parse_unit(installed.userunitdir / "secretbusd.service"))
     assert svc["Type"] == ["notify"] and svc["BusName"] == [BUS_NAME]
     assert execstart(svc) == [f"{BINDIR}/secretbusd", "--session", "--timeout", "120"]
+    assert_limits(svc)
+    # The namespaces a user manager can set up only inside a user namespace of its own.
+    assert svc["PrivateUsers"] == ["yes"] and svc["ProtectSystem"] == ["strict"]
+    assert svc["ConfigurationDirectory"] == ["libvirt/secrets"] == svc["RuntimeDirectory"]
+    assert "ReadWritePaths" not in svc     # the two directories above are all it writes
 
 
 # -- bus activation files ----------------------------------------------------------------------
+class _CaseKeepingParser(configparser.ConfigParser):
+    def optionxform(self, optionstr: str) -> str:   # keys are case-sensitive (Exec=, Name=)
+        return optionstr
+
+
 def activation(path: Path) -> dict[str, str]:
-    cp = configparser.ConfigParser(interpolation=None)
-    cp.optionxform = str
+    cp = _CaseKeepingParser(interpolation=None)
     cp.read(path)
     return dict(cp["D-BUS Service"])
 
@@ -341,12 +372,14 @@ class Daemon:
 
 
 def start_daemon(unit_file: Path, extra: list[str], env: dict[str, str], notify: harness.NotifySocket,
-                 log: Path, *, sandboxed: bool, maps: dict[str, Path] | None = None) -> Daemon:
-    """The unit's ExecStart= + `extra`, optionally inside the unit's sandbox; waits for READY=1."""
+                 log: Path, *, sandboxed: bool, maps: dict[str, Path] | None = None,
+                 user: bool = False) -> Daemon:
+    """The unit's ExecStart= + `extra`, optionally inside the unit's sandbox (`user`: a user
+    unit's); waits for READY=1."""
     svc = systemd_sandbox.service(systemd_sandbox.parse_unit(unit_file))
     argv = execstart(svc) + extra
     if sandboxed:
-        argv = [sys.executable, str(SANDBOX), "--unit", str(unit_file),
+        argv = [sys.executable, str(SANDBOX), "--unit", str(unit_file), *(["--user"] if user else []),
                 *[x for k, v in (maps or {}).items() for x in ("--map", f"{k}={v}")], "--", *argv]
     umask = int(systemd_sandbox.last(svc, "UMask", "0022"), 8)
     proc = harness.spawn(argv, what=f"secretbusd ({unit_file.name})", log=log,
@@ -404,6 +437,10 @@ def assert_sandboxed(pid: int, root: Path) -> None:
     assert "subset=pid" in procfs[-1] and "hidepid=invisible" in procfs[-1]   # ProcSubset=, ProtectProc=
     assert "ro" in mounts["/"]
     assert "rw" in mounts[str((root / "etc/secrets").resolve())]
+    # TemporaryFileSystem=/etc:ro: root's files are gone from the daemon's view of /etc.
+    assert "ro" in mounts["/etc"] and os.path.exists("/etc/shadow")
+    assert not os.path.exists(f"/proc/{pid}/root/etc/shadow")
+    assert os.path.exists(f"/proc/{pid}/root/etc/passwd")
 
 
 @pytest.mark.parametrize("sandboxed", [False, True], ids=["plain", "sandboxed"])
@@ -411,9 +448,9 @@ def test_system_service_end_to_end(installed, make_bus, make_polkitd, notify_soc
     root = tmp_path / "root"
     # ConfigurationDirectory= / RuntimeDirectory= with their modes (systemd makes them).
     svc = installed.unit(SYSTEM_UNIT)
-    for d in ("etc/secrets", "run/secrets"):
-        (root / d).mkdir(parents=True)
-        (root / d).chmod(0o700)
+    for sub in ("etc/secrets", "run/secrets"):
+        (root / sub).mkdir(parents=True)
+        (root / sub).chmod(0o700)
     _key, creds_env = seal_key(installed, root, sandboxed=sandboxed)
     creds = load_credentials(svc, root, creds_env)
     assert (creds / CREDENTIAL_NAME).stat().st_size == 32
@@ -491,9 +528,14 @@ def start_session(installed, bus, notify, tmp_path, *, sandboxed=False) -> Daemo
     argv = execstart(svc)
     assert argv[argv.index("--timeout") + 1] == "120"
     env = systemd_env(HOME=str(tmp_path), XDG_RUNTIME_DIR=str(tmp_path))
-    return start_daemon(unit, ["--timeout", str(IDLE), "--root", str(tmp_path / "root"),
-                               "--bus-address", bus.address],
-                        env, notify, tmp_path / "secretbusd.log", sandboxed=sandboxed)
+    root = tmp_path / "root"
+    maps = {}
+    if sandboxed:   # ConfigurationDirectory= / RuntimeDirectory= (systemd makes them), under root
+        for spec, sub in (("%E", "etc/secrets"), ("%t", "run/secrets")):
+            (root / sub).mkdir(parents=True, mode=0o700)
+            maps[f"{spec}/libvirt/secrets"] = root / sub
+    return start_daemon(unit, ["--timeout", str(IDLE), "--root", str(root), "--bus-address", bus.address],
+                        env, notify, tmp_path / "secretbusd.log", sandboxed=sandboxed, maps=maps, user=True)
 
 
 def test_idle_exit(installed, session_bus, notify_socket, tmp_path):
@@ -550,20 +592,69 @@ checks = {
     "/proc/sys hidden": not os.path.exists("/proc/sys"),
     "only lo": [l.split(":")[0].strip() for l in open("/proc/self/net/dev").readlines()[2:]] == ["lo"],
     "umask 0077": os.umask(0o077) == 0o077,
+    "/etc/passwd readable": open("/etc/passwd").read(1) != "",
+    "no /etc/ssh": not os.path.exists("/etc/ssh"),
+    "/root hidden": fails(lambda: os.listdir("/root"), errno.EACCES),
 }
+# Root's secret files, hidden whether or not root may read them (it has no capabilities, but
+# owns /etc/shadow): probe each that the host has.
+for path in sys.argv[2:]:
+    checks[path + " unreadable"] = fails(lambda: open(path).read(1), errno.ENOENT) or \
+        fails(lambda: open(path).read(1), errno.EACCES)
 print(checks)
 sys.exit(0 if all(checks.values()) else 1)
 """
 
 
+# Files only root may read that the service never needs; the host must have the first one.
+HOST_SECRETS = [p for p in ("/etc/shadow", "/etc/gshadow", "/var/backups/shadow.bak",
+                            "/etc/ssh/ssh_host_ed25519_key") if os.path.exists(p)]
+
+
 def test_sandbox_enforces_the_system_units_settings(installed, tmp_path):
+    assert HOST_SECRETS[:1] == ["/etc/shadow"]
+    with open("/etc/shadow") as f:          # what the service could read before issue 12
+        assert f.read(1)
     rw = tmp_path / "secrets"
     rw.mkdir(mode=0o700)
     r = subprocess.run([sys.executable, str(SANDBOX), "--unit", str(installed.unitdir / SYSTEM_UNIT),
                         "--map", f"{InstancePaths.system().config_dir}={rw}",
                         "--map", f"{InstancePaths.system().state_dir}={rw}",
-                        "--", sys.executable, "-c", PROBE, str(rw)],
+                        "--", sys.executable, "-c", PROBE, str(rw), *HOST_SECRETS],
                        capture_output=True, text=True, timeout=60, umask=0o077,
                        env={k: v for k, v in systemd_env().items() if k != "SANDBOX_DENY"})
+    print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (rw / "probe").exists()
+
+
+# -- the units' resource limits fit the daemon -------------------------------------------------
+MANY = 10_000
+
+
+def test_resource_limits_leave_headroom_at_10k_secrets(installed, session_bus, tmp_path):
+    """MemoryHigh=/TasksMax= are at least twice what the daemon uses with 10k secrets
+    loaded and listed (the figures the units' comments give)."""
+    svc = installed.unit(SYSTEM_UNIT)
+    high = int(systemd_sandbox.last(svc, "MemoryHigh", "0").rstrip("M")) << 20
+    tasks = int(systemd_sandbox.last(svc, "TasksMax", "0"))
+    root = tmp_path / "root"
+    store = root / "etc" / "secrets"
+    store.mkdir(parents=True, mode=0o700)
+    for i in range(MANY):
+        uuid = f"5b7e5700-0000-4000-8002-{i:012x}"
+        (store / f"{uuid}.xml").write_text(
+            f"<secret ephemeral='no' private='no'>\n  <uuid>{uuid}</uuid>\n  <usage type='volume'>\n"
+            f"    <volume>/var/lib/sbtest/many/{i}.img</volume>\n  </usage>\n</secret>\n")
+    d = harness.Secretbusd(session_bus, root=root).start(timeout=60)
+    try:
+        out = call(session_bus, CONNECT_PATH, CONNECT_IFACE, "ListSecrets", "u", "0")
+        assert out.split()[:2] == ["ao", str(MANY)]
+        assert d.proc is not None
+        st = proc_status(d.proc.pid)
+        peak, threads = int(st["VmHWM"].split()[0]) << 10, int(st["Threads"])
+    finally:
+        d.cleanup()
+    print(f"{MANY} secrets: peak RSS {peak >> 20} MiB (MemoryHigh= {high >> 20} MiB), "
+          f"{threads} threads (TasksMax= {tasks})")
+    assert 2 * peak <= high and 2 * threads <= tasks
