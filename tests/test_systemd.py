@@ -38,6 +38,7 @@ import harness
 import pytest
 import systemd_sandbox
 from harness import busctl
+from harness.journal import JournalSocket
 
 from secretbus.bus.names import BUS_NAME, CONNECT_PATH, secret_path
 from secretbus.store.keys import CREDENTIAL_NAME, SEALED_KEY_PATH
@@ -458,8 +459,10 @@ def test_system_service_end_to_end(installed, make_bus, make_polkitd, notify_soc
     bus = make_bus("system", policy_files=[installed.path("/usr/share/dbus-1/system.d/org.libvirt.secret.conf")])
     # polkitd with the installed actions (it refuses actions it does not know, even for root)
     make_polkitd(bus, actions=sorted(installed.path("/usr/share/polkit-1/actions").glob("*.policy")))
+    # Under systemd journald takes the audit records of value reads (required on the system bus).
+    journal = JournalSocket(tmp_path / "journal.socket").start()
     env = systemd_env(CREDENTIALS_DIRECTORY=str(creds), RUNTIME_DIRECTORY="/run/libvirt/secrets",
-                      CONFIGURATION_DIRECTORY="/etc/libvirt/secrets")
+                      CONFIGURATION_DIRECTORY="/etc/libvirt/secrets", SECRETBUS_JOURNAL_SOCKET=str(journal.path))
     system = InstancePaths.system()
     d = start_daemon(installed.unitdir / SYSTEM_UNIT, ["--root", str(root), "--bus-address", bus.address],
                      env, notify_socket, tmp_path / "secretbusd.log", sandboxed=sandboxed,
@@ -494,8 +497,10 @@ def test_system_service_end_to_end(installed, make_bus, make_polkitd, notify_soc
         log = d.log_text()
         assert "key_id=" in log and value[:-2].decode() not in log and value.hex() not in log
         assert "Traceback" not in log, log
+        assert [e["SECRET_UUID"] for e in journal.snapshot() if "AUDIT_OUTCOME" in e] == [[uuid.encode()]] * 2
     finally:
         harness.stop_process(d.proc)
+        journal.close()
 
 
 def test_bad_credential_fails_without_restart_loop(installed, make_bus, notify_socket, tmp_path):
