@@ -15,10 +15,12 @@ from dbus_fast import Message
 from dbus_fast.introspection import Interface
 
 from secretbus.access.permissions import AccessControl
-from secretbus.bus.execute import Bound, CallRunner, specs_of
 from secretbus.bus.dispatch import Dispatcher, Entry, ObjectType, Reply, error
+from secretbus.bus.emit import Announcer
+from secretbus.bus.execute import BUS_MESSAGE_MAX, Bound, CallRunner, specs_of
 from secretbus.bus.handlers import ConnectHandlers, SecretHandlers, secret_properties
 from secretbus.bus.introspection import STANDARD, node_xml, packaged
+from secretbus.bus.limits import Bounds
 from secretbus.bus.names import (
     CONNECT_IFACE,
     CONNECT_PATH,
@@ -32,7 +34,6 @@ from secretbus.bus.names import (
     secret_node,
     uuid_from_path,
 )
-from secretbus.bus.emit import Announcer
 from secretbus.core.model import SecretEvent
 
 __all__ = ["SecretService", "secret_properties"]
@@ -55,14 +56,15 @@ def _locate(path: str) -> str | None:
 
 class SecretService:
     def __init__(self, driver: Any, bus: Any, access: AccessControl, *,
-                 private_readers: frozenset[int] = frozenset()):
+                 private_readers: frozenset[int] = frozenset(), bounds: Bounds | None = None,
+                 max_message: int = BUS_MESSAGE_MAX):
         self.driver = driver
         self.bus = bus
         self.access = access
         self.private_readers = private_readers
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._runner = CallRunner(bus, access, private_readers)
+        self._runner = CallRunner(bus, access, private_readers, bounds=bounds, max_message=max_message)
         self._signals = Announcer(bus, driver)
         self._closing = False
         self.calls = 0                         # for idle tracking
@@ -107,6 +109,14 @@ class SecretService:
     @property
     def in_flight(self) -> int:
         return len(self._runner.tasks)
+
+    def caller_left(self, sender: str) -> None:
+        """A unique name left the bus (NameOwnerChanged): drop what is kept for it."""
+        self._runner.forget(sender)
+
+    def table_sizes(self) -> dict[str, int]:
+        """The per-caller tables' sizes (the daemon logs them on SIGUSR1, for tests)."""
+        return {"tasks": len(self._runner.tasks), **self._runner.budget.sizes()}
 
     async def drain(self) -> None:
         """Stop taking calls and wait for those already running (SIGTERM)."""
