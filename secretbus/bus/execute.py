@@ -17,13 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dbus_fast import Message, MessageFlag
+from dbus_fast import Message, MessageFlag, MessageType
 
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.bus.dispatch import Reply, error
 from secretbus.bus.limits import LIMITS_EXCEEDED, Bounds, CallerBudget, Refused
 from secretbus.bus.names import error_name, error_text
 from secretbus.bus.sizes import reply_size
+from secretbus.bus.unread import Ask, UnreadReplies
 from secretbus.core import compat, errors, logsetup
 from secretbus.core.model import SecretDef
 
@@ -114,6 +115,7 @@ class DBusFailure(Exception):
 # gets the sender disconnected.
 BUS_MESSAGE_MAX = 32 << 20
 LARGE_REPLY = 256 << 10   # over this, a reply is refused while the outgoing backlog is full
+ERROR_BYTES = 512         # what an error reply costs the caller's queue, about
 
 
 def reply(msg: Message, sig: str, body: list[Any]) -> Message | bool:
@@ -142,13 +144,16 @@ def error_reply(msg: Message, e: Exception) -> Message:
 
 class CallRunner:
     def __init__(self, bus: Any, access: AccessControl, private_readers: frozenset[int], *,
-                 bounds: Bounds | None = None, max_message: int = BUS_MESSAGE_MAX):
+                 bounds: Bounds | None = None, max_message: int = BUS_MESSAGE_MAX,
+                 unread: Ask | None = None):
         self.bus = bus
         self.access = access
         self.private_readers = private_readers
         self.max_message = max_message
         # Per caller: calls in flight (until the bus took the reply) and reply bytes queued.
         self.budget = CallerBudget(bounds or Bounds())
+        # Per caller: replies it left unread in the bus daemon (which would stall us all).
+        self.unread = UnreadReplies(unread)
         self._loop = asyncio.get_running_loop()
         # One worker keeps writes in arrival order; the driver serialises them anyway.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretbus-io")
@@ -157,9 +162,15 @@ class CallRunner:
     def run(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str) -> Reply:
         """Reply now when nothing needs awaiting, else finish in a task."""
         sender = msg.sender or ""
+        unread = self.unread.blocked(sender)
+        if unread:
+            self.unread.sent(sender, ERROR_BYTES)
+            return error(msg, LIMITS_EXCEEDED, f"this connection has left {unread} bytes of replies unread "
+                                               f"(at most {self.unread.bound}): read them before calling again")
         try:
             self.budget.admit(sender)
         except Refused as e:
+            self.unread.sent(sender, ERROR_BYTES)
             return error(msg, LIMITS_EXCEEDED, str(e))
         out: Reply = None
         try:
@@ -171,6 +182,8 @@ class CallRunner:
         except Exception as e:   # noqa: BLE001 - every failure becomes a clean error reply
             out = error_reply(msg, e)
         if out is not None:      # answered here: dbus-fast sends it
+            if isinstance(out, Message) and out.message_type is MessageType.ERROR:
+                self._count(sender, ERROR_BYTES)
             self.budget.release(sender)
             return out
         caller = Caller(msg.sender, bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
@@ -183,6 +196,7 @@ class CallRunner:
         """The reply, unless it is more than the bus accepts, or large while the outgoing
         backlog is full (root's replies excepted: root is never starved by others)."""
         size = reply_size(out_sig, body)
+        self._count(msg.sender or "", size)
         if size > self.max_message:
             raise too_large(size, self.max_message)
         if size > LARGE_REPLY and uid != 0 and self.budget.over_backlog():
@@ -214,11 +228,19 @@ class CallRunner:
         if not isinstance(out, Message) or not self.bus.connected:
             self.budget.release(sender)
             return
+        if out.message_type is MessageType.ERROR:
+            self._count(sender, ERROR_BYTES)
         fut = self.bus.send(out)
         n = compat.queued_bytes(self.bus, fut)
         if n:
             self.budget.queued(sender, n)
         fut.add_done_callback(lambda f: self._sent(sender, n, f))
+
+    def _count(self, sender: str, n: int) -> None:
+        """Bytes of a reply to `sender` for the unread-replies bound; not for a caller that
+        left (its counters are gone: nothing may bring them back)."""
+        if self.budget.active(sender):
+            self.unread.sent(sender, n)
 
     def _sent(self, sender: str, n: int, fut: asyncio.Future[None]) -> None:
         if not fut.cancelled():
@@ -230,6 +252,7 @@ class CallRunner:
     def forget(self, sender: str) -> None:
         """`sender` left the bus: drop its counters (late releases are no-ops)."""
         self.budget.forget(sender)
+        self.unread.forget(sender)
 
     async def _authorise(self, msg: Message, caller: Caller, spec: MethodSpec,
                          prep: Prepared) -> tuple[int | None, Grant]:

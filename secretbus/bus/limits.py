@@ -46,6 +46,10 @@ class CallerBudget:
             self._refuse("too many callers with calls in flight; try again later")
         self._calls[sender] = n + 1
 
+    def active(self, sender: str) -> bool:
+        """Whether `sender` has a call in flight: false once it left the bus."""
+        return sender in self._calls
+
     def release(self, sender: str) -> None:
         n = self._calls.get(sender)
         if n is None:

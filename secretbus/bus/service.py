@@ -11,9 +11,10 @@ import asyncio
 import threading
 from typing import Any
 
-from dbus_fast import Message
+from dbus_fast import Message, MessageType
 from dbus_fast.introspection import Interface
 
+from secretbus.access.busport import BusError
 from secretbus.access.permissions import AccessControl
 from secretbus.bus.dispatch import Dispatcher, Entry, ObjectType, Reply, error
 from secretbus.bus.emit import Announcer
@@ -34,11 +35,14 @@ from secretbus.bus.names import (
     secret_node,
     uuid_from_path,
 )
+from secretbus.bus.unread import Ask
 from secretbus.core.model import SecretEvent
 
 __all__ = ["SecretService", "secret_properties"]
 
 # The path down to the connect object: each node introspects with its one child.
+DBUS_NAME, DBUS_PATH = "org.freedesktop.DBus", "/org/freedesktop/DBus"
+STATS_IFACE = "org.freedesktop.DBus.Debug.Stats"
 _TREE = {"/": "org", "/org": "libvirt", "/org/libvirt": "secret"}
 
 
@@ -54,6 +58,18 @@ def _locate(path: str) -> str | None:
     return None
 
 
+def _outgoing_bytes(bus: Any) -> Ask:
+    """How many bytes the bus daemon holds for a connection that has not read them."""
+    async def ask(sender: str) -> int:
+        msg = Message(destination=DBUS_NAME, path=DBUS_PATH, interface=STATS_IFACE,
+                      member="GetConnectionStats", signature="s", body=[sender])
+        reply = await asyncio.wait_for(bus.call(msg), 5)
+        if reply.message_type is MessageType.ERROR:
+            raise BusError(reply.error_name or "", "")
+        return int(reply.body[0]["OutgoingBytes"].value)
+    return ask
+
+
 class SecretService:
     def __init__(self, driver: Any, bus: Any, access: AccessControl, *,
                  private_readers: frozenset[int] = frozenset(), bounds: Bounds | None = None,
@@ -64,7 +80,8 @@ class SecretService:
         self.private_readers = private_readers
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._runner = CallRunner(bus, access, private_readers, bounds=bounds, max_message=max_message)
+        self._runner = CallRunner(bus, access, private_readers, bounds=bounds, max_message=max_message,
+                                  unread=_outgoing_bytes(bus) if hasattr(bus, "call") else None)
         self._signals = Announcer(bus, driver)
         self._closing = False
         self.calls = 0                         # for idle tracking
@@ -116,7 +133,7 @@ class SecretService:
 
     def table_sizes(self) -> dict[str, int]:
         """The per-caller tables' sizes (the daemon logs them on SIGUSR1, for tests)."""
-        return {"tasks": len(self._runner.tasks), **self._runner.budget.sizes()}
+        return {"tasks": len(self._runner.tasks), **self._runner.budget.sizes(), **self._runner.unread.sizes()}
 
     async def drain(self) -> None:
         """Stop taking calls and wait for those already running (SIGTERM)."""
