@@ -27,6 +27,7 @@ from secretbus.access.journal import JournalWriter
 from secretbus.access.permissions import AccessControl, AllowAll
 from secretbus.bus import connect as busconn
 from secretbus.bus.auditing import ReadAudit, pid_lookup
+from secretbus.bus.execute import BUS_MESSAGE_MAX
 from secretbus.bus.names import BUS_NAME
 from secretbus.bus.polkit import CallerUids, PolkitAccess
 from secretbus.bus.service import SecretService
@@ -43,6 +44,7 @@ from secretbus.store.paths import InstancePaths
 log = logging.getLogger("secretbus.daemon")
 
 EXIT_CONFIG = 78   # EX_CONFIG: bad secret.conf or key, as systemd's status table reads it
+LOST = -1          # a session's outcome: the bus connection went away (never an exit status)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit", choices=[m.value for m in AuditMode], metavar="MODE",
                    help="audit records of value reads in the journal: required (no record, no value; "
                         "the system bus's default), best-effort (the session bus's default) or off")
+    p.add_argument("--max-message-size", type=int, default=BUS_MESSAGE_MAX, metavar="BYTES",
+                   help="the bus's max_message_size: larger replies are refused with a clear error "
+                        "(default 33554432, dbus-daemon's)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -97,8 +102,15 @@ class Daemon:
     service: SecretService     # made in run(), once the bus is connected
 
     def __init__(self, driver: SecretDriver, *, access: AccessFactory, connect: BusFactory,
-                 system: bool, idle_timeout: float = 0, audit: AuditMode | None = None):
+                 system: bool, idle_timeout: float = 0, audit: AuditMode | None = None,
+                 max_message: int = BUS_MESSAGE_MAX,
+                 reconnect_for: float = 60.0, backoff: tuple[float, float] = (0.2, 5.0)):
         self.driver = driver
+        self._max_message = max_message
+        self._reconnect_for = reconnect_for
+        self._backoff = backoff
+        self._readers: frozenset[int] = frozenset()
+        self._tables: Callable[[], dict[str, int]] | None = None
         self.system = system
         self.audit_mode = audit or AuditMode.default(system)
         self._make_access = access
@@ -112,26 +124,67 @@ class Daemon:
         return "system" if self.system else "session"
 
     async def run(self, readers: frozenset[int], t0: float | None = None) -> int:
-        """Serve until SIGTERM/SIGINT, idle timeout or loss of the bus; the exit status."""
+        """Serve until SIGTERM/SIGINT or idle timeout; the exit status. A lost bus is
+        reconnected (name re-acquired, objects re-announced) with backoff; the daemon exits 1
+        only if the first connection fails or the bus stays away for `reconnect_for` seconds."""
         t0 = time.monotonic() if t0 is None else t0
+        self._readers = readers
+        lost_at: float | None = None
+        delay = self._backoff[0]
+        while True:
+            try:
+                bus = await self._connect()
+            except Exception as e:  # noqa: BLE001
+                if lost_at is None or time.monotonic() - lost_at >= self._reconnect_for:
+                    log.error("cannot connect to the %s bus: %s", self._bus_kind, e)
+                    return 1
+                log.warning("cannot reconnect to the %s bus yet (%s); retrying in %.1f s",
+                            self._bus_kind, type(e).__name__, delay)
+                if await self._stopped_within(delay):
+                    return 0
+                delay = min(delay * 2, self._backoff[1])
+                continue
+            status = await self._session(bus, t0, reconnected=lost_at is not None)
+            if status != LOST:
+                return status
+            log.warning("lost the %s bus; reconnecting", self._bus_kind)
+            notify("STATUS=bus connection lost, reconnecting")
+            lost_at, delay = time.monotonic(), self._backoff[0]
+            if await self._stopped_within(delay):
+                return 0
+
+    async def _stopped_within(self, secs: float) -> bool:
         try:
-            bus = await self._connect()
-        except Exception as e:  # noqa: BLE001
-            log.error("cannot connect to the %s bus: %s", self._bus_kind, e)
-            return 1
+            await asyncio.wait_for(self.stop_event.wait(), secs)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _session(self, bus: MessageBus, t0: float, *, reconnected: bool) -> int:
+        """One bus connection, served until it ends: an exit status, or LOST."""
         uids = CallerUids(bus)
-        await uids.start()
-        access = await self._make_access(bus, uids)
+        access: AccessControl | None = None
         journal = JournalWriter()
-        pids = pid_lookup(uids.bus)
-        uids.when_gone(pids.forget)
-        audit = ReadAudit(Auditor(journal, self.audit_mode), access, pids)
-        self.service = SecretService(self.driver, bus, access, private_readers=readers, audit=audit)
-        self.service.attach()
         try:
+            await uids.start()
+            access = await self._make_access(bus, uids)
+            pids = pid_lookup(uids.bus)
+            uids.when_gone(pids.forget)
+            audit = ReadAudit(Auditor(journal, self.audit_mode), access, pids)
+            self.service = SecretService(self.driver, bus, access, private_readers=self._readers,
+                                         audit=audit, max_message=self._max_message)
+            uids.when_gone(self.service.caller_left)
+            self.service.attach()
             if not await self._own_name(bus):
-                return 1
+                return LOST if reconnected else 1
+            self._tables = lambda: {**self.service.table_sizes(), **uids.sizes(),
+                                    **getattr(access, "sizes", dict)()}
             return await self._serve(bus, t0)
+        except Exception as e:  # noqa: BLE001 - a bus that broke while we set up
+            if not reconnected or bus.connected:
+                raise
+            log.warning("the %s bus went away while reconnecting: %s", self._bus_kind, type(e).__name__)
+            return LOST
         finally:
             getattr(access, "close", lambda: None)()
             uids.close()
@@ -148,11 +201,17 @@ class Daemon:
                   BUS_NAME, reply.name)
         return False
 
+    def log_tables(self) -> None:
+        """SIGUSR1: the per-caller tables' sizes, one log line (what the tests read)."""
+        sizes = self._tables() if self._tables else {}
+        log.info("tables: %s", " ".join(f"{k}={v}" for k, v in sorted(sizes.items())))
+
     async def _serve(self, bus: MessageBus, t0: float) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, self.log_tables)
         n = self.driver.count()
         log.info("serving %d secrets as %s on the %s bus (ready in %.3f s; %s)", n, BUS_NAME,
                  self._bus_kind, time.monotonic() - t0,
@@ -164,11 +223,16 @@ class Daemon:
         done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
             t.cancel()
-        lost_bus = waiters[1] in done
+        lost_bus = waiters[1] in done and not self.stop_event.is_set()
+        if waiters[1] in done and not waiters[1].cancelled():
+            waiters[1].exception()            # retrieved: how it broke does not matter here
+        if lost_bus:
+            await self.service.drain()        # their replies have nowhere to go; let them end
+            return LOST
         notify("STOPPING=1", "STATUS=stopping")
-        log.info("stopping (%s)", "bus connection lost" if lost_bus else "signal or idle timeout")
+        log.info("stopping (signal or idle timeout)")
         await self.service.drain()
-        return 1 if lost_bus else 0
+        return 0
 
     async def _idle_watch(self, timeout: float) -> None:
         """Exit after `timeout` idle seconds; an ephemeral secret would be lost, so never then."""
@@ -189,7 +253,8 @@ class Daemon:
         reloading()
         try:
             report = await asyncio.get_running_loop().run_in_executor(None, self.driver.reload)
-            self.service.private_readers = resolve_readers(self.driver.conf)
+            self._readers = resolve_readers(self.driver.conf)
+            self.service.private_readers = self._readers
             self.service.refresh()
             log.info("reloaded: %d secrets, %d skipped", report.loaded, len(report.skipped))
             notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")
@@ -222,7 +287,7 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
         return _config_failure(e)
     access = polkit_access(args.polkit_timeout, polkit) if system and not args.no_polkit else allow_all
     daemon = Daemon(driver, access=access, connect=bus_factory(args.bus_address, system),
-                    system=system, idle_timeout=args.timeout,
+                    system=system, idle_timeout=args.timeout, max_message=args.max_message_size,
                     audit=AuditMode(args.audit) if args.audit else None)
     try:
         return asyncio.run(daemon.run(readers, t0))

@@ -74,3 +74,23 @@ def test_eagain_still_fatal_upstream_and_not_with_the_workaround():
         for s in socks:
             s.close()
     asyncio.run(main())
+
+
+def test_dbus_fast_writer_queue_is_measured():
+    """compat.queued_bytes: the writer keeps (marshalled bytes, fds, future) entries and the
+    message in progress in buf/offset/fut; a full socket keeps the message queued."""
+    async def main():
+        bus, writer, socks = _full_writer(wrap=True)
+        fut = asyncio.get_running_loop().create_future()
+        msg = Message(path="/", interface="a.b", member="D", signature="s", body=["x" * 1000])
+        writer.schedule_write(msg, fut)
+        n = compat.queued_bytes(bus, fut)
+        assert n == len(msg._marshall(False)) and n > 1000
+        other = asyncio.get_running_loop().create_future()
+        assert compat.queued_bytes(bus, other) == 0            # not ours: unknown, 0
+        # the message in progress (part-written) counts what is left of it
+        writer.buf, writer.offset, writer.fut = memoryview(b"\0" * 100), 40, other
+        assert compat.queued_bytes(bus, other) == 60
+        for s in socks:
+            s.close()
+    asyncio.run(main())

@@ -41,12 +41,23 @@ _POLKIT_MATCHES = (
 
 class CallerUids:
     """The uid of each caller as the bus daemon knows it, per unique name; forgotten when the
-    name leaves the bus (unique names are never reused). Listeners hear of departed names."""
+    name leaves the bus (unique names are never reused). Listeners hear of departed names.
 
-    def __init__(self, bus: BusPort, timeout: float = 5.0):
+    Bounded like the polkit checks (DESIGN.md §12): one lookup in flight per sender (callers
+    of the same name share it), at most `max_concurrent` lookups on the bus at once (dbus-daemon
+    refuses our pending calls past 128, and a refused lookup denies), at most `max_entries`
+    uids kept (oldest dropped). A lookup that ends after its caller left stores nothing.
+    """
+
+    def __init__(self, bus: BusPort, timeout: float = 5.0, *, max_concurrent: int = 32,
+                 max_entries: int = 16384):
         self.bus = bus
         self.timeout = timeout
-        self._uids: dict[str, int] = {}
+        self.max_entries = max_entries
+        self._uids: OrderedDict[str, int] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[int | None]] = {}
+        self._left: set[str] = set()        # senders that left while their lookup ran
+        self._slots = asyncio.Semaphore(max_concurrent)
         self._on_gone: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
@@ -59,23 +70,53 @@ class CallerUids:
     def when_gone(self, callback: Callable[[str], None]) -> None:
         self._on_gone.append(callback)
 
+    def known(self, sender: str) -> bool:
+        """Whether `sender` is a caller still on the bus whose uid we hold."""
+        return sender in self._uids
+
+    def sizes(self) -> dict[str, int]:
+        return {"uids": len(self._uids), "uid_lookups": len(self._pending), "uid_left": len(self._left)}
+
     def _on_signal(self, sig: Signal) -> None:
         if sig.member == "NameOwnerChanged" and sig.sender == DBUS_NAME and not sig.body[2]:
             name = sig.body[0]
             self._uids.pop(name, None)
+            if name in self._pending:
+                self._left.add(name)
             for callback in self._on_gone:
                 callback(name)
 
     async def __call__(self, sender: str) -> int | None:
         uid = self._uids.get(sender)
-        if uid is None:
-            try:
+        if uid is not None:
+            return uid
+        pending = self._pending.get(sender)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._pending[sender] = fut
+        try:
+            uid = await self._lookup(sender)
+            if uid is not None and sender not in self._left:
+                self._uids[sender] = uid
+                if len(self._uids) > self.max_entries:
+                    self._uids.popitem(last=False)
+            fut.set_result(uid)
+            return uid
+        finally:
+            del self._pending[sender]
+            self._left.discard(sender)
+            if not fut.done():
+                fut.set_result(None)     # cancelled: those sharing it are denied, not stuck
+
+    async def _lookup(self, sender: str) -> int | None:
+        try:
+            async with self._slots:
                 (uid,) = await self.bus.call(*DBUS, "GetConnectionUnixUser", "s", [sender], self.timeout)
-            except Exception as e:  # noqa: BLE001
-                log.error("cannot find the uid of %s: %s %s", sender, type(e).__name__, e)
-                return None
-            self._uids[sender] = uid
-        return uid
+        except Exception as e:  # noqa: BLE001
+            log.error("cannot find the uid of %s: %s %s", sender, type(e).__name__, e)
+            return None
+        return int(uid)
 
 
 class PolkitAccess:
@@ -131,7 +172,11 @@ class PolkitAccess:
 
     def _evict(self, key: _Key) -> None:
         del self._cache[key]
-        self._by_sender.get(key[0], set()).discard(key)
+        keys = self._by_sender.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_sender[key[0]]      # no empty sets left in the index
 
     # -- checks -------------------------------------------------------------------
     @staticmethod
@@ -184,7 +229,10 @@ class PolkitAccess:
                       type(e).__name__, e)
             return False
         authorized, challenge, _ = reply[0]
-        if self.cache_enabled and not challenge and generation == self._generation:
+        # A caller that left meanwhile (its uid forgotten) gets nothing cached: no entry
+        # would ever be dropped for it.
+        if (self.cache_enabled and not challenge and generation == self._generation
+                and self.uids.known(caller.sender)):
             self._store(key, caller.sender, bool(authorized))
         return bool(authorized)
 
@@ -204,3 +252,7 @@ class PolkitAccess:
 
     async def caller_uid(self, caller: Caller) -> int | None:
         return await self.uids(caller.sender)
+
+    def sizes(self) -> dict[str, int]:
+        return {"decisions": len(self._cache), "decision_senders": len(self._by_sender),
+                "checks_pending": len(self._pending)}

@@ -52,3 +52,23 @@ def eagain_is_not_fatal(bus: Any) -> Any:
     if writer is not None and hasattr(writer, "sock") and not isinstance(writer.sock, EagainIsNotFatal):
         writer.sock = EagainIsNotFatal(writer.sock)
     return bus
+
+
+# -- dbus-fast: `MessageBus._writer.messages` / `.buf` / `.fut` (bytes still queued) ------
+# Why: `send` marshals the message into the writer's queue and returns a future that is
+# done once the socket took the last byte; when the bus daemon stops reading from us the
+# queue grows without bound. The service counts, per caller, the bytes of each reply still
+# queued (DESIGN.md §12): the queue's last entry is the message just sent, or the writer
+# is part-way through it. O(1); 0 when the message already went out (or unknown layout).
+# Reference: dbus_fast/aio/message_bus.py (_MessageWriter.messages, buf, offset, fut; 5.x).
+# Remove when dbus-fast exposes its write backlog.
+def queued_bytes(bus: Any, fut: Any) -> int:
+    writer: Any = getattr(bus, "_writer", None)
+    messages = getattr(writer, "messages", None)
+    if messages:
+        last = messages[-1]
+        if isinstance(last, tuple) and len(last) == 3 and last[2] is fut:
+            return len(last[0])
+    if getattr(writer, "fut", None) is fut and getattr(writer, "buf", None) is not None:
+        return max(0, len(writer.buf) - int(writer.offset))
+    return 0

@@ -17,12 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dbus_fast import Message, MessageFlag
+from dbus_fast import Message, MessageFlag, MessageType
 
 from secretbus.access.permissions import AccessControl, Caller, Perm
+from secretbus.bus import compat
 from secretbus.bus.auditing import ReadAudit
 from secretbus.bus.dispatch import Reply, error
+from secretbus.bus.limits import LIMITS_EXCEEDED, Bounds, CallerBudget, Refused
 from secretbus.bus.names import error_name, error_text
+from secretbus.bus.sizes import reply_size
+from secretbus.bus.unread import Ask, UnreadReplies
 from secretbus.core import errors, logsetup
 from secretbus.core.model import SecretDef
 
@@ -110,10 +114,23 @@ class DBusFailure(Exception):
         self.name, self.text = name, text
 
 
+# dbus-daemon's max_message_size (system.conf and session.conf: 32 MiB); a bigger message
+# gets the sender disconnected.
+BUS_MESSAGE_MAX = 32 << 20
+LARGE_REPLY = 256 << 10   # over this, a reply is refused while the outgoing backlog is full
+ERROR_BYTES = 512         # what an error reply costs the caller's queue, about
+
+
 def reply(msg: Message, sig: str, body: list[Any]) -> Message | bool:
     if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
         return True
     return Message.new_method_return(msg, sig, body)
+
+
+def too_large(size: int, limit: int) -> errors.SecretError:
+    return errors.OperationFailed(
+        f"reply would be up to {size} bytes, more than the bus accepts ({limit}); "
+        "use ListSecrets with flags, or Properties.GetAll on each secret")
 
 
 def error_reply(msg: Message, e: Exception) -> Message:
@@ -129,61 +146,125 @@ def error_reply(msg: Message, e: Exception) -> Message:
 
 
 class CallRunner:
-    def __init__(self, bus: Any, access: AccessControl, private_readers: frozenset[int],
-                 audit: ReadAudit | None = None):
+    def __init__(self, bus: Any, access: AccessControl, private_readers: frozenset[int], *,
+                 audit: ReadAudit | None = None, bounds: Bounds | None = None,
+                 max_message: int = BUS_MESSAGE_MAX, unread: Ask | None = None):
         self.bus = bus
         self.audit = audit if audit is not None and audit.active else None
         self.access = access
         self.private_readers = private_readers
+        self.max_message = max_message
+        # Per caller: calls in flight (until the bus took the reply) and reply bytes queued.
+        self.budget = CallerBudget(bounds or Bounds())
+        # Per caller: replies it left unread in the bus daemon (which would stall us all).
+        self.unread = UnreadReplies(unread)
         self._loop = asyncio.get_running_loop()
         # One worker keeps writes in arrival order; the driver serialises them anyway.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretbus-io")
-        self._large_replies = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
 
     def run(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str) -> Reply:
         """Reply now when nothing needs awaiting, else finish in a task."""
+        sender = msg.sender or ""
+        unread = self.unread.blocked(sender)
+        if unread:
+            self.unread.sent(sender, ERROR_BYTES)
+            return error(msg, LIMITS_EXCEEDED, f"this connection has left {unread} bytes of replies unread "
+                                               f"(at most {self.unread.bound}): read them before calling again")
+        try:
+            self.budget.admit(sender)
+        except Refused as e:
+            self.unread.sent(sender, ERROR_BYTES)
+            return error(msg, LIMITS_EXCEEDED, str(e))
+        out: Reply = None
         try:
             prep = prepare(msg)
             if (not self.access.enabled and not spec.writes and not prep.private and not prep.large
                     and not (spec.audit and self.audit)):
-                return reply(msg, out_sig, prep.act(Grant(prep.candidates)))
+                out = self._measured(msg, out_sig, prep.act(Grant(prep.candidates)), None)
+        except Refused as e:
+            out = error(msg, LIMITS_EXCEEDED, str(e))
         except Exception as e:   # noqa: BLE001 - every failure becomes a clean error reply
-            return error_reply(msg, e)
+            out = error_reply(msg, e)
+        if out is not None:      # answered here: dbus-fast sends it
+            if isinstance(out, Message) and out.message_type is MessageType.ERROR:
+                self._count(sender, ERROR_BYTES)
+            self.budget.release(sender)
+            return out
         caller = Caller(msg.sender, bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
         task = self._loop.create_task(self._finish(msg, caller, spec, out_sig, prep))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return True
 
+    def _measured(self, msg: Message, out_sig: str, body: list[Any], uid: int | None) -> Message | bool:
+        """The reply, unless it is more than the bus accepts, or large while the outgoing
+        backlog is full (root's replies excepted: root is never starved by others)."""
+        size = reply_size(out_sig, body)
+        self._count(msg.sender or "", size)
+        if size > self.max_message:
+            raise too_large(size, self.max_message)
+        if size > LARGE_REPLY and uid != 0 and self.budget.over_backlog():
+            raise Refused(f"{self.budget.backlog} bytes of replies wait for the bus to take them "
+                          f"(bound {self.budget.bounds.backlog}): large replies are refused until "
+                          "then; use ListSecrets with flags, or ask each secret")
+        return reply(msg, out_sig, body)
+
     async def _finish(self, msg: Message, caller: Caller, spec: MethodSpec, out_sig: str, prep: Prepared) -> None:
+        uid: int | None = None
         try:
-            grant = await self._authorise(msg, caller, spec, prep)
+            uid, grant = await self._authorise(msg, caller, spec, prep)
             if spec.writes:
                 # run_in_executor does not carry context variables over; copy them.
                 ctx = contextvars.copy_context()
                 body = await self._loop.run_in_executor(self._executor, ctx.run, prep.act, grant)
-            elif prep.large:
-                # One big reply in the socket queue at a time: 16 concurrent lists of 10,000
-                # paths would otherwise hold 16 marshalled copies (~0.7 MB each) at once.
-                async with self._large_replies:
-                    out = reply(msg, out_sig, prep.act(grant))
-                    if isinstance(out, Message) and self.bus.connected:
-                        await self.bus.send(out)
-                    return
             else:
                 body = prep.act(grant)
                 if spec.audit and self.audit:    # no record, no value (AuditFailed)
                     await self.audit.allowed(caller, prep.target)
-            out = reply(msg, out_sig, body)
+            out = self._measured(msg, out_sig, body, uid)
+        except Refused as e:
+            out = error(msg, LIMITS_EXCEEDED, str(e))
         except Exception as e:  # noqa: BLE001 - every failure becomes a clean error reply
             if spec.audit and self.audit:
                 await self.audit.denied(caller, prep.target, e, prep.private)
             out = error_reply(msg, e)
-        if isinstance(out, Message) and self.bus.connected:
-            self.bus.send(out)
+        self._send(caller.sender or "", out)
 
-    async def _authorise(self, msg: Message, caller: Caller, spec: MethodSpec, prep: Prepared) -> Grant:
+    def _send(self, sender: str, out: Message | bool) -> None:
+        """Send without awaiting (no lock is ever held across a send): the call stays in
+        flight, and its bytes counted, until the bus has taken the reply."""
+        if not isinstance(out, Message) or not self.bus.connected:
+            self.budget.release(sender)
+            return
+        if out.message_type is MessageType.ERROR:
+            self._count(sender, ERROR_BYTES)
+        fut = self.bus.send(out)
+        n = compat.queued_bytes(self.bus, fut)
+        if n:
+            self.budget.queued(sender, n)
+        fut.add_done_callback(lambda f: self._sent(sender, n, f))
+
+    def _count(self, sender: str, n: int) -> None:
+        """Bytes of a reply to `sender` for the unread-replies bound; not for a caller that
+        left (its counters are gone: nothing may bring them back)."""
+        if self.budget.active(sender):
+            self.unread.sent(sender, n)
+
+    def _sent(self, sender: str, n: int, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled():
+            fut.exception()     # retrieved: a lost connection is the daemon's business
+        if n:
+            self.budget.taken(sender, n)
+        self.budget.release(sender)
+
+    def forget(self, sender: str) -> None:
+        """`sender` left the bus: drop its counters (late releases are no-ops)."""
+        self.budget.forget(sender)
+        self.unread.forget(sender)
+
+    async def _authorise(self, msg: Message, caller: Caller, spec: MethodSpec,
+                         prep: Prepared) -> tuple[int | None, Grant]:
         uid = None
         if spec.writes or prep.private or self.access.enabled:
             # Who did it goes into the log records of this request (journal CALLER_UID).
@@ -199,7 +280,7 @@ class CallRunner:
         visible = prep.candidates
         if spec.each is not None and self.access.enabled:
             visible = await self._filter(caller, spec.each, list(visible))
-        return Grant(visible, prep.private and uid is not None and uid in self.private_readers)
+        return uid, Grant(visible, prep.private and uid is not None and uid in self.private_readers)
 
     async def _filter(self, caller: Caller, perm: Perm, defs: list[SecretDef]) -> list[SecretDef]:
         """The defs `caller` may see; cached decisions are read without awaiting each one."""

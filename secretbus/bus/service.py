@@ -11,16 +11,18 @@ import asyncio
 import threading
 from typing import Any
 
-from dbus_fast import Message
+from dbus_fast import Message, MessageType
 from dbus_fast.introspection import Interface
 
+from secretbus.access.busport import BusError
 from secretbus.access.permissions import AccessControl
 from secretbus.bus.auditing import ReadAudit
 from secretbus.bus.dispatch import Dispatcher, Entry, ObjectType, Reply, error
 from secretbus.bus.emit import Announcer
-from secretbus.bus.execute import Bound, CallRunner, specs_of
+from secretbus.bus.execute import BUS_MESSAGE_MAX, Bound, CallRunner, specs_of
 from secretbus.bus.handlers import ConnectHandlers, SecretHandlers, secret_properties
 from secretbus.bus.introspection import STANDARD, node_xml, packaged
+from secretbus.bus.limits import Bounds
 from secretbus.bus.names import (
     CONNECT_IFACE,
     CONNECT_PATH,
@@ -34,11 +36,14 @@ from secretbus.bus.names import (
     secret_node,
     uuid_from_path,
 )
+from secretbus.bus.unread import Ask
 from secretbus.core.model import SecretEvent
 
 __all__ = ["SecretService", "secret_properties"]
 
 # The path down to the connect object: each node introspects with its one child.
+DBUS_NAME, DBUS_PATH = "org.freedesktop.DBus", "/org/freedesktop/DBus"
+STATS_IFACE = "org.freedesktop.DBus.Debug.Stats"
 _TREE = {"/": "org", "/org": "libvirt", "/org/libvirt": "secret"}
 
 
@@ -54,16 +59,31 @@ def _locate(path: str) -> str | None:
     return None
 
 
+def _outgoing_bytes(bus: Any) -> Ask:
+    """How many bytes the bus daemon holds for a connection that has not read them."""
+    async def ask(sender: str) -> int:
+        msg = Message(destination=DBUS_NAME, path=DBUS_PATH, interface=STATS_IFACE,
+                      member="GetConnectionStats", signature="s", body=[sender])
+        reply = await asyncio.wait_for(bus.call(msg), 5)
+        if reply.message_type is MessageType.ERROR:
+            raise BusError(reply.error_name or "", "")
+        return int(reply.body[0]["OutgoingBytes"].value)
+    return ask
+
+
 class SecretService:
     def __init__(self, driver: Any, bus: Any, access: AccessControl, *,
-                 private_readers: frozenset[int] = frozenset(), audit: ReadAudit | None = None):
+                 private_readers: frozenset[int] = frozenset(), audit: ReadAudit | None = None,
+                 bounds: Bounds | None = None, max_message: int = BUS_MESSAGE_MAX):
         self.driver = driver
         self.bus = bus
         self.access = access
         self.private_readers = private_readers
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._runner = CallRunner(bus, access, private_readers, audit)
+        self._runner = CallRunner(bus, access, private_readers, audit=audit, bounds=bounds,
+                                  max_message=max_message,
+                                  unread=_outgoing_bytes(bus) if hasattr(bus, "call") else None)
         self._signals = Announcer(bus, driver)
         self._closing = False
         self.calls = 0                         # for idle tracking
@@ -108,6 +128,14 @@ class SecretService:
     @property
     def in_flight(self) -> int:
         return len(self._runner.tasks)
+
+    def caller_left(self, sender: str) -> None:
+        """A unique name left the bus (NameOwnerChanged): drop what is kept for it."""
+        self._runner.forget(sender)
+
+    def table_sizes(self) -> dict[str, int]:
+        """The per-caller tables' sizes (the daemon logs them on SIGUSR1, for tests)."""
+        return {"tasks": len(self._runner.tasks), **self._runner.budget.sizes(), **self._runner.unread.sizes()}
 
     async def drain(self) -> None:
         """Stop taking calls and wait for those already running (SIGTERM)."""

@@ -160,6 +160,19 @@ class PrivateBus:
         stop_process(self.proc)
         remove_tree(self.dir)
 
+    def restart(self) -> None:
+        """Kill the bus daemon and start a new one at the same address: every client loses
+        its connection (as when the system bus restarts)."""
+        stop_process(self.proc)
+        Path(self.socket_path).unlink(missing_ok=True)
+        self.proc = spawn(["dbus-daemon", f"--config-file={self.config_path}", "--nofork",
+                           "--nopidfile", "--print-address=1"],
+                          what=f"dbus-daemon ({self.kind})", log=self.log_path, stdout=subprocess.PIPE)
+        with self.proc.stdout:
+            line = _read_line(self.proc, self.start_timeout)
+        if not line.startswith("unix:path="):
+            raise HarnessError(f"dbus-daemon did not restart: {line!r}{log_tail(self.log_path)}")
+
     def __enter__(self) -> PrivateBus:
         return self.start()
 

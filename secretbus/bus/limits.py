@@ -1,0 +1,92 @@
+"""What each caller may have outstanding (DESIGN.md §12): calls in flight per unique name,
+and bytes of replies handed to our bus writer but not yet taken by the bus daemon.
+
+Everything here is O(1) per call: counters per sender, created on a caller's first call
+and removed when they drop back to zero or the caller leaves the bus, so the tables hold
+only callers with something outstanding. A release for a caller that left is a no-op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    calls_per_sender: int = 32            # a client pipelining more than this waits for replies
+    bytes_per_sender: int = 8 << 20       # replies queued in our writer for one caller
+    backlog: int = 32 << 20               # all replies queued: over it, large replies are refused
+    senders: int = 4096                   # callers with calls in flight at once (bus default: 2048 connections)
+
+
+class Refused(Exception):
+    """A call over a bound: replied with LimitsExceeded and this text (no argument in it)."""
+
+
+class CallerBudget:
+    def __init__(self, bounds: Bounds | None = None):
+        self.bounds = bounds or Bounds()
+        self._calls: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
+        self.backlog = 0                  # bytes of replies in the writer's queue, all callers
+        self.refused = 0
+
+    def admit(self, sender: str) -> None:
+        """Count one more call in flight for `sender`, or raise Refused."""
+        n = self._calls.get(sender, 0)
+        b = self.bounds
+        if n >= b.calls_per_sender:
+            self._refuse(f"{n} calls of this connection are in flight, the most allowed is "
+                         f"{b.calls_per_sender}: wait for their replies")
+        if self._bytes.get(sender, 0) >= b.bytes_per_sender:
+            self._refuse(f"this connection has not read {self._bytes[sender]} bytes of replies "
+                         f"(at most {b.bytes_per_sender}): read them before calling again")
+        if n == 0 and len(self._calls) >= b.senders:
+            self._refuse("too many callers with calls in flight; try again later")
+        self._calls[sender] = n + 1
+
+    def active(self, sender: str) -> bool:
+        """Whether `sender` has a call in flight: false once it left the bus."""
+        return sender in self._calls
+
+    def release(self, sender: str) -> None:
+        n = self._calls.get(sender)
+        if n is None:
+            return                        # the caller left meanwhile: nothing to keep
+        if n <= 1:
+            del self._calls[sender]
+        else:
+            self._calls[sender] = n - 1
+
+    def over_backlog(self) -> bool:
+        return self.backlog >= self.bounds.backlog
+
+    def queued(self, sender: str, n: int) -> None:
+        """`n` bytes of a reply to `sender` wait in the writer's queue."""
+        self.backlog += n
+        self._bytes[sender] = self._bytes.get(sender, 0) + n
+
+    def taken(self, sender: str, n: int) -> None:
+        """The bus took them (or the connection closed)."""
+        self.backlog -= n
+        left = self._bytes.get(sender)
+        if left is None:
+            return
+        if left <= n:
+            del self._bytes[sender]
+        else:
+            self._bytes[sender] = left - n
+
+    def forget(self, sender: str) -> None:
+        """`sender` left the bus. Its queued bytes stay in `backlog` until written."""
+        self._calls.pop(sender, None)
+        self._bytes.pop(sender, None)
+
+    def sizes(self) -> dict[str, int]:
+        return {"in_flight_senders": len(self._calls), "queued_senders": len(self._bytes),
+                "backlog": self.backlog}
+
+    def _refuse(self, text: str) -> None:
+        self.refused += 1
+        raise Refused(text)

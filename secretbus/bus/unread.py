@@ -1,0 +1,103 @@
+"""Bytes of replies a caller has not read yet, as the bus daemon counts them.
+
+dbus-daemon takes our replies at once and queues them for a recipient that does not read;
+those bytes count against *our* connection's max_incoming_bytes until delivered, and when
+that is reached dbus-daemon stops reading from us: one slow reader then stalls every
+caller, root included. Our own writer queue cannot see this, so the service asks the bus
+(`org.freedesktop.DBus.Debug.Stats.GetConnectionStats`, allowed to root on the system bus:
+`OutgoingBytes` is the recipient's queue) about a caller after every `recheck` bytes sent
+to it, one question per caller at a time, and refuses the calls of a caller over `bound`
+until it has read. O(1) per call. A bus without statistics (or refusing them) turns this
+off, logged once: the writer-queue bounds of limits.py still apply.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("secretbus.dbus")
+
+Ask = Callable[[str], Awaitable[int]]   # unique name -> OutgoingBytes; raises when it cannot tell
+
+
+class UnreadReplies:
+    def __init__(self, ask: Ask | None, *, bound: int = 2 << 20, recheck: int = 512 << 10,
+                 max_senders: int = 4096):
+        self._ask = ask
+        self.bound = bound
+        self.recheck = recheck
+        self.max_senders = max_senders
+        self._sent: dict[str, int] = {}     # bytes sent since the last question
+        self._unread: dict[str, int] = {}   # callers last seen over the bound
+        self._asking: dict[str, asyncio.Task[None]] = {}
+
+    def blocked(self, sender: str) -> int:
+        """The unread bytes of a caller over the bound (0: not blocked). A blocked caller is
+        asked about again, so it is let through once it has read."""
+        unread = self._unread.get(sender, 0)
+        if unread:
+            self._question(sender)
+        return unread
+
+    def sent(self, sender: str, n: int) -> None:
+        if self._ask is None:
+            return
+        total = self._sent.get(sender, 0) + n
+        if total < self.recheck:
+            if total or sender in self._sent:
+                self._sent[sender] = total
+            return
+        self._sent[sender] = total
+        self._question(sender)
+
+    def forget(self, sender: str) -> None:
+        self._sent.pop(sender, None)
+        self._unread.pop(sender, None)
+        task = self._asking.pop(sender, None)
+        if task is not None:
+            task.cancel()
+
+    def sizes(self) -> dict[str, int]:
+        return {"unread_tracked": len(self._sent), "unread_blocked": len(self._unread),
+                "unread_asking": len(self._asking)}
+
+    def _question(self, sender: str) -> None:
+        if self._ask is None or sender in self._asking or len(self._asking) >= self.max_senders:
+            return
+        self._sent.pop(sender, None)
+        task = asyncio.get_running_loop().create_task(self._check(sender))
+        self._asking[sender] = task
+        task.add_done_callback(lambda t: self._asking.pop(sender, None) if self._asking.get(sender) is t else None)
+
+    async def _check(self, sender: str) -> None:
+        ask = self._ask
+        assert ask is not None
+        try:
+            unread = await ask(sender)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - no statistics: fall back to the writer bounds
+            if self._ask is not None and _unsupported(e):
+                log.warning("the bus gives no connection statistics (%s): unread replies are not "
+                            "bounded per caller", type(e).__name__)
+                self._ask = None
+                self._sent.clear()
+                self._unread.clear()
+            return
+        if sender not in self._asking:
+            return                       # left meanwhile
+        if unread >= self.bound and len(self._unread) < self.max_senders:
+            self._unread[sender] = unread
+        else:
+            self._unread.pop(sender, None)
+
+
+# What a bus without statistics, or one that refuses them to us, answers; anything else
+# (a caller that left, a timeout) is about this one question only.
+_UNSUPPORTED = ("org.freedesktop.DBus.Error.UnknownMethod", "org.freedesktop.DBus.Error.UnknownInterface",
+                "org.freedesktop.DBus.Error.AccessDenied", "org.freedesktop.DBus.Error.NotSupported")
+
+
+def _unsupported(e: Exception) -> bool:
+    return getattr(e, "name", None) in _UNSUPPORTED
