@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from dbus_fast import Message, MessageFlag
 
+from secretbus.access.denials import DenialLog
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.bus.dispatch import Reply, error
 from secretbus.bus.names import error_name, error_text
@@ -136,6 +137,7 @@ class CallRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretbus-io")
         self._large_replies = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.denials = DenialLog()   # one line per (uid, action), then a summary per minute
 
     def run(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str) -> Reply:
         """Reply now when nothing needs awaiting, else finish in a task."""
@@ -184,8 +186,8 @@ class CallRunner:
             for perm in spec.perms:
                 if not await self.access.allowed(caller, perm, prep.target):
                     d = prep.target
-                    log.warning("denied %s to %s", perm.value, caller.sender,
-                                extra={"SECRET_UUID": d.uuid if d else "", "SECRET_OPERATION": msg.member})
+                    self.denials.denied(uid, caller.sender, perm.value,
+                                        {"SECRET_UUID": d.uuid if d else "", "SECRET_OPERATION": msg.member})
                     raise errors.AccessDenied(f"'{perm.value}' denied access")
         visible = prep.candidates
         if spec.each is not None and self.access.enabled:
@@ -205,3 +207,4 @@ class CallRunner:
         while self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self.denials.close()
