@@ -176,8 +176,12 @@ class Daemon:
         self._reloading = True
         reloading()
         try:
-            report = await asyncio.get_running_loop().run_in_executor(None, self.driver.reload)
-            self.service.private_readers = resolve_readers(self.driver.conf)
+            # The readers are resolved from the new conf before the driver swaps anything, so an
+            # unknown name keeps the old state and the old readers alike.
+            readers: list[frozenset[int]] = []
+            report = await asyncio.get_running_loop().run_in_executor(
+                None, self.driver.reload, lambda conf: readers.append(resolve_readers(conf)))
+            self.service.private_readers = readers[0]
             self.service.refresh()
             log.info("reloaded: %d secrets, %d skipped", report.loaded, len(report.skipped))
             notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")

@@ -15,8 +15,9 @@ from dbus_fast import Message
 from dbus_fast.introspection import Interface
 
 from secretbus.access.permissions import AccessControl
-from secretbus.bus.execute import Bound, CallRunner, specs_of
 from secretbus.bus.dispatch import Dispatcher, Entry, ObjectType, Reply, error
+from secretbus.bus.emit import Announcer
+from secretbus.bus.execute import Bound, CallRunner, specs_of
 from secretbus.bus.handlers import ConnectHandlers, SecretHandlers, secret_properties
 from secretbus.bus.introspection import STANDARD, node_xml, packaged
 from secretbus.bus.names import (
@@ -32,7 +33,6 @@ from secretbus.bus.names import (
     secret_node,
     uuid_from_path,
 )
-from secretbus.bus.emit import Announcer
 from secretbus.core.model import SecretEvent
 
 __all__ = ["SecretService", "secret_properties"]
@@ -59,7 +59,6 @@ class SecretService:
         self.driver = driver
         self.bus = bus
         self.access = access
-        self.private_readers = private_readers
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._runner = CallRunner(bus, access, private_readers)
@@ -99,6 +98,15 @@ class SecretService:
         self._signals.reset(self.driver.list_secrets())
         self.bus.add_message_handler(self._dispatcher.on_message)
         self._sub = self.driver.subscribe(self._on_driver_event)
+
+    @property
+    def private_readers(self) -> frozenset[int]:
+        return self._runner.private_readers
+
+    @private_readers.setter
+    def private_readers(self, uids: frozenset[int]) -> None:
+        # The runner decides GetValue of private secrets; a reload must reach it.
+        self._runner.private_readers = uids
 
     def refresh(self) -> None:
         """After a reload: announce objects that appeared or vanished (no lifecycle events)."""
