@@ -415,33 +415,32 @@ def result(p: subprocess.Popen, timeout: float) -> Any:
 
 
 async def root_getvalue_latencies(address: str, path: str, seconds: float) -> list[float]:
+    """Root's GetValue, each on a new connection (as virsh makes one per command, so no
+    per-connection cache helps): the call's time, connecting left out."""
     from dbus_fast import Message, MessageType
     from dbus_fast.aio import MessageBus
 
-    bus = await MessageBus(bus_address=address).connect()
-    try:
-        msg = lambda: Message(destination=BUS_NAME, path=path, interface=SECRET,  # noqa: E731
-                              member="GetValue", signature="u", body=[0])
-        for _ in range(3):                           # warm: uid lookup
-            await bus.call(msg())
-        lat: list[float] = []
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+    lat: list[float] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        bus = await MessageBus(bus_address=address).connect()
+        try:
             t0 = time.monotonic()
-            r = await asyncio.wait_for(bus.call(msg()), 30)
+            r = await asyncio.wait_for(bus.call(Message(destination=BUS_NAME, path=path, interface=SECRET,
+                                                        member="GetValue", signature="u", body=[0])), 30)
             lat.append(time.monotonic() - t0)
             assert r.message_type is MessageType.METHOD_RETURN and r.body == [b"root's value"], r
-        return lat
-    finally:
-        bus.disconnect()
+        finally:
+            bus.disconnect()
+    return lat
 
 
 @BUS_POLICY
 def test_attack_3_list_loop_does_not_starve_root(system_bus, make_polkitd, make_secretbusd, test_users,
                                                   attacker, make_monitor):
     """Item 3: a member loops new connections, each listing 300 secrets (300 getattr), 4 loops
-    at once, for 4 s; root's GetValue p99 meanwhile stays far from the seconds it reached when
-    every connection's 300 checks queued in front of root's check."""
+    at once, for 4 s; root's GetValue (a new connection each) p99 meanwhile stays far from the
+    seconds it reached when every member connection's 300 checks queued in front of root's."""
     make_polkitd(system_bus, actions=[ACTIONS_FILE])
     make_secretbusd(system_bus, secrets=300)
     mon = make_monitor(system_bus)
@@ -455,7 +454,7 @@ def test_attack_3_list_loop_does_not_starve_root(system_bus, make_polkitd, make_
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
     print(f"\nroot GetValue under the ListSecrets loop: {len(lat)} calls, p50 {lat[len(lat) // 2] * 1000:.1f} ms,"
           f" p99 {p99 * 1000:.1f} ms, max {lat[-1] * 1000:.1f} ms; member: {got}")
-    assert got["lists"] >= 8 and got["sizes"] == [301], got      # the attack ran, lists were whole
+    assert got["lists"] >= 4 and got["sizes"] == [301], got      # the attack ran, lists were whole
     assert p99 < 0.2, f"root's GetValue p99 {p99 * 1000:.0f} ms under the attack (goal: 50 ms)"
     # one check per secret for the member's uid, however many connections it made
     mon.sync()
