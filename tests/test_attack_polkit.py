@@ -125,11 +125,15 @@ def test_unit_root_is_decided_without_polkit():
     asyncio.run(run())
 
 
-def test_unit_unknown_uid_fails_closed():
+def test_unit_unknown_uid_is_left_to_polkit_per_connection():
     async def run():
-        port, access = await make_access({})
-        assert not await access.allowed(Caller(":1.5"), Perm.GETATTR, None)   # lookup raises KeyError
-        assert port.checks == []
+        port, access = await make_access({})          # every uid lookup fails
+        port.answer = lambda action: False
+        c = Caller(":1.5")
+        assert not await access.allowed(c, Perm.GETATTR, None)
+        assert not await access.allowed(c, Perm.GETATTR, None)
+        assert port.checks == [(":1.5", "org.libvirt.api.secret.getattr", 0)]   # cached for the name
+        assert access.cached(Caller(":1.6"), Perm.GETATTR, None) is None
     asyncio.run(run())
 
 
