@@ -252,8 +252,12 @@ class Daemon:
         self._reloading = True
         reloading()
         try:
-            report = await asyncio.get_running_loop().run_in_executor(None, self.driver.reload)
-            self._readers = resolve_readers(self.driver.conf)
+            # The readers are resolved from the new conf before the driver swaps anything, so an
+            # unknown name keeps the old state and the old readers alike.
+            readers: list[frozenset[int]] = []
+            report = await asyncio.get_running_loop().run_in_executor(
+                None, self.driver.reload, lambda conf: readers.append(resolve_readers(conf)))
+            self._readers = readers[0]
             self.service.private_readers = self._readers
             self.service.refresh()
             log.info("reloaded: %d secrets, %d skipped", report.loaded, len(report.skipped))

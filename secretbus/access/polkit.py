@@ -3,9 +3,17 @@
 Subject is the caller's `system-bus-name`; action ids and details are libvirt's (permissions.py).
 The bus is reached through a `BusPort` (busport.py): no D-Bus library below the front ends.
 Fails closed: polkitd absent, slow or erroring means "no" (logged, not cached).
-Cached per (unique name, action, details); a caller's entries go when its name leaves the
-bus, all entries go on polkit's `Changed` signal (rules or actions reloaded) or when polkitd
-restarts, and each entry expires after `max_age` seconds. Challenge results are never cached.
+
+uid 0 is decided here, without asking polkit: polkit authorises uid 0 for every action, and
+root's calls must never wait behind the checks of other callers (DESIGN §12).
+Checks in flight are bounded per uid (fairslots.py); interactive ones, which may wait for an
+authentication agent for minutes, have their own small per-uid limit and never take the
+shared slots.
+Cheap read decisions (search-secrets, getattr, read) are cached per (uid, action, details),
+the others per (unique name, action, details); a caller's per-name entries go when its name
+leaves the bus, all entries go on polkit's `Changed` signal (accepted only from the current
+owner of org.freedesktop.PolicyKit1) or when polkitd restarts, and each entry expires after
+`max_age` seconds. Challenge results are never cached.
 """
 from __future__ import annotations
 
@@ -15,8 +23,10 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
-from secretbus.access.busport import BusPort, Signal, Typed
+from secretbus.access.busport import BusError, BusPort, Signal, Typed
+from secretbus.access.fairslots import FairSlots
 from secretbus.access.permissions import Caller, Perm, details_for
 from secretbus.core.model import SecretDef
 
@@ -32,7 +42,16 @@ ALLOW_USER_INTERACTION = 1
 # Only names that vanish matter to the uid cache: arg2 (new owner) empty.
 _NAME_GONE = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
               "member='NameOwnerChanged',arg2=''")
-_Key = tuple[str, str, tuple[tuple[str, str], ...]]   # (sender, action id, details)
+# (scope, action id, details); scope is the unique name, or the uid for UID_SCOPED actions.
+_Key = tuple[str | int, str, tuple[tuple[str, str], ...]]
+
+# Decisions that may be shared by every connection of a uid. They only reveal what the default
+# policy grants every user anyway (metadata, the list), and a new connection per ListSecrets
+# must not cost one polkit check per secret. Write-side actions and read-secure stay per
+# connection: rules may look at the subject's process and session (active, local, seat), and
+# those differ between connections of one uid; a "yes" for one must not open the others.
+UID_SCOPED = frozenset({Perm.SEARCH_SECRETS, Perm.GETATTR, Perm.READ})
+ROOT = 0
 _POLKIT_MATCHES = (
     f"type='signal',sender='{PK_NAME}',interface='{PK_IFACE}',member='Changed',path='{PK_PATH}'",
     f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{PK_NAME}'",
@@ -125,7 +144,8 @@ class PolkitAccess:
     # polkitd 122 can stall for 15 s ("Terminating runaway script"); a shorter timeout turns
     # every such stall into denials for everyone. Clients wait 25 s by default.
     def __init__(self, bus: BusPort, uids: CallerUids, *, timeout: float = 20.0, max_age: float = 60.0,
-                 max_entries: int = 16384, cache: bool = True, max_concurrent: int = 64):
+                 max_entries: int = 16384, cache: bool = True, max_concurrent: int = 64,
+                 per_uid: int = 16, interactive_per_uid: int = 2, interactive_total: int = 16):
         self.bus = bus
         self.uids = uids
         self.timeout = timeout
@@ -138,8 +158,19 @@ class PolkitAccess:
         self._generation = 0
         # dbus-daemon allows 128 pending calls per connection; listing many secrets
         # must not exceed that (the excess would be refused, i.e. silently denied).
-        self._slots = asyncio.Semaphore(max_concurrent)
-        self.stats = {"checks": 0, "hits": 0, "errors": 0}
+        # Interactive checks come on top: at most interactive_total, so 64 + 16 stay under it.
+        self._slots = FairSlots(max_concurrent, per_uid)
+        self.interactive_per_uid = interactive_per_uid
+        self.interactive_total = interactive_total
+        self._interactive: dict[int | str, int] = {}
+        self._interactive_in_flight = 0
+        # uids of callers seen here, so that cached() can answer without awaiting; entries
+        # go with the name, and the oldest go beyond max_entries.
+        self._uid_of: dict[str, int] = {}
+        self._pk_owner: str | None = None     # unique name of polkitd, None while it is gone
+        self._owner_changes = 0
+        self.stats = {"checks": 0, "hits": 0, "errors": 0, "root": 0, "flushes": 0,
+                      "interactive_refused": 0, "changed_ignored": 0}
 
     async def start(self) -> None:
         """Listen for polkit reloads and restarts; `uids` (started by the caller) reports
@@ -148,6 +179,15 @@ class PolkitAccess:
         self.bus.watch(self._on_signal)
         for rule in _POLKIT_MATCHES:
             await self.bus.call(*DBUS, "AddMatch", "s", [rule], self.timeout)
+        # After the match: an owner change from now on is seen as a signal, and a signal
+        # handled while this call was out is newer than its reply.
+        seen = self._owner_changes
+        try:
+            (owner,) = await self.bus.call(*DBUS, "GetNameOwner", "s", [PK_NAME], self.timeout)
+        except BusError:
+            owner = None                      # polkitd not running (yet): checks fail closed
+        if seen == self._owner_changes:
+            self._pk_owner = owner
 
     def close(self) -> None:
         self.bus.unwatch(self._on_signal)
@@ -155,36 +195,57 @@ class PolkitAccess:
     # -- invalidation -------------------------------------------------------------
     def _on_signal(self, sig: Signal) -> None:
         if sig.member == "NameOwnerChanged" and sig.sender == DBUS_NAME and sig.body[0] == PK_NAME:
+            self._owner_changes += 1
+            self._pk_owner = sig.body[2] or None
             self.flush("polkitd restarted")
         elif sig.member == "Changed" and sig.interface == PK_IFACE:
+            # Anyone may send a signal that looks like polkit's (unicast to us, or a broadcast
+            # another match lets through); only polkitd's own empties the cache.
+            if sig.sender is None or sig.sender != self._pk_owner or sig.path != PK_PATH:
+                self.stats["changed_ignored"] += 1
+                if self.stats["changed_ignored"] in (1, 10, 100) or self.stats["changed_ignored"] % 1000 == 0:
+                    log.warning("ignoring a polkit Changed signal from %s, not polkitd (%d so far)",
+                                sig.sender, self.stats["changed_ignored"])
+                return
             self.flush("polkit rules or actions changed")
 
     def flush(self, why: str) -> None:
         if self._cache:
             log.info("dropping %d cached authorisations: %s", len(self._cache), why)
+        self.stats["flushes"] += 1
         self._generation += 1
         self._cache.clear()
         self._by_sender.clear()
 
     def _forget(self, sender: str) -> None:
+        self._uid_of.pop(sender, None)
         for key in self._by_sender.pop(sender, ()):
             self._cache.pop(key, None)
 
     def _evict(self, key: _Key) -> None:
         del self._cache[key]
-        keys = self._by_sender.get(key[0])
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del self._by_sender[key[0]]      # no empty sets left in the index
+        scope = key[0]
+        if isinstance(scope, str):
+            entries = self._by_sender.get(scope)
+            if entries is not None:
+                entries.discard(key)
+                if not entries:
+                    del self._by_sender[scope]
 
     # -- checks -------------------------------------------------------------------
-    @staticmethod
-    def _key(caller: Caller, perm: Perm, details: dict[str, str]) -> _Key:
-        return (caller.sender, perm.value, tuple(sorted(details.items())))
+    def _key(self, caller: Caller, perm: Perm, details: dict[str, str], uid: int | None = None) -> _Key:
+        scope: str | int = caller.sender
+        if perm in UID_SCOPED:
+            uid = self._uid_of.get(caller.sender) if uid is None else uid
+            if uid is not None:
+                scope = uid
+        return (scope, perm.value, tuple(sorted(details.items())))
 
     def cached(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool | None:
         """The cached decision, or None when polkit must be asked."""
+        if self._uid_of.get(caller.sender) == ROOT:
+            self.stats["root"] += 1
+            return True
         key = self._key(caller, perm, details_for(d))
         hit = self._cache.get(key)
         if hit is None or hit[0] <= time.monotonic():
@@ -194,11 +255,14 @@ class PolkitAccess:
         return hit[1]
 
     async def allowed(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool:
+        # A uid that cannot be found (logged there) only loses root's shortcut and the
+        # per-uid entries: polkit still decides, per connection.
+        uid = await self.caller_uid(caller)
         hit = self.cached(caller, perm, d)
         if hit is not None:
             return hit
         details = details_for(d)
-        key = self._key(caller, perm, details)
+        key = self._key(caller, perm, details, uid)
         pending = self._pending.get(key)
         if pending is not None and not caller.interactive:
             return await asyncio.shield(pending)
@@ -211,18 +275,22 @@ class PolkitAccess:
         finally:
             if not fut.done():
                 fut.set_result(False)
-            self._pending.pop(key, None)
+            if self._pending.get(key) is fut:
+                del self._pending[key]
 
     async def _check(self, caller: Caller, perm: Perm, details: dict[str, str], key: _Key) -> bool:
         self.stats["checks"] += 1
         generation = self._generation
-        subject = ["system-bus-name", {"name": Typed("s", caller.sender)}]
-        flags = ALLOW_USER_INTERACTION if caller.interactive else 0
+        # Slots are per uid; a caller whose uid is not known here is its own queue.
+        who: int | str = self._uid_of.get(caller.sender, caller.sender)
         try:
-            async with self._slots:
-                reply = await self.bus.call(PK_NAME, PK_PATH, PK_IFACE, "CheckAuthorization", "(sa{sv})sa{ss}us",
-                                            [subject, perm.value, details, flags, ""],
-                                            self.timeout if not caller.interactive else max(self.timeout, 120))
+            if caller.interactive:
+                reply = await self._interactive_call(who, caller, perm, details)
+                if reply is None:
+                    return False
+            else:
+                async with self._slots.slot(who):
+                    reply = await self._call(caller, perm, details, 0, self.timeout)
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             self.stats["errors"] += 1
             log.error("polkit check of %s for %s failed, denying: %s %s", perm.value, caller.sender,
@@ -236,13 +304,43 @@ class PolkitAccess:
             self._store(key, caller.sender, bool(authorized))
         return bool(authorized)
 
+    async def _interactive_call(self, who: int | str, caller: Caller, perm: Perm,
+                                details: dict[str, str]) -> list[Any] | None:
+        """An interactive check may wait for the user at an authentication agent for up to
+        120 s: it gets its own small allowance per uid instead of a shared slot, and a caller
+        over it is refused at once (None)."""
+        held = self._interactive.get(who, 0)
+        if held >= self.interactive_per_uid or self._interactive_in_flight >= self.interactive_total:
+            self.stats["interactive_refused"] += 1
+            log.debug("refusing an interactive check of %s for %s: %d in flight for its uid",
+                      perm.value, caller.sender, held)
+            return None
+        self._interactive[who] = held + 1
+        self._interactive_in_flight += 1
+        try:
+            return await self._call(caller, perm, details, ALLOW_USER_INTERACTION, max(self.timeout, 120))
+        finally:
+            self._interactive_in_flight -= 1
+            left = self._interactive[who] - 1
+            if left:
+                self._interactive[who] = left
+            else:
+                del self._interactive[who]
+
+    async def _call(self, caller: Caller, perm: Perm, details: dict[str, str], flags: int,
+                    timeout: float) -> list[Any]:
+        subject = ["system-bus-name", {"name": Typed("s", caller.sender)}]
+        return await self.bus.call(PK_NAME, PK_PATH, PK_IFACE, "CheckAuthorization", "(sa{sv})sa{ss}us",
+                                   [subject, perm.value, details, flags, ""], timeout)
+
     def _store(self, key: _Key, sender: str, ok: bool) -> None:
         now = time.monotonic()
         # Jitter: decisions made together (a ListSecrets of thousands) must not all expire
         # together and send the next call to polkit thousands of times at once.
         self._cache[key] = (now + self.max_age * random.uniform(0.75, 1.0), ok)
         self._cache.move_to_end(key)
-        self._by_sender.setdefault(sender, set()).add(key)
+        if isinstance(key[0], str):           # per-name entries go with the name
+            self._by_sender.setdefault(sender, set()).add(key)
         # Drop expired entries from the old end, then whatever is over the bound.
         while self._cache:
             oldest, (expires, _) = next(iter(self._cache.items()))
@@ -251,8 +349,16 @@ class PolkitAccess:
             self._evict(oldest)
 
     async def caller_uid(self, caller: Caller) -> int | None:
-        return await self.uids(caller.sender)
+        uid = self._uid_of.get(caller.sender)
+        if uid is not None:
+            return uid
+        uid = await self.uids(caller.sender)
+        if uid is not None:
+            self._uid_of[caller.sender] = uid
+            if len(self._uid_of) > self.max_entries:
+                del self._uid_of[next(iter(self._uid_of))]
+        return uid
 
     def sizes(self) -> dict[str, int]:
         return {"decisions": len(self._cache), "decision_senders": len(self._by_sender),
-                "checks_pending": len(self._pending)}
+                "checks_pending": len(self._pending), "caller_uids": len(self._uid_of)}

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from dbus_fast import Message, MessageFlag, MessageType
 
+from secretbus.access.denials import DenialLog
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.bus import compat
 from secretbus.bus.auditing import ReadAudit
@@ -162,6 +163,7 @@ class CallRunner:
         # One worker keeps writes in arrival order; the driver serialises them anyway.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretbus-io")
         self.tasks: set[asyncio.Task[None]] = set()
+        self.denials = DenialLog()   # one line per (uid, action), then a summary per minute
 
     def run(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str) -> Reply:
         """Reply now when nothing needs awaiting, else finish in a task."""
@@ -274,8 +276,8 @@ class CallRunner:
             for perm in spec.perms:
                 if not await self.access.allowed(caller, perm, prep.target):
                     d = prep.target
-                    log.warning("denied %s to %s", perm.value, caller.sender,
-                                extra={"SECRET_UUID": d.uuid if d else "", "SECRET_OPERATION": msg.member})
+                    self.denials.denied(uid, caller.sender, perm.value,
+                                        {"SECRET_UUID": d.uuid if d else "", "SECRET_OPERATION": msg.member})
                     raise errors.AccessDenied(f"'{perm.value}' denied access")
         visible = prep.candidates
         if spec.each is not None and self.access.enabled:
@@ -295,3 +297,4 @@ class CallRunner:
         while self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self.denials.close()

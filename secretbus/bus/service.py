@@ -78,7 +78,6 @@ class SecretService:
         self.driver = driver
         self.bus = bus
         self.access = access
-        self.private_readers = private_readers
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._runner = CallRunner(bus, access, private_readers, audit=audit, bounds=bounds,
@@ -120,6 +119,15 @@ class SecretService:
         self._signals.reset(self.driver.list_secrets())
         self.bus.add_message_handler(self._dispatcher.on_message)
         self._sub = self.driver.subscribe(self._on_driver_event)
+
+    @property
+    def private_readers(self) -> frozenset[int]:
+        return self._runner.private_readers
+
+    @private_readers.setter
+    def private_readers(self, uids: frozenset[int]) -> None:
+        # The runner decides GetValue of private secrets; a reload must reach it.
+        self._runner.private_readers = uids
 
     def refresh(self) -> None:
         """After a reload: announce objects that appeared or vanished (no lifecycle events)."""

@@ -105,12 +105,15 @@ class SecretDriver:
         log.info("loaded %d secrets, skipped %d", loaded, len(skipped))
         return LoadSummary(loaded, skipped)
 
-    def reload(self) -> LoadSummary:
-        """Re-read secret.conf, the key and the store; on failure keep the old state."""
+    def reload(self, check: Callable[[SecretConf], None] | None = None) -> LoadSummary:
+        """Re-read secret.conf, the key and the store; on failure keep the old state.
+        `check` sees the new conf before anything is replaced; what it raises aborts the reload."""
         if self._reload_setup is None:
             raise errors.NoSupport("this driver cannot reload its configuration")
         with self._mutex:
             setup = self._reload_setup()
+            if check is not None:
+                check(setup.conf)
             summary = self._load_store(setup.store)
             self._setup = setup
             return summary
