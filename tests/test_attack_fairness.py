@@ -173,19 +173,21 @@ def test_polkit_decision_of_a_departed_caller_is_not_kept():
         port.gone(":1.40")                         # leaves while polkit decides
         port.calls[1][2].set_result([(True, False, {})])
         assert await check is True
-        assert access.sizes() == {"decisions": 0, "decision_senders": 0, "checks_pending": 0}
+        assert access.sizes() == {"decisions": 0, "uid_decisions": 0, "decision_senders": 0,
+                                  "checks_pending": 0, "caller_uids": 0}
         # a live caller's decisions: evicting the last one leaves no empty set in the index
         got = asyncio.create_task(uids(":1.41"))
         await _settle()
         port.calls[2][2].set_result([1000])
         await got
-        check = asyncio.create_task(access.allowed(Caller(":1.41"), Perm.SEARCH_SECRETS, None))
+        check = asyncio.create_task(access.allowed(Caller(":1.41"), Perm.WRITE, None))   # kept per connection
         await _settle()
         port.calls[3][2].set_result([(True, False, {})])
         await check
         assert access.sizes()["decision_senders"] == 1
         access._evict(next(iter(access._cache)))
-        assert access.sizes() == {"decisions": 0, "decision_senders": 0, "checks_pending": 0}
+        sizes = access.sizes()
+        assert (sizes["decisions"], sizes["uid_decisions"], sizes["decision_senders"]) == (0, 0, 0)
     asyncio.run(main())
 
 
@@ -418,9 +420,11 @@ def test_daemon_reconnects_when_the_bus_restarts(make_bus, make_secretbusd):
 # --------------------------------------------------------------------------------------
 # item 11: callers that leave with calls in flight
 
+# Decisions cached per uid (cheap reads) stay, bounded by the distinct (action, details) of that
+# uid; nothing kept per connection may.
 IDLE = {"in_flight_senders": 0, "queued_senders": 0, "uid_lookups": 0, "uid_left": 0, "uids": 0,
         "decision_senders": 0, "decisions": 0, "checks_pending": 0, "unread_blocked": 0, "unread_asking": 0,
-        "unread_tracked": 0, "tasks": 0}
+        "unread_tracked": 0, "tasks": 0, "caller_uids": 0}
 
 
 @pytest.mark.integration

@@ -353,12 +353,14 @@ class PolkitAccess:
         if uid is not None:
             return uid
         uid = await self.uids(caller.sender)
-        if uid is not None:
+        if uid is not None and self.uids.known(caller.sender):     # not for a caller that left
             self._uid_of[caller.sender] = uid
             if len(self._uid_of) > self.max_entries:
                 del self._uid_of[next(iter(self._uid_of))]
         return uid
 
     def sizes(self) -> dict[str, int]:
-        return {"decisions": len(self._cache), "decision_senders": len(self._by_sender),
-                "checks_pending": len(self._pending), "caller_uids": len(self._uid_of)}
+        per_uid = sum(1 for key in self._cache if isinstance(key[0], int))
+        return {"decisions": len(self._cache) - per_uid, "uid_decisions": per_uid,
+                "decision_senders": len(self._by_sender), "checks_pending": len(self._pending),
+                "caller_uids": len(self._uid_of)}
