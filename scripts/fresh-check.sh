@@ -70,8 +70,9 @@ host_mirror() {
     done
     cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
         | awk -v s="$SUITE" '$1 == "deb" { for (i = 2; i < NF; i++) if ($i !~ /^\[/ && $(i+1) == s) print $i }'
+    return 0
 }
-MIRROR=$(host_mirror | head -n1)
+MIRROR=$(host_mirror 2>/dev/null | awk 'NR == 1')
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 
 if [ -z "$BASE" ]; then
