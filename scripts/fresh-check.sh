@@ -128,23 +128,10 @@ teardown() {
 trap teardown EXIT
 trap 'exit 130' INT TERM
 
-# check VARIANT: bootstrap, prepare, run; prints the counts; sets OK=1 when all passed.
-# (A failure to prepare the root ends the whole script: set -e, and the trap unmounts.)
-OK=0
-check() {
-    OK=0
-    local variant=$1 log
-    ROOT=$BASE/$variant
-    log=$BASE/$variant.log
-    [ ! -e "$ROOT" ] || die "$ROOT exists already (remove it or pick another --dir)"
-    say "[$variant] debootstrap $SUITE from $MIRROR into $ROOT (log: $log)"
-    mkdir -p "$DEBCACHE/$variant"
-    local vopt=()
-    [ "$variant" = default ] || vopt=(--variant="$variant")
-    debootstrap "${vopt[@]}" --cache-dir="$DEBCACHE/$variant" "$SUITE" "$ROOT" "$MIRROR" \
-        >"$log" 2>&1 || { tail -n 20 "$log" >&2; die "[$variant] debootstrap failed"; }
-
-    # What the chroot lacks and a real machine has.
+# enter_root DIR LOG: supply what a chroot lacks and a real machine has; clone the repository.
+enter_root() {
+    ROOT=$1
+    local log=$2 crt
     mnt "$ROOT" --bind "$ROOT"                        # `/` a mount point: unshare needs it
     mnt "$ROOT/proc" -t proc proc
     mnt "$ROOT/sys" -t sysfs sysfs
@@ -153,23 +140,41 @@ check() {
     mnt "$ROOT/dev/pts" -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts
     mnt "$ROOT/tmp" -t tmpfs -o mode=1777,nosuid,nodev tmpfs
     mnt "$ROOT/run" -t tmpfs -o mode=0755,nosuid,nodev tmpfs
-    local crt
     for crt in /usr/local/share/ca-certificates/*.crt; do   # the proxy's CA, as an admin adds it
         [ -f "$crt" ] && install -D -m 0644 "$crt" "$ROOT/usr/local/share/ca-certificates/${crt##*/}"
     done
-    # (without the ca-certificates package the bundle is made when setup.sh installs it)
+    # (without the ca-certificates package the bundle is made when that package is installed)
     if [ -x "$ROOT/usr/sbin/update-ca-certificates" ]; then
         chroot "$ROOT" /usr/sbin/update-ca-certificates >>"$log" 2>&1
     fi
     cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"  # what DHCP would have written
-
-    say "[$variant] git clone (HEAD ${HEAD:0:12}${BRANCH:+ on $BRANCH}) into $CLONE"
     git clone -q --no-hardlinks ${BRANCH:+--branch "$BRANCH"} "$REPO" "$ROOT$CLONE"
     git -C "$ROOT$CLONE" checkout -q --detach "$HEAD"
+}
 
-    say "[$variant] bash scripts/test.sh (output in $log)"
+# check VARIANT: bootstrap a root, copy it, run the test command in one and the install steps
+# in the other (each command on a root as fresh as debootstrap made it); sets OK=1 when both
+# passed. (A failure to prepare a root ends the whole script: set -e; the trap unmounts.)
+OK=0
+check() {
+    OK=0
+    local variant=$1 log dir=$BASE/$variant
+    log=$BASE/$variant.log
+    [ ! -e "$dir" ] || die "$dir exists already (remove it or pick another --dir)"
+    say "[$variant] debootstrap $SUITE from $MIRROR into $dir/test (log: $log)"
+    mkdir -p "$DEBCACHE/$variant" "$dir"
+    local vopt=()
+    [ "$variant" = default ] || vopt=(--variant="$variant")
+    debootstrap "${vopt[@]}" --cache-dir="$DEBCACHE/$variant" "$SUITE" "$dir/test" "$MIRROR" \
+        >"$log" 2>&1 || { tail -n 20 "$log" >&2; die "[$variant] debootstrap failed"; }
+    cp -a "$dir/test" "$dir/install"
+
+    say "[$variant] git clone (HEAD ${HEAD:0:12}${BRANCH:+ on $BRANCH}) into $CLONE; bash scripts/test.sh"
+    enter_root "$dir/test" "$log"
     local rc=0
+    echo "fresh-check: ==== bash scripts/test.sh" >>"$log"
     run_inside "cd $CLONE && bash scripts/test.sh" >>"$log" 2>&1 || rc=$?
+    teardown
     local summary
     summary=$(grep -E '^=+ .*(passed|failed|error|skipped).* in [0-9.]+s' "$log" | tail -n1 | tr -d '=' || true)
     say "[$variant] test.sh exit $rc:${summary:- no pytest summary (see $log)}"
@@ -178,15 +183,18 @@ check() {
         grep -E '^setup: ' "$log" | tail -n 3 | sed "s/^/fresh-check: [$variant]   /" || true
     fi
 
-    # README "Installing on a host", step by step.
+    say "[$variant] README \"Installing on a host\" in a second fresh root ($dir/install)"
+    enter_root "$dir/install" "$log"
     local irc=0
+    echo "fresh-check: ==== README install steps" >>"$log"
     run_inside "$(install_steps)" >>"$log" 2>&1 || irc=$?
+    teardown
     if ((irc)); then
         say "[$variant] README install steps FAILED (exit $irc, see $log)"
     else
         say "[$variant] README install steps: ok"
     fi
-    teardown
+    ((KEEP)) || rmdir "$dir" 2>/dev/null || true
     if ((rc == 0 && irc == 0)); then OK=1; fi
 }
 
@@ -196,7 +204,9 @@ install_steps() {
 set -eux
 cd $CLONE
 export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -qq --no-install-recommends python3-venv python3-dev gcc pkg-config libsystemd-dev
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends ca-certificates python3-venv python3-dev gcc pkg-config \\
+    libsystemd-dev dbus-daemon polkitd systemd
 python3 -m venv /opt/secretbus
 /opt/secretbus/bin/pip install -q .
 bash scripts/install.sh BINDIR=/opt/secretbus/bin

@@ -23,6 +23,7 @@ PACKAGES=(
     util-linux                            # setpriv
     procps                                # ps, kill (minbase roots lack them)
     openssl
+    ca-certificates                       # pip reaches PyPI over HTTPS (minbase roots lack it)
     passwd adduser                        # useradd / groupadd for test users
 )
 
