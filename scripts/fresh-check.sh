@@ -176,7 +176,9 @@ check() {
     run_inside "cd $CLONE && bash scripts/test.sh" >>"$log" 2>&1 || rc=$?
     teardown
     local summary
-    summary=$(grep -E '^=+ .*(passed|failed|error|skipped).* in [0-9.]+s' "$log" | tail -n1 | tr -d '=' || true)
+    # pytest -q's last line: "4 failed, 553 passed, 7 skipped in 428.49s (0:07:08)"
+    summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)\b.* in [0-9.]+s' "$log" \
+        | tail -n1 | tr -d '=' || true)
     say "[$variant] test.sh exit $rc:${summary:- no pytest summary (see $log)}"
     if ((rc)); then
         grep -E '^(FAILED|ERROR) ' "$log" | sed "s/^/fresh-check: [$variant]   /" || true
@@ -228,11 +230,13 @@ run_inside() {  # a login-like root environment: nothing of the host's environme
         LANG=C.UTF-8 TERM=dumb CI=true /bin/bash -c "$1" </dev/null
 }
 
-status=0
-results=()
-for v in "${VARIANTS[@]}"; do
-    check "$v"
-    if ((OK)); then results+=("$v: ok"); else status=1; results+=("$v: FAILED"); fi
-done
-say "result: ${results[*]} (logs in $BASE)"
-exit "$status"
+main() {
+    local v status=0 results=()
+    for v in "${VARIANTS[@]}"; do
+        check "$v"
+        if ((OK)); then results+=("$v: ok"); else status=1; results+=("$v: FAILED"); fi
+    done
+    say "result: ${results[*]} (logs in $BASE)"
+    return "$status"
+}
+main; exit  # (one line: bash reads scripts as it runs them; editing this file mid-run is safe)
