@@ -158,8 +158,8 @@ enter_root() {
 OK=0
 check() {
     OK=0
-    local variant=$1 log dir=$BASE/$variant
-    log=$BASE/$variant.log
+    local variant=$1
+    local log=$BASE/$variant.log dir=$BASE/$variant
     [ ! -e "$dir" ] || die "$dir exists already (remove it or pick another --dir)"
     say "[$variant] debootstrap $SUITE from $MIRROR into $dir/test (log: $log)"
     mkdir -p "$DEBCACHE/$variant" "$dir"
