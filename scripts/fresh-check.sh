@@ -179,7 +179,7 @@ check() {
     # pytest -q's last line: "4 failed, 553 passed, 7 skipped in 428.49s (0:07:08)"
     summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)\b.* in [0-9.]+s' "$log" \
         | tail -n1 | tr -d '=' || true)
-    say "[$variant] test.sh exit $rc:${summary:- no pytest summary (see $log)}"
+    say "[$variant] test.sh exit $rc: ${summary:-no pytest summary (see $log)}"
     if ((rc)); then
         grep -E '^(FAILED|ERROR) ' "$log" | sed "s/^/fresh-check: [$variant]   /" || true
         grep -E '^setup: ' "$log" | tail -n 3 | sed "s/^/fresh-check: [$variant]   /" || true
