@@ -23,6 +23,7 @@ PACKAGES=(
     util-linux                            # setpriv
     procps                                # ps, kill (minbase roots lack them)
     openssl
+    ca-certificates                       # pip reaches PyPI over HTTPS (minbase roots lack it)
     passwd adduser                        # useradd / groupadd for test users
 )
 
@@ -59,12 +60,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
         && "$VENV/bin/python" -c 'import secretbus, pytest' 2>/dev/null; then
     say "venv up to date"
 else
-    say "pip install -e '$REPO[test]'"
+    say "pip install -e '${REPO}[test]'"
     # (the filter drops pip's notes about this machine's missing local index directories)
     # --use-pep517: Debian's venv has no `wheel`, and without it pip installs systemd-python
     # (an sdist) the legacy way, with no RECORD of its compiled modules; the test harness copies
     # packages for unprivileged users from that record.
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --use-pep517 -e "$REPO[test]" \
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --use-pep517 -e "${REPO}[test]" \
         2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     echo "$want" > "$stamp"
 fi

@@ -7,6 +7,7 @@ with an error if a harness-started daemon is still alive.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -119,6 +120,14 @@ def notify_socket():
     """A harness.NotifySocket (emulates systemd's NOTIFY_SOCKET)."""
     with harness.NotifySocket() as sock:
         yield sock
+
+
+@pytest.fixture
+def disk_tmp_path():
+    """Like tmp_path, but never on a tmpfs: for systemd-creds host keys (harness/diskdir.py)."""
+    path = harness.disk_tempdir("sb-disk-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -241,6 +241,40 @@ def test_unpriv_python_imports_as_other_user(unpriv_python, test_users):
     assert unpriv_python.env()["PYTHONPATH"] == unpriv_python.pythonpath
 
 
+def _fake_site(site: Path, meta: str, listed: list[str], extra: dict[str, str]) -> None:
+    """A site-packages dir holding package `fakepkg` whose file list names only `listed`."""
+    (site / "fakepkg").mkdir(parents=True)
+    for rel in ["fakepkg/__init__.py", "fakepkg/_ext.cpython-311-x86_64-linux-gnu.so"]:
+        (site / rel).write_text(rel)
+    (site / meta).mkdir()
+    (site / meta / "METADATA").write_text("Metadata-Version: 2.1\nName: fakepkg\nVersion: 1.0\n")
+    for name, text in extra.items():
+        (site / meta / name).write_text(text)
+    (site / meta / ("RECORD" if meta.endswith(".dist-info") else "SOURCES.txt")).write_text(
+        "".join(f"{f},,\n" if meta.endswith(".dist-info") else f"{f}\n" for f in listed))
+
+
+@pytest.mark.parametrize("meta,listed,extra", [
+    # a RECORD that forgot the compiled module
+    ("fakepkg-1.0.dist-info", ["fakepkg/__init__.py", "fakepkg-1.0.dist-info/METADATA"], {}),
+    # a legacy `setup.py install` (pip without `wheel`): egg-info listing sources, no .so
+    ("fakepkg-1.0.egg-info", ["setup.py", "fakepkg/__init__.py", "fakepkg/_ext.c"],
+     {"top_level.txt": "fakepkg\nfakepkg/_ext\n"}),
+], ids=["record", "legacy-egg-info"])
+def test_unpriv_copy_includes_unlisted_compiled_modules(tmp_path, meta, listed, extra):
+    import importlib.metadata as md
+
+    from harness.unpriv import _copy_distribution
+    site, out = tmp_path / "site", tmp_path / "out"
+    _fake_site(site, meta, listed, extra)
+    out.mkdir()
+    _copy_distribution(md.PathDistribution(site / meta), out)
+    copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert "fakepkg/__init__.py" in copied
+    assert "fakepkg/_ext.cpython-311-x86_64-linux-gnu.so" in copied
+    assert not any(c.startswith(("setup.py", "_ext")) for c in copied)
+
+
 def test_notify_socket_receives_from_other_user(notify_socket, unpriv_python, test_users):
     r = unpriv_python.run(test_users.other, "-c", programs.source("notify_ready"),
                           env={**os.environ, **notify_socket.env()})

@@ -258,11 +258,12 @@ def test_codecs_bad_key_fails_start(tmp_path):
 # --- init_encryption with the real systemd-creds ------------------------------------
 
 @pytest.fixture
-def creds_env(tmp_path) -> dict[str, str]:
+def creds_env(disk_tmp_path) -> dict[str, str]:
     if shutil.which("systemd-creds") is None:
         pytest.skip("systemd-creds not installed")
-    # A private host key: never touches /var/lib/systemd/credential.secret.
-    return {**os.environ, "SYSTEMD_CREDENTIAL_SECRET": str(tmp_path / "host.secret")}
+    # A private host key: never touches /var/lib/systemd/credential.secret. Not on a tmpfs,
+    # where systemd-creds' default key choice refuses a host key.
+    return {**os.environ, "SYSTEMD_CREDENTIAL_SECRET": str(disk_tmp_path / "host.secret")}
 
 
 def decrypt(sealed: Path, out_dir: Path, environ: dict[str, str]) -> subprocess.CompletedProcess:
@@ -311,9 +312,9 @@ def test_init_keys_are_fresh(tmp_path, creds_env):
     assert keys[0] != keys[1]
 
 
-def test_other_host_key_cannot_decrypt(tmp_path, creds_env):
+def test_other_host_key_cannot_decrypt(tmp_path, disk_tmp_path, creds_env):
     sealed = init_encryption(tmp_path / "s" / CREDENTIAL_NAME, with_key="host", environ=creds_env)
-    other = {**creds_env, "SYSTEMD_CREDENTIAL_SECRET": str(tmp_path / "other-host.secret")}
+    other = {**creds_env, "SYSTEMD_CREDENTIAL_SECRET": str(disk_tmp_path / "other-host.secret")}
     # Make the other host key exist first (encrypting anything creates it).
     subprocess.run(["systemd-creds", "encrypt", "--name=x", "-", str(tmp_path / "x")],
                    input=b"x", env=other, capture_output=True, check=True)

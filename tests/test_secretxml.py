@@ -18,11 +18,12 @@ from secretbus.core.secretxml import (
     schema_path,
 )
 
-DATA = Path(__file__).resolve().parent / "data" / "conformance"
+# The project's own fixtures (canonical/: libvirt's exact layout, each formats back to itself;
+# reformat/: NAME.in.xml formats to NAME.out.xml; invalid/: rejected, see INVALID). libvirt's own
+# secretxml2xml inputs are checked in addition when the shared conformance dir is present.
+DATA = Path(__file__).resolve().parent / "data" / "secretxml"
 SHARED = Path(__file__).resolve().parents[2] / "shared/conformance/libvirt-secretxml"
-POSITIVE = ["usage-ceph-space.xml", "usage-ceph.xml", "usage-iscsi.xml", "usage-tls.xml",
-            "usage-volume.xml", "usage-vtpm.xml"]
-STALE = "usage-passphrase.xml"
+STALE = "usage-passphrase.xml"   # libvirt's pre-2.3.0 name of tls: now rejected
 UUID = "f52a81b2-424e-490c-823d-6bd4235bc572"
 MARK = "SECRETMARK"   # document text that must never show up in an error message
 
@@ -50,45 +51,104 @@ def raises(exc: type[errors.SecretError], xml: str | bytes, message: str | None 
 
 
 # ---------------------------------------------------------------------------
-# conformance inputs
+# XML fixtures
+
+U = UsageType
+# canonical/NAME: (uuid, ephemeral, private, description, usage type, usage id)
+FIXTURE_CANONICAL = {
+    "usage-volume.xml": ("3c1d6a0e-7b2f-4e51-9a84-1f0c2d3e4b5a", False, False,
+                         "LUKS passphrase of a guest disk", U.VOLUME, "/var/lib/libvirt/images/guest0.qcow2"),
+    "usage-volume-ephemeral-private.xml": ("8e2b4f61-0c9d-4a7e-b3f2-6d5c4b3a2918", True, True,
+                                           "Ephemeral private volume secret", U.VOLUME,
+                                           "/srv/vm/scratch disk.img"),
+    "usage-ceph.xml": ("5a7c9e1b-3d2f-4b6a-8c0e-9f1a2b3c4d5e", False, True, "Ceph client key", U.CEPH,
+                       "client.libvirt secret"),
+    "usage-iscsi.xml": ("b04f2e8d-6a1c-4f3b-9e7d-2c5a8b1f0e63", True, False, "iSCSI CHAP password", U.ISCSI,
+                        "iqn.2026-01.org.example:storage.lun1"),
+    "usage-tls.xml": ("d7e3a9c5-1b8f-4d2e-a6c4-7f9b0e1d2c38", False, False, None, U.TLS, "migration-tls-key"),
+    "usage-vtpm.xml": ("1f9e8d7c-6b5a-4c3d-8e2f-0a1b2c3d4e5f", False, True, "vTPM state key of guest 42",
+                       U.VTPM, "vtpm-guest-0042"),
+    "escaped.xml": ("a3b5c7d9-e1f2-4a6b-8c9d-0e1f2a3b4c5d", False, False,
+                    "Tom & Jerry's <key> \"v2\"", U.CEPH, "client.a&b <c>"),
+    "none.xml": ("6c4e2a08-9f7d-4b5c-a3e1-8d6f4b2a0c97", True, True, "Secret without a usage", U.NONE, None),
+    "uuid-only.xml": ("0e1d2c3b-4a59-4687-9766-554433221100", False, False, None, U.NONE, None),
+}
+FIXTURE_REFORMAT = ["defaults", "order-quotes-uuid", "omitted"]
+# invalid/NAME: (error class, libvirt's message)
+FIXTURE_INVALID = {
+    STALE: (errors.ConfigUnsupported, "unknown secret usage type passphrase"),
+    "ephemeral-maybe.xml": (errors.XMLError, "invalid value of 'ephemeral'"),
+    "usage-without-type.xml": (errors.XMLError, "unknown secret usage type"),
+    "volume-without-path.xml": (errors.InternalError, "volume usage specified, but volume path is missing"),
+    "malformed-uuid.xml": (errors.InternalError, "malformed uuid element"),
+    "wrong-root.xml": (errors.XMLError, "expecting root element of 'secret', not 'secrets'"),
+}
 
 
-def test_conformance_copy_complete() -> None:
-    assert sorted(p.name for p in DATA.glob("*.xml")) == sorted(POSITIVE + [STALE])
+def _shared(*names: str) -> list[Path]:
+    """libvirt's inputs of these names, when the shared conformance dir is present."""
+    return [SHARED / n for n in names if (SHARED / n).is_file()] if SHARED.is_dir() else []
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared conformance dir not present")
-@pytest.mark.parametrize("name", POSITIVE + [STALE])
-def test_conformance_copy_is_byte_identical(name: str) -> None:
-    assert (DATA / name).read_bytes() == (SHARED / name).read_bytes()
+SHARED_POSITIVE = sorted({p.name for p in SHARED.glob("*.xml")} - {STALE}) if SHARED.is_dir() else []
+FIXTURE_ROUND_TRIP = [DATA / "canonical" / n for n in sorted(FIXTURE_CANONICAL)] + _shared(*SHARED_POSITIVE) \
+    + [DATA / "reformat" / f"{n}.out.xml" for n in FIXTURE_REFORMAT]
+FIXTURE_VALID = [p for p in FIXTURE_ROUND_TRIP if "<usage" in p.read_text()] + [DATA / "canonical" / "uuid-only.xml"]
+FIXTURE_STALE = [DATA / "invalid" / STALE, *_shared(STALE)]
 
 
-@pytest.mark.parametrize("name", POSITIVE)
-def test_conformance_round_trip_byte_exact(name: str) -> None:
-    raw = (DATA / name).read_bytes()
+def _id(p: Path) -> str:
+    return f"{'shared' if p.is_relative_to(SHARED) else p.parent.name}/{p.name}"
+
+
+def test_fixture_tables_cover_the_files() -> None:
+    assert sorted(p.name for p in (DATA / "canonical").iterdir()) == sorted(FIXTURE_CANONICAL)
+    assert sorted(p.name for p in (DATA / "invalid").iterdir()) == sorted(FIXTURE_INVALID)
+    assert sorted(p.name for p in (DATA / "reformat").iterdir()) == sorted(
+        f"{n}.{io}.xml" for n in FIXTURE_REFORMAT for io in ("in", "out"))
+    assert {FIXTURE_CANONICAL[n][4] for n in FIXTURE_CANONICAL} == set(UsageType)               # every usage type
+    assert {FIXTURE_CANONICAL[n][1:3] for n in FIXTURE_CANONICAL} == {(e, p) for e in (False, True)
+                                                      for p in (False, True)}  # every combination
+
+
+@pytest.mark.parametrize("path", FIXTURE_ROUND_TRIP, ids=_id)
+def test_round_trip_byte_exact(path: Path) -> None:
+    raw = path.read_bytes()
     assert format_secret_xml(parse_secret_xml(raw)).encode() == raw
     assert format_secret_xml(parse_secret_xml(raw.decode())).encode() == raw
 
 
-@pytest.mark.parametrize("name", POSITIVE)
-def test_conformance_validates(name: str) -> None:
-    raw = (DATA / name).read_bytes()
+@pytest.mark.parametrize("path", FIXTURE_VALID, ids=_id)
+def test_fixtures_validate(path: Path) -> None:
+    raw = path.read_bytes()
     assert parse_secret_xml(raw, validate=True) == parse_secret_xml(raw)
 
 
-def test_conformance_fields() -> None:
-    d = parse_secret_xml((DATA / "usage-volume.xml").read_bytes())
-    assert d == SecretDef(uuid="22e1353d-c27e-4d6d-bf15-465053e6ba0b", ephemeral=True,
-                          private=True, description="Ephemeral Private Secret",
-                          usage_type=UsageType.VOLUME,
-                          usage_id="/var/lib/libvirt/images/image.img")
-    d = parse_secret_xml((DATA / "usage-ceph-space.xml").read_bytes())
-    assert (d.usage_type, d.usage_id) == (UsageType.CEPH, "client.admin secret")
+@pytest.mark.parametrize("name", sorted(FIXTURE_CANONICAL))
+def test_fixture_fields(name: str) -> None:
+    uuid, ephemeral, private, description, usage_type, usage_id = FIXTURE_CANONICAL[name]
+    assert parse_secret_xml((DATA / "canonical" / name).read_bytes()) == SecretDef(
+        uuid=uuid, ephemeral=ephemeral, private=private, description=description,
+        usage_type=usage_type, usage_id=usage_id)
 
 
-def test_stale_passphrase_rejected() -> None:
-    raises(errors.ConfigUnsupported, (DATA / STALE).read_bytes(),
-           "unknown secret usage type passphrase")
+@pytest.mark.parametrize("name", FIXTURE_REFORMAT)
+def test_reformat_to_canonical(name: str) -> None:
+    raw = (DATA / "reformat" / f"{name}.in.xml").read_bytes()
+    out = (DATA / "reformat" / f"{name}.out.xml").read_text()
+    assert raw.decode() != out
+    assert format_secret_xml(parse_secret_xml(raw)) == out
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_INVALID))
+def test_invalid_fixture_rejected(name: str) -> None:
+    exc, message = FIXTURE_INVALID[name]
+    raises(exc, (DATA / "invalid" / name).read_bytes(), message)
+
+
+@pytest.mark.parametrize("path", FIXTURE_STALE, ids=_id)
+def test_stale_passphrase_rejected(path: Path) -> None:
+    raises(errors.ConfigUnsupported, path.read_bytes(), "unknown secret usage type passphrase")
 
 
 def test_canonical_layout() -> None:
@@ -780,9 +840,9 @@ def test_property_random_text(data: str, validate: bool) -> None:
 
 
 @FAST
-@given(st.sampled_from(POSITIVE + [STALE]), st.data())
-def test_property_mutated_documents(name: str, data: st.DataObject) -> None:
-    raw = (DATA / name).read_bytes()
+@given(st.sampled_from(FIXTURE_ROUND_TRIP + FIXTURE_STALE), st.data())
+def test_property_mutated_documents(path: Path, data: st.DataObject) -> None:
+    raw = path.read_bytes()
     start = data.draw(st.integers(0, len(raw)))
     end = data.draw(st.integers(start, len(raw)))
     junk = data.draw(st.binary(max_size=20) | st.sampled_from(
@@ -790,9 +850,9 @@ def test_property_mutated_documents(name: str, data: st.DataObject) -> None:
     _only_secret_errors(raw[:start] + junk + raw[end:], data.draw(st.booleans()))
 
 
-@pytest.mark.parametrize("name", POSITIVE + [STALE])
-def test_every_truncation_only_secret_errors(name: str) -> None:
-    raw = (DATA / name).read_bytes()
+@pytest.mark.parametrize("path", FIXTURE_ROUND_TRIP + FIXTURE_STALE, ids=_id)
+def test_every_truncation_only_secret_errors(path: Path) -> None:
+    raw = path.read_bytes()
     for cut in range(len(raw)):
         for chunk in (raw[:cut], raw[cut:]):
             _only_secret_errors(chunk)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_secretxml import secret_defs
+from test_secretxml import DATA, SHARED, secret_defs
 
 from secretbus.core import errors
 from secretbus.core.secretxml import _parse_canonical, _parse_full, format_secret_xml
@@ -47,8 +47,10 @@ def test_fast_path_never_disagrees_on_mutated_documents(d, data):
 
 
 def test_fast_path_is_taken_for_the_golden_files():
-    from pathlib import Path
-    for f in sorted((Path(__file__).parent / "data" / "conformance").glob("usage-*.xml")):
+    # the project's canonical fixtures with a usage, and libvirt's inputs when present
+    files = sorted((DATA / "canonical").glob("usage-*.xml")) + sorted(SHARED.glob("usage-*.xml"))
+    assert len(files) >= 6
+    for f in files + [DATA / "invalid" / "usage-passphrase.xml"]:
         if "passphrase" in f.name:
             assert _parse_canonical(f.read_bytes()) is None
             continue

@@ -445,8 +445,9 @@ def assert_sandboxed(pid: int, root: Path) -> None:
 
 
 @pytest.mark.parametrize("sandboxed", [False, True], ids=["plain", "sandboxed"])
-def test_system_service_end_to_end(installed, make_bus, make_polkitd, notify_socket, tmp_path, sandboxed):
-    root = tmp_path / "root"
+def test_system_service_end_to_end(installed, make_bus, make_polkitd, notify_socket, tmp_path, disk_tmp_path,
+                                   sandboxed):
+    root = disk_tmp_path / "root"   # holds the host key: not on a tmpfs (harness/diskdir.py)
     # ConfigurationDirectory= / RuntimeDirectory= with their modes (systemd makes them).
     svc = installed.unit(SYSTEM_UNIT)
     for sub in ("etc/secrets", "run/secrets"):
