@@ -21,7 +21,7 @@ from dbus_fast import Message, MessageFlag
 
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.bus.dispatch import Reply, error
-from secretbus.bus.names import error_name, error_text
+from secretbus.bus.names import UNKNOWN_OBJECT, error_name, error_text
 from secretbus.core import errors, logsetup
 from secretbus.core.model import SecretDef
 
@@ -36,15 +36,16 @@ class MethodSpec:
     perms: tuple[Perm, ...] = ()    # all needed, on the Prepared's target
     each: Perm | None = None        # the candidates are filtered by this permission
     writes: bool = False            # writes files: runs in the worker thread
+    hidden: bool = False            # a denial answers UnknownObject (the object's existence is private)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def method(iface: str, member: str, signature: str, *, perms: tuple[Perm, ...] = (),
-           each: Perm | None = None, writes: bool = False) -> Callable[[F], F]:
+           each: Perm | None = None, writes: bool = False, hidden: bool = False) -> Callable[[F], F]:
     """Declare the handler of `iface.member` (firewalld's style: the spec sits on the handler)."""
-    spec = MethodSpec(iface, member, signature, perms, each, writes)
+    spec = MethodSpec(iface, member, signature, perms, each, writes, hidden)
 
     def mark(fn: F) -> F:
         fn.dbus_method = spec  # type: ignore[attr-defined]
@@ -78,6 +79,8 @@ class Prepared:
     candidates: Sequence[SecretDef] = ()  # filtered by the spec's `each` permission
     private: bool = False                 # a private value: the caller's uid decides
     large: bool = False                   # a reply that can be ~1 MB (lists)
+    # Further checks on other definitions (a redefine: the one it replaces), all needed.
+    also: tuple[tuple[Perm, SecretDef], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,11 +184,13 @@ class CallRunner:
             uid = await self.access.caller_uid(caller)
             logsetup.caller_uid.set(uid)
         if self.access.enabled:
-            for perm in spec.perms:
-                if not await self.access.allowed(caller, perm, prep.target):
-                    d = prep.target
+            checks = [(perm, prep.target) for perm in spec.perms] + list(prep.also)
+            for perm, d in checks:
+                if not await self.access.allowed(caller, perm, d):
                     log.warning("denied %s to %s", perm.value, caller.sender,
                                 extra={"SECRET_UUID": d.uuid if d else "", "SECRET_OPERATION": msg.member})
+                    if spec.hidden:
+                        raise DBusFailure(UNKNOWN_OBJECT, f"no object at {msg.path}")
                     raise errors.AccessDenied(f"'{perm.value}' denied access")
         visible = prep.candidates
         if spec.each is not None and self.access.enabled:

@@ -8,20 +8,25 @@ module puts them together over one driver and one bus connection.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
-from dbus_fast import Message
+from dbus_fast import Message, MessageType
 from dbus_fast.introspection import Interface
 
 from secretbus.access.permissions import AccessControl
-from secretbus.bus.execute import Bound, CallRunner, specs_of
 from secretbus.bus.dispatch import Dispatcher, Entry, ObjectType, Reply, error
+from secretbus.bus.emit import Announcer
+from secretbus.bus.execute import Bound, CallRunner, specs_of
 from secretbus.bus.handlers import ConnectHandlers, SecretHandlers, secret_properties
 from secretbus.bus.introspection import STANDARD, node_xml, packaged
 from secretbus.bus.names import (
     CONNECT_IFACE,
     CONNECT_PATH,
+    DBUS_IFACE,
+    DBUS_NAME,
+    DBUS_PATH,
     INTROSPECT_IFACE,
     OM_IFACE,
     PEER_IFACE,
@@ -32,10 +37,14 @@ from secretbus.bus.names import (
     secret_node,
     uuid_from_path,
 )
-from secretbus.bus.emit import Announcer
 from secretbus.core.model import SecretEvent
 
 __all__ = ["SecretService", "secret_properties"]
+
+log = logging.getLogger("secretbus.dbus")
+
+NAME_GONE = (f"type='signal',sender='{DBUS_NAME}',interface='{DBUS_IFACE}',"
+             "member='NameOwnerChanged',arg2=''")
 
 # The path down to the connect object: each node introspects with its one child.
 _TREE = {"/": "org", "/org": "libvirt", "/org/libvirt": "secret"}
@@ -63,10 +72,11 @@ class SecretService:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._runner = CallRunner(bus, access, private_readers)
-        self._signals = Announcer(bus, driver)
+        self._signals = Announcer(bus, driver, access)
         self._closing = False
         self.calls = 0                         # for idle tracking
         self._sub: int | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._dispatcher = Dispatcher(_locate, self._object_types(), self._invoke, node_xml)
 
     def _object_types(self) -> dict[str, ObjectType[Bound]]:
@@ -77,18 +87,17 @@ class SecretService:
         def bound(handlers: object) -> list[Bound]:
             return [Bound(spec, fn) for spec, fn in specs_of(handlers)]
 
-        def secret_children(path: str) -> list[str] | None:
-            return [] if uuid_from_path(path) in self._signals.exported else None
-
         def secrets_children(path: str) -> list[str]:
             # Child names are UUIDs, which getattr-level callers may see anyway; with access
             # control on, they are not listed at all.
             return [] if self.access.enabled else [secret_node(u) for u in sorted(self._signals.exported)]
 
         return {
-            "connect": ObjectType.build(connect, bound(ConnectHandlers(self.driver)),
+            "connect": ObjectType.build(connect, bound(ConnectHandlers(self.driver, self._signals.subscribers,
+                                                                       filtered=self.access.enabled)),
                                         introspect=lambda path: ["secret"]),
-            "secret": ObjectType.build(secret, bound(SecretHandlers(self.driver)), introspect=secret_children,
+            # Introspect of a secret is its handler's (behind getattr), not the dispatcher's.
+            "secret": ObjectType.build(secret, bound(SecretHandlers(self.driver, node_xml(secret, []))),
                                        well_formed=lambda path: uuid_from_path(path) is not None),
             "secrets": ObjectType([] if self.access.enabled else std, introspect=secrets_children),
             "tree": ObjectType(std, introspect=lambda path: [_TREE[path]]),
@@ -98,7 +107,25 @@ class SecretService:
     def attach(self) -> None:
         self._signals.reset(self.driver.list_secrets())
         self.bus.add_message_handler(self._dispatcher.on_message)
+        if self.access.enabled:
+            self.bus.add_message_handler(self._on_bus_signal)
+            self._watch = self._loop.create_task(self._watch_departures())
         self._sub = self.driver.subscribe(self._on_driver_event)
+
+    async def _watch_departures(self) -> None:
+        """Subscribers that leave the bus are dropped (unique names are never reused)."""
+        try:
+            reply = await self.bus.call(Message(destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_IFACE,
+                                                member="AddMatch", signature="s", body=[NAME_GONE]))
+            if reply.message_type is MessageType.ERROR:
+                raise RuntimeError(reply.error_name)
+        except Exception as e:  # noqa: BLE001
+            log.error("cannot watch for departed event subscribers: %s", type(e).__name__)
+
+    def _on_bus_signal(self, msg: Message) -> None:
+        if (msg.message_type is MessageType.SIGNAL and msg.sender == DBUS_NAME
+                and msg.member == "NameOwnerChanged" and msg.signature == "sss" and not msg.body[2]):
+            self._signals.subscribers.gone(msg.body[0])
 
     def refresh(self) -> None:
         """After a reload: announce objects that appeared or vanished (no lifecycle events)."""
@@ -112,6 +139,7 @@ class SecretService:
         """Stop taking calls and wait for those already running (SIGTERM)."""
         self._closing = True
         await self._runner.drain()
+        await self._signals.close()
         if self._sub is not None:
             self.driver.unsubscribe(self._sub)
             self._sub = None

@@ -26,6 +26,7 @@ log = logging.getLogger("secretbus.driver")
 
 EventCallback = Callable[[SecretEvent], None]
 T = TypeVar("T")
+ANY = object()    # define(expect=ANY): no compare-and-set
 
 
 @dataclass(frozen=True)
@@ -202,11 +203,22 @@ class SecretDriver:
     def define_xml(self, xml: str | bytes, flags: int = 0) -> SecretDef:
         return self.define(self.parse_definition(xml, flags))
 
-    def define(self, new: SecretDef) -> SecretDef:
+    def find(self, uuid: str) -> SecretDef | None:
+        """The definition of `uuid` now, None if there is none (no error: a define asks)."""
+        entry = self._table.get(uuid)
+        return entry.definition if entry is not None else None
+
+    def define(self, new: SecretDef, *, expect: SecretDef | None | object = ANY) -> SecretDef:
+        """Define or redefine `new`. With `expect` (a compare-and-set), the definition of its
+        UUID must still be `expect` (None: absent): the caller checked its access against
+        that one, and one that changed meanwhile is refused rather than acted on unchecked."""
         rules.check_definition(new)
         with self._mutex:
             entry = self._table.get(new.uuid)
             old = entry.definition if entry is not None else None
+            if expect is not ANY and old != expect:
+                raise errors.OperationFailed(
+                    f"secret {new.uuid} changed while the request was being authorised; try again")
             self._check_define(old, new)
             self._persist_define(old, new, entry.value if entry is not None else None)
             if entry is not None:
