@@ -80,7 +80,8 @@ if mode == "client":
     from secretbus.store.paths import InstanceKind
     conn = DBusConnection.open(InstanceKind.SYSTEM, "secret:///system", bus_address=addr, timeout=10)
     def handler(secret, ev):
-        out({"member": "event", "text": f"{ev.uuid} {int(ev.event_id)} {-1 if ev.lifecycle is None else int(ev.lifecycle)} {ev.usage_id}"})
+        life = -1 if ev.lifecycle is None else int(ev.lifecycle)
+        out({"member": "event", "text": f"{ev.uuid} {int(ev.event_id)} {life} {ev.usage_id}"})
     conn.subscribe(handler)
     out({"member": "listening", "text": ""})
     sys.stdin.read()
@@ -316,4 +317,14 @@ def test_define_compare_and_set(tmp_path):
     assert driver.find(TLS) is None
     assert driver.define(parse_secret_xml(ceph_xml(CEPH, "shared-x", "three")),
                          expect=driver.find(CEPH)).description == "three"
+    # SetValue and Undefine: checked on one definition, acted on only if it is still the one.
+    with pytest.raises(errors.OperationFailed, match="changed while"):
+        driver.set_value(CEPH, b"other", expect=checked)
+    with pytest.raises(errors.OperationFailed, match="changed while"):
+        driver.undefine(CEPH, expect=checked)
+    assert driver.get_value(CEPH) == b"k"
+    current = driver.find(CEPH)
+    driver.set_value(CEPH, b"new", expect=current)
+    driver.undefine(CEPH, expect=current)
+    assert driver.find(CEPH) is None
     driver.close()

@@ -241,7 +241,7 @@ class SecretHandlers:
         rules.check_value(value)
 
         def act(g: Grant) -> list[Any]:
-            self.driver.set_value(d.uuid, value, 0)
+            self.driver.set_value(d.uuid, value, 0, expect=d)    # still the secret checked
             return []
         return Prepared(act, target=d)
 
@@ -256,7 +256,7 @@ class SecretHandlers:
         d = self._secret(msg)
 
         def act(g: Grant) -> list[Any]:
-            self.driver.undefine(d.uuid)
+            self.driver.undefine(d.uuid, expect=d)    # still the secret checked
             return []
         return Prepared(act, target=d)
 

@@ -29,6 +29,13 @@ T = TypeVar("T")
 ANY = object()    # define(expect=ANY): no compare-and-set
 
 
+def _check_expected(uuid: str, now: SecretDef | None, expect: SecretDef | None | object) -> None:
+    """Compare-and-set: the front end checked the caller's access on `expect` and awaited
+    meanwhile; a definition that changed since then was not checked, so nothing is done."""
+    if expect is not ANY and now != expect:
+        raise errors.OperationFailed(f"secret {uuid} changed while the request was being authorised; try again")
+
+
 @dataclass(frozen=True)
 class Setup:
     """One reading of secret.conf and the key: the store the driver serves from."""
@@ -216,9 +223,7 @@ class SecretDriver:
         with self._mutex:
             entry = self._table.get(new.uuid)
             old = entry.definition if entry is not None else None
-            if expect is not ANY and old != expect:
-                raise errors.OperationFailed(
-                    f"secret {new.uuid} changed while the request was being authorised; try again")
+            _check_expected(new.uuid, old, expect)
             self._check_define(old, new)
             self._persist_define(old, new, entry.value if entry is not None else None)
             if entry is not None:
@@ -276,12 +281,14 @@ class SecretDriver:
             raise
 
     # -- values -------------------------------------------------------------------
-    def set_value(self, uuid: str, value: bytes, flags: int = 0) -> None:
+    def set_value(self, uuid: str, value: bytes, flags: int = 0, *, expect: SecretDef | object = ANY) -> None:
+        """`expect`: as for define, the definition the caller's access was checked on."""
         rules.check_set_value_flags(flags)
         data = rules.check_value(value)
         with self._mutex:
             entry = self._get(uuid)
             d = entry.definition
+            _check_expected(d.uuid, d, expect)
             if not d.ephemeral:
                 self.store.write_value(d.uuid, data)
             self._table.set_value(entry, data)
@@ -299,9 +306,11 @@ class SecretDriver:
         return bytes(value)
 
     # -- undefine -----------------------------------------------------------------
-    def undefine(self, uuid: str) -> None:
+    def undefine(self, uuid: str, *, expect: SecretDef | object = ANY) -> None:
+        """`expect`: as for define, the definition the caller's access was checked on."""
         with self._mutex:
             d = self._get(uuid).definition
+            _check_expected(d.uuid, d, expect)
             # Values first: a crash in between leaves a value-less secret, never a
             # value file that a later secret with this UUID would inherit.
             self.store.delete_values(d.uuid)
