@@ -143,6 +143,9 @@ class Announcer:
             return
         if not len(self.subscribers):
             return                       # nobody to tell: no checks, no queue
+        idle = self._queue.empty() and (self._worker is None or self._worker.done())
+        if idle and self._deliver_cached(about, out):
+            return                       # in order, before the reply of the call that caused it
         self._queue.put_nowait((about, out))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._deliver_all())
@@ -155,14 +158,29 @@ class Announcer:
             except Exception:  # noqa: BLE001 - one failed delivery must not stop the next
                 log.exception("could not deliver the signals about secret %s", about.uuid)
 
+    def _deliver_cached(self, about: SecretDef, out: list[Signal]) -> bool:
+        """Deliver now if every subscriber's decision is cached (no await); False if not."""
+        cached = getattr(self.access, "cached", None)
+        if cached is None:
+            return False
+        names = self.subscribers.snapshot()
+        known = [cached(Caller(n), Perm.GETATTR, about) for n in names]
+        if any(k is None for k in known):
+            return False
+        self._unicast([n for n, ok in zip(names, known, strict=True) if ok], out)
+        return True
+
     async def _deliver(self, about: SecretDef, out: list[Signal]) -> None:
         access = self.access
         assert access is not None
         names = self.subscribers.snapshot()
         allowed = await asyncio.gather(*(access.allowed(Caller(n), Perm.GETATTR, about) for n in names))
-        for name, ok in zip(names, allowed, strict=True):
-            if not ok or name not in self.subscribers or not self.bus.connected:
-                continue
+        self._unicast([n for n, ok in zip(names, allowed, strict=True) if ok and n in self.subscribers], out)
+
+    def _unicast(self, names: list[str], out: list[Signal]) -> None:
+        if not self.bus.connected:
+            return
+        for name in names:
             for s in out:
                 self.bus.send(Message(destination=name, path=s.path, interface=s.iface, member=s.member,
                                       message_type=MessageType.SIGNAL, signature=s.sig, body=s.body))
