@@ -10,6 +10,7 @@ unprivileged `sbtest-member` (group libvirt) through setpriv.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import selectors
@@ -328,3 +329,97 @@ def test_define_compare_and_set(tmp_path):
     driver.undefine(CEPH, expect=current)
     assert driver.find(CEPH) is None
     driver.close()
+
+
+# -- the emitter's delivery, without a bus ---------------------------------------------------
+class _Bus:
+    connected = True
+
+    def __init__(self):
+        self.sent: list = []
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+
+class _Access:
+    """getattr allowed to every subscriber but ":1.bad" on HIDDEN; `cache` decides whether
+    decisions are known without awaiting (the emitter then sends at once)."""
+
+    enabled = True
+
+    def __init__(self, cache: bool):
+        self.cache, self.asked = cache, 0
+
+    def _ok(self, caller, perm, d) -> bool:
+        return not (caller.sender == ":1.bad" and d.uuid == HIDDEN)
+
+    def cached(self, caller, perm, d):
+        return self._ok(caller, perm, d) if self.cache else None
+
+    async def caller_uid(self, caller) -> int | None:
+        return None
+
+    async def allowed(self, caller, perm, d) -> bool:
+        self.asked += 1
+        await asyncio.sleep(0)
+        return self._ok(caller, perm, d)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_announcer_unicasts_only_what_each_subscriber_may_see(cache):
+    from secretbus.bus.emit import Announcer
+    from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
+
+    async def main():
+        bus, access = _Bus(), _Access(cache)
+        a = Announcer(bus, None, access)
+        a.reset([])
+        for uuid in (HIDDEN, VISIBLE):     # nobody subscribed: nothing sent, nothing asked
+            d = parse_secret_xml(ceph_xml(uuid, uuid[-4:], "d"))
+            a.emit(SecretEvent(EventId.LIFECYCLE, uuid, UsageType.CEPH, d.usage_id or "", Lifecycle.DEFINED, 0, d))
+        assert bus.sent == [] and access.asked == 0
+        a.subscribers.add(":1.bad")
+        a.subscribers.add(":1.good")
+        for uuid in (HIDDEN, VISIBLE):
+            d = a.exported[uuid]
+            a.emit(SecretEvent(EventId.VALUE_CHANGED, uuid, UsageType.CEPH, d.usage_id or "", None, 0, d))
+        await a.close()
+        got = [(m.destination, m.member, m.body[0]) for m in bus.sent]
+        assert got == [(":1.good", "SecretValueChanged", path_of(HIDDEN)),
+                       (":1.bad", "SecretValueChanged", path_of(VISIBLE)),
+                       (":1.good", "SecretValueChanged", path_of(VISIBLE))], got
+        a.subscribers.gone(":1.good")
+        bus.sent.clear()
+        a.emit(SecretEvent(EventId.LIFECYCLE, HIDDEN, UsageType.CEPH, "", Lifecycle.UNDEFINED, 0, None))
+        await a.close()
+        assert bus.sent == [] and HIDDEN not in a.exported       # only :1.bad is left: hidden from it
+    asyncio.run(main())
+
+
+def test_announcer_broadcasts_with_access_off():
+    from secretbus.access.permissions import AllowAll
+    from secretbus.bus.emit import Announcer
+    from secretbus.core.model import EventId, SecretEvent, UsageType
+
+    async def main():
+        bus = _Bus()
+        a = Announcer(bus, None, AllowAll())
+        d = parse_secret_xml(ceph_xml(HIDDEN, "x", "d"))
+        a.reset([d])
+        a.emit(SecretEvent(EventId.VALUE_CHANGED, HIDDEN, UsageType.CEPH, "x", None, 0, d))
+        assert [(m.destination, m.member) for m in bus.sent] == [(None, "SecretValueChanged")]
+    asyncio.run(main())
+
+
+def test_subscriptions_are_bounded():
+    from secretbus.bus.emit import Subscriptions
+    subs = Subscriptions(limit=2)
+    subs.add(":1.1")
+    subs.add(":1.2")
+    subs.add(":1.2")                     # again: no new entry
+    with pytest.raises(errors.OperationFailed, match="too many event subscribers"):
+        subs.add(":1.3")
+    subs.gone(":1.1")
+    subs.add(":1.3")
+    assert subs.snapshot() == [":1.2", ":1.3"]
