@@ -453,9 +453,12 @@ def test_owner_change_is_tracked(feed):
 
 def test_farewell_removes_every_rule(feed):
     feed.rules = signals.match_rules()
-    msgs = feed.farewell()
+    bye, *msgs = feed.farewell()
+    assert (bye.destination, bye.path, bye.interface, bye.member) == \
+        ("org.libvirt.secret", "/org/libvirt/secret", "org.libvirt.Connect", "Unsubscribe")
     assert [m.body[0] for m in msgs] == signals.match_rules() and feed.rules == []
     assert all(m.member == "RemoveMatch" and m.destination == "org.freedesktop.DBus" for m in msgs)
+    assert feed.farewell() == []          # nothing subscribed: nothing to say
 
 
 def test_connection_routes_signals_to_its_feed(offline):

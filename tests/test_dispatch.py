@@ -20,6 +20,7 @@ from secretbus.bus.handlers import LIBVIRT_COMPAT, ConnectHandlers, SecretHandle
 from secretbus.bus.names import (
     CONNECT_IFACE,
     CONNECT_PATH,
+    INTROSPECT_IFACE,
     OM_IFACE,
     PROPS_IFACE,
     SECRET_IFACE,
@@ -157,7 +158,9 @@ def test_dbus_interfaces_is_the_packaged_copy():
 
 def test_every_declared_method_is_in_the_xml_with_its_signature():
     for handlers, ifaces in ((ConnectHandlers(None), [CONNECT_IFACE]), (SecretHandlers(None), [SECRET_IFACE])):
-        model = [introspection.STANDARD[PROPS_IFACE], introspection.STANDARD[OM_IFACE],
+        # As the service builds them: secrets answer Introspect themselves (behind getattr).
+        model = [introspection.STANDARD[INTROSPECT_IFACE], introspection.STANDARD[PROPS_IFACE],
+                 introspection.STANDARD[OM_IFACE],
                  *map(introspection.packaged, ifaces)]
         specs = [s for s, _ in specs_of(handlers)]
         obj = ObjectType.build(model, specs)
@@ -186,6 +189,9 @@ def test_permissions_are_libvirts():
         "SetValue": ((Perm.WRITE,), None, True),
         "GetXMLDesc": ((Perm.READ,), None, False),
         "Undefine": ((Perm.DELETE,), None, True),
+        "Subscribe": ((Perm.SEARCH_SECRETS,), None, False),      # as virConnectSecretEventRegisterAny
+        "Unsubscribe": ((), None, False),
+        "Introspect": ((Perm.GETATTR,), None, False),            # of a secret object
     }
     got = {s.member: (s.perms, s.each, s.writes)
            for h in (ConnectHandlers(None), SecretHandlers(None)) for s, _ in specs_of(h) if s.iface != PROPS_IFACE}

@@ -707,11 +707,14 @@ def test_polkitd_gone_fails_closed(system_bus, make_polkitd, make_secretbusd, te
 
     pk.stop()
     harness.wait_until(lambda: not system_bus.name_has_owner(PK_NAME), timeout=5, what="polkitd gone")
-    # every gated call is refused now, quickly: the cached "yes" went with polkitd
+    # every gated call is refused now, quickly: the cached "yes" went with polkitd. New
+    # connections call with their own signature: gdbus would introspect the secret first,
+    # and that (getattr, refused too) answers UnknownObject, so gdbus would guess 'i'.
+    member2 = pyclient(test_users.member, system_bus)
     gone = {
         "cached connection GetValue": value(),
         "cached connection ListSecrets": client.call(CONNECT_PATH, CONNECT, "ListSecrets", "u", [0]),
-        "member GetValue (new connection)": g(system_bus, test_users.member, path, f"{SECRET}.GetValue", "0"),
+        "member GetValue (new connection)": value(member2),
         "member LookupByUUID": g(system_bus, test_users.member, CONNECT_PATH,
                                  f"{CONNECT}.SecretLookupByUUID", uuid),
     }
@@ -729,9 +732,10 @@ def test_polkitd_gone_fails_closed(system_bus, make_polkitd, make_secretbusd, te
     assert r.ok and r.out == [b"value"], r
 
     # a hung polkitd: uncached checks time out (--polkit-timeout 5) and are refused; the cached one stays
+    member3 = pyclient(test_users.member, system_bus)    # a new connection: nothing cached
     os.kill(pk2.pid, signal.SIGSTOP)
     try:
-        r = g(system_bus, test_users.member, path, f"{SECRET}.GetValue", "0")
+        r = value(member3)
         assert r.code() == "denied:read-secure", r
         assert 4.0 < r.secs < 10.0, r
         r = value()
@@ -836,12 +840,17 @@ def test_reconnecting_caller_is_checked_again(system_bus, make_polkitd, make_sec
     read_secure = "org.libvirt.api.secret.read-secure"
     assert [c.action for c in mon.checks(first)] == [read_secure]
     assert [c.action for c in mon.checks(second)] == [read_secure]
-    # each gdbus call is a new connection: one check each
-    before = len(mon.checks())
+    # each gdbus call is a new connection: one read-secure check each (and one getattr for
+    # the Introspect gdbus makes first)
+    def counts() -> tuple[int, int]:
+        actions = [c.action for c in mon.checks()]
+        return actions.count(read_secure), actions.count("org.libvirt.api.secret.getattr")
+    before = counts()
     for _ in range(3):
         assert g(system_bus, test_users.member, path, f"{SECRET}.GetValue", "0").ok
     mon.sync()
-    assert len(mon.checks()) - before == 3
+    after = counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 3)
 
 
 def test_interactive_flag(system_bus, make_polkitd, make_secretbusd, test_users, pyclient,

@@ -119,6 +119,9 @@ class Dispatcher(Generic[H]):
             return error(msg, UNKNOWN_OBJECT, f"no object at {path}")
         obj = self._types[kind]
         if iface == INTROSPECT_IFACE or (iface is None and member == "Introspect"):
+            own = obj.lookup(INTROSPECT_IFACE, member)     # a type may answer it itself (access checks)
+            if own is not None and msg.signature == own.in_sig:
+                return self._invoke(msg, own)
             return self._introspect(msg, path, obj)
         if iface == PEER_IFACE:
             return None

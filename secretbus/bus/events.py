@@ -18,14 +18,14 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple
 
 from dbus_fast import Message, MessageFlag, MessageType
 
 from secretbus.bus.calls import Calls, bus_message
 from secretbus.bus.loop import CLOSED
-from secretbus.bus.names import BUS_NAME, DBUS_NAME
+from secretbus.bus.names import BUS_NAME, CONNECT_IFACE, CONNECT_PATH, DBUS_NAME
 from secretbus.bus.signals import (
     LifecycleSignal,
     Signal,
@@ -98,11 +98,15 @@ class SignalFeed:
         self.events = events
         self.rules: list[str] = []
         self.owner: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def listen(self) -> None:
-        """Add the match rules and learn the name's owner, in one round trip."""
+        """Add the match rules, learn the name's owner and subscribe, in one round trip.
+        The match rules see broadcasts (session bus); on the system bus the service sends
+        its signals to subscribers alone, each only those about secrets it may see."""
         rules = match_rules()
         calls = [self._calls.call_bus("AddMatch", "s", [r], "") for r in rules]
+        calls.append(self._subscribe("Subscribe"))
         calls.append(self._calls.call_bus("GetNameOwner", "s", [BUS_NAME], "s"))
         res = await asyncio.gather(*calls, return_exceptions=True)
         self.rules = [r for r, ok in zip(rules, res, strict=False) if not isinstance(ok, BaseException)]
@@ -113,15 +117,30 @@ class SignalFeed:
         owner = res[-1]
         self.owner = owner[0] if not isinstance(owner, BaseException) else None
 
+    def _subscribe(self, member: str) -> Coroutine[Any, Any, list[Any]]:
+        return self._calls.call(CONNECT_PATH, CONNECT_IFACE, member, "", [], "")
+
+    async def _resubscribe(self) -> None:
+        """A new owner of the name (the service restarted) knows no subscribers."""
+        try:
+            await self._subscribe("Subscribe")
+        except errors.SecretError as e:
+            log.warning("could not subscribe to the restarted service's events: %s", e)
+
     async def unlisten(self) -> None:
         rules, self.rules = self.rules, []
-        await asyncio.gather(*(self._calls.call_bus("RemoveMatch", "s", [r], "") for r in rules),
+        await asyncio.gather(self._subscribe("Unsubscribe"),
+                             *(self._calls.call_bus("RemoveMatch", "s", [r], "") for r in rules),
                              return_exceptions=True)
 
     def farewell(self) -> list[Message]:
-        """RemoveMatch messages (no reply wanted) for closing; forgets the rules."""
+        """Unsubscribe and RemoveMatch messages (no reply wanted) for closing; forgets the rules."""
         rules, self.rules = self.rules, []
-        return [bus_message("RemoveMatch", "s", [r], flags=MessageFlag.NO_REPLY_EXPECTED) for r in rules]
+        if not rules:
+            return []
+        bye = Message(destination=BUS_NAME, path=CONNECT_PATH, interface=CONNECT_IFACE, member="Unsubscribe",
+                      flags=MessageFlag.NO_REPLY_EXPECTED)
+        return [bye, *(bus_message("RemoveMatch", "s", [r], flags=MessageFlag.NO_REPLY_EXPECTED) for r in rules)]
 
     def on_message(self, msg: Message) -> None:
         """Every message this connection receives passes here first."""
@@ -139,6 +158,10 @@ class SignalFeed:
             if change is not None and change.owner != self.owner:
                 self.owner = change.owner
                 self.cache.clear()       # a restarted service may hold other definitions
+                if change.owner is not None and self.rules:
+                    task = asyncio.get_running_loop().create_task(self._resubscribe())
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             return
         if not self.rules or self.owner is None or msg.sender != self.owner:
             return

@@ -25,7 +25,7 @@ from secretbus.bus import compat
 from secretbus.bus.auditing import ReadAudit
 from secretbus.bus.dispatch import Reply, error
 from secretbus.bus.limits import LIMITS_EXCEEDED, Bounds, CallerBudget, Refused
-from secretbus.bus.names import error_name, error_text
+from secretbus.bus.names import UNKNOWN_OBJECT, error_name, error_text
 from secretbus.bus.sizes import reply_size
 from secretbus.bus.unread import Ask, UnreadReplies
 from secretbus.core import errors, logsetup
@@ -43,15 +43,17 @@ class MethodSpec:
     each: Perm | None = None        # the candidates are filtered by this permission
     writes: bool = False            # writes files: runs in the worker thread
     audit: bool = False             # a value read: each reply or refusal is an audit record
+    hidden: bool = False            # a denial answers UnknownObject (the object's existence is private)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def method(iface: str, member: str, signature: str, *, perms: tuple[Perm, ...] = (),
-           each: Perm | None = None, writes: bool = False, audit: bool = False) -> Callable[[F], F]:
+           each: Perm | None = None, writes: bool = False, audit: bool = False,
+           hidden: bool = False) -> Callable[[F], F]:
     """Declare the handler of `iface.member` (firewalld's style: the spec sits on the handler)."""
-    spec = MethodSpec(iface, member, signature, perms, each, writes, audit)
+    spec = MethodSpec(iface, member, signature, perms, each, writes, audit, hidden)
 
     def mark(fn: F) -> F:
         fn.dbus_method = spec  # type: ignore[attr-defined]
@@ -85,6 +87,8 @@ class Prepared:
     candidates: Sequence[SecretDef] = ()  # filtered by the spec's `each` permission
     private: bool = False                 # a private value: the caller's uid decides
     large: bool = False                   # a reply that can be ~1 MB (lists)
+    # Further checks on other definitions (a redefine: the one it replaces), all needed.
+    also: tuple[tuple[Perm, SecretDef], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -273,11 +277,13 @@ class CallRunner:
             uid = await self.access.caller_uid(caller)
             logsetup.caller_uid.set(uid)
         if self.access.enabled:
-            for perm in spec.perms:
-                if not await self.access.allowed(caller, perm, prep.target):
-                    d = prep.target
+            checks = [(perm, prep.target) for perm in spec.perms] + list(prep.also)
+            for perm, d in checks:
+                if not await self.access.allowed(caller, perm, d):
                     self.denials.denied(uid, caller.sender, perm.value,
                                         {"SECRET_UUID": d.uuid if d else "", "SECRET_OPERATION": msg.member})
+                    if spec.hidden:
+                        raise DBusFailure(UNKNOWN_OBJECT, f"no object at {msg.path}")
                     raise errors.AccessDenied(f"'{perm.value}' denied access")
         visible = prep.candidates
         if spec.each is not None and self.access.enabled:

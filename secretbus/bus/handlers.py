@@ -18,6 +18,7 @@ from secretbus.access.permissions import Perm
 from secretbus.bus.execute import DBusFailure, Grant, Prepared, method
 from secretbus.bus.names import (
     CONNECT_IFACE,
+    INTROSPECT_IFACE,
     OM_IFACE,
     PROPERTY_READ_ONLY,
     PROPS_IFACE,
@@ -61,6 +62,18 @@ def secret_properties(d: SecretDef) -> dict[str, Variant]:
     }
 
 
+def redefine_checks(old: SecretDef | None, new: SecretDef) -> tuple[tuple[Perm, SecretDef], ...]:
+    """What a redefine needs on the definition it replaces, beyond write+save on the new one:
+    write+save on the old one too (a grant for one usage must not rewrite another's secret),
+    and delete when it destroys the stored value (persistent -> ephemeral removes the files)."""
+    if old is None:
+        return ()
+    checks = [(Perm.WRITE, old), (Perm.SAVE, old)]
+    if new.ephemeral and not old.ephemeral:
+        checks.append((Perm.DELETE, old))
+    return tuple(checks)
+
+
 def connect_properties() -> dict[str, Variant]:
     """libvirt-dbus's org.libvirt.Connect properties, with what is true of a local bus:
     as libvirt says of a unix socket, not encrypted but secure (no other host sees it)."""
@@ -90,8 +103,10 @@ def _prop(props: Mapping[str, Variant], name: str, own: str) -> Variant:
 class ConnectHandlers:
     """/org/libvirt/secret: org.libvirt.Connect (secret part), ObjectManager, Properties."""
 
-    def __init__(self, driver: Any):
+    def __init__(self, driver: Any, subscribers: Any = None, *, filtered: bool = False):
         self.driver = driver
+        self.subscribers = subscribers     # emit.Subscriptions: who gets filtered signals
+        self.filtered = filtered           # access control on: signals go to subscribers only
         # The last path list per ListSecrets flags, with the definitions it was made from:
         # a list of 10,000 secrets costs 10,000 new strings per call otherwise. It is a memo
         # of a pure function (equal definitions, equal paths), so it cannot go stale; the
@@ -117,7 +132,34 @@ class ConnectHandlers:
     def define_xml(self, msg: Message) -> Prepared:
         xml, flags = msg.body
         d = self.driver.parse_definition(xml, flags)    # flags, size limit and parse: the driver's rules
-        return Prepared(lambda g: [secret_path(self.driver.define(d).uuid)], target=d)
+        old = self.driver.find(d.uuid)
+        # The act compares-and-sets: if the definition checked here changed during the
+        # checks, the redefine is refused instead of acting on one nobody checked.
+        return Prepared(lambda g: [secret_path(self.driver.define(d, expect=old).uuid)], target=d,
+                        also=redefine_checks(old, d))
+
+    # libvirt's virConnectSecretEventRegisterAny needs search-secrets; each event then
+    # reaches the subscriber only if it may getattr the secret (emit.py). With access
+    # control off every signal is broadcast, so subscribing changes nothing there.
+    @method(CONNECT_IFACE, "Subscribe", "", perms=(Perm.SEARCH_SECRETS,))
+    def subscribe(self, msg: Message) -> Prepared:
+        sender = msg.sender or ""
+
+        def act(g: Grant) -> list[Any]:
+            if self.filtered and self.subscribers is not None:
+                self.subscribers.add(sender)
+            return []
+        return Prepared(act)
+
+    @method(CONNECT_IFACE, "Unsubscribe", "")
+    def unsubscribe(self, msg: Message) -> Prepared:
+        sender = msg.sender or ""
+
+        def act(g: Grant) -> list[Any]:
+            if self.subscribers is not None:
+                self.subscribers.discard(sender)
+            return []
+        return Prepared(act)
 
     @method(CONNECT_IFACE, "SecretLookupByUUID", "s", perms=(Perm.GETATTR,))
     def lookup_uuid(self, msg: Message) -> Prepared:
@@ -160,14 +202,26 @@ class ConnectHandlers:
 class SecretHandlers:
     """/org/libvirt/secret/secret/_<uuid>: org.libvirt.Secret and Properties."""
 
-    def __init__(self, driver: Any):
+    def __init__(self, driver: Any, introspection: str = ""):
         self.driver = driver
+        self.introspection = introspection     # the Introspect reply of every secret object
 
     def _secret(self, msg: Message) -> SecretDef:
         uuid = uuid_from_path(msg.path or "")
         if uuid is None:
             raise DBusFailure(UNKNOWN_OBJECT, f"no object at {msg.path}")
         return self.driver.lookup_by_uuid(uuid)   # NoSecret with libvirt's wording if gone
+
+    # Behind getattr, and a denial answers as for no object: a hidden secret's path must
+    # not tell that it exists.
+    @method(INTROSPECT_IFACE, "Introspect", "", perms=(Perm.GETATTR,), hidden=True)
+    def introspect(self, msg: Message) -> Prepared:
+        uuid = uuid_from_path(msg.path or "")
+        d = self.driver.find(uuid) if uuid is not None else None
+        if d is None:
+            raise DBusFailure(UNKNOWN_OBJECT, f"no object at {msg.path}")
+        xml = self.introspection
+        return Prepared(lambda g: [xml], target=d)
 
     @method(SECRET_IFACE, "GetValue", "u", perms=(Perm.READ_SECURE,), audit=True)
     def get_value(self, msg: Message) -> Prepared:
@@ -187,7 +241,7 @@ class SecretHandlers:
         rules.check_value(value)
 
         def act(g: Grant) -> list[Any]:
-            self.driver.set_value(d.uuid, value, 0)
+            self.driver.set_value(d.uuid, value, 0, expect=d)    # still the secret checked
             return []
         return Prepared(act, target=d)
 
@@ -202,7 +256,7 @@ class SecretHandlers:
         d = self._secret(msg)
 
         def act(g: Grant) -> list[Any]:
-            self.driver.undefine(d.uuid)
+            self.driver.undefine(d.uuid, expect=d)    # still the secret checked
             return []
         return Prepared(act, target=d)
 

@@ -8,6 +8,7 @@ module puts them together over one driver and one bus connection.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
@@ -26,6 +27,9 @@ from secretbus.bus.limits import Bounds
 from secretbus.bus.names import (
     CONNECT_IFACE,
     CONNECT_PATH,
+    DBUS_IFACE,
+    DBUS_NAME,
+    DBUS_PATH,
     INTROSPECT_IFACE,
     OM_IFACE,
     PEER_IFACE,
@@ -41,9 +45,13 @@ from secretbus.core.model import SecretEvent
 
 __all__ = ["SecretService", "secret_properties"]
 
-# The path down to the connect object: each node introspects with its one child.
-DBUS_NAME, DBUS_PATH = "org.freedesktop.DBus", "/org/freedesktop/DBus"
+log = logging.getLogger("secretbus.dbus")
+
+NAME_GONE = (f"type='signal',sender='{DBUS_NAME}',interface='{DBUS_IFACE}',"
+             "member='NameOwnerChanged',arg2=''")
+
 STATS_IFACE = "org.freedesktop.DBus.Debug.Stats"
+# The path down to the connect object: each node introspects with its one child.
 _TREE = {"/": "org", "/org": "libvirt", "/org/libvirt": "secret"}
 
 
@@ -83,10 +91,11 @@ class SecretService:
         self._runner = CallRunner(bus, access, private_readers, audit=audit, bounds=bounds,
                                   max_message=max_message,
                                   unread=_outgoing_bytes(bus) if hasattr(bus, "call") else None)
-        self._signals = Announcer(bus, driver)
+        self._signals = Announcer(bus, driver, access)
         self._closing = False
         self.calls = 0                         # for idle tracking
         self._sub: int | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._dispatcher = Dispatcher(_locate, self._object_types(), self._invoke, node_xml)
 
     def _object_types(self) -> dict[str, ObjectType[Bound]]:
@@ -97,18 +106,17 @@ class SecretService:
         def bound(handlers: object) -> list[Bound]:
             return [Bound(spec, fn) for spec, fn in specs_of(handlers)]
 
-        def secret_children(path: str) -> list[str] | None:
-            return [] if uuid_from_path(path) in self._signals.exported else None
-
         def secrets_children(path: str) -> list[str]:
             # Child names are UUIDs, which getattr-level callers may see anyway; with access
             # control on, they are not listed at all.
             return [] if self.access.enabled else [secret_node(u) for u in sorted(self._signals.exported)]
 
         return {
-            "connect": ObjectType.build(connect, bound(ConnectHandlers(self.driver)),
+            "connect": ObjectType.build(connect, bound(ConnectHandlers(self.driver, self._signals.subscribers,
+                                                                       filtered=self.access.enabled)),
                                         introspect=lambda path: ["secret"]),
-            "secret": ObjectType.build(secret, bound(SecretHandlers(self.driver)), introspect=secret_children,
+            # Introspect of a secret is its handler's (behind getattr), not the dispatcher's.
+            "secret": ObjectType.build(secret, bound(SecretHandlers(self.driver, node_xml(secret, []))),
                                        well_formed=lambda path: uuid_from_path(path) is not None),
             "secrets": ObjectType([] if self.access.enabled else std, introspect=secrets_children),
             "tree": ObjectType(std, introspect=lambda path: [_TREE[path]]),
@@ -118,6 +126,9 @@ class SecretService:
     def attach(self) -> None:
         self._signals.reset(self.driver.list_secrets())
         self.bus.add_message_handler(self._dispatcher.on_message)
+        if self.access.enabled:
+            self.bus.add_message_handler(self._on_bus_signal)
+            self._watch = self._loop.create_task(self._watch_departures())
         self._sub = self.driver.subscribe(self._on_driver_event)
 
     @property
@@ -128,6 +139,21 @@ class SecretService:
     def private_readers(self, uids: frozenset[int]) -> None:
         # The runner decides GetValue of private secrets; a reload must reach it.
         self._runner.private_readers = uids
+
+    async def _watch_departures(self) -> None:
+        """Subscribers that leave the bus are dropped (unique names are never reused)."""
+        try:
+            reply = await self.bus.call(Message(destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_IFACE,
+                                                member="AddMatch", signature="s", body=[NAME_GONE]))
+            if reply.message_type is MessageType.ERROR:
+                raise RuntimeError(reply.error_name)
+        except Exception as e:  # noqa: BLE001
+            log.error("cannot watch for departed event subscribers: %s", type(e).__name__)
+
+    def _on_bus_signal(self, msg: Message) -> None:
+        if (msg.message_type is MessageType.SIGNAL and msg.sender == DBUS_NAME
+                and msg.member == "NameOwnerChanged" and msg.signature == "sss" and not msg.body[2]):
+            self._signals.subscribers.gone(msg.body[0])
 
     def refresh(self) -> None:
         """After a reload: announce objects that appeared or vanished (no lifecycle events)."""
@@ -149,6 +175,7 @@ class SecretService:
         """Stop taking calls and wait for those already running (SIGTERM)."""
         self._closing = True
         await self._runner.drain()
+        await self._signals.close()
         if self._sub is not None:
             self.driver.unsubscribe(self._sub)
             self._sub = None

@@ -26,6 +26,14 @@ log = logging.getLogger("secretbus.driver")
 
 EventCallback = Callable[[SecretEvent], None]
 T = TypeVar("T")
+ANY = object()    # define(expect=ANY): no compare-and-set
+
+
+def _check_expected(uuid: str, now: SecretDef | None, expect: SecretDef | None | object) -> None:
+    """Compare-and-set: the front end checked the caller's access on `expect` and awaited
+    meanwhile; a definition that changed since then was not checked, so nothing is done."""
+    if expect is not ANY and now != expect:
+        raise errors.OperationFailed(f"secret {uuid} changed while the request was being authorised; try again")
 
 
 @dataclass(frozen=True)
@@ -205,11 +213,20 @@ class SecretDriver:
     def define_xml(self, xml: str | bytes, flags: int = 0) -> SecretDef:
         return self.define(self.parse_definition(xml, flags))
 
-    def define(self, new: SecretDef) -> SecretDef:
+    def find(self, uuid: str) -> SecretDef | None:
+        """The definition of `uuid` now, None if there is none (no error: a define asks)."""
+        entry = self._table.get(uuid)
+        return entry.definition if entry is not None else None
+
+    def define(self, new: SecretDef, *, expect: SecretDef | None | object = ANY) -> SecretDef:
+        """Define or redefine `new`. With `expect` (a compare-and-set), the definition of its
+        UUID must still be `expect` (None: absent): the caller checked its access against
+        that one, and one that changed meanwhile is refused rather than acted on unchecked."""
         rules.check_definition(new)
         with self._mutex:
             entry = self._table.get(new.uuid)
             old = entry.definition if entry is not None else None
+            _check_expected(new.uuid, old, expect)
             self._check_define(old, new)
             self._persist_define(old, new, entry.value if entry is not None else None)
             if entry is not None:
@@ -267,12 +284,14 @@ class SecretDriver:
             raise
 
     # -- values -------------------------------------------------------------------
-    def set_value(self, uuid: str, value: bytes, flags: int = 0) -> None:
+    def set_value(self, uuid: str, value: bytes, flags: int = 0, *, expect: SecretDef | object = ANY) -> None:
+        """`expect`: as for define, the definition the caller's access was checked on."""
         rules.check_set_value_flags(flags)
         data = rules.check_value(value)
         with self._mutex:
             entry = self._get(uuid)
             d = entry.definition
+            _check_expected(d.uuid, d, expect)
             if not d.ephemeral:
                 self.store.write_value(d.uuid, data)
             self._table.set_value(entry, data)
@@ -290,9 +309,11 @@ class SecretDriver:
         return bytes(value)
 
     # -- undefine -----------------------------------------------------------------
-    def undefine(self, uuid: str) -> None:
+    def undefine(self, uuid: str, *, expect: SecretDef | object = ANY) -> None:
+        """`expect`: as for define, the definition the caller's access was checked on."""
         with self._mutex:
             d = self._get(uuid).definition
+            _check_expected(d.uuid, d, expect)
             # Values first: a crash in between leaves a value-less secret, never a
             # value file that a later secret with this UUID would inherit.
             self.store.delete_values(d.uuid)

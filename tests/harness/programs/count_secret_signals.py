@@ -1,5 +1,5 @@
-"""Listen for signals under /org/libvirt/secret for SECONDS; print "listening", then how many
-arrived.  argv: BUS_ADDRESS SECONDS"""
+"""Subscribe to the service's signals and listen under /org/libvirt/secret for SECONDS; print
+"listening", then how many arrived.  argv: BUS_ADDRESS SECONDS"""
 import asyncio
 import sys
 
@@ -15,6 +15,9 @@ async def main() -> None:
     await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
                            body=["type='signal',path_namespace='/org/libvirt/secret'"]))
+    # On the system bus signals go to subscribers (the bus policy refuses an outsider's call).
+    await bus.call(Message(destination="org.libvirt.secret", path="/org/libvirt/secret",
+                           interface="org.libvirt.Connect", member="Subscribe"))
     print("listening", flush=True)
     await asyncio.sleep(float(sys.argv[2]))
     print(len(got), flush=True)
