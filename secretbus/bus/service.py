@@ -41,6 +41,7 @@ from secretbus.bus.names import (
 )
 from secretbus.core import errors, logsetup
 from secretbus.core.model import VALUE_MAX, EventId, Lifecycle, SecretDef, SecretEvent
+from secretbus.driver import rules
 
 log = logging.getLogger("secretbus.dbus")
 
