@@ -30,11 +30,13 @@ class UnsafeDirectory(OSError):
         super().__init__(errno.EPERM, f"refusing directory '{path}': {why}", str(path))
 
 
-def _check_dir(fd: int, path: Path, leaf: bool, euid: int) -> None:
+def _check_dir(fd: int, path: Path, leaf: bool, euid: int, read_only: bool = False) -> None:
     st = os.fstat(fd)
     mode = stat.S_IMODE(st.st_mode)
     if leaf:
-        if st.st_uid != euid:
+        # Reading (secret.conf, the key) from root's directory is safe for anyone; a
+        # directory we write to must be our own.
+        if st.st_uid != euid and not (read_only and st.st_uid == 0):
             raise UnsafeDirectory(path, f"owned by uid {st.st_uid}, not by uid {euid} (ours)")
         if mode & 0o022:
             raise UnsafeDirectory(path, f"mode {mode:04o} lets group or others write to it")
@@ -46,9 +48,10 @@ def _check_dir(fd: int, path: Path, leaf: bool, euid: int) -> None:
         raise UnsafeDirectory(path, f"mode {mode:04o} lets group or others write to it")
 
 
-def open_dir(path: Path | str, *, create: bool = False) -> int:
+def open_dir(path: Path | str, *, create: bool = False, read_only: bool = False) -> int:
     """An fd of directory `path`, verified as above; `create` makes missing components
-    with mode 0700. Raises FileNotFoundError, UnsafeDirectory or another OSError."""
+    with mode 0700; `read_only` (for files we only read) also accepts a leaf owned by
+    root. Raises FileNotFoundError, UnsafeDirectory or another OSError."""
     euid = os.geteuid()
     # Symlinks in the configured path are the administrator's; resolve them once, then
     # walk the result without following any, so a swap after this point fails.
@@ -58,7 +61,7 @@ def open_dir(path: Path | str, *, create: bool = False) -> int:
         here = Path("/")
         names = real.parts[1:]
         if not names:
-            _check_dir(fd, here, True, euid)
+            _check_dir(fd, here, True, euid, read_only)
         for i, name in enumerate(names):
             here = here / name
             try:
@@ -77,7 +80,7 @@ def open_dir(path: Path | str, *, create: bool = False) -> int:
                 raise
             os.close(fd)
             fd = child
-            _check_dir(fd, here, i == len(names) - 1, euid)
+            _check_dir(fd, here, i == len(names) - 1, euid, read_only)
         return fd
     except BaseException:
         os.close(fd)

@@ -74,7 +74,7 @@ def load_key(path: Path) -> bytes:
     can write (messages never show key bytes)."""
     path = Path(path)
     try:
-        dir_fd = fsutil.open_dir(path.parent)
+        dir_fd = fsutil.open_dir(path.parent, read_only=True)
     except OSError as e:
         raise errors.ConfigError(f"Failed to open file '{path}': {e.strerror}") from None
     try:
