@@ -18,25 +18,25 @@ owners, contents) is compared with its state before the daemon started.
 
 Damage kinds (each one secret, or two for the swap and the usage clash; "full" injects several
 of each, with random cut points and bit positions, and more healthy secrets):
-    truncated value          gcm file cut inside a base64 quantum    -> skipped, "truncated"
-    empty value file         gcm file of 0 bytes                     -> skipped, "truncated"
-    flipped bit              one bit of the ciphertext or tag        -> skipped, "failed authentication"
-    value files swapped      A's and B's value files exchanged       -> both skipped, "belongs to another secret",
-                                                                        naming the other
-    not base64               value file of foreign bytes             -> skipped, "not valid base64"
-    wrong key                value encrypted with another key        -> skipped, "encrypted with a different key"
-    unreadable value file    mode 000 (daemon not root)              -> skipped, "cannot read: Permission denied"
-    unreadable XML           mode 000                                -> skipped, "cannot read: Permission denied"
-    malformed XML            the XML cut in half                     -> skipped, "invalid XML"
-    UUID differs from name   F.xml holds <uuid>G</uuid>              -> skipped,
-                                                                        "G does not match secret file name 'F.xml'"
-    duplicate usage          two files, same usage; older mtime wins -> newer skipped, "already defined for use with"
-    two value files          .base64 (older) and .aes256gcm (newer)  -> served with the newer value,
-                                                                        warning "has 2 value files"
-    stale temp file          <uuid>.aes256gcm.new left by a crash    -> removed (the one deletion allowed),
-                                                                        warning; secret served
-    symlink                  value file replaced by a symlink        -> skipped, "cannot read" (O_NOFOLLOW)
-    directory                a directory named <uuid>.aes256gcm      -> skipped, "cannot read: not a regular file"
+    truncated value          gcm file cut inside a base64 quantum        -> skipped, "truncated"
+    empty value file         gcm file of 0 bytes                         -> skipped, "truncated"
+    flipped bit              one bit of the ciphertext or tag            -> skipped, "failed authentication"
+    value files swapped      A's and B's value files exchanged           -> both skipped, "belongs to another secret",
+                                                                            naming the other
+    not base64               value file of foreign bytes                 -> skipped, "not valid base64"
+    wrong key                value encrypted with another key            -> skipped, "encrypted with a different key"
+    unreadable value file    mode 000 (daemon not root)                  -> skipped, "cannot read: Permission denied"
+    unreadable XML           mode 000                                    -> skipped, "cannot read: Permission denied"
+    malformed XML            the XML cut in half                         -> skipped, "invalid XML"
+    UUID differs from name   F.xml holds <uuid>G</uuid>                  -> skipped,
+                                                                            "G does not match secret file name 'F.xml'"
+    duplicate usage          two files, same usage; older mtime wins     -> newer skipped, "already defined for use with"
+    two value files          .base64 (older) and .aes256gcm (newer)      -> GCM value served, warning "has 2 value files"
+                             (a .base64 beside a .aes256gcm is never read, even if newer)
+    stale temp file          <uuid>.aes256gcm.new left by a crash        -> removed (the one deletion allowed),
+                                                                            warning; secret served
+    symlink                  value file replaced by a symlink            -> skipped, "cannot read" (O_NOFOLLOW)
+    directory                a directory named <uuid>.aes256gcm          -> skipped, "cannot read: not a regular file"
 
 A FIFO in place of a value or XML file is tried in a store of its own (`fifo_run()`): opening it
 for reading blocks until a writer appears, so start-up must skip it rather than open it.
@@ -254,9 +254,10 @@ class StoreBuilder:
         self.expect.append(Expect(u, "not base64", False, phrases=(f"{u}.aes256gcm", "not valid base64")))
 
     def wrong_key(self) -> None:
+        from secretbus.store.codec import Binding
         from secretbus.store.crypto import GcmCodec
         u = self.secret(None)
-        self.gcm(u).write_bytes(GcmCodec(os.urandom(32)).encode(u, self.value(u)))
+        self.gcm(u).write_bytes(GcmCodec(os.urandom(32)).encode(Binding(u), self.value(u)))
         os.chmod(self.gcm(u), 0o600)
         self.expect.append(Expect(u, "wrong key", False,
                                   phrases=(f"{u}.aes256gcm", "encrypted with a different key")))
@@ -290,7 +291,9 @@ class StoreBuilder:
     def duplicate_usage(self) -> None:
         usage = f"dup-{self.n}"
         base = 1_600_000_000 * 10**9 + self.n * 10**9
-        older_value = self.value("")
+        # Value-less: a value is bound to its usage, so the edit below would (rightly) make
+        # a valued older secret fail authentication instead of testing the usage clash.
+        older_value = None
         older = self.secret(older_value, usage=f"tmp-{self.n}")
         newer = self.secret(self.value(""), usage=usage, mtime=base + 10**9)
         # Give the older file the same usage afterwards (the driver refuses a clash).
@@ -312,7 +315,7 @@ class StoreBuilder:
         t = self.gcm(u).stat().st_mtime_ns - 5 * 10**9
         os.utime(old, ns=(t, t))
         self.expect.append(Expect(u, "two value files (.base64 + .aes256gcm)", True, new_value,
-                                  warning=f"secret {u} has 2 value files; using the newest, {u}.aes256gcm"))
+                                  warning=f"secret {u} has 2 value files; using {u}.aes256gcm and ignoring {u}.base64"))
 
     def symlink_value(self) -> None:
         """The value file replaced by a symlink to another secret's value file."""

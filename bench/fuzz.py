@@ -80,7 +80,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from secretbus.core import errors  # noqa: E402
 from secretbus.core.secretxml import MAX_XML_BYTES, format_secret_xml, parse_secret_xml  # noqa: E402
-from secretbus.store.codec import Base64Codec, ValueFileError  # noqa: E402
+from secretbus.store.codec import Base64Codec, Binding, ValueFileError  # noqa: E402
 from secretbus.store.conf import SecretConf, load_conf, parse_conf, resolve_readers  # noqa: E402
 from secretbus.store.crypto import CbcCodec, GcmCodec, NoKeyCodec  # noqa: E402
 from secretbus.store.keys import codecs_for  # noqa: E402
@@ -612,12 +612,12 @@ def value_file_cases(draw: st.DrawFn, suffix: str) -> tuple[str, bytes | None, s
     v = draw(values_st)
     codec = _codecs()[suffix]
     if kind == "roundtrip":
-        return kind, v, u, codec.encode(u, v)
+        return kind, v, u, codec.encode(Binding(u), v)
     if kind == "foreign":   # right format, other key or other format
         other = draw(st.sampled_from([GcmCodec(OTHER_KEY), CbcCodec(OTHER_KEY), Base64Codec(),
                                       GcmCodec(KEY), CbcCodec(KEY)]))
-        return kind, v, u, other.encode(draw(st.sampled_from(UUID_POOL)), v)
-    enc = codec.encode(u, v)
+        return kind, v, u, other.encode(Binding(draw(st.sampled_from(UUID_POOL))), v)
+    enc = codec.encode(Binding(u), v)
     if kind == "mutated-raw":   # edit the decoded bytes, re-encode: reaches the crypto layer
         raw = bytearray(base64.b64decode(enc))
         i = draw(st.integers(0, len(raw)))
@@ -639,7 +639,7 @@ def check_value(suffix: str, case: tuple, res: Result) -> None:
     codec = _codecs()[suffix]
     res.tried += 1
     try:
-        out = codec.decode(u, data)
+        out = codec.decode(Binding(u), data)
     except ValueFileError as e:
         res.seen[e.damage.name] += 1
         if kind == "roundtrip":
@@ -660,7 +660,7 @@ def check_value(suffix: str, case: tuple, res: Result) -> None:
             if other == u:
                 continue
             try:
-                codec.decode(other, data)
+                codec.decode(Binding(other), data)
                 res.fail(f"GCM file decoded under another uuid {other}", (kind, u, data))
             except ValueFileError:
                 pass
@@ -679,7 +679,7 @@ def fuzz_values(n: int, seed: int | None = None, quiet: bool = False) -> list[Re
     for data in (b"", b"x", base64.b64encode(os.urandom(64))):
         res.tried += 1
         try:
-            NoKeyCodec("aes256gcm").decode(UUID_POOL[0], data)
+            NoKeyCodec("aes256gcm").decode(Binding(UUID_POOL[0]), data)
             res.fail("NoKeyCodec decoded something", data)
         except ValueFileError:
             pass
@@ -723,7 +723,8 @@ def store_entries(draw: st.DrawFn, specials: bool) -> list[tuple[str, str, Any]]
                 mutated(st.just(format_secret_xml(_good_def(u)))).map(lambda s: s.encode("utf-8", "surrogatepass")),
                 st.just(format_secret_xml(_good_def(u)).encode()),
                 st.tuples(st.sampled_from(list(_codecs().values()) + [GcmCodec(OTHER_KEY)]),
-                          st.sampled_from(UUID_POOL[:4]), values_st).map(lambda t: t[0].encode(t[1], t[2])),
+                          st.sampled_from(UUID_POOL[:4]), values_st)
+                .map(lambda t: t[0].encode(Binding.of(_good_def(t[1])), t[2])),
             ))
         elif kind == "symlink":
             content = draw(st.sampled_from(["/etc/passwd", "nonexistent", f"{GOOD_UUID}.xml", ".", "/dev/zero"]))
@@ -765,7 +766,7 @@ def check_store(entries: list, res: Result, base: Path, encrypted: bool) -> None
         gcm = GcmCodec(KEY)
         (sdir / f"{GOOD_UUID}.xml").write_text(format_secret_xml(_good_def(GOOD_UUID)))
         (sdir / f"{GOOD_UUID}.aes256gcm" if encrypted else sdir / f"{GOOD_UUID}.base64").write_bytes(
-            gcm.encode(GOOD_UUID, GOOD_VALUE) if encrypted else base64.b64encode(GOOD_VALUE))
+            gcm.encode(Binding.of(_good_def(GOOD_UUID)), GOOD_VALUE) if encrypted else base64.b64encode(GOOD_VALUE))
         for name, kind, payload in entries:
             p = sdir / name
             if kind == "file":
@@ -1354,6 +1355,14 @@ def _final_checks(target: DBusTarget, res: Result) -> None:
             line for line in log.splitlines() if "skipping secret" in line)[:2000], None)
 
 
+def _binding_on_disk(sdir: Path, uuid: str) -> Binding:
+    """What a value file of `uuid` is bound to: its definition next to it, if it parses."""
+    try:
+        return Binding.of(parse_secret_xml((sdir / f"{uuid}.xml").read_bytes()))
+    except (OSError, errors.SecretError):
+        return Binding(uuid)
+
+
 def _check_store_dir(sdir: Path, persistent: set[str], res: Result) -> None:
     readers = {"aes256gcm": GcmCodec(KEY), "aes256cbc": CbcCodec(KEY), "base64": Base64Codec()}
     names = sorted(os.listdir(sdir)) if sdir.is_dir() else []
@@ -1370,7 +1379,7 @@ def _check_store_dir(sdir: Path, persistent: set[str], res: Result) -> None:
                 res.fail(f"store: {name} does not parse: {e.message}", None, kind="store: .xml does not parse")
         elif sfx in readers:
             try:
-                v = readers[sfx].decode(stem, (sdir / name).read_bytes())
+                v = readers[sfx].decode(_binding_on_disk(sdir, stem), (sdir / name).read_bytes())
                 if len(v) > 65536:
                     res.fail(f"store: {name} holds {len(v)} bytes", None, kind="store: oversized value")
             except ValueFileError as e:

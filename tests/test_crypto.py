@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from secretbus.core import errors
-from secretbus.store.codec import Damage, ValueFileError
+from secretbus.store.codec import Binding, Damage, ValueFileError
 from secretbus.store.crypto import CbcCodec, GcmCodec, NoKeyCodec, key_id
 
 KEY = bytes(range(32))
@@ -21,13 +21,14 @@ UUID_A = "c37f5c0e-2a2b-4d7e-8c2f-0d7a0e7f4b11"
 UUID_B = "5a1d2f3e-9b8c-4e7d-a6f5-0e1d2c3b4a59"
 NONCE = bytes(range(100, 112))
 VALUE = b"sentinel-value"
+A, B = Binding(UUID_A), Binding(UUID_B)
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 
 
-def damage(codec, uuid: str, data: bytes) -> Damage:
+def damage(codec, binding: Binding, data: bytes) -> Damage:
     with pytest.raises(ValueFileError) as ei:
-        codec.decode(uuid, data)
+        codec.decode(binding, data)
     return ei.value.damage
 
 
@@ -50,22 +51,61 @@ def test_key_id_definition():
 
 def test_gcm_known_answer_from_documented_layout():
     kid = hashlib.sha256(b"secretbus-key-id" + KEY).digest()[:8]
-    aad = b"SBG1" + kid + UUID_A.encode("ascii")
-    expected = base64.b64encode(b"SBG1" + kid + NONCE + AESGCM(KEY).encrypt(NONCE, VALUE, aad))
-    got = GcmCodec(KEY)._encode_with_nonce(UUID_A, VALUE, NONCE)
+    binding = Binding(UUID_A, private=True, usage_type=2, usage_id="client.admin")
+    # AAD: magic, key id, then each text field length-prefixed, private byte, usage type byte.
+    aad = (b"SBG2" + kid + len(UUID_A).to_bytes(4, "big") + UUID_A.encode("ascii") + b"\x01\x02"
+           + (12).to_bytes(4, "big") + b"client.admin")
+    expected = base64.b64encode(b"SBG2" + kid + NONCE + AESGCM(KEY).encrypt(NONCE, VALUE, aad))
+    got = GcmCodec(KEY)._encode_with_nonce(binding, VALUE, NONCE)
     assert got == expected
-    # Frozen bytes: any change to the format (magic, key id, AAD, order) breaks this.
-    assert got == (b"U0JHMVxf6chdgatTZGVmZ2hpamtsbW5vO36wEhCHM/ITFD6ErwDB"
-                   b"1joBe8b8V73a6hI6Rb1/")
-    assert GcmCodec(KEY).decode(UUID_A, got) == VALUE
+    assert GcmCodec(KEY).decode(binding, got) == VALUE
+
+
+def _sbg1(uuid: str) -> bytes:
+    """A file of the previous format, built from its documented layout."""
+    kid = key_id(KEY)
+    aad = b"SBG1" + kid + uuid.encode("ascii")
+    return base64.b64encode(b"SBG1" + kid + NONCE + AESGCM(KEY).encrypt(NONCE, VALUE, aad))
+
+
+def test_gcm_previous_format_is_read_only_as_unbound():
+    old = _sbg1(UUID_A)
+    c = GcmCodec(KEY)
+    assert damage(c, A, old) is Damage.UNBOUND
+    assert c.decode_unbound(UUID_A, old) == VALUE
+    with pytest.raises(ValueFileError) as ei:
+        c.decode_unbound(UUID_B, old)
+    assert ei.value.damage is Damage.TAMPERED
+    # An SBG2 file is not an SBG1 one, so no unbound reading of a bound file.
+    with pytest.raises(ValueFileError) as ei:
+        c.decode_unbound(UUID_A, c.encode(A, VALUE))
+    assert ei.value.damage is Damage.BAD_ENCODING
+
+
+@pytest.mark.parametrize("changed", [
+    Binding(UUID_A, private=False, usage_type=2, usage_id="client.admin"),
+    Binding(UUID_A, private=True, usage_type=4, usage_id="client.admin"),
+    Binding(UUID_A, private=True, usage_type=2, usage_id="client.other"),
+    Binding(UUID_B, private=True, usage_type=2, usage_id="client.admin"),
+])
+def test_gcm_value_is_bound_to_every_field_of_its_definition(changed):
+    c = GcmCodec(KEY)
+    data = c.encode(Binding(UUID_A, private=True, usage_type=2, usage_id="client.admin"), VALUE)
+    assert damage(c, changed, data) is Damage.TAMPERED
+
+
+def test_binding_fields_cannot_run_into_each_other():
+    # Length prefixes: moving characters between uuid and usage id changes the AAD.
+    assert Binding("ab", usage_id="c").aad() != Binding("a", usage_id="bc").aad()
+
 
 
 def test_gcm_encode_is_one_base64_line_with_fresh_nonce():
     c = GcmCodec(KEY)
-    a, b = c.encode(UUID_A, VALUE), c.encode(UUID_A, VALUE)
+    a, b = c.encode(A, VALUE), c.encode(A, VALUE)
     assert a != b
     for out in (a, b):
-        assert b"\n" not in out and base64.b64decode(out, validate=True)[:4] == b"SBG1"
+        assert b"\n" not in out and base64.b64decode(out, validate=True)[:4] == b"SBG2"
         assert len(base64.b64decode(out)) == 4 + 8 + 12 + len(VALUE) + 16
 
 
@@ -74,19 +114,19 @@ def test_gcm_encode_is_one_base64_line_with_fresh_nonce():
 @pytest.mark.parametrize("codec_cls", [GcmCodec, CbcCodec])
 def test_round_trip(codec_cls, value):
     c = codec_cls(KEY)
-    assert c.decode(UUID_A, c.encode(UUID_A, value)) == value
+    assert c.decode(A, c.encode(A, value)) == value
 
 
 def test_decode_tolerates_surrounding_whitespace():
     c = GcmCodec(KEY)
-    assert c.decode(UUID_A, b"  " + c.encode(UUID_A, VALUE) + b"\n") == VALUE
+    assert c.decode(A, b"  " + c.encode(A, VALUE) + b"\n") == VALUE
 
 
 # --- GCM damage ----------------------------------------------------------------------
 
 def test_gcm_each_region_bit_flip_is_classified():
     c = GcmCodec(KEY)
-    raw = base64.b64decode(c.encode(UUID_A, VALUE))
+    raw = base64.b64decode(c.encode(A, VALUE))
     n = len(raw)
     expect = {0: Damage.BAD_ENCODING, 3: Damage.BAD_ENCODING,        # magic
               4: Damage.WRONG_KEY, 11: Damage.WRONG_KEY,             # key id
@@ -95,92 +135,92 @@ def test_gcm_each_region_bit_flip_is_classified():
               n - 16: Damage.TAMPERED, n - 1: Damage.TAMPERED}       # tag
     for index, want in expect.items():
         for mask in (0x01, 0x80):
-            assert damage(c, UUID_A, rewrap(flip(raw, index, mask))) is want, (index, mask)
+            assert damage(c, A, rewrap(flip(raw, index, mask))) is want, (index, mask)
 
 
 def test_gcm_every_single_byte_flip_is_detected():
     c = GcmCodec(KEY)
-    raw = base64.b64decode(c.encode(UUID_A, VALUE))
+    raw = base64.b64decode(c.encode(A, VALUE))
     for i in range(len(raw)):
-        assert damage(c, UUID_A, rewrap(flip(raw, i))) in (
+        assert damage(c, A, rewrap(flip(raw, i))) in (
             Damage.BAD_ENCODING, Damage.WRONG_KEY, Damage.TAMPERED), i
 
 
 def test_gcm_value_of_a_decoded_as_b_fails_authentication():
     c = GcmCodec(KEY)
-    assert damage(c, UUID_B, c.encode(UUID_A, VALUE)) is Damage.TAMPERED
+    assert damage(c, B, c.encode(A, VALUE)) is Damage.TAMPERED
 
 
 def test_gcm_uuid_case_matters():
     # The store always passes the canonical lowercase form; anything else is another id.
     c = GcmCodec(KEY)
-    assert damage(c, UUID_A.upper(), c.encode(UUID_A, VALUE)) is Damage.TAMPERED
+    assert damage(c, Binding(UUID_A.upper()), c.encode(A, VALUE)) is Damage.TAMPERED
 
 
 def test_gcm_wrong_key():
-    data = GcmCodec(KEY).encode(UUID_A, VALUE)
-    err = pytest.raises(ValueFileError, GcmCodec(KEY2).decode, UUID_A, data).value
+    data = GcmCodec(KEY).encode(A, VALUE)
+    err = pytest.raises(ValueFileError, GcmCodec(KEY2).decode, A, data).value
     assert err.damage is Damage.WRONG_KEY
     assert key_id(KEY).hex() in str(err)  # the public key id helps find the right key
 
 
 def test_gcm_forged_key_id_with_wrong_key_is_still_rejected():
     # Someone rewrites the key id to ours: authentication still fails, never garbage.
-    data = GcmCodec(KEY2).encode(UUID_A, VALUE)
+    data = GcmCodec(KEY2).encode(A, VALUE)
     raw = bytearray(base64.b64decode(data))
     raw[4:12] = key_id(KEY)
-    assert damage(GcmCodec(KEY), UUID_A, rewrap(bytes(raw))) is Damage.TAMPERED
+    assert damage(GcmCodec(KEY), A, rewrap(bytes(raw))) is Damage.TAMPERED
 
 
 def test_gcm_truncations():
     c = GcmCodec(KEY)
-    raw = base64.b64decode(c.encode(UUID_A, VALUE))
+    raw = base64.b64decode(c.encode(A, VALUE))
     for cut in (0, 1, 3, 4, 12, 24, 39):
-        assert damage(c, UUID_A, rewrap(raw[:cut])) is Damage.TRUNCATED, cut
+        assert damage(c, A, rewrap(raw[:cut])) is Damage.TRUNCATED, cut
     # Long enough for header+tag, but the tag is no longer the tag.
     for cut in (40, len(raw) - 1):
-        assert damage(c, UUID_A, rewrap(raw[:cut])) is Damage.TAMPERED, cut
-    assert damage(c, UUID_A, b"") is Damage.TRUNCATED
+        assert damage(c, A, rewrap(raw[:cut])) is Damage.TAMPERED, cut
+    assert damage(c, A, b"") is Damage.TRUNCATED
 
 
 def test_gcm_base64_text_cut_short_is_truncated():
     c = GcmCodec(KEY)
-    text = c.encode(UUID_A, VALUE)
+    text = c.encode(A, VALUE)
     assert len(text) % 4 == 0
     for cut in (len(text) - 1, len(text) - 2, len(text) - 3, 5):
-        assert damage(c, UUID_A, text[:cut]) is Damage.TRUNCATED, cut
+        assert damage(c, A, text[:cut]) is Damage.TRUNCATED, cut
 
 
 def test_gcm_bad_base64():
     c = GcmCodec(KEY)
-    text = c.encode(UUID_A, VALUE)
-    assert damage(c, UUID_A, text[:8] + b"*" + text[9:]) is Damage.BAD_ENCODING
-    assert damage(c, UUID_A, text[:8] + b"\n" + text[8:]) is Damage.BAD_ENCODING
-    assert damage(c, UUID_A, b"====") is Damage.BAD_ENCODING
+    text = c.encode(A, VALUE)
+    assert damage(c, A, text[:8] + b"*" + text[9:]) is Damage.BAD_ENCODING
+    assert damage(c, A, text[:8] + b"\n" + text[8:]) is Damage.BAD_ENCODING
+    assert damage(c, A, b"====") is Damage.BAD_ENCODING
 
 
 def test_gcm_foreign_content_is_bad_encoding():
     # A libvirt CBC file renamed to .aes256gcm, or plain base64 of a value.
     c = GcmCodec(KEY)
-    assert damage(c, UUID_A, CbcCodec(KEY).encode(UUID_A, VALUE)) is Damage.BAD_ENCODING
-    assert damage(c, UUID_A, base64.b64encode(b"x" * 64)) is Damage.BAD_ENCODING
+    assert damage(c, A, CbcCodec(KEY).encode(A, VALUE)) is Damage.BAD_ENCODING
+    assert damage(c, A, base64.b64encode(b"x" * 64)) is Damage.BAD_ENCODING
 
 
 # --- CBC (libvirt format) -----------------------------------------------------------
 
 def test_cbc_layout():
-    out = CbcCodec(KEY).encode(UUID_A, VALUE)
+    out = CbcCodec(KEY).encode(A, VALUE)
     raw = base64.b64decode(out, validate=True)
     assert b"\n" not in out
     assert len(raw) == 16 + 16  # IV + roundup(len+1, 16)
-    assert len(base64.b64decode(CbcCodec(KEY).encode(UUID_A, b"x" * 16))) == 16 + 32
-    assert CbcCodec(KEY).encode(UUID_A, VALUE) != out  # fresh IV
+    assert len(base64.b64decode(CbcCodec(KEY).encode(A, b"x" * 16))) == 16 + 32
+    assert CbcCodec(KEY).encode(A, VALUE) != out  # fresh IV
 
 
 def test_cbc_does_not_bind_uuid():
     # libvirt's format has no AAD: documented weakness, kept for interop.
     c = CbcCodec(KEY)
-    assert c.decode(UUID_B, c.encode(UUID_A, VALUE)) == VALUE
+    assert c.decode(B, c.encode(A, VALUE)) == VALUE
 
 
 @needs_openssl
@@ -189,13 +229,13 @@ def test_cbc_reads_file_made_by_openssl(value):
     iv = bytes(range(16, 32))
     ct = subprocess.run(["openssl", "enc", "-aes-256-cbc", "-K", KEY.hex(), "-iv", iv.hex()],
                         input=value, capture_output=True, check=True).stdout
-    assert CbcCodec(KEY).decode(UUID_A, base64.b64encode(iv + ct)) == value
+    assert CbcCodec(KEY).decode(A, base64.b64encode(iv + ct)) == value
 
 
 @needs_openssl
 @pytest.mark.parametrize("value", [VALUE, b"", b"0123456789abcdef", b"\xff" * 1000])
 def test_cbc_file_decrypts_with_openssl(value):
-    raw = base64.b64decode(CbcCodec(KEY).encode(UUID_A, value))
+    raw = base64.b64decode(CbcCodec(KEY).encode(A, value))
     iv, ct = raw[:16], raw[16:]
     out = subprocess.run(["openssl", "enc", "-d", "-aes-256-cbc", "-K", KEY.hex(), "-iv", iv.hex()],
                          input=ct, capture_output=True, check=True).stdout
@@ -204,7 +244,7 @@ def test_cbc_file_decrypts_with_openssl(value):
 
 @needs_openssl
 def test_cbc_openssl_rejects_our_file_with_wrong_key():
-    raw = base64.b64decode(CbcCodec(KEY).encode(UUID_A, b"v" * 31))
+    raw = base64.b64decode(CbcCodec(KEY).encode(A, b"v" * 31))
     proc = subprocess.run(["openssl", "enc", "-d", "-aes-256-cbc", "-K", KEY2.hex(),
                            "-iv", raw[:16].hex()], input=raw[16:], capture_output=True)
     # Either openssl reports bad decrypt, or (1 in ~256) it returns garbage != value.
@@ -225,16 +265,16 @@ def _cbc_raw(key: bytes, iv: bytes, padded: bytes) -> bytes:
 ])
 def test_cbc_bad_padding(padded):
     data = base64.b64encode(_cbc_raw(KEY, bytes(16), padded))
-    assert damage(CbcCodec(KEY), UUID_A, data) is Damage.BAD_PADDING
+    assert damage(CbcCodec(KEY), A, data) is Damage.BAD_PADDING
 
 
 def test_cbc_wrong_key_is_bad_padding_or_never_the_value():
     c, wrong = CbcCodec(KEY), CbcCodec(KEY2)
     outcomes = set()
     for _ in range(50):
-        data = c.encode(UUID_A, VALUE)
+        data = c.encode(A, VALUE)
         try:
-            assert wrong.decode(UUID_A, data) != VALUE
+            assert wrong.decode(A, data) != VALUE
             outcomes.add("garbage")   # ~1/256: the format cannot detect it
         except ValueFileError as e:
             outcomes.add(e.damage)
@@ -243,12 +283,12 @@ def test_cbc_wrong_key_is_bad_padding_or_never_the_value():
 
 def test_cbc_truncations_and_bad_base64():
     c = CbcCodec(KEY)
-    raw = base64.b64decode(c.encode(UUID_A, b"x" * 40))   # 16 + 48 bytes
+    raw = base64.b64decode(c.encode(A, b"x" * 40))   # 16 + 48 bytes
     for cut in (0, 15, 16, 31, 33, 47, 63):
-        assert damage(c, UUID_A, rewrap(raw[:cut])) is Damage.TRUNCATED, cut
+        assert damage(c, A, rewrap(raw[:cut])) is Damage.TRUNCATED, cut
     text = base64.b64encode(raw)
-    assert damage(c, UUID_A, text[:-1]) is Damage.TRUNCATED
-    assert damage(c, UUID_A, b"@" + text[1:]) is Damage.BAD_ENCODING
+    assert damage(c, A, text[:-1]) is Damage.TRUNCATED
+    assert damage(c, A, b"@" + text[1:]) is Damage.BAD_ENCODING
 
 
 # --- no-key codec, key hygiene ------------------------------------------------------
@@ -256,10 +296,10 @@ def test_cbc_truncations_and_bad_base64():
 def test_no_key_codec():
     c = NoKeyCodec("aes256cbc")
     assert c.suffix == "aes256cbc"
-    assert damage(c, UUID_A, CbcCodec(KEY).encode(UUID_A, VALUE)) is Damage.NO_KEY
-    assert damage(c, UUID_A, b"") is Damage.NO_KEY
+    assert damage(c, A, CbcCodec(KEY).encode(A, VALUE)) is Damage.NO_KEY
+    assert damage(c, A, b"") is Damage.NO_KEY
     with pytest.raises(errors.InternalError):
-        c.encode(UUID_A, VALUE)
+        c.encode(A, VALUE)
 
 
 @pytest.mark.parametrize("codec_cls", [GcmCodec, CbcCodec])
@@ -284,12 +324,12 @@ def test_key_length_checked_without_showing_key(codec_cls, bad):
 @pytest.mark.parametrize("codec_cls", [GcmCodec, CbcCodec])
 def test_errors_never_carry_content(codec_cls):
     c = codec_cls(KEY)
-    data = c.encode(UUID_A, VALUE)
+    data = c.encode(A, VALUE)
     raw = base64.b64decode(data)
-    for bad in (data[:-4], rewrap(flip(raw, len(raw) - 1)), codec_cls(KEY2).encode(UUID_A, VALUE),
+    for bad in (data[:-4], rewrap(flip(raw, len(raw) - 1)), codec_cls(KEY2).encode(A, VALUE),
                 b"*" + data[1:]):
         with pytest.raises(ValueFileError) as ei:
-            c.decode(UUID_A, bad)
+            c.decode(A, bad)
         text = str(ei.value) + repr(ei.value.args)
         assert VALUE.decode() not in text and KEY.hex() not in text
         assert bad.decode("latin-1") not in text

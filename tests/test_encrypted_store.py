@@ -56,26 +56,31 @@ def test_values_encrypted_and_round_trip(tmp_path, scheme):
         assert c.lookup_by_uuid(U1).get_value() == SENTINEL
 
 
-def test_legacy_base64_is_reencrypted_on_next_write(tmp_path):
+def test_legacy_base64_is_read_only_by_the_explicit_migration(tmp_path, caplog):
+    # Issue 12.6: with aes256gcm the load no longer serves an unauthenticated file (it used
+    # to, and to re-encrypt it at the next write); rewrite-values migrates it.
     root, _ = make_root(tmp_path, ["encrypt_data = 0"])
     with open_root(root) as c:
         c.define_xml(xml(U1, "a")).set_value(b"old")
         c.define_xml(xml(U2, "b")).set_value(b"other")
     (root / "etc" / "secret.conf").write_text(f'secrets_encryption_key = "{tmp_path / "key"}"\n')
-    with open_root(root) as c:
-        assert c.lookup_by_uuid(U1).get_value() == b"old"       # base64 is still read
-        c.lookup_by_uuid(U1).set_value(SENTINEL)
-    names = sorted(os.listdir(root / "etc" / "secrets"))
-    assert f"{U1}.aes256gcm" in names and f"{U1}.base64" not in names
-    assert f"{U2}.base64" in names
-    # The re-write command converts the rest now.
+    before = {n: (root / "etc" / "secrets" / n).read_bytes() for n in os.listdir(root / "etc" / "secrets")}
+    with caplog.at_level(logging.ERROR, logger="secretbus.store"), open_root(root) as c:
+        assert c.list_secrets() == []
+        with pytest.raises(errors.OperationFailed):     # its files are not overwritten either
+            c.define_xml(xml(U1, "a"))
+    assert f"{U1}.base64: legacy format, not read while the write scheme is aes256gcm" in caplog.text
+    assert {n: (root / "etc" / "secrets" / n).read_bytes()
+            for n in os.listdir(root / "etc" / "secrets")} == before
     with open_root(root) as c:
         assert c.rewrite_values() == (2, 2, 0)
     names = sorted(os.listdir(root / "etc" / "secrets"))
     assert [n for n in names if not n.endswith(".xml")] == [f"{U1}.aes256gcm", f"{U2}.aes256gcm"]
-    assert scan_for_sentinel(root) == []
     with open_root(root) as c:
+        assert c.lookup_by_uuid(U1).get_value() == b"old"
         assert c.lookup_by_uuid(U2).get_value() == b"other"
+        c.lookup_by_uuid(U1).set_value(SENTINEL)
+    assert scan_for_sentinel(root) == []
 
 
 def test_damage_is_detected_and_named(tmp_path, caplog):

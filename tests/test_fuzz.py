@@ -17,6 +17,8 @@ import pytest
 from fixtures import U1
 from harness import load_bench as _bench
 
+from secretbus.store.codec import Binding
+
 REPO = Path(__file__).resolve().parents[1]
 
 fuzz = _bench("fuzz")
@@ -72,7 +74,7 @@ def test_the_checks_catch_what_they_should(tmp_path):
     d = tmp_path / "secrets"
     d.mkdir()
     (d / f"{U1}.xml").write_text(fuzz.format_secret_xml(fuzz._good_def(U1)))
-    (d / f"{U1}.aes256gcm").write_bytes(fuzz.GcmCodec(fuzz.KEY).encode(U1, b"v"))
+    (d / f"{U1}.aes256gcm").write_bytes(fuzz.GcmCodec(fuzz.KEY).encode(Binding.of(fuzz._good_def(U1)), b"v"))
     (d / f"{U1}.xml.new").write_text("x")
     (d / f"{fuzz.UUID_POOL[1]}.base64").write_bytes(base64.b64encode(b"x"))
     (d / f"{fuzz.UUID_POOL[2]}.xml").write_text("<secret>")

@@ -12,7 +12,7 @@ import pytest
 from harness import programs
 
 from secretbus.core import errors
-from secretbus.store.codec import Base64Codec, Damage, ValueFileError
+from secretbus.store.codec import Base64Codec, Binding, Damage, ValueFileError
 from secretbus.store.conf import SecretConf
 from secretbus.store.crypto import CbcCodec, GcmCodec, NoKeyCodec, key_id
 from secretbus.store.keys import CREDENTIAL_NAME, KeyChoice, codecs_for, init_encryption, load_key, resolve_key
@@ -229,10 +229,10 @@ def test_codecs_cbc_scheme(conf_key):
 def test_codecs_switching_scheme_keeps_old_files_readable(conf_key):
     gcm_conf = SecretConf(secrets_encryption_key=str(conf_key))
     cbc_conf = SecretConf(secrets_encryption_key=str(conf_key), encryption_scheme="aes256cbc")
-    gcm_file = codecs_for(gcm_conf, {})[0].writer.encode(UUID, VALUE)
-    cbc_file = codecs_for(cbc_conf, {})[0].writer.encode(UUID, VALUE)
-    assert codecs_for(cbc_conf, {})[0].readers["aes256gcm"].decode(UUID, gcm_file) == VALUE
-    assert codecs_for(gcm_conf, {})[0].readers["aes256cbc"].decode(UUID, cbc_file) == VALUE
+    gcm_file = codecs_for(gcm_conf, {})[0].writer.encode(Binding(UUID), VALUE)
+    cbc_file = codecs_for(cbc_conf, {})[0].writer.encode(Binding(UUID), VALUE)
+    assert codecs_for(cbc_conf, {})[0].readers["aes256gcm"].decode(Binding(UUID), gcm_file) == VALUE
+    assert codecs_for(gcm_conf, {})[0].readers["aes256cbc"].decode(Binding(UUID), cbc_file) == VALUE
 
 
 def test_codecs_without_key_read_base64_and_report_no_key(conf_key):
@@ -244,9 +244,9 @@ def test_codecs_without_key_read_base64_and_report_no_key(conf_key):
     for suffix in ("aes256gcm", "aes256cbc"):
         assert isinstance(codecs.readers[suffix], NoKeyCodec)
         with pytest.raises(ValueFileError) as ei:
-            codecs.readers[suffix].decode(UUID, enc.readers[suffix].encode(UUID, VALUE))
+            codecs.readers[suffix].decode(Binding(UUID), enc.readers[suffix].encode(Binding(UUID), VALUE))
         assert ei.value.damage is Damage.NO_KEY
-    assert codecs.readers["base64"].decode(UUID, codecs.writer.encode(UUID, VALUE)) == VALUE
+    assert codecs.readers["base64"].decode(Binding(UUID), codecs.writer.encode(Binding(UUID), VALUE)) == VALUE
 
 
 def test_codecs_bad_key_fails_start(tmp_path):
@@ -293,8 +293,8 @@ def test_init_sealed_then_loaded_as_credential(tmp_path, creds_env):
     assert isinstance(codecs.writer, GcmCodec)
     assert desc == (f"aes256gcm key_id={key_id(key).hex()} from credential "
                     f"'{creds / CREDENTIAL_NAME}'")
-    data = codecs.writer.encode(UUID, VALUE)
-    assert codecs.readers["aes256gcm"].decode(UUID, data) == VALUE
+    data = codecs.writer.encode(Binding(UUID), VALUE)
+    assert codecs.readers["aes256gcm"].decode(Binding(UUID), data) == VALUE
 
 
 def test_init_default_key_choice(tmp_path, creds_env):
@@ -368,7 +368,7 @@ def test_init_raw(tmp_path):
     assert len(key) == 32
     assert sorted(os.listdir(p.parent)) == ["raw.key"]
     codecs, desc = codecs_for(SecretConf(secrets_encryption_key=str(p)), {})
-    assert codecs.writer.decode(UUID, codecs.writer.encode(UUID, VALUE)) == VALUE
+    assert codecs.writer.decode(Binding(UUID), codecs.writer.encode(Binding(UUID), VALUE)) == VALUE
     assert init_encryption(tmp_path / "other.key", raw=True).read_bytes() != key
 
 

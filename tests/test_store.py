@@ -278,3 +278,32 @@ def test_atomic_write_leaves_no_temp_on_failure(tmp_path, monkeypatch):
         fsutil.atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f"]
+
+
+def test_open_dir_checks_every_directory_on_the_way(tmp_path):
+    """Above the leaf, a directory others may write to is refused unless sticky (like /tmp),
+    since whoever can rename entries there can swap the leaf; the leaf must be ours."""
+    top = tmp_path / "top"
+    leaf = top / "mid" / "leaf"
+    leaf.mkdir(parents=True, mode=0o700)
+    (top / "mid").chmod(0o777)
+    with pytest.raises(fsutil.UnsafeDirectory) as ei:
+        fsutil.open_dir(leaf)
+    assert f"refusing directory '{top / 'mid'}': mode 0777" in str(ei.value)
+    (top / "mid").chmod(0o1777)
+    os.close(fsutil.open_dir(leaf))
+    # created components are private and the result is verified too
+    fd = fsutil.open_dir(top / "new" / "deeper", create=True)
+    os.close(fd)
+    assert (top / "new" / "deeper").stat().st_mode & 0o777 == 0o700
+
+
+def test_atomic_write_never_follows_a_symlink_at_the_target(tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    d = tmp_path / "d"
+    d.mkdir(mode=0o700)
+    (d / "f").symlink_to(outside)
+    fsutil.atomic_write(d / "f", b"new")
+    assert outside.read_bytes() == b"keep"
+    assert not (d / "f").is_symlink() and (d / "f").read_bytes() == b"new"

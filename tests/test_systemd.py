@@ -482,7 +482,7 @@ def test_system_service_end_to_end(installed, make_bus, make_polkitd, notify_soc
         assert sorted(p.name for p in store.iterdir()) == [f"{uuid}.aes256gcm", f"{uuid}.xml"]
         blob = (store / f"{uuid}.aes256gcm").read_bytes()
         assert (store / f"{uuid}.aes256gcm").stat().st_mode & 0o777 == 0o600
-        assert base64.b64decode(blob, validate=True).startswith(b"SBG1")
+        assert base64.b64decode(blob, validate=True).startswith(b"SBG2")
         for form in (value, base64.b64encode(value), value.hex().encode(), value[:16]):
             assert form not in blob
         assert get_value(bus, path) == value

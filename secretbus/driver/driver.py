@@ -18,6 +18,7 @@ from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
 from secretbus.core.uuids import parse_uuid
 from secretbus.driver import rules
 from secretbus.driver.table import Entry, SecretTable
+from secretbus.store.codec import Binding
 from secretbus.store.conf import SecretConf
 from secretbus.store.filestore import SecretStore, Skipped, log_skip
 from secretbus.store.lock import InstanceLock
@@ -101,17 +102,38 @@ class SecretDriver:
         return self._table.version
 
     # -- set-up, reload, shutdown -------------------------------------------------
-    def _load_store(self, store: SecretStore) -> LoadSummary:
-        report = store.load()
+    def _load_store(self, store: SecretStore, migrate: bool = False) -> LoadSummary:
+        report = store.load(migrate=migrate)
         with self._mutex:
             clashes = self._table.replace(report.secrets, report.skipped)
         for s in clashes:
             log_skip(s)
         loaded = len(report.secrets) - len(clashes)
+        stale = [x.definition.uuid for x in report.secrets if x.stale]
         report.secrets.clear()    # the decoded values now live only in the wipeable table
+        self._rebind(store, stale)
         skipped = report.skipped + clashes
         log.info("loaded %d secrets, skipped %d", loaded, len(skipped))
         return LoadSummary(loaded, skipped)
+
+    def _rebind(self, store: SecretStore, uuids: list[str]) -> None:
+        """Rewrite values read from an unbound file (SBG1, or bound before a redefine to
+        private completed) in the bound format, so the store never keeps the weaker one."""
+        if not store.binds_definitions:
+            return
+        with self._mutex:
+            for uuid in uuids:
+                entry = self._table.get(uuid)
+                if entry is None or entry.value is None or entry.definition.ephemeral:
+                    continue
+                try:
+                    store.write_value(entry.definition, bytes(entry.value))
+                except errors.SecretError as e:
+                    log.warning("cannot rewrite the value of secret %s in the bound format: %s",
+                                uuid, e.message, extra={"SECRET_UUID": uuid})
+                    continue
+                log.info("rewrote the value of secret %s in the bound format", uuid,
+                         extra={"SECRET_UUID": uuid, "SECRET_OPERATION": "load"})
 
     def reload(self, check: Callable[[SecretConf], None] | None = None) -> LoadSummary:
         """Re-read secret.conf, the key and the store; on failure keep the old state.
@@ -270,10 +292,14 @@ class SecretDriver:
             return
         if was_persistent:
             store.write_definition(new)
+            if value is not None and old is not None and Binding.of(old) != Binding.of(new):
+                # The value is bound to the private flag and usage: re-bind it (after the XML, so a
+                # crash in between leaves a stricter XML, which loads and is re-bound then).
+                store.write_value(new, bytes(value))
             return
         # New on disk: a value file left by an interrupted undefine is not inherited.
         if value is not None:
-            store.write_value(new.uuid, bytes(value))
+            store.write_value(new, bytes(value))
         else:
             store.delete_values(new.uuid)
         try:
@@ -293,7 +319,7 @@ class SecretDriver:
             d = entry.definition
             _check_expected(d.uuid, d, expect)
             if not d.ephemeral:
-                self.store.write_value(d.uuid, data)
+                self.store.write_value(d, data)
             self._table.set_value(entry, data)
         log.info("set value of secret %s", d.uuid, extra={"SECRET_UUID": d.uuid, "SECRET_OPERATION": "set-value"})
         self._emit(d, EventId.VALUE_CHANGED)
@@ -324,14 +350,16 @@ class SecretDriver:
 
     # -- maintenance --------------------------------------------------------------
     def rewrite_values(self) -> RewriteResult:
-        """Re-write every persistent value under the current scheme and key."""
+        """Re-write every persistent value under the current scheme and key; this is also
+        the explicit migration of legacy and unbound value files (store.load(migrate=True))."""
         done = total = 0
         with self._mutex:
+            self._load_store(self.store, migrate=True)
             for entry in self._table:
                 if entry.definition.ephemeral or entry.value is None:
                     continue
                 total += 1
-                self.store.write_value(entry.definition.uuid, bytes(entry.value))
+                self.store.write_value(entry.definition, bytes(entry.value))
                 done += 1
             skipped = len(self._table.skipped_files())
         return RewriteResult(done, total + skipped, skipped)

@@ -24,12 +24,16 @@ Every error is a `ConfigError` whose message starts with "<file>:<line>: ".
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import pwd
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from secretbus.core import errors
+from secretbus.store import fsutil
 
 log = logging.getLogger("secretbus.conf")
 
@@ -297,16 +301,23 @@ def parse_conf(text: str, path: str = "<string>") -> SecretConf:
 
 
 def load_conf(path: Path) -> SecretConf:
-    """Read secret.conf; a missing file means built-in defaults (as libvirt)."""
+    """Read secret.conf; a missing file means built-in defaults (as libvirt). It names the
+    key and turns encryption off, so it is read only from a directory nobody else can write."""
+    path = Path(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONF_SIZE + 1)
+        dir_fd = fsutil.open_dir(path.parent, read_only=True)
+        try:
+            if stat.S_ISDIR(os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            data = fsutil.read_limited(path.name, MAX_CONF_SIZE, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
     except FileNotFoundError:
         return SecretConf()
     except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise errors.ConfigError(f"Failed to read file '{path}': larger than {MAX_CONF_SIZE} bytes") from None
         raise errors.ConfigError(f"Failed to open file '{path}': {e.strerror}") from None
-    if len(data) > MAX_CONF_SIZE:
-        raise errors.ConfigError(f"Failed to read file '{path}': larger than {MAX_CONF_SIZE} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

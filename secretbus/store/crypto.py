@@ -2,12 +2,14 @@
 
 `.aes256gcm` file content (one line of standard base64, no newline) of
 
-    b"SBG1" || key_id(8) || nonce(12) || AES-256-GCM(value) ciphertext || tag(16)
+    b"SBG2" || key_id(8) || nonce(12) || AES-256-GCM(value) ciphertext || tag(16)
 
-with AAD = b"SBG1" || key_id || uuid (lowercase dashed ASCII). Binding the UUID means a
-value file copied or renamed to another secret fails authentication instead of
-silently becoming that secret's value; the key id tells "wrong key" apart from
-"modified" without trying the key.
+with AAD = b"SBG2" || key_id || Binding.aad() (UUID, private flag, usage type and id).
+Binding the UUID means a value file copied or renamed to another secret fails
+authentication; binding the private flag and usage means an XML edited by someone
+without the key (private flipped off, usage changed) fails too. The key id tells
+"wrong key" apart from "modified" without trying the key. The previous format SBG1
+(AAD = b"SBG1" || key_id || uuid) is read only through `decode_unbound`.
 
 `.aes256cbc` (libvirt, unauthenticated): base64 of IV(16) || AES-256-CBC(PKCS#7(value)).
 With the wrong key, CBC decryption gives random bytes whose padding is valid about
@@ -28,11 +30,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from secretbus.core import errors
-from secretbus.store.codec import Damage, ValueFileError, strict_b64decode
+from secretbus.store.codec import Binding, Damage, ValueFileError, strict_b64decode
 
 KEY_SIZE = 32
 KEY_ID_SIZE = 8
-GCM_MAGIC = b"SBG1"
+GCM_MAGIC = b"SBG2"      # AAD binds the definition (see Binding.aad)
+GCM_MAGIC_V1 = b"SBG1"   # previous format: AAD binds the UUID only
 GCM_NONCE_SIZE = 12
 GCM_TAG_SIZE = 16
 GCM_HEADER_SIZE = len(GCM_MAGIC) + KEY_ID_SIZE + GCM_NONCE_SIZE   # 24
@@ -81,7 +84,8 @@ class _KeyHolder:
 
 
 class GcmCodec(_KeyHolder):
-    """secretbus's authenticated format, suffix `aes256gcm`."""
+    """secretbus's authenticated format, suffix `aes256gcm`; writes SBG2, reads SBG1 only
+    through `decode_unbound` (the store decides when that is allowed)."""
 
     suffix = "aes256gcm"
 
@@ -90,36 +94,55 @@ class GcmCodec(_KeyHolder):
         self._aead = AESGCM(bytes(key))
         self.key_id = key_id(bytes(key))
 
-    def _aad(self, uuid: str) -> bytes:
-        return GCM_MAGIC + self.key_id + uuid.encode("ascii")
+    def _aad(self, binding: Binding) -> bytes:
+        return GCM_MAGIC + self.key_id + binding.aad()
 
-    def encode(self, uuid: str, value: bytes) -> bytes:
-        return self._encode_with_nonce(uuid, value, os.urandom(GCM_NONCE_SIZE))
+    def _aad_v1(self, uuid: str) -> bytes:
+        return GCM_MAGIC_V1 + self.key_id + uuid.encode("ascii")
 
-    def _encode_with_nonce(self, uuid: str, value: bytes, nonce: bytes) -> bytes:
+    def encode(self, binding: Binding, value: bytes) -> bytes:
+        return self._encode_with_nonce(binding, value, os.urandom(GCM_NONCE_SIZE))
+
+    def _encode_with_nonce(self, binding: Binding, value: bytes, nonce: bytes) -> bytes:
         # Separate only so that tests can check exact bytes; production nonces are random.
         if len(nonce) != GCM_NONCE_SIZE:
             raise ValueError("GCM nonce must be 12 bytes")
-        sealed = self._aead.encrypt(nonce, bytes(value), self._aad(uuid))
+        sealed = self._aead.encrypt(nonce, bytes(value), self._aad(binding))
         return base64.b64encode(GCM_MAGIC + self.key_id + nonce + sealed)
 
-    def decode(self, uuid: str, data: bytes) -> bytes:
+    def decode(self, binding: Binding, data: bytes) -> bytes:
+        """An SBG2 value bound to exactly `binding`. An SBG1 file raises UNBOUND."""
+        nonce, body = self._open(data, unbound_ok=False)
+        try:
+            return self._aead.decrypt(nonce, body, self._aad(binding))
+        except InvalidTag:
+            raise ValueFileError(Damage.TAMPERED) from None
+
+    def decode_unbound(self, uuid: str, data: bytes) -> bytes:
+        """An SBG1 file (AAD covers only the UUID): for upgrades and migration only."""
+        nonce, body = self._open(data, unbound_ok=True)
+        try:
+            return self._aead.decrypt(nonce, body, self._aad_v1(uuid))
+        except InvalidTag:
+            raise ValueFileError(Damage.TAMPERED) from None
+
+    def _open(self, data: bytes, unbound_ok: bool) -> tuple[bytes, bytes]:
         raw = _b64decode(data)
         head = raw[:len(GCM_MAGIC)]
-        if head != GCM_MAGIC[:len(head)]:
+        if not (GCM_MAGIC.startswith(head) or GCM_MAGIC_V1.startswith(head)):
             # Not ours (e.g. another format under this suffix): the content is not
             # damaged by a cut or a bit flip in the body, it is the wrong encoding.
-            raise ValueFileError(Damage.BAD_ENCODING, "no SBG1 header")
+            raise ValueFileError(Damage.BAD_ENCODING, "no SBG2 header")
         if len(raw) < GCM_HEADER_SIZE + GCM_TAG_SIZE:
             raise ValueFileError(Damage.TRUNCATED, f"{len(raw)} bytes")
+        v1 = head == GCM_MAGIC_V1
+        if v1 != unbound_ok:
+            raise ValueFileError(Damage.UNBOUND if v1 else Damage.BAD_ENCODING,
+                                 "" if v1 else "not an SBG1 file")
         kid = raw[len(GCM_MAGIC):len(GCM_MAGIC) + KEY_ID_SIZE]
         if kid != self.key_id:
             raise ValueFileError(Damage.WRONG_KEY, f"key_id={kid.hex()}")
-        nonce = raw[len(GCM_MAGIC) + KEY_ID_SIZE:GCM_HEADER_SIZE]
-        try:
-            return self._aead.decrypt(nonce, raw[GCM_HEADER_SIZE:], self._aad(uuid))
-        except InvalidTag:
-            raise ValueFileError(Damage.TAMPERED) from None
+        return raw[len(GCM_MAGIC) + KEY_ID_SIZE:GCM_HEADER_SIZE], raw[GCM_HEADER_SIZE:]
 
 
 class CbcCodec(_KeyHolder):
@@ -132,14 +155,14 @@ class CbcCodec(_KeyHolder):
         self._cipher_key = bytes(key)
         self.key_id = key_id(self._cipher_key)
 
-    def encode(self, uuid: str, value: bytes) -> bytes:
+    def encode(self, binding: Binding, value: bytes) -> bytes:
         iv = os.urandom(CBC_IV_SIZE)
         padder = padding.PKCS7(CBC_BLOCK * 8).padder()
         padded = padder.update(bytes(value)) + padder.finalize()
         enc = Cipher(algorithms.AES(self._cipher_key), modes.CBC(iv)).encryptor()
         return base64.b64encode(iv + enc.update(padded) + enc.finalize())
 
-    def decode(self, uuid: str, data: bytes) -> bytes:
+    def decode(self, binding: Binding, data: bytes) -> bytes:
         raw = _b64decode(data)
         # IV plus at least one block (padding is never empty), whole blocks only.
         if len(raw) < CBC_IV_SIZE + CBC_BLOCK or len(raw) % CBC_BLOCK:
@@ -164,8 +187,8 @@ class NoKeyCodec:
     def __repr__(self) -> str:
         return f"NoKeyCodec({self.suffix!r})"
 
-    def encode(self, uuid: str, value: bytes) -> bytes:
+    def encode(self, binding: Binding, value: bytes) -> bytes:
         raise errors.InternalError(f"cannot write '.{self.suffix}' values: no encryption key is loaded")
 
-    def decode(self, uuid: str, data: bytes) -> bytes:
+    def decode(self, binding: Binding, data: bytes) -> bytes:
         raise ValueFileError(Damage.NO_KEY)

@@ -1,11 +1,20 @@
 """libvirt's on-disk layout: `<uuid>.xml` per persistent secret plus one value file.
 
 The store knows files and codecs, nothing of API rules. Writes are durable and atomic
-(fsutil.atomic_write). Loading never deletes a file it could not read; it only removes
-`*.new` temp files, which are by construction writes that were never acknowledged.
+(fsutil.atomic_write_at) and go through a verified directory fd. Loading never deletes a
+file it could not read; it only removes `*.new` temp files, which are by construction
+writes that were never acknowledged.
+
+While the write scheme is aes256gcm (docs/security.md §3): a value is bound to its
+definition, so an edited XML is skipped like damage; unauthenticated files (`.base64`,
+`.aes256cbc`, and SBG1 once the store holds bound files) are read only by an explicit
+migration (`load(migrate=True)`, what `secretbus rewrite-values` does), never beside a
+`.aes256gcm` file.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import stat
@@ -16,14 +25,22 @@ from secretbus.core import errors
 from secretbus.core.model import SecretDef
 from secretbus.core.secretxml import MAX_XML_BYTES, format_secret_xml, parse_secret_xml
 from secretbus.core.uuids import is_canonical
-from secretbus.store.codec import KNOWN_SUFFIXES, Damage, ValueCodec, ValueCodecs, ValueFileError
+from secretbus.store.codec import (
+    KNOWN_SUFFIXES,
+    LEGACY_SUFFIXES,
+    Binding,
+    Damage,
+    ValueCodecs,
+    ValueFileError,
+)
+from secretbus.store.crypto import GCM_MAGIC, GcmCodec
 from secretbus.store.fsutil import (
     TMP_SUFFIX,
-    atomic_write,
+    atomic_write_at,
     ensure_private_dir,
-    fsync_dir,
+    open_dir,
     read_limited,
-    unlink_if_exists,
+    unlink_at,
 )
 
 log = logging.getLogger("secretbus.store")
@@ -41,6 +58,7 @@ class LoadedSecret:
     definition: SecretDef
     value: bytes | None
     mtime_ns: int = 0     # of the XML file: of two files claiming one usage, the older wins
+    stale: bool = False   # read from an unbound or legacy file: rewrite it in the bound format
 
 
 @dataclass
@@ -73,17 +91,28 @@ class SecretStore:
     def __init__(self, config_dir: Path, codecs: ValueCodecs):
         self.dir = config_dir
         self.codecs = codecs
-        self._dir_fd: int | None = None    # open while loading
+
+    @property
+    def binds_definitions(self) -> bool:
+        """True when values are written in the bound GCM format (and legacy ones refused)."""
+        return isinstance(self.codecs.writer, GcmCodec)
 
     # -- paths -------------------------------------------------------------
-    def _path(self, uuid: str, suffix: str) -> Path:
+    @staticmethod
+    def _name(uuid: str, suffix: str) -> str:
         # Only canonical UUIDs ever reach here, so no name can leave the directory.
         if not is_canonical(uuid):
             raise errors.InternalError(f"refusing non-canonical secret uuid '{uuid!r}'")
-        return self.dir / f"{uuid}.{suffix}"
+        return f"{uuid}.{suffix}"
 
     def xml_path(self, uuid: str) -> Path:
-        return self._path(uuid, "xml")
+        return self.dir / self._name(uuid, "xml")
+
+    def _open_dir(self) -> int:
+        try:
+            return open_dir(self.dir)
+        except OSError as e:
+            raise errors.SystemError(f"cannot use config directory '{self.dir}': {e.strerror}") from None
 
     # -- writing -------------------------------------------------------------
     def prepare(self) -> None:
@@ -93,81 +122,126 @@ class SecretStore:
             raise errors.SystemError(f"cannot create config directory '{self.dir}': {e.strerror}") from None
 
     def write_definition(self, d: SecretDef) -> None:
-        self._write(self.xml_path(d.uuid), format_secret_xml(d).encode("utf-8"))
+        fd = self._open_dir()
+        try:
+            self._write(fd, self._name(d.uuid, "xml"), format_secret_xml(d).encode("utf-8"))
+        finally:
+            os.close(fd)
 
-    def write_value(self, uuid: str, value: bytes) -> None:
-        """Write the value under the current scheme, then remove every other value file."""
+    def write_value(self, d: SecretDef, value: bytes) -> None:
+        """Write the value under the current scheme, bound to `d`, then remove every other
+        value file."""
         writer = self.codecs.writer
-        self._write(self._path(uuid, writer.suffix), writer.encode(uuid, value))
-        self._unlink_values(uuid, keep=writer.suffix)
+        fd = self._open_dir()
+        try:
+            self._write(fd, self._name(d.uuid, writer.suffix), writer.encode(Binding.of(d), value))
+            self._unlink_values(fd, d.uuid, keep=writer.suffix)
+        finally:
+            os.close(fd)
 
     def delete_definition(self, uuid: str) -> None:
-        path = self.xml_path(uuid)
+        name = self._name(uuid, "xml")
+        fd = self._open_dir()
         try:
-            if unlink_if_exists(path):
-                fsync_dir(self.dir)
+            if unlink_at(fd, name):
+                os.fsync(fd)
         except OSError as e:
-            raise errors.SystemError(f"cannot unlink '{path}': {e.strerror}") from None
+            raise errors.SystemError(f"cannot unlink '{self.dir / name}': {e.strerror}") from None
+        finally:
+            os.close(fd)
 
     def delete_values(self, uuid: str) -> None:
         """Remove every value file of `uuid`; a file that stays is an error (it would be
         inherited by the next secret with this UUID)."""
-        self._unlink_values(uuid, keep=None, strict=True)
+        fd = self._open_dir()
+        try:
+            self._unlink_values(fd, uuid, keep=None, strict=True)
+        finally:
+            os.close(fd)
 
-    def _unlink_values(self, uuid: str, keep: str | None, strict: bool = False) -> None:
+    def _unlink_values(self, fd: int, uuid: str, keep: str | None, strict: bool = False) -> None:
         removed = False
         for suffix in KNOWN_SUFFIXES:
             if suffix == keep:
                 continue
-            path = self._path(uuid, suffix)
+            name = self._name(uuid, suffix)
             try:
-                removed |= unlink_if_exists(path)
+                removed |= unlink_at(fd, name)
             except OSError as e:
                 if strict:
-                    raise errors.SystemError(f"cannot unlink '{path}': {e.strerror}") from None
-                # After a successful write the newest file wins at load, so this is harmless.
-                log.warning("cannot remove stale value file %s.%s: %s", uuid, suffix, e.strerror)
+                    raise errors.SystemError(f"cannot unlink '{self.dir / name}': {e.strerror}") from None
+                # After a successful write the current scheme's file wins at load, so this is harmless.
+                log.warning("cannot remove stale value file %s: %s", name, e.strerror)
         if removed:
             try:
-                fsync_dir(self.dir)
+                os.fsync(fd)
             except OSError as e:
                 raise errors.SystemError(f"cannot sync '{self.dir}': {e.strerror}") from None
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _write(self, fd: int, name: str, data: bytes) -> None:
         try:
-            atomic_write(path, data)
+            atomic_write_at(fd, name, data)
         except OSError as e:
-            raise errors.SystemError(f"cannot write '{path}': {e.strerror}") from None
+            raise errors.SystemError(f"cannot write '{self.dir / name}': {e.strerror}") from None
 
     # -- loading ------------------------------------------------------------
-    def load(self) -> LoadReport:
-        report = LoadReport([], [])
+    def load(self, *, migrate: bool = False) -> LoadReport:
+        """Every secret that loads, and why the others do not. `migrate` also reads the
+        unauthenticated files the bound scheme otherwise refuses (they come back `stale`)."""
         try:
-            names = sorted(os.listdir(self.dir))
+            fd = open_dir(self.dir)
         except FileNotFoundError:
-            return report
+            return LoadReport([], [])
         except OSError as e:
             raise errors.SystemError(f"cannot read config directory '{self.dir}': {e.strerror}") from None
-        self._remove_stale_temps(names)
-        present = set(names)
-        xml_names = [n for n in names if n.endswith(".xml")]
-        xml_uuids = [n[:-4] for n in xml_names if is_canonical(n[:-4])]
-        self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for name in xml_names:
-                try:
-                    report.secrets.append(self._load_one(name, xml_uuids, present))
-                except _Skip as s:
-                    log_skip(s.skipped)
-                    report.skipped.append(s.skipped)
+            return _Load(self, fd, migrate).run()
         finally:
-            os.close(self._dir_fd)
-            self._dir_fd = None
+            os.close(fd)
+
+
+class _Load:
+    """One pass over the store: definitions first, then each secret's value file, so an
+    authentication failure can be checked against the other definitions (moved files)."""
+
+    def __init__(self, store: SecretStore, fd: int, migrate: bool):
+        self.store, self.fd, self.migrate = store, fd, migrate
+        self.strict = store.binds_definitions
+        self.defs: dict[str, SecretDef] = {}
+
+    def run(self) -> LoadReport:
+        report = LoadReport([], [])
+        names = sorted(os.listdir(self.fd))
+        self._remove_stale_temps(names)
+        self.present = set(names)
+        parsed: list[tuple[str, SecretDef]] = []
+        for name in (n for n in names if n.endswith(".xml")):
+            try:
+                d = self._definition(name)
+            except _Skip as s:
+                log_skip(s.skipped)
+                report.skipped.append(s.skipped)
+                continue
+            parsed.append((name, d))
+            self.defs[d.uuid] = d
+        values = {d.uuid: self._read_value(d, name) for name, d in parsed}
+        # Once a store holds bound files, an SBG1 file is a downgrade unless migrating.
+        self.bound_store = any(_is_bound_file(v[1]) for v in values.values()
+                               if isinstance(v, tuple) and v[0] == GcmCodec.suffix)
+        for name, d in parsed:
+            try:
+                value, stale = self._value(d, name, values[d.uuid])
+            except _Skip as s:
+                s.skipped.definition = d
+                log_skip(s.skipped)
+                report.skipped.append(s.skipped)
+                continue
+            report.secrets.append(LoadedSecret(d, value, self._mtime(name), stale))
         return report
 
     def _mtime(self, name: str) -> int:
         try:
-            return os.lstat(name, dir_fd=self._dir_fd).st_mtime_ns
+            return os.lstat(name, dir_fd=self.fd).st_mtime_ns
         except OSError:
             return 0
 
@@ -175,76 +249,153 @@ class SecretStore:
         for n in names:
             if not n.endswith(TMP_SUFFIX):
                 continue
-            path = self.dir / n
             try:
-                if not stat.S_ISREG(path.lstat().st_mode):
+                if not stat.S_ISREG(os.lstat(n, dir_fd=self.fd).st_mode):
                     continue        # not a temp file of ours: leave it alone
                 # A temp file is a write that never completed, hence never acknowledged.
                 log.warning("removing incomplete write '%s'", n)
-                unlink_if_exists(path)
+                unlink_at(self.fd, n)
             except OSError as e:
                 log.warning("cannot remove incomplete write '%s': %s", n, e.strerror)
 
-    def _load_one(self, name: str, all_uuids: list[str], present: set[str]) -> LoadedSecret:
+    def _definition(self, name: str) -> SecretDef:
         try:
-            data = read_limited(name, XML_READ_LIMIT, dir_fd=self._dir_fd)
-            d = parse_secret_xml(data, source=os.path.join(self.dir, name))
+            data = read_limited(name, XML_READ_LIMIT, dir_fd=self.fd)
+            d = parse_secret_xml(data, source=os.path.join(self.store.dir, name))
         except errors.SecretError as e:
             raise _Skip(name, None, f"invalid XML: {e.message}") from None
         except OSError as e:
             raise _Skip(name, None, f"cannot read: {e.strerror}") from None
         if name != f"{d.uuid}.xml":
             raise _Skip(name, d.uuid, f"{d.uuid} does not match secret file name '{name}'")
-        try:
-            value = self._load_value(d.uuid, name, all_uuids, present)
-        except _Skip as s:
-            s.skipped.definition = d
-            raise
-        return LoadedSecret(d, value, self._mtime(name))
+        return d
 
-    def _load_value(self, uuid: str, name: str, all_uuids: list[str], present: set[str]) -> bytes | None:
-        found = [s for s in KNOWN_SUFFIXES if f"{uuid}.{s}" in present]
+    def _choose(self, uuid: str) -> str | None:
+        """Which value file of `uuid` to read, if any."""
+        found = [s for s in KNOWN_SUFFIXES if f"{uuid}.{s}" in self.present]
         if not found:
             return None
-        suffix = found[0]
+        if self.strict and GcmCodec.suffix in found:
+            if len(found) > 1:
+                others = ", ".join(f"{uuid}.{s}" for s in found if s != GcmCodec.suffix)
+                log.warning("secret %s has %d value files; using %s.%s and ignoring %s: an "
+                            "unauthenticated file beside an authenticated one is never read",
+                            uuid, len(found), uuid, GcmCodec.suffix, others,
+                            extra={"SECRET_UUID": uuid})
+            return GcmCodec.suffix
         if len(found) > 1:
             # A crash between writing the new file and unlinking the old one leaves
             # both; the newest is the last write (libvirt lets .base64 win instead).
-            suffix = max(found, key=lambda sfx: self._mtime(f"{uuid}.{sfx}"))
+            newest = max(found, key=lambda sfx: self._mtime(f"{uuid}.{sfx}"))
             log.warning("secret %s has %d value files; using the newest, %s.%s", uuid,
-                        len(found), uuid, suffix, extra={"SECRET_UUID": uuid})
-        fname = f"{uuid}.{suffix}"
-        codec = self.codecs.readers.get(suffix)
-        if codec is None:
-            raise _Skip(name, uuid, f"value file {fname}: no reader for this format")
-        try:
-            data = read_limited(fname, VALUE_FILE_LIMIT, dir_fd=self._dir_fd)
-        except OSError as e:
-            raise _Skip(name, uuid, f"value file {fname}: cannot read: {e.strerror}") from None
-        try:
-            value = codec.decode(uuid, data)
-        except ValueFileError as e:
-            damage = e.damage
-            if damage is Damage.TAMPERED:
-                owner = self._find_owner(codec, data, uuid, all_uuids)
-                if owner:
-                    raise _Skip(name, uuid, f"value file {fname}: {Damage.MOVED.value} "
-                                            f"(it was written for secret {owner})") from None
-            raise _Skip(name, uuid, f"value file {fname}: {e}") from None
-        return value
+                        len(found), uuid, newest, extra={"SECRET_UUID": uuid})
+            return newest
+        return found[0]
 
-    @staticmethod
-    def _find_owner(codec: ValueCodec, data: bytes, uuid: str, all_uuids: list[str]) -> str | None:
+    def _read_value(self, d: SecretDef, name: str) -> tuple[str, bytes] | _Skip | None:
+        suffix = self._choose(d.uuid)
+        if suffix is None:
+            return None
+        fname = f"{d.uuid}.{suffix}"
+        if self.strict and suffix in LEGACY_SUFFIXES and not self.migrate:
+            return _Skip(name, d.uuid, f"value file {fname}: {Damage.LEGACY.value}; "
+                                       "'secretbus rewrite-values' migrates it")
+        try:
+            return suffix, read_limited(fname, VALUE_FILE_LIMIT, dir_fd=self.fd)
+        except OSError as e:
+            return _Skip(name, d.uuid, f"value file {fname}: cannot read: {e.strerror}")
+
+    def _value(self, d: SecretDef, name: str,
+               read: tuple[str, bytes] | _Skip | None) -> tuple[bytes | None, bool]:
+        if read is None:
+            return None, False
+        if isinstance(read, _Skip):
+            raise read
+        suffix, data = read
+        fname = f"{d.uuid}.{suffix}"
+        codec = self.store.codecs.readers.get(suffix)
+        if codec is None:
+            raise _Skip(name, d.uuid, f"value file {fname}: no reader for this format")
+        try:
+            if isinstance(codec, GcmCodec):
+                return self._gcm(codec, d, data)
+            return codec.decode(Binding.of(d), data), suffix in LEGACY_SUFFIXES and self.strict
+        except ValueFileError as e:
+            raise _Skip(name, d.uuid, f"value file {fname}: {e}") from None
+        except _Verdict as v:
+            raise _Skip(name, d.uuid, f"value file {fname}: {v}") from None
+
+    def _gcm(self, codec: GcmCodec, d: SecretDef, data: bytes) -> tuple[bytes, bool]:
+        binding = Binding.of(d)
+        try:
+            return codec.decode(binding, data), False
+        except ValueFileError as e:
+            if e.damage is Damage.UNBOUND:
+                return self._gcm_unbound(codec, d, data), True
+            if e.damage is not Damage.TAMPERED:
+                raise
+        # The value authenticates only against another definition: say which.
+        try:
+            value = codec.decode(binding.with_private(not d.private), data)
+        except ValueFileError:
+            pass
+        else:
+            if d.private:
+                # Written before a redefine to private='yes' completed its rewrite: the
+                # stricter definition is served, and the value is re-bound.
+                return value, True
+            raise _Verdict(Damage.UNHIDDEN.value)
+        owner = self._owner(codec, d.uuid, data, unbound=False)
+        if owner:
+            raise _Verdict(f"{Damage.MOVED.value} (it was written for secret {owner})")
+        raise _Verdict(f"{Damage.TAMPERED.value}: the value file, or its definition's "
+                       "private flag or usage, was changed")
+
+    def _gcm_unbound(self, codec: GcmCodec, d: SecretDef, data: bytes) -> bytes:
+        if self.strict and self.bound_store and not self.migrate:
+            raise _Verdict(f"{Damage.UNBOUND.value}, refused because this store holds bound "
+                           "(SBG2) files (a downgrade?); 'secretbus rewrite-values' migrates it")
+        try:
+            return codec.decode_unbound(d.uuid, data)
+        except ValueFileError as e:
+            if e.damage is Damage.TAMPERED:
+                owner = self._owner(codec, d.uuid, data, unbound=True)
+                if owner:
+                    raise _Verdict(f"{Damage.MOVED.value} (it was written for secret {owner})") from None
+            raise
+
+    def _owner(self, codec: GcmCodec, uuid: str, data: bytes, unbound: bool) -> str | None:
         """On an authentication failure, tell a moved file from a damaged one."""
-        for other in all_uuids:
+        for other, od in self.defs.items():
             if other == uuid:
                 continue
-            try:
-                codec.decode(other, data)
-            except ValueFileError:
-                continue
-            return other
+            if unbound:
+                candidates: list[str | Binding] = [other]
+            else:
+                b = Binding.of(od)
+                candidates = [b, b.with_private(not od.private)]
+            for c in candidates:
+                try:
+                    if isinstance(c, str):
+                        codec.decode_unbound(c, data)
+                    else:
+                        codec.decode(c, data)
+                except ValueFileError:
+                    continue
+                return other
         return None
+
+
+def _is_bound_file(data: bytes) -> bool:
+    """Whether GCM file content starts with the SBG2 magic (8 base64 characters = 6 bytes)."""
+    try:
+        return base64.b64decode(data.strip()[:8], validate=True)[:len(GCM_MAGIC)] == GCM_MAGIC
+    except (binascii.Error, ValueError):
+        return False
+
+
+class _Verdict(Exception):
+    """Why a GCM value file was refused, already worded for the log."""
 
 
 class _Skip(Exception):

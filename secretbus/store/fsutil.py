@@ -1,40 +1,117 @@
-"""Durable file operations: private directories, atomic writes, fsync of directories."""
+"""Durable, hostile-directory-safe file operations.
+
+Every directory the store, the lock or the key lives in is opened by walking its path
+from "/" with O_NOFOLLOW, and checked with fstat: the directory itself must belong to
+the effective uid and be writable by nobody else; the directories above it must belong
+to root or the euid and not be writable by others (unless sticky, like /tmp). Files are
+then opened relative to that fd, so nobody else can swap a name underneath us, and
+every open for writing is O_NOFOLLOW, temp files O_CREAT|O_EXCL.
+"""
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TMP_SUFFIX = ".new"  # libvirt's temp suffix; start-up removes stale ones
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
-def ensure_private_dir(path: Path) -> None:
-    """Create `path` and its parents with mode 0700 (existing directories are left alone)."""
-    old = os.umask(0o077)
+
+class UnsafeDirectory(OSError):
+    """A directory another user controls (or could replace): refused, fail closed."""
+
+    def __init__(self, path: Path | str, why: str):
+        super().__init__(errno.EPERM, f"refusing directory '{path}': {why}", str(path))
+
+
+def _check_dir(fd: int, path: Path, leaf: bool, euid: int, read_only: bool = False) -> None:
+    st = os.fstat(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    if leaf:
+        # Reading (secret.conf, the key) from root's directory is safe for anyone; a
+        # directory we write to must be our own.
+        if st.st_uid != euid and not (read_only and st.st_uid == 0):
+            raise UnsafeDirectory(path, f"owned by uid {st.st_uid}, not by uid {euid} (ours)")
+        if mode & 0o022:
+            raise UnsafeDirectory(path, f"mode {mode:04o} lets group or others write to it")
+        return
+    # Above the leaf: whoever can rename an entry here could swap the leaf for their own.
+    if st.st_uid not in (0, euid):
+        raise UnsafeDirectory(path, f"owned by uid {st.st_uid}, neither root nor uid {euid} (ours)")
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise UnsafeDirectory(path, f"mode {mode:04o} lets group or others write to it")
+
+
+def open_dir(path: Path | str, *, create: bool = False, read_only: bool = False) -> int:
+    """An fd of directory `path`, verified as above; `create` makes missing components
+    with mode 0700; `read_only` (for files we only read) also accepts a leaf owned by
+    root. Raises FileNotFoundError, UnsafeDirectory or another OSError."""
+    euid = os.geteuid()
+    # Symlinks in the configured path are the administrator's; resolve them once, then
+    # walk the result without following any, so a swap after this point fails.
+    real = Path(os.path.realpath(path))
+    fd = os.open("/", _DIR_FLAGS)
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    finally:
-        os.umask(old)
+        here = Path("/")
+        names = real.parts[1:]
+        if not names:
+            _check_dir(fd, here, True, euid, read_only)
+        for i, name in enumerate(names):
+            here = here / name
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise UnsafeDirectory(here, "is a symlink") from None
+                raise
+            os.close(fd)
+            fd = child
+            _check_dir(fd, here, i == len(names) - 1, euid, read_only)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+@contextmanager
+def verified_dir(path: Path | str, *, create: bool = False) -> Iterator[int]:
+    fd = open_dir(path, create=create)
     try:
-        os.fsync(fd)
+        yield fd
     finally:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Replace `path` with `data`: temp 0600 file, write, fsync, rename, fsync the directory.
+def ensure_private_dir(path: Path) -> None:
+    """Create `path` and missing parents with mode 0700, and verify it (see open_dir)."""
+    os.close(open_dir(path, create=True))
 
-    A crash at any instant leaves either the old or the new content at `path`.
-    """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+def fsync_dir(path: Path) -> None:
+    with verified_dir(path) as fd:
+        os.fsync(fd)
+
+
+def write_new(dir_fd: int, name: str, data: bytes) -> None:
+    """Create `name` (0600, O_EXCL: never an existing file or a symlink's target) and
+    write and fsync `data`. On failure the file is removed."""
+    fd = os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, 0o600)     # whatever the umask
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
@@ -42,30 +119,49 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        _unlink_quiet(tmp)
+        unlink_quiet(dir_fd, name)
         raise
     os.close(fd)
+
+
+def atomic_write_at(dir_fd: int, name: str, data: bytes, *, sync_dir: bool = True) -> None:
+    """Replace `name` in the directory `dir_fd` with `data`: a temp file of random name,
+    write, fsync, rename, fsync the directory. A crash at any instant leaves either the
+    old or the new content at `name`."""
+    tmp = f"{name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+    write_new(dir_fd, tmp, data)
     try:
-        os.rename(tmp, path)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        _unlink_quiet(tmp)
+        unlink_quiet(dir_fd, tmp)
         raise
     if sync_dir:
-        fsync_dir(path.parent)
+        os.fsync(dir_fd)
 
 
-def unlink_if_exists(path: Path) -> bool:
+def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """atomic_write_at in the verified parent directory of `path`."""
+    with verified_dir(path.parent) as fd:
+        atomic_write_at(fd, path.name, data, sync_dir=sync_dir)
+
+
+def unlink_at(dir_fd: int, name: str) -> bool:
     """Unlink; True if something was removed. ENOENT is not an error."""
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
         return True
     except FileNotFoundError:
         return False
 
 
-def _unlink_quiet(path: Path) -> None:
+def unlink_if_exists(path: Path) -> bool:
+    with verified_dir(path.parent) as fd:
+        return unlink_at(fd, path.name)
+
+
+def unlink_quiet(dir_fd: int, name: str) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 

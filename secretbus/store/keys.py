@@ -70,21 +70,37 @@ def _credential_path(environ: Mapping[str, str]) -> Path | None:
 
 
 def load_key(path: Path) -> bytes:
-    """Exactly 32 raw bytes from a private regular file (messages never show key bytes)."""
+    """Exactly 32 raw bytes from a private regular file of ours, in a directory nobody else
+    can write (messages never show key bytes)."""
+    path = Path(path)
     try:
-        st = os.lstat(path)
+        dir_fd = fsutil.open_dir(path.parent, read_only=True)
+    except OSError as e:
+        raise errors.ConfigError(f"Failed to open file '{path}': {e.strerror}") from None
+    try:
+        return _read_key(dir_fd, path)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_key(dir_fd: int, path: Path) -> bytes:
+    try:
+        st = os.lstat(path.name, dir_fd=dir_fd)
     except OSError as e:
         raise errors.ConfigError(f"Failed to open file '{path}': {e.strerror}") from None
     # lstat first: opening a FIFO would block, and a symlink could point anywhere.
     if not stat.S_ISREG(st.st_mode):
         raise errors.ConfigError(f"key file '{path}' is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise errors.ConfigError(
+            f"key file '{path}' is owned by uid {st.st_uid}, not by uid {os.geteuid()} (ours)")
     if st.st_mode & 0o077:
         raise errors.ConfigError(
             f"key file '{path}' has mode {stat.S_IMODE(st.st_mode):04o}; it must not be "
             "accessible by group or others (chmod 0600)")
     wrong_size = errors.InvalidEncrKey(f"Encryption key length must be '{KEY_SIZE}' '{path}'")
     try:
-        key = fsutil.read_limited(path, KEY_SIZE + 1)
+        key = fsutil.read_limited(path.name, KEY_SIZE + 1, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.EFBIG:
             raise wrong_size from None
@@ -120,62 +136,67 @@ def init_encryption(key_path: Path = SEALED_KEY_PATH, with_key: str | None = Non
 
     The key travels only through memory and the child's stdin, never argv or logs.
     The final name appears atomically and is never replaced: the new file is
-    hard-linked into place, which fails if the name already exists.
+    hard-linked into place, which fails if the name already exists. The directory
+    must be ours and writable by nobody else (fsutil.open_dir), else nothing is written.
     """
     key_path = Path(key_path)
-    if os.path.lexists(key_path):
-        raise _exists(key_path)
     try:
-        _create(key_path, with_key, raw, environ)
+        dir_fd = fsutil.open_dir(key_path.parent, create=True)
     except OSError as e:
         raise errors.OperationFailed(
             f"cannot create key file '{key_path}': {e.strerror or e}") from None
+    try:
+        _create(dir_fd, key_path, with_key, raw, environ)
+    except OSError as e:
+        raise errors.OperationFailed(
+            f"cannot create key file '{key_path}': {e.strerror or e}") from None
+    finally:
+        os.close(dir_fd)
     return key_path
 
 
-def _create(key_path: Path, with_key: str | None, raw: bool,
+def _create(dir_fd: int, key_path: Path, with_key: str | None, raw: bool,
             environ: Mapping[str, str]) -> None:
-    fsutil.ensure_private_dir(key_path.parent)
-    tmp = key_path.with_name(key_path.name + ".init")
-    fsutil.unlink_if_exists(tmp)  # leftover of an interrupted run; never the real key
-    key = os.urandom(KEY_SIZE)
+    name = key_path.name
     try:
-        if raw:
-            fsutil.atomic_write(tmp, key, sync_dir=False)
-        else:
-            _seal(key, tmp, with_key, environ)
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    else:
+        raise _exists(key_path)
+    tmp = name + ".init"
+    fsutil.unlink_at(dir_fd, tmp)  # leftover of an interrupted run; never the real key
+    key = os.urandom(KEY_SIZE)
+    content = key if raw else _seal(key, with_key, environ)
+    try:
+        fsutil.write_new(dir_fd, tmp, content)
         try:
-            os.link(tmp, key_path)
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
             raise _exists(key_path) from None
     finally:
-        fsutil.unlink_if_exists(tmp)
-    fsutil.fsync_dir(key_path.parent)
+        fsutil.unlink_at(dir_fd, tmp)
+    os.fsync(dir_fd)
 
 
 def _exists(p: Path) -> errors.SecretError:
     return errors.OperationFailed(f"key file '{p}' already exists; refusing to overwrite")
 
 
-def _seal(key: bytes, out: Path, with_key: str | None, environ: Mapping[str, str]) -> None:
+def _seal(key: bytes, with_key: str | None, environ: Mapping[str, str]) -> bytes:
+    """The sealed credential, written by systemd-creds to its stdout (we create the file)."""
     argv = [SYSTEMD_CREDS, "encrypt", f"--name={CREDENTIAL_NAME}"]
     if with_key is not None:
         argv.append(f"--with-key={with_key}")
-    argv += ["-", str(out)]
+    argv += ["-", "-"]
     try:
-        # umask: systemd-creds creates its output with the caller's umask.
         proc = subprocess.run(argv, input=key, capture_output=True, env=dict(environ),
                               umask=0o077, check=False)
     except FileNotFoundError:
         raise errors.OperationFailed(
             f"{SYSTEMD_CREDS} not found; install systemd or create a raw key file") from None
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not proc.stdout:
         detail = proc.stderr.decode("utf-8", "replace").strip()
         raise errors.OperationFailed(
             f"{SYSTEMD_CREDS} encrypt failed (exit status {proc.returncode}): {detail}")
-    os.chmod(out, 0o600)
-    fd = os.open(out, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return proc.stdout
