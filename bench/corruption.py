@@ -30,8 +30,10 @@ of each, with random cut points and bit positions, and more healthy secrets):
     malformed XML            the XML cut in half                         -> skipped, "invalid XML"
     UUID differs from name   F.xml holds <uuid>G</uuid>                  -> skipped,
                                                                             "G does not match secret file name 'F.xml'"
-    duplicate usage          two files, same usage; older mtime wins     -> newer skipped, "already defined for use with"
-    two value files          .base64 (older) and .aes256gcm (newer)      -> GCM value served, warning "has 2 value files"
+    duplicate usage          two files, same usage; older mtime wins     -> newer skipped,
+                                                                            "already defined for use with"
+    two value files          .base64 (older) and .aes256gcm (newer)      -> GCM value served,
+                                                                            warning "has 2 value files"
                              (a .base64 beside a .aes256gcm is never read, even if newer)
     stale temp file          <uuid>.aes256gcm.new left by a crash        -> removed (the one deletion allowed),
                                                                             warning; secret served
