@@ -24,6 +24,7 @@ PACKAGES=(
     procps                                # ps, kill (minbase roots lack them)
     openssl
     passwd adduser                        # useradd / groupadd for test users
+    libvirt-clients python3-libvirt       # virsh and libvirt's python binding: real RPC clients in the tests
 )
 
 missing=()
