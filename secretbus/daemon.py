@@ -4,6 +4,9 @@
     secretbusd --session                     # ~/.config/libvirt/secrets, the user's bus
     secretbusd --session --root DIR --bus-address unix:path=...   # tests, private buses
 
+Beside D-Bus it serves libvirt's RPC protocol on virtsecretd's sockets (secretbus/rpc/), from
+the same driver: `--no-rpc` / `--no-dbus` turn a front end off, `--rpc-dir DIR` moves the sockets.
+
 sd_notify READY/RELOADING/STOPPING/STATUS; SIGHUP reloads secret.conf, the key and the
 store (a failed reload keeps the old state); SIGTERM finishes in-flight calls, exits 0.
 """
@@ -34,6 +37,7 @@ from secretbus.driver.build import open_instance
 from secretbus.driver.driver import SecretDriver
 from secretbus.notify import notify, reloading
 from secretbus.procsec import no_core_dumps
+from secretbus.rpc.server import RpcServer, SocketBusy, socket_plan
 from secretbus.store.conf import resolve_readers
 from secretbus.store.paths import InstancePaths
 
@@ -57,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polkit-timeout", type=float, default=20.0, metavar="SECS",
                    help="how long to wait for polkitd before denying (default 20: polkitd 122 can "
                         "stall 15 s)")
+    p.add_argument("--no-rpc", action="store_true", help="do not serve libvirt's RPC protocol")
+    p.add_argument("--no-dbus", action="store_true", help="do not serve D-Bus (libvirt's RPC protocol only)")
+    p.add_argument("--rpc-dir", metavar="DIR", help="make the RPC sockets (virtsecretd-sock[-ro]) in DIR "
+                   "instead of /run/libvirt or $XDG_RUNTIME_DIR/libvirt")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -88,11 +96,13 @@ def bus_factory(address: str | None, system: bool) -> BusFactory:
 class Daemon:
     """One driver served on one bus, built by main() (or a test) from its parts."""
 
-    service: SecretService     # made in run(), once the bus is connected
+    service: SecretService | None = None     # made in run(), once the bus is connected
 
-    def __init__(self, driver: SecretDriver, *, access: AccessFactory, connect: BusFactory,
-                 system: bool, idle_timeout: float = 0):
+    def __init__(self, driver: SecretDriver, *, access: AccessFactory, connect: BusFactory | None,
+                 system: bool, idle_timeout: float = 0, rpc: RpcServer | None = None):
+        """`connect` None: no D-Bus front end; `rpc`: the libvirt RPC front end, if served."""
         self.driver = driver
+        self.rpc = rpc
         self.system = system
         self._make_access = access
         self._connect = connect
@@ -107,8 +117,23 @@ class Daemon:
     async def run(self, readers: frozenset[int], t0: float | None = None) -> int:
         """Serve until SIGTERM/SIGINT, idle timeout or loss of the bus; the exit status."""
         t0 = time.monotonic() if t0 is None else t0
+        if self.rpc is not None:
+            try:
+                await self.rpc.start()      # before the bus name: clients that see it find the sockets
+            except (SocketBusy, OSError) as e:
+                log.error("cannot serve libvirt RPC: %s", e)
+                return 1
         try:
-            bus = await self._connect()
+            if self._connect is None:
+                return await self._serve(None, t0)
+            return await self._run_bus(readers, t0, self._connect)
+        finally:
+            if self.rpc is not None:
+                await self.rpc.stop()
+
+    async def _run_bus(self, readers: frozenset[int], t0: float, connect: BusFactory) -> int:
+        try:
+            bus = await connect()
         except Exception as e:  # noqa: BLE001
             log.error("cannot connect to the %s bus: %s", self._bus_kind, e)
             return 1
@@ -136,17 +161,18 @@ class Daemon:
                   BUS_NAME, reply.name)
         return False
 
-    async def _serve(self, bus: MessageBus, t0: float) -> int:
+    async def _serve(self, bus: MessageBus | None, t0: float) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         n = self.driver.count()
-        log.info("serving %d secrets as %s on the %s bus (ready in %.3f s; %s)", n, BUS_NAME,
-                 self._bus_kind, time.monotonic() - t0,
+        where = f"as {BUS_NAME} on the {self._bus_kind} bus" if bus is not None else "over libvirt RPC only"
+        log.info("serving %d secrets %s (ready in %.3f s; %s)", n, where, time.monotonic() - t0,
                  self.driver.key_description or "values not encrypted")
         notify("READY=1", f"STATUS=serving {n} secrets")
-        waiters = [asyncio.create_task(self.stop_event.wait()), asyncio.create_task(bus.wait_for_disconnect())]
+        lost = bus.wait_for_disconnect() if bus is not None else asyncio.Event().wait()
+        waiters = [asyncio.create_task(self.stop_event.wait()), asyncio.create_task(lost)]
         if self._idle_timeout > 0:
             waiters.append(asyncio.create_task(self._idle_watch(self._idle_timeout)))
         done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -155,7 +181,8 @@ class Daemon:
         lost_bus = waiters[1] in done
         notify("STOPPING=1", "STATUS=stopping")
         log.info("stopping (%s)", "bus connection lost" if lost_bus else "signal or idle timeout")
-        await self.service.drain()
+        if self.service is not None:
+            await self.service.drain()
         return 1 if lost_bus else 0
 
     async def _idle_watch(self, timeout: float) -> None:
@@ -163,9 +190,11 @@ class Daemon:
         last_calls, idle_since = -1, time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
-            busy = self.service.calls != last_calls or self.service.in_flight or self.driver.has_ephemeral()
+            calls = (self.service.calls if self.service else 0) + (self.rpc.calls if self.rpc else 0)
+            in_flight = (self.service.in_flight if self.service else 0) or (self.rpc.in_flight if self.rpc else 0)
+            busy = calls != last_calls or in_flight or self.driver.has_ephemeral()
             if busy:
-                last_calls, idle_since = self.service.calls, time.monotonic()
+                last_calls, idle_since = calls, time.monotonic()
             elif time.monotonic() - idle_since >= timeout:
                 log.info("idle for %.0f s, exiting", timeout)
                 return
@@ -177,8 +206,9 @@ class Daemon:
         reloading()
         try:
             report = await asyncio.get_running_loop().run_in_executor(None, self.driver.reload)
-            self.service.private_readers = resolve_readers(self.driver.conf)
-            self.service.refresh()
+            if self.service is not None:
+                self.service.private_readers = resolve_readers(self.driver.conf)
+                self.service.refresh()
             log.info("reloaded: %d secrets, %d skipped", report.loaded, len(report.skipped))
             notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")
         except errors.SecretError as e:
@@ -190,14 +220,17 @@ class Daemon:
 
 def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] = PolkitAccess) -> int:
     """secretbusd; `polkit` is the access-control class on the system bus (benches vary it)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_rpc and args.no_dbus:
+        parser.error("--no-rpc and --no-dbus leave nothing to serve")
     setup_daemon_logging(verbose=args.verbose)
     no_core_dumps()
     os.umask(0o077)
     t0 = time.monotonic()
     system = bool(args.system)
-    paths = InstancePaths.for_kind(InstanceKind.SYSTEM if system else InstanceKind.SESSION,
-                                   os.path.abspath(args.root) if args.root else None)
+    paths_root = os.path.abspath(args.root) if args.root else None
+    paths = InstancePaths.for_kind(InstanceKind.SYSTEM if system else InstanceKind.SESSION, paths_root)
     notify("STATUS=loading secrets")
     try:
         driver = open_instance(paths)
@@ -209,8 +242,12 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
         driver.close()
         return _config_failure(e)
     access = polkit_access(args.polkit_timeout, polkit) if system and not args.no_polkit else allow_all
-    daemon = Daemon(driver, access=access, connect=bus_factory(args.bus_address, system),
-                    system=system, idle_timeout=args.timeout)
+    # The RPC front end serves, in this increment, only peers that need no authorisation
+    # (uid 0 on the system instance, the session's own user), so it takes no access control yet.
+    rpc = None if args.no_rpc else RpcServer(driver, system=system,
+                                             plan=socket_plan(system, args.rpc_dir, paths_root))
+    daemon = Daemon(driver, access=access, connect=None if args.no_dbus else bus_factory(args.bus_address, system),
+                    system=system, idle_timeout=args.timeout, rpc=rpc)
     try:
         return asyncio.run(daemon.run(readers, t0))
     except KeyboardInterrupt:

@@ -160,6 +160,8 @@ PROCS: dict[int, ProcSpec] = {
     Proc.CONNECT_OPEN: ProcSpec(_s("remote_connect_open_args", ("name", REMOTE_STRING), ("flags", UINT)), VOID),
     Proc.CONNECT_CLOSE: ProcSpec(VOID, VOID),
     Proc.CONNECT_GET_TYPE: ProcSpec(VOID, _s("remote_connect_get_type_ret", ("type", NONNULL_STRING))),
+    Proc.CONNECT_GET_VERSION: ProcSpec(VOID, _s("remote_connect_get_version_ret", ("hv_ver", UHYPER))),
+    Proc.CONNECT_GET_HOSTNAME: ProcSpec(VOID, _s("remote_connect_get_hostname_ret", ("hostname", NONNULL_STRING))),
     Proc.CONNECT_SUPPORTS_FEATURE: ProcSpec(_s("remote_connect_supports_feature_args", ("feature", INT)),
                                             _s("remote_connect_supports_feature_ret", ("supported", INT))),
     Proc.CONNECT_GET_URI: ProcSpec(VOID, _s("remote_connect_get_uri_ret", ("uri", NONNULL_STRING))),
