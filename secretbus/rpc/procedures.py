@@ -181,7 +181,7 @@ class Procedures:
     @staticmethod
     def _no_support(api: str) -> Fn:
         def fn(_c: Client, _a: Any) -> Any:
-            raise errors.NoSupport(api)
+            raise RemoteFailure(errors.NoSupport.code, P.FROM_DOMAIN, api, errors.NoSupport.prefix)
         return fn
 
     # -- listing ----------------------------------------------------------------------

@@ -216,6 +216,7 @@ MESSAGES: dict[int, XdrType] = {
 # libvirt's error domains (virerror.h) that this front end reports.
 FROM_NONE = 0
 FROM_RPC = 7
+FROM_DOMAIN = 20                # libvirt-host.c's connection-level APIs report this one
 FROM_SECRET = 30
 FROM_ACCESS = 55
 FROM_POLKIT = 60
@@ -224,12 +225,12 @@ ERR_LEVEL_ERROR = 2
 
 def payload_type(prog: int, proc: int, msg_type: int, status: int) -> XdrType | None:
     """The XDR type of a frame's payload from its header; None when this module does not know it."""
+    if msg_type == MsgType.REPLY and status == Status.ERROR:
+        return REMOTE_ERROR         # any program's (virnetprotocol.x's virNetMessageError)
     if prog == KEEPALIVE_PROGRAM:
         return VOID
     if prog != REMOTE_PROGRAM:
         return None
-    if msg_type == MsgType.REPLY and status == Status.ERROR:
-        return REMOTE_ERROR
     if msg_type == MsgType.MESSAGE:
         return MESSAGES.get(proc)
     spec = PROCS.get(proc)

@@ -92,7 +92,7 @@ def _bind(listen: Listen) -> socket.socket:
     try:
         sock.bind(str(listen.path))
         os.chmod(listen.path, listen.mode)
-        sock.listen(256)
+        sock.listen(1024)      # a burst of connections waits in the kernel, not refused
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -192,9 +192,11 @@ class RpcServer:
             self._sub = None
         for server in self._servers:
             server.close()
-        for conn in list(self._conns):
+        conns = list(self._conns)
+        for conn in conns:
+            conn.close(abort=True)      # replies still on their way are dropped; writes finish
+        for conn in conns:
             await conn.drain_tasks()
-            conn.close()
         self._servers.clear()
         self._executor.shutdown(wait=True)
         for path, ino in self._made:
