@@ -206,3 +206,27 @@ def test_one_driver_two_front_ends(session_bus, sessiond, rpc_dir, tmp_path):
                            timeout=10, what="the D-Bus event of an undefine over RPC")
     finally:
         conn.close()
+
+
+def test_virtqemud_flow_with_python_set_identity(systemd_, rpc_dir, tmp_path):
+    """A private value goes to an identity carrying the host's system.token, and only to it."""
+    rw = uri(rpc_dir, "system")
+    ok(virsh(rw, "secret-define", define_file(tmp_path, priv="yes")))
+    ok(virsh(rw, "secret-set-value", U1, "--base64", base64.b64encode(SENTINEL).decode()))
+    token_file = rpc_dir / "common" / "system.token"
+    token = token_file.read_text()
+    assert len(token) == 32 and oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert oct(token_file.parent.stat().st_mode & 0o777) == "0o700"
+
+    def run(tok: str, user=None) -> dict:
+        r = harness.run_as(user, [DEBIAN_PYTHON, "-c", programs.source("libvirt_set_identity"), rw, U1, tok],
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    assert run(token) == {"value": SENTINEL.hex()}
+    assert run("-")["error"] == [65, 30, "Invalid secret: secret is private"]
+    assert run("0" * 32)["error"] == [65, 30, "Invalid secret: secret is private"]
+    assert SENTINEL.hex() not in systemd_.log()
+    assert token not in systemd_.log()
+    assert "returned to an elevated identity (user alice uid 1000 pid 4242)" in systemd_.log()

@@ -14,13 +14,18 @@ from pathlib import Path
 import pytest
 from rpcraw import RawClient, RemoteError, handle
 
+from secretbus.core import errors
 from secretbus.core.model import InstanceKind
 from secretbus.driver.build import open_instance
 from secretbus.rpc import protocol as P
 from secretbus.rpc import xdr
 from secretbus.rpc.connection import RpcLimits
+from secretbus.rpc.events import EventHub
 from secretbus.rpc.frame import Header, encode_frame
+from secretbus.rpc.identity import SystemToken
+from secretbus.rpc.procedures import Procedures
 from secretbus.rpc.server import RpcServer, SocketBusy, socket_plan
+from secretbus.rpc.session import Peer, Session
 from secretbus.store.paths import InstancePaths
 
 FIXTURES = {f["label"]: bytes.fromhex(f["hex"]) for f in
@@ -404,3 +409,84 @@ def test_never_replaces_what_is_not_a_socket(tmp_path):
     with pytest.raises(SocketBusy, match="not a socket"):
         InProcess(tmp_path)
     assert path.read_text() == "keep me"
+
+
+# -- SET_IDENTITY and the system token --------------------------------------------------------
+def _identity(token: str | None, **extra) -> dict:
+    params = [{"field": "user-name", "value": (7, "alice")}, {"field": "process-id", "value": (3, 4242)}]
+    if token is not None:
+        params.append({"field": "system.token", "value": (7, token)})
+    params += [{"field": k, "value": v} for k, v in extra.items()]
+    return {"params": params, "flags": 0}
+
+
+def test_set_identity_elevates_only_with_the_hosts_token(srv):
+    token_file = srv.rw.parent / "common" / "system.token"
+    token = token_file.read_text()
+    assert len(token) == 32 and int(token, 16) >= 0
+    sec = handle(CAP_UUID)
+    with srv.opened() as c:
+        define_captured(c, private="yes")
+        c.call(P.Proc.SECRET_SET_VALUE, {"secret": sec, "value": b"luks-pass", "flags": 0})
+        get = {"secret": sec, "flags": 0}
+        assert _err(c, P.Proc.SECRET_GET_VALUE, get)[0] == 65
+        c.call(P.Proc.CONNECT_SET_IDENTITY, _identity("0" * 32))
+        assert _err(c, P.Proc.SECRET_GET_VALUE, get)[0] == 65
+        c.call(P.Proc.CONNECT_SET_IDENTITY, _identity(token))
+        assert c.call(P.Proc.SECRET_GET_VALUE, get) == {"value": b"luks-pass"}
+        assert _err(c, P.Proc.SECRET_GET_VALUE, {"secret": sec, "flags": 1})[0] == 8    # no INTERNAL_CALL bit
+        c.call(P.Proc.CONNECT_SET_IDENTITY, _identity(None))          # replaced: no longer elevated
+        assert _err(c, P.Proc.SECRET_GET_VALUE, get)[0] == 65
+        assert _err(c, P.Proc.CONNECT_SET_IDENTITY, {"params": [], "flags": 1})[:2] == (8, 30)
+        assert _err(c, P.Proc.CONNECT_SET_IDENTITY, _identity(token, bogus=(7, "x")))[2] == \
+            "invalid argument: parameter 'bogus' not supported"
+        assert _err(c, P.Proc.CONNECT_SET_IDENTITY, {"params": [{"field": "system.token", "value": (4, 1)}],
+                                                     "flags": 0})[0] == 8
+        with pytest.raises(RemoteError):
+            c.call(P.Proc.SECRET_GET_VALUE, get)    # refused calls elevate nothing
+    with srv.client() as c:         # not before CONNECT_OPEN
+        c.call(P.Proc.AUTH_LIST)
+        assert _err(c, P.Proc.CONNECT_SET_IDENTITY, _identity(token))[2] == \
+            "internal error: hypervisor connection not open"
+
+
+def test_the_token_is_read_when_needed(srv):
+    """A libvirt daemon that (re)creates the token after secretbus started is believed."""
+    token_file = srv.rw.parent / "common" / "system.token"
+    old = token_file.read_text()
+    new = "0123456789abcdef" * 2
+    token_file.unlink()
+    with srv.opened() as c:
+        define_captured(c, private="yes")
+        c.call(P.Proc.SECRET_SET_VALUE, {"secret": handle(CAP_UUID), "value": b"v", "flags": 0})
+        c.call(P.Proc.CONNECT_SET_IDENTITY, _identity(old))
+        assert _err(c, P.Proc.SECRET_GET_VALUE, {"secret": handle(CAP_UUID), "flags": 0})[0] == 65   # no file
+        token_file.write_text(new)
+        c.call(P.Proc.CONNECT_SET_IDENTITY, _identity(old))
+        assert _err(c, P.Proc.SECRET_GET_VALUE, {"secret": handle(CAP_UUID), "flags": 0})[0] == 65
+        c.call(P.Proc.CONNECT_SET_IDENTITY, _identity(new))
+        assert c.call(P.Proc.SECRET_GET_VALUE, {"secret": handle(CAP_UUID), "flags": 0}) == {"value": b"v"}
+
+
+def test_set_identity_from_a_non_root_peer_is_refused(tmp_path):
+    """Unit level: a peer authenticated some other way (the next increment's polkit) still
+    may not speak for others."""
+    class Fake:
+        def __init__(self):
+            self.session = Session(Peer(77, 1000, 1000), socket_readonly=False, trusted=False,
+                                   authenticated=True, opened=True)
+
+        def send_message(self, proc, payload):
+            raise AssertionError("no events here")
+
+    token = SystemToken(tmp_path / "common" / "system.token")
+    token.ensure()
+    loop = asyncio.new_event_loop()
+    try:
+        procs = Procedures(None, EventHub(loop), token, system=True)   # type: ignore[arg-type]
+        client = Fake()
+        with pytest.raises(errors.AccessDenied):
+            procs.set_identity(client, _identity(token.path.read_text()))
+        assert client.session.identity is None
+    finally:
+        loop.close()

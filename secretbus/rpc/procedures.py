@@ -7,6 +7,7 @@ errors are the same as on D-Bus: every argument goes through the driver's own ch
 """
 from __future__ import annotations
 
+import logging
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,10 @@ from secretbus.rpc.failures import (
     daemon_internal,
     rpc_failure,
 )
+from secretbus.rpc.identity import Identity, SystemToken, parse_params
 from secretbus.rpc.session import Session
+
+log = logging.getLogger("secretbus.rpc")
 
 # libvirt's version encoding of the release whose secret driver secretbus reproduces (12.1.0);
 # the D-Bus front end reports the same number as org.libvirt.Connect's LibVersion.
@@ -61,9 +65,10 @@ def _not_offered(_c: Client, _a: Any) -> Any:
 
 
 class Procedures:
-    def __init__(self, driver: SecretDriver, hub: EventHub, *, system: bool):
+    def __init__(self, driver: SecretDriver, hub: EventHub, token: SystemToken, *, system: bool):
         self.driver = driver
         self.hub = hub
+        self.token = token
         self.system = system
         self.uri = "secret:///system" if system else "secret:///session"
 
@@ -86,6 +91,7 @@ class Procedures:
             Pr.CONNECT_GET_HOSTNAME: Handler(self._no_support("virConnectGetHostname")),
             Pr.CONNECT_REGISTER_CLOSE_CALLBACK: Handler(self.register_close_callback),
             Pr.CONNECT_UNREGISTER_CLOSE_CALLBACK: Handler(self.unregister_close_callback),
+            Pr.CONNECT_SET_IDENTITY: Handler(self.set_identity),
             Pr.CONNECT_NUM_OF_SECRETS: Handler(lambda c, a: {"num": len(self.driver.list_secrets(0))}),
             Pr.CONNECT_LIST_SECRETS: Handler(self.list_secrets),
             Pr.CONNECT_LIST_ALL_SECRETS: Handler(self.list_all_secrets),
@@ -208,9 +214,27 @@ class Procedures:
         return None
 
     def get_value(self, c: Client, a: Any) -> Any:
-        # A private value needs an elevated identity (SET_IDENTITY with the host's
-        # system.token), which this increment does not accept yet: private stays private.
-        return {"value": self.driver.get_value(_uuid(a["secret"]), a["flags"], internal_call=False)}
+        s = c.session
+        uuid = _uuid(a["secret"])
+        value = self.driver.get_value(uuid, a["flags"], internal_call=s.elevated)
+        if s.elevated and s.identity is not None and self.driver.lookup_by_uuid(uuid).private:
+            log.info("private value of secret %s returned to an elevated identity (%s) of peer pid %d",
+                     uuid, s.identity.describe(), s.peer.pid,
+                     extra={"SECRET_UUID": uuid, "SECRET_OPERATION": "get-value"})
+        return {"value": value}
+
+    # -- identity ---------------------------------------------------------------------
+    def set_identity(self, c: Client, a: Any) -> Any:
+        """Only root peers (libvirt's own daemons) may act for someone else."""
+        s = c.session
+        if s.peer.uid != 0:
+            raise errors.AccessDenied("only a root peer may set the identity of a connection")
+        errors.unsupported_flags(a["flags"], 0, "virConnectSetIdentity")
+        fields = parse_params(a["params"])
+        offered = fields.pop("system.token", None)
+        elevated = offered is not None and self.token.matches(offered)
+        s.identity = Identity(fields, elevated)
+        return None
 
     # -- events -----------------------------------------------------------------------
     def event_register(self, c: Client, a: Any) -> Any:

@@ -21,6 +21,7 @@ from pathlib import Path
 from secretbus.driver.driver import SecretDriver
 from secretbus.rpc.connection import Connection, RpcLimits
 from secretbus.rpc.events import EventHub
+from secretbus.rpc.identity import SystemToken
 from secretbus.rpc.procedures import Procedures
 from secretbus.rpc.session import Session, peer_of
 
@@ -120,7 +121,9 @@ class RpcServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.hub = EventHub(loop)
-        self._table = Procedures(self.driver, self.hub, system=self.system).table()
+        token = SystemToken(self.plan[0].path.parent / "common" / "system.token")
+        token.ensure()
+        self._table = Procedures(self.driver, self.hub, token, system=self.system).table()
         try:
             for listen in self.plan:
                 sock = _bind(listen)

@@ -5,6 +5,8 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+from secretbus.rpc.identity import Identity
+
 _UCRED = struct.Struct("3i")    # struct ucred: pid, uid, gid
 
 
@@ -36,6 +38,12 @@ class Session:
     close_callback: bool = False
     keepalive: bool = False        # the client asked for feature 10: the server pings it
     callbacks: set[int] = field(default_factory=set)
+    identity: Identity | None = None   # set by SET_IDENTITY (a libvirt daemon acting for a user)
+
+    @property
+    def elevated(self) -> bool:
+        """May read private values: the identity carries the host's libvirt system token."""
+        return self.identity is not None and self.identity.elevated
 
     @property
     def readonly(self) -> bool:
@@ -46,3 +54,4 @@ class Session:
         self.opened = False
         self.open_readonly = False
         self.close_callback = False
+        self.identity = None
