@@ -99,10 +99,13 @@ class Daemon:
     service: SecretService | None = None     # made in run(), once the bus is connected
 
     def __init__(self, driver: SecretDriver, *, access: AccessFactory, connect: BusFactory | None,
-                 system: bool, idle_timeout: float = 0, rpc: RpcServer | None = None):
-        """`connect` None: no D-Bus front end; `rpc`: the libvirt RPC front end, if served."""
+                 system: bool, idle_timeout: float = 0, rpc: RpcServer | None = None,
+                 rpc_optional: bool = False):
+        """`connect` None: no D-Bus front end; `rpc`: the libvirt RPC front end, if served;
+        `rpc_optional`: when its sockets cannot be made, serve D-Bus alone (logged)."""
         self.driver = driver
         self.rpc = rpc
+        self._rpc_optional = rpc_optional and connect is not None
         self.system = system
         self._make_access = access
         self._connect = connect
@@ -121,8 +124,13 @@ class Daemon:
             try:
                 await self.rpc.start()      # before the bus name: clients that see it find the sockets
             except (SocketBusy, OSError) as e:
-                log.error("cannot serve libvirt RPC: %s", e)
-                return 1
+                if not self._rpc_optional:
+                    log.error("cannot serve libvirt RPC: %s", e)
+                    return 1
+                # libvirt's virtsecretd holds the sockets, or the unit's sandbox keeps
+                # /run/libvirt read-only: the D-Bus service must not be lost for that.
+                log.error("cannot serve libvirt RPC, serving D-Bus only: %s", e)
+                self.rpc = None
         try:
             if self._connect is None:
                 return await self._serve(None, t0)
@@ -247,7 +255,7 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
     rpc = None if args.no_rpc else RpcServer(driver, system=system,
                                              plan=socket_plan(system, args.rpc_dir, paths_root))
     daemon = Daemon(driver, access=access, connect=None if args.no_dbus else bus_factory(args.bus_address, system),
-                    system=system, idle_timeout=args.timeout, rpc=rpc)
+                    system=system, idle_timeout=args.timeout, rpc=rpc, rpc_optional=args.rpc_dir is None)
     try:
         return asyncio.run(daemon.run(readers, t0))
     except KeyboardInterrupt:
