@@ -193,13 +193,17 @@ class Daemon:
             await self.service.drain()
         return 1 if lost_bus else 0
 
+    def _activity(self) -> tuple[int, int]:
+        """Calls taken so far and calls in flight, over both front ends."""
+        fronts: list[SecretService | RpcServer] = [f for f in (self.service, self.rpc) if f is not None]
+        return sum(f.calls for f in fronts), sum(f.in_flight for f in fronts)
+
     async def _idle_watch(self, timeout: float) -> None:
         """Exit after `timeout` idle seconds; an ephemeral secret would be lost, so never then."""
         last_calls, idle_since = -1, time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
-            calls = (self.service.calls if self.service else 0) + (self.rpc.calls if self.rpc else 0)
-            in_flight = (self.service.in_flight if self.service else 0) or (self.rpc.in_flight if self.rpc else 0)
+            calls, in_flight = self._activity()
             busy = calls != last_calls or in_flight or self.driver.has_ephemeral()
             if busy:
                 last_calls, idle_since = calls, time.monotonic()
@@ -226,12 +230,26 @@ class Daemon:
             self._reloading = False
 
 
-def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] = PolkitAccess) -> int:
-    """secretbusd; `polkit` is the access-control class on the system bus (benches vary it)."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.no_rpc and args.no_dbus:
         parser.error("--no-rpc and --no-dbus leave nothing to serve")
+    return args
+
+
+def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, root: str | None) -> RpcServer | None:
+    """libvirt's RPC protocol on virtsecretd's sockets, unless --no-rpc. In this increment it
+    serves only peers that need no authorisation (uid 0 on the system instance, the session's
+    own user), so it takes no access control yet."""
+    if args.no_rpc:
+        return None
+    return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root))
+
+
+def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] = PolkitAccess) -> int:
+    """secretbusd; `polkit` is the access-control class on the system bus (benches vary it)."""
+    args = parse_args(argv)
     setup_daemon_logging(verbose=args.verbose)
     no_core_dumps()
     os.umask(0o077)
@@ -250,12 +268,9 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
         driver.close()
         return _config_failure(e)
     access = polkit_access(args.polkit_timeout, polkit) if system and not args.no_polkit else allow_all
-    # The RPC front end serves, in this increment, only peers that need no authorisation
-    # (uid 0 on the system instance, the session's own user), so it takes no access control yet.
-    rpc = None if args.no_rpc else RpcServer(driver, system=system,
-                                             plan=socket_plan(system, args.rpc_dir, paths_root))
-    daemon = Daemon(driver, access=access, connect=None if args.no_dbus else bus_factory(args.bus_address, system),
-                    system=system, idle_timeout=args.timeout, rpc=rpc, rpc_optional=args.rpc_dir is None)
+    connect = None if args.no_dbus else bus_factory(args.bus_address, system)
+    daemon = Daemon(driver, access=access, connect=connect, system=system, idle_timeout=args.timeout,
+                    rpc=rpc_front_end(args, driver, system, paths_root), rpc_optional=args.rpc_dir is None)
     try:
         return asyncio.run(daemon.run(readers, t0))
     except KeyboardInterrupt:

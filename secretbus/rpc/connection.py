@@ -22,7 +22,7 @@ from secretbus.rpc.failures import RemoteFailure, daemon_internal, error_body, r
 from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, frame_length, parse_header
 from secretbus.rpc.procedures import Handler
 from secretbus.rpc.session import Session
-from secretbus.rpc.xdr import XdrError, decode, encode
+from secretbus.rpc.xdr import XdrError, XdrType, decode, encode
 
 log = logging.getLogger("secretbus.rpc")
 
@@ -110,24 +110,10 @@ class Connection:
     def _call(self, header: Header, payload: memoryview) -> bool:
         """Run one call; False when a task now owns the slot."""
         self.calls += 1
-        handler = self._table.get(header.proc)
-        spec = P.PROCS.get(header.proc)
-        s = self.session
         try:
-            if handler is None or spec is None:
-                raise rpc_failure(f"unknown procedure: {header.proc}")
-            if not s.authenticated and not handler.pre_auth:
-                raise rpc_failure("authentication required")
-            try:
-                args = decode(spec.args, payload)
-            except XdrError:
-                raise rpc_failure("Unable to decode message payload") from None
-            if not s.opened and not handler.pre_open:
-                raise daemon_internal("hypervisor connection not open")
-            if handler.denied_readonly and s.readonly:
-                raise errors.OperationDenied(f"read only access prevents {handler.denied_readonly}")
+            handler, ret_type, args = self._admit(header, payload)
             if handler.writes:
-                task = self._loop.create_task(self._run_write(header, spec.ret, handler, args))
+                task = self._loop.create_task(self._run_write(header, ret_type, handler, args))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 return False
@@ -135,9 +121,29 @@ class Connection:
         except Exception as e:  # noqa: BLE001 - every failure is an error reply
             self._reply_error(header, e)
             return True
-        return self._reply(header, spec.ret, ret)
+        return self._reply(header, ret_type, ret)
 
-    async def _run_write(self, header: Header, ret_type: Any, handler: Handler, args: Any) -> None:
+    def _admit(self, header: Header, payload: memoryview) -> tuple[Handler, XdrType, Any]:
+        """libvirt's dispatch rules in its order: a known procedure, authenticated, arguments that
+        decode, the connection opened, and no change or value asked of a read-only connection."""
+        handler = self._table.get(header.proc)
+        spec = P.PROCS.get(header.proc)
+        s = self.session
+        if handler is None or spec is None:
+            raise rpc_failure(f"unknown procedure: {header.proc}")
+        if not s.authenticated and not handler.pre_auth:
+            raise rpc_failure("authentication required")
+        try:
+            args = decode(spec.args, payload)
+        except XdrError:
+            raise rpc_failure("Unable to decode message payload") from None
+        if not s.opened and not handler.pre_open:
+            raise daemon_internal("hypervisor connection not open")
+        if handler.denied_readonly and s.readonly:
+            raise errors.OperationDenied(f"read only access prevents {handler.denied_readonly}")
+        return handler, spec.ret, args
+
+    async def _run_write(self, header: Header, ret_type: XdrType, handler: Handler, args: Any) -> None:
         try:
             ctx = contextvars.copy_context()
             ret = await self._loop.run_in_executor(self._executor, ctx.run, handler.fn, self, args)
@@ -148,7 +154,7 @@ class Connection:
             self._slots.release()
 
     # -- writing ------------------------------------------------------------------
-    def _reply(self, header: Header, ret_type: Any, ret: Any) -> bool:
+    def _reply(self, header: Header, ret_type: XdrType, ret: Any) -> bool:
         """Send a reply; False when the slot is released only once the client has read it."""
         try:
             payload = encode(ret_type, ret)
