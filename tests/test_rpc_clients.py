@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -230,3 +231,50 @@ def test_virtqemud_flow_with_python_set_identity(systemd_, rpc_dir, tmp_path):
     assert SENTINEL.hex() not in systemd_.log()
     assert token not in systemd_.log()
     assert "returned to an elevated identity (user alice uid 1000 pid 4242)" in systemd_.log()
+
+
+# -- the daemon's sockets -----------------------------------------------------------------
+def _listening(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen(1)
+    return s
+
+
+def test_a_live_default_socket_is_left_alone_and_dbus_still_served(session_bus, make_secretbusd):
+    root = harness.public_tempdir("sb-root-")
+    live = _listening(root / "run" / "libvirt" / "virtsecretd-sock")
+    try:
+        d = make_secretbusd(session_bus, root=root)       # waits for the bus name: D-Bus served
+        assert "cannot serve libvirt RPC, serving D-Bus only" in d.log()
+        assert "served by another process" in d.log()
+        live.close()
+    finally:
+        live.close()
+        remove_tree(root)
+
+
+def test_a_live_rpc_dir_socket_is_fatal(session_bus, make_secretbusd, rpc_dir):
+    live = _listening(rpc_dir / "virtsecretd-sock")
+    try:
+        d = make_secretbusd(session_bus, wait=False, args=("--rpc-dir", str(rpc_dir)))
+        assert d.wait(30) == 1
+        assert "cannot serve libvirt RPC" in d.log()
+    finally:
+        live.close()
+
+
+def test_front_ends_can_be_turned_off(session_bus, make_secretbusd, rpc_dir):
+    make_secretbusd(session_bus, args=("--no-rpc", "--rpc-dir", str(rpc_dir)))
+    assert not (rpc_dir / "virtsecretd-sock").exists()
+    both = make_secretbusd(session_bus, wait=False, args=("--no-rpc", "--no-dbus"))
+    assert both.wait(30) == 2 and "leave nothing to serve" in both.log()
+
+
+def test_sockets_are_removed_on_stop(session_bus, make_secretbusd, rpc_dir):
+    d = make_secretbusd(session_bus, args=("--rpc-dir", str(rpc_dir)))
+    sock = rpc_dir / "virtsecretd-sock"
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"       # the session instance's
+    assert d.stop() == 0
+    assert not sock.exists()
