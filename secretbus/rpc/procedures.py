@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from secretbus.core import errors
+from secretbus.driver import rules
 from secretbus.driver.driver import SecretDriver
 from secretbus.rpc import protocol as P
 from secretbus.rpc.events import EventHub, EventSink, wire_secret
@@ -216,8 +217,10 @@ class Procedures:
     def get_value(self, c: Client, a: Any) -> Any:
         s = c.session
         uuid = _uuid(a["secret"])
-        value = self.driver.get_value(uuid, a["flags"], internal_call=s.elevated)
-        if s.elevated and s.identity is not None and self.driver.lookup_by_uuid(uuid).private:
+        rules.check_get_value_flags(a["flags"])        # flags first, as the driver checks them
+        d = self.driver.lookup_by_uuid(uuid)
+        value = self.driver.get_value(uuid, 0, internal_call=s.elevated)
+        if s.elevated and s.identity is not None and d.private:
             log.info("private value of secret %s returned to an elevated identity (%s) of peer pid %d",
                      uuid, s.identity.describe(), s.peer.pid,
                      extra={"SECRET_UUID": uuid, "SECRET_OPERATION": "get-value"})
