@@ -25,6 +25,7 @@ PACKAGES=(
     openssl
     ca-certificates                       # pip reaches PyPI over HTTPS (minbase roots lack it)
     passwd adduser                        # useradd / groupadd for test users
+    libvirt-clients python3-libvirt       # virsh and libvirt's python binding: real RPC clients in the tests
 )
 
 missing=()

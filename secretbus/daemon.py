@@ -4,6 +4,9 @@
     secretbusd --session                     # ~/.config/libvirt/secrets, the user's bus
     secretbusd --session --root DIR --bus-address unix:path=...   # tests, private buses
 
+Beside D-Bus it serves libvirt's RPC protocol on virtsecretd's sockets (secretbus/rpc/), from
+the same driver: `--no-rpc` / `--no-dbus` turn a front end off, `--rpc-dir DIR` moves the sockets.
+
 sd_notify READY/RELOADING/STOPPING/STATUS; SIGHUP reloads secret.conf, the key and the
 store (a failed reload keeps the old state); SIGTERM finishes in-flight calls, exits 0.
 """
@@ -38,6 +41,7 @@ from secretbus.driver.build import open_instance
 from secretbus.driver.driver import SecretDriver
 from secretbus.notify import notify, reloading
 from secretbus.procsec import no_core_dumps
+from secretbus.rpc.server import RpcServer, SocketBusy, socket_plan
 from secretbus.store.conf import resolve_readers
 from secretbus.store.paths import InstancePaths
 
@@ -68,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-size", type=int, default=BUS_MESSAGE_MAX, metavar="BYTES",
                    help="the bus's max_message_size: larger replies are refused with a clear error "
                         "(default 33554432, dbus-daemon's)")
+    p.add_argument("--no-rpc", action="store_true", help="do not serve libvirt's RPC protocol")
+    p.add_argument("--no-dbus", action="store_true", help="do not serve D-Bus (libvirt's RPC protocol only)")
+    p.add_argument("--rpc-dir", metavar="DIR", help="make the RPC sockets (virtsecretd-sock[-ro]) in DIR "
+                   "instead of /run/libvirt or $XDG_RUNTIME_DIR/libvirt")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -97,15 +105,21 @@ def bus_factory(address: str | None, system: bool) -> BusFactory:
 
 
 class Daemon:
-    """One driver served on one bus, built by main() (or a test) from its parts."""
+    """One driver served by its front ends (D-Bus, libvirt RPC), built by main() (or a test)
+    from its parts."""
 
-    service: SecretService     # made in run(), once the bus is connected
+    service: SecretService | None = None     # made in run(), once the bus is connected
 
-    def __init__(self, driver: SecretDriver, *, access: AccessFactory, connect: BusFactory,
+    def __init__(self, driver: SecretDriver, *, access: AccessFactory, connect: BusFactory | None,
                  system: bool, idle_timeout: float = 0, audit: AuditMode | None = None,
                  max_message: int = BUS_MESSAGE_MAX,
-                 reconnect_for: float = 60.0, backoff: tuple[float, float] = (0.2, 5.0)):
+                 reconnect_for: float = 60.0, backoff: tuple[float, float] = (0.2, 5.0),
+                 rpc: RpcServer | None = None, rpc_optional: bool = False):
+        """`connect` None: no D-Bus front end; `rpc`: the libvirt RPC front end, if served;
+        `rpc_optional`: when its sockets cannot be made, serve D-Bus alone (logged)."""
         self.driver = driver
+        self.rpc = rpc
+        self._rpc_optional = rpc_optional and connect is not None
         self._max_message = max_message
         self._reconnect_for = reconnect_for
         self._backoff = backoff
@@ -124,16 +138,37 @@ class Daemon:
         return "system" if self.system else "session"
 
     async def run(self, readers: frozenset[int], t0: float | None = None) -> int:
-        """Serve until SIGTERM/SIGINT or idle timeout; the exit status. A lost bus is
-        reconnected (name re-acquired, objects re-announced) with backoff; the daemon exits 1
-        only if the first connection fails or the bus stays away for `reconnect_for` seconds."""
+        """Serve until SIGTERM/SIGINT or idle timeout; the exit status."""
         t0 = time.monotonic() if t0 is None else t0
         self._readers = readers
+        if self.rpc is not None:
+            try:
+                await self.rpc.start()      # before the bus name: clients that see it find the sockets
+            except (SocketBusy, OSError) as e:
+                if not self._rpc_optional:
+                    log.error("cannot serve libvirt RPC: %s", e)
+                    return 1
+                # libvirt's virtsecretd holds the sockets, or the unit's sandbox keeps
+                # /run/libvirt read-only: the D-Bus service must not be lost for that.
+                log.error("cannot serve libvirt RPC, serving D-Bus only: %s", e)
+                self.rpc = None
+        try:
+            if self._connect is None:
+                return await self._serve(None, t0)
+            return await self._run_bus(t0, self._connect)
+        finally:
+            if self.rpc is not None:
+                await self.rpc.stop()
+
+    async def _run_bus(self, t0: float, connect: BusFactory) -> int:
+        """The D-Bus front end. A lost bus is reconnected (name re-acquired, objects
+        re-announced) with backoff; exit 1 only if the first connection fails or the bus
+        stays away for `reconnect_for` seconds."""
         lost_at: float | None = None
         delay = self._backoff[0]
         while True:
             try:
-                bus = await self._connect()
+                bus = await connect()
             except Exception as e:  # noqa: BLE001
                 if lost_at is None or time.monotonic() - lost_at >= self._reconnect_for:
                     log.error("cannot connect to the %s bus: %s", self._bus_kind, e)
@@ -171,13 +206,13 @@ class Daemon:
             pids = pid_lookup(uids.bus)
             uids.when_gone(pids.forget)
             audit = ReadAudit(Auditor(journal, self.audit_mode), access, pids)
-            self.service = SecretService(self.driver, bus, access, private_readers=self._readers,
-                                         audit=audit, max_message=self._max_message)
-            uids.when_gone(self.service.caller_left)
-            self.service.attach()
+            service = self.service = SecretService(self.driver, bus, access, private_readers=self._readers,
+                                                   audit=audit, max_message=self._max_message)
+            uids.when_gone(service.caller_left)
+            service.attach()
             if not await self._own_name(bus):
                 return LOST if reconnected else 1
-            self._tables = lambda: {**self.service.table_sizes(), **uids.sizes(),
+            self._tables = lambda: {**service.table_sizes(), **uids.sizes(),
                                     **getattr(access, "sizes", dict)()}
             return await self._serve(bus, t0)
         except Exception as e:  # noqa: BLE001 - a bus that broke while we set up
@@ -206,18 +241,19 @@ class Daemon:
         sizes = self._tables() if self._tables else {}
         log.info("tables: %s", " ".join(f"{k}={v}" for k, v in sorted(sizes.items())))
 
-    async def _serve(self, bus: MessageBus, t0: float) -> int:
+    async def _serve(self, bus: MessageBus | None, t0: float) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         loop.add_signal_handler(signal.SIGUSR1, self.log_tables)
         n = self.driver.count()
-        log.info("serving %d secrets as %s on the %s bus (ready in %.3f s; %s)", n, BUS_NAME,
-                 self._bus_kind, time.monotonic() - t0,
+        where = f"as {BUS_NAME} on the {self._bus_kind} bus" if bus is not None else "over libvirt RPC only"
+        log.info("serving %d secrets %s (ready in %.3f s; %s)", n, where, time.monotonic() - t0,
                  self.driver.key_description or "values not encrypted")
         notify("READY=1", f"STATUS=serving {n} secrets")
-        waiters = [asyncio.create_task(self.stop_event.wait()), asyncio.create_task(bus.wait_for_disconnect())]
+        lost = bus.wait_for_disconnect() if bus is not None else asyncio.Event().wait()
+        waiters = [asyncio.create_task(self.stop_event.wait()), asyncio.create_task(lost)]
         if self._idle_timeout > 0:
             waiters.append(asyncio.create_task(self._idle_watch(self._idle_timeout)))
         done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -227,21 +263,29 @@ class Daemon:
         if waiters[1] in done and not waiters[1].cancelled():
             waiters[1].exception()            # retrieved: how it broke does not matter here
         if lost_bus:
-            await self.service.drain()        # their replies have nowhere to go; let them end
+            if self.service is not None:
+                await self.service.drain()    # their replies have nowhere to go; let them end
             return LOST
         notify("STOPPING=1", "STATUS=stopping")
         log.info("stopping (signal or idle timeout)")
-        await self.service.drain()
+        if self.service is not None:
+            await self.service.drain()
         return 0
+
+    def _activity(self) -> tuple[int, int]:
+        """Calls taken so far and calls in flight, over both front ends."""
+        fronts: list[SecretService | RpcServer] = [f for f in (self.service, self.rpc) if f is not None]
+        return sum(f.calls for f in fronts), sum(f.in_flight for f in fronts)
 
     async def _idle_watch(self, timeout: float) -> None:
         """Exit after `timeout` idle seconds; an ephemeral secret would be lost, so never then."""
         last_calls, idle_since = -1, time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
-            busy = self.service.calls != last_calls or self.service.in_flight or self.driver.has_ephemeral()
+            calls, in_flight = self._activity()
+            busy = calls != last_calls or in_flight or self.driver.has_ephemeral()
             if busy:
-                last_calls, idle_since = self.service.calls, time.monotonic()
+                last_calls, idle_since = calls, time.monotonic()
             elif time.monotonic() - idle_since >= timeout:
                 log.info("idle for %.0f s, exiting", timeout)
                 return
@@ -258,8 +302,9 @@ class Daemon:
             report = await asyncio.get_running_loop().run_in_executor(
                 None, self.driver.reload, lambda conf: readers.append(resolve_readers(conf)))
             self._readers = readers[0]
-            self.service.private_readers = self._readers
-            self.service.refresh()
+            if self.service is not None:
+                self.service.private_readers = self._readers
+                self.service.refresh()
             log.info("reloaded: %d secrets, %d skipped", report.loaded, len(report.skipped))
             notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")
         except errors.SecretError as e:
@@ -269,16 +314,33 @@ class Daemon:
             self._reloading = False
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_rpc and args.no_dbus:
+        parser.error("--no-rpc and --no-dbus leave nothing to serve")
+    return args
+
+
+def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, root: str | None) -> RpcServer | None:
+    """libvirt's RPC protocol on virtsecretd's sockets, unless --no-rpc. In this increment it
+    serves only peers that need no authorisation (uid 0 on the system instance, the session's
+    own user), so it takes no access control yet."""
+    if args.no_rpc:
+        return None
+    return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root))
+
+
 def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] = PolkitAccess) -> int:
     """secretbusd; `polkit` is the access-control class on the system bus (benches vary it)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_daemon_logging(verbose=args.verbose)
     no_core_dumps()
     os.umask(0o077)
     t0 = time.monotonic()
     system = bool(args.system)
-    paths = InstancePaths.for_kind(InstanceKind.SYSTEM if system else InstanceKind.SESSION,
-                                   os.path.abspath(args.root) if args.root else None)
+    paths_root = os.path.abspath(args.root) if args.root else None
+    paths = InstancePaths.for_kind(InstanceKind.SYSTEM if system else InstanceKind.SESSION, paths_root)
     notify("STATUS=loading secrets")
     try:
         driver = open_instance(paths)
@@ -290,9 +352,10 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
         driver.close()
         return _config_failure(e)
     access = polkit_access(args.polkit_timeout, polkit) if system and not args.no_polkit else allow_all
-    daemon = Daemon(driver, access=access, connect=bus_factory(args.bus_address, system),
-                    system=system, idle_timeout=args.timeout, max_message=args.max_message_size,
-                    audit=AuditMode(args.audit) if args.audit else None)
+    connect = None if args.no_dbus else bus_factory(args.bus_address, system)
+    daemon = Daemon(driver, access=access, connect=connect, system=system, idle_timeout=args.timeout,
+                    max_message=args.max_message_size, audit=AuditMode(args.audit) if args.audit else None,
+                    rpc=rpc_front_end(args, driver, system, paths_root), rpc_optional=args.rpc_dir is None)
     try:
         return asyncio.run(daemon.run(readers, t0))
     except KeyboardInterrupt:

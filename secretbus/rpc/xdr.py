@@ -1,0 +1,329 @@
+"""XDR (RFC 4506) with explicit bounds: the subset libvirt's remote protocol uses.
+
+Types are small objects declared once as data (protocol.py) and used both ways:
+`encode(t, value)` and `decode(t, data)`. Every variable-length item has a maximum, checked
+before anything is allocated, so a hostile length word costs nothing. Decoding is strict
+(non-zero padding, trailing bytes, bad UTF-8 or a NUL inside a string are errors) so that
+what decodes re-encodes byte for byte. Values: ints, bytes, str, lists, None for an absent
+optional, dicts for structs, (discriminant, value) pairs for unions.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+_I32 = struct.Struct(">i")
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_U64 = struct.Struct(">Q")
+_F64 = struct.Struct(">d")
+
+
+class XdrError(ValueError):
+    """Data that does not decode (or a value that does not encode) as the declared type.
+    The text names the type and the limit, never the data."""
+
+
+def _pad(n: int) -> int:
+    return -n % 4
+
+
+class Reader:
+    def __init__(self, data: bytes | memoryview):
+        self.buf = memoryview(data)
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if n < 0 or end > len(self.buf):
+            raise XdrError("truncated data")
+        out = self.buf[self.pos:end]
+        self.pos = end
+        return out
+
+    def padding(self, n: int) -> None:
+        if _pad(n) and any(self.take(_pad(n))):
+            raise XdrError("non-zero padding")
+
+    def remaining(self) -> int:
+        return len(self.buf) - self.pos
+
+
+class XdrType:
+    name = "?"
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        raise NotImplementedError
+
+    def unpack(self, r: Reader) -> Any:
+        raise NotImplementedError
+
+
+class _Number(XdrType):
+    def __init__(self, name: str, fmt: struct.Struct, lo: int, hi: int):
+        self.name, self._fmt, self._lo, self._hi = name, fmt, lo, hi
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not self._lo <= value <= self._hi:
+            raise XdrError(f"{self.name}: value out of range")
+        out += self._fmt.pack(value)
+
+    def unpack(self, r: Reader) -> int:
+        return int(self._fmt.unpack(r.take(self._fmt.size))[0])
+
+
+INT = _Number("int", _I32, -2**31, 2**31 - 1)
+UINT = _Number("unsigned int", _U32, 0, 2**32 - 1)
+HYPER = _Number("hyper", _I64, -2**63, 2**63 - 1)
+UHYPER = _Number("unsigned hyper", _U64, 0, 2**64 - 1)
+
+
+class _Bool(XdrType):
+    name = "bool"
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        out += _I32.pack(1 if value else 0)
+
+    def unpack(self, r: Reader) -> bool:
+        v = INT.unpack(r)
+        if v not in (0, 1):
+            raise XdrError("bool: not 0 or 1")
+        return v == 1
+
+
+class _Double(XdrType):
+    name = "double"
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        out += _F64.pack(float(value))
+
+    def unpack(self, r: Reader) -> float:
+        return float(_F64.unpack(r.take(8))[0])
+
+
+class _Void(XdrType):
+    name = "void"
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        if value is not None:
+            raise XdrError("void: takes no value")
+
+    def unpack(self, r: Reader) -> None:
+        return None
+
+
+BOOL = _Bool()
+DOUBLE = _Double()
+VOID = _Void()
+
+
+def _length(r: Reader, name: str, maximum: int) -> int:
+    n = UINT.unpack(r)
+    if n > maximum:
+        raise XdrError(f"{name}: length greater than maximum {maximum}")
+    return n
+
+
+class Opaque(XdrType):
+    """`opaque x<max>`: a length word, the bytes, zero padding."""
+
+    def __init__(self, maximum: int):
+        self.maximum = maximum
+        self.name = f"opaque<{maximum}>"
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise XdrError(f"{self.name}: not bytes")
+        n = len(value)
+        if n > self.maximum:
+            raise XdrError(f"{self.name}: length greater than maximum")
+        out += _U32.pack(n)
+        out += value
+        out += bytes(_pad(n))
+
+    def unpack(self, r: Reader) -> bytes:
+        n = _length(r, self.name, self.maximum)
+        data = bytes(r.take(n))
+        r.padding(n)
+        return data
+
+
+class FixedOpaque(XdrType):
+    """`opaque x[n]`: exactly n bytes, zero padding."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.name = f"opaque[{size}]"
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) != self.size:
+            raise XdrError(f"{self.name}: needs exactly {self.size} bytes")
+        out += value
+        out += bytes(_pad(self.size))
+
+    def unpack(self, r: Reader) -> bytes:
+        data = bytes(r.take(self.size))
+        r.padding(self.size)
+        return data
+
+
+class String(XdrType):
+    """`string x<max>`: like opaque, UTF-8, no NUL (libvirt's are C strings)."""
+
+    def __init__(self, maximum: int):
+        self.maximum = maximum
+        self.name = f"string<{maximum}>"
+        self._raw = Opaque(maximum)
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        if not isinstance(value, str) or "\0" in value:
+            raise XdrError(f"{self.name}: not a string without NUL")
+        data = value.encode("utf-8")
+        if len(data) > self.maximum:
+            raise XdrError(f"{self.name}: length greater than maximum")
+        self._raw.pack(out, data)
+
+    def unpack(self, r: Reader) -> str:
+        data = _length_checked(self._raw, r, self.name)
+        if b"\0" in data:
+            raise XdrError(f"{self.name}: contains NUL")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise XdrError(f"{self.name}: not UTF-8") from None
+
+
+def _length_checked(raw: Opaque, r: Reader, name: str) -> bytes:
+    try:
+        return raw.unpack(r)
+    except XdrError as e:
+        raise XdrError(str(e).replace(raw.name, name)) from None
+
+
+class CharArray(XdrType):
+    """`char data<max>` (the SASL structs): an array of XDR chars, 4 bytes per byte."""
+
+    def __init__(self, maximum: int):
+        self.maximum = maximum
+        self.name = f"char<{maximum}>"
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        if not isinstance(value, (bytes, bytearray)) or len(value) > self.maximum:
+            raise XdrError(f"{self.name}: not bytes within the maximum")
+        out += _U32.pack(len(value))
+        for b in value:
+            out += _I32.pack(b - 256 if b > 127 else b)   # XDR char is a signed int
+
+    def unpack(self, r: Reader) -> bytes:
+        n = _length(r, self.name, self.maximum)
+        raw = r.take(4 * n)
+        out = bytearray(n)
+        for i in range(n):
+            v = _I32.unpack_from(raw, 4 * i)[0]
+            if not -128 <= v <= 127:
+                raise XdrError(f"{self.name}: element out of range")
+            out[i] = v & 0xFF
+        return bytes(out)
+
+
+class Array(XdrType):
+    """`T x<max>`: a count word, then the elements."""
+
+    def __init__(self, elem: XdrType, maximum: int):
+        self.elem, self.maximum = elem, maximum
+        self.name = f"{elem.name}<{maximum}>"
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        if not isinstance(value, Sequence) or isinstance(value, (str, bytes)) or len(value) > self.maximum:
+            raise XdrError(f"{self.name}: not a sequence within the maximum")
+        out += _U32.pack(len(value))
+        for v in value:
+            self.elem.pack(out, v)
+
+    def unpack(self, r: Reader) -> list[Any]:
+        n = _length(r, self.name, self.maximum)
+        if n * 4 > r.remaining():    # every element takes at least 4 bytes: refuse before looping
+            raise XdrError("truncated data")
+        return [self.elem.unpack(r) for _ in range(n)]
+
+
+class Optional(XdrType):
+    """`T *x`: a 0/1 word, then T when 1; None stands for absent."""
+
+    def __init__(self, elem: XdrType):
+        self.elem = elem
+        self.name = f"{elem.name}*"
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        if value is None:
+            out += _U32.pack(0)
+        else:
+            out += _U32.pack(1)
+            self.elem.pack(out, value)
+
+    def unpack(self, r: Reader) -> Any:
+        flag = UINT.unpack(r)
+        if flag == 0:
+            return None
+        if flag != 1:
+            raise XdrError(f"{self.name}: bad discriminant")
+        return self.elem.unpack(r)
+
+
+class Struct(XdrType):
+    def __init__(self, name: str, *fields: tuple[str, XdrType]):
+        self.name = name
+        self.fields = fields
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        if not isinstance(value, Mapping):
+            raise XdrError(f"{self.name}: not a mapping")
+        for fname, ftype in self.fields:
+            if fname not in value:
+                raise XdrError(f"{self.name}: missing field {fname}")
+            ftype.pack(out, value[fname])
+
+    def unpack(self, r: Reader) -> dict[str, Any]:
+        return {fname: ftype.unpack(r) for fname, ftype in self.fields}
+
+
+class Union(XdrType):
+    """`union switch (int d) { case …: T; }`: value is (d, T's value); no default arm."""
+
+    def __init__(self, name: str, arms: Mapping[int, XdrType]):
+        self.name = name
+        self.arms = dict(arms)
+
+    def pack(self, out: bytearray, value: Any) -> None:
+        try:
+            disc, inner = value
+        except (TypeError, ValueError):
+            raise XdrError(f"{self.name}: not a (discriminant, value) pair") from None
+        arm = self.arms.get(disc)
+        if arm is None:
+            raise XdrError(f"{self.name}: unknown discriminant")
+        INT.pack(out, disc)
+        arm.pack(out, inner)
+
+    def unpack(self, r: Reader) -> tuple[int, Any]:
+        disc = INT.unpack(r)
+        arm = self.arms.get(disc)
+        if arm is None:
+            raise XdrError(f"{self.name}: unknown discriminant")
+        return disc, arm.unpack(r)
+
+
+def encode(t: XdrType, value: Any) -> bytes:
+    out = bytearray()
+    t.pack(out, value)
+    return bytes(out)
+
+
+def decode(t: XdrType, data: bytes | memoryview) -> Any:
+    """The whole of `data` as one `t`; trailing bytes are an error."""
+    r = Reader(data)
+    value = t.unpack(r)
+    if r.remaining():
+        raise XdrError(f"{t.name}: trailing data")
+    return value
