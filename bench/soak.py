@@ -78,6 +78,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import harness  # noqa: E402
+from harness.journal import JournalSocket  # noqa: E402
 from harness.procs import remove_tree  # noqa: E402
 
 BUS_NAME = "org.libvirt.secret"
@@ -581,6 +582,8 @@ def run(clients: int = 8, calls: int = 300, *, root_share: float = 0.5, shared: 
     tmp = harness.public_tempdir("sb-soak-")
     bus = pk = daemon = None
     cl = Clients()
+    # Under systemd journald takes the audit records of value reads (required on the system bus).
+    journal = JournalSocket(tmp / "journal.socket").start()
     try:
         script = tmp / "client.py"
         script.write_text(CLIENT)
@@ -594,6 +597,7 @@ def run(clients: int = 8, calls: int = 300, *, root_share: float = 0.5, shared: 
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("DBUS_", "NOTIFY_SOCKET", "LISTEN_", "CREDENTIALS_DIRECTORY", "JOURNAL_STREAM"))}
         env["PYTHONPATH"] = str(REPO)
+        env["SECRETBUS_JOURNAL_SOCKET"] = str(journal.path)
         log = tmp / "secretbusd.log"
         if trace_memory:
             (tmp / "launch.py").write_text(TRACE_LAUNCHER)
@@ -680,6 +684,7 @@ def run(clients: int = 8, calls: int = 300, *, root_share: float = 0.5, shared: 
     finally:
         cl.stop()
         harness.stop_process(daemon)
+        journal.close()
         failed = res.unexpected_total or res.dead_clients or res.log_errors or sys.exc_info()[0] is not None
         if failed or keep:
             # Logs outlive the run when something went wrong (polkitd's and the bus's dirs go on stop).

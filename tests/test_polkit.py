@@ -840,8 +840,8 @@ def test_reconnecting_caller_is_checked_again(system_bus, make_polkitd, make_sec
     read_secure = "org.libvirt.api.secret.read-secure"
     assert [c.action for c in mon.checks(first)] == [read_secure]
     assert [c.action for c in mon.checks(second)] == [read_secure]
-    # each gdbus call is a new connection: one read-secure check each (and one getattr for
-    # the Introspect gdbus makes first)
+    # each gdbus call is a new connection: one read-secure check each (read-secure is cached per
+    # connection); the getattr of the Introspect gdbus makes first is cached per uid: one at most
     def counts() -> tuple[int, int]:
         actions = [c.action for c in mon.checks()]
         return actions.count(read_secure), actions.count("org.libvirt.api.secret.getattr")
@@ -850,7 +850,7 @@ def test_reconnecting_caller_is_checked_again(system_bus, make_polkitd, make_sec
         assert g(system_bus, test_users.member, path, f"{SECRET}.GetValue", "0").ok
     mon.sync()
     after = counts()
-    assert (after[0] - before[0], after[1] - before[1]) == (3, 3)
+    assert after[0] - before[0] == 3 and after[1] - before[1] <= 1, (before, after)
 
 
 def test_interactive_flag(system_bus, make_polkitd, make_secretbusd, test_users, pyclient,
