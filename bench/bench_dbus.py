@@ -157,8 +157,12 @@ def daemon_env() -> dict[str, str]:
 def spawn_daemon(procs: Procs, root: Path, address: str, log: Path) -> subprocess.Popen:
     from harness.procs import spawn
     argv = [sys.executable, "-m", "secretbus.daemon", "--session", "--root", str(root),
-            "--bus-address", address]
+            "--bus-address", address, *DAEMON_ARGS]
     return procs.add(spawn(argv, what="secretbusd", log=log, env=daemon_env()))
+
+
+# Extra secretbusd arguments (--daemon-arg), e.g. "--audit=off" to measure without the read audit.
+DAEMON_ARGS: list[str] = []
 
 
 def cpu_ns(pid: int) -> int:
@@ -637,7 +641,10 @@ def main() -> None:
     ap.add_argument("--stall-seconds", type=float, help="per stall measurement (default 3; --quick: 0.5)")
     ap.add_argument("--store", metavar="DIR", help="build the store in DIR and keep it for the next run")
     ap.add_argument("--dir", metavar="DIR", help="parent of the temporary store (default: $TMPDIR)")
+    ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                    help="pass ARG to secretbusd (repeatable), e.g. --daemon-arg=--audit=off")
     a = ap.parse_args()
+    DAEMON_ARGS[:] = a.daemon_arg
     q = a.quick
     a.secrets = a.secrets if a.secrets is not None else (300 if q else 10000)
     a.calls = a.calls or (200 if q else 3000)
