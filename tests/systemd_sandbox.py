@@ -149,6 +149,10 @@ def _optional(p: str) -> tuple[str, bool]:
     return (p[1:], True) if p.startswith("-") else (p, False)
 
 
+# What the sandboxed command runs from (this checkout, its venv) is never hidden.
+KEEP = [os.path.realpath(Path(__file__).resolve().parent.parent)]
+
+
 def hide_paths(svc, mapping: dict[str, str], stage: Path) -> list[str]:
     """TemporaryFileSystem= with BindReadOnlyPaths= onto it, InaccessiblePaths= and
     ProtectHome=yes. Returns the mounts to make read-only afterwards."""
@@ -212,7 +216,21 @@ def hide_paths(svc, mapping: dict[str, str], stage: Path) -> list[str]:
             if optional:
                 continue
             raise SystemExit(f"sandbox: InaccessiblePaths {path} does not exist")
-        if os.path.isdir(path) and not os.path.islink(path):
+        kept = [k for k in KEEP if _under(k, os.path.realpath(path))] if os.path.isdir(path) else []
+        if kept:
+            # The test's own checkout and venv stand in for the installed program (under /usr or
+            # /opt on a real host): a checkout under /root or /home stays visible, nothing else.
+            view = stage / f"keep{len(read_only)}"
+            view.mkdir()
+            _mount("--bind", path, str(view))
+            _mount("-t", "tmpfs", "-o", "mode=0711,nosuid,nodev", "tmpfs", path)
+            for k in kept:
+                os.makedirs(k, exist_ok=True)
+                _mount("--bind", str(view) + k[len(os.path.realpath(path)):], k)
+            _mount("--make-private", str(view))
+            subprocess.run(["umount", "-l", str(view)], check=True)
+            read_only.append(path)
+        elif os.path.isdir(path) and not os.path.islink(path):
             _mount("-t", "tmpfs", "-o", "mode=0000,ro,nosuid,nodev,noexec", "tmpfs", path)
         else:
             _mount("--bind", str(empty_file), path)
