@@ -223,7 +223,7 @@ def hide_paths(svc, mapping: dict[str, str], stage: Path) -> list[str]:
             view = stage / f"keep{len(read_only)}"
             view.mkdir()
             _mount("--bind", path, str(view))
-            _mount("-t", "tmpfs", "-o", "mode=0711,nosuid,nodev", "tmpfs", path)
+            _mount("-t", "tmpfs", "-o", "mode=0111,nosuid,nodev", "tmpfs", path)   # pass through, not list
             for k in kept:
                 os.makedirs(k, exist_ok=True)
                 _mount("--bind", str(view) + k[len(os.path.realpath(path)):], k)
