@@ -24,9 +24,12 @@ def _frames(path: Path) -> list[dict]:
 
 
 FRAMES = _frames(FIXTURES)
+# The shared captures, when this checkout has them beside it, are an extra check: any frame
+# they hold that the repository's copy lacks is round-tripped too.
+EXTRA = [f for f in _frames(SHARED) if f not in FRAMES] if SHARED.exists() else []
 
 
-@pytest.mark.parametrize("fx", FRAMES, ids=[f["label"] for f in FRAMES])
+@pytest.mark.parametrize("fx", FRAMES + EXTRA, ids=[f["label"] for f in FRAMES + EXTRA])
 def test_captured_frame_round_trips(fx):
     data = bytes.fromhex(fx["hex"])
     assert len(data) == fx["len"]
@@ -37,10 +40,8 @@ def test_captured_frame_round_trips(fx):
     assert encode_frame(header, xdr.encode(t, value)) == data
 
 
-def test_the_repository_copy_matches_the_shared_captures():
-    if not SHARED.exists():
-        pytest.skip("no shared conformance directory on this machine")
-    assert _frames(SHARED) == FRAMES
+def test_the_repository_copy_holds_every_shared_capture():
+    assert EXTRA == [], [f["label"] for f in EXTRA]
 
 
 def _one(label: str) -> tuple[Header, object]:
