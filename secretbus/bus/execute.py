@@ -232,9 +232,13 @@ class CallRunner:
         except Refused as e:
             out = error(msg, LIMITS_EXCEEDED, str(e))
         except Exception as e:  # noqa: BLE001 - every failure becomes a clean error reply
-            if spec.audit and self.audit:
-                await self.audit.denied(caller, prep.target, e, prep.private)
             out = error_reply(msg, e)
+            if spec.audit and self.audit:
+                try:
+                    await self.audit.denied(caller, prep.target, e, prep.private)
+                except Exception as failed:  # noqa: BLE001 - the refusal stands without its record
+                    log.error("no audit record of a refused read: %s", type(failed).__name__)
+        # Always reached: the call stays counted in flight until its reply is sent.
         self._send(caller.sender or "", out)
 
     def _send(self, sender: str, out: Message | bool) -> None:
