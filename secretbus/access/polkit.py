@@ -93,6 +93,10 @@ class CallerUids:
         """Whether `sender` is a caller still on the bus whose uid we hold."""
         return sender in self._uids
 
+    def cached(self, sender: str) -> int | None:
+        """`sender`'s uid if it is held already (no lookup, no await)."""
+        return self._uids.get(sender)
+
     def sizes(self) -> dict[str, int]:
         return {"uids": len(self._uids), "uid_lookups": len(self._pending), "uid_left": len(self._left)}
 
@@ -164,9 +168,6 @@ class PolkitAccess:
         self.interactive_total = interactive_total
         self._interactive: dict[int | str, int] = {}
         self._interactive_in_flight = 0
-        # uids of callers seen here, so that cached() can answer without awaiting; entries
-        # go with the name, and the oldest go beyond max_entries.
-        self._uid_of: dict[str, int] = {}
         self._pk_owner: str | None = None     # unique name of polkitd, None while it is gone
         self._owner_changes = 0
         self.stats = {"checks": 0, "hits": 0, "errors": 0, "root": 0, "flushes": 0,
@@ -218,7 +219,6 @@ class PolkitAccess:
         self._by_sender.clear()
 
     def _forget(self, sender: str) -> None:
-        self._uid_of.pop(sender, None)
         for key in self._by_sender.pop(sender, ()):
             self._cache.pop(key, None)
 
@@ -236,14 +236,14 @@ class PolkitAccess:
     def _key(self, caller: Caller, perm: Perm, details: dict[str, str], uid: int | None = None) -> _Key:
         scope: str | int = caller.sender
         if perm in UID_SCOPED:
-            uid = self._uid_of.get(caller.sender) if uid is None else uid
+            uid = self.uids.cached(caller.sender) if uid is None else uid
             if uid is not None:
                 scope = uid
         return (scope, perm.value, tuple(sorted(details.items())))
 
     def cached(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool | None:
         """The cached decision, or None when polkit must be asked."""
-        if self._uid_of.get(caller.sender) == ROOT:
+        if self.uids.cached(caller.sender) == ROOT:
             self.stats["root"] += 1
             return True
         key = self._key(caller, perm, details_for(d))
@@ -282,7 +282,8 @@ class PolkitAccess:
         self.stats["checks"] += 1
         generation = self._generation
         # Slots are per uid; a caller whose uid is not known here is its own queue.
-        who: int | str = self._uid_of.get(caller.sender, caller.sender)
+        uid = self.uids.cached(caller.sender)
+        who: int | str = caller.sender if uid is None else uid
         try:
             if caller.interactive:
                 reply = await self._interactive_call(who, caller, perm, details)
@@ -349,18 +350,9 @@ class PolkitAccess:
             self._evict(oldest)
 
     async def caller_uid(self, caller: Caller) -> int | None:
-        uid = self._uid_of.get(caller.sender)
-        if uid is not None:
-            return uid
-        uid = await self.uids(caller.sender)
-        if uid is not None and self.uids.known(caller.sender):     # not for a caller that left
-            self._uid_of[caller.sender] = uid
-            if len(self._uid_of) > self.max_entries:
-                del self._uid_of[next(iter(self._uid_of))]
-        return uid
+        return await self.uids(caller.sender)     # cached there, dropped when the caller leaves
 
     def sizes(self) -> dict[str, int]:
         per_uid = sum(1 for key in self._cache if isinstance(key[0], int))
         return {"decisions": len(self._cache) - per_uid, "uid_decisions": per_uid,
-                "decision_senders": len(self._by_sender), "checks_pending": len(self._pending),
-                "caller_uids": len(self._uid_of)}
+                "decision_senders": len(self._by_sender), "checks_pending": len(self._pending)}

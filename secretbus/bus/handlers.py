@@ -29,11 +29,9 @@ from secretbus.bus.names import (
     secret_path,
     uuid_from_path,
 )
-from secretbus.core.model import SecretDef
+from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
 from secretbus.driver import rules
 
-# libvirt's version encoding, major * 1,000,000 + minor * 1,000 + micro.
-LIBVIRT_COMPAT = 12_001_000    # 12.1.0: the secret driver (encryption at rest) secretbus implements
 LARGE_LIST = 1000              # paths; a reply above this waits for the previous large one
 LARGE_OBJECTS = 200            # GetManagedObjects entries (each carries six properties)
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from secretbus.core import errors
+from secretbus.core.model import LIBVIRT_COMPAT
 from secretbus.driver import rules
 from secretbus.driver.driver import SecretDriver
 from secretbus.rpc import protocol as P
@@ -33,9 +34,6 @@ from secretbus.rpc.session import Session
 
 log = logging.getLogger("secretbus.rpc")
 
-# libvirt's version encoding of the release whose secret driver secretbus reproduces (12.1.0);
-# the D-Bus front end reports the same number as org.libvirt.Connect's LibVersion.
-LIBVIRT_COMPAT = 12_001_000
 CONNECT_RO = 1                # VIR_CONNECT_RO in CONNECT_OPEN's flags
 
 
