@@ -481,7 +481,7 @@ def test_attack_9_denials_do_not_flood_the_log(system_bus, make_polkitd, make_se
     sbd = make_secretbusd(system_bus)
     uuid = "5b7e5700-0000-4000-8009-000000000001"
     root_define(system_bus, uuid, False, "/var/lib/sbtest/flood.img", b"v")
-    out = result(attacker(system_bus, "calls", secret_path(uuid), "2000", "8", "0", "30"), 120)
+    out = result(attacker(system_bus, "calls", secret_path(uuid), "2000", "16", "0", "30"), 120)
     assert [r for r, _ in out].count("org.libvirt.Error.AccessDenied") == 2000, \
         [x for x in out if x[0] != "org.libvirt.Error.AccessDenied"][:5]
     lines = denial_lines(sbd.log())
