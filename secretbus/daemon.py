@@ -6,6 +6,8 @@
 
 Beside D-Bus it serves libvirt's RPC protocol on virtsecretd's sockets (secretbus/rpc/), from
 the same driver: `--no-rpc` / `--no-dbus` turn a front end off, `--rpc-dir DIR` moves the sockets.
+Started by systemd's secretbusd.socket / secretbusd-ro.socket, it serves the sockets systemd
+passes (LISTEN_FDS, LISTEN_FDNAMES) instead of binding them.
 
 sd_notify READY/RELOADING/STOPPING/STATUS; SIGHUP reloads secret.conf, the key and the
 store (a failed reload keeps the old state); SIGTERM finishes in-flight calls, exits 0.
@@ -41,6 +43,8 @@ from secretbus.driver.build import open_instance
 from secretbus.driver.driver import SecretDriver
 from secretbus.notify import notify, reloading
 from secretbus.procsec import no_core_dumps
+from secretbus.rpc import activation
+from secretbus.rpc.activation import ActivationError, Passed
 from secretbus.rpc.server import RpcServer, SocketBusy, socket_plan
 from secretbus.store.conf import resolve_readers
 from secretbus.store.paths import InstancePaths
@@ -144,7 +148,7 @@ class Daemon:
         if self.rpc is not None:
             try:
                 await self.rpc.start()      # before the bus name: clients that see it find the sockets
-            except (SocketBusy, OSError) as e:
+            except (SocketBusy, ActivationError, OSError) as e:
                 if not self._rpc_optional:
                     log.error("cannot serve libvirt RPC: %s", e)
                     return 1
@@ -322,19 +326,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, root: str | None) -> RpcServer | None:
-    """libvirt's RPC protocol on virtsecretd's sockets, unless --no-rpc. In this increment it
-    serves only peers that need no authorisation (uid 0 on the system instance, the session's
-    own user), so it takes no access control yet."""
+def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, root: str | None,
+                  passed: list[Passed]) -> RpcServer | None:
+    """libvirt's RPC protocol on virtsecretd's sockets (those systemd `passed`, the rest bound
+    here), unless --no-rpc. In this increment it serves only peers that need no authorisation
+    (uid 0 on the system instance, the session's own user), so it takes no access control yet."""
     if args.no_rpc:
+        if passed:
+            log.warning("--no-rpc: not serving the %d socket(s) systemd passed", len(passed))
+            activation.close_all(passed)
         return None
-    return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root))
+    return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root), passed=passed)
+
+
+def take_sockets() -> list[Passed]:
+    """The sockets systemd passed; LISTEN_* are unset from here on. Bad variables are logged
+    and the sockets ignored (the RPC front end then binds its own, or finds them busy)."""
+    try:
+        return activation.take_listen_fds()
+    except ActivationError as e:
+        log.error("ignoring the sockets systemd passed: %s", e)
+        return []
 
 
 def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] = PolkitAccess) -> int:
     """secretbusd; `polkit` is the access-control class on the system bus (benches vary it)."""
     args = parse_args(argv)
     setup_daemon_logging(verbose=args.verbose)
+    passed = take_sockets()
     no_core_dumps()
     os.umask(0o077)
     t0 = time.monotonic()
@@ -355,7 +374,7 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
     connect = None if args.no_dbus else bus_factory(args.bus_address, system)
     daemon = Daemon(driver, access=access, connect=connect, system=system, idle_timeout=args.timeout,
                     max_message=args.max_message_size, audit=AuditMode(args.audit) if args.audit else None,
-                    rpc=rpc_front_end(args, driver, system, paths_root), rpc_optional=args.rpc_dir is None)
+                    rpc=rpc_front_end(args, driver, system, paths_root, passed), rpc_optional=args.rpc_dir is None)
     try:
         return asyncio.run(daemon.run(readers, t0))
     except KeyboardInterrupt:

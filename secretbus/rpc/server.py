@@ -3,6 +3,12 @@
 A socket path that a live process serves is never taken over: the server connects first and
 only a stale socket (connection refused) is unlinked; anything that is not a socket is left
 alone. On stop it removes only the socket files it made (same inode).
+
+Under socket activation systemd passes the listeners (rpc/activation.py): each is matched to
+the rw or ro socket by its name (the .socket unit's), else by the path it is bound to, and a
+socket that matches neither, or whose name and path disagree, is refused (a read-only socket
+must never be served read-write). A socket systemd did not pass is bound as usual. Passed
+sockets belong to systemd: never chmod-ed or unlinked here.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secretbus.driver.driver import SecretDriver
+from secretbus.rpc.activation import ActivationError, Passed, listening_unix_stream
 from secretbus.rpc.connection import Connection, RpcLimits
 from secretbus.rpc.events import EventHub
 from secretbus.rpc.identity import SystemToken
@@ -30,6 +37,10 @@ log = logging.getLogger("secretbus.rpc")
 SYSTEM_DIR = Path("/run/libvirt")
 SOCKET_NAME = "virtsecretd-sock"
 RO_SOCKET_NAME = "virtsecretd-sock-ro"
+# The names systemd gives the passed sockets (FileDescriptorName=, by default the .socket
+# unit's name): secretbus's units, or libvirt's own units pointed at secretbusd.service.
+RW_UNIT_NAMES = frozenset({"secretbusd.socket", "virtsecretd.socket"})
+RO_UNIT_NAMES = frozenset({"secretbusd-ro.socket", "virtsecretd-ro.socket"})
 
 
 class SocketBusy(Exception):
@@ -101,12 +112,64 @@ def _bind(listen: Listen) -> socket.socket:
     return sock
 
 
+def _bound_path(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    return name if isinstance(name, str) else ""       # bytes: an abstract address
+
+
+def match_passed(plan: list[Listen], passed: list[Passed]) -> dict[int, socket.socket]:
+    """Which entry of `plan` each passed socket serves: {index in plan: socket}."""
+    out: dict[int, socket.socket] = {}
+    opened: list[socket.socket] = []
+    try:
+        for p in passed:
+            sock = listening_unix_stream(p)
+            opened.append(sock)
+            index = _plan_index(plan, p.name, _bound_path(sock))
+            if index in out:
+                raise ActivationError(f"systemd passed two sockets for {plan[index].path}")
+            out[index] = sock
+    except BaseException:
+        # None of a set that does not fit is served; systemd keeps its own copies.
+        wrapped = {sock.fileno() for sock in opened}
+        for sock in opened:
+            sock.close()
+        for p in passed:
+            if p.fd not in wrapped:
+                try:
+                    os.close(p.fd)
+                except OSError:
+                    pass
+        raise
+    return out
+
+
+def _plan_index(plan: list[Listen], name: str, path: str) -> int:
+    by_path = [i for i, listen in enumerate(plan) if str(listen.path) == path]
+    if name not in RW_UNIT_NAMES and name not in RO_UNIT_NAMES:
+        if by_path:
+            return by_path[0]
+        raise ActivationError(f"systemd passed a socket named {name!r} bound to {path!r}: neither a known "
+                              f"socket unit name nor one of {', '.join(str(x.path) for x in plan)}")
+    ro = name in RO_UNIT_NAMES
+    kind = "read-only" if ro else "read-write"
+    by_name = [i for i, listen in enumerate(plan) if listen.readonly == ro]
+    if not by_name:
+        raise ActivationError(f"systemd passed {name}, but this instance has no {kind} socket")
+    if by_path and by_path[0] != by_name[0]:
+        # A unit named read-only on the read-write path (or the reverse): serve neither.
+        raise ActivationError(f"systemd passed {name} ({kind}) bound to {path}, which is not its path")
+    return by_name[0]
+
+
 class RpcServer:
     def __init__(self, driver: SecretDriver, *, system: bool, plan: list[Listen],
-                 limits: RpcLimits | None = None):
+                 limits: RpcLimits | None = None, passed: list[Passed] | None = None):
+        """`passed`: the listeners systemd passed (socket activation), matched to `plan` at start."""
         self.driver = driver
         self.system = system
         self.plan = plan
+        self.passed = list(passed or [])
         self.limits = limits or RpcLimits()
         self._servers: list[asyncio.AbstractServer] = []
         self._made: list[tuple[Path, int]] = []     # (path, inode) of the sockets this server bound
@@ -124,14 +187,23 @@ class RpcServer:
         token = SystemToken(self.plan[0].path.parent / "common" / "system.token")
         token.ensure()
         self._table = Procedures(self.driver, self.hub, token, system=self.system).table()
+        given: dict[int, socket.socket] = {}
         try:
-            for listen in self.plan:
-                sock = _bind(listen)
-                self._made.append((listen.path, os.stat(listen.path).st_ino))
+            given, self.passed = match_passed(self.plan, self.passed), []
+            for i, listen in enumerate(self.plan):
+                sock = given.pop(i, None)
+                origin = " (socket from systemd)" if sock is not None else ""
+                if sock is None:
+                    sock = _bind(listen)
+                    self._made.append((listen.path, os.stat(listen.path).st_ino))
+                sock.setblocking(False)
                 server = await asyncio.start_unix_server(self._acceptor(listen.readonly), sock=sock)
                 self._servers.append(server)
-                log.info("serving libvirt RPC on %s%s", listen.path, " (read-only)" if listen.readonly else "")
+                log.info("serving libvirt RPC on %s%s%s", _bound_path(sock) or listen.path,
+                         " (read-only)" if listen.readonly else "", origin)
         except BaseException:
+            for sock in given.values():
+                sock.close()
             await self.stop()
             raise
         self._sub = self.driver.subscribe(self.hub.driver_callback())
