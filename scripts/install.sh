@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install secretbus's system integration files: D-Bus policy, activation and interface files,
-# polkit actions (and rules), systemd units. The Python package itself (which provides the
+# polkit actions (and rules), systemd units (the service, its libvirt RPC sockets, the key oneshot,
+# the user unit). The Python package itself (which provides the
 # `secretbus` and `secretbusd` commands) is installed with pip; point BINDIR at its commands.
 #
 #   scripts/install.sh [install|uninstall] [VAR=value ...]      (or set the VARs in the environment)
@@ -71,6 +72,8 @@ MANIFEST=(
     "dbus/services/org.libvirt.secret.service     $DBUS_SESSION_SERVICEDIR subst"
     "systemd/secretbusd.service                   $SYSTEMD_UNITDIR subst"
     "systemd/secretbusd-init-encryption.service   $SYSTEMD_UNITDIR subst"
+    "systemd/secretbusd.socket                    $SYSTEMD_UNITDIR"
+    "systemd/secretbusd-ro.socket                 $SYSTEMD_UNITDIR"
     "systemd/user/secretbusd.service              $SYSTEMD_USERUNITDIR subst"
 )
 # The interface XML has one copy, the packaged one (dbus/interfaces links to it).

@@ -37,10 +37,11 @@ from pathlib import Path
 import harness
 import pytest
 import systemd_sandbox
-from harness import busctl
+from harness import activate, busctl
 from harness.journal import JournalSocket
 
 from secretbus.bus.names import BUS_NAME, CONNECT_PATH, secret_path
+from secretbus.rpc.server import RO_UNIT_NAMES, RW_UNIT_NAMES, SYSTEM_DIR, socket_plan
 from secretbus.store.keys import CREDENTIAL_NAME, SEALED_KEY_PATH
 from secretbus.store.paths import InstancePaths
 
@@ -48,6 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 SANDBOX = Path(__file__).with_name("systemd_sandbox.py")
 BINDIR = Path(sysconfig.get_path("scripts"))   # this venv's console scripts
 SYSTEM_UNIT, INIT_UNIT = "secretbusd.service", "secretbusd-init-encryption.service"
+RW_SOCKET_UNIT, RO_SOCKET_UNIT = "secretbusd.socket", "secretbusd-ro.socket"
+SYSTEM_UNITS = (SYSTEM_UNIT, INIT_UNIT, RW_SOCKET_UNIT, RO_SOCKET_UNIT)
+LIBVIRT_SECRET_UNITS = {"virtsecretd.service", "virtsecretd.socket", "virtsecretd-ro.socket",
+                        "virtsecretd-admin.socket"}
 MAX_EXPOSURE = 2.0
 CONNECT_IFACE, SECRET_IFACE = "org.libvirt.Connect", "org.libvirt.Secret"
 
@@ -107,6 +112,8 @@ EXPECTED_FILES = {
     "dbus/interfaces/org.libvirt.Secret.xml": "/usr/share/dbus-1/interfaces/org.libvirt.Secret.xml",
     "systemd/secretbusd.service": "/usr/lib/systemd/system/secretbusd.service",
     "systemd/secretbusd-init-encryption.service": "/usr/lib/systemd/system/secretbusd-init-encryption.service",
+    "systemd/secretbusd.socket": "/usr/lib/systemd/system/secretbusd.socket",
+    "systemd/secretbusd-ro.socket": "/usr/lib/systemd/system/secretbusd-ro.socket",
     "systemd/user/secretbusd.service": "/usr/lib/systemd/user/secretbusd.service",
 }
 
@@ -160,7 +167,8 @@ def analyze(*args: str, user: bool = False, tmp: Path | None = None) -> subproce
 
 
 def test_units_verify_without_warnings(installed, tmp_path):
-    r = analyze("verify", str(installed.unitdir / SYSTEM_UNIT), str(installed.unitdir / INIT_UNIT))
+    assert sorted(p.name for p in installed.unitdir.iterdir()) == sorted(SYSTEM_UNITS)
+    r = analyze("verify", *(str(installed.unitdir / u) for u in SYSTEM_UNITS))
     assert (r.returncode, r.stderr, r.stdout) == (0, "", "")
     xdg = tmp_path / "xdg"
     xdg.mkdir(mode=0o700)
@@ -168,13 +176,15 @@ def test_units_verify_without_warnings(installed, tmp_path):
     assert (r.returncode, r.stderr, r.stdout) == (0, "", "")
 
 
-def test_verify_would_catch_a_warning(installed, tmp_path):
+@pytest.mark.parametrize("unit, key", [(SYSTEM_UNIT, "ProtectClock="), (RO_SOCKET_UNIT, "SocketMode=")])
+def test_verify_would_catch_a_warning(installed, tmp_path, unit, key):
     """The check above is not vacuous: a misspelt key is only a warning (rc 0, stderr)."""
-    bad = tmp_path / SYSTEM_UNIT
-    bad.write_text((installed.unitdir / SYSTEM_UNIT).read_text().replace("ProtectClock=", "ProtectClok="))
-    shutil.copy(installed.unitdir / INIT_UNIT, tmp_path / INIT_UNIT)
-    r = analyze("verify", str(bad), str(tmp_path / INIT_UNIT))
-    assert r.returncode == 0 and "ProtectClok" in r.stderr
+    for u in SYSTEM_UNITS:
+        shutil.copy(installed.unitdir / u, tmp_path / u)
+    bad = tmp_path / unit
+    bad.write_text(bad.read_text().replace(key, key[:-2] + "X="))
+    r = analyze("verify", *(str(tmp_path / u) for u in SYSTEM_UNITS))
+    assert r.returncode == 0 and key[:-2] + "X" in r.stderr
 
 
 def exposure(unit: Path, *, user: bool = False, tmp: Path | None = None) -> float:
@@ -215,12 +225,16 @@ def test_system_unit_settings(installed):
     assert svc["Restart"] == ["on-failure"]
     assert svc["LoadCredentialEncrypted"] == [f"{CREDENTIAL_NAME}:{SEALED_KEY_PATH}"]
     assert INIT_UNIT in " ".join(unit["Requires"]) and INIT_UNIT in " ".join(unit["After"])
-    assert "virtsecretd.service" in " ".join(unit["Conflicts"]).split()
-    # The daemon may write exactly its config dir and state dir (ProtectSystem=strict).
+    assert set(" ".join(unit["Conflicts"]).split()) == LIBVIRT_SECRET_UNITS
+    assert set(" ".join(unit["Wants"]).split()) == {RW_SOCKET_UNIT, RO_SOCKET_UNIT}
+    assert {RW_SOCKET_UNIT, RO_SOCKET_UNIT} <= set(" ".join(unit["After"]).split())
+    # The daemon may write exactly its config dir and libvirt's run dir, which holds its state
+    # dir, the RPC sockets and libvirt's system.token (ProtectSystem=strict).
     system = InstancePaths.system()
     rw = {p for v in svc["ReadWritePaths"] for p in v.split()}
     assert svc["ProtectSystem"] == ["strict"]
-    assert rw == {str(system.config_dir), str(system.state_dir)}
+    assert rw == {str(system.config_dir), str(SYSTEM_DIR)}
+    assert system.state_dir.is_relative_to(SYSTEM_DIR)
     assert svc["CapabilityBoundingSet"] == [""] and svc["UMask"] == ["0077"]
     assert svc["RestrictAddressFamilies"] == ["AF_UNIX"] and svc["PrivateNetwork"] == ["yes"]
     assert_limits(svc)
@@ -229,6 +243,26 @@ def test_system_unit_settings(installed):
     binds = {p.lstrip("-") for v in svc["BindReadOnlyPaths"] for p in v.split()}
     assert "/etc/libvirt" in binds and "/etc/passwd" in binds
     assert not {b for b in binds if any(k in b for k in ("shadow", "ssh", "ssl", "krb5"))}
+
+
+def test_socket_units_settings(installed):
+    """libvirt's paths and modes, as the daemon's own plan has them; names the daemon serves
+    read-write and read-only; Conflicts= with libvirt's secret daemon and all its sockets."""
+    plan = {listen.readonly: listen for listen in socket_plan(True)}
+    for name, ro in ((RW_SOCKET_UNIT, False), (RO_SOCKET_UNIT, True)):
+        sections = systemd_sandbox.parse_unit(installed.unitdir / name)
+        sock, unit = sections["Socket"], sections["Unit"]
+        assert sock["ListenStream"] == [str(plan[ro].path)]
+        assert int(sock["SocketMode"][0], 8) == plan[ro].mode == 0o666
+        assert sock["Service"] == [SYSTEM_UNIT]
+        assert "FileDescriptorName" not in sock         # the unit's name, which the daemon knows
+        assert name in (RO_UNIT_NAMES if ro else RW_UNIT_NAMES)
+        assert set(" ".join(unit["Conflicts"]).split()) == LIBVIRT_SECRET_UNITS
+        assert sections["Install"]["WantedBy"] == ["sockets.target"]
+    ro_unit = systemd_sandbox.parse_unit(installed.unitdir / RO_SOCKET_UNIT)["Unit"]
+    assert ro_unit["BindsTo"] == [RW_SOCKET_UNIT]
+    also = systemd_sandbox.parse_unit(installed.unitdir / SYSTEM_UNIT)["Install"]["Also"]
+    assert set(" ".join(also).split()) == {RW_SOCKET_UNIT, RO_SOCKET_UNIT}
 
 
 def assert_limits(svc: dict) -> None:
@@ -374,14 +408,17 @@ class Daemon:
 
 def start_daemon(unit_file: Path, extra: list[str], env: dict[str, str], notify: harness.NotifySocket,
                  log: Path, *, sandboxed: bool, maps: dict[str, Path] | None = None,
-                 user: bool = False) -> Daemon:
+                 user: bool = False, sockets: list[activate.SocketSpec] | None = None) -> Daemon:
     """The unit's ExecStart= + `extra`, optionally inside the unit's sandbox (`user`: a user
-    unit's); waits for READY=1."""
+    unit's) and given `sockets` as systemd passes them (harness/activate.py, which execs in
+    place like each sandbox stage: LISTEN_PID stays the daemon's); waits for READY=1."""
     svc = systemd_sandbox.service(systemd_sandbox.parse_unit(unit_file))
     argv = execstart(svc) + extra
     if sandboxed:
         argv = [sys.executable, str(SANDBOX), "--unit", str(unit_file), *(["--user"] if user else []),
                 *[x for k, v in (maps or {}).items() for x in ("--map", f"{k}={v}")], "--", *argv]
+    if sockets:
+        argv = activate.argv(sockets) + argv
     umask = int(systemd_sandbox.last(svc, "UMask", "0022"), 8)
     proc = harness.spawn(argv, what=f"secretbusd ({unit_file.name})", log=log,
                          env={**env, **notify.env()}, umask=umask)
@@ -444,15 +481,23 @@ def assert_sandboxed(pid: int, root: Path) -> None:
     assert os.path.exists(f"/proc/{pid}/root/etc/passwd")
 
 
-@pytest.mark.parametrize("sandboxed", [False, True], ids=["plain", "sandboxed"])
+@pytest.mark.parametrize("sandboxed, activated", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "sandboxed", "sandboxed-socket-activated"])
 def test_system_service_end_to_end(installed, make_bus, make_polkitd, notify_socket, tmp_path, disk_tmp_path,
-                                   sandboxed):
+                                   sandboxed, activated):
+    """D-Bus and libvirt RPC from one daemon run as the unit says: its RPC sockets bound by the
+    daemon (in the sandbox: under ReadWritePaths=/run/libvirt), or made by the .socket units
+    and passed to it."""
     root = disk_tmp_path / "root"   # holds the host key: not on a tmpfs (harness/diskdir.py)
     # ConfigurationDirectory= / RuntimeDirectory= with their modes (systemd makes them).
     svc = installed.unit(SYSTEM_UNIT)
     for sub in ("etc/secrets", "run/secrets"):
         (root / sub).mkdir(parents=True)
         (root / sub).chmod(0o700)
+    rundir = root / "run/libvirt"          # /run/libvirt; --root puts the RPC sockets there
+    rundir.mkdir(mode=0o755)
+    sockets = activate.socket_specs([installed.unitdir / RW_SOCKET_UNIT, installed.unitdir / RO_SOCKET_UNIT],
+                                    move={str(SYSTEM_DIR): rundir}) if activated else None
     _key, creds_env = seal_key(installed, root, sandboxed=sandboxed)
     creds = load_credentials(svc, root, creds_env)
     assert (creds / CREDENTIAL_NAME).stat().st_size == 32
@@ -466,8 +511,11 @@ def test_system_service_end_to_end(installed, make_bus, make_polkitd, notify_soc
                       CONFIGURATION_DIRECTORY="/etc/libvirt/secrets", SECRETBUS_JOURNAL_SOCKET=str(journal.path))
     system = InstancePaths.system()
     d = start_daemon(installed.unitdir / SYSTEM_UNIT, ["--root", str(root), "--bus-address", bus.address],
-                     env, notify_socket, tmp_path / "secretbusd.log", sandboxed=sandboxed,
-                     maps={str(system.config_dir): root / "etc/secrets", str(system.state_dir): root / "run/secrets"})
+                     env, notify_socket, tmp_path / "secretbusd.log", sandboxed=sandboxed, sockets=sockets,
+                     maps={str(system.config_dir): root / "etc/secrets", str(system.state_dir): root / "run/secrets",
+                           str(SYSTEM_DIR): rundir})
+    rw_sock, ro_sock = (rundir / listen.path.name for listen in socket_plan(True))
+    made = {p: p.stat().st_ino for p in (rw_sock, ro_sock)} if activated else {}
     try:
         if sandboxed:
             assert_sandboxed(d.proc.pid, root)
@@ -486,6 +534,8 @@ def test_system_service_end_to_end(installed, make_bus, make_polkitd, notify_soc
         for form in (value, base64.b64encode(value), value.hex().encode(), value[:16]):
             assert form not in blob
         assert get_value(bus, path) == value
+        check_rpc(d, rw_sock, ro_sock, uuid, bus, root, activated=activated)
+        assert {p: p.stat().st_ino for p in made} == made        # served as passed, not re-bound
 
         d.proc.send_signal(signal.SIGHUP)                       # ExecReload=
         d.notify.wait_for(b"RELOADING=1")
@@ -499,9 +549,46 @@ def test_system_service_end_to_end(installed, make_bus, make_polkitd, notify_soc
         assert "key_id=" in log and value[:-2].decode() not in log and value.hex() not in log
         assert "Traceback" not in log, log
         assert [e["SECRET_UUID"] for e in journal.snapshot() if "AUDIT_OUTCOME" in e] == [[uuid.encode()]] * 2
+        # Sockets systemd passed are systemd's (RemoveOnStop=): left in place; its own are removed.
+        assert {p: p.stat().st_ino for p in made if p.exists()} == made
+        if not activated:
+            assert not rw_sock.exists() and not ro_sock.exists()
     finally:
         harness.stop_process(d.proc)
         journal.close()
+
+
+def check_rpc(d: Daemon, rw_sock: Path, ro_sock: Path, uuid: str, bus, root: Path, *, activated: bool) -> None:
+    """virsh over both RPC sockets of the running unit: what D-Bus defined is listed, a secret
+    defined over RPC appears on D-Bus, the -ro socket refuses a write; libvirt's system.token
+    made in the (sandboxed) /run/libvirt/common."""
+    if shutil.which("virsh") is None:
+        pytest.skip("virsh (libvirt-clients) not installed")
+    rw, ro = (f"secret:///system?socket={p}" for p in (rw_sock, ro_sock))
+    mode = {p: p.stat().st_mode & 0o777 for p in (rw_sock, ro_sock)}
+    assert mode == {rw_sock: 0o666, ro_sock: 0o666}
+    where = "(socket from systemd)" if activated else ""
+    assert f"serving libvirt RPC on {rw_sock} {where}".strip() in d.log_text()
+    assert f"serving libvirt RPC on {ro_sock} (read-only) {where}".strip() in d.log_text()
+
+    def virsh(uri: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True, timeout=60)
+    r = virsh(ro, "secret-list")
+    assert r.returncode == 0 and uuid in r.stdout, r.stderr + d.log_text()
+    other = str(uuidlib.uuid4())
+    xml = root / "other.xml"
+    xml.write_text(f"<secret ephemeral='no' private='no'><uuid>{other}</uuid>"
+                   f"<usage type='ceph'><name>client.rpc</name></usage></secret>")
+    r = virsh(ro, "secret-define", str(xml))
+    assert r.returncode == 1 and "read only access prevents virSecretDefineXML" in r.stderr, r.stderr
+    r = virsh(rw, "secret-define", str(xml))
+    assert r.returncode == 0 and f"Secret {other} created" in r.stdout, r.stderr
+    assert secret_path(other) in call(bus, CONNECT_PATH, CONNECT_IFACE, "ListSecrets", "u", "0")
+    assert (root / "etc/secrets" / f"{other}.xml").exists()
+    assert virsh(rw, "secret-undefine", other).returncode == 0
+    token = rw_sock.parent / "common" / "system.token"
+    assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
+    assert len(token.read_text()) == 32
 
 
 def test_bad_credential_fails_without_restart_loop(installed, make_bus, notify_socket, tmp_path):
@@ -626,6 +713,7 @@ def test_sandbox_enforces_the_system_units_settings(installed, tmp_path):
     r = subprocess.run([sys.executable, str(SANDBOX), "--unit", str(installed.unitdir / SYSTEM_UNIT),
                         "--map", f"{InstancePaths.system().config_dir}={rw}",
                         "--map", f"{InstancePaths.system().state_dir}={rw}",
+                        "--map", f"{SYSTEM_DIR}={rw}",
                         "--", sys.executable, "-c", PROBE, str(rw), *HOST_SECRETS],
                        capture_output=True, text=True, timeout=60, umask=0o077,
                        env={k: v for k, v in systemd_env().items() if k != "SANDBOX_DENY"})
