@@ -200,11 +200,12 @@ class Activated(harness.Secretbusd):
 def start(session_bus):
     started: list[Activated] = []
 
-    def make(launcher: list[str], rpc_dir: Path, *, ready: bool = True, system: bool = True) -> Activated:
-        d = Activated(session_bus, launcher=launcher, system=system, args=("--no-dbus", "--rpc-dir", str(rpc_dir)))
+    def make(launcher: list[str], rpc_dir: Path, *, ready: bool = True, system: bool = True,
+             args: tuple[str, ...] = ("--no-dbus",)) -> Activated:
+        d = Activated(session_bus, launcher=launcher, system=system, args=(*args, "--rpc-dir", str(rpc_dir)))
         started.append(d)
-        d.start(wait=False)
-        if ready:
+        d.start(wait="--no-dbus" not in args)
+        if ready and "--no-dbus" in args:
             harness.wait_until(lambda: "over libvirt RPC only" in d.log(), timeout=30, what="secretbusd's RPC",
                                proc=d.proc, log=d.log_path)
         return d
@@ -289,6 +290,38 @@ def test_misnamed_sockets_are_not_served(start, sockdir):
     d = start(swapped, sockdir, ready=False)
     assert d.wait(30) == 1
     assert "cannot serve libvirt RPC" in d.log() and "which is not its path" in d.log()
+
+
+def test_bad_listen_variables_leave_the_passed_sockets_alone(start, sockdir):
+    """LISTEN_FDNAMES that does not fit LISTEN_FDS: the sockets are ignored, and the daemon
+    does not take over their (live) paths either."""
+    launcher = activate.argv(specs(sockdir, (RW_NAME, SOCKET_NAME), (RO_NAME, RO_SOCKET_NAME)))
+    d = start(launcher + ["env", "LISTEN_FDNAMES=one"], sockdir, ready=False)
+    assert d.wait(30) == 1
+    log = d.log()
+    assert "ignoring the sockets systemd passed: LISTEN_FDNAMES names 1 sockets, LISTEN_FDS says 2" in log
+    assert "served by another process" in log
+
+
+def test_no_rpc_closes_the_passed_sockets_and_serves_dbus(start, sockdir, session_bus):
+    launcher = activate.argv(specs(sockdir, (RW_NAME, SOCKET_NAME), (RO_NAME, RO_SOCKET_NAME)))
+    d = start(launcher, sockdir, system=False, args=("--no-rpc",))     # waits for the bus name
+    assert "--no-rpc: not serving the 2 socket(s) systemd passed" in d.log()
+    assert d.proc is not None
+    assert not [f for f in os.listdir(f"/proc/{d.proc.pid}/fd") if int(f) in (3, 4)
+                and os.readlink(f"/proc/{d.proc.pid}/fd/{f}").startswith("socket:")
+                and _is_listener(d.proc.pid, int(f))]
+
+
+def _is_listener(pid: int, fd: int) -> bool:
+    """Whether fd of pid is one of the unix listening sockets (by inode in /proc/net/unix)."""
+    ino = os.readlink(f"/proc/{pid}/fd/{fd}")[len("socket:["):-1]
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if parts[6] == ino:
+                return parts[3] == "00010000"      # __SO_ACCEPTCON: listening
+    return False
 
 
 @needs_virsh
