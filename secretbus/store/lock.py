@@ -1,4 +1,9 @@
-"""Single-instance lock: an exclusive flock on `<state dir>/driver.pid`."""
+"""Single-instance lock: an exclusive flock on `<state dir>/driver.pid`.
+
+Deliberately not also libvirt's fcntl lock on byte 0 (virPidFileAcquire): a monolithic libvirtd
+(Debian 12) always holds that one for its in-process secret driver, so taking it would make
+whichever daemon starts second fail — libvirtd with all its VMs. The flock keeps two secretbus
+drivers apart; README says how to run beside libvirtd with one writer."""
 from __future__ import annotations
 
 import fcntl
