@@ -21,6 +21,7 @@ from pathlib import Path
 from secretbus.driver.driver import SecretDriver
 from secretbus.rpc.connection import Connection, RpcLimits
 from secretbus.rpc.events import EventHub
+from secretbus.rpc.guard import EventVisibility, Guard
 from secretbus.rpc.identity import SystemToken
 from secretbus.rpc.procedures import Procedures
 from secretbus.rpc.session import Session, peer_of
@@ -103,8 +104,10 @@ def _bind(listen: Listen) -> socket.socket:
 
 class RpcServer:
     def __init__(self, driver: SecretDriver, *, system: bool, plan: list[Listen],
-                 limits: RpcLimits | None = None):
+                 limits: RpcLimits | None = None, guard: Guard | None = None):
+        """`guard`: authentication, access checks and audit (the daemon attaches polkit to it)."""
         self.driver = driver
+        self.guard = guard or Guard(system=system)
         self.system = system
         self.plan = plan
         self.limits = limits or RpcLimits()
@@ -120,10 +123,10 @@ class RpcServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.hub = EventHub(loop)
+        self.hub = EventHub(loop, EventVisibility(self.guard))
         token = SystemToken(self.plan[0].path.parent / "common" / "system.token")
         token.ensure()
-        self._table = Procedures(self.driver, self.hub, token, system=self.system).table()
+        self._table = Procedures(self.driver, self.hub, token, system=self.system, guard=self.guard).table()
         try:
             for listen in self.plan:
                 sock = _bind(listen)
@@ -174,6 +177,7 @@ class RpcServer:
                 del self._per_uid[uid]
             if self.hub is not None:
                 self.hub.drop(conn, conn.session.callbacks)
+            self.guard.closed(conn.session)
 
     # -- for the daemon -------------------------------------------------------------
     @property
@@ -201,7 +205,10 @@ class RpcServer:
         for conn in conns:
             await conn.drain_tasks()
         self._servers.clear()
+        if self.hub is not None:
+            await self.hub.close()
         self._executor.shutdown(wait=True)
+        self.guard.close()
         for path, ino in self._made:
             try:
                 if os.stat(path).st_ino == ino:
