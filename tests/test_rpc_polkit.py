@@ -1,0 +1,192 @@
+"""The RPC front end's authentication and authorisation, end to end: a private system-type
+dbus-daemon with the shipped bus policy, real polkitd with the shipped actions (secretbus's
+org.libvirt.api.secret.* and libvirt's org.libvirt.unix.*), secretbusd --system serving D-Bus
+and RPC from one driver, and Debian's unmodified python3-libvirt and virsh run as the test
+users through setpriv against its sockets (in a 0755 --rpc-dir they can reach).
+
+Root defines the secrets (a root peer needs no authentication and polkit is not asked).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import harness
+import pytest
+from harness import programs
+from harness.procs import remove_tree
+
+from secretbus.access.audit import MESSAGE_ID
+
+REPO = Path(__file__).resolve().parents[1]
+BUS_CONF = REPO / "dbus" / "org.libvirt.secret.conf"
+API_ACTIONS = ("sbtest-rpc.org.libvirt.api.secret.policy",
+               (REPO / "polkit" / "org.libvirt.api.secret.policy").read_text())
+UNIX_ACTIONS = ("sbtest-rpc.org.libvirt.unix.policy", (REPO / "polkit" / "org.libvirt.unix.policy").read_text())
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+OPEN = "7a0f0001-0000-4000-8000-000000000001"       # member may read and write its value
+VISIBLE = "7a0f0001-0000-4000-8000-000000000002"    # member sees it, may not read or write its value
+HIDDEN = "7a0f0001-0000-4000-8000-000000000003"     # member may not even see it
+LATER = "7a0f0001-0000-4000-8000-000000000004"      # member sees it (defined during the event test)
+
+RULES = ("50-sbtest-rpc.rules", f"""
+polkit.addRule(function(action, subject) {{
+    var uuid = action.lookup("secret_uuid");
+    if (action.id == "org.libvirt.unix.manage" && subject.isInGroup("libvirt"))
+        return polkit.Result.YES;
+    if (uuid == "{HIDDEN}")
+        return polkit.Result.NO;
+    if ((action.id == "org.libvirt.api.secret.read-secure" || action.id == "org.libvirt.api.secret.write") &&
+            uuid == "{OPEN}" && subject.isInGroup("libvirt"))
+        return polkit.Result.YES;
+    return polkit.Result.NOT_HANDLED;
+}});
+""")
+
+pytestmark = [pytest.mark.integration, pytest.mark.bus_policy(BUS_CONF),
+              pytest.mark.skipif(shutil.which("virsh") is None, reason="virsh (libvirt-clients) not installed")]
+
+
+@pytest.fixture
+def rpc_dir():
+    d = harness.public_tempdir("sb-rpcpk-")
+    yield d
+    remove_tree(d)
+
+
+def start(system_bus, make_polkitd, make_secretbusd, rpc_dir: Path, rules=()):
+    make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS], rules=list(rules))
+    return make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
+
+
+def uri(rpc_dir: Path, ro: bool = False) -> str:
+    return f"secret:///system?socket={rpc_dir}/virtsecretd-sock{'-ro' if ro else ''}"
+
+
+def xml(uuid: str, name: str) -> str:
+    return (f"<secret ephemeral='no' private='no'><uuid>{uuid}</uuid>"
+            f"<usage type='volume'><volume>/var/lib/sbtest/rpc-{name}.img</volume></usage></secret>")
+
+
+def root_define(rpc_dir: Path, tmp_path: Path, uuid: str, name: str, value: bytes | None = None) -> None:
+    f = tmp_path / f"{name}.xml"
+    f.write_text(xml(uuid, name))
+    r = harness.run_as(None, ["virsh", "-c", uri(rpc_dir), "secret-define", str(f)])
+    assert r.returncode == 0, r.stderr
+    if value is not None:
+        r = harness.run_as(None, ["virsh", "-c", uri(rpc_dir), "secret-set-value", uuid, "--base64",
+                                  base64.b64encode(value).decode()])
+        assert r.returncode == 0, r.stderr
+
+
+def client(user, u: str, *steps) -> dict:
+    r = harness.run_as(user, [DEBIAN_PYTHON, "-c", programs.source("libvirt_acl_client"), u,
+                              json.dumps([list(s) for s in steps])], timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def audit_records(sbd, uuid: str) -> list[dict[str, str]]:
+    out = []
+    for e in list(sbd.journal.entries):
+        fields = {k: v[0].decode() for k, v in e.items()}
+        if fields.get("MESSAGE_ID") == MESSAGE_ID and fields.get("SECRET_UUID") == uuid:
+            out.append(fields)
+    return out
+
+
+DENIED = [88, 55, "access denied: 'secret' denied access"]
+
+
+def test_without_a_rule_non_root_may_only_monitor(system_bus, make_polkitd, make_secretbusd, rpc_dir,
+                                                  test_users, tmp_path):
+    """org.libvirt.unix.manage is auth_admin_keep (libvirt's default): with no agent, the rw
+    socket refuses; org.libvirt.unix.monitor is yes: the ro socket serves, read-only."""
+    sbd = start(system_bus, make_polkitd, make_secretbusd, rpc_dir)
+    root_define(rpc_dir, tmp_path, OPEN, "open", b"open-value")
+    for user in test_users:
+        got = client(user, uri(rpc_dir), ("list_all",))
+        assert got["open"] == [94, 60, "authentication unavailable: no polkit agent available to authenticate "
+                                       "action 'org.libvirt.unix.manage'"], got
+        got = client(user, uri(rpc_dir, ro=True), ("list_all",), ("xml", OPEN), ("value", OPEN))
+        assert got["open"] is None and got["steps"][0] == [OPEN], got
+        assert f"<uuid>{OPEN}</uuid>" in got["steps"][1]
+        assert got["steps"][2]["error"][0] == 29          # read-only: no values
+    r = harness.run_as(test_users.member, ["virsh", "-c", uri(rpc_dir), "secret-list"])
+    assert r.returncode == 1 and "authentication unavailable" in r.stderr, r.stderr
+    assert b"open-value".hex() not in sbd.log()
+
+
+def test_calls_are_allowed_and_denied_per_rule_and_audited(system_bus, make_polkitd, make_secretbusd, rpc_dir,
+                                                           test_users, tmp_path):
+    sbd = start(system_bus, make_polkitd, make_secretbusd, rpc_dir, rules=[RULES])
+    for uuid, name in ((OPEN, "open"), (VISIBLE, "visible"), (HIDDEN, "hidden")):
+        root_define(rpc_dir, tmp_path, uuid, name, f"{name}-value".encode())
+    got = client(test_users.member, uri(rpc_dir),
+                 ("list_all",), ("num",), ("list",),
+                 ("lookup", HIDDEN), ("lookup_usage", 1, "/var/lib/sbtest/rpc-hidden.img"), ("xml", HIDDEN),
+                 ("lookup", VISIBLE), ("xml", VISIBLE),
+                 ("value", OPEN), ("value", VISIBLE),
+                 ("set_value", OPEN, b"new-open".hex()), ("set_value", VISIBLE, b"x".hex()),
+                 ("define", xml("7a0f0001-0000-4000-8000-0000000000ff", "new")), ("undefine", OPEN))
+    assert got["open"] is None, got
+    (list_all, num, listed, lookup_hidden, usage_hidden, xml_hidden, lookup_visible, xml_visible,
+     value_open, value_visible, set_open, set_visible, define, undefine) = got["steps"]
+    assert list_all == [OPEN, VISIBLE] and num == 2 and listed == [OPEN, VISIBLE]     # HIDDEN filtered out
+    assert lookup_hidden == {"error": DENIED} and usage_hidden == {"error": DENIED}
+    assert xml_hidden["error"][0] == 88
+    assert lookup_visible == VISIBLE and f"<uuid>{VISIBLE}</uuid>" in xml_visible
+    assert value_open == b"open-value".hex()
+    assert value_visible == {"error": DENIED}
+    assert set_open == 0 and set_visible == {"error": DENIED}
+    assert define == {"error": DENIED} and undefine == {"error": DENIED}
+
+    # Root sees everything, and the member's write.
+    root = client(None, uri(rpc_dir), ("list_all",), ("value", OPEN))
+    assert root["steps"] == [[OPEN, VISIBLE, HIDDEN], b"new-open".hex()]
+
+    # Not in group libvirt: no org.libvirt.unix.manage, no connection at all.
+    other = client(test_users.other, uri(rpc_dir), ("list_all",))
+    assert other["open"][:2] == [94, 60], other
+
+    # Audit: the value returned and the one refused, each with the peer's uid and pid.
+    harness.wait_until(lambda: audit_records(sbd, OPEN) and audit_records(sbd, VISIBLE), timeout=10,
+                       what="the audit records of the RPC reads")
+    (allowed,) = [r for r in audit_records(sbd, OPEN) if r["CALLER_UID"] == str(test_users.member.uid)]
+    (refused,) = audit_records(sbd, VISIBLE)
+    for rec in (allowed, refused):
+        assert rec["AUDIT_FRONT_END"] == "rpc" and rec["CALLER_PID"] == str(got["pid"])
+        assert rec["CALLER_UID"] == str(test_users.member.uid) and rec["CALLER_PEER"].startswith("rpc-")
+        assert "CALLER_IDENTITY" not in rec
+    assert allowed["AUDIT_OUTCOME"] == "allowed"
+    assert (refused["AUDIT_OUTCOME"], refused["AUDIT_REASON"]) == ("denied", "access")
+    (root_read,) = [r for r in audit_records(sbd, OPEN) if r["CALLER_UID"] == "0"]
+    assert root_read["CALLER_PID"] == str(root["pid"]) and root_read["AUDIT_OUTCOME"] == "allowed"
+    log = sbd.log()
+    for v in (b"open-value", b"new-open", b"visible-value"):
+        assert v.hex() not in log and v.decode() not in log
+
+
+def test_events_reach_a_non_root_client_only_for_secrets_it_may_see(system_bus, make_polkitd, make_secretbusd,
+                                                                    rpc_dir, test_users, tmp_path):
+    start(system_bus, make_polkitd, make_secretbusd, rpc_dir, rules=[RULES])
+    argv = harness.as_user(test_users.member, ["virsh", "-c", uri(rpc_dir), "secret-event", "--event", "lifecycle",
+                                               "--loop", "--timeout", "10"])
+    ev = subprocess.Popen(argv, env=harness.user_env(test_users.member), cwd="/", stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)       # registered (virsh connects, authenticates, registers)
+        root_define(rpc_dir, tmp_path, HIDDEN, "hidden")
+        root_define(rpc_dir, tmp_path, LATER, "later")
+        out, err = ev.communicate(timeout=30)
+    finally:
+        if ev.poll() is None:
+            ev.kill()
+            ev.wait()
+    assert f"event 'lifecycle' for secret {LATER}: Defined" in out, (out, err)
+    assert HIDDEN not in out and "events received: 1" in out, out
