@@ -356,23 +356,27 @@ class PolkitAccess:
                 del self._interactive[who]
 
     async def authenticate(self, caller: Caller, perm: Perm) -> tuple[bool, bool]:
-        """libvirt's AUTH_POLKIT: (authorized, challenge) for `caller`'s process, interactive
-        if the caller allows it, never cached (once per connection). Fails closed: (False,
-        False) when polkit cannot be asked."""
-        if self._uid_of(caller) == ROOT:
+        """libvirt's AUTH_POLKIT: (authorized, challenge) for `caller`'s process, never cached
+        (once per connection). First without interaction, in the uid's fair share of the slots
+        (a uid's parallel connections queue there rather than being refused); only a challenge
+        is asked again with interaction, if the caller allows it, in the small interactive
+        allowance. Fails closed: (False, False) when polkit cannot be asked."""
+        uid = self._uid_of(caller)
+        if uid == ROOT:
             self.stats["root"] += 1
             return True, False
-        uid = self._uid_of(caller)
         who: int | str = caller.sender if uid is None else uid
         self.stats["checks"] += 1
         try:
-            if caller.interactive:
-                reply = await self._interactive_call(who, caller, perm, {})
-                if reply is None:
-                    return False, False
-            else:
-                async with self._slots.slot(who):
-                    reply = await self._call(caller, perm, {}, 0, self.timeout)
+            async with self._slots.slot(who):
+                reply = await self._call(caller, perm, {}, 0, self.timeout)
+            authorized, challenge, _ = reply[0]
+            if authorized or not challenge or not caller.interactive:
+                return bool(authorized), bool(challenge)
+            again = await self._interactive_call(who, caller, perm, {})
+            if again is None:
+                return False, True          # over the allowance: still "an agent is needed"
+            reply = again
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             self.stats["errors"] += 1
             log.error("polkit check of %s for %s failed, denying: %s %s", perm.value, caller.sender,

@@ -70,7 +70,8 @@ class Guard:
             self.access = None
 
     def closed(self, session: Session) -> None:
-        """A connection ended: its per-connection decisions go."""
+        """A connection ended: its per-connection decisions go (and none are kept for it after)."""
+        session.closed = True
         forget = getattr(self.access, "process_closed", None)
         if forget is not None:
             forget(session.name)
@@ -96,7 +97,7 @@ class Guard:
     def _access(self, s: Session) -> AccessControl | None:
         access = self.access
         opened = getattr(access, "process_open", None)
-        if opened is not None:
+        if opened is not None and not s.closed:
             opened(s.name)
         return access
 

@@ -67,6 +67,7 @@ class Session:
     # The access layer's name for this connection (its per-connection decisions, its audit
     # records): never a D-Bus unique name, which all start with ':'.
     name: str = field(default_factory=lambda: f"rpc-{next(_names)}")
+    closed: bool = False           # the connection ended (a check still running keeps no decision)
 
     def subject(self) -> UnixProcess | None:
         """Whom polkit is asked about: the identity a root peer set (libvirt's ACL checks use
