@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -170,6 +172,19 @@ def test_calls_are_allowed_and_denied_per_rule_and_audited(system_bus, make_polk
     log = sbd.log()
     for v in (b"open-value", b"new-open", b"visible-value"):
         assert v.hex() not in log and v.decode() not in log
+    # The connections are gone, and so is everything kept for them (per-uid decisions stay).
+    tables = table_sizes(sbd)
+    assert tables["rpc_processes"] == 0 and tables["decisions"] == 0 and tables["decision_senders"] == 0, tables
+    assert tables["uid_decisions"] > 0, tables
+
+
+def table_sizes(sbd) -> dict[str, int]:
+    """SIGUSR1: the daemon logs its per-caller tables; the newest such line, parsed."""
+    before = sbd.log().count("tables:")
+    sbd.signal(signal.SIGUSR1)
+    harness.wait_until(lambda: sbd.log().count("tables:") > before, timeout=10, what="the tables log line")
+    line = sbd.log().split("tables:")[-1].splitlines()[0]
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
 
 
 def test_events_reach_a_non_root_client_only_for_secrets_it_may_see(system_bus, make_polkitd, make_secretbusd,
@@ -190,3 +205,25 @@ def test_events_reach_a_non_root_client_only_for_secrets_it_may_see(system_bus, 
             ev.wait()
     assert f"event 'lifecycle' for secret {LATER}: Defined" in out, (out, err)
     assert HIDDEN not in out and "events received: 1" in out, out
+
+
+def test_nothing_but_authentication_before_it(system_bus, make_polkitd, make_secretbusd, rpc_dir, test_users):
+    """A raw client as each user: AUTH_LIST offers polkit, any other call before AUTH_POLKIT
+    is refused as libvirt does, and AUTH_POLKIT decides by the rule."""
+    start(system_bus, make_polkitd, make_secretbusd, rpc_dir, rules=[RULES])
+
+    def probe(user, name: str) -> dict:
+        r = harness.run_as(user, [DEBIAN_PYTHON, "-c", programs.source("rpc_preauth_probe"), str(rpc_dir / name)])
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    required = [39, 7, "authentication required"]
+    assert probe(test_users.member, "virtsecretd-sock") == {
+        "auth_list": [2], "open_before_auth": required, "auth_polkit": {"complete": 1}, "open_after_auth": None}
+    got = probe(test_users.other, "virtsecretd-sock")
+    assert got["auth_list"] == [2] and got["open_before_auth"] == required
+    assert got["auth_polkit"][:2] == [94, 60] and got["open_after_auth"] == required
+    got = probe(test_users.other, "virtsecretd-sock-ro")       # monitor: yes for anyone
+    assert got["auth_polkit"] == {"complete": 1} and got["open_after_auth"] is None
+    root = probe(None, "virtsecretd-sock")          # root: nothing to authenticate
+    assert root["auth_list"] == [0] and root["open_before_auth"] is None
