@@ -35,6 +35,7 @@ OPEN = "7a0f0001-0000-4000-8000-000000000001"       # member may read and write 
 VISIBLE = "7a0f0001-0000-4000-8000-000000000002"    # member sees it, may not read or write its value
 HIDDEN = "7a0f0001-0000-4000-8000-000000000003"     # member may not even see it
 LATER = "7a0f0001-0000-4000-8000-000000000004"      # member sees it (defined during the event test)
+PRIVATE = "7a0f0001-0000-4000-8000-000000000005"    # private; member may read-secure it
 
 RULES = ("50-sbtest-rpc.rules", f"""
 polkit.addRule(function(action, subject) {{
@@ -44,7 +45,7 @@ polkit.addRule(function(action, subject) {{
     if (uuid == "{HIDDEN}")
         return polkit.Result.NO;
     if ((action.id == "org.libvirt.api.secret.read-secure" || action.id == "org.libvirt.api.secret.write") &&
-            uuid == "{OPEN}" && subject.isInGroup("libvirt"))
+            (uuid == "{OPEN}" || uuid == "{PRIVATE}") && subject.isInGroup("libvirt"))
         return polkit.Result.YES;
     return polkit.Result.NOT_HANDLED;
 }});
@@ -75,9 +76,10 @@ def xml(uuid: str, name: str) -> str:
             f"<usage type='volume'><volume>/var/lib/sbtest/rpc-{name}.img</volume></usage></secret>")
 
 
-def root_define(rpc_dir: Path, tmp_path: Path, uuid: str, name: str, value: bytes | None = None) -> None:
+def root_define(rpc_dir: Path, tmp_path: Path, uuid: str, name: str, value: bytes | None = None,
+                private: bool = False) -> None:
     f = tmp_path / f"{name}.xml"
-    f.write_text(xml(uuid, name))
+    f.write_text(xml(uuid, name).replace("private='no'", "private='yes'") if private else xml(uuid, name))
     r = harness.run_as(None, ["virsh", "-c", uri(rpc_dir), "secret-define", str(f)])
     assert r.returncode == 0, r.stderr
     if value is not None:
@@ -227,3 +229,40 @@ def test_nothing_but_authentication_before_it(system_bus, make_polkitd, make_sec
     assert got["auth_polkit"] == {"complete": 1} and got["open_after_auth"] is None
     root = probe(None, "virtsecretd-sock")          # root: nothing to authenticate
     assert root["auth_list"] == [0] and root["open_before_auth"] is None
+
+
+def test_an_identity_set_by_a_root_peer_is_checked_and_audited(system_bus, make_polkitd, make_secretbusd, rpc_dir,
+                                                              test_users, tmp_path):
+    """virtqemud's flow with polkit: a root peer acts for a user's process (SET_IDENTITY with its
+    pid, start time and uid); the checks are that user's, and the host's token elevates it to
+    private values. The audit record names the peer and the identity."""
+    sbd = start(system_bus, make_polkitd, make_secretbusd, rpc_dir, rules=[RULES])
+    root_define(rpc_dir, tmp_path, PRIVATE, "private", b"luks-pass", private=True)
+    root_define(rpc_dir, tmp_path, VISIBLE, "visible", b"visible-value")
+    token = (rpc_dir / "common" / "system.token").read_text()
+    user_proc = subprocess.Popen(harness.as_user(test_users.member, ["sleep", "60"]), env=harness.user_env(
+        test_users.member), cwd="/")
+    try:
+        def as_identity(uuid: str, tok: str) -> dict:
+            r = harness.run_as(None, [DEBIAN_PYTHON, "-c", programs.source("libvirt_set_identity"), uri(rpc_dir),
+                                      uuid, tok, f"pid:{user_proc.pid}"], timeout=60)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        assert as_identity(PRIVATE, token) == {"value": b"luks-pass".hex()}
+        assert as_identity(PRIVATE, "-")["error"] == [65, 30, "Invalid secret: secret is private"]
+        assert as_identity(VISIBLE, token)["error"] == DENIED        # the user may not read-secure it
+    finally:
+        user_proc.kill()
+        user_proc.wait()
+    harness.wait_until(lambda: len(audit_records(sbd, PRIVATE)) >= 2 and audit_records(sbd, VISIBLE), timeout=10,
+                       what="the audit records of the reads")
+    allowed = [r for r in audit_records(sbd, PRIVATE) if r["AUDIT_OUTCOME"] == "allowed"]
+    refused = [r for r in audit_records(sbd, PRIVATE) if r["AUDIT_OUTCOME"] == "denied"]
+    assert len(allowed) == 1 and len(refused) == 1, audit_records(sbd, PRIVATE)
+    who = f"user {test_users.member.name} uid {test_users.member.uid} pid {user_proc.pid}"
+    assert allowed[0]["CALLER_UID"] == "0" and allowed[0]["CALLER_IDENTITY"] == f"{who} (elevated)"
+    assert refused[0]["AUDIT_REASON"] == "private" and refused[0]["CALLER_IDENTITY"] == who
+    (visible,) = audit_records(sbd, VISIBLE)
+    assert visible["AUDIT_REASON"] == "access" and visible["CALLER_IDENTITY"] == f"{who} (elevated)"
+    assert b"luks-pass".hex() not in sbd.log() and token not in sbd.log()
