@@ -33,6 +33,11 @@ def start_time_of(pid: int) -> int:
             stat = f.read(4096)
     except OSError:
         return 0
+    return parse_start_time(stat)
+
+
+def parse_start_time(stat: bytes) -> int:
+    """Field 22 of a /proc/<pid>/stat line; 0 if it is not there."""
     # comm (field 2) may hold spaces and parentheses: the fields after it follow the last ')'.
     rest = stat[stat.rfind(b")") + 2:].split()
     try:
