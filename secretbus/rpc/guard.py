@@ -180,7 +180,16 @@ class Guard:
         return checked()
 
     async def visible(self, s: Session, defs: list[SecretDef]) -> list[SecretDef]:
-        known = [self.cached(s, Perm.GETATTR, d) for d in defs]
+        caller = self._caller(s)
+        if caller is None or caller.process is None:
+            return []
+        if caller.process.uid == ROOT:
+            return defs
+        cached = getattr(self.access, "cached", None)
+        if cached is None:
+            known: list[bool | None] = [None] * len(defs)
+        else:           # one subject for the whole list: 10,000 lookups in the cache, no awaits
+            known = [cached(caller, Perm.GETATTR, d) for d in defs]
         missing = [d for d, k in zip(defs, known, strict=True) if k is None]
         asked = dict(zip((d.uuid for d in missing),
                          await asyncio.gather(*(self.allowed(s, Perm.GETATTR, d) for d in missing)), strict=True))
