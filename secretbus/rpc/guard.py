@@ -59,11 +59,13 @@ class Guard:
         self.auditor = auditor if auditor is not None and auditor.active else None
         self.access: AccessControl | None = None
         self.denials = DenialLog()
+        self._warned: set[str] = set()     # refusals not for polkit to log: once each until attached again
 
     # -- the daemon's side ----------------------------------------------------------
     def attach(self, access: AccessControl | None) -> None:
         """The access control of the bus connection the daemon has now (None: none)."""
         self.access = access
+        self._warned.clear()
 
     def detach(self, access: AccessControl | None) -> None:
         if self.access is access:
@@ -109,10 +111,11 @@ class Guard:
         authenticate = getattr(access, "authenticate", None)
         ok = challenge = False
         if caller is None:
-            log.warning("RPC peer pid %d uid %d: no start time, cannot ask polkit; refused", s.peer.pid, s.peer.uid)
+            self._warn_once("no-start-time", "RPC peer pid %d uid %d refused: its start time cannot be read, "
+                            "polkit cannot be asked about it", s.peer.pid, s.peer.uid)
         elif authenticate is None:
-            log.warning("RPC peer pid %d uid %d refused: polkit cannot be asked (no bus connection)",
-                        s.peer.pid, s.peer.uid)
+            self._warn_once("no-polkit", "RPC peer pid %d uid %d refused: polkit cannot be asked (no bus "
+                            "connection); other refusals for this reason are not logged", s.peer.pid, s.peer.uid)
         else:
             ok, challenge = await authenticate(caller, perm)
         if ok:
@@ -124,6 +127,12 @@ class Guard:
                                 f"no polkit agent available to authenticate action '{perm.value}'",
                                 AUTH_UNAVAILABLE_PREFIX)
         raise RemoteFailure(AUTH_FAILED, P.FROM_POLKIT, "access denied by policy", AUTH_FAILED_PREFIX)
+
+    def _warn_once(self, why: str, msg: str, *args: object) -> None:
+        """A local user looping connections must not flood the log."""
+        if why not in self._warned:
+            self._warned.add(why)
+            log.warning(msg, *args)
 
     # -- per-call checks ------------------------------------------------------------------
     async def allowed(self, s: Session, perm: Perm, d: SecretDef | None) -> bool:

@@ -283,6 +283,9 @@ class Procedures:
         event_id = self.hub.event_id(a["eventID"])
 
         def register() -> Any:
+            if c.session.closed:
+                # Closed while its check ran: a registration now would never be dropped.
+                raise daemon_internal("connection closed")
             cb = self.hub.register(c, event_id, _uuid(secret) if secret is not None else None)
             c.session.callbacks.add(cb)
             return {"callbackID": cb}
