@@ -317,3 +317,47 @@ def test_a_flooding_user_does_not_stall_root(system_bus, make_polkitd, make_secr
           f"root meanwhile: {lat['calls']} reads, p50 {lat['p50'] * 1000:.1f} ms, max {lat['max'] * 1000:.1f} ms")
     tables = table_sizes(sbd)
     assert tables["rpc_processes"] == 0 and tables["decision_senders"] == 0, tables
+
+
+def test_a_rules_change_reaches_an_open_rpc_connection(system_bus, make_polkitd, make_secretbusd, rpc_dir,
+                                                       test_users, tmp_path):
+    """One decision cache for both front ends, emptied when polkitd reloads: a connection that
+    stays open is decided afresh by the new rules, both ways."""
+    pk = make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS], rules=[RULES])
+    sbd = make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
+    root_define(rpc_dir, tmp_path, OPEN, "open", b"open-value")
+    repl = subprocess.Popen(harness.as_user(test_users.member, [DEBIAN_PYTHON, "-c", programs.source("libvirt_repl"),
+                                                                uri(rpc_dir)]),
+                            env=harness.user_env(test_users.member), cwd="/", stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "pid" in json.loads(repl.stdout.readline())
+
+        def ask(*cmd) -> object:
+            repl.stdin.write(json.dumps(list(cmd)) + "\n")
+            repl.stdin.flush()
+            return json.loads(repl.stdout.readline())
+
+        assert ask("value", OPEN) == b"open-value".hex()
+        assert ask("value", OPEN) == b"open-value".hex()          # cached for this connection
+        deny = pk.add_files(rules=[("40-sbtest-rpc-deny.rules", f"""
+polkit.addRule(function(action, subject) {{
+    if (action.id == "org.libvirt.api.secret.read-secure" && action.lookup("secret_uuid") == "{OPEN}")
+        return polkit.Result.NO;
+}});
+""")]).install()
+        try:
+            harness.wait_until(lambda: ask("value", OPEN) == {"error": DENIED}, timeout=10, interval=0.1,
+                               what="the new rule reaching the open RPC connection")
+            assert "polkit rules or actions changed" in sbd.log()
+        finally:
+            deny.uninstall()
+        harness.wait_until(lambda: ask("value", OPEN) == b"open-value".hex(), timeout=10, interval=0.1,
+                           what="the removed rule reaching the open RPC connection")
+    finally:
+        repl.stdin.close()
+        try:
+            repl.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            repl.kill()
+            repl.wait()
