@@ -45,6 +45,7 @@ from secretbus.notify import notify, reloading
 from secretbus.procsec import no_core_dumps
 from secretbus.rpc import activation
 from secretbus.rpc.activation import ActivationError, Passed
+from secretbus.rpc.guard import Guard
 from secretbus.rpc.server import RpcServer, SocketBusy, socket_plan
 from secretbus.store.conf import resolve_readers
 from secretbus.store.paths import InstancePaths
@@ -207,6 +208,8 @@ class Daemon:
         try:
             await uids.start()
             access = await self._make_access(bus, uids)
+            if self.rpc is not None:
+                self.rpc.guard.attach(access)     # one access layer (cache, fair slots) for both
             pids = pid_lookup(uids.bus)
             uids.when_gone(pids.forget)
             audit = ReadAudit(Auditor(journal, self.audit_mode), access, pids)
@@ -225,6 +228,8 @@ class Daemon:
             log.warning("the %s bus went away while reconnecting: %s", self._bus_kind, type(e).__name__)
             return LOST
         finally:
+            if self.rpc is not None:
+                self.rpc.guard.detach(access)
             getattr(access, "close", lambda: None)()
             uids.close()
             journal.close()
@@ -329,14 +334,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, root: str | None,
                   passed: list[Passed]) -> RpcServer | None:
     """libvirt's RPC protocol on virtsecretd's sockets (those systemd `passed`, the rest bound
-    here), unless --no-rpc. In this increment it serves only peers that need no authorisation
-    (uid 0 on the system instance, the session's own user), so it takes no access control yet."""
+    here), unless --no-rpc. Its value reads are audited like D-Bus's; the daemon attaches the bus
+    connection's polkit access control to it while there is one (without, non-root peers are
+    refused: fail closed)."""
     if args.no_rpc:
         if passed:
             log.warning("--no-rpc: not serving the %d socket(s) systemd passed", len(passed))
             activation.close_all(passed)
         return None
-    return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root), passed=passed)
+    mode = AuditMode(args.audit) if args.audit else AuditMode.default(system)
+    guard = Guard(system=system, auditor=Auditor(JournalWriter(), mode))
+    return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root), guard=guard,
+                     passed=passed)
 
 
 def take_sockets() -> list[Passed]:

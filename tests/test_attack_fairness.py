@@ -174,7 +174,7 @@ def test_polkit_decision_of_a_departed_caller_is_not_kept():
         port.calls[1][2].set_result([(True, False, {})])
         assert await check is True
         assert access.sizes() == {"decisions": 0, "uid_decisions": 0, "decision_senders": 0,
-                                  "checks_pending": 0}
+                                  "checks_pending": 0, "rpc_processes": 0}
         # a live caller's decisions: evicting the last one leaves no empty set in the index
         got = asyncio.create_task(uids(":1.41"))
         await _settle()
@@ -424,7 +424,7 @@ def test_daemon_reconnects_when_the_bus_restarts(make_bus, make_secretbusd):
 # uid; nothing kept per connection may.
 IDLE = {"in_flight_senders": 0, "queued_senders": 0, "uid_lookups": 0, "uid_left": 0, "uids": 0,
         "decision_senders": 0, "decisions": 0, "checks_pending": 0, "unread_blocked": 0, "unread_asking": 0,
-        "unread_tracked": 0, "tasks": 0}
+        "unread_tracked": 0, "tasks": 0, "rpc_processes": 0}
 
 
 @pytest.mark.integration

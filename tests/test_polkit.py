@@ -558,13 +558,24 @@ def member_call(bus, users, method, path, *args, **kw) -> Result:
 # tests
 
 def test_policy_file_matches_access_model():
-    """The shipped actions are exactly secretbus's permissions, with libvirt's texts."""
+    """The shipped actions are exactly secretbus's permissions, with libvirt's texts: the API
+    actions in one file, libvirt's socket actions (RPC authentication) in another."""
     from lxml import etree
 
-    from secretbus.access.permissions import Perm
+    from secretbus.access.permissions import SOCKET_AUTH, Perm
     doc = etree.parse(str(POLICY))
     actions = {a.get("id"): a for a in doc.iter("action")}
-    assert set(actions) == {p.value for p in Perm}
+    assert set(actions) == {p.value for p in Perm if p not in SOCKET_AUTH}
+    unix = etree.parse(str(POLICY.with_name("org.libvirt.unix.policy")))
+    socket_actions = {a.get("id"): a for a in unix.iter("action")}
+    assert set(socket_actions) == {p.value for p in SOCKET_AUTH}
+    for aid, desc, defaults in (("org.libvirt.unix.monitor", "Monitor local virtualized systems", ("yes",) * 3),
+                                ("org.libvirt.unix.manage", "Manage local virtualized systems",
+                                 ("auth_admin_keep",) * 3)):
+        a = socket_actions[aid]
+        d = a.find("defaults")
+        assert a.findtext("description") == desc
+        assert (d.findtext("allow_any"), d.findtext("allow_inactive"), d.findtext("allow_active")) == defaults
     texts = {
         "org.libvirt.api.connect.search-secrets": ("List secrets", "Listing secrets requires authorization"),
         "org.libvirt.api.secret.getattr": ("Access secret", "Accessing secret requires authorization"),

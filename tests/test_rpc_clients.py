@@ -127,11 +127,12 @@ def test_virsh_read_only(systemd_, rpc_dir, tmp_path):
     assert ok(virsh(rw, "secret-get-value", U1)).strip() == base64.b64encode(SENTINEL).decode()
 
 
-def test_virsh_non_root_is_refused_on_the_system_instance(systemd_, rpc_dir, test_users, tmp_path):
+def test_virsh_non_root_is_refused_without_polkit(systemd_, rpc_dir, test_users, tmp_path):
+    """RPC only (--no-dbus): no bus connection, so polkit cannot be asked: fail closed."""
     for u in (uri(rpc_dir, "system"), uri(rpc_dir, "system", ro=True)):
         r = virsh(u, "secret-list", user=test_users.member)
-        assert r.returncode == 1 and "authentication failed" in r.stderr, r.stderr
-        assert "only root" in r.stderr
+        assert r.returncode == 1 and "authentication failed: access denied by policy" in r.stderr, r.stderr
+    assert "polkit cannot be asked" in systemd_.log()
     ok(virsh(uri(rpc_dir, "system"), "secret-list"))        # root still served
 
 
@@ -219,8 +220,8 @@ def test_virtqemud_flow_with_python_set_identity(systemd_, rpc_dir, tmp_path):
     assert len(token) == 32 and oct(token_file.stat().st_mode & 0o777) == "0o600"
     assert oct(token_file.parent.stat().st_mode & 0o777) == "0o700"
 
-    def run(tok: str, user=None) -> dict:
-        r = harness.run_as(user, [DEBIAN_PYTHON, "-c", programs.source("libvirt_set_identity"), rw, U1, tok],
+    def run(tok: str, user=None, who: str = "self") -> dict:
+        r = harness.run_as(user, [DEBIAN_PYTHON, "-c", programs.source("libvirt_set_identity"), rw, U1, tok, who],
                            timeout=60)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
@@ -228,9 +229,12 @@ def test_virtqemud_flow_with_python_set_identity(systemd_, rpc_dir, tmp_path):
     assert run(token) == {"value": SENTINEL.hex()}
     assert run("-")["error"] == [65, 30, "Invalid secret: secret is private"]
     assert run("0" * 32)["error"] == [65, 30, "Invalid secret: secret is private"]
+    # The checks use the identity (libvirt's current identity): one polkit cannot be asked
+    # about (no start time; and here no polkit at all) is refused, token or not.
+    assert run(token, who="alice")["error"] == [88, 55, "access denied: 'secret' denied access"]
     assert SENTINEL.hex() not in systemd_.log()
     assert token not in systemd_.log()
-    assert "returned to an elevated identity (user alice uid 1000 pid 4242)" in systemd_.log()
+    assert "returned to an elevated identity (user root uid 0 pid" in systemd_.log()
 
 
 # -- the daemon's sockets -----------------------------------------------------------------

@@ -412,8 +412,10 @@ def test_never_replaces_what_is_not_a_socket(tmp_path):
 
 
 # -- SET_IDENTITY and the system token --------------------------------------------------------
-def _identity(token: str | None, **extra) -> dict:
-    params = [{"field": "user-name", "value": (7, "alice")}, {"field": "process-id", "value": (3, 4242)}]
+def _identity(token: str | None, *, uid: int = 0, **extra) -> dict:
+    """What virtqemud sends for a user (here root: uid 0 is allowed without polkit)."""
+    params = [{"field": "user-name", "value": (7, "alice")}, {"field": "process-id", "value": (3, 4242)},
+              {"field": "unix-user-id", "value": (4, uid)}, {"field": "process-time", "value": (4, 12345)}]
     if token is not None:
         params.append({"field": "system.token", "value": (7, token)})
     params += [{"field": k, "value": v} for k, v in extra.items()]
@@ -437,6 +439,13 @@ def test_set_identity_elevates_only_with_the_hosts_token(srv):
         assert _err(c, P.Proc.SECRET_GET_VALUE, {"secret": sec, "flags": 1})[0] == 8    # no INTERNAL_CALL bit
         c.call(P.Proc.CONNECT_SET_IDENTITY, _identity(None))          # replaced: no longer elevated
         assert _err(c, P.Proc.SECRET_GET_VALUE, get)[0] == 65
+        # An identity polkit cannot be asked about (no pid, start time and uid) passes no check,
+        # as libvirt's "No process ID available"; nor does one of another uid without polkit.
+        c.call(P.Proc.CONNECT_SET_IDENTITY, {"params": [{"field": "system.token", "value": (7, token)}], "flags": 0})
+        assert _err(c, P.Proc.SECRET_GET_VALUE, get) == (88, 55, "access denied: 'secret' denied access")
+        assert _err(c, P.Proc.SECRET_LOOKUP_BY_UUID, {"uuid": sec["uuid"]})[0] == 88
+        c.call(P.Proc.CONNECT_SET_IDENTITY, _identity(token, uid=1000))
+        assert _err(c, P.Proc.SECRET_GET_VALUE, get)[0] == 88
         assert _err(c, P.Proc.CONNECT_SET_IDENTITY, {"params": [], "flags": 1})[:2] == (8, 30)
         assert _err(c, P.Proc.CONNECT_SET_IDENTITY, _identity(token, bogus=(7, "x")))[2] == \
             "invalid argument: parameter 'bogus' not supported"

@@ -68,6 +68,7 @@ class AuditRecord:
     reason: Reason | None = None   # why it was denied
     operation: str = "GetValue"
     suppressed: int = 0            # like denials not recorded since the last record of this one
+    identity: str = ""             # RPC: the identity a root peer set (SET_IDENTITY), if any
     usec: int = field(default_factory=lambda: time.time_ns() // 1000)   # wall clock, microseconds
 
     def fields(self) -> dict[str, str]:
@@ -92,6 +93,7 @@ class AuditRecord:
             "CALLER_PID": _text(self.pid, ""),
             "CALLER_PEER": self.peer,
             "AUDIT_SUPPRESSED": str(self.suppressed) if self.suppressed else "",
+            "CALLER_IDENTITY": self.identity,
         }
         return {k: v for k, v in out.items() if v != ""}
 

@@ -23,6 +23,13 @@ class Perm(str, enum.Enum):
     SAVE = "org.libvirt.api.secret.save"
     DELETE = "org.libvirt.api.secret.delete"
     READ_SECURE = "org.libvirt.api.secret.read-secure"
+    # libvirt's socket-level authentication (AUTH_POLKIT): the rw socket, the ro socket.
+    UNIX_MANAGE = "org.libvirt.unix.manage"
+    UNIX_MONITOR = "org.libvirt.unix.monitor"
+
+
+# Checked without details, as libvirt's AUTH_POLKIT does.
+SOCKET_AUTH = frozenset({Perm.UNIX_MANAGE, Perm.UNIX_MONITOR})
 
 
 # libvirt's detail key per usage type; vtpm gets secret_usage_name too (libvirt omits it).
@@ -46,12 +53,43 @@ def details_for(d: SecretDef | None) -> dict[str, str]:
     return details
 
 
+def details_of(perm: Perm, d: SecretDef | None) -> dict[str, str]:
+    """The details polkit gets for `perm` on `d`: none for socket authentication."""
+    return {} if perm in SOCKET_AUTH else details_for(d)
+
+
+def redefine_checks(old: SecretDef | None, new: SecretDef) -> tuple[tuple[Perm, SecretDef], ...]:
+    """What a redefine needs on the definition it replaces, beyond write+save on the new one:
+    write+save on the old one too (a grant for one usage must not rewrite another's secret),
+    and delete when it destroys the stored value (persistent -> ephemeral removes the files).
+    One rule for every front end."""
+    if old is None:
+        return ()
+    checks = [(Perm.WRITE, old), (Perm.SAVE, old)]
+    if new.ephemeral and not old.ephemeral:
+        checks.append((Perm.DELETE, old))
+    return tuple(checks)
+
+
+@dataclass(frozen=True)
+class UnixProcess:
+    """polkit's `unix-process` subject: a pid with its start time (/proc/<pid>/stat field 22,
+    so a recycled pid is not mistaken for the process checked) and its uid."""
+
+    pid: int
+    start_time: int
+    uid: int
+
+
 @dataclass(frozen=True)
 class Caller:
-    """Who sent a call: unique bus name, and whether it allows interactive authorisation."""
+    """Who sent a call: unique bus name (an RPC connection: a name of its own, never a bus
+    name), whether it allows interactive authorisation, and for RPC the process polkit is
+    asked about (then the subject is `unix-process`, else `system-bus-name`)."""
 
     sender: str
     interactive: bool = False
+    process: UnixProcess | None = None
 
 
 class AccessControl(Protocol):

@@ -1,6 +1,8 @@
-"""polkit checks for the system bus, with a decision cache.
+"""polkit checks for both front ends, with one decision cache.
 
-Subject is the caller's `system-bus-name`; action ids and details are libvirt's (permissions.py).
+Subject is the caller's `system-bus-name` on D-Bus, `unix-process` (pid, start time, uid) for
+an RPC connection; action ids and details are libvirt's (permissions.py). The two share the
+cache, its per-uid entries and the fair per-uid slots: a uid is one uid whichever way it calls.
 The bus is reached through a `BusPort` (busport.py): no D-Bus library below the front ends.
 Fails closed: polkitd absent, slow or erroring means "no" (logged, not cached).
 
@@ -27,7 +29,7 @@ from typing import Any
 
 from secretbus.access.busport import BusError, BusPort, Signal, Typed
 from secretbus.access.fairslots import FairSlots
-from secretbus.access.permissions import Caller, Perm, details_for
+from secretbus.access.permissions import Caller, Perm, details_of
 from secretbus.core.model import SecretDef
 
 log = logging.getLogger("secretbus.polkit")
@@ -169,6 +171,9 @@ class PolkitAccess:
         self._interactive: dict[int | str, int] = {}
         self._interactive_in_flight = 0
         self._pk_owner: str | None = None     # unique name of polkitd, None while it is gone
+        # RPC connections (Caller.process) still open: only theirs may get per-name entries,
+        # and process_closed() drops those (D-Bus names go with NameOwnerChanged).
+        self._processes: set[str] = set()
         self._owner_changes = 0
         self.stats = {"checks": 0, "hits": 0, "errors": 0, "root": 0, "flushes": 0,
                       "interactive_refused": 0, "changed_ignored": 0}
@@ -222,6 +227,28 @@ class PolkitAccess:
         for key in self._by_sender.pop(sender, ()):
             self._cache.pop(key, None)
 
+    def process_open(self, sender: str) -> None:
+        """An RPC connection named `sender` will ask with a unix-process subject."""
+        self._processes.add(sender)
+
+    def process_closed(self, sender: str) -> None:
+        """That connection closed: its per-connection decisions go."""
+        self._processes.discard(sender)
+        self._forget(sender)
+
+    def _uid_of(self, caller: Caller) -> int | None:
+        """The uid polkit's subject has: the process's (from SO_PEERCRED or a root peer's
+        SET_IDENTITY), or the bus's word for a unique name (None: not known yet)."""
+        if caller.process is not None:
+            return caller.process.uid
+        return self.uids.cached(caller.sender)
+
+    def _live(self, caller: Caller) -> bool:
+        """Whether entries kept for `caller` would be dropped when it goes."""
+        if caller.process is not None:
+            return caller.sender in self._processes
+        return self.uids.known(caller.sender)
+
     def _evict(self, key: _Key) -> None:
         del self._cache[key]
         scope = key[0]
@@ -236,17 +263,17 @@ class PolkitAccess:
     def _key(self, caller: Caller, perm: Perm, details: dict[str, str], uid: int | None = None) -> _Key:
         scope: str | int = caller.sender
         if perm in UID_SCOPED:
-            uid = self.uids.cached(caller.sender) if uid is None else uid
+            uid = self._uid_of(caller) if uid is None else uid
             if uid is not None:
                 scope = uid
         return (scope, perm.value, tuple(sorted(details.items())))
 
     def cached(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool | None:
         """The cached decision, or None when polkit must be asked."""
-        if self.uids.cached(caller.sender) == ROOT:
+        if self._uid_of(caller) == ROOT:
             self.stats["root"] += 1
             return True
-        key = self._key(caller, perm, details_for(d))
+        key = self._key(caller, perm, details_of(perm, d))
         hit = self._cache.get(key)
         if hit is None or hit[0] <= time.monotonic():
             return None
@@ -261,7 +288,7 @@ class PolkitAccess:
         hit = self.cached(caller, perm, d)
         if hit is not None:
             return hit
-        details = details_for(d)
+        details = details_of(perm, d)
         key = self._key(caller, perm, details, uid)
         pending = self._pending.get(key)
         if pending is not None and not caller.interactive:
@@ -282,7 +309,7 @@ class PolkitAccess:
         self.stats["checks"] += 1
         generation = self._generation
         # Slots are per uid; a caller whose uid is not known here is its own queue.
-        uid = self.uids.cached(caller.sender)
+        uid = self._uid_of(caller)
         who: int | str = caller.sender if uid is None else uid
         try:
             if caller.interactive:
@@ -301,7 +328,7 @@ class PolkitAccess:
         # A caller that left meanwhile (its uid forgotten) gets nothing cached: no entry
         # would ever be dropped for it.
         if (self.cache_enabled and not challenge and generation == self._generation
-                and self.uids.known(caller.sender)):
+                and self._live(caller)):
             self._store(key, caller.sender, bool(authorized))
         return bool(authorized)
 
@@ -328,9 +355,48 @@ class PolkitAccess:
             else:
                 del self._interactive[who]
 
+    async def authenticate(self, caller: Caller, perm: Perm) -> tuple[bool, bool]:
+        """libvirt's AUTH_POLKIT: (authorized, challenge) for `caller`'s process, never cached
+        (once per connection). First without interaction, in the uid's fair share of the slots
+        (a uid's parallel connections queue there rather than being refused); only a challenge
+        is asked again with interaction, if the caller allows it, in the small interactive
+        allowance. Fails closed: (False, False) when polkit cannot be asked."""
+        uid = self._uid_of(caller)
+        if uid == ROOT:
+            self.stats["root"] += 1
+            return True, False
+        who: int | str = caller.sender if uid is None else uid
+        self.stats["checks"] += 1
+        try:
+            async with self._slots.slot(who):
+                reply = await self._call(caller, perm, {}, 0, self.timeout)
+            authorized, challenge, _ = reply[0]
+            if authorized or not challenge or not caller.interactive:
+                return bool(authorized), bool(challenge)
+            again = await self._interactive_call(who, caller, perm, {})
+            if again is None:
+                return False, True          # over the allowance: still "an agent is needed"
+            reply = again
+        except Exception as e:  # noqa: BLE001 - fail closed on anything
+            self.stats["errors"] += 1
+            log.error("polkit check of %s for %s failed, denying: %s %s", perm.value, caller.sender,
+                      type(e).__name__, e)
+            return False, False
+        authorized, challenge, _ = reply[0]
+        return bool(authorized), bool(challenge)
+
+    @staticmethod
+    def subject(caller: Caller) -> list[Any]:
+        """polkit's (sa{sv}) subject for `caller`."""
+        p = caller.process
+        if p is not None:
+            return ["unix-process", {"pid": Typed("u", p.pid), "start-time": Typed("t", p.start_time),
+                                     "uid": Typed("i", p.uid)}]
+        return ["system-bus-name", {"name": Typed("s", caller.sender)}]
+
     async def _call(self, caller: Caller, perm: Perm, details: dict[str, str], flags: int,
                     timeout: float) -> list[Any]:
-        subject = ["system-bus-name", {"name": Typed("s", caller.sender)}]
+        subject = self.subject(caller)
         return await self.bus.call(PK_NAME, PK_PATH, PK_IFACE, "CheckAuthorization", "(sa{sv})sa{ss}us",
                                    [subject, perm.value, details, flags, ""], timeout)
 
@@ -350,9 +416,12 @@ class PolkitAccess:
             self._evict(oldest)
 
     async def caller_uid(self, caller: Caller) -> int | None:
+        if caller.process is not None:
+            return caller.process.uid
         return await self.uids(caller.sender)     # cached there, dropped when the caller leaves
 
     def sizes(self) -> dict[str, int]:
         per_uid = sum(1 for key in self._cache if isinstance(key[0], int))
         return {"decisions": len(self._cache) - per_uid, "uid_decisions": per_uid,
+                "rpc_processes": len(self._processes),
                 "decision_senders": len(self._by_sender), "checks_pending": len(self._pending)}

@@ -14,7 +14,7 @@ from typing import Any
 
 from dbus_fast import Message, Variant
 
-from secretbus.access.permissions import Perm
+from secretbus.access.permissions import Perm, redefine_checks
 from secretbus.bus.execute import DBusFailure, Grant, Prepared, method
 from secretbus.bus.names import (
     CONNECT_IFACE,
@@ -58,18 +58,6 @@ def secret_properties(d: SecretDef) -> dict[str, Variant]:
         "Ephemeral": Variant("b", d.ephemeral),
         "Private": Variant("b", d.private),
     }
-
-
-def redefine_checks(old: SecretDef | None, new: SecretDef) -> tuple[tuple[Perm, SecretDef], ...]:
-    """What a redefine needs on the definition it replaces, beyond write+save on the new one:
-    write+save on the old one too (a grant for one usage must not rewrite another's secret),
-    and delete when it destroys the stored value (persistent -> ephemeral removes the files)."""
-    if old is None:
-        return ()
-    checks = [(Perm.WRITE, old), (Perm.SAVE, old)]
-    if new.ephemeral and not old.ephemeral:
-        checks.append((Perm.DELETE, old))
-    return tuple(checks)
 
 
 def connect_properties() -> dict[str, Variant]:

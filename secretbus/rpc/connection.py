@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -112,12 +113,13 @@ class Connection:
         self.calls += 1
         try:
             handler, ret_type, args = self._admit(header, payload)
-            if handler.writes:
-                task = self._loop.create_task(self._run_write(header, ret_type, handler, args))
+            ret = handler.fn(self, args)
+            if handler.writes or inspect.isawaitable(ret):
+                # An access check to await, or an act for the writer thread.
+                task = self._loop.create_task(self._finish(header, ret_type, handler.writes, ret))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 return False
-            ret = handler.fn(self, args)
         except Exception as e:  # noqa: BLE001 - every failure is an error reply
             self._reply_error(header, e)
             return True
@@ -143,10 +145,14 @@ class Connection:
             raise errors.OperationDenied(f"read only access prevents {handler.denied_readonly}")
         return handler, spec.ret, args
 
-    async def _run_write(self, header: Header, ret_type: XdrType, handler: Handler, args: Any) -> None:
+    async def _finish(self, header: Header, ret_type: XdrType, writes: bool, ret: Any) -> None:
+        """Await the handler's checks, run a write's act in the writer thread, reply."""
         try:
-            ctx = contextvars.copy_context()
-            ret = await self._loop.run_in_executor(self._executor, ctx.run, handler.fn, self, args)
+            if inspect.isawaitable(ret):
+                ret = await ret
+            if writes:
+                ctx = contextvars.copy_context()
+                ret = await self._loop.run_in_executor(self._executor, ctx.run, ret)
             if self._reply(header, ret_type, ret):
                 self._slots.release()
         except Exception as e:  # noqa: BLE001

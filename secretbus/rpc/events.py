@@ -3,11 +3,18 @@
 Callback ids are unique in the daemon (libvirt hands out 0, 1, … across connections). The
 driver calls its subscribers from whichever thread changed the table (the writer thread for
 a write), so events hop to the event loop before any socket is touched.
+
+An event reaches a registration only if its connection may `getattr` the secret (libvirt's
+`@aclfilter`; DESIGN §12: a secret's identity goes only to those allowed to see it). Decisions
+the access layer holds are used at once; when one must be asked, that event and every later
+one wait in one ordered queue, so each client still sees events in the driver's order.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid as uuidlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,10 +24,21 @@ from secretbus.rpc import protocol as P
 from secretbus.rpc.failures import daemon_internal, rpc_failure
 from secretbus.rpc.xdr import encode
 
+log = logging.getLogger("secretbus.rpc")
+
+MAX_QUEUED = 4096        # events waiting for polkit decisions
+
 
 class EventSink(Protocol):
     def send_message(self, proc: int, payload: bytes) -> None:
         """Queue a MESSAGE frame to this client (never blocks; drops a client that does not read)."""
+
+
+class EventFilter(Protocol):
+    def decided(self, sink: EventSink, d: SecretDef | None) -> bool | None:
+        """Whether `sink` may see events about `d`, None when that must be awaited."""
+
+    async def allowed(self, sink: EventSink, d: SecretDef | None) -> bool: ...
 
 
 def wire_secret(d: SecretDef) -> dict[str, Any]:
@@ -35,16 +53,23 @@ class Registration:
 
 
 class EventHub:
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, visible: EventFilter | None = None):
         self._loop = loop
         self._next = 0
         self._regs: dict[int, Registration] = {}
+        self.visible = visible
+        self._queue: deque[tuple[SecretEvent, list[tuple[int, Registration]]]] = deque()
+        self._worker: asyncio.Task[None] | None = None
 
-    def register(self, sink: EventSink, event_id: int, uuid: str | None) -> int:
+    @staticmethod
+    def event_id(event_id: int) -> EventId:
         try:
-            eid = EventId(event_id)
+            return EventId(event_id)
         except ValueError:
             raise daemon_internal(f"unsupported secret event ID {event_id}") from None
+
+    def register(self, sink: EventSink, event_id: int, uuid: str | None) -> int:
+        eid = self.event_id(event_id)
         cb = self._next
         self._next += 1
         self._regs[cb] = Registration(sink, eid, uuid)
@@ -77,11 +102,50 @@ class EventHub:
     def deliver(self, event: SecretEvent) -> None:
         if not self._regs:
             return
+        targets = [(cb, reg) for cb, reg in self._regs.items()
+                   if reg.event_id == event.event_id and (reg.uuid is None or reg.uuid == event.uuid)]
+        if not targets:
+            return
+        if self.visible is not None:
+            known = [self.visible.decided(reg.sink, event.definition) for _, reg in targets]
+            if self._queue or any(k is None for k in known):
+                if len(self._queue) >= MAX_QUEUED:
+                    # polkit stalls and writes go on: the service's memory must stay bounded.
+                    log.warning("dropping an RPC event about secret %s: %d events wait for polkit",
+                                event.uuid, len(self._queue))
+                    return
+                self._queue.append((event, targets))
+                if self._worker is None or self._worker.done():
+                    self._worker = self._loop.create_task(self._deliver_queued())
+                return
+            targets = [t for t, k in zip(targets, known, strict=True) if k]
+        self._send(event, targets)
+
+    async def _deliver_queued(self) -> None:
+        assert self.visible is not None
+        while self._queue:
+            event, targets = self._queue[0]
+            try:
+                allowed = await asyncio.gather(*(self.visible.allowed(reg.sink, event.definition)
+                                                 for _, reg in targets))
+                # Registrations dropped meanwhile get nothing.
+                self._send(event, [(cb, reg) for (cb, reg), ok in zip(targets, allowed, strict=True)
+                                   if ok and self._regs.get(cb) is reg])
+            except Exception:  # noqa: BLE001 - one failed delivery must not stop the next
+                log.exception("could not deliver an RPC event about secret %s", event.uuid)
+            finally:
+                self._queue.popleft()
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._queue.clear()
+
+    def _send(self, event: SecretEvent, targets: list[tuple[int, Registration]]) -> None:
         secret = {"uuid": uuidlib.UUID(event.uuid).bytes, "usageType": int(event.usage_type),
                   "usageID": event.usage_id}
-        for cb, reg in list(self._regs.items()):
-            if reg.event_id != event.event_id or (reg.uuid is not None and reg.uuid != event.uuid):
-                continue
+        for cb, reg in targets:
             if event.event_id == EventId.LIFECYCLE:
                 proc = P.Proc.SECRET_EVENT_LIFECYCLE
                 body = encode(P.LIFECYCLE_MSG, {"callbackID": cb, "secret": secret,

@@ -1,9 +1,11 @@
 """The procedures this server answers, with libvirt's semantics (research §2.1, §1.4, §4.2).
 
 Each entry of `Procedures.table()` says when it may run (before authentication, before
-CONNECT_OPEN), whether it writes (then it runs in the writer thread, so fsync never stalls
-the loop) and which public API a read-only connection is refused. The driver's rules and
-errors are the same as on D-Bus: every argument goes through the driver's own checks.
+CONNECT_OPEN), whether it writes (then it returns the act that runs in the writer thread, so
+fsync never stalls the loop) and which public API a read-only connection is refused. The
+driver's rules and errors are the same as on D-Bus: every argument goes through the driver's
+own checks. Access checks (guard.py) come in libvirt's order: flags, then the lookup, then the
+ACL; a handler of a checked connection returns a coroutine that the connection awaits.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from secretbus.access.permissions import Perm, redefine_checks
 from secretbus.core import errors
-from secretbus.core.model import LIBVIRT_COMPAT
+from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
 from secretbus.driver import rules
-from secretbus.driver.driver import SecretDriver
+from secretbus.driver.driver import ANY, SecretDriver
 from secretbus.rpc import protocol as P
 from secretbus.rpc.events import EventHub, EventSink, wire_secret
 from secretbus.rpc.failures import (
@@ -29,6 +32,7 @@ from secretbus.rpc.failures import (
     daemon_internal,
     rpc_failure,
 )
+from secretbus.rpc.guard import Guard
 from secretbus.rpc.identity import Identity, SystemToken, parse_params
 from secretbus.rpc.session import Session
 
@@ -49,7 +53,7 @@ class Handler:
     fn: Fn
     pre_auth: bool = False          # AUTH_*: allowed before authentication
     pre_open: bool = False          # allowed before CONNECT_OPEN
-    writes: bool = False            # runs in the writer thread
+    writes: bool = False            # returns (or its coroutine returns) the act for the writer thread
     denied_readonly: str | None = None   # the public API a read-only connection is refused
 
 
@@ -64,11 +68,13 @@ def _not_offered(_c: Client, _a: Any) -> Any:
 
 
 class Procedures:
-    def __init__(self, driver: SecretDriver, hub: EventHub, token: SystemToken, *, system: bool):
+    def __init__(self, driver: SecretDriver, hub: EventHub, token: SystemToken, *, system: bool,
+                 guard: Guard | None = None):
         self.driver = driver
         self.hub = hub
         self.token = token
         self.system = system
+        self.guard = guard or Guard(system=system)
         self.uri = "secret:///system" if system else "secret:///session"
 
     def table(self) -> dict[int, Handler]:
@@ -91,22 +97,19 @@ class Procedures:
             Pr.CONNECT_REGISTER_CLOSE_CALLBACK: Handler(self.register_close_callback),
             Pr.CONNECT_UNREGISTER_CLOSE_CALLBACK: Handler(self.unregister_close_callback),
             Pr.CONNECT_SET_IDENTITY: Handler(self.set_identity),
-            Pr.CONNECT_NUM_OF_SECRETS: Handler(lambda c, a: {"num": len(self.driver.list_secrets(0))}),
+            Pr.CONNECT_NUM_OF_SECRETS: Handler(
+                lambda c, a: self.guard.listing(c, self.driver.list_secrets(0), lambda defs: {"num": len(defs)})),
             Pr.CONNECT_LIST_SECRETS: Handler(self.list_secrets),
             Pr.CONNECT_LIST_ALL_SECRETS: Handler(self.list_all_secrets),
             Pr.SECRET_LOOKUP_BY_UUID: Handler(
-                lambda c, a: {"secret": wire_secret(self.driver.lookup_by_uuid(str(uuidlib.UUID(bytes=a["uuid"]))))}),
+                lambda c, a: self._found(c, self.driver.lookup_by_uuid(str(uuidlib.UUID(bytes=a["uuid"]))))),
             Pr.SECRET_LOOKUP_BY_USAGE: Handler(
-                lambda c, a: {"secret": wire_secret(self.driver.lookup_by_usage(a["usageType"], a["usageID"]))}),
-            Pr.SECRET_DEFINE_XML: Handler(
-                lambda c, a: {"secret": wire_secret(self.driver.define_xml(a["xml"], a["flags"]))},
-                writes=True, denied_readonly="virSecretDefineXML"),
-            Pr.SECRET_GET_XML_DESC: Handler(
-                lambda c, a: {"xml": self.driver.get_xml_desc(_uuid(a["secret"]), a["flags"])}),
+                lambda c, a: self._found(c, self.driver.lookup_by_usage(a["usageType"], a["usageID"]))),
+            Pr.SECRET_DEFINE_XML: Handler(self.define_xml, writes=True, denied_readonly="virSecretDefineXML"),
+            Pr.SECRET_GET_XML_DESC: Handler(self.get_xml_desc),
             Pr.SECRET_SET_VALUE: Handler(self.set_value, writes=True, denied_readonly="virSecretSetValue"),
             Pr.SECRET_GET_VALUE: Handler(self.get_value, denied_readonly="virSecretGetValue"),
-            Pr.SECRET_UNDEFINE: Handler(lambda c, a: self.driver.undefine(_uuid(a["secret"])),
-                                        writes=True, denied_readonly="virSecretUndefine"),
+            Pr.SECRET_UNDEFINE: Handler(self.undefine, writes=True, denied_readonly="virSecretUndefine"),
             Pr.CONNECT_SECRET_EVENT_REGISTER_ANY: Handler(self.event_register),
             Pr.CONNECT_SECRET_EVENT_DEREGISTER_ANY: Handler(self.event_deregister),
         }
@@ -121,16 +124,14 @@ class Procedures:
 
     def auth_polkit(self, c: Client, _a: Any) -> Any:
         s = c.session
-        if s.trusted:
+        if s.trusted or s.authenticated:
             s.authenticated = True
             return {"complete": 1}
-        # This increment serves uid 0 (and the session's own user) only: polkit's
-        # unix-process check for other users comes next. Fail closed, with a clear reason.
-        raise RemoteFailure(
-            AUTH_FAILED, P.FROM_POLKIT,
-            f"uid {s.peer.uid} may not use this socket: secretbusd's RPC front end serves only root "
-            "on the system instance (polkit authentication of other users is not implemented yet)",
-            AUTH_FAILED_PREFIX)
+        if not self.system:
+            # The session instance serves its own user only (its socket is 0600 anyway).
+            raise RemoteFailure(AUTH_FAILED, P.FROM_POLKIT,
+                                f"uid {s.peer.uid} may not use this user's session instance", AUTH_FAILED_PREFIX)
+        return self.guard.authenticate(s)
 
     # -- the connection -------------------------------------------------------------
     def connect_open(self, c: Client, a: Any) -> Any:
@@ -189,6 +190,17 @@ class Procedures:
             raise RemoteFailure(errors.NoSupport.code, P.FROM_DOMAIN, api, errors.NoSupport.prefix)
         return fn
 
+    # -- lookups and XML ----------------------------------------------------------------
+    def _found(self, c: Client, d: SecretDef) -> Any:
+        return self.guard.then(c, [(Perm.GETATTR, d)], "lookup", lambda: {"secret": wire_secret(d)})
+
+    def get_xml_desc(self, c: Client, a: Any) -> Any:
+        rules.check_xml_desc_flags(a["flags"])
+        uuid = _uuid(a["secret"])
+        d = self.driver.lookup_by_uuid(uuid)
+        return self.guard.then(c, [(Perm.READ, d)], "get-xml-desc",
+                               lambda: {"xml": self.driver.get_xml_desc(uuid, a["flags"])})
+
     # -- listing ----------------------------------------------------------------------
     def list_secrets(self, c: Client, a: Any) -> Any:
         maxuuids = a["maxuuids"]
@@ -196,33 +208,61 @@ class Procedures:
             raise rpc_failure("maxuuids > REMOTE_SECRET_LIST_MAX")
         if maxuuids < 0:
             raise errors.InvalidArg("maxuuids in virConnectListSecrets must be greater than or equal to 0")
-        return {"uuids": [d.uuid for d in self.driver.list_secrets(0)[:maxuuids]]}
+        return self.guard.listing(c, self.driver.list_secrets(0),
+                                  lambda defs: {"uuids": [d.uuid for d in defs[:maxuuids]]})
 
     def list_all_secrets(self, c: Client, a: Any) -> Any:
-        defs = self.driver.list_secrets(a["flags"])
-        if len(defs) > P.REMOTE_SECRET_LIST_MAX:
-            raise rpc_failure(f"Too many secrets '{len(defs)}' for limit '{P.REMOTE_SECRET_LIST_MAX}'")
-        return {"secrets": [wire_secret(d) for d in defs] if a["need_results"] else [], "ret": len(defs)}
+        def build(defs: list[SecretDef]) -> Any:
+            if len(defs) > P.REMOTE_SECRET_LIST_MAX:
+                raise rpc_failure(f"Too many secrets '{len(defs)}' for limit '{P.REMOTE_SECRET_LIST_MAX}'")
+            return {"secrets": [wire_secret(d) for d in defs] if a["need_results"] else [], "ret": len(defs)}
+        return self.guard.listing(c, self.driver.list_secrets(a["flags"]), build)
 
-    # -- values -----------------------------------------------------------------------
+    # -- writes: each returns the act the writer thread runs ---------------------------
+    def _expect(self, c: Client, d: SecretDef | None) -> SecretDef | None | object:
+        """A checked write acts only on the definition its checks saw (compare-and-set)."""
+        return d if self.guard.checked(c.session) else ANY
+
+    def define_xml(self, c: Client, a: Any) -> Any:
+        d = self.driver.parse_definition(a["xml"], a["flags"])   # flags, size and parse: the driver's rules
+        old = self.driver.find(d.uuid)
+        expect = self._expect(c, old)
+        return self.guard.then(c, [(Perm.WRITE, d), (Perm.SAVE, d), *redefine_checks(old, d)], "define",
+                               lambda: lambda: {"secret": wire_secret(self.driver.define(d, expect=expect))})
+
     def set_value(self, c: Client, a: Any) -> Any:
         if not a["value"]:
             # XDR decodes an empty opaque as NULL; libvirt 9.0 refuses it so (verified).
             raise errors.InvalidArg("value in virSecretSetValue must not be NULL")
-        self.driver.set_value(_uuid(a["secret"]), a["value"], a["flags"])
-        return None
+        rules.check_set_value_flags(a["flags"])
+        uuid, value, flags = _uuid(a["secret"]), a["value"], a["flags"]
+        d = self.driver.lookup_by_uuid(uuid)
+        expect = self._expect(c, d)
+        return self.guard.then(c, [(Perm.WRITE, d)], "set-value",
+                               lambda: lambda: self.driver.set_value(uuid, value, flags, expect=expect))
 
+    def undefine(self, c: Client, a: Any) -> Any:
+        uuid = _uuid(a["secret"])
+        d = self.driver.lookup_by_uuid(uuid)
+        expect = self._expect(c, d)
+        return self.guard.then(c, [(Perm.DELETE, d)], "undefine",
+                               lambda: lambda: self.driver.undefine(uuid, expect=expect))
+
+    # -- values -----------------------------------------------------------------------
     def get_value(self, c: Client, a: Any) -> Any:
         s = c.session
         uuid = _uuid(a["secret"])
         rules.check_get_value_flags(a["flags"])        # flags first, as the driver checks them
         d = self.driver.lookup_by_uuid(uuid)
-        value = self.driver.get_value(uuid, 0, internal_call=s.elevated)
-        if s.elevated and s.identity is not None and d.private:
-            log.info("private value of secret %s returned to an elevated identity (%s) of peer pid %d",
-                     uuid, s.identity.describe(), s.peer.pid,
-                     extra={"SECRET_UUID": uuid, "SECRET_OPERATION": "get-value"})
-        return {"value": value}
+
+        def read() -> Any:
+            value = self.driver.get_value(uuid, 0, internal_call=s.elevated)
+            if s.elevated and s.identity is not None and d.private:
+                log.info("private value of secret %s returned to an elevated identity (%s) of peer pid %d",
+                         uuid, s.identity.describe(), s.peer.pid,
+                         extra={"SECRET_UUID": uuid, "SECRET_OPERATION": "get-value"})
+            return {"value": value}
+        return self.guard.value_read(c, d, read)
 
     # -- identity ---------------------------------------------------------------------
     def set_identity(self, c: Client, a: Any) -> Any:
@@ -240,9 +280,17 @@ class Procedures:
     # -- events -----------------------------------------------------------------------
     def event_register(self, c: Client, a: Any) -> Any:
         secret = a["secret"]
-        cb = self.hub.register(c, a["eventID"], _uuid(secret) if secret is not None else None)
-        c.session.callbacks.add(cb)
-        return {"callbackID": cb}
+        event_id = self.hub.event_id(a["eventID"])
+
+        def register() -> Any:
+            if c.session.closed:
+                # Closed while its check ran: a registration now would never be dropped.
+                raise daemon_internal("connection closed")
+            cb = self.hub.register(c, event_id, _uuid(secret) if secret is not None else None)
+            c.session.callbacks.add(cb)
+            return {"callbackID": cb}
+        # libvirt's connect:search_secrets; each event is then filtered by getattr (events.py).
+        return self.guard.then(c, [(Perm.SEARCH_SECRETS, None)], "event-register", register)
 
     def event_deregister(self, c: Client, a: Any) -> Any:
         cb = a["callbackID"]

@@ -28,6 +28,7 @@ from secretbus.driver.driver import SecretDriver
 from secretbus.rpc.activation import ActivationError, Passed, listening_unix_stream
 from secretbus.rpc.connection import Connection, RpcLimits
 from secretbus.rpc.events import EventHub
+from secretbus.rpc.guard import EventVisibility, Guard
 from secretbus.rpc.identity import SystemToken
 from secretbus.rpc.procedures import Procedures
 from secretbus.rpc.session import Session, peer_of
@@ -164,9 +165,12 @@ def _plan_index(plan: list[Listen], name: str, path: str) -> int:
 
 class RpcServer:
     def __init__(self, driver: SecretDriver, *, system: bool, plan: list[Listen],
-                 limits: RpcLimits | None = None, passed: list[Passed] | None = None):
-        """`passed`: the listeners systemd passed (socket activation), matched to `plan` at start."""
+                 limits: RpcLimits | None = None, passed: list[Passed] | None = None,
+                 guard: Guard | None = None):
+        """`passed`: the listeners systemd passed (socket activation), matched to `plan` at start;
+        `guard`: authentication, access checks and audit (the daemon attaches polkit to it)."""
         self.driver = driver
+        self.guard = guard or Guard(system=system)
         self.system = system
         self.plan = plan
         self.passed = list(passed or [])
@@ -183,10 +187,10 @@ class RpcServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.hub = EventHub(loop)
+        self.hub = EventHub(loop, EventVisibility(self.guard))
         token = SystemToken(self.plan[0].path.parent / "common" / "system.token")
         token.ensure()
-        self._table = Procedures(self.driver, self.hub, token, system=self.system).table()
+        self._table = Procedures(self.driver, self.hub, token, system=self.system, guard=self.guard).table()
         given: dict[int, socket.socket] = {}
         try:
             given, self.passed = match_passed(self.plan, self.passed), []
@@ -246,6 +250,7 @@ class RpcServer:
                 del self._per_uid[uid]
             if self.hub is not None:
                 self.hub.drop(conn, conn.session.callbacks)
+            self.guard.closed(conn.session)
 
     # -- for the daemon -------------------------------------------------------------
     @property
@@ -273,7 +278,10 @@ class RpcServer:
         for conn in conns:
             await conn.drain_tasks()
         self._servers.clear()
+        if self.hub is not None:
+            await self.hub.close()
         self._executor.shutdown(wait=True)
+        self.guard.close()
         for path, ino in self._made:
             try:
                 if os.stat(path).st_ino == ino:

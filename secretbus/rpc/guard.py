@@ -1,0 +1,272 @@
+"""Authentication and authorisation of RPC calls, and the audit of the values they read.
+
+The rules are libvirt's (research §4.1, §4.3) over secretbus's one access layer:
+- a non-root peer of the system instance authenticates with AUTH_POLKIT: polkit action
+  `org.libvirt.unix.manage` on the rw socket, `org.libvirt.unix.monitor` on the ro one, subject
+  `unix-process` of the peer (pid, start time, uid), interaction allowed;
+- every call of the system instance is then checked with the `org.libvirt.api.*` action and
+  details the D-Bus front end uses, subject `unix-process` of the connection's identity (the
+  peer, or what a root peer set with SET_IDENTITY), without interaction; list calls and events
+  are filtered by `getattr`. A root peer acting as itself is decided here (polkit authorises
+  uid 0 anyway), so its calls never wait for polkit.
+- it fails closed: no polkit connection (the bus is away), an identity without pid, uid and
+  start time, or any error means "denied".
+
+The access control (access/polkit.py's PolkitAccess: its one decision cache and fair per-uid
+slots, shared with D-Bus) belongs to the daemon's bus connection; the daemon attaches it here
+while it has one. Each value read (allowed or refused) is an audit record (access/audit.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from secretbus.access.audit import AuditFailed, Auditor, AuditRecord, Outcome, Reason
+from secretbus.access.denials import DenialLog
+from secretbus.access.permissions import AccessControl, Caller, Perm
+from secretbus.core import errors
+from secretbus.core.model import SecretDef
+from secretbus.rpc import protocol as P
+from secretbus.rpc.failures import AUTH_FAILED, AUTH_FAILED_PREFIX, RemoteFailure
+from secretbus.rpc.session import Session
+
+log = logging.getLogger("secretbus.rpc")
+
+FRONT_END = "rpc"
+CONNECT_DRIVER = "secret"        # libvirt names the hypervisor driver in its denial text
+AUTH_UNAVAILABLE = 94            # VIR_ERR_AUTH_UNAVAILABLE
+AUTH_UNAVAILABLE_PREFIX = "authentication unavailable: "
+ROOT = 0
+
+T = TypeVar("T")
+Checks = Sequence[tuple[Perm, SecretDef | None]]
+
+
+class HasSession(Protocol):
+    session: Session
+
+
+def denied() -> errors.AccessDenied:
+    """libvirt's sanitised denial: the action stays in the log, not in the reply."""
+    return errors.AccessDenied(f"'{CONNECT_DRIVER}' denied access")
+
+
+class Guard:
+    def __init__(self, *, system: bool, auditor: Auditor | None = None):
+        self.system = system
+        self.auditor = auditor if auditor is not None and auditor.active else None
+        self.access: AccessControl | None = None
+        self.denials = DenialLog()
+        self._warned: set[str] = set()     # refusals not for polkit to log: once each until attached again
+
+    # -- the daemon's side ----------------------------------------------------------
+    def attach(self, access: AccessControl | None) -> None:
+        """The access control of the bus connection the daemon has now (None: none)."""
+        self.access = access
+        self._warned.clear()
+
+    def detach(self, access: AccessControl | None) -> None:
+        if self.access is access:
+            self.access = None
+
+    def closed(self, session: Session) -> None:
+        """A connection ended: its per-connection decisions go (and none are kept for it after)."""
+        session.closed = True
+        forget = getattr(self.access, "process_closed", None)
+        if forget is not None:
+            forget(session.name)
+
+    def close(self) -> None:
+        self.denials.close()
+        close = getattr(self.auditor.sink if self.auditor else None, "close", None)
+        if close is not None:
+            close()             # the auditor's journal connection
+
+    # -- who is asking ----------------------------------------------------------------
+    def checked(self, s: Session) -> bool:
+        """Whether calls of this connection are checked: the system instance, other than a
+        root peer acting as itself (the session instance serves only its own user)."""
+        return self.system and (s.identity is not None or not s.trusted)
+
+    def _caller(self, s: Session, *, interactive: bool = False, peer: bool = False) -> Caller | None:
+        process = s.peer.process if peer else s.subject()
+        if process is None or (peer and process.start_time <= 0):
+            return None
+        return Caller(s.name, interactive, process)
+
+    def _access(self, s: Session) -> AccessControl | None:
+        access = self.access
+        opened = getattr(access, "process_open", None)
+        if opened is not None and not s.closed:
+            opened(s.name)
+        return access
+
+    # -- AUTH_POLKIT --------------------------------------------------------------------
+    async def authenticate(self, s: Session) -> Any:
+        perm = Perm.UNIX_MONITOR if s.socket_readonly else Perm.UNIX_MANAGE
+        caller = self._caller(s, interactive=True, peer=True)
+        access = self._access(s) if self.system else None
+        authenticate = getattr(access, "authenticate", None)
+        ok = challenge = False
+        if caller is None:
+            self._warn_once("no-start-time", "RPC peer pid %d uid %d refused: its start time cannot be read, "
+                            "polkit cannot be asked about it", s.peer.pid, s.peer.uid)
+        elif authenticate is None:
+            self._warn_once("no-polkit", "RPC peer pid %d uid %d refused: polkit cannot be asked (no bus "
+                            "connection); other refusals for this reason are not logged", s.peer.pid, s.peer.uid)
+        else:
+            ok, challenge = await authenticate(caller, perm)
+        if ok:
+            s.authenticated = True
+            return {"complete": 1}
+        self.denials.denied(s.peer.uid, f"RPC peer pid {s.peer.pid}", perm.value)
+        if challenge:
+            raise RemoteFailure(AUTH_UNAVAILABLE, P.FROM_POLKIT,
+                                f"no polkit agent available to authenticate action '{perm.value}'",
+                                AUTH_UNAVAILABLE_PREFIX)
+        raise RemoteFailure(AUTH_FAILED, P.FROM_POLKIT, "access denied by policy", AUTH_FAILED_PREFIX)
+
+    def _warn_once(self, why: str, msg: str, *args: object) -> None:
+        """A local user looping connections must not flood the log."""
+        if why not in self._warned:
+            self._warned.add(why)
+            log.warning(msg, *args)
+
+    # -- per-call checks ------------------------------------------------------------------
+    async def allowed(self, s: Session, perm: Perm, d: SecretDef | None) -> bool:
+        caller = self._caller(s)
+        if caller is None or caller.process is None:
+            return False
+        if caller.process.uid == ROOT:
+            return True                # polkit's own answer for uid 0, without the wait
+        access = self._access(s)
+        if access is None:
+            return False
+        return await access.allowed(caller, perm, d)
+
+    def cached(self, s: Session, perm: Perm, d: SecretDef | None) -> bool | None:
+        """The decision without awaiting, None when polkit must be asked."""
+        if not self.checked(s):
+            return True
+        caller = self._caller(s)
+        if caller is None or caller.process is None:
+            return False
+        if caller.process.uid == ROOT:
+            return True
+        cached = getattr(self.access, "cached", None)
+        return cached(caller, perm, d) if cached is not None else None
+
+    async def require(self, s: Session, checks: Checks, operation: str) -> None:
+        for perm, d in checks:
+            if not await self.allowed(s, perm, d):
+                subject = s.subject()
+                self.denials.denied(subject.uid if subject else None, f"RPC {s.name} (peer pid {s.peer.pid})",
+                                    perm.value, {"SECRET_UUID": d.uuid if d else "", "SECRET_OPERATION": operation})
+                raise denied()
+
+    def then(self, c: HasSession, checks: Checks, operation: str, act: Callable[[], T]) -> T | Awaitable[T]:
+        """`act()` once `checks` pass: at once when the connection is not checked, else a
+        coroutine (the connection awaits it)."""
+        if not self.checked(c.session):
+            return act()
+
+        async def checked() -> T:
+            await self.require(c.session, checks, operation)
+            return act()
+        return checked()
+
+    def listing(self, c: HasSession, defs: list[SecretDef], build: Callable[[list[SecretDef]], T]) -> T | Awaitable[T]:
+        """`build(the defs the connection may getattr)`, after search-secrets (libvirt's
+        ACL filter: the others are left out silently)."""
+        if not self.checked(c.session):
+            return build(defs)
+
+        async def checked() -> T:
+            await self.require(c.session, [(Perm.SEARCH_SECRETS, None)], "list")
+            return build(await self.visible(c.session, defs))
+        return checked()
+
+    async def visible(self, s: Session, defs: list[SecretDef]) -> list[SecretDef]:
+        caller = self._caller(s)
+        if caller is None or caller.process is None:
+            return []
+        if caller.process.uid == ROOT:
+            return defs
+        cached = getattr(self.access, "cached", None)
+        if cached is None:
+            known: list[bool | None] = [None] * len(defs)
+        else:           # one subject for the whole list: 10,000 lookups in the cache, no awaits
+            known = [cached(caller, Perm.GETATTR, d) for d in defs]
+        missing = [d for d, k in zip(defs, known, strict=True) if k is None]
+        asked = dict(zip((d.uuid for d in missing),
+                         await asyncio.gather(*(self.allowed(s, Perm.GETATTR, d) for d in missing)), strict=True))
+        return [d for d, k in zip(defs, known, strict=True) if (k if k is not None else asked[d.uuid])]
+
+    # -- value reads ------------------------------------------------------------------------
+    def value_read(self, c: HasSession, d: SecretDef, read: Callable[[], T]) -> T | Awaitable[T]:
+        """`read()` after read-secure, with an audit record of the value returned or refused
+        (no record in required mode: no value)."""
+        s = c.session
+        if not self.checked(s) and self.auditor is None:
+            return read()
+
+        async def run() -> T:
+            try:
+                if self.checked(s):
+                    await self.require(s, [(Perm.READ_SECURE, d)], "get-value")
+                value = read()
+                await self._record(s, d, Outcome.ALLOWED, None)
+                return value
+            except AuditFailed:
+                raise
+            except Exception as e:
+                reason = (Reason.ACCESS if isinstance(e, errors.AccessDenied)
+                          else Reason.PRIVATE if isinstance(e, errors.InvalidSecret) and d.private else None)
+                if reason is not None:
+                    try:
+                        await self._record(s, d, Outcome.DENIED, reason)
+                    except AuditFailed:
+                        pass        # logged there; the caller is refused anyway
+                raise
+        return run()
+
+    async def _record(self, s: Session, d: SecretDef, outcome: Outcome, reason: Reason | None) -> None:
+        if self.auditor is None:
+            return
+        ident = s.identity
+        identity = "" if ident is None else f"{ident.describe()}{' (elevated)' if ident.elevated else ''}"
+        await self.auditor.write(AuditRecord(FRONT_END, outcome, d, s.peer.uid, s.peer.pid, s.name, reason,
+                                             identity=identity))
+
+    # -- events ---------------------------------------------------------------------------
+    def event_decided(self, s: Session, d: SecretDef | None) -> bool | None:
+        if not self.checked(s):
+            return True
+        return False if d is None else self.cached(s, Perm.GETATTR, d)
+
+    async def event_allowed(self, s: Session, d: SecretDef | None) -> bool:
+        if not self.checked(s):
+            return True
+        return d is not None and await self.allowed(s, Perm.GETATTR, d)
+
+
+class EventVisibility:
+    """The guard as events.EventFilter: a sink is a connection, its session says who it is."""
+
+    def __init__(self, guard: Guard):
+        self.guard = guard
+
+    def decided(self, sink: object, d: SecretDef | None) -> bool | None:
+        return self.guard.event_decided(_session_of(sink), d)
+
+    async def allowed(self, sink: object, d: SecretDef | None) -> bool:
+        return await self.guard.event_allowed(_session_of(sink), d)
+
+
+def _session_of(sink: object) -> Session:
+    s = getattr(sink, "session", None)
+    if not isinstance(s, Session):
+        raise TypeError("an event sink without a session")
+    return s

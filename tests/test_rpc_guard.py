@@ -1,0 +1,241 @@
+"""Unit tests of the RPC access logic (pure logic; test_rpc_polkit.py runs it for real): polkit's
+unix-process subject in the one PolkitAccess both front ends share, AUTH_POLKIT's two steps,
+per-connection decisions dropped with the connection, the subject of a connection (peer or
+identity), the start time parser, and the ordered, filtered event delivery."""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from secretbus.access.busport import BusError
+from secretbus.access.permissions import Caller, Perm, UnixProcess
+from secretbus.access.polkit import CallerUids, PolkitAccess
+from secretbus.core.model import EventId, Lifecycle, SecretDef, SecretEvent, UsageType
+from secretbus.rpc.events import EventHub
+from secretbus.rpc.guard import EventVisibility, Guard
+from secretbus.rpc.identity import Identity
+from secretbus.rpc.session import Peer, Session, parse_start_time, start_time_of
+
+
+class Port:
+    """A bus with a scriptable polkit: CheckAuthorization recorded in `checks` as (subject
+    kind, subject fields, action, flags) and answered by `answer(action, flags)` -> (authorized,
+    challenge), held while `gate` is clear."""
+
+    def __init__(self, uids: dict[str, int] | None = None):
+        self.uids = uids or {}
+        self.checks: list[tuple[str, dict[str, Any], str, int]] = []
+        self.answer = lambda action, flags, details: (True, False)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail = False
+
+    async def call(self, destination, path, interface, member, signature, body, timeout):
+        if member == "AddMatch":
+            return []
+        if member == "GetNameOwner":
+            return [":1.polkit"]
+        if member == "GetConnectionUnixUser":
+            return [self.uids[body[0]]]
+        assert member == "CheckAuthorization"
+        kind, fields = body[0]
+        self.checks.append((kind, {k: v.value for k, v in fields.items()}, body[1], body[3]))
+        await self.gate.wait()
+        if self.fail:
+            raise BusError("org.freedesktop.DBus.Error.ServiceUnknown", "polkitd went away")
+        authorized, challenge = self.answer(body[1], body[3], body[2])
+        return [(authorized, challenge, {})]
+
+    def watch(self, handler) -> None:
+        pass
+
+    def unwatch(self, handler) -> None:
+        pass
+
+
+async def make(uids: dict[str, int] | None = None, **kw) -> tuple[Port, PolkitAccess]:
+    port = Port(uids)
+    caller_uids = CallerUids(port)
+    await caller_uids.start()
+    access = PolkitAccess(port, caller_uids, **kw)
+    await access.start()
+    return port, access
+
+
+def secret(i: int, private: bool = False) -> SecretDef:
+    return SecretDef(uuid=f"5b7e5700-0000-4000-8001-{i:012x}", usage_type=UsageType.VOLUME, usage_id=f"/v/{i}.img",
+                     private=private)
+
+
+def rpc(name: str, uid: int, pid: int = 4000) -> Caller:
+    return Caller(name, False, UnixProcess(pid, 777, uid))
+
+
+def test_unix_process_subject_and_one_cache_with_dbus():
+    async def run():
+        port, access = await make({":1.1": 1000})
+        access.process_open("rpc-1")
+        assert await access.allowed(rpc("rpc-1", 1000), Perm.READ_SECURE, secret(1))
+        kind, fields, action, flags = port.checks[0]
+        assert (kind, fields, action, flags) == ("unix-process", {"pid": 4000, "start-time": 777, "uid": 1000},
+                                                 "org.libvirt.api.secret.read-secure", 0)
+        # getattr is per uid: a D-Bus caller of uid 1000 decided it, the RPC connection reads it
+        await access.caller_uid(Caller(":1.1"))
+        assert await access.allowed(Caller(":1.1"), Perm.GETATTR, secret(2))
+        assert access.cached(rpc("rpc-1", 1000), Perm.GETATTR, secret(2)) is True
+        assert access.cached(rpc("rpc-9", 1001), Perm.GETATTR, secret(2)) is None     # another uid
+        assert port.checks[1][0] == "system-bus-name" and len(port.checks) == 2
+        # root's process is decided without polkit
+        port.answer = lambda action, flags, details: (False, False)
+        assert await access.allowed(rpc("rpc-2", 0), Perm.DELETE, secret(1))
+        assert len(port.checks) == 2
+    asyncio.run(run())
+
+
+def test_per_connection_decisions_go_with_the_connection():
+    async def run():
+        port, access = await make()
+        c = rpc("rpc-1", 1000)
+        access.process_open("rpc-1")
+        assert await access.allowed(c, Perm.WRITE, secret(1))
+        assert access.cached(c, Perm.WRITE, secret(1)) is True
+        assert access.sizes()["decisions"] == 1 and access.sizes()["rpc_processes"] == 1
+        access.process_closed("rpc-1")
+        assert access.cached(c, Perm.WRITE, secret(1)) is None
+        # a check still running when its connection closed keeps nothing
+        port.gate.clear()
+        access.process_open("rpc-2")
+        task = asyncio.create_task(access.allowed(rpc("rpc-2", 1000), Perm.WRITE, secret(1)))
+        await asyncio.sleep(0.01)
+        access.process_closed("rpc-2")
+        port.gate.set()
+        assert await task
+        assert access.sizes() == {**access.sizes(), "decisions": 0, "decision_senders": 0, "rpc_processes": 0}
+    asyncio.run(run())
+
+
+def test_rpc_and_dbus_callers_of_a_uid_share_its_fair_slots():
+    async def run():
+        port, access = await make({":1.7": 1001}, max_concurrent=4, per_uid=2)
+        port.gate.clear()
+        for i in range(20):        # uid 1000 floods over RPC
+            access.process_open(f"rpc-{i}")
+        flood = [asyncio.create_task(access.allowed(rpc(f"rpc-{i}", 1000), Perm.WRITE, secret(i)))
+                 for i in range(20)]
+        await asyncio.sleep(0.01)
+        assert len(port.checks) == 2                 # its share, not all four slots
+        await access.caller_uid(Caller(":1.7"))
+        other = asyncio.create_task(access.allowed(Caller(":1.7"), Perm.WRITE, secret(99)))
+        await asyncio.sleep(0.01)
+        assert len(port.checks) == 3 and port.checks[-1][0] == "system-bus-name"     # not behind the flood
+        port.gate.set()
+        assert await other and all(await asyncio.gather(*flood))
+    asyncio.run(run())
+
+
+def test_authenticate_asks_interactively_only_after_a_challenge():
+    async def run():
+        port, access = await make()
+        c = Caller("rpc-1", True, UnixProcess(4000, 777, 1000))
+        port.answer = lambda action, flags, details: (True, False)
+        assert await access.authenticate(c, Perm.UNIX_MANAGE) == (True, False)
+        assert [(a, f) for _, _, a, f in port.checks] == [("org.libvirt.unix.manage", 0)]
+        assert port.checks[0][1] == {"pid": 4000, "start-time": 777, "uid": 1000}
+        port.checks.clear()
+        port.answer = lambda action, flags, details: (flags == 1, flags == 0)     # an agent answers yes
+        assert await access.authenticate(c, Perm.UNIX_MANAGE) == (True, False)
+        assert [f for _, _, _, f in port.checks] == [0, 1]
+        port.checks.clear()
+        port.answer = lambda action, flags, details: (False, False)               # policy says no: no second ask
+        assert await access.authenticate(c, Perm.UNIX_MONITOR) == (False, False)
+        assert len(port.checks) == 1
+        port.fail = True                                                  # polkit cannot be asked
+        assert await access.authenticate(c, Perm.UNIX_MANAGE) == (False, False)
+        assert await access.authenticate(Caller("rpc-2", True, UnixProcess(1, 1, 0)), Perm.UNIX_MANAGE) == \
+            (True, False)                                                 # root: not asked
+        # AUTH_POLKIT passes no details, as libvirt
+        assert access.cached(c, Perm.UNIX_MANAGE, None) is None
+    asyncio.run(run())
+
+
+def session(uid: int = 1000, identity: Identity | None = None, start: int = 777) -> Session:
+    s = Session(Peer(4000, uid, uid, start), socket_readonly=False, trusted=uid == 0, authenticated=True,
+                opened=True)
+    s.identity = identity
+    return s
+
+
+def test_the_subject_is_the_identity_when_a_root_peer_set_one():
+    assert session().subject() == UnixProcess(4000, 777, 1000)
+    assert session(start=0).subject() is None                    # start time unknown: no check passes
+    full = {"unix-user-id": 1000, "process-id": 555, "process-time": 99}
+    assert session(0, Identity(full, False)).subject() == UnixProcess(555, 99, 1000)
+    for missing in full:
+        fields = {k: v for k, v in full.items() if k != missing}
+        assert session(0, Identity(fields, True)).subject() is None, missing
+    assert session(0, Identity({**full, "unix-user-id": 2**31}, False)).subject() is None
+
+
+def test_guard_fails_closed_and_decides_root_itself():
+    async def run():
+        guard = Guard(system=True)
+        root, user = session(0), session(1000)
+        assert not guard.checked(root) and guard.checked(user)
+        assert not await guard.allowed(user, Perm.GETATTR, secret(1))           # no polkit attached
+        assert await guard.allowed(session(0, Identity({"unix-user-id": 0, "process-id": 5, "process-time": 6},
+                                                       True)), Perm.READ_SECURE, secret(1))
+        assert guard.checked(session(0, Identity({}, True)))                    # an identity is checked
+        assert not await guard.allowed(session(0, Identity({}, True)), Perm.GETATTR, secret(1))
+        assert not Guard(system=False).checked(user)                            # the session instance
+    asyncio.run(run())
+
+
+def test_start_time_is_field_22_even_after_a_strange_command_name():
+    line = b"4242 (a) b ) (c) S " + b" ".join(str(n).encode() for n in range(4, 22)) + b" 31337 0 0\n"
+    assert parse_start_time(line) == 31337
+    assert parse_start_time(b"1 (x) S 0") == 0
+    own = start_time_of(os.getpid())
+    assert own > 0 and own == start_time_of(os.getpid())
+    assert start_time_of(2**22 + 12345) == 0       # above pid_max: no such process
+
+
+class Sink:
+    def __init__(self, s: Session):
+        self.session = s
+        self.got: list[int] = []
+
+    def send_message(self, proc: int, payload: bytes) -> None:
+        self.got.append(proc)
+
+
+def test_events_reach_only_those_allowed_getattr_in_order():
+    async def run():
+        port, access = await make()
+        guard = Guard(system=True)
+        guard.attach(access)
+        hub = EventHub(asyncio.get_running_loop(), EventVisibility(guard))
+        root, member = Sink(session(0)), Sink(session(1000))
+        for sink in (root, member):
+            hub.register(sink, 0, None)
+            hub.register(sink, 1, None)
+        hidden, shown = secret(1), secret(2)
+        port.answer = lambda action, flags, details: (details.get("secret_uuid") != hidden.uuid, False)
+        port.gate.clear()
+
+        def ev(d: SecretDef, eid: EventId) -> SecretEvent:
+            return SecretEvent(eid, d.uuid, d.usage_type, d.usage_id or "",
+                               Lifecycle.DEFINED if eid == EventId.LIFECYCLE else None, 0, d)
+        hub.deliver(ev(hidden, EventId.LIFECYCLE))
+        hub.deliver(ev(shown, EventId.VALUE_CHANGED))
+        assert root.got == [] and member.got == []      # both wait behind the first, undecided, event
+        port.gate.set()
+        await asyncio.sleep(0.05)
+        assert root.got == [382, 383] and member.got == [383]        # in order; hidden's never to member
+        assert [c[2] for c in port.checks] == ["org.libvirt.api.secret.getattr"] * 2
+        hub.deliver(ev(shown, EventId.LIFECYCLE))        # decided from the cache now: at once
+        hub.deliver(ev(hidden, EventId.LIFECYCLE))
+        assert root.got == [382, 383, 382, 382] and member.got == [383, 382]
+        assert len(port.checks) == 2
+        await hub.close()
+    asyncio.run(run())
