@@ -1,0 +1,351 @@
+"""Fleet mode on a real etcd (Debian's etcd-server): several embedded drivers, each with its own
+root (cache, host key, fleet state), share one etcd; a loopback proxy partitions one host."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from secretbus.core import errors
+from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
+from secretbus.driver.build import open_instance
+from secretbus.driver.driver import SecretDriver
+from secretbus.fleet.keyfile import fleet_dir, init_fleet_key
+from secretbus.fleet.status import FleetState
+from secretbus.fleet.store import FleetStore
+from secretbus.store.keys import init_encryption
+from secretbus.store.paths import InstancePaths
+from tests.harness.etcd import EtcdCluster
+from tests.harness.tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed")
+
+WAIT = 60     # generous: the machine is shared and loaded
+
+
+def wait_for(pred: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def xml(uuid: str, usage: str = "", private: str = "no", desc: str = "", ephemeral: str = "no") -> str:
+    body = f"<uuid>{uuid}</uuid>"
+    if desc:
+        body += f"<description>{desc}</description>"
+    if usage:
+        body += f"<usage type='ceph'><name>{usage}</name></usage>"
+    return f"<secret ephemeral='{ephemeral}' private='{private}'>{body}</secret>"
+
+
+def uid(n: int) -> str:
+    return f"6a1e0c1e-0000-4000-8000-{n:012x}"
+
+
+@dataclass
+class Host:
+    name: str
+    root: Path
+    endpoints: list[str]
+    driver: SecretDriver | None = None
+    events: list[SecretEvent] = field(default_factory=list)
+
+    @property
+    def paths(self) -> InstancePaths:
+        return InstancePaths.embed(self.root)
+
+    @property
+    def d(self) -> SecretDriver:
+        assert self.driver is not None
+        return self.driver
+
+    @property
+    def store(self) -> FleetStore:
+        s = self.d.store
+        assert isinstance(s, FleetStore)
+        return s
+
+    def open(self, online: bool = True) -> Host:
+        self.driver = open_instance(self.paths)
+        self.driver.subscribe(self.events.append)
+        if online:
+            assert self.store.cell.wait_online(WAIT), self.store.status
+        return self
+
+    def close(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
+            self.driver = None
+
+    def seen(self, uuid: str, event_id: EventId, lifecycle: Lifecycle | None = None) -> int:
+        return sum(1 for e in list(self.events)
+                   if e.uuid == uuid and e.event_id == event_id and e.lifecycle == lifecycle)
+
+    def state(self) -> dict[str, tuple[object, bytes | None]]:
+        out: dict[str, tuple[object, bytes | None]] = {}
+        for s in self.d.list_secrets():
+            try:
+                v: bytes | None = self.d.get_value(s.uuid, internal_call=True)
+            except errors.NoSecret:
+                v = None
+            out[s.uuid] = (s, v)
+        return out
+
+
+def make_host(base: Path, name: str, endpoints: list[str], fleet_key: bytes | None) -> tuple[Host, bytes]:
+    root = base / name
+    etc = root / "etc"
+    etc.mkdir(parents=True)
+    etc.chmod(0o700)
+    init_encryption(etc / "host-key", raw=True)       # the local cache is encrypted under the host key
+    ends = ", ".join(f'"{e}"' for e in endpoints)
+    (etc / "secret.conf").write_text(f'secrets_encryption_key = "{etc / "host-key"}"\n'
+                                     f'fleet_endpoints = [ {ends} ]\nfleet_cluster = "test"\n')
+    path = init_fleet_key(fleet_dir(InstancePaths.embed(root)), raw=True, key=fleet_key)
+    return Host(name, root, endpoints), path.read_bytes()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
+    c = EtcdCluster.create(tmp_path / "etcd", 1)
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, etcd: EtcdCluster) -> Iterator[list[Host]]:
+    """Three hosts on the same etcd; the third reaches it through a proxy that can be cut."""
+    proxy = TcpProxy(etcd.members[0].client_port)
+    made: list[Host] = []
+    key = None
+    try:
+        for name, ends in (("a", etcd.endpoints), ("b", etcd.endpoints), ("c", [proxy.url])):
+            h, key = make_host(tmp_path, name, ends, key)
+            h.proxy = proxy     # type: ignore[attr-defined]
+            made.append(h.open())
+        yield made
+    finally:
+        for h in made:
+            h.close()
+        proxy.close()
+
+
+def test_define_on_a_is_served_by_b_with_events(hosts: list[Host]) -> None:
+    a, b, _ = hosts
+    u = uid(1)
+    a.d.define_xml(xml(u, "client.one", desc="first"))
+    a.d.set_value(u, b"v-one")
+    wait_for(lambda: b.seen(u, EventId.VALUE_CHANGED), "the value event on b")
+    assert b.seen(u, EventId.LIFECYCLE, Lifecycle.DEFINED) == 1
+    assert b.d.get_value(u) == b"v-one"
+    assert b.d.lookup_by_usage(UsageType.CEPH, "client.one").uuid == u
+    # the writing host announced its own write once, not again from the watch
+    time.sleep(0.5)
+    assert a.seen(u, EventId.LIFECYCLE, Lifecycle.DEFINED) == 1
+    assert a.seen(u, EventId.VALUE_CHANGED) == 1
+    # b's local cache holds it, encrypted under b's host key
+    files = sorted(p.name for p in b.paths.config_dir.iterdir())
+    assert files == [f"{u}.aes256gcm", f"{u}.xml"]
+    assert b"v-one" not in (b.paths.config_dir / f"{u}.aes256gcm").read_bytes()
+    # redefine on b reaches a; undefine on b reaches a
+    b.d.define_xml(xml(u, "client.one", desc="second"))
+    wait_for(lambda: a.d.lookup_by_uuid(u).description == "second", "the redefine on a")
+    assert a.d.get_value(u) == b"v-one"
+    b.d.undefine(u)
+    wait_for(lambda: a.seen(u, EventId.LIFECYCLE, Lifecycle.UNDEFINED), "the undefine on a")
+    with pytest.raises(errors.NoSecret):
+        a.d.lookup_by_uuid(u)
+    assert not list(a.paths.config_dir.iterdir())
+
+
+def test_a_lookup_right_after_a_remote_define_finds_it(hosts: list[Host]) -> None:
+    """The migration race: defined on A, looked up on B at once (quorum read on the miss)."""
+    a, b, _ = hosts
+    for n in range(20):
+        u = uid(100 + n)
+        a.d.define_xml(xml(u, f"race.{n}"))
+        a.d.set_value(u, b"value-%d" % n)
+        assert b.d.lookup_by_uuid(u).uuid == u
+        assert b.d.get_value(u) == b"value-%d" % n
+    u = uid(200)
+    a.d.define_xml(xml(u, "race.usage"))
+    assert b.d.lookup_by_usage(UsageType.CEPH, "race.usage").uuid == u
+    with pytest.raises(errors.NoSecret):
+        b.d.lookup_by_uuid(uid(201))       # a real miss stays a miss
+
+
+def test_concurrent_defines_of_one_usage_exactly_one_wins(hosts: list[Host]) -> None:
+    drivers = [h.d for h in hosts[:2]]
+
+    def define(i: int, rnd: int, barrier: threading.Barrier, results: list[object]) -> None:
+        barrier.wait()
+        try:
+            results[i] = drivers[i].define_xml(xml(uid(300 + 10 * rnd + i), f"shared.{rnd}"))
+        except errors.SecretError as e:
+            results[i] = e
+    for rnd in range(8):
+        barrier = threading.Barrier(2)
+        results: list[object] = [None, None]
+        threads = [threading.Thread(target=define, args=(i, rnd, barrier, results)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [r for r in results if not isinstance(r, errors.SecretError)]
+        lost = [r for r in results if isinstance(r, errors.SecretError)]
+        assert len(won) == 1 and len(lost) == 1, results
+        assert "already defined for use with" in str(lost[0])
+        winner = won[0].uuid     # type: ignore[attr-defined]
+        for h in hosts:
+            wait_for(lambda h=h, rnd=rnd: h.d.list_secrets() and any(
+                s.usage_id == f"shared.{rnd}" for s in h.d.list_secrets()), f"round {rnd} on {h.name}")
+            assert h.d.lookup_by_usage(UsageType.CEPH, f"shared.{rnd}").uuid == winner
+
+
+def test_partitioned_host_serves_reads_refuses_writes_and_resumes(hosts: list[Host]) -> None:
+    a, _, c = hosts
+    proxy: TcpProxy = c.proxy    # type: ignore[attr-defined]
+    keep, gone = uid(400), uid(401)
+    for u in (keep, gone):
+        a.d.define_xml(xml(u, f"p.{u[-3:]}"))
+        a.d.set_value(u, b"before")
+    wait_for(lambda: c.seen(gone, EventId.VALUE_CHANGED), "the values on c")
+    proxy.cut()
+    wait_for(lambda: c.store.status.state is FleetState.DEGRADED, "c degraded")
+    assert c.store.status.reason
+    # reads from the cache
+    assert c.d.get_value(keep) == b"before"
+    assert c.d.lookup_by_usage(UsageType.CEPH, f"p.{keep[-3:]}").uuid == keep
+    # fleet writes refused with the text; nothing diverges locally
+    for write in (lambda: c.d.define_xml(xml(uid(402), "p.new")),
+                  lambda: c.d.set_value(keep, b"diverged"),
+                  lambda: c.d.undefine(keep)):
+        with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: "):
+            write()
+    assert c.d.get_value(keep) == b"before"
+    with pytest.raises(errors.NoSecret):
+        c.d.lookup_by_uuid(uid(402))
+    # local ephemeral secrets are unaffected
+    c.d.define_xml(xml(uid(403), "p.local", ephemeral="yes"))
+    c.d.set_value(uid(403), b"local")
+    # meanwhile the rest of the fleet goes on
+    new = uid(404)
+    a.d.define_xml(xml(new, "p.404"))
+    a.d.set_value(new, b"during")
+    a.d.set_value(keep, b"after")
+    a.d.undefine(gone)
+    assert c.d.get_value(keep) == b"before"
+    before = len(c.events)
+    resyncs = c.store.resyncs
+    proxy.restore()
+    wait_for(lambda: c.store.status.state is FleetState.ONLINE, "c online again")
+    wait_for(lambda: c.seen(gone, EventId.LIFECYCLE, Lifecycle.UNDEFINED), "the undefine on c")
+    # resumed from its revision (no resync), every change announced in order
+    assert c.store.resyncs == resyncs
+    got = [(e.uuid, e.event_id, e.lifecycle) for e in c.events[before:]]
+    assert got == [(new, EventId.LIFECYCLE, Lifecycle.DEFINED), (new, EventId.VALUE_CHANGED, None),
+                   (keep, EventId.VALUE_CHANGED, None), (gone, EventId.LIFECYCLE, Lifecycle.UNDEFINED)]
+    assert c.d.get_value(keep) == b"after" and c.d.get_value(new) == b"during"
+    assert c.d.get_value(uid(403)) == b"local"
+    c.d.set_value(keep, b"from-c")             # writes work again
+    wait_for(lambda: a.d.get_value(keep) == b"from-c", "c's write on a")
+
+
+def test_compacted_watch_resyncs_with_events_for_the_diff(hosts: list[Host]) -> None:
+    a, b, c = hosts
+    proxy: TcpProxy = c.proxy    # type: ignore[attr-defined]
+    same, changed, gone, new = uid(500), uid(501), uid(502), uid(503)
+    for u in (same, changed, gone):
+        a.d.define_xml(xml(u, f"k.{u[-3:]}"))
+        a.d.set_value(u, b"one")
+    wait_for(lambda: c.seen(gone, EventId.VALUE_CHANGED), "the values on c")
+    proxy.cut()
+    wait_for(lambda: c.store.status.state is FleetState.DEGRADED, "c degraded")
+    a.d.set_value(changed, b"two")
+    a.d.set_value(changed, b"three")
+    a.d.undefine(gone)
+    a.d.define_xml(xml(new, "k.new"))
+    a.d.set_value(new, b"fresh")
+    rev = a.store.etcd.revision()
+    a.store.etcd.compact(rev)
+    before, resyncs = len(c.events), c.store.resyncs
+    proxy.restore()
+    wait_for(lambda: c.store.resyncs > resyncs, "c's resync")
+    wait_for(lambda: c.store.status.state is FleetState.ONLINE, "c online again")
+    got = sorted((e.uuid, e.event_id, e.lifecycle or 0) for e in c.events[before:])
+    assert got == sorted([(changed, EventId.VALUE_CHANGED, 0), (gone, EventId.LIFECYCLE, Lifecycle.UNDEFINED),
+                          (new, EventId.LIFECYCLE, Lifecycle.DEFINED), (new, EventId.VALUE_CHANGED, 0)])
+    assert c.state() == a.state() == b.state()
+
+
+def test_etcd_stopped_reads_served_writes_refused_restart_recovers(hosts: list[Host], etcd: EtcdCluster) -> None:
+    a, b, _ = hosts
+    u = uid(600)
+    a.d.define_xml(xml(u, "down.600"))
+    a.d.set_value(u, b"cached")
+    wait_for(lambda: b.seen(u, EventId.VALUE_CHANGED), "the value on b")
+    etcd.stop()
+    for h in (a, b):
+        wait_for(lambda h=h: h.store.status.state is FleetState.DEGRADED, f"{h.name} degraded")
+        assert h.d.get_value(u) == b"cached"
+        with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: "):
+            h.d.set_value(u, b"x")
+    # a host restarted during the outage serves its cache
+    b.close()
+    b.open(online=False)
+    assert b.store.status.state is not FleetState.ONLINE
+    assert b.d.get_value(u) == b"cached"
+    with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: "):
+        b.d.define_xml(xml(uid(601), "down.601"))
+    reopened = len(b.events)
+    etcd.start(new=False)
+    for h in (a, b):
+        assert h.store.cell.wait_online(WAIT), h.store.status
+    a.d.define_xml(xml(uid(602), "down.602"))
+    wait_for(lambda: b.seen(uid(602), EventId.LIFECYCLE, Lifecycle.DEFINED), "a define after recovery on b")
+    # the resync after b's restart found its cache current: nothing to announce about u
+    assert [e for e in b.events[reopened:] if e.uuid == u] == []
+
+
+def test_etcd_holds_no_value_usage_or_description_in_clear(hosts: list[Host], etcd: EtcdCluster) -> None:
+    a = hosts[0]
+    marks = [b"Mark-Usage-7f3a", b"Mark-Desc-19c2", b"Mark-Value-55e1"]
+    u = uid(700)
+    a.d.define_xml(xml(u, marks[0].decode(), desc=marks[1].decode()))
+    a.d.set_value(u, marks[2])
+    a.d.define_xml(xml(uid(701), marks[0].decode() + "-2", private="yes"))
+    a.d.set_value(uid(701), marks[2] + b"-private")
+    dump = etcd.dump()
+    import base64
+    import json
+    kvs = json.loads(dump)["kvs"]
+    assert len(kvs) >= 5
+    raw = b"".join(base64.b64decode(kv["key"]) + base64.b64decode(kv.get("value", "")) for kv in kvs)
+    files = b"".join(p.read_bytes() for p in etcd.members[0].data_dir.rglob("*") if p.is_file())
+    for m in marks:
+        for blob in (raw, files):
+            assert m not in blob and m.lower() not in blob.lower()
+            assert base64.b64encode(m)[:12] not in blob
+
+
+def test_a_host_with_another_fleet_key_is_refused(tmp_path: Path, etcd: EtcdCluster, hosts: list[Host]) -> None:
+    hosts[0].d.define_xml(xml(uid(800), "key.800"))
+    other, _ = make_host(tmp_path, "other", etcd.endpoints, os.urandom(32))
+    other.open(online=False)
+    try:
+        wait_for(lambda: "fleet key" in other.store.status.reason, "the key mismatch")
+        assert other.store.status.state is FleetState.DEGRADED
+        assert other.d.list_secrets() == []
+        with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: .*fleet key"):
+            other.d.define_xml(xml(uid(801), "key.801"))
+    finally:
+        other.close()
