@@ -349,3 +349,57 @@ def test_a_host_with_another_fleet_key_is_refused(tmp_path: Path, etcd: EtcdClus
             other.d.define_xml(xml(uid(801), "key.801"))
     finally:
         other.close()
+
+
+def test_three_member_cluster_survives_the_loss_of_one_member(tmp_path: Path) -> None:
+    cluster = EtcdCluster.create(tmp_path / "etcd3", 3)
+    made: list[Host] = []
+    try:
+        cluster.start()
+        key = None
+        for name in ("a", "b"):
+            # each host prefers another member first
+            ends = cluster.endpoints[len(made):] + cluster.endpoints[:len(made)]
+            h, key = make_host(tmp_path, name, ends, key)
+            made.append(h.open())
+        a, b = made
+        u = uid(900)
+        a.d.define_xml(xml(u, "three.900"))
+        a.d.set_value(u, b"one")
+        wait_for(lambda: b.seen(u, EventId.VALUE_CHANGED), "the value on b")
+        cluster.kill(cluster.members[1])        # b's first endpoint
+        a.d.set_value(u, b"two")                # still a quorum: writes go on
+        wait_for(lambda: b.d.get_value(u) == b"two", "the new value on b")
+        wait_for(lambda: b.store.status.state is FleetState.ONLINE, "b online on another member")
+        b.d.define_xml(xml(uid(901), "three.901"))
+        wait_for(lambda: a.seen(uid(901), EventId.LIFECYCLE, Lifecycle.DEFINED), "b's define on a")
+        assert a.state() == b.state()
+    finally:
+        for h in made:
+            h.close()
+        cluster.stop()
+
+
+def test_cli_fleet_init_and_status(tmp_path: Path, etcd: EtcdCluster) -> None:
+    import subprocess
+    import sys
+
+    def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "secretbus.cli", "-c", f"secret:///embed?root={root}",
+                               "fleet", *args], capture_output=True, text=True, timeout=120)
+    roots = []
+    for name in ("one", "two", "three"):
+        etc = tmp_path / name / "etc"
+        etc.mkdir(parents=True, mode=0o700)
+        (etc / "secret.conf").write_text(f'fleet_endpoints = [ "{etcd.endpoints[0]}" ]\nfleet_cluster = "cli"\n')
+        roots.append(tmp_path / name)
+    r = cli(roots[0], "init", "--raw")
+    assert r.returncode == 0 and "uses this key" in r.stdout, r
+    first = roots[0] / "etc" / "secretbus-fleet" / "fleet-key"
+    r = cli(roots[1], "init", "--raw", "--from-file", str(first))
+    assert r.returncode == 0 and "uses this key" in r.stdout, r
+    r = cli(roots[2], "init", "--raw")             # a key of its own: refused by the cluster
+    assert r.returncode == 1 and "has another fleet key" in r.stderr, r
+    r = cli(roots[1], "status")
+    assert r.returncode == 0 and "cluster key: matches" in r.stdout and "fleet secrets: 0" in r.stdout, r
+    assert first.read_bytes().hex() not in r.stdout + r.stderr
