@@ -403,3 +403,40 @@ def test_cli_fleet_init_and_status(tmp_path: Path, etcd: EtcdCluster) -> None:
     r = cli(roots[1], "status")
     assert r.returncode == 0 and "cluster key: matches" in r.stdout and "fleet secrets: 0" in r.stdout, r
     assert first.read_bytes().hex() not in r.stdout + r.stderr
+
+
+def test_secretbusd_serves_the_fleet_on_dbus(tmp_path: Path, etcd: EtcdCluster, session_bus, make_secretbusd) -> None:
+    """A define on an embedded host reaches a secretbusd's D-Bus clients as signals; its D-Bus
+    writes reach the fleet, and are refused with the fleet's text while etcd is down."""
+    from secretbus.bus.client import DBusConnection
+    from secretbus.core.model import InstanceKind
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    a.open()
+    d, _ = make_host(tmp_path, "d", etcd.endpoints, key)
+    daemon = make_secretbusd(session_bus, root=d.root)
+    conn = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
+                               bus_address=session_bus.address)
+    got: list[SecretEvent] = []
+    try:
+        conn.subscribe(lambda s, ev: got.append(ev))
+        u = uid(1000)
+        a.d.define_xml(xml(u, "dbus.1000"))
+        a.d.set_value(u, b"over-dbus")
+        wait_for(lambda: any(e.uuid == u and e.event_id == EventId.VALUE_CHANGED for e in got), "the D-Bus signals")
+        assert [(e.event_id, e.lifecycle) for e in got if e.uuid == u] == \
+            [(EventId.LIFECYCLE, Lifecycle.DEFINED), (EventId.VALUE_CHANGED, None)]
+        assert conn.lookup_by_usage(UsageType.CEPH, "dbus.1000").uuid == u
+        assert conn.secret_get_value(u) == b"over-dbus"
+        s = conn.define_xml(xml(uid(1001), "dbus.1001"))
+        conn.secret_set_value(s.uuid, b"from-dbus")
+        wait_for(lambda: a.seen(uid(1001), EventId.VALUE_CHANGED), "the D-Bus write on a")
+        assert a.d.get_value(uid(1001)) == b"from-dbus"
+        etcd.stop()
+        wait_for(lambda: "fleet store unavailable" in daemon.log(), "the degraded state in the log")
+        assert conn.secret_get_value(u) == b"over-dbus"
+        with pytest.raises(errors.OperationFailed, match="fleet store unavailable: "):
+            conn.define_xml(xml(uid(1002), "dbus.1002"))
+        assert "over-dbus" not in daemon.log() and "from-dbus" not in daemon.log()
+    finally:
+        conn.close()
+        a.close()

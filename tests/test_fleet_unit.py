@@ -113,3 +113,24 @@ def test_sealed_fleet_key_is_not_the_key_and_unseals(tmp_path: Path) -> None:
     (creds / "secretbus-fleet-key").write_bytes(b"c" * 32)
     (creds / "secretbus-fleet-key").chmod(0o600)
     assert load_fleet_key(d, environ={"CREDENTIALS_DIRECTORY": str(creds)}).key == b"c" * 32
+
+
+def test_lookup_misses_ask_etcd_at_a_bounded_rate(tmp_path: Path) -> None:
+    """A flood of misses costs etcd at most CATCH_UP_RATE reads a second (then misses stand)."""
+    from secretbus.fleet import store as fleet_store
+    from secretbus.fleet.etcd import Etcd
+    from secretbus.fleet.status import FleetState
+    from secretbus.store.codec import Base64Codec, ValueCodecs
+
+    class CountingEtcd(Etcd):
+        reads = 0
+
+        def range(self, key, end=None, *, serializable=False):   # type: ignore[override]
+            CountingEtcd.reads += 1
+            return 1, []
+    s = fleet_store.FleetStore(tmp_path / "c", ValueCodecs(Base64Codec(), {}), etcd=CountingEtcd(["http://127.0.0.1:1"]),
+                               sealer=sealer(), options=fleet_store.FleetOptions("c1"), state_dir=tmp_path / "f")
+    s.cell.set(FleetState.ONLINE)
+    answers = [s.catch_up(uuid=U1) for _ in range(500)]
+    assert not any(answers)
+    assert int(fleet_store.CATCH_UP_RATE) <= CountingEtcd.reads <= int(fleet_store.CATCH_UP_RATE) + 10

@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,9 @@ from secretbus.store.filestore import SecretStore
 log = logging.getLogger("secretbus.fleet")
 
 STATE_FILE = "applied.json"
+# Lookup misses that may ask etcd, per second (a burst of as many): misses cost a round trip,
+# and a local caller looking up random UUIDs must not turn into load on etcd or stall reads.
+CATCH_UP_RATE = 50.0
 STATE_LIMIT = 64 * 1024 * 1024
 
 
@@ -88,6 +92,8 @@ class FleetStore(SecretStore):
         self.revision = 0                         # last revision applied from watch/resync
         self.resyncs = 0                          # full resyncs done (start-up, compaction)
         self._was_fleet: set[str] = set()         # fleet uuids of the last run (state file)
+        self._bucket = (CATCH_UP_RATE, time.monotonic())
+        self._bucket_lock = threading.Lock()
         self._load_state()
 
     # -- status ----------------------------------------------------------------------
@@ -361,7 +367,7 @@ class FleetStore(SecretStore):
         """On a lookup miss: one quorum read of the secret's key (by UUID, usage, or its value) in etcd; if
         it exists, wait (bounded) until the watch applied it here, so a secret defined on
         another host a moment ago is found. False when the miss stands."""
-        if self.cell.get()[0] is not FleetState.ONLINE:
+        if self.cell.get()[0] is not FleetState.ONLINE or not self._take_token():
             return False
         if uuid is not None:
             key = self.keys.definition(uuid)
@@ -381,6 +387,17 @@ class FleetStore(SecretStore):
         target = kvs[0].mod_revision
         with self._lock:
             return self._lock.wait_for(lambda: self.revision >= target, timeout)
+
+    def _take_token(self) -> bool:
+        with self._bucket_lock:
+            tokens, at = self._bucket
+            now = time.monotonic()
+            tokens = min(CATCH_UP_RATE, tokens + (now - at) * CATCH_UP_RATE)
+            if tokens < 1:
+                self._bucket = (tokens, now)
+                return False
+            self._bucket = (tokens - 1, now)
+            return True
 
     # -- the applied state, across restarts -------------------------------------------------
     def _state_path(self) -> Path:
