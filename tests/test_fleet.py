@@ -100,7 +100,8 @@ class Host:
         return out
 
 
-def make_host(base: Path, name: str, endpoints: list[str], fleet_key: bytes | None) -> tuple[Host, bytes]:
+def make_host(base: Path, name: str, endpoints: list[str], fleet_key: bytes | None,
+              extra_conf: str = "") -> tuple[Host, bytes]:
     root = base / name
     etc = root / "etc"
     etc.mkdir(parents=True)
@@ -108,7 +109,7 @@ def make_host(base: Path, name: str, endpoints: list[str], fleet_key: bytes | No
     init_encryption(etc / "host-key", raw=True)       # the local cache is encrypted under the host key
     ends = ", ".join(f'"{e}"' for e in endpoints)
     (etc / "secret.conf").write_text(f'secrets_encryption_key = "{etc / "host-key"}"\n'
-                                     f'fleet_endpoints = [ {ends} ]\nfleet_cluster = "test"\n')
+                                     f'fleet_endpoints = [ {ends} ]\nfleet_cluster = "test"\n' + extra_conf)
     path = init_fleet_key(fleet_dir(InstancePaths.embed(root)), raw=True, key=fleet_key)
     return Host(name, root, endpoints), path.read_bytes()
 
@@ -152,10 +153,11 @@ def test_define_on_a_is_served_by_b_with_events(hosts: list[Host]) -> None:
     time.sleep(0.5)
     assert a.seen(u, EventId.LIFECYCLE, Lifecycle.DEFINED) == 1
     assert a.seen(u, EventId.VALUE_CHANGED) == 1
-    # b's local cache holds it, encrypted under b's host key
-    files = sorted(p.name for p in b.paths.config_dir.iterdir())
-    assert files == [f"{u}.aes256gcm", f"{u}.xml"]
-    assert b"v-one" not in (b.paths.config_dir / f"{u}.aes256gcm").read_bytes()
+    # b's local cache holds it, encrypted under b's host key; b's own store has nothing
+    cache = fleet_dir(b.paths) / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == [f"{u}.aes256gcm", f"{u}.xml"]
+    assert b"v-one" not in (cache / f"{u}.aes256gcm").read_bytes()
+    assert not list(b.paths.config_dir.iterdir())
     # redefine on b reaches a; undefine on b reaches a
     b.d.define_xml(xml(u, "client.one", desc="second"))
     wait_for(lambda: a.d.lookup_by_uuid(u).description == "second", "the redefine on a")
@@ -164,7 +166,7 @@ def test_define_on_a_is_served_by_b_with_events(hosts: list[Host]) -> None:
     wait_for(lambda: a.seen(u, EventId.LIFECYCLE, Lifecycle.UNDEFINED), "the undefine on a")
     with pytest.raises(errors.NoSecret):
         a.d.lookup_by_uuid(u)
-    assert not list(a.paths.config_dir.iterdir())
+    assert not list((fleet_dir(a.paths) / "cache").iterdir())
 
 
 def test_a_lookup_right_after_a_remote_define_finds_it(hosts: list[Host]) -> None:
@@ -440,3 +442,40 @@ def test_secretbusd_serves_the_fleet_on_dbus(tmp_path: Path, etcd: EtcdCluster, 
     finally:
         conn.close()
         a.close()
+
+
+def test_a_restarted_host_resyncs_from_its_cache_and_keeps_local_secrets(tmp_path: Path, etcd: EtcdCluster) -> None:
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    b, _ = make_host(tmp_path, "b", etcd.endpoints, key, 'fleet_usage_types = [ "ceph" ]\n')
+    a.open()
+    b.open()
+    try:
+        s1, s2, s3, local = uid(1100), uid(1101), uid(1102), uid(1103)
+        for u in (s1, s2):
+            a.d.define_xml(xml(u, f"r.{u[-4:]}"))
+            a.d.set_value(u, b"old")
+        wait_for(lambda: b.seen(s2, EventId.VALUE_CHANGED), "the values on b")
+        # a secret of a usage type b does not replicate stays on b
+        b.d.define_xml(f"<secret ephemeral='no' private='no'><uuid>{local}</uuid>"
+                       "<usage type='volume'><volume>/var/lib/images/local.img</volume></usage></secret>")
+        b.d.set_value(local, b"mine")
+        assert sorted(p.name for p in b.paths.config_dir.iterdir()) == [f"{local}.aes256gcm", f"{local}.xml"]
+        b.close()
+        a.d.undefine(s1)
+        a.d.set_value(s2, b"new")
+        a.d.define_xml(xml(s3, "r.s3"))
+        b.open()
+        assert a.state() == {k: v for k, v in b.state().items() if k != local}
+        assert b.d.get_value(local) == b"mine"
+        with pytest.raises(errors.NoSecret):
+            a.d.lookup_by_uuid(local)
+        # a restart with a current cache rewrites nothing
+        cache = fleet_dir(b.paths) / "cache"
+        before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+        b.close()
+        b.open()
+        assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+        assert b.d.get_value(s2) == b"new"
+    finally:
+        a.close()
+        b.close()

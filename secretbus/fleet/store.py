@@ -1,9 +1,12 @@
 """The fleet store: the driver's file store interface, with persistent secrets held in etcd.
 
-`FleetStore` *is* the local encrypted cache (a `SecretStore` under the host key, which the
-driver loads at start-up and serves from), with the writes of fleet secrets put in front:
-each define, set-value and undefine is one etcd transaction, and the cache is written only
-after it commits, so the writing host reads its own writes and never diverges from etcd.
+`FleetStore` is the instance's usual file store (local-only secrets: ephemeral ones never get
+here, persistent ones that do not replicate) plus the fleet's local encrypted cache, a second
+`SecretStore` under the host key in the fleet directory; the driver loads both at start-up and
+serves from them. Every file in the cache is a fleet secret, so a resync after a restart knows
+which cached secrets etcd dropped meanwhile. Writes of fleet secrets: each define, set-value and
+undefine is one etcd transaction, and the cache is written only after it commits, so the
+writing host reads its own writes and never diverges from etcd.
 Changes made by other hosts arrive through `apply_events`/`resync` (fleet/sync.py), which
 update the cache and return what the driver must apply and announce.
 
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -40,15 +42,14 @@ from secretbus.fleet.seal import Sealer, SealError
 from secretbus.fleet.status import FleetState, FleetStatus, StatusCell
 from secretbus.store import fsutil
 from secretbus.store.codec import ValueCodecs
-from secretbus.store.filestore import SecretStore
+from secretbus.store.filestore import LoadReport, SecretStore
 
 log = logging.getLogger("secretbus.fleet")
 
-STATE_FILE = "applied.json"
+CACHE_DIR = "cache"
 # Lookup misses that may ask etcd, per second (a burst of as many): misses cost a round trip,
 # and a local caller looking up random UUIDs must not turn into load on etcd or stall reads.
 CATCH_UP_RATE = 50.0
-STATE_LIMIT = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class FleetStore(SecretStore):
     def __init__(self, config_dir: Path, codecs: ValueCodecs, *, etcd: Etcd, sealer: Sealer,
                  options: FleetOptions, state_dir: Path):
         super().__init__(config_dir, codecs)
+        self.cache = SecretStore(state_dir / CACHE_DIR, codecs)
         self.etcd = etcd
         self.sealer = sealer
         self.options = options
@@ -91,10 +93,10 @@ class FleetStore(SecretStore):
         self._pending_delete: set[str] = set()
         self.revision = 0                         # last revision applied from watch/resync
         self.resyncs = 0                          # full resyncs done (start-up, compaction)
-        self._was_fleet: set[str] = set()         # fleet uuids of the last run (state file)
+        # what the cache held at load, consumed by the first resync: unchanged secrets are not rewritten
+        self._cached: dict[str, tuple[SecretDef, bytes | None]] = {}
         self._bucket = (CATCH_UP_RATE, time.monotonic())
         self._bucket_lock = threading.Lock()
-        self._load_state()
 
     # -- status ----------------------------------------------------------------------
     @property
@@ -196,12 +198,15 @@ class FleetStore(SecretStore):
         if value is not None:
             entry.value_gen, entry.value_rev, entry.digest = value_gen, rev, self.sealer.digest(value)
         self._known[d.uuid] = entry
-        self._save_state()
-        super().write_definition(d)
+        self.cache.write_definition(d)
         if value is not None:
-            super().write_value(d, value)
+            self.cache.write_value(d, value)
         elif known is None:
+            self.cache.delete_values(d.uuid)
+        if known is None:
+            # A local persistent secret that joins the fleet on this write: it lives in the cache now.
             super().delete_values(d.uuid)
+            super().delete_definition(d.uuid)
 
     def _define_refused(self, d: SecretDef, known: Known | None,
                         responses: list[dict[str, Any]]) -> errors.SecretError:
@@ -229,7 +234,7 @@ class FleetStore(SecretStore):
             digest = self.sealer.digest(value)
             if digest == known.digest:
                 # A re-bind after a redefine (the cache's AAD binds the definition; etcd's does not).
-                super().write_value(d, value)
+                self.cache.write_value(d, value)
                 return
             kd, kv = self.keys.definition(d.uuid), self.keys.value(d.uuid)
             gen = known.value_gen + 1
@@ -238,7 +243,7 @@ class FleetStore(SecretStore):
             if not ok:
                 raise errors.OperationFailed(f"secret {d.uuid} was changed on another host meanwhile; try again")
             known.value_gen, known.value_rev, known.digest = gen, rev, digest
-            super().write_value(d, value)
+            self.cache.write_value(d, value)
 
     def delete_values(self, uuid: str) -> None:
         with self._lock:
@@ -267,9 +272,8 @@ class FleetStore(SecretStore):
             del self._known[uuid]
             self._pending_delete.discard(uuid)
             self._gone[uuid] = rev
-            self._save_state()
-            super().delete_values(uuid)
-            super().delete_definition(uuid)
+            self.cache.delete_values(uuid)
+            self.cache.delete_definition(uuid)
 
     # -- remote changes -------------------------------------------------------------------
     def apply_events(self, events: Iterable[WatchEvent], revision: int) -> list[RemoteChange]:
@@ -290,14 +294,18 @@ class FleetStore(SecretStore):
             if parsed is not None:
                 by_uuid.setdefault(parsed[0], {})[parsed[1]] = kv
         with self._lock:
-            for uuid in sorted((set(self._known) | self._was_fleet) - set(by_uuid)):
+            for uuid in sorted((set(self._known) | set(self._cached)) - set(by_uuid)):
                 self._drop(uuid, changes)
-            for _uuid, parts in sorted(by_uuid.items()):
-                if "def" in parts:
-                    self._apply(parts["def"], False, changes)
-                    if "value" in parts:
-                        self._apply(parts["value"], False, changes)
-            self._was_fleet = set()
+            for uuid, parts in sorted(by_uuid.items()):
+                if "def" not in parts:
+                    continue
+                cached = self._cached.pop(uuid, None)
+                self._apply(parts["def"], False, changes, cached)
+                if "value" in parts:
+                    self._apply(parts["value"], False, changes, cached)
+                elif cached is not None and cached[1] is not None:
+                    self.cache.delete_values(uuid)
+            self._cached.clear()
             self._gone.clear()
             self._advance(revision, force=True)
             self.resyncs += 1
@@ -307,10 +315,11 @@ class FleetStore(SecretStore):
         if revision > self.revision or force:
             self.revision = revision
             self._gone = {u: r for u, r in self._gone.items() if r > revision}
-            self._save_state()
             self._lock.notify_all()
 
-    def _apply(self, kv: KV, deleted: bool, changes: list[RemoteChange]) -> None:
+    def _apply(self, kv: KV, deleted: bool, changes: list[RemoteChange],
+               cached: tuple[SecretDef, bytes | None] | None = None) -> None:
+        """`cached`: what the cache held at start-up (resync only): left as it is if equal."""
         parsed = self.keys.parse(kv.key)
         if parsed is None:
             return
@@ -324,15 +333,16 @@ class FleetStore(SecretStore):
             return      # older than our own undefine of it
         try:
             if part == "def":
-                self._apply_def(uuid, kv, known, changes)
+                self._apply_def(uuid, kv, known, changes, cached)
             elif known is not None and known.value_rev < kv.mod_revision:
-                self._apply_value(uuid, kv, known, changes)
+                self._apply_value(uuid, kv, known, changes, cached)
         except SealError as e:
             log.error("fleet: ignoring a change of secret %s: %s", uuid, e, extra={"SECRET_UUID": uuid})
         except errors.SecretError as e:
             log.error("fleet: cannot cache secret %s: %s", uuid, e.message, extra={"SECRET_UUID": uuid})
 
-    def _apply_def(self, uuid: str, kv: KV, known: Known | None, changes: list[RemoteChange]) -> None:
+    def _apply_def(self, uuid: str, kv: KV, known: Known | None, changes: list[RemoteChange],
+                   cached: tuple[SecretDef, bytes | None] | None = None) -> None:
         if known is not None and known.def_rev >= kv.mod_revision:
             return
         d, inc, gen = self._open_def(uuid, kv.value)
@@ -343,22 +353,27 @@ class FleetStore(SecretStore):
         if known is not None and not fresh:
             entry.value_gen, entry.value_rev, entry.digest = known.value_gen, known.value_rev, known.digest
         self._known[uuid] = entry
-        super().write_definition(d)
-        if fresh:
-            super().delete_values(uuid)    # its value, if any, follows in the same batch
+        if known is None and cached is not None and cached[0] == d:
+            pass        # the cache is current (start-up): no rewrite
+        else:
+            self.cache.write_definition(d)
+            if fresh and (cached is None or cached[1] is not None):
+                self.cache.delete_values(uuid)    # its value, if any, follows in the same batch
         changes.append(RemoteChange(uuid, d, fresh=fresh))
 
-    def _apply_value(self, uuid: str, kv: KV, known: Known, changes: list[RemoteChange]) -> None:
+    def _apply_value(self, uuid: str, kv: KV, known: Known, changes: list[RemoteChange],
+                     cached: tuple[SecretDef, bytes | None] | None = None) -> None:
         gen, value = self.sealer.open("value", uuid, kv.value, extra=known.inc)
         known.value_gen, known.value_rev, known.digest = gen, kv.mod_revision, self.sealer.digest(value)
-        super().write_value(known.definition, value)
+        if cached is None or cached != (known.definition, known.digest):
+            self.cache.write_value(known.definition, value)
         changes.append(RemoteChange(uuid, known.definition, value))
 
     def _drop(self, uuid: str, changes: list[RemoteChange]) -> None:
         self._known.pop(uuid, None)
-        self._was_fleet.discard(uuid)
-        super().delete_values(uuid)
-        super().delete_definition(uuid)
+        self._cached.pop(uuid, None)
+        self.cache.delete_values(uuid)
+        self.cache.delete_definition(uuid)
         changes.append(RemoteChange(uuid, None))
 
     # -- catching up on a lookup miss -------------------------------------------------------
@@ -399,28 +414,20 @@ class FleetStore(SecretStore):
             self._bucket = (tokens - 1, now)
             return True
 
-    # -- the applied state, across restarts -------------------------------------------------
-    def _state_path(self) -> Path:
-        return self.state_dir / STATE_FILE
-
-    def _load_state(self) -> None:
+    # -- loading: the local store and the fleet cache -------------------------------------
+    def prepare(self) -> None:
+        super().prepare()
         try:
-            data = fsutil.read_limited(self._state_path(), STATE_LIMIT)
-            state = json.loads(data)
-            if state.get("cluster") == self.options.cluster:
-                self._was_fleet = {u for u in state.get("uuids", []) if isinstance(u, str)}
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, AttributeError) as e:
-            log.warning("fleet: ignoring unreadable %s: %s", self._state_path(), e)
-
-    def _save_state(self) -> None:
-        """Which cached secrets are the fleet's: a resync after a restart removes those etcd
-        no longer has, and leaves this host's own local secrets alone."""
-        state = {"cluster": self.options.cluster, "revision": self.revision,
-                 "uuids": sorted(set(self._known) | self._was_fleet)}
-        try:
-            fsutil.ensure_private_dir(self.state_dir)
-            fsutil.atomic_write(self._state_path(), json.dumps(state).encode())
+            fsutil.ensure_private_dir(self.cache.dir)
         except OSError as e:
-            log.error("fleet: cannot write %s: %s", self._state_path(), os.strerror(e.errno or 0))
+            raise errors.SystemError(f"cannot create fleet cache directory '{self.cache.dir}': {e.strerror}") from None
+
+    def load(self, *, migrate: bool = False) -> LoadReport:
+        local = super().load(migrate=migrate)
+        cache = self.cache.load(migrate=migrate)
+        with self._lock:
+            self._cached = {x.definition.uuid: (x.definition, None if x.value is None else self.sealer.digest(x.value))
+                            for x in cache.secrets}
+        # A secret in both (a crash while it joined the fleet): the fleet's copy is served.
+        secrets = [x for x in local.secrets if x.definition.uuid not in self._cached] + cache.secrets
+        return LoadReport(secrets, local.skipped + cache.skipped)
