@@ -479,3 +479,25 @@ def test_a_restarted_host_resyncs_from_its_cache_and_keeps_local_secrets(tmp_pat
     finally:
         a.close()
         b.close()
+
+
+def test_a_failed_write_does_not_leave_the_host_degraded(hosts: list[Host]) -> None:
+    """A write that times out marks the store degraded; with the watch still up, the heartbeat's
+    quorum read brings it back online (no reconnect needed, nothing missed)."""
+    a, b, _ = hosts
+    a.store.cell.set(FleetState.DEGRADED, "simulated: a transaction timed out")
+    with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: simulated"):
+        a.d.define_xml(xml(uid(1200), "hb.1200"))
+    assert a.store.cell.wait_online(WAIT)
+    a.d.define_xml(xml(uid(1200), "hb.1200"))
+    wait_for(lambda: b.seen(uid(1200), EventId.LIFECYCLE, Lifecycle.DEFINED), "the define on b")
+
+
+def test_the_largest_definition_the_rules_allow_replicates(hosts: list[Host]) -> None:
+    """128 Ki characters of 4-byte UTF-8 in the description (the rules' limit) fit etcd's request limit."""
+    from secretbus.driver.rules import DESCRIPTION_MAX
+    a, b = hosts[0], hosts[1]
+    big = "\U0001F511" * DESCRIPTION_MAX
+    a.d.define_xml(xml(uid(1300), "big.1300", desc=big))
+    assert b.d.lookup_by_uuid(uid(1300)).description == big
+    assert a.store.status.state is FleetState.ONLINE

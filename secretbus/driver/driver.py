@@ -399,6 +399,10 @@ class SecretDriver:
                         continue
                     entry = self._table.add(c.definition)
                     events.append((c.definition, EventId.LIFECYCLE, Lifecycle.DEFINED))
+                elif entry.definition.ephemeral:
+                    log.error("secret %s from the fleet is not served here: a local ephemeral secret has "
+                              "its UUID", c.uuid, extra={"SECRET_UUID": c.uuid})
+                    continue
                 elif entry.definition != c.definition:
                     self._table.redefine(entry, c.definition)
                     events.append((c.definition, EventId.LIFECYCLE, Lifecycle.DEFINED))

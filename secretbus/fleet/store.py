@@ -47,6 +47,8 @@ from secretbus.store.filestore import LoadReport, SecretStore
 log = logging.getLogger("secretbus.fleet")
 
 CACHE_DIR = "cache"
+# etcd refuses requests over 1.5 MiB (--max-request-bytes), and the gateway sends base64.
+MAX_RECORD = 1_000_000
 # Lookup misses that may ask etcd, per second (a burst of as many): misses cost a round trip,
 # and a local caller looking up random UUIDs must not turn into load on etcd or stall reads.
 CATCH_UP_RATE = 50.0
@@ -130,7 +132,8 @@ class FleetStore(SecretStore):
 
     # -- sealing ---------------------------------------------------------------------
     def _seal_def(self, d: SecretDef, inc: str, gen: int) -> bytes:
-        plain = json.dumps({"xml": format_secret_xml(d), "inc": inc}).encode()
+        # (UTF-8, not \u escapes: the largest definition the rules allow stays far below etcd's limit)
+        plain = json.dumps({"xml": format_secret_xml(d), "inc": inc}, ensure_ascii=False).encode()
         return self.sealer.seal("def", d.uuid, gen, plain)
 
     def _open_def(self, uuid: str, record: bytes) -> tuple[SecretDef, str, int]:
@@ -172,7 +175,11 @@ class FleetStore(SecretStore):
         inc = known.inc if known is not None else secrets.token_hex(8)
         gen = known.gen + 1 if known is not None else 1
         compare = [tx.mod_is(kd, known.def_rev) if known is not None else tx.absent(kd)]
-        ops = [tx.put(kd, self._seal_def(d, inc, gen))]
+        record = self._seal_def(d, inc, gen)
+        if len(record) > MAX_RECORD:
+            raise errors.InvalidArg(f"secret {d.uuid}: the definition is too large for the fleet store "
+                                    f"({len(record)} bytes sealed, at most {MAX_RECORD})")
+        ops = [tx.put(kd, record)]
         if usage is not None and usage != old_usage:
             compare.append(tx.absent(usage))
             ops.append(tx.put(usage, d.uuid.encode()))

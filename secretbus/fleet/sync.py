@@ -129,10 +129,18 @@ class FleetSync:
     # -- heartbeat ----------------------------------------------------------------------
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
-            if self.store.cell.get()[0] is not FleetState.ONLINE:
-                continue
+            state = self.store.cell.get()[0]
+            with self._mu:
+                watching = self._stream is not None
+            if state is FleetState.CONNECTING or (state is FleetState.DEGRADED and not watching):
+                continue        # the watch loop reconnects and says when it is online
             try:
                 self.store.etcd.revision()
             except EtcdUnavailable as e:
                 self.store.cell.set(FleetState.DEGRADED, str(e))
                 self._close_stream()
+                continue
+            if state is FleetState.DEGRADED:
+                # A write or catch-up failed (a timeout, say) while the watch stayed up: etcd
+                # answers a quorum read again and the watch never broke, so nothing was missed.
+                self.store.cell.set(FleetState.ONLINE)
