@@ -501,3 +501,33 @@ def test_the_largest_definition_the_rules_allow_replicates(hosts: list[Host]) ->
     a.d.define_xml(xml(uid(1300), "big.1300", desc=big))
     assert b.d.lookup_by_uuid(uid(1300)).description == big
     assert a.store.status.state is FleetState.ONLINE
+
+
+def test_secrets_a_host_had_before_fleet_mode_stay_local(tmp_path: Path, etcd: EtcdCluster) -> None:
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    conf = a.paths.conf_file
+    fleet_conf = conf.read_text()
+    conf.write_text(fleet_conf.split("fleet_endpoints")[0])     # the host key only: no fleet yet
+    u = uid(1400)
+    d = open_instance(a.paths)
+    d.define_xml(xml(u, "old.1400"))
+    d.set_value(u, b"kept")
+    d.close()
+    conf.write_text(fleet_conf)
+    b, _ = make_host(tmp_path, "b", etcd.endpoints, key)
+    a.open()
+    b.open()
+    try:
+        assert a.d.get_value(u) == b"kept"
+        a.d.define_xml(xml(u, "old.1400", desc="redefined"))
+        assert a.d.get_value(u) == b"kept"
+        a.d.set_value(u, b"kept-2")
+        with pytest.raises(errors.NoSecret):
+            b.d.lookup_by_uuid(u)
+        a.close()
+        a.open()
+        assert a.d.get_value(u) == b"kept-2" and a.d.lookup_by_uuid(u).description == "redefined"
+        assert not a.store.is_fleet(u)
+    finally:
+        a.close()
+        b.close()

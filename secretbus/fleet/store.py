@@ -159,7 +159,9 @@ class FleetStore(SecretStore):
     def write_definition(self, d: SecretDef) -> None:
         with self._lock:
             known = self._known.get(d.uuid)
-            if known is None and not self.replicates(d):
+            if known is None and (not self.replicates(d) or self.xml_path(d.uuid).exists()):
+                # Not for the fleet, or a secret this host had before fleet mode: it stays local
+                # (publishing existing secrets is an explicit step, not a side effect of a redefine).
                 self._pending_delete.discard(d.uuid)
                 value = self._pending_value.pop(d.uuid, None)
                 super().write_definition(d)
@@ -210,10 +212,6 @@ class FleetStore(SecretStore):
             self.cache.write_value(d, value)
         elif known is None:
             self.cache.delete_values(d.uuid)
-        if known is None:
-            # A local persistent secret that joins the fleet on this write: it lives in the cache now.
-            super().delete_values(d.uuid)
-            super().delete_definition(d.uuid)
 
     def _define_refused(self, d: SecretDef, known: Known | None,
                         responses: list[dict[str, Any]]) -> errors.SecretError:
@@ -231,7 +229,7 @@ class FleetStore(SecretStore):
         with self._lock:
             known = self._known.get(d.uuid)
             if known is None:
-                if self.replicates(d):
+                if self.replicates(d) and not self.xml_path(d.uuid).exists():
                     # Before the definition (driver._persist_define): sent with it.
                     self._require_online()
                     self._pending_value[d.uuid] = bytes(value)
