@@ -531,3 +531,25 @@ def test_secrets_a_host_had_before_fleet_mode_stay_local(tmp_path: Path, etcd: E
     finally:
         a.close()
         b.close()
+
+
+def test_rewrite_values_works_on_the_cache_while_etcd_is_down(tmp_path: Path, etcd: EtcdCluster) -> None:
+    a, _ = make_host(tmp_path, "a", etcd.endpoints, None)
+    a.open()
+    try:
+        u = uid(1500)
+        a.d.define_xml(xml(u, "rw.1500"))
+        a.d.set_value(u, b"rewritten")
+        a.close()
+        etcd.stop()
+        a.open(online=False)
+        before = (fleet_dir(a.paths) / "cache" / f"{u}.aes256gcm").read_bytes()
+        assert tuple(a.d.rewrite_values()) == (1, 1, 0)
+        assert (fleet_dir(a.paths) / "cache" / f"{u}.aes256gcm").read_bytes() != before   # new nonce
+        a.close()
+        a.open(online=False)
+        assert a.d.get_value(u) == b"rewritten"
+        with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: "):
+            a.d.set_value(u, b"changed")
+    finally:
+        a.close()

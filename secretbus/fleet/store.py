@@ -228,6 +228,11 @@ class FleetStore(SecretStore):
     def write_value(self, d: SecretDef, value: bytes) -> None:
         with self._lock:
             known = self._known.get(d.uuid)
+            cached = self._cached.get(d.uuid) if known is None else None
+            if cached is not None and cached == (d, self.sealer.digest(value)):
+                # A rewrite of a cached fleet secret not yet synced (rewrite-values, offline): the cache only.
+                self.cache.write_value(d, value)
+                return
             if known is None:
                 if self.replicates(d) and not self.xml_path(d.uuid).exists():
                     # Before the definition (driver._persist_define): sent with it.
