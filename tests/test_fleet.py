@@ -553,3 +553,22 @@ def test_rewrite_values_works_on_the_cache_while_etcd_is_down(tmp_path: Path, et
             a.d.set_value(u, b"changed")
     finally:
         a.close()
+
+
+def test_a_resync_in_several_steps_applies_everything(tmp_path: Path, etcd: EtcdCluster) -> None:
+    from secretbus.fleet.store import RESYNC_STEP
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    b, _ = make_host(tmp_path, "b", etcd.endpoints, key)
+    a.open()
+    try:
+        n = RESYNC_STEP + 40
+        for i in range(n):
+            a.d.define_xml(xml(uid(20000 + i), f"big.{i}"))
+        a.d.set_value(uid(20000), b"first")
+        b.open()
+        assert b.store.resyncs == 1
+        assert b.state() == a.state() and len(b.state()) == n
+        assert b.d.get_value(uid(20000)) == b"first"
+    finally:
+        a.close()
+        b.close()

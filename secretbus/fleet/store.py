@@ -26,8 +26,9 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ log = logging.getLogger("secretbus.fleet")
 CACHE_DIR = "cache"
 # etcd refuses requests over 1.5 MiB (--max-request-bytes), and the gateway sends base64.
 MAX_RECORD = 1_000_000
+RESYNC_STEP = 256     # secrets applied per hold of the driver's lock during a resync
 # Lookup misses that may ask etcd, per second (a burst of as many): misses cost a round trip,
 # and a local caller looking up random UUIDs must not turn into load on etcd or stall reads.
 CATCH_UP_RATE = 50.0
@@ -295,31 +297,55 @@ class FleetStore(SecretStore):
             self._advance(revision)
         return changes
 
-    def resync(self, revision: int, kvs: list[KV]) -> list[RemoteChange]:
-        """Make the cache what etcd held at `revision` (a full read); the diff as changes."""
-        changes: list[RemoteChange] = []
+    def resync_steps(self, revision: int, kvs: list[KV],
+                     per_step: int = RESYNC_STEP) -> list[Callable[[], list[RemoteChange]]]:
+        """Make the cache what etcd held at `revision` (a full read), in steps of `per_step`
+        secrets, each run under the driver's lock (a large resync does not hold up local
+        writes); each returns its part of the diff. Writes made here meanwhile are newer than
+        `revision`, and the steps leave them alone."""
         by_uuid: dict[str, dict[str, KV]] = {}
         for kv in kvs:
             parsed = self.keys.parse(kv.key)
             if parsed is not None:
                 by_uuid.setdefault(parsed[0], {})[parsed[1]] = kv
+        items = sorted((u, p) for u, p in by_uuid.items() if "def" in p)
+        steps: list[Callable[[], list[RemoteChange]]] = [partial(self._resync_drops, revision, set(by_uuid))]
+        steps += [partial(self._resync_items, items[i:i + per_step]) for i in range(0, len(items), per_step)]
+        steps.append(partial(self._resync_done, revision))
+        return steps
+
+    def resync(self, revision: int, kvs: list[KV]) -> list[RemoteChange]:
+        """resync_steps, all at once."""
+        return [c for step in self.resync_steps(revision, kvs) for c in step()]
+
+    def _resync_drops(self, revision: int, present: set[str]) -> list[RemoteChange]:
+        changes: list[RemoteChange] = []
         with self._lock:
-            for uuid in sorted((set(self._known) | set(self._cached)) - set(by_uuid)):
-                self._drop(uuid, changes)
-            for uuid, parts in sorted(by_uuid.items()):
-                if "def" not in parts:
-                    continue
+            for uuid in sorted((set(self._known) | set(self._cached)) - present):
+                known = self._known.get(uuid)
+                if known is None or known.def_rev <= revision:
+                    self._drop(uuid, changes)
+        return changes
+
+    def _resync_items(self, items: list[tuple[str, dict[str, KV]]]) -> list[RemoteChange]:
+        changes: list[RemoteChange] = []
+        with self._lock:
+            for uuid, parts in items:
                 cached = self._cached.pop(uuid, None)
                 self._apply(parts["def"], False, changes, cached)
                 if "value" in parts:
                     self._apply(parts["value"], False, changes, cached)
                 elif cached is not None and cached[1] is not None:
                     self.cache.delete_values(uuid)
+        return changes
+
+    def _resync_done(self, revision: int) -> list[RemoteChange]:
+        with self._lock:
             self._cached.clear()
-            self._gone.clear()
+            # (tombstones newer than `revision` stay: the watch replays from revision + 1)
             self._advance(revision, force=True)
             self.resyncs += 1
-        return changes
+        return []
 
     def _advance(self, revision: int, force: bool = False) -> None:
         if revision > self.revision or force:

@@ -108,10 +108,14 @@ class FleetSync:
         rev, kvs = self.store.etcd.range(prefix, tx.prefix_end(prefix))
         changes: list[RemoteChange] = []
 
-        def run() -> list[RemoteChange]:
-            changes.extend(self.store.resync(rev, kvs))
-            return changes
-        self.apply(run)
+        def run(step: Callable[[], list[RemoteChange]]) -> list[RemoteChange]:
+            done = step()
+            changes.extend(done)
+            return done
+        for step in self.store.resync_steps(rev, kvs):
+            if self._stop.is_set():
+                return
+            self.apply(partial(run, step))
         log.info("fleet: resynced %d secrets at revision %d (%d changes)",
                  sum(1 for kv in kvs if kv.key.endswith(b"/def")), rev, len(changes))
 
