@@ -572,3 +572,35 @@ def test_a_resync_in_several_steps_applies_everything(tmp_path: Path, etcd: Etcd
     finally:
         a.close()
         b.close()
+
+
+def test_fleet_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    from tests.harness.etcd import Pki
+    pki = Pki.create(tmp_path / "pki")
+    cluster = EtcdCluster.create(tmp_path / "etcd-tls", 1, pki=pki)
+    tls = (f'fleet_ca_file = "{pki.ca}"\nfleet_cert_file = "{pki.client_cert}"\n'
+           f'fleet_key_file = "{pki.client_key}"\n')
+    made: list[Host] = []
+    try:
+        cluster.start()
+        assert cluster.endpoints[0].startswith("https://")
+        a, key = make_host(tmp_path, "a", cluster.endpoints, None, tls)
+        b, _ = make_host(tmp_path, "b", cluster.endpoints, key, tls)
+        made += [a.open(), b.open()]
+        u = uid(1600)
+        a.d.define_xml(xml(u, "tls.1600"))
+        a.d.set_value(u, b"over-tls")
+        wait_for(lambda: b.seen(u, EventId.VALUE_CHANGED), "the value on b")
+        assert b.d.get_value(u) == b"over-tls"
+        # without a client certificate etcd refuses the host: it stays degraded
+        c, _ = make_host(tmp_path, "c", cluster.endpoints, key, f'fleet_ca_file = "{pki.ca}"\n')
+        made.append(c.open(online=False))
+        wait_for(lambda: c.store.status.state is FleetState.DEGRADED, "c degraded")
+        assert c.d.list_secrets() == []
+        # a stopped watch over TLS ends cleanly (the stream is shut down, not left blocking)
+        b.close()
+        a.d.set_value(u, b"again")
+    finally:
+        for h in made:
+            h.close()
+        cluster.stop()

@@ -91,8 +91,15 @@ class Etcd:
         u = urlsplit(endpoint)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"etcd endpoint '{endpoint}' is not http(s)://host:port")
-        return Etcd3Client(host=u.hostname, port=u.port or 2379, protocol=u.scheme, ca_cert=tls.ca_file,
-                           cert_cert=tls.cert_file, cert_key=tls.key_file, timeout=timeout, api_path=API_PATH)
+        session = requests.Session()
+        # Not the environment's: REQUESTS_CA_BUNDLE would override fleet_ca_file, and an
+        # HTTP(S)_PROXY would route the fleet's traffic through a proxy.
+        session.trust_env = False
+        session.verify = tls.ca_file if tls.ca_file is not None else True
+        if tls.cert_file is not None and tls.key_file is not None:
+            session.cert = (tls.cert_file, tls.key_file)
+        return Etcd3Client(host=u.hostname, port=u.port or 2379, protocol=u.scheme, timeout=timeout,
+                           api_path=API_PATH, session=session)
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST to the current endpoint, moving on to the next ones when it is unreachable."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,6 +22,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Pki:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def create(cls, d: Path, client_cn: str = "secretbus-host") -> Pki:
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o700)
+
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=secretbus test CA")
+        # etcd 3.4's gRPC gateway dials its own gRPC server with the server certificate: it
+        # needs clientAuth too when --client-cert-auth is on.
+        for name, cn, ext in (("server", "127.0.0.1",
+                               "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
+                              ("client", client_cn, "extendedKeyUsage=clientAuth")):
+            (d / f"{name}.ext").write_text(ext + "\n")
+            run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+            run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+        for k in d.glob("*.key"):
+            k.chmod(0o600)
+        return cls(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key")
+
+
 @dataclass
 class Member:
     name: str
@@ -29,10 +62,11 @@ class Member:
     peer_port: int
     log: Path
     proc: subprocess.Popen | None = None
+    scheme: str = "http"
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -44,14 +78,16 @@ class EtcdCluster:
     root: Path
     members: list[Member] = field(default_factory=list)
     token: str = "secretbus-test"
+    pki: Pki | None = None      # clients over TLS with client certificates (--client-cert-auth)
 
     @classmethod
-    def create(cls, root: Path, size: int = 1) -> EtcdCluster:
+    def create(cls, root: Path, size: int = 1, pki: Pki | None = None) -> EtcdCluster:
         root.mkdir(parents=True, exist_ok=True)
-        c = cls(root)
+        c = cls(root, pki=pki)
         for i in range(size):
             name = f"m{i}"
-            c.members.append(Member(name, root / name, free_port(), free_port(), root / f"{name}.log"))
+            c.members.append(Member(name, root / name, free_port(), free_port(), root / f"{name}.log",
+                                    scheme="https" if pki else "http"))
         return c
 
     @property
@@ -74,11 +110,18 @@ class EtcdCluster:
                 "--initial-cluster-state", "new",
                 # loopback, a loaded machine: quick elections but tolerant of stalls
                 "--heartbeat-interval", "100", "--election-timeout", "1500"]
+        if self.pki is not None:
+            argv += ["--cert-file", str(self.pki.server_cert), "--key-file", str(self.pki.server_key),
+                     "--trusted-ca-file", str(self.pki.ca), "--client-cert-auth"]
         m.proc = spawn(argv, what=f"etcd {m.name}", log=m.log)
 
     def healthy(self, m: Member) -> bool:
+        ctx = None
+        if self.pki is not None:
+            ctx = ssl.create_default_context(cafile=str(self.pki.ca))
+            ctx.load_cert_chain(str(self.pki.client_cert), str(self.pki.client_key))
         try:
-            with urllib.request.urlopen(m.client_url + "/health", timeout=2) as r:
+            with urllib.request.urlopen(m.client_url + "/health", timeout=2, context=ctx) as r:
                 return json.loads(r.read()).get("health") == "true"
         except (OSError, ValueError):
             return False
