@@ -26,6 +26,7 @@ PACKAGES=(
     ca-certificates                       # pip reaches PyPI over HTTPS (minbase roots lack it)
     passwd adduser                        # useradd / groupadd for test users
     libvirt-clients python3-libvirt       # virsh and libvirt's python binding: real RPC clients in the tests
+    etcd-server etcd-client               # fleet mode's shared store (etcd 3.4); the fleet tests start their own
 )
 
 missing=()

@@ -357,6 +357,29 @@ def cmd_init_encryption(conn_unused, a) -> int:
     return 0
 
 
+def cmd_fleet(conn_unused, a) -> int:
+    from secretbus.fleet import admin
+    from secretbus.store.conf import load_conf
+    from secretbus.store.paths import InstancePaths
+    from secretbus.uri import default_uri, parse_uri
+    if a.action not in ("init", "status"):
+        raise CommandError(f"unknown fleet action '{a.action}' (init, status)")
+    try:
+        parsed = parse_uri(a.connect_uri or default_uri())
+        paths = InstancePaths.for_kind(parsed.kind, parsed.root)
+        conf = load_conf(paths.conf_file)
+        if a.action == "init":
+            lines = admin.init(paths, conf, raw=a.raw, with_key=_req(a, "with-key"),
+                               copy_from=Path(a.from_file) if _req(a, "from-file") else None)
+        else:
+            lines = admin.status(paths, conf)
+    except errors.SecretError as e:
+        raise CommandError(errors.display(e)) from None
+    for line in lines:
+        _print(line)
+    return 0
+
+
 def cmd_rewrite_values(conn, a) -> int:
     try:
         done, total, skipped = conn.rewrite_values()
@@ -429,6 +452,15 @@ _command("init-encryption", "create the sealed encryption key (once)",
           Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...)", named_only=True),
           Opt("raw", B, "write a raw 0600 key file (hosts without systemd)")),
          cmd_init_encryption, no_connection=True)
+_command("fleet", "fleet mode: init (create the fleet key), status",
+         "Fleet mode (docs/fleet.md): 'init' creates this host's fleet key (sealed with systemd-creds) and "
+         "registers it for the cluster; 'status' shows the cluster, the key and etcd.",
+         (Opt("action", S, "init or status", required=True),
+          Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...)", named_only=True),
+          Opt("raw", B, "write a raw 0600 key file (hosts without systemd)"),
+          Opt("from-file", S, "seal a copy of the first host's fleet key (a raw 32-byte file) instead of "
+              "creating one", named_only=True)),
+         cmd_fleet, no_connection=True)
 _command("audit", "show the audit records of value reads",
          "Show the journal's records of secret value reads (allowed and denied), oldest first.",
          (Opt("since", S, "records since this time (journalctl --since: \"2025-01-31 10:00\", \"-1h\", today)",
@@ -574,6 +606,7 @@ def _run(inv: Invocation) -> int:
                 _report(["failed to connect to the hypervisor", errors.display(e)])
                 return 1
         try:
+            inv.args.connect_uri = inv.connect     # (commands without a connection name their instance so)
             rc = inv.func(conn, inv.args)
         except CommandError as e:
             _report(e.lines)

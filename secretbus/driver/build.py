@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from functools import partial
 
 from secretbus.driver.driver import SecretDriver, Setup
+from secretbus.fleet.setup import open_fleet_store
+from secretbus.fleet.store import FleetStore
+from secretbus.fleet.sync import FleetSync
 from secretbus.store.conf import SecretConf, load_conf
 from secretbus.store.filestore import SecretStore
 from secretbus.store.keys import codecs_for
@@ -23,7 +26,10 @@ def load_setup(paths: InstancePaths, environ: Mapping[str, str] | None = None,
     serves with them."""
     if conf is None:
         conf = load_conf(paths.conf_file)
-    codecs, description = codecs_for(conf, os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    codecs, description = codecs_for(conf, env)
+    if conf.fleet_endpoints:
+        return Setup(conf, open_fleet_store(paths, conf, codecs, env), description)
     return Setup(conf, SecretStore(paths.config_dir, codecs), description)
 
 
@@ -38,10 +44,23 @@ def open_instance(paths: InstancePaths, *, conf: SecretConf | None = None,
     lock = InstanceLock(paths.lock_file) if take_lock else None
     if lock is not None:
         lock.acquire()
+    fleet = setup.store if isinstance(setup.store, FleetStore) else None
     try:
-        return SecretDriver(setup, reload_setup=reader, lock=lock)
+        # (fleet mode: a reload would build a second fleet store; restart instead, for now)
+        driver = SecretDriver(setup, reload_setup=reader if fleet is None else None, lock=lock)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+    if fleet is not None:
+        _attach_fleet(driver, fleet)
+    return driver
+
+
+def _attach_fleet(driver: SecretDriver, store: FleetStore) -> None:
+    """The watch applies other hosts' changes through the driver; lookup misses ask etcd."""
+    sync = FleetSync(store, driver.apply_remote)
+    driver.catch_up = store.catch_up
+    driver.on_close(sync.stop)
+    sync.start()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -18,6 +18,7 @@ from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
 from secretbus.core.uuids import parse_uuid
 from secretbus.driver import rules
 from secretbus.driver.table import Entry, SecretTable
+from secretbus.fleet.changes import RemoteChange
 from secretbus.store.codec import Binding
 from secretbus.store.conf import SecretConf
 from secretbus.store.filestore import SecretStore, Skipped, log_skip
@@ -74,6 +75,10 @@ class SecretDriver:
         self._next_sub = 0
         self._views: dict[tuple[int, Callable[..., Any]], tuple[int, Any]] = {}
         self._setup = setup
+        # Fleet mode (build.py): on a lookup miss, catch_up(uuid=… | usage=…) asks the shared
+        # store once and returns True if the secret may now be here; closers run on close().
+        self.catch_up: Callable[..., bool] | None = None
+        self._closers: list[Callable[[], None]] = []
         try:
             self._load_store(setup.store)
         except BaseException:
@@ -148,7 +153,13 @@ class SecretDriver:
             self._setup = setup
             return summary
 
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
     def close(self) -> None:
+        for fn in reversed(self._closers):
+            fn()
+        self._closers.clear()
         with self._mutex:
             self._table.clear()
             if self._lock:
@@ -184,8 +195,17 @@ class SecretDriver:
             raise errors.NoSecret(f"no secret with matching uuid '{canon}'")
         return entry
 
+    def _get_read(self, uuid: str) -> Entry:
+        """_get for reads (never with the mutex held: a catch-up waits for the fleet watch)."""
+        try:
+            return self._get(uuid)
+        except errors.NoSecret:
+            if self.catch_up is None or not self.catch_up(uuid=parse_uuid(uuid)):
+                raise
+        return self._get(uuid)
+
     def lookup_by_uuid(self, uuid: str) -> SecretDef:
-        return self._get(uuid).definition
+        return self._get_read(uuid).definition
 
     def lookup_by_usage(self, usage_type: int, usage_id: str) -> SecretDef:
         if not isinstance(usage_id, str):
@@ -195,6 +215,9 @@ class SecretDriver:
         except ValueError:
             ut = UsageType.NONE
         entry = self._table.by_usage((ut, usage_id)) if ut != UsageType.NONE else None
+        if entry is None and ut != UsageType.NONE and self.catch_up is not None \
+                and self.catch_up(usage=(ut, usage_id)):
+            entry = self._table.by_usage((ut, usage_id))
         if entry is None:
             raise errors.NoSecret(f"no secret with matching usage '{usage_id}'")
         return entry.definition
@@ -224,7 +247,7 @@ class SecretDriver:
 
     def get_xml_desc(self, uuid: str, flags: int = 0) -> str:
         rules.check_xml_desc_flags(flags)
-        return format_secret_xml(self._get(uuid).definition)
+        return format_secret_xml(self._get_read(uuid).definition)
 
     # -- define -------------------------------------------------------------------
     @staticmethod
@@ -327,9 +350,13 @@ class SecretDriver:
     def get_value(self, uuid: str, flags: int = 0, *, internal_call: bool = False) -> bytes:
         """The value; private secrets only for `internal_call` (an in-process VM launcher)."""
         rules.check_get_value_flags(flags)
-        entry = self._get(uuid)
+        entry = self._get_read(uuid)
         rules.check_readable(entry.definition, internal_call=internal_call)
         value = entry.value
+        if value is None and self.catch_up is not None and self.catch_up(value_of=entry.definition.uuid):
+            entry = self._get(uuid)
+            rules.check_readable(entry.definition, internal_call=internal_call)
+            value = entry.value
         if value is None:
             raise errors.NoSecret(f"secret '{entry.definition.uuid}' does not have a value")
         return bytes(value)
@@ -347,6 +374,45 @@ class SecretDriver:
             self._table.remove(d.uuid)
         log.info("undefined secret %s", d.uuid, extra={"SECRET_UUID": d.uuid, "SECRET_OPERATION": "undefine"})
         self._emit(d, EventId.LIFECYCLE, Lifecycle.UNDEFINED)
+
+    # -- changes made elsewhere (fleet mode) -----------------------------------------------
+    def apply_remote(self, changes: Callable[[], Iterable[RemoteChange]]) -> None:
+        """Run `changes()` (the fleet store updating its cache) under the mutex, apply them to
+        the table, then announce what differs, as a local define/set/undefine would."""
+        events: list[tuple[SecretDef, EventId, Lifecycle | None]] = []
+        with self._mutex:
+            batch = list(changes())
+            # A value later in the batch (start-up resync) replaces, it does not clear first.
+            valued = {c.uuid for c in batch if c.value is not None}
+            for c in batch:
+                entry = self._table.get(c.uuid)
+                if c.definition is None:
+                    if entry is not None:
+                        self._table.remove(c.uuid)
+                        events.append((entry.definition, EventId.LIFECYCLE, Lifecycle.UNDEFINED))
+                    continue
+                if entry is None:
+                    holder = self._table.usage_holder(c.definition)
+                    if holder is not None:
+                        log.error("secret %s from the fleet is not served here: local secret %s holds "
+                                  "its usage", c.uuid, holder, extra={"SECRET_UUID": c.uuid})
+                        continue
+                    entry = self._table.add(c.definition)
+                    events.append((c.definition, EventId.LIFECYCLE, Lifecycle.DEFINED))
+                elif entry.definition.ephemeral:
+                    log.error("secret %s from the fleet is not served here: a local ephemeral secret has "
+                              "its UUID", c.uuid, extra={"SECRET_UUID": c.uuid})
+                    continue
+                elif entry.definition != c.definition:
+                    self._table.redefine(entry, c.definition)
+                    events.append((c.definition, EventId.LIFECYCLE, Lifecycle.DEFINED))
+                if c.value is not None and (entry.value is None or bytes(entry.value) != c.value):
+                    self._table.set_value(entry, c.value)
+                    events.append((c.definition, EventId.VALUE_CHANGED, None))
+                elif c.fresh and c.uuid not in valued:
+                    self._table.clear_value(entry)
+        for d, event_id, lifecycle in events:
+            self._emit(d, event_id, lifecycle)
 
     # -- maintenance --------------------------------------------------------------
     def rewrite_values(self) -> RewriteResult:

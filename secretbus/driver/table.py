@@ -105,6 +105,10 @@ class SecretTable:
         old, entry.value = entry.value, bytearray(value)
         _wipe(old)
 
+    def clear_value(self, entry: Entry) -> None:
+        old, entry.value = entry.value, None
+        _wipe(old)
+
     def remove(self, uuid: str) -> None:
         entry = self._secrets.pop(uuid)
         self._release(entry.definition)

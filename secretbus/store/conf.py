@@ -49,6 +49,14 @@ class SecretConf:
     secrets_encryption_key: str | None = None
     encryption_scheme: str = "aes256gcm"      # or "aes256cbc"
     private_value_readers: tuple[str | int, ...] = ()   # user names or uids
+    # Fleet mode (DESIGN §11; docs/fleet.md): on when fleet_endpoints is set.
+    fleet_endpoints: tuple[str, ...] = ()
+    fleet_cluster: str = "default"
+    fleet_ca_file: str | None = None
+    fleet_cert_file: str | None = None
+    fleet_key_file: str | None = None
+    fleet_usage_types: tuple[str, ...] | None = None   # None: every usage type
+    fleet_private: bool = True
 
 
 # ---------------------------------------------------------------------------
@@ -275,11 +283,56 @@ def _readers(e: _Entry, p: _Parser) -> tuple[str | int, ...]:
     return tuple(out)
 
 
+def _strings(e: _Entry, p: _Parser) -> tuple[str, ...]:
+    if not isinstance(e.value.data, list):
+        raise p.error(f"expected a list for '{e.name}' (got {_type_name(e.value)})", e.line)
+    out = []
+    for item in e.value.data:
+        if not isinstance(item.data, str) or not item.data:
+            raise p.error(f"'{e.name}' entries must be non-empty strings", item.line)
+        out.append(item.data)
+    return tuple(out)
+
+
+def _endpoints(e: _Entry, p: _Parser) -> tuple[str, ...]:
+    out = _strings(e, p)
+    for url in out:
+        if not url.startswith(("http://", "https://")):
+            raise p.error(f"'{e.name}' entries must be http:// or https:// URLs", e.line)
+    return out
+
+
+def _usage_types(e: _Entry, p: _Parser) -> tuple[str, ...]:
+    out = _strings(e, p)
+    for name in out:
+        if name not in FLEET_USAGE_TYPES:
+            raise p.error(f"'{e.name}': unknown usage type {name!r} (one of {', '.join(FLEET_USAGE_TYPES)})",
+                          e.line)
+    return out
+
+
+def _cluster(e: _Entry, p: _Parser) -> str:
+    v = e.value.data
+    if not isinstance(v, str) or not v or len(v) > 63 or not all(c.isascii() and (c.isalnum() or c in "._-")
+                                                                 for c in v):
+        raise p.error(f"'{e.name}' must be 1-63 letters, digits, '.', '_' or '-'", e.line)
+    return v
+
+
+FLEET_USAGE_TYPES = ("volume", "ceph", "iscsi", "tls", "vtpm")
+
 _OPTIONS = {
     "encrypt_data": _encrypt_data,
     "secrets_encryption_key": _key_path,
     "encryption_scheme": _scheme,
     "private_value_readers": _readers,
+    "fleet_endpoints": _endpoints,
+    "fleet_cluster": _cluster,
+    "fleet_ca_file": _key_path,
+    "fleet_cert_file": _key_path,
+    "fleet_key_file": _key_path,
+    "fleet_usage_types": _usage_types,
+    "fleet_private": _encrypt_data,
 }
 
 

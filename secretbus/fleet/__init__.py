@@ -1,0 +1,1 @@
+"""Fleet mode (DESIGN §11): persistent secrets shared by many hosts through etcd, as ciphertext."""

@@ -1,0 +1,469 @@
+"""The fleet store: the driver's file store interface, with persistent secrets held in etcd.
+
+`FleetStore` is the instance's usual file store (local-only secrets: ephemeral ones never get
+here, persistent ones that do not replicate) plus the fleet's local encrypted cache, a second
+`SecretStore` under the host key in the fleet directory; the driver loads both at start-up and
+serves from them. Every file in the cache is a fleet secret, so a resync after a restart knows
+which cached secrets etcd dropped meanwhile. Writes of fleet secrets: each define, set-value and
+undefine is one etcd transaction, and the cache is written only after it commits, so the
+writing host reads its own writes and never diverges from etcd.
+Changes made by other hosts arrive through `apply_events`/`resync` (fleet/sync.py), which
+update the cache and return what the driver must apply and announce.
+
+The driver's store calls come in fixed sequences (driver._persist_define, undefine): a
+`delete_values` or `write_value` of a secret not yet (or no longer) in the fleet is kept
+pending and done in the transaction of the `write_definition`/`delete_definition` that
+follows, so each API call stays one transaction.
+
+Threads: the driver calls every method here with its mutex held (writes, and the watcher's
+apply through driver.apply_remote), so they never interleave; `_lock` guards the
+bookkeeping that status and catch-up read from other threads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from secretbus.core import errors
+from secretbus.core.model import SecretDef, UsageType
+from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
+from secretbus.fleet import etcd as tx
+from secretbus.fleet.changes import RemoteChange
+from secretbus.fleet.etcd import KV, Etcd, EtcdUnavailable, WatchEvent
+from secretbus.fleet.keyspace import Keyspace
+from secretbus.fleet.seal import Sealer, SealError
+from secretbus.fleet.status import FleetState, FleetStatus, StatusCell
+from secretbus.store import fsutil
+from secretbus.store.codec import ValueCodecs
+from secretbus.store.filestore import LoadReport, SecretStore
+
+log = logging.getLogger("secretbus.fleet")
+
+CACHE_DIR = "cache"
+# etcd refuses requests over 1.5 MiB (--max-request-bytes), and the gateway sends base64.
+MAX_RECORD = 1_000_000
+RESYNC_STEP = 256     # secrets applied per hold of the driver's lock during a resync
+# Lookup misses that may ask etcd, per second (a burst of as many): misses cost a round trip,
+# and a local caller looking up random UUIDs must not turn into load on etcd or stall reads.
+CATCH_UP_RATE = 50.0
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    cluster: str
+    usage_types: frozenset[UsageType] | None = None   # None: every usage type replicates
+    private: bool = True                               # private secrets replicate too
+
+
+@dataclass
+class Known:
+    """What this host knows of one fleet secret, as of the etcd revisions it applied."""
+    definition: SecretDef
+    inc: str             # incarnation: new on each first define, binds the value to it
+    gen: int             # define counter
+    def_rev: int
+    value_gen: int = 0
+    value_rev: int = 0
+    digest: bytes | None = field(default=None, repr=False)
+
+
+def unavailable(why: str) -> errors.SecretError:
+    return errors.OperationFailed(f"fleet store unavailable: {why}")
+
+
+class FleetStore(SecretStore):
+    def __init__(self, config_dir: Path, codecs: ValueCodecs, *, etcd: Etcd, sealer: Sealer,
+                 options: FleetOptions, state_dir: Path):
+        super().__init__(config_dir, codecs)
+        self.cache = SecretStore(state_dir / CACHE_DIR, codecs)
+        self.etcd = etcd
+        self.sealer = sealer
+        self.options = options
+        self.keys = Keyspace(options.cluster)
+        self.state_dir = state_dir
+        self.cell = StatusCell()
+        self._lock = threading.Condition(threading.RLock())
+        self._known: dict[str, Known] = {}
+        self._gone: dict[str, int] = {}          # uuid -> revision of our own undefine
+        self._pending_value: dict[str, bytes] = {}
+        self._pending_delete: set[str] = set()
+        self.revision = 0                         # last revision applied from watch/resync
+        self.resyncs = 0                          # full resyncs done (start-up, compaction)
+        # what the cache held at load, consumed by the first resync: unchanged secrets are not rewritten
+        self._cached: dict[str, tuple[SecretDef, bytes | None]] = {}
+        self._bucket = (CATCH_UP_RATE, time.monotonic())
+        self._bucket_lock = threading.Lock()
+
+    # -- status ----------------------------------------------------------------------
+    @property
+    def status(self) -> FleetStatus:
+        state, reason = self.cell.get()
+        return FleetStatus(state, reason, self.revision)
+
+    def is_fleet(self, uuid: str) -> bool:
+        with self._lock:
+            return uuid in self._known
+
+    def replicates(self, d: SecretDef) -> bool:
+        if d.ephemeral or (d.private and not self.options.private):
+            return False
+        return self.options.usage_types is None or d.usage_type in self.options.usage_types
+
+    def _require_online(self) -> None:
+        state, reason = self.cell.get()
+        if state is not FleetState.ONLINE:
+            raise unavailable(reason)
+
+    def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+             failure: list[dict[str, Any]] | None = None) -> tuple[bool, int, list[dict[str, Any]]]:
+        self._require_online()
+        try:
+            return self.etcd.txn(compare, success, failure)
+        except EtcdUnavailable as e:
+            # The outcome is unknown; if it committed, the watch brings it in later.
+            self.cell.set(FleetState.DEGRADED, str(e))
+            raise unavailable(str(e)) from None
+
+    # -- sealing ---------------------------------------------------------------------
+    def _seal_def(self, d: SecretDef, inc: str, gen: int) -> bytes:
+        # (UTF-8, not \u escapes: the largest definition the rules allow stays far below etcd's limit)
+        plain = json.dumps({"xml": format_secret_xml(d), "inc": inc}, ensure_ascii=False).encode()
+        return self.sealer.seal("def", d.uuid, gen, plain)
+
+    def _open_def(self, uuid: str, record: bytes) -> tuple[SecretDef, str, int]:
+        gen, plain = self.sealer.open("def", uuid, record)
+        try:
+            rec = json.loads(plain)
+            d = parse_secret_xml(rec["xml"])
+            inc = str(rec["inc"])
+        except (ValueError, KeyError, TypeError):
+            raise SealError(f"fleet def record of secret {uuid} is malformed") from None
+        except errors.SecretError as e:
+            raise SealError(f"fleet def record of secret {uuid}: {e.message}") from None
+        if d.uuid != uuid or d.ephemeral:
+            raise SealError(f"fleet def record of secret {uuid} names another secret")
+        return d, inc, gen
+
+    def _usage_key(self, d: SecretDef) -> bytes | None:
+        if d.usage_type == UsageType.NONE:
+            return None
+        return self.keys.usage(self.sealer.usage_index(d.usage_type, d.usage_id or ""))
+
+    # -- writes (the driver's store interface) ------------------------------------------
+    def write_definition(self, d: SecretDef) -> None:
+        with self._lock:
+            known = self._known.get(d.uuid)
+            if known is None and (not self.replicates(d) or self.xml_path(d.uuid).exists()):
+                # Not for the fleet, or a secret this host had before fleet mode: it stays local
+                # (publishing existing secrets is an explicit step, not a side effect of a redefine).
+                self._pending_delete.discard(d.uuid)
+                value = self._pending_value.pop(d.uuid, None)
+                super().write_definition(d)
+                if value is not None:
+                    super().write_value(d, value)
+                return
+            self._define(d, known)
+
+    def _define(self, d: SecretDef, known: Known | None) -> None:
+        kd, kv = self.keys.definition(d.uuid), self.keys.value(d.uuid)
+        usage = self._usage_key(d)
+        old_usage = self._usage_key(known.definition) if known is not None else None
+        inc = known.inc if known is not None else secrets.token_hex(8)
+        gen = known.gen + 1 if known is not None else 1
+        compare = [tx.mod_is(kd, known.def_rev) if known is not None else tx.absent(kd)]
+        record = self._seal_def(d, inc, gen)
+        if len(record) > MAX_RECORD:
+            raise errors.InvalidArg(f"secret {d.uuid}: the definition is too large for the fleet store "
+                                    f"({len(record)} bytes sealed, at most {MAX_RECORD})")
+        ops = [tx.put(kd, record)]
+        if usage is not None and usage != old_usage:
+            compare.append(tx.absent(usage))
+            ops.append(tx.put(usage, d.uuid.encode()))
+        if old_usage is not None and old_usage != usage:
+            ops.append(tx.delete(old_usage))
+        value = self._pending_value.get(d.uuid)
+        value_gen = known.value_gen if known is not None else 0
+        if value is not None:
+            value_gen += 1
+            ops.append(tx.put(kv, self.sealer.seal("value", d.uuid, value_gen, value, extra=inc)))
+        elif known is None:
+            ops.append(tx.delete(kv))    # a new secret inherits no value
+        failure = [tx.get(kd)] + ([tx.get(usage)] if usage is not None else [])
+        ok, rev, responses = self._txn(compare, ops, failure)
+        if not ok:
+            raise self._define_refused(d, known, responses)
+        self._pending_value.pop(d.uuid, None)
+        self._pending_delete.discard(d.uuid)
+        self._gone.pop(d.uuid, None)
+        entry = Known(d, inc, gen, rev)
+        if known is not None:
+            entry.value_gen, entry.value_rev, entry.digest = known.value_gen, known.value_rev, known.digest
+        if value is not None:
+            entry.value_gen, entry.value_rev, entry.digest = value_gen, rev, self.sealer.digest(value)
+        self._known[d.uuid] = entry
+        self.cache.write_definition(d)
+        if value is not None:
+            self.cache.write_value(d, value)
+        elif known is None:
+            self.cache.delete_values(d.uuid)
+
+    def _define_refused(self, d: SecretDef, known: Known | None,
+                        responses: list[dict[str, Any]]) -> errors.SecretError:
+        kvs = [r.get("response_range", {}).get("kvs", []) for r in responses]
+        if len(kvs) > 1 and kvs[1]:
+            holder = KV.of(kvs[1][0]).value.decode("ascii", "replace")
+            if holder != d.uuid:
+                return errors.InternalError(
+                    f"a secret with UUID {holder} is already defined for use with {d.usage_id}")
+        if known is None:
+            return errors.OperationFailed(f"secret {d.uuid} was defined on another host meanwhile; try again")
+        return errors.OperationFailed(f"secret {d.uuid} was changed on another host meanwhile; try again")
+
+    def write_value(self, d: SecretDef, value: bytes) -> None:
+        with self._lock:
+            known = self._known.get(d.uuid)
+            cached = self._cached.get(d.uuid) if known is None else None
+            if cached is not None and cached == (d, self.sealer.digest(value)):
+                # A rewrite of a cached fleet secret not yet synced (rewrite-values, offline): the cache only.
+                self.cache.write_value(d, value)
+                return
+            if known is None:
+                if self.replicates(d) and not self.xml_path(d.uuid).exists():
+                    # Before the definition (driver._persist_define): sent with it.
+                    self._require_online()
+                    self._pending_value[d.uuid] = bytes(value)
+                    return
+                super().write_value(d, value)
+                return
+            digest = self.sealer.digest(value)
+            if digest == known.digest:
+                # A re-bind after a redefine (the cache's AAD binds the definition; etcd's does not).
+                self.cache.write_value(d, value)
+                return
+            kd, kv = self.keys.definition(d.uuid), self.keys.value(d.uuid)
+            gen = known.value_gen + 1
+            ok, rev, _ = self._txn([tx.mod_is(kd, known.def_rev)],
+                                   [tx.put(kv, self.sealer.seal("value", d.uuid, gen, value, extra=known.inc))])
+            if not ok:
+                raise errors.OperationFailed(f"secret {d.uuid} was changed on another host meanwhile; try again")
+            known.value_gen, known.value_rev, known.digest = gen, rev, digest
+            self.cache.write_value(d, value)
+
+    def delete_values(self, uuid: str) -> None:
+        with self._lock:
+            self._pending_value.pop(uuid, None)
+            if uuid in self._known:
+                # Only ever followed by delete_definition (undefine, redefine to ephemeral).
+                self._require_online()
+                self._pending_delete.add(uuid)
+                return
+            super().delete_values(uuid)
+
+    def delete_definition(self, uuid: str) -> None:
+        with self._lock:
+            known = self._known.get(uuid)
+            if known is None:
+                super().delete_definition(uuid)
+                return
+            kd = self.keys.definition(uuid)
+            ops = [tx.delete(kd), tx.delete(self.keys.value(uuid))]
+            usage = self._usage_key(known.definition)
+            if usage is not None:
+                ops.append(tx.delete(usage))
+            ok, rev, _ = self._txn([tx.mod_is(kd, known.def_rev)], ops)
+            if not ok:
+                raise errors.OperationFailed(f"secret {uuid} was changed on another host meanwhile; try again")
+            del self._known[uuid]
+            self._pending_delete.discard(uuid)
+            self._gone[uuid] = rev
+            self.cache.delete_values(uuid)
+            self.cache.delete_definition(uuid)
+
+    # -- remote changes -------------------------------------------------------------------
+    def apply_events(self, events: Iterable[WatchEvent], revision: int) -> list[RemoteChange]:
+        """Apply one watch response (events in revision order) to the cache; what changed."""
+        changes: list[RemoteChange] = []
+        with self._lock:
+            for ev in events:
+                self._apply(ev.kv, ev.deleted, changes)
+            self._advance(revision)
+        return changes
+
+    def resync_steps(self, revision: int, kvs: list[KV],
+                     per_step: int = RESYNC_STEP) -> list[Callable[[], list[RemoteChange]]]:
+        """Make the cache what etcd held at `revision` (a full read), in steps of `per_step`
+        secrets, each run under the driver's lock (a large resync does not hold up local
+        writes); each returns its part of the diff. Writes made here meanwhile are newer than
+        `revision`, and the steps leave them alone."""
+        by_uuid: dict[str, dict[str, KV]] = {}
+        for kv in kvs:
+            parsed = self.keys.parse(kv.key)
+            if parsed is not None:
+                by_uuid.setdefault(parsed[0], {})[parsed[1]] = kv
+        items = sorted((u, p) for u, p in by_uuid.items() if "def" in p)
+        steps: list[Callable[[], list[RemoteChange]]] = [partial(self._resync_drops, revision, set(by_uuid))]
+        steps += [partial(self._resync_items, items[i:i + per_step]) for i in range(0, len(items), per_step)]
+        steps.append(partial(self._resync_done, revision))
+        return steps
+
+    def resync(self, revision: int, kvs: list[KV]) -> list[RemoteChange]:
+        """resync_steps, all at once."""
+        return [c for step in self.resync_steps(revision, kvs) for c in step()]
+
+    def _resync_drops(self, revision: int, present: set[str]) -> list[RemoteChange]:
+        changes: list[RemoteChange] = []
+        with self._lock:
+            for uuid in sorted((set(self._known) | set(self._cached)) - present):
+                known = self._known.get(uuid)
+                if known is None or known.def_rev <= revision:
+                    self._drop(uuid, changes)
+        return changes
+
+    def _resync_items(self, items: list[tuple[str, dict[str, KV]]]) -> list[RemoteChange]:
+        changes: list[RemoteChange] = []
+        with self._lock:
+            for uuid, parts in items:
+                cached = self._cached.pop(uuid, None)
+                self._apply(parts["def"], False, changes, cached)
+                if "value" in parts:
+                    self._apply(parts["value"], False, changes, cached)
+                elif cached is not None and cached[1] is not None:
+                    self.cache.delete_values(uuid)
+        return changes
+
+    def _resync_done(self, revision: int) -> list[RemoteChange]:
+        with self._lock:
+            self._cached.clear()
+            # (tombstones newer than `revision` stay: the watch replays from revision + 1)
+            self._advance(revision, force=True)
+            self.resyncs += 1
+        return []
+
+    def _advance(self, revision: int, force: bool = False) -> None:
+        if revision > self.revision or force:
+            self.revision = revision
+            self._gone = {u: r for u, r in self._gone.items() if r > revision}
+            self._lock.notify_all()
+
+    def _apply(self, kv: KV, deleted: bool, changes: list[RemoteChange],
+               cached: tuple[SecretDef, bytes | None] | None = None) -> None:
+        """`cached`: what the cache held at start-up (resync only): left as it is if equal."""
+        parsed = self.keys.parse(kv.key)
+        if parsed is None:
+            return
+        uuid, part = parsed
+        known = self._known.get(uuid)
+        if deleted:
+            if part == "def" and known is not None and known.def_rev < kv.mod_revision:
+                self._drop(uuid, changes)
+            return
+        if self._gone.get(uuid, 0) >= kv.mod_revision:
+            return      # older than our own undefine of it
+        try:
+            if part == "def":
+                self._apply_def(uuid, kv, known, changes, cached)
+            elif known is not None and known.value_rev < kv.mod_revision:
+                self._apply_value(uuid, kv, known, changes, cached)
+        except SealError as e:
+            log.error("fleet: ignoring a change of secret %s: %s", uuid, e, extra={"SECRET_UUID": uuid})
+        except errors.SecretError as e:
+            log.error("fleet: cannot cache secret %s: %s", uuid, e.message, extra={"SECRET_UUID": uuid})
+
+    def _apply_def(self, uuid: str, kv: KV, known: Known | None, changes: list[RemoteChange],
+                   cached: tuple[SecretDef, bytes | None] | None = None) -> None:
+        if known is not None and known.def_rev >= kv.mod_revision:
+            return
+        d, inc, gen = self._open_def(uuid, kv.value)
+        fresh = known is None or known.inc != inc
+        if known is not None and fresh:
+            self._drop(uuid, changes)    # undefined and defined again meanwhile
+        entry = Known(d, inc, gen, kv.mod_revision)
+        if known is not None and not fresh:
+            entry.value_gen, entry.value_rev, entry.digest = known.value_gen, known.value_rev, known.digest
+        self._known[uuid] = entry
+        if known is None and cached is not None and cached[0] == d:
+            pass        # the cache is current (start-up): no rewrite
+        else:
+            self.cache.write_definition(d)
+            if fresh and (cached is None or cached[1] is not None):
+                self.cache.delete_values(uuid)    # its value, if any, follows in the same batch
+        changes.append(RemoteChange(uuid, d, fresh=fresh))
+
+    def _apply_value(self, uuid: str, kv: KV, known: Known, changes: list[RemoteChange],
+                     cached: tuple[SecretDef, bytes | None] | None = None) -> None:
+        gen, value = self.sealer.open("value", uuid, kv.value, extra=known.inc)
+        known.value_gen, known.value_rev, known.digest = gen, kv.mod_revision, self.sealer.digest(value)
+        if cached is None or cached != (known.definition, known.digest):
+            self.cache.write_value(known.definition, value)
+        changes.append(RemoteChange(uuid, known.definition, value))
+
+    def _drop(self, uuid: str, changes: list[RemoteChange]) -> None:
+        self._known.pop(uuid, None)
+        self._cached.pop(uuid, None)
+        self.cache.delete_values(uuid)
+        self.cache.delete_definition(uuid)
+        changes.append(RemoteChange(uuid, None))
+
+    # -- catching up on a lookup miss -------------------------------------------------------
+    def catch_up(self, uuid: str | None = None, usage: tuple[UsageType, str] | None = None,
+                 value_of: str | None = None, timeout: float = 2.0) -> bool:
+        """On a lookup miss: one quorum read of the secret's key (by UUID, usage, or its value) in etcd; if
+        it exists, wait (bounded) until the watch applied it here, so a secret defined on
+        another host a moment ago is found. False when the miss stands."""
+        if self.cell.get()[0] is not FleetState.ONLINE or not self._take_token():
+            return False
+        if uuid is not None:
+            key = self.keys.definition(uuid)
+        elif value_of is not None:
+            key = self.keys.value(value_of)
+        elif usage is not None and usage[0] != UsageType.NONE:
+            key = self.keys.usage(self.sealer.usage_index(usage[0], usage[1]))
+        else:
+            return False
+        try:
+            _, kvs = self.etcd.range(key)
+        except EtcdUnavailable as e:
+            self.cell.set(FleetState.DEGRADED, str(e))
+            return False
+        if not kvs:
+            return False
+        target = kvs[0].mod_revision
+        with self._lock:
+            return self._lock.wait_for(lambda: self.revision >= target, timeout)
+
+    def _take_token(self) -> bool:
+        with self._bucket_lock:
+            tokens, at = self._bucket
+            now = time.monotonic()
+            tokens = min(CATCH_UP_RATE, tokens + (now - at) * CATCH_UP_RATE)
+            if tokens < 1:
+                self._bucket = (tokens, now)
+                return False
+            self._bucket = (tokens - 1, now)
+            return True
+
+    # -- loading: the local store and the fleet cache -------------------------------------
+    def prepare(self) -> None:
+        super().prepare()
+        try:
+            fsutil.ensure_private_dir(self.cache.dir)
+        except OSError as e:
+            raise errors.SystemError(f"cannot create fleet cache directory '{self.cache.dir}': {e.strerror}") from None
+
+    def load(self, *, migrate: bool = False) -> LoadReport:
+        local = super().load(migrate=migrate)
+        cache = self.cache.load(migrate=migrate)
+        with self._lock:
+            self._cached = {x.definition.uuid: (x.definition, None if x.value is None else self.sealer.digest(x.value))
+                            for x in cache.secrets}
+        # A secret in both (a crash while it joined the fleet): the fleet's copy is served.
+        secrets = [x for x in local.secrets if x.definition.uuid not in self._cached] + cache.secrets
+        return LoadReport(secrets, local.skipped + cache.skipped)

@@ -1,0 +1,606 @@
+"""Fleet mode on a real etcd (Debian's etcd-server): several embedded drivers, each with its own
+root (cache, host key, fleet state), share one etcd; a loopback proxy partitions one host."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from secretbus.core import errors
+from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
+from secretbus.driver.build import open_instance
+from secretbus.driver.driver import SecretDriver
+from secretbus.fleet.keyfile import fleet_dir, init_fleet_key
+from secretbus.fleet.status import FleetState
+from secretbus.fleet.store import FleetStore
+from secretbus.store.keys import init_encryption
+from secretbus.store.paths import InstancePaths
+from tests.harness.etcd import EtcdCluster
+from tests.harness.tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed")
+
+WAIT = 60     # generous: the machine is shared and loaded
+
+
+def wait_for(pred: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def xml(uuid: str, usage: str = "", private: str = "no", desc: str = "", ephemeral: str = "no") -> str:
+    body = f"<uuid>{uuid}</uuid>"
+    if desc:
+        body += f"<description>{desc}</description>"
+    if usage:
+        body += f"<usage type='ceph'><name>{usage}</name></usage>"
+    return f"<secret ephemeral='{ephemeral}' private='{private}'>{body}</secret>"
+
+
+def uid(n: int) -> str:
+    return f"6a1e0c1e-0000-4000-8000-{n:012x}"
+
+
+@dataclass
+class Host:
+    name: str
+    root: Path
+    endpoints: list[str]
+    driver: SecretDriver | None = None
+    events: list[SecretEvent] = field(default_factory=list)
+
+    @property
+    def paths(self) -> InstancePaths:
+        return InstancePaths.embed(self.root)
+
+    @property
+    def d(self) -> SecretDriver:
+        assert self.driver is not None
+        return self.driver
+
+    @property
+    def store(self) -> FleetStore:
+        s = self.d.store
+        assert isinstance(s, FleetStore)
+        return s
+
+    def open(self, online: bool = True) -> Host:
+        self.driver = open_instance(self.paths)
+        self.driver.subscribe(self.events.append)
+        if online:
+            assert self.store.cell.wait_online(WAIT), self.store.status
+        return self
+
+    def close(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
+            self.driver = None
+
+    def seen(self, uuid: str, event_id: EventId, lifecycle: Lifecycle | None = None) -> int:
+        return sum(1 for e in list(self.events)
+                   if e.uuid == uuid and e.event_id == event_id and e.lifecycle == lifecycle)
+
+    def state(self) -> dict[str, tuple[object, bytes | None]]:
+        out: dict[str, tuple[object, bytes | None]] = {}
+        for s in self.d.list_secrets():
+            try:
+                v: bytes | None = self.d.get_value(s.uuid, internal_call=True)
+            except errors.NoSecret:
+                v = None
+            out[s.uuid] = (s, v)
+        return out
+
+
+def make_host(base: Path, name: str, endpoints: list[str], fleet_key: bytes | None,
+              extra_conf: str = "") -> tuple[Host, bytes]:
+    root = base / name
+    etc = root / "etc"
+    etc.mkdir(parents=True)
+    etc.chmod(0o700)
+    init_encryption(etc / "host-key", raw=True)       # the local cache is encrypted under the host key
+    ends = ", ".join(f'"{e}"' for e in endpoints)
+    (etc / "secret.conf").write_text(f'secrets_encryption_key = "{etc / "host-key"}"\n'
+                                     f'fleet_endpoints = [ {ends} ]\nfleet_cluster = "test"\n' + extra_conf)
+    path = init_fleet_key(fleet_dir(InstancePaths.embed(root)), raw=True, key=fleet_key)
+    return Host(name, root, endpoints), path.read_bytes()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
+    c = EtcdCluster.create(tmp_path / "etcd", 1)
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, etcd: EtcdCluster) -> Iterator[list[Host]]:
+    """Three hosts on the same etcd; the third reaches it through a proxy that can be cut."""
+    proxy = TcpProxy(etcd.members[0].client_port)
+    made: list[Host] = []
+    key = None
+    try:
+        for name, ends in (("a", etcd.endpoints), ("b", etcd.endpoints), ("c", [proxy.url])):
+            h, key = make_host(tmp_path, name, ends, key)
+            h.proxy = proxy     # type: ignore[attr-defined]
+            made.append(h.open())
+        yield made
+    finally:
+        for h in made:
+            h.close()
+        proxy.close()
+
+
+def test_define_on_a_is_served_by_b_with_events(hosts: list[Host]) -> None:
+    a, b, _ = hosts
+    u = uid(1)
+    a.d.define_xml(xml(u, "client.one", desc="first"))
+    a.d.set_value(u, b"v-one")
+    wait_for(lambda: b.seen(u, EventId.VALUE_CHANGED), "the value event on b")
+    assert b.seen(u, EventId.LIFECYCLE, Lifecycle.DEFINED) == 1
+    assert b.d.get_value(u) == b"v-one"
+    assert b.d.lookup_by_usage(UsageType.CEPH, "client.one").uuid == u
+    # the writing host announced its own write once, not again from the watch
+    time.sleep(0.5)
+    assert a.seen(u, EventId.LIFECYCLE, Lifecycle.DEFINED) == 1
+    assert a.seen(u, EventId.VALUE_CHANGED) == 1
+    # b's local cache holds it, encrypted under b's host key; b's own store has nothing
+    cache = fleet_dir(b.paths) / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == [f"{u}.aes256gcm", f"{u}.xml"]
+    assert b"v-one" not in (cache / f"{u}.aes256gcm").read_bytes()
+    assert not list(b.paths.config_dir.iterdir())
+    # redefine on b reaches a; undefine on b reaches a
+    b.d.define_xml(xml(u, "client.one", desc="second"))
+    wait_for(lambda: a.d.lookup_by_uuid(u).description == "second", "the redefine on a")
+    assert a.d.get_value(u) == b"v-one"
+    b.d.undefine(u)
+    wait_for(lambda: a.seen(u, EventId.LIFECYCLE, Lifecycle.UNDEFINED), "the undefine on a")
+    with pytest.raises(errors.NoSecret):
+        a.d.lookup_by_uuid(u)
+    assert not list((fleet_dir(a.paths) / "cache").iterdir())
+
+
+def test_a_lookup_right_after_a_remote_define_finds_it(hosts: list[Host]) -> None:
+    """The migration race: defined on A, looked up on B at once (quorum read on the miss)."""
+    a, b, _ = hosts
+    for n in range(20):
+        u = uid(100 + n)
+        a.d.define_xml(xml(u, f"race.{n}"))
+        a.d.set_value(u, b"value-%d" % n)
+        assert b.d.lookup_by_uuid(u).uuid == u
+        assert b.d.get_value(u) == b"value-%d" % n
+    u = uid(200)
+    a.d.define_xml(xml(u, "race.usage"))
+    assert b.d.lookup_by_usage(UsageType.CEPH, "race.usage").uuid == u
+    with pytest.raises(errors.NoSecret):
+        b.d.lookup_by_uuid(uid(201))       # a real miss stays a miss
+
+
+def test_concurrent_defines_of_one_usage_exactly_one_wins(hosts: list[Host]) -> None:
+    drivers = [h.d for h in hosts[:2]]
+
+    def define(i: int, rnd: int, barrier: threading.Barrier, results: list[object]) -> None:
+        barrier.wait()
+        try:
+            results[i] = drivers[i].define_xml(xml(uid(300 + 10 * rnd + i), f"shared.{rnd}"))
+        except errors.SecretError as e:
+            results[i] = e
+    for rnd in range(8):
+        barrier = threading.Barrier(2)
+        results: list[object] = [None, None]
+        threads = [threading.Thread(target=define, args=(i, rnd, barrier, results)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [r for r in results if not isinstance(r, errors.SecretError)]
+        lost = [r for r in results if isinstance(r, errors.SecretError)]
+        assert len(won) == 1 and len(lost) == 1, results
+        assert "already defined for use with" in str(lost[0])
+        winner = won[0].uuid     # type: ignore[attr-defined]
+        for h in hosts:
+            wait_for(lambda h=h, rnd=rnd: h.d.list_secrets() and any(
+                s.usage_id == f"shared.{rnd}" for s in h.d.list_secrets()), f"round {rnd} on {h.name}")
+            assert h.d.lookup_by_usage(UsageType.CEPH, f"shared.{rnd}").uuid == winner
+
+
+def test_partitioned_host_serves_reads_refuses_writes_and_resumes(hosts: list[Host]) -> None:
+    a, _, c = hosts
+    proxy: TcpProxy = c.proxy    # type: ignore[attr-defined]
+    keep, gone = uid(400), uid(401)
+    for u in (keep, gone):
+        a.d.define_xml(xml(u, f"p.{u[-3:]}"))
+        a.d.set_value(u, b"before")
+    wait_for(lambda: c.seen(gone, EventId.VALUE_CHANGED), "the values on c")
+    proxy.cut()
+    wait_for(lambda: c.store.status.state is FleetState.DEGRADED, "c degraded")
+    assert c.store.status.reason
+    # reads from the cache
+    assert c.d.get_value(keep) == b"before"
+    assert c.d.lookup_by_usage(UsageType.CEPH, f"p.{keep[-3:]}").uuid == keep
+    # fleet writes refused with the text; nothing diverges locally
+    for write in (lambda: c.d.define_xml(xml(uid(402), "p.new")),
+                  lambda: c.d.set_value(keep, b"diverged"),
+                  lambda: c.d.undefine(keep)):
+        with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: "):
+            write()
+    assert c.d.get_value(keep) == b"before"
+    with pytest.raises(errors.NoSecret):
+        c.d.lookup_by_uuid(uid(402))
+    # local ephemeral secrets are unaffected
+    c.d.define_xml(xml(uid(403), "p.local", ephemeral="yes"))
+    c.d.set_value(uid(403), b"local")
+    # meanwhile the rest of the fleet goes on
+    new = uid(404)
+    a.d.define_xml(xml(new, "p.404"))
+    a.d.set_value(new, b"during")
+    a.d.set_value(keep, b"after")
+    a.d.undefine(gone)
+    assert c.d.get_value(keep) == b"before"
+    before = len(c.events)
+    resyncs = c.store.resyncs
+    proxy.restore()
+    wait_for(lambda: c.store.status.state is FleetState.ONLINE, "c online again")
+    wait_for(lambda: c.seen(gone, EventId.LIFECYCLE, Lifecycle.UNDEFINED), "the undefine on c")
+    # resumed from its revision (no resync), every change announced in order
+    assert c.store.resyncs == resyncs
+    got = [(e.uuid, e.event_id, e.lifecycle) for e in c.events[before:]]
+    assert got == [(new, EventId.LIFECYCLE, Lifecycle.DEFINED), (new, EventId.VALUE_CHANGED, None),
+                   (keep, EventId.VALUE_CHANGED, None), (gone, EventId.LIFECYCLE, Lifecycle.UNDEFINED)]
+    assert c.d.get_value(keep) == b"after" and c.d.get_value(new) == b"during"
+    assert c.d.get_value(uid(403)) == b"local"
+    c.d.set_value(keep, b"from-c")             # writes work again
+    wait_for(lambda: a.d.get_value(keep) == b"from-c", "c's write on a")
+
+
+def test_compacted_watch_resyncs_with_events_for_the_diff(hosts: list[Host]) -> None:
+    a, b, c = hosts
+    proxy: TcpProxy = c.proxy    # type: ignore[attr-defined]
+    same, changed, gone, new = uid(500), uid(501), uid(502), uid(503)
+    for u in (same, changed, gone):
+        a.d.define_xml(xml(u, f"k.{u[-3:]}"))
+        a.d.set_value(u, b"one")
+    wait_for(lambda: c.seen(gone, EventId.VALUE_CHANGED), "the values on c")
+    proxy.cut()
+    wait_for(lambda: c.store.status.state is FleetState.DEGRADED, "c degraded")
+    a.d.set_value(changed, b"two")
+    a.d.set_value(changed, b"three")
+    a.d.undefine(gone)
+    a.d.define_xml(xml(new, "k.new"))
+    a.d.set_value(new, b"fresh")
+    rev = a.store.etcd.revision()
+    a.store.etcd.compact(rev)
+    before, resyncs = len(c.events), c.store.resyncs
+    proxy.restore()
+    wait_for(lambda: c.store.resyncs > resyncs, "c's resync")
+    wait_for(lambda: c.store.status.state is FleetState.ONLINE, "c online again")
+    got = sorted((e.uuid, e.event_id, e.lifecycle or 0) for e in c.events[before:])
+    assert got == sorted([(changed, EventId.VALUE_CHANGED, 0), (gone, EventId.LIFECYCLE, Lifecycle.UNDEFINED),
+                          (new, EventId.LIFECYCLE, Lifecycle.DEFINED), (new, EventId.VALUE_CHANGED, 0)])
+    assert c.state() == a.state() == b.state()
+
+
+def test_etcd_stopped_reads_served_writes_refused_restart_recovers(hosts: list[Host], etcd: EtcdCluster) -> None:
+    a, b, _ = hosts
+    u = uid(600)
+    a.d.define_xml(xml(u, "down.600"))
+    a.d.set_value(u, b"cached")
+    wait_for(lambda: b.seen(u, EventId.VALUE_CHANGED), "the value on b")
+    etcd.stop()
+    for h in (a, b):
+        wait_for(lambda h=h: h.store.status.state is FleetState.DEGRADED, f"{h.name} degraded")
+        assert h.d.get_value(u) == b"cached"
+        with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: "):
+            h.d.set_value(u, b"x")
+    # a host restarted during the outage serves its cache
+    b.close()
+    b.open(online=False)
+    assert b.store.status.state is not FleetState.ONLINE
+    assert b.d.get_value(u) == b"cached"
+    with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: "):
+        b.d.define_xml(xml(uid(601), "down.601"))
+    reopened = len(b.events)
+    etcd.start(new=False)
+    for h in (a, b):
+        assert h.store.cell.wait_online(WAIT), h.store.status
+    a.d.define_xml(xml(uid(602), "down.602"))
+    wait_for(lambda: b.seen(uid(602), EventId.LIFECYCLE, Lifecycle.DEFINED), "a define after recovery on b")
+    # the resync after b's restart found its cache current: nothing to announce about u
+    assert [e for e in b.events[reopened:] if e.uuid == u] == []
+
+
+def test_etcd_holds_no_value_usage_or_description_in_clear(hosts: list[Host], etcd: EtcdCluster) -> None:
+    a = hosts[0]
+    marks = [b"Mark-Usage-7f3a", b"Mark-Desc-19c2", b"Mark-Value-55e1"]
+    u = uid(700)
+    a.d.define_xml(xml(u, marks[0].decode(), desc=marks[1].decode()))
+    a.d.set_value(u, marks[2])
+    a.d.define_xml(xml(uid(701), marks[0].decode() + "-2", private="yes"))
+    a.d.set_value(uid(701), marks[2] + b"-private")
+    dump = etcd.dump()
+    import base64
+    import json
+    kvs = json.loads(dump)["kvs"]
+    assert len(kvs) >= 5
+    raw = b"".join(base64.b64decode(kv["key"]) + base64.b64decode(kv.get("value", "")) for kv in kvs)
+    files = b"".join(p.read_bytes() for p in etcd.members[0].data_dir.rglob("*") if p.is_file())
+    for m in marks:
+        for blob in (raw, files):
+            assert m not in blob and m.lower() not in blob.lower()
+            assert base64.b64encode(m)[:12] not in blob
+
+
+def test_a_host_with_another_fleet_key_is_refused(tmp_path: Path, etcd: EtcdCluster, hosts: list[Host]) -> None:
+    hosts[0].d.define_xml(xml(uid(800), "key.800"))
+    other, _ = make_host(tmp_path, "other", etcd.endpoints, os.urandom(32))
+    other.open(online=False)
+    try:
+        wait_for(lambda: "fleet key" in other.store.status.reason, "the key mismatch")
+        assert other.store.status.state is FleetState.DEGRADED
+        assert other.d.list_secrets() == []
+        with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: .*fleet key"):
+            other.d.define_xml(xml(uid(801), "key.801"))
+    finally:
+        other.close()
+
+
+def test_three_member_cluster_survives_the_loss_of_one_member(tmp_path: Path) -> None:
+    cluster = EtcdCluster.create(tmp_path / "etcd3", 3)
+    made: list[Host] = []
+    try:
+        cluster.start()
+        key = None
+        for name in ("a", "b"):
+            # each host prefers another member first
+            ends = cluster.endpoints[len(made):] + cluster.endpoints[:len(made)]
+            h, key = make_host(tmp_path, name, ends, key)
+            made.append(h.open())
+        a, b = made
+        u = uid(900)
+        a.d.define_xml(xml(u, "three.900"))
+        a.d.set_value(u, b"one")
+        wait_for(lambda: b.seen(u, EventId.VALUE_CHANGED), "the value on b")
+        cluster.kill(cluster.members[1])        # b's first endpoint
+        a.d.set_value(u, b"two")                # still a quorum: writes go on
+        wait_for(lambda: b.d.get_value(u) == b"two", "the new value on b")
+        wait_for(lambda: b.store.status.state is FleetState.ONLINE, "b online on another member")
+        b.d.define_xml(xml(uid(901), "three.901"))
+        wait_for(lambda: a.seen(uid(901), EventId.LIFECYCLE, Lifecycle.DEFINED), "b's define on a")
+        assert a.state() == b.state()
+    finally:
+        for h in made:
+            h.close()
+        cluster.stop()
+
+
+def test_cli_fleet_init_and_status(tmp_path: Path, etcd: EtcdCluster) -> None:
+    import subprocess
+    import sys
+
+    def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "secretbus.cli", "-c", f"secret:///embed?root={root}",
+                               "fleet", *args], capture_output=True, text=True, timeout=120)
+    roots = []
+    for name in ("one", "two", "three"):
+        etc = tmp_path / name / "etc"
+        etc.mkdir(parents=True, mode=0o700)
+        (etc / "secret.conf").write_text(f'fleet_endpoints = [ "{etcd.endpoints[0]}" ]\nfleet_cluster = "cli"\n')
+        roots.append(tmp_path / name)
+    r = cli(roots[0], "init", "--raw")
+    assert r.returncode == 0 and "uses this key" in r.stdout, r
+    first = roots[0] / "etc" / "secretbus-fleet" / "fleet-key"
+    r = cli(roots[1], "init", "--raw", "--from-file", str(first))
+    assert r.returncode == 0 and "uses this key" in r.stdout, r
+    r = cli(roots[2], "init", "--raw")             # a key of its own: refused by the cluster
+    assert r.returncode == 1 and "has another fleet key" in r.stderr, r
+    r = cli(roots[1], "status")
+    assert r.returncode == 0 and "cluster key: matches" in r.stdout and "fleet secrets: 0" in r.stdout, r
+    assert first.read_bytes().hex() not in r.stdout + r.stderr
+
+
+def test_secretbusd_serves_the_fleet_on_dbus(tmp_path: Path, etcd: EtcdCluster, session_bus, make_secretbusd) -> None:
+    """A define on an embedded host reaches a secretbusd's D-Bus clients as signals; its D-Bus
+    writes reach the fleet, and are refused with the fleet's text while etcd is down."""
+    from secretbus.bus.client import DBusConnection
+    from secretbus.core.model import InstanceKind
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    a.open()
+    d, _ = make_host(tmp_path, "d", etcd.endpoints, key)
+    daemon = make_secretbusd(session_bus, root=d.root)
+    conn = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
+                               bus_address=session_bus.address)
+    got: list[SecretEvent] = []
+    try:
+        conn.subscribe(lambda s, ev: got.append(ev))
+        u = uid(1000)
+        a.d.define_xml(xml(u, "dbus.1000"))
+        a.d.set_value(u, b"over-dbus")
+        wait_for(lambda: any(e.uuid == u and e.event_id == EventId.VALUE_CHANGED for e in got), "the D-Bus signals")
+        assert [(e.event_id, e.lifecycle) for e in got if e.uuid == u] == \
+            [(EventId.LIFECYCLE, Lifecycle.DEFINED), (EventId.VALUE_CHANGED, None)]
+        assert conn.lookup_by_usage(UsageType.CEPH, "dbus.1000").uuid == u
+        assert conn.secret_get_value(u) == b"over-dbus"
+        s = conn.define_xml(xml(uid(1001), "dbus.1001"))
+        conn.secret_set_value(s.uuid, b"from-dbus")
+        wait_for(lambda: a.seen(uid(1001), EventId.VALUE_CHANGED), "the D-Bus write on a")
+        assert a.d.get_value(uid(1001)) == b"from-dbus"
+        etcd.stop()
+        wait_for(lambda: "fleet store unavailable" in daemon.log(), "the degraded state in the log")
+        assert conn.secret_get_value(u) == b"over-dbus"
+        with pytest.raises(errors.OperationFailed, match="fleet store unavailable: "):
+            conn.define_xml(xml(uid(1002), "dbus.1002"))
+        assert "over-dbus" not in daemon.log() and "from-dbus" not in daemon.log()
+    finally:
+        conn.close()
+        a.close()
+
+
+def test_a_restarted_host_resyncs_from_its_cache_and_keeps_local_secrets(tmp_path: Path, etcd: EtcdCluster) -> None:
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    b, _ = make_host(tmp_path, "b", etcd.endpoints, key, 'fleet_usage_types = [ "ceph" ]\n')
+    a.open()
+    b.open()
+    try:
+        s1, s2, s3, local = uid(1100), uid(1101), uid(1102), uid(1103)
+        for u in (s1, s2):
+            a.d.define_xml(xml(u, f"r.{u[-4:]}"))
+            a.d.set_value(u, b"old")
+        wait_for(lambda: b.seen(s2, EventId.VALUE_CHANGED), "the values on b")
+        # a secret of a usage type b does not replicate stays on b
+        b.d.define_xml(f"<secret ephemeral='no' private='no'><uuid>{local}</uuid>"
+                       "<usage type='volume'><volume>/var/lib/images/local.img</volume></usage></secret>")
+        b.d.set_value(local, b"mine")
+        assert sorted(p.name for p in b.paths.config_dir.iterdir()) == [f"{local}.aes256gcm", f"{local}.xml"]
+        b.close()
+        a.d.undefine(s1)
+        a.d.set_value(s2, b"new")
+        a.d.define_xml(xml(s3, "r.s3"))
+        b.open()
+        assert a.state() == {k: v for k, v in b.state().items() if k != local}
+        assert b.d.get_value(local) == b"mine"
+        with pytest.raises(errors.NoSecret):
+            a.d.lookup_by_uuid(local)
+        # a restart with a current cache rewrites nothing
+        cache = fleet_dir(b.paths) / "cache"
+        before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+        b.close()
+        b.open()
+        assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
+        assert b.d.get_value(s2) == b"new"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_failed_write_does_not_leave_the_host_degraded(hosts: list[Host]) -> None:
+    """A write that times out marks the store degraded; with the watch still up, the heartbeat's
+    quorum read brings it back online (no reconnect needed, nothing missed)."""
+    a, b, _ = hosts
+    a.store.cell.set(FleetState.DEGRADED, "simulated: a transaction timed out")
+    with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: simulated"):
+        a.d.define_xml(xml(uid(1200), "hb.1200"))
+    assert a.store.cell.wait_online(WAIT)
+    a.d.define_xml(xml(uid(1200), "hb.1200"))
+    wait_for(lambda: b.seen(uid(1200), EventId.LIFECYCLE, Lifecycle.DEFINED), "the define on b")
+
+
+def test_the_largest_definition_the_rules_allow_replicates(hosts: list[Host]) -> None:
+    """128 Ki characters of 4-byte UTF-8 in the description (the rules' limit) fit etcd's request limit."""
+    from secretbus.driver.rules import DESCRIPTION_MAX
+    a, b = hosts[0], hosts[1]
+    big = "\U0001F511" * DESCRIPTION_MAX
+    a.d.define_xml(xml(uid(1300), "big.1300", desc=big))
+    assert b.d.lookup_by_uuid(uid(1300)).description == big
+    assert a.store.status.state is FleetState.ONLINE
+
+
+def test_secrets_a_host_had_before_fleet_mode_stay_local(tmp_path: Path, etcd: EtcdCluster) -> None:
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    conf = a.paths.conf_file
+    fleet_conf = conf.read_text()
+    conf.write_text(fleet_conf.split("fleet_endpoints")[0])     # the host key only: no fleet yet
+    u = uid(1400)
+    d = open_instance(a.paths)
+    d.define_xml(xml(u, "old.1400"))
+    d.set_value(u, b"kept")
+    d.close()
+    conf.write_text(fleet_conf)
+    b, _ = make_host(tmp_path, "b", etcd.endpoints, key)
+    a.open()
+    b.open()
+    try:
+        assert a.d.get_value(u) == b"kept"
+        a.d.define_xml(xml(u, "old.1400", desc="redefined"))
+        assert a.d.get_value(u) == b"kept"
+        a.d.set_value(u, b"kept-2")
+        with pytest.raises(errors.NoSecret):
+            b.d.lookup_by_uuid(u)
+        a.close()
+        a.open()
+        assert a.d.get_value(u) == b"kept-2" and a.d.lookup_by_uuid(u).description == "redefined"
+        assert not a.store.is_fleet(u)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_rewrite_values_works_on_the_cache_while_etcd_is_down(tmp_path: Path, etcd: EtcdCluster) -> None:
+    a, _ = make_host(tmp_path, "a", etcd.endpoints, None)
+    a.open()
+    try:
+        u = uid(1500)
+        a.d.define_xml(xml(u, "rw.1500"))
+        a.d.set_value(u, b"rewritten")
+        a.close()
+        etcd.stop()
+        a.open(online=False)
+        before = (fleet_dir(a.paths) / "cache" / f"{u}.aes256gcm").read_bytes()
+        assert tuple(a.d.rewrite_values()) == (1, 1, 0)
+        assert (fleet_dir(a.paths) / "cache" / f"{u}.aes256gcm").read_bytes() != before   # new nonce
+        a.close()
+        a.open(online=False)
+        assert a.d.get_value(u) == b"rewritten"
+        with pytest.raises(errors.OperationFailed, match="^fleet store unavailable: "):
+            a.d.set_value(u, b"changed")
+    finally:
+        a.close()
+
+
+def test_a_resync_in_several_steps_applies_everything(tmp_path: Path, etcd: EtcdCluster) -> None:
+    from secretbus.fleet.store import RESYNC_STEP
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    b, _ = make_host(tmp_path, "b", etcd.endpoints, key)
+    a.open()
+    try:
+        n = RESYNC_STEP + 40
+        for i in range(n):
+            a.d.define_xml(xml(uid(20000 + i), f"big.{i}"))
+        a.d.set_value(uid(20000), b"first")
+        b.open()
+        assert b.store.resyncs == 1
+        assert b.state() == a.state() and len(b.state()) == n
+        assert b.d.get_value(uid(20000)) == b"first"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fleet_over_tls_with_client_certificates(tmp_path: Path) -> None:
+    from tests.harness.etcd import Pki
+    pki = Pki.create(tmp_path / "pki")
+    cluster = EtcdCluster.create(tmp_path / "etcd-tls", 1, pki=pki)
+    tls = (f'fleet_ca_file = "{pki.ca}"\nfleet_cert_file = "{pki.client_cert}"\n'
+           f'fleet_key_file = "{pki.client_key}"\n')
+    made: list[Host] = []
+    try:
+        cluster.start()
+        assert cluster.endpoints[0].startswith("https://")
+        a, key = make_host(tmp_path, "a", cluster.endpoints, None, tls)
+        b, _ = make_host(tmp_path, "b", cluster.endpoints, key, tls)
+        made += [a.open(), b.open()]
+        u = uid(1600)
+        a.d.define_xml(xml(u, "tls.1600"))
+        a.d.set_value(u, b"over-tls")
+        wait_for(lambda: b.seen(u, EventId.VALUE_CHANGED), "the value on b")
+        assert b.d.get_value(u) == b"over-tls"
+        # without a client certificate etcd refuses the host: it stays degraded
+        c, _ = make_host(tmp_path, "c", cluster.endpoints, key, f'fleet_ca_file = "{pki.ca}"\n')
+        made.append(c.open(online=False))
+        wait_for(lambda: c.store.status.state is FleetState.DEGRADED, "c degraded")
+        assert c.d.list_secrets() == []
+        # a stopped watch over TLS ends cleanly (the stream is shut down, not left blocking)
+        b.close()
+        a.d.set_value(u, b"again")
+    finally:
+        for h in made:
+            h.close()
+        cluster.stop()

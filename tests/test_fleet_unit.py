@@ -1,0 +1,136 @@
+"""Fleet mode's pure logic: sealing and its bindings, the usage index, keyspace names, the
+fleet_* keys of secret.conf, and the fleet key files (raw and sealed with systemd-creds)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from secretbus.core import errors
+from secretbus.core.model import UsageType
+from secretbus.fleet.keyfile import init_fleet_key, load_fleet_key
+from secretbus.fleet.keyspace import Keyspace
+from secretbus.fleet.seal import FleetKey, Sealer, SealError
+from secretbus.store.conf import parse_conf
+
+U1 = "6a1e0c1e-0000-4000-8000-000000000001"
+U2 = "6a1e0c1e-0000-4000-8000-000000000002"
+
+
+def sealer(cluster: str = "c1", key: bytes = b"k" * 32, version: int = 1) -> Sealer:
+    return Sealer(cluster, FleetKey(version, key))
+
+
+def test_a_record_opens_only_for_its_cluster_secret_kind_and_binding() -> None:
+    s = sealer()
+    rec = s.seal("value", U1, 7, b"the-value", extra="inc1")
+    assert s.open("value", U1, rec, extra="inc1") == (7, b"the-value")
+    assert b"the-value" not in rec
+    for other, kind, uuid, extra in ((sealer("c2"), "value", U1, "inc1"), (s, "def", U1, "inc1"),
+                                     (s, "value", U2, "inc1"), (s, "value", U1, "inc2"),
+                                     (sealer(key=b"x" * 32), "value", U1, "inc1")):
+        with pytest.raises(SealError) as e:
+            other.open(kind, uuid, rec, extra=extra)
+        assert "the-value" not in str(e.value)
+    # the generation in the header is authenticated
+    tampered = rec[:8] + (8).to_bytes(8, "big") + rec[16:]
+    with pytest.raises(SealError):
+        s.open("value", U1, tampered, extra="inc1")
+    with pytest.raises(SealError, match="key version 1, this host has version 2"):
+        sealer(version=2).open("value", U1, rec, extra="inc1")
+    with pytest.raises(SealError, match="truncated"):
+        s.open("value", U1, rec[:20], extra="inc1")
+
+
+def test_the_usage_index_is_stable_opaque_and_per_type_and_cluster() -> None:
+    s = sealer()
+    a = s.usage_index(UsageType.CEPH, "client.admin")
+    assert a == sealer().usage_index(UsageType.CEPH, "client.admin")
+    assert "client" not in a and len(a) == 64
+    assert a != s.usage_index(UsageType.TLS, "client.admin")
+    assert a != sealer("c2").usage_index(UsageType.CEPH, "client.admin")
+    assert a != sealer(key=b"x" * 32).usage_index(UsageType.CEPH, "client.admin")
+    assert "k" * 32 not in repr(s) and "kkkk" not in repr(FleetKey(1, b"k" * 32))
+
+
+def test_keyspace_parses_only_secret_keys() -> None:
+    k = Keyspace("c1")
+    assert k.parse(k.definition(U1)) == (U1, "def")
+    assert k.parse(k.value(U1)) == (U1, "value")
+    for key in (k.key_check, k.usage("ab"), k.secrets + b"../x/def", k.secrets + U1.upper().encode() + b"/def",
+                Keyspace("c2").definition(U1)):
+        assert k.parse(key) is None
+
+
+def test_fleet_keys_of_secret_conf() -> None:
+    c = parse_conf('fleet_endpoints = [ "http://127.0.0.1:2379", "https://e2:2379" ]\nfleet_cluster = "dc-1"\n'
+                   'fleet_usage_types = [ "ceph", "volume" ]\nfleet_private = 0\n'
+                   'fleet_ca_file = "/etc/pki/ca.pem"\n')
+    assert c.fleet_endpoints == ("http://127.0.0.1:2379", "https://e2:2379")
+    assert (c.fleet_cluster, c.fleet_usage_types, c.fleet_private, c.fleet_ca_file) == \
+        ("dc-1", ("ceph", "volume"), False, "/etc/pki/ca.pem")
+    assert parse_conf("").fleet_endpoints == () and parse_conf("").fleet_private
+    for bad, msg in (('fleet_endpoints = [ "etcd:2379" ]', "http:// or https://"),
+                     ('fleet_usage_types = [ "disk" ]', "unknown usage type"),
+                     ('fleet_cluster = "a/b"', "fleet_cluster"), ("fleet_private = 2", "0 or 1"),
+                     ('fleet_ca_file = "rel.pem"', "absolute")):
+        with pytest.raises(errors.ConfigError, match=msg):
+            parse_conf(bad)
+
+
+def _private_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "fleet"
+    return d
+
+
+def test_raw_fleet_key_created_once_and_loaded(tmp_path: Path) -> None:
+    d = _private_dir(tmp_path)
+    path = init_fleet_key(d, raw=True)
+    assert path.stat().st_mode & 0o777 == 0o600 and d.stat().st_mode & 0o777 == 0o700
+    key = load_fleet_key(d, environ={})
+    assert key.key == path.read_bytes() and key.version == 1
+    with pytest.raises(errors.OperationFailed, match="already exists"):
+        init_fleet_key(d, raw=True)
+    other = init_fleet_key(tmp_path / "copy", raw=True, key=key.key)
+    assert other.read_bytes() == key.key
+    with pytest.raises(errors.ConfigError, match="no fleet key"):
+        load_fleet_key(tmp_path / "none", environ={})
+
+
+@pytest.mark.skipif(shutil.which("systemd-creds") is None or os.geteuid() != 0,
+                    reason="needs systemd-creds as root")
+def test_sealed_fleet_key_is_not_the_key_and_unseals(tmp_path: Path) -> None:
+    d = _private_dir(tmp_path)
+    key = os.urandom(32)
+    path = init_fleet_key(d, key=key, environ=dict(os.environ))
+    assert path.name == "fleet-key.cred" and key not in path.read_bytes()
+    assert load_fleet_key(d, environ=dict(os.environ)).key == key
+    # systemd passes it decrypted as a credential: that copy wins
+    creds = tmp_path / "creds"
+    creds.mkdir(mode=0o700)
+    (creds / "secretbus-fleet-key").write_bytes(b"c" * 32)
+    (creds / "secretbus-fleet-key").chmod(0o600)
+    assert load_fleet_key(d, environ={"CREDENTIALS_DIRECTORY": str(creds)}).key == b"c" * 32
+
+
+def test_lookup_misses_ask_etcd_at_a_bounded_rate(tmp_path: Path) -> None:
+    """A flood of misses costs etcd at most CATCH_UP_RATE reads a second (then misses stand)."""
+    from secretbus.fleet import store as fleet_store
+    from secretbus.fleet.etcd import Etcd
+    from secretbus.fleet.status import FleetState
+    from secretbus.store.codec import Base64Codec, ValueCodecs
+
+    class CountingEtcd(Etcd):
+        reads = 0
+
+        def range(self, key, end=None, *, serializable=False):   # type: ignore[override]
+            CountingEtcd.reads += 1
+            return 1, []
+    s = fleet_store.FleetStore(tmp_path / "c", ValueCodecs(Base64Codec(), {}), etcd=CountingEtcd(["http://127.0.0.1:1"]),
+                               sealer=sealer(), options=fleet_store.FleetOptions("c1"), state_dir=tmp_path / "f")
+    s.cell.set(FleetState.ONLINE)
+    answers = [s.catch_up(uuid=U1) for _ in range(500)]
+    assert not any(answers)
+    assert int(fleet_store.CATCH_UP_RATE) <= CountingEtcd.reads <= int(fleet_store.CATCH_UP_RATE) + 10
