@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -68,9 +69,10 @@ def uri(rpc_dir: Path, kind: str = "session", ro: bool = False) -> str:
     return f"secret:///{kind}?socket={rpc_dir}/virtsecretd-sock{'-ro' if ro else ''}"
 
 
-def cli(u: str, *args: str, input: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(u: str, *args: str, input: bytes | None = None, env: dict | None = None,
+        top: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k != "SECRETBUS_DEFAULT_URI"}
-    return subprocess.run(entry_point() + ["-c", u, *args], input=input, capture_output=True, timeout=60,
+    return subprocess.run(entry_point() + [*top, "-c", u, *args], input=input, capture_output=True, timeout=60,
                           env={**base, **(env or {})})
 
 
@@ -279,6 +281,10 @@ def test_read_only_over_rpc(systemd_, rpc_dir):
                 assert ei.value.display() == f"operation forbidden: read only access prevents {api}"
     r = cli(uri(rpc_dir, "system", ro=True), "secret-get-value", U1)
     assert r.returncode == 1 and b"read only access prevents virSecretGetValue" in r.stderr
+    for top in (("-r",), ("--readonly",)):        # virsh -r: the rw socket, CONNECT_OPEN flag 1
+        r = cli(uri(rpc_dir, "system"), "secret-undefine", U1, top=top)
+        assert r.returncode == 1 and b"read only access prevents virSecretUndefine" in r.stderr, r.stderr
+        assert U1 in ok(cli(uri(rpc_dir, "system"), "secret-list", top=top))
     assert SENTINEL.hex() not in systemd_.log()
 
 
@@ -405,3 +411,18 @@ def test_a_server_that_goes_away(tmp_path):
     with pytest.raises(errors.OperationFailed):
         conn.list_secrets()
     assert json.dumps(ei.value.message)      # a plain text, no value in it
+
+
+def test_a_server_that_never_answers(tmp_path):
+    path = tmp_path / "mute"
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        mute.bind(str(path))
+        mute.listen(1)             # accepted by the kernel, never read nor answered
+        t0 = time.monotonic()
+        with pytest.raises(errors.OperationFailed) as ei:
+            RpcConnection.open("secret:///session", UnixTransport(path), name="secret:///session", timeout=0.5)
+        assert ei.value.message == f"no reply from {path} within 0.5 s"
+        assert time.monotonic() - t0 < 15
+    finally:
+        mute.close()

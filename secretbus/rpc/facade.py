@@ -140,12 +140,18 @@ class RpcConnection(Connection):
             raise
         return conn
 
+    def _no_reply(self) -> errors.OperationFailed:
+        return errors.OperationFailed(f"no reply from {self.transport.describe()} within {self.timeout:g} s")
+
     async def _connect(self, name: str | None, keepalive: bool) -> None:
-        async with asyncio.timeout(self.timeout):
-            client = await AsyncRpcClient.connect(self.transport, on_event=self._on_event)
-        self._client = client
-        async with asyncio.timeout(self.timeout):
-            await client.open(name, readonly=self.readonly, keepalive=keepalive)
+        try:
+            async with asyncio.timeout(self.timeout):
+                client = await AsyncRpcClient.connect(self.transport, on_event=self._on_event)
+            self._client = client
+            async with asyncio.timeout(self.timeout):
+                await client.open(name, readonly=self.readonly, keepalive=keepalive)
+        except TimeoutError:
+            raise self._no_reply() from None
 
     def close(self) -> None:
         """CONNECT_CLOSE, then stop both threads. Idempotent."""
@@ -179,8 +185,11 @@ class RpcConnection(Connection):
         client = self._client
         if client is None:
             raise errors.OperationFailed(CLOSED)
-        async with asyncio.timeout(self.timeout):
-            return await client.call(proc, args)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await client.call(proc, args)
+        except TimeoutError:
+            raise self._no_reply() from None
 
     def _handle(self, wire: dict[str, Any]) -> Secret:
         return Secret(self, str(uuidlib.UUID(bytes=wire["uuid"])), wire["usageType"], wire["usageID"])
