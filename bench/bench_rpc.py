@@ -366,6 +366,14 @@ async def raw_measure(s: Server, group: str, a: argparse.Namespace, tag: int) ->
 
 
 # -- report ---------------------------------------------------------------------------------
+def fs_type(path: Path) -> str:
+    try:
+        out = subprocess.run(["df", "--output=fstype", str(path)], capture_output=True, text=True, timeout=10)
+        return out.stdout.split()[-1]
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
 def pct(sorted_lat: list[float], p: float) -> float:
     if not sorted_lat:
         return float("nan")
@@ -453,7 +461,7 @@ def main() -> None:
         load1 = os.getloadavg()
         print(f"# bench_rpc: {a.secrets} secrets, ≤ {a.calls} reads / {a.writes} writes per measurement, "
               f"{a.seconds:g} s cap, {a.rounds} rounds; {os.cpu_count()} CPUs, load average "
-              f"{load0[0]:.2f} at start, {load1[0]:.2f} at end\n")
+              f"{load0[0]:.2f} at start, {load1[0]:.2f} at end; stores on {fs_type(work)}\n")
         print(table(cells, [s.name for s in servers]))
     finally:
         procs.stop_all()
