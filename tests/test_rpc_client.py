@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import os
 import socket
@@ -31,7 +32,7 @@ from secretbus.rpc import xdr
 from secretbus.rpc.client import AsyncRpcClient, error_from_remote
 from secretbus.rpc.connection import RpcLimits
 from secretbus.rpc.facade import RpcConnection
-from secretbus.rpc.frame import decode_frame
+from secretbus.rpc.frame import Header, decode_frame, encode_frame
 from secretbus.rpc.transport import UnixTransport
 from secretbus.uri import parse_uri
 
@@ -426,3 +427,40 @@ def test_a_server_that_never_answers(tmp_path):
         assert time.monotonic() - t0 < 15
     finally:
         mute.close()
+
+
+def test_a_hostile_server_costs_the_client_nothing(tmp_path):
+    """A frame length beyond the protocol's maximum ends the connection before anything is
+    read or allocated; a reply to a serial never sent is ignored."""
+    path = tmp_path / "hostile"
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(path))
+    lsock.listen(1)
+
+    def serve() -> None:
+        peer, _ = lsock.accept()
+        with peer:
+            peer.recv(4096)                                            # AUTH_LIST
+            stray = xdr.encode(P.PROCS[P.Proc.AUTH_LIST].ret, {"types": [0]})
+            peer.sendall(encode_frame(Header(P.REMOTE_PROGRAM, 1, P.Proc.AUTH_LIST, P.MsgType.REPLY, 77, 0), stray))
+            peer.sendall(b"\xff\xff\xff\xf0")                          # a 4 GiB frame
+            peer.recv(4096)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(errors.OperationFailed) as ei:
+            RpcConnection.open("secret:///session", UnixTransport(path), name="secret:///session", timeout=10)
+        assert "frame length" in ei.value.message and "out of bounds" in ei.value.message
+    finally:
+        lsock.close()
+        t.join(10)
+
+
+def test_the_rpc_connection_has_the_dbus_connections_api():
+    public = {n for n in dir(DBusConnection) if not n.startswith("_")} - {"service_present", "open"}
+    for name in public:
+        theirs = getattr(DBusConnection, name)
+        assert hasattr(RpcConnection, name), name
+        if callable(theirs) and not isinstance(theirs, type):
+            ours = inspect.signature(getattr(RpcConnection, name)).parameters
+            assert list(inspect.signature(theirs).parameters) == list(ours), name
