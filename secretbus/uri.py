@@ -2,8 +2,9 @@
 
 Which front end a local URI uses (DESIGN §9; README "Which front end"):
 
-1. libvirt RPC when the URI names a socket (`?socket=PATH`) or asks for `?mode=direct`: that
-   is libvirt's own syntax, and only the RPC front end has sockets;
+1. libvirt RPC when the URI names a socket (`?socket=PATH`) or asks for `?mode=direct` (libvirt's
+   own syntax: only the RPC front end has sockets), or the caller wants a read-only connection
+   (`readonly=True`, `secretbus -r`: D-Bus has none);
 2. otherwise D-Bus, unless the D-Bus side is absent (the bus cannot be reached, or
    org.libvirt.secret has no owner and cannot be activated) while libvirt's socket of that
    instance (`/run/libvirt/virtsecretd-sock`, `$XDG_RUNTIME_DIR/libvirt/virtsecretd-sock`)

@@ -29,7 +29,6 @@ from secretbus.rpc.session import Session, peer_of
 log = logging.getLogger("secretbus.rpc")
 
 
-
 class SocketBusy(Exception):
     """The path is served by a live process, or is not a socket."""
 
