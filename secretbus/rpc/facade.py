@@ -253,10 +253,16 @@ class RpcConnection(Connection):
         with self._sub_lock:
             if self._loop.closed:
                 raise errors.OperationFailed(CLOSED)
-            for eid in ids:
-                if eid not in self._callbacks:
-                    ret = self.call(P.Proc.CONNECT_SECRET_EVENT_REGISTER_ANY, {"eventID": int(eid), "secret": None})
-                    self._callbacks[eid] = ret["callbackID"]
+            added: list[EventId] = []
+            try:
+                for eid in ids:
+                    if eid not in self._callbacks:
+                        ret = self.call(P.Proc.CONNECT_SECRET_EVENT_REGISTER_ANY, {"eventID": int(eid), "secret": None})
+                        self._callbacks[eid] = ret["callbackID"]
+                        added.append(eid)
+            except BaseException:
+                self._deregister(added)      # all or nothing: no registration without a subscriber
+                raise
             if self._dispatcher is None:
                 self._dispatcher = threading.Thread(target=self._dispatch, name="secretbus-rpc-events", daemon=True)
                 self._dispatcher.start()
@@ -272,12 +278,16 @@ class RpcConnection(Connection):
             del subs[sub_id]
             self._subs = subs
             still = {eid for _, _, ids in subs.values() for eid in ids}
-            for eid in [e for e in self._callbacks if e not in still]:
-                cb = self._callbacks.pop(eid)
-                try:
-                    self.call(P.Proc.CONNECT_SECRET_EVENT_DEREGISTER_ANY, {"callbackID": cb})
-                except errors.SecretError:
-                    log.debug("could not deregister RPC event callback %d", cb, exc_info=True)
+            self._deregister([e for e in self._callbacks if e not in still])
+
+    def _deregister(self, eids: list[EventId]) -> None:
+        """Drop the server's registrations of `eids` (under _sub_lock; failures are logged)."""
+        for eid in eids:
+            cb = self._callbacks.pop(eid)
+            try:
+                self.call(P.Proc.CONNECT_SECRET_EVENT_DEREGISTER_ANY, {"callbackID": cb})
+            except errors.SecretError:
+                log.debug("could not deregister RPC event callback %d", cb, exc_info=True)
 
     def _on_event(self, proc: int, msg: dict[str, Any]) -> None:
         """Loop thread: an event MESSAGE for one of this connection's callbacks."""
