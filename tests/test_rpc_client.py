@@ -89,8 +89,10 @@ def xml_file(tmp_path: Path, name: str = "s.xml", **kw) -> str:
 
 
 # -- the CLI over RPC --------------------------------------------------------------------------
-def test_cli_every_secret_command_over_rpc(sessiond, rpc_dir, tmp_path):
-    u = uri(rpc_dir)
+@pytest.mark.parametrize("kind", ["system", "session"])
+def test_cli_every_secret_command_over_rpc(kind, session_bus, make_secretbusd, rpc_dir, tmp_path):
+    d = rpc_only(session_bus, make_secretbusd, rpc_dir, system=kind == "system")
+    u = uri(rpc_dir, kind)
     assert ok(cli(u, "secret-define", xml_file(tmp_path))) == f"Secret {U1} created\n\n"
     assert ok(cli(u, "secret-define", xml_file(tmp_path, "p.xml", uuid=U2, priv="yes", usage="volume",
                                                uid="/var/lib/libvirt/images/p.img")))
@@ -115,7 +117,7 @@ def test_cli_every_secret_command_over_rpc(sessiond, rpc_dir, tmp_path):
     assert r.returncode == 1 and f"Secret not found: no secret with matching uuid '{U1}'".encode() in r.stderr
     r = cli(u, "secret-undefine", "not-a-uuid")
     assert r.returncode == 1 and b"failed to get secret 'not-a-uuid'" in r.stderr, r.stderr
-    log = sessiond.log()
+    log = d.log()
     assert SENTINEL.hex() not in log and base64.b64encode(SENTINEL).decode() not in log
 
 
