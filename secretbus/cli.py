@@ -484,7 +484,8 @@ def top_help() -> str:
             "    -c | --connect=URI      connection URI (default: $SECRETBUS_DEFAULT_URI, else\n"
             "                            secret:///system for root and secret:///session otherwise)\n"
             "    -h | --help             this help\n"
-            "    -q | --quiet            quiet mode\n\n"
+            "    -q | --quiet            quiet mode\n"
+            "    -r | --readonly         connect readonly (over libvirt RPC)\n\n"
             "  commands (see 'secretbus help <command>' or '<command> --help'):\n"
             f"    {'help':<18} print help\n" + cmds)
 
@@ -498,7 +499,7 @@ _NEEDS_URI = "option '-c'/'--connect' requires an argument"
 
 def _top_options(argv: list[str]) -> tuple[dict[str, object], list[str]]:
     """virsh's own options (getopt_long: -c URI, -cURI, --connect[=]URI, -q, -h, bundled)."""
-    top: dict[str, object] = {"connect": None, "quiet": False, "help": False}
+    top: dict[str, object] = {"connect": None, "quiet": False, "help": False, "readonly": False}
     i = 0
     while i < len(argv):
         w = argv[i]
@@ -525,7 +526,7 @@ def _long_option(top: dict[str, object], w: str, argv: list[str], i: int) -> int
     if name == "connect":
         top["connect"] = value if eq else _option_value(argv, i)
         return 0 if eq else 1
-    if name in ("quiet", "help") and not eq:
+    if name in ("quiet", "help", "readonly") and not eq:
         top[name] = True
         return 0
     raise UsageError(f"unsupported option '{w}'. See --help.")
@@ -538,16 +539,16 @@ def _short_options(top: dict[str, object], w: str, argv: list[str], i: int) -> i
             value = w[j + 1:]
             top["connect"] = value or _option_value(argv, i)
             return 0 if value else 1
-        if ch not in "qh":
+        if ch not in "qhr":
             raise UsageError(f"unsupported option '-{ch}'. See --help.")
-        top["quiet" if ch == "q" else "help"] = True
+        top[{"q": "quiet", "h": "help", "r": "readonly"}[ch]] = True
     return 0
 
 
 def parse_command_line(argv: list[str]) -> Invocation:
     top, rest = _top_options(argv)
-    inv = Invocation(connect=top["connect"], quiet=top["quiet"], help_text=None, func=None,
-                     flags={}, args=None)
+    inv = Invocation(connect=top["connect"], quiet=top["quiet"], readonly=top["readonly"], help_text=None,
+                     func=None, flags={}, args=None)
     if top["help"] or not rest:
         if not top["help"]:
             raise UsageError("a command is required (secretbus has no interactive shell); see --help")
@@ -574,12 +575,12 @@ def parse_command_line(argv: list[str]) -> Invocation:
     return inv
 
 
-def _open(uri: str | None, direct_driver: bool):
+def _open(uri: str | None, direct_driver: bool, readonly: bool = False):
     from secretbus.uri import default_uri, open_connection, open_driver, parse_uri
     if direct_driver:
         uri = uri or default_uri()
         return open_driver(parse_uri(uri), uri)
-    return open_connection(uri)
+    return open_connection(uri, readonly=readonly)
 
 
 def _report(lines: tuple[str, ...] | list[str]) -> None:
@@ -601,7 +602,7 @@ def _run(inv: Invocation) -> int:
     try:
         if not inv.flags.get("no_connection"):
             try:
-                conn = _open(inv.connect, inv.flags.get("direct_driver", False))
+                conn = _open(inv.connect, inv.flags.get("direct_driver", False), bool(inv.readonly))
             except errors.SecretError as e:
                 _report(["failed to connect to the hypervisor", errors.display(e)])
                 return 1

@@ -1,26 +1,79 @@
-"""Connection URIs (secret:///system, secret:///session, secret:///embed?root=DIR) and `open()`."""
+"""Connection URIs (secret:///system, secret:///session, secret:///embed?root=DIR) and `open()`.
+
+Which front end a local URI uses (DESIGN §9; README "Which front end"):
+
+1. libvirt RPC when the URI names a socket (`?socket=PATH`) or asks for `?mode=direct` (libvirt's
+   own syntax: only the RPC front end has sockets), or the caller wants a read-only connection
+   (`readonly=True`, `secretbus -r`: D-Bus has none);
+2. otherwise D-Bus, unless the D-Bus side is absent (the bus cannot be reached, or
+   org.libvirt.secret has no owner and cannot be activated) while libvirt's socket of that
+   instance (`/run/libvirt/virtsecretd-sock`, `$XDG_RUNTIME_DIR/libvirt/virtsecretd-sock`)
+   is there: then RPC. The probe costs a stat, and a NameHasOwner only when the socket exists.
+
+Remote transports (`secret+ssh://`, `secret+tls://`, `secret+tcp://`, a host name) can only
+be RPC; they are the next increment and answer NoSupport for now.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 from secretbus.core import errors
 from secretbus.core.model import InstanceKind
 
 if TYPE_CHECKING:
+    from secretbus.core.api import Connection
     from secretbus.driver.embedded import EmbeddedConnection
+
+# URI parameters libvirt's client consumes itself (remote_driver.c); the others travel in the
+# name sent with CONNECT_OPEN, and the server accepts unknown ones.
+CLIENT_PARAMS = frozenset({
+    "name", "command", "socket", "auth", "sshauth", "netcat", "keyfile", "pkipath", "known_hosts",
+    "known_hosts_verify", "tls_priority", "mode", "proxy", "no_sanity", "no_verify", "no_tty", "authfile",
+})
 
 
 @dataclass(frozen=True)
 class ParsedURI:
     kind: InstanceKind
     root: Path | None = None
+    socket: Path | None = None                 # ?socket=PATH: RPC on that socket
+    mode: str | None = None                    # ?mode=auto|direct|legacy (libvirt's)
+    params: tuple[tuple[str, str], ...] = field(default=())   # the others, passed on
+
+    @property
+    def wants_rpc(self) -> bool:
+        return self.socket is not None or self.mode == "direct"
+
+    def open_name(self) -> str:
+        """What CONNECT_OPEN carries: secret:///system or /session with the other parameters."""
+        base = f"secret:///{self.kind.value}"
+        return f"{base}?{urlencode(self.params)}" if self.params else base
 
 
 LOCAL_SCHEMES = ("secret", "secret+unix")
+
+
+def _rpc_params(uri: str, query: str) -> tuple[Path | None, str | None, tuple[tuple[str, str], ...]]:
+    socket: Path | None = None
+    mode: str | None = None
+    rest = []
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == "socket":
+            if not value.startswith("/"):
+                raise errors.InvalidArg(f"socket parameter must be an absolute path, not '{value}'")
+            socket = Path(value)
+        elif key == "mode":
+            if value not in ("auto", "direct", "legacy"):
+                raise errors.InvalidArg(f"unknown remote mode '{value}' in '{uri}'")
+            mode = value
+        elif key not in CLIENT_PARAMS:
+            rest.append((key, value))
+    return socket, mode, tuple(rest)
 
 
 def parse_uri(uri: str) -> ParsedURI:
@@ -32,10 +85,10 @@ def parse_uri(uri: str) -> ParsedURI:
     if parts.netloc:
         raise errors.NoSupport(f"remote URI '{uri}' is not supported yet")
     path = parts.path
-    if path == "/system":
-        return ParsedURI(InstanceKind.SYSTEM)
-    if path == "/session":
-        return ParsedURI(InstanceKind.SESSION)
+    if path in ("/system", "/session"):
+        socket, mode, params = _rpc_params(uri, parts.query)
+        kind = InstanceKind.SYSTEM if path == "/system" else InstanceKind.SESSION
+        return ParsedURI(kind, socket=socket, mode=mode, params=params)
     if path == "/embed":
         if parts.scheme != "secret":
             raise errors.InternalError("URI must be secret:///embed")
@@ -66,14 +119,58 @@ def open_driver(parsed: ParsedURI, uri: str) -> EmbeddedConnection:
     return EmbeddedConnection(open_instance(InstancePaths.for_kind(parsed.kind, parsed.root)), uri)
 
 
-def open_connection(uri: str | None = None, *, timeout: float = 25.0):
-    """Open `uri` (default: $SECRETBUS_DEFAULT_URI, else system for root, session otherwise)."""
+def rpc_socket(parsed: ParsedURI, readonly: bool = False) -> Path:
+    """The socket an RPC connection to `parsed` uses: ?socket=, else libvirt's default path."""
+    from secretbus.rpc.paths import default_socket
+    if parsed.socket is not None:
+        return parsed.socket
+    return default_socket(parsed.kind is InstanceKind.SYSTEM, readonly)
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def open_rpc(parsed: ParsedURI, uri: str, *, timeout: float = 25.0, readonly: bool = False) -> Connection:
+    from secretbus.rpc.facade import RpcConnection
+    from secretbus.rpc.transport import UnixTransport
+    return RpcConnection.open(uri, UnixTransport(rpc_socket(parsed, readonly)), name=parsed.open_name(),
+                              readonly=readonly, timeout=timeout)
+
+
+def open_connection(uri: str | None = None, *, timeout: float = 25.0, readonly: bool = False) -> Connection:
+    """Open `uri` (default: $SECRETBUS_DEFAULT_URI, else system for root, session otherwise)
+    over the front end chosen by the rule in this module's docstring. `readonly` asks for a
+    read-only connection, which only the RPC front end has (libvirt's `virsh -r`)."""
     uri = uri or default_uri()
     parsed = parse_uri(uri)
     if parsed.kind is InstanceKind.EMBED:
+        if readonly:
+            raise errors.NoSupport("read-only connections are not supported by the embedded driver")
         return open_driver(parsed, uri)
+    if parsed.wants_rpc or readonly:
+        return open_rpc(parsed, uri, timeout=timeout, readonly=readonly)
     try:
         from secretbus.bus.client import DBusConnection
     except ImportError:
         raise errors.NoSupport(f"URI '{uri}' is not supported yet") from None
-    return DBusConnection.open(parsed.kind, uri, timeout=timeout)
+    socket_there = _is_socket(rpc_socket(parsed))
+    try:
+        conn = DBusConnection.open(parsed.kind, uri, timeout=timeout)
+    except errors.OperationFailed:
+        if not socket_there:
+            raise
+        return open_rpc(parsed, uri, timeout=timeout)
+    if socket_there:
+        try:
+            present = conn.service_present()
+        except BaseException:
+            conn.close()
+            raise
+        if not present:
+            conn.close()
+            return open_rpc(parsed, uri, timeout=timeout)
+    return conn

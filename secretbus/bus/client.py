@@ -27,8 +27,12 @@ from secretbus.bus.calls import Calls, default_address, error_from_reply
 from secretbus.bus.events import Dispatcher, Pending, SignalFeed, Usage, UsageCache
 from secretbus.bus.loop import LoopThread
 from secretbus.bus.names import (
+    BUS_NAME,
     CONNECT_IFACE,
     CONNECT_PATH,
+    DBUS_IFACE,
+    DBUS_NAME,
+    DBUS_PATH,
     OM_IFACE,
     PROPS_IFACE,
     SECRET_IFACE,
@@ -111,6 +115,19 @@ class DBusConnection(Connection):
             log.debug("D-Bus connection did not shut down cleanly", exc_info=True)
         self._subs.close()
         self._loop.stop()
+
+    def service_present(self) -> bool:
+        """Whether org.libvirt.secret has an owner on this bus or can be activated (open()
+        chooses the RPC front end when it cannot; secretbus.uri)."""
+        async def run() -> bool:
+            (owned,) = await self._calls.call(DBUS_PATH, DBUS_IFACE, "NameHasOwner", "s", [BUS_NAME], "b",
+                                              destination=DBUS_NAME)
+            if owned:
+                return True
+            (names,) = await self._calls.call(DBUS_PATH, DBUS_IFACE, "ListActivatableNames", "", [], "as",
+                                              destination=DBUS_NAME)
+            return BUS_NAME in names
+        return bool(self._loop.submit(run(), 2 * self.timeout + 1))
 
     def __repr__(self) -> str:
         state = "closed" if self._loop.closed else "open"

@@ -30,14 +30,12 @@ from secretbus.rpc.connection import Connection, RpcLimits
 from secretbus.rpc.events import EventHub
 from secretbus.rpc.guard import EventVisibility, Guard
 from secretbus.rpc.identity import SystemToken
+from secretbus.rpc.paths import RO_SOCKET_NAME, SOCKET_NAME, SYSTEM_DIR, session_dir
 from secretbus.rpc.procedures import Procedures
 from secretbus.rpc.session import Session, peer_of
 
 log = logging.getLogger("secretbus.rpc")
 
-SYSTEM_DIR = Path("/run/libvirt")
-SOCKET_NAME = "virtsecretd-sock"
-RO_SOCKET_NAME = "virtsecretd-sock-ro"
 # The names systemd gives the passed sockets (FileDescriptorName=, by default the .socket
 # unit's name): secretbus's units, or libvirt's own units pointed at secretbusd.service.
 RW_UNIT_NAMES = frozenset({"secretbusd.socket", "virtsecretd.socket"})
@@ -66,8 +64,7 @@ def socket_plan(system: bool, rpc_dir: str | None = None, root: str | None = Non
     elif system:
         base = SYSTEM_DIR
     else:
-        runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
-        base = Path(runtime) / "libvirt"
+        base = session_dir()
     if system:
         return [Listen(base / SOCKET_NAME, False, 0o666), Listen(base / RO_SOCKET_NAME, True, 0o666)]
     return [Listen(base / SOCKET_NAME, False, 0o600)]

@@ -1,0 +1,226 @@
+"""The libvirt RPC client: asyncio, on the same codec as the server (xdr.py, protocol.py, frame.py).
+
+`AsyncRpcClient` owns one stream pair (any `transport.Transport`). Calls go out with serials
+0, 1, 2, … and any number may be in flight: replies are matched by serial, so they may come
+back in any order. The reader task also answers keepalive PINGs and hands event MESSAGEs to
+`on_event`. When the stream ends every pending call fails with OperationFailed.
+
+Error replies become the project's exception classes (core/errors.py) by libvirt's code, with
+libvirt's prefix taken off the message so that `display()` prints what virsh prints. The
+synchronous `Connection` over this client is `secretbus.rpc.facade.RpcConnection`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from secretbus.core import errors
+from secretbus.rpc import protocol as P
+from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, frame_length, parse_header
+from secretbus.rpc.transport import Transport
+from secretbus.rpc.xdr import XdrError, XdrType, decode, encode
+
+log = logging.getLogger("secretbus.rpc.client")
+
+EventCallback = Callable[[int, dict[str, Any]], None]      # (procedure, decoded message)
+CONNECT_RO = 1                   # VIR_CONNECT_RO
+AUTH_FAILED = 45                 # VIR_ERR_AUTH_FAILED
+_SERIAL_MOD = 2 ** 32
+_PONG = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, P.Status.OK))
+
+# -- errors ----------------------------------------------------------------------------------
+_BY_CODE: dict[int, type[errors.SecretError]] = {}
+for _cls in errors.ALL_ERRORS:
+    _BY_CODE.setdefault(_cls.code, _cls)
+_OTHER: dict[int, type[errors.SecretError]] = {}
+
+
+def _other_class(code: int) -> type[errors.SecretError]:
+    """A code the project has no class for (auth failures, …): an OperationFailed that keeps
+    libvirt's code and the server's whole message."""
+    cls = _OTHER.get(code)
+    if cls is None:
+        cls = type(f"RemoteError{code}", (errors.OperationFailed,), {"__module__": __name__},
+                   code=code, prefix="", own_kind=False)
+        _OTHER[code] = cls
+    return cls
+
+
+def error_from_remote(body: dict[str, Any]) -> errors.SecretError:
+    """The exception for a `remote_error` reply."""
+    code = body.get("code")
+    message = body.get("message") or ""
+    if not isinstance(code, int):
+        return errors.OperationFailed("malformed error reply from the server")
+    if code == errors.RPCError.code and message.startswith("unknown procedure"):
+        # libvirt's client does the same (virnetclientprogram.c): an old server lacks the call.
+        return errors.NoSupport(message)
+    cls = _BY_CODE.get(code) or _other_class(code)
+    if cls.prefix and message.startswith(cls.prefix):
+        message = message[len(cls.prefix):]
+    return cls(message)
+
+
+def auth_failed(message: str) -> errors.SecretError:
+    return _other_class(AUTH_FAILED)("authentication failed: " + message)
+
+
+# -- the client ------------------------------------------------------------------------------
+class AsyncRpcClient:
+    """One connection. Use from one event loop; every coroutine is cancellation-safe (a
+    cancelled call's late reply is dropped)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, where: str,
+                 on_event: EventCallback | None = None, max_frame: int = P.MESSAGE_MAX):
+        self.where = where
+        self.on_event = on_event
+        self._reader, self._writer = reader, writer
+        self._max_frame = max_frame
+        self._serial = 0
+        self._pending: dict[int, tuple[asyncio.Future[Any], XdrType]] = {}
+        self._lost: str | None = None          # why the stream ended (None while it is up)
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, transport: Transport, **kw: Any) -> AsyncRpcClient:
+        reader, writer = await transport.open()
+        return cls(reader, writer, where=transport.describe(), **kw)
+
+    @property
+    def closed(self) -> bool:
+        return self._lost is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # -- calls ---------------------------------------------------------------------
+    def send(self, proc: int, args: Any = None) -> asyncio.Future[Any]:
+        """Send one call now; the future resolves to its decoded return value (or raises)."""
+        if self._lost is not None:
+            raise errors.OperationFailed(self._lost)
+        spec = P.PROCS[proc]
+        try:
+            payload = encode(spec.args, args)
+        except XdrError as e:
+            # The arguments cannot travel (an int out of range, a string too long, …); the
+            # text names the XDR type and its limit, never the value.
+            raise errors.InvalidArg(f"cannot encode the arguments of procedure {proc}: {e}") from None
+        serial = self._serial
+        self._serial = (serial + 1) % _SERIAL_MOD
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[serial] = (fut, spec.ret)
+        fut.add_done_callback(self._forget(serial))
+        self._writer.write(encode_frame(Header(P.REMOTE_PROGRAM, P.PROTOCOL_VERSION, proc, P.MsgType.CALL,
+                                               serial, P.Status.OK), payload))
+        return fut
+
+    def _forget(self, serial: int) -> Callable[[asyncio.Future[Any]], None]:
+        def done(_f: asyncio.Future[Any]) -> None:
+            self._pending.pop(serial, None)
+        return done
+
+    async def call(self, proc: int, args: Any = None) -> Any:
+        fut = self.send(proc, args)
+        if self._writer.transport.get_write_buffer_size() > 0:
+            await self._drain()
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except ConnectionError as e:
+            self._lose(f"the connection to {self.where} was lost: {e.strerror or type(e).__name__}")
+
+    # -- the libvirt connection handshake ------------------------------------------
+    async def open(self, name: str | None, *, readonly: bool = False, keepalive: bool = True) -> None:
+        """AUTH_LIST (+ AUTH_POLKIT), keepalive negotiation, CONNECT_OPEN: what virsh sends."""
+        types = (await self.call(P.Proc.AUTH_LIST))["types"]
+        if types and P.AuthType.NONE not in types:
+            if P.AuthType.POLKIT not in types:
+                raise auth_failed("the server offers only SASL, which this client does not implement yet")
+            if not (await self.call(P.Proc.AUTH_POLKIT))["complete"]:
+                raise auth_failed("polkit authentication did not complete")
+        if keepalive:
+            # The server then pings this connection when idle, and drops it if we are gone.
+            await self.call(P.Proc.CONNECT_SUPPORTS_FEATURE, {"feature": P.Feature.PROGRAM_KEEPALIVE})
+        await self.call(P.Proc.CONNECT_OPEN, {"name": name, "flags": CONNECT_RO if readonly else 0})
+
+    async def close(self, *, goodbye: bool = True, wait: float = 5.0) -> None:
+        """CONNECT_CLOSE (when `goodbye` and the stream is up), then close the stream."""
+        if goodbye and self._lost is None:
+            with contextlib.suppress(errors.SecretError, TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.call(P.Proc.CONNECT_CLOSE)
+        self._lose("the connection is closed")
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), wait)
+
+    # -- reading -------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        why = f"the connection to {self.where} was lost: the server closed it"
+        try:
+            while True:
+                word = await self._reader.readexactly(LENGTH_SIZE)
+                body = await self._reader.readexactly(frame_length(word, self._max_frame))
+                self._dispatch(body)
+        except asyncio.IncompleteReadError:
+            pass
+        except XdrError as e:
+            why = f"the connection to {self.where} was dropped: {e}"
+            log.warning("RPC server %s sent a frame out of bounds: %s", self.where, e)
+        except ConnectionError as e:
+            why = f"the connection to {self.where} was lost: {e.strerror or type(e).__name__}"
+        self._lose(why)
+
+    def _dispatch(self, body: bytes) -> None:
+        header, payload = parse_header(body)
+        if header.prog == P.KEEPALIVE_PROGRAM:
+            if header.type == P.MsgType.MESSAGE and header.proc == P.KeepAlive.PING:
+                self._writer.write(_PONG)
+            return
+        if header.prog != P.REMOTE_PROGRAM:
+            return
+        if header.type == P.MsgType.REPLY:
+            entry = self._pending.get(header.serial)
+            if entry is None or entry[0].done():
+                return                      # a cancelled call's late reply
+            fut, ret_type = entry
+            try:
+                if header.status == P.Status.ERROR:
+                    fut.set_exception(error_from_remote(decode(P.REMOTE_ERROR, payload)))
+                else:
+                    fut.set_result(decode(ret_type, payload))
+            except XdrError:
+                fut.set_exception(errors.RPCError("Unable to decode message payload"))
+        elif header.type == P.MsgType.MESSAGE and self.on_event is not None:
+            msg_type = P.MESSAGES.get(header.proc)
+            if msg_type is None:
+                return
+            try:
+                msg = decode(msg_type, payload)
+            except XdrError:
+                log.warning("RPC server %s sent an event that does not decode (procedure %d)",
+                            self.where, header.proc)
+                return
+            try:
+                self.on_event(header.proc, msg)
+            except Exception:  # noqa: BLE001 - a subscriber's bug must not end the connection
+                log.exception("RPC event callback failed")
+
+    def _lose(self, why: str) -> None:
+        if self._lost is not None:
+            return
+        self._lost = why
+        for fut, _ in list(self._pending.values()):
+            if not fut.done():
+                fut.set_exception(errors.OperationFailed(why))
+        self._pending.clear()
+        with contextlib.suppress(Exception):
+            self._writer.close()

@@ -1,0 +1,319 @@
+"""`RpcConnection`: the synchronous `Connection` API over libvirt's RPC protocol.
+
+The same methods and exceptions as the D-Bus client's connection (`secretbus.bus.client`),
+so `secretbus.open()` and the CLI work the same over either front end. Like it, it is
+thread-safe: every call runs as a coroutine of `AsyncRpcClient` on a private event loop
+thread ("secretbus-rpc") with a bounded wait; event handlers run on a second thread
+("secretbus-rpc-events"), so they may call the connection.
+
+Events are registered once per event id per connection (as libvirt's remote driver does)
+and fanned out to the local subscribers; the server already filters them by `getattr`.
+The server owns every API rule (flags, value size, read-only, private values); only what
+the wire cannot carry is refused here, with the error the server would give.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import uuid as uuidlib
+from collections.abc import Coroutine
+from typing import Any
+
+from secretbus.core import errors
+from secretbus.core.api import Connection, EventHandler, Secret, event_filter
+from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
+from secretbus.core.uuids import parse_uuid
+from secretbus.driver.rules import check_value
+from secretbus.rpc import protocol as P
+from secretbus.rpc.client import AsyncRpcClient
+from secretbus.rpc.transport import Transport
+
+log = logging.getLogger("secretbus.rpc.client")
+
+CLOSED = "the connection is closed"
+_INVALID_UUID = "uuidstr in virSecretLookupByUUIDString must be a valid UUID"
+_EVENT_PROCS = {P.Proc.SECRET_EVENT_LIFECYCLE: EventId.LIFECYCLE,
+                P.Proc.SECRET_EVENT_VALUE_CHANGED: EventId.VALUE_CHANGED}
+
+
+def _u32(flags: object) -> int:
+    """Flags as C's unsigned int, so the server reports 'unsupported flags (0x…)' for -1."""
+    if isinstance(flags, bool) or not isinstance(flags, int):
+        raise errors.InvalidArg(f"flags must be an integer, not {type(flags).__name__}")
+    if not -(2 ** 31) <= flags < 2 ** 32:
+        raise errors.InvalidArg(f"flags {flags} do not fit in 32 bits")
+    return flags & 0xFFFFFFFF
+
+
+def _xml_text(xml: object) -> str:
+    if isinstance(xml, str):
+        return xml
+    if isinstance(xml, (bytes, bytearray, memoryview)):
+        data = bytes(xml)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            # Another encoding: the driver's parser says what it makes of the document.
+            from secretbus.core.secretxml import parse_secret_xml
+            parse_secret_xml(data)
+            raise errors.XMLError("the document must be sent as UTF-8 over RPC") from None
+    raise errors.InvalidArg("secret XML must be str or bytes")
+
+
+def _wire_handle(uuid: str) -> dict[str, Any]:
+    # The server resolves a handle by its UUID only (as libvirtd does): no usage needed.
+    return {"uuid": uuidlib.UUID(uuid).bytes, "usageType": 0, "usageID": ""}
+
+
+class _LoopThread:
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.loop = asyncio.new_event_loop()
+        self.closed = False
+        self.thread = threading.Thread(target=self.loop.run_forever, name="secretbus-rpc", daemon=True)
+
+    def submit(self, coro: Coroutine[Any, Any, Any], wait: float | None = None) -> Any:
+        if threading.get_ident() == self.thread.ident:
+            coro.close()
+            raise errors.OperationFailed("a secretbus RPC connection cannot be called from its own event loop")
+        if self.closed:
+            coro.close()
+            raise errors.OperationFailed(CLOSED)
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(self.timeout + 1 if wait is None else wait)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise errors.OperationFailed(f"no reply from the RPC server within {self.timeout:g} s") from None
+        except concurrent.futures.CancelledError:
+            raise errors.OperationFailed(CLOSED) from None
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.get_ident() != self.thread.ident:
+            self.thread.join(5)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+
+class RpcConnection(Connection):
+    """A connection to a secret server over libvirt RPC (secretbusd, or libvirt's own daemons).
+
+    Open it with `RpcConnection.open()` (or `secretbus.open()` with a URI that chooses RPC);
+    close it with `close()` or a `with` block.
+    """
+
+    def __init__(self, uri: str, transport: Transport, *, timeout: float, readonly: bool):
+        self.uri = uri
+        self.transport = transport
+        self.readonly = readonly
+        self.timeout = float(timeout)
+        self._loop = _LoopThread(self.timeout)
+        self._client: AsyncRpcClient | None = None
+        self._sub_lock = threading.Lock()
+        self._subs: dict[int, tuple[EventHandler, Any, tuple[EventId, ...]]] = {}
+        self._sub_ids = itertools.count(1)
+        self._callbacks: dict[EventId, int] = {}       # server callbackID per event id
+        self._events: queue.SimpleQueue[SecretEvent | None] = queue.SimpleQueue()
+        self._dispatcher: threading.Thread | None = None
+
+    # -- opening and closing --------------------------------------------------------
+    @classmethod
+    def open(cls, uri: str, transport: Transport, *, name: str | None, readonly: bool = False,
+             timeout: float = 25.0, keepalive: bool = True) -> RpcConnection:
+        """Connect through `transport` and CONNECT_OPEN `name` (e.g. "secret:///system");
+        `readonly` asks for VIR_CONNECT_RO (the server's -ro socket is read-only anyway)."""
+        if not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise errors.InvalidArg("timeout must be a positive number of seconds")
+        conn = cls(uri, transport, timeout=timeout, readonly=readonly)
+        conn._loop.thread.start()
+        try:
+            conn._loop.submit(conn._connect(name, keepalive), 2 * conn.timeout + 1)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _no_reply(self) -> errors.OperationFailed:
+        return errors.OperationFailed(f"no reply from {self.transport.describe()} within {self.timeout:g} s")
+
+    async def _connect(self, name: str | None, keepalive: bool) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                client = await AsyncRpcClient.connect(self.transport, on_event=self._on_event)
+            self._client = client
+            async with asyncio.timeout(self.timeout):
+                await client.open(name, readonly=self.readonly, keepalive=keepalive)
+        except TimeoutError:
+            raise self._no_reply() from None
+
+    def close(self) -> None:
+        """CONNECT_CLOSE, then stop both threads. Idempotent."""
+        with self._sub_lock:
+            if self._loop.closed:
+                return
+            self._loop.closed = True
+            self._subs = {}
+        client = self._client
+        if client is not None and self._loop.thread.is_alive():
+            fut = asyncio.run_coroutine_threadsafe(client.close(wait=min(self.timeout, 5.0)), self._loop.loop)
+            try:
+                fut.result(min(self.timeout, 5.0) + 2)
+            except Exception:  # noqa: BLE001 - closing is best-effort
+                log.debug("RPC connection did not shut down cleanly", exc_info=True)
+        self._events.put(None)
+        if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
+            self._dispatcher.join(5)
+        self._loop.stop()
+
+    def __repr__(self) -> str:
+        return f"<RpcConnection {self.uri} {self.transport.describe()} {'closed' if self._loop.closed else 'open'}>"
+
+    # -- plumbing -------------------------------------------------------------------
+    def call(self, proc: int, args: Any = None) -> Any:
+        """One procedure (protocol.Proc), its decoded return value; for callers that need a
+        libvirt call this class has no method for (GET_LIB_VERSION, SET_IDENTITY, …)."""
+        return self._loop.submit(self._call(proc, args))
+
+    async def _call(self, proc: int, args: Any) -> Any:
+        client = self._client
+        if client is None:
+            raise errors.OperationFailed(CLOSED)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await client.call(proc, args)
+        except TimeoutError:
+            raise self._no_reply() from None
+
+    def _handle(self, wire: dict[str, Any]) -> Secret:
+        return Secret(self, str(uuidlib.UUID(bytes=wire["uuid"])), wire["usageType"], wire["usageID"])
+
+    @staticmethod
+    def _canon(uuid: object) -> str:
+        canon = parse_uuid(uuid) if isinstance(uuid, str) else None
+        if canon is None:
+            raise errors.InvalidArg(_INVALID_UUID)
+        return canon
+
+    # -- connection level -------------------------------------------------------------
+    def define_xml(self, xml: str | bytes, flags: int = 0) -> Secret:
+        ret = self.call(P.Proc.SECRET_DEFINE_XML, {"xml": _xml_text(xml), "flags": _u32(flags)})
+        return self._handle(ret["secret"])
+
+    def lookup_by_uuid(self, uuid: str) -> Secret:
+        ret = self.call(P.Proc.SECRET_LOOKUP_BY_UUID, {"uuid": uuidlib.UUID(self._canon(uuid)).bytes})
+        return self._handle(ret["secret"])
+
+    def lookup_by_usage(self, usage_type: int, usage_id: str) -> Secret:
+        if not isinstance(usage_id, str):
+            raise errors.InvalidArg("usageID in virSecretLookupByUsage must not be NULL")
+        if isinstance(usage_type, bool) or not isinstance(usage_type, int) or not -(2 ** 31) <= usage_type < 2 ** 31:
+            # An int the wire cannot carry names no usage type: the answer for a usage no secret has.
+            raise errors.NoSecret(f"no secret with matching usage '{usage_id}'")
+        ret = self.call(P.Proc.SECRET_LOOKUP_BY_USAGE, {"usageType": usage_type, "usageID": usage_id})
+        return self._handle(ret["secret"])
+
+    def list_secrets(self, flags: int = 0) -> list[Secret]:
+        ret = self.call(P.Proc.CONNECT_LIST_ALL_SECRETS, {"need_results": 1, "flags": _u32(flags)})
+        return [self._handle(s) for s in ret["secrets"]]
+
+    # -- secret level -------------------------------------------------------------------
+    def secret_xml_desc(self, uuid: str, flags: int = 0) -> str:
+        ret = self.call(P.Proc.SECRET_GET_XML_DESC, {"secret": _wire_handle(self._canon(uuid)), "flags": _u32(flags)})
+        return str(ret["xml"])
+
+    def secret_get_value(self, uuid: str, flags: int = 0, *, internal_call: bool = False) -> bytes:
+        if internal_call:    # over RPC a private value needs an elevated identity (SET_IDENTITY)
+            raise errors.InvalidArg("internal_call is only available on embedded connections")
+        ret = self.call(P.Proc.SECRET_GET_VALUE, {"secret": _wire_handle(self._canon(uuid)), "flags": _u32(flags)})
+        return bytes(ret["value"])
+
+    def secret_set_value(self, uuid: str, value: bytes, flags: int = 0) -> None:
+        args = {"secret": _wire_handle(self._canon(uuid)), "value": check_value(value), "flags": _u32(flags)}
+        self.call(P.Proc.SECRET_SET_VALUE, args)
+
+    def secret_undefine(self, uuid: str) -> None:
+        self.call(P.Proc.SECRET_UNDEFINE, {"secret": _wire_handle(self._canon(uuid))})
+
+    # -- events ---------------------------------------------------------------------------
+    def subscribe(self, handler: EventHandler, event_id: int | None = None,
+                  secret: Secret | str | None = None) -> int:
+        if not callable(handler):
+            raise errors.InvalidArg("handler must be callable")
+        if isinstance(secret, str):
+            secret = parse_uuid(secret) or secret
+        wanted = event_filter(event_id, secret)
+        ids = (EventId(event_id),) if event_id is not None else tuple(EventId)
+        with self._sub_lock:
+            if self._loop.closed:
+                raise errors.OperationFailed(CLOSED)
+            added: list[EventId] = []
+            try:
+                for eid in ids:
+                    if eid not in self._callbacks:
+                        ret = self.call(P.Proc.CONNECT_SECRET_EVENT_REGISTER_ANY, {"eventID": int(eid), "secret": None})
+                        self._callbacks[eid] = ret["callbackID"]
+                        added.append(eid)
+            except BaseException:
+                self._deregister(added)      # all or nothing: no registration without a subscriber
+                raise
+            if self._dispatcher is None:
+                self._dispatcher = threading.Thread(target=self._dispatch, name="secretbus-rpc-events", daemon=True)
+                self._dispatcher.start()
+            sub_id = next(self._sub_ids)
+            self._subs = {**self._subs, sub_id: (handler, wanted, ids)}
+        return sub_id
+
+    def unsubscribe(self, sub_id: int) -> None:
+        with self._sub_lock:
+            if sub_id not in self._subs:
+                raise errors.InvalidArg(f"callback {sub_id} is not registered")
+            subs = dict(self._subs)
+            del subs[sub_id]
+            self._subs = subs
+            still = {eid for _, _, ids in subs.values() for eid in ids}
+            self._deregister([e for e in self._callbacks if e not in still])
+
+    def _deregister(self, eids: list[EventId]) -> None:
+        """Drop the server's registrations of `eids` (under _sub_lock; failures are logged)."""
+        for eid in eids:
+            cb = self._callbacks.pop(eid)
+            try:
+                self.call(P.Proc.CONNECT_SECRET_EVENT_DEREGISTER_ANY, {"callbackID": cb})
+            except errors.SecretError:
+                log.debug("could not deregister RPC event callback %d", cb, exc_info=True)
+
+    def _on_event(self, proc: int, msg: dict[str, Any]) -> None:
+        """Loop thread: an event MESSAGE for one of this connection's callbacks."""
+        eid = _EVENT_PROCS.get(proc)    # type: ignore[call-overload]
+        if eid is None or self._callbacks.get(eid) != msg["callbackID"]:
+            return
+        wire = msg["secret"]
+        try:
+            ev = SecretEvent(eid, str(uuidlib.UUID(bytes=wire["uuid"])), UsageType(wire["usageType"]),
+                             wire["usageID"],
+                             lifecycle=Lifecycle(msg["event"]) if eid == EventId.LIFECYCLE else None,
+                             detail=msg.get("detail", 0))
+        except ValueError:
+            log.warning("RPC server sent an event with an unknown usage type or lifecycle value")
+            return
+        self._events.put(ev)
+
+    def _dispatch(self) -> None:
+        while True:
+            ev = self._events.get()
+            if ev is None:
+                return
+            for handler, wanted, _ in self._subs.values():
+                if not wanted(ev):
+                    continue
+                try:
+                    handler(Secret(self, ev.uuid, ev.usage_type, ev.usage_id), ev)
+                except Exception:  # noqa: BLE001 - a handler's bug is logged, never propagated
+                    log.exception("secret event handler failed")
