@@ -148,10 +148,14 @@ def signals(addr, seconds, mb):
             inbuf = count_messages(inbuf + chunk, counts)
     return {"sent": sent, "bytes": sent * len(msg), "errors": counts.get(3, 0)}
 
-def slow(addr, seconds, conns, rcvbuf, renew):
+def slow(addr, seconds, conns, rcvbuf, renew, target):
     dest = "org.libvirt.secret"
     def calls():
         serial = 2
+        while target == "bus":          # the control: the bus daemon's own GetId
+            serial += 1
+            yield rawclient.method_call(serial, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                                        "org.freedesktop.DBus", "GetId")
         while True:
             serial += 1
             yield rawclient.method_call(serial, dest, "/org/libvirt/secret",
@@ -227,7 +231,7 @@ def main():
     if mode == "signals":
         out = signals(addr, seconds, float(rest[0]))
     elif mode == "slow":
-        out = slow(addr, seconds, int(rest[0]), int(rest[1]), float(rest[2]))
+        out = slow(addr, seconds, int(rest[0]), int(rest[1]), float(rest[2]), rest[3])
     else:
         out = asyncio.run(lists(addr, seconds, int(rest[0])))
     print(json.dumps(out), flush=True)
@@ -249,6 +253,7 @@ class Phase:
     floor: list[float] = field(default_factory=list)        # GetId to dbus-daemon after each GetValue
     errors: dict[str, int] = field(default_factory=dict)   # kind -> count (timeouts included)
     timeouts: int = 0
+    slow_at: list[float] = field(default_factory=list)     # phase seconds at which a call took > 1 s
     max_rss_mb: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)     # process -> CPU seconds in the phase
 
@@ -319,8 +324,11 @@ async def root_loop(address: str, phase: Phase, timeout: float, reuse: bool) -> 
         phase.errors[kind] = phase.errors.get(kind, 0) + 1
 
     shared = None
-    deadline = time.monotonic() + phase.seconds
+    begin = time.monotonic()
+    deadline = begin + phase.seconds
     while time.monotonic() < deadline:
+        if phase.latencies and phase.latencies[-1] > 1.0:
+            phase.slow_at.append(time.monotonic() - begin)
         bus = shared
         if bus is None:
             t0 = time.monotonic()
@@ -496,7 +504,8 @@ def run(a: argparse.Namespace, stack: Stack, progress=lambda s: None) -> Result:
         for i in range(a.outsiders):
             stack.attacker(f"outsider{i}", OTHER, "signals", secs, f"{a.signal_mb:g}")
         if a.slow_conns:
-            stack.attacker("slow", MEMBER, "slow", secs, str(a.slow_conns), str(a.rcvbuf), f"{a.renew:g}")
+            stack.attacker("slow", MEMBER if a.slow_target == "service" else OTHER, "slow", secs,
+                           str(a.slow_conns), str(a.rcvbuf), f"{a.renew:g}", a.slow_target)
         if a.listers:
             stack.attacker("lists", MEMBER, "lists", secs, str(a.listers))
         for label, p in stack.attackers:
@@ -525,7 +534,8 @@ def run(a: argparse.Namespace, stack: Stack, progress=lambda s: None) -> Result:
         sampler.stop()
     alive = stack.daemon.proc.poll() is None
     config = {k: getattr(a, k) for k in ("duration", "baseline", "secrets", "outsiders", "signal_mb",
-                                          "slow_conns", "rcvbuf", "renew", "listers", "timeout", "reuse")}
+                                          "slow_conns", "rcvbuf", "renew", "slow_target", "listers", "timeout",
+                                          "reuse")}
     return Result([base, attack], attacks, config, (load0, os.getloadavg()[0]), alive)
 
 
@@ -569,6 +579,8 @@ def report(r: Result) -> list[str]:
                    f"| {ms(percentile(p.floor, 0.5))} / {ms(percentile(p.floor, 0.99))} "
                    f"| {p.max_rss_mb:.1f} | {cpu} |")
     for p in r.phases:
+        if p.slow_at:
+            out.append(f"root calls over 1 s ({p.name}) ended at s: " + ", ".join(f"{t:.1f}" for t in p.slow_at[:20]))
         if p.errors:
             out.append(f"root errors ({p.name}): " + ", ".join(f"{k} × {v}" for k, v in sorted(p.errors.items())))
     out.append("")
@@ -580,7 +592,8 @@ def report(r: Result) -> list[str]:
         out.append(f"attack 1, outsiders: {sent} signals sent ({gib:.2f} GiB), {errs} error replies from the bus"
                    + "".join(f"; failed: {x['failed']}" for x in sig if "failed" in x))
     for x in r.attacks.get("slow", []):
-        out.append(f"attack 2, slow readers: {x.get('sent', 0)} calls sent over {x.get('connections', 0)} "
+        what = "calls sent" if c["slow_target"] == "service" else f"GetId calls to dbus-daemon sent by {OTHER}"
+        out.append(f"attack 2, slow readers: {x.get('sent', 0)} {what} over {x.get('connections', 0)} "
                    f"connections, none read" + (f"; failed: {x['failed']}" if "failed" in x else ""))
     for x in r.attacks.get("lists", []):
         out.append(f"attack 3, ListSecrets loops: {x.get('lists', 0)} lists of {x.get('sizes')} paths, "
@@ -601,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rcvbuf", type=int, default=4096, help="attack 2: their SO_RCVBUF (default 4096)")
     ap.add_argument("--renew", type=float, default=10.0,
                     help="attack 2: replace the oldest connection every S seconds (0: never; default 10)")
+    ap.add_argument("--slow-target", choices=("service", "bus"), default="service",
+                    help="attack 2 calls secretbusd (default), or, as a control, GetId of the bus daemon "
+                         "itself, sent by an outsider: what the bus alone suffers from such a caller")
     ap.add_argument("--listers", type=int, default=4, help="attack 3: ListSecrets loops (default 4)")
     ap.add_argument("--timeout", type=float, default=5.0, help="root's per-call timeout (default 5)")
     ap.add_argument("--reuse", action="store_true", help="root uses one connection for all its calls")

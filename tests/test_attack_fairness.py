@@ -430,7 +430,7 @@ def test_slow_readers_flooding_calls_get_no_replies_to_pile_up(test_users, unpri
     stack = bench.Stack(keep=False)
     try:
         stack.start(300)
-        p = stack.attacker("slow", MEMBER, "slow", "10", "3", "4096", "0")
+        p = stack.attacker("slow", MEMBER, "slow", "10", "3", "4096", "0", "service")
         assert p.stdout.readline().strip() == "ready", stack.attacker_err("slow")
         p.stdin.write("go\n")
         p.stdin.flush()
