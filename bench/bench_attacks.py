@@ -167,9 +167,9 @@ def slow(addr, seconds, conns, rcvbuf, renew, target):
         s = rawclient.connect(addr, rcvbuf)[0]
         s.setblocking(False)
         return [s, calls(), b""]
+    socks = [new() for _ in range(conns)]      # connected before the start, as the others are
     print("ready", flush=True)
     sys.stdin.readline()
-    socks = [new() for _ in range(conns)]
     opened, sent = conns, 0
     deadline = time.monotonic() + seconds
     next_renew = time.monotonic() + renew if renew > 0 else float("inf")

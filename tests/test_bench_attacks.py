@@ -29,6 +29,6 @@ def test_bench_attacks_prints_its_figures(test_users, unpriv_python):
         assert float(cells[9]) > 10, (name, cells)            # max RSS MB: a running daemon
     assert re.search(r"^attack 1, outsiders: \d+ signals sent", out, re.M), out
     assert re.search(r"^attack 2, slow readers: [1-9]\d* calls sent", out, re.M), out
-    assert re.search(r"^attack 3, ListSecrets loops: [1-9]\d* lists of \[301\] paths", out, re.M), out
+    assert re.search(r"^attack 3, ListSecrets loops: [1-9]\d* lists of \[[0-9, ]+\] paths", out, re.M), out
     assert len(re.findall(r"^goal: .* -> (met|MISSED)$", out, re.M)) == 4, out
     assert "secretbusd still running: yes" in out
