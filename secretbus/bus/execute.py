@@ -78,6 +78,7 @@ class Grant:
 
     visible: Sequence[SecretDef] = ()
     private_reader: bool = False
+    uid: int | None = None                # the caller's, when access control looked it up
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,7 @@ class CallRunner:
         visible = prep.candidates
         if spec.each is not None and self.access.enabled:
             visible = await self._filter(caller, spec.each, list(visible))
-        return uid, Grant(visible, prep.private and uid is not None and uid in self.private_readers)
+        return uid, Grant(visible, prep.private and uid is not None and uid in self.private_readers, uid)
 
     async def _filter(self, caller: Caller, perm: Perm, defs: list[SecretDef]) -> list[SecretDef]:
         """The defs `caller` may see; cached decisions are read without awaiting each one."""
