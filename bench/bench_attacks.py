@@ -398,11 +398,22 @@ def write_store(root: Path, n: int) -> None:
         f.chmod(0o600)
 
 
+class QuietBus(harness.PrivateBus):
+    """A bus whose log goes to /dev/null: dbus-daemon logs one line per call it refuses
+    (max_replies_per_connection), ~25,000 lines a second under attack 2, and a log file
+    that fast stalls it in write() now and then (`--bus-log null`)."""
+
+    @property
+    def log_path(self) -> Path:
+        return Path("/dev/null")
+
+
 class Stack:
     """Everything the run started, stopped in reverse order by PID (also on errors and signals)."""
 
-    def __init__(self, keep: bool) -> None:
+    def __init__(self, keep: bool, bus_log: str = "file") -> None:
         self.keep = keep
+        self.bus_log = bus_log
         self.bus: harness.PrivateBus | None = None
         self.polkitd: harness.Polkitd | None = None
         self.daemon: harness.Secretbusd | None = None
@@ -413,7 +424,8 @@ class Stack:
         root = harness.public_tempdir("sb-bench-attacks-root-")
         self.dirs.append(root)
         write_store(root, secrets)
-        self.bus = harness.PrivateBus("system", policy_files=[BUS_CONF]).start()
+        kind = QuietBus if self.bus_log == "null" else harness.PrivateBus
+        self.bus = kind("system", policy_files=[BUS_CONF]).start()
         self.polkitd = harness.Polkitd(self.bus, actions=[ACTIONS]).start()
         self.daemon = harness.Secretbusd(self.bus, system=True, root=root).start()
 
@@ -535,7 +547,7 @@ def run(a: argparse.Namespace, stack: Stack, progress=lambda s: None) -> Result:
     alive = stack.daemon.proc.poll() is None
     config = {k: getattr(a, k) for k in ("duration", "baseline", "secrets", "outsiders", "signal_mb",
                                           "slow_conns", "rcvbuf", "renew", "slow_target", "listers", "timeout",
-                                          "reuse")}
+                                          "reuse", "bus_log")}
     return Result([base, attack], attacks, config, (load0, os.getloadavg()[0]), alive)
 
 
@@ -566,7 +578,7 @@ def report(r: Result) -> list[str]:
            f"ListSecrets never read (renewed every {c['renew']:g} s); (3) {c['listers']} {MEMBER} loops of new "
            f"connection + ListSecrets",
            f"root: GetValue, one at a time, {'one connection' if c['reuse'] else 'a new connection each'}, "
-           f"timeout {c['timeout']:g} s; RSS sampled every {RSS_INTERVAL:g} s",
+           f"timeout {c['timeout']:g} s; RSS sampled every {RSS_INTERVAL:g} s; dbus-daemon log: {c['bus_log']}",
            "",
            "| phase | s | root GetValue | p50 ms | p99 ms | max ms | errors | timeouts | connect p99 ms "
            "| bus GetId p50 / p99 ms | max RSS MB | CPU s secretbusd / dbus-daemon / polkitd / attackers |",
@@ -620,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listers", type=int, default=4, help="attack 3: ListSecrets loops (default 4)")
     ap.add_argument("--timeout", type=float, default=5.0, help="root's per-call timeout (default 5)")
     ap.add_argument("--reuse", action="store_true", help="root uses one connection for all its calls")
+    ap.add_argument("--bus-log", choices=("file", "null"), default="file",
+                    help="dbus-daemon's log: a file in its temp dir (default), or /dev/null")
     ap.add_argument("--no-check", action="store_true", help="only print: exit 0 whatever the figures")
     ap.add_argument("--keep", action="store_true", help="keep the temp dirs (store, logs)")
     a = ap.parse_args(argv)
@@ -632,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    stack = Stack(a.keep)
+    stack = Stack(a.keep, a.bus_log)
     try:
         r = run(a, stack, progress=lambda s: print(s, file=sys.stderr, flush=True))
     except KeyboardInterrupt:
