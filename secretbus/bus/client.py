@@ -42,7 +42,7 @@ from secretbus.bus.names import (
 from secretbus.bus.signals import known_usage, usage_from_props
 from secretbus.core import errors
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
-from secretbus.core.uuids import parse_uuid
+from secretbus.core.uuids import canonical_uuid, parse_uuid
 
 if TYPE_CHECKING:
     from secretbus.core.model import InstanceKind
@@ -51,7 +51,6 @@ __all__ = ["DBusConnection", "default_address", "error_from_reply"]
 
 log = logging.getLogger("secretbus.client")
 
-_INVALID_UUID = "uuidstr in virSecretLookupByUUIDString must be a valid UUID"
 Found = tuple[str, int, str]         # (uuid, usage type, usage id): what a handle needs
 
 
@@ -152,14 +151,6 @@ class DBusConnection(Connection):
     def _handle_of(self, uuid: str, utype: int, uid: str) -> Secret:
         return Secret(self, uuid, utype, uid)
 
-    @staticmethod
-    def _canon(uuid: str) -> str:
-        """The object path needs the canonical UUID; libvirt's text for one that is not."""
-        canon = parse_uuid(uuid) if isinstance(uuid, str) else None
-        if canon is None:
-            raise errors.InvalidArg(_INVALID_UUID)
-        return canon
-
     # -- connection level -----------------------------------------------------------------
     def define_xml(self, xml: str | bytes, flags: int = 0) -> Secret:
         text = wire.xml_text(xml)
@@ -192,7 +183,7 @@ class DBusConnection(Connection):
         # GetAll on the object is the lookup: one round trip instead of SecretLookupByUUID +
         # GetAll (two polkit checks on the system bus), with the same permission (getattr)
         # and the same NoSecret for a missing secret.
-        canon = self._canon(uuid)
+        canon = canonical_uuid(uuid)
         return self._handle_of(*self._loop.submit(self._props(secret_path(canon), canon)))
 
     def lookup_by_usage(self, usage_type: int, usage_id: str) -> Secret:
@@ -257,7 +248,7 @@ class DBusConnection(Connection):
 
     # -- secret level ---------------------------------------------------------------------
     def _secret_call(self, uuid: str, member: str, sig: str, body: list[Any], reply_sig: str) -> list[Any]:
-        canon = self._canon(uuid)
+        canon = canonical_uuid(uuid)
         return self._loop.submit(self._calls.call(secret_path(canon), SECRET_IFACE, member, sig, body,
                                                   reply_sig, uuid=canon))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 import uuid as _uuid
 
+from secretbus.core import errors
+
 _HEX = frozenset("0123456789abcdefABCDEF")
 _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -34,6 +36,18 @@ def parse_uuid(text: str) -> str | None:
         return None
     h = "".join(digits).lower()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+INVALID_UUID = "uuidstr in virSecretLookupByUUIDString must be a valid UUID"
+
+
+def canonical_uuid(text: object) -> str:
+    """The canonical form of a UUID argument, or libvirt's error for one that is not
+    (the driver and both clients say the same)."""
+    canon = parse_uuid(text) if isinstance(text, str) else None
+    if canon is None:
+        raise errors.InvalidArg(INVALID_UUID)
+    return canon
 
 
 def is_canonical(text: str) -> bool:

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 from secretbus.core import errors
 from secretbus.core.model import DEFINE_VALIDATE, EventId, Lifecycle, SecretDef, SecretEvent, UsageType, list_filter
 from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
-from secretbus.core.uuids import parse_uuid
+from secretbus.core.uuids import canonical_uuid, parse_uuid
 from secretbus.driver import rules
 from secretbus.driver.table import Entry, SecretTable
 from secretbus.fleet.changes import RemoteChange
@@ -187,9 +187,7 @@ class SecretDriver:
 
     # -- lookups ------------------------------------------------------------------
     def _get(self, uuid: str) -> Entry:
-        canon = parse_uuid(uuid) if isinstance(uuid, str) else None
-        if canon is None:
-            raise errors.InvalidArg("uuidstr in virSecretLookupByUUIDString must be a valid UUID")
+        canon = canonical_uuid(uuid)
         entry = self._table.get(canon)
         if entry is None:
             raise errors.NoSecret(f"no secret with matching uuid '{canon}'")

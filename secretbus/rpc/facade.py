@@ -26,7 +26,7 @@ from typing import Any
 from secretbus.core import errors
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
 from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
-from secretbus.core.uuids import parse_uuid
+from secretbus.core.uuids import canonical_uuid, parse_uuid
 from secretbus.driver.rules import check_value
 from secretbus.rpc import protocol as P
 from secretbus.rpc.client import AsyncRpcClient
@@ -35,7 +35,6 @@ from secretbus.rpc.transport import Transport
 log = logging.getLogger("secretbus.rpc.client")
 
 CLOSED = "the connection is closed"
-_INVALID_UUID = "uuidstr in virSecretLookupByUUIDString must be a valid UUID"
 _EVENT_PROCS = {P.Proc.SECRET_EVENT_LIFECYCLE: EventId.LIFECYCLE,
                 P.Proc.SECRET_EVENT_VALUE_CHANGED: EventId.VALUE_CHANGED}
 
@@ -194,20 +193,13 @@ class RpcConnection(Connection):
     def _handle(self, wire: dict[str, Any]) -> Secret:
         return Secret(self, str(uuidlib.UUID(bytes=wire["uuid"])), wire["usageType"], wire["usageID"])
 
-    @staticmethod
-    def _canon(uuid: object) -> str:
-        canon = parse_uuid(uuid) if isinstance(uuid, str) else None
-        if canon is None:
-            raise errors.InvalidArg(_INVALID_UUID)
-        return canon
-
     # -- connection level -------------------------------------------------------------
     def define_xml(self, xml: str | bytes, flags: int = 0) -> Secret:
         ret = self.call(P.Proc.SECRET_DEFINE_XML, {"xml": _xml_text(xml), "flags": _u32(flags)})
         return self._handle(ret["secret"])
 
     def lookup_by_uuid(self, uuid: str) -> Secret:
-        ret = self.call(P.Proc.SECRET_LOOKUP_BY_UUID, {"uuid": uuidlib.UUID(self._canon(uuid)).bytes})
+        ret = self.call(P.Proc.SECRET_LOOKUP_BY_UUID, {"uuid": uuidlib.UUID(canonical_uuid(uuid)).bytes})
         return self._handle(ret["secret"])
 
     def lookup_by_usage(self, usage_type: int, usage_id: str) -> Secret:
@@ -225,21 +217,22 @@ class RpcConnection(Connection):
 
     # -- secret level -------------------------------------------------------------------
     def secret_xml_desc(self, uuid: str, flags: int = 0) -> str:
-        ret = self.call(P.Proc.SECRET_GET_XML_DESC, {"secret": _wire_handle(self._canon(uuid)), "flags": _u32(flags)})
+        handle = _wire_handle(canonical_uuid(uuid))
+        ret = self.call(P.Proc.SECRET_GET_XML_DESC, {"secret": handle, "flags": _u32(flags)})
         return str(ret["xml"])
 
     def secret_get_value(self, uuid: str, flags: int = 0, *, internal_call: bool = False) -> bytes:
         if internal_call:    # over RPC a private value needs an elevated identity (SET_IDENTITY)
             raise errors.InvalidArg("internal_call is only available on embedded connections")
-        ret = self.call(P.Proc.SECRET_GET_VALUE, {"secret": _wire_handle(self._canon(uuid)), "flags": _u32(flags)})
+        ret = self.call(P.Proc.SECRET_GET_VALUE, {"secret": _wire_handle(canonical_uuid(uuid)), "flags": _u32(flags)})
         return bytes(ret["value"])
 
     def secret_set_value(self, uuid: str, value: bytes, flags: int = 0) -> None:
-        args = {"secret": _wire_handle(self._canon(uuid)), "value": check_value(value), "flags": _u32(flags)}
+        args = {"secret": _wire_handle(canonical_uuid(uuid)), "value": check_value(value), "flags": _u32(flags)}
         self.call(P.Proc.SECRET_SET_VALUE, args)
 
     def secret_undefine(self, uuid: str) -> None:
-        self.call(P.Proc.SECRET_UNDEFINE, {"secret": _wire_handle(self._canon(uuid))})
+        self.call(P.Proc.SECRET_UNDEFINE, {"secret": _wire_handle(canonical_uuid(uuid))})
 
     # -- events ---------------------------------------------------------------------------
     def subscribe(self, handler: EventHandler, event_id: int | None = None,
