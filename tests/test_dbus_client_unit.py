@@ -19,8 +19,9 @@ from fixtures import U1
 from secretbus.bus import events, signals, wire
 from secretbus.bus.calls import check_reply
 from secretbus.bus.client import DBusConnection, default_address, error_from_reply
-from secretbus.bus.loop import LoopThread
+from secretbus.bus.names import BUS_NAME
 from secretbus.core import errors
+from secretbus.core.loopthread import LoopThread
 from secretbus.core.model import EventId, Lifecycle, ListFlags, SecretEvent, UsageType
 from secretbus.store.paths import InstanceKind
 
@@ -262,8 +263,13 @@ def test_repr_has_no_secrets(offline):
 
 
 # -- the loop thread ----------------------------------------------------------------------------
+def _dbus_loop(timeout):
+    """The loop thread as the D-Bus client makes it."""
+    return LoopThread(timeout, "secretbus-dbus", kind="D-Bus", peer=BUS_NAME)
+
+
 def test_loop_thread_bounds_every_wait():
-    lt = LoopThread(timeout=0.2)
+    lt = _dbus_loop(0.2)
     lt.start()
     try:
         async def add(a, b):
@@ -291,7 +297,7 @@ def test_loop_thread_bounds_every_wait():
 
 
 def test_loop_thread_never_started_stops_cleanly():
-    lt = LoopThread(timeout=1)
+    lt = _dbus_loop(1)
     lt.stop()
     assert lt.loop.is_closed()
 

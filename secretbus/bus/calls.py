@@ -1,7 +1,7 @@
 """The client's call layer: finding and connecting to the bus, method calls bounded by a
 timeout, reply checking, and mapping D-Bus error replies to `secretbus.core.errors` classes.
 
-Everything here runs on the connection's loop thread (`secretbus.bus.loop`).
+Everything here runs on the connection's loop thread (`secretbus.core.loopthread`).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from dbus_fast.aio import MessageBus
 
 from secretbus.bus import compat
 from secretbus.bus import connect as busconn
-from secretbus.bus.loop import CLOSED
 from secretbus.bus.names import BUS_NAME, DBUS_IFACE, DBUS_NAME, DBUS_PATH
 from secretbus.core import errors
+from secretbus.core.loopthread import CLOSED
 
 if TYPE_CHECKING:
     from secretbus.core.model import InstanceKind

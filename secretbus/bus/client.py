@@ -3,7 +3,7 @@
 `secret:///system` and `secret:///session` open one of these. It is synchronous, like the
 embedded connection, and thread-safe. The parts, one concern each:
 
-- `secretbus.bus.loop`: the private event loop thread ("secretbus-dbus") every public method
+- `secretbus.core.loopthread`: the private event loop thread ("secretbus-dbus") every public method
   submits its coroutine to, with a bounded wait;
 - `secretbus.bus.calls`: the bus connection, method calls with a timeout, error mapping;
 - `secretbus.bus.signals`: match rules and decoding signals and properties (pure);
@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from secretbus.bus import wire
 from secretbus.bus.calls import Calls, default_address, error_from_reply
 from secretbus.bus.events import Dispatcher, Pending, SignalFeed, Usage, UsageCache
-from secretbus.bus.loop import LoopThread
 from secretbus.bus.names import (
     BUS_NAME,
     CONNECT_IFACE,
@@ -42,6 +41,7 @@ from secretbus.bus.names import (
 from secretbus.bus.signals import known_usage, usage_from_props
 from secretbus.core import errors
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
+from secretbus.core.loopthread import LoopThread
 from secretbus.core.uuids import canonical_uuid, parse_uuid
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class DBusConnection(Connection):
         self.timeout = float(timeout)
         self.interactive = interactive
         self._state_lock = threading.Lock()
-        self._loop = LoopThread(self.timeout)
+        self._loop = LoopThread(self.timeout, "secretbus-dbus", kind="D-Bus", peer=BUS_NAME)
         self._calls = Calls(address, self.bus_label, self.timeout, interactive=interactive,
                             closed=lambda: self._loop.closed)
         self._cache = UsageCache()            # loop thread only

@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 from dbus_fast import Message, MessageFlag, MessageType
 
 from secretbus.bus.calls import Calls, bus_message
-from secretbus.bus.loop import CLOSED
 from secretbus.bus.names import BUS_NAME, CONNECT_IFACE, CONNECT_PATH, DBUS_NAME
 from secretbus.bus.signals import (
     LifecycleSignal,
@@ -37,6 +36,7 @@ from secretbus.bus.signals import (
 )
 from secretbus.core import errors
 from secretbus.core.api import EventHandler, Secret
+from secretbus.core.loopthread import CLOSED
 from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
 
 log = logging.getLogger("secretbus.client")

@@ -14,17 +14,16 @@ the wire cannot carry is refused here, with the error the server would give.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import logging
 import queue
 import threading
 import uuid as uuidlib
-from collections.abc import Coroutine
 from typing import Any
 
 from secretbus.core import errors
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
+from secretbus.core.loopthread import CLOSED, LoopThread
 from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
 from secretbus.core.uuids import canonical_uuid, parse_uuid
 from secretbus.driver.rules import check_value
@@ -34,7 +33,6 @@ from secretbus.rpc.transport import Transport
 
 log = logging.getLogger("secretbus.rpc.client")
 
-CLOSED = "the connection is closed"
 _EVENT_PROCS = {P.Proc.SECRET_EVENT_LIFECYCLE: EventId.LIFECYCLE,
                 P.Proc.SECRET_EVENT_VALUE_CHANGED: EventId.VALUE_CHANGED}
 
@@ -68,39 +66,6 @@ def _wire_handle(uuid: str) -> dict[str, Any]:
     return {"uuid": uuidlib.UUID(uuid).bytes, "usageType": 0, "usageID": ""}
 
 
-class _LoopThread:
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self.loop = asyncio.new_event_loop()
-        self.closed = False
-        self.thread = threading.Thread(target=self.loop.run_forever, name="secretbus-rpc", daemon=True)
-
-    def submit(self, coro: Coroutine[Any, Any, Any], wait: float | None = None) -> Any:
-        if threading.get_ident() == self.thread.ident:
-            coro.close()
-            raise errors.OperationFailed("a secretbus RPC connection cannot be called from its own event loop")
-        if self.closed:
-            coro.close()
-            raise errors.OperationFailed(CLOSED)
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return fut.result(self.timeout + 1 if wait is None else wait)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise errors.OperationFailed(f"no reply from the RPC server within {self.timeout:g} s") from None
-        except concurrent.futures.CancelledError:
-            raise errors.OperationFailed(CLOSED) from None
-
-    def stop(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        if threading.get_ident() != self.thread.ident:
-            self.thread.join(5)
-            if not self.thread.is_alive():
-                self.loop.close()
-
-
 class RpcConnection(Connection):
     """A connection to a secret server over libvirt RPC (secretbusd, or libvirt's own daemons).
 
@@ -113,7 +78,7 @@ class RpcConnection(Connection):
         self.transport = transport
         self.readonly = readonly
         self.timeout = float(timeout)
-        self._loop = _LoopThread(self.timeout)
+        self._loop = LoopThread(self.timeout, "secretbus-rpc", kind="RPC", peer="the RPC server")
         self._client: AsyncRpcClient | None = None
         self._sub_lock = threading.Lock()
         self._subs: dict[int, tuple[EventHandler, Any, tuple[EventId, ...]]] = {}
@@ -131,7 +96,7 @@ class RpcConnection(Connection):
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise errors.InvalidArg("timeout must be a positive number of seconds")
         conn = cls(uri, transport, timeout=timeout, readonly=readonly)
-        conn._loop.thread.start()
+        conn._loop.start()
         try:
             conn._loop.submit(conn._connect(name, keepalive), 2 * conn.timeout + 1)
         except BaseException:
@@ -160,10 +125,10 @@ class RpcConnection(Connection):
             self._loop.closed = True
             self._subs = {}
         client = self._client
-        if client is not None and self._loop.thread.is_alive():
-            fut = asyncio.run_coroutine_threadsafe(client.close(wait=min(self.timeout, 5.0)), self._loop.loop)
+        if client is not None:
+            wait = min(self.timeout, 5.0)
             try:
-                fut.result(min(self.timeout, 5.0) + 2)
+                self._loop.finish(client.close(wait=wait), wait + 2)
             except Exception:  # noqa: BLE001 - closing is best-effort
                 log.debug("RPC connection did not shut down cleanly", exc_info=True)
         self._events.put(None)

@@ -1,9 +1,9 @@
 """A private asyncio event loop in a daemon thread, and running coroutines on it from
 synchronous callers with a bounded wait.
 
-dbus-fast has no default call timeout, so every wait here is bounded: a caller never blocks
-longer than the wait it passes (the connection's timeout plus a margin, by default), even if
-the loop itself is stuck.
+Both clients (D-Bus and RPC) run on one: dbus-fast has no default call timeout, so every
+wait here is bounded: a caller never blocks longer than the wait it passes (the connection's
+timeout plus a margin, by default), even if the loop itself is stuck.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from secretbus.bus.names import BUS_NAME
 from secretbus.core import errors
 
 CLOSED = "the connection is closed"
@@ -38,8 +37,10 @@ def _run(loop: asyncio.AbstractEventLoop) -> None:
 class LoopThread:
     """The loop and its thread. `closed` is the gate: once set, no new coroutine is accepted."""
 
-    def __init__(self, timeout: float, name: str = "secretbus-dbus"):
+    def __init__(self, timeout: float, name: str, *, kind: str, peer: str):
+        """`kind` ("D-Bus", "RPC") and `peer` (who fails to answer) name the client in errors."""
         self.timeout = timeout
+        self.kind, self.peer = kind, peer
         self.loop = asyncio.new_event_loop()
         self.closed = False
         self._thread = threading.Thread(target=_run, args=(self.loop,), name=name, daemon=True)
@@ -58,7 +59,7 @@ class LoopThread:
         """Run `coro` on the loop and wait for it (at most `wait` s, default timeout + 1)."""
         if self.in_loop():
             coro.close()
-            raise errors.OperationFailed("a secretbus D-Bus connection cannot be called from its own event loop")
+            raise errors.OperationFailed(f"a secretbus {self.kind} connection cannot be called from its own event loop")
         if self.closed or self.loop.is_closed():
             coro.close()
             raise errors.OperationFailed(CLOSED)
@@ -71,7 +72,7 @@ class LoopThread:
             return fut.result(self.timeout + 1 if wait is None else wait)
         except concurrent.futures.TimeoutError:
             fut.cancel()
-            raise errors.OperationFailed(f"no reply from {BUS_NAME} within {self.timeout:g} s") from None
+            raise errors.OperationFailed(f"no reply from {self.peer} within {self.timeout:g} s") from None
         except concurrent.futures.CancelledError:
             raise errors.OperationFailed(CLOSED) from None
         except BaseException:
