@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from secretbus.fleet.status import FleetState
 from secretbus.fleet.store import FleetStore
 from secretbus.store.keys import init_encryption
 from secretbus.store.paths import InstancePaths
+from tests.harness.bus import gdbus
 from tests.harness.etcd import EtcdCluster
 from tests.harness.tcpproxy import TcpProxy
 
@@ -419,7 +421,18 @@ def test_secretbusd_serves_the_fleet_on_dbus(tmp_path: Path, etcd: EtcdCluster, 
     conn = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
                                bus_address=session_bus.address)
     got: list[SecretEvent] = []
+
+    def fleet_state() -> str:
+        r = gdbus(session_bus.address, "call", "--dest", "org.libvirt.secret", "--object-path",
+                  "/org/libvirt/secret", "--method", "org.freedesktop.DBus.Properties.Get",
+                  "org.libvirt.Connect", "FleetState")
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+    monitor = subprocess.Popen(["gdbus", "monitor", "--address", session_bus.address, "--dest",
+                                "org.libvirt.secret", "--object-path", "/org/libvirt/secret"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        wait_for(lambda: fleet_state() == "(<'online'>,)", "FleetState online on D-Bus")
         conn.subscribe(lambda s, ev: got.append(ev))
         u = uid(1000)
         a.d.define_xml(xml(u, "dbus.1000"))
@@ -435,11 +448,23 @@ def test_secretbusd_serves_the_fleet_on_dbus(tmp_path: Path, etcd: EtcdCluster, 
         assert a.d.get_value(uid(1001)) == b"from-dbus"
         etcd.stop()
         wait_for(lambda: "fleet store unavailable" in daemon.log(), "the degraded state in the log")
+        assert fleet_state() == "(<'degraded'>,)"
         assert conn.secret_get_value(u) == b"over-dbus"
         with pytest.raises(errors.OperationFailed, match="fleet store unavailable: "):
             conn.define_xml(xml(uid(1002), "dbus.1002"))
         assert "over-dbus" not in daemon.log() and "from-dbus" not in daemon.log()
+        etcd.start(new=False)
+        wait_for(lambda: fleet_state() == "(<'online'>,)", "FleetState online again")
+        monitor.terminate()
+        seen = monitor.communicate(timeout=10)[0]
+        # PropertiesChanged on the Connect object, in order: degraded (with a reason), online
+        changes = [line for line in seen.splitlines() if "FleetState" in line]
+        assert any("'FleetState': <'degraded'>" in c and "'FleetStateReason': <''>" not in c for c in changes), seen
+        assert "'FleetState': <'online'>" in changes[-1], seen
     finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
         conn.close()
         a.close()
 

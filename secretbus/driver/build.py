@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from functools import partial
 
-from secretbus.driver.driver import SecretDriver, Setup
+from secretbus.driver.driver import SecretDriver, Setup, StoreState
 from secretbus.fleet.setup import open_fleet_store
 from secretbus.fleet.store import FleetStore
 from secretbus.fleet.sync import FleetSync
@@ -61,6 +61,12 @@ def _attach_fleet(driver: SecretDriver, store: FleetStore) -> None:
     """The watch applies other hosts' changes through the driver; lookup misses ask etcd."""
     sync = FleetSync(store, driver.apply_remote)
     driver.catch_up = store.catch_up
+
+    def state() -> StoreState:
+        now = store.status
+        return StoreState(now.state.value, now.reason)
+    driver.state_source = state
+    store.cell.watch(lambda *_: driver.store_state_changed())
     driver.on_close(sync.stop)
     sync.start()
 
