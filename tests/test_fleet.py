@@ -629,3 +629,53 @@ def test_fleet_over_tls_with_client_certificates(tmp_path: Path) -> None:
         for h in made:
             h.close()
         cluster.stop()
+
+
+def test_a_reload_in_fleet_mode_keeps_the_store_and_follows_the_conf(hosts: list[Host]) -> None:
+    """SIGHUP's driver.reload in fleet mode: the same store (watch, cache, connection) serves on,
+    what the host publishes follows the new conf; changes that need a new store are refused and
+    change nothing."""
+    a, b, _ = hosts
+    conf = a.paths.conf_file
+    text = conf.read_text()
+    store = a.store
+    a.d.define_xml(xml(uid(700), "reload.700"))
+    conf.write_text(text + "fleet_private = 0\n")
+    summary = a.d.reload()
+    assert a.store is store and summary.loaded == 1 and a.store.status.state is FleetState.ONLINE
+    a.d.define_xml(xml(uid(701), "reload.701", private="yes"))     # now kept on a
+    a.d.define_xml(xml(uid(702), "reload.702"))
+    wait_for(lambda: b.seen(uid(702), EventId.LIFECYCLE, Lifecycle.DEFINED), "the public define on b")
+    assert not b.seen(uid(701), EventId.LIFECYCLE, Lifecycle.DEFINED)
+    assert not a.store.is_fleet(uid(701)) and a.store.is_fleet(uid(702))
+    refused = {
+        "fleet_cluster": text.replace('fleet_cluster = "test"', 'fleet_cluster = "other"'),
+        "fleet_endpoints": text.replace("fleet_endpoints = [", 'fleet_endpoints = [ "http://127.0.0.1:1",'),
+        "secrets_encryption_key": text.replace("host-key", "other-key"),
+        "fleet mode ends": "\n".join(x for x in text.splitlines() if not x.startswith("fleet_endpoints")),
+    }
+    for what, bad in refused.items():
+        conf.write_text(bad)
+        with pytest.raises(errors.ConfigError, match=what):
+            a.d.reload()
+        assert a.store is store and a.d.conf.fleet_private is False and a.d.count() == 3
+    conf.write_text(text)
+    a.d.reload()
+    a.d.define_xml(xml(uid(703), "reload.703", private="yes"))     # published again
+    wait_for(lambda: b.seen(uid(703), EventId.LIFECYCLE, Lifecycle.DEFINED), "the private define on b")
+
+
+def test_a_reload_does_not_turn_fleet_mode_on(tmp_path: Path, etcd: EtcdCluster) -> None:
+    h, _ = make_host(tmp_path, "plain", etcd.endpoints, None)
+    conf = h.paths.conf_file
+    text = conf.read_text()
+    conf.write_text("\n".join(x for x in text.splitlines() if not x.startswith("fleet_endpoints")))
+    d = open_instance(h.paths)
+    try:
+        assert not isinstance(d.store, FleetStore)
+        conf.write_text(text)
+        with pytest.raises(errors.ConfigError, match="fleet mode starts with a restart"):
+            d.reload()
+        assert not isinstance(d.store, FleetStore) and d.store_state().state == "local"
+    finally:
+        d.close()

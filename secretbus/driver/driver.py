@@ -109,6 +109,10 @@ class SecretDriver:
     def store(self) -> SecretStore:
         return self._setup.store
 
+    @property
+    def setup(self) -> Setup:
+        return self._setup
+
     def skipped(self) -> list[Skipped]:
         """What the last load (start-up or reload) could not serve, and why."""
         return self._table.skipped_files()
@@ -161,7 +165,11 @@ class SecretDriver:
             setup = self._reload_setup()
             if check is not None:
                 check(setup.conf)
-            summary = self._load_store(setup.store)
+            if setup.store is self._setup.store:
+                # the same store (fleet mode): its table is current, only the conf changes
+                summary = LoadSummary(len(self._table), self._table.skipped_files())
+            else:
+                summary = self._load_store(setup.store)
             self._setup = setup
             return summary
 
