@@ -338,7 +338,8 @@ class Daemon:
             if self.service is not None:
                 self.service.private_readers = self._readers
                 self.service.refresh()
-            log.info("reloaded: %d secrets, %d skipped", report.loaded, len(report.skipped))
+            log.info("reloaded: %d secrets, %d skipped (%s)", report.loaded, len(report.skipped),
+                     self.driver.key_description or "values not encrypted")
             notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")
         except errors.SecretError as e:
             log.error("reload failed, keeping the previous state: %s", errors.display(e))

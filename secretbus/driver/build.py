@@ -27,7 +27,8 @@ def load_setup(paths: InstancePaths, environ: Mapping[str, str] | None = None,
     if conf is None:
         conf = load_conf(paths.conf_file)
     env = os.environ if environ is None else environ
-    codecs, description = codecs_for(conf, env)
+    # (fleet mode: the cache is not rotated yet; codecs_for without the store dir ignores a record)
+    codecs, description = codecs_for(conf, env, None if conf.fleet_endpoints else paths.config_dir)
     if conf.fleet_endpoints:
         return Setup(conf, open_fleet_store(paths, conf, codecs, env), description)
     return Setup(conf, SecretStore(paths.config_dir, codecs), description)

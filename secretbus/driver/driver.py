@@ -153,7 +153,7 @@ class SecretDriver:
                     log.warning("cannot rewrite the value of secret %s in the bound format: %s",
                                 uuid, e.message, extra={"SECRET_UUID": uuid})
                     continue
-                log.info("rewrote the value of secret %s in the bound format", uuid,
+                log.info("rewrote the value of secret %s in the bound format under the current key", uuid,
                          extra={"SECRET_UUID": uuid, "SECRET_OPERATION": "load"})
 
     def reload(self, check: Callable[[SecretConf], None] | None = None) -> LoadSummary:
