@@ -31,7 +31,7 @@ from secretbus.core import errors
 from secretbus.rpc import protocol as P
 from secretbus.rpc.facade import RpcConnection
 from secretbus.rpc.frame import Header, encode_frame
-from secretbus.rpc.sshcommand import remote_command, ssh_argv
+from secretbus.rpc.sshcommand import explain, remote_command, ssh_argv
 from secretbus.rpc.sshuri import parse_ssh_uri
 
 SENTINEL = b"ssh-S3ntinel\x00\x01\xfe"
@@ -333,6 +333,33 @@ def test_access_is_the_ssh_users_not_roots(sysd, rpc_dir, make_sshd, tmp_path):
 def test_hostile_uris_are_refused_before_anything_runs(bad):
     with pytest.raises(errors.InvalidArg):
         parse_ssh_uri(bad)
+
+
+def test_uri_parameters_map_to_ssh_options():
+    t = parse_ssh_uri("secret+ssh://[::1]:2222/session?known_hosts_verify=auto&foo=bar&proxy=native")
+    assert (t.host, t.port, t.user, t.system) == ("::1", 2222, None, False)
+    assert t.open_name() == "secret:///session?foo=bar" and t.describe() == "ssh [::1]:2222"
+    argv = ssh_argv(t, True)
+    assert "StrictHostKeyChecking=accept-new" in argv and argv[-3:-1] == ["--", "::1"]
+    assert "virt-ssh-helper -r secret:///session" in argv[-1] and " nc " not in argv[-1]
+    t = parse_ssh_uri("secret+ssh://h/system?no_verify=1&proxy=netcat&netcat=/opt/nc&mode=legacy")
+    script = ssh_argv(t, False)[-1]
+    assert "StrictHostKeyChecking=no" in ssh_argv(t, False) and "ssh-bridge" not in script
+    assert "/opt/nc" in script and "/run/libvirt/libvirt-sock" in script and "virtsecretd-sock" not in script
+
+
+def test_failures_are_explained_by_step():
+    """The classification of ssh's exit status and stderr (pure logic; the real cases run
+    through sshd in test_errors_say_which_step_failed)."""
+    w = "ssh h"
+    assert explain(w, None, "") is None and explain(w, 0, "Could not chdir to home directory") is None
+    said = "No ED25519 host key is known for h and you have requested strict checking.\nHost key verification failed."
+    assert "ssh host key verification failed" in explain(w, 255, said)
+    assert "ssh authentication failed: root@h: Permission denied (publickey)." == \
+        explain(w, 255, "root@h: Permission denied (publickey).").split(": ", 1)[1]
+    assert "ssh connection failed" in explain(w, 255, "ssh: connect to host h port 22: Connection refused")
+    assert "no remote helper" in explain(w, 127, "secretbus-ssh: not in the remote PATH: secretbus, nc")
+    assert "the remote helper failed (status 1): error: Failed to connect" in explain(w, 1, "error: Failed to connect")
 
 
 HOSTILE = "/tmp/x'y\"z $(touch /tmp/sb-pwned-1) `touch /tmp/sb-pwned-2`;touch /tmp/sb-pwned-3 \\ & | * ~ #"

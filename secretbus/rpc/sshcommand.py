@@ -105,8 +105,8 @@ def _tail(stderr: str, lines: int = 3, limit: int = 400) -> str:
 def explain(where: str, status: int | None, stderr: str) -> str | None:
     """Why the ssh stream ended, naming the step that failed; None when ssh is still running
     (the stream ended for another reason) or ended without complaint."""
-    if status is None:
-        return None
+    if status is None or status == 0:
+        return None         # ssh still up, or the session ended normally (the server closed)
     said = _tail(stderr)
     if status == SSH_FAILED:
         if _HOST_KEY.search(stderr):
@@ -118,6 +118,4 @@ def explain(where: str, status: int | None, stderr: str) -> str | None:
         return f"{where}: ssh {step} failed: {said or f'ssh exited with status {status}'}"
     if status == NONE_FOUND_STATUS and NONE_FOUND in stderr:
         return f"{where}: no remote helper: {said.split('secretbus-ssh: ', 1)[-1]}"
-    if status == 0 and not said:
-        return None
     return f"{where}: the remote helper failed (status {status}): {said or 'no message'}"
