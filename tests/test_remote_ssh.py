@@ -309,6 +309,51 @@ def test_access_is_the_ssh_users_not_roots(sysd, rpc_dir, make_sshd, tmp_path):
     assert r.returncode == 1 and "authentication failed: access denied by policy" in r.stderr, r.stderr
 
 
+
+SSH_RULES = ("50-sbtest-ssh.rules", f"""
+polkit.addRule(function(action, subject) {{
+    if (subject.user != "{SSH_USER}")
+        return polkit.Result.NOT_HANDLED;
+    if (action.id == "org.libvirt.unix.manage")
+        return polkit.Result.YES;
+    var uuid = action.lookup("secret_uuid");
+    if (action.id == "org.libvirt.api.secret.read-secure" && (uuid == "{U1}" || uuid == "{U2}"))
+        return polkit.Result.YES;
+    return polkit.Result.NOT_HANDLED;
+}});
+""")
+OTHER = "1b40a534-8301-45d5-b1aa-11894ebb1799"
+
+
+@pytest.mark.bus_policy(Path(__file__).resolve().parents[1] / "dbus" / "org.libvirt.secret.conf")
+def test_polkit_decides_for_the_ssh_user(system_bus, make_polkitd, make_secretbusd, rpc_dir, make_sshd, tmp_path):
+    """With polkit: the non-root ssh user is authorised as that uid, per call and per secret,
+    and a private value stays refused even where polkit says yes."""
+    repo = Path(__file__).resolve().parents[1]
+    make_polkitd(system_bus, rules=[SSH_RULES], actions=[
+        ("sbtest-ssh.org.libvirt.api.secret.policy", (repo / "polkit" / "org.libvirt.api.secret.policy").read_text()),
+        ("sbtest-ssh.org.libvirt.unix.policy", (repo / "polkit" / "org.libvirt.unix.policy").read_text())])
+    sbd = make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
+    user = ensure_ssh_user()
+    d = make_sshd(users=("root", SSH_USER), programs=("secretbus",),
+                  secretbus_pythonpath=str(harness.unpriv_python().site))
+    root_u, user_u = d.uri(socket=sock(rpc_dir)), d.uri(SSH_USER, socket=sock(rpc_dir))
+    ok(cli(root_u, "secret-define", xml_file(tmp_path)))
+    ok(cli(root_u, "secret-define", xml_file(tmp_path, "p.xml", uuid=U2, priv="yes", usage="volume", uid="/p.img")))
+    ok(cli(root_u, "secret-define", xml_file(tmp_path, "o.xml", uuid=OTHER, usage="volume", uid="/o.img")))
+    for u in (U1, U2, OTHER):
+        ok(cli(root_u, "secret-set-value", u, "--base64", base64.b64encode(SENTINEL).decode()))
+    assert ok(cli(user_u, "secret-get-value", U1)).strip() == base64.b64encode(SENTINEL).decode()
+    r = cli(user_u, "secret-get-value", OTHER)
+    assert r.returncode == 1 and "access denied" in r.stderr, r.stderr
+    r = cli(user_u, "secret-get-value", U2)
+    assert r.returncode == 1 and "secret is private" in r.stderr, r.stderr
+    # the audit trail names the ssh user's uid
+    reads = [{k: v[0].decode() for k, v in e.items()} for e in list(sbd.journal.entries)]
+    assert any(f.get("SECRET_UUID") == U1 and f.get("CALLER_UID") == str(user.uid) for f in reads), reads
+    assert SENTINEL.hex() not in sbd.log()
+
+
 # -- hostile URIs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [
     "secret+ssh://-oProxyCommand=touch%20x/system",

@@ -85,6 +85,8 @@ class SshTransport:
             return await asyncio.open_unix_connection(sock=ours, limit=READ_LIMIT)
         except BaseException:
             ours.close()
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()          # no stream for it to serve: reaped by _collect
             raise
 
     def _collect(self) -> None:
