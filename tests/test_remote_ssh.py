@@ -211,6 +211,37 @@ def test_bridge_picks_the_default_socket_and_the_ro_one(sysd, rpc_dir, make_sshd
     assert U1 in ok(cli(u, "secret-list", top=("-r",)))
 
 
+def test_mode_auto_falls_back_to_libvirtds_socket(sysd, rpc_dir, make_sshd, tmp_path):
+    """A remote /run/libvirt with only libvirtd's legacy `libvirt-sock` (here a link to
+    secretbusd's socket): the bridge's mode=auto choice, our nc fallback and libvirt's own nc
+    fallback (virsh without virt-ssh-helper) all take it; mode=legacy names it directly."""
+    legacy = harness.public_tempdir("sb-ssh-legacy-")
+    try:
+        (legacy / "libvirt-sock").symlink_to(sock(rpc_dir))
+        ok(cli(f"secret:///system?socket={sock(rpc_dir)}", "secret-define", xml_file(tmp_path)))
+        for programs_ in (("secretbus",), ("nc",)):
+            d = make_sshd(programs=programs_, libvirt_run=legacy)
+            assert U1 in ok(cli(d.uri(), "secret-list")), programs_
+            assert U1 in ok(cli(d.uri(mode="legacy"), "secret-list")), programs_
+        assert U1 in ok(virsh(d.uri(), "secret-list"))          # libvirt: nc -U /var/run/libvirt/libvirt-sock
+    finally:
+        remove_tree(legacy)
+
+
+def test_choose_socket(monkeypatch, tmp_path):
+    from secretbus.rpc import paths
+    monkeypatch.setattr(paths, "SYSTEM_DIR", tmp_path)
+    assert paths.choose_socket(True) == tmp_path / "virtsecretd-sock"          # neither: the direct one
+    (tmp_path / "libvirt-sock").touch()
+    (tmp_path / "libvirt-sock-ro").touch()
+    assert paths.choose_socket(True) == tmp_path / "libvirt-sock"
+    assert paths.choose_socket(True, readonly=True) == tmp_path / "libvirt-sock-ro"
+    (tmp_path / "virtsecretd-sock").touch()
+    assert paths.choose_socket(True) == tmp_path / "virtsecretd-sock"
+    assert paths.choose_socket(True, readonly=True) == tmp_path / "libvirt-sock-ro"   # no direct -ro yet
+    assert paths.choose_socket(True, mode="legacy") == tmp_path / "libvirt-sock"
+    assert paths.choose_socket(True, readonly=True, mode="direct") == tmp_path / "virtsecretd-sock-ro"
+
 @pytest.mark.parametrize("programs_, via", [(("virt-ssh-helper",), "virt-ssh-helper"), (("nc",), "nc")])
 def test_secretbus_client_falls_back(programs_, via, sysd, rpc_dir, make_sshd, tmp_path):
     """A remote host without secretbus: the client's command falls back as libvirt's does."""
