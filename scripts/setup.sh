@@ -27,6 +27,9 @@ PACKAGES=(
     passwd adduser                        # useradd / groupadd for test users
     libvirt-clients python3-libvirt       # virsh and libvirt's python binding: real RPC clients in the tests
     etcd-server etcd-client               # fleet mode's shared store (etcd 3.4); the fleet tests start their own
+    openssh-server                        # sshd for the secret+ssh:// tests (each test starts its own on loopback)
+    openssh-client                        # ssh: the client side of secret+ssh:// (secretbus and virsh run it)
+    netcat-openbsd                        # nc -U: libvirt's remote command for secret+ssh://…?socket=
 )
 
 missing=()

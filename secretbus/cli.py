@@ -410,6 +410,25 @@ def cmd_rewrite_values(conn, a) -> int:
     return 0 if done == total and not skipped else 1
 
 
+def cmd_ssh_bridge(conn_unused, a) -> int:
+    """The remote end of secret+ssh:// (secretbus.rpc.sshbridge): URI as virt-ssh-helper's."""
+    from secretbus.core.model import InstanceKind
+    from secretbus.rpc import sshbridge
+    from secretbus.rpc.paths import choose_socket
+    from secretbus.uri import parse_uri
+    uri = _required(a, "uri")
+    try:
+        parsed = parse_uri(uri)
+        if parsed.kind is InstanceKind.EMBED:
+            raise errors.InvalidArg(f"ssh-bridge needs secret:///system or secret:///session, not '{uri}'")
+        readonly = bool(a.readonly or a.top_readonly)
+        path = parsed.socket or choose_socket(parsed.kind is InstanceKind.SYSTEM, readonly, parsed.mode)
+        sshbridge.run(path)
+    except errors.SecretError as e:
+        raise CommandError(errors.display(e)) from None
+    return 0
+
+
 def cmd_audit(conn_unused, a) -> int:
     from secretbus import cli_audit
     secret = None
@@ -499,6 +518,12 @@ _command("rotate-key", "replace the encryption key, the service running or not",
           Opt("with-key", S, "systemd-creds --with-key= for the new sealed key (host, tpm2, ...)", named_only=True),
           Opt("timeout", S, "seconds to wait for the service to re-encrypt (default 60)", named_only=True)),
          cmd_rotate_key, no_connection=True)
+_command("ssh-bridge", "relay stdin/stdout to the local RPC socket (remote end of secret+ssh://)",
+         "Copy standard input and output to and from this host's libvirt RPC socket for URI, as libvirt's "
+         "virt-ssh-helper does: the command a secret+ssh:// client runs on the remote host.",
+         (Opt("uri", S, "connection URI (secret:///system, secret:///session; socket=, mode=)", required=True),
+          Opt("readonly", B, "use the read-only socket (also: secretbus -r ssh-bridge URI)")),
+         cmd_ssh_bridge, no_connection=True, raw_stdio=True)
 _command("rewrite-values", "re-write every persistent value under the current scheme and key",
          "Re-write every persistent value under the current scheme and key "
          "(the service must not be running for system/session).", (), cmd_rewrite_values,
@@ -637,6 +662,7 @@ def _run(inv: Invocation) -> int:
                 return 1
         try:
             inv.args.connect_uri = inv.connect     # (commands without a connection name their instance so)
+            inv.args.top_readonly = bool(inv.readonly)
             rc = inv.func(conn, inv.args)
         except CommandError as e:
             _report(e.lines)
@@ -646,7 +672,8 @@ def _run(inv: Invocation) -> int:
             rc = 1
         except OutputLost:
             rc = 1
-        _extra()
+        if not inv.flags.get("raw_stdio"):
+            _extra()            # (not after a byte stream: ssh-bridge's stdout is the RPC stream)
         return rc
     finally:
         if conn is not None:

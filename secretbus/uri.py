@@ -10,8 +10,9 @@ Which front end a local URI uses (DESIGN §9; README "Which front end"):
    instance (`/run/libvirt/virtsecretd-sock`, `$XDG_RUNTIME_DIR/libvirt/virtsecretd-sock`)
    is there: then RPC. The probe costs a stat, and a NameHasOwner only when the socket exists.
 
-Remote transports (`secret+ssh://`, `secret+tls://`, `secret+tcp://`, a host name) can only
-be RPC; they are the next increment and answer NoSupport for now.
+Remote transports can only be RPC. `secret+ssh://[user@]host[:port]/system` runs ssh to the
+remote host's RPC socket (secretbus.rpc.sshuri, sshcommand; docs/remote.md);
+`secret+tls://`, `secret+tcp://` and a host name answer NoSupport for now.
 """
 from __future__ import annotations
 
@@ -141,11 +142,24 @@ def open_rpc(parsed: ParsedURI, uri: str, *, timeout: float = 25.0, readonly: bo
                               readonly=readonly, timeout=timeout)
 
 
+def open_ssh(uri: str, *, timeout: float = 25.0, readonly: bool = False) -> Connection:
+    """secret+ssh://…: RPC through an ssh child (rpc/transport.SshTransport)."""
+    from secretbus.rpc.facade import RpcConnection
+    from secretbus.rpc.sshuri import parse_ssh_uri
+    from secretbus.rpc.transport import SshTransport
+    target = parse_ssh_uri(uri)
+    return RpcConnection.open(uri, SshTransport(target, readonly=readonly), name=target.open_name(),
+                              readonly=readonly, timeout=timeout)
+
+
 def open_connection(uri: str | None = None, *, timeout: float = 25.0, readonly: bool = False) -> Connection:
     """Open `uri` (default: $SECRETBUS_DEFAULT_URI, else system for root, session otherwise)
     over the front end chosen by the rule in this module's docstring. `readonly` asks for a
     read-only connection, which only the RPC front end has (libvirt's `virsh -r`)."""
     uri = uri or default_uri()
+    from secretbus.rpc.sshuri import is_ssh_uri
+    if is_ssh_uri(uri):
+        return open_ssh(uri, timeout=timeout, readonly=readonly)
     parsed = parse_uri(uri)
     if parsed.kind is InstanceKind.EMBED:
         if readonly:

@@ -193,7 +193,7 @@ def test_init_encryption_raw_then_rewrite(cli, xmlfile, tmp_path):
 
 
 def test_unsupported_uri(cli):
-    p = cli("secret-list", uri="secret+ssh://host/system")
+    p = cli("secret-list", uri="secret+libssh2://host/system")
     assert p.returncode == 1 and b"not supported yet" in p.stderr
 
 

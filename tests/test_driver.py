@@ -324,7 +324,7 @@ def test_uri_errors(tmp_path):
     with pytest.raises(errors.InternalError, match="unexpected secret URI path '/foo'"):
         secretbus.open("secret:///foo")
     with pytest.raises(errors.NoSupport, match="not supported yet"):
-        secretbus.open("secret+ssh://host/system")
+        secretbus.open("secret+libssh2://host/system")
     with pytest.raises(errors.InvalidArg):
         secretbus.open("qemu:///system")
 

@@ -82,12 +82,15 @@ class AsyncRpcClient:
         self._serial = 0
         self._pending: dict[int, tuple[asyncio.Future[Any], XdrType]] = {}
         self._lost: str | None = None          # why the stream ended (None while it is up)
+        self._transport: Transport | None = None   # set by connect(); asked why the stream ended
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
     async def connect(cls, transport: Transport, **kw: Any) -> AsyncRpcClient:
         reader, writer = await transport.open()
-        return cls(reader, writer, where=transport.describe(), **kw)
+        client = cls(reader, writer, where=transport.describe(), **kw)
+        client._transport = transport
+        return client
 
     @property
     def closed(self) -> bool:
@@ -161,6 +164,10 @@ class AsyncRpcClient:
             await self._task
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), wait)
+        aclose = getattr(self._transport, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
 
     # -- reading -------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -177,6 +184,11 @@ class AsyncRpcClient:
             log.warning("RPC server %s sent a frame out of bounds: %s", self.where, e)
         except ConnectionError as e:
             why = f"the connection to {self.where} was lost: {e.strerror or type(e).__name__}"
+        # A transport that knows better (ssh: "authentication failed", "no remote helper") says so.
+        failure = getattr(self._transport, "failure", None)
+        if failure is not None and self._lost is None:
+            with contextlib.suppress(Exception):
+                why = await failure() or why
         self._lose(why)
 
     def _dispatch(self, body: bytes) -> None:

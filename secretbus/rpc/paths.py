@@ -22,3 +22,29 @@ def default_socket(system: bool, readonly: bool = False) -> Path:
     if system:
         return SYSTEM_DIR / (RO_SOCKET_NAME if readonly else SOCKET_NAME)
     return session_dir() / SOCKET_NAME
+
+
+# -- the socket a local helper connects to (virt-ssh-helper's choice, research §3.2) ---------
+LEGACY_SOCKET_NAME = "libvirt-sock"        # monolithic libvirtd's socket (-ro for read-only)
+MODES = ("auto", "direct", "legacy")
+
+
+def legacy_socket(system: bool, readonly: bool = False) -> Path:
+    """libvirtd's socket: /var/run/libvirt/libvirt-sock(-ro), or the session one."""
+    base = SYSTEM_DIR if system else session_dir()
+    return base / (LEGACY_SOCKET_NAME + ("-ro" if readonly and system else ""))
+
+
+def choose_socket(system: bool, readonly: bool = False, mode: str | None = None) -> Path:
+    """libvirt's remoteGetUNIXSocket for the secret driver: `direct` is virtsecretd's socket,
+    `legacy` libvirtd's; `auto` (the default) the direct one if it exists, else the legacy one
+    if that exists, else the direct one (so the error names the socket secretbus serves)."""
+    direct = default_socket(system, readonly)
+    if mode == "direct":
+        return direct
+    legacy = legacy_socket(system, readonly)
+    if mode == "legacy":
+        return legacy
+    if not direct.exists() and legacy.exists():
+        return legacy
+    return direct
