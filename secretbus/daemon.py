@@ -9,8 +9,13 @@ the same driver: `--no-rpc` / `--no-dbus` turn a front end off, `--rpc-dir DIR` 
 Started by systemd's secretbusd.socket / secretbusd-ro.socket, it serves the sockets systemd
 passes (LISTEN_FDS, LISTEN_FDNAMES) instead of binding them.
 
+Remote access (DESIGN §10, docs/remote.md): secretbusd.conf (`--config FILE`; by default
+/etc/secretbus/secretbusd.conf, the session's $XDG_CONFIG_HOME/secretbus/, --root DIR's DIR/etc/)
+turns on the TLS listener and grants remote callers their rights.
+
 sd_notify READY/RELOADING/STOPPING/STATUS; SIGHUP reloads secret.conf, the key and the
-store (a failed reload keeps the old state); SIGTERM finishes in-flight calls, exits 0.
+store, and secretbusd.conf (listeners added, removed or moved, certificates re-read); a failed
+reload of either keeps its old state; SIGTERM finishes in-flight calls, exits 0.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
@@ -46,7 +52,9 @@ from secretbus.procsec import no_core_dumps
 from secretbus.rpc import activation
 from secretbus.rpc.activation import ActivationError, Passed
 from secretbus.rpc.guard import Guard
+from secretbus.rpc.remote_listeners import RemoteListeners
 from secretbus.rpc.server import RpcServer, SocketBusy, socket_plan
+from secretbus.rpc.serverconf import ServerConf, default_path, load_serverconf
 from secretbus.store.conf import resolve_readers
 from secretbus.store.paths import InstancePaths
 
@@ -81,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dbus", action="store_true", help="do not serve D-Bus (libvirt's RPC protocol only)")
     p.add_argument("--rpc-dir", metavar="DIR", help="make the RPC sockets (virtsecretd-sock[-ro]) in DIR "
                    "instead of /run/libvirt or $XDG_RUNTIME_DIR/libvirt")
+    p.add_argument("--config", metavar="FILE", help="the server configuration (secretbusd.conf: remote "
+                   "listeners and grants) instead of /etc/secretbus/secretbusd.conf or "
+                   "$XDG_CONFIG_HOME/secretbus/secretbusd.conf; it must exist")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -119,11 +130,20 @@ class Daemon:
                  system: bool, idle_timeout: float = 0, audit: AuditMode | None = None,
                  max_message: int = BUS_MESSAGE_MAX,
                  reconnect_for: float = 60.0, backoff: tuple[float, float] = (0.2, 5.0),
-                 rpc: RpcServer | None = None, rpc_optional: bool = False):
+                 rpc: RpcServer | None = None, rpc_optional: bool = False,
+                 serverconf: ServerConf | None = None, serverconf_required: bool = False,
+                 serverconf_path: Path | None = None):
         """`connect` None: no D-Bus front end; `rpc`: the libvirt RPC front end, if served;
-        `rpc_optional`: when its sockets cannot be made, serve D-Bus alone (logged)."""
+        `rpc_optional`: when its sockets cannot be made, serve D-Bus alone (logged);
+        `serverconf`: secretbusd.conf (its remote listeners need `rpc`), re-read from its path on
+        SIGHUP (`serverconf_required`: named by --config, so it must stay there), or from
+        `serverconf_path` where a file created later is looked for."""
         self.driver = driver
         self.rpc = rpc
+        self.serverconf = serverconf or ServerConf()
+        self._serverconf_required = serverconf_required
+        self._serverconf_default = serverconf_path
+        self.remote: RemoteListeners | None = None
         self._rpc_optional = rpc_optional and connect is not None
         self._max_message = max_message
         self._reconnect_for = reconnect_for
@@ -157,11 +177,23 @@ class Daemon:
                 # /run/libvirt read-only: the D-Bus service must not be lost for that.
                 log.error("cannot serve libvirt RPC, serving D-Bus only: %s", e)
                 self.rpc = None
+        if self.rpc is not None:
+            self.remote = RemoteListeners(self.rpc)
+            try:
+                await self.remote.apply(self.serverconf)
+            except (errors.SecretError, OSError) as e:
+                log.error("cannot serve remote access: %s", _shown(e))
+                await self.rpc.stop()
+                return EXIT_CONFIG if isinstance(e, errors.SecretError) else 1
+        elif self.serverconf.listen_tls:
+            log.error("listen_tls = 1 needs the RPC front end, which is not served: no TLS listener")
         try:
             if self._connect is None:
                 return await self._serve(None, t0)
             return await self._run_bus(t0, self._connect)
         finally:
+            if self.remote is not None:
+                await self.remote.stop()
             if self.rpc is not None:
                 await self.rpc.stop()
 
@@ -315,12 +347,31 @@ class Daemon:
                 self.service.private_readers = self._readers
                 self.service.refresh()
             log.info("reloaded: %d secrets, %d skipped", report.loaded, len(report.skipped))
+            await self._reload_serverconf()
             notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")
         except errors.SecretError as e:
             log.error("reload failed, keeping the previous state: %s", errors.display(e))
             notify("READY=1", f"STATUS=reload failed, previous state kept: {errors.display(e)}")
         finally:
             self._reloading = False
+
+    async def _reload_serverconf(self) -> None:
+        """secretbusd.conf again, from the path it was read from; listeners follow it."""
+        path = self.serverconf.path
+        if path is None and not self._serverconf_required:
+            path = self._serverconf_default
+        if path is None:
+            return
+        conf = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: load_serverconf(path, required=self._serverconf_required))
+        if self.remote is not None:
+            try:
+                await self.remote.apply(conf)
+            except OSError as e:
+                raise errors.OperationFailed(f"cannot listen as {path} asks: {e.strerror or e}") from None
+        self.serverconf = conf
+        log.info("reloaded %s: TLS listener %s", path,
+                 f"on port {conf.tls_port}" if conf.listen_tls else "off")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -379,17 +430,28 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
     except errors.SecretError as e:
         driver.close()
         return _config_failure(e)
+    conf_path = default_path(system, paths_root) if args.config is None else Path(os.path.abspath(args.config))
+    try:
+        serverconf = load_serverconf(conf_path, required=args.config is not None)
+    except errors.SecretError as e:
+        driver.close()
+        return _config_failure(e)
     access = polkit_access(args.polkit_timeout, polkit) if system and not args.no_polkit else allow_all
     connect = None if args.no_dbus else bus_factory(args.bus_address, system)
     daemon = Daemon(driver, access=access, connect=connect, system=system, idle_timeout=args.timeout,
                     max_message=args.max_message_size, audit=AuditMode(args.audit) if args.audit else None,
-                    rpc=rpc_front_end(args, driver, system, paths_root, passed), rpc_optional=args.rpc_dir is None)
+                    rpc=rpc_front_end(args, driver, system, paths_root, passed), rpc_optional=args.rpc_dir is None,
+                    serverconf=serverconf, serverconf_required=args.config is not None, serverconf_path=conf_path)
     try:
         return asyncio.run(daemon.run(readers, t0))
     except KeyboardInterrupt:
         return 0
     finally:
         driver.close()
+
+
+def _shown(e: BaseException) -> str:
+    return errors.display(e) if isinstance(e, errors.SecretError) else f"{type(e).__name__}: {e}"
 
 
 def _config_failure(e: errors.SecretError) -> int:

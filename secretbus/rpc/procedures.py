@@ -117,7 +117,8 @@ class Procedures:
     # -- authentication -------------------------------------------------------------
     def auth_list(self, c: Client, _a: Any) -> Any:
         s = c.session
-        if s.trusted:
+        if s.trusted or (s.remote is not None and s.authenticated):
+            # A TLS caller authenticated by its certificate (auth_tls = "none", as libvirtd).
             s.authenticated = True
             return {"types": [P.AuthType.NONE]}
         return {"types": [P.AuthType.POLKIT]}

@@ -1,0 +1,409 @@
+"""secret+tls:// for real: secretbusd's TLS listener on a free loopback port, certificates made
+here with openssl, and Debian 12's unmodified virsh 9.0 and python3-libvirt 9.0 as clients
+(plus secretbus's own client). Refusals show libvirt's client message and serve nothing."""
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import harness
+import pytest
+from fixtures import U1, U2, secret_xml
+from harness.procs import remove_tree
+
+from secretbus.rpc.tls import dn_string
+
+SENTINEL = b"tls-S3ntinel\x00\x01\xff"
+DEBIAN_PYTHON = "/usr/bin/python3"
+CA_SUBJ = "/C=GB/ST=London/L=London/O=secretbus test/CN=secretbus test CA"
+DN_BASE = "C=GB,ST=London,L=London,O=secretbus test"
+
+pytestmark = pytest.mark.skipif(shutil.which("virsh") is None or shutil.which("openssl") is None,
+                                reason="virsh (libvirt-clients) and openssl needed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- a test PKI (openssl), with the extensions libvirt's client sanity checks want -----------------
+CA_EXT = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+SERVER_EXT = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+              "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+CLIENT_EXT = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+              "extendedKeyUsage=clientAuth\n")
+
+
+@dataclass
+class Pki:
+    d: Path
+
+    def run(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=self.d)
+
+    def ca(self, name: str = "ca") -> Path:
+        (self.d / f"{name}.ext").write_text(CA_EXT)
+        self.run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
+                 "-days", "2", "-subj", CA_SUBJ, "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        (self.d / f"{name}.key").chmod(0o600)
+        return self.d / f"{name}.pem"
+
+    def cert(self, name: str, subj: str, ext: str, ca: str = "ca") -> tuple[Path, Path]:
+        (self.d / f"{name}.ext").write_text(ext)
+        self.run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", subj)
+        self.run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+        (self.d / f"{name}.key").chmod(0o600)
+        return self.d / f"{name}.pem", self.d / f"{name}.key"
+
+    def client_dir(self, name: str, cn: str, *, sign_ca: str = "ca", subj: str | None = None) -> Path:
+        """A pkipath= directory: cacert.pem (the server's CA, and the one that signed the client
+        when another: libvirt's client checks its own certificate too), clientcert.pem, clientkey.pem."""
+        cert, key = self.cert(name, subj or f"/C=GB/ST=London/L=London/O=secretbus test/CN={cn}", CLIENT_EXT,
+                              ca=sign_ca)
+        out = self.d / f"pki-{name}"
+        out.mkdir(mode=0o700)
+        cas = {"ca", sign_ca}
+        (out / "cacert.pem").write_text("".join((self.d / f"{c}.pem").read_text() for c in sorted(cas)))
+        shutil.copy(cert, out / "clientcert.pem")
+        shutil.copy(key, out / "clientkey.pem")
+        return out
+
+    def revoke(self, name: str) -> Path:
+        """A CRL of `ca` that revokes `name`'s certificate."""
+        db = self.d / "ca-db"
+        db.mkdir(exist_ok=True)
+        (db / "index.txt").touch()
+        (db / "crlnumber").write_text("01\n")
+        (self.d / "ca.cnf").write_text(f"""[ ca ]
+default_ca = test
+[ test ]
+database = {db}/index.txt
+crlnumber = {db}/crlnumber
+certificate = {self.d}/ca.pem
+private_key = {self.d}/ca.key
+default_md = sha256
+default_crl_days = 2
+""")
+        self.run("ca", "-config", "ca.cnf", "-revoke", f"{name}.pem")
+        self.run("ca", "-config", "ca.cnf", "-gencrl", "-out", "cacrl.pem")
+        return self.d / "cacrl.pem"
+
+
+@dataclass
+class Tls:
+    pki: Pki
+    port: int
+    conf: Path
+    good: Path          # pkipath of a client the grants give rw+values
+    daemon: harness.Secretbusd
+
+    @property
+    def uri(self) -> str:
+        return self.uri_for(self.good)
+
+    def uri_for(self, pkipath: Path, host: str = "127.0.0.1") -> str:
+        return f"secret+tls://{host}:{self.port}/system?pkipath={pkipath}"
+
+
+def conf_text(pki: Pki, port: int, *, dn_list: str = f'"{DN_BASE},CN=*"',
+              grants: str = f'"x509:{DN_BASE},CN=ro*=ro", "x509:{DN_BASE},CN=*=rw+values"',
+              crl: Path | None = None, listen: int = 1) -> str:
+    return (f'listen_tls = {listen}\ntls_port = "{port}"\nlisten_addr = "127.0.0.1"\n'
+            f'key_file = "{pki.d}/server.key"\ncert_file = "{pki.d}/server.pem"\nca_file = "{pki.d}/ca.pem"\n'
+            + (f'crl_file = "{crl}"\n' if crl else "")
+            + f"tls_allowed_dn_list = [ {dn_list} ]\nremote_access = [ {grants} ]\n")
+
+
+@pytest.fixture(scope="module")
+def pki():
+    d = harness.public_tempdir("sb-pki-")
+    d.chmod(0o700)
+    p = Pki(d)
+    p.ca()
+    p.cert("server", "/C=GB/O=secretbus test/CN=127.0.0.1", SERVER_EXT)
+    yield p
+    remove_tree(d)
+
+
+def start_tls(bus, make_secretbusd, pki: Pki, tmp_path: Path, **kw) -> Tls:
+    port = free_port()
+    conf = tmp_path / "secretbusd.conf"
+    conf.write_text(conf_text(pki, port, **kw))
+    conf.chmod(0o600)
+    rpc_dir = tmp_path / "rpc"
+    d = make_secretbusd(bus, system=True, wait=False,
+                        args=("--no-dbus", "--rpc-dir", str(rpc_dir), "--config", str(conf)))
+    harness.wait_until(lambda: "over libvirt RPC only" in d.log(), timeout=20, what="secretbusd's TLS listener",
+                       proc=d.proc, log=d.log_path)
+    good = pki.d / "pki-good"
+    if not good.exists():
+        pki.client_dir("good", "client1")
+    return Tls(pki, port, conf, good, d)
+
+
+@pytest.fixture
+def tls(session_bus, make_secretbusd, pki, tmp_path):
+    return start_tls(session_bus, make_secretbusd, pki, tmp_path)
+
+
+def virsh(uri: str, *args: str, timeout: float = 30, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True, timeout=timeout,
+                          input=input)
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, f"rc={r.returncode}\nstdout={r.stdout}\nstderr={r.stderr}"
+    return r.stdout
+
+
+def define_file(tmp_path: Path, uuid: str = U1, **kw) -> str:
+    f = tmp_path / f"{uuid}.xml"
+    f.write_text(secret_xml(uuid, **kw))
+    return str(f)
+
+
+# -- the DN -----------------------------------------------------------------------------------
+def test_dn_is_the_string_virt_pki_query_dn_prints(pki):
+    """Escaped characters, a multi-valued RDN, certificate order: as libvirt's tools print it."""
+    if shutil.which("virt-pki-query-dn") is None:
+        pytest.skip("virt-pki-query-dn not installed")
+    for name, subj in (("dn1", "/C=GB/ST=London/L=London/O=secretbus test/CN=client1"),
+                       ("dn2", "/C=GB/O=secretbus, test;x=y/OU=a+CN=#client\"1 "),
+                       ("dn3", "/CN=ünï cödé/O=a\\/b=c")):
+        cert, _ = pki.cert(name, subj, CLIENT_EXT)
+        if name == "dn2":
+            pki.run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "dn2.key", "-out", "dn2.csr",
+                    "-multivalue-rdn", "-subj", subj)
+            pki.run("x509", "-req", "-in", "dn2.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                    "-out", "dn2.pem", "-days", "2")
+        want = subprocess.run(["virt-pki-query-dn", str(cert)], capture_output=True, text=True,
+                              check=True).stdout.rstrip("\n")
+        der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+        assert dn_string(der) == want
+
+
+# -- virsh and python3-libvirt over TLS ---------------------------------------------------------
+def test_virsh_over_tls(tls, tmp_path):
+    u = tls.uri
+    assert f"Secret {U1} created" in ok(virsh(u, "secret-define", define_file(tmp_path)))
+    assert U1 in ok(virsh(u, "secret-list"))
+    assert "Secret value set" in ok(virsh(u, "secret-set-value", U1, "--base64",
+                                          base64.b64encode(SENTINEL).decode()))
+    assert ok(virsh(u, "secret-get-value", U1)).strip() == base64.b64encode(SENTINEL).decode()
+    assert f"<uuid>{U1}</uuid>" in ok(virsh(u, "secret-dumpxml", U1))
+    # a private value is never sent over a remote transport, whatever the grant
+    ok(virsh(u, "secret-define", define_file(tmp_path, U2, priv="yes", uid="other")))
+    ok(virsh(u, "secret-set-value", U2, "--base64", base64.b64encode(SENTINEL).decode()))
+    r = virsh(u, "secret-get-value", U2)
+    assert r.returncode == 1 and "Invalid secret: secret is private" in r.stderr
+    assert base64.b64encode(SENTINEL).decode() not in r.stdout + r.stderr
+    assert f"Secret {U1} deleted" in ok(virsh(u, "secret-undefine", U1))
+    assert U1 not in ok(virsh(u, "secret-list"))
+    log = tls.daemon.log()
+    assert f"DN '{DN_BASE},CN=client1'" in log and base64.b64encode(SENTINEL).decode() not in log
+    # every remote value read is audited with the DN (the harness's journal receives them)
+    entries = [{k: v[0].decode(errors="replace") for k, v in e.items()} for e in list(tls.daemon.journal.entries)]
+    records = [r for r in entries if r.get("SECRET_UUID") in (U1, U2)
+               and "secret value read" in r.get("MESSAGE", "")]
+    assert any(r.get("CALLER_IDENTITY", "").startswith(f"x509 DN '{DN_BASE},CN=client1'")
+               and "allowed" in r["MESSAGE"] and r["SECRET_UUID"] == U1 for r in records), records
+    assert any("denied (private)" in r["MESSAGE"] and r["SECRET_UUID"] == U2 for r in records), records
+
+
+def test_virsh_secret_event_over_tls(tls, tmp_path):
+    ev = subprocess.Popen(["virsh", "-c", tls.uri, "secret-event", "--event", "lifecycle", "--loop",
+                           "--timeout", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        ok(virsh(tls.uri, "secret-define", define_file(tmp_path)))
+        ok(virsh(tls.uri, "secret-undefine", U1))
+        out, err = ev.communicate(timeout=20)
+    finally:
+        ev.kill()
+    assert f"'lifecycle' for secret {U1}: Defined" in out, (out, err)
+    assert f"'lifecycle' for secret {U1}: Undefined" in out, (out, err)
+
+
+PY_CLIENT = r'''
+import sys, libvirt, threading, time
+uri, uuid, xml = sys.argv[1], sys.argv[2], sys.argv[3]
+libvirt.virEventRegisterDefaultImpl()
+seen = []
+def loop():
+    while True:
+        libvirt.virEventRunDefaultImpl()
+threading.Thread(target=loop, daemon=True).start()
+c = libvirt.open(uri)
+c.secretEventRegisterAny(None, libvirt.VIR_SECRET_EVENT_ID_VALUE_CHANGED,
+                         lambda c, s, o: seen.append(s.UUIDString()), None)
+s = c.secretDefineXML(xml)
+s.setValue(b"python-value")
+print("value", s.value().decode())
+print("list", [x.UUIDString() for x in c.listAllSecrets()])
+for _ in range(50):
+    if seen:
+        break
+    time.sleep(0.1)
+print("event", seen)
+s.undefine()
+print("after", c.numOfSecrets())
+'''
+
+
+def test_python_libvirt_over_tls(tls):
+    if not Path(DEBIAN_PYTHON).exists():
+        pytest.skip("Debian's python3 not there")
+    r = subprocess.run([DEBIAN_PYTHON, "-c", PY_CLIENT, tls.uri, U1, secret_xml(U1)], capture_output=True,
+                       text=True, timeout=60)
+    if "No module named 'libvirt'" in r.stderr:
+        pytest.skip("python3-libvirt not installed")
+    out = ok(r)
+    assert "value python-value" in out and f"list ['{U1}']" in out
+    assert f"event ['{U1}']" in out and "after 0" in out
+
+
+# -- rights ---------------------------------------------------------------------------------------
+def test_a_read_only_grant_lists_but_does_not_change_or_read(tls, tmp_path):
+    ok(virsh(tls.uri, "secret-define", define_file(tmp_path)))
+    ok(virsh(tls.uri, "secret-set-value", U1, "--base64", base64.b64encode(SENTINEL).decode()))
+    ro = tls.uri_for(tls.pki.client_dir("ro", "ro-viewer"))
+    assert U1 in ok(virsh(ro, "secret-list"))
+    assert f"<uuid>{U1}</uuid>" in ok(virsh(ro, "secret-dumpxml", U1))
+    for cmd in (("secret-get-value", U1), ("secret-undefine", U1),
+                ("secret-set-value", U1, "--base64", "QUJD"),
+                ("secret-define", define_file(tmp_path, U2, uid="other"))):
+        r = virsh(ro, *cmd)
+        assert r.returncode == 1 and "access denied: 'secret' denied access" in r.stderr, (cmd, r.stderr)
+        assert base64.b64encode(SENTINEL).decode() not in r.stdout
+    assert ok(virsh(tls.uri, "secret-get-value", U1)).strip() == base64.b64encode(SENTINEL).decode()
+    assert U2 not in ok(virsh(tls.uri, "secret-list"))
+
+
+# -- refusals: libvirt's client message, nothing served --------------------------------------------
+CONFIRM_FAILED = "server verification (of our certificate or IP address) failed"
+
+
+def refused(tls: Tls, pkipath: Path, tmp_path: Path) -> str:
+    r = virsh(tls.uri_for(pkipath), "secret-define", define_file(tmp_path, U2, uid="other"))
+    assert r.returncode == 1, r.stdout
+    assert U2 not in ok(virsh(tls.uri, "secret-list"))          # nothing was served
+    return r.stderr
+
+
+def test_untrusted_client_certificate_is_refused(tls, tmp_path):
+    tls.pki.ca("otherca")
+    d = tls.pki.client_dir("untrusted", "client1", sign_ca="otherca")
+    err = refused(tls, d, tmp_path)
+    # the server ends the handshake: GnuTLS's words for it, in libvirt's TLS error line
+    assert "Unable to read TLS confirmation" in err or "TLS handshake failed" in err, err
+    assert "handshake failed" in tls.daemon.log()
+
+
+def test_dn_outside_the_list_is_refused(tls, tmp_path):
+    d = tls.pki.client_dir("outsider", "x", subj="/C=GB/O=elsewhere/CN=client1")
+    err = refused(tls, d, tmp_path)
+    assert CONFIRM_FAILED in err, err
+    assert "DN 'C=GB,O=elsewhere,CN=client1' is not in tls_allowed_dn_list" in tls.daemon.log()
+
+
+def test_dn_without_grant_is_refused(session_bus, make_secretbusd, pki, tmp_path):
+    t = start_tls(session_bus, make_secretbusd, pki, tmp_path, grants=f'"x509:{DN_BASE},CN=client1=rw"')
+    err = refused(t, pki.client_dir("nogrant", "client2"), tmp_path)
+    assert CONFIRM_FAILED in err, err
+    assert "no remote_access grant matches" in t.daemon.log()
+
+
+def test_revoked_certificate_is_refused(session_bus, make_secretbusd, pki, tmp_path):
+    d = pki.client_dir("revoked", "revoked1")
+    crl = pki.revoke("revoked")
+    t = start_tls(session_bus, make_secretbusd, pki, tmp_path, crl=crl)
+    err = refused(t, d, tmp_path)
+    assert "Unable to read TLS confirmation" in err or "TLS handshake failed" in err, err
+    assert "certificate revoked" in t.daemon.log()
+
+
+def test_no_client_certificate_is_refused(tls, tmp_path):
+    d = tls.pki.d / "pki-nocert"
+    d.mkdir(mode=0o700)
+    shutil.copy(tls.pki.d / "ca.pem", d / "cacert.pem")
+    r = virsh(tls.uri_for(d), "secret-list")      # libvirt's client goes on without one
+    assert r.returncode == 1 and "Unable to read TLS confirmation" in r.stderr, r.stderr
+    # a client that sends none (Python's ssl) gets no confirmation and no RPC
+    ctx = ssl.create_default_context(cafile=str(tls.pki.d / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", tls.port), timeout=10) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                assert s.recv(1) == b""
+        except (ssl.SSLError, ConnectionError):
+            pass
+    assert "handshake failed" in tls.daemon.log()
+
+
+def test_a_stalled_handshake_does_not_block_others(tls, tmp_path):
+    stalled = []
+    try:
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", tls.port), timeout=10)
+            s.sendall(b"\x16\x03\x01\x00\x05")     # the start of a ClientHello, never finished
+            stalled.append(s)
+        t0 = time.monotonic()
+        assert f"Secret {U1} created" in ok(virsh(tls.uri, "secret-define", define_file(tmp_path)))
+        assert U1 in ok(virsh(tls.uri, "secret-list"))
+        assert time.monotonic() - t0 < 8
+    finally:
+        for s in stalled:
+            s.close()
+
+
+# -- reload ---------------------------------------------------------------------------------------
+def test_sighup_moves_the_listener_and_rereads_grants(tls, tmp_path):
+    ok(virsh(tls.uri, "secret-list"))
+    new_port = free_port()
+    tls.conf.write_text(conf_text(tls.pki, new_port, grants=f'"x509:{DN_BASE},CN=*=ro"'))
+    tls.daemon.signal(signal.SIGHUP)
+    harness.wait_until(lambda: f"TLS listener on port {new_port}" in tls.daemon.log(), timeout=20,
+                       what="the reload", proc=tls.daemon.proc, log=tls.daemon.log_path)
+    old = tls.port
+    tls.port = new_port
+    ok(virsh(tls.uri, "secret-list"))
+    r = virsh(tls.uri, "secret-define", define_file(tmp_path))       # now ro: refused
+    assert r.returncode == 1 and "access denied" in r.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", old), timeout=5).close()
+    # a bad file keeps the running state
+    tls.conf.write_text("listen_tls = 2\n")
+    tls.daemon.signal(signal.SIGHUP)
+    harness.wait_until(lambda: "secretbusd.conf:1: 'listen_tls' must be 0 or 1" in tls.daemon.log(), timeout=20,
+                       what="the failed reload", proc=tls.daemon.proc, log=tls.daemon.log_path)
+    ok(virsh(tls.uri, "secret-list"))
+    # listen_tls = 0 removes the listener
+    tls.conf.write_text(conf_text(tls.pki, new_port, listen=0))
+    tls.daemon.signal(signal.SIGHUP)
+    harness.wait_until(lambda: "TLS listener off" in tls.daemon.log(), timeout=20,
+                       what="the reload", proc=tls.daemon.proc, log=tls.daemon.log_path)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", new_port), timeout=5).close()
+    assert os.path.exists(tls.conf)
+
+
+def test_bad_config_is_fatal_at_start(session_bus, make_secretbusd, tmp_path):
+    conf = tmp_path / "bad.conf"
+    conf.write_text("listen_tls = 1\ntls_port = 0\n")
+    conf.chmod(0o600)
+    d = make_secretbusd(session_bus, system=True, wait=False,
+                        args=("--no-dbus", "--rpc-dir", str(tmp_path / "rpc"), "--config", str(conf)))
+    assert d.wait(20) == 78
+    assert f"{conf}:2: 'tls_port' must be a port number" in d.log()
