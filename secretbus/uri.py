@@ -141,11 +141,26 @@ def open_rpc(parsed: ParsedURI, uri: str, *, timeout: float = 25.0, readonly: bo
                               readonly=readonly, timeout=timeout)
 
 
+def _open_tls(uri: str, timeout: float, readonly: bool) -> Connection | None:
+    """secret+tls://host[:port]/system and secret://host/system (libvirt's TLS default), over
+    RPC; None for any other URI (rpc/tls_client.py)."""
+    from secretbus.rpc.tls_client import TlsTransport, tls_target
+    target = tls_target(uri)
+    if target is None:
+        return None
+    from secretbus.rpc.facade import RpcConnection
+    return RpcConnection.open(uri, TlsTransport(target), name=target.open_name(), readonly=readonly,
+                              timeout=timeout)
+
+
 def open_connection(uri: str | None = None, *, timeout: float = 25.0, readonly: bool = False) -> Connection:
     """Open `uri` (default: $SECRETBUS_DEFAULT_URI, else system for root, session otherwise)
     over the front end chosen by the rule in this module's docstring. `readonly` asks for a
     read-only connection, which only the RPC front end has (libvirt's `virsh -r`)."""
     uri = uri or default_uri()
+    tls = _open_tls(uri, timeout, readonly)
+    if tls is not None:
+        return tls
     parsed = parse_uri(uri)
     if parsed.kind is InstanceKind.EMBED:
         if readonly:

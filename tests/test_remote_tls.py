@@ -10,6 +10,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,3 +408,72 @@ def test_bad_config_is_fatal_at_start(session_bus, make_secretbusd, tmp_path):
                         args=("--no-dbus", "--rpc-dir", str(tmp_path / "rpc"), "--config", str(conf)))
     assert d.wait(20) == 78
     assert f"{conf}:2: 'tls_port' must be a port number" in d.log()
+
+
+# -- secretbus's own client: secretbus -c secret+tls://… and secretbus.open() -----------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sb(uri: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "secretbus.cli", "-c", uri, *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, input=input)
+
+
+def test_secretbus_cli_over_tls(tls, tmp_path):
+    u = tls.uri
+    assert f"Secret {U1} created" in ok(sb(u, "secret-define", define_file(tmp_path)))
+    assert U1 in ok(sb(u, "secret-list"))
+    ok(sb(u, "secret-set-value", U1, base64.b64encode(SENTINEL).decode()))
+    assert ok(sb(u, "secret-get-value", U1)).strip() == base64.b64encode(SENTINEL).decode()
+    assert ok(virsh(u, "secret-get-value", U1)).strip() == base64.b64encode(SENTINEL).decode()   # one server
+    ok(sb(u, "secret-define", define_file(tmp_path, U2, priv="yes", uid="other")))
+    r = sb(u, "secret-get-value", U2)
+    assert r.returncode == 1 and "Invalid secret: secret is private" in r.stderr
+    assert f"Secret {U1} deleted" in ok(sb(u, "secret-undefine", U1))
+    # secret://host/system is TLS too (libvirt's default transport for a host name); 16514 is not ours
+    r = sb(f"secret://127.0.0.1:{tls.port}/system?pkipath={tls.good}", "secret-list")
+    assert U2 in ok(r)
+
+
+def test_secretbus_open_over_tls_with_events(tls):
+    import secretbus
+    from secretbus.core.model import EventId
+    seen: list[str] = []
+    with secretbus.open(tls.uri) as conn:
+        conn.subscribe(lambda s, ev: seen.append(s.uuid), EventId.LIFECYCLE)
+        s = conn.define_xml(secret_xml(U1))
+        s.set_value(b"api-value")
+        assert s.get_value() == b"api-value"
+        harness.wait_until(lambda: U1 in seen, timeout=10, what="the lifecycle event")
+        s.undefine()
+
+
+def test_secretbus_client_errors_name_the_step(tls, tmp_path):
+    from secretbus.core import errors
+    from secretbus.uri import open_connection
+    dead = free_port()
+    cases = [
+        (f"secret+tls://127.0.0.1:{dead}/system?pkipath={tls.good}", "unable to connect to server at"),
+        (f"secret+tls://127.0.0.1:{tls.port}/system?pkipath={tmp_path}/none", "Cannot read CA certificate"),
+        (tls.uri_for(tls.good, host="localhost.invalid"), "unable to connect to server"),
+        (tls.uri_for(tls.pki.client_dir("cli-outsider", "x", subj="/C=GB/O=elsewhere/CN=c")),
+         "server verification (of our certificate or IP address) failed"),
+    ]
+    other = tls.pki.d / "pki-cli-wrongca"
+    other.mkdir(mode=0o700)
+    shutil.copy(tls.pki.d / "otherca.pem" if (tls.pki.d / "otherca.pem").exists() else tls.pki.ca("otherca"),
+                other / "cacert.pem")
+    shutil.copy(tls.good / "clientcert.pem", other / "clientcert.pem")
+    shutil.copy(tls.good / "clientkey.pem", other / "clientkey.pem")
+    cases.append((tls.uri_for(other), "TLS handshake failed: the server certificate of 127.0.0.1 is not trusted"))
+    for u, words in cases:
+        with pytest.raises(errors.SecretError) as e:
+            open_connection(u, timeout=10).close()
+        assert words in errors.display(e.value), (u, errors.display(e.value))
+    # no_verify=1 trusts the server blindly (libvirt's meaning), the server still checks us
+    with open_connection(tls.uri_for(other) + "&no_verify=1", timeout=10) as conn:
+        assert conn.list_secrets() == []
+    # access step: a read-only grant
+    with open_connection(tls.uri_for(tls.pki.client_dir("cli-ro", "ro-cli")), timeout=10) as conn:
+        with pytest.raises(errors.AccessDenied, match="'secret' denied access"):
+            conn.define_xml(secret_xml(U1))
