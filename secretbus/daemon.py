@@ -51,10 +51,12 @@ from secretbus.notify import notify, reloading
 from secretbus.procsec import no_core_dumps
 from secretbus.rpc import activation
 from secretbus.rpc.activation import ActivationError, Passed
+from secretbus.rpc.connection import RpcLimits
 from secretbus.rpc.guard import Guard
 from secretbus.rpc.remote_listeners import RemoteListeners
 from secretbus.rpc.server import RpcServer, SocketBusy, socket_plan
 from secretbus.rpc.serverconf import ServerConf, default_path, load_serverconf
+from secretbus.rpc.tls import HANDSHAKE_TIMEOUT
 from secretbus.store.conf import resolve_readers
 from secretbus.store.paths import InstancePaths
 
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="the server configuration (secretbusd.conf: remote "
                    "listeners and grants) instead of /etc/secretbus/secretbusd.conf or "
                    "$XDG_CONFIG_HOME/secretbus/secretbusd.conf; it must exist")
+    p.add_argument("--tls-handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECS",
+                   help="close a TLS client whose handshake takes longer (default 10)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -132,7 +136,7 @@ class Daemon:
                  reconnect_for: float = 60.0, backoff: tuple[float, float] = (0.2, 5.0),
                  rpc: RpcServer | None = None, rpc_optional: bool = False,
                  serverconf: ServerConf | None = None, serverconf_required: bool = False,
-                 serverconf_path: Path | None = None):
+                 serverconf_path: Path | None = None, tls_handshake_timeout: float = HANDSHAKE_TIMEOUT):
         """`connect` None: no D-Bus front end; `rpc`: the libvirt RPC front end, if served;
         `rpc_optional`: when its sockets cannot be made, serve D-Bus alone (logged);
         `serverconf`: secretbusd.conf (its remote listeners need `rpc`), re-read from its path on
@@ -143,6 +147,7 @@ class Daemon:
         self.serverconf = serverconf or ServerConf()
         self._serverconf_required = serverconf_required
         self._serverconf_default = serverconf_path
+        self._tls_handshake_timeout = tls_handshake_timeout
         self.remote: RemoteListeners | None = None
         self._rpc_optional = rpc_optional and connect is not None
         self._max_message = max_message
@@ -178,7 +183,7 @@ class Daemon:
                 log.error("cannot serve libvirt RPC, serving D-Bus only: %s", e)
                 self.rpc = None
         if self.rpc is not None:
-            self.remote = RemoteListeners(self.rpc)
+            self.remote = RemoteListeners(self.rpc, handshake_timeout=self._tls_handshake_timeout)
             try:
                 await self.remote.apply(self.serverconf)
             except (errors.SecretError, OSError) as e:
@@ -383,7 +388,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, root: str | None,
-                  passed: list[Passed]) -> RpcServer | None:
+                  passed: list[Passed], serverconf: ServerConf | None = None) -> RpcServer | None:
     """libvirt's RPC protocol on virtsecretd's sockets (those systemd `passed`, the rest bound
     here), unless --no-rpc. Its value reads are audited like D-Bus's; the daemon attaches the bus
     connection's polkit access control to it while there is one (without, non-root peers are
@@ -395,8 +400,12 @@ def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, 
         return None
     mode = AuditMode(args.audit) if args.audit else AuditMode.default(system)
     guard = Guard(system=system, auditor=Auditor(JournalWriter(), mode))
+    conf = serverconf or ServerConf()
+    # secretbusd.conf's max_clients / max_client_requests (libvirtd.conf's), read at start only.
+    limits = RpcLimits(max_clients=conf.max_clients, max_requests=conf.max_client_requests,
+                       root_reserve=min(RpcLimits.root_reserve, conf.max_clients // 2))
     return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root), guard=guard,
-                     passed=passed)
+                     passed=passed, limits=limits)
 
 
 def take_sockets() -> list[Passed]:
@@ -440,8 +449,10 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
     connect = None if args.no_dbus else bus_factory(args.bus_address, system)
     daemon = Daemon(driver, access=access, connect=connect, system=system, idle_timeout=args.timeout,
                     max_message=args.max_message_size, audit=AuditMode(args.audit) if args.audit else None,
-                    rpc=rpc_front_end(args, driver, system, paths_root, passed), rpc_optional=args.rpc_dir is None,
-                    serverconf=serverconf, serverconf_required=args.config is not None, serverconf_path=conf_path)
+                    rpc=rpc_front_end(args, driver, system, paths_root, passed, serverconf),
+                    rpc_optional=args.rpc_dir is None, serverconf=serverconf,
+                    serverconf_required=args.config is not None, serverconf_path=conf_path,
+                    tls_handshake_timeout=args.tls_handshake_timeout)
     try:
         return asyncio.run(daemon.run(readers, t0))
     except KeyboardInterrupt:

@@ -139,14 +139,14 @@ def pki():
     remove_tree(d)
 
 
-def start_tls(bus, make_secretbusd, pki: Pki, tmp_path: Path, **kw) -> Tls:
+def start_tls(bus, make_secretbusd, pki: Pki, tmp_path: Path, *, args: tuple[str, ...] = (), **kw) -> Tls:
     port = free_port()
     conf = tmp_path / "secretbusd.conf"
     conf.write_text(conf_text(pki, port, **kw))
     conf.chmod(0o600)
     rpc_dir = tmp_path / "rpc"
     d = make_secretbusd(bus, system=True, wait=False,
-                        args=("--no-dbus", "--rpc-dir", str(rpc_dir), "--config", str(conf)))
+                        args=("--no-dbus", "--rpc-dir", str(rpc_dir), "--config", str(conf), *args))
     harness.wait_until(lambda: "over libvirt RPC only" in d.log(), timeout=20, what="secretbusd's TLS listener",
                        proc=d.proc, log=d.log_path)
     good = pki.d / "pki-good"
@@ -353,20 +353,64 @@ def test_no_client_certificate_is_refused(tls, tmp_path):
     assert "handshake failed" in tls.daemon.log()
 
 
-def test_a_stalled_handshake_does_not_block_others(tls, tmp_path):
-    stalled = []
+def stall(port: int, source: str) -> socket.socket:
+    """A TCP connection that sends the start of a ClientHello and never finishes it."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    s.sendall(b"\x16\x03\x01\x00\x05")
+    return s
+
+
+def closed_within(s: socket.socket, secs: float) -> bool:
+    s.settimeout(secs)
     try:
-        for _ in range(8):
-            s = socket.create_connection(("127.0.0.1", tls.port), timeout=10)
-            s.sendall(b"\x16\x03\x01\x00\x05")     # the start of a ClientHello, never finished
-            stalled.append(s)
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_stalled_handshakes_do_not_block_others(session_bus, make_secretbusd, pki, tmp_path):
+    """32 handshakes stalled from one address (the bound per address): a 33rd from there is
+    closed at once, a client from another address is served without waiting, and the stalled
+    ones are closed after the handshake timeout."""
+    t = start_tls(session_bus, make_secretbusd, pki, tmp_path, args=("--tls-handshake-timeout", "3"))
+    stalled = [stall(t.port, "127.0.0.2") for _ in range(32)]
+    try:
+        time.sleep(0.5)
+        extra = stall(t.port, "127.0.0.2")
+        assert closed_within(extra, 2), "the 33rd pending handshake of one address was not refused"
+        extra.close()
         t0 = time.monotonic()
-        assert f"Secret {U1} created" in ok(virsh(tls.uri, "secret-define", define_file(tmp_path)))
-        assert U1 in ok(virsh(tls.uri, "secret-list"))
-        assert time.monotonic() - t0 < 8
+        assert f"Secret {U1} created" in ok(virsh(t.uri, "secret-define", define_file(tmp_path)))
+        assert U1 in ok(virsh(t.uri, "secret-list"))
+        assert time.monotonic() - t0 < 2.5            # well inside the stalled ones' timeout
+        assert all(closed_within(s, 5) for s in stalled), "a stalled handshake outlived its timeout"
+        harness.wait_until(lambda: "no handshake within 3 s" in t.daemon.log(), timeout=5,
+                           what="the timeout's log line", proc=t.daemon.proc, log=t.daemon.log_path)
+        assert "too many handshakes under way" in t.daemon.log()
+        for s in stalled:
+            s.close()                                 # the server stops lingering on them
+        time.sleep(0.5)
+        again = stall(t.port, "127.0.0.2")            # the slots came back
+        assert not closed_within(again, 1)
+        again.close()
     finally:
         for s in stalled:
             s.close()
+
+
+def test_no_session_tickets(tls):
+    """libvirt's GnuTLS client breaks on TLS 1.3 tickets; TLS 1.2 gets none either."""
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        ctx = ssl.create_default_context(cafile=str(tls.good / "cacert.pem"))
+        ctx.load_cert_chain(tls.good / "clientcert.pem", tls.good / "clientkey.pem")
+        ctx.minimum_version = ctx.maximum_version = version
+        with socket.create_connection(("127.0.0.1", tls.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                assert s.version() == {ssl.TLSVersion.TLSv1_3: "TLSv1.3", ssl.TLSVersion.TLSv1_2: "TLSv1.2"}[version]
+                assert s.recv(1) == b"\x01"            # the confirmation byte, first thing after the handshake
+                assert s.session is None or not s.session.has_ticket
 
 
 # -- reload ---------------------------------------------------------------------------------------
@@ -398,6 +442,25 @@ def test_sighup_moves_the_listener_and_rereads_grants(tls, tmp_path):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", new_port), timeout=5).close()
     assert os.path.exists(tls.conf)
+
+
+def server_serial(port: int, pkipath: Path) -> int:
+    ctx = ssl.create_default_context(cafile=str(pkipath / "cacert.pem"))
+    ctx.load_cert_chain(pkipath / "clientcert.pem", pkipath / "clientkey.pem")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            return int(dict(x[0] for x in s.getpeercert()["subject"]).get("serialNumber", "0")) or \
+                int(s.getpeercert()["serialNumber"], 16)
+
+
+def test_sighup_rereads_certificates_on_the_same_port(tls, tmp_path):
+    before = server_serial(tls.port, tls.good)
+    cert, key = tls.pki.cert("server", "/C=GB/O=secretbus test/CN=127.0.0.1", SERVER_EXT)   # a new one, same files
+    tls.daemon.signal(signal.SIGHUP)
+    harness.wait_until(lambda: "reloaded" in tls.daemon.log() and "TLS listener on port" in tls.daemon.log(),
+                       timeout=20, what="the reload", proc=tls.daemon.proc, log=tls.daemon.log_path)
+    assert server_serial(tls.port, tls.good) != before
+    ok(virsh(tls.uri, "secret-list"))
 
 
 def test_bad_config_is_fatal_at_start(session_bus, make_secretbusd, tmp_path):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -82,6 +84,30 @@ def dn_string(der: bytes) -> str:
     return ",".join(rdn.rfc4514_string() for rdn in cert.subject.rdns)
 
 
+LINGER = 2.0
+
+
+def _spare(writer: asyncio.StreamWriter) -> socket.socket | None:
+    sock = writer.get_extra_info("socket")
+    try:
+        spare = socket.socket(fileno=os.dup(sock.fileno()))
+    except (AttributeError, OSError):
+        return None
+    spare.setblocking(False)
+    return spare
+
+
+async def _linger(spare: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        spare.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(LINGER):
+            while await loop.sock_recv(spare, 4096):
+                pass
+    except (TimeoutError, OSError):
+        pass
+
+
 def _address(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -136,24 +162,34 @@ class TlsListener:
             writer.transport.abort()
             return
         self._pending[host] += 1
+        spare = _spare(writer)
         try:
             who = await self._handshake(writer, address)
+            if who is None:
+                self.refused += 1
+                await self._close(writer, spare)
+                return
         finally:
             self._pending[host] -= 1
             if self._pending[host] <= 0:
                 del self._pending[host]
-        if who is None:
-            self.refused += 1
-            await self._close(writer)
-            return
+            if spare is not None:
+                spare.close()
         await self._serve(reader, writer, who)
 
-    async def _close(self, writer: asyncio.StreamWriter) -> None:
+    async def _close(self, writer: asyncio.StreamWriter, spare: socket.socket | None) -> None:
         """Close with TLS's close_notify when the handshake was done: libvirt's client then reads
         no confirmation byte and says "server verification (of our certificate or IP address)
-        failed" (an abort would show it as an I/O error)."""
+        failed" (an abort would show it as an I/O error).
+
+        A failed handshake (asyncio has closed its socket already) is ended through `spare`, a
+        duplicate of the connection's fd: what the client still sends is read until it closes
+        (at most LINGER s), so the kernel sends FIN, not RST. After an RST, the client's next
+        write raised SIGPIPE, which kills virsh."""
         if writer.get_extra_info("ssl_object") is None:
             writer.transport.abort()
+            if spare is not None:
+                await _linger(spare)
             return
         writer.close()
         try:
@@ -169,6 +205,12 @@ class TlsListener:
                 await writer.start_tls(self.context, ssl_handshake_timeout=self.handshake_timeout)
         except TimeoutError:
             log.info("TLS client %s refused: no handshake within %g s", address, self.handshake_timeout)
+            return None
+        except ConnectionAbortedError as e:
+            if "taking longer" in str(e):        # asyncio's own handshake timeout says so
+                log.info("TLS client %s refused: no handshake within %g s", address, self.handshake_timeout)
+            else:
+                log.warning("TLS client %s refused: handshake failed: %s", address, _why(e))
             return None
         except (ssl.SSLError, OSError, ConnectionError) as e:
             # An untrusted, revoked or missing client certificate ends up here.
