@@ -137,3 +137,69 @@ def test_default_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     assert default_path(False) == tmp_path / "secretbus" / "secretbusd.conf"
     assert default_path(True, "/r") == Path("/r/etc/secretbusd.conf")
+
+
+# -- rights of remote callers (rpc/remote.py, guard.py's remote branch): pure logic --------------
+def _remote_session(dn: str = DN):
+    from secretbus.rpc.remote import RemoteIdentity
+    from secretbus.rpc.server import REMOTE_PEER
+    from secretbus.rpc.session import Session
+    return Session(REMOTE_PEER, socket_readonly=False, trusted=False, authenticated=True,
+                   remote=RemoteIdentity(Kind.X509, dn, "192.0.2.1:4000"))
+
+
+GRANTS = '''remote_access = [ "x509:*,CN=ro=ro", "x509:*,CN=rw=rw", "x509:*,CN=client1=rw+values", "x509:*=ro" ]
+tls_allowed_dn_list = [ "C=GB,*" ]'''
+
+
+@pytest.mark.parametrize("cn,want", [
+    ("ro", {"search-secrets", "getattr", "read"}),
+    ("rw", {"search-secrets", "getattr", "read", "write", "save", "delete"}),
+    ("client1", {"search-secrets", "getattr", "read", "write", "save", "delete", "read-secure"}),
+])
+def test_rights_give_their_permissions_and_no_more(cn, want):
+    from secretbus.access.permissions import Perm
+    from secretbus.rpc.guard import Guard
+    from secretbus.rpc.remote import RemotePolicy
+    g = Guard(system=False)           # even the session instance checks remote callers
+    s = _remote_session(f"C=GB,ST=London,L=London,O=secretbus test,CN={cn}")
+    assert g.checked(s) and s.subject() is None          # never a polkit subject
+    assert not any(g.cached(s, p, None) for p in Perm)   # no policy attached: everything refused
+    g.remote = RemotePolicy(parse_serverconf(GRANTS))
+    allowed = {p.value.rsplit(".", 1)[1] for p in Perm if g.cached(s, p, None)}
+    assert allowed == want
+
+
+def test_a_reload_takes_rights_away_from_open_connections():
+    from secretbus.access.permissions import Perm
+    from secretbus.rpc.guard import Guard
+    from secretbus.rpc.remote import RemotePolicy
+    g = Guard(system=True)
+    g.remote = policy = RemotePolicy(parse_serverconf(GRANTS))
+    s = _remote_session()
+    assert g.cached(s, Perm.WRITE, None)
+    policy.update(parse_serverconf('remote_access = [ "x509:*=ro" ]'))
+    assert not g.cached(s, Perm.WRITE, None) and g.cached(s, Perm.READ, None)
+    policy.update(parse_serverconf('remote_access = [ "x509:*=rw" ]\ntls_allowed_dn_list = [ "CN=*" ]'))
+    assert not g.cached(s, Perm.READ, None)               # off the DN list now
+
+
+def test_private_values_never_go_to_a_remote_caller():
+    import asyncio
+
+    from secretbus.core.model import SecretDef, UsageType
+    from secretbus.rpc.guard import Guard
+    from secretbus.rpc.remote import RemotePolicy
+    g = Guard(system=True)
+    g.remote = RemotePolicy(parse_serverconf(GRANTS))
+
+    class C:
+        session = _remote_session()
+    private = SecretDef("0d5f0b7e-1a2b-4c3d-8e9f-0123456789ab", private=True, usage_type=UsageType.VOLUME,
+                        usage_id="/v")
+    read_called = []
+    with pytest.raises(errors.InvalidSecret, match="secret is private"):
+        asyncio.run(g.value_read(C(), private, lambda: read_called.append(1)))   # type: ignore[arg-type]
+    assert not read_called
+    public = SecretDef("0d5f0b7e-1a2b-4c3d-8e9f-0123456789ac", usage_type=UsageType.VOLUME, usage_id="/w")
+    assert asyncio.run(g.value_read(C(), public, lambda: b"v")) == b"v"   # type: ignore[arg-type]
