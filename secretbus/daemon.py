@@ -342,6 +342,24 @@ class Daemon:
         self._reloading = True
         reloading()
         try:
+            failed = await self._reload_store()
+            try:
+                # Independent of secret.conf's outcome: a bad store must not pin the listeners.
+                await self._reload_serverconf()
+            except errors.SecretError as e:
+                log.error("reload of the server configuration failed, keeping the previous one: %s",
+                          errors.display(e))
+                failed = failed or errors.display(e)
+            if failed is None:
+                notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")
+            else:
+                notify("READY=1", f"STATUS=reload failed, previous state kept: {failed}")
+        finally:
+            self._reloading = False
+
+    async def _reload_store(self) -> str | None:
+        """secret.conf, the key and the store; the error's text when it failed (state kept)."""
+        try:
             # The readers are resolved from the new conf before the driver swaps anything, so an
             # unknown name keeps the old state and the old readers alike.
             readers: list[frozenset[int]] = []
@@ -352,13 +370,10 @@ class Daemon:
                 self.service.private_readers = self._readers
                 self.service.refresh()
             log.info("reloaded: %d secrets, %d skipped", report.loaded, len(report.skipped))
-            await self._reload_serverconf()
-            notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")
+            return None
         except errors.SecretError as e:
             log.error("reload failed, keeping the previous state: %s", errors.display(e))
-            notify("READY=1", f"STATUS=reload failed, previous state kept: {errors.display(e)}")
-        finally:
-            self._reloading = False
+            return errors.display(e)
 
     async def _reload_serverconf(self) -> None:
         """secretbusd.conf again, from the path it was read from; listeners follow it."""

@@ -10,8 +10,9 @@ Which front end a local URI uses (DESIGN §9; README "Which front end"):
    instance (`/run/libvirt/virtsecretd-sock`, `$XDG_RUNTIME_DIR/libvirt/virtsecretd-sock`)
    is there: then RPC. The probe costs a stat, and a NameHasOwner only when the socket exists.
 
-Remote transports (`secret+ssh://`, `secret+tls://`, `secret+tcp://`, a host name) can only
-be RPC; they are the next increment and answer NoSupport for now.
+Remote transports can only be RPC. `secret+tls://host[:port]/system` and `secret://host/system`
+(libvirt's TLS default for a host name) go over TLS (secretbus.rpc.tls_client; docs/remote.md);
+`secret+ssh://` and `secret+tcp://` answer NoSupport for now.
 """
 from __future__ import annotations
 
