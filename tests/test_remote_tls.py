@@ -463,6 +463,22 @@ def test_sighup_rereads_certificates_on_the_same_port(tls, tmp_path):
     ok(virsh(tls.uri, "secret-list"))
 
 
+def test_a_reload_that_cannot_listen_changes_nothing(tls, tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        tls.conf.write_text(conf_text(tls.pki, busy.getsockname()[1], grants=f'"x509:{DN_BASE},CN=*=ro"'))
+        tls.daemon.signal(signal.SIGHUP)
+        harness.wait_until(lambda: "reload of the server configuration failed" in tls.daemon.log(), timeout=20,
+                           what="the failed reload", proc=tls.daemon.proc, log=tls.daemon.log_path)
+        assert "address already in use" in tls.daemon.log().lower()
+        # the old listener serves, with the old grants (rw+values)
+        assert f"Secret {U1} created" in ok(virsh(tls.uri, "secret-define", define_file(tmp_path)))
+    finally:
+        busy.close()
+
+
 def test_bad_config_is_fatal_at_start(session_bus, make_secretbusd, tmp_path):
     conf = tmp_path / "bad.conf"
     conf.write_text("listen_tls = 1\ntls_port = 0\n")

@@ -8,12 +8,13 @@ not load raises ConfigError before anything changed.
 """
 from __future__ import annotations
 
+import errno
 import logging
 
 from secretbus.rpc.remote import RemotePolicy
 from secretbus.rpc.server import RpcServer
 from secretbus.rpc.serverconf import ServerConf
-from secretbus.rpc.tls import HANDSHAKE_TIMEOUT, TlsListener, server_context
+from secretbus.rpc.tls import HANDSHAKE_TIMEOUT, TlsListener
 
 log = logging.getLogger("secretbus.rpc")
 
@@ -26,28 +27,55 @@ class RemoteListeners:
         self._handshake_timeout = handshake_timeout
 
     async def apply(self, conf: ServerConf) -> None:
+        """Make the listeners and grants those of `conf`; on any failure (a file that does not
+        load, a port that cannot be bound) the previous listener and grants stay as they were."""
         if conf.listen_tcp:
             log.warning("listen_tcp = 1 is not served: TCP with SASL is not implemented (use TLS)")
+        old = self.tls
+        if conf.listen_tls and old is not None and old.where == (conf.listen_addr, conf.tls_port):
+            old.reload(conf)              # same socket, certificates read again (or ConfigError)
+            self._set_policy(conf)
+            return
+        new: TlsListener | None = None
         if conf.listen_tls:
-            server_context(conf)          # every file loads, or nothing changes
+            new = TlsListener(conf, self._policy_for(conf), self.server.serve_remote,
+                              handshake_timeout=self._handshake_timeout)
+            await self._start_replacing(new, old)
+        elif old is not None:
+            await old.stop()
+            log.info("TLS listener stopped")
+        self._set_policy(conf)
+        if old is not None and new is not None:
+            await old.stop()              # no-op when _start_replacing stopped it already
+            log.info("TLS listener on %s port %d replaced", *old.where)
+        self.tls = new
+
+    def _policy_for(self, conf: ServerConf) -> RemotePolicy:
+        # One policy object for the server's life: open connections see every update.
         if self.policy is None:
             self.policy = RemotePolicy(conf)
             self.server.guard.remote = self.policy
-        else:
-            self.policy.update(conf)
-        tls = self.tls
-        if tls is not None and (not conf.listen_tls or tls.where != (conf.listen_addr, conf.tls_port)):
-            await tls.stop()
-            self.tls = tls = None
-            log.info("TLS listener stopped")
-        if conf.listen_tls:
-            if tls is None:
-                tls = TlsListener(conf, self.policy, self.server.serve_remote,
-                                  handshake_timeout=self._handshake_timeout)
-                await tls.start()
-                self.tls = tls
-            else:
-                tls.reload(conf)
+        return self.policy
+
+    def _set_policy(self, conf: ServerConf) -> None:
+        self._policy_for(conf).update(conf)
+
+    @staticmethod
+    async def _start_replacing(new: TlsListener, old: TlsListener | None) -> None:
+        """Start `new` beside `old`; if its port is `old`'s (only the address changed), `old`
+        must go first, and comes back when `new` cannot start."""
+        try:
+            await new.start()
+            return
+        except OSError as e:
+            if old is None or old.where[1] != new.where[1] or e.errno != errno.EADDRINUSE:
+                raise
+        await old.stop()
+        try:
+            await new.start()
+        except OSError:
+            await old.start()
+            raise
 
     async def stop(self) -> None:
         if self.tls is not None:

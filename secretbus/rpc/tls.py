@@ -149,8 +149,9 @@ class TlsListener:
 
     async def stop(self) -> None:
         if self._server is not None:
+            # close() frees the port now; wait_closed() would (Python 3.12+) also wait for every
+            # connection it accepted, which the RPC server owns and ends itself.
             self._server.close()
-            await self._server.wait_closed()
             self._server = None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
