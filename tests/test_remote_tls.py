@@ -121,8 +121,8 @@ class Tls:
 
 def conf_text(pki: Pki, port: int, *, dn_list: str = f'"{DN_BASE},CN=*"',
               grants: str = f'"x509:{DN_BASE},CN=ro*=ro", "x509:{DN_BASE},CN=*=rw+values"',
-              crl: Path | None = None, listen: int = 1) -> str:
-    return (f'listen_tls = {listen}\ntls_port = "{port}"\nlisten_addr = "127.0.0.1"\n'
+              crl: Path | None = None, listen: int = 1, extra: str = "") -> str:
+    return (extra + f'listen_tls = {listen}\ntls_port = "{port}"\nlisten_addr = "127.0.0.1"\n'
             f'key_file = "{pki.d}/server.key"\ncert_file = "{pki.d}/server.pem"\nca_file = "{pki.d}/ca.pem"\n'
             + (f'crl_file = "{crl}"\n' if crl else "")
             + f"tls_allowed_dn_list = [ {dn_list} ]\nremote_access = [ {grants} ]\n")
@@ -556,3 +556,82 @@ def test_secretbus_client_errors_name_the_step(tls, tmp_path):
     with open_connection(tls.uri_for(tls.pki.client_dir("cli-ro", "ro-cli")), timeout=10) as conn:
         with pytest.raises(errors.AccessDenied, match="'secret' denied access"):
             conn.define_xml(secret_xml(U1))
+
+
+# -- SASL SCRAM-SHA-256 over TLS (auth_tls = "sasl") ------------------------------------------------
+def sasl_passwd(store: Path, user: str, password: str | None, *, delete: bool = False) -> str:
+    r = subprocess.run([sys.executable, "-m", "secretbus.cli", "sasl-passwd", user, "--file", str(store),
+                        *(["--delete"] if delete else [])], input=None if password is None else password + "\n",
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    return ok(r)
+
+
+def auth_file(tmp_path: Path, user: str, password: str) -> dict[str, str]:
+    f = tmp_path / f"auth-{user}.conf"
+    f.write_text(f"[credentials-t]\nauthname={user}\npassword={password}\n\n[auth-libvirt-default]\ncredentials=t\n")
+    f.chmod(0o600)
+    return {**os.environ, "LIBVIRT_AUTH_FILE": str(f)}
+
+
+@pytest.fixture
+def sasl_tls(session_bus, make_secretbusd, pki, tmp_path):
+    t = start_tls(session_bus, make_secretbusd, pki, tmp_path,
+                  grants=f'"sasl:fred=rw+values", "sasl:ro*=ro", "x509:{DN_BASE},CN=other=rw"',
+                  extra='auth_tls = "sasl"\nsasl_allowed_username_list = [ "fred", "ro*", "nogrant" ]\n')
+    store = tmp_path / "sasl-verifiers.json"
+    for user, pw in (("fred", "fr3d-pass"), ("roger", "r0ger-pass"), ("nogrant", "n0-pass"), ("bob", "b0b-pass")):
+        assert f"SASL user {user} set" in sasl_passwd(store, user, pw)
+    return t
+
+
+def test_sasl_scram_over_tls_with_virsh(sasl_tls, tmp_path):
+    t = sasl_tls
+    store = tmp_path / "sasl-verifiers.json"
+    assert oct(store.stat().st_mode & 0o777) == "0o600"
+    text = store.read_text()
+    assert "fr3d-pass" not in text and "stored_key" in text          # salted keys, never the password
+    env = auth_file(tmp_path, "fred", "fr3d-pass")
+    r = subprocess.run(["virsh", "-c", t.uri, "secret-define", define_file(tmp_path)], capture_output=True,
+                       text=True, timeout=30, env=env)
+    assert f"Secret {U1} created" in ok(r)
+    r = subprocess.run(["virsh", "-c", t.uri, "secret-set-value", U1, "--base64", "QUJD"], capture_output=True,
+                       text=True, timeout=30, env=env)
+    ok(r)
+    r = subprocess.run(["virsh", "-c", t.uri, "secret-get-value", U1], capture_output=True, text=True, timeout=30,
+                       env=env)
+    assert ok(r).strip() == "QUJD"
+    assert "SASL user 'fred'" in t.daemon.log()
+    # a read-only user by its grant (the client's DN has none of its own)
+    env_ro = auth_file(tmp_path, "roger", "r0ger-pass")
+    r = subprocess.run(["virsh", "-c", t.uri, "secret-get-value", U1], capture_output=True, text=True, timeout=30,
+                       env=env_ro)
+    assert r.returncode == 1 and "access denied" in r.stderr and "QUJD" not in r.stdout
+
+
+@pytest.mark.parametrize("user,password,log_words", [
+    ("fred", "wrong-pass", "SASL authentication of user 'fred' failed"),
+    ("nobody", "n0b0dy-pass", "SASL authentication of user 'nobody' failed"),          # unknown: as a wrong password
+    ("bob", "b0b-pass", "'bob' is not in sasl_allowed_username_list"),
+    ("nogrant", "n0-pass", "no remote_access grant matches"),
+])
+def test_sasl_refusals(sasl_tls, tmp_path, user, password, log_words):
+    r = subprocess.run(["virsh", "-c", sasl_tls.uri, "secret-define", define_file(tmp_path, U2, uid="other")],
+                       capture_output=True, text=True, timeout=30, env=auth_file(tmp_path, user, password))
+    assert r.returncode == 1 and "authentication failed" in r.stderr, r.stderr
+    assert password not in r.stderr + sasl_tls.daemon.log()
+    harness.wait_until(lambda: log_words in sasl_tls.daemon.log(), timeout=10, what=log_words,
+                       proc=sasl_tls.daemon.proc, log=sasl_tls.daemon.log_path)
+    env = auth_file(tmp_path, "fred", "fr3d-pass")
+    out = ok(subprocess.run(["virsh", "-c", sasl_tls.uri, "secret-list"], capture_output=True, text=True,
+                            timeout=30, env=env))
+    assert U2 not in out                                                    # nothing was served
+
+
+def test_sasl_passwd_delete(tmp_path):
+    store = tmp_path / "v" / "sasl-verifiers.json"
+    sasl_passwd(store, "fred", "pw1")
+    assert oct(store.parent.stat().st_mode & 0o777) == "0o700"
+    assert "SASL user fred deleted" in sasl_passwd(store, "fred", None, delete=True)
+    r = subprocess.run([sys.executable, "-m", "secretbus.cli", "sasl-passwd", "fred", "--delete", "--file",
+                        str(store)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 1 and "no SASL user 'fred'" in r.stderr

@@ -91,7 +91,6 @@ def test_globs_are_glibs_simple_patterns(pattern, text, want):
     ("tls_no_verify_certificate = 1", 1, "not supported"),
     ("max_clients = 0", 1, "positive integer"),
     ("listen_tls = 1\nlisten_tls = 0", 2, "duplicate key 'listen_tls' (first set at line 1)"),
-    ("listen_tls = 1\nauth_tls = \"sasl\"", 2, "not supported yet"),
     ("listen_tls 1", 1, "expecting an assignment"),
     ("x = [ \"a\",\n  \"b\"", 1, "list is not closed"),
 ])
@@ -203,3 +202,19 @@ def test_private_values_never_go_to_a_remote_caller():
     assert not read_called
     public = SecretDef("0d5f0b7e-1a2b-4c3d-8e9f-0123456789ac", usage_type=UsageType.VOLUME, usage_id="/w")
     assert asyncio.run(g.value_read(C(), public, lambda: b"v")) == b"v"   # type: ignore[arg-type]
+
+
+def test_sasl_rights_first_match_over_dn_and_user():
+    from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
+    pol = RemotePolicy(parse_serverconf('''auth_tls = "sasl"
+sasl_allowed_username_list = [ "fred", "ann*" ]
+remote_access = [ "sasl:ann=ro", "x509:*,CN=client1=rw", "sasl:fred=rw+values" ]'''))
+    who = RemoteIdentity(Kind.X509, DN, "192.0.2.1:4000")
+    assert pol.may_connect(who) and pol.rights(who) is None        # nothing before SASL succeeded
+    assert pol.rights(who.with_sasl_user("fred")) is Rights.RW       # the DN's grant comes first
+    assert pol.rights(who.with_sasl_user("ann")) is Rights.RO
+    assert pol.rights(who.with_sasl_user("bob")) is None             # not in the allowed list
+    other = RemoteIdentity(Kind.X509, "CN=x", "192.0.2.1:4000")
+    assert pol.rights(other.with_sasl_user("fred")) is Rights.RW_VALUES
+    assert pol.rights(other.with_sasl_user("annie")) is None         # allowed, but no grant
+    assert "SASL user 'fred'" in other.with_sasl_user("fred").describe()

@@ -33,6 +33,7 @@ from secretbus.rpc.identity import SystemToken
 from secretbus.rpc.paths import RO_SOCKET_NAME, SOCKET_NAME, SYSTEM_DIR, session_dir
 from secretbus.rpc.procedures import Procedures
 from secretbus.rpc.remote import RemoteIdentity
+from secretbus.rpc.sasl import SaslExchange
 from secretbus.rpc.session import Peer, Session, peer_of
 
 log = logging.getLogger("secretbus.rpc")
@@ -233,14 +234,16 @@ class RpcServer:
         await conn.serve()
 
     async def serve_remote(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           who: RemoteIdentity) -> None:
-        """A remote (TLS) caller, authenticated by its transport: served like a local one, with
-        no peer pid or uid (REMOTE_PEER) and its rights from remote_access (guard.py)."""
+                           who: RemoteIdentity, sasl: SaslExchange | None = None) -> None:
+        """A remote (TLS) caller, authenticated by its transport (or, with `sasl`, once SCRAM
+        passed): served like a local one, with no peer pid or uid (REMOTE_PEER) and its rights
+        from remote_access (guard.py)."""
         if not self._table or len(self._conns) >= self.limits.max_clients - self.limits.root_reserve:
             log.warning("refusing remote RPC client %s: connection limit", who.describe())
             writer.transport.abort()
             return
-        session = Session(REMOTE_PEER, socket_readonly=False, trusted=False, authenticated=True, remote=who)
+        session = Session(REMOTE_PEER, socket_readonly=False, trusted=False, authenticated=sasl is None,
+                          remote=who, sasl=sasl)
         conn = Connection(reader, writer, session, self._table, self.limits, self._executor, self._forget)
         self._conns.add(conn)
         self._per_uid[REMOTE_PEER.uid] += 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from secretbus.access.permissions import UnixProcess
 from secretbus.rpc.identity import Identity
 from secretbus.rpc.remote import RemoteIdentity
+from secretbus.rpc.sasl import SaslExchange
 
 _UCRED = struct.Struct("3i")    # struct ucred: pid, uid, gid
 _names = itertools.count(1)
@@ -76,6 +77,7 @@ class Session:
     closed: bool = False           # the connection ended (a check still running keeps no decision)
     # A TLS caller (rpc/tls.py): no pid, no uid; its rights come from remote_access (rpc/remote.py).
     remote: RemoteIdentity | None = None
+    sasl: SaslExchange | None = None   # auth_tls = "sasl": SCRAM still to pass (rpc/sasl.py)
 
     def subject(self) -> UnixProcess | None:
         """Whom polkit is asked about: the identity a root peer set (libvirt's ACL checks use

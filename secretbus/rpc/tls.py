@@ -26,11 +26,13 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from cryptography import x509
 
 from secretbus.core import errors
 from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
+from secretbus.rpc.sasl import SaslExchange, VerifierStore
 from secretbus.rpc.serverconf import Kind, ServerConf
 
 log = logging.getLogger("secretbus.rpc.tls")
@@ -40,7 +42,7 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_PENDING = 256
 MAX_PENDING_PER_ADDRESS = 32
 
-Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, RemoteIdentity], Awaitable[None]]
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, RemoteIdentity, SaslExchange | None], Awaitable[None]]
 
 
 def server_context(conf: ServerConf) -> ssl.SSLContext:
@@ -118,12 +120,14 @@ def _address(writer: asyncio.StreamWriter) -> str:
 
 class TlsListener:
     def __init__(self, conf: ServerConf, policy: RemotePolicy, serve: Serve, *,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, verifiers: Path | None = None):
+        """`verifiers`: the SASL verifier store, where the conf does not name one."""
         self.conf = conf
         self.context = server_context(conf)
         self.policy = policy
         self._serve = serve
         self.handshake_timeout = handshake_timeout
+        self._verifiers = verifiers or Path("/etc/secretbus")
         self._server: asyncio.AbstractServer | None = None
         self._pending: Counter[str] = Counter()
         self.refused = 0            # connections closed before the confirmation byte
@@ -176,7 +180,10 @@ class TlsListener:
                 del self._pending[host]
             if spare is not None:
                 spare.close()
-        await self._serve(reader, writer, who)
+        sasl = None
+        if self.conf.auth_tls == "sasl":
+            sasl = SaslExchange(VerifierStore(self.conf.verifier_path(self._verifiers)))
+        await self._serve(reader, writer, who, sasl)
 
     async def _close(self, writer: asyncio.StreamWriter, spare: socket.socket | None) -> None:
         """Close with TLS's close_notify when the handshake was done: libvirt's client then reads
@@ -227,7 +234,7 @@ class TlsListener:
         if not self.policy.conf.dn_allowed(dn):
             log.warning("TLS client %s refused: DN '%s' is not in tls_allowed_dn_list", address, dn)
             return None
-        if self.policy.rights(who) is None:
+        if not self.policy.may_connect(who):
             log.warning("TLS client %s refused: no remote_access grant matches DN '%s'", address, dn)
             return None
         writer.write(CONFIRM)
