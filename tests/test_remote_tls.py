@@ -635,3 +635,20 @@ def test_sasl_passwd_delete(tmp_path):
     r = subprocess.run([sys.executable, "-m", "secretbus.cli", "sasl-passwd", "fred", "--delete", "--file",
                         str(store)], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 1 and "no SASL user 'fred'" in r.stderr
+
+
+def test_sasl_with_secretbus_client(sasl_tls, tmp_path):
+    from secretbus.core import errors
+    from secretbus.uri import open_connection
+    env = auth_file(tmp_path, "fred", "fr3d-pass")
+    r = subprocess.run([sys.executable, "-m", "secretbus.cli", "-c", sasl_tls.uri, "secret-define",
+                        define_file(tmp_path)], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert f"Secret {U1} created" in ok(r)
+    with open_connection(sasl_tls.uri + f"&authfile={env['LIBVIRT_AUTH_FILE']}", timeout=10) as conn:
+        assert [s.uuid for s in conn.list_secrets()] == [U1]
+    bad = auth_file(tmp_path, "fred", "wrong-pass")["LIBVIRT_AUTH_FILE"]
+    with pytest.raises(errors.SecretError) as e:
+        open_connection(sasl_tls.uri + f"&authfile={bad}", timeout=10).close()
+    assert "authentication failed" in errors.display(e.value) and "wrong-pass" not in errors.display(e.value)
+    with pytest.raises(errors.SecretError, match="cannot read the auth file .*missing.conf"):
+        open_connection(sasl_tls.uri + f"&authfile={tmp_path}/missing.conf", timeout=10).close()

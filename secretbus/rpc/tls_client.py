@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from secretbus.core import errors
 from secretbus.rpc.client import auth_failed
+from secretbus.rpc.sasl_client import authenticate
 from secretbus.rpc.tls import CONFIRM
 from secretbus.rpc.transport import READ_LIMIT, Streams
 
@@ -44,6 +45,7 @@ class TlsTarget:
     pkipath: Path | None
     no_verify: bool
     params: tuple[tuple[str, str], ...]      # passed on in CONNECT_OPEN's name
+    authfile: str | None = None              # libvirt's authfile=: SASL credentials
 
     def open_name(self) -> str:
         base = f"secret://{self.path}"
@@ -67,15 +69,18 @@ def tls_target(uri: str) -> TlsTarget | None:
         raise errors.InvalidArg(f"invalid port in '{uri}'") from None
     pkipath: Path | None = None
     no_verify = False
+    authfile: str | None = None
     rest = []
     for key, value in parse_qsl(u.query, keep_blank_values=True):
         if key == "pkipath":
             pkipath = Path(value)
         elif key == "no_verify":
             no_verify = value not in ("", "0")
+        elif key == "authfile":
+            authfile = value
         elif key not in CLIENT_ONLY:
             rest.append((key, value))
-    return TlsTarget(u.hostname, port, u.path, pkipath, no_verify, tuple(rest))
+    return TlsTarget(u.hostname, port, u.path, pkipath, no_verify, tuple(rest), authfile)
 
 
 def pki_files(pkipath: Path | None) -> tuple[Path, Path, Path, Path | None]:
@@ -160,4 +165,9 @@ class TlsTransport:
         if byte != CONFIRM:
             writer.transport.abort()
             raise errors.RPCError("server verification (of our certificate or IP address) failed")
+        try:
+            await authenticate(reader, writer, t.host, t.authfile)     # auth step: SCRAM, if asked
+        except BaseException:
+            writer.transport.abort()
+            raise
         return reader, writer
