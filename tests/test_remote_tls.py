@@ -618,6 +618,8 @@ def test_sasl_refusals(sasl_tls, tmp_path, user, password, log_words):
     r = subprocess.run(["virsh", "-c", sasl_tls.uri, "secret-define", define_file(tmp_path, U2, uid="other")],
                        capture_output=True, text=True, timeout=30, env=auth_file(tmp_path, user, password))
     assert r.returncode == 1 and "authentication failed" in r.stderr, r.stderr
+    if user in ("fred", "nobody"):                   # the same words for both: no user enumeration
+        assert "The client keys don't match" in r.stderr, r.stderr
     assert password not in r.stderr + sasl_tls.daemon.log()
     harness.wait_until(lambda: log_words in sasl_tls.daemon.log(), timeout=10, what=log_words,
                        proc=sasl_tls.daemon.proc, log=sasl_tls.daemon.log_path)
@@ -652,3 +654,31 @@ def test_sasl_with_secretbus_client(sasl_tls, tmp_path):
     assert "authentication failed" in errors.display(e.value) and "wrong-pass" not in errors.display(e.value)
     with pytest.raises(errors.SecretError, match="cannot read the auth file .*missing.conf"):
         open_connection(sasl_tls.uri + f"&authfile={tmp_path}/missing.conf", timeout=10).close()
+
+
+def test_an_unauthenticated_remote_client_is_dropped(tmp_path, monkeypatch):
+    """auth_tls = "sasl": a client that never authenticates loses its connection (in-process)."""
+    import asyncio
+
+    from test_rpc_server import InProcess
+
+    import secretbus.rpc.server as srv
+    from secretbus.rpc.remote import RemoteIdentity
+    from secretbus.rpc.sasl import SaslExchange, VerifierStore
+    from secretbus.rpc.serverconf import Kind
+    monkeypatch.setattr(srv, "REMOTE_AUTH_TIMEOUT", 0.3)
+    ip = InProcess(tmp_path)
+    ours, theirs = socket.socketpair()
+    try:
+        async def connect() -> None:
+            reader, writer = await asyncio.open_connection(sock=ours)
+            who = RemoteIdentity(Kind.X509, "CN=x", "test:1")
+            asyncio.ensure_future(ip.server.serve_remote(reader, writer, who,
+                                                         SaslExchange(VerifierStore(tmp_path / "v.json"))))
+        ip.run(connect())
+        theirs.settimeout(5)
+        assert theirs.recv(1) == b""                   # closed by the server, nothing sent
+        harness.wait_until(lambda: ip.server.clients == 0, timeout=5, what="the slot back")
+    finally:
+        theirs.close()
+        ip.close()

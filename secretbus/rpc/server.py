@@ -46,6 +46,7 @@ RO_UNIT_NAMES = frozenset({"secretbusd-ro.socket", "virtsecretd-ro.socket"})
 
 # A remote caller's peer: no process, no user (never uid 0, never a polkit subject).
 REMOTE_PEER = Peer(pid=0, uid=-1, gid=-1)
+REMOTE_AUTH_TIMEOUT = 30.0        # seconds a remote client has to pass SASL
 
 
 class SocketBusy(Exception):
@@ -247,7 +248,20 @@ class RpcServer:
         conn = Connection(reader, writer, session, self._table, self.limits, self._executor, self._forget)
         self._conns.add(conn)
         self._per_uid[REMOTE_PEER.uid] += 1
-        await conn.serve()
+        timer = None
+        if sasl is not None:
+            # An unauthenticated remote client must not hold a connection slot for ever.
+            def expire() -> None:
+                if not session.authenticated:
+                    log.info("dropping remote RPC client %s: not authenticated within %g s", who.address,
+                             REMOTE_AUTH_TIMEOUT)
+                    conn.close(abort=True)
+            timer = asyncio.get_running_loop().call_later(REMOTE_AUTH_TIMEOUT, expire)
+        try:
+            await conn.serve()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _admit(self, uid: int) -> bool:
         lim = self.limits
