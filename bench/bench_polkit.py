@@ -3,7 +3,7 @@
 
 Run as root from the dev venv (it starts everything itself and stops it by PID):
 
-    /opt/sbvenv/bin/python bench/bench_polkit.py [--seconds 2] [--inflight 1,16]
+    .venv/bin/python bench/bench_polkit.py [--seconds 2] [--inflight 1,16]
 
 Set-up: a private system-type dbus-daemon with dbus/org.libvirt.secret.conf, a real polkitd
 with polkit/org.libvirt.api.secret.policy and the example rules (group libvirt gets

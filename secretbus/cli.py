@@ -379,6 +379,26 @@ def cmd_fleet(conn_unused, a) -> int:
     return 0
 
 
+def cmd_rotate_key(conn_unused, a) -> int:
+    from secretbus import cli_rotate
+    from secretbus.store.conf import load_conf
+    from secretbus.store.paths import InstancePaths
+    from secretbus.uri import default_uri, parse_uri
+    try:
+        parsed = parse_uri(a.connect_uri or default_uri())
+        paths = InstancePaths.for_kind(parsed.kind, parsed.root)
+        timeout = float(_req(a, "timeout") or 60)
+        lines = cli_rotate.rotate_key(paths, load_conf(paths.conf_file), key_path=_req(a, "key-path"),
+                                      with_key=_req(a, "with-key"), timeout=timeout, say=_print)
+    except ValueError:
+        raise CommandError(f"invalid --timeout '{a.timeout}'") from None
+    except errors.SecretError as e:
+        raise CommandError("Failed to rotate the encryption key", errors.display(e)) from None
+    for line in lines:
+        _print(line)
+    return 0
+
+
 def cmd_rewrite_values(conn, a) -> int:
     try:
         done, total, skipped = conn.rewrite_values()
@@ -511,6 +531,16 @@ _command("sasl-passwd", "set or delete a SASL user's password (secretbusd's SCRA
           Opt("file", S, "the verifier store (default: sasl-verifiers.json beside secretbusd.conf)",
               named_only=True)),
          cmd_sasl_passwd, no_connection=True)
+_command("rotate-key", "replace the encryption key, the service running or not",
+         "Replace the key that encrypts values at rest by a new one, online: the running service re-encrypts "
+         "every value on a reload (SIGHUP), each value readable throughout, then the new key takes the key "
+         "file's name. Crash-safe at every step; run it again to finish an interrupted rotation.",
+         (Opt("key-path", S, "the sealed credential the service loads (default "
+              "/var/lib/libvirt/secrets/secrets-encryption-key; a raw key in secret.conf is found there)",
+              named_only=True),
+          Opt("with-key", S, "systemd-creds --with-key= for the new sealed key (host, tpm2, ...)", named_only=True),
+          Opt("timeout", S, "seconds to wait for the service to re-encrypt (default 60)", named_only=True)),
+         cmd_rotate_key, no_connection=True)
 _command("rewrite-values", "re-write every persistent value under the current scheme and key",
          "Re-write every persistent value under the current scheme and key "
          "(the service must not be running for system/session).", (), cmd_rewrite_values,

@@ -64,6 +64,9 @@ log = logging.getLogger("secretbus.daemon")
 
 EXIT_CONFIG = 78   # EX_CONFIG: bad secret.conf or key, as systemd's status table reads it
 LOST = -1          # a session's outcome: the bus connection went away (never an exit status)
+# A bus that accepts the socket but never finishes auth/Hello must not hold the daemon (or its
+# reconnect loop) forever: dbus-fast's connect() has no timeout of its own.
+CONNECT_TIMEOUT = 25.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +174,11 @@ class Daemon:
         """Serve until SIGTERM/SIGINT or idle timeout; the exit status."""
         t0 = time.monotonic() if t0 is None else t0
         self._readers = readers
+        # From the first instant: a SIGTERM while the sockets or the bus are being set up
+        # must still end in the clean stop below (sockets removed), not the default death.
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         if self.rpc is not None:
             try:
                 await self.rpc.start()      # before the bus name: clients that see it find the sockets
@@ -210,7 +218,9 @@ class Daemon:
         delay = self._backoff[0]
         while True:
             try:
-                bus = await connect()
+                bus = await self._connect_unless_stopped(connect)
+                if bus is None:
+                    return 0
             except Exception as e:  # noqa: BLE001
                 if lost_at is None or time.monotonic() - lost_at >= self._reconnect_for:
                     log.error("cannot connect to the %s bus: %s", self._bus_kind, e)
@@ -229,6 +239,22 @@ class Daemon:
             lost_at, delay = time.monotonic(), self._backoff[0]
             if await self._stopped_within(delay):
                 return 0
+
+    async def _connect_unless_stopped(self, connect: BusFactory) -> MessageBus | None:
+        """A connected bus, or None when SIGTERM came first; TimeoutError after CONNECT_TIMEOUT."""
+        attempt = asyncio.ensure_future(connect())
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            done, _ = await asyncio.wait((attempt, stop), timeout=CONNECT_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if attempt in done:
+            return attempt.result()
+        attempt.cancel()
+        if stop in done:
+            return None
+        raise TimeoutError(f"no answer within {CONNECT_TIMEOUT:.0f} s")
 
     async def _stopped_within(self, secs: float) -> bool:
         try:
@@ -289,8 +315,6 @@ class Daemon:
 
     async def _serve(self, bus: MessageBus | None, t0: float) -> int:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
-        loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         loop.add_signal_handler(signal.SIGUSR1, self.log_tables)
         n = self.driver.count()
@@ -369,7 +393,8 @@ class Daemon:
             if self.service is not None:
                 self.service.private_readers = self._readers
                 self.service.refresh()
-            log.info("reloaded: %d secrets, %d skipped", report.loaded, len(report.skipped))
+            log.info("reloaded: %d secrets, %d skipped (%s)", report.loaded, len(report.skipped),
+                     self.driver.key_description or "values not encrypted")
             return None
         except errors.SecretError as e:
             log.error("reload failed, keeping the previous state: %s", errors.display(e))

@@ -230,7 +230,7 @@ def test_raw_error_reply_carries_libvirts_prefixed_text(session_bus, daemon):
 
 def test_connect_properties_over_the_bus(session_bus, daemon):
     expect = {"Encrypted": "b false", "Secure": "b true", "LibVersion": "t 12001000", "Version": "t 1000",
-              "Hostname": f's "{socket.gethostname()}"'}
+              "Hostname": f's "{socket.gethostname()}"', "FleetState": 's "local"', "FleetStateReason": 's ""'}
     for prop, want in expect.items():
         r = busctl(session_bus, "get-property", NAME, CONNECT, "org.libvirt.Connect", prop)
         assert r.returncode == 0 and r.stdout.strip() == want, (prop, r.stdout, r.stderr)

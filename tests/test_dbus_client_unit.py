@@ -20,7 +20,7 @@ from secretbus.bus import events, signals, wire
 from secretbus.bus.calls import check_reply
 from secretbus.bus.client import DBusConnection, default_address, error_from_reply
 from secretbus.bus.names import BUS_NAME
-from secretbus.core import errors
+from secretbus.core import clientargs, errors
 from secretbus.core.loopthread import LoopThread
 from secretbus.core.model import EventId, Lifecycle, ListFlags, SecretEvent, UsageType
 from secretbus.store.paths import InstanceKind
@@ -75,9 +75,9 @@ def test_u32():
 
 
 def test_wire_safe():
-    assert wire.wire_safe("ok é ☃")
-    assert not wire.wire_safe("a\0b")
-    assert not wire.wire_safe("\udc80")
+    assert clientargs.wire_safe("ok é ☃")
+    assert not clientargs.wire_safe("a\0b")
+    assert not clientargs.wire_safe("\udc80")
 
 
 def test_fits_int32():

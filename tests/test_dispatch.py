@@ -320,7 +320,9 @@ def test_connect_properties(tmp_path):
     async def main():
         async with Harness(tmp_path) as h:
             (props,) = ok(await h.call(CONNECT_PATH, PROPS_IFACE, "GetAll", "s", [CONNECT_IFACE]))
-            assert set(props) == {"Encrypted", "Hostname", "LibVersion", "Secure", "Version"}
+            assert set(props) == {"Encrypted", "Hostname", "LibVersion", "Secure", "Version",
+                                  "FleetState", "FleetStateReason"}
+            assert props["FleetState"] == Variant("s", "local") and props["FleetStateReason"] == Variant("s", "")
             assert props["Encrypted"] == Variant("b", False) and props["Secure"] == Variant("b", True)
             assert props["LibVersion"] == Variant("t", LIBVIRT_COMPAT) == Variant("t", 12_001_000)
             assert props["Version"] == Variant("t", encode_version("0.1.0"))
@@ -337,7 +339,8 @@ def test_connect_properties(tmp_path):
 
 def test_model_properties_match_what_is_served():
     served = {
-        CONNECT_IFACE: {"Encrypted": "b", "Hostname": "s", "LibVersion": "t", "Secure": "b", "Version": "t"},
+        CONNECT_IFACE: {"Encrypted": "b", "Hostname": "s", "LibVersion": "t", "Secure": "b", "Version": "t",
+                        "FleetState": "s", "FleetStateReason": "s"},
         SECRET_IFACE: {"UUID": "s", "UsageID": "s", "UsageType": "i", "Description": "s", "Ephemeral": "b",
                        "Private": "b"},
     }

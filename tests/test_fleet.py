@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from secretbus.fleet.status import FleetState
 from secretbus.fleet.store import FleetStore
 from secretbus.store.keys import init_encryption
 from secretbus.store.paths import InstancePaths
+from tests.harness.bus import gdbus
 from tests.harness.etcd import EtcdCluster
 from tests.harness.tcpproxy import TcpProxy
 
@@ -419,7 +421,18 @@ def test_secretbusd_serves_the_fleet_on_dbus(tmp_path: Path, etcd: EtcdCluster, 
     conn = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
                                bus_address=session_bus.address)
     got: list[SecretEvent] = []
+
+    def fleet_state() -> str:
+        r = gdbus(session_bus.address, "call", "--dest", "org.libvirt.secret", "--object-path",
+                  "/org/libvirt/secret", "--method", "org.freedesktop.DBus.Properties.Get",
+                  "org.libvirt.Connect", "FleetState")
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+    monitor = subprocess.Popen(["gdbus", "monitor", "--address", session_bus.address, "--dest",
+                                "org.libvirt.secret", "--object-path", "/org/libvirt/secret"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        wait_for(lambda: fleet_state() == "(<'online'>,)", "FleetState online on D-Bus")
         conn.subscribe(lambda s, ev: got.append(ev))
         u = uid(1000)
         a.d.define_xml(xml(u, "dbus.1000"))
@@ -435,11 +448,23 @@ def test_secretbusd_serves_the_fleet_on_dbus(tmp_path: Path, etcd: EtcdCluster, 
         assert a.d.get_value(uid(1001)) == b"from-dbus"
         etcd.stop()
         wait_for(lambda: "fleet store unavailable" in daemon.log(), "the degraded state in the log")
+        assert fleet_state() == "(<'degraded'>,)"
         assert conn.secret_get_value(u) == b"over-dbus"
         with pytest.raises(errors.OperationFailed, match="fleet store unavailable: "):
             conn.define_xml(xml(uid(1002), "dbus.1002"))
         assert "over-dbus" not in daemon.log() and "from-dbus" not in daemon.log()
+        etcd.start(new=False)
+        wait_for(lambda: fleet_state() == "(<'online'>,)", "FleetState online again")
+        monitor.terminate()
+        seen = monitor.communicate(timeout=10)[0]
+        # PropertiesChanged on the Connect object, in order: degraded (with a reason), online
+        changes = [line for line in seen.splitlines() if "FleetState" in line]
+        assert any("'FleetState': <'degraded'>" in c and "'FleetStateReason': <''>" not in c for c in changes), seen
+        assert "'FleetState': <'online'>" in changes[-1], seen
     finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
         conn.close()
         a.close()
 
@@ -604,3 +629,53 @@ def test_fleet_over_tls_with_client_certificates(tmp_path: Path) -> None:
         for h in made:
             h.close()
         cluster.stop()
+
+
+def test_a_reload_in_fleet_mode_keeps_the_store_and_follows_the_conf(hosts: list[Host]) -> None:
+    """SIGHUP's driver.reload in fleet mode: the same store (watch, cache, connection) serves on,
+    what the host publishes follows the new conf; changes that need a new store are refused and
+    change nothing."""
+    a, b, _ = hosts
+    conf = a.paths.conf_file
+    text = conf.read_text()
+    store = a.store
+    a.d.define_xml(xml(uid(700), "reload.700"))
+    conf.write_text(text + "fleet_private = 0\n")
+    summary = a.d.reload()
+    assert a.store is store and summary.loaded == 1 and a.store.status.state is FleetState.ONLINE
+    a.d.define_xml(xml(uid(701), "reload.701", private="yes"))     # now kept on a
+    a.d.define_xml(xml(uid(702), "reload.702"))
+    wait_for(lambda: b.seen(uid(702), EventId.LIFECYCLE, Lifecycle.DEFINED), "the public define on b")
+    assert not b.seen(uid(701), EventId.LIFECYCLE, Lifecycle.DEFINED)
+    assert not a.store.is_fleet(uid(701)) and a.store.is_fleet(uid(702))
+    refused = {
+        "fleet_cluster": text.replace('fleet_cluster = "test"', 'fleet_cluster = "other"'),
+        "fleet_endpoints": text.replace("fleet_endpoints = [", 'fleet_endpoints = [ "http://127.0.0.1:1",'),
+        "secrets_encryption_key": text.replace("host-key", "other-key"),
+        "fleet mode ends": "\n".join(x for x in text.splitlines() if not x.startswith("fleet_endpoints")),
+    }
+    for what, bad in refused.items():
+        conf.write_text(bad)
+        with pytest.raises(errors.ConfigError, match=what):
+            a.d.reload()
+        assert a.store is store and a.d.conf.fleet_private is False and a.d.count() == 3
+    conf.write_text(text)
+    a.d.reload()
+    a.d.define_xml(xml(uid(703), "reload.703", private="yes"))     # published again
+    wait_for(lambda: b.seen(uid(703), EventId.LIFECYCLE, Lifecycle.DEFINED), "the private define on b")
+
+
+def test_a_reload_does_not_turn_fleet_mode_on(tmp_path: Path, etcd: EtcdCluster) -> None:
+    h, _ = make_host(tmp_path, "plain", etcd.endpoints, None)
+    conf = h.paths.conf_file
+    text = conf.read_text()
+    conf.write_text("\n".join(x for x in text.splitlines() if not x.startswith("fleet_endpoints")))
+    d = open_instance(h.paths)
+    try:
+        assert not isinstance(d.store, FleetStore)
+        conf.write_text(text)
+        with pytest.raises(errors.ConfigError, match="fleet mode starts with a restart"):
+            d.reload()
+        assert not isinstance(d.store, FleetStore) and d.store_state().state == "local"
+    finally:
+        d.close()

@@ -157,6 +157,8 @@ def test_open_api_over_rpc(sessiond, rpc_dir):
     with secretbus.open(uri(rpc_dir)) as conn:
         assert isinstance(conn, RpcConnection)
         s = conn.define_xml(secret_xml())
+        # bytes in another encoding are read as on D-Bus and embedded (core/clientargs.py)
+        assert conn.define_xml(secret_xml().encode("utf-16")).uuid == U1
         assert (s.uuid, s.usage_type, s.usage_id) == (U1, UsageType.CEPH, "client.admin")
         assert conn.lookup_by_uuid(U1.upper()) == s
         got = conn.lookup_by_usage(UsageType.CEPH, "client.admin")

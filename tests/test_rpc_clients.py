@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -282,3 +283,25 @@ def test_sockets_are_removed_on_stop(session_bus, make_secretbusd, rpc_dir):
     assert oct(sock.stat().st_mode & 0o777) == "0o600"       # the session instance's
     assert d.stop() == 0
     assert not sock.exists()
+
+
+def test_sigterm_while_the_bus_never_answers(tmp_path, rpc_dir):
+    """A bus that takes the connection and never speaks: SIGTERM still stops the daemon cleanly
+    (dbus-fast's connect has no timeout; the daemon races it against the stop)."""
+    path = tmp_path / "silent-bus"
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(path))
+    lsock.listen(4)
+    lsock.settimeout(30)
+    silent = type("SilentBus", (), {"address": f"unix:path={path}"})()
+    d = harness.Secretbusd(silent, args=("--rpc-dir", str(rpc_dir))).start(wait=False)
+    try:
+        conn, _ = lsock.accept()        # the daemon is now waiting for the bus, its RPC sockets made
+        assert (rpc_dir / "virtsecretd-sock").exists()
+        d.signal(signal.SIGTERM)
+        assert d.wait(15) == 0, d.log()
+        assert not (rpc_dir / "virtsecretd-sock").exists()
+        conn.close()
+    finally:
+        d.cleanup()
+        lsock.close()

@@ -41,6 +41,7 @@ from secretbus.bus.names import (
 from secretbus.bus.signals import known_usage, usage_from_props
 from secretbus.core import errors
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
+from secretbus.core.clientargs import wire_safe
 from secretbus.core.loopthread import LoopThread
 from secretbus.core.uuids import canonical_uuid, parse_uuid
 
@@ -191,7 +192,7 @@ class DBusConnection(Connection):
         # for a usage no secret has.
         if not isinstance(usage_id, str):
             raise errors.InvalidArg("usageID in virSecretLookupByUsage must not be NULL")
-        if not wire.fits_int32(usage_type) or not wire.wire_safe(usage_id):
+        if not wire.fits_int32(usage_type) or not wire_safe(usage_id):
             raise errors.NoSecret(f"no secret with matching usage '{usage_id}'")
         utype = int(usage_type)
 

@@ -19,10 +19,11 @@ from typing import Any, NamedTuple
 from dbus_fast import Message, MessageType
 
 from secretbus.access.permissions import AccessControl, Caller, Perm
-from secretbus.bus.handlers import secret_properties
+from secretbus.bus.handlers import secret_properties, store_state_properties
 from secretbus.bus.names import CONNECT_IFACE, CONNECT_PATH, OM_IFACE, PROPS_IFACE, SECRET_IFACE, secret_path
 from secretbus.core import errors
 from secretbus.core.model import EventId, Lifecycle, SecretDef, SecretEvent
+from secretbus.driver.driver import StoreState
 
 log = logging.getLogger("secretbus.dbus")
 
@@ -128,6 +129,17 @@ class Announcer:
                 return [Signal(secret_path(d.uuid), PROPS_IFACE, "PropertiesChanged", "sa{sv}as",
                                [SECRET_IFACE, changed, []])]
         return []
+
+    def store_state(self, state: StoreState) -> None:
+        """FleetState changed on the Connect object. It names no secret, so every subscriber
+        is told (Subscribe needed search-secrets, as reading the property does); on the
+        session bus it is broadcast."""
+        s = Signal(CONNECT_PATH, PROPS_IFACE, "PropertiesChanged", "sa{sv}as",
+                   [CONNECT_IFACE, store_state_properties(state), []])
+        if self.filtered:
+            self._unicast(self.subscribers.snapshot(), [s])
+        elif self.bus.connected:
+            self.bus.send(Message.new_signal(s.path, s.iface, s.member, s.sig, s.body))
 
     @staticmethod
     def _removed(uuid: str) -> Signal:

@@ -31,6 +31,7 @@ from secretbus.bus.names import (
 )
 from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
 from secretbus.driver import rules
+from secretbus.driver.driver import StoreState
 
 LARGE_LIST = 1000              # paths; a reply above this waits for the previous large one
 LARGE_OBJECTS = 200            # GetManagedObjects entries (each carries six properties)
@@ -60,10 +61,17 @@ def secret_properties(d: SecretDef) -> dict[str, Variant]:
     }
 
 
-def connect_properties() -> dict[str, Variant]:
+def store_state_properties(state: StoreState) -> dict[str, Variant]:
+    """secretbus's own Connect properties: the fleet store's state (driver.StoreState)."""
+    return {"FleetState": Variant("s", state.state), "FleetStateReason": Variant("s", state.reason)}
+
+
+def connect_properties(driver: Any) -> dict[str, Variant]:
     """libvirt-dbus's org.libvirt.Connect properties, with what is true of a local bus:
-    as libvirt says of a unix socket, not encrypted but secure (no other host sees it)."""
+    as libvirt says of a unix socket, not encrypted but secure (no other host sees it);
+    and the store's state."""
     return {
+        **store_state_properties(driver.store_state()),
         "Encrypted": Variant("b", False),
         "Hostname": Variant("s", socket.gethostname()),
         "LibVersion": Variant("t", LIBVIRT_COMPAT),
@@ -168,20 +176,20 @@ class ConnectHandlers:
     def prop_get(self, msg: Message) -> Prepared:
         iface, name = msg.body
         _prop_iface(msg, iface, CONNECT_IFACE)
-        value = _prop(connect_properties(), name, CONNECT_IFACE)
+        value = _prop(connect_properties(self.driver), name, CONNECT_IFACE)
         return Prepared(lambda g: [value])
 
     @method(PROPS_IFACE, "GetAll", "s", perms=(Perm.SEARCH_SECRETS,))
     def prop_get_all(self, msg: Message) -> Prepared:
         _prop_iface(msg, msg.body[0], CONNECT_IFACE)
-        props = connect_properties()
+        props = connect_properties(self.driver)
         return Prepared(lambda g: [props])
 
     @method(PROPS_IFACE, "Set", "ssv")
     def prop_set(self, msg: Message) -> Prepared:
         iface, name, _ = msg.body
         _prop_iface(msg, iface, CONNECT_IFACE)
-        _prop(connect_properties(), name, CONNECT_IFACE)
+        _prop(connect_properties(self.driver), name, CONNECT_IFACE)
         raise DBusFailure(PROPERTY_READ_ONLY, f"property {name} is read-only")
 
 

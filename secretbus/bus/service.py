@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from dbus_fast import Message, MessageType
@@ -42,6 +43,7 @@ from secretbus.bus.names import (
 )
 from secretbus.bus.unread import Ask
 from secretbus.core.model import SecretEvent
+from secretbus.driver.driver import StoreState
 
 __all__ = ["SecretService", "secret_properties"]
 
@@ -95,6 +97,7 @@ class SecretService:
         self._closing = False
         self.calls = 0                         # for idle tracking
         self._sub: int | None = None
+        self._unwatch_state: Callable[[], None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._dispatcher = Dispatcher(_locate, self._object_types(), self._invoke, node_xml)
 
@@ -130,6 +133,7 @@ class SecretService:
             self.bus.add_message_handler(self._on_bus_signal)
             self._watch = self._loop.create_task(self._watch_departures())
         self._sub = self.driver.subscribe(self._on_driver_event)
+        self._unwatch_state = self.driver.watch_store_state(self._on_store_state)
 
     @property
     def private_readers(self) -> frozenset[int]:
@@ -179,6 +183,9 @@ class SecretService:
         if self._sub is not None:
             self.driver.unsubscribe(self._sub)
             self._sub = None
+        if self._unwatch_state is not None:
+            self._unwatch_state()
+            self._unwatch_state = None
 
     # -- calls and events ---------------------------------------------------------------
     def _invoke(self, msg: Message, entry: Entry[Bound]) -> Reply:
@@ -186,6 +193,13 @@ class SecretService:
             return error(msg, "org.libvirt.Error.OperationFailed", "service is shutting down")
         self.calls += 1
         return self._runner.run(msg, entry.handler.spec, entry.handler.prepare, entry.out_sig)
+
+    def _on_store_state(self, state: StoreState) -> None:
+        """The fleet store went online / degraded (called from its sync thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._signals.store_state, state)
+        except RuntimeError:     # the loop has closed: nobody is left to tell
+            pass
 
     def _on_driver_event(self, ev: SecretEvent) -> None:
         if threading.get_ident() == self._loop_thread:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from functools import partial
 
-from secretbus.driver.driver import SecretDriver, Setup
-from secretbus.fleet.setup import open_fleet_store
+from secretbus.core import errors
+from secretbus.driver.driver import SecretDriver, Setup, StoreState
+from secretbus.fleet.setup import fleet_options, open_fleet_store
 from secretbus.fleet.store import FleetStore
 from secretbus.fleet.sync import FleetSync
 from secretbus.store.conf import SecretConf, load_conf
@@ -27,10 +27,39 @@ def load_setup(paths: InstancePaths, environ: Mapping[str, str] | None = None,
     if conf is None:
         conf = load_conf(paths.conf_file)
     env = os.environ if environ is None else environ
-    codecs, description = codecs_for(conf, env)
+    # (fleet mode: the cache is not rotated yet; codecs_for without the store dir ignores a record)
+    codecs, description = codecs_for(conf, env, None if conf.fleet_endpoints else paths.config_dir)
     if conf.fleet_endpoints:
         return Setup(conf, open_fleet_store(paths, conf, codecs, env), description)
     return Setup(conf, SecretStore(paths.config_dir, codecs), description)
+
+
+# secret.conf keys that shape a fleet store (etcd, the cluster, the key of its cache): a reload
+# in fleet mode keeps the store it has, so changing one of them needs a restart.
+FLEET_RESTART_KEYS = ("fleet_endpoints", "fleet_cluster", "fleet_ca_file", "fleet_cert_file", "fleet_key_file",
+                      "encrypt_data", "secrets_encryption_key", "encryption_scheme")
+
+
+def reload_setup(paths: InstancePaths, environ: Mapping[str, str] | None, now: Setup) -> Setup:
+    """What a reload (SIGHUP) serves with, `now` being the current setup. Outside fleet mode:
+    everything read anew. In fleet mode: the new secret.conf with the same fleet store (its
+    watch, cache and etcd connection stay; what it publishes follows the new conf); fleet mode
+    is not turned on or off, nor its connection or key changed, by a reload."""
+    conf = load_conf(paths.conf_file)
+    where = paths.conf_file
+    if not isinstance(now.store, FleetStore):
+        if conf.fleet_endpoints:
+            raise errors.ConfigError(f"{where}: fleet_endpoints: fleet mode starts with a restart of "
+                                     "secretbusd, not a reload")
+        return load_setup(paths, environ, conf)
+    if not conf.fleet_endpoints:
+        raise errors.ConfigError(f"{where}: fleet mode ends with a restart of secretbusd, not a reload")
+    changed = [k for k in FLEET_RESTART_KEYS if getattr(conf, k) != getattr(now.conf, k)]
+    if changed:
+        raise errors.ConfigError(f"{where}: in fleet mode a change of {', '.join(changed)} needs a restart "
+                                 "of secretbusd, not a reload")
+    fleet_options(conf)          # the usage types must be valid before anything is swapped
+    return Setup(conf, now.store, now.key_description)
 
 
 def open_instance(paths: InstancePaths, *, conf: SecretConf | None = None,
@@ -38,7 +67,6 @@ def open_instance(paths: InstancePaths, *, conf: SecretConf | None = None,
     """A driver serving the instance at `paths`, holding its single-instance lock.
     Its `conf`, `key_description` and store come from the same reading of secret.conf
     (or `conf`, for the first load; a reload reads the file)."""
-    reader = partial(load_setup, paths, environ)
     setup = load_setup(paths, environ, conf)
     setup.store.prepare()
     lock = InstanceLock(paths.lock_file) if take_lock else None
@@ -46,8 +74,7 @@ def open_instance(paths: InstancePaths, *, conf: SecretConf | None = None,
         lock.acquire()
     fleet = setup.store if isinstance(setup.store, FleetStore) else None
     try:
-        # (fleet mode: a reload would build a second fleet store; restart instead, for now)
-        driver = SecretDriver(setup, reload_setup=reader if fleet is None else None, lock=lock)
+        driver = SecretDriver(setup, reload_setup=lambda: reload_setup(paths, environ, driver.setup), lock=lock)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -61,6 +88,13 @@ def _attach_fleet(driver: SecretDriver, store: FleetStore) -> None:
     """The watch applies other hosts' changes through the driver; lookup misses ask etcd."""
     sync = FleetSync(store, driver.apply_remote)
     driver.catch_up = store.catch_up
+    store.options_source = lambda: fleet_options(driver.conf)
+
+    def state() -> StoreState:
+        now = store.status
+        return StoreState(now.state.value, now.reason)
+    driver.state_source = state
+    store.cell.watch(lambda *_: driver.store_state_changed())
     driver.on_close(sync.stop)
     sync.start()
 

@@ -56,6 +56,14 @@ class LoadSummary:
     skipped: list[Skipped]
 
 
+class StoreState(NamedTuple):
+    state: str      # "local" (no shared store), or the fleet store's: connecting / online / degraded
+    reason: str     # why it is not online ("" when it is, or when local)
+
+
+LOCAL_STORE = StoreState("local", "")
+
+
 class RewriteResult(NamedTuple):
     rewritten: int
     total: int      # persistent values found, those of skipped secrets included
@@ -79,6 +87,10 @@ class SecretDriver:
         # store once and returns True if the secret may now be here; closers run on close().
         self.catch_up: Callable[..., bool] | None = None
         self._closers: list[Callable[[], None]] = []
+        # Where the store stands (fleet mode: connecting / online / degraded, and why), for
+        # the front ends to show; a local store is always "local".
+        self.state_source: Callable[[], StoreState] | None = None
+        self._state_watchers: list[Callable[[StoreState], None]] = []
         try:
             self._load_store(setup.store)
         except BaseException:
@@ -96,6 +108,10 @@ class SecretDriver:
     @property
     def store(self) -> SecretStore:
         return self._setup.store
+
+    @property
+    def setup(self) -> Setup:
+        return self._setup
 
     def skipped(self) -> list[Skipped]:
         """What the last load (start-up or reload) could not serve, and why."""
@@ -137,7 +153,7 @@ class SecretDriver:
                     log.warning("cannot rewrite the value of secret %s in the bound format: %s",
                                 uuid, e.message, extra={"SECRET_UUID": uuid})
                     continue
-                log.info("rewrote the value of secret %s in the bound format", uuid,
+                log.info("rewrote the value of secret %s in the bound format under the current key", uuid,
                          extra={"SECRET_UUID": uuid, "SECRET_OPERATION": "load"})
 
     def reload(self, check: Callable[[SecretConf], None] | None = None) -> LoadSummary:
@@ -149,12 +165,39 @@ class SecretDriver:
             setup = self._reload_setup()
             if check is not None:
                 check(setup.conf)
-            summary = self._load_store(setup.store)
+            if setup.store is self._setup.store:
+                # the same store (fleet mode): its table is current, only the conf changes
+                summary = LoadSummary(len(self._table), self._table.skipped_files())
+            else:
+                summary = self._load_store(setup.store)
             self._setup = setup
             return summary
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)
+
+    # -- the store's state ----------------------------------------------------------
+    def store_state(self) -> StoreState:
+        return self.state_source() if self.state_source is not None else LOCAL_STORE
+
+    def watch_store_state(self, fn: Callable[[StoreState], None]) -> Callable[[], None]:
+        """Call `fn(state)` (from any thread) whenever the store's state changes; returns the
+        function that ends the watch."""
+        with self._mutex:
+            self._state_watchers.append(fn)
+
+        def unwatch() -> None:
+            with self._mutex:
+                if fn in self._state_watchers:
+                    self._state_watchers.remove(fn)
+        return unwatch
+
+    def store_state_changed(self) -> None:
+        state = self.store_state()
+        with self._mutex:
+            watchers = list(self._state_watchers)
+        for fn in watchers:
+            fn(state)
 
     def close(self) -> None:
         for fn in reversed(self._closers):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("secretbus.fleet")
@@ -33,6 +34,12 @@ class StatusCell:
         self._cond = threading.Condition()
         self._state = FleetState.CONNECTING
         self._reason = "not yet connected to etcd"
+        self._watchers: list[Callable[[FleetState, str], None]] = []
+
+    def watch(self, fn: Callable[[FleetState, str], None]) -> None:
+        """Call `fn(state, reason)` after every change, in the thread that made it."""
+        with self._cond:
+            self._watchers.append(fn)
 
     def get(self) -> tuple[FleetState, str]:
         with self._cond:
@@ -45,6 +52,12 @@ class StatusCell:
             was = self._state
             self._state, self._reason = state, reason
             self._cond.notify_all()
+            watchers = list(self._watchers)
+        for fn in watchers:
+            try:
+                fn(state, reason)
+            except Exception:   # a watcher's failure must not stop the sync thread
+                log.exception("fleet state watcher failed")
         if state is FleetState.ONLINE:
             log.info("fleet store online" + (" again" if was is FleetState.DEGRADED else ""))
         elif state is FleetState.DEGRADED and was is not FleetState.DEGRADED:

@@ -86,7 +86,10 @@ class FleetStore(SecretStore):
         self.cache = SecretStore(state_dir / CACHE_DIR, codecs)
         self.etcd = etcd
         self.sealer = sealer
-        self.options = options
+        self._options = options
+        # Fleet mode reloads secret.conf in place (driver/build.py): what this host publishes
+        # follows the conf the driver serves with, once set.
+        self.options_source: Callable[[], FleetOptions] | None = None
         self.keys = Keyspace(options.cluster)
         self.state_dir = state_dir
         self.cell = StatusCell()
@@ -101,6 +104,10 @@ class FleetStore(SecretStore):
         self._cached: dict[str, tuple[SecretDef, bytes | None]] = {}
         self._bucket = (CATCH_UP_RATE, time.monotonic())
         self._bucket_lock = threading.Lock()
+
+    @property
+    def options(self) -> FleetOptions:
+        return self.options_source() if self.options_source is not None else self._options
 
     # -- status ----------------------------------------------------------------------
     @property

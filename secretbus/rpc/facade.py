@@ -23,6 +23,7 @@ from typing import Any
 
 from secretbus.core import errors
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
+from secretbus.core.clientargs import flags_u32, xml_document
 from secretbus.core.loopthread import CLOSED, LoopThread
 from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
 from secretbus.core.uuids import canonical_uuid, parse_uuid
@@ -35,30 +36,6 @@ log = logging.getLogger("secretbus.rpc.client")
 
 _EVENT_PROCS = {P.Proc.SECRET_EVENT_LIFECYCLE: EventId.LIFECYCLE,
                 P.Proc.SECRET_EVENT_VALUE_CHANGED: EventId.VALUE_CHANGED}
-
-
-def _u32(flags: object) -> int:
-    """Flags as C's unsigned int, so the server reports 'unsupported flags (0x…)' for -1."""
-    if isinstance(flags, bool) or not isinstance(flags, int):
-        raise errors.InvalidArg(f"flags must be an integer, not {type(flags).__name__}")
-    if not -(2 ** 31) <= flags < 2 ** 32:
-        raise errors.InvalidArg(f"flags {flags} do not fit in 32 bits")
-    return flags & 0xFFFFFFFF
-
-
-def _xml_text(xml: object) -> str:
-    if isinstance(xml, str):
-        return xml
-    if isinstance(xml, (bytes, bytearray, memoryview)):
-        data = bytes(xml)
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            # Another encoding: the driver's parser says what it makes of the document.
-            from secretbus.core.secretxml import parse_secret_xml
-            parse_secret_xml(data)
-            raise errors.XMLError("the document must be sent as UTF-8 over RPC") from None
-    raise errors.InvalidArg("secret XML must be str or bytes")
 
 
 def _wire_handle(uuid: str) -> dict[str, Any]:
@@ -160,7 +137,8 @@ class RpcConnection(Connection):
 
     # -- connection level -------------------------------------------------------------
     def define_xml(self, xml: str | bytes, flags: int = 0) -> Secret:
-        ret = self.call(P.Proc.SECRET_DEFINE_XML, {"xml": _xml_text(xml), "flags": _u32(flags)})
+        doc = xml_document(xml, P.REMOTE_STRING_MAX)
+        ret = self.call(P.Proc.SECRET_DEFINE_XML, {"xml": doc, "flags": flags_u32(flags)})
         return self._handle(ret["secret"])
 
     def lookup_by_uuid(self, uuid: str) -> Secret:
@@ -177,23 +155,24 @@ class RpcConnection(Connection):
         return self._handle(ret["secret"])
 
     def list_secrets(self, flags: int = 0) -> list[Secret]:
-        ret = self.call(P.Proc.CONNECT_LIST_ALL_SECRETS, {"need_results": 1, "flags": _u32(flags)})
+        ret = self.call(P.Proc.CONNECT_LIST_ALL_SECRETS, {"need_results": 1, "flags": flags_u32(flags)})
         return [self._handle(s) for s in ret["secrets"]]
 
     # -- secret level -------------------------------------------------------------------
     def secret_xml_desc(self, uuid: str, flags: int = 0) -> str:
         handle = _wire_handle(canonical_uuid(uuid))
-        ret = self.call(P.Proc.SECRET_GET_XML_DESC, {"secret": handle, "flags": _u32(flags)})
+        ret = self.call(P.Proc.SECRET_GET_XML_DESC, {"secret": handle, "flags": flags_u32(flags)})
         return str(ret["xml"])
 
     def secret_get_value(self, uuid: str, flags: int = 0, *, internal_call: bool = False) -> bytes:
         if internal_call:    # over RPC a private value needs an elevated identity (SET_IDENTITY)
             raise errors.InvalidArg("internal_call is only available on embedded connections")
-        ret = self.call(P.Proc.SECRET_GET_VALUE, {"secret": _wire_handle(canonical_uuid(uuid)), "flags": _u32(flags)})
+        handle = _wire_handle(canonical_uuid(uuid))
+        ret = self.call(P.Proc.SECRET_GET_VALUE, {"secret": handle, "flags": flags_u32(flags)})
         return bytes(ret["value"])
 
     def secret_set_value(self, uuid: str, value: bytes, flags: int = 0) -> None:
-        args = {"secret": _wire_handle(canonical_uuid(uuid)), "value": check_value(value), "flags": _u32(flags)}
+        args = {"secret": _wire_handle(canonical_uuid(uuid)), "value": check_value(value), "flags": flags_u32(flags)}
         self.call(P.Proc.SECRET_SET_VALUE, args)
 
     def secret_undefine(self, uuid: str) -> None:

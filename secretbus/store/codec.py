@@ -102,6 +102,9 @@ class ValueCodecs:
 
     writer: ValueCodec
     readers: dict[str, ValueCodec] = field(default_factory=dict)
+    # During a key rotation (store/rotation.py): GCM codecs of the key being retired, by key
+    # id; a file under one of them is read, then re-written under the writer.
+    retiring: dict[bytes, ValueCodec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.readers.setdefault(self.writer.suffix, self.writer)

@@ -20,6 +20,7 @@ No key or value byte ever reaches a repr, an exception or a log line.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 import re
@@ -48,6 +49,18 @@ _B64_ALPHABET_ONLY = re.compile(rb"[A-Za-z0-9+/]*")
 def key_id(key: bytes) -> bytes:
     """Public fingerprint of a key: first 8 bytes of SHA-256(b"secretbus-key-id" || key)."""
     return hashlib.sha256(b"secretbus-key-id" + key).digest()[:KEY_ID_SIZE]
+
+
+def gcm_key_id(data: bytes) -> bytes | None:
+    """The key id in the header of `.aes256gcm` file content (SBG1 or SBG2), or None if the
+    content does not start like one. Reads only the header: 16 base64 characters."""
+    try:
+        head = base64.b64decode(data.strip()[:16], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if head[:len(GCM_MAGIC)] not in (GCM_MAGIC, GCM_MAGIC_V1) or len(head) < len(GCM_MAGIC) + KEY_ID_SIZE:
+        return None
+    return head[len(GCM_MAGIC):len(GCM_MAGIC) + KEY_ID_SIZE]
 
 
 def _check_key(key: bytes) -> None:

@@ -33,7 +33,7 @@ from secretbus.store.codec import (
     ValueCodecs,
     ValueFileError,
 )
-from secretbus.store.crypto import GCM_MAGIC, GcmCodec
+from secretbus.store.crypto import GCM_MAGIC, GcmCodec, gcm_key_id
 from secretbus.store.fsutil import (
     TMP_SUFFIX,
     atomic_write_at,
@@ -318,6 +318,10 @@ class _Load:
             raise _Skip(name, d.uuid, f"value file {fname}: no reader for this format")
         try:
             if isinstance(codec, GcmCodec):
+                retiring = self.store.codecs.retiring.get(gcm_key_id(data) or b"")
+                if isinstance(retiring, GcmCodec):
+                    # under the key a rotation retires: served, and re-written under the new one
+                    return self._gcm(retiring, d, data)[0], True
                 return self._gcm(codec, d, data)
             return codec.decode(Binding.of(d), data), suffix in LEGACY_SUFFIXES and self.strict
         except ValueFileError as e:

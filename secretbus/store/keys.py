@@ -25,6 +25,7 @@ from secretbus.store import fsutil
 from secretbus.store.codec import KNOWN_SUFFIXES, Base64Codec, ValueCodec, ValueCodecs
 from secretbus.store.conf import SecretConf
 from secretbus.store.crypto import KEY_SIZE, CbcCodec, GcmCodec, NoKeyCodec
+from secretbus.store.rotation import read_rotation
 
 CREDENTIAL_NAME = "secrets-encryption-key"
 SEALED_KEY_PATH = Path("/var/lib/libvirt/secrets/secrets-encryption-key")
@@ -110,9 +111,11 @@ def _read_key(dir_fd: int, path: Path) -> bytes:
     return key
 
 
-def codecs_for(conf: SecretConf,
-               environ: Mapping[str, str] = os.environ) -> tuple[ValueCodecs, str | None]:
-    """Writer and readers for the store; the description is None when no key is loaded."""
+def codecs_for(conf: SecretConf, environ: Mapping[str, str] = os.environ,
+               store_dir: Path | None = None) -> tuple[ValueCodecs, str | None]:
+    """Writer and readers for the store; the description is None when no key is loaded.
+    With `store_dir`, a key rotation recorded there (store/rotation.py) is taken up: the new
+    key writes, the loaded one is still read."""
     choice = resolve_key(conf, environ)
     plain = Base64Codec()
     if not choice.encrypt:
@@ -121,13 +124,23 @@ def codecs_for(conf: SecretConf,
         return ValueCodecs(writer=plain, readers=readers), None
     assert choice.path is not None
     key = load_key(choice.path)
+    rot = read_rotation(store_dir, key) if store_dir is not None else None
     by_suffix: dict[str, ValueCodec] = {
         "aes256gcm": GcmCodec(key), "aes256cbc": CbcCodec(key), "base64": plain}
+    retiring: dict[bytes, ValueCodec] = {}
+    rotating_from = ""
+    if rot is not None and rot.new_key is not None:
+        rotating_from = f" (rotating from key_id={rot.old_id.hex()})"
+        if conf.encryption_scheme != "aes256gcm":
+            raise errors.ConfigError(f"a key rotation is in progress in '{store_dir}'; it needs "
+                                     'encryption_scheme = "aes256gcm"')
+        retiring[rot.old_id] = by_suffix["aes256gcm"]
+        by_suffix["aes256gcm"] = GcmCodec(rot.new_key)
     writer = by_suffix[conf.encryption_scheme]
     readers = {s: by_suffix[s] for s in KNOWN_SUFFIXES}
     kid = writer.key_id.hex()  # type: ignore[attr-defined]
-    desc = f"{conf.encryption_scheme} key_id={kid} from {choice.source} '{choice.path}'"
-    return ValueCodecs(writer=writer, readers=readers), desc
+    desc = f"{conf.encryption_scheme} key_id={kid}{rotating_from} from {choice.source} '{choice.path}'"
+    return ValueCodecs(writer=writer, readers=readers, retiring=retiring), desc
 
 
 def init_encryption(key_path: Path = SEALED_KEY_PATH, with_key: str | None = None,
@@ -167,7 +180,7 @@ def _create(dir_fd: int, key_path: Path, with_key: str | None, raw: bool,
     tmp = name + ".init"
     fsutil.unlink_at(dir_fd, tmp)  # leftover of an interrupted run; never the real key
     key = os.urandom(KEY_SIZE)
-    content = key if raw else _seal(key, with_key, environ)
+    content = key if raw else seal_key(key, with_key, environ)
     try:
         fsutil.write_new(dir_fd, tmp, content)
         try:
@@ -183,7 +196,7 @@ def _exists(p: Path) -> errors.SecretError:
     return errors.OperationFailed(f"key file '{p}' already exists; refusing to overwrite")
 
 
-def _seal(key: bytes, with_key: str | None, environ: Mapping[str, str]) -> bytes:
+def seal_key(key: bytes, with_key: str | None, environ: Mapping[str, str]) -> bytes:
     """The sealed credential, written by systemd-creds to its stdout (we create the file)."""
     argv = [SYSTEMD_CREDS, "encrypt", f"--name={CREDENTIAL_NAME}"]
     if with_key is not None:
