@@ -24,6 +24,7 @@ from secretbus.rpc.tls import dn_string
 
 SENTINEL = b"tls-S3ntinel\x00\x01\xff"
 DEBIAN_PYTHON = "/usr/bin/python3"
+REPO = Path(__file__).resolve().parents[1]
 CA_SUBJ = "/C=GB/ST=London/L=London/O=secretbus test/CN=secretbus test CA"
 DN_BASE = "C=GB,ST=London,L=London,O=secretbus test"
 
@@ -211,6 +212,13 @@ def test_virsh_over_tls(tls, tmp_path):
     r = virsh(u, "secret-get-value", U2)
     assert r.returncode == 1 and "Invalid secret: secret is private" in r.stderr
     assert base64.b64encode(SENTINEL).decode() not in r.stdout + r.stderr
+    # read-only connections (virsh -r: VIR_CONNECT_RO in CONNECT_OPEN) are enforced by the server
+    r = subprocess.run(
+        [sys.executable, "-m", "secretbus.cli", "-r", "-c", u, "secret-get-value", U1], capture_output=True,
+        text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 1 and "read only access prevents virSecretGetValue" in r.stderr, r.stderr
+    # secret://host/system is TLS as well, for virsh too
+    assert U1 in ok(virsh(f"secret://127.0.0.1:{tls.port}/system?pkipath={tls.good}", "secret-list"))
     assert f"Secret {U1} deleted" in ok(virsh(u, "secret-undefine", U1))
     assert U1 not in ok(virsh(u, "secret-list"))
     log = tls.daemon.log()
@@ -490,9 +498,6 @@ def test_bad_config_is_fatal_at_start(session_bus, make_secretbusd, tmp_path):
 
 
 # -- secretbus's own client: secretbus -c secret+tls://… and secretbus.open() -----------------------
-REPO = Path(__file__).resolve().parents[1]
-
-
 def sb(uri: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "secretbus.cli", "-c", uri, *args], capture_output=True, text=True,
                           timeout=60, cwd=REPO, input=input)
