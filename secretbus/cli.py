@@ -445,6 +445,40 @@ def cmd_audit(conn_unused, a) -> int:
     return 0
 
 
+def cmd_sasl_passwd(conn_unused, a) -> int:
+    """secretbusd's SASL verifier store (rpc/sasl.py): set or delete USER's SCRAM verifier."""
+    from secretbus.rpc import sasl
+    from secretbus.rpc.serverconf import default_path
+    from secretbus.uri import default_uri, parse_uri
+    if _req(a, "file"):
+        path = Path(a.file)
+    else:
+        kind = parse_uri(a.connect_uri or default_uri()).kind
+        path = default_path(kind.value == "system").parent / sasl.FILE_NAME
+    store = sasl.VerifierStore(path)
+    try:
+        if a.delete:
+            if not store.delete(a.user):
+                raise CommandError(f"no SASL user '{a.user}' in {path}")
+            _print(f"SASL user {a.user} deleted")
+            return 0
+        if sys.stdin.isatty():
+            password = getpass.getpass(f"Password for {a.user}: ")
+            if getpass.getpass("Again: ") != password:
+                raise CommandError("the passwords do not match")
+        else:
+            password = sys.stdin.readline().rstrip("\n")
+        if not password:
+            raise CommandError("an empty password is not allowed")
+        store.set(a.user, password)
+    except errors.SecretError as e:
+        raise CommandError(errors.display(e)) from None
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror}") from None
+    _print(f"SASL user {a.user} set in {path}")
+    return 0
+
+
 # -- command table -------------------------------------------------------------------
 S, B, N = Kind.STRING, Kind.BOOL, Kind.NUMBER
 _SECRET = Opt("secret", S, "secret UUID", required=True)
@@ -508,6 +542,14 @@ _command("audit", "show the audit records of value reads",
               named_only=True),
           Opt("file", S, "read this journal file (journalctl --file)", named_only=True)),
          cmd_audit, no_connection=True)
+_command("sasl-passwd", "set or delete a SASL user's password (secretbusd's SCRAM verifiers)",
+         "Set USER's SCRAM-SHA-256 verifier (salted keys, never the password) for auth_tls = \"sasl\", "
+         "reading the password from the terminal (twice) or one line of stdin; --delete removes USER.",
+         (Opt("user", S, "SASL user name", required=True),
+          Opt("delete", B, "delete the user"),
+          Opt("file", S, "the verifier store (default: sasl-verifiers.json beside secretbusd.conf)",
+              named_only=True)),
+         cmd_sasl_passwd, no_connection=True)
 _command("rotate-key", "replace the encryption key, the service running or not",
          "Replace the key that encrypts values at rest by a new one, online: the running service re-encrypts "
          "every value on a reload (SIGHUP), each value readable throughout, then the new key takes the key "

@@ -9,8 +9,13 @@ the same driver: `--no-rpc` / `--no-dbus` turn a front end off, `--rpc-dir DIR` 
 Started by systemd's secretbusd.socket / secretbusd-ro.socket, it serves the sockets systemd
 passes (LISTEN_FDS, LISTEN_FDNAMES) instead of binding them.
 
+Remote access (DESIGN §10, docs/remote.md): secretbusd.conf (`--config FILE`; by default
+/etc/secretbus/secretbusd.conf, the session's $XDG_CONFIG_HOME/secretbus/, --root DIR's DIR/etc/)
+turns on the TLS listener and grants remote callers their rights.
+
 sd_notify READY/RELOADING/STOPPING/STATUS; SIGHUP reloads secret.conf, the key and the
-store (a failed reload keeps the old state); SIGTERM finishes in-flight calls, exits 0.
+store, and secretbusd.conf (listeners added, removed or moved, certificates re-read); a failed
+reload of either keeps its old state; SIGTERM finishes in-flight calls, exits 0.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from dbus_fast import BusType
 from dbus_fast.aio import MessageBus
@@ -45,8 +51,12 @@ from secretbus.notify import notify, reloading
 from secretbus.procsec import no_core_dumps
 from secretbus.rpc import activation
 from secretbus.rpc.activation import ActivationError, Passed
+from secretbus.rpc.connection import RpcLimits
 from secretbus.rpc.guard import Guard
+from secretbus.rpc.remote_listeners import RemoteListeners
 from secretbus.rpc.server import RpcServer, SocketBusy, socket_plan
+from secretbus.rpc.serverconf import ServerConf, default_path, load_serverconf
+from secretbus.rpc.tls import HANDSHAKE_TIMEOUT
 from secretbus.store.conf import resolve_readers
 from secretbus.store.paths import InstancePaths
 
@@ -84,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dbus", action="store_true", help="do not serve D-Bus (libvirt's RPC protocol only)")
     p.add_argument("--rpc-dir", metavar="DIR", help="make the RPC sockets (virtsecretd-sock[-ro]) in DIR "
                    "instead of /run/libvirt or $XDG_RUNTIME_DIR/libvirt")
+    p.add_argument("--config", metavar="FILE", help="the server configuration (secretbusd.conf: remote "
+                   "listeners and grants) instead of /etc/secretbus/secretbusd.conf or "
+                   "$XDG_CONFIG_HOME/secretbus/secretbusd.conf; it must exist")
+    p.add_argument("--tls-handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECS",
+                   help="close a TLS client whose handshake takes longer (default 10)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -122,11 +137,21 @@ class Daemon:
                  system: bool, idle_timeout: float = 0, audit: AuditMode | None = None,
                  max_message: int = BUS_MESSAGE_MAX,
                  reconnect_for: float = 60.0, backoff: tuple[float, float] = (0.2, 5.0),
-                 rpc: RpcServer | None = None, rpc_optional: bool = False):
+                 rpc: RpcServer | None = None, rpc_optional: bool = False,
+                 serverconf: ServerConf | None = None, serverconf_required: bool = False,
+                 serverconf_path: Path | None = None, tls_handshake_timeout: float = HANDSHAKE_TIMEOUT):
         """`connect` None: no D-Bus front end; `rpc`: the libvirt RPC front end, if served;
-        `rpc_optional`: when its sockets cannot be made, serve D-Bus alone (logged)."""
+        `rpc_optional`: when its sockets cannot be made, serve D-Bus alone (logged);
+        `serverconf`: secretbusd.conf (its remote listeners need `rpc`), re-read from its path on
+        SIGHUP (`serverconf_required`: named by --config, so it must stay there), or from
+        `serverconf_path` where a file created later is looked for."""
         self.driver = driver
         self.rpc = rpc
+        self.serverconf = serverconf or ServerConf()
+        self._serverconf_required = serverconf_required
+        self._serverconf_default = serverconf_path
+        self._tls_handshake_timeout = tls_handshake_timeout
+        self.remote: RemoteListeners | None = None
         self._rpc_optional = rpc_optional and connect is not None
         self._max_message = max_message
         self._reconnect_for = reconnect_for
@@ -165,11 +190,23 @@ class Daemon:
                 # /run/libvirt read-only: the D-Bus service must not be lost for that.
                 log.error("cannot serve libvirt RPC, serving D-Bus only: %s", e)
                 self.rpc = None
+        if self.rpc is not None:
+            self.remote = RemoteListeners(self.rpc, handshake_timeout=self._tls_handshake_timeout)
+            try:
+                await self.remote.apply(self.serverconf)
+            except (errors.SecretError, OSError) as e:
+                log.error("cannot serve remote access: %s", _shown(e))
+                await self.rpc.stop()
+                return EXIT_CONFIG if isinstance(e, errors.SecretError) else 1
+        elif self.serverconf.listen_tls:
+            log.error("listen_tls = 1 needs the RPC front end, which is not served: no TLS listener")
         try:
             if self._connect is None:
                 return await self._serve(None, t0)
             return await self._run_bus(t0, self._connect)
         finally:
+            if self.remote is not None:
+                await self.remote.stop()
             if self.rpc is not None:
                 await self.rpc.stop()
 
@@ -329,6 +366,24 @@ class Daemon:
         self._reloading = True
         reloading()
         try:
+            failed = await self._reload_store()
+            try:
+                # Independent of secret.conf's outcome: a bad store must not pin the listeners.
+                await self._reload_serverconf()
+            except errors.SecretError as e:
+                log.error("reload of the server configuration failed, keeping the previous one: %s",
+                          errors.display(e))
+                failed = failed or errors.display(e)
+            if failed is None:
+                notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")
+            else:
+                notify("READY=1", f"STATUS=reload failed, previous state kept: {failed}")
+        finally:
+            self._reloading = False
+
+    async def _reload_store(self) -> str | None:
+        """secret.conf, the key and the store; the error's text when it failed (state kept)."""
+        try:
             # The readers are resolved from the new conf before the driver swaps anything, so an
             # unknown name keeps the old state and the old readers alike.
             readers: list[frozenset[int]] = []
@@ -340,12 +395,28 @@ class Daemon:
                 self.service.refresh()
             log.info("reloaded: %d secrets, %d skipped (%s)", report.loaded, len(report.skipped),
                      self.driver.key_description or "values not encrypted")
-            notify("READY=1", f"STATUS=serving {self.driver.count()} secrets")
+            return None
         except errors.SecretError as e:
             log.error("reload failed, keeping the previous state: %s", errors.display(e))
-            notify("READY=1", f"STATUS=reload failed, previous state kept: {errors.display(e)}")
-        finally:
-            self._reloading = False
+            return errors.display(e)
+
+    async def _reload_serverconf(self) -> None:
+        """secretbusd.conf again, from the path it was read from; listeners follow it."""
+        path = self.serverconf.path
+        if path is None and not self._serverconf_required:
+            path = self._serverconf_default
+        if path is None:
+            return
+        conf = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: load_serverconf(path, required=self._serverconf_required))
+        if self.remote is not None:
+            try:
+                await self.remote.apply(conf)
+            except OSError as e:
+                raise errors.OperationFailed(f"cannot listen as {path} asks: {e.strerror or e}") from None
+        self.serverconf = conf
+        log.info("reloaded %s: TLS listener %s", path,
+                 f"on port {conf.tls_port}" if conf.listen_tls else "off")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -357,7 +428,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, root: str | None,
-                  passed: list[Passed]) -> RpcServer | None:
+                  passed: list[Passed], serverconf: ServerConf | None = None) -> RpcServer | None:
     """libvirt's RPC protocol on virtsecretd's sockets (those systemd `passed`, the rest bound
     here), unless --no-rpc. Its value reads are audited like D-Bus's; the daemon attaches the bus
     connection's polkit access control to it while there is one (without, non-root peers are
@@ -369,8 +440,12 @@ def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, 
         return None
     mode = AuditMode(args.audit) if args.audit else AuditMode.default(system)
     guard = Guard(system=system, auditor=Auditor(JournalWriter(), mode))
+    conf = serverconf or ServerConf()
+    # secretbusd.conf's max_clients / max_client_requests (libvirtd.conf's), read at start only.
+    limits = RpcLimits(max_clients=conf.max_clients, max_requests=conf.max_client_requests,
+                       root_reserve=min(RpcLimits.root_reserve, conf.max_clients // 2))
     return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root), guard=guard,
-                     passed=passed)
+                     passed=passed, limits=limits)
 
 
 def take_sockets() -> list[Passed]:
@@ -404,17 +479,30 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
     except errors.SecretError as e:
         driver.close()
         return _config_failure(e)
+    conf_path = default_path(system, paths_root) if args.config is None else Path(os.path.abspath(args.config))
+    try:
+        serverconf = load_serverconf(conf_path, required=args.config is not None)
+    except errors.SecretError as e:
+        driver.close()
+        return _config_failure(e)
     access = polkit_access(args.polkit_timeout, polkit) if system and not args.no_polkit else allow_all
     connect = None if args.no_dbus else bus_factory(args.bus_address, system)
     daemon = Daemon(driver, access=access, connect=connect, system=system, idle_timeout=args.timeout,
                     max_message=args.max_message_size, audit=AuditMode(args.audit) if args.audit else None,
-                    rpc=rpc_front_end(args, driver, system, paths_root, passed), rpc_optional=args.rpc_dir is None)
+                    rpc=rpc_front_end(args, driver, system, paths_root, passed, serverconf),
+                    rpc_optional=args.rpc_dir is None, serverconf=serverconf,
+                    serverconf_required=args.config is not None, serverconf_path=conf_path,
+                    tls_handshake_timeout=args.tls_handshake_timeout)
     try:
         return asyncio.run(daemon.run(readers, t0))
     except KeyboardInterrupt:
         return 0
     finally:
         driver.close()
+
+
+def _shown(e: BaseException) -> str:
+    return errors.display(e) if isinstance(e, errors.SecretError) else f"{type(e).__name__}: {e}"
 
 
 def _config_failure(e: errors.SecretError) -> int:

@@ -11,8 +11,9 @@ Which front end a local URI uses (DESIGN §9; README "Which front end"):
    is there: then RPC. The probe costs a stat, and a NameHasOwner only when the socket exists.
 
 Remote transports can only be RPC. `secret+ssh://[user@]host[:port]/system` runs ssh to the
-remote host's RPC socket (secretbus.rpc.sshuri, sshcommand; docs/remote.md);
-`secret+tls://`, `secret+tcp://` and a host name answer NoSupport for now.
+remote host's RPC socket (secretbus.rpc.sshuri, sshcommand); `secret+tls://host[:port]/system`
+and `secret://host/system` (libvirt's TLS default for a host name) go over TLS
+(secretbus.rpc.tls_client); docs/remote.md. `secret+tcp://` answers NoSupport for now.
 """
 from __future__ import annotations
 
@@ -152,6 +153,18 @@ def open_ssh(uri: str, *, timeout: float = 25.0, readonly: bool = False) -> Conn
                               readonly=readonly, timeout=timeout)
 
 
+def _open_tls(uri: str, timeout: float, readonly: bool) -> Connection | None:
+    """secret+tls://host[:port]/system and secret://host/system (libvirt's TLS default), over
+    RPC; None for any other URI (rpc/tls_client.py)."""
+    from secretbus.rpc.tls_client import TlsTransport, tls_target
+    target = tls_target(uri)
+    if target is None:
+        return None
+    from secretbus.rpc.facade import RpcConnection
+    return RpcConnection.open(uri, TlsTransport(target), name=target.open_name(), readonly=readonly,
+                              timeout=timeout)
+
+
 def open_connection(uri: str | None = None, *, timeout: float = 25.0, readonly: bool = False) -> Connection:
     """Open `uri` (default: $SECRETBUS_DEFAULT_URI, else system for root, session otherwise)
     over the front end chosen by the rule in this module's docstring. `readonly` asks for a
@@ -160,6 +173,9 @@ def open_connection(uri: str | None = None, *, timeout: float = 25.0, readonly: 
     from secretbus.rpc.sshuri import is_ssh_uri
     if is_ssh_uri(uri):
         return open_ssh(uri, timeout=timeout, readonly=readonly)
+    tls = _open_tls(uri, timeout, readonly)
+    if tls is not None:
+        return tls
     parsed = parse_uri(uri)
     if parsed.kind is InstanceKind.EMBED:
         if readonly:

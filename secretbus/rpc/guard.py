@@ -30,6 +30,7 @@ from secretbus.core import errors
 from secretbus.core.model import SecretDef
 from secretbus.rpc import protocol as P
 from secretbus.rpc.failures import AUTH_FAILED, AUTH_FAILED_PREFIX, RemoteFailure
+from secretbus.rpc.remote import RemotePolicy
 from secretbus.rpc.session import Session
 
 log = logging.getLogger("secretbus.rpc")
@@ -60,6 +61,8 @@ class Guard:
         self.access: AccessControl | None = None
         self.denials = DenialLog()
         self._warned: set[str] = set()     # refusals not for polkit to log: once each until attached again
+        # Rights of remote (TLS) callers, from secretbusd.conf; None: every remote check fails.
+        self.remote: RemotePolicy | None = None
 
     # -- the daemon's side ----------------------------------------------------------
     def attach(self, access: AccessControl | None) -> None:
@@ -87,7 +90,10 @@ class Guard:
     # -- who is asking ----------------------------------------------------------------
     def checked(self, s: Session) -> bool:
         """Whether calls of this connection are checked: the system instance, other than a
-        root peer acting as itself (the session instance serves only its own user)."""
+        root peer acting as itself (the session instance serves only its own user). A remote
+        caller always is."""
+        if s.remote is not None:
+            return True
         return self.system and (s.identity is not None or not s.trusted)
 
     def _caller(self, s: Session, *, interactive: bool = False, peer: bool = False) -> Caller | None:
@@ -135,7 +141,13 @@ class Guard:
             log.warning(msg, *args)
 
     # -- per-call checks ------------------------------------------------------------------
+    def _remote_allows(self, s: Session, perm: Perm) -> bool:
+        """A remote caller's grant in the configuration in force (fails closed without one)."""
+        return s.remote is not None and self.remote is not None and self.remote.allows(s.remote, perm)
+
     async def allowed(self, s: Session, perm: Perm, d: SecretDef | None) -> bool:
+        if s.remote is not None:
+            return self._remote_allows(s, perm)
         caller = self._caller(s)
         if caller is None or caller.process is None:
             return False
@@ -150,6 +162,8 @@ class Guard:
         """The decision without awaiting, None when polkit must be asked."""
         if not self.checked(s):
             return True
+        if s.remote is not None:
+            return self._remote_allows(s, perm)
         caller = self._caller(s)
         if caller is None or caller.process is None:
             return False
@@ -189,6 +203,8 @@ class Guard:
         return checked()
 
     async def visible(self, s: Session, defs: list[SecretDef]) -> list[SecretDef]:
+        if s.remote is not None:
+            return defs if self._remote_allows(s, Perm.GETATTR) else []
         caller = self._caller(s)
         if caller is None or caller.process is None:
             return []
@@ -216,6 +232,9 @@ class Guard:
             try:
                 if self.checked(s):
                     await self.require(s, [(Perm.READ_SECURE, d)], "get-value")
+                if s.remote is not None and d.private:
+                    # Never over a remote transport, whatever the grant (the driver's own text).
+                    raise errors.InvalidSecret("secret is private")
                 value = read()
                 await self._record(s, d, Outcome.ALLOWED, None)
                 return value
@@ -237,6 +256,10 @@ class Guard:
             return
         ident = s.identity
         identity = "" if ident is None else f"{ident.describe()}{' (elevated)' if ident.elevated else ''}"
+        if s.remote is not None:        # no uid, no pid: the certificate's DN is who asked
+            await self.auditor.write(AuditRecord(FRONT_END, outcome, d, None, None, s.name, reason,
+                                                 identity=s.remote.describe()))
+            return
         await self.auditor.write(AuditRecord(FRONT_END, outcome, d, s.peer.uid, s.peer.pid, s.name, reason,
                                              identity=identity))
 

@@ -22,6 +22,7 @@ from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
 from secretbus.driver import rules
 from secretbus.driver.driver import ANY, SecretDriver
 from secretbus.rpc import protocol as P
+from secretbus.rpc import remote_auth
 from secretbus.rpc.events import EventHub, EventSink, wire_secret
 from secretbus.rpc.failures import (
     AUTH_FAILED,
@@ -62,11 +63,6 @@ def _uuid(handle: dict[str, Any]) -> str:
     return str(uuidlib.UUID(bytes=handle["uuid"]))
 
 
-def _not_offered(_c: Client, _a: Any) -> Any:
-    raise RemoteFailure(AUTH_FAILED, P.FROM_RPC, "SASL authentication is not offered by this server",
-                        AUTH_FAILED_PREFIX)
-
-
 class Procedures:
     def __init__(self, driver: SecretDriver, hub: EventHub, token: SystemToken, *, system: bool,
                  guard: Guard | None = None):
@@ -82,9 +78,9 @@ class Procedures:
         return {
             Pr.AUTH_LIST: Handler(self.auth_list, pre_auth=True, pre_open=True),
             Pr.AUTH_POLKIT: Handler(self.auth_polkit, pre_auth=True, pre_open=True),
-            Pr.AUTH_SASL_INIT: Handler(_not_offered, pre_auth=True, pre_open=True),
-            Pr.AUTH_SASL_START: Handler(_not_offered, pre_auth=True, pre_open=True),
-            Pr.AUTH_SASL_STEP: Handler(_not_offered, pre_auth=True, pre_open=True),
+            Pr.AUTH_SASL_INIT: Handler(remote_auth.sasl_init, pre_auth=True, pre_open=True),
+            Pr.AUTH_SASL_START: Handler(remote_auth.sasl_start, pre_auth=True, pre_open=True),
+            Pr.AUTH_SASL_STEP: Handler(self._sasl_step, pre_auth=True, pre_open=True),
             Pr.CONNECT_OPEN: Handler(self.connect_open, pre_open=True),
             Pr.CONNECT_CLOSE: Handler(self.connect_close, pre_open=True),
             Pr.CONNECT_SUPPORTS_FEATURE: Handler(self.supports_feature, pre_open=True),
@@ -117,10 +113,16 @@ class Procedures:
     # -- authentication -------------------------------------------------------------
     def auth_list(self, c: Client, _a: Any) -> Any:
         s = c.session
-        if s.trusted:
+        if s.sasl is not None and not s.authenticated:
+            return {"types": [P.AuthType.SASL]}       # TLS with auth_tls = "sasl"
+        if s.trusted or (s.remote is not None and s.authenticated):
+            # A TLS caller authenticated by its certificate (auth_tls = "none", as libvirtd).
             s.authenticated = True
             return {"types": [P.AuthType.NONE]}
         return {"types": [P.AuthType.POLKIT]}
+
+    def _sasl_step(self, c: Client, a: Any) -> Any:
+        return remote_auth.sasl_step(c, a, self.guard.remote)
 
     def auth_polkit(self, c: Client, _a: Any) -> Any:
         s = c.session

@@ -32,7 +32,9 @@ from secretbus.rpc.guard import EventVisibility, Guard
 from secretbus.rpc.identity import SystemToken
 from secretbus.rpc.paths import RO_SOCKET_NAME, SOCKET_NAME, SYSTEM_DIR, session_dir
 from secretbus.rpc.procedures import Procedures
-from secretbus.rpc.session import Session, peer_of
+from secretbus.rpc.remote import RemoteIdentity
+from secretbus.rpc.sasl import SaslExchange
+from secretbus.rpc.session import Peer, Session, peer_of
 
 log = logging.getLogger("secretbus.rpc")
 
@@ -40,6 +42,11 @@ log = logging.getLogger("secretbus.rpc")
 # unit's name): secretbus's units, or libvirt's own units pointed at secretbusd.service.
 RW_UNIT_NAMES = frozenset({"secretbusd.socket", "virtsecretd.socket"})
 RO_UNIT_NAMES = frozenset({"secretbusd-ro.socket", "virtsecretd-ro.socket"})
+
+
+# A remote caller's peer: no process, no user (never uid 0, never a polkit subject).
+REMOTE_PEER = Peer(pid=0, uid=-1, gid=-1)
+REMOTE_AUTH_TIMEOUT = 30.0        # seconds a remote client has to pass SASL
 
 
 class SocketBusy(Exception):
@@ -226,6 +233,35 @@ class RpcServer:
         self._conns.add(conn)
         self._per_uid[peer.uid] += 1
         await conn.serve()
+
+    async def serve_remote(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           who: RemoteIdentity, sasl: SaslExchange | None = None) -> None:
+        """A remote (TLS) caller, authenticated by its transport (or, with `sasl`, once SCRAM
+        passed): served like a local one, with no peer pid or uid (REMOTE_PEER) and its rights
+        from remote_access (guard.py)."""
+        if not self._table or len(self._conns) >= self.limits.max_clients - self.limits.root_reserve:
+            log.warning("refusing remote RPC client %s: connection limit", who.describe())
+            writer.transport.abort()
+            return
+        session = Session(REMOTE_PEER, socket_readonly=False, trusted=False, authenticated=sasl is None,
+                          remote=who, sasl=sasl)
+        conn = Connection(reader, writer, session, self._table, self.limits, self._executor, self._forget)
+        self._conns.add(conn)
+        self._per_uid[REMOTE_PEER.uid] += 1
+        timer = None
+        if sasl is not None:
+            # An unauthenticated remote client must not hold a connection slot for ever.
+            def expire() -> None:
+                if not session.authenticated:
+                    log.info("dropping remote RPC client %s: not authenticated within %g s", who.address,
+                             REMOTE_AUTH_TIMEOUT)
+                    conn.close(abort=True)
+            timer = asyncio.get_running_loop().call_later(REMOTE_AUTH_TIMEOUT, expire)
+        try:
+            await conn.serve()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _admit(self, uid: int) -> bool:
         lim = self.limits

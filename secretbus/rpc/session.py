@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from secretbus.access.permissions import UnixProcess
 from secretbus.rpc.identity import Identity
+from secretbus.rpc.remote import RemoteIdentity
+from secretbus.rpc.sasl import SaslExchange
 
 _UCRED = struct.Struct("3i")    # struct ucred: pid, uid, gid
 _names = itertools.count(1)
@@ -73,12 +75,17 @@ class Session:
     # records): never a D-Bus unique name, which all start with ':'.
     name: str = field(default_factory=lambda: f"rpc-{next(_names)}")
     closed: bool = False           # the connection ended (a check still running keeps no decision)
+    # A TLS caller (rpc/tls.py): no pid, no uid; its rights come from remote_access (rpc/remote.py).
+    remote: RemoteIdentity | None = None
+    sasl: SaslExchange | None = None   # auth_tls = "sasl": SCRAM still to pass (rpc/sasl.py)
 
     def subject(self) -> UnixProcess | None:
         """Whom polkit is asked about: the identity a root peer set (libvirt's ACL checks use
         the current identity), else the peer. None when it has no pid, uid and start time
         (an identity without them, or a start time that could not be read): then no check
         can pass, as libvirt says "No process ID available"."""
+        if self.remote is not None:
+            return None          # never polkit: remote callers are decided by their grants
         if self.identity is not None:
             f = self.identity.fields
             pid, uid, start = f.get("process-id"), f.get("unix-user-id"), f.get("process-time")

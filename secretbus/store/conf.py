@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secretbus.core import errors
+from secretbus.core.virconf import Entry, Parser, Value, type_name
 from secretbus.store import fsutil
 
 log = logging.getLogger("secretbus.conf")
@@ -59,175 +60,10 @@ class SecretConf:
     fleet_private: bool = True
 
 
-# ---------------------------------------------------------------------------
-# Lexing / parsing into (name, value, line) entries
-
-
-@dataclass(frozen=True)
-class _Value:
-    data: str | int | list[_Value]
-    line: int  # line where the value starts (elements of a multi-line list keep their own)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    value: _Value
-    line: int
-
-
-_BLANK = " \t"
-_EOL = "\r\n"
-
-
-class _Parser:
-    def __init__(self, text: str, path: str):
-        self.s = text
-        self.i = 0
-        self.line = 1
-        self.path = path
-
-    # -- helpers ----------------------------------------------------------
-    def error(self, what: str, line: int | None = None) -> errors.SecretError:
-        return errors.ConfigError(f"{self.path}:{self.line if line is None else line}: {what}")
-
-    @property
-    def cur(self) -> str:
-        return self.s[self.i] if self.i < len(self.s) else ""
-
-    def at_end(self) -> bool:
-        return self.i >= len(self.s)
-
-    def skip_blanks(self) -> None:
-        while not self.at_end() and self.cur in _BLANK:
-            self.i += 1
-
-    def skip_blanks_and_eol(self) -> None:
-        while not self.at_end() and self.cur in _BLANK + _EOL:
-            if self.cur == "\n":
-                self.line += 1
-            self.i += 1
-
-    def skip_to_eol(self) -> None:
-        while not self.at_end() and self.cur not in _EOL:
-            self.i += 1
-
-    # -- grammar ----------------------------------------------------------
-    def parse(self) -> list[_Entry]:
-        entries: list[_Entry] = []
-        while True:
-            self.skip_blanks_and_eol()
-            if self.at_end():
-                return entries
-            if self.cur == "#":
-                self.skip_to_eol()
-                continue
-            entries.append(self.statement())
-            self.separator()
-
-    def statement(self) -> _Entry:
-        line = self.line
-        name = self.name()
-        self.skip_blanks()
-        if self.cur != "=":
-            raise self.error("expecting an assignment")
-        self.i += 1
-        self.skip_blanks()
-        value = self.value()
-        self.skip_blanks()
-        if self.cur == "#":
-            self.skip_to_eol()
-        return _Entry(name, value, line)
-
-    def separator(self) -> None:
-        self.skip_blanks()
-        if self.at_end() or self.cur in _EOL:
-            return
-        if self.cur == ";":
-            self.i += 1
-            return
-        raise self.error("expecting a separator")
-
-    def name(self) -> str:
-        start = self.i
-        if not (self.cur.isascii() and self.cur.isalpha()):
-            raise self.error("expecting a name")
-        while not self.at_end() and self.cur.isascii() and (self.cur.isalnum() or self.cur == "_"):
-            self.i += 1
-        return self.s[start:self.i]
-
-    def value(self) -> _Value:
-        line = self.line
-        c = self.cur
-        if c == "":
-            raise self.error("expecting a value")
-        if self.s.startswith('"""', self.i):
-            return _Value(self.triple_string(), line)
-        if c in "\"'":
-            return _Value(self.string(c), line)
-        if c == "[":
-            return _Value(self.list_(), line)
-        if (c.isascii() and c.isdigit()) or c in "+-":
-            return _Value(self.integer(), line)
-        raise self.error("expecting a value")
-
-    def string(self, quote: str) -> str:
-        self.i += 1
-        start = self.i
-        while not self.at_end() and self.cur != quote and self.cur not in _EOL:
-            self.i += 1
-        if self.cur != quote:
-            raise self.error("unterminated string")
-        text = self.s[start:self.i]
-        if "\0" in text:   # no path or user name can hold one; refuse it here, clearly
-            raise self.error("NUL character in string")
-        self.i += 1
-        return text
-
-    def triple_string(self) -> str:
-        start_line = self.line
-        self.i += 3
-        end = self.s.find('"""', self.i)
-        if end < 0:
-            raise self.error("unterminated string", start_line)
-        text = self.s[self.i:end]
-        if "\0" in text:
-            raise self.error("NUL character in string", start_line)
-        self.line += text.count("\n")
-        self.i = end + 3
-        return text
-
-    def integer(self) -> int:
-        start = self.i
-        if self.cur in "+-":
-            self.i += 1
-        if not self.cur.isdigit() or not self.cur.isascii():
-            raise self.error("unterminated number")
-        while not self.at_end() and self.cur.isascii() and self.cur.isdigit():
-            self.i += 1
-        return int(self.s[start:self.i])
-
-    def list_(self) -> list[_Value]:
-        start_line = self.line
-        self.i += 1
-        items: list[_Value] = []
-        self.skip_blanks_and_eol()
-        while not self.at_end() and self.cur != "]":
-            if items:
-                if self.cur != ",":
-                    raise self.error("expecting a separator in list")
-                self.i += 1
-                self.skip_blanks_and_eol()
-                if self.cur == "]":
-                    break  # trailing comma
-            if self.at_end():
-                break
-            items.append(self.value())
-            self.skip_blanks_and_eol()
-        if self.cur != "]":
-            raise self.error("list is not closed with ]", start_line)
-        self.i += 1
-        return items
+# The lexer is core/virconf.py's (shared with secretbusd.conf); the old names stay for this module.
+_Value = Value
+_Entry = Entry
+_Parser = Parser
 
 
 # ---------------------------------------------------------------------------
@@ -235,7 +71,7 @@ class _Parser:
 
 
 def _type_name(v: _Value) -> str:
-    return {str: "a string", int: "an integer", list: "a list"}[type(v.data)]
+    return type_name(v)
 
 
 def _encrypt_data(e: _Entry, p: _Parser) -> bool:

@@ -1,0 +1,83 @@
+"""Who a remote (TLS) caller is, and what it may do (DESIGN §10; issue 14 item 5).
+
+A remote caller has no pid and no uid: polkit cannot be asked about it (libvirt's own polkit
+access driver refuses such identities too). Its identity is the verified certificate's DN (or,
+later, a SASL user name), and its rights come from secretbusd.conf's `remote_access` grants,
+looked up at every check in the configuration in force, so a SIGHUP that takes a grant away
+takes it away from open connections too:
+
+    ro          list, lookup, XML, events          (search-secrets, getattr, read)
+    rw          + define, set value, undefine      (write, save, delete)
+    rw+values   + GetValue of non-private secrets  (read-secure)
+
+Private values are never sent over a remote transport, whatever the grant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from secretbus.access.permissions import Perm
+from secretbus.rpc.serverconf import Kind, Rights, ServerConf
+
+_RO = frozenset({Perm.SEARCH_SECRETS, Perm.GETATTR, Perm.READ})
+_RW = _RO | {Perm.WRITE, Perm.SAVE, Perm.DELETE}
+PERMS: dict[Rights, frozenset[Perm]] = {
+    Rights.RO: _RO,
+    Rights.RW: _RW,
+    Rights.RW_VALUES: _RW | {Perm.READ_SECURE},
+}
+
+
+@dataclass(frozen=True)
+class RemoteIdentity:
+    kind: Kind
+    name: str            # the DN in GnuTLS's string form (what virt-pki-query-dn prints)
+    address: str         # host:port of the peer, for the logs
+    sasl_user: str | None = None     # after SCRAM over TLS (auth_tls = "sasl")
+
+    def describe(self) -> str:
+        what = "x509 DN" if self.kind is Kind.X509 else "SASL user"
+        user = f" SASL user '{self.sasl_user}'" if self.sasl_user is not None else ""
+        return f"{what} '{self.name}'{user} from {self.address}"
+
+    def with_sasl_user(self, user: str) -> RemoteIdentity:
+        return replace(self, sasl_user=user)
+
+
+class RemotePolicy:
+    """The grants of the configuration in force; `update()` on reload."""
+
+    def __init__(self, conf: ServerConf):
+        self.conf = conf
+
+    def update(self, conf: ServerConf) -> None:
+        self.conf = conf
+
+    def rights(self, who: RemoteIdentity) -> Rights | None:
+        """The first grant matching the DN or the SASL user; None: refused. With
+        auth_tls = "sasl" nothing is granted before SASL succeeded."""
+        conf = self.conf
+        if who.kind is Kind.X509 and not conf.dn_allowed(who.name):
+            return None          # taken off tls_allowed_dn_list since it connected
+        if who.sasl_user is None and conf.auth_tls == "sasl":
+            return None
+        if who.sasl_user is not None and not conf.sasl_user_allowed(who.sasl_user):
+            return None
+        names = {who.kind: who.name}
+        if who.sasl_user is not None:
+            names[Kind.SASL] = who.sasl_user
+        for g in conf.remote_access:
+            name = names.get(g.kind)
+            if name is not None and g.matches(g.kind, name):
+                return g.rights
+        return None
+
+    def may_connect(self, who: RemoteIdentity) -> bool:
+        """At the TLS handshake: the DN list, and a grant unless SASL is still to come."""
+        if not self.conf.dn_allowed(who.name):
+            return False
+        return self.conf.auth_tls == "sasl" or self.rights(who) is not None
+
+    def allows(self, who: RemoteIdentity, perm: Perm) -> bool:
+        rights = self.rights(who)
+        return rights is not None and perm in PERMS[rights]

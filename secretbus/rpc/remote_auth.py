@@ -1,0 +1,64 @@
+"""The AUTH_SASL_* procedures for remote connections (rpc/sasl.py does SCRAM itself).
+
+Without an exchange on the connection (a unix socket, or TLS with auth_tls = "none") they
+answer as before: SASL is not offered. Once SCRAM succeeded the user must pass
+sasl_allowed_username_list and match a remote_access grant (by DN or user name), else the
+authentication fails and nothing is served; then the connection is authenticated and its
+identity carries the user name.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from secretbus.rpc import protocol as P
+from secretbus.rpc.failures import AUTH_FAILED, AUTH_FAILED_PREFIX, RemoteFailure
+from secretbus.rpc.remote import RemotePolicy
+from secretbus.rpc.session import Session
+
+log = logging.getLogger("secretbus.rpc.sasl")
+
+
+class HasSession(Protocol):
+    session: Session
+
+
+def _not_offered() -> RemoteFailure:
+    return RemoteFailure(AUTH_FAILED, P.FROM_RPC, "SASL authentication is not offered by this server",
+                         AUTH_FAILED_PREFIX)
+
+
+def sasl_init(c: HasSession, _a: Any) -> Any:
+    s = c.session
+    if s.sasl is None or s.authenticated:
+        raise _not_offered()
+    return s.sasl.init()
+
+
+def sasl_start(c: HasSession, a: Any) -> Any:
+    s = c.session
+    if s.sasl is None or s.authenticated:
+        raise _not_offered()
+    return s.sasl.start(a["mech"], None if a["nil"] else a["data"])
+
+
+def sasl_step(c: HasSession, a: Any, policy: RemotePolicy | None) -> Any:
+    s = c.session
+    if s.sasl is None or s.authenticated or s.remote is None:
+        raise _not_offered()
+    ret = s.sasl.step(None if a["nil"] else a["data"])
+    user = s.sasl.user
+    assert user is not None
+    who = s.remote.with_sasl_user(user)
+    if policy is None or not policy.conf.sasl_user_allowed(user):
+        log.warning("remote client %s refused: SASL user '%s' is not in sasl_allowed_username_list",
+                    s.remote.address, user)
+        raise RemoteFailure(AUTH_FAILED, P.FROM_RPC, "SASL user is not allowed", AUTH_FAILED_PREFIX)
+    if policy.rights(who) is None:
+        log.warning("remote client %s refused: no remote_access grant matches %s", s.remote.address,
+                    who.describe())
+        raise RemoteFailure(AUTH_FAILED, P.FROM_RPC, "no access granted to this identity", AUTH_FAILED_PREFIX)
+    s.remote = who
+    s.authenticated = True
+    log.info("remote client %s authenticated: %s", who.address, who.describe())
+    return ret

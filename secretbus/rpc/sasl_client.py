@@ -1,0 +1,108 @@
+"""The client side of SCRAM-SHA-256 over TLS: run on the stream pair before the RPC client.
+
+A TLS server with auth_tls = "sasl" answers AUTH_LIST with SASL; this exchange (AUTH_LIST,
+AUTH_SASL_INIT, _START, _STEP) runs on the fresh stream, so that the RPC client that takes it
+over afterwards sees AUTH_LIST answer "none" and opens as on any other connection.
+
+Credentials come from libvirt's auth file (docs: "Client authentication credentials"): the
+URI's `authfile=`, else $LIBVIRT_AUTH_FILE, else $XDG_CONFIG_HOME/libvirt/auth.conf, else
+/etc/libvirt/auth.conf; the section `[auth-libvirt-<host>]` (else `[auth-libvirt-default]`)
+names `credentials=NAME`, and `[credentials-NAME]` holds `authname=` and `password=`.
+"""
+from __future__ import annotations
+
+import asyncio
+import configparser
+import os
+from pathlib import Path
+from typing import Any
+
+from scramp import ScramClient, ScramException  # type: ignore[import-untyped]
+
+from secretbus.core import errors
+from secretbus.rpc import protocol as P
+from secretbus.rpc.client import auth_failed, error_from_remote
+from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, frame_length, parse_header
+from secretbus.rpc.xdr import XdrError, decode, encode
+
+MECH = "SCRAM-SHA-256"
+
+
+def auth_file(explicit: str | None) -> Path | None:
+    for candidate in (explicit, os.environ.get("LIBVIRT_AUTH_FILE")):
+        if candidate:
+            return Path(candidate)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    for p in (Path(base) / "libvirt" / "auth.conf", Path("/etc/libvirt/auth.conf")):
+        if p.exists():
+            return p
+    return None
+
+
+def credentials(path: Path | None, host: str) -> tuple[str, str]:
+    """(user, password) for `host` from libvirt's auth file; AUTH_FAILED when there are none."""
+    if path is None:
+        raise auth_failed(f"no SASL credentials for {host}: give authfile= or LIBVIRT_AUTH_FILE")
+    cp = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cp.read_file(f)
+    except (OSError, UnicodeDecodeError, configparser.Error) as e:
+        raise auth_failed(f"cannot read the auth file '{path}': {getattr(e, 'strerror', None) or type(e).__name__}"
+                          ) from None
+    for section in (f"auth-libvirt-{host}", "auth-libvirt-default"):
+        if cp.has_section(section) and cp.has_option(section, "credentials"):
+            cred = f"credentials-{cp.get(section, 'credentials')}"
+            if cp.has_option(cred, "authname") and cp.has_option(cred, "password"):
+                return cp.get(cred, "authname"), cp.get(cred, "password")
+    raise auth_failed(f"no SASL credentials for {host} in '{path}'")
+
+
+class _Wire:
+    """Calls on the bare stream, one at a time (nothing else runs on it yet)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.serial = 0
+
+    async def call(self, proc: int, args: Any = None) -> Any:
+        spec = P.PROCS[proc]
+        self.writer.write(encode_frame(Header(P.REMOTE_PROGRAM, P.PROTOCOL_VERSION, proc, P.MsgType.CALL,
+                                              self.serial, P.Status.OK), encode(spec.args, args)))
+        self.serial += 1
+        await self.writer.drain()
+        while True:
+            word = await self.reader.readexactly(LENGTH_SIZE)
+            header, payload = parse_header(await self.reader.readexactly(frame_length(word)))
+            if header.prog != P.REMOTE_PROGRAM or header.type != P.MsgType.REPLY:
+                continue          # a keepalive or event cannot come yet; skip whatever it is
+            if header.status == P.Status.ERROR:
+                raise error_from_remote(decode(P.REMOTE_ERROR, payload))
+            return decode(spec.ret, payload)
+
+
+async def authenticate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str,
+                       authfile: str | None) -> None:
+    """SCRAM if the server asks for SASL; nothing otherwise."""
+    wire = _Wire(reader, writer)
+    try:
+        types = (await wire.call(P.Proc.AUTH_LIST))["types"]
+        if P.AuthType.SASL not in types:
+            return
+        mechs = (await wire.call(P.Proc.AUTH_SASL_INIT))["mechlist"].split(",")
+        if MECH not in [m.strip() for m in mechs]:
+            raise auth_failed(f"the server offers SASL {', '.join(mechs)}; this client speaks {MECH} only")
+        user, password = credentials(auth_file(authfile), host)
+        scram = ScramClient([MECH], user, password)
+        ret = await wire.call(P.Proc.AUTH_SASL_START,
+                              {"mech": MECH, "nil": 0, "data": scram.get_client_first().encode()})
+        scram.set_server_first(bytes(ret["data"]).decode())
+        ret = await wire.call(P.Proc.AUTH_SASL_STEP, {"nil": 0, "data": scram.get_client_final().encode()})
+        if not ret["complete"]:
+            raise auth_failed("the server did not complete SASL authentication")
+        scram.set_server_final(bytes(ret["data"]).decode())      # the server proves it knew the verifier
+    except ScramException as e:
+        raise auth_failed(f"SCRAM: {e}") from None
+    except (asyncio.IncompleteReadError, ConnectionError, XdrError) as e:
+        raise errors.OperationFailed(f"the connection to {host} was lost during SASL authentication: "
+                                     f"{type(e).__name__}") from None

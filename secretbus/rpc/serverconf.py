@@ -1,0 +1,304 @@
+"""secretbusd.conf: the server's remote-access configuration (DESIGN §10), in virConf syntax.
+
+The keys are libvirtd.conf's, so an administrator's libvirtd.conf habits carry over:
+listen_tls, listen_tcp, tls_port, tcp_port, listen_addr, key_file, cert_file, ca_file, crl_file,
+tls_no_verify_certificate, tls_allowed_dn_list, sasl_allowed_username_list, auth_tls, auth_tcp,
+max_clients, max_client_requests; plus secretbus's own `remote_access` grants:
+
+    remote_access = [ "x509:C=GB,O=Example,CN=*.ops=rw", "x509:*=ro" ]
+
+Each grant is `<kind>:<glob>=<rights>` (kind x509 or sasl; the glob is the last '=' away from
+the rights, as a DN holds '=' itself; rights ro | rw | rw+values). The first grant whose glob
+matches the remote identity decides; none matching is a refusal.
+
+Unknown keys are logged and ignored (libvirtd.conf has many that mean nothing here); a bad
+value or a duplicate key is a `ConfigError` naming the file and the line. A missing file is
+the built-in defaults: no remote listener.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from secretbus.core import errors
+from secretbus.core.virconf import Entry, Parser, type_name
+
+log = logging.getLogger("secretbus.serverconf")
+
+SYSTEM_PATH = Path("/etc/secretbus/secretbusd.conf")
+FILE_NAME = "secretbusd.conf"
+MAX_SIZE = 1024 * 1024
+
+# libvirt's PKI defaults (virnettlsconfig.c / libvirtd.conf.in).
+CA_FILE = "/etc/pki/CA/cacert.pem"
+CRL_FILE = "/etc/pki/CA/cacrl.pem"
+CERT_FILE = "/etc/pki/libvirt/servercert.pem"
+KEY_FILE = "/etc/pki/libvirt/private/serverkey.pem"
+TLS_PORT = 16514
+TCP_PORT = 16509
+
+
+class Rights(enum.Enum):
+    RO = "ro"                   # list, lookup, XML, events
+    RW = "rw"                   # + define, set value, undefine
+    RW_VALUES = "rw+values"     # + GetValue of non-private secrets
+
+
+class Kind(enum.Enum):
+    X509 = "x509"
+    SASL = "sasl"
+
+
+@dataclass(frozen=True)
+class Grant:
+    kind: Kind
+    pattern: str                # a glob: '*' any run, '?' one character (g_pattern_match_simple)
+    rights: Rights
+    line: int = 0
+
+    def matches(self, kind: Kind, name: str) -> bool:
+        return kind is self.kind and glob_match(self.pattern, name)
+
+
+@dataclass(frozen=True)
+class ServerConf:
+    path: Path | None = None            # the file read; None: built-in defaults
+    listen_tls: bool = False
+    listen_tcp: bool = False
+    tls_port: int = TLS_PORT
+    tcp_port: int = TCP_PORT
+    listen_addr: str = ""               # "": every address, as libvirtd
+    key_file: str = KEY_FILE
+    cert_file: str = CERT_FILE
+    ca_file: str = CA_FILE
+    crl_file: str | None = None         # None: CRL_FILE if it exists (libvirt's rule)
+    tls_allowed_dn_list: tuple[str, ...] | None = None     # None: any DN the CA signed
+    sasl_allowed_username_list: tuple[str, ...] | None = None
+    auth_tls: str = "none"
+    auth_tcp: str = "sasl"
+    max_clients: int = 5000
+    max_client_requests: int = 5
+    remote_access: tuple[Grant, ...] = field(default=())
+    sasl_verifier_file: str | None = None      # None: sasl-verifiers.json beside this file
+
+    def rights_of(self, kind: Kind, name: str) -> Rights | None:
+        """The first matching grant's rights; None: refused."""
+        for g in self.remote_access:
+            if g.matches(kind, name):
+                return g.rights
+        return None
+
+    def dn_allowed(self, dn: str) -> bool:
+        """libvirt's tls_allowed_dn_list: unset lets every certified DN in, [] none."""
+        if self.tls_allowed_dn_list is None:
+            return True
+        return any(glob_match(p, dn) for p in self.tls_allowed_dn_list)
+
+    def sasl_user_allowed(self, user: str) -> bool:
+        """libvirt's sasl_allowed_username_list: unset lets every authenticated user in."""
+        if self.sasl_allowed_username_list is None:
+            return True
+        return any(glob_match(p, user) for p in self.sasl_allowed_username_list)
+
+    def verifier_path(self, fallback: Path) -> Path:
+        if self.sasl_verifier_file is not None:
+            return Path(self.sasl_verifier_file)
+        return (self.path.parent if self.path is not None else fallback) / "sasl-verifiers.json"
+
+    def crl_path(self) -> str | None:
+        if self.crl_file is not None:
+            return self.crl_file
+        return CRL_FILE if os.path.exists(CRL_FILE) else None
+
+
+def glob_match(pattern: str, text: str) -> bool:
+    """GLib's g_pattern_match_simple: '*' and '?' only; every other character is literal."""
+    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(rx, text, re.DOTALL) is not None
+
+
+def default_path(system: bool, root: str | None = None) -> Path:
+    """/etc/secretbus/secretbusd.conf; session: $XDG_CONFIG_HOME/secretbus/; --root DIR: DIR/etc/."""
+    if root is not None:
+        return Path(root) / "etc" / FILE_NAME
+    if system:
+        return SYSTEM_PATH
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "secretbus" / FILE_NAME
+
+
+# -- typed values -------------------------------------------------------------------------
+Check = Callable[[Entry, Parser], Any]
+
+
+def _bool(e: Entry, p: Parser) -> bool:
+    v = e.value.data
+    if not isinstance(v, int) or isinstance(v, bool) or v not in (0, 1):
+        raise p.error(f"'{e.name}' must be 0 or 1 (got {_shown(e)})", e.line)
+    return v == 1
+
+
+def _port(e: Entry, p: Parser) -> int:
+    v = e.value.data
+    # libvirtd.conf writes ports as strings ("16514"); integers are accepted too.
+    if isinstance(v, str) and v.isascii() and v.isdigit():
+        v = int(v)
+    if not isinstance(v, int) or not 0 < v < 65536:
+        raise p.error(f"'{e.name}' must be a port number 1-65535 (got {_shown(e)})", e.line)
+    return v
+
+
+def _count(e: Entry, p: Parser) -> int:
+    v = e.value.data
+    if not isinstance(v, int) or not 0 < v <= 1_000_000:
+        raise p.error(f"'{e.name}' must be a positive integer (got {_shown(e)})", e.line)
+    return v
+
+
+def _string(e: Entry, p: Parser) -> str:
+    v = e.value.data
+    if not isinstance(v, str):
+        raise p.error(f"expected a string for '{e.name}' (got {type_name(e.value)})", e.line)
+    return v
+
+
+def _path(e: Entry, p: Parser) -> str:
+    v = _string(e, p)
+    if not v.startswith("/"):
+        # A relative path would depend on the daemon's working directory.
+        raise p.error(f"'{e.name}' must be an absolute path", e.line)
+    return v
+
+
+def _patterns(e: Entry, p: Parser) -> tuple[str, ...]:
+    if not isinstance(e.value.data, list):
+        raise p.error(f"expected a list for '{e.name}' (got {type_name(e.value)})", e.line)
+    out = []
+    for item in e.value.data:
+        if not isinstance(item.data, str) or not item.data:
+            raise p.error(f"'{e.name}' entries must be non-empty strings", item.line)
+        out.append(item.data)
+    return tuple(out)
+
+
+def _choice(*allowed: str) -> Check:
+    def check(e: Entry, p: Parser) -> str:
+        v = _string(e, p)
+        if v not in allowed:
+            raise p.error(f"'{e.name}' must be {' or '.join(repr(a) for a in allowed)}, not {v!r}", e.line)
+        return v
+    return check
+
+
+def _no_verify(e: Entry, p: Parser) -> bool:
+    if _bool(e, p):
+        # Rights come from the verified DN: an unverified certificate would grant them to anyone.
+        raise p.error(f"'{e.name}' = 1 is not supported: remote rights are given by the verified "
+                      "certificate's DN", e.line)
+    return False
+
+
+def _grants(e: Entry, p: Parser) -> tuple[Grant, ...]:
+    if not isinstance(e.value.data, list):
+        raise p.error(f"expected a list for '{e.name}' (got {type_name(e.value)})", e.line)
+    out = []
+    for item in e.value.data:
+        v = item.data
+        if not isinstance(v, str):
+            raise p.error(f"'{e.name}' entries must be strings like \"x509:<DN glob>=ro\"", item.line)
+        kind, colon, rest = v.partition(":")
+        pattern, eq, rights = rest.rpartition("=")
+        if not colon or kind not in {k.value for k in Kind}:
+            raise p.error(f"'{e.name}' entry {v!r}: must start with x509: or sasl:", item.line)
+        if not eq or not pattern:
+            raise p.error(f"'{e.name}' entry {v!r}: must be <kind>:<glob>=<rights>", item.line)
+        if rights not in {r.value for r in Rights}:
+            raise p.error(f"'{e.name}' entry {v!r}: rights must be ro, rw or rw+values", item.line)
+        out.append(Grant(Kind(kind), pattern, Rights(rights), item.line))
+    return tuple(out)
+
+
+def _shown(e: Entry) -> str:
+    v = e.value.data
+    return repr(v) if not isinstance(v, list) else "a list"
+
+
+_OPTIONS: dict[str, Check] = {
+    "listen_tls": _bool,
+    "listen_tcp": _bool,
+    "tls_port": _port,
+    "tcp_port": _port,
+    "listen_addr": _string,
+    "key_file": _path,
+    "cert_file": _path,
+    "ca_file": _path,
+    "crl_file": _path,
+    "tls_no_verify_certificate": _no_verify,
+    "tls_allowed_dn_list": _patterns,
+    "sasl_allowed_username_list": _patterns,
+    "auth_tls": _choice("none", "sasl"),
+    "auth_tcp": _choice("sasl"),
+    "max_clients": _count,
+    "max_client_requests": _count,
+    "remote_access": _grants,
+    "sasl_verifier_file": _path,
+}
+_NOT_FIELDS = {"tls_no_verify_certificate"}
+
+
+def parse_serverconf(text: str, path: str = "<string>") -> ServerConf:
+    p = Parser(text, path)
+    seen: dict[str, int] = {}
+    values: dict[str, Any] = {}
+    for e in p.parse():
+        if e.name in seen:
+            raise p.error(f"duplicate key '{e.name}' (first set at line {seen[e.name]})", e.line)
+        seen[e.name] = e.line
+        check = _OPTIONS.get(e.name)
+        if check is None:
+            log.warning("%s:%d: unknown key '%s' ignored", path, e.line, e.name)
+            continue
+        value = check(e, p)
+        if e.name not in _NOT_FIELDS:
+            values[e.name] = value
+    return ServerConf(path=None if path == "<string>" else Path(path), **values)
+
+
+def load_serverconf(path: Path, *, required: bool = False) -> ServerConf:
+    """Read `path`; missing: the defaults (no remote listener), unless `required` (--config)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        if required:
+            raise errors.ConfigError(f"Failed to open file '{path}': No such file or directory") from None
+        return replace(ServerConf(), path=None)
+    except OSError as e:
+        raise errors.ConfigError(f"Failed to open file '{path}': {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.ConfigError(f"Failed to read file '{path}': not a regular file")
+        if st.st_mode & 0o022 or st.st_uid not in (0, os.geteuid()):
+            # It grants remote rights: nobody but its owner (root, or the session's user) may write it.
+            raise errors.ConfigError(f"Failed to read file '{path}': writable by others or not owned "
+                                     "by root or this user")
+        data = os.read(fd, MAX_SIZE + 1)
+    except OSError as e:
+        raise errors.ConfigError(f"Failed to read file '{path}': {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SIZE:
+        raise errors.ConfigError(f"Failed to read file '{path}': larger than {MAX_SIZE} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise errors.ConfigError(f"{path}:{line}: not valid UTF-8") from None
+    return parse_serverconf(text, str(path))
