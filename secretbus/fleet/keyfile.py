@@ -3,8 +3,9 @@ systemd-creds (as the host key, store/keys.py) or, for tests and hosts without i
 0600 file. Loaded from, in order: the `secretbus-fleet-key` credential systemd passes
 (`LoadCredentialEncrypted=`), the sealed file, the raw file.
 
-This increment has no in-etcd wrap for enrolment: every host of a cluster holds the same key
-(sealed by each host itself, from a copy passed over ssh; docs/fleet.md).
+Every host of a cluster holds the same key, sealed by each host itself: either from a copy
+passed over ssh (`fleet init --from-file`) or unwrapped from the copy an enrolled host wrapped
+for it in etcd (`fleet join` / `fleet approve`, enrol.py).
 """
 from __future__ import annotations
 
@@ -72,17 +73,53 @@ def load_fleet_key(directory: Path, environ: Mapping[str, str] = os.environ) -> 
                              "(run 'secretbus fleet init' on the first host)")
 
 
-def _seal(key: bytes, with_key: str | None, environ: Mapping[str, str]) -> bytes:
-    argv = [SYSTEMD_CREDS, "encrypt", f"--name={CREDENTIAL_NAME}"]
+def has_fleet_key(directory: Path, environ: Mapping[str, str] = os.environ) -> bool:
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / CREDENTIAL_NAME).exists():
+        return True
+    return any((directory / name).exists() for name in (SEALED_NAME, RAW_NAME))
+
+
+def remove_fleet_key(directory: Path) -> list[Path]:
+    """`fleet leave`: the files removed (a credential systemd passes is the unit's to drop)."""
+    return remove_files(directory, (SEALED_NAME, RAW_NAME))
+
+
+def remove_files(directory: Path, names: tuple[str, ...]) -> list[Path]:
+    removed = []
+    try:
+        with fsutil.verified_dir(directory) as dir_fd:
+            for name in names:
+                if fsutil.unlink_at(dir_fd, name):
+                    removed.append(directory / name)
+            os.fsync(dir_fd)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise errors.OperationFailed(f"cannot remove files in '{directory}': {e.strerror or e}") from None
+    return removed
+
+
+def seal(key: bytes, with_key: str | None, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
+    """The sealed form of `key` (systemd-creds, credential `name`)."""
+    return _seal(key, with_key, environ, name)
+
+
+def unseal(path: Path, environ: Mapping[str, str], name: str) -> bytes:
+    return _unseal(path, environ, name)
+
+
+def _seal(key: bytes, with_key: str | None, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
+    argv = [SYSTEMD_CREDS, "encrypt", f"--name={name}"]
     if with_key is not None:
         argv.append(f"--with-key={with_key}")
     return _creds(argv + ["-", "-"], key, environ, "encrypt")
 
 
-def _unseal(path: Path, environ: Mapping[str, str]) -> bytes:
-    key = _creds([SYSTEMD_CREDS, "decrypt", f"--name={CREDENTIAL_NAME}", str(path), "-"], b"", environ, "decrypt")
+def _unseal(path: Path, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
+    key = _creds([SYSTEMD_CREDS, "decrypt", f"--name={name}", str(path), "-"], b"", environ, "decrypt")
     if len(key) != KEY_SIZE:
-        raise errors.InvalidEncrKey(f"fleet key length must be '{KEY_SIZE}' '{path}'")
+        raise errors.InvalidEncrKey(f"{name} length must be '{KEY_SIZE}' '{path}'")
     return key
 
 

@@ -6,8 +6,11 @@ from collections.abc import Mapping
 
 from secretbus.core import errors
 from secretbus.core.model import UsageType
+from secretbus.fleet import enrol
 from secretbus.fleet.etcd import TLS, Etcd
-from secretbus.fleet.keyfile import fleet_dir, load_fleet_key
+from secretbus.fleet.hostkey import has_host_key, load_host_key
+from secretbus.fleet.keyfile import fleet_dir, has_fleet_key, load_fleet_key
+from secretbus.fleet.keyspace import Keyspace
 from secretbus.fleet.seal import Sealer
 from secretbus.fleet.store import FleetOptions, FleetStore
 from secretbus.store.codec import ValueCodecs
@@ -34,6 +37,12 @@ def open_fleet_store(paths: InstancePaths, conf: SecretConf, codecs: ValueCodecs
     """The instance's store in fleet mode: its usual directory becomes the fleet's local cache."""
     directory = fleet_dir(paths)
     options = fleet_options(conf)
-    sealer = Sealer(options.cluster, load_fleet_key(directory, environ))
-    return FleetStore(paths.config_dir, codecs, etcd=connect(conf), sealer=sealer, options=options,
+    etcd = connect(conf)
+    if not has_fleet_key(directory, environ) and has_host_key(directory):
+        # Joined (fleet join) and approved since, with no `join --wait` to pick the key up.
+        key = enrol.key_at_start(directory, etcd, Keyspace(options.cluster), load_host_key(directory, environ),
+                                 environ)
+    else:
+        key = load_fleet_key(directory, environ)
+    return FleetStore(paths.config_dir, codecs, etcd=etcd, sealer=Sealer(options.cluster, key), options=options,
                       state_dir=directory)
