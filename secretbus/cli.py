@@ -356,7 +356,7 @@ def cmd_init_encryption(conn_unused, a) -> int:
     return 0
 
 
-FLEET_ACTIONS = ("init", "join", "approve", "status", "leave", "revoke")
+FLEET_ACTIONS = ("init", "join", "approve", "status", "leave", "revoke", "rotate")
 
 
 def cmd_fleet(conn_unused, a) -> int:
@@ -408,6 +408,8 @@ def cmd_fleet(conn_unused, a) -> int:
             lines = admin.revoke(paths, conf, a.host)
         elif a.action == "leave":
             lines = admin.leave(paths, conf)
+        elif a.action == "rotate":
+            lines = admin.rotate(paths, conf)
         else:
             lines = admin.status(paths, conf)
     except errors.SecretError as e:
@@ -489,12 +491,13 @@ _command("init-encryption", "create the sealed encryption key (once)",
           Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...)", named_only=True),
           Opt("raw", B, "write a raw 0600 key file (hosts without systemd)")),
          cmd_init_encryption, no_connection=True)
-_command("fleet", "fleet mode: init, join, approve HOST, status, leave, revoke HOST",
+_command("fleet", "fleet mode: init, join, approve HOST, status, leave, revoke HOST, rotate",
          "Fleet mode (docs/fleet.md): 'init' creates the fleet key on the first host (sealed with systemd-creds) "
          "and registers it for the cluster; 'join' makes this host's key pair, publishes it and prints its "
          "id, and picks up the fleet key once approved; 'approve HOST' (on an enrolled host) wraps the fleet "
-         "key for that host; 'revoke HOST' deletes its records; 'leave' this host's; 'status' shows the "
-         "cluster, the key, etcd and the hosts.",
+         "key for that host; 'revoke HOST' deletes its records; 'leave' this host's; 'rotate' makes a new "
+         "fleet key for the approved hosts and re-seals every secret; 'status' shows the cluster, the key, "
+         "etcd and the hosts.",
          (Opt("action", S, ", ".join(FLEET_ACTIONS), required=True),
           Opt("host", S, "the host id (approve, revoke)"),
           Opt("wait", N, "join: wait this many seconds for the approval", named_only=True),

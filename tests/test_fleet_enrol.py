@@ -17,12 +17,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secretbus.core import errors
+from secretbus.core.model import EventId
 from secretbus.fleet import enrol
 from secretbus.fleet.enrol_records import HostRecord, RecordError
 from secretbus.fleet.enrol_wrap import WrapError, unwrap, wrap
-from secretbus.fleet.etcd import Etcd
+from secretbus.fleet.etcd import Etcd, prefix_end
 from secretbus.fleet.hostkey import HostKey, host_id, load_host_key
-from secretbus.fleet.keyfile import fleet_dir, load_fleet_key
+from secretbus.fleet.keyfile import fleet_dir, load_fleet_key, load_fleet_keys
 from secretbus.fleet.keyspace import Keyspace
 from secretbus.fleet.seal import FleetKey
 from secretbus.store.keys import init_encryption
@@ -434,3 +435,133 @@ def test_fleet_commands_refuse_without_fleet_mode(tmp_path: Path) -> None:
                         "fleet", "approve"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "needs the id" in r.stderr, r
     assert not (etc / "secretbus-fleet").exists()
+
+
+# -- fleet rotate ----------------------------------------------------------------------------
+def _versions_in_etcd(fleet: Fleet) -> set[int | None]:
+    from secretbus.fleet.seal import record_version
+    _, kvs = fleet.client().range(KEYS.secrets, prefix_end(KEYS.secrets))
+    return {record_version(kv.value) for kv in kvs}
+
+
+def _enrolled(fleet: Fleet, *names: str) -> list[str]:
+    ids = []
+    for name in names:
+        h = fleet.join(name)
+        assert fleet.cli("a", "approve", h).returncode == 0
+        assert fleet.join(name) == h
+        ids.append(h)
+    return ids
+
+
+def test_rotate_keeps_approved_hosts_and_shuts_a_revoked_one_out(fleet: Fleet) -> None:
+    from secretbus.fleet.seal import Sealer, SealError
+    _init_first(fleet)
+    a = fleet.host("a").open()
+    old = uid(50)
+    a.d.define_xml(xml(old, "rotate.old", desc="before"))
+    a.d.set_value(old, b"before-rotation")
+    b_id, c_id = _enrolled(fleet, "b", "c")
+    b, c = fleet.host("b").open(), fleet.host("c").open()
+    for h in (b, c):
+        wait_for(lambda h=h: h.d.get_value(old) == b"before-rotation", f"the old secret on {h.name}")
+    assert fleet.cli("a", "revoke", c_id).returncode == 0
+
+    r = fleet.cli("a", "rotate")
+    assert r.returncode == 0 and "rotated to version 2" in r.stdout and "wrapped for 2 approved hosts" in r.stdout, r
+    assert _versions_in_etcd(fleet) == {2}
+    a_dir = fleet_dir(a.paths)
+    assert not (a_dir / "fleet-key").exists() and (a_dir / "fleet-key.v2").exists()   # v1 retired here
+
+    new = uid(51)
+    a.d.define_xml(xml(new, "rotate.new", desc="after"))
+    a.d.set_value(new, b"after-rotation")
+    # b (approved) picks its new wrap up at run time and serves old and new; its writes go on
+    wait_for(lambda: b.seen(new, EventId.VALUE_CHANGED), "the new secret on b")
+    assert b.d.get_value(new) == b"after-rotation" and b.d.get_value(old) == b"before-rotation"
+    b.d.set_value(old, b"set-on-b")
+    wait_for(lambda: a.d.get_value(old) == b"set-on-b", "b's write on a")
+    assert [k.version for k in load_fleet_keys(fleet_dir(b.paths))] == [1, 2]
+    # c (revoked) kept what it had, gets nothing new, and cannot open the new records
+    assert c.d.get_value(old) == b"before-rotation"
+    with pytest.raises(errors.NoSecret):
+        c.d.lookup_by_uuid(new)
+    c_keys = load_fleet_keys(fleet_dir(c.paths))
+    assert [k.version for k in c_keys] == [1]
+    _, kvs = fleet.client().range(KEYS.definition(new))
+    with pytest.raises(SealError):
+        Sealer(CLUSTER, c_keys[0]).open("def", new, kvs[0].value)
+    with pytest.raises(errors.OperationFailed, match="fleet store unavailable"):
+        c.d.define_xml(xml(uid(52), "rotate.c"))
+    c.close()
+    c = fleet.host("c").open(online=False)     # nor after a restart: its old cache, degraded
+    wait_for(lambda: "fleet key" in c.store.status.reason, "c's key mismatch")
+    assert c.d.get_value(old, internal_call=True) == b"before-rotation"
+    with pytest.raises(errors.NoSecret):
+        c.d.lookup_by_uuid(new)
+    r = fleet.cli("b", "status")
+    assert re.search(rf"{b_id} .* approved key v2", r.stdout) and c_id not in r.stdout, r
+    outputs = "".join(fleet.outputs).encode()
+    for k in fleet.key_material():
+        assert k not in outputs
+
+
+CRASHING_ROTATION = """
+import os, sys
+from pathlib import Path
+from secretbus.fleet import rotate
+from secretbus.fleet.etcd import Etcd, prefix_end
+from secretbus.fleet.hostkey import load_host_key
+from secretbus.fleet.keyspace import Keyspace
+endpoint, cluster, directory, after = sys.argv[1:]
+def crash(n):
+    if n == int(after):
+        os._exit(9)         # no cleanup, no lock release: as a killed process
+rotate.rotate(Etcd([endpoint]), Keyspace(cluster), load_host_key(Path(directory)), Path(directory), progress=crash)
+"""
+
+
+def test_a_crash_mid_rotation_leaves_every_value_readable(fleet: Fleet) -> None:
+    _init_first(fleet)
+    a = fleet.host("a").open()
+    values = {uid(600 + n): b"crash-value-%d" % n for n in range(30)}
+    for u, v in values.items():
+        a.d.define_xml(xml(u, f"crash.{u}"))
+        a.d.set_value(u, v)
+    _enrolled(fleet, "b")
+    b = fleet.host("b").open()
+    wait_for(lambda: all(b.d.get_value(u, internal_call=True) == v for u, v in values.items()), "b in sync")
+
+    a_dir = fleet_dir(a.paths)
+    r = subprocess.run([sys.executable, "-c", CRASHING_ROTATION, fleet.etcd.endpoints[0], CLUSTER, str(a_dir), "12"],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 9, r
+    assert _versions_in_etcd(fleet) == {1, 2}              # half way
+    # reads go on everywhere, writes wait for the rotation
+    for h in (a, b):
+        assert all(h.d.get_value(u, internal_call=True) == v for u, v in values.items()), h.name
+    with pytest.raises(errors.OperationFailed, match="being rotated"):
+        a.d.set_value(uid(600), b"during")
+    r = fleet.cli("a", "status")
+    assert "being rotated" in r.stdout, r
+    # restart both hosts mid-rotation: every value is readable
+    for h in (a, b):
+        h.close()
+        h.open()
+        assert all(h.d.get_value(u, internal_call=True) == v for u, v in values.items()), h.name
+    # run again: it resumes (once the crashed run's lock lease expired) and finishes
+    r = fleet.cli("a", "rotate")
+    assert r.returncode == 0 and "resumed" in r.stdout and "rotated to version 2" in r.stdout, r
+    assert _versions_in_etcd(fleet) == {2}
+    for h in (a, b):
+        assert all(h.d.get_value(u, internal_call=True) == v for u, v in values.items()), h.name
+    a.d.set_value(uid(600), b"after")
+    wait_for(lambda: b.d.get_value(uid(600), internal_call=True) == b"after", "a's write on b")
+    b.d.define_xml(xml(uid(700), "crash.new"))
+    # the usage index moved with the key: v2's names only, so uniqueness holds for old secrets
+    from secretbus.core.model import UsageType
+    from secretbus.fleet.seal import Sealer
+    v2 = Sealer(CLUSTER, load_fleet_key(a_dir))
+    _, usage = fleet.client().range(KEYS.prefix + b"usage/", prefix_end(KEYS.prefix + b"usage/"))
+    assert {kv.key for kv in usage} == {KEYS.usage(v2.usage_index(UsageType.CEPH, name))
+                                        for name in [*(f"crash.{u}" for u in values), "crash.new"]}

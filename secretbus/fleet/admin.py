@@ -9,6 +9,7 @@ from pathlib import Path
 from secretbus.core import errors
 from secretbus.fleet import enrol
 from secretbus.fleet import etcd as tx
+from secretbus.fleet import rotate as rotation
 from secretbus.fleet.etcd import Etcd, EtcdUnavailable
 from secretbus.fleet.hostkey import has_host_key, load_host_key, load_or_create_host_key, remove_host_key
 from secretbus.fleet.keyfile import (
@@ -20,7 +21,7 @@ from secretbus.fleet.keyfile import (
     remove_fleet_key,
 )
 from secretbus.fleet.keyspace import Keyspace
-from secretbus.fleet.seal import Sealer
+from secretbus.fleet.seal import ROTATING, Sealer
 from secretbus.fleet.setup import connect
 from secretbus.fleet.store import CACHE_DIR
 from secretbus.store.conf import SecretConf
@@ -142,6 +143,21 @@ def revoke(paths: InstancePaths, conf: SecretConf, target: str, environ: Mapping
             "and its etcd user and certificate must be removed too (docs/fleet.md)"]
 
 
+def rotate(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A new fleet key version for the approved hosts; every secret re-sealed (rotate.py)."""
+    client, keys = _etcd(conf)
+    directory = fleet_dir(paths)
+    if not has_host_key(directory):
+        raise errors.InvalidArg("this host has no fleet identity: run 'secretbus fleet join' first")
+    try:
+        r = rotation.rotate(client, keys, load_host_key(directory, environ), directory, environ=environ)
+    except EtcdUnavailable as e:
+        raise errors.OperationFailed(f"fleet store unavailable: {e} (run 'fleet rotate' again to resume)") from None
+    return [f"Fleet key of cluster '{keys.cluster}' rotated to version {r.version}"
+            + (" (an interrupted rotation resumed)" if r.resumed else ""),
+            f"wrapped for {r.hosts} approved hosts; {r.resealed} secrets re-sealed"]
+
+
 def leave(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = os.environ) -> list[str]:
     """Delete this host's records in etcd first (refused, changing nothing, when etcd is
     unreachable), then its fleet key, host key and fleet cache here. Not while the service
@@ -201,7 +217,10 @@ def status(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = 
         _, check = client.range(keys.key_check)
     except EtcdUnavailable as e:
         return lines + [f"etcd: unavailable ({e})"]
-    match = "matches" if check and check[0].value == sealer.check_value.encode() else "does NOT match"
+    if check and check[0].value.startswith(ROTATING.encode()):
+        match = f"being rotated ({check[0].value.split()[1].decode()}; fleet writes refused until done)"
+    else:
+        match = "matches" if check and check[0].value == sealer.check_value.encode() else "does NOT match"
     lines += [f"etcd: reachable, revision {rev}", f"cluster key: {match} this host's",
               f"fleet secrets: {sum(1 for kv in kvs if kv.key.endswith(b'/def'))}"]
     try:

@@ -12,12 +12,12 @@ Everything here talks to etcd through `Etcd`; nothing reads or prints key bytes.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from secretbus.core import errors
 from secretbus.fleet import etcd as tx
@@ -25,9 +25,11 @@ from secretbus.fleet.enrol_records import HostRecord, RecordError
 from secretbus.fleet.enrol_wrap import WrapError, unwrap, wrap, wrap_version
 from secretbus.fleet.etcd import KV, Etcd
 from secretbus.fleet.hostkey import HostKey, fingerprint
-from secretbus.fleet.keyfile import KEY_VERSION, init_fleet_key
+from secretbus.fleet.keyfile import init_fleet_key
 from secretbus.fleet.keyspace import HOST_ID, Keyspace
-from secretbus.fleet.seal import FleetKey
+from secretbus.fleet.seal import ROTATING, FleetKey, cluster_checks
+
+log = logging.getLogger("secretbus.fleet")
 
 POLL = 0.5     # seconds between looks for the wrap while `join --wait` waits
 
@@ -49,10 +51,6 @@ def check_id(text: str) -> str:
     return text
 
 
-def value_is(key: bytes, value: bytes) -> dict[str, Any]:
-    return {"key": tx.b64(key), "result": "EQUAL", "target": "VALUE", "value": tx.b64(value)}
-
-
 def _one(client: Etcd, key: bytes) -> KV | None:
     _, kvs = client.range(key)
     return kvs[0] if kvs else None
@@ -63,14 +61,19 @@ def cluster_check(client: Etcd, keys: Keyspace) -> bytes | None:
     return kv.value if kv is not None else None
 
 
-def require_cluster_key(client: Etcd, keys: Keyspace, key: FleetKey) -> bytes:
-    """This host's fleet key is the cluster's (else it must not hand it out): its check value."""
+def require_cluster_key(client: Etcd, keys: Keyspace, key: FleetKey, *, current: bool = True) -> bytes:
+    """This host's fleet key is the cluster's (else it must not hand it out): its check value.
+    `current`: the cluster's current key, no rotation under way (to wrap it for a host); else
+    any key the cluster's check accepts (a key picked up mid-rotation)."""
     mine = key.check_value(keys.cluster).encode()
     theirs = cluster_check(client, keys)
     if theirs is None:
         raise errors.OperationFailed(f"fleet cluster '{keys.cluster}' has no fleet key in etcd yet "
                                      "(run 'secretbus fleet init' on the first host)")
-    if theirs != mine:
+    if current and theirs.startswith(ROTATING.encode()):
+        raise errors.OperationFailed(f"the fleet key of cluster '{keys.cluster}' is being rotated "
+                                     "('secretbus fleet rotate'); try again when it is done")
+    if (theirs != mine) if current else (mine.decode() not in cluster_checks(theirs)):
         raise errors.OperationFailed(f"this host's fleet key is not the one of fleet cluster '{keys.cluster}'")
     return mine
 
@@ -108,17 +111,28 @@ def pick_up(client: Etcd, keys: Keyspace, host: HostKey) -> FleetKey | None:
         key = unwrap(kv.value, host.private, keys.cluster, host.id)
     except WrapError as e:
         raise errors.OperationFailed(str(e)) from None
-    if key.version != KEY_VERSION:
-        raise errors.OperationFailed(f"the wrap for host {host.id} holds fleet key version {key.version}; "
-                                     f"this secretbus knows version {KEY_VERSION} only")
-    require_cluster_key(client, keys, key)
+    require_cluster_key(client, keys, key, current=False)
     return key
 
 
 def install(directory: Path, key: FleetKey, host: HostKey, *, with_key: str | None = None,
             environ: Mapping[str, str] = os.environ) -> Path:
     """Seal the picked-up fleet key locally, the way the host key is kept (raw or systemd-creds)."""
-    return init_fleet_key(directory, raw=host.raw, with_key=with_key, environ=environ, key=key.key)
+    return init_fleet_key(directory, raw=host.raw, with_key=with_key, environ=environ, key=key.key,
+                          version=key.version)
+
+
+def refresh(directory: Path, client: Etcd, keys: Keyspace, host: HostKey, held: list[FleetKey],
+            environ: Mapping[str, str] = os.environ) -> FleetKey | None:
+    """A key version wrapped for this host that it does not hold yet (after `fleet rotate`),
+    picked up and sealed here; None when there is none."""
+    key = pick_up(client, keys, host)
+    if key is None or any(k.version == key.version for k in held):
+        return None
+    if held and key.version < max(k.version for k in held):
+        return None       # (an older wrap: nothing new)
+    install(directory, key, host, environ=environ)
+    return key
 
 
 def wait_for_approval(client: Etcd, keys: Keyspace, host: HostKey, seconds: float,
@@ -154,7 +168,7 @@ def approve(client: Etcd, keys: Keyspace, key: FleetKey, target: str) -> HostInf
     except WrapError as e:
         raise errors.OperationFailed(str(e)) from None
     ok, _, _ = client.txn([tx.mod_is(keys.host_pub(target), pub.mod_revision), tx.absent(keys.host_wrap(target)),
-                           value_is(keys.key_check, mine)],
+                           tx.value_is(keys.key_check, mine)],
                           [tx.put(keys.host_wrap(target), sealed)])
     if not ok:
         raise errors.OperationFailed(f"fleet host '{target}' changed in etcd while it was being approved "
@@ -225,22 +239,29 @@ def list_hosts(client: Etcd, keys: Keyspace) -> list[HostInfo]:
 
 
 # -- the service at start-up -----------------------------------------------------------------
-def key_at_start(directory: Path, client: Etcd, keys: Keyspace, host: HostKey,
-                 environ: Mapping[str, str] = os.environ) -> FleetKey:
-    """A joined host whose key is not sealed here yet: pick up its wrap now (the operator
-    approved it while no `fleet join --wait` ran), seal it, and serve with it."""
+def keys_at_start(directory: Path, client: Etcd, keys: Keyspace, host: HostKey, held: list[FleetKey],
+                  environ: Mapping[str, str] = os.environ) -> list[FleetKey]:
+    """The key ring to serve with: what this host holds, plus a wrap for it not picked up yet
+    (approved while no `fleet join --wait` ran, or a rotation while it was down). Without any
+    key of its own, a host that cannot pick one up does not start."""
     try:
-        key = pick_up(client, keys, host)
+        newer = refresh(directory, client, keys, host, held, environ)
     except tx.EtcdUnavailable as e:
+        if held:
+            return held       # served from the cache; the watch checks the key when etcd is back
         raise errors.ConfigError(f"this host joined fleet cluster '{keys.cluster}' as {host.id} but has no fleet "
                                  f"key yet, and etcd is unreachable to pick it up: {e}") from None
     except errors.SecretError as e:
+        if held:
+            log.error("fleet: cannot pick up a newer fleet key: %s", e.message)
+            return held
         raise errors.ConfigError(f"fleet cluster '{keys.cluster}': {e.message}") from None
-    if key is None:
+    if newer is not None:
+        return held + [newer]
+    if not held:
         raise errors.ConfigError(f"this host joined fleet cluster '{keys.cluster}' as {host.id} and is not "
                                  f"approved yet (run 'secretbus fleet approve {host.id}' on an enrolled host)")
-    install(directory, key, host, environ=environ)
-    return key
+    return held
 
 
 def fingerprint_of(host: HostKey) -> str:
