@@ -142,7 +142,7 @@ class Fleet:
 
     def key_material(self) -> list[bytes]:
         """Every fleet key and host private key on disk, in each form a leak might take."""
-        raw = [p.read_bytes() for p in self.base.glob("*/etc/secretbus-fleet/*-key")]
+        raw = [p.read_bytes() for p in self.base.glob("*/etc/secretbus-fleet/*-key*") if p.suffix != ".cred"]
         assert raw
         return [f for k in raw for f in (k, k.hex().encode(), base64.b64encode(k)[:20], base64.b64encode(k)[:-2])]
 
@@ -529,6 +529,7 @@ def test_a_crash_mid_rotation_leaves_every_value_readable(fleet: Fleet) -> None:
         a.d.define_xml(xml(u, f"crash.{u}"))
         a.d.set_value(u, v)
     _enrolled(fleet, "b")
+    c_id = fleet.join("c")                                 # pending while the rotation crashes
     b = fleet.host("b").open()
     wait_for(lambda: all(b.d.get_value(u, internal_call=True) == v for u, v in values.items()), "b in sync")
 
@@ -544,6 +545,8 @@ def test_a_crash_mid_rotation_leaves_every_value_readable(fleet: Fleet) -> None:
         a.d.set_value(uid(600), b"during")
     r = fleet.cli("a", "status")
     assert "being rotated" in r.stdout, r
+    r = fleet.cli("a", "approve", c_id)
+    assert r.returncode == 1 and "being rotated" in r.stderr, r
     # restart both hosts mid-rotation: every value is readable
     for h in (a, b):
         h.close()
@@ -557,6 +560,11 @@ def test_a_crash_mid_rotation_leaves_every_value_readable(fleet: Fleet) -> None:
         assert all(h.d.get_value(u, internal_call=True) == v for u, v in values.items()), h.name
     a.d.set_value(uid(600), b"after")
     wait_for(lambda: b.d.get_value(uid(600), internal_call=True) == b"after", "a's write on b")
+    assert fleet.cli("a", "approve", c_id).returncode == 0    # approved after: with the new key only
+    c = fleet.host("c").open()
+    assert [k.version for k in load_fleet_keys(fleet_dir(c.paths))] == [2]
+    assert all(c.d.get_value(u, internal_call=True) == v for u, v in values.items() if u != uid(600))
+    assert c.d.get_value(uid(600), internal_call=True) == b"after"
     b.d.define_xml(xml(uid(700), "crash.new"))
     # the usage index moved with the key: v2's names only, so uniqueness holds for old secrets
     from secretbus.core.model import UsageType

@@ -17,6 +17,7 @@ from secretbus.fleet.keyfile import (
     has_fleet_key,
     init_fleet_key,
     load_fleet_key,
+    load_fleet_keys,
     remove_files,
     remove_fleet_key,
 )
@@ -94,9 +95,12 @@ def join(paths: InstancePaths, conf: SecretConf, *, announce: Callable[[str], No
     host, made = load_or_create_host_key(directory, raw=raw, with_key=with_key, environ=environ)
     try:
         if has_fleet_key(directory, environ):
+            # (a key rotated while this host was down comes first: it is the one to record)
+            newer = enrol.refresh(directory, client, keys, host, load_fleet_keys(directory, environ), environ)
             enrol.enrol_self(client, keys, host, load_fleet_key(directory, environ), hostname())
             announce(host.id)
-            note("this host holds the fleet key: enrolled")
+            note("this host holds the fleet key: enrolled"
+                 + (f" (picked up fleet key version {newer.version})" if newer is not None else ""))
             return True
         fresh = enrol.publish(client, keys, host, hostname())
         announce(host.id)
