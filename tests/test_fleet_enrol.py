@@ -573,3 +573,22 @@ def test_a_crash_mid_rotation_leaves_every_value_readable(fleet: Fleet) -> None:
     _, usage = fleet.client().range(KEYS.prefix + b"usage/", prefix_end(KEYS.prefix + b"usage/"))
     assert {kv.key for kv in usage} == {KEYS.usage(v2.usage_index(UsageType.CEPH, name))
                                         for name in [*(f"crash.{u}" for u in values), "crash.new"]}
+
+
+def test_rotate_leaves_an_unopenable_record_and_finishes(fleet: Fleet) -> None:
+    _init_first(fleet)
+    a = fleet.host("a").open()
+    a.d.define_xml(xml(uid(80), "junk.80"))
+    a.d.set_value(uid(80), b"fine")
+    junk = b"SBF1" + bytes(60)          # a def record no key opens (damaged, or planted in etcd)
+    fleet.client().txn([], [{"request_put": {"key": base64.b64encode(KEYS.definition(uid(81))).decode(),
+                                             "value": base64.b64encode(junk).decode()}}])
+    r = fleet.cli("a", "rotate")
+    assert r.returncode == 0 and "1 secrets re-sealed" in r.stdout, r
+    assert a.d.get_value(uid(80)) == b"fine"
+    _, kvs = fleet.client().range(KEYS.definition(uid(81)))
+    assert kvs[0].value == junk
+    r = fleet.cli("a", "rotate")             # and again: version 3
+    assert r.returncode == 0 and "rotated to version 3" in r.stdout, r
+    a.d.set_value(uid(80), b"still-fine")
+    assert a.d.get_value(uid(80)) == b"still-fine"

@@ -47,6 +47,7 @@ log = logging.getLogger("secretbus.fleet")
 
 LOCK_TTL = 10          # seconds: how long a crashed rotation keeps the lock
 MAX_HOSTS = 60         # etcd's default --max-txn-ops (128) bounds the start transaction
+MAX_PASSES = 20        # writes are fenced meanwhile: passes beyond the second mean something is wrong
 
 
 @dataclass(frozen=True)
@@ -216,10 +217,13 @@ def _own_new_key(client: Etcd, keys: Keyspace, host: HostKey, version: int, held
 
 def _reseal_all(client: Etcd, keys: Keyspace, ring: Sealer, held: list[FleetKey], marker: bytes, lock: Lock,
                 progress: Callable[[int], None] | None) -> int:
-    """Steps 3 and 4: passes until one finds every record at the new version, then finish."""
+    """Steps 3 and 4: passes until one finds every record at the new version, then finish.
+    A record no key here opens (damaged, or of a key this host never held) is logged and left:
+    it was unreadable before the rotation too."""
     by_version = {k.version: Sealer(keys.cluster, k) for k in held}
     done = 0
-    while True:
+    broken: set[str] = set()
+    for _ in range(MAX_PASSES):
         lock.check()
         rev, kvs = client.range(keys.secrets, tx.prefix_end(keys.secrets))
         by_uuid: dict[str, dict[str, KV]] = {}
@@ -227,27 +231,35 @@ def _reseal_all(client: Etcd, keys: Keyspace, ring: Sealer, held: list[FleetKey]
             parsed = keys.parse(kv.key)
             if parsed is not None:
                 by_uuid.setdefault(parsed[0], {})[parsed[1]] = kv
-        stale = [(u, p) for u, p in sorted(by_uuid.items()) if "def" in p
+        stale = [(u, p) for u, p in sorted(by_uuid.items()) if "def" in p and u not in broken
                  and any(record_version(kv.value) != ring.key_version for kv in p.values())]
         if not stale:
             ok, _, _ = client.txn([tx.value_is(keys.key_check, marker), tx.unchanged_since(keys.secrets, rev),
                                    tx.unchanged_since(keys.prefix + b"usage/", rev)],
                                   [tx.put(keys.key_check, ring.check_value.encode())])
             if ok:
+                if broken:
+                    log.error("fleet rotate: %d secrets could not be opened and keep their old sealing: %s",
+                              len(broken), ", ".join(sorted(broken)))
                 return done
             continue
         for uuid, parts in stale:
             lock.check()
-            if _reseal(client, keys, ring, by_version, marker, uuid, parts):
+            outcome = _reseal(client, keys, ring, by_version, marker, uuid, parts)
+            if outcome is None:
+                broken.add(uuid)
+            elif outcome:
                 done += 1
                 if progress is not None:
                     progress(done)
+    raise errors.OperationFailed(f"the fleet's secrets kept changing during {MAX_PASSES} passes of the "
+                                 "rotation; run 'fleet rotate' again to resume")
 
 
 def _reseal(client: Etcd, keys: Keyspace, ring: Sealer, by_version: dict[int, Sealer], marker: bytes,
-            uuid: str, parts: dict[str, KV]) -> bool:
+            uuid: str, parts: dict[str, KV]) -> bool | None:
     """One secret under the new key, its usage index renamed; False if it changed meanwhile
-    (the next pass sees it again) or cannot be opened (logged, left as it is)."""
+    (the next pass sees it again), None if it cannot be opened (logged, left as it is)."""
     d_kv, v_kv = parts["def"], parts.get("value")
     try:
         gen, plain = ring.open("def", uuid, d_kv.value)
@@ -258,8 +270,9 @@ def _reseal(client: Etcd, keys: Keyspace, ring: Sealer, by_version: dict[int, Se
             vgen, value = ring.open("value", uuid, v_kv.value, extra=inc)
             ops.append(tx.put(keys.value(uuid), ring.seal("value", uuid, vgen, value, extra=inc)))
     except (SealError, ValueError, KeyError, TypeError, errors.SecretError) as e:
-        log.error("fleet rotate: secret %s left as it is: %s", uuid, getattr(e, "message", e))
-        return False
+        log.error("fleet rotate: secret %s left as it is: %s", uuid, getattr(e, "message", e),
+                  extra={"SECRET_UUID": uuid})
+        return None
     compare = [tx.value_is(keys.key_check, marker), tx.mod_is(keys.definition(uuid), d_kv.mod_revision),
                tx.mod_is(keys.value(uuid), v_kv.mod_revision) if v_kv is not None else tx.absent(keys.value(uuid))]
     old_version = record_version(d_kv.value)
