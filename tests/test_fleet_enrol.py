@@ -461,14 +461,14 @@ def test_rotate_keeps_approved_hosts_and_shuts_a_revoked_one_out(fleet: Fleet) -
     old = uid(50)
     a.d.define_xml(xml(old, "rotate.old", desc="before"))
     a.d.set_value(old, b"before-rotation")
-    b_id, c_id = _enrolled(fleet, "b", "c")
+    b_id, c_id, d_id = _enrolled(fleet, "b", "c", "d")       # d stays down during the rotation
     b, c = fleet.host("b").open(), fleet.host("c").open()
     for h in (b, c):
         wait_for(lambda h=h: h.d.get_value(old) == b"before-rotation", f"the old secret on {h.name}")
     assert fleet.cli("a", "revoke", c_id).returncode == 0
 
     r = fleet.cli("a", "rotate")
-    assert r.returncode == 0 and "rotated to version 2" in r.stdout and "wrapped for 2 approved hosts" in r.stdout, r
+    assert r.returncode == 0 and "rotated to version 2" in r.stdout and "wrapped for 3 approved hosts" in r.stdout, r
     assert _versions_in_etcd(fleet) == {2}
     a_dir = fleet_dir(a.paths)
     assert not (a_dir / "fleet-key").exists() and (a_dir / "fleet-key.v2").exists()   # v1 retired here
@@ -499,8 +499,13 @@ def test_rotate_keeps_approved_hosts_and_shuts_a_revoked_one_out(fleet: Fleet) -
     assert c.d.get_value(old, internal_call=True) == b"before-rotation"
     with pytest.raises(errors.NoSecret):
         c.d.lookup_by_uuid(new)
+    # d, down during the rotation, picks its new key up when it starts (the watch's key check)
+    d = fleet.host("d").open()
+    assert d.d.get_value(new) == b"after-rotation" and d.d.get_value(old) == b"set-on-b"
+    assert [k.version for k in load_fleet_keys(fleet_dir(d.paths))] == [1, 2]
     r = fleet.cli("b", "status")
-    assert re.search(rf"{b_id} .* approved key v2", r.stdout) and c_id not in r.stdout, r
+    assert re.search(rf"{b_id} .* approved key v2", r.stdout) and re.search(rf"{d_id} .* approved key v2", r.stdout)
+    assert c_id not in r.stdout, r
     outputs = "".join(fleet.outputs).encode()
     for k in fleet.key_material():
         assert k not in outputs

@@ -43,8 +43,10 @@ def open_fleet_store(paths: InstancePaths, conf: SecretConf, codecs: ValueCodecs
     keys = Keyspace(options.cluster)
     held = load_fleet_keys(directory, environ) if has_fleet_key(directory, environ) else []
     host = load_host_key(directory, environ) if has_host_key(directory) else None
-    if host is not None:
-        # Joined (fleet join): a wrap approved, or rotated, since is picked up now.
+    if host is not None and not held:
+        # Joined (fleet join) and approved since, with no `join --wait` to pick the key up. (A
+        # key rotated while this host was down is picked up by the watch's key check, without
+        # holding up the start when etcd is unreachable.)
         held = enrol.keys_at_start(directory, etcd, keys, host, held, environ)
     elif not held:
         held = load_fleet_keys(directory, environ)     # (raises: no key, no identity)
