@@ -356,13 +356,40 @@ def cmd_init_encryption(conn_unused, a) -> int:
     return 0
 
 
+FLEET_ACTIONS = ("init", "join", "approve", "status", "leave", "revoke", "rotate")
+
+
 def cmd_fleet(conn_unused, a) -> int:
     from secretbus.fleet import admin
     from secretbus.store.conf import load_conf
     from secretbus.store.paths import InstancePaths
     from secretbus.uri import default_uri, parse_uri
-    if a.action not in ("init", "status"):
-        raise CommandError(f"unknown fleet action '{a.action}' (init, status)")
+    if a.action not in FLEET_ACTIONS:
+        raise CommandError(f"unknown fleet action '{a.action}' ({', '.join(FLEET_ACTIONS)})")
+    needs_host = a.action in ("approve", "revoke")
+    if needs_host and not _req(a, "host"):
+        raise CommandError(f"fleet {a.action} needs the id of a host (as 'fleet join' printed it)")
+    if not needs_host and a.host is not None:
+        raise CommandError(f"unexpected data '{a.host}'")
+    wait = None
+    if a.wait is not None:
+        if a.action != "join":
+            raise CommandError("--wait is for 'fleet join'")
+        if not re.fullmatch(r"[0-9]+", a.wait.strip()) or int(a.wait) > TIMEOUT_MAX:
+            raise CommandError(f"Numeric value '{a.wait}' for <wait> option is malformed or out of range")
+        wait = int(a.wait)
+
+    def note(text: str) -> None:
+        # join's stdout is its host id alone (DESIGN §11): everything else goes to stderr.
+        try:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def announce(host_id: str) -> None:
+        _print(host_id)
+        _out.flush()        # before waiting: the operator needs it for 'fleet approve'
     try:
         parsed = parse_uri(a.connect_uri or default_uri())
         paths = InstancePaths.for_kind(parsed.kind, parsed.root)
@@ -370,6 +397,19 @@ def cmd_fleet(conn_unused, a) -> int:
         if a.action == "init":
             lines = admin.init(paths, conf, raw=a.raw, with_key=_req(a, "with-key"),
                                copy_from=Path(a.from_file) if _req(a, "from-file") else None)
+        elif a.action == "join":
+            _out.quiet = True   # (no trailing blank line either)
+            approved = admin.join(paths, conf, announce=announce, note=note, raw=a.raw,
+                                  with_key=_req(a, "with-key"), wait=wait)
+            return 0 if approved or wait is None else 1
+        elif a.action == "approve":
+            lines = admin.approve(paths, conf, a.host)
+        elif a.action == "revoke":
+            lines = admin.revoke(paths, conf, a.host)
+        elif a.action == "leave":
+            lines = admin.leave(paths, conf)
+        elif a.action == "rotate":
+            lines = admin.rotate(paths, conf)
         else:
             lines = admin.status(paths, conf)
     except errors.SecretError as e:
@@ -524,10 +564,16 @@ _command("init-encryption", "create the sealed encryption key (once)",
           Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...)", named_only=True),
           Opt("raw", B, "write a raw 0600 key file (hosts without systemd)")),
          cmd_init_encryption, no_connection=True)
-_command("fleet", "fleet mode: init (create the fleet key), status",
-         "Fleet mode (docs/fleet.md): 'init' creates this host's fleet key (sealed with systemd-creds) and "
-         "registers it for the cluster; 'status' shows the cluster, the key and etcd.",
-         (Opt("action", S, "init or status", required=True),
+_command("fleet", "fleet mode: init, join, approve HOST, status, leave, revoke HOST, rotate",
+         "Fleet mode (docs/fleet.md): 'init' creates the fleet key on the first host (sealed with systemd-creds) "
+         "and registers it for the cluster; 'join' makes this host's key pair, publishes it and prints its "
+         "id, and picks up the fleet key once approved; 'approve HOST' (on an enrolled host) wraps the fleet "
+         "key for that host; 'revoke HOST' deletes its records; 'leave' this host's; 'rotate' makes a new "
+         "fleet key for the approved hosts and re-seals every secret; 'status' shows the cluster, the key, "
+         "etcd and the hosts.",
+         (Opt("action", S, ", ".join(FLEET_ACTIONS), required=True),
+          Opt("host", S, "the host id (approve, revoke)"),
+          Opt("wait", N, "join: wait this many seconds for the approval", named_only=True),
           Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...)", named_only=True),
           Opt("raw", B, "write a raw 0600 key file (hosts without systemd)"),
           Opt("from-file", S, "seal a copy of the first host's fleet key (a raw 32-byte file) instead of "

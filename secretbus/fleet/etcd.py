@@ -145,6 +145,18 @@ class Etcd:
         # proto3 JSON leaves out false: no "succeeded" means the compare failed.
         return bool(out.get("succeeded", False)), int(out["header"]["revision"]), out.get("responses", [])
 
+    # -- leases (fleet rotate's lock) ---------------------------------------------------
+    def lease_grant(self, ttl: int) -> int:
+        return int(self._post("lease/grant", {"TTL": ttl, "ID": 0})["ID"])
+
+    def lease_keepalive(self, lease: int) -> int:
+        """The lease's new TTL (0: it expired)."""
+        out = self._post("lease/keepalive", {"ID": lease})
+        return int(out.get("result", out).get("TTL", 0))
+
+    def lease_revoke(self, lease: int) -> None:
+        self._post("kv/lease/revoke", {"ID": lease})
+
     def compact(self, revision: int) -> None:
         self._post("kv/compaction", {"revision": revision, "physical": True})
 
@@ -240,8 +252,21 @@ def mod_is(key: bytes, revision: int) -> dict[str, Any]:
     return {"key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(revision)}
 
 
-def put(key: bytes, value: bytes) -> dict[str, Any]:
-    return {"request_put": {"key": b64(key), "value": b64(value)}}
+def put(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
+    req: dict[str, Any] = {"key": b64(key), "value": b64(value)}
+    if lease:
+        req["lease"] = str(lease)
+    return {"request_put": req}
+
+
+def value_is(key: bytes, value: bytes) -> dict[str, Any]:
+    return {"key": b64(key), "result": "EQUAL", "target": "VALUE", "value": b64(value)}
+
+
+def unchanged_since(prefix: bytes, revision: int) -> dict[str, Any]:
+    """No key under `prefix` was changed after `revision` (etcd >= 3.3 compares ranges)."""
+    return {"key": b64(prefix), "range_end": b64(prefix_end(prefix)), "result": "LESS", "target": "MOD",
+            "mod_revision": str(revision + 1)}
 
 
 def delete(key: bytes) -> dict[str, Any]:

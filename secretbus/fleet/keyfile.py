@@ -3,12 +3,14 @@ systemd-creds (as the host key, store/keys.py) or, for tests and hosts without i
 0600 file. Loaded from, in order: the `secretbus-fleet-key` credential systemd passes
 (`LoadCredentialEncrypted=`), the sealed file, the raw file.
 
-This increment has no in-etcd wrap for enrolment: every host of a cluster holds the same key
-(sealed by each host itself, from a copy passed over ssh; docs/fleet.md).
+Every host of a cluster holds the same key, sealed by each host itself: either from a copy
+passed over ssh (`fleet init --from-file`) or unwrapped from the copy an enrolled host wrapped
+for it in etcd (`fleet join` / `fleet approve`, enrol.py).
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +25,15 @@ from secretbus.store.paths import InstancePaths
 CREDENTIAL_NAME = "secretbus-fleet-key"
 RAW_NAME = "fleet-key"
 SEALED_NAME = "fleet-key.cred"
-KEY_VERSION = 1      # rotation (a later increment) adds versions
+KEY_VERSION = 1      # the first key's; `fleet rotate` adds fleet-key.v<N>[.cred] beside it
+_VERSIONED = re.compile(r"fleet-key\.v([1-9][0-9]{0,8})(\.cred)?")
+
+
+def key_names(version: int) -> tuple[str, str]:
+    """(raw name, sealed name) of a key version's file."""
+    if version == KEY_VERSION:
+        return RAW_NAME, SEALED_NAME
+    return f"fleet-key.v{version}", f"fleet-key.v{version}.cred"
 
 
 def fleet_dir(paths: InstancePaths) -> Path:
@@ -32,15 +42,17 @@ def fleet_dir(paths: InstancePaths) -> Path:
 
 
 def init_fleet_key(directory: Path, *, raw: bool = False, with_key: str | None = None,
-                   environ: Mapping[str, str] = os.environ, key: bytes | None = None) -> Path:
+                   environ: Mapping[str, str] = os.environ, key: bytes | None = None,
+                   version: int = KEY_VERSION) -> Path:
     """Create the fleet key (or store `key`, a copy from the first host) once; never replaced."""
-    name = RAW_NAME if raw else SEALED_NAME
+    raw_name, sealed_name = key_names(version)
+    name = raw_name if raw else sealed_name
     try:
         dir_fd = fsutil.open_dir(directory, create=True)
     except OSError as e:
         raise errors.OperationFailed(f"cannot create '{directory}': {e.strerror or e}") from None
     try:
-        for existing in (RAW_NAME, SEALED_NAME):
+        for existing in (raw_name, sealed_name):
             try:
                 os.lstat(existing, dir_fd=dir_fd)
             except FileNotFoundError:
@@ -59,30 +71,91 @@ def init_fleet_key(directory: Path, *, raw: bool = False, with_key: str | None =
 
 
 def load_fleet_key(directory: Path, environ: Mapping[str, str] = os.environ) -> FleetKey:
+    """The newest version this host holds."""
+    return load_fleet_keys(directory, environ)[-1]
+
+
+def load_fleet_keys(directory: Path, environ: Mapping[str, str] = os.environ) -> list[FleetKey]:
+    """Every version this host holds, oldest first (a credential systemd passes is version 1)."""
+    keys: dict[int, FleetKey] = {}
     creds = environ.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / CREDENTIAL_NAME).exists():
-        return FleetKey(KEY_VERSION, load_key(Path(creds) / CREDENTIAL_NAME))
-    sealed = directory / SEALED_NAME
-    if sealed.exists():
-        return FleetKey(KEY_VERSION, _unseal(sealed, environ))
-    raw = directory / RAW_NAME
-    if raw.exists():
-        return FleetKey(KEY_VERSION, load_key(raw))
-    raise errors.ConfigError(f"fleet mode is configured but this host has no fleet key in '{directory}' "
-                             "(run 'secretbus fleet init' on the first host)")
+        keys[KEY_VERSION] = FleetKey(KEY_VERSION, load_key(Path(creds) / CREDENTIAL_NAME))
+    for version in _versions(directory):
+        if version in keys:
+            continue
+        raw_name, sealed_name = key_names(version)
+        if (directory / sealed_name).exists():
+            keys[version] = FleetKey(version, _unseal(directory / sealed_name, environ))
+        elif (directory / raw_name).exists():
+            keys[version] = FleetKey(version, load_key(directory / raw_name))
+    if not keys:
+        raise errors.ConfigError(f"fleet mode is configured but this host has no fleet key in '{directory}' "
+                                 "(run 'secretbus fleet init' on the first host)")
+    return [keys[v] for v in sorted(keys)]
 
 
-def _seal(key: bytes, with_key: str | None, environ: Mapping[str, str]) -> bytes:
-    argv = [SYSTEMD_CREDS, "encrypt", f"--name={CREDENTIAL_NAME}"]
+def _versions(directory: Path) -> list[int]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise errors.ConfigError(f"cannot read '{directory}': {e.strerror}") from None
+    found = {KEY_VERSION for n in names if n in (RAW_NAME, SEALED_NAME)}
+    found |= {int(m.group(1)) for n in names if (m := _VERSIONED.fullmatch(n))}
+    return sorted(found)
+
+
+def has_fleet_key(directory: Path, environ: Mapping[str, str] = os.environ) -> bool:
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / CREDENTIAL_NAME).exists():
+        return True
+    return bool(_versions(directory))
+
+
+def remove_fleet_key(directory: Path, versions: list[int] | None = None) -> list[Path]:
+    """`fleet leave` (every version), or the versions a rotation retired: the files removed
+    (a credential systemd passes is the unit's to drop)."""
+    chosen = _versions(directory) if versions is None else versions
+    return remove_files(directory, tuple(n for v in chosen for n in key_names(v)))
+
+
+def remove_files(directory: Path, names: tuple[str, ...]) -> list[Path]:
+    removed = []
+    try:
+        with fsutil.verified_dir(directory) as dir_fd:
+            for name in names:
+                if fsutil.unlink_at(dir_fd, name):
+                    removed.append(directory / name)
+            os.fsync(dir_fd)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise errors.OperationFailed(f"cannot remove files in '{directory}': {e.strerror or e}") from None
+    return removed
+
+
+def seal(key: bytes, with_key: str | None, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
+    """The sealed form of `key` (systemd-creds, credential `name`)."""
+    return _seal(key, with_key, environ, name)
+
+
+def unseal(path: Path, environ: Mapping[str, str], name: str) -> bytes:
+    return _unseal(path, environ, name)
+
+
+def _seal(key: bytes, with_key: str | None, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
+    argv = [SYSTEMD_CREDS, "encrypt", f"--name={name}"]
     if with_key is not None:
         argv.append(f"--with-key={with_key}")
     return _creds(argv + ["-", "-"], key, environ, "encrypt")
 
 
-def _unseal(path: Path, environ: Mapping[str, str]) -> bytes:
-    key = _creds([SYSTEMD_CREDS, "decrypt", f"--name={CREDENTIAL_NAME}", str(path), "-"], b"", environ, "decrypt")
+def _unseal(path: Path, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
+    key = _creds([SYSTEMD_CREDS, "decrypt", f"--name={name}", str(path), "-"], b"", environ, "decrypt")
     if len(key) != KEY_SIZE:
-        raise errors.InvalidEncrKey(f"fleet key length must be '{KEY_SIZE}' '{path}'")
+        raise errors.InvalidEncrKey(f"{name} length must be '{KEY_SIZE}' '{path}'")
     return key
 
 

@@ -4,6 +4,8 @@
     secrets/<uuid>/value   sealed value             gen = value counter, bound to the def's inc
     usage/<HMAC>           <uuid>                   fleet-wide usage uniqueness
     meta/key-check         fingerprint of the fleet key (a host with another key refuses)
+    hosts/<id>/pub         a host's X25519 public key, hostname, time (not secret; fleet join)
+    hosts/<id>/wrap        the fleet key wrapped for that host (fleet approve; enrol_wrap.py)
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from secretbus.core.uuids import is_canonical
 
 _CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+HOST_ID = re.compile(r"[0-9a-f]{32}")      # hostkey.host_id: 128 bits of the public key's hash
 
 
 def check_cluster(name: str) -> str:
@@ -46,6 +49,25 @@ class Keyspace:
     def key_check(self) -> bytes:
         return self.prefix + b"meta/key-check"
 
+    @property
+    def hosts(self) -> bytes:
+        return self.prefix + b"hosts/"
+
+    def host_pub(self, host_id: str) -> bytes:
+        return self.hosts + _host(host_id) + b"/pub"
+
+    def host_wrap(self, host_id: str) -> bytes:
+        return self.hosts + _host(host_id) + b"/wrap"
+
+    def parse_host(self, key: bytes) -> tuple[str, str] | None:
+        """(host id, "pub" | "wrap") of a host record's key; None for every other key."""
+        if not key.startswith(self.hosts):
+            return None
+        parts = key[len(self.hosts):].decode("ascii", "replace").split("/")
+        if len(parts) != 2 or parts[1] not in ("pub", "wrap") or not HOST_ID.fullmatch(parts[0]):
+            return None
+        return parts[0], parts[1]
+
     def parse(self, key: bytes) -> tuple[str, str] | None:
         """(uuid, "def" | "value") of a secret's key; None for every other key."""
         if not key.startswith(self.secrets):
@@ -54,3 +76,10 @@ class Keyspace:
         if len(parts) != 2 or parts[1] not in ("def", "value") or not is_canonical(parts[0]):
             return None
         return parts[0], parts[1]
+
+
+def _host(host_id: str) -> bytes:
+    # A host id is typed by an operator (fleet approve ID): never let it name another key.
+    if not HOST_ID.fullmatch(host_id):
+        raise ValueError(f"'{host_id}' is not a fleet host id (32 hex digits, as 'fleet join' prints)")
+    return host_id.encode()

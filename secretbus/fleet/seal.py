@@ -5,6 +5,10 @@ with AAD = b"sbfleet1" | kind | cluster | uuid | gen | key_version | extra, so a
 to another cluster, secret, kind or generation fails authentication. Usage ids never reach
 etcd in clear: the usage index key is HMAC-SHA256 under a key derived from the FDK.
 No key or plaintext byte ever reaches a repr, an exception or a log line.
+
+A Sealer holds a key ring: it seals under its newest version and opens every version it
+holds, so a host reads records of both sides of a rotation (fleet/rotate.py). The usage index
+and the value digest are the newest key's (rotation re-indexes).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import hashlib
 import hmac
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -29,6 +34,14 @@ _HEADER = struct.Struct(">4sIQ12s")
 
 class SealError(Exception):
     """A record that does not authenticate under this key and binding (no detail leaks)."""
+
+
+class NewerKey(SealError):
+    """A record sealed with a key version newer than this host's: the fleet key was rotated."""
+
+    def __init__(self, message: str, version: int):
+        super().__init__(message)
+        self.version = version
 
 
 @dataclass(frozen=True)
@@ -50,16 +63,28 @@ class FleetKey:
 
 
 class Sealer:
-    def __init__(self, cluster: str, key: FleetKey):
+    def __init__(self, cluster: str, key: FleetKey, older: Iterable[FleetKey] = ()):
+        """`key` seals; it and the `older` versions open."""
         self.cluster = cluster
         self.key_version = key.version
-        self._aead = AESGCM(key.key)
+        ring = {k.version: k for k in older}
+        ring[key.version] = key
+        if max(ring) != key.version:
+            raise ValueError("a Sealer seals with the newest version of its ring")
+        self._ring = {v: AESGCM(k.key) for v, k in ring.items()}
+        self._aead = self._ring[key.version]
         self._index_key = key._derive(b"usage-index", cluster)
         self._digest_key = key._derive(b"value-digest", cluster)
         self.check_value = key.check_value(cluster)
+        # Every version's fingerprint: the cluster's check may name any of them mid-rotation.
+        self.check_values = frozenset(k.check_value(cluster) for k in ring.values())
+
+    @property
+    def versions(self) -> list[int]:
+        return sorted(self._ring)
 
     def __repr__(self) -> str:
-        return f"Sealer(cluster={self.cluster!r}, key_version={self.key_version})"
+        return f"Sealer(cluster={self.cluster!r}, key_version={self.key_version}, versions={self.versions})"
 
     def _aad(self, kind: str, uuid: str, gen: int, version: int, extra: str) -> bytes:
         return b"|".join([AAD_TAG, kind.encode(), self.cluster.encode(), uuid.encode(),
@@ -77,11 +102,15 @@ class Sealer:
         magic, version, gen, nonce = _HEADER.unpack_from(record)
         if magic != MAGIC:
             raise SealError(f"fleet {kind} record of secret {uuid} has an unknown format")
-        if version != self.key_version:
-            raise SealError(f"fleet {kind} record of secret {uuid} is sealed with fleet key "
-                            f"version {version}, this host has version {self.key_version}")
+        aead = self._ring.get(version)
+        if aead is None:
+            text = (f"fleet {kind} record of secret {uuid} is sealed with fleet key version {version}, "
+                    f"this host has version{'s' if len(self._ring) > 1 else ''} {', '.join(map(str, self.versions))}")
+            if version > self.key_version:
+                raise NewerKey(text, version)
+            raise SealError(text)
         try:
-            plain = self._aead.decrypt(nonce, record[_HEADER.size:], self._aad(kind, uuid, gen, version, extra))
+            plain = aead.decrypt(nonce, record[_HEADER.size:], self._aad(kind, uuid, gen, version, extra))
         except InvalidTag:
             raise SealError(f"fleet {kind} record of secret {uuid} does not authenticate "
                             "(another fleet key, or the record was changed)") from None
@@ -95,3 +124,23 @@ class Sealer:
     def digest(self, value: bytes) -> bytes:
         """Tells whether a value changed without keeping it (an equal value is not re-sent)."""
         return hmac.new(self._digest_key, value, hashlib.sha256).digest()
+
+
+def record_version(record: bytes) -> int | None:
+    """The key version a sealed record names (None: not a record), without opening it."""
+    if len(record) < _HEADER.size or record[:4] != MAGIC:
+        return None
+    return int(_HEADER.unpack_from(record)[1])
+
+
+# meta/key-check holds the cluster key's fingerprint, or during a rotation
+# "rotating <to-version> <old fingerprint> <new fingerprint>" (fleet writes are refused then).
+ROTATING = "rotating"
+
+
+def cluster_checks(value: bytes) -> frozenset[str]:
+    """The fingerprints a key-check value accepts (a host holding any of them belongs)."""
+    words = value.decode("ascii", "replace").split()
+    if len(words) == 4 and words[0] == ROTATING:
+        return frozenset(words[2:])
+    return frozenset(words[:1]) if len(words) == 1 else frozenset()

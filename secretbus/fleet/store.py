@@ -39,7 +39,7 @@ from secretbus.fleet import etcd as tx
 from secretbus.fleet.changes import RemoteChange
 from secretbus.fleet.etcd import KV, Etcd, EtcdUnavailable, WatchEvent
 from secretbus.fleet.keyspace import Keyspace
-from secretbus.fleet.seal import Sealer, SealError
+from secretbus.fleet.seal import ROTATING, NewerKey, Sealer, SealError, cluster_checks
 from secretbus.fleet.status import FleetState, FleetStatus, StatusCell
 from secretbus.store import fsutil
 from secretbus.store.codec import ValueCodecs
@@ -90,6 +90,8 @@ class FleetStore(SecretStore):
         # Fleet mode reloads secret.conf in place (driver/build.py): what this host publishes
         # follows the conf the driver serves with, once set.
         self.options_source: Callable[[], FleetOptions] | None = None
+        # `fleet rotate` (rotate.py): picks up this host's newer key; None without a host key.
+        self.key_refresh: Callable[[], Sealer | None] | None = None
         self.keys = Keyspace(options.cluster)
         self.state_dir = state_dir
         self.cell = StatusCell()
@@ -132,12 +134,47 @@ class FleetStore(SecretStore):
     def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
              failure: list[dict[str, Any]] | None = None) -> tuple[bool, int, list[dict[str, Any]]]:
         self._require_online()
+        # Every write is sealed and indexed under this host's current key: it commits only while
+        # that is the cluster's key (no rotation under way, none finished that we missed).
+        fence = tx.value_is(self.keys.key_check, self.sealer.check_value.encode())
         try:
-            return self.etcd.txn(compare, success, failure)
+            ok, rev, responses = self.etcd.txn(compare + [fence], success,
+                                               (failure or []) + [tx.get(self.keys.key_check)])
         except EtcdUnavailable as e:
             # The outcome is unknown; if it committed, the watch brings it in later.
             self.cell.set(FleetState.DEGRADED, str(e))
             raise unavailable(str(e)) from None
+        if not ok:
+            kvs = responses[-1].get("response_range", {}).get("kvs", []) if responses else []
+            check = KV.of(kvs[0]).value if kvs else b""
+            if check != self.sealer.check_value.encode():
+                raise self._fenced(check)
+            responses = responses[:-1]
+        return ok, rev, responses
+
+    def _fenced(self, check: bytes) -> errors.SecretError:
+        if check.startswith(ROTATING.encode()):
+            return unavailable("the fleet key is being rotated (fleet rotate); try again when it is done")
+        if self.refresh_key():
+            return errors.OperationFailed("the fleet key was rotated meanwhile; try again")
+        return unavailable(f"this host's fleet key is not the one of fleet cluster '{self.options.cluster}'")
+
+    def refresh_key(self, version: int = 0) -> bool:
+        """Pick up a newer fleet key (a rotation); True if the sealer now has `version` or a
+        newer key than before."""
+        if self.key_refresh is None:
+            return False
+        with self._lock:
+            try:
+                sealer = self.key_refresh()
+            except (EtcdUnavailable, errors.SecretError) as e:
+                log.error("fleet: cannot pick up the rotated fleet key: %s", getattr(e, "message", e))
+                return False
+            if sealer is None or sealer.key_version <= self.sealer.key_version or sealer.key_version < version:
+                return False
+            log.info("fleet: now using fleet key version %d", sealer.key_version)
+            self.sealer = sealer
+            return True
 
     # -- sealing ---------------------------------------------------------------------
     def _seal_def(self, d: SecretDef, inc: str, gen: int) -> bytes:
@@ -365,6 +402,9 @@ class FleetStore(SecretStore):
         """`cached`: what the cache held at start-up (resync only): left as it is if equal."""
         parsed = self.keys.parse(kv.key)
         if parsed is None:
+            if kv.key == self.keys.key_check and not deleted and \
+                    self.sealer.check_value not in cluster_checks(kv.value):
+                self.refresh_key()     # a rotation ended (or began) with a key this host lacks
             return
         uuid, part = parsed
         known = self._known.get(uuid)
@@ -379,6 +419,11 @@ class FleetStore(SecretStore):
                 self._apply_def(uuid, kv, known, changes, cached)
             elif known is not None and known.value_rev < kv.mod_revision:
                 self._apply_value(uuid, kv, known, changes, cached)
+        except NewerKey as e:
+            if self.refresh_key(e.version):
+                self._apply(kv, deleted, changes, cached)      # (once: the sealer has that version now)
+            else:
+                log.error("fleet: ignoring a change of secret %s: %s", uuid, e, extra={"SECRET_UUID": uuid})
         except SealError as e:
             log.error("fleet: ignoring a change of secret %s: %s", uuid, e, extra={"SECRET_UUID": uuid})
         except errors.SecretError as e:

@@ -16,6 +16,7 @@ from functools import partial
 from secretbus.fleet import etcd as tx
 from secretbus.fleet.changes import RemoteChange
 from secretbus.fleet.etcd import EtcdUnavailable, WatchStream
+from secretbus.fleet.seal import cluster_checks
 from secretbus.fleet.status import FleetState
 from secretbus.fleet.store import FleetStore
 
@@ -120,14 +121,18 @@ class FleetSync:
                  sum(1 for kv in kvs if kv.key.endswith(b"/def")), rev, len(changes))
 
     def _check_key(self) -> None:
-        """The cluster's key fingerprint must be ours (the first host to connect sets it)."""
+        """The cluster's key fingerprint must be one of ours (the first host to connect sets it);
+        after a rotation this host missed, it picks up its newer key first."""
         key = self.store.keys.key_check
         mine = self.store.sealer.check_value.encode()
         _, kvs = self.store.etcd.range(key)
         if not kvs:
             self.store.etcd.txn([tx.absent(key)], [tx.put(key, mine)])
             _, kvs = self.store.etcd.range(key)
-        if not kvs or kvs[0].value != mine:
+
+        def ours() -> bool:
+            return bool(kvs) and bool(cluster_checks(kvs[0].value) & self.store.sealer.check_values)
+        if not ours() and not (self.store.refresh_key() and ours()):
             raise KeyMismatch(f"this host's fleet key is not the one of fleet cluster '{self.store.options.cluster}'")
 
     # -- heartbeat ----------------------------------------------------------------------
