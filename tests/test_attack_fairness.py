@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import random
 import re
@@ -223,6 +224,46 @@ def test_unread_replies_block_a_caller_until_it_reads():
     asyncio.run(main())
 
 
+def test_unread_counts_what_was_sent_during_a_question_and_settle_asks_again():
+    async def main():
+        answers: list[asyncio.Future[int]] = []
+
+        async def ask(sender: str) -> int:
+            fut = asyncio.get_running_loop().create_future()
+            answers.append(fut)
+            return await fut
+
+        u = UnreadReplies(ask, bound=4000, recheck=1000)
+        u.sent(":1.2", 1200)                       # a question starts
+        await _settle()
+        assert len(answers) == 1 and not u.over(":1.2")
+        u.sent(":1.2", 5000)                       # more than the bound while it runs
+        assert u.over(":1.2") == 5000
+        answers[0].set_result(0)                   # the answer predates those bytes...
+        await _settle()
+        assert u.over(":1.2") == 0 and u.blocked(":1.2") == 0
+        u.sent(":1.2", 5000)                       # ...so the next reply asks again
+        await _settle()
+        assert len(answers) == 2
+        u.sent(":1.2", 4500)
+        settling = asyncio.create_task(u.settle(":1.2"))
+        await _settle()
+        answers[1].set_result(6000)                # still unread: settle asks once more
+        await _settle()
+        assert len(answers) == 3 and not settling.done()
+        answers[2].set_result(0)                   # it has read: served
+        assert await settling == 0
+        settling = asyncio.create_task(u.settle(":1.3"))
+        await _settle()
+        answers[3].set_result(9000)
+        await _settle()
+        answers[4].set_result(9000)
+        assert await settling == 9000              # two questions, still over: refused
+        u.forget(":1.3")
+        assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0}
+    asyncio.run(main())
+
+
 # --------------------------------------------------------------------------------------
 # integration helpers
 
@@ -363,6 +404,53 @@ def test_slow_readers_do_not_stall_root(make_bus, make_polkitd, make_secretbusd,
             attacker.stdin.close()
     finally:
         remove_tree(root)
+
+
+def _queued_for_others(bus: harness.PrivateBus, name: str) -> int:
+    """Bytes of `name`'s messages the bus daemon holds for recipients that have not read them:
+    dbus-daemon counts them against `name`'s own incoming limit (IncomingBytes), and stops
+    reading from it at max_incoming_bytes."""
+    owner = harness.busctl(bus.address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                           "org.freedesktop.DBus", "GetNameOwner", "s", name, check=True).stdout.split()[1]
+    r = harness.busctl(bus.address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                       "org.freedesktop.DBus.Debug.Stats", "GetConnectionStats", "s", owner.strip('"'), check=True)
+    m = re.search(r'"IncomingBytes" u (\d+)', r.stdout)
+    assert m, r.stdout
+    return int(m.group(1))
+
+
+@pytest.mark.integration
+def test_slow_readers_flooding_calls_get_no_replies_to_pile_up(test_users, unpriv_python):
+    """bench_attacks' attack 2 for 8 s: three member connections that never read send calls
+    without pause. Once over the unread bound their calls are not answered (the bus refuses
+    them itself past 128 pending), so what the bus holds of ours for them stops growing near
+    the bound. Answered each with an error, they piled up ~1 MB/s here, counted against our
+    incoming limit: at 127 MB the bus stops reading from us and root is stalled."""
+    bench = harness.load_bench("bench_attacks")
+    stack = bench.Stack(keep=False)
+    try:
+        stack.start(300)
+        p = stack.attacker("slow", MEMBER, "slow", "10", "3", "4096", "0", "service")
+        assert p.stdout.readline().strip() == "ready", stack.attacker_err("slow")
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        held = []
+        for _ in range(2):
+            time.sleep(4)
+            held.append(_queued_for_others(stack.bus, BUS_NAME))
+        got = asyncio.run(_call(stack.bus.address, bench.ROOT_PATH, "org.libvirt.Secret", "GetValue", "u", [0]))
+        rss = _rss_mb(stack.daemon.proc.pid)
+        out, _ = p.communicate(timeout=60)
+        print(f"\nslow readers: {out.strip()}; the bus holds {held} bytes of secretbusd's replies for them "
+              f"at 4 s and 8 s; secretbusd RSS {rss:.1f} MB")
+        assert json.loads(out)["sent"] > 10000                # the flood ran
+        assert held[1] < 6 << 20 and held[1] - held[0] < 1 << 20, held
+        # ~42 MB at rest; 114 MB when each of the 96 calls in flight checked its 300 secrets at once
+        assert rss < 80
+        assert got.message_type is MessageType.METHOD_RETURN and got.body == [bench.ROOT_VALUE]
+        assert stack.daemon.proc.poll() is None
+    finally:
+        stack.stop()
 
 
 # --------------------------------------------------------------------------------------

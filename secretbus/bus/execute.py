@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -78,6 +78,7 @@ class Grant:
 
     visible: Sequence[SecretDef] = ()
     private_reader: bool = False
+    uid: int | None = None                # the caller's, when access control looked it up
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class DBusFailure(Exception):
 BUS_MESSAGE_MAX = 32 << 20
 LARGE_REPLY = 256 << 10   # over this, a reply is refused while the outgoing backlog is full
 ERROR_BYTES = 512         # what an error reply costs the caller's queue, about
+FILTER_BATCH = 32         # per-secret access checks of one call in flight at once
 
 
 def reply(msg: Message, sig: str, body: list[Any]) -> Message | bool:
@@ -168,20 +170,44 @@ class CallRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretbus-io")
         self.tasks: set[asyncio.Task[None]] = set()
         self.denials = DenialLog()   # one line per (uid, action), then a summary per minute
+        self.unanswered = 0          # calls of callers over the unread bound, dropped
 
     def run(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str) -> Reply:
         """Reply now when nothing needs awaiting, else finish in a task."""
         sender = msg.sender or ""
-        unread = self.unread.blocked(sender)
-        if unread:
-            self.unread.sent(sender, ERROR_BYTES)
-            return error(msg, LIMITS_EXCEEDED, f"this connection has left {unread} bytes of replies unread "
-                                               f"(at most {self.unread.bound}): read them before calling again")
+        # A caller that leaves replies unread gets none while it stays over the bound: an
+        # error reply would sit in the bus too, counted against us, and a flood of refusals
+        # costs as much as serving. Unanswered, its calls pile up as pending replies in the
+        # bus, which refuses its calls itself past max_replies_per_connection (128).
+        suspect = self.unread.over(sender)
         try:
             self.budget.admit(sender)
         except Refused as e:
+            if suspect:
+                self.unanswered += 1
+                return True
             self.unread.sent(sender, ERROR_BYTES)
             return error(msg, LIMITS_EXCEEDED, str(e))
+        if suspect:
+            self._spawn(self._when_read(msg, spec, prepare, out_sig, sender))
+            return True
+        return self._start(msg, spec, prepare, out_sig, sender)
+
+    async def _when_read(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared],
+                         out_sig: str, sender: str) -> None:
+        """The call of a caller over the unread bound: served once the bus says it has read
+        (a caller that has read since the last question waits one round trip), else dropped."""
+        if await self.unread.settle(sender):
+            self.unanswered += 1
+            self.budget.release(sender)
+            return
+        out = self._start(msg, spec, prepare, out_sig, sender)
+        if isinstance(out, Message) and self.bus.connected:
+            self.bus.send(out).add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _start(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str,
+               sender: str) -> Reply:
+        """An admitted call: its reply when nothing needs awaiting (released here), else a task."""
         out: Reply = None
         try:
             prep = prepare(msg)
@@ -198,10 +224,13 @@ class CallRunner:
             self.budget.release(sender)
             return out
         caller = Caller(msg.sender, bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
-        task = self._loop.create_task(self._finish(msg, caller, spec, out_sig, prep))
+        self._spawn(self._finish(msg, caller, spec, out_sig, prep))
+        return True
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return True
 
     def _measured(self, msg: Message, out_sig: str, body: list[Any], uid: int | None) -> Message | bool:
         """The reply, unless it is more than the bus accepts, or large while the outgoing
@@ -292,15 +321,21 @@ class CallRunner:
         visible = prep.candidates
         if spec.each is not None and self.access.enabled:
             visible = await self._filter(caller, spec.each, list(visible))
-        return uid, Grant(visible, prep.private and uid is not None and uid in self.private_readers)
+        return uid, Grant(visible, prep.private and uid is not None and uid in self.private_readers, uid)
 
     async def _filter(self, caller: Caller, perm: Perm, defs: list[SecretDef]) -> list[SecretDef]:
         """The defs `caller` may see; cached decisions are read without awaiting each one."""
         cached = getattr(self.access, "cached", None)
         known = [cached(caller, perm, d) if cached else None for d in defs]
         missing = [d for d, k in zip(defs, known, strict=True) if k is None]
-        asked = dict(zip((d.uuid for d in missing),
-                         await asyncio.gather(*(self.access.allowed(caller, perm, d) for d in missing)), strict=True))
+        # A few checks at a time: a uid has only so many polkit slots anyway (FairSlots), and
+        # 32 calls in flight on each of a member's connections must not hold a pending
+        # coroutine per secret each (tens of thousands of them: the daemon's RSS).
+        asked: dict[str, bool] = {}
+        for i in range(0, len(missing), FILTER_BATCH):
+            batch = missing[i:i + FILTER_BATCH]
+            oks = await asyncio.gather(*(self.access.allowed(caller, perm, d) for d in batch))
+            asked.update(zip((d.uuid for d in batch), oks, strict=True))
         return [d for d, k in zip(defs, known, strict=True) if (k if k is not None else asked[d.uuid])]
 
     async def drain(self) -> None:

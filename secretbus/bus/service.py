@@ -169,7 +169,8 @@ class SecretService:
 
     def table_sizes(self) -> dict[str, int]:
         """The per-caller tables' sizes (the daemon logs them on SIGUSR1, for tests)."""
-        return {"tasks": len(self._runner.tasks), **self._runner.budget.sizes(), **self._runner.unread.sizes()}
+        return {"tasks": len(self._runner.tasks), **self._runner.budget.sizes(), **self._runner.unread.sizes(),
+                **self._signals.subscribers.sizes()}
 
     async def drain(self) -> None:
         """Stop taking calls and wait for those already running (SIGTERM)."""

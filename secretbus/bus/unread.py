@@ -9,6 +9,11 @@ caller, root included. Our own writer queue cannot see this, so the service asks
 to it, one question per caller at a time, and refuses the calls of a caller over `bound`
 until it has read. O(1) per call. A bus without statistics (or refusing them) turns this
 off, logged once: the writer-queue bounds of limits.py still apply.
+
+While a question is on its way, what we send the caller meanwhile is unknown to the bus's
+answer: a caller sent more than `bound` since then counts as over too (`over`), so a fast
+stream of large replies cannot outrun the questions. `settle` asks again and waits, so a
+caller that has read in the meantime is served after one round trip.
 """
 from __future__ import annotations
 
@@ -39,6 +44,31 @@ class UnreadReplies:
         if unread:
             self._question(sender)
         return unread
+
+    def over(self, sender: str) -> int:
+        """Like `blocked` without asking: the bytes `sender` may have left unread when over the
+        bound, from the bus's last answer or from what we sent it while a question runs."""
+        unread = self._unread.get(sender, 0)
+        if unread:
+            return unread
+        since = self._sent.get(sender, 0) if sender in self._asking else 0
+        return since if since >= self.bound else 0
+
+    async def settle(self, sender: str, rounds: int = 2) -> int:
+        """Ask the bus about `sender` (joining a question on its way, then asking anew, at
+        most `rounds` questions) until it is not `over`; returns `over` at the end. Without
+        room for another question the last figures stand (it stays refused: fail closed)."""
+        for _ in range(rounds):
+            task = self._asking.get(sender)
+            if task is None:
+                self._question(sender)
+                task = self._asking.get(sender)
+                if task is None:
+                    break
+            await asyncio.wait([task])      # a question cancelled (caller gone) ends the wait too
+            if not self.over(sender):
+                return 0
+        return self.over(sender)
 
     def sent(self, sender: str, n: int) -> None:
         if self._ask is None:
