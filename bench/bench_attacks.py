@@ -78,7 +78,8 @@ RSS_INTERVAL = 0.5
 
 # The attackers: run as a test user with /usr/bin/python3 and the copied packages, from a
 # directory that also holds tests/harness/rawclient.py. Each prints "ready", waits for a line
-# on stdin, attacks for SECONDS and prints one JSON line of what it managed.
+# on stdin, attacks for SECONDS and prints one JSON line of what it managed (the slow readers
+# also stop at a second line on stdin, so a test can end them when it has seen enough).
 ATTACK = r'''
 import asyncio, json, os, select, socket, struct, sys, time
 import rawclient
@@ -173,7 +174,12 @@ def slow(addr, seconds, conns, rcvbuf, renew, target):
     opened, sent = conns, 0
     deadline = time.monotonic() + seconds
     next_renew = time.monotonic() + renew if renew > 0 else float("inf")
+    checked = 0.0
     while time.monotonic() < deadline:
+        if time.monotonic() - checked > 0.1:          # a second line (or EOF) ends it early
+            checked = time.monotonic()
+            if select.select([sys.stdin], [], [], 0)[0]:
+                break
         if time.monotonic() >= next_renew:
             socks.pop(0)[0].close()         # leaves with its replies unread
             socks.append(new())

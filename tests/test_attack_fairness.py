@@ -224,7 +224,7 @@ def test_unread_replies_block_a_caller_until_it_reads():
     asyncio.run(main())
 
 
-def test_unread_counts_what_was_sent_during_a_question_and_settle_asks_again():
+def test_unread_counts_every_byte_sent_after_the_last_answer_and_settle_asks_again():
     async def main():
         answers: list[asyncio.Future[int]] = []
 
@@ -234,32 +234,37 @@ def test_unread_counts_what_was_sent_during_a_question_and_settle_asks_again():
             return await fut
 
         u = UnreadReplies(ask, bound=4000, recheck=1000)
-        u.sent(":1.2", 1200)                       # a question starts
+        u.sent(":1.2", 1200)                       # a question goes out
         await _settle()
         assert len(answers) == 1 and not u.over(":1.2")
-        u.sent(":1.2", 5000)                       # more than the bound while it runs
-        assert u.over(":1.2") == 5000
-        answers[0].set_result(0)                   # the answer predates those bytes...
+        u.sent(":1.2", 5000)                       # sent after it: not in its answer
+        assert u.over(":1.2") == 6200
+        answers[0].set_result(0)                   # what was sent before the question: read...
         await _settle()
-        assert u.over(":1.2") == 0 and u.blocked(":1.2") == 0
-        u.sent(":1.2", 5000)                       # ...so the next reply asks again
-        await _settle()
-        assert len(answers) == 2
-        u.sent(":1.2", 4500)
+        assert u.over(":1.2") == 5000              # ...but the 5000 since stay counted
         settling = asyncio.create_task(u.settle(":1.2"))
         await _settle()
+        assert len(answers) == 2
         answers[1].set_result(6000)                # still unread: settle asks once more
         await _settle()
         assert len(answers) == 3 and not settling.done()
         answers[2].set_result(0)                   # it has read: served
-        assert await settling == 0
+        assert await settling == 0 and u.over(":1.2") == 0
+        u.sent(":1.2", 1000)                       # the bus's answer plus what is sent after it
+        await _settle()
+        answers[3].set_result(3500)
+        await _settle()
+        assert u.over(":1.2") == 0
+        u.sent(":1.2", 600)                        # under `recheck`, but 3500 + 600 >= 4000
+        assert u.over(":1.2") == 4100 and len(answers) == 4
         settling = asyncio.create_task(u.settle(":1.3"))
         await _settle()
-        answers[3].set_result(9000)
-        await _settle()
         answers[4].set_result(9000)
+        await _settle()
+        answers[5].set_result(9000)
         assert await settling == 9000              # two questions, still over: refused
         u.forget(":1.3")
+        u.forget(":1.2")
         assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0}
     asyncio.run(main())
 
@@ -406,45 +411,103 @@ def test_slow_readers_do_not_stall_root(make_bus, make_polkitd, make_secretbusd,
         remove_tree(root)
 
 
-def _queued_for_others(bus: harness.PrivateBus, name: str) -> int:
-    """Bytes of `name`'s messages the bus daemon holds for recipients that have not read them:
-    dbus-daemon counts them against `name`'s own incoming limit (IncomingBytes), and stops
-    reading from it at max_incoming_bytes."""
-    owner = harness.busctl(bus.address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                           "org.freedesktop.DBus", "GetNameOwner", "s", name, check=True).stdout.split()[1]
-    r = harness.busctl(bus.address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                       "org.freedesktop.DBus.Debug.Stats", "GetConnectionStats", "s", owner.strip('"'), check=True)
-    m = re.search(r'"IncomingBytes" u (\d+)', r.stdout)
-    assert m, r.stdout
-    return int(m.group(1))
+async def _driver(bus: MessageBus, member: str, sig: str = "", *args: Any,
+                  iface: str = "org.freedesktop.DBus") -> Any:
+    r = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                               interface=iface, member=member, signature=sig, body=list(args)))
+    assert r.message_type is MessageType.METHOD_RETURN, (member, r.error_name, r.body)
+    return r.body[0]
+
+
+def _stats(address: str, *names: str) -> list[dict[str, int]]:
+    """dbus-daemon's statistics of each connection (Debug.Stats, allowed to root)."""
+    async def main() -> list[dict[str, int]]:
+        bus = await MessageBus(bus_address=address).connect()
+        try:
+            return [{k: v.value for k, v in (await _driver(bus, "GetConnectionStats", "s", n,
+                                                           iface="org.freedesktop.DBus.Debug.Stats")).items()
+                     if isinstance(v.value, int)} for n in names]
+        finally:
+            bus.disconnect()
+    return asyncio.run(main())
+
+
+def _connections_of(address: str, uid: int) -> list[str]:
+    """The unique names on the bus of the connections of `uid`."""
+    async def main() -> list[str]:
+        bus = await MessageBus(bus_address=address).connect()
+        try:
+            names = [n for n in await _driver(bus, "ListNames") if n.startswith(":") and n != bus.unique_name]
+            return [n for n in names if await _driver(bus, "GetConnectionUnixUser", "s", n) == uid]
+        finally:
+            bus.disconnect()
+    return asyncio.run(main())
 
 
 @pytest.mark.integration
 def test_slow_readers_flooding_calls_get_no_replies_to_pile_up(test_users, unpriv_python):
-    """bench_attacks' attack 2 for 8 s: three member connections that never read send calls
-    without pause. Once over the unread bound their calls are not answered (the bus refuses
-    them itself past 128 pending), so what the bus holds of ours for them stops growing near
-    the bound. Answered each with an error, they piled up ~1 MB/s here, counted against our
-    incoming limit: at 127 MB the bus stops reading from us and root is stalled."""
+    """bench_attacks' attack 2: three member connections that never read send calls without
+    pause. The service promises (unread.py) to build no reply for a caller once the bus's last
+    answer about it plus what was sent to it since reaches the bound: so what the bus holds of
+    ours for each stays under bound + one reply, and once all three are over it, nothing more
+    while they keep calling. Answered each with an error (before), those errors piled up
+    ~1 MB/s, counted against our incoming limit: at 127 MB the bus stops reading from us and
+    root is stalled.
+
+    Measured per connection: our connection's IncomingBytes (what the bus holds of ours, for
+    anyone) against the promise, and each reader's OutgoingMessages, which keeps growing
+    while the bus answers their calls itself (past 128 pending): the flood still runs."""
     bench = harness.load_bench("bench_attacks")
     stack = bench.Stack(keep=False)
+    member_uid = harness.lookup_user(MEMBER).uid
     try:
         stack.start(300)
-        p = stack.attacker("slow", MEMBER, "slow", "10", "3", "4096", "0", "service")
+        assert stack.bus and stack.daemon and stack.daemon.proc
+        address = stack.bus.address
+        p = stack.attacker("slow", MEMBER, "slow", "90", "3", "4096", "0", "service")
+        assert p.stdout and p.stdin
         assert p.stdout.readline().strip() == "ready", stack.attacker_err("slow")
+        readers = _connections_of(address, member_uid)
+        assert len(readers) == 3, readers
+        ours = harness.busctl(
+            address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+            "GetNameOwner", "s", BUS_NAME, check=True).stdout.split()[1].strip('"')
         p.stdin.write("go\n")
         p.stdin.flush()
-        held = []
-        for _ in range(2):
-            time.sleep(4)
-            held.append(_queued_for_others(stack.bus, BUS_NAME))
-        got = asyncio.run(_call(stack.bus.address, bench.ROOT_PATH, "org.libvirt.Secret", "GetValue", "u", [0]))
+        # However loaded the machine, the three end up over the bound: wait for that.
+        t0, tables = time.monotonic(), {}
+        while time.monotonic() - t0 < 60:
+            tables = _tables(stack.daemon)
+            if tables.get("unread_blocked") == 3:
+                break
+            time.sleep(0.5)
+        assert tables.get("unread_blocked") == 3, f"not all over the unread bound after 60 s: {tables}"
+        blocked_after = time.monotonic() - t0
+        time.sleep(0.5)      # replies built before the last check are on their way to the bus
+        held, calls = [], []
+        for i in range(2):
+            if i:
+                time.sleep(3)
+            figures = _stats(address, ours, *readers)
+            held.append(figures[0]["IncomingBytes"])
+            calls.append(sum(f["OutgoingMessages"] for f in figures[1:]))
+        got = asyncio.run(_call(address, bench.ROOT_PATH, "org.libvirt.Secret", "GetValue", "u", [0]))
+        objects = asyncio.run(_call(address, CONNECT_PATH, OM, "GetManagedObjects"))
+        one_reply = reply_size("a{oa{sa{sv}}}", objects.body)
         rss = _rss_mb(stack.daemon.proc.pid)
+        p.stdin.write("stop\n")
+        p.stdin.flush()
         out, _ = p.communicate(timeout=60)
-        print(f"\nslow readers: {out.strip()}; the bus holds {held} bytes of secretbusd's replies for them "
-              f"at 4 s and 8 s; secretbusd RSS {rss:.1f} MB")
+        dropped = _tables(stack.daemon).get("unanswered", 0)
+        promise = 3 * (UnreadReplies(None).bound + one_reply)
+        print(f"\nslow readers: {out.strip()}; all over the bound after {blocked_after:.1f} s; then the bus held "
+              f"{held} bytes of ours over 3 s (promise: < {promise}) while the readers got {calls[1] - calls[0]} "
+              f"more messages from the bus; {dropped} calls dropped; secretbusd RSS {rss:.1f} MB")
         assert json.loads(out)["sent"] > 10000                # the flood ran
-        assert held[1] < 6 << 20 and held[1] - held[0] < 1 << 20, held
+        assert calls[1] - calls[0] > 100, calls               # ...and still ran while measured
+        assert max(held) < promise, (held, promise)
+        # Nothing more once all are over: less than one reply (polkit's calls in transit aside).
+        assert held[1] - held[0] < min(one_reply, 64 << 10), (held, one_reply)
         # ~42 MB at rest; 114 MB when each of the 96 calls in flight checked its 300 secrets at once
         assert rss < 80
         assert got.message_type is MessageType.METHOD_RETURN and got.body == [bench.ROOT_VALUE]

@@ -249,6 +249,12 @@ class CallRunner:
         uid: int | None = None
         try:
             uid, grant = await self._authorise(msg, caller, spec, prep)
+            if await self._still_over(caller.sender or ""):
+                # No reply is built for a caller over the unread bound (it would sit in the
+                # bus, counted against us), and nothing is done for it: it is dropped.
+                self.unanswered += 1
+                self._send(caller.sender or "", True)
+                return
             if spec.writes:
                 # run_in_executor does not carry context variables over; copy them.
                 ctx = contextvars.copy_context()
@@ -269,6 +275,15 @@ class CallRunner:
                     log.error("no audit record of a refused read: %s", type(failed).__name__)
         # Always reached: the call stays counted in flight until its reply is sent.
         self._send(caller.sender or "", out)
+
+    async def _still_over(self, sender: str) -> bool:
+        """Whether `sender` is over the unread bound, asking the bus once more when it seems
+        so (it may have read since). Checked right before a reply is built: from there to
+        `_count` nothing awaits on the read path but a GetValue's audit record (a small
+        reply), so the bound holds within one reply."""
+        if not self.unread.over(sender):
+            return False
+        return bool(await self.unread.settle(sender))
 
     def _send(self, sender: str, out: Message | bool) -> None:
         """Send without awaiting (no lock is ever held across a send): the call stays in
