@@ -31,8 +31,10 @@ from dbus_fast.aio import MessageBus
 from harness.procs import remove_tree
 
 from secretbus.access import polkit as pk
+from secretbus.access.audit import CallerPids
 from secretbus.access.busport import BusError, Signal
 from secretbus.access.permissions import Caller, Perm
+from secretbus.bus.lane import LargeReplyLane
 from secretbus.bus.limits import Bounds, CallerBudget, Refused
 from secretbus.bus.sizes import reply_size
 from secretbus.bus.unread import UnreadReplies
@@ -266,6 +268,119 @@ def test_unread_counts_every_byte_sent_after_the_last_answer_and_settle_asks_aga
         u.forget(":1.3")
         u.forget(":1.2")
         assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0}
+    asyncio.run(main())
+
+
+def test_large_reply_lane_one_at_a_time_fair_across_uids_and_connections():
+    async def main():
+        lane = LargeReplyLane()
+        order: list[str] = []
+        polled: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        async def reply(who: int, sender: str, tag: str) -> None:
+            async with lane.turn(who, sender):
+                order.append(tag)
+                n = len(order)
+                loop.call_soon(polled.append, n)      # ready during the turn: runs before the next
+                await asyncio.sleep(0)
+                assert len(order) == n                # nobody else holds the lane meanwhile
+
+        def check_polled() -> None:
+            assert polled == list(range(1, len(polled) + 1))
+
+        first = asyncio.create_task(reply(1000, ":1.1", "a1-0"))
+        await asyncio.sleep(0)
+        tasks = [asyncio.create_task(reply(1000, ":1.1", f"a1-{i}")) for i in (1, 2, 3)]
+        tasks.append(asyncio.create_task(reply(1000, ":1.2", "a2-0")))
+        tasks.append(asyncio.create_task(reply(1001, ":1.3", "b-0")))
+        await asyncio.sleep(0)
+        assert lane.sizes() == {"lane_uids": 2, "lane_waiting": 5}
+        await asyncio.gather(first, *tasks)
+        check_polled()
+        # round the uids, and within uid 1000 round its connections: :1.1's pipeline of three
+        # does not hold up :1.2, nor uid 1000 uid 1001
+        assert order == ["a1-0", "a1-1", "b-0", "a2-0", "a1-2", "a1-3"], order
+        assert lane.sizes() == {"lane_uids": 0, "lane_waiting": 0} and not lane._busy
+
+    asyncio.run(main())
+
+
+def test_large_reply_lane_cancelled_waiters_leave_nothing_and_pass_the_turn_on():
+    async def main():
+        lane = LargeReplyLane()
+        got: list[str] = []
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with lane.turn(1000, ":1.1"):
+                await release.wait()
+
+        async def reply(sender: str) -> None:
+            async with lane.turn(1000, sender):
+                got.append(sender)
+
+        holder = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(reply(":1.2"))
+        later = asyncio.create_task(reply(":1.3"))
+        await asyncio.sleep(0)
+        gone.cancel()                        # leaves while waiting: dropped from the ring
+        await asyncio.sleep(0)
+        assert lane.sizes()["lane_waiting"] == 1
+        release.set()
+        await asyncio.gather(holder, later)
+        assert got == [":1.3"]
+        # handed the lane, then cancelled before it ran: the turn passes on, nothing is stuck
+        holder = asyncio.create_task(hold())
+        release.clear()
+        await asyncio.sleep(0)
+        unlucky = asyncio.create_task(reply(":1.4"))
+        last = asyncio.create_task(reply(":1.5"))
+        await asyncio.sleep(0)
+        handed = lane._waiting[1000][":1.4"][0]
+        release.set()
+        while not handed.done():             # the hand-over to :1.4 has run; :1.4 has not yet
+            await asyncio.sleep(0)
+        unlucky.cancel()
+        await asyncio.gather(holder, unlucky, last, return_exceptions=True)
+        assert got == [":1.3", ":1.5"] and lane.sizes() == {"lane_uids": 0, "lane_waiting": 0}
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not lane._busy
+
+    asyncio.run(main())
+
+
+def test_pid_lookup_prefetched_is_shared_and_dropped_when_the_caller_leaves():
+    async def main():
+        answers: dict[str, asyncio.Future[int]] = {}
+        asked: list[str] = []
+
+        async def lookup(sender: str) -> int:
+            asked.append(sender)
+            answers[sender] = asyncio.get_running_loop().create_future()
+            return await answers[sender]
+
+        pids = CallerPids(lookup)
+        pids.prefetch(":1.7")
+        pids.prefetch(":1.7")
+        await _settle()
+        waiting = asyncio.create_task(pids(":1.7"))
+        await _settle()
+        assert asked == [":1.7"]                   # one lookup, shared by prefetch and the record
+        answers[":1.7"].set_result(4242)
+        assert await waiting == 4242 and await pids(":1.7") == 4242 and asked == [":1.7"]
+        pids.prefetch(":1.8")
+        await _settle()
+        waiting = asyncio.create_task(pids(":1.8"))
+        await _settle()
+        pids.forget(":1.8")                        # left while its pid was looked up
+        assert await waiting is None
+        assert pids.sizes() == {"pids": 1, "pid_lookups": 0}
+        pids.forget(":1.7")
+        assert pids.sizes() == {"pids": 0, "pid_lookups": 0}
+
     asyncio.run(main())
 
 
