@@ -28,12 +28,14 @@ import harness
 import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.message_bus import parse_address
 from harness.procs import remove_tree
 
 from secretbus.access import polkit as pk
 from secretbus.access.audit import CallerPids
 from secretbus.access.busport import BusError, Signal
 from secretbus.access.permissions import Caller, Perm
+from secretbus.bus import compat
 from secretbus.bus.lane import LargeReplyLane
 from secretbus.bus.limits import Bounds, CallerBudget, Refused
 from secretbus.bus.sizes import reply_size
@@ -215,7 +217,7 @@ def test_unread_replies_block_a_caller_until_it_reads():
         await _settle()
         assert not u.blocked(":1.2")
         u.forget(":1.2")
-        assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0}
+        assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0, "unread_readers": 0}
 
         async def no_stats(sender: str) -> int:
             raise BusError("org.freedesktop.DBus.Error.UnknownInterface", "")
@@ -257,17 +259,57 @@ def test_unread_counts_every_byte_sent_after_the_last_answer_and_settle_asks_aga
         answers[3].set_result(3500)
         await _settle()
         assert u.over(":1.2") == 0
-        u.sent(":1.2", 600)                        # under `recheck`, but 3500 + 600 >= 4000
-        assert u.over(":1.2") == 4100 and len(answers) == 4
+        u.sent(":1.2", 600)                        # under `recheck`, but 3500 + 600 >= 4000:
+        assert u.over(":1.2") == 4100              # over, and the bus is asked at once
+        await _settle()
+        assert len(answers) == 5
+        answers[4].set_result(4100)
+        await _settle()
+        assert u.over(":1.2") == 4100
         settling = asyncio.create_task(u.settle(":1.3"))
         await _settle()
-        answers[4].set_result(9000)
-        await _settle()
         answers[5].set_result(9000)
+        await _settle()
+        answers[6].set_result(9000)
         assert await settling == 9000              # two questions, still over: refused
         u.forget(":1.3")
         u.forget(":1.2")
-        assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0}
+        assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0, "unread_readers": 0}
+    asyncio.run(main())
+
+
+def test_unread_a_new_connection_is_on_probation_until_the_bus_shows_it_reads():
+    async def main():
+        unread = {":1.4": 0, ":1.5": 0}
+        asked: list[str] = []
+
+        async def ask(sender: str) -> int:
+            asked.append(sender)
+            return unread[sender]
+
+        u = UnreadReplies(ask, bound=4000, recheck=3000, probation=1000)
+        for sender in (":1.4", ":1.5"):
+            u.sent(sender, 1200)                   # over the probation bound before any answer
+            assert u.over(sender) == 1200
+        unread[":1.5"] = 1200                      # :1.5 has read nothing
+        assert await u.settle(":1.4") == 0         # :1.4 read it: the full bound from now on
+        assert await u.settle(":1.5") == 1200      # still on probation, and over
+        u.sent(":1.4", 2500)
+        assert not u.over(":1.4") and u.sizes()["unread_readers"] == 1
+        u.forget(":1.4")
+        u.forget(":1.5")
+        assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0, "unread_readers": 0}
+    asyncio.run(main())
+
+
+def test_lookup_connection_address_is_the_bus_address_dbus_fast_parsed():
+    """The second connection for uid/pid lookups (bus/polkit.py) goes to the same bus."""
+    async def main():
+        for address in ("unix:path=/run/sb%20x/socket", "unix:abstract=/tmp/dbus-a,guid=12ab",
+                        "unix:path=/a;tcp:host=localhost,port=1"):
+            bus = MessageBus(bus_address=address)
+            assert parse_address(compat.bus_address(bus)) == parse_address(address)
+        assert compat.bus_address(object()) is None
     asyncio.run(main())
 
 
@@ -690,7 +732,7 @@ def test_daemon_reconnects_when_the_bus_restarts(make_bus, make_secretbusd):
 # uid; nothing kept per connection may.
 IDLE = {"in_flight_senders": 0, "queued_senders": 0, "uid_lookups": 0, "uid_left": 0, "uids": 0,
         "decision_senders": 0, "decisions": 0, "checks_pending": 0, "unread_blocked": 0, "unread_asking": 0,
-        "unread_tracked": 0, "tasks": 0, "rpc_processes": 0}
+        "unread_tracked": 0, "unread_readers": 0, "tasks": 0, "rpc_processes": 0, "lane_uids": 0, "lane_waiting": 0}
 
 
 @pytest.mark.integration

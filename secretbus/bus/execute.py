@@ -134,6 +134,7 @@ ERROR_BYTES = 512         # what an error reply costs the caller's queue, about
 FILTER_BATCH = 32         # per-secret access checks of one call in flight at once
 ROOT = 0                  # polkit always allows uid 0: never queued behind others
 LANE_HOLD = 1.0           # s: the most a large reply holds the lane waiting for the bus to take it
+LANE_BACKLOG = 32 << 10   # bytes in our writer's queue over which every non-root reply takes the lane
 
 
 def reply(msg: Message, sig: str, body: list[Any]) -> Message | bool:
@@ -268,9 +269,11 @@ class CallRunner:
                 uid, grant = await self._authorise(msg, caller, spec, prep)
                 if await self._still_over(sender):
                     raise Unanswered
-                if prep.large and uid != ROOT:
+                if uid != ROOT and (prep.large or self.budget.backlog >= LANE_BACKLOG):
                     # One large reply at a time, fair across uids and connections, the loop's
                     # sockets polled between (lane.py); held until the bus has the message.
+                    # While our writer holds a backlog, every reply but root's takes the lane:
+                    # twenty 20 KB lists queued at once are as far ahead of root's as one 400 KB.
                     await lane.enter_async_context(self.lane.turn(sender if uid is None else uid, sender))
                     in_lane = True
                     if self.unread.over(sender):    # its replies built while it waited

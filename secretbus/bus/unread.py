@@ -17,6 +17,13 @@ and only what we sent after it is not; nothing sent is ever left uncounted. Chec
 before a reply is built, this keeps the bytes of our replies the bus holds for one caller
 under `bound` plus one reply, whatever the timing. `settle` asks again and waits, so a caller
 that has read in the meantime is served after one round trip.
+
+A connection is on probation until the bus has shown that it reads (an answer below what we
+had sent it before that question): its bound is `probation`, not `bound`. A client that
+reads costs one more round trip, once, if it takes more than `probation` before the first
+answer; one that never reads (a new connection of a slow-reader attack every few seconds)
+gets `probation` of replies instead of `bound`, all of which the bus must read from us,
+ahead of root's replies, at the pace a flood leaves it.
 """
 from __future__ import annotations
 
@@ -31,14 +38,16 @@ Ask = Callable[[str], Awaitable[int]]   # unique name -> OutgoingBytes; raises w
 
 class UnreadReplies:
     def __init__(self, ask: Ask | None, *, bound: int = 2 << 20, recheck: int = 512 << 10,
-                 max_senders: int = 4096):
+                 probation: int = 256 << 10, max_senders: int = 4096):
         self._ask = ask
         self.bound = bound
         self.recheck = recheck
+        self.probation = min(probation, bound)
         self.max_senders = max_senders
         self._sent: dict[str, int] = {}     # bytes sent since the last question went out
         self._known: dict[str, int] = {}    # the bus's last answer, when not 0
         self._asking: dict[str, asyncio.Task[None]] = {}
+        self._reads: set[str] = set()       # callers the bus has shown to read
 
     def blocked(self, sender: str) -> int:
         """`over`, asking the bus again when it is, so a caller is let through once it has read."""
@@ -51,7 +60,7 @@ class UnreadReplies:
         """What `sender` may have left unread when that reaches the bound (0: under it): the
         bus's last answer plus what we sent it since that question went out."""
         unread = self._known.get(sender, 0) + self._sent.get(sender, 0)
-        return unread if unread >= self.bound else 0
+        return unread if unread >= (self.bound if sender in self._reads else self.probation) else 0
 
     async def settle(self, sender: str, rounds: int = 2) -> int:
         """Ask the bus about `sender` (joining a question on its way, then asking anew, at
@@ -74,20 +83,21 @@ class UnreadReplies:
             return
         total = self._sent.get(sender, 0) + n
         self._sent[sender] = total
-        if total >= self.recheck:
+        if total >= self.recheck or self.over(sender):    # on probation, before `recheck`
             self._question(sender)
 
     def forget(self, sender: str) -> None:
         self._sent.pop(sender, None)
         self._known.pop(sender, None)
+        self._reads.discard(sender)
         task = self._asking.pop(sender, None)
         if task is not None:
             task.cancel()
 
     def sizes(self) -> dict[str, int]:
-        blocked = sum(1 for s in self._known if self.over(s))
+        blocked = sum(1 for s in self._known.keys() | self._sent.keys() if self.over(s))
         return {"unread_tracked": len(self._sent), "unread_blocked": blocked,
-                "unread_asking": len(self._asking)}
+                "unread_asking": len(self._asking), "unread_readers": len(self._reads)}
 
     def _question(self, sender: str) -> None:
         if self._ask is None or sender in self._asking or len(self._asking) >= self.max_senders:
@@ -111,9 +121,12 @@ class UnreadReplies:
                 self._ask = None
                 self._sent.clear()
                 self._known.clear()
+                self._reads.clear()
             return
         if sender not in self._asking:
             return                       # left meanwhile
+        if unread < before and len(self._reads) < self.max_senders:
+            self._reads.add(sender)      # less is queued than we had sent: it reads
         after = self._sent.get(sender, 0) - before
         if after > 0:
             self._sent[sender] = after
