@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import random
 import re
@@ -27,11 +28,15 @@ import harness
 import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.message_bus import parse_address
 from harness.procs import remove_tree
 
 from secretbus.access import polkit as pk
+from secretbus.access.audit import CallerPids
 from secretbus.access.busport import BusError, Signal
 from secretbus.access.permissions import Caller, Perm
+from secretbus.bus import compat
+from secretbus.bus.lane import LargeReplyLane
 from secretbus.bus.limits import Bounds, CallerBudget, Refused
 from secretbus.bus.sizes import reply_size
 from secretbus.bus.unread import UnreadReplies
@@ -212,7 +217,7 @@ def test_unread_replies_block_a_caller_until_it_reads():
         await _settle()
         assert not u.blocked(":1.2")
         u.forget(":1.2")
-        assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0}
+        assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0, "unread_readers": 0}
 
         async def no_stats(sender: str) -> int:
             raise BusError("org.freedesktop.DBus.Error.UnknownInterface", "")
@@ -220,6 +225,204 @@ def test_unread_replies_block_a_caller_until_it_reads():
         u.sent(":1.3", 100)
         await _settle()
         assert not u.blocked(":1.3") and u._ask is None and u.sizes()["unread_tracked"] == 0
+    asyncio.run(main())
+
+
+def test_unread_counts_every_byte_sent_after_the_last_answer_and_settle_asks_again():
+    async def main():
+        answers: list[asyncio.Future[int]] = []
+
+        async def ask(sender: str) -> int:
+            fut = asyncio.get_running_loop().create_future()
+            answers.append(fut)
+            return await fut
+
+        u = UnreadReplies(ask, bound=4000, recheck=1000)
+        u.sent(":1.2", 1200)                       # a question goes out
+        await _settle()
+        assert len(answers) == 1 and not u.over(":1.2")
+        u.sent(":1.2", 5000)                       # sent after it: not in its answer
+        assert u.over(":1.2") == 6200
+        answers[0].set_result(0)                   # what was sent before the question: read...
+        await _settle()
+        assert u.over(":1.2") == 5000              # ...but the 5000 since stay counted
+        settling = asyncio.create_task(u.settle(":1.2"))
+        await _settle()
+        assert len(answers) == 2
+        answers[1].set_result(6000)                # still unread: settle asks once more
+        await _settle()
+        assert len(answers) == 3 and not settling.done()
+        answers[2].set_result(0)                   # it has read: served
+        assert await settling == 0 and u.over(":1.2") == 0
+        u.sent(":1.2", 1000)                       # the bus's answer plus what is sent after it
+        await _settle()
+        answers[3].set_result(3500)
+        await _settle()
+        assert u.over(":1.2") == 0
+        u.sent(":1.2", 600)                        # under `recheck`, but 3500 + 600 >= 4000:
+        assert u.over(":1.2") == 4100              # over, and the bus is asked at once
+        await _settle()
+        assert len(answers) == 5
+        answers[4].set_result(4100)
+        await _settle()
+        assert u.over(":1.2") == 4100
+        settling = asyncio.create_task(u.settle(":1.3"))
+        await _settle()
+        answers[5].set_result(9000)
+        await _settle()
+        answers[6].set_result(9000)
+        assert await settling == 9000              # two questions, still over: refused
+        u.forget(":1.3")
+        u.forget(":1.2")
+        assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0, "unread_readers": 0}
+    asyncio.run(main())
+
+
+def test_unread_a_new_connection_is_on_probation_until_the_bus_shows_it_reads():
+    async def main():
+        unread = {":1.4": 0, ":1.5": 0}
+        asked: list[str] = []
+
+        async def ask(sender: str) -> int:
+            asked.append(sender)
+            return unread[sender]
+
+        u = UnreadReplies(ask, bound=4000, recheck=3000, probation=1000)
+        for sender in (":1.4", ":1.5"):
+            u.sent(sender, 1200)                   # over the probation bound before any answer
+            assert u.over(sender) == 1200
+        unread[":1.5"] = 1200                      # :1.5 has read nothing
+        assert await u.settle(":1.4") == 0         # :1.4 read it: the full bound from now on
+        assert await u.settle(":1.5") == 1200      # still on probation, and over
+        u.sent(":1.4", 2500)
+        assert not u.over(":1.4") and u.sizes()["unread_readers"] == 1
+        u.forget(":1.4")
+        u.forget(":1.5")
+        assert u.sizes() == {"unread_tracked": 0, "unread_blocked": 0, "unread_asking": 0, "unread_readers": 0}
+    asyncio.run(main())
+
+
+def test_lookup_connection_address_is_the_bus_address_dbus_fast_parsed():
+    """The second connection for uid/pid lookups (bus/polkit.py) goes to the same bus."""
+    async def main():
+        for address in ("unix:path=/run/sb%20x/socket", "unix:abstract=/tmp/dbus-a,guid=12ab",
+                        "unix:path=/a;tcp:host=localhost,port=1"):
+            bus = MessageBus(bus_address=address)
+            assert parse_address(compat.bus_address(bus)) == parse_address(address)
+        assert compat.bus_address(object()) is None
+    asyncio.run(main())
+
+
+def test_large_reply_lane_one_at_a_time_fair_across_uids_and_connections():
+    async def main():
+        lane = LargeReplyLane()
+        order: list[str] = []
+        polled: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        async def reply(who: int, sender: str, tag: str) -> None:
+            async with lane.turn(who, sender):
+                order.append(tag)
+                n = len(order)
+                loop.call_soon(polled.append, n)      # ready during the turn: runs before the next
+                await asyncio.sleep(0)
+                assert len(order) == n                # nobody else holds the lane meanwhile
+
+        def check_polled() -> None:
+            assert polled == list(range(1, len(polled) + 1))
+
+        first = asyncio.create_task(reply(1000, ":1.1", "a1-0"))
+        await asyncio.sleep(0)
+        tasks = [asyncio.create_task(reply(1000, ":1.1", f"a1-{i}")) for i in (1, 2, 3)]
+        tasks.append(asyncio.create_task(reply(1000, ":1.2", "a2-0")))
+        tasks.append(asyncio.create_task(reply(1001, ":1.3", "b-0")))
+        await asyncio.sleep(0)
+        assert lane.sizes() == {"lane_uids": 2, "lane_waiting": 5}
+        await asyncio.gather(first, *tasks)
+        check_polled()
+        # round the uids, and within uid 1000 round its connections: :1.1's pipeline of three
+        # does not hold up :1.2, nor uid 1000 uid 1001
+        assert order == ["a1-0", "a1-1", "b-0", "a2-0", "a1-2", "a1-3"], order
+        assert lane.sizes() == {"lane_uids": 0, "lane_waiting": 0} and not lane._busy
+
+    asyncio.run(main())
+
+
+def test_large_reply_lane_cancelled_waiters_leave_nothing_and_pass_the_turn_on():
+    async def main():
+        lane = LargeReplyLane()
+        got: list[str] = []
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with lane.turn(1000, ":1.1"):
+                await release.wait()
+
+        async def reply(sender: str) -> None:
+            async with lane.turn(1000, sender):
+                got.append(sender)
+
+        holder = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(reply(":1.2"))
+        later = asyncio.create_task(reply(":1.3"))
+        await asyncio.sleep(0)
+        gone.cancel()                        # leaves while waiting: dropped from the ring
+        await asyncio.sleep(0)
+        assert lane.sizes()["lane_waiting"] == 1
+        release.set()
+        await asyncio.gather(holder, later)
+        assert got == [":1.3"]
+        # handed the lane, then cancelled before it ran: the turn passes on, nothing is stuck
+        holder = asyncio.create_task(hold())
+        release.clear()
+        await asyncio.sleep(0)
+        unlucky = asyncio.create_task(reply(":1.4"))
+        last = asyncio.create_task(reply(":1.5"))
+        await asyncio.sleep(0)
+        handed = lane._waiting[1000][":1.4"][0]
+        release.set()
+        while not handed.done():             # the hand-over to :1.4 has run; :1.4 has not yet
+            await asyncio.sleep(0)
+        unlucky.cancel()
+        await asyncio.gather(holder, unlucky, last, return_exceptions=True)
+        assert got == [":1.3", ":1.5"] and lane.sizes() == {"lane_uids": 0, "lane_waiting": 0}
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not lane._busy
+
+    asyncio.run(main())
+
+
+def test_pid_lookup_prefetched_is_shared_and_dropped_when_the_caller_leaves():
+    async def main():
+        answers: dict[str, asyncio.Future[int]] = {}
+        asked: list[str] = []
+
+        async def lookup(sender: str) -> int:
+            asked.append(sender)
+            answers[sender] = asyncio.get_running_loop().create_future()
+            return await answers[sender]
+
+        pids = CallerPids(lookup)
+        pids.prefetch(":1.7")
+        pids.prefetch(":1.7")
+        await _settle()
+        waiting = asyncio.create_task(pids(":1.7"))
+        await _settle()
+        assert asked == [":1.7"]                   # one lookup, shared by prefetch and the record
+        answers[":1.7"].set_result(4242)
+        assert await waiting == 4242 and await pids(":1.7") == 4242 and asked == [":1.7"]
+        pids.prefetch(":1.8")
+        await _settle()
+        waiting = asyncio.create_task(pids(":1.8"))
+        await _settle()
+        pids.forget(":1.8")                        # left while its pid was looked up
+        assert await waiting is None
+        assert pids.sizes() == {"pids": 1, "pid_lookups": 0}
+        pids.forget(":1.7")
+        assert pids.sizes() == {"pids": 0, "pid_lookups": 0}
+
     asyncio.run(main())
 
 
@@ -365,6 +568,111 @@ def test_slow_readers_do_not_stall_root(make_bus, make_polkitd, make_secretbusd,
         remove_tree(root)
 
 
+async def _driver(bus: MessageBus, member: str, sig: str = "", *args: Any,
+                  iface: str = "org.freedesktop.DBus") -> Any:
+    r = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                               interface=iface, member=member, signature=sig, body=list(args)))
+    assert r.message_type is MessageType.METHOD_RETURN, (member, r.error_name, r.body)
+    return r.body[0]
+
+
+def _stats(address: str, *names: str) -> list[dict[str, int]]:
+    """dbus-daemon's statistics of each connection (Debug.Stats, allowed to root)."""
+    async def main() -> list[dict[str, int]]:
+        bus = await MessageBus(bus_address=address).connect()
+        try:
+            return [{k: v.value for k, v in (await _driver(bus, "GetConnectionStats", "s", n,
+                                                           iface="org.freedesktop.DBus.Debug.Stats")).items()
+                     if isinstance(v.value, int)} for n in names]
+        finally:
+            bus.disconnect()
+    return asyncio.run(main())
+
+
+def _connections_of(address: str, uid: int) -> list[str]:
+    """The unique names on the bus of the connections of `uid`."""
+    async def main() -> list[str]:
+        bus = await MessageBus(bus_address=address).connect()
+        try:
+            names = [n for n in await _driver(bus, "ListNames") if n.startswith(":") and n != bus.unique_name]
+            return [n for n in names if await _driver(bus, "GetConnectionUnixUser", "s", n) == uid]
+        finally:
+            bus.disconnect()
+    return asyncio.run(main())
+
+
+@pytest.mark.integration
+def test_slow_readers_flooding_calls_get_no_replies_to_pile_up(test_users, unpriv_python):
+    """bench_attacks' attack 2: three member connections that never read send calls without
+    pause. The service promises (unread.py) to build no reply for a caller once the bus's last
+    answer about it plus what was sent to it since reaches the bound: so what the bus holds of
+    ours for each stays under bound + one reply, and once all three are over it, nothing more
+    while they keep calling. Answered each with an error (before), those errors piled up
+    ~1 MB/s, counted against our incoming limit: at 127 MB the bus stops reading from us and
+    root is stalled.
+
+    Measured per connection: our connection's IncomingBytes (what the bus holds of ours, for
+    anyone) against the promise, and each reader's OutgoingMessages, which keeps growing
+    while the bus answers their calls itself (past 128 pending): the flood still runs."""
+    bench = harness.load_bench("bench_attacks")
+    stack = bench.Stack(keep=False)
+    member_uid = harness.lookup_user(MEMBER).uid
+    try:
+        stack.start(300)
+        assert stack.bus and stack.daemon and stack.daemon.proc
+        address = stack.bus.address
+        p = stack.attacker("slow", MEMBER, "slow", "90", "3", "4096", "0", "service")
+        assert p.stdout and p.stdin
+        assert p.stdout.readline().strip() == "ready", stack.attacker_err("slow")
+        readers = _connections_of(address, member_uid)
+        assert len(readers) == 3, readers
+        ours = harness.busctl(
+            address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+            "GetNameOwner", "s", BUS_NAME, check=True).stdout.split()[1].strip('"')
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        # However loaded the machine, the three end up over the bound: wait for that.
+        t0, tables = time.monotonic(), {}
+        while time.monotonic() - t0 < 60:
+            tables = _tables(stack.daemon)
+            if tables.get("unread_blocked") == 3:
+                break
+            time.sleep(0.5)
+        assert tables.get("unread_blocked") == 3, f"not all over the unread bound after 60 s: {tables}"
+        blocked_after = time.monotonic() - t0
+        time.sleep(0.5)      # replies built before the last check are on their way to the bus
+        held, calls = [], []
+        for i in range(2):
+            if i:
+                time.sleep(3)
+            figures = _stats(address, ours, *readers)
+            held.append(figures[0]["IncomingBytes"])
+            calls.append(sum(f["OutgoingMessages"] for f in figures[1:]))
+        got = asyncio.run(_call(address, bench.ROOT_PATH, "org.libvirt.Secret", "GetValue", "u", [0]))
+        objects = asyncio.run(_call(address, CONNECT_PATH, OM, "GetManagedObjects"))
+        one_reply = reply_size("a{oa{sa{sv}}}", objects.body)
+        rss = _rss_mb(stack.daemon.proc.pid)
+        p.stdin.write("stop\n")
+        p.stdin.flush()
+        out, _ = p.communicate(timeout=60)
+        dropped = _tables(stack.daemon).get("unanswered", 0)
+        promise = 3 * (UnreadReplies(None).bound + one_reply)
+        print(f"\nslow readers: {out.strip()}; all over the bound after {blocked_after:.1f} s; then the bus held "
+              f"{held} bytes of ours over 3 s (promise: < {promise}) while the readers got {calls[1] - calls[0]} "
+              f"more messages from the bus; {dropped} calls dropped; secretbusd RSS {rss:.1f} MB")
+        assert json.loads(out)["sent"] > 10000                # the flood ran
+        assert calls[1] - calls[0] > 100, calls               # ...and still ran while measured
+        assert max(held) < promise, (held, promise)
+        # Nothing more once all are over: less than one reply (polkit's calls in transit aside).
+        assert held[1] - held[0] < min(one_reply, 64 << 10), (held, one_reply)
+        # ~42 MB at rest; 114 MB when each of the 96 calls in flight checked its 300 secrets at once
+        assert rss < 80
+        assert got.message_type is MessageType.METHOD_RETURN and got.body == [bench.ROOT_VALUE]
+        assert stack.daemon.proc.poll() is None
+    finally:
+        stack.stop()
+
+
 # --------------------------------------------------------------------------------------
 # item 4: a reply over the bus's message limit; losing the bus
 
@@ -424,7 +732,7 @@ def test_daemon_reconnects_when_the_bus_restarts(make_bus, make_secretbusd):
 # uid; nothing kept per connection may.
 IDLE = {"in_flight_senders": 0, "queued_senders": 0, "uid_lookups": 0, "uid_left": 0, "uids": 0,
         "decision_senders": 0, "decisions": 0, "checks_pending": 0, "unread_blocked": 0, "unread_asking": 0,
-        "unread_tracked": 0, "tasks": 0, "rpc_processes": 0}
+        "unread_tracked": 0, "unread_readers": 0, "tasks": 0, "rpc_processes": 0, "lane_uids": 0, "lane_waiting": 0}
 
 
 @pytest.mark.integration

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -73,6 +74,7 @@ class FakePort:
         self.gate = asyncio.Event()
         self.gate.set()
         self.handlers: list[Any] = []
+        self.gone: set[str] = set()
 
     async def call(self, destination, path, interface, member, signature, body, timeout):
         if member == "AddMatch":
@@ -86,6 +88,8 @@ class FakePort:
         assert member == "CheckAuthorization"
         self.checks.append((body[0][1]["name"].value, body[1], body[3]))
         await asyncio.wait_for(self.gate.wait(), timeout)
+        if body[0][1]["name"].value in self.gone:       # polkitd cannot find a subject that left
+            raise BusError("org.freedesktop.DBus.Error.NameHasNoOwner", "Could not get UID of name")
         return [(self.answer(body[1]), False, {})]
 
     def watch(self, handler) -> None:
@@ -174,6 +178,29 @@ def test_unit_concurrent_connections_of_a_uid_share_one_check():
         assert all(await asyncio.gather(*tasks))
         assert len(port.checks) == 1
     asyncio.run(run())
+
+
+def test_unit_a_shared_check_whose_subject_left_is_asked_again_by_the_others(caplog):
+    """Per-uid decisions are shared while pending; when the connection whose name was the
+    subject leaves, polkitd cannot answer. That failure is not an answer about the other
+    connections of the uid: each asks with its own name (their lists came out short)."""
+    async def run():
+        port, access = await make_access({":1.1": 1000, ":1.2": 1000, ":1.3": 1000})
+        port.gate.clear()
+        first = asyncio.create_task(access.allowed(Caller(":1.1"), Perm.GETATTR, secret(7)))
+        await asyncio.sleep(0.01)
+        others = [asyncio.create_task(access.allowed(Caller(s), Perm.GETATTR, secret(7))) for s in (":1.2", ":1.3")]
+        await asyncio.sleep(0.01)
+        port.gone.add(":1.1")
+        port.gate.set()
+        assert await first is False                              # fail closed for the one that left
+        assert await asyncio.gather(*others) == [True, True]
+        assert [c[0] for c in port.checks] == [":1.1", ":1.2", ":1.3"]   # each asked with its own name
+        assert access.cached(Caller(":1.3"), Perm.GETATTR, secret(7)) is True
+    with caplog.at_level(logging.DEBUG, logger="secretbus.polkit"):
+        asyncio.run(run())
+    # a caller that leaves is not an error of ours: no ERROR line an attacker could repeat
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_unit_changed_only_from_polkitd():

@@ -414,7 +414,7 @@ def test_announcer_broadcasts_with_access_off():
 
 def test_subscriptions_are_bounded():
     from secretbus.bus.emit import Subscriptions
-    subs = Subscriptions(limit=2)
+    subs = Subscriptions(limit=2, root_reserve=0)
     subs.add(":1.1")
     subs.add(":1.2")
     subs.add(":1.2")                     # again: no new entry
@@ -423,3 +423,105 @@ def test_subscriptions_are_bounded():
     subs.gone(":1.1")
     subs.add(":1.3")
     assert subs.snapshot() == [":1.2", ":1.3"]
+
+
+def test_subscriptions_are_bounded_per_uid_and_root_keeps_a_reserve():
+    from secretbus.bus.emit import Subscriptions
+    subs = Subscriptions(limit=10, per_uid=3, root_reserve=2)
+    for i in range(3):
+        subs.add(f":1.{i}", 1000)
+    subs.add(":1.0", 1000)                        # again: no new entry
+    with pytest.raises(errors.OperationFailed, match="this user already has 3 event subscriptions"):
+        subs.add(":1.3", 1000)                    # one member cannot take every slot...
+    for i in range(4, 9):
+        subs.add(f":1.{i}", 1000 + i)             # ...others still subscribe, up to limit - reserve
+    with pytest.raises(errors.OperationFailed, match=r"too many event subscribers \(8\)"):
+        subs.add(":1.9", 1009)
+    with pytest.raises(errors.OperationFailed, match="too many"):
+        subs.add(":1.10", None)                   # unknown uid: no reserve either
+    subs.add(":1.20", 0)
+    subs.add(":1.21", 0)                          # root: the reserve, no per-uid bound
+    with pytest.raises(errors.OperationFailed, match=r"too many event subscribers \(10\)"):
+        subs.add(":1.22", 0)
+    subs.gone(":1.0")
+    subs.discard(":1.1")
+    subs.add(":1.3", 1000)                        # slots come back when connections leave
+    assert subs.sizes() == {"subscribers": 9, "subscriber_uids": 7}
+    for name in subs.snapshot():
+        subs.gone(name)
+    assert subs.sizes() == {"subscribers": 0, "subscriber_uids": 0}
+
+
+# -- one member cannot take every subscription slot ----------------------------------------
+# argv: ADDRESS N. N connections, each calls Connect.Subscribe and stays; prints each result
+# as JSON, then waits for a line on stdin, closes them all and prints "closed".
+SUBSCRIBER_FLOOD = r'''
+import asyncio, json, sys
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+async def main():
+    addr, n = sys.argv[1], int(sys.argv[2])
+    buses, results = [], []
+    for _ in range(n):
+        bus = await MessageBus(bus_address=addr).connect()
+        buses.append(bus)
+        r = await bus.call(Message(destination="org.libvirt.secret", path="/org/libvirt/secret",
+                                   interface="org.libvirt.Connect", member="Subscribe"))
+        results.append("ok" if r.message_type == MessageType.METHOD_RETURN else f"{r.error_name}: {r.body[0]}")
+    print(json.dumps(results), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for b in buses:
+        b.disconnect()
+    print("closed", flush=True)
+asyncio.run(main())
+'''
+
+
+@pytest.mark.bus_policy(BUS_CONF)
+def test_one_member_cannot_take_every_subscription(system_bus, make_polkitd, make_secretbusd, test_users,
+                                                   unpriv_python):
+    """A member subscribes on 65 connections: the 65th is refused (64 per uid), root still
+    subscribes, and the member's slots come back when its connections leave."""
+    from dbus_fast import Message, MessageType
+    from dbus_fast.aio import MessageBus
+    from test_attack_fairness import _tables
+
+    from secretbus.bus.emit import SUBSCRIBERS_PER_UID
+
+    make_polkitd(system_bus, actions=[ACTIONS_FILE])
+    daemon = make_secretbusd(system_bus, system=True)
+    member = test_users.member
+    p = subprocess.Popen(harness.as_user(member, unpriv_python.argv("-c", SUBSCRIBER_FLOOD, system_bus.address,
+                                                                   str(SUBSCRIBERS_PER_UID + 1))),
+                         env=unpriv_python.env(harness.user_env(member)), stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/", start_new_session=True)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        results = json.loads(p.stdout.readline() or "null")
+        assert results is not None, p.stderr.read() if p.poll() is not None else "no output"
+        assert results[:SUBSCRIBERS_PER_UID] == ["ok"] * SUBSCRIBERS_PER_UID, results
+        assert results[-1].startswith("org.libvirt.Error.OperationFailed: ") and \
+            f"this user already has {SUBSCRIBERS_PER_UID} event subscriptions" in results[-1], results[-1]
+
+        async def root_subscribes():
+            bus = await MessageBus(bus_address=system_bus.address).connect()
+            r = await bus.call(Message(destination="org.libvirt.secret", path=CONNECT_PATH,
+                                       interface=CONNECT, member="Subscribe"))
+            return bus, r
+        root_bus, r = asyncio.run(root_subscribes())
+        try:
+            assert r.message_type is MessageType.METHOD_RETURN, r.body
+            assert _tables(daemon)["subscribers"] == SUBSCRIBERS_PER_UID + 1
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "closed"
+            deadline = time.monotonic() + 10
+            while _tables(daemon)["subscribers"] != 1:       # root's is left
+                assert time.monotonic() < deadline, _tables(daemon)
+                time.sleep(0.2)
+        finally:
+            root_bus.disconnect()
+        r2 = unpriv_python.run(member, "-c", SUBSCRIBER_FLOOD, system_bus.address, "1", input="\n", timeout=60)
+        assert r2.returncode == 0 and json.loads(r2.stdout.splitlines()[0]) == ["ok"], r2.stderr
+    finally:
+        harness.stop_process(p)

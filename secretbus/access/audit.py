@@ -9,6 +9,7 @@ the value (fail closed); `best-effort` logs the failure and goes on; `off` write
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import logging
@@ -170,20 +171,50 @@ class Auditor:
 class CallerPids:
     """The pid of each caller as the bus daemon knows it, per unique name, at most `max_entries`
     (oldest dropped); `forget` is called when a name leaves the bus. `lookup` is the bus call
-    (GetConnectionUnixProcessID); a failure gives None (the record says "unknown")."""
+    (GetConnectionUnixProcessID); a failure gives None (the record says "unknown").
+
+    One lookup per name at a time, shared: `prefetch` starts it while the caller's uid is
+    being looked up (two round trips through a loaded bus in parallel, not one after the
+    other: each costs root's GetValue tens of ms under attack)."""
 
     def __init__(self, lookup: Callable[[str], Awaitable[int]], max_entries: int = 4096):
         self._lookup = lookup
         self._pids: dict[str, int] = {}
+        self._pending: dict[str, asyncio.Task[int | None]] = {}
         self.max_entries = max_entries
 
     def forget(self, sender: str) -> None:
         self._pids.pop(sender, None)
+        task = self._pending.pop(sender, None)
+        if task is not None:
+            task.cancel()
+
+    def prefetch(self, sender: str) -> None:
+        """Start the lookup of `sender`'s pid, unless known or on its way (no await)."""
+        if sender not in self._pids and sender not in self._pending and len(self._pending) < self.max_entries:
+            task = asyncio.get_running_loop().create_task(self._fetch(sender))
+            self._pending[sender] = task
+            task.add_done_callback(
+                lambda t: self._pending.pop(sender, None) if self._pending.get(sender) is t else None)
+
+    def sizes(self) -> dict[str, int]:
+        return {"pids": len(self._pids), "pid_lookups": len(self._pending)}
 
     async def __call__(self, sender: str) -> int | None:
         pid = self._pids.get(sender)
         if pid is not None:
             return pid
+        task = self._pending.get(sender)
+        if task is None:
+            return await self._fetch(sender)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():          # the name left meanwhile: unknown, as a failed lookup
+                return None
+            raise
+
+    async def _fetch(self, sender: str) -> int | None:
         try:
             pid = int(await self._lookup(sender))
         except Exception as e:  # noqa: BLE001 - the record is still written, with pid unknown

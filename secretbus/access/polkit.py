@@ -54,6 +54,7 @@ _Key = tuple[str | int, str, tuple[tuple[str, str], ...]]
 # those differ between connections of one uid; a "yes" for one must not open the others.
 UID_SCOPED = frozenset({Perm.SEARCH_SECRETS, Perm.GETATTR, Perm.READ})
 ROOT = 0
+NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"     # the caller left the bus
 _POLKIT_MATCHES = (
     f"type='signal',sender='{PK_NAME}',interface='{PK_IFACE}',member='Changed',path='{PK_PATH}'",
     f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{PK_NAME}'",
@@ -139,7 +140,8 @@ class CallerUids:
             async with self._slots:
                 (uid,) = await self.bus.call(*DBUS, "GetConnectionUnixUser", "s", [sender], self.timeout)
         except Exception as e:  # noqa: BLE001
-            log.error("cannot find the uid of %s: %s %s", sender, type(e).__name__, e)
+            level = logging.DEBUG if getattr(e, "name", None) == NO_OWNER else logging.ERROR   # it left
+            log.log(level, "cannot find the uid of %s: %s %s", sender, type(e).__name__, e)
             return None
         return int(uid)
 
@@ -160,7 +162,7 @@ class PolkitAccess:
         self.cache_enabled = cache
         self._cache: OrderedDict[_Key, tuple[float, bool]] = OrderedDict()
         self._by_sender: dict[str, set[_Key]] = {}
-        self._pending: dict[_Key, asyncio.Future[bool]] = {}
+        self._pending: dict[_Key, asyncio.Future[bool | None]] = {}
         self._generation = 0
         # dbus-daemon allows 128 pending calls per connection; listing many secrets
         # must not exceed that (the excess would be refused, i.e. silently denied).
@@ -285,27 +287,40 @@ class PolkitAccess:
         # A uid that cannot be found (logged there) only loses root's shortcut and the
         # per-uid entries: polkit still decides, per connection.
         uid = await self.caller_uid(caller)
+        details = details_of(perm, d)
+        key = self._key(caller, perm, details, uid)
         hit = self.cached(caller, perm, d)
         if hit is not None:
             return hit
-        details = details_of(perm, d)
-        key = self._key(caller, perm, details, uid)
         pending = self._pending.get(key)
         if pending is not None and not caller.interactive:
-            return await asyncio.shield(pending)
-        fut = asyncio.get_running_loop().create_future()
+            shared = await asyncio.shield(pending)
+            if shared is not None:
+                return shared
+            # That check failed for its own subject (a connection of this uid that left, a
+            # timeout): no answer about this caller, which asks with its own name (not joining
+            # another shared check: its subject may be leaving too).
+            hit = self.cached(caller, perm, d)
+            if hit is not None:
+                return hit
+        return await self._own_check(caller, perm, details, key)
+
+    async def _own_check(self, caller: Caller, perm: Perm, details: dict[str, str], key: _Key) -> bool:
+        """A check with `caller` as the subject, shared with the same key's callers meanwhile
+        (None to them when it failed rather than answered: they ask again themselves)."""
+        fut: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
+        ok: bool | None = None
         try:
             ok = await self._check(caller, perm, details, key)
-            fut.set_result(ok)
-            return ok
+            return bool(ok)
         finally:
-            if not fut.done():
-                fut.set_result(False)
+            fut.set_result(ok)
             if self._pending.get(key) is fut:
                 del self._pending[key]
 
-    async def _check(self, caller: Caller, perm: Perm, details: dict[str, str], key: _Key) -> bool:
+    async def _check(self, caller: Caller, perm: Perm, details: dict[str, str], key: _Key) -> bool | None:
+        """polkit's answer, or None when there is none (denied: fail closed)."""
         self.stats["checks"] += 1
         generation = self._generation
         # Slots are per uid; a caller whose uid is not known here is its own queue.
@@ -321,9 +336,11 @@ class PolkitAccess:
                     reply = await self._call(caller, perm, details, 0, self.timeout)
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             self.stats["errors"] += 1
-            log.error("polkit check of %s for %s failed, denying: %s %s", perm.value, caller.sender,
-                      type(e).__name__, e)
-            return False
+            # A caller that left is no failure of ours, and any user can leave often: not logged.
+            level = logging.DEBUG if getattr(e, "name", None) == NO_OWNER else logging.ERROR
+            log.log(level, "polkit check of %s for %s failed, denying: %s %s", perm.value, caller.sender,
+                    type(e).__name__, e)
+            return None
         authorized, challenge, _ = reply[0]
         # A caller that left meanwhile (its uid forgotten) gets nothing cached: no entry
         # would ever be dropped for it.

@@ -40,6 +40,12 @@ class ReadAudit:
         pid = await self.pids(caller.sender)
         await self.auditor.write(AuditRecord(FRONT_END, outcome, d, uid, pid, caller.sender, reason))
 
+    def prefetch(self, caller: Caller) -> None:
+        """Start looking up the caller's pid now (while its uid is looked up) rather than
+        after the access checks: one bus round trip less on a value read's path."""
+        if caller.sender:
+            self.pids.prefetch(caller.sender)
+
     async def allowed(self, caller: Caller, d: SecretDef | None) -> None:
         """Record a read about to return its value; AuditFailed (required mode) stops it."""
         if d is None:            # GetValue always has its secret; refuse rather than go unrecorded

@@ -72,3 +72,47 @@ def queued_bytes(bus: Any, fut: Any) -> int:
     if getattr(writer, "fut", None) is fut and getattr(writer, "buf", None) is not None:
         return max(0, len(writer.buf) - int(writer.offset))
     return 0
+
+
+# -- dbus-fast: `BaseMessageBus._bus_address` (the parsed address) -----------------------
+# Why: the service opens a second connection to the same bus for its lookups of callers'
+# uids and pids (bus/polkit.py: they must not queue behind large replies on the main
+# connection), and dbus-fast keeps the address only parsed. Rebuilt as a string here; None
+# when the layout is not the expected one (the lookups then stay on the main connection).
+# Reference: dbus_fast/message_bus.py (BaseMessageBus.__init__, parse_address; 5.x).
+# Remove when dbus-fast exposes the address it connected to.
+def bus_address(bus: Any) -> str | None:
+    from urllib.parse import quote
+
+    parsed = getattr(bus, "_bus_address", None)
+    if not isinstance(parsed, list):
+        return None
+    parts = []
+    for entry in parsed:
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], dict)):
+            return None
+        transport, options = entry
+        parts.append(transport + ":" + ",".join(f"{k}={quote(str(v), safe='-_/.')}" for k, v in options.items()))
+    return ";".join(parts) or None
+
+
+# -- dbus-fast: `MessageBus._writer.sock` (the socket's send buffer) ---------------------
+# Why: what the kernel holds in our socket's send buffer (~200 KB by default on Linux) is
+# ahead of every reply queued after it, root's too, and a flooded bus reads us slowly; a
+# small buffer keeps the queue in our writer, where the service orders it (bus/lane.py).
+# Same attribute as EagainIsNotFatal above (it forwards setsockopt).
+# Reference: dbus_fast/aio/message_bus.py (_MessageWriter.sock; 5.x).
+# Remove when dbus-fast exposes its socket.
+def set_send_buffer(bus: Any, size: int) -> bool:
+    """Set SO_SNDBUF of `bus`'s socket; False when it cannot be found or set."""
+    import socket
+
+    sock = getattr(getattr(bus, "_writer", None), "sock", None)
+    if sock is None or not hasattr(sock, "setsockopt"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except OSError:
+        return False
+    return True

@@ -28,6 +28,9 @@ from secretbus.driver.driver import StoreState
 log = logging.getLogger("secretbus.dbus")
 
 SUBSCRIBERS_MAX = 4096      # connections; a subscriber costs one unicast copy per event it may see
+SUBSCRIBERS_PER_UID = 64    # one user's connections (the system bus lets a user have 256)
+ROOT_RESERVE = 256          # of SUBSCRIBERS_MAX, left to root whatever the others hold
+ROOT = 0
 
 
 class Signal(NamedTuple):
@@ -39,25 +42,55 @@ class Signal(NamedTuple):
 
 
 class Subscriptions:
-    """The connections (unique names) that asked for events, in subscription order.
-    Entries go when the connection leaves the bus (`gone`) or unsubscribes."""
+    """The connections (unique names) that asked for events, in subscription order, with
+    their uid. Entries go when the connection leaves the bus (`gone`) or unsubscribes.
 
-    def __init__(self, limit: int = SUBSCRIBERS_MAX):
-        self._names: dict[str, None] = {}
+    Bounded as the other per-caller tables (DESIGN §12): at most `per_uid` connections of
+    one uid (callers whose uid is unknown count as one uid), `limit` in all, of which
+    `root_reserve` only root may take; root has no per-uid bound."""
+
+    def __init__(self, limit: int = SUBSCRIBERS_MAX, *, per_uid: int = SUBSCRIBERS_PER_UID,
+                 root_reserve: int = ROOT_RESERVE):
+        self._names: dict[str, int | None] = {}
+        self._per_uid: dict[int | None, int] = {}
         self._limit = limit
+        self._per = per_uid
+        self._reserve = min(root_reserve, limit)
 
-    def add(self, name: str) -> None:
-        if name not in self._names and len(self._names) >= self._limit:
-            raise errors.OperationFailed(f"too many event subscribers ({self._limit}); try again later")
-        self._names[name] = None
+    def add(self, name: str, uid: int | None = None) -> None:
+        if name in self._names:
+            return
+        if uid == ROOT:
+            if len(self._names) >= self._limit:
+                raise errors.OperationFailed(f"too many event subscribers ({self._limit}); try again later")
+        else:
+            if len(self._names) - self._per_uid.get(ROOT, 0) >= self._limit - self._reserve:   # root's aside
+                raise errors.OperationFailed(f"too many event subscribers ({self._limit - self._reserve}); "
+                                             "try again later")
+            held = self._per_uid.get(uid, 0)
+            if held >= self._per:
+                raise errors.OperationFailed(f"this user already has {held} event subscriptions, the most "
+                                             "allowed: unsubscribe or close one first")
+        self._names[name] = uid
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
 
     def discard(self, name: str) -> None:
-        self._names.pop(name, None)
+        if name not in self._names:
+            return
+        uid = self._names.pop(name)
+        left = self._per_uid[uid] - 1
+        if left:
+            self._per_uid[uid] = left
+        else:
+            del self._per_uid[uid]
 
     gone = discard
 
     def snapshot(self) -> list[str]:
         return list(self._names)
+
+    def sizes(self) -> dict[str, int]:
+        return {"subscribers": len(self._names), "subscriber_uids": len(self._per_uid)}
 
     def __contains__(self, name: object) -> bool:
         return name in self._names

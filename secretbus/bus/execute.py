@@ -10,9 +10,10 @@ anything that writes files, so fsync never stalls the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.bus import compat
 from secretbus.bus.auditing import ReadAudit
 from secretbus.bus.dispatch import Reply, error
+from secretbus.bus.lane import LargeReplyLane
 from secretbus.bus.limits import LIMITS_EXCEEDED, Bounds, CallerBudget, Refused
 from secretbus.bus.names import UNKNOWN_OBJECT, error_name, error_text
 from secretbus.bus.sizes import reply_size
@@ -78,6 +80,7 @@ class Grant:
 
     visible: Sequence[SecretDef] = ()
     private_reader: bool = False
+    uid: int | None = None                # the caller's, when access control looked it up
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,10 @@ class Bound:
         return self.spec.signature
 
 
+class Unanswered(Exception):
+    """The call of a caller over the unread bound: dropped without a reply (execute.py)."""
+
+
 class DBusFailure(Exception):
     """A reply with a freedesktop error name (unknown object or property, read-only...)."""
 
@@ -124,6 +131,10 @@ class DBusFailure(Exception):
 BUS_MESSAGE_MAX = 32 << 20
 LARGE_REPLY = 256 << 10   # over this, a reply is refused while the outgoing backlog is full
 ERROR_BYTES = 512         # what an error reply costs the caller's queue, about
+FILTER_BATCH = 32         # per-secret access checks of one call in flight at once
+ROOT = 0                  # polkit always allows uid 0: never queued behind others
+LANE_HOLD = 1.0           # s: the most a large reply holds the lane waiting for the bus to take it
+LANE_BACKLOG = 32 << 10   # bytes in our writer's queue over which every non-root reply takes the lane
 
 
 def reply(msg: Message, sig: str, body: list[Any]) -> Message | bool:
@@ -168,20 +179,45 @@ class CallRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretbus-io")
         self.tasks: set[asyncio.Task[None]] = set()
         self.denials = DenialLog()   # one line per (uid, action), then a summary per minute
+        self.unanswered = 0          # calls of callers over the unread bound, dropped
+        self.lane = LargeReplyLane()  # large replies of all but root, one at a time
 
     def run(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str) -> Reply:
         """Reply now when nothing needs awaiting, else finish in a task."""
         sender = msg.sender or ""
-        unread = self.unread.blocked(sender)
-        if unread:
-            self.unread.sent(sender, ERROR_BYTES)
-            return error(msg, LIMITS_EXCEEDED, f"this connection has left {unread} bytes of replies unread "
-                                               f"(at most {self.unread.bound}): read them before calling again")
+        # A caller that leaves replies unread gets none while it stays over the bound: an
+        # error reply would sit in the bus too, counted against us, and a flood of refusals
+        # costs as much as serving. Unanswered, its calls pile up as pending replies in the
+        # bus, which refuses its calls itself past max_replies_per_connection (128).
+        suspect = self.unread.over(sender)
         try:
             self.budget.admit(sender)
         except Refused as e:
+            if suspect:
+                self.unanswered += 1
+                return True
             self.unread.sent(sender, ERROR_BYTES)
             return error(msg, LIMITS_EXCEEDED, str(e))
+        if suspect:
+            self._spawn(self._when_read(msg, spec, prepare, out_sig, sender))
+            return True
+        return self._start(msg, spec, prepare, out_sig, sender)
+
+    async def _when_read(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared],
+                         out_sig: str, sender: str) -> None:
+        """The call of a caller over the unread bound: served once the bus says it has read
+        (a caller that has read since the last question waits one round trip), else dropped."""
+        if await self.unread.settle(sender):
+            self.unanswered += 1
+            self.budget.release(sender)
+            return
+        out = self._start(msg, spec, prepare, out_sig, sender)
+        if isinstance(out, Message) and self.bus.connected:
+            self.bus.send(out).add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _start(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str,
+               sender: str) -> Reply:
+        """An admitted call: its reply when nothing needs awaiting (released here), else a task."""
         out: Reply = None
         try:
             prep = prepare(msg)
@@ -198,10 +234,13 @@ class CallRunner:
             self.budget.release(sender)
             return out
         caller = Caller(msg.sender, bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
-        task = self._loop.create_task(self._finish(msg, caller, spec, out_sig, prep))
+        self._spawn(self._finish(msg, caller, spec, out_sig, prep))
+        return True
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return True
 
     def _measured(self, msg: Message, out_sig: str, body: list[Any], uid: int | None) -> Message | bool:
         """The reply, unless it is more than the bus accepts, or large while the outgoing
@@ -218,35 +257,71 @@ class CallRunner:
 
     async def _finish(self, msg: Message, caller: Caller, spec: MethodSpec, out_sig: str, prep: Prepared) -> None:
         uid: int | None = None
-        try:
-            uid, grant = await self._authorise(msg, caller, spec, prep)
-            if spec.writes:
-                # run_in_executor does not carry context variables over; copy them.
-                ctx = contextvars.copy_context()
-                body = await self._loop.run_in_executor(self._executor, ctx.run, prep.act, grant)
-            else:
-                body = prep.act(grant)
-                if spec.audit and self.audit:    # no record, no value (AuditFailed)
-                    await self.audit.allowed(caller, prep.target)
-            out = self._measured(msg, out_sig, body, uid)
-        except Refused as e:
-            out = error(msg, LIMITS_EXCEEDED, str(e))
-        except Exception as e:  # noqa: BLE001 - every failure becomes a clean error reply
-            out = error_reply(msg, e)
-            if spec.audit and self.audit:
-                try:
-                    await self.audit.denied(caller, prep.target, e, prep.private)
-                except Exception as failed:  # noqa: BLE001 - the refusal stands without its record
-                    log.error("no audit record of a refused read: %s", type(failed).__name__)
-        # Always reached: the call stays counted in flight until its reply is sent.
-        self._send(caller.sender or "", out)
+        sender = caller.sender or ""
+        in_lane = False
+        async with contextlib.AsyncExitStack() as lane:
+            try:
+                # No reply is built for a caller over the unread bound (it would sit in the
+                # bus, counted against us), nothing is done for it, and no polkit check is
+                # spent on it (the uid's slots are its other connections' too): dropped.
+                if await self._still_over(sender):
+                    raise Unanswered
+                uid, grant = await self._authorise(msg, caller, spec, prep)
+                if await self._still_over(sender):
+                    raise Unanswered
+                if uid != ROOT and (prep.large or self.budget.backlog >= LANE_BACKLOG):
+                    # One large reply at a time, fair across uids and connections, the loop's
+                    # sockets polled between (lane.py); held until the bus has the message.
+                    # While our writer holds a backlog, every reply but root's takes the lane:
+                    # twenty 20 KB lists queued at once are as far ahead of root's as one 400 KB.
+                    await lane.enter_async_context(self.lane.turn(sender if uid is None else uid, sender))
+                    in_lane = True
+                    if self.unread.over(sender):    # its replies built while it waited
+                        raise Unanswered
+                if spec.writes:
+                    # run_in_executor does not carry context variables over; copy them.
+                    ctx = contextvars.copy_context()
+                    body = await self._loop.run_in_executor(self._executor, ctx.run, prep.act, grant)
+                else:
+                    body = prep.act(grant)
+                    if spec.audit and self.audit:    # no record, no value (AuditFailed)
+                        await self.audit.allowed(caller, prep.target)
+                out = self._measured(msg, out_sig, body, uid)
+            except Unanswered:
+                self.unanswered += 1
+                out = True
+            except Refused as e:
+                out = error(msg, LIMITS_EXCEEDED, str(e))
+            except Exception as e:  # noqa: BLE001 - every failure becomes a clean error reply
+                out = error_reply(msg, e)
+                if spec.audit and self.audit:
+                    try:
+                        await self.audit.denied(caller, prep.target, e, prep.private)
+                    except Exception as failed:  # noqa: BLE001 - the refusal stands without its record
+                        log.error("no audit record of a refused read: %s", type(failed).__name__)
+            # Always reached: the call stays counted in flight until its reply is sent.
+            sending = self._send(sender, out)
+            if sending is not None and in_lane:
+                # The lane is held until our socket took the whole reply: what the bus reads
+                # from us is then never more than one large reply (and the socket buffer)
+                # ahead of root's; under a flood it reads us slowly: 2 MiB ahead took ~1.5 s.
+                await asyncio.wait([sending], timeout=LANE_HOLD)
 
-    def _send(self, sender: str, out: Message | bool) -> None:
+    async def _still_over(self, sender: str) -> bool:
+        """Whether `sender` is over the unread bound, asking the bus once more when it seems
+        so (it may have read since). Checked right before a reply is built: from there to
+        `_count` nothing awaits on the read path but a GetValue's audit record (a small
+        reply), so the bound holds within one reply."""
+        if not self.unread.over(sender):
+            return False
+        return bool(await self.unread.settle(sender))
+
+    def _send(self, sender: str, out: Message | bool) -> asyncio.Future[None] | None:
         """Send without awaiting (no lock is ever held across a send): the call stays in
-        flight, and its bytes counted, until the bus has taken the reply."""
+        flight, and its bytes counted, until the bus has taken the reply (the future)."""
         if not isinstance(out, Message) or not self.bus.connected:
             self.budget.release(sender)
-            return
+            return None
         if out.message_type is MessageType.ERROR:
             self._count(sender, ERROR_BYTES)
         fut = self.bus.send(out)
@@ -254,6 +329,7 @@ class CallRunner:
         if n:
             self.budget.queued(sender, n)
         fut.add_done_callback(lambda f: self._sent(sender, n, f))
+        return fut
 
     def _count(self, sender: str, n: int) -> None:
         """Bytes of a reply to `sender` for the unread-replies bound; not for a caller that
@@ -276,6 +352,8 @@ class CallRunner:
     async def _authorise(self, msg: Message, caller: Caller, spec: MethodSpec,
                          prep: Prepared) -> tuple[int | None, Grant]:
         uid = None
+        if spec.audit and self.audit:
+            self.audit.prefetch(caller)
         if spec.writes or prep.private or self.access.enabled:
             # Who did it goes into the log records of this request (journal CALLER_UID).
             uid = await self.access.caller_uid(caller)
@@ -292,15 +370,23 @@ class CallRunner:
         visible = prep.candidates
         if spec.each is not None and self.access.enabled:
             visible = await self._filter(caller, spec.each, list(visible))
-        return uid, Grant(visible, prep.private and uid is not None and uid in self.private_readers)
+        return uid, Grant(visible, prep.private and uid is not None and uid in self.private_readers, uid)
 
     async def _filter(self, caller: Caller, perm: Perm, defs: list[SecretDef]) -> list[SecretDef]:
         """The defs `caller` may see; cached decisions are read without awaiting each one."""
         cached = getattr(self.access, "cached", None)
         known = [cached(caller, perm, d) if cached else None for d in defs]
         missing = [d for d, k in zip(defs, known, strict=True) if k is None]
-        asked = dict(zip((d.uuid for d in missing),
-                         await asyncio.gather(*(self.access.allowed(caller, perm, d) for d in missing)), strict=True))
+        # A few checks at a time: a uid has only so many polkit slots anyway (FairSlots), and
+        # 32 calls in flight on each of a member's connections must not hold a pending
+        # coroutine per secret each (tens of thousands of them: the daemon's RSS).
+        asked: dict[str, bool] = {}
+        for i in range(0, len(missing), FILTER_BATCH):
+            if self.unread.over(caller.sender or ""):
+                raise Unanswered          # it will get no reply: the rest of the checks would be waste
+            batch = missing[i:i + FILTER_BATCH]
+            oks = await asyncio.gather(*(self.access.allowed(caller, perm, d) for d in batch))
+            asked.update(zip((d.uuid for d in batch), oks, strict=True))
         return [d for d, k in zip(defs, known, strict=True) if (k if k is not None else asked[d.uuid])]
 
     async def drain(self) -> None:

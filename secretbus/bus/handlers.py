@@ -141,7 +141,7 @@ class ConnectHandlers:
 
         def act(g: Grant) -> list[Any]:
             if self.filtered and self.subscribers is not None:
-                self.subscribers.add(sender)
+                self.subscribers.add(sender, g.uid)
             return []
         return Prepared(act)
 

@@ -18,6 +18,7 @@ from dbus_fast.introspection import Interface
 
 from secretbus.access.busport import BusError
 from secretbus.access.permissions import AccessControl
+from secretbus.bus import compat
 from secretbus.bus.auditing import ReadAudit
 from secretbus.bus.dispatch import Dispatcher, Entry, ObjectType, Reply, error
 from secretbus.bus.emit import Announcer
@@ -53,6 +54,7 @@ NAME_GONE = (f"type='signal',sender='{DBUS_NAME}',interface='{DBUS_IFACE}',"
              "member='NameOwnerChanged',arg2=''")
 
 STATS_IFACE = "org.freedesktop.DBus.Debug.Stats"
+SEND_BUFFER = 32 << 10   # SO_SNDBUF of the service's bus socket (the kernel doubles it)
 # The path down to the connect object: each node introspects with its one child.
 _TREE = {"/": "org", "/org": "libvirt", "/org/libvirt": "secret"}
 
@@ -90,6 +92,8 @@ class SecretService:
         self.access = access
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        # A small send buffer: what the kernel holds is ahead of root's replies (compat.py).
+        compat.set_send_buffer(bus, SEND_BUFFER)
         self._runner = CallRunner(bus, access, private_readers, audit=audit, bounds=bounds,
                                   max_message=max_message,
                                   unread=_outgoing_bytes(bus) if hasattr(bus, "call") else None)
@@ -172,8 +176,10 @@ class SecretService:
         self._runner.forget(sender)
 
     def table_sizes(self) -> dict[str, int]:
-        """The per-caller tables' sizes (the daemon logs them on SIGUSR1, for tests)."""
-        return {"tasks": len(self._runner.tasks), **self._runner.budget.sizes(), **self._runner.unread.sizes()}
+        """The per-caller tables' sizes, and the count of calls dropped unanswered (the daemon
+        logs them on SIGUSR1, for tests)."""
+        return {"tasks": len(self._runner.tasks), **self._runner.budget.sizes(), **self._runner.unread.sizes(),
+                **self._runner.lane.sizes(), **self._signals.subscribers.sizes(), "unanswered": self._runner.unanswered}
 
     async def drain(self) -> None:
         """Stop taking calls and wait for those already running (SIGTERM)."""

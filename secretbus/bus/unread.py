@@ -9,6 +9,21 @@ caller, root included. Our own writer queue cannot see this, so the service asks
 to it, one question per caller at a time, and refuses the calls of a caller over `bound`
 until it has read. O(1) per call. A bus without statistics (or refusing them) turns this
 off, logged once: the writer-queue bounds of limits.py still apply.
+
+The bound is a real one on what we add: a caller is `over` when the bus's last answer plus
+every byte sent to it since that question went out reaches `bound`. The bus handles our
+messages in order, so what we sent before a question is in its answer (queued or delivered)
+and only what we sent after it is not; nothing sent is ever left uncounted. Checked right
+before a reply is built, this keeps the bytes of our replies the bus holds for one caller
+under `bound` plus one reply, whatever the timing. `settle` asks again and waits, so a caller
+that has read in the meantime is served after one round trip.
+
+A connection is on probation until the bus has shown that it reads (an answer below what we
+had sent it before that question): its bound is `probation`, not `bound`. A client that
+reads costs one more round trip, once, if it takes more than `probation` before the first
+answer; one that never reads (a new connection of a slow-reader attack every few seconds)
+gets `probation` of replies instead of `bound`, all of which the bus must read from us,
+ahead of root's replies, at the pace a flood leaves it.
 """
 from __future__ import annotations
 
@@ -23,54 +38,76 @@ Ask = Callable[[str], Awaitable[int]]   # unique name -> OutgoingBytes; raises w
 
 class UnreadReplies:
     def __init__(self, ask: Ask | None, *, bound: int = 2 << 20, recheck: int = 512 << 10,
-                 max_senders: int = 4096):
+                 probation: int = 256 << 10, max_senders: int = 4096):
         self._ask = ask
         self.bound = bound
         self.recheck = recheck
+        self.probation = min(probation, bound)
         self.max_senders = max_senders
-        self._sent: dict[str, int] = {}     # bytes sent since the last question
-        self._unread: dict[str, int] = {}   # callers last seen over the bound
+        self._sent: dict[str, int] = {}     # bytes sent since the last question went out
+        self._known: dict[str, int] = {}    # the bus's last answer, when not 0
         self._asking: dict[str, asyncio.Task[None]] = {}
+        self._reads: set[str] = set()       # callers the bus has shown to read
 
     def blocked(self, sender: str) -> int:
-        """The unread bytes of a caller over the bound (0: not blocked). A blocked caller is
-        asked about again, so it is let through once it has read."""
-        unread = self._unread.get(sender, 0)
+        """`over`, asking the bus again when it is, so a caller is let through once it has read."""
+        unread = self.over(sender)
         if unread:
             self._question(sender)
         return unread
 
+    def over(self, sender: str) -> int:
+        """What `sender` may have left unread when that reaches the bound (0: under it): the
+        bus's last answer plus what we sent it since that question went out."""
+        unread = self._known.get(sender, 0) + self._sent.get(sender, 0)
+        return unread if unread >= (self.bound if sender in self._reads else self.probation) else 0
+
+    async def settle(self, sender: str, rounds: int = 2) -> int:
+        """Ask the bus about `sender` (joining a question on its way, then asking anew, at
+        most `rounds` questions) until it is not `over`; returns `over` at the end. Without
+        room for another question the last figures stand (it stays refused: fail closed)."""
+        for _ in range(rounds):
+            task = self._asking.get(sender)
+            if task is None:
+                self._question(sender)
+                task = self._asking.get(sender)
+                if task is None:
+                    break
+            await asyncio.wait([task])      # a question cancelled (caller gone) ends the wait too
+            if not self.over(sender):
+                return 0
+        return self.over(sender)
+
     def sent(self, sender: str, n: int) -> None:
-        if self._ask is None:
+        if self._ask is None or n <= 0:
             return
         total = self._sent.get(sender, 0) + n
-        if total < self.recheck:
-            if total or sender in self._sent:
-                self._sent[sender] = total
-            return
         self._sent[sender] = total
-        self._question(sender)
+        if total >= self.recheck or self.over(sender):    # on probation, before `recheck`
+            self._question(sender)
 
     def forget(self, sender: str) -> None:
         self._sent.pop(sender, None)
-        self._unread.pop(sender, None)
+        self._known.pop(sender, None)
+        self._reads.discard(sender)
         task = self._asking.pop(sender, None)
         if task is not None:
             task.cancel()
 
     def sizes(self) -> dict[str, int]:
-        return {"unread_tracked": len(self._sent), "unread_blocked": len(self._unread),
-                "unread_asking": len(self._asking)}
+        blocked = sum(1 for s in self._known.keys() | self._sent.keys() if self.over(s))
+        return {"unread_tracked": len(self._sent), "unread_blocked": blocked,
+                "unread_asking": len(self._asking), "unread_readers": len(self._reads)}
 
     def _question(self, sender: str) -> None:
         if self._ask is None or sender in self._asking or len(self._asking) >= self.max_senders:
             return
-        self._sent.pop(sender, None)
-        task = asyncio.get_running_loop().create_task(self._check(sender))
+        # What was sent up to now is in the answer; what is sent from now on is not.
+        task = asyncio.get_running_loop().create_task(self._check(sender, self._sent.get(sender, 0)))
         self._asking[sender] = task
         task.add_done_callback(lambda t: self._asking.pop(sender, None) if self._asking.get(sender) is t else None)
 
-    async def _check(self, sender: str) -> None:
+    async def _check(self, sender: str, before: int) -> None:
         ask = self._ask
         assert ask is not None
         try:
@@ -83,14 +120,26 @@ class UnreadReplies:
                             "bounded per caller", type(e).__name__)
                 self._ask = None
                 self._sent.clear()
-                self._unread.clear()
+                self._known.clear()
+                self._reads.clear()
             return
         if sender not in self._asking:
             return                       # left meanwhile
-        if unread >= self.bound and len(self._unread) < self.max_senders:
-            self._unread[sender] = unread
+        if unread < before and len(self._reads) < self.max_senders:
+            self._reads.add(sender)      # less is queued than we had sent: it reads
+        after = self._sent.get(sender, 0) - before
+        if after > 0:
+            self._sent[sender] = after
         else:
-            self._unread.pop(sender, None)
+            self._sent.pop(sender, None)
+        if unread > 0 and (sender in self._known or len(self._known) < self.max_senders):
+            self._known[sender] = unread
+        elif unread > 0:
+            # No room to remember it: count it as sent since, so the bound still holds
+            # (`_sent` has an entry per caller with calls anyway).
+            self._sent[sender] = self._sent.get(sender, 0) + unread
+        else:
+            self._known.pop(sender, None)
 
 
 # What a bus without statistics, or one that refuses them to us, answers; anything else
