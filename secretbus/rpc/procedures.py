@@ -10,8 +10,7 @@ ACL; a handler of a checked connection returns a coroutine that the connection a
 from __future__ import annotations
 
 import logging
-import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -22,7 +21,7 @@ from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
 from secretbus.driver import rules
 from secretbus.driver.driver import ANY, SecretDriver
 from secretbus.rpc import protocol as P
-from secretbus.rpc.events import EventHub, EventSink, wire_secret
+from secretbus.rpc.events import EventHub, EventSink
 from secretbus.rpc.failures import (
     AUTH_FAILED,
     AUTH_FAILED_PREFIX,
@@ -33,8 +32,10 @@ from secretbus.rpc.failures import (
     rpc_failure,
 )
 from secretbus.rpc.guard import Guard
+from secretbus.rpc.handles import PackedHandles, uuid_text, wire_secret
 from secretbus.rpc.identity import Identity, SystemToken, parse_params
 from secretbus.rpc.session import Session
+from secretbus.rpc.xdr import Encoded
 
 log = logging.getLogger("secretbus.rpc")
 
@@ -59,7 +60,7 @@ class Handler:
 
 def _uuid(handle: dict[str, Any]) -> str:
     """A secret handle names its secret by UUID only; usageType/usageID are ignored, as in libvirt."""
-    return str(uuidlib.UUID(bytes=handle["uuid"]))
+    return uuid_text(handle["uuid"])
 
 
 def _not_offered(_c: Client, _a: Any) -> Any:
@@ -76,6 +77,11 @@ class Procedures:
         self.system = system
         self.guard = guard or Guard(system=system)
         self.uri = "secret:///system" if system else "secret:///session"
+        self.handles = PackedHandles(lambda: self.driver.count())
+        # The driver keeps what these derive from a listing until the table changes
+        # (list_view: one long-lived function each, it is part of the cache key).
+        self._derive_list = self._packed_list
+        self._derive_uuids = self._uuid_list
 
     def table(self) -> dict[int, Handler]:
         Pr = P.Proc
@@ -97,12 +103,11 @@ class Procedures:
             Pr.CONNECT_REGISTER_CLOSE_CALLBACK: Handler(self.register_close_callback),
             Pr.CONNECT_UNREGISTER_CLOSE_CALLBACK: Handler(self.unregister_close_callback),
             Pr.CONNECT_SET_IDENTITY: Handler(self.set_identity),
-            Pr.CONNECT_NUM_OF_SECRETS: Handler(
-                lambda c, a: self.guard.listing(c, self.driver.list_secrets(0), lambda defs: {"num": len(defs)})),
+            Pr.CONNECT_NUM_OF_SECRETS: Handler(self.num_of_secrets),
             Pr.CONNECT_LIST_SECRETS: Handler(self.list_secrets),
             Pr.CONNECT_LIST_ALL_SECRETS: Handler(self.list_all_secrets),
             Pr.SECRET_LOOKUP_BY_UUID: Handler(
-                lambda c, a: self._found(c, self.driver.lookup_by_uuid(str(uuidlib.UUID(bytes=a["uuid"]))))),
+                lambda c, a: self._found(c, self.driver.lookup_by_uuid(uuid_text(a["uuid"])))),
             Pr.SECRET_LOOKUP_BY_USAGE: Handler(
                 lambda c, a: self._found(c, self.driver.lookup_by_usage(a["usageType"], a["usageID"]))),
             Pr.SECRET_DEFINE_XML: Handler(self.define_xml, writes=True, denied_readonly="virSecretDefineXML"),
@@ -192,7 +197,7 @@ class Procedures:
 
     # -- lookups and XML ----------------------------------------------------------------
     def _found(self, c: Client, d: SecretDef) -> Any:
-        return self.guard.then(c, [(Perm.GETATTR, d)], "lookup", lambda: {"secret": wire_secret(d)})
+        return self.guard.then(c, [(Perm.GETATTR, d)], "lookup", lambda: {"secret": self.handles.handle(d)})
 
     def get_xml_desc(self, c: Client, a: Any) -> Any:
         rules.check_xml_desc_flags(a["flags"])
@@ -202,21 +207,49 @@ class Procedures:
                                lambda: {"xml": self.driver.get_xml_desc(uuid, a["flags"])})
 
     # -- listing ----------------------------------------------------------------------
+    # An unchecked connection (root, the session's user) gets the driver's cached listing;
+    # a checked one the secrets it may getattr, packed from the per-definition cache.
+    def num_of_secrets(self, c: Client, _a: Any) -> Any:
+        if not self.guard.checked(c.session):
+            return {"num": self.driver.count()}
+        return self.guard.listing(c, self.driver.list_secrets(0), lambda defs: {"num": len(defs)})
+
+    def _uuid_list(self, defs: list[SecretDef]) -> list[str]:
+        return [d.uuid for d in defs]
+
     def list_secrets(self, c: Client, a: Any) -> Any:
         maxuuids = a["maxuuids"]
         if maxuuids > P.REMOTE_SECRET_LIST_MAX:
             raise rpc_failure("maxuuids > REMOTE_SECRET_LIST_MAX")
         if maxuuids < 0:
             raise errors.InvalidArg("maxuuids in virConnectListSecrets must be greater than or equal to 0")
+        if not self.guard.checked(c.session):
+            return {"uuids": self.driver.list_view(0, self._derive_uuids)[:maxuuids]}
         return self.guard.listing(c, self.driver.list_secrets(0),
                                   lambda defs: {"uuids": [d.uuid for d in defs[:maxuuids]]})
 
+    def _packed_list(self, defs: list[SecretDef]) -> tuple[int, Encoded | None]:
+        """(count, the packed array, None when over the protocol's maximum)."""
+        return len(defs), self._array(defs)
+
+    def _array(self, defs: Sequence[SecretDef]) -> Encoded | None:
+        return self.handles.array(defs) if len(defs) <= P.REMOTE_SECRET_LIST_MAX else None
+
+    @staticmethod
+    def _list_reply(n: int, array: Encoded | None, need_results: int) -> Any:
+        if not need_results:
+            return {"secrets": [], "ret": n}
+        if array is None:
+            raise rpc_failure(f"Too many secrets '{n}' for limit '{P.REMOTE_SECRET_LIST_MAX}'")
+        return {"secrets": array, "ret": n}
+
     def list_all_secrets(self, c: Client, a: Any) -> Any:
-        def build(defs: list[SecretDef]) -> Any:
-            if len(defs) > P.REMOTE_SECRET_LIST_MAX:
-                raise rpc_failure(f"Too many secrets '{len(defs)}' for limit '{P.REMOTE_SECRET_LIST_MAX}'")
-            return {"secrets": [wire_secret(d) for d in defs] if a["need_results"] else [], "ret": len(defs)}
-        return self.guard.listing(c, self.driver.list_secrets(a["flags"]), build)
+        need = a["need_results"]
+        if not self.guard.checked(c.session):
+            n, array = self.driver.list_view(a["flags"], self._derive_list)
+            return self._list_reply(n, array, need)
+        return self.guard.listing(c, self.driver.list_secrets(a["flags"]),
+                                  lambda defs: self._list_reply(len(defs), self._array(defs) if need else None, need))
 
     # -- writes: each returns the act the writer thread runs ---------------------------
     def _expect(self, c: Client, d: SecretDef | None) -> SecretDef | None | object:
