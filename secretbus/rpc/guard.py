@@ -135,8 +135,9 @@ class Guard:
             log.warning(msg, *args)
 
     # -- per-call checks ------------------------------------------------------------------
-    async def allowed(self, s: Session, perm: Perm, d: SecretDef | None) -> bool:
-        caller = self._caller(s)
+    async def allowed(self, s: Session, perm: Perm, d: SecretDef | None, *, as_peer: bool = False) -> bool:
+        """`as_peer`: decide for the connected process, not the identity it set."""
+        caller = self._caller(s, peer=as_peer)
         if caller is None or caller.process is None:
             return False
         if caller.process.uid == ROOT:
@@ -158,22 +159,23 @@ class Guard:
         cached = getattr(self.access, "cached", None)
         return cached(caller, perm, d) if cached is not None else None
 
-    async def require(self, s: Session, checks: Checks, operation: str) -> None:
+    async def require(self, s: Session, checks: Checks, operation: str, *, as_peer: bool = False) -> None:
         for perm, d in checks:
-            if not await self.allowed(s, perm, d):
+            if not await self.allowed(s, perm, d, as_peer=as_peer):
                 subject = s.subject()
                 self.denials.denied(subject.uid if subject else None, f"RPC {s.name} (peer pid {s.peer.pid})",
                                     perm.value, {"SECRET_UUID": d.uuid if d else "", "SECRET_OPERATION": operation})
                 raise denied()
 
-    def then(self, c: HasSession, checks: Checks, operation: str, act: Callable[[], T]) -> T | Awaitable[T]:
+    def then(self, c: HasSession, checks: Checks, operation: str, act: Callable[[], T], *,
+             as_peer: bool = False) -> T | Awaitable[T]:
         """`act()` once `checks` pass: at once when the connection is not checked, else a
         coroutine (the connection awaits it)."""
         if not self.checked(c.session):
             return act()
 
         async def checked() -> T:
-            await self.require(c.session, checks, operation)
+            await self.require(c.session, checks, operation, as_peer=as_peer)
             return act()
         return checked()
 

@@ -94,10 +94,13 @@ class Procedures:
             Pr.CONNECT_OPEN: Handler(self.connect_open, pre_open=True),
             Pr.CONNECT_CLOSE: Handler(self.connect_close, pre_open=True),
             Pr.CONNECT_SUPPORTS_FEATURE: Handler(self.supports_feature, pre_open=True),
-            Pr.CONNECT_GET_TYPE: Handler(lambda c, a: {"type": "secret"}),
-            Pr.CONNECT_GET_URI: Handler(lambda c, a: {"uri": self.uri}),
+            # @acl: connect:getattr (remote_protocol.x), as every connection-level call below
+            # unless it says otherwise; IS_SECURE, CLOSE and the AUTH_* have none.
+            Pr.CONNECT_GET_TYPE: Handler(self._connect_getattr("get-type", lambda: {"type": "secret"})),
+            Pr.CONNECT_GET_URI: Handler(self._connect_getattr("get-uri", lambda: {"uri": self.uri})),
             Pr.CONNECT_IS_SECURE: Handler(lambda c, a: {"secure": 1}),   # a local unix socket
-            Pr.CONNECT_GET_LIB_VERSION: Handler(lambda c, a: {"lib_ver": LIBVIRT_COMPAT}),
+            Pr.CONNECT_GET_LIB_VERSION: Handler(
+                self._connect_getattr("get-lib-version", lambda: {"lib_ver": LIBVIRT_COMPAT})),
             Pr.CONNECT_GET_VERSION: Handler(self._no_support("virConnectGetVersion")),
             Pr.CONNECT_GET_HOSTNAME: Handler(self._no_support("virConnectGetHostname")),
             Pr.CONNECT_REGISTER_CLOSE_CALLBACK: Handler(self.register_close_callback),
@@ -139,6 +142,9 @@ class Procedures:
         return self.guard.authenticate(s)
 
     # -- the connection -------------------------------------------------------------
+    def _connect_getattr(self, operation: str, answer: Callable[[], Any]) -> Fn:
+        return lambda c, _a: self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], operation, answer)
+
     def connect_open(self, c: Client, a: Any) -> Any:
         s = c.session
         if s.opened:
@@ -146,9 +152,14 @@ class Procedures:
             self._close(c)
             raise daemon_internal("connection already open")
         self._check_name(a["name"])
-        s.opened = True
-        s.open_readonly = bool(a["flags"] & CONNECT_RO)
-        return None
+        readonly = bool(a["flags"] & CONNECT_RO)
+
+        def opened() -> None:
+            s.opened = True
+            s.open_readonly = readonly
+        # secretConnectOpen's connect:getattr, after the URI check as there; a refusal leaves
+        # the connection unopened.
+        return self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], "open", opened)
 
     def _check_name(self, name: str | None) -> None:
         if name is None:
@@ -176,18 +187,21 @@ class Procedures:
             c.session.keepalive = True        # the server pings it from now on
             return {"supported": 1}
         if feature in (P.Feature.REMOTE_EVENT_CALLBACK, P.Feature.REMOTE_CLOSE_CALLBACK):
-            return {"supported": 1}
+            return {"supported": 1}         # answered by libvirt's dispatcher itself, unchecked
         if not c.session.opened:
             raise daemon_internal("hypervisor connection not open")
-        return {"supported": 0}
+        # Any other feature is the driver's question: connect:getattr.
+        return self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], "supports-feature", lambda: {"supported": 0})
 
     def register_close_callback(self, c: Client, _a: Any) -> Any:
-        c.session.close_callback = True
-        return None
+        def act() -> None:
+            c.session.close_callback = True
+        return self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], "register-close-callback", act)
 
     def unregister_close_callback(self, c: Client, _a: Any) -> Any:
-        c.session.close_callback = False
-        return None
+        def act() -> None:
+            c.session.close_callback = False
+        return self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], "unregister-close-callback", act)
 
     @staticmethod
     def _no_support(api: str) -> Fn:
@@ -306,9 +320,15 @@ class Procedures:
         errors.unsupported_flags(a["flags"], 0, "virConnectSetIdentity")
         fields = parse_params(a["params"])
         offered = fields.pop("system.token", None)
-        elevated = offered is not None and self.token.matches(offered)
-        s.identity = Identity(fields, elevated)
-        return None
+
+        def act() -> None:
+            elevated = offered is not None and self.token.matches(offered)
+            s.identity = Identity(fields, elevated)
+        # @acl: connect:write. libvirt asks the current identity, which for the first
+        # SET_IDENTITY is the peer; asked for the peer every time, so that a root daemon may
+        # switch the identity of a connection it reuses (only root peers get here, and polkit
+        # grants root everything: this check is libvirt's, its answer for root is yes).
+        return self.guard.then(c, [(Perm.CONNECT_WRITE, None)], "set-identity", act, as_peer=True)
 
     # -- events -----------------------------------------------------------------------
     def event_register(self, c: Client, a: Any) -> Any:
@@ -329,6 +349,11 @@ class Procedures:
         cb = a["callbackID"]
         if cb not in c.session.callbacks:
             raise rpc_failure(f"callbackID {cb} not registered")
-        self.hub.deregister(c, cb)
-        c.session.callbacks.discard(cb)
-        return None
+
+        def act() -> None:
+            if cb not in c.session.callbacks:       # dropped while the check ran
+                raise rpc_failure(f"callbackID {cb} not registered")
+            self.hub.deregister(c, cb)
+            c.session.callbacks.discard(cb)
+        # libvirt looks the callback up first, then the driver asks connect:read.
+        return self.guard.then(c, [(Perm.CONNECT_READ, None)], "event-deregister", act)
