@@ -391,3 +391,32 @@ def test_connect_level_refusals_change_nothing(tmp_path):
         loop.close()
         asyncio.set_event_loop(None)
         driver.close()
+
+
+class RecordSink:
+    def __init__(self):
+        self.sent: list[dict[str, str]] = []
+
+    async def send(self, fields):
+        self.sent.append(dict(fields))
+
+
+def test_best_effort_records_follow_the_value_required_ones_precede_it():
+    """best-effort: the value is returned first, its record written in the next loop callback
+    (the answer does not depend on it); required: no value before its record is kept."""
+    from secretbus.access.audit import AuditMode, Auditor
+
+    async def run(mode: AuditMode) -> tuple[int, int]:
+        sink = RecordSink()
+        guard = Guard(system=False, auditor=Auditor(sink, mode))
+        client = AclClient()
+        client.session.trusted = True               # the session's own user: not checked
+        got = guard.value_read(client, secret(1), lambda: "v")
+        assert asyncio.iscoroutine(got)
+        assert await got == "v"
+        at_return = len(sink.sent)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return at_return, len(sink.sent)
+    assert asyncio.run(run(AuditMode.BEST_EFFORT)) == (0, 1)
+    assert asyncio.run(run(AuditMode.REQUIRED)) == (1, 1)

@@ -23,12 +23,13 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from secretbus.access.audit import AuditFailed, Auditor, AuditRecord, Outcome, Reason
+from secretbus.access.audit import AuditFailed, AuditMode, Auditor, AuditRecord, Outcome, Reason
 from secretbus.access.denials import DenialLog
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.core import errors
 from secretbus.core.model import SecretDef
 from secretbus.rpc import protocol as P
+from secretbus.rpc.eager import run_eager
 from secretbus.rpc.failures import AUTH_FAILED, AUTH_FAILED_PREFIX, RemoteFailure
 from secretbus.rpc.session import Session
 
@@ -60,6 +61,7 @@ class Guard:
         self.access: AccessControl | None = None
         self.denials = DenialLog()
         self._warned: set[str] = set()     # refusals not for polkit to log: once each until attached again
+        self._pending_records: set[asyncio.Task[None]] = set()     # deferred records still being sent
 
     # -- the daemon's side ----------------------------------------------------------
     def attach(self, access: AccessControl | None) -> None:
@@ -219,7 +221,10 @@ class Guard:
                 if self.checked(s):
                     await self.require(s, [(Perm.READ_SECURE, d)], "get-value")
                 value = read()
-                await self._record(s, d, Outcome.ALLOWED, None)
+                if self._deferred_ok:
+                    self._defer(s, d)
+                else:
+                    await self._record(s, d, Outcome.ALLOWED, None)
                 return value
             except AuditFailed:
                 raise
@@ -233,6 +238,22 @@ class Guard:
                         pass        # logged there; the caller is refused anyway
                 raise
         return run()
+
+    @property
+    def _deferred_ok(self) -> bool:
+        """best-effort: the answer does not depend on the record, so the value goes out first
+        and its record right after (the same loop turn's next callback), off the reply path."""
+        return self.auditor is not None and self.auditor.mode is AuditMode.BEST_EFFORT
+
+    def _defer(self, s: Session, d: SecretDef) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._record_now, loop, s, d)
+
+    def _record_now(self, loop: asyncio.AbstractEventLoop, s: Session, d: SecretDef) -> None:
+        task = run_eager(loop, self._record(s, d, Outcome.ALLOWED, None), _record_done)
+        if task is not None:
+            self._pending_records.add(task)
+            task.add_done_callback(self._pending_records.discard)
 
     async def _record(self, s: Session, d: SecretDef, outcome: Outcome, reason: Reason | None) -> None:
         if self.auditor is None:
@@ -252,6 +273,11 @@ class Guard:
         if not self.checked(s):
             return True
         return d is not None and await self.allowed(s, Perm.GETATTR, d)
+
+
+def _record_done(_result: object, error: BaseException | None) -> None:
+    if error is not None:    # best-effort writes log their own failures; anything else is a bug
+        log.error("deferred audit record failed: %s", type(error).__name__)
 
 
 class EventVisibility:

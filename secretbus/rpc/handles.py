@@ -5,17 +5,19 @@ Every lookup reply carries a handle and ListAll carries one per secret: packing 
 through the generic codec (a UUID object, a struct, an int and a string each) was most of
 ListAll's server time. The packed bytes are kept per definition — a `SecretDef` is immutable
 and the driver makes a new one on every change, so the entry is valid exactly while it holds
-that same object — and a list is one join.
+that same object — and a list is one join. GetXMLDesc's reply is kept the same way.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 from secretbus.core.model import SecretDef
 from secretbus.rpc import protocol as P
 from secretbus.rpc.xdr import Encoded, encode
 
 SLACK = 1024          # entries over twice the table's size before the cache starts over
+T = TypeVar("T")
 
 
 def uuid_text(raw: bytes) -> str:
@@ -34,31 +36,43 @@ def wire_secret(d: SecretDef) -> dict[str, object]:
     return {"uuid": uuid_bytes(d.uuid), "usageType": int(d.usage_type), "usageID": d.usage_id or ""}
 
 
-class PackedHandles:
-    """The packed handle of each definition. Bounded: entries of secrets that are gone are
-    dropped all at once when the cache holds more than twice `count()` (the table's size)."""
+class PerDefinition(Generic[T]):
+    """`make(d)` kept per definition: an entry serves while the driver holds that same
+    immutable SecretDef. Bounded: entries of secrets that are gone are dropped all at once when
+    the cache holds more than twice `count()` (the table's size). Loop thread only."""
 
-    def __init__(self, count: Callable[[], int]):
+    def __init__(self, count: Callable[[], int], make: Callable[[SecretDef], T]):
         self._count = count
-        self._packed: dict[str, tuple[SecretDef, bytes]] = {}
+        self._make = make
+        self._kept: dict[str, tuple[SecretDef, T]] = {}
 
     def __len__(self) -> int:
-        return len(self._packed)
+        return len(self._kept)
 
-    def packed(self, d: SecretDef) -> bytes:
-        hit = self._packed.get(d.uuid)
+    def get(self, d: SecretDef) -> T:
+        hit = self._kept.get(d.uuid)
         if hit is not None and hit[0] is d:
             return hit[1]
-        data = encode(P.NONNULL_SECRET, wire_secret(d))
-        if len(self._packed) > 2 * self._count() + SLACK:
-            self._packed.clear()
-        self._packed[d.uuid] = (d, data)
-        return data
+        value = self._make(d)
+        if len(self._kept) > 2 * self._count() + SLACK:
+            self._kept.clear()
+        self._kept[d.uuid] = (d, value)
+        return value
+
+
+class PackedHandles(PerDefinition[bytes]):
+    """The packed handle of each definition."""
+
+    def __init__(self, count: Callable[[], int]):
+        super().__init__(count, lambda d: encode(P.NONNULL_SECRET, wire_secret(d)))
+
+    def packed(self, d: SecretDef) -> bytes:
+        return self.get(d)
 
     def handle(self, d: SecretDef) -> Encoded:
-        return Encoded(self.packed(d))
+        return Encoded(self.get(d))
 
     def array(self, defs: Sequence[SecretDef]) -> Encoded:
         """`remote_nonnull_secret secrets<>` of `defs` (the caller checked the maximum)."""
-        packed = self.packed
-        return Encoded(len(defs).to_bytes(4, "big") + b"".join([packed(d) for d in defs]))
+        get = self.get
+        return Encoded(len(defs).to_bytes(4, "big") + b"".join([get(d) for d in defs]))

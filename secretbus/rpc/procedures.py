@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from secretbus.access.permissions import Perm, redefine_checks
 from secretbus.core import errors
 from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
+from secretbus.core.secretxml import format_secret_xml
 from secretbus.driver import rules
 from secretbus.driver.driver import ANY, SecretDriver
 from secretbus.rpc import protocol as P
@@ -32,10 +33,10 @@ from secretbus.rpc.failures import (
     rpc_failure,
 )
 from secretbus.rpc.guard import Guard
-from secretbus.rpc.handles import PackedHandles, uuid_text, wire_secret
+from secretbus.rpc.handles import PackedHandles, PerDefinition, uuid_text, wire_secret
 from secretbus.rpc.identity import Identity, SystemToken, parse_params
 from secretbus.rpc.session import Session
-from secretbus.rpc.xdr import Encoded
+from secretbus.rpc.xdr import Encoded, encode
 
 log = logging.getLogger("secretbus.rpc")
 
@@ -78,6 +79,8 @@ class Procedures:
         self.guard = guard or Guard(system=system)
         self.uri = "secret:///system" if system else "secret:///session"
         self.handles = PackedHandles(lambda: self.driver.count())
+        # GetXMLDesc's reply, formatted and packed once per definition (flags are always 0).
+        self.xml_replies = PerDefinition(lambda: self.driver.count(), self._xml_reply)
         # The driver keeps what these derive from a listing until the table changes
         # (list_view: one long-lived function each, it is part of the cache key).
         self._derive_list = self._packed_list
@@ -217,8 +220,14 @@ class Procedures:
         rules.check_xml_desc_flags(a["flags"])
         uuid = _uuid(a["secret"])
         d = self.driver.lookup_by_uuid(uuid)
+        # The definition now (it may have changed or gone while the check ran), as the driver's
+        # get_xml_desc would read it.
         return self.guard.then(c, [(Perm.READ, d)], "get-xml-desc",
-                               lambda: {"xml": self.driver.get_xml_desc(uuid, a["flags"])})
+                               lambda: self.xml_replies.get(self.driver.lookup_by_uuid(uuid)))
+
+    @staticmethod
+    def _xml_reply(d: SecretDef) -> Encoded:
+        return Encoded(encode(P.PROCS[P.Proc.SECRET_GET_XML_DESC].ret, {"xml": format_secret_xml(d)}))
 
     # -- listing ----------------------------------------------------------------------
     # An unchecked connection (root, the session's user) gets the driver's cached listing;
