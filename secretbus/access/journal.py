@@ -90,6 +90,7 @@ class JournalWriter:
 
     async def send(self, fields: Mapping[str, str | bytes]) -> None:
         """Send one entry; OSError (or TimeoutError) if journald did not take it."""
+        self._connected()            # no journald: fail before encoding a record nobody takes
         data = encode_entry(fields)
         for attempt in (1, 2):
             try:
