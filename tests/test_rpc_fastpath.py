@@ -133,3 +133,18 @@ def test_a_failure_after_waiting_is_reported_by_the_task():
         raise RuntimeError("late")
     at_once, got = _run(late)
     assert not at_once and len(got) == 1 and isinstance(got[0][1], RuntimeError)
+
+
+def test_a_structs_fixed_prefix_decodes_as_field_by_field():
+    """The one-unpack prefix (uuid + usageType of a handle) gives the generic decoder's values
+    and refuses what it refuses: truncation anywhere, a bad string after the prefix."""
+    d = SecretDef("0d5f0b7e-1a2b-4c3d-8e9f-0123456789ab", usage_type=UsageType.CEPH, usage_id="client.admin")
+    data = xdr.encode(P.NONNULL_SECRET, wire_secret(d))
+    assert P.NONNULL_SECRET._prefix is not None
+    assert xdr.decode(P.NONNULL_SECRET, data) == wire_secret(d)
+    for cut in range(len(data)):
+        with pytest.raises(xdr.XdrError):
+            xdr.decode(P.NONNULL_SECRET, data[:cut])
+    bad = data[:20] + (2).to_bytes(4, "big") + b"a\0\0\0"          # a NUL inside usageID
+    with pytest.raises(xdr.XdrError):
+        xdr.decode(P.NONNULL_SECRET, bad)
