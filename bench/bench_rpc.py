@@ -2,7 +2,7 @@
 """secretbusd against libvirt's own libvirtd 9.0 over libvirt RPC, from the same clients, in one run.
 
     .venv/bin/python bench/bench_rpc.py [--quick] [--secrets N] [--calls N] [--seconds S]
-                                        [--rounds R] [--no-libvirtd] [--dir DIR]
+                                        [--rounds R] [--no-libvirtd] [--dir DIR] [--audit MODE]
 
 Builds one store of N (default 10,000) persistent volume secrets in libvirt's layout
 (`<uuid>.xml` + `<uuid>.base64`: libvirt 9.0 has no encryption at rest, so both servers
@@ -153,7 +153,7 @@ def wait_ready(s: Server, n: int, log: Path, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
-def start_secretbusd(procs: Procs, work: Path, store: Path, n: int) -> Server:
+def start_secretbusd(procs: Procs, work: Path, store: Path, n: int, audit: str | None = None) -> Server:
     root, sock = work / "sb-root", work / "sb-sock"
     (root / "etc").mkdir(mode=0o700, parents=True)
     shutil.copytree(store, root / "etc" / "secrets")
@@ -162,7 +162,7 @@ def start_secretbusd(procs: Procs, work: Path, store: Path, n: int) -> Server:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     log = work / "secretbusd.log"
     p = procs.spawn([sys.executable, "-m", "secretbus.daemon", "--session", "--root", str(root), "--no-dbus",
-                     "--rpc-dir", str(sock)], "secretbusd", log, env=env)
+                     "--rpc-dir", str(sock), *(["--audit", audit] if audit else [])], "secretbusd", log, env=env)
     s = Server("secretbusd", "secret:///session", sock / "virtsecretd-sock", p)
     wait_ready(s, n, log)
     return s
@@ -430,6 +430,9 @@ def main() -> None:
     ap.add_argument("--no-libvirtd", action="store_true", help="secretbusd only (no comparison)")
     ap.add_argument("--only", choices=("reads", "writes"), help="measure only the read or the write rows")
     ap.add_argument("--dir", metavar="DIR", help="parent of the temporary directory (default: $TMPDIR)")
+    ap.add_argument("--audit", choices=("required", "best-effort", "off"),
+                    help="secretbusd's --audit (default: the session's, best-effort). libvirtd keeps no record "
+                         "of value reads; secretbusd writes one per GetValue to the journal")
     a = ap.parse_args()
     q = a.quick
     a.secrets = a.secrets or (50 if q else 10000)
@@ -445,7 +448,7 @@ def main() -> None:
         t = time.perf_counter()
         build_store(store, a.secrets)
         print(f"store: {a.secrets} secrets in libvirt's layout ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
-        servers = [start_secretbusd(procs, work, store, a.secrets)]
+        servers = [start_secretbusd(procs, work, store, a.secrets, a.audit)]
         if not a.no_libvirtd:
             servers.append(start_libvirtd(procs, work, store, a.secrets))
         cells: dict[tuple[str, str, str], Cell] = {}
@@ -463,7 +466,9 @@ def main() -> None:
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
         load1 = os.getloadavg()
         print(f"# bench_rpc: {a.secrets} secrets, ≤ {a.calls} reads / {a.writes} writes per measurement, "
-              f"{a.seconds:g} s cap, {a.rounds} rounds; {os.cpu_count()} CPUs, load average "
+              f"{a.seconds:g} s cap, {a.rounds} rounds; secretbusd audit {a.audit or 'best-effort'} (journal "
+              f"socket {'present' if os.path.exists('/run/systemd/journal/socket') else 'absent'}); "
+              f"{os.cpu_count()} CPUs, load average "
               f"{load0[0]:.2f} at start, {load1[0]:.2f} at end; stores on {fs_type(work)}\n")
         print(table(cells, [s.name for s in servers]))
     finally:

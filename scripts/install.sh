@@ -75,6 +75,7 @@ MANIFEST=(
     "systemd/secretbusd.socket                    $SYSTEMD_UNITDIR"
     "systemd/secretbusd-ro.socket                 $SYSTEMD_UNITDIR"
     "systemd/user/secretbusd.service              $SYSTEMD_USERUNITDIR subst"
+    "systemd/user/secretbusd.socket               $SYSTEMD_USERUNITDIR"
 )
 # The interface XML has one copy, the packaged one (dbus/interfaces links to it).
 for f in "$REPO"/secretbus/bus/interfaces/*.xml; do

@@ -578,6 +578,9 @@ def test_policy_file_matches_access_model():
         assert (d.findtext("allow_any"), d.findtext("allow_inactive"), d.findtext("allow_active")) == defaults
     texts = {
         "org.libvirt.api.connect.search-secrets": ("List secrets", "Listing secrets requires authorization"),
+        "org.libvirt.api.connect.getattr": ("Access connection", "Accessing the connection requires authorization"),
+        "org.libvirt.api.connect.read": ("Read host", "Reading the host configuration requires authorization"),
+        "org.libvirt.api.connect.write": ("Write host", "Writing the host configuration requires authorization"),
         "org.libvirt.api.secret.getattr": ("Access secret", "Accessing secret requires authorization"),
         "org.libvirt.api.secret.read": ("Read secret", "Reading secret configuration requires authorization"),
         "org.libvirt.api.secret.write": ("Write secret", "Writing secret configuration requires authorization"),

@@ -239,3 +239,184 @@ def test_events_reach_only_those_allowed_getattr_in_order():
         assert len(port.checks) == 2
         await hub.close()
     asyncio.run(run())
+
+
+# -- libvirt's @acl lines, procedure by procedure -------------------------------------------
+class RecordingAccess:
+    """An access control that records every check and refuses the permissions in `deny`."""
+
+    enabled = True
+
+    def __init__(self, deny: frozenset[Perm] = frozenset()):
+        self.deny = deny
+        self.asked: list[tuple[Perm, str | None]] = []
+
+    async def allowed(self, caller: Caller, perm: Perm, d: SecretDef | None) -> bool:
+        assert caller.process is not None and caller.process.uid == 1000
+        self.asked.append((perm, d.uuid if d else None))
+        await asyncio.sleep(0)           # a real check waits: the connection must await it
+        return perm not in self.deny
+
+    async def caller_uid(self, caller: Caller) -> int | None:
+        return 1000
+
+
+class AclClient:
+    def __init__(self, opened: bool = True):
+        self.session = Session(Peer(4242, 1000, 1000, start_time=777), socket_readonly=False, trusted=False,
+                               authenticated=True, opened=opened)
+
+    def send_message(self, proc: int, payload: bytes) -> None:
+        pass
+
+
+def _acl_setup(tmp_path, deny=frozenset()):
+    from secretbus.core.model import InstanceKind
+    from secretbus.driver.build import open_instance
+    from secretbus.rpc.identity import SystemToken
+    from secretbus.rpc.procedures import Procedures
+    from secretbus.store.paths import InstancePaths
+    driver = open_instance(InstancePaths.for_kind(InstanceKind.SYSTEM, tmp_path / "root"))
+    token = SystemToken(tmp_path / "common" / "system.token")
+    token.ensure()
+    guard = Guard(system=True)
+    access = RecordingAccess(frozenset(deny))
+    guard.attach(access)  # type: ignore[arg-type]
+    return driver, token, guard, access, Procedures
+
+
+def _call(procs, client, proc: int, args: Any) -> Any:
+    """One procedure as the connection runs it: the handler, its checks awaited, a write's act."""
+    async def run():
+        ret = procs.table()[proc].fn(client, args)
+        if asyncio.iscoroutine(ret):
+            ret = await ret
+        if procs.table()[proc].writes:
+            ret = ret()
+        return ret
+    return asyncio.get_event_loop().run_until_complete(run())
+
+
+SECRET_XML = ("<secret ephemeral='no' private='no'><uuid>5b7e5700-0000-4000-8001-00000000000a</uuid>"
+              "<usage type='volume'><volume>/v/acl.img</volume></usage></secret>")
+UUID_A = "5b7e5700-0000-4000-8001-00000000000a"
+
+
+def test_every_procedure_asks_the_acl_of_its_remote_protocol_line(tmp_path):
+    """A non-root peer's calls each ask exactly the actions of libvirt's `@acl` lines (then the
+    `@aclfilter` per listed secret), in libvirt's order, and nothing for those with none."""
+    import uuid as uuidlib
+
+    from secretbus.rpc import protocol as P
+    driver, token, guard, access, Procedures = _acl_setup(tmp_path)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        procs = Procedures(driver, EventHub(loop), token, system=True, guard=guard)
+        h = {"uuid": uuidlib.UUID(UUID_A).bytes, "usageType": 1, "usageID": ""}
+        Pr, G, CR = P.Proc, Perm.CONNECT_GETATTR, Perm.CONNECT_READ
+        fresh = AclClient(opened=False)
+        cases: list[tuple[Any, int, Any, list[tuple[Perm, str | None]]]] = [
+            (fresh, Pr.CONNECT_SUPPORTS_FEATURE, {"feature": 10}, []),
+            (fresh, Pr.CONNECT_OPEN, {"name": "secret:///system", "flags": 0}, [(G, None)]),
+            (fresh, Pr.CONNECT_SUPPORTS_FEATURE, {"feature": 14}, []),
+            (fresh, Pr.CONNECT_SUPPORTS_FEATURE, {"feature": 15}, []),
+            (fresh, Pr.CONNECT_SUPPORTS_FEATURE, {"feature": 9}, [(G, None)]),
+            (fresh, Pr.CONNECT_REGISTER_CLOSE_CALLBACK, None, [(G, None)]),
+            (fresh, Pr.CONNECT_GET_TYPE, None, [(G, None)]),
+            (fresh, Pr.CONNECT_GET_URI, None, [(G, None)]),
+            (fresh, Pr.CONNECT_GET_LIB_VERSION, None, [(G, None)]),
+            (fresh, Pr.CONNECT_IS_SECURE, None, []),
+            (fresh, Pr.SECRET_DEFINE_XML, {"xml": SECRET_XML, "flags": 0}, [(Perm.WRITE, UUID_A), (Perm.SAVE, UUID_A)]),
+            (fresh, Pr.CONNECT_NUM_OF_SECRETS, None, [(Perm.SEARCH_SECRETS, None), (Perm.GETATTR, UUID_A)]),
+            (fresh, Pr.CONNECT_LIST_SECRETS, {"maxuuids": 5}, [(Perm.SEARCH_SECRETS, None), (Perm.GETATTR, UUID_A)]),
+            (fresh, Pr.CONNECT_LIST_ALL_SECRETS, {"need_results": 1, "flags": 0},
+             [(Perm.SEARCH_SECRETS, None), (Perm.GETATTR, UUID_A)]),
+            (fresh, Pr.SECRET_LOOKUP_BY_UUID, {"uuid": h["uuid"]}, [(Perm.GETATTR, UUID_A)]),
+            (fresh, Pr.SECRET_LOOKUP_BY_USAGE, {"usageType": 1, "usageID": "/v/acl.img"}, [(Perm.GETATTR, UUID_A)]),
+            (fresh, Pr.SECRET_GET_XML_DESC, {"secret": h, "flags": 0}, [(Perm.READ, UUID_A)]),
+            (fresh, Pr.SECRET_SET_VALUE, {"secret": h, "value": b"v", "flags": 0}, [(Perm.WRITE, UUID_A)]),
+            (fresh, Pr.SECRET_GET_VALUE, {"secret": h, "flags": 0}, [(Perm.READ_SECURE, UUID_A)]),
+            (fresh, Pr.CONNECT_SECRET_EVENT_REGISTER_ANY, {"eventID": 0, "secret": None},
+             [(Perm.SEARCH_SECRETS, None)]),
+            (fresh, Pr.CONNECT_SECRET_EVENT_DEREGISTER_ANY, {"callbackID": 0}, [(CR, None)]),
+            (fresh, Pr.CONNECT_UNREGISTER_CLOSE_CALLBACK, None, [(G, None)]),
+            (fresh, Pr.SECRET_UNDEFINE, {"secret": h}, [(Perm.DELETE, UUID_A)]),
+            (fresh, Pr.CONNECT_CLOSE, None, []),
+        ]
+        for client, proc, args, want in cases:
+            access.asked.clear()
+            _call(procs, client, proc, args)
+            assert access.asked == want, (P.Proc(proc).name, access.asked)
+        assert driver.count() == 0                          # the define and undefine both ran
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+        driver.close()
+
+
+def test_connect_level_refusals_change_nothing(tmp_path):
+    """Refused connect.getattr: the connection stays unopened; refused connect.read: the
+    event registration stays; SET_IDENTITY from a non-root peer: refused before any check."""
+    import pytest
+
+    from secretbus.core import errors
+    from secretbus.rpc import protocol as P
+    driver, token, guard, access, Procedures = _acl_setup(tmp_path, deny={Perm.CONNECT_GETATTR, Perm.CONNECT_READ})
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        procs = Procedures(driver, EventHub(loop), token, system=True, guard=guard)
+        c = AclClient(opened=False)
+        with pytest.raises(errors.AccessDenied, match="'secret' denied access"):
+            _call(procs, c, P.Proc.CONNECT_OPEN, {"name": "secret:///system", "flags": 0})
+        assert not c.session.opened
+        for proc in (P.Proc.CONNECT_GET_TYPE, P.Proc.CONNECT_GET_LIB_VERSION, P.Proc.CONNECT_REGISTER_CLOSE_CALLBACK):
+            with pytest.raises(errors.AccessDenied):
+                _call(procs, c, proc, None)
+        assert not c.session.close_callback
+        cb = _call(procs, c, P.Proc.CONNECT_SECRET_EVENT_REGISTER_ANY, {"eventID": 1, "secret": None})["callbackID"]
+        with pytest.raises(errors.AccessDenied):
+            _call(procs, c, P.Proc.CONNECT_SECRET_EVENT_DEREGISTER_ANY, {"callbackID": cb})
+        assert cb in c.session.callbacks and len(procs.hub) == 1
+        access.asked.clear()
+        with pytest.raises(errors.AccessDenied):
+            _call(procs, c, P.Proc.CONNECT_SET_IDENTITY, {"params": [], "flags": 0})
+        assert access.asked == [] and c.session.identity is None
+        # fail closed: no access control attached (no bus connection) refuses the open too
+        guard.detach(access)
+        with pytest.raises(errors.AccessDenied):
+            _call(procs, AclClient(opened=False), P.Proc.CONNECT_OPEN, {"name": "secret:///system", "flags": 0})
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+        driver.close()
+
+
+class RecordSink:
+    def __init__(self):
+        self.sent: list[dict[str, str]] = []
+
+    async def send(self, fields):
+        self.sent.append(dict(fields))
+
+
+def test_best_effort_records_follow_the_value_required_ones_precede_it():
+    """best-effort: the value is returned first, its record written in the next loop callback
+    (the answer does not depend on it); required: no value before its record is kept."""
+    from secretbus.access.audit import AuditMode, Auditor
+
+    async def run(mode: AuditMode) -> tuple[int, int]:
+        sink = RecordSink()
+        guard = Guard(system=False, auditor=Auditor(sink, mode))
+        client = AclClient()
+        client.session.trusted = True               # the session's own user: not checked
+        got = guard.value_read(client, secret(1), lambda: "v")
+        assert asyncio.iscoroutine(got)
+        assert await got == "v"
+        at_return = len(sink.sent)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return at_return, len(sink.sent)
+    assert asyncio.run(run(AuditMode.BEST_EFFORT)) == (0, 1)
+    assert asyncio.run(run(AuditMode.REQUIRED)) == (1, 1)

@@ -189,6 +189,47 @@ def table_sizes(sbd) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
 
 
+CONNECT_RULES = ("50-sbtest-rpc-connect.rules", """
+polkit.addRule(function(action, subject) {
+    if (action.id == "org.libvirt.unix.manage")
+        return polkit.Result.YES;
+    if (action.id == "org.libvirt.api.connect.getattr" && !subject.isInGroup("libvirt"))
+        return polkit.Result.NO;
+    if (action.id == "org.libvirt.api.connect.read" && subject.isInGroup("libvirt"))
+        return polkit.Result.NO;
+    return polkit.Result.NOT_HANDLED;
+});
+""")
+
+
+def test_connect_level_acls_as_libvirts_remote_protocol_names_them(system_bus, make_polkitd, make_secretbusd,
+                                                                   rpc_dir, test_users, tmp_path):
+    """CONNECT_OPEN, GET_TYPE, GET_LIB_VERSION ask org.libvirt.api.connect.getattr and event
+    deregistration connect.read, as libvirt's @acl lines say: a user refused getattr cannot even
+    open; one refused read registers an event callback but cannot deregister it. With the
+    shipped defaults (both "yes") the read-only socket serves a user without any rule."""
+    start(system_bus, make_polkitd, make_secretbusd, rpc_dir, rules=[CONNECT_RULES])
+    root_define(rpc_dir, tmp_path, OPEN, "open")
+    other = client(test_users.other, uri(rpc_dir), ("list_all",))
+    assert other["open"] == DENIED and other["steps"] == [], other
+    got = client(test_users.member, uri(rpc_dir), ("type",), ("lib_version",), ("list_all",), ("event_cycle",))
+    assert got["open"] is None, got
+    assert got["steps"][:3] == ["secret", 12001000, [OPEN]], got
+    assert got["steps"][3] == {"error": DENIED}, got
+    # root is never asked: everything above works for it
+    got = client(None, uri(rpc_dir), ("type",), ("event_cycle",))
+    assert got["open"] is None and got["steps"] == ["secret", None], got
+
+
+def test_connect_level_defaults_let_anyone_open_read_only(system_bus, make_polkitd, make_secretbusd, rpc_dir,
+                                                          test_users, tmp_path):
+    start(system_bus, make_polkitd, make_secretbusd, rpc_dir)
+    root_define(rpc_dir, tmp_path, OPEN, "open")
+    for user in test_users:
+        got = client(user, uri(rpc_dir, ro=True), ("type",), ("lib_version",), ("list_all",), ("event_cycle",))
+        assert got["open"] is None and got["steps"] == ["secret", 12001000, [OPEN], None], got
+
+
 def test_events_reach_a_non_root_client_only_for_secrets_it_may_see(system_bus, make_polkitd, make_secretbusd,
                                                                     rpc_dir, test_users, tmp_path):
     start(system_bus, make_polkitd, make_secretbusd, rpc_dir, rules=[RULES])

@@ -115,6 +115,7 @@ EXPECTED_FILES = {
     "systemd/secretbusd.socket": "/usr/lib/systemd/system/secretbusd.socket",
     "systemd/secretbusd-ro.socket": "/usr/lib/systemd/system/secretbusd-ro.socket",
     "systemd/user/secretbusd.service": "/usr/lib/systemd/user/secretbusd.service",
+    "systemd/user/secretbusd.socket": "/usr/lib/systemd/user/secretbusd.socket",
 }
 
 
@@ -172,7 +173,8 @@ def test_units_verify_without_warnings(installed, tmp_path):
     assert (r.returncode, r.stderr, r.stdout) == (0, "", "")
     xdg = tmp_path / "xdg"
     xdg.mkdir(mode=0o700)
-    r = analyze("verify", str(installed.userunitdir / "secretbusd.service"), user=True, tmp=xdg)
+    r = analyze("verify", str(installed.userunitdir / "secretbusd.service"),
+                str(installed.userunitdir / RW_SOCKET_UNIT), user=True, tmp=xdg)
     assert (r.returncode, r.stderr, r.stdout) == (0, "", "")
 
 
@@ -265,6 +267,26 @@ def test_socket_units_settings(installed):
     assert set(" ".join(also).split()) == {RW_SOCKET_UNIT, RO_SOCKET_UNIT}
 
 
+def test_user_socket_unit_settings(installed, tmp_path, monkeypatch):
+    """The session instance's socket: libvirt's session path (%t is $XDG_RUNTIME_DIR) as the
+    daemon's own session plan has it (one read-write socket, 0600), served read-write by its
+    name; the session service wants it, may write where the socket and libvirt's token go, and
+    both conflict with libvirt's secret daemon units."""
+    sections = systemd_sandbox.parse_unit(installed.userunitdir / RW_SOCKET_UNIT)
+    sock, unit = sections["Socket"], sections["Unit"]
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    (plan,) = socket_plan(False)
+    assert sock["ListenStream"] == ["%t/libvirt/virtsecretd-sock"]
+    assert plan.path == tmp_path / "libvirt" / "virtsecretd-sock" and not plan.readonly
+    assert int(sock["SocketMode"][0], 8) == plan.mode == 0o600 and sock["DirectoryMode"] == ["0700"]
+    assert sock["Service"] == [SYSTEM_UNIT] and RW_SOCKET_UNIT in RW_UNIT_NAMES
+    assert set(" ".join(unit["Conflicts"]).split()) == LIBVIRT_SECRET_UNITS
+    assert sections["Install"]["WantedBy"] == ["sockets.target"]
+    svc_unit = systemd_sandbox.parse_unit(installed.userunitdir / SYSTEM_UNIT)["Unit"]
+    assert svc_unit["Wants"] == [RW_SOCKET_UNIT] and svc_unit["After"] == [RW_SOCKET_UNIT]
+    assert set(" ".join(svc_unit["Conflicts"]).split()) == LIBVIRT_SECRET_UNITS
+
+
 def assert_limits(svc: dict) -> None:
     """MemoryMax= above MemoryHigh=, both in bytes of M; a TasksMax=."""
     high, top = (int(systemd_sandbox.last(svc, k, "0").rstrip("M")) for k in ("MemoryHigh", "MemoryMax"))
@@ -293,8 +315,10 @@ def test_user_unit_settings(installed):
     assert_limits(svc)
     # The namespaces a user manager can set up only inside a user namespace of its own.
     assert svc["PrivateUsers"] == ["yes"] and svc["ProtectSystem"] == ["strict"]
-    assert svc["ConfigurationDirectory"] == ["libvirt/secrets"] == svc["RuntimeDirectory"]
-    assert "ReadWritePaths" not in svc     # the two directories above are all it writes
+    assert svc["ConfigurationDirectory"] == ["libvirt/secrets"]
+    assert set(" ".join(svc["RuntimeDirectory"]).split()) == {"libvirt/secrets", "libvirt/common"}
+    # Besides those: libvirt's session socket directory (the RPC socket, when not passed).
+    assert svc["ReadWritePaths"] == ["%t/libvirt"]
 
 
 # -- bus activation files ----------------------------------------------------------------------
@@ -627,6 +651,11 @@ def start_session(installed, bus, notify, tmp_path, *, sandboxed=False) -> Daemo
         for spec, sub in (("%E", "etc/secrets"), ("%t", "run/secrets")):
             (root / sub).mkdir(parents=True, mode=0o700)
             maps[f"{spec}/libvirt/secrets"] = root / sub
+        # ReadWritePaths=%t/libvirt and RuntimeDirectory=libvirt/common: where --root puts the
+        # RPC socket and libvirt's token (root/run/libvirt).
+        (root / "run/libvirt/common").mkdir(parents=True, mode=0o700)
+        maps["%t/libvirt"] = root / "run/libvirt"
+        maps["%t/libvirt/common"] = root / "run/libvirt/common"
     return start_daemon(unit, ["--timeout", str(IDLE), "--root", str(root), "--bus-address", bus.address],
                         env, notify, tmp_path / "secretbusd.log", sandboxed=sandboxed, maps=maps, user=True)
 
@@ -650,6 +679,8 @@ def test_no_idle_exit_while_an_ephemeral_secret_exists(installed, session_bus, n
     """Run under the user unit's own sandbox (seccomp, no new privileges) as well."""
     d = start_session(installed, session_bus, notify_socket, tmp_path, sandboxed=True)
     try:
+        # The unit lets it write libvirt's session socket directory: it serves RPC there too.
+        assert f"serving libvirt RPC on {tmp_path}/root/run/libvirt/virtsecretd-sock" in d.log_text()
         uuid = str(uuidlib.uuid4())
         path = define(session_bus, f"<secret ephemeral='yes' private='yes'><uuid>{uuid}</uuid>"
                                    f"<usage type='ceph'><name>client.e2e</name></usage></secret>")

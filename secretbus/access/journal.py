@@ -26,17 +26,32 @@ _FIELD_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]{0,63}")
 
 def encode_entry(fields: Mapping[str, str | bytes]) -> bytes:
     """One native-protocol entry; ValueError for a name journald would drop."""
-    out = bytearray()
+    parts: list[bytes] = []
     for name, value in fields.items():
-        if not _FIELD_NAME.fullmatch(name):
-            raise ValueError(f"invalid journal field name {name!r}")
+        key = _KEYS.get(name)
+        if key is None:
+            key = _key(name)
         data = value.encode("utf-8", "replace") if isinstance(value, str) else bytes(value)
-        key = name.encode("ascii")
         if b"\n" in data:
-            out += key + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+            parts.append(key + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
         else:
-            out += key + b"=" + data + b"\n"
-    return bytes(out)
+            parts.append(key + b"=" + data + b"\n")
+    return b"".join(parts)
+
+
+# Checked names, encoded: the same ~17 names make every record (one RPC or D-Bus value
+# read each), and a regex match per field was most of a record's cost. Bounded all the same.
+_KEYS: dict[str, bytes] = {}
+_KEYS_MAX = 256
+
+
+def _key(name: str) -> bytes:
+    if not _FIELD_NAME.fullmatch(name):
+        raise ValueError(f"invalid journal field name {name!r}")
+    key = name.encode("ascii")
+    if len(_KEYS) < _KEYS_MAX:
+        _KEYS[name] = key
+    return key
 
 
 def socket_path() -> str:
@@ -56,6 +71,8 @@ class JournalWriter:
 
     def _connected(self) -> socket.socket:
         if self._sock is None:
+            # No journald (no socket file): one stat, not a socket made and closed per record.
+            os.stat(self.path)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             try:
                 s.setblocking(False)
@@ -73,6 +90,7 @@ class JournalWriter:
 
     async def send(self, fields: Mapping[str, str | bytes]) -> None:
         """Send one entry; OSError (or TimeoutError) if journald did not take it."""
+        self._connected()            # no journald: fail before encoding a record nobody takes
         data = encode_entry(fields)
         for attempt in (1, 2):
             try:

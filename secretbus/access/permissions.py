@@ -17,6 +17,12 @@ CONNECT_DRIVER = "secret"
 
 class Perm(str, enum.Enum):
     SEARCH_SECRETS = "org.libvirt.api.connect.search-secrets"
+    # Connection-level checks the RPC front end makes as libvirt's remote_protocol.x @acl
+    # lines say (CONNECT_OPEN, GET_TYPE/URI/LIB_VERSION, close callbacks: getattr; event
+    # deregistration: read; SET_IDENTITY: write). D-Bus has no such calls.
+    CONNECT_GETATTR = "org.libvirt.api.connect.getattr"
+    CONNECT_READ = "org.libvirt.api.connect.read"
+    CONNECT_WRITE = "org.libvirt.api.connect.write"
     GETATTR = "org.libvirt.api.secret.getattr"
     READ = "org.libvirt.api.secret.read"
     WRITE = "org.libvirt.api.secret.write"

@@ -52,7 +52,7 @@ _Key = tuple[str | int, str, tuple[tuple[str, str], ...]]
 # must not cost one polkit check per secret. Write-side actions and read-secure stay per
 # connection: rules may look at the subject's process and session (active, local, seat), and
 # those differ between connections of one uid; a "yes" for one must not open the others.
-UID_SCOPED = frozenset({Perm.SEARCH_SECRETS, Perm.GETATTR, Perm.READ})
+UID_SCOPED = frozenset({Perm.SEARCH_SECRETS, Perm.GETATTR, Perm.READ, Perm.CONNECT_GETATTR, Perm.CONNECT_READ})
 ROOT = 0
 NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"     # the caller left the bus
 _POLKIT_MATCHES = (

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import inspect
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any
 
 from secretbus.core import errors
 from secretbus.rpc import protocol as P
+from secretbus.rpc.eager import run_eager
 from secretbus.rpc.failures import RemoteFailure, daemon_internal, error_body, rpc_failure
-from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, frame_length, parse_header
+from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, encode_reply, frame_length, parse_header
 from secretbus.rpc.procedures import Handler
 from secretbus.rpc.session import Session
 from secretbus.rpc.xdr import XdrError, XdrType, decode, encode
@@ -28,6 +29,8 @@ from secretbus.rpc.xdr import XdrError, XdrType, decode, encode
 log = logging.getLogger("secretbus.rpc")
 
 WRITE_HIGH_WATER = 256 * 1024
+_PONG = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, P.Status.OK))
+_PING = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0, P.Status.OK))
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,7 @@ class Connection:
             header, payload = parse_header(body)
             if header.prog == P.KEEPALIVE_PROGRAM:
                 if header.type == P.MsgType.MESSAGE and header.proc == P.KeepAlive.PING:
-                    self._send(encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE,
-                                                   0, P.Status.OK)))
+                    self._send(_PONG)
                 return
             if header.prog != P.REMOTE_PROGRAM or header.vers != P.PROTOCOL_VERSION:
                 self._reply_error(header, rpc_failure(f"Cannot find program {header.prog} version {header.vers}"))
@@ -114,16 +116,44 @@ class Connection:
         try:
             handler, ret_type, args = self._admit(header, payload)
             ret = handler.fn(self, args)
-            if handler.writes or inspect.isawaitable(ret):
-                # An access check to await, or an act for the writer thread.
-                task = self._loop.create_task(self._finish(header, ret_type, handler.writes, ret))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            if handler.writes:
+                # The act for the writer thread (after the checks, if a coroutine makes them).
+                self._track(self._loop.create_task(self._finish(header, ret_type, ret)))
                 return False
+            if type(ret) is CoroutineType:
+                # Access checks and audit: run at once; a task only if one really waits.
+                return self._start(header, ret_type, ret)
         except Exception as e:  # noqa: BLE001 - every failure is an error reply
             self._reply_error(header, e)
             return True
         return self._reply(header, ret_type, ret)
+
+    def _start(self, header: Header, ret_type: XdrType, coro: CoroutineType[Any, Any, Any]) -> bool:
+        """Run a handler's coroutine at once; False when a task now owns the slot."""
+        now: list[tuple[Any, BaseException | None]] = []
+        later = False
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if not later:
+                now.append((result, error))     # answered below, the caller releases the slot
+            elif self._answer(header, ret_type, result, error):
+                self._slots.release()
+        task = run_eager(self._loop, coro, done)
+        if task is None:
+            return self._answer(header, ret_type, *now[0])
+        later = True
+        self._track(task)
+        return False
+
+    def _answer(self, header: Header, ret_type: XdrType, result: Any, error: BaseException | None) -> bool:
+        if error is not None:
+            self._reply_error(header, error)
+            return True
+        return self._reply(header, ret_type, result)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _admit(self, header: Header, payload: memoryview) -> tuple[Handler, XdrType, Any]:
         """libvirt's dispatch rules in its order: a known procedure, authenticated, arguments that
@@ -145,14 +175,13 @@ class Connection:
             raise errors.OperationDenied(f"read only access prevents {handler.denied_readonly}")
         return handler, spec.ret, args
 
-    async def _finish(self, header: Header, ret_type: XdrType, writes: bool, ret: Any) -> None:
-        """Await the handler's checks, run a write's act in the writer thread, reply."""
+    async def _finish(self, header: Header, ret_type: XdrType, ret: Any) -> None:
+        """Await the write's checks, run its act in the writer thread, reply."""
         try:
-            if inspect.isawaitable(ret):
+            if type(ret) is CoroutineType:
                 ret = await ret
-            if writes:
-                ctx = contextvars.copy_context()
-                ret = await self._loop.run_in_executor(self._executor, ctx.run, ret)
+            ctx = contextvars.copy_context()
+            ret = await self._loop.run_in_executor(self._executor, ctx.run, ret)
             if self._reply(header, ret_type, ret):
                 self._slots.release()
         except Exception as e:  # noqa: BLE001
@@ -167,12 +196,10 @@ class Connection:
         except XdrError as e:
             self._reply_error(header, rpc_failure(f"Unable to encode message payload: {e}"))
             return True
-        self._send(encode_frame(header.reply(), payload))
-        if self.writer.transport.get_write_buffer_size() <= WRITE_HIGH_WATER or self._closed:
+        self._send(encode_reply(header, payload))
+        if self._closed or self.writer.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
             return True
-        task = self._loop.create_task(self._drained())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._track(self._loop.create_task(self._drained()))
         return False
 
     async def _drained(self) -> None:
@@ -187,7 +214,7 @@ class Connection:
         if not isinstance(e, (errors.SecretError, RemoteFailure)):
             # The type only: an exception's text could quote an argument.
             log.error("internal error in RPC procedure %d: %s", header.proc, type(e).__name__)
-        self._send(encode_frame(header.reply(P.Status.ERROR), encode(P.REMOTE_ERROR, error_body(e))))
+        self._send(encode_reply(header, encode(P.REMOTE_ERROR, error_body(e)), P.Status.ERROR))
 
     def _send(self, frame: bytes) -> None:
         if not self._closed:
@@ -219,8 +246,7 @@ class Connection:
                 self.close(abort=True)
                 return
             self._pings += 1
-            self._send(encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0,
-                                           P.Status.OK)))
+            self._send(_PING)
 
     def close(self, *, abort: bool = False) -> None:
         """Stop serving; `abort` discards unread output (a client that does not read)."""

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from secretbus.core.model import EventId, SecretDef, SecretEvent
 from secretbus.rpc import protocol as P
 from secretbus.rpc.failures import daemon_internal, rpc_failure
+from secretbus.rpc.handles import uuid_bytes, wire_secret
 from secretbus.rpc.xdr import encode
 
 log = logging.getLogger("secretbus.rpc")
@@ -41,8 +41,7 @@ class EventFilter(Protocol):
     async def allowed(self, sink: EventSink, d: SecretDef | None) -> bool: ...
 
 
-def wire_secret(d: SecretDef) -> dict[str, Any]:
-    return {"uuid": uuidlib.UUID(d.uuid).bytes, "usageType": int(d.usage_type), "usageID": d.usage_id or ""}
+__all__ = ["EventFilter", "EventHub", "EventSink", "Registration", "wire_secret"]
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ class EventHub:
         self._queue.clear()
 
     def _send(self, event: SecretEvent, targets: list[tuple[int, Registration]]) -> None:
-        secret = {"uuid": uuidlib.UUID(event.uuid).bytes, "usageType": int(event.usage_type),
+        secret = {"uuid": uuid_bytes(event.uuid), "usageType": int(event.usage_type),
                   "usageID": event.usage_id}
         for cb, reg in targets:
             if event.event_id == EventId.LIFECYCLE:

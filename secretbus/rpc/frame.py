@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from secretbus.rpc.protocol import HEADER_SIZE, MESSAGE_MAX, MsgType, Status
 from secretbus.rpc.xdr import XdrError
 
 _LEN = struct.Struct(">I")
 _HEADER = struct.Struct(">IIiiII")    # prog, vers, proc (an int), type, serial, status
+_FRAME_HEAD = struct.Struct(">IIIiiII")   # the length word and the header, packed at once
 LENGTH_SIZE = _LEN.size
 MIN_FRAME = LENGTH_SIZE + HEADER_SIZE
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
+    # A tuple, not a frozen dataclass: one is made for every frame, and a dataclass's
+    # __init__ (object.__setattr__ per field) was a visible part of a lookup's cost.
     prog: int
     vers: int
     proc: int
@@ -24,7 +26,7 @@ class Header:
 
     def reply(self, status: Status = Status.OK) -> Header:
         """The header of the answer to this call: prog, vers, proc and serial echoed."""
-        return replace(self, type=MsgType.REPLY, status=status)
+        return Header(self.prog, self.vers, self.proc, MsgType.REPLY, self.serial, status)
 
 
 def frame_length(word: bytes, limit: int = MESSAGE_MAX) -> int:
@@ -47,8 +49,15 @@ def encode_frame(header: Header, payload: bytes = b"") -> bytes:
     total = MIN_FRAME + len(payload)
     if total - LENGTH_SIZE > MESSAGE_MAX:
         raise XdrError("message larger than the protocol's maximum")
-    return _LEN.pack(total) + _HEADER.pack(header.prog, header.vers, header.proc, header.type,
-                                           header.serial, header.status) + payload
+    return _FRAME_HEAD.pack(total, *header) + payload
+
+
+def encode_reply(call: Header, payload: bytes = b"", status: int = Status.OK) -> bytes:
+    """The frame answering `call` (prog, vers, proc and serial echoed), without a Header."""
+    total = MIN_FRAME + len(payload)
+    if total - LENGTH_SIZE > MESSAGE_MAX:
+        raise XdrError("message larger than the protocol's maximum")
+    return _FRAME_HEAD.pack(total, call.prog, call.vers, call.proc, MsgType.REPLY, call.serial, status) + payload
 
 
 def decode_frame(data: bytes, limit: int = MESSAGE_MAX) -> tuple[Header, memoryview]:

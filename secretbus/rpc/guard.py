@@ -23,12 +23,13 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from secretbus.access.audit import AuditFailed, Auditor, AuditRecord, Outcome, Reason
+from secretbus.access.audit import AuditFailed, AuditMode, Auditor, AuditRecord, Outcome, Reason
 from secretbus.access.denials import DenialLog
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.core import errors
 from secretbus.core.model import SecretDef
 from secretbus.rpc import protocol as P
+from secretbus.rpc.eager import run_eager
 from secretbus.rpc.failures import AUTH_FAILED, AUTH_FAILED_PREFIX, RemoteFailure
 from secretbus.rpc.remote import RemotePolicy
 from secretbus.rpc.session import Session
@@ -63,6 +64,7 @@ class Guard:
         self._warned: set[str] = set()     # refusals not for polkit to log: once each until attached again
         # Rights of remote (TLS) callers, from secretbusd.conf; None: every remote check fails.
         self.remote: RemotePolicy | None = None
+        self._pending_records: set[asyncio.Task[None]] = set()     # deferred records still being sent
 
     # -- the daemon's side ----------------------------------------------------------
     def attach(self, access: AccessControl | None) -> None:
@@ -145,10 +147,11 @@ class Guard:
         """A remote caller's grant in the configuration in force (fails closed without one)."""
         return s.remote is not None and self.remote is not None and self.remote.allows(s.remote, perm)
 
-    async def allowed(self, s: Session, perm: Perm, d: SecretDef | None) -> bool:
+    async def allowed(self, s: Session, perm: Perm, d: SecretDef | None, *, as_peer: bool = False) -> bool:
+        """`as_peer`: decide for the connected process, not the identity it set."""
         if s.remote is not None:
             return self._remote_allows(s, perm)
-        caller = self._caller(s)
+        caller = self._caller(s, peer=as_peer)
         if caller is None or caller.process is None:
             return False
         if caller.process.uid == ROOT:
@@ -172,22 +175,23 @@ class Guard:
         cached = getattr(self.access, "cached", None)
         return cached(caller, perm, d) if cached is not None else None
 
-    async def require(self, s: Session, checks: Checks, operation: str) -> None:
+    async def require(self, s: Session, checks: Checks, operation: str, *, as_peer: bool = False) -> None:
         for perm, d in checks:
-            if not await self.allowed(s, perm, d):
+            if not await self.allowed(s, perm, d, as_peer=as_peer):
                 subject = s.subject()
                 self.denials.denied(subject.uid if subject else None, f"RPC {s.name} (peer pid {s.peer.pid})",
                                     perm.value, {"SECRET_UUID": d.uuid if d else "", "SECRET_OPERATION": operation})
                 raise denied()
 
-    def then(self, c: HasSession, checks: Checks, operation: str, act: Callable[[], T]) -> T | Awaitable[T]:
+    def then(self, c: HasSession, checks: Checks, operation: str, act: Callable[[], T], *,
+             as_peer: bool = False) -> T | Awaitable[T]:
         """`act()` once `checks` pass: at once when the connection is not checked, else a
         coroutine (the connection awaits it)."""
         if not self.checked(c.session):
             return act()
 
         async def checked() -> T:
-            await self.require(c.session, checks, operation)
+            await self.require(c.session, checks, operation, as_peer=as_peer)
             return act()
         return checked()
 
@@ -236,7 +240,10 @@ class Guard:
                     # Never over a remote transport, whatever the grant (the driver's own text).
                     raise errors.InvalidSecret("secret is private")
                 value = read()
-                await self._record(s, d, Outcome.ALLOWED, None)
+                if self._deferred_ok:
+                    self._defer(s, d)
+                else:
+                    await self._record(s, d, Outcome.ALLOWED, None)
                 return value
             except AuditFailed:
                 raise
@@ -250,6 +257,22 @@ class Guard:
                         pass        # logged there; the caller is refused anyway
                 raise
         return run()
+
+    @property
+    def _deferred_ok(self) -> bool:
+        """best-effort: the answer does not depend on the record, so the value goes out first
+        and its record right after (the same loop turn's next callback), off the reply path."""
+        return self.auditor is not None and self.auditor.mode is AuditMode.BEST_EFFORT
+
+    def _defer(self, s: Session, d: SecretDef) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._record_now, loop, s, d)
+
+    def _record_now(self, loop: asyncio.AbstractEventLoop, s: Session, d: SecretDef) -> None:
+        task = run_eager(loop, self._record(s, d, Outcome.ALLOWED, None), _record_done)
+        if task is not None:
+            self._pending_records.add(task)
+            task.add_done_callback(self._pending_records.discard)
 
     async def _record(self, s: Session, d: SecretDef, outcome: Outcome, reason: Reason | None) -> None:
         if self.auditor is None:
@@ -273,6 +296,11 @@ class Guard:
         if not self.checked(s):
             return True
         return d is not None and await self.allowed(s, Perm.GETATTR, d)
+
+
+def _record_done(_result: object, error: BaseException | None) -> None:
+    if error is not None:    # best-effort writes log their own failures; anything else is a bug
+        log.error("deferred audit record failed: %s", type(error).__name__)
 
 
 class EventVisibility:

@@ -10,8 +10,7 @@ ACL; a handler of a checked connection returns a coroutine that the connection a
 from __future__ import annotations
 
 import logging
-import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -19,11 +18,12 @@ from urllib.parse import urlsplit
 from secretbus.access.permissions import Perm, redefine_checks
 from secretbus.core import errors
 from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
+from secretbus.core.secretxml import format_secret_xml
 from secretbus.driver import rules
 from secretbus.driver.driver import ANY, SecretDriver
 from secretbus.rpc import protocol as P
 from secretbus.rpc import remote_auth
-from secretbus.rpc.events import EventHub, EventSink, wire_secret
+from secretbus.rpc.events import EventHub, EventSink
 from secretbus.rpc.failures import (
     AUTH_FAILED,
     AUTH_FAILED_PREFIX,
@@ -34,8 +34,10 @@ from secretbus.rpc.failures import (
     rpc_failure,
 )
 from secretbus.rpc.guard import Guard
+from secretbus.rpc.handles import PackedHandles, PerDefinition, uuid_text, wire_secret
 from secretbus.rpc.identity import Identity, SystemToken, parse_params
 from secretbus.rpc.session import Session
+from secretbus.rpc.xdr import Encoded, encode
 
 log = logging.getLogger("secretbus.rpc")
 
@@ -60,7 +62,7 @@ class Handler:
 
 def _uuid(handle: dict[str, Any]) -> str:
     """A secret handle names its secret by UUID only; usageType/usageID are ignored, as in libvirt."""
-    return str(uuidlib.UUID(bytes=handle["uuid"]))
+    return uuid_text(handle["uuid"])
 
 
 class Procedures:
@@ -72,6 +74,13 @@ class Procedures:
         self.system = system
         self.guard = guard or Guard(system=system)
         self.uri = "secret:///system" if system else "secret:///session"
+        self.handles = PackedHandles(lambda: self.driver.count())
+        # GetXMLDesc's reply, formatted and packed once per definition (flags are always 0).
+        self.xml_replies = PerDefinition(lambda: self.driver.count(), self._xml_reply)
+        # The driver keeps what these derive from a listing until the table changes
+        # (list_view: one long-lived function each, it is part of the cache key).
+        self._derive_list = self._packed_list
+        self._derive_uuids = self._uuid_list
 
     def table(self) -> dict[int, Handler]:
         Pr = P.Proc
@@ -84,21 +93,23 @@ class Procedures:
             Pr.CONNECT_OPEN: Handler(self.connect_open, pre_open=True),
             Pr.CONNECT_CLOSE: Handler(self.connect_close, pre_open=True),
             Pr.CONNECT_SUPPORTS_FEATURE: Handler(self.supports_feature, pre_open=True),
-            Pr.CONNECT_GET_TYPE: Handler(lambda c, a: {"type": "secret"}),
-            Pr.CONNECT_GET_URI: Handler(lambda c, a: {"uri": self.uri}),
+            # @acl: connect:getattr (remote_protocol.x), as every connection-level call below
+            # unless it says otherwise; IS_SECURE, CLOSE and the AUTH_* have none.
+            Pr.CONNECT_GET_TYPE: Handler(self._connect_getattr("get-type", lambda: {"type": "secret"})),
+            Pr.CONNECT_GET_URI: Handler(self._connect_getattr("get-uri", lambda: {"uri": self.uri})),
             Pr.CONNECT_IS_SECURE: Handler(lambda c, a: {"secure": 1}),   # a local unix socket
-            Pr.CONNECT_GET_LIB_VERSION: Handler(lambda c, a: {"lib_ver": LIBVIRT_COMPAT}),
+            Pr.CONNECT_GET_LIB_VERSION: Handler(
+                self._connect_getattr("get-lib-version", lambda: {"lib_ver": LIBVIRT_COMPAT})),
             Pr.CONNECT_GET_VERSION: Handler(self._no_support("virConnectGetVersion")),
             Pr.CONNECT_GET_HOSTNAME: Handler(self._no_support("virConnectGetHostname")),
             Pr.CONNECT_REGISTER_CLOSE_CALLBACK: Handler(self.register_close_callback),
             Pr.CONNECT_UNREGISTER_CLOSE_CALLBACK: Handler(self.unregister_close_callback),
             Pr.CONNECT_SET_IDENTITY: Handler(self.set_identity),
-            Pr.CONNECT_NUM_OF_SECRETS: Handler(
-                lambda c, a: self.guard.listing(c, self.driver.list_secrets(0), lambda defs: {"num": len(defs)})),
+            Pr.CONNECT_NUM_OF_SECRETS: Handler(self.num_of_secrets),
             Pr.CONNECT_LIST_SECRETS: Handler(self.list_secrets),
             Pr.CONNECT_LIST_ALL_SECRETS: Handler(self.list_all_secrets),
             Pr.SECRET_LOOKUP_BY_UUID: Handler(
-                lambda c, a: self._found(c, self.driver.lookup_by_uuid(str(uuidlib.UUID(bytes=a["uuid"]))))),
+                lambda c, a: self._found(c, self.driver.lookup_by_uuid(uuid_text(a["uuid"])))),
             Pr.SECRET_LOOKUP_BY_USAGE: Handler(
                 lambda c, a: self._found(c, self.driver.lookup_by_usage(a["usageType"], a["usageID"]))),
             Pr.SECRET_DEFINE_XML: Handler(self.define_xml, writes=True, denied_readonly="virSecretDefineXML"),
@@ -136,6 +147,9 @@ class Procedures:
         return self.guard.authenticate(s)
 
     # -- the connection -------------------------------------------------------------
+    def _connect_getattr(self, operation: str, answer: Callable[[], Any]) -> Fn:
+        return lambda c, _a: self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], operation, answer)
+
     def connect_open(self, c: Client, a: Any) -> Any:
         s = c.session
         if s.opened:
@@ -143,9 +157,14 @@ class Procedures:
             self._close(c)
             raise daemon_internal("connection already open")
         self._check_name(a["name"])
-        s.opened = True
-        s.open_readonly = bool(a["flags"] & CONNECT_RO)
-        return None
+        readonly = bool(a["flags"] & CONNECT_RO)
+
+        def opened() -> None:
+            s.opened = True
+            s.open_readonly = readonly
+        # secretConnectOpen's connect:getattr, after the URI check as there; a refusal leaves
+        # the connection unopened.
+        return self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], "open", opened)
 
     def _check_name(self, name: str | None) -> None:
         if name is None:
@@ -173,18 +192,21 @@ class Procedures:
             c.session.keepalive = True        # the server pings it from now on
             return {"supported": 1}
         if feature in (P.Feature.REMOTE_EVENT_CALLBACK, P.Feature.REMOTE_CLOSE_CALLBACK):
-            return {"supported": 1}
+            return {"supported": 1}         # answered by libvirt's dispatcher itself, unchecked
         if not c.session.opened:
             raise daemon_internal("hypervisor connection not open")
-        return {"supported": 0}
+        # Any other feature is the driver's question: connect:getattr.
+        return self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], "supports-feature", lambda: {"supported": 0})
 
     def register_close_callback(self, c: Client, _a: Any) -> Any:
-        c.session.close_callback = True
-        return None
+        def act() -> None:
+            c.session.close_callback = True
+        return self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], "register-close-callback", act)
 
     def unregister_close_callback(self, c: Client, _a: Any) -> Any:
-        c.session.close_callback = False
-        return None
+        def act() -> None:
+            c.session.close_callback = False
+        return self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], "unregister-close-callback", act)
 
     @staticmethod
     def _no_support(api: str) -> Fn:
@@ -194,31 +216,65 @@ class Procedures:
 
     # -- lookups and XML ----------------------------------------------------------------
     def _found(self, c: Client, d: SecretDef) -> Any:
-        return self.guard.then(c, [(Perm.GETATTR, d)], "lookup", lambda: {"secret": wire_secret(d)})
+        return self.guard.then(c, [(Perm.GETATTR, d)], "lookup", lambda: {"secret": self.handles.handle(d)})
 
     def get_xml_desc(self, c: Client, a: Any) -> Any:
         rules.check_xml_desc_flags(a["flags"])
         uuid = _uuid(a["secret"])
         d = self.driver.lookup_by_uuid(uuid)
+        # The definition now (it may have changed or gone while the check ran), as the driver's
+        # get_xml_desc would read it.
         return self.guard.then(c, [(Perm.READ, d)], "get-xml-desc",
-                               lambda: {"xml": self.driver.get_xml_desc(uuid, a["flags"])})
+                               lambda: self.xml_replies.get(self.driver.lookup_by_uuid(uuid)))
+
+    @staticmethod
+    def _xml_reply(d: SecretDef) -> Encoded:
+        return Encoded(encode(P.PROCS[P.Proc.SECRET_GET_XML_DESC].ret, {"xml": format_secret_xml(d)}))
 
     # -- listing ----------------------------------------------------------------------
+    # An unchecked connection (root, the session's user) gets the driver's cached listing;
+    # a checked one the secrets it may getattr, packed from the per-definition cache.
+    def num_of_secrets(self, c: Client, _a: Any) -> Any:
+        if not self.guard.checked(c.session):
+            return {"num": self.driver.count()}
+        return self.guard.listing(c, self.driver.list_secrets(0), lambda defs: {"num": len(defs)})
+
+    def _uuid_list(self, defs: list[SecretDef]) -> list[str]:
+        return [d.uuid for d in defs]
+
     def list_secrets(self, c: Client, a: Any) -> Any:
         maxuuids = a["maxuuids"]
         if maxuuids > P.REMOTE_SECRET_LIST_MAX:
             raise rpc_failure("maxuuids > REMOTE_SECRET_LIST_MAX")
         if maxuuids < 0:
             raise errors.InvalidArg("maxuuids in virConnectListSecrets must be greater than or equal to 0")
+        if not self.guard.checked(c.session):
+            return {"uuids": self.driver.list_view(0, self._derive_uuids)[:maxuuids]}
         return self.guard.listing(c, self.driver.list_secrets(0),
                                   lambda defs: {"uuids": [d.uuid for d in defs[:maxuuids]]})
 
+    def _packed_list(self, defs: list[SecretDef]) -> tuple[int, Encoded | None]:
+        """(count, the packed array, None when over the protocol's maximum)."""
+        return len(defs), self._array(defs)
+
+    def _array(self, defs: Sequence[SecretDef]) -> Encoded | None:
+        return self.handles.array(defs) if len(defs) <= P.REMOTE_SECRET_LIST_MAX else None
+
+    @staticmethod
+    def _list_reply(n: int, array: Encoded | None, need_results: int) -> Any:
+        if not need_results:
+            return {"secrets": [], "ret": n}
+        if array is None:
+            raise rpc_failure(f"Too many secrets '{n}' for limit '{P.REMOTE_SECRET_LIST_MAX}'")
+        return {"secrets": array, "ret": n}
+
     def list_all_secrets(self, c: Client, a: Any) -> Any:
-        def build(defs: list[SecretDef]) -> Any:
-            if len(defs) > P.REMOTE_SECRET_LIST_MAX:
-                raise rpc_failure(f"Too many secrets '{len(defs)}' for limit '{P.REMOTE_SECRET_LIST_MAX}'")
-            return {"secrets": [wire_secret(d) for d in defs] if a["need_results"] else [], "ret": len(defs)}
-        return self.guard.listing(c, self.driver.list_secrets(a["flags"]), build)
+        need = a["need_results"]
+        if not self.guard.checked(c.session):
+            n, array = self.driver.list_view(a["flags"], self._derive_list)
+            return self._list_reply(n, array, need)
+        return self.guard.listing(c, self.driver.list_secrets(a["flags"]),
+                                  lambda defs: self._list_reply(len(defs), self._array(defs) if need else None, need))
 
     # -- writes: each returns the act the writer thread runs ---------------------------
     def _expect(self, c: Client, d: SecretDef | None) -> SecretDef | None | object:
@@ -275,9 +331,15 @@ class Procedures:
         errors.unsupported_flags(a["flags"], 0, "virConnectSetIdentity")
         fields = parse_params(a["params"])
         offered = fields.pop("system.token", None)
-        elevated = offered is not None and self.token.matches(offered)
-        s.identity = Identity(fields, elevated)
-        return None
+
+        def act() -> None:
+            elevated = offered is not None and self.token.matches(offered)
+            s.identity = Identity(fields, elevated)
+        # @acl: connect:write. libvirt asks the current identity, which for the first
+        # SET_IDENTITY is the peer; asked for the peer every time, so that a root daemon may
+        # switch the identity of a connection it reuses (only root peers get here, and polkit
+        # grants root everything: this check is libvirt's, its answer for root is yes).
+        return self.guard.then(c, [(Perm.CONNECT_WRITE, None)], "set-identity", act, as_peer=True)
 
     # -- events -----------------------------------------------------------------------
     def event_register(self, c: Client, a: Any) -> Any:
@@ -298,6 +360,11 @@ class Procedures:
         cb = a["callbackID"]
         if cb not in c.session.callbacks:
             raise rpc_failure(f"callbackID {cb} not registered")
-        self.hub.deregister(c, cb)
-        c.session.callbacks.discard(cb)
-        return None
+
+        def act() -> None:
+            if cb not in c.session.callbacks:       # dropped while the check ran
+                raise rpc_failure(f"callbackID {cb} not registered")
+            self.hub.deregister(c, cb)
+            c.session.callbacks.discard(cb)
+        # libvirt looks the callback up first, then the driver asks connect:read.
+        return self.guard.then(c, [(Perm.CONNECT_READ, None)], "event-deregister", act)

@@ -19,7 +19,9 @@ from dataclasses import dataclass, replace
 from secretbus.access.permissions import Perm
 from secretbus.rpc.serverconf import Kind, Rights, ServerConf
 
-_RO = frozenset({Perm.SEARCH_SECRETS, Perm.GETATTR, Perm.READ})
+# Every grant may open the connection and manage its own event registrations (libvirt's
+# connect.getattr / connect.read); connect.write (SET_IDENTITY) is for local root peers only.
+_RO = frozenset({Perm.CONNECT_GETATTR, Perm.CONNECT_READ, Perm.SEARCH_SECRETS, Perm.GETATTR, Perm.READ})
 _RW = _RO | {Perm.WRITE, Perm.SAVE, Perm.DELETE}
 PERMS: dict[Rights, frozenset[Perm]] = {
     Rights.RO: _RO,

@@ -2,7 +2,9 @@
 result or libvirt error recorded; one JSON document on stdout.
 
 argv: URI STEPS_JSON, steps being [name, args...] with name one of
-list_all, num, list, lookup, lookup_usage, xml, value, set_value (hex), define (xml), undefine.
+list_all, num, list, lookup, lookup_usage, xml, value, set_value (hex), define (xml), undefine,
+type, lib_version, event_cycle (register a lifecycle callback, then deregister it: with such a
+step the client registers libvirt's default event loop before it opens, as event users must).
 Output: {"pid": this process, "open": null | [code, domain, message], "steps": [result...]}
 where a result is the value or {"error": [code, domain, message]}.
 """
@@ -14,6 +16,8 @@ import libvirt
 
 uri, steps = sys.argv[1], json.loads(sys.argv[2])
 libvirt.registerErrorHandler(lambda ctx, err: None, None)
+if any(s[0] == "event_cycle" for s in steps):
+    libvirt.virEventRegisterDefaultImpl()
 out = {"pid": os.getpid(), "open": None, "steps": []}
 
 
@@ -40,6 +44,10 @@ ACTIONS = {
     "set_value": lambda u, h: conn.secretLookupByUUIDString(u).setValue(bytes.fromhex(h)),
     "define": lambda xml: conn.secretDefineXML(xml).UUIDString(),
     "undefine": lambda u: conn.secretLookupByUUIDString(u).undefine(),
+    "type": lambda: conn.getType(),
+    "lib_version": lambda: conn.getLibVersion(),
+    "event_cycle": lambda: conn.secretEventDeregisterAny(
+        conn.secretEventRegisterAny(None, libvirt.VIR_SECRET_EVENT_ID_LIFECYCLE, lambda *a: None, None)),
 }
 for name, *args in steps:
     try:
