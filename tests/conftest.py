@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
+from harness.procs import remove_tree  # noqa: E402
 
 MEMBER = "sbtest-member"  # in group libvirt
 OTHER = "sbtest-other"    # in no extra group
@@ -120,6 +121,14 @@ def notify_socket():
     """A harness.NotifySocket (emulates systemd's NOTIFY_SOCKET)."""
     with harness.NotifySocket() as sock:
         yield sock
+
+
+@pytest.fixture
+def rpc_dir():
+    """A 0755 directory for secretbusd's RPC sockets (--rpc-dir) that unprivileged clients reach."""
+    d = harness.public_tempdir("sb-rpc-")
+    yield d
+    remove_tree(d)
 
 
 @pytest.fixture

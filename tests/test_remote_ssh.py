@@ -40,13 +40,6 @@ DEBIAN_PYTHON = "/usr/bin/python3"      # python3-libvirt is Debian's
 
 # -- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture
-def rpc_dir():
-    d = harness.public_tempdir("sb-ssh-rpc-")
-    yield d
-    remove_tree(d)
-
-
-@pytest.fixture
 def sysd(session_bus, make_secretbusd, rpc_dir):
     """secretbusd's system instance, RPC only, its sockets in rpc_dir."""
     return rpc_only(session_bus, make_secretbusd, rpc_dir, system=True)

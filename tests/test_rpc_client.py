@@ -40,13 +40,6 @@ SENTINEL = b"rpcc-S3ntinel\x00\x01\xfe"
 
 
 # -- daemons ---------------------------------------------------------------------------------
-@pytest.fixture
-def rpc_dir():
-    d = harness.public_tempdir("sb-rpcc-")
-    yield d
-    remove_tree(d)
-
-
 def rpc_only(bus, make_secretbusd, rpc_dir: Path, *, system: bool, env: dict | None = None):
     """secretbusd serving RPC only: nothing owns org.libvirt.secret, so a D-Bus client cannot
     be what answers."""

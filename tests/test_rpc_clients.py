@@ -29,13 +29,6 @@ pytestmark = pytest.mark.skipif(shutil.which("virsh") is None, reason="virsh (li
 
 
 @pytest.fixture
-def rpc_dir():
-    d = harness.public_tempdir("sb-rpc-")
-    yield d
-    remove_tree(d)
-
-
-@pytest.fixture
 def sessiond(session_bus, make_secretbusd, rpc_dir):
     return make_secretbusd(session_bus, args=("--rpc-dir", str(rpc_dir)))
 

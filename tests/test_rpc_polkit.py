@@ -20,7 +20,6 @@ from pathlib import Path
 import harness
 import pytest
 from harness import programs
-from harness.procs import remove_tree
 
 from secretbus.access.audit import MESSAGE_ID
 
@@ -53,13 +52,6 @@ polkit.addRule(function(action, subject) {{
 
 pytestmark = [pytest.mark.integration, pytest.mark.bus_policy(BUS_CONF),
               pytest.mark.skipif(shutil.which("virsh") is None, reason="virsh (libvirt-clients) not installed")]
-
-
-@pytest.fixture
-def rpc_dir():
-    d = harness.public_tempdir("sb-rpcpk-")
-    yield d
-    remove_tree(d)
 
 
 def start(system_bus, make_polkitd, make_secretbusd, rpc_dir: Path, rules=()):

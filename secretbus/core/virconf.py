@@ -15,7 +15,8 @@ secret.conf (store/conf.py) and secretbusd.conf (rpc/serverconf.py) read the sam
 As in virConf, a comment may not appear inside a multi-line list, and a value may not be left
 out: no more lenient than virConf, so that a file secretbus accepts is one libvirt accepts.
 Every error is a `ConfigError` whose message starts with "<file>:<line>: ". What the values
-mean (types, duplicates, unknown keys) is each configuration's own business.
+mean (duplicates, unknown keys, which type each key takes) is each configuration's own
+business; the typed checks both use are at the end.
 """
 from __future__ import annotations
 
@@ -196,3 +197,33 @@ class Parser:
 def type_name(v: Value) -> str:
     """How an error names a value's type."""
     return {str: "a string", int: "an integer", list: "a list"}[type(v.data)]
+
+
+# -- typed checks shared by both configurations ------------------------------------------------
+def string(e: Entry, p: Parser) -> str:
+    v = e.value.data
+    if not isinstance(v, str):
+        raise p.error(f"expected a string for '{e.name}' (got {type_name(e.value)})", e.line)
+    return v
+
+
+def abs_path(e: Entry, p: Parser) -> str:
+    v = string(e, p)
+    if not v:
+        raise p.error(f"'{e.name}' must not be empty", e.line)
+    if not v.startswith("/"):
+        # A relative path would depend on the daemon's working directory.
+        raise p.error(f"'{e.name}' must be an absolute path", e.line)
+    return v
+
+
+def string_list(e: Entry, p: Parser) -> tuple[str, ...]:
+    """A list of non-empty strings."""
+    if not isinstance(e.value.data, list):
+        raise p.error(f"expected a list for '{e.name}' (got {type_name(e.value)})", e.line)
+    out = []
+    for item in e.value.data:
+        if not isinstance(item.data, str) or not item.data:
+            raise p.error(f"'{e.name}' entries must be non-empty strings", item.line)
+        out.append(item.data)
+    return tuple(out)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from secretbus.core import errors
-from secretbus.core.virconf import Entry, Parser, type_name
+from secretbus.core.virconf import Entry, Parser, abs_path, string, string_list, type_name
 
 log = logging.getLogger("secretbus.serverconf")
 
@@ -162,35 +162,9 @@ def _count(e: Entry, p: Parser) -> int:
     return v
 
 
-def _string(e: Entry, p: Parser) -> str:
-    v = e.value.data
-    if not isinstance(v, str):
-        raise p.error(f"expected a string for '{e.name}' (got {type_name(e.value)})", e.line)
-    return v
-
-
-def _path(e: Entry, p: Parser) -> str:
-    v = _string(e, p)
-    if not v.startswith("/"):
-        # A relative path would depend on the daemon's working directory.
-        raise p.error(f"'{e.name}' must be an absolute path", e.line)
-    return v
-
-
-def _patterns(e: Entry, p: Parser) -> tuple[str, ...]:
-    if not isinstance(e.value.data, list):
-        raise p.error(f"expected a list for '{e.name}' (got {type_name(e.value)})", e.line)
-    out = []
-    for item in e.value.data:
-        if not isinstance(item.data, str) or not item.data:
-            raise p.error(f"'{e.name}' entries must be non-empty strings", item.line)
-        out.append(item.data)
-    return tuple(out)
-
-
 def _choice(*allowed: str) -> Check:
     def check(e: Entry, p: Parser) -> str:
-        v = _string(e, p)
+        v = string(e, p)
         if v not in allowed:
             raise p.error(f"'{e.name}' must be {' or '.join(repr(a) for a in allowed)}, not {v!r}", e.line)
         return v
@@ -235,20 +209,20 @@ _OPTIONS: dict[str, Check] = {
     "listen_tcp": _bool,
     "tls_port": _port,
     "tcp_port": _port,
-    "listen_addr": _string,
-    "key_file": _path,
-    "cert_file": _path,
-    "ca_file": _path,
-    "crl_file": _path,
+    "listen_addr": string,
+    "key_file": abs_path,
+    "cert_file": abs_path,
+    "ca_file": abs_path,
+    "crl_file": abs_path,
     "tls_no_verify_certificate": _no_verify,
-    "tls_allowed_dn_list": _patterns,
-    "sasl_allowed_username_list": _patterns,
+    "tls_allowed_dn_list": string_list,
+    "sasl_allowed_username_list": string_list,
     "auth_tls": _choice("none", "sasl"),
     "auth_tcp": _choice("sasl"),
     "max_clients": _count,
     "max_client_requests": _count,
     "remote_access": _grants,
-    "sasl_verifier_file": _path,
+    "sasl_verifier_file": abs_path,
 }
 _NOT_FIELDS = {"tls_no_verify_certificate"}
 

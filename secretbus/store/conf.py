@@ -1,20 +1,7 @@
 """secret.conf: libvirt's virConf syntax → `SecretConf`.
 
-Syntax accepted (the subset of libvirt's virconf.c that libvirt's own daemons use):
-
-    # comment                         whole-line comment
-    name = value   # comment          names: a letter, then letters, digits, '_'
-    a = 1; b = 2                      ';' also separates statements
-    s = "text"  /  s = 'text'         single-line strings, no escapes
-    s = \"\"\"multi
-    line\"\"\"                            triple-quoted string (may span lines)
-    n = 42  /  n = -1  /  n = +1      decimal integers
-    l = [ "a", 7,                     lists may span lines; trailing comma allowed
-          "b", ]
-
-As in virConf, a comment may not appear inside a multi-line list, and a value may not
-be left out. We deliberately stay no more lenient than virConf so that a secret.conf
-secretbus accepts is still one libvirt accepts (the host can go back to libvirt).
+The syntax (the subset of libvirt's virconf.c that libvirt's own daemons use, no more lenient,
+so that a secret.conf secretbus accepts is still one libvirt accepts) is core/virconf.py's.
 
 Duplicate keys are an error. (virConf silently uses the *first* occurrence, which
 surprises people who expect "last wins"; for a file that decides whether secrets are
@@ -33,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secretbus.core import errors
-from secretbus.core.virconf import Entry, Parser, Value, type_name
+from secretbus.core.virconf import Entry, Parser, Value, abs_path, string_list, type_name
 from secretbus.store import fsutil
 
 log = logging.getLogger("secretbus.conf")
@@ -84,15 +71,7 @@ def _encrypt_data(e: _Entry, p: _Parser) -> bool:
 
 
 def _key_path(e: _Entry, p: _Parser) -> str:
-    v = e.value.data
-    if not isinstance(v, str):
-        raise p.error(f"expected a string for '{e.name}' (got {_type_name(e.value)})", e.line)
-    if not v:
-        raise p.error(f"'{e.name}' must not be empty", e.line)
-    # A relative path would depend on the daemon's working directory.
-    if not v.startswith("/"):
-        raise p.error(f"'{e.name}' must be an absolute path", e.line)
-    return v
+    return abs_path(e, p)
 
 
 def _scheme(e: _Entry, p: _Parser) -> str:
@@ -119,19 +98,8 @@ def _readers(e: _Entry, p: _Parser) -> tuple[str | int, ...]:
     return tuple(out)
 
 
-def _strings(e: _Entry, p: _Parser) -> tuple[str, ...]:
-    if not isinstance(e.value.data, list):
-        raise p.error(f"expected a list for '{e.name}' (got {_type_name(e.value)})", e.line)
-    out = []
-    for item in e.value.data:
-        if not isinstance(item.data, str) or not item.data:
-            raise p.error(f"'{e.name}' entries must be non-empty strings", item.line)
-        out.append(item.data)
-    return tuple(out)
-
-
 def _endpoints(e: _Entry, p: _Parser) -> tuple[str, ...]:
-    out = _strings(e, p)
+    out = string_list(e, p)
     for url in out:
         if not url.startswith(("http://", "https://")):
             raise p.error(f"'{e.name}' entries must be http:// or https:// URLs", e.line)
@@ -139,7 +107,7 @@ def _endpoints(e: _Entry, p: _Parser) -> tuple[str, ...]:
 
 
 def _usage_types(e: _Entry, p: _Parser) -> tuple[str, ...]:
-    out = _strings(e, p)
+    out = string_list(e, p)
     for name in out:
         if name not in FLEET_USAGE_TYPES:
             raise p.error(f"'{e.name}': unknown usage type {name!r} (one of {', '.join(FLEET_USAGE_TYPES)})",
