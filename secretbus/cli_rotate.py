@@ -36,8 +36,6 @@ class KeyFile:
 def key_file(conf: SecretConf, key_path: str | None, kind_is_system: bool) -> KeyFile:
     """Which file holds the key the service loads: secret.conf's raw key file, else the sealed
     credential (--key-path, default libvirt's path for the system instance)."""
-    if conf.fleet_endpoints:
-        raise errors.ConfigUnsupported("rotate-key does not support fleet mode yet (its cache shares the host key)")
     if conf.encrypt_data is False:
         raise errors.ConfigUnsupported("values are not encrypted (encrypt_data = 0): there is no key to rotate")
     if conf.encryption_scheme != "aes256gcm":
@@ -84,6 +82,25 @@ def commit_next(kf: KeyFile) -> None:
             os.fsync(fd)
     except OSError as e:
         raise errors.OperationFailed(f"cannot rename '{kf.next_path}' to '{kf.path}': {e.strerror or e}") from None
+
+
+def value_dirs(paths: InstancePaths, conf: SecretConf) -> list[Path]:
+    """Where value files under the instance's key are: its store, and in fleet mode the cache."""
+    if not conf.fleet_endpoints:
+        return [paths.config_dir]
+    from secretbus.fleet.keyfile import fleet_dir
+    from secretbus.fleet.store import CACHE_DIR
+    return [paths.config_dir, fleet_dir(paths) / CACHE_DIR]
+
+
+def values_under_any(dirs: list[Path], kid: bytes) -> tuple[list[str], list[str]]:
+    under: list[str] = []
+    legacy: list[str] = []
+    for d in dirs:
+        u, leg = values_under(d, kid)
+        under += u
+        legacy += leg
+    return under, legacy
 
 
 def values_under(store_dir: Path, kid: bytes) -> tuple[list[str], list[str]]:
@@ -133,7 +150,8 @@ def rotate_key(paths: InstancePaths, conf: SecretConf, *, key_path: str | None =
     kf = key_file(conf, key_path, paths.kind.name == "SYSTEM")
     old_key = read_key(kf, environ)
     old_id = key_id(old_key)
-    _, legacy = values_under(paths.config_dir, old_id)
+    dirs = value_dirs(paths, conf)
+    _, legacy = values_under_any(dirs, old_id)
     if legacy:
         raise errors.OperationFailed(f"{len(legacy)} value files are in an unauthenticated legacy format "
                                       f"(e.g. {legacy[0]}); migrate them first with 'secretbus rewrite-values'")
@@ -147,7 +165,7 @@ def rotate_key(paths: InstancePaths, conf: SecretConf, *, key_path: str | None =
     pid = _re_encrypt(paths, conf, environ)                                    # step 2
     deadline = time.monotonic() + timeout
     while True:
-        left, _ = values_under(paths.config_dir, old_id)
+        left, _ = values_under_any(dirs, old_id)
         if not left:
             break
         if time.monotonic() > deadline:
@@ -161,12 +179,20 @@ def rotate_key(paths: InstancePaths, conf: SecretConf, *, key_path: str | None =
     if pid is None or not kf.sealed:
         if pid is not None:
             os.kill(pid, signal.SIGHUP)      # a raw key file is re-read on reload: step 4 there
+            if conf.fleet_endpoints:
+                _wait_gone(paths.config_dir / rotation.RECORD_NAME, timeout)
         else:
             rotation.read_rotation(paths.config_dir, new_key)                  # step 4
     else:
         lines.append("The service reads the new key from its credential at its next start; until then it "
                      "keeps both keys in memory (every value is already under the new one)")
     return lines
+
+
+def _wait_gone(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _re_encrypt(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str]) -> int | None:

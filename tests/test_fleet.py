@@ -679,3 +679,62 @@ def test_a_reload_does_not_turn_fleet_mode_on(tmp_path: Path, etcd: EtcdCluster)
         assert not isinstance(d.store, FleetStore) and d.store_state().state == "local"
     finally:
         d.close()
+
+
+def test_rotate_key_on_a_fleet_host_rewrites_its_cache_only(tmp_path: Path, etcd: EtcdCluster, session_bus,
+                                                              make_secretbusd) -> None:
+    """`secretbus rotate-key` on a host serving the fleet: its local cache (and local-only
+    secrets) move to the new host key while it serves; etcd and the other hosts see nothing."""
+    from secretbus.bus.client import DBusConnection
+    from secretbus.core.model import InstanceKind
+    from secretbus.fleet.store import CACHE_DIR
+    from secretbus.store.crypto import gcm_key_id, key_id
+    from secretbus.store.keys import load_key
+    from tests.test_cli import entry_point
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    a.open()
+    d, _ = make_host(tmp_path, "d", etcd.endpoints, key, extra_conf="fleet_private = 0\n")
+    daemon = make_secretbusd(session_bus, root=d.root)
+    conn = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
+                               bus_address=session_bus.address)
+    try:
+        u, local = uid(1100), uid(1101)
+        a.d.define_xml(xml(u, "rot.1100"))
+        a.d.set_value(u, b"fleet-value")
+        wait_for(lambda: _value_or_none(conn, u) == b"fleet-value", "the fleet value on d")
+        conn.define_xml(xml(local, "rot.1101", private="yes"))      # fleet_private = 0: d's own
+        conn.secret_set_value(local, b"local-value")
+        old = load_key(d.paths.conf_file.parent / "host-key")
+        dirs = [d.paths.config_dir, fleet_dir(d.paths) / CACHE_DIR]
+
+        def kids() -> set[bytes | None]:
+            return {gcm_key_id((x / f).read_bytes()) for x in dirs for f in os.listdir(x) if f.endswith(".aes256gcm")}
+        assert kids() == {key_id(old)}
+        seen_on_a = len(a.events)
+        r = subprocess.run(entry_point() + ["-c", f"secret:///embed?root={d.root}", "rotate-key"],
+                           capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        new = load_key(d.paths.conf_file.parent / "host-key")
+        assert new != old and kids() == {key_id(new)}
+        wait_for(lambda: not (d.paths.config_dir / "key-rotation").exists(), "the finished rotation's record gone")
+        assert conn.secret_get_value(u) == b"fleet-value"
+        assert a.d.get_value(u) == b"fleet-value" and a.events[seen_on_a:] == []    # nothing went to etcd
+        daemon.stop()
+        daemon = make_secretbusd(session_bus, root=d.root)
+        conn.close()
+        conn = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
+                                   bus_address=session_bus.address)
+        assert conn.secret_get_value(u) == b"fleet-value"
+        assert "skipped 0" in daemon.log() or "skipped" not in daemon.log()
+        for secret in (old.hex(), new.hex(), "fleet-value", "local-value"):
+            assert secret not in daemon.log()
+    finally:
+        conn.close()
+        a.close()
+
+
+def _value_or_none(conn, u: str) -> bytes | None:
+    try:
+        return conn.secret_get_value(u)
+    except errors.SecretError:
+        return None

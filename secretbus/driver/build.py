@@ -13,6 +13,7 @@ from secretbus.driver.driver import SecretDriver, Setup, StoreState
 from secretbus.fleet.setup import fleet_options, open_fleet_store
 from secretbus.fleet.store import FleetStore
 from secretbus.fleet.sync import FleetSync
+from secretbus.store.codec import ValueCodecs
 from secretbus.store.conf import SecretConf, load_conf
 from secretbus.store.filestore import SecretStore
 from secretbus.store.keys import codecs_for
@@ -27,8 +28,7 @@ def load_setup(paths: InstancePaths, environ: Mapping[str, str] | None = None,
     if conf is None:
         conf = load_conf(paths.conf_file)
     env = os.environ if environ is None else environ
-    # (fleet mode: the cache is not rotated yet; codecs_for without the store dir ignores a record)
-    codecs, description = codecs_for(conf, env, None if conf.fleet_endpoints else paths.config_dir)
+    codecs, description = codecs_for(conf, env, paths.config_dir)
     if conf.fleet_endpoints:
         return Setup(conf, open_fleet_store(paths, conf, codecs, env), description)
     return Setup(conf, SecretStore(paths.config_dir, codecs), description)
@@ -59,7 +59,24 @@ def reload_setup(paths: InstancePaths, environ: Mapping[str, str] | None, now: S
         raise errors.ConfigError(f"{where}: in fleet mode a change of {', '.join(changed)} needs a restart "
                                  "of secretbusd, not a reload")
     fleet_options(conf)          # the usage types must be valid before anything is swapped
-    return Setup(conf, now.store, now.key_description)
+    codecs, description = codecs_for(conf, os.environ if environ is None else environ, paths.config_dir)
+    if description == now.key_description:
+        return Setup(conf, now.store, now.key_description)
+    if not _rotation_step(now.store.codecs, codecs):
+        raise errors.ConfigError(f"{where}: in fleet mode the encryption key changes only by "
+                                 "'secretbus rotate-key' (or a restart)")
+    return Setup(conf, now.store, description, codecs=codecs)
+
+
+def _rotation_step(now: ValueCodecs, new: ValueCodecs) -> bool:
+    """Whether `new` follows `now` in a key rotation (store/rotation.py): it starts (the new
+    writer retires the current one) or ends (the writer stays, nothing is retired any more)."""
+    kid_now, kid_new = getattr(now.writer, "key_id", None), getattr(new.writer, "key_id", None)
+    if kid_now is None or kid_new is None:
+        return False
+    starts = kid_new != kid_now and kid_now in new.retiring
+    ends = kid_new == kid_now and bool(now.retiring) and not new.retiring
+    return starts or ends
 
 
 def open_instance(paths: InstancePaths, *, conf: SecretConf | None = None,

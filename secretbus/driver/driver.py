@@ -19,7 +19,7 @@ from secretbus.core.uuids import canonical_uuid, parse_uuid
 from secretbus.driver import rules
 from secretbus.driver.table import Entry, SecretTable
 from secretbus.fleet.changes import RemoteChange
-from secretbus.store.codec import Binding
+from secretbus.store.codec import Binding, ValueCodecs
 from secretbus.store.conf import SecretConf
 from secretbus.store.filestore import SecretStore, Skipped, log_skip
 from secretbus.store.lock import InstanceLock
@@ -45,6 +45,9 @@ class Setup:
     conf: SecretConf
     store: SecretStore
     key_description: str | None    # None when values are not encrypted
+    # A reload that keeps its store (fleet mode) but changes its codecs (a key rotation started
+    # or finished): the store takes them and every value is re-written under the new writer.
+    codecs: ValueCodecs | None = None
 
 
 Loader = Callable[[], Setup]
@@ -167,6 +170,10 @@ class SecretDriver:
                 check(setup.conf)
             if setup.store is self._setup.store:
                 # the same store (fleet mode): its table is current, only the conf changes
+                if setup.codecs is not None:
+                    setup.store.use_codecs(setup.codecs)
+                    if setup.codecs.retiring:        # a rotation started: re-write everything
+                        self._rebind(setup.store, [e.definition.uuid for e in self._table])
                 summary = LoadSummary(len(self._table), self._table.skipped_files())
             else:
                 summary = self._load_store(setup.store)

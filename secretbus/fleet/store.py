@@ -107,6 +107,10 @@ class FleetStore(SecretStore):
         self._bucket = (CATCH_UP_RATE, time.monotonic())
         self._bucket_lock = threading.Lock()
 
+    def use_codecs(self, codecs: ValueCodecs) -> None:
+        super().use_codecs(codecs)
+        self.cache.use_codecs(codecs)      # the cache is under the same host key
+
     @property
     def options(self) -> FleetOptions:
         return self.options_source() if self.options_source is not None else self._options

@@ -115,6 +115,10 @@ class SecretStore:
             raise errors.SystemError(f"cannot use config directory '{self.dir}': {e.strerror}") from None
 
     # -- writing -------------------------------------------------------------
+    def use_codecs(self, codecs: ValueCodecs) -> None:
+        """Write and read with `codecs` from now on (a key rotation taken up on reload)."""
+        self.codecs = codecs
+
     def prepare(self) -> None:
         try:
             ensure_private_dir(self.dir)
