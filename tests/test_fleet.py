@@ -738,3 +738,76 @@ def _value_or_none(conn, u: str) -> bytes | None:
         return conn.secret_get_value(u)
     except errors.SecretError:
         return None
+
+
+def test_three_secretbusd_hosts_on_a_three_member_cluster(tmp_path: Path, make_bus, make_secretbusd) -> None:
+    """Issue 16's set-up with the real daemons: three secretbusd, each with its own root and
+    bus, on a three-member etcd. A define over D-Bus on A is served by B and C with signals
+    there; the same usage defined at once on B and C wins on exactly one; with one etcd member
+    killed everything goes on; values stay equal everywhere."""
+    from secretbus.bus.client import DBusConnection
+    from secretbus.core.model import InstanceKind
+    cluster = EtcdCluster.create(tmp_path / "etcd3", 3)
+    conns: list[DBusConnection] = []
+    try:
+        cluster.start()
+        key = None
+        got: list[list[SecretEvent]] = [[], [], []]
+        for i, name in enumerate(("a", "b", "c")):
+            ends = cluster.endpoints[i:] + cluster.endpoints[:i]     # each prefers another member
+            h, key = make_host(tmp_path, name, ends, key)
+            bus = make_bus("session")
+            make_secretbusd(bus, root=h.root)
+            c = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10, bus_address=bus.address)
+            c.subscribe(lambda s, ev, i=i: got[i].append(ev))
+            conns.append(c)
+        a, b, c = conns
+        u = uid(1200)
+        a.define_xml(xml(u, "three-d.1200"))
+        a.secret_set_value(u, b"everywhere")
+        for i in (1, 2):
+            wait_for(lambda i=i: any(e.uuid == u and e.event_id == EventId.VALUE_CHANGED for e in got[i]),
+                     f"the value's signal on host {i}")
+            assert [(e.event_id, e.lifecycle) for e in got[i] if e.uuid == u] == \
+                [(EventId.LIFECYCLE, Lifecycle.DEFINED), (EventId.VALUE_CHANGED, None)]
+            assert conns[i].secret_get_value(u) == b"everywhere"
+        # the same usage from B and C at once: exactly one wins fleet-wide
+        results: list[object] = [None, None]
+
+        def define(j: int, conn: DBusConnection) -> None:
+            try:
+                results[j] = conn.define_xml(xml(uid(1201 + j), "three-d.race")).uuid
+            except errors.SecretError as e:
+                results[j] = e
+        threads = [threading.Thread(target=define, args=(j, conn)) for j, conn in enumerate((b, c))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        winners = [r for r in results if isinstance(r, str)]
+        assert len(winners) == 1, results
+        for conn in conns:
+            wait_for(lambda conn=conn: _lookup(conn, "three-d.race") == winners[0], "the winner everywhere")
+        cluster.kill(cluster.members[1])           # b's first endpoint
+
+        def write_on_b() -> bool:
+            try:
+                b.secret_set_value(u, b"after-kill")
+            except errors.OperationFailed as e:    # refused until b is on another member
+                assert e.message.startswith("fleet store unavailable: "), e.message
+                return False
+            return True
+        wait_for(write_on_b, "b writing through another member")
+        for conn in (a, c):
+            wait_for(lambda conn=conn: _value_or_none(conn, u) == b"after-kill", "the write after the kill")
+    finally:
+        for conn in conns:
+            conn.close()
+        cluster.stop()
+
+
+def _lookup(conn, usage: str) -> str | None:
+    try:
+        return conn.lookup_by_usage(UsageType.CEPH, usage).uuid
+    except errors.SecretError:
+        return None
