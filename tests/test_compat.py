@@ -94,3 +94,22 @@ def test_dbus_fast_writer_queue_is_measured():
         for s in socks:
             s.close()
     asyncio.run(main())
+
+
+def test_dbus_fast_bus_address_and_socket_are_reachable(session_bus):
+    """compat.bus_address reads the parsed `_bus_address` (the lookups' second connection goes
+    to the same bus with it) and compat.set_send_buffer reaches `_writer.sock`."""
+    async def main():
+        bus = await MessageBus(bus_address=session_bus.address).connect()
+        try:
+            again = compat.bus_address(bus)
+            assert again is not None and again.startswith("unix:")
+            second = await MessageBus(bus_address=again).connect()     # the same bus, another name
+            assert second.unique_name != bus.unique_name
+            second.disconnect()
+            assert compat.set_send_buffer(bus, 32768)
+            sock = bus._writer.sock
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 32768
+        finally:
+            bus.disconnect()
+    asyncio.run(main())
