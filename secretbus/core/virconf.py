@@ -20,7 +20,10 @@ business; the typed checks both use are at the end.
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from secretbus.core import errors
 
@@ -197,6 +200,25 @@ class Parser:
 def type_name(v: Value) -> str:
     """How an error names a value's type."""
     return {str: "a string", int: "an integer", list: "a list"}[type(v.data)]
+
+
+def read_options(text: str, path: str, options: Mapping[str, Callable[[Entry, Parser], Any]],
+                 log: logging.Logger) -> dict[str, Any]:
+    """Each known key's checked value. A duplicate key is an error (virConf would silently take
+    the first); an unknown key is logged and ignored."""
+    p = Parser(text, path)
+    seen: dict[str, int] = {}
+    values: dict[str, Any] = {}
+    for e in p.parse():
+        if e.name in seen:
+            raise p.error(f"duplicate key '{e.name}' (first set at line {seen[e.name]})", e.line)
+        seen[e.name] = e.line
+        check = options.get(e.name)
+        if check is None:
+            log.warning("%s:%d: unknown key '%s' ignored", path, e.line, e.name)
+            continue
+        values[e.name] = check(e, p)
+    return values
 
 
 # -- typed checks shared by both configurations ------------------------------------------------

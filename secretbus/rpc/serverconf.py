@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from secretbus.core import errors
-from secretbus.core.virconf import Entry, Parser, abs_path, string, string_list, type_name
+from secretbus.core.virconf import Entry, Parser, abs_path, read_options, string, string_list, type_name
 
 log = logging.getLogger("secretbus.serverconf")
 
@@ -228,20 +228,7 @@ _NOT_FIELDS = {"tls_no_verify_certificate"}
 
 
 def parse_serverconf(text: str, path: str = "<string>") -> ServerConf:
-    p = Parser(text, path)
-    seen: dict[str, int] = {}
-    values: dict[str, Any] = {}
-    for e in p.parse():
-        if e.name in seen:
-            raise p.error(f"duplicate key '{e.name}' (first set at line {seen[e.name]})", e.line)
-        seen[e.name] = e.line
-        check = _OPTIONS.get(e.name)
-        if check is None:
-            log.warning("%s:%d: unknown key '%s' ignored", path, e.line, e.name)
-            continue
-        value = check(e, p)
-        if e.name not in _NOT_FIELDS:
-            values[e.name] = value
+    values = {k: v for k, v in read_options(text, path, _OPTIONS, log).items() if k not in _NOT_FIELDS}
     return ServerConf(path=None if path == "<string>" else Path(path), **values)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secretbus.core import errors
-from secretbus.core.virconf import Entry, Parser, Value, abs_path, string_list, type_name
+from secretbus.core.virconf import Entry, Parser, Value, abs_path, read_options, string_list, type_name
 from secretbus.store import fsutil
 
 log = logging.getLogger("secretbus.conf")
@@ -141,20 +141,8 @@ _OPTIONS = {
 
 
 def parse_conf(text: str, path: str = "<string>") -> SecretConf:
-    p = _Parser(text, path)
-    entries = p.parse()
-    seen: dict[str, int] = {}
-    values: dict[str, object] = {}
-    for e in entries:
-        if e.name in seen:
-            raise p.error(f"duplicate key '{e.name}' (first set at line {seen[e.name]})", e.line)
-        seen[e.name] = e.line
-        check = _OPTIONS.get(e.name)
-        if check is None:
-            log.warning("%s:%d: unknown key '%s' ignored", path, e.line, e.name)
-            continue
-        values[e.name] = check(e, p)
-    return SecretConf(path=None if path == "<string>" else Path(path), **values)  # type: ignore[arg-type]
+    values = read_options(text, path, _OPTIONS, log)
+    return SecretConf(path=None if path == "<string>" else Path(path), **values)
 
 
 def load_conf(path: Path) -> SecretConf:
