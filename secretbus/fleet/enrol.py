@@ -26,7 +26,7 @@ from secretbus.fleet.enrol_wrap import WrapError, unwrap, wrap, wrap_version
 from secretbus.fleet.etcd import KV, Etcd
 from secretbus.fleet.hostkey import HostKey, fingerprint
 from secretbus.fleet.keyfile import init_fleet_key
-from secretbus.fleet.keyspace import HOST_ID, Keyspace
+from secretbus.fleet.keyspace import HOST_ID, Keyspace, group_records
 from secretbus.fleet.seal import ROTATING, FleetKey, cluster_checks
 
 log = logging.getLogger("secretbus.fleet")
@@ -230,11 +230,7 @@ def describe(host: str, pub: KV | None, wrapped: KV | None) -> HostInfo:
 
 def list_hosts(client: Etcd, keys: Keyspace) -> list[HostInfo]:
     _, kvs = client.range(keys.hosts, tx.prefix_end(keys.hosts))
-    parts: dict[str, dict[str, KV]] = {}
-    for kv in kvs:
-        parsed = keys.parse_host(kv.key)
-        if parsed is not None:
-            parts.setdefault(parsed[0], {})[parsed[1]] = kv
+    parts = group_records(kvs, keys.parse_host)
     return [describe(h, p.get("pub"), p.get("wrap")) for h, p in sorted(parts.items())]
 
 

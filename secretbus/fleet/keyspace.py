@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from secretbus.core.uuids import is_canonical
 
@@ -83,3 +85,23 @@ def _host(host_id: str) -> bytes:
     if not HOST_ID.fullmatch(host_id):
         raise ValueError(f"'{host_id}' is not a fleet host id (32 hex digits, as 'fleet join' prints)")
     return host_id.encode()
+
+
+class _Keyed(Protocol):
+    @property
+    def key(self) -> bytes: ...
+
+
+K = TypeVar("K", bound=_Keyed)
+
+
+def group_records(kvs: Iterable[K], parse: Callable[[bytes], tuple[str, str] | None]) -> dict[str, dict[str, K]]:
+    """Records of one range read by the id `parse` finds in their key, then by record kind
+    (Keyspace.parse: uuid -> def/value; parse_host: host id -> pub/wrap); other keys left out."""
+    out: dict[str, dict[str, K]] = {}
+    for kv in kvs:
+        parsed = parse(kv.key)
+        if parsed is not None:
+            out.setdefault(parsed[0], {})[parsed[1]] = kv
+    return out
+

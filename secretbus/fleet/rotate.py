@@ -39,7 +39,7 @@ from secretbus.fleet.enrol_wrap import WrapError, unwrap, wrap
 from secretbus.fleet.etcd import KV, Etcd
 from secretbus.fleet.hostkey import HostKey
 from secretbus.fleet.keyfile import load_fleet_keys, remove_fleet_key
-from secretbus.fleet.keyspace import Keyspace
+from secretbus.fleet.keyspace import Keyspace, group_records
 from secretbus.fleet.seal import ROTATING, FleetKey, Sealer, SealError, record_version
 from secretbus.store.crypto import KEY_SIZE
 
@@ -168,11 +168,7 @@ def _start(client: Etcd, keys: Keyspace, old: FleetKey, new: FleetKey, me: str) 
     compare = [tx.value_is(keys.key_check, old_check.encode())]
     ops = [tx.put(keys.key_check, marker)]
     _, kvs = client.range(keys.hosts, tx.prefix_end(keys.hosts))
-    parts: dict[str, dict[str, KV]] = {}
-    for kv in kvs:
-        parsed = keys.parse_host(kv.key)
-        if parsed is not None:
-            parts.setdefault(parsed[0], {})[parsed[1]] = kv
+    parts = group_records(kvs, keys.parse_host)
     wrapped = 0
     for host_id, p in sorted(parts.items()):
         if "wrap" not in p:
@@ -226,11 +222,7 @@ def _reseal_all(client: Etcd, keys: Keyspace, ring: Sealer, held: list[FleetKey]
     for _ in range(MAX_PASSES):
         lock.check()
         rev, kvs = client.range(keys.secrets, tx.prefix_end(keys.secrets))
-        by_uuid: dict[str, dict[str, KV]] = {}
-        for kv in kvs:
-            parsed = keys.parse(kv.key)
-            if parsed is not None:
-                by_uuid.setdefault(parsed[0], {})[parsed[1]] = kv
+        by_uuid = group_records(kvs, keys.parse)
         stale = [(u, p) for u, p in sorted(by_uuid.items()) if "def" in p and u not in broken
                  and any(record_version(kv.value) != ring.key_version for kv in p.values())]
         if not stale:

@@ -38,7 +38,7 @@ from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
 from secretbus.fleet import etcd as tx
 from secretbus.fleet.changes import RemoteChange
 from secretbus.fleet.etcd import KV, Etcd, EtcdUnavailable, WatchEvent
-from secretbus.fleet.keyspace import Keyspace
+from secretbus.fleet.keyspace import Keyspace, group_records
 from secretbus.fleet.seal import ROTATING, NewerKey, Sealer, SealError, cluster_checks
 from secretbus.fleet.status import FleetState, FleetStatus, StatusCell
 from secretbus.store import fsutil
@@ -351,11 +351,7 @@ class FleetStore(SecretStore):
         secrets, each run under the driver's lock (a large resync does not hold up local
         writes); each returns its part of the diff. Writes made here meanwhile are newer than
         `revision`, and the steps leave them alone."""
-        by_uuid: dict[str, dict[str, KV]] = {}
-        for kv in kvs:
-            parsed = self.keys.parse(kv.key)
-            if parsed is not None:
-                by_uuid.setdefault(parsed[0], {})[parsed[1]] = kv
+        by_uuid = group_records(kvs, self.keys.parse)
         items = sorted((u, p) for u, p in by_uuid.items() if "def" in p)
         steps: list[Callable[[], list[RemoteChange]]] = [partial(self._resync_drops, revision, set(by_uuid))]
         steps += [partial(self._resync_items, items[i:i + per_step]) for i in range(0, len(items), per_step)]
