@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,18 +51,7 @@ def key_file(conf: SecretConf, key_path: str | None, kind_is_system: bool) -> Ke
 
 
 def read_key(kf: KeyFile, environ: Mapping[str, str]) -> bytes:
-    if not kf.sealed:
-        return keys.load_key(kf.path)
-    argv = [keys.SYSTEMD_CREDS, "decrypt", f"--name={keys.CREDENTIAL_NAME}", str(kf.path), "-"]
-    try:
-        proc = subprocess.run(argv, capture_output=True, env=dict(environ), check=False, timeout=60)
-    except FileNotFoundError:
-        raise errors.OperationFailed(f"{keys.SYSTEMD_CREDS} not found") from None
-    if proc.returncode != 0 or len(proc.stdout) != KEY_SIZE:
-        detail = proc.stderr.decode("utf-8", "replace").strip()
-        raise errors.OperationFailed(f"cannot unseal '{kf.path}' ({keys.SYSTEMD_CREDS} exit status "
-                                     f"{proc.returncode}): {detail}")
-    return proc.stdout
+    return keys.unseal_key(kf.path, environ) if kf.sealed else keys.load_key(kf.path)
 
 
 def write_next(kf: KeyFile, new_key: bytes, with_key: str | None, environ: Mapping[str, str]) -> None:

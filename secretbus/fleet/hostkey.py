@@ -18,9 +18,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secretbus.core import errors
-from secretbus.fleet.keyfile import remove_files, seal, unseal
+from secretbus.fleet.keyfile import remove_files
 from secretbus.store import fsutil
-from secretbus.store.keys import load_key
+from secretbus.store.keys import load_key, seal_key, unseal_key
 
 CREDENTIAL_NAME = "secretbus-fleet-host-key"
 RAW_NAME = "host-key"
@@ -62,7 +62,7 @@ def has_host_key(directory: Path) -> bool:
 def load_host_key(directory: Path, environ: Mapping[str, str] = os.environ) -> HostKey:
     sealed, raw = directory / SEALED_NAME, directory / RAW_NAME
     if sealed.exists():
-        return HostKey(X25519PrivateKey.from_private_bytes(unseal(sealed, environ, CREDENTIAL_NAME)), False)
+        return HostKey(X25519PrivateKey.from_private_bytes(unseal_key(sealed, environ, CREDENTIAL_NAME)), False)
     if raw.exists():
         return HostKey(X25519PrivateKey.from_private_bytes(load_key(raw)), True)
     raise errors.ConfigError(f"this host has no fleet identity in '{directory}' (run 'secretbus fleet join')")
@@ -82,7 +82,7 @@ def load_or_create_host_key(directory: Path, *, raw: bool = False, with_key: str
         raise errors.OperationFailed(f"cannot create '{directory}': {e.strerror or e}") from None
     try:
         # O_EXCL (write_new): two joins at once cannot both make a key; the loser fails here.
-        fsutil.write_new(dir_fd, name, material if raw else seal(material, with_key, environ, CREDENTIAL_NAME))
+        fsutil.write_new(dir_fd, name, material if raw else seal_key(material, with_key, environ, CREDENTIAL_NAME))
         os.fsync(dir_fd)
     except FileExistsError:
         raise errors.OperationFailed(f"a host key appeared in '{directory}' meanwhile; run the command again") from None

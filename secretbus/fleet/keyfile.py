@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from secretbus.core import errors
 from secretbus.fleet.seal import FleetKey
 from secretbus.store import fsutil
 from secretbus.store.crypto import KEY_SIZE
-from secretbus.store.keys import SYSTEMD_CREDS, load_key
+from secretbus.store.keys import load_key, seal_key, unseal_key
 from secretbus.store.paths import InstancePaths
 
 CREDENTIAL_NAME = "secretbus-fleet-key"
@@ -61,7 +60,7 @@ def init_fleet_key(directory: Path, *, raw: bool = False, with_key: str | None =
         material = os.urandom(KEY_SIZE) if key is None else key
         if len(material) != KEY_SIZE:
             raise errors.InvalidArg(f"a fleet key has {KEY_SIZE} bytes")
-        fsutil.write_new(dir_fd, name, material if raw else _seal(material, with_key, environ))
+        fsutil.write_new(dir_fd, name, material if raw else seal_key(material, with_key, environ, CREDENTIAL_NAME))
         os.fsync(dir_fd)
     except OSError as e:
         raise errors.OperationFailed(f"cannot create fleet key in '{directory}': {e.strerror or e}") from None
@@ -86,7 +85,7 @@ def load_fleet_keys(directory: Path, environ: Mapping[str, str] = os.environ) ->
             continue
         raw_name, sealed_name = key_names(version)
         if (directory / sealed_name).exists():
-            keys[version] = FleetKey(version, _unseal(directory / sealed_name, environ))
+            keys[version] = FleetKey(version, unseal_key(directory / sealed_name, environ, CREDENTIAL_NAME))
         elif (directory / raw_name).exists():
             keys[version] = FleetKey(version, load_key(directory / raw_name))
     if not keys:
@@ -136,36 +135,3 @@ def remove_files(directory: Path, names: tuple[str, ...]) -> list[Path]:
     return removed
 
 
-def seal(key: bytes, with_key: str | None, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
-    """The sealed form of `key` (systemd-creds, credential `name`)."""
-    return _seal(key, with_key, environ, name)
-
-
-def unseal(path: Path, environ: Mapping[str, str], name: str) -> bytes:
-    return _unseal(path, environ, name)
-
-
-def _seal(key: bytes, with_key: str | None, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
-    argv = [SYSTEMD_CREDS, "encrypt", f"--name={name}"]
-    if with_key is not None:
-        argv.append(f"--with-key={with_key}")
-    return _creds(argv + ["-", "-"], key, environ, "encrypt")
-
-
-def _unseal(path: Path, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
-    key = _creds([SYSTEMD_CREDS, "decrypt", f"--name={name}", str(path), "-"], b"", environ, "decrypt")
-    if len(key) != KEY_SIZE:
-        raise errors.InvalidEncrKey(f"{name} length must be '{KEY_SIZE}' '{path}'")
-    return key
-
-
-def _creds(argv: list[str], data: bytes, environ: Mapping[str, str], what: str) -> bytes:
-    """Run systemd-creds with the key on stdin/stdout only (never argv, never logged)."""
-    try:
-        proc = subprocess.run(argv, input=data, capture_output=True, env=dict(environ), umask=0o077, check=False)
-    except FileNotFoundError:
-        raise errors.OperationFailed(f"{SYSTEMD_CREDS} not found; install systemd or use a raw fleet key") from None
-    if proc.returncode != 0 or not proc.stdout:
-        detail = proc.stderr.decode("utf-8", "replace").strip()[:300]
-        raise errors.OperationFailed(f"{SYSTEMD_CREDS} {what} failed (exit status {proc.returncode}): {detail}")
-    return proc.stdout

@@ -196,20 +196,29 @@ def _exists(p: Path) -> errors.SecretError:
     return errors.OperationFailed(f"key file '{p}' already exists; refusing to overwrite")
 
 
-def seal_key(key: bytes, with_key: str | None, environ: Mapping[str, str]) -> bytes:
-    """The sealed credential, written by systemd-creds to its stdout (we create the file)."""
-    argv = [SYSTEMD_CREDS, "encrypt", f"--name={CREDENTIAL_NAME}"]
+def seal_key(key: bytes, with_key: str | None, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
+    """The sealed credential `name`, written by systemd-creds to its stdout (we create the file)."""
+    argv = [SYSTEMD_CREDS, "encrypt", f"--name={name}"]
     if with_key is not None:
         argv.append(f"--with-key={with_key}")
-    argv += ["-", "-"]
+    return _creds(argv + ["-", "-"], key, environ, "encrypt")
+
+
+def unseal_key(path: Path, environ: Mapping[str, str], name: str = CREDENTIAL_NAME) -> bytes:
+    """The 32-byte key in the sealed credential `name` at `path` (what LoadCredentialEncrypted= does)."""
+    key = _creds([SYSTEMD_CREDS, "decrypt", f"--name={name}", str(path), "-"], b"", environ, "decrypt")
+    if len(key) != KEY_SIZE:
+        raise errors.InvalidEncrKey(f"{name} length must be '{KEY_SIZE}' '{path}'")
+    return key
+
+
+def _creds(argv: list[str], data: bytes, environ: Mapping[str, str], what: str) -> bytes:
+    """Run systemd-creds with the key on stdin/stdout only (never argv, never logged)."""
     try:
-        proc = subprocess.run(argv, input=key, capture_output=True, env=dict(environ),
-                              umask=0o077, check=False)
+        proc = subprocess.run(argv, input=data, capture_output=True, env=dict(environ), umask=0o077, check=False)
     except FileNotFoundError:
-        raise errors.OperationFailed(
-            f"{SYSTEMD_CREDS} not found; install systemd or create a raw key file") from None
+        raise errors.OperationFailed(f"{SYSTEMD_CREDS} not found; install systemd or use a raw key file") from None
     if proc.returncode != 0 or not proc.stdout:
-        detail = proc.stderr.decode("utf-8", "replace").strip()
-        raise errors.OperationFailed(
-            f"{SYSTEMD_CREDS} encrypt failed (exit status {proc.returncode}): {detail}")
+        detail = proc.stderr.decode("utf-8", "replace").strip()[:300]
+        raise errors.OperationFailed(f"{SYSTEMD_CREDS} {what} failed (exit status {proc.returncode}): {detail}")
     return proc.stdout
