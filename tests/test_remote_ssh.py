@@ -404,6 +404,13 @@ def test_hostile_uris_are_refused_before_anything_runs(bad):
         parse_ssh_uri(bad)
 
 
+def test_a_password_in_the_uri_is_never_shown():
+    for uri in ("secret+ssh://u:S3cretPw@/system", "secret+ssh://u:S3cretPw@host/system"):
+        with pytest.raises(errors.InvalidArg) as ei:
+            parse_ssh_uri(uri)
+        assert "S3cretPw" not in ei.value.message and "password" in ei.value.message
+
+
 def test_uri_parameters_map_to_ssh_options():
     t = parse_ssh_uri("secret+ssh://[::1]:2222/session?known_hosts_verify=auto&foo=bar&proxy=native")
     assert (t.host, t.port, t.user, t.system) == ("::1", 2222, None, False)

@@ -103,6 +103,8 @@ def _program(name: str, value: str) -> str:
 
 def _endpoint(parts: SplitResult, uri: str) -> tuple[str, str | None, int | None]:
     host = parts.hostname
+    if parts.password is not None:      # first: the messages below show the URI, never a password
+        raise errors.InvalidArg("the user in the URI is not a user name (a password cannot be given in the URI)")
     if not host:
         raise errors.InvalidArg(f"no host name in '{uri}': expected secret+ssh://[user@]host[:port]/system")
     if not _HOST.fullmatch(host) or host.startswith("-"):
