@@ -276,7 +276,10 @@ class CallRunner:
                     # twenty 20 KB lists queued at once are as far ahead of root's as one 400 KB.
                     await lane.enter_async_context(self.lane.turn(sender if uid is None else uid, sender))
                     in_lane = True
-                    if self.unread.over(sender):    # its replies built while it waited
+                    # Its replies built while it waited; one that is reading them is waited for
+                    # (the lane is held meanwhile: it is its turn), any other is dropped at once.
+                    if self.unread.over(sender) and (not self.unread.draining(sender)
+                                                     or await self._still_over(sender)):
                         raise Unanswered
                 if spec.writes:
                     # run_in_executor does not carry context variables over; copy them.
