@@ -26,6 +26,20 @@ _FIELD_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]{0,63}")
 
 def encode_entry(fields: Mapping[str, str | bytes]) -> bytes:
     """One native-protocol entry; ValueError for a name journald would drop."""
+    # The common case, every audit record: text values on one line each. One join and one
+    # encode for the entry instead of one per field (a third of a record's cost).
+    text: list[str] = []
+    for name, value in fields.items():
+        if type(value) is not str or "\n" in value:
+            return _encode_fields(fields)
+        if name not in _KEYS:
+            _key(name)
+        text.append(f"{name}={value}\n")
+    return "".join(text).encode("utf-8", "replace")
+
+
+def _encode_fields(fields: Mapping[str, str | bytes]) -> bytes:
+    """Field by field: bytes values, and values holding a newline (length-prefixed)."""
     parts: list[bytes] = []
     for name, value in fields.items():
         key = _KEYS.get(name)

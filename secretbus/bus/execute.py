@@ -31,6 +31,7 @@ from secretbus.bus.names import UNKNOWN_OBJECT, error_name, error_text
 from secretbus.bus.sizes import reply_size
 from secretbus.bus.unread import Ask, UnreadReplies
 from secretbus.core import errors, logsetup
+from secretbus.core.eager import run_eager
 from secretbus.core.model import SecretDef
 
 log = logging.getLogger("secretbus.dbus")
@@ -137,6 +138,12 @@ LANE_HOLD = 1.0           # s: the most a large reply holds the lane waiting for
 LANE_BACKLOG = 32 << 10   # bytes in our writer's queue over which every non-root reply takes the lane
 
 
+def _finished(_result: object, error: BaseException | None) -> None:
+    """`_finish` answers every failure itself; anything reaching here is a bug (type only)."""
+    if error is not None:
+        log.error("internal error finishing a call: %s", type(error).__name__)
+
+
 def reply(msg: Message, sig: str, body: list[Any]) -> Message | bool:
     if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
         return True
@@ -234,11 +241,21 @@ class CallRunner:
             self.budget.release(sender)
             return out
         caller = Caller(msg.sender, bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
-        self._spawn(self._finish(msg, caller, spec, out_sig, prep))
+        # Run at once: a read whose checks are cached and whose audit record goes out in one
+        # non-blocking send never waits, and a task per call (creation, a loop iteration,
+        # its own send) was a third of GetValue's service time. Only a call that really
+        # waits (polkit, a uid lookup, the writer thread, the lane) continues in a task,
+        # in a context of its own as a task would have (its log records' caller uid).
+        task = run_eager(self._loop, self._finish(msg, caller, spec, out_sig, prep), _finished,
+                         contextvars.copy_context())
+        if task is not None:
+            self._track(task)
         return True
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._loop.create_task(coro)
+        self._track(self._loop.create_task(coro))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

@@ -27,9 +27,9 @@ from secretbus.access.audit import AuditFailed, AuditMode, Auditor, AuditRecord,
 from secretbus.access.denials import DenialLog
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.core import errors
+from secretbus.core.eager import run_eager
 from secretbus.core.model import SecretDef
 from secretbus.rpc import protocol as P
-from secretbus.rpc.eager import run_eager
 from secretbus.rpc.failures import AUTH_FAILED, AUTH_FAILED_PREFIX, RemoteFailure
 from secretbus.rpc.remote import RemotePolicy
 from secretbus.rpc.session import Session
