@@ -116,6 +116,20 @@ class JournalWriter:
                 if attempt == 2:
                     raise
 
+    def send_now(self, fields: Mapping[str, str | bytes]) -> bool:
+        """Send one entry without awaiting: True when journald took it, False when nothing was
+        sent and `send` must do it (its queue is full, or it restarted: `send` reconnects);
+        OSError when there is no journald or a partial send."""
+        sock = self._connected()
+        data = encode_entry(fields)
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
+            return False
+        if sent != len(data):
+            raise OSError(f"journal took {sent} of {len(data)} bytes")
+        return True
+
     async def _send(self, data: bytes) -> None:
         sock = self._connected()
         try:
