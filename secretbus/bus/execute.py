@@ -249,8 +249,8 @@ class CallRunner:
             return out
         caller = Caller(msg.sender, bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
         # Run at once: a read whose checks are cached and whose audit record goes out in one
-        # non-blocking send never waits, and a task per call (creation, a loop iteration,
-        # its own send) was a third of GetValue's service time. Only a call that really
+        # non-blocking send never waits, so it needs no task (its creation, a loop iteration
+        # before it starts: latency on every call). Only a call that really
         # waits (polkit, a uid lookup, the writer thread, the lane) continues in a task,
         # in a context of its own as a task would have (its log records' caller uid).
         task = run_eager(self._loop, self._finish(msg, caller, spec, out_sig, prep), _finished,
