@@ -228,16 +228,18 @@ class CallRunner:
         out: Reply = None
         try:
             prep = prepare(msg)
-            if not self.access.enabled and not spec.writes and not prep.private and not prep.large:
-                if not (spec.audit and self.audit):
-                    out = self._measured(msg, out_sig, prep.act(Grant(prep.candidates)), None)
-                else:
+            if not spec.writes and not prep.private and not prep.large:
+                caller = Caller(msg.sender, bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
+                decided, uid = self._decided(caller, spec, prep)
+                if decided and spec.audit and self.audit is not None:
                     # A value read: answered here too when its audit record can be written at
                     # once (uid and pid known, journald's queue not full); else the path below
                     # does it all again, awaiting what it must (the act only reads).
-                    body = prep.act(Grant(prep.candidates))
-                    if self.audit.allowed_now(Caller(msg.sender), prep.target):   # no record, no value
-                        out = self._measured(msg, out_sig, body, None)
+                    body = prep.act(Grant(prep.candidates, False, uid))
+                    if self.audit.allowed_now(caller, prep.target):   # AuditFailed: no value
+                        out = self._measured(msg, out_sig, body, uid)
+                elif decided:
+                    out = self._measured(msg, out_sig, prep.act(Grant(prep.candidates, False, uid)), uid)
         except Refused as e:
             out = error(msg, LIMITS_EXCEEDED, str(e))
         except Exception as e:   # noqa: BLE001 - every failure becomes a clean error reply
@@ -258,6 +260,26 @@ class CallRunner:
         if task is not None:
             self._track(task)
         return True
+
+    def _decided(self, caller: Caller, spec: MethodSpec, prep: Prepared) -> tuple[bool, int | None]:
+        """(True, uid) when this read needs no await: access control off, or every check a
+        cached yes for a caller whose uid is known; (False, None) sends it the awaiting way
+        (a check to ask or refuse, a list to filter, a non-root reply while our writer is
+        backed up, which takes the lane)."""
+        access = self.access
+        if not access.enabled:
+            return True, None
+        known = getattr(access, "known_uid", None)
+        cached = getattr(access, "cached", None)
+        if known is None or cached is None or spec.each is not None or prep.also:
+            return False, None
+        ok, uid = known(caller)
+        if not ok or uid is None or (uid != ROOT and self.budget.backlog >= LANE_BACKLOG):
+            return False, None
+        for perm in spec.perms:
+            if cached(caller, perm, prep.target) is not True:
+                return False, None
+        return True, uid
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._track(self._loop.create_task(coro))
