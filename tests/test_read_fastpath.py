@@ -14,7 +14,17 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 from harness.journal import Journald
-from test_audit import MSGID, define_all, needs_journald
+from test_audit import (
+    ACTIONS_FILE,
+    BUS_CONF,
+    HIDDEN,
+    MSGID,
+    RULE,
+    clients,  # noqa: F401 - the fixture
+    define_all,
+    needs_journald,
+    start_daemon,
+)
 from test_polkit import SECRET, secret_path
 
 from secretbus.access.audit import AuditMode, Auditor, AuditRecord, Outcome
@@ -100,3 +110,32 @@ def test_write_now_leaves_a_record_it_cannot_send_to_the_awaited_write():
     assert len(sink.sent) == 1 and sink.now == 1
     # Denials are never written by write_now (they are folded by the awaited path).
     assert a.write_now(AuditRecord("dbus", Outcome.DENIED, d, 0, 1, ":1.1")) is False
+
+
+# -- the system bus: reads answered inline once polkit's decision is cached ----------------------
+
+
+@needs_journald
+@pytest.mark.integration
+@pytest.mark.bus_policy(BUS_CONF)
+def test_cached_decisions_answer_inline_and_every_read_is_still_recorded(
+        system_bus, make_polkitd, make_secretbusd, test_users, clients, journald):  # noqa: F811
+    """A member allowed read-secure by a polkit rule reads 10 times on one connection (the
+    first asks polkit, the rest use the cached yes and are answered inline): 10 values, 10
+    records; a secret the rule refuses stays refused each time (a cached no takes the awaiting
+    path, with its denied record folded as before)."""
+    make_polkitd(system_bus, actions=[ACTIONS_FILE], rules=[RULE])
+    start_daemon(make_secretbusd, system_bus, journald.socket)
+    values = define_all(system_bus)
+    member = clients(test_users.member, system_bus)
+    for _ in range(10):
+        r = member.call(secret_path(READABLE), SECRET, "GetValue", "u", [0])
+        assert r.ok and r.out == [values[READABLE]], r
+        r = member.call(secret_path(HIDDEN), SECRET, "GetValue", "u", [0])
+        assert not r.ok and r.error == "org.libvirt.Error.AccessDenied", r
+    recs = journald.wait_for(MSGID, f"SECRET_UUID={READABLE}", count=10)
+    assert len(recs) == 10
+    assert {(x["AUDIT_OUTCOME"], x["CALLER_UID"], x["CALLER_PEER"]) for x in recs} == {
+        ("allowed", str(test_users.member.uid), member.name)}
+    (denied,) = journald.wait_for(MSGID, f"SECRET_UUID={HIDDEN}")      # repeats folded
+    assert denied["AUDIT_OUTCOME"] == "denied"
