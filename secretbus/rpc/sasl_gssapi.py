@@ -157,8 +157,13 @@ class GssapiExchange:
         if not target.startswith(SERVICE + "/"):
             # A key in the keytab for another service (host/…) must not log anyone in here.
             raise self._fail(f"the ticket is for '{target}', not a {SERVICE}/<host> principal")
-        if not ctx.actual_flags & gssapi.RequirementFlag.confidentiality:
+        flags = ctx.actual_flags
+        if not flags & gssapi.RequirementFlag.confidentiality:
             raise self._fail("the GSS-API context offers no confidentiality")
+        if not flags & gssapi.RequirementFlag.out_of_sequence_detection:
+            # Without it a wrapped call (a define, a set-value) could be replayed or reordered by
+            # someone on the path; Cyrus's client always asks for it (GSS_C_SEQUENCE_FLAG).
+            raise self._fail("the GSS-API context has no sequence detection")
         self._state = "offered"
         if out:
             return _reply(out)             # the AP-REP; the client answers with an empty token
