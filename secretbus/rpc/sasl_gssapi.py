@@ -15,8 +15,10 @@ The exchange, as unmodified virsh runs it with Cyrus SASL's GSSAPI plugin
    confidentiality, and an authorisation id other than its own principal is refused;
 4. the negotiated SSF (the context's key strength, GSS_C_SEC_CONTEXT_SASL_SSF, as Cyrus asks)
    must reach tcp_min_ssf (56 by default, libvirt's);
-5. then the user name is the client principal (`fred@REALM`); after the final reply every
-   byte is SASL-encoded (rpc/sasl_layer.py).
+5. then the user name is the client principal with its realm (`fred@REALM`; Cyrus's plugin
+   drops the realm of the server's default realm, which would let two realms' "fred" meet in
+   one name: docs/libvirt-differences.md); after the final reply every byte is SASL-encoded
+   (rpc/sasl_layer.py).
 
 Every token is bounded (libvirt's REMOTE_AUTH_SASL_DATA_MAX); a failure at any step ends SASL on
 the connection (one attempt each). No key or ticket content is ever logged or sent back.
@@ -200,7 +202,8 @@ class GssapiExchange:
         msg = bytes(u.message)
         if len(msg) < 4:
             raise self._fail("the security layer answer is too short")
-        if msg[0] != LAYER_CONFIDENTIALITY:
+        if not msg[0] & LAYER_CONFIDENTIALITY:
+            # (Cyrus also takes a choice with more bits than 4 as confidentiality: broken clients.)
             raise self._fail(f"the client chose security layer {msg[0]}; confidentiality (4) is required")
         peer_max = int.from_bytes(msg[1:4], "big")
         if peer_max < MIN_PEER_BUFFER:
