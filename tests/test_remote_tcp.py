@@ -547,3 +547,57 @@ def test_gssapi_min_ssf_and_bounds(kdc, monkeypatch):
         GssapiExchange(str(kdc.keytab), 56, print).start("GSSAPI", b"not a token")
     with pytest.raises(RemoteFailure, match="no usable Kerberos service key"):
         GssapiExchange("/nonexistent.keytab", 56, print).start("GSSAPI", b"x")
+
+
+def test_a_context_without_sequence_detection_is_refused(kdc, monkeypatch):
+    from secretbus.rpc.failures import RemoteFailure
+    from secretbus.rpc.sasl_gssapi import GssapiExchange
+    for k, v in kdc.kinit("fred").items():
+        if k.startswith("KRB5"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("KRB5RCACHEDIR", str(kdc.dir))
+    F = gssapi.RequirementFlag
+    client = gssapi.SecurityContext(name=gssapi.Name("libvirt@localhost", gssapi.NameType.hostbased_service),
+                                    usage="initiate", flags=F.mutual_authentication | F.confidentiality | F.integrity)
+    server = GssapiExchange(str(kdc.keytab), 56, print)
+    with pytest.raises(RemoteFailure, match="no sequence detection"):
+        server.start("GSSAPI", client.step())
+
+
+def test_a_forged_packet_after_authentication_ends_the_connection(tcp, monkeypatch):
+    """Authenticated with secretbus's client, then bytes that are no wrap token: the server closes."""
+    import asyncio
+
+    from secretbus.rpc.tcp_client import TcpTransport, tcp_target
+    for k, v in tcp.env().items():
+        if k.startswith("KRB5"):
+            monkeypatch.setenv(k, v)
+
+    async def run() -> bytes:
+        target = tcp_target(tcp.uri())
+        assert target is not None
+        reader, writer = await TcpTransport(target).open()
+        inner = writer.transport._inner           # below the layer: what an attacker on the path can do
+        inner.write(b"\x00\x00\x00\x20" + os.urandom(32))
+        try:
+            return await asyncio.wait_for(reader.read(100), 10)
+        finally:
+            writer.close()
+    assert asyncio.run(run()) == b""
+    harness.wait_until(lambda: "closing a connection: GSS-API unwrap failed" in tcp.daemon.log(), timeout=10,
+                       what="the server's log line", proc=tcp.daemon.proc, log=tcp.daemon.log_path)
+
+
+def test_a_missing_keytab_is_a_warning_and_every_client_is_refused(session_bus, make_secretbusd, kdc, tmp_path):
+    port = free_port()
+    conf = tmp_path / "secretbusd.conf"
+    conf.write_text(conf_text(kdc, port).replace(str(kdc.keytab), str(tmp_path / "none.keytab")))
+    conf.chmod(0o600)
+    d = make_secretbusd(session_bus, system=True, wait=False, env=kdc.env(KRB5RCACHEDIR=str(kdc.dir)),
+                        args=("--no-dbus", "--rpc-dir", str(tmp_path / "rpc"), "--config", str(conf)))
+    harness.wait_until(lambda: "over libvirt RPC only" in d.log(), timeout=20, what="secretbusd", proc=d.proc,
+                       log=d.log_path)
+    assert "cannot be used yet" in d.log()
+    r = virsh(f"secret+tcp://localhost:{port}/system", "secret-list", env=kdc.kinit("fred"))
+    assert r.returncode == 1 and "authentication failed" in r.stderr, r.stderr
+    assert "no usable Kerberos service key" in r.stderr or "no usable Kerberos service key" in d.log()

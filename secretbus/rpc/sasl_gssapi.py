@@ -73,6 +73,15 @@ def gss_reason(e: Exception) -> str:
     return type(e).__name__
 
 
+def check_keytab(keytab: str | None) -> str | None:
+    """Why the service keys cannot be used (for a warning at start), or None."""
+    try:
+        gssapi.Credentials(usage="accept", store={"keytab": keytab_path(keytab)})
+    except Exception as e:  # noqa: BLE001
+        return gss_reason(e)
+    return None
+
+
 def context_ssf(ctx: gssapi.SecurityContext) -> int:
     try:
         values = gssapi.raw.inquire_sec_context_by_oid(ctx, _SASL_SSF_OID)

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
-from secretbus.rpc.sasl_gssapi import GssapiExchange
+from secretbus.rpc.sasl_gssapi import GssapiExchange, check_keytab, keytab_path
 from secretbus.rpc.sasl_layer import LayeredStreamProtocol, SecurityLayer
 from secretbus.rpc.serverconf import Kind, ServerConf
 from secretbus.rpc.session import SaslMechanism
@@ -59,10 +59,19 @@ class TcpListener:
                                                 backlog=1024)
         log.info("serving libvirt RPC over TCP (SASL GSSAPI) on %s port %d", self.conf.listen_addr or "*",
                  self.conf.tcp_port)
+        self._check_keytab()
+
+    def _check_keytab(self) -> None:
+        # Read again at each connection (a new keytab counts at once), so only a warning here.
+        why = check_keytab(self.conf.sasl_keytab)
+        if why is not None:
+            log.warning("the Kerberos service keys in '%s' cannot be used yet: %s; every TCP client will be "
+                        "refused until they can", keytab_path(self.conf.sasl_keytab), why)
 
     def reload(self, conf: ServerConf) -> None:
         """Keytab, tcp_min_ssf and lists for the connections from now on."""
         self.conf = conf
+        self._check_keytab()
 
     async def stop(self) -> None:
         if self._server is not None:
