@@ -198,8 +198,10 @@ class Daemon:
                 log.error("cannot serve remote access: %s", _shown(e))
                 await self.rpc.stop()
                 return EXIT_CONFIG if isinstance(e, errors.SecretError) else 1
-        elif self.serverconf.listen_tls:
-            log.error("listen_tls = 1 needs the RPC front end, which is not served: no TLS listener")
+        else:
+            for key, what in (("listen_tls", "TLS"), ("listen_tcp", "TCP")):
+                if getattr(self.serverconf, key):
+                    log.error("%s = 1 needs the RPC front end, which is not served: no %s listener", key, what)
         try:
             if self._connect is None:
                 return await self._serve(None, t0)

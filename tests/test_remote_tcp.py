@@ -600,4 +600,46 @@ def test_a_missing_keytab_is_a_warning_and_every_client_is_refused(session_bus, 
     assert "cannot be used yet" in d.log()
     r = virsh(f"secret+tcp://localhost:{port}/system", "secret-list", env=kdc.kinit("fred"))
     assert r.returncode == 1 and "authentication failed" in r.stderr, r.stderr
-    assert "no usable Kerberos service key" in r.stderr or "no usable Kerberos service key" in d.log()
+    assert "authentication failed: the server has no usable Kerberos service key" in r.stderr, r.stderr
+    assert f"cannot read the service keys in '{tmp_path / 'none.keytab'}'" in d.log()
+
+
+def test_layered_transport_turns_encoding_on_after_the_next_write():
+    """The server's final STEP reply goes in the clear, everything after it encoded (pure logic:
+    a stand-in transport and wrap)."""
+    import asyncio
+
+    from secretbus.rpc.sasl_layer import LayeredTransport, SecurityLayer
+
+    class Inner(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out: list[bytes] = []
+
+        def write(self, data) -> None:
+            self.out.append(bytes(data))
+
+    class Wrap:
+        def wrap(self, message: bytes, encrypt: bool):
+            return type("W", (), {"message": b"<" + message + b">", "encrypted": encrypt})()
+
+        def unwrap(self, message: bytes):
+            return type("U", (), {"message": message[1:-1], "encrypted": True})()
+    inner = Inner()
+    t = LayeredTransport(inner)
+    t.write(b"before")
+    t.arm(SecurityLayer(Wrap(), 3, 100, 56), after_next_write=True)
+    t.write(b"reply")
+    t.write(b"abcdefg")
+    assert inner.out[:2] == [b"before", b"reply"]
+    assert inner.out[2] == b"".join(len(p).to_bytes(4, "big") + p for p in (b"<abc>", b"<def>", b"<g>"))
+    assert not t.can_write_eof()          # an EOF would bypass the layer
+
+
+def test_kdc_harness_stops_by_pid():
+    from harness.procs import leftover_processes, pid_alive
+    k = Kdc("STOP.TEST").start()
+    pid = k.proc.pid
+    assert pid_alive(pid)
+    k.cleanup()
+    assert not pid_alive(pid) and pid not in leftover_processes() and not k.dir.exists()
