@@ -153,6 +153,23 @@ def test_python_libvirt_over_tcp(tcp):
     out = ok(r)
     assert "value python-value" in out and f"list ['{U1}']" in out
     assert f"event ['{U1}']" in out and "after 0" in out
+    # a private value: stored, never sent
+    r = subprocess.run([DEBIAN_PYTHON, "-c", PY_PRIVATE, tcp.uri(), secret_xml(U2, priv="yes", uid="other")],
+                       capture_output=True, text=True, timeout=60, env=tcp.env())
+    assert "refused secret is private" in ok(r) and "py-private" not in r.stdout
+
+
+PY_PRIVATE = r'''
+import sys, libvirt
+c = libvirt.open(sys.argv[1])
+s = c.secretDefineXML(sys.argv[2])
+s.setValue(b"py-private")
+try:
+    print("got", s.value())
+except libvirt.libvirtError as e:
+    print("refused", e.get_error_message().split(": ")[-1])
+s.undefine()
+'''
 
 
 def test_a_read_only_principal_lists_but_does_not_change_or_read(tcp, tmp_path):
