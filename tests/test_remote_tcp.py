@@ -405,6 +405,19 @@ def test_sighup_stops_and_moves_the_tcp_listener(tcp):
     assert "Usage" in ok(virsh(f"secret+tcp://localhost:{new}/system", "secret-list", env=env))
 
 
+def test_sighup_applies_tcp_min_ssf_to_new_connections(tcp):
+    env = tcp.env()
+    assert "Usage" in ok(virsh(tcp.uri(), "secret-list", env=env))
+    tcp.conf.write_text(conf_text(tcp.kdc, tcp.port, extra="tcp_min_ssf = 1000\n"))
+    tcp.daemon.signal(signal.SIGHUP)
+    harness.wait_until(lambda: f"TCP listener on port {tcp.port}" in tcp.daemon.log(), timeout=10,
+                       what="the reload", proc=tcp.daemon.proc, log=tcp.daemon.log_path)
+    r = virsh(tcp.uri(), "secret-list", env=env)
+    assert r.returncode == 1 and "authentication failed" in r.stderr, r.stderr
+    harness.wait_until(lambda: "negotiated SSF 256 was not strong enough (tcp_min_ssf is 1000)" in tcp.daemon.log(),
+                       timeout=10, what="the SSF refusal", proc=tcp.daemon.proc, log=tcp.daemon.log_path)
+
+
 # -- secretbus's own client ------------------------------------------------------------------------
 def test_secretbus_cli_over_tcp(tcp, tmp_path):
     u, env = tcp.uri(), tcp.env()
@@ -521,7 +534,7 @@ def test_gssapi_exchange_and_layer_in_process(kdc, monkeypatch):
     server, client, layers = _exchange_until_offer(kdc, monkeypatch)
     ret = server.step(_answer(client, 4, 4096, FRED.encode()))      # its own principal as authzid: fine
     assert ret["complete"] == 1 and server.user == FRED and server.layer is not None
-    assert server.layer.ssf >= 56 and server.layer.chunk < 4096       # our packets fit the client's buffer
+    assert server.layer.ssf == 256 and server.layer.chunk < 4096      # AES-256; packets fit the client's buffer
     server.layer_on()
     assert layers == [server.layer]
     # server → client: packets of at most 4096 bytes; client → server: decoded across any split

@@ -47,8 +47,9 @@ MAX_TOKEN = 65536                    # REMOTE_AUTH_SASL_DATA_MAX
 MAX_BUFFER = 65536                   # the largest wrapped packet we accept after authentication
 MIN_PEER_BUFFER = 1024               # a peer that takes less cannot carry an RPC header sensibly
 K5_SSF = 56                          # Cyrus's value when the mechanism cannot say (K5_MAX_SSF)
-# GSS_C_SEC_CONTEXT_SASL_SSF (MIT krb5 ≥ 1.12): the context's key strength for SASL.
-_SASL_SSF_OID = gssapi.raw.OID.from_int_seq("1.3.6.1.4.1.5322.23.1.15")
+# GSS_C_SEC_CONTEXT_SASL_SSF (MIT krb5 ≥ 1.12, gssapi_ext.h): the context's key strength for
+# SASL, a 4-byte big-endian integer (256 for aes256-cts), what Cyrus's plugin asks too.
+_SASL_SSF_OID = gssapi.raw.OID.from_int_seq("1.2.840.113554.1.2.2.5.15")
 
 OnLayer = Callable[[SecurityLayer], None]
 
