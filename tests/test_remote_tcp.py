@@ -439,6 +439,10 @@ def test_secretbus_cli_over_tcp(tcp, tmp_path):
     assert f"'lifecycle' for secret {U2}: Defined" in out, (out, err)
     r = sb(u, "secret-get-value", U2, env=env)
     assert r.returncode == 1 and "Invalid secret: secret is private" in r.stderr
+    # -r: a read-only connection (VIR_CONNECT_RO), enforced by the server
+    r = subprocess.run([sys.executable, "-m", "secretbus.cli", "-r", "-c", u, "secret-get-value", U1],
+                       capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert r.returncode == 1 and "read only access prevents virSecretGetValue" in r.stderr, r.stderr
     assert f"Secret {U1} deleted" in ok(sb(u, "secret-undefine", U1, env=env))
     assert U1 not in ok(sb(u, "secret-list", env=env))
 
