@@ -303,3 +303,115 @@ def test_non_root_user_authenticates_and_keeps_its_uids_rights(system_bus, make_
         assert "org.libvirt.unix.manage" not in log and "fr3d-unix-pass" not in log and B64 not in log
     finally:
         remove_tree(public)
+
+
+# -- secretbus's own client: auth file, and the prompt on a real pseudo-terminal --------------------
+def sb_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """No auth file anywhere libvirt's search looks (LIBVIRT_AUTH_FILE unset, an empty
+    XDG_CONFIG_HOME), unless `extra` names one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LIBVIRT_AUTH_FILE", "SASL_CONF_PATH")}
+    (tmp_path / "xdg").mkdir(exist_ok=True)
+    return {**env, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), **extra}
+
+
+def sb(u: str, *args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "secretbus.cli", "-c", u, *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env=env, **kw)
+
+
+def test_secretbus_client_with_the_auth_file(scram_unix, tmp_path):
+    from secretbus.core import errors
+    from secretbus.uri import open_connection
+    d, _conf, rpc_dir = scram_unix
+    u = uri(rpc_dir)
+    env = client_env(tmp_path, "fred", "fr3d-unix-pass", base=sb_env(tmp_path))
+    assert f"Secret {U1} created" in ok(sb(u, "secret-define", define_file(tmp_path), env=env))
+    ok(sb(u, "secret-set-value", U1, "--base64", B64, env=env))
+    assert ok(sb(u, "secret-get-value", U1, env=env)).strip() == B64
+    ok(sb(u, "secret-define", define_file(tmp_path, U2, priv="yes", uid="other"), env=env))
+    ok(sb(u, "secret-set-value", U2, "--base64", B64, env=env))
+    r = sb(u, "secret-get-value", U2, env=env)
+    assert r.returncode == 1 and "secret is private" in r.stderr and B64 not in r.stdout
+    # the Python API, authfile= in the URI; the host of a unix URI is libvirt's "localhost"
+    f = tmp_path / "auth-localhost.conf"
+    f.write_text("[credentials-x]\nauthname=fred\npassword=fr3d-unix-pass\n[auth-libvirt-localhost]\ncredentials=x\n")
+    with open_connection(f"{u}&authfile={f}", timeout=10) as conn:
+        assert sorted(s.uuid for s in conn.list_secrets()) == sorted([U1, U2])
+    bad = client_env(tmp_path, "fred", "wrong-pass")["LIBVIRT_AUTH_FILE"]
+    with pytest.raises(errors.SecretError) as e:
+        open_connection(f"{u}&authfile={bad}", timeout=10).close()
+    assert "authentication failed" in errors.display(e.value) and "wrong-pass" not in errors.display(e.value)
+    assert f"Secret {U1} deleted" in ok(sb(u, "secret-undefine", U1, env=env))
+    assert "fr3d-unix-pass" not in d.log()
+
+
+def test_without_credentials_or_terminal_a_clear_auth_error(scram_unix, tmp_path):
+    _d, _conf, rpc_dir = scram_unix
+    r = sb(uri(rpc_dir), "secret-list", env=sb_env(tmp_path), stdin=subprocess.DEVNULL, start_new_session=True)
+    assert r.returncode == 1, r
+    assert ("error: authentication failed: no SASL credentials for localhost: give authfile= or "
+            "LIBVIRT_AUTH_FILE, or run on a terminal to be asked") in r.stderr, r.stderr
+
+
+def in_pty(argv: list[str], env: dict[str, str], answers: list[tuple[bytes, bytes]],
+           timeout: float = 60) -> tuple[int, bytes]:
+    """Run `argv` with a new pseudo-terminal as its controlling terminal and stdio; each time the
+    next prompt appears, type its answer. (status, everything the terminal showed)."""
+    import pty
+    import select
+    pid, fd = pty.fork()
+    if pid == 0:                                          # the child: its own session on the pty
+        try:
+            os.chdir(REPO)
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    out, seen, deadline = bytearray(), 0, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:                               # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            while answers and answers[0][0] in out[seen:]:
+                seen = out.index(answers[0][0], seen) + len(answers[0][0])
+                os.write(fd, answers.pop(0)[1])
+    finally:
+        os.close(fd)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        status = 1
+    return os.waitstatus_to_exitcode(status), bytes(out)
+
+
+NAME_PROMPT = b"Please enter your authentication name: "
+PASS_PROMPT = b"Please enter your password: "
+
+
+def test_the_password_prompt_on_a_terminal(scram_unix, tmp_path):
+    d, _conf, rpc_dir = scram_unix
+    u = uri(rpc_dir)
+    ok(virsh(u, "secret-define", define_file(tmp_path), env=client_env(tmp_path, "fred", "fr3d-unix-pass")))
+    argv = [sys.executable, "-m", "secretbus.cli", "-c", u, "secret-list"]
+    status, shown = in_pty(argv, sb_env(tmp_path), [(NAME_PROMPT, b"fred\n"), (PASS_PROMPT, b"fr3d-unix-pass\n")])
+    assert status == 0, shown
+    assert NAME_PROMPT in shown and PASS_PROMPT in shown and U1.encode() in shown
+    assert b"fred" in shown                               # the name is echoed ...
+    assert b"fr3d-unix-pass" not in shown                 # ... the password never
+    # a wrong password typed: the server's refusal, the password in no message
+    status, shown = in_pty(argv, sb_env(tmp_path), [(NAME_PROMPT, b"fred\n"), (PASS_PROMPT, b"typed-wrong\n")])
+    assert status == 1 and b"authentication failed" in shown and b"typed-wrong" not in shown, shown
+    # end of input at the prompt (Ctrl-D): cancelled, nothing sent
+    status, shown = in_pty(argv, sb_env(tmp_path), [(NAME_PROMPT, b"\x04")])
+    assert status == 1 and b"authentication cancelled: no authentication name given" in shown, shown
+    # no_tty=1: never asked
+    status, shown = in_pty([*argv[:4], f"{u}&no_tty=1", argv[5]], sb_env(tmp_path), [])
+    assert status == 1 and NAME_PROMPT not in shown and b"no SASL credentials" in shown, shown
+    log = d.log()
+    assert "fr3d-unix-pass" not in log and "typed-wrong" not in log
