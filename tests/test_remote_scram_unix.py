@@ -415,3 +415,18 @@ def test_the_password_prompt_on_a_terminal(scram_unix, tmp_path):
     assert status == 1 and NAME_PROMPT not in shown and b"no SASL credentials" in shown, shown
     log = d.log()
     assert "fr3d-unix-pass" not in log and "typed-wrong" not in log
+
+
+def test_read_only_socket_with_its_own_mode(session_bus, make_secretbusd, tmp_path, rpc_dir):
+    """auth_unix_ro = "sasl" asks SCRAM on -sock-ro too; the connection stays read-only after it."""
+    d, _conf = start(session_bus, make_secretbusd, tmp_path, rpc_dir, text=conf_text(rw="none", ro="sasl"))
+    env = client_env(tmp_path, "fred", "fr3d-unix-pass")
+    no_creds = sb_env(tmp_path)
+    ok(virsh(uri(rpc_dir), "secret-define", define_file(tmp_path), env=no_creds))         # rw: none
+    ok(virsh(uri(rpc_dir), "secret-set-value", U1, "--base64", B64, env=no_creds))
+    assert U1 in ok(virsh(uri(rpc_dir, ro=True), "secret-list", env=env))
+    r = virsh(uri(rpc_dir, ro=True), "secret-get-value", U1, env=env)
+    assert r.returncode == 1 and "read only access prevents virSecretGetValue" in r.stderr, r.stderr
+    r = virsh(uri(rpc_dir, ro=True), "secret-list", env=client_env(tmp_path, "fred", "wrong-pass"))
+    assert r.returncode == 1 and "authentication failed" in r.stderr, r.stderr
+    assert B64 not in d.log()
