@@ -448,7 +448,7 @@ def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, 
     limits = RpcLimits(max_clients=conf.max_clients, max_requests=conf.max_client_requests,
                        root_reserve=min(RpcLimits.root_reserve, conf.max_clients // 2))
     return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root), guard=guard,
-                     passed=passed, limits=limits)
+                     passed=passed, limits=limits, conf=conf)
 
 
 def take_sockets() -> list[Passed]:

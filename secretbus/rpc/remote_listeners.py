@@ -94,7 +94,9 @@ class RemoteListeners:
     def _policy_for(self, conf: ServerConf) -> RemotePolicy:
         # One policy object for the server's life: open connections see every update.
         if self.policy is None:
-            self.policy = RemotePolicy(conf)
+            # The server's, when it was built with the configuration (its unix sockets' auth
+            # mode follows this policy too).
+            self.policy = self.server.guard.remote or RemotePolicy(conf)
             self.server.guard.remote = self.policy
         return self.policy
 

@@ -3,8 +3,9 @@
 The keys are libvirtd.conf's, so an administrator's libvirtd.conf habits carry over:
 listen_tls, listen_tcp, tls_port, tcp_port, listen_addr, key_file, cert_file, ca_file, crl_file,
 tls_no_verify_certificate, tls_allowed_dn_list, sasl_allowed_username_list, auth_tls, auth_tcp,
-tcp_min_ssf, max_clients, max_client_requests; plus secretbus's own `remote_access` grants, and
-`sasl_keytab` (the GSSAPI service keys for TCP; libvirt takes them from KRB5_KTNAME):
+auth_unix_rw, auth_unix_ro, tcp_min_ssf, max_clients, max_client_requests; plus secretbus's own
+`remote_access` grants, and `sasl_keytab` (the GSSAPI service keys for TCP; libvirt takes them
+from KRB5_KTNAME):
 
     remote_access = [ "x509:C=GB,O=Example,CN=*.ops=rw", "x509:*=ro" ]
 
@@ -85,6 +86,10 @@ class ServerConf:
     sasl_allowed_username_list: tuple[str, ...] | None = None
     auth_tls: str = "none"
     auth_tcp: str = "sasl"
+    # The unix sockets' authentication (libvirtd.conf's names): None is libvirt's default,
+    # polkit on the system instance, none on the session's (unix_auth()).
+    auth_unix_rw: str | None = None
+    auth_unix_ro: str | None = None
     max_clients: int = 5000
     max_client_requests: int = 5
     remote_access: tuple[Grant, ...] = field(default=())
@@ -115,6 +120,13 @@ class ServerConf:
         if self.sasl_verifier_file is not None:
             return Path(self.sasl_verifier_file)
         return (self.path.parent if self.path is not None else fallback) / "sasl-verifiers.json"
+
+    def unix_auth(self, system: bool, readonly: bool) -> str:
+        """"none", "polkit" or "sasl" for a connection on the rw or the ro unix socket."""
+        mode = self.auth_unix_ro if readonly else self.auth_unix_rw
+        if mode is not None:
+            return mode
+        return "polkit" if system else "none"
 
     def crl_path(self) -> str | None:
         if self.crl_file is not None:
@@ -231,6 +243,8 @@ _OPTIONS: dict[str, Check] = {
     "sasl_allowed_username_list": string_list,
     "auth_tls": _choice("none", "sasl"),
     "auth_tcp": _choice("sasl"),
+    "auth_unix_rw": _choice("none", "polkit", "sasl"),
+    "auth_unix_ro": _choice("none", "polkit", "sasl"),
     "max_clients": _count,
     "max_client_requests": _count,
     "remote_access": _grants,

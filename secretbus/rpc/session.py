@@ -89,7 +89,11 @@ class Session:
     closed: bool = False           # the connection ended (a check still running keeps no decision)
     # A TLS caller (rpc/tls.py): no pid, no uid; its rights come from remote_access (rpc/remote.py).
     remote: RemoteIdentity | None = None
-    sasl: SaslMechanism | None = None  # auth_tls = "sasl" (SCRAM) or TCP (GSSAPI): still to pass
+    # auth_tls / auth_unix_* = "sasl" (SCRAM, rpc/sasl.py) or TCP (GSSAPI, rpc/sasl_gssapi.py): to pass
+    sasl: SaslMechanism | None = None
+    # The SASL user a unix peer authenticated as (auth_unix_* = "sasl"): part of its identity,
+    # as in libvirt, for the logs and the audit; its rights stay those of its uid.
+    sasl_user: str | None = None
 
     def subject(self) -> UnixProcess | None:
         """Whom polkit is asked about: the identity a root peer set (libvirt's ACL checks use

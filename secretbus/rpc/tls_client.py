@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from secretbus.core import errors
 from secretbus.rpc.client import auth_failed
-from secretbus.rpc.sasl_client import authenticate
+from secretbus.rpc.sasl_client import SaslLogin, authenticate
 from secretbus.rpc.tls import CONFIRM
 from secretbus.rpc.transport import READ_LIMIT, Streams
 
@@ -135,6 +135,7 @@ def _why(e: Exception) -> str:
 @dataclass(frozen=True)
 class TlsTransport:
     target: TlsTarget
+    login: SaslLogin | None = None          # SASL credentials (default: the auth file, authfile=)
 
     def describe(self) -> str:
         return f"{self.target.host}:{self.target.port}"
@@ -166,7 +167,8 @@ class TlsTransport:
             writer.transport.abort()
             raise errors.RPCError("server verification (of our certificate or IP address) failed")
         try:
-            await authenticate(reader, writer, t.host, t.authfile)     # auth step: SCRAM, if asked
+            # auth step: SCRAM, if asked
+            await authenticate(reader, writer, self.login or SaslLogin(t.host, t.authfile))
         except BaseException:
             writer.transport.abort()
             raise
