@@ -116,8 +116,9 @@ class GssapiExchange:
             raise _failed("SASL authentication already attempted on this connection")
         if mech != MECH:
             self._state = "failed"
-            log.warning("SASL mechanism '%s' refused: only GSSAPI is offered on plain TCP", mech[:40])
-            raise _failed(f"unsupported SASL mechanism '{mech[:40]}': only GSSAPI is offered on plain TCP")
+            shown = mech[:40].encode("unicode_escape").decode("ascii")     # the client's text: no newlines
+            log.warning("SASL mechanism '%s' refused: only GSSAPI is offered on plain TCP", shown)
+            raise _failed(f"unsupported SASL mechanism '{shown}': only GSSAPI is offered on plain TCP")
         try:
             creds = gssapi.Credentials(usage="accept", store={"keytab": self.keytab})
         except Exception as e:  # noqa: BLE001
@@ -132,7 +133,7 @@ class GssapiExchange:
         if self._state == "context":
             return self._context_step(data)
         if self._state == "offered":
-            return self._choice(data)
+            return self._after_ap_rep(data)
         if self._state == "offer-sent":
             return self._answer(data)
         raise _failed("no SASL exchange in progress")
@@ -192,14 +193,11 @@ class GssapiExchange:
         self._state = "offer-sent"
         return _reply(wrapped)
 
-    def _choice(self, data: bytes | None) -> dict[str, Any]:
-        """Either the client's empty answer to our AP-REP (then the offer), or its choice."""
-        ctx = self._ctx
-        assert ctx is not None
-        token = self._token(data)
-        if self._state == "offered" and not token:
-            return self._offer()
-        raise self._fail("unexpected GSSAPI token before the security layer offer")
+    def _after_ap_rep(self, data: bytes | None) -> dict[str, Any]:
+        """The client's empty answer to our AP-REP: now the offer (Cyrus refuses data here too)."""
+        if self._token(data):
+            raise self._fail("unexpected GSSAPI token before the security layer offer")
+        return self._offer()
 
     def _answer(self, data: bytes | None) -> dict[str, Any]:
         ctx = self._ctx
