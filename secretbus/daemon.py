@@ -11,7 +11,7 @@ passes (LISTEN_FDS, LISTEN_FDNAMES) instead of binding them.
 
 Remote access (DESIGN §10, docs/remote.md): secretbusd.conf (`--config FILE`; by default
 /etc/secretbus/secretbusd.conf, the session's $XDG_CONFIG_HOME/secretbus/, --root DIR's DIR/etc/)
-turns on the TLS listener and grants remote callers their rights.
+turns on the TLS and TCP (Kerberos) listeners and grants remote callers their rights.
 
 sd_notify READY/RELOADING/STOPPING/STATUS; SIGHUP reloads secret.conf, the key and the
 store, and secretbusd.conf (listeners added, removed or moved, certificates re-read); a failed
@@ -198,8 +198,10 @@ class Daemon:
                 log.error("cannot serve remote access: %s", _shown(e))
                 await self.rpc.stop()
                 return EXIT_CONFIG if isinstance(e, errors.SecretError) else 1
-        elif self.serverconf.listen_tls:
-            log.error("listen_tls = 1 needs the RPC front end, which is not served: no TLS listener")
+        else:
+            for key, what in (("listen_tls", "TLS"), ("listen_tcp", "TCP")):
+                if getattr(self.serverconf, key):
+                    log.error("%s = 1 needs the RPC front end, which is not served: no %s listener", key, what)
         try:
             if self._connect is None:
                 return await self._serve(None, t0)
@@ -415,8 +417,9 @@ class Daemon:
             except OSError as e:
                 raise errors.OperationFailed(f"cannot listen as {path} asks: {e.strerror or e}") from None
         self.serverconf = conf
-        log.info("reloaded %s: TLS listener %s", path,
-                 f"on port {conf.tls_port}" if conf.listen_tls else "off")
+        log.info("reloaded %s: TLS listener %s, TCP listener %s", path,
+                 f"on port {conf.tls_port}" if conf.listen_tls else "off",
+                 f"on port {conf.tcp_port}" if conf.listen_tcp else "off")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,7 +13,8 @@ Which front end a local URI uses (DESIGN §9; README "Which front end"):
 Remote transports can only be RPC. `secret+ssh://[user@]host[:port]/system` runs ssh to the
 remote host's RPC socket (secretbus.rpc.sshuri, sshcommand); `secret+tls://host[:port]/system`
 and `secret://host/system` (libvirt's TLS default for a host name) go over TLS
-(secretbus.rpc.tls_client); docs/remote.md. `secret+tcp://` answers NoSupport for now.
+(secretbus.rpc.tls_client); `secret+tcp://host[:port]/system` over TCP with SASL GSSAPI, the
+caller's Kerberos tickets (secretbus.rpc.tcp_client); docs/remote.md.
 
 A server that asks for SASL (auth_tls / auth_unix_* = "sasl") gets the credentials of libvirt's
 auth file (`authfile=`, $LIBVIRT_AUTH_FILE, …); with `prompt=True` (`secretbus -c`) and none
@@ -181,6 +182,21 @@ def _open_tls(uri: str, timeout: float, readonly: bool, login: SaslLogin | None 
                               timeout=timeout)
 
 
+def _open_tcp(uri: str, timeout: float, readonly: bool) -> Connection | None:
+    """secret+tcp://host[:port]/system over RPC with Kerberos; None for any other URI."""
+    if not uri.startswith("secret+tcp:"):
+        return None
+    try:
+        from secretbus.rpc.tcp_client import TcpTransport, tcp_target
+    except ImportError as e:
+        raise errors.NoSupport(f"secret+tcp:// needs python's gssapi module (Kerberos): {e.msg}") from None
+    target = tcp_target(uri)
+    assert target is not None
+    from secretbus.rpc.facade import RpcConnection
+    return RpcConnection.open(uri, TcpTransport(target), name=target.open_name(), readonly=readonly,
+                              timeout=timeout)
+
+
 def _login(uri: str, host: str) -> SaslLogin:
     """Where SASL credentials come from for `uri`: its authfile=, else libvirt's search."""
     from secretbus.rpc.sasl_client import SaslLogin
@@ -226,9 +242,9 @@ def _open(uri: str, timeout: float, readonly: bool, login: SaslLogin | None) -> 
     from secretbus.rpc.sshuri import is_ssh_uri
     if is_ssh_uri(uri):
         return open_ssh(uri, timeout=timeout, readonly=readonly, login=login)
-    tls = _open_tls(uri, timeout, readonly, login)
-    if tls is not None:
-        return tls
+    remote = _open_tls(uri, timeout, readonly, login) or _open_tcp(uri, timeout, readonly)
+    if remote is not None:
+        return remote
     parsed = parse_uri(uri)
     if parsed.kind is InstanceKind.EMBED:
         if readonly:

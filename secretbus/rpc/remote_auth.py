@@ -1,4 +1,5 @@
-"""The AUTH_SASL_* procedures for remote connections (rpc/sasl.py does SCRAM itself).
+"""The AUTH_SASL_* procedures for remote connections (rpc/sasl.py does SCRAM itself,
+rpc/sasl_gssapi.py GSSAPI on plain TCP).
 
 Without an exchange on the connection (a unix socket under polkit or none, or TLS with
 auth_tls = "none") they answer as before: SASL is not offered. Once SCRAM succeeded the user
@@ -52,6 +53,8 @@ def sasl_step(c: HasSession, a: Any, policy: RemotePolicy | None) -> Any:
     if s.sasl is None or s.authenticated:
         raise _not_offered()
     ret = s.sasl.step(None if a["nil"] else a["data"])
+    if not ret["complete"]:
+        return ret               # GSSAPI: context establishment and layer negotiation go on
     user = s.sasl.user
     assert user is not None
     where = f"remote client {s.remote.address}" if s.remote is not None else \
@@ -71,5 +74,8 @@ def sasl_step(c: HasSession, a: Any, policy: RemotePolicy | None) -> Any:
         raise RemoteFailure(AUTH_FAILED, P.FROM_RPC, "no access granted to this identity", AUTH_FAILED_PREFIX)
     s.remote = who
     s.authenticated = True
+    layer_on = getattr(s.sasl, "layer_on", None)
+    if layer_on is not None:
+        layer_on()               # GSSAPI on TCP: every byte after this reply is SASL-encoded
     log.info("remote client %s authenticated: %s", who.address, who.describe())
     return ret

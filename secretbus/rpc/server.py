@@ -35,7 +35,7 @@ from secretbus.rpc.procedures import Procedures
 from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
 from secretbus.rpc.sasl import SaslExchange, VerifierStore
 from secretbus.rpc.serverconf import ServerConf
-from secretbus.rpc.session import Peer, Session, peer_of
+from secretbus.rpc.session import Peer, SaslMechanism, Session, peer_of
 
 log = logging.getLogger("secretbus.rpc")
 
@@ -258,9 +258,9 @@ class RpcServer:
         return Session(peer, socket_readonly=readonly, trusted=trusted, authenticated=authenticated)
 
     async def serve_remote(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           who: RemoteIdentity, sasl: SaslExchange | None = None) -> None:
-        """A remote (TLS) caller, authenticated by its transport (or, with `sasl`, once SCRAM
-        passed): served like a local one, with no peer pid or uid (REMOTE_PEER) and its rights
+                           who: RemoteIdentity, sasl: SaslMechanism | None = None) -> None:
+        """A remote (TLS, TCP) caller, authenticated by its transport (or, with `sasl`, once SCRAM
+        or GSSAPI passed): served like a local one, with no peer pid or uid (REMOTE_PEER) and its rights
         from remote_access (guard.py)."""
         if not self._table or len(self._conns) >= self.limits.max_clients - self.limits.root_reserve:
             log.warning("refusing remote RPC client %s: connection limit", who.describe())

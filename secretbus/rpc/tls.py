@@ -110,7 +110,7 @@ async def _linger(spare: socket.socket) -> None:
         pass
 
 
-def _address(writer: asyncio.StreamWriter) -> str:
+def peer_address(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         host = peer[0]
@@ -159,7 +159,7 @@ class TlsListener:
             self._server = None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        address = _address(writer)
+        address = peer_address(writer)
         host = address.rpartition(":")[0]
         if self.pending >= MAX_PENDING or self._pending[host] >= MAX_PENDING_PER_ADDRESS:
             log.warning("TLS client %s refused: too many handshakes under way", address)
