@@ -107,6 +107,12 @@ class Kdc:
 
     # -- running ------------------------------------------------------------------------
     def start(self, timeout: float = 20) -> Kdc:
+        for host in self.hosts:     # the clients name the service by host name (libvirt/localhost)
+            try:
+                socket.getaddrinfo(host, None)
+            except OSError as e:
+                raise HarnessError(f"{host!r} does not resolve ({e}): the machine needs /etc/hosts "
+                                   "with localhost, as Debian's installer writes it") from e
         self.port = _free_port()
         self._write_conf()
         self._run([KDB5_UTIL, "create", "-s", "-r", self.realm, "-P", secrets.token_hex(16)])
