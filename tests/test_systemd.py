@@ -237,7 +237,7 @@ def test_system_unit_settings(installed):
     assert svc["ProtectSystem"] == ["strict"]
     assert rw == {str(system.config_dir), str(SYSTEM_DIR)}
     assert system.state_dir.is_relative_to(SYSTEM_DIR)
-    assert svc["CapabilityBoundingSet"] == [""] and svc["UMask"] == ["0077"]
+    assert svc["CapabilityBoundingSet"] == [] and svc["UMask"] == ["0077"]   # the empty set
     assert svc["RestrictAddressFamilies"] == ["AF_UNIX"] and svc["PrivateNetwork"] == ["yes"]
     assert_limits(svc)
     # Root's files stay out of sight: /etc is an empty tmpfs with a few files bound back.
