@@ -510,7 +510,8 @@ def main(argv: list[str]) -> None:
                         *[x for m in args.map for x in ("--map", m)], *args.command]
     svc = service(parse_unit(args.unit, args.dropin))
     if args.stage == "namespaces":
-        skipped = sorted(k for k in svc if k not in EMULATED and k not in NOT_SANDBOXING)
+        # A key reset to nothing (IPAddressDeny= in a drop-in) leaves nothing to emulate.
+        skipped = sorted(k for k, v in svc.items() if v and k not in EMULATED and k not in NOT_SANDBOXING)
         if skipped:
             print("sandbox: not emulated: " + json.dumps(skipped), file=sys.stderr)
         stage_namespaces(args, svc)
