@@ -20,7 +20,8 @@ systemd uses, in three stages that each exec the next, so the command keeps this
     Configuration/Runtime/StateDirectory= left writable (through --map when the unit's
     paths are stood in for by test directories; --user: a user unit's directories, named
     %E/DIR, %t/DIR and %S/DIR for --map, as systemd's specifiers name their roots),
-    ProcSubset=pid / ProtectProc= (a fresh procfs with subset=pid,hidepid=...), UMask=;
+    PrivateTmp= (/var/tmp, see below), ProcSubset=pid / ProtectProc= (a fresh procfs with
+    subset=pid,hidepid=...), UMask=;
     then `setpriv` for NoNewPrivileges=, CapabilityBoundingSet= and AmbientCapabilities=;
  3. seccomp filters through libseccomp, built like systemd builds them:
     SystemCallFilter= (allow list: its groups and names, minus the ~ lines, plus @default,
@@ -36,7 +37,10 @@ systemd uses, in three stages that each exec the next, so the command keeps this
 A --map UNITPATH=REALPATH also moves a BindReadOnlyPaths= source (e.g. /etc/pki from a test
 directory), so that the command sees REALPATH's files at UNITPATH.
 
-Not reproduced (listed on stderr): PrivateTmp=, PrivateDevices=/DevicePolicy=, PrivateUsers=,
+PrivateTmp=yes is reproduced for /var/tmp only (a fresh writable tmpfs); /tmp stays the
+host's, where the tests keep the files the command needs.
+
+Not reproduced (listed on stderr): PrivateDevices=/DevicePolicy=, PrivateUsers=,
 ProtectHome= other than yes, the other Protect*= mounts, LoadCredentialEncrypted= (the caller
 decrypts the credential itself), IPAddressDeny=/IPAddressAllow= (cgroup BPF), the cgroup
 limits (MemoryMax= and the like) and the remaining seccomp-based Restrict*=/LockPersonality= options.
@@ -65,6 +69,7 @@ EMULATED = {
     "SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
     "RestrictAddressFamilies", "MemoryDenyWriteExecute", "RestrictNamespaces",
     "TemporaryFileSystem", "BindReadOnlyPaths", "InaccessiblePaths", "PrivateMounts", "ProtectHome",
+    "PrivateTmp",   # /var/tmp only (see stage_mounts)
 }
 NOT_SANDBOXING = {  # [Service] keys that are not about the sandbox at all
     "Type", "NotifyAccess", "BusName", "ExecStart", "ExecReload", "Restart",
@@ -270,8 +275,14 @@ def stage_mounts(args, svc) -> None:
         read_only = hide_paths(svc, mapping, Path(stage))
     for p in read_only:
         _mount("-o", "remount,bind,ro", p)
+    writable = []
+    if yes(last(svc, "PrivateTmp")):
+        # /var/tmp only: a fresh tmpfs, writable under ProtectSystem=strict as systemd's private
+        # one is (MIT Kerberos keeps its replay cache there). /tmp stays the host's: the tests'
+        # files (sockets, certificates, configs) are there.
+        _mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", "/var/tmp")
+        writable.append("/var/tmp")
     if last(svc, "ProtectSystem") == "strict":
-        writable = []
         paths = [p for group in words(svc, "ReadWritePaths") for p in group] + _exec_dirs(svc, args.user)
         for p in paths:
             optional = p.startswith("-")
@@ -284,7 +295,8 @@ def stage_mounts(args, svc) -> None:
                 raise SystemExit(f"sandbox: writable path {p} ({real}) does not exist")
             writable.append(os.path.realpath(real))
         for w in writable:
-            _mount("--bind", w, w)
+            if w != "/var/tmp":          # a mount of its own already
+                _mount("--bind", w, w)
         for mp in _mountpoints():
             if _under(mp, "/proc") or _under(mp, "/dev") or any(_under(mp, w) for w in writable):
                 continue

@@ -491,3 +491,55 @@ def test_unit_alone_reads_etc_secretbus_for_scram_on_the_unix_socket(installed, 
     finally:
         harness.stop_process(d.proc)
         unit.close()
+
+
+needs_kerberos = pytest.mark.skipif(
+    shutil.which("virsh") is None or not os.path.exists("/usr/sbin/krb5kdc")
+    or not os.path.exists("/usr/lib/x86_64-linux-gnu/sasl2/libgssapiv2.so"),
+    reason="virsh, krb5-kdc and libsasl2-modules-gssapi-mit needed (scripts/setup.sh)")
+
+
+@root_only
+@needs_kerberos
+def test_kerberos_tcp_listener_under_the_unit_with_the_dropin(installed, notify_socket, tmp_path, disk_tmp_path):
+    """listen_tcp = 1 with the drop-in: the realm's krb5.conf read at /etc/krb5.conf (the
+    drop-in's bind; no KRB5_CONFIG for the daemon), the service keytab at
+    /etc/secretbus/libvirt.keytab (the unit's bind), a ticket-holding virsh and secretbus -c."""
+    pytest.importorskip("gssapi")
+    from harness.kdc import Kdc
+    realm = "SECRETBUS.TEST"
+    kdc = Kdc(realm, hosts=("localhost", "127.0.0.1")).start()
+    unit = None
+    d = None
+    try:
+        kdc.add_user("fred")
+        unit = Unit(installed, disk_tmp_path / "root", tmp_path, notify_socket)
+        shutil.copy(kdc.keytab, unit.etc / "libvirt.keytab")
+        (unit.etc / "libvirt.keytab").chmod(0o600)
+        port = free_port()
+        unit.write_conf(f'listen_tcp = 1\ntcp_port = "{port}"\nlisten_addr = "127.0.0.1"\n'
+                        f'sasl_keytab = "/etc/secretbus/libvirt.keytab"\n'
+                        f'sasl_allowed_username_list = [ "fred@{realm}" ]\n'
+                        f'remote_access = [ "sasl:fred@{realm}=rw+values" ]\n')
+        # MIT's replay cache goes to /var/tmp: writable only through the unit's PrivateTmp=yes
+        # (ProtectSystem=strict), which the emulator reproduces for /var/tmp.
+        d = unit.start(dropin=True, maps={"/etc/krb5.conf": kdc.krb5_conf})
+        assert f"serving libvirt RPC over TCP (SASL GSSAPI) on 127.0.0.1 port {port}" in d.log_text()
+        env = kdc.kinit("fred")
+        uri = f"secret+tcp://localhost:{port}/system"
+        uuid = str(uuidlib.uuid4())
+        xml = tmp_path / "k.xml"
+        xml.write_text(f"<secret ephemeral='no' private='no'><uuid>{uuid}</uuid>"
+                       f"<usage type='ceph'><name>client.krb</name></usage></secret>")
+        r = virsh(uri, "secret-define", str(xml), env=env)
+        assert r.returncode == 0 and f"Secret {uuid} created" in r.stdout, r.stderr + d.log_text()
+        r = sb(uri, "secret-list", env=env)
+        assert r.returncode == 0 and uuid in r.stdout, r.stderr + d.log_text()
+        assert f"SASL user 'fred@{realm}'" in d.log_text() or f"fred@{realm}" in d.log_text()
+        assert "Traceback" not in d.log_text()
+    finally:
+        if d is not None:
+            harness.stop_process(d.proc)
+        if unit is not None:
+            unit.close()
+        kdc.cleanup()
