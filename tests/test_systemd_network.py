@@ -1,14 +1,15 @@
 """The opt-in network drop-in, systemd/secretbusd-network.conf (installed as
 /etc/systemd/system/secretbusd.service.d/network.conf): what it changes in secretbusd.service
 (and nothing else), that systemd accepts and scores it, and the daemon under the unit's
-sandbox with it — a TLS listener served to virsh and secretbus's client, and Kerberos TCP — and
-without it: `listen_tls = 1` refused with a message that names the drop-in, exit 78 (no
-restart loop), while the unit alone still reads /etc/secretbus (secretbusd.conf, the SCRAM
-verifier store).
+sandbox with it — a TLS listener served to virsh and secretbus's client, Kerberos TCP, fleet
+mode over https to a real etcd — and without it: `listen_tls = 1` refused with a message that
+names the drop-in, exit 78 (no restart loop), while the unit alone still reads /etc/secretbus
+(secretbusd.conf, the SCRAM verifier store).
 
 The sandbox is tests/systemd_sandbox.py's emulation (see tests/test_systemd.py); --map stands
-test directories in for /etc/secretbus, /etc/pki/libvirt, /etc/pki/CA and /etc/krb5.conf, so
-the daemon reads them at the paths the units bind, with the defaults of secretbusd.conf.
+test directories in for /etc/secretbus, /etc/pki/libvirt, /etc/pki/CA, /etc/pki/secretbus and
+/etc/krb5.conf, so the daemon reads them at the paths the units bind, with the defaults of
+secretbusd.conf.
 """
 from __future__ import annotations
 
@@ -543,3 +544,66 @@ def test_kerberos_tcp_listener_under_the_unit_with_the_dropin(installed, notify_
         if unit is not None:
             unit.close()
         kdc.cleanup()
+
+
+@root_only
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed")
+def test_fleet_under_the_unit_with_the_dropin(installed, notify_socket, tmp_path, disk_tmp_path):
+    """Fleet mode in secretbusd --system under the unit + drop-in: https to a real etcd with the
+    CA, client certificate and key at /etc/pki/secretbus (the drop-in's bind), the fleet state
+    directory writable (its ReadWritePaths=); a secret defined on another (embedded) host is
+    served over the daemon's RPC socket, and one defined there reaches the other host."""
+    from test_fleet import make_host, uid, wait_for, xml
+
+    from secretbus.core.model import EventId, Lifecycle
+    from secretbus.fleet.keyfile import fleet_dir, init_fleet_key
+    from tests.harness.etcd import EtcdCluster
+    from tests.harness.etcd import Pki as EtcdPki
+    pki = EtcdPki.create(tmp_path / "etcd-pki")
+    cluster = EtcdCluster.create(tmp_path / "etcd", 1, pki=pki)
+    a = d = unit = None
+    try:
+        cluster.start()
+        etc_pki = tmp_path / "etc-pki-secretbus"                 # /etc/pki/secretbus in the sandbox
+        etc_pki.mkdir(mode=0o700)
+        for src, name in ((pki.ca, "etcd-ca.pem"), (pki.client_cert, "etcd-client.pem"),
+                          (pki.client_key, "etcd-client-key.pem")):
+            shutil.copy(src, etc_pki / name)
+        tls = (f'fleet_ca_file = "{pki.ca}"\nfleet_cert_file = "{pki.client_cert}"\n'
+               f'fleet_key_file = "{pki.client_key}"\n')
+        a, key = make_host(tmp_path, "a", cluster.endpoints, None, tls)
+        a.open()
+        root = disk_tmp_path / "root"
+        unit = Unit(installed, root, tmp_path, notify_socket)
+        ends = ", ".join(f'"{e}"' for e in cluster.endpoints)
+        (root / "etc/secret.conf").write_text(
+            f'fleet_endpoints = [ {ends} ]\nfleet_cluster = "test"\n'
+            'fleet_ca_file = "/etc/pki/secretbus/etcd-ca.pem"\nfleet_cert_file = "/etc/pki/secretbus/etcd-client.pem"\n'
+            'fleet_key_file = "/etc/pki/secretbus/etcd-client-key.pem"\n')
+        state = fleet_dir(InstancePaths.embed(root))
+        init_fleet_key(state, raw=True, key=key)
+        unit.write_conf("")
+        d = unit.start(dropin=True, maps={"/etc/pki/secretbus": etc_pki, "/etc/libvirt/secretbus-fleet": state})
+        sock = unit.rundir / socket_plan(True)[0].path.name
+        uri = f"secret:///system?socket={sock}"
+        u = uid(2100)
+        a.d.define_xml(xml(u, "unit.2100"))
+        a.d.set_value(u, b"fleet-under-unit")
+        want = base64.b64encode(b"fleet-under-unit").decode()
+        wait_for(lambda: sb(uri, "secret-get-value", u).stdout.strip() == want, "the value served by the unit")
+        v = uid(2101)
+        xml_file = tmp_path / "v.xml"
+        xml_file.write_text(xml(v, "unit.2101"))
+        r = sb(uri, "secret-define", str(xml_file))
+        assert r.returncode == 0, r.stderr + d.log_text()
+        wait_for(lambda: a.seen(v, EventId.LIFECYCLE, Lifecycle.DEFINED) > 0, "the unit's define on host a")
+        log = d.log_text()
+        assert "fleet-under-unit" not in log and "Traceback" not in log
+    finally:
+        if d is not None:
+            harness.stop_process(d.proc)
+        if unit is not None:
+            unit.close()
+        if a is not None:
+            a.close()
+        cluster.stop()
