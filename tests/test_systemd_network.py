@@ -607,3 +607,31 @@ def test_fleet_under_the_unit_with_the_dropin(installed, notify_socket, tmp_path
         if a is not None:
             a.close()
         cluster.stop()
+
+
+@root_only
+def test_without_the_dropin_a_reload_that_turns_tls_on_keeps_serving(installed, notify_socket, tmp_path,
+                                                                       disk_tmp_path):
+    """SIGHUP with listen_tls = 1 under the unit alone: the reload fails with the same message
+    and the running daemon keeps its state and its unix sockets."""
+    import signal
+    unit = Unit(installed, disk_tmp_path / "root", tmp_path, notify_socket)
+    unit.write_conf("")
+    d = unit.start(dropin=False)
+    try:
+        port = free_port()
+        unit.write_conf(tls_conf(port))
+        d.proc.send_signal(signal.SIGHUP)
+        failed = "reload of the server configuration failed, keeping the previous one: cannot serve listen_tls = 1"
+        harness.wait_until(lambda: failed in d.log_text(), timeout=20, what="the failed reload",
+                           proc=d.proc, log=d.log)
+        log = d.log_text()
+        assert "sandbox has no network" in log and DROPIN_DEST in log and "Traceback" not in log
+        assert d.proc.poll() is None
+        r = sb(f"secret:///system?socket={unit.ro_socket()}", "secret-list")
+        assert r.returncode == 0, r.stderr
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        harness.stop_process(d.proc)
+        unit.close()
