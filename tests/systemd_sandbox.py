@@ -11,7 +11,8 @@ value the last assignment wins), and applies them with the same kernel mechanism
 systemd uses, in three stages that each exec the next, so the command keeps this PID:
 
  1. `unshare --mount [--net] --propagation private` (PrivateNetwork=: a new network
-    namespace; AF_UNIX path sockets still work, only abstract ones are per namespace);
+    namespace with only lo, brought up as systemd does in stage 2; AF_UNIX path sockets
+    still work, only abstract ones are per namespace);
  2. mounts, as root: TemporaryFileSystem= (a tmpfs, read-only with ":ro") with
     BindReadOnlyPaths= bound onto it from what it hides, InaccessiblePaths= and
     ProtectHome=yes (/home, /root, /run/user) covered by an empty mode-0000 tmpfs or file,
@@ -270,6 +271,10 @@ def hide_paths(svc, mapping: dict[str, str], stage: Path) -> list[str]:
 
 
 def stage_mounts(args, svc) -> None:
+    if yes(last(svc, "PrivateNetwork")):
+        # systemd configures the namespace's loopback device (up, 127.0.0.1 and ::1); unshare
+        # leaves it down. Done here, where the new namespace is ours and capabilities still are.
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     mapping = dict(m.split("=", 1) for m in args.map)
     with tempfile.TemporaryDirectory(prefix="sandbox-", dir="/run") as stage:
         read_only = hide_paths(svc, mapping, Path(stage))

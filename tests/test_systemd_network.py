@@ -151,6 +151,27 @@ def test_only_loopback(tmp_path):
     assert not netcheck.only_loopback(tmp_path / "missing")
 
 
+class _NoSockets:
+    """What asyncio's create_server() returns when every socket() failed: no socket at all."""
+    sockets: tuple = ()
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("forbidden", [True, False], ids=["sandboxed", "other-cause"])
+def test_a_server_without_sockets_is_a_config_error(monkeypatch, forbidden):
+    from secretbus.core import errors
+    monkeypatch.setattr(netcheck, "ip_sockets_forbidden", lambda: forbidden)
+    server = _NoSockets()
+    with pytest.raises(errors.ConfigError) as e:
+        netcheck.require_sockets(server, "TLS", "192.0.2.1", 16514)  # type: ignore[arg-type]
+    assert server.closed
+    assert "cannot serve the TLS listener on 192.0.2.1 port 16514" in str(e.value)
+    assert (DROPIN_DEST in str(e.value)) == forbidden
+
+
 def test_refusal_message_names_the_dropin():
     hint = netcheck.sandbox_hint()
     assert DROPIN.name in hint and DROPIN_DEST in hint and "--with-network" in hint
@@ -631,6 +652,33 @@ def test_without_the_dropin_a_reload_that_turns_tls_on_keeps_serving(installed, 
         r = sb(f"secret:///system?socket={unit.ro_socket()}", "secret-list")
         assert r.returncode == 0, r.stderr
         with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        harness.stop_process(d.proc)
+        unit.close()
+
+
+@root_only
+@needs_virsh
+def test_ip_sockets_without_the_hosts_network_warn(installed, notify_socket, tmp_path, disk_tmp_path):
+    """A half-opened unit (an own drop-in that allows AF_INET but leaves PrivateNetwork=yes):
+    the listener binds in the unit's namespace, where only lo exists, and says so."""
+    keys = make_pki(harness.public_tempdir("sb-unit-pki-"))
+    half = tmp_path / "half.conf"
+    half.write_text("[Service]\nRestrictAddressFamilies=AF_INET AF_INET6\n"
+                    "BindReadOnlyPaths=-/etc/pki/libvirt -/etc/pki/CA\n")
+    unit = Unit(installed, disk_tmp_path / "root", tmp_path, notify_socket)
+    port = free_port()
+    unit.write_conf(tls_conf(port))
+    d = start_daemon(installed.unitdir / SYSTEM_UNIT, unit.args(), unit.env(), notify_socket, unit.log,
+                     sandboxed=True, maps={**unit.maps, "/etc/pki/libvirt": keys["libvirt"], "/etc/pki/CA": keys["CA"]},
+                     dropins=[half])
+    try:
+        log = d.log_text()
+        assert f"serving libvirt RPC over TLS on 127.0.0.1 port {port}" in log, log
+        assert "network namespace whose only interface is lo: clients on other hosts cannot reach it" in log
+        assert DROPIN_DEST in log
+        with socket.socket() as s:                       # the host's 127.0.0.1 is another one
             assert s.connect_ex(("127.0.0.1", port)) != 0
     finally:
         harness.stop_process(d.proc)
