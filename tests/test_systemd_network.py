@@ -55,7 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 DROPIN = REPO / "systemd" / "secretbusd-network.conf"
 DROPIN_DEST = "/etc/systemd/system/secretbusd.service.d/network.conf"
 # `systemd-analyze security --offline=true` (systemd 252) of secretbusd.service with the drop-in:
-# 1.6 (0.7 without), the cost of the host's network, IP sockets and no IP address allow list.
+# 1.6 (0.7 without), the cost of the host's network, IP sockets and no IP address allow list
+# (1.5 with the IPAddressAllow= variant its comment shows).
 EXPOSURE_WITH_DROPIN = 1.6
 
 ROOT_MARKS = (pytest.mark.integration, pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
@@ -232,10 +233,15 @@ def test_units_verify_with_the_dropin(installed, tmp_path):
 def test_security_exposure_with_the_dropin(installed, tmp_path, record_property):
     without = exposure(installed.unitdir / SYSTEM_UNIT)
     level = exposure(unit_dir_with_dropin(installed, tmp_path) / SYSTEM_UNIT)
+    # The narrower variant the drop-in's comment shows: deny all, allow the peers.
+    text = DROPIN.read_text()
+    assert "\nIPAddressDeny=\n" in text
+    narrow_text = text.replace("\nIPAddressDeny=\n", "\nIPAddressDeny=any\nIPAddressAllow=localhost 192.0.2.0/24\n")
+    narrow = exposure(unit_dir_with_dropin(installed, tmp_path / "narrow", narrow_text) / SYSTEM_UNIT)
     record_property("exposure", level)
     print(f"{SYSTEM_UNIT} + network.conf: exposure {level} (without the drop-in: {without}; "
-          f"recorded: {EXPOSURE_WITH_DROPIN})")
-    assert without < level <= MAX_EXPOSURE
+          f"recorded: {EXPOSURE_WITH_DROPIN}; with IPAddressDeny=any + IPAddressAllow=: {narrow})")
+    assert without < narrow < level <= MAX_EXPOSURE
 
 
 # -- the sandbox with the drop-in ----------------------------------------------------------------
