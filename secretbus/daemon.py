@@ -196,6 +196,7 @@ class Daemon:
                 await self.remote.apply(self.serverconf)
             except (errors.SecretError, OSError) as e:
                 log.error("cannot serve remote access: %s", _shown(e))
+                notify(f"STATUS=failed: cannot serve remote access: {_shown(e)}")   # systemctl status shows it
                 await self.rpc.stop()
                 return EXIT_CONFIG if isinstance(e, errors.SecretError) else 1
         else:

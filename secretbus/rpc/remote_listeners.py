@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from secretbus.core import errors
+from secretbus.rpc.netcheck import require_ip_sockets
 from secretbus.rpc.remote import RemotePolicy
 from secretbus.rpc.server import RpcServer
 from secretbus.rpc.serverconf import ServerConf
@@ -55,6 +56,7 @@ class RemoteListeners:
         """Make the listeners and grants those of `conf`; on any failure (a file that does not
         load, a port that cannot be bound) the previous listeners and grants stay as they were
         (a TCP failure after a TLS change leaves the TLS change made, and is raised)."""
+        require_ip_sockets(conf)
         make_tcp = _tcp_factory() if conf.listen_tcp else None
         policy = self._policy_for(conf)
         tls, old_tls = await self._switch(

@@ -18,6 +18,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+from secretbus.rpc.netcheck import require_sockets, warn_if_isolated
 from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
 from secretbus.rpc.sasl_gssapi import GssapiExchange, check_keytab, keytab_path
 from secretbus.rpc.sasl_layer import LayeredStreamProtocol, SecurityLayer
@@ -55,10 +56,13 @@ class TcpListener:
 
         def protocol() -> LayeredStreamProtocol:
             return LayeredStreamProtocol(asyncio.StreamReader(limit=READ_LIMIT, loop=loop), self._accept)
-        self._server = await loop.create_server(protocol, host, self.conf.tcp_port, reuse_address=True,
-                                                backlog=1024)
+        server = await loop.create_server(protocol, host, self.conf.tcp_port, reuse_address=True,
+                                          backlog=1024)
+        require_sockets(server, "TCP", self.conf.listen_addr, self.conf.tcp_port)
+        self._server = server
         log.info("serving libvirt RPC over TCP (SASL GSSAPI) on %s port %d", self.conf.listen_addr or "*",
                  self.conf.tcp_port)
+        warn_if_isolated("TCP")
         self._check_keytab()
 
     def _check_keytab(self) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from cryptography import x509
 
 from secretbus.core import errors
+from secretbus.rpc.netcheck import require_sockets, warn_if_isolated
 from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
 from secretbus.rpc.sasl import SaslExchange, VerifierStore
 from secretbus.rpc.serverconf import Kind, ServerConf
@@ -142,9 +143,12 @@ class TlsListener:
 
     async def start(self) -> None:
         host = self.conf.listen_addr or None        # None: every address, as libvirtd's ""
-        self._server = await asyncio.start_server(self._accept, host, self.conf.tls_port, reuse_address=True,
-                                                  backlog=1024)
+        server = await asyncio.start_server(self._accept, host, self.conf.tls_port, reuse_address=True,
+                                            backlog=1024)
+        require_sockets(server, "TLS", self.conf.listen_addr, self.conf.tls_port)
+        self._server = server
         log.info("serving libvirt RPC over TLS on %s port %d", self.conf.listen_addr or "*", self.conf.tls_port)
+        warn_if_isolated("TLS")
 
     def reload(self, conf: ServerConf) -> None:
         """New certificates (and CA, CRL) for the connections from now on; a failure keeps the old."""
