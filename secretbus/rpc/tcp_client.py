@@ -23,6 +23,7 @@ import gssapi
 from secretbus.core import errors
 from secretbus.rpc import protocol as P
 from secretbus.rpc.client import auth_failed
+from secretbus.rpc.hosturi import host_endpoint
 from secretbus.rpc.sasl_client import _Wire
 from secretbus.rpc.sasl_gssapi import (
     LAYER_CONFIDENTIALITY,
@@ -59,19 +60,9 @@ def tcp_target(uri: str) -> TcpTarget | None:
     u = urlsplit(uri)
     if u.scheme != SCHEME:
         return None
-    if not u.hostname:
-        raise errors.InvalidArg(f"a host name is required in '{uri}'")
-    if u.username or u.password:
-        # Kerberos says who we are; a name (or a password) in the URI would be ignored by libvirt.
-        raise errors.InvalidArg(f"a user name has no meaning for a TCP URI: '{u.scheme}://{u.hostname}…'")
-    if u.path not in ("/system", "/session"):
-        raise errors.InternalError(f"unexpected secret URI path '{u.path}', try {SCHEME}://{u.hostname}/system")
-    try:
-        port = u.port or TCP_PORT
-    except ValueError:
-        raise errors.InvalidArg(f"invalid port in '{uri}'") from None
+    host, port = host_endpoint(uri, u, "TCP", TCP_PORT, SCHEME)
     rest = tuple((k, v) for k, v in parse_qsl(u.query, keep_blank_values=True) if k not in CLIENT_ONLY)
-    return TcpTarget(u.hostname, port, u.path, rest)
+    return TcpTarget(host, port, u.path, rest)
 
 
 @dataclass(frozen=True)
