@@ -1,5 +1,5 @@
 """The RPC server's fast paths give the bytes and the answers of the slow ones: packed secret
-handles and listings (rpc/handles.py, xdr.Encoded), eager coroutines (rpc/eager.py) and the
+handles and listings (rpc/handles.py, xdr.Encoded), eager coroutines (core/eager.py) and the
 reply frame without a Header (frame.encode_reply)."""
 from __future__ import annotations
 

@@ -307,6 +307,8 @@ class Guard:
             return AuditRecord(FRONT_END, outcome, d, None, None, s.name, reason, identity=s.remote.describe())
         ident = s.identity
         identity = "" if ident is None else f"{ident.describe()}{' (elevated)' if ident.elevated else ''}"
+        if s.sasl_user is not None:        # auth_unix_* = "sasl": the name joins the peer's identity
+            identity = f"SASL user '{s.sasl_user}'" + (f", {identity}" if identity else "")
         return AuditRecord(FRONT_END, outcome, d, s.peer.uid, s.peer.pid, s.name, reason, identity=identity)
 
     # -- events ---------------------------------------------------------------------------
