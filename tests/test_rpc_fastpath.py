@@ -1,5 +1,5 @@
 """The RPC server's fast paths give the bytes and the answers of the slow ones: packed secret
-handles and listings (rpc/handles.py, xdr.Encoded), eager coroutines (rpc/eager.py) and the
+handles and listings (rpc/handles.py, xdr.Encoded), eager coroutines (core/eager.py) and the
 reply frame without a Header (frame.encode_reply)."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from secretbus.core.eager import run_eager
 from secretbus.core.model import SecretDef, UsageType
 from secretbus.rpc import protocol as P
 from secretbus.rpc import xdr
-from secretbus.rpc.eager import run_eager
 from secretbus.rpc.frame import Header, encode_frame, encode_reply
 from secretbus.rpc.handles import SLACK, PackedHandles, uuid_bytes, uuid_text, wire_secret
 

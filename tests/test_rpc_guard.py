@@ -412,11 +412,50 @@ def test_best_effort_records_follow_the_value_required_ones_precede_it():
         client = AclClient()
         client.session.trusted = True               # the session's own user: not checked
         got = guard.value_read(client, secret(1), lambda: "v")
-        assert asyncio.iscoroutine(got)
-        assert await got == "v"
+        if asyncio.iscoroutine(got):                # required: the record is awaited first
+            got = await got
+        assert got == "v"
         at_return = len(sink.sent)
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         return at_return, len(sink.sent)
     assert asyncio.run(run(AuditMode.BEST_EFFORT)) == (0, 1)
     assert asyncio.run(run(AuditMode.REQUIRED)) == (1, 1)
+
+
+class NowSink(RecordSink):
+    """A journal that takes a record at once (JournalWriter.send_now), or refuses it (full)."""
+
+    def __init__(self, take: bool):
+        super().__init__()
+        self.take = take
+
+    def send_now(self, fields):
+        if self.take:
+            self.sent.append(dict(fields))
+        return self.take
+
+
+def test_a_value_read_writes_its_record_at_once_when_the_journal_takes_it():
+    """No coroutine, no deferred callback: the record is written before the value is returned,
+    in both modes; when journald cannot take it at once, the paths above (deferred / awaited)."""
+    from secretbus.access.audit import AuditMode, Auditor
+
+    async def run(mode: AuditMode, take: bool) -> tuple[bool, int, int]:
+        sink = NowSink(take)
+        guard = Guard(system=False, auditor=Auditor(sink, mode))
+        client = AclClient()
+        client.session.trusted = True
+        got = guard.value_read(client, secret(1), lambda: "v")
+        waited = asyncio.iscoroutine(got)
+        if waited:
+            got = await got
+        assert got == "v"
+        at_return = len(sink.sent)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return waited, at_return, len(sink.sent)
+    for mode in (AuditMode.BEST_EFFORT, AuditMode.REQUIRED):
+        assert asyncio.run(run(mode, True)) == (False, 1, 1)
+    assert asyncio.run(run(AuditMode.BEST_EFFORT, False)) == (False, 0, 1)
+    assert asyncio.run(run(AuditMode.REQUIRED, False)) == (True, 1, 1)

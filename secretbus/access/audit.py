@@ -138,6 +138,21 @@ class Auditor:
         except (OSError, ValueError) as e:
             self._failed(rec, e)
 
+    def write_now(self, rec: AuditRecord) -> bool:
+        """`write` for an allowed read without awaiting: True when it is done (written, or
+        lost in best-effort mode; AuditFailed in required mode, as `write`), False when
+        nothing was sent and `write` must be awaited (the sink cannot send at once)."""
+        if not self.active:
+            return True
+        send_now = getattr(self.sink, "send_now", None)
+        if send_now is None or rec.outcome is not Outcome.ALLOWED:
+            return False
+        try:
+            return bool(send_now(rec.fields()))
+        except (OSError, ValueError) as e:
+            self._failed(rec, e)
+            return True
+
     def _fold(self, rec: AuditRecord) -> AuditRecord | None:
         """None when a like denial was recorded less than DENIAL_WINDOW ago (it is counted),
         else `rec` with the count of those folded since."""
@@ -196,6 +211,10 @@ class CallerPids:
             self._pending[sender] = task
             task.add_done_callback(
                 lambda t: self._pending.pop(sender, None) if self._pending.get(sender) is t else None)
+
+    def cached(self, sender: str) -> int | None:
+        """`sender`'s pid when it is known already (no lookup, no await)."""
+        return self._pids.get(sender)
 
     def sizes(self) -> dict[str, int]:
         return {"pids": len(self._pids), "pid_lookups": len(self._pending)}

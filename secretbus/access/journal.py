@@ -26,6 +26,20 @@ _FIELD_NAME = re.compile(r"[A-Z0-9][A-Z0-9_]{0,63}")
 
 def encode_entry(fields: Mapping[str, str | bytes]) -> bytes:
     """One native-protocol entry; ValueError for a name journald would drop."""
+    # The common case, every audit record: text values on one line each. One join and one
+    # encode for the entry instead of one per field (a third of a record's cost).
+    text: list[str] = []
+    for name, value in fields.items():
+        if type(value) is not str or "\n" in value:
+            return _encode_fields(fields)
+        if name not in _KEYS:
+            _key(name)
+        text.append(f"{name}={value}\n")
+    return "".join(text).encode("utf-8", "replace")
+
+
+def _encode_fields(fields: Mapping[str, str | bytes]) -> bytes:
+    """Field by field: bytes values, and values holding a newline (length-prefixed)."""
     parts: list[bytes] = []
     for name, value in fields.items():
         key = _KEYS.get(name)
@@ -101,6 +115,20 @@ class JournalWriter:
                 self.close()
                 if attempt == 2:
                     raise
+
+    def send_now(self, fields: Mapping[str, str | bytes]) -> bool:
+        """Send one entry without awaiting: True when journald took it, False when nothing was
+        sent and `send` must do it (its queue is full, or it restarted: `send` reconnects);
+        OSError when there is no journald or a partial send."""
+        sock = self._connected()
+        data = encode_entry(fields)
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
+            return False
+        if sent != len(data):
+            raise OSError(f"journal took {sent} of {len(data)} bytes")
+        return True
 
     async def _send(self, data: bytes) -> None:
         sock = self._connected()

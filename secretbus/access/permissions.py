@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from secretbus.core.model import SecretDef, UsageType
 
@@ -123,5 +123,20 @@ class AllowAll:
     async def caller_uid(self, caller: Caller) -> int | None:
         return await self._uid_lookup(caller.sender) if self._uid_lookup else None
 
+    def known_uid(self, caller: Caller) -> tuple[bool, int | None]:
+        """(True, what caller_uid would give) when that needs no await, else (False, None)."""
+        return known_uid(self._uid_lookup, caller.sender)
+
     def close(self) -> None:
         pass   # the uid source is closed by whoever made it
+
+
+def known_uid(uids: Any, sender: str | None) -> tuple[bool, int | None]:
+    """A unique name's uid from `uids` (access/polkit.py's CallerUids; None: no source) without
+    awaiting: (True, uid) when it is at hand, (False, None) when only a lookup can tell."""
+    if uids is None:
+        return True, None
+    known = getattr(uids, "known", None)
+    if known is not None and sender and known(sender):
+        return True, uids.cached(sender)
+    return False, None

@@ -29,7 +29,7 @@ from typing import Any
 
 from secretbus.access.busport import BusError, BusPort, Signal, Typed
 from secretbus.access.fairslots import FairSlots
-from secretbus.access.permissions import Caller, Perm, details_of
+from secretbus.access.permissions import Caller, Perm, details_of, known_uid
 from secretbus.core.model import SecretDef
 
 log = logging.getLogger("secretbus.polkit")
@@ -436,6 +436,12 @@ class PolkitAccess:
         if caller.process is not None:
             return caller.process.uid
         return await self.uids(caller.sender)     # cached there, dropped when the caller leaves
+
+    def known_uid(self, caller: Caller) -> tuple[bool, int | None]:
+        """(True, what caller_uid would give) when that needs no await, else (False, None)."""
+        if caller.process is not None:
+            return True, caller.process.uid
+        return known_uid(self.uids, caller.sender)
 
     def sizes(self) -> dict[str, int]:
         per_uid = sum(1 for key in self._cache if isinstance(key[0], int))

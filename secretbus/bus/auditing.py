@@ -46,6 +46,21 @@ class ReadAudit:
         if caller.sender:
             self.pids.prefetch(caller.sender)
 
+    def allowed_now(self, caller: Caller, d: SecretDef | None) -> bool:
+        """`allowed` without awaiting when the uid and pid are known and the journal takes the
+        record at once: True when done (AuditFailed as `allowed`), False when `allowed` must
+        be awaited (nothing was written)."""
+        if d is None:
+            raise AuditFailed()
+        known = getattr(self.access, "known_uid", None)
+        pid = self.pids.cached(caller.sender) if caller.sender else None
+        if known is None or pid is None:
+            return False
+        ok, uid = known(caller)
+        if not ok:
+            return False
+        return self.auditor.write_now(AuditRecord(FRONT_END, Outcome.ALLOWED, d, uid, pid, caller.sender))
+
     async def allowed(self, caller: Caller, d: SecretDef | None) -> None:
         """Record a read about to return its value; AuditFailed (required mode) stops it."""
         if d is None:            # GetValue always has its secret; refuse rather than go unrecorded

@@ -31,6 +31,7 @@ from secretbus.bus.names import UNKNOWN_OBJECT, error_name, error_text
 from secretbus.bus.sizes import reply_size
 from secretbus.bus.unread import Ask, UnreadReplies
 from secretbus.core import errors, logsetup
+from secretbus.core.eager import run_eager
 from secretbus.core.model import SecretDef
 
 log = logging.getLogger("secretbus.dbus")
@@ -137,6 +138,12 @@ LANE_HOLD = 1.0           # s: the most a large reply holds the lane waiting for
 LANE_BACKLOG = 32 << 10   # bytes in our writer's queue over which every non-root reply takes the lane
 
 
+def _finished(_result: object, error: BaseException | None) -> None:
+    """`_finish` answers every failure itself; anything reaching here is a bug (type only)."""
+    if error is not None:
+        log.error("internal error finishing a call: %s", type(error).__name__)
+
+
 def reply(msg: Message, sig: str, body: list[Any]) -> Message | bool:
     if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
         return True
@@ -221,9 +228,18 @@ class CallRunner:
         out: Reply = None
         try:
             prep = prepare(msg)
-            if (not self.access.enabled and not spec.writes and not prep.private and not prep.large
-                    and not (spec.audit and self.audit)):
-                out = self._measured(msg, out_sig, prep.act(Grant(prep.candidates)), None)
+            if not spec.writes and not prep.private and not prep.large:
+                caller = Caller(msg.sender, bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
+                decided, uid = self._decided(caller, spec, prep)
+                if decided and spec.audit and self.audit is not None:
+                    # A value read: answered here too when its audit record can be written at
+                    # once (uid and pid known, journald's queue not full); else the path below
+                    # does it all again, awaiting what it must (the act only reads).
+                    body = prep.act(Grant(prep.candidates, False, uid))
+                    if self.audit.allowed_now(caller, prep.target):   # AuditFailed: no value
+                        out = self._measured(msg, out_sig, body, uid)
+                elif decided:
+                    out = self._measured(msg, out_sig, prep.act(Grant(prep.candidates, False, uid)), uid)
         except Refused as e:
             out = error(msg, LIMITS_EXCEEDED, str(e))
         except Exception as e:   # noqa: BLE001 - every failure becomes a clean error reply
@@ -234,11 +250,41 @@ class CallRunner:
             self.budget.release(sender)
             return out
         caller = Caller(msg.sender, bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
-        self._spawn(self._finish(msg, caller, spec, out_sig, prep))
+        # Run at once: a read whose checks are cached and whose audit record goes out in one
+        # non-blocking send never waits, so it needs no task (its creation, a loop iteration
+        # before it starts: latency on every call). Only a call that really
+        # waits (polkit, a uid lookup, the writer thread, the lane) continues in a task,
+        # in a context of its own as a task would have (its log records' caller uid).
+        task = run_eager(self._loop, self._finish(msg, caller, spec, out_sig, prep), _finished,
+                         contextvars.copy_context())
+        if task is not None:
+            self._track(task)
         return True
 
+    def _decided(self, caller: Caller, spec: MethodSpec, prep: Prepared) -> tuple[bool, int | None]:
+        """(True, uid) when this read needs no await: access control off, or every check a
+        cached yes for a caller whose uid is known; (False, None) sends it the awaiting way
+        (a check to ask or refuse, a list to filter, a non-root reply while our writer is
+        backed up, which takes the lane)."""
+        access = self.access
+        if not access.enabled:
+            return True, None
+        known = getattr(access, "known_uid", None)
+        cached = getattr(access, "cached", None)
+        if known is None or cached is None or spec.each is not None or prep.also:
+            return False, None
+        ok, uid = known(caller)
+        if not ok or uid is None or (uid != ROOT and self.budget.backlog >= LANE_BACKLOG):
+            return False, None
+        for perm in spec.perms:
+            if cached(caller, perm, prep.target) is not True:
+                return False, None
+        return True, uid
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._loop.create_task(coro)
+        self._track(self._loop.create_task(coro))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -276,7 +322,10 @@ class CallRunner:
                     # twenty 20 KB lists queued at once are as far ahead of root's as one 400 KB.
                     await lane.enter_async_context(self.lane.turn(sender if uid is None else uid, sender))
                     in_lane = True
-                    if self.unread.over(sender):    # its replies built while it waited
+                    # Its replies built while it waited; one that is reading them is waited for
+                    # (the lane is held meanwhile: it is its turn), any other is dropped at once.
+                    if self.unread.over(sender) and (not self.unread.draining(sender)
+                                                     or await self._still_over(sender)):
                         raise Unanswered
                 if spec.writes:
                     # run_in_executor does not carry context variables over; copy them.

@@ -34,6 +34,9 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger("secretbus.dbus")
 
 Ask = Callable[[str], Awaitable[int]]   # unique name -> OutgoingBytes; raises when it cannot tell
+DRAIN_WAIT = 2.0      # s: the longest a reading caller's call waits for its unread bytes to drain
+DRAIN_STALL = 0.25    # s: ... and only while its queue in the bus went down this recently
+DRAIN_PAUSE = 0.002   # s: between the questions of that wait (each one is a bus round trip)
 
 
 class UnreadReplies:
@@ -48,6 +51,7 @@ class UnreadReplies:
         self._known: dict[str, int] = {}    # the bus's last answer, when not 0
         self._asking: dict[str, asyncio.Task[None]] = {}
         self._reads: set[str] = set()       # callers the bus has shown to read
+        self._progress: dict[str, float] = {}   # when the bus last showed a caller's queue go down
 
     def blocked(self, sender: str) -> int:
         """`over`, asking the bus again when it is, so a caller is let through once it has read."""
@@ -65,8 +69,17 @@ class UnreadReplies:
     async def settle(self, sender: str, rounds: int = 2) -> int:
         """Ask the bus about `sender` (joining a question on its way, then asking anew, at
         most `rounds` questions) until it is not `over`; returns `over` at the end. Without
-        room for another question the last figures stand (it stays refused: fail closed)."""
-        for _ in range(rounds):
+        room for another question the last figures stand (it stays refused: fail closed).
+
+        A caller whose queue in the bus went down within the last `DRAIN_STALL` is reading
+        (a client with several ~1 MB lists in flight holds more than `bound` there while it
+        reads as fast as it can): it is waited for, a question every `DRAIN_PAUSE`, for at
+        most `DRAIN_WAIT`. Dropping its calls would leave a well-behaved client without
+        replies for good; a caller that stops reading shows no progress and is refused."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_WAIT
+        asked = 0
+        while True:
             task = self._asking.get(sender)
             if task is None:
                 self._question(sender)
@@ -74,9 +87,20 @@ class UnreadReplies:
                 if task is None:
                     break
             await asyncio.wait([task])      # a question cancelled (caller gone) ends the wait too
+            asked += 1
             if not self.over(sender):
                 return 0
+            if asked < rounds:
+                continue
+            now = loop.time()
+            if now >= deadline or not self.draining(sender):
+                break
+            await asyncio.sleep(DRAIN_PAUSE)
         return self.over(sender)
+
+    def draining(self, sender: str) -> bool:
+        """Whether the bus showed `sender`'s queue go down within the last DRAIN_STALL."""
+        return asyncio.get_running_loop().time() - self._progress.get(sender, float("-inf")) <= DRAIN_STALL
 
     def sent(self, sender: str, n: int) -> None:
         if self._ask is None or n <= 0:
@@ -90,6 +114,7 @@ class UnreadReplies:
         self._sent.pop(sender, None)
         self._known.pop(sender, None)
         self._reads.discard(sender)
+        self._progress.pop(sender, None)
         task = self._asking.pop(sender, None)
         if task is not None:
             task.cancel()
@@ -122,11 +147,19 @@ class UnreadReplies:
                 self._sent.clear()
                 self._known.clear()
                 self._reads.clear()
+                self._progress.clear()
             return
         if sender not in self._asking:
             return                       # left meanwhile
-        if unread < before and len(self._reads) < self.max_senders:
-            self._reads.add(sender)      # less is queued than we had sent: it reads
+        # What the bus could hold for it when the question went out: its previous answer plus
+        # what we sent after that one. Less is queued now: it reads. (Against `before` alone,
+        # a caller that had read everything while nothing new was sent would never qualify.)
+        outstanding = self._known.get(sender, 0) + before
+        if unread < outstanding:
+            if len(self._reads) < self.max_senders:
+                self._reads.add(sender)
+            if sender in self._progress or len(self._progress) < self.max_senders:
+                self._progress[sender] = asyncio.get_running_loop().time()
         after = self._sent.get(sender, 0) - before
         if after > 0:
             self._sent[sender] = after

@@ -18,8 +18,8 @@ from types import CoroutineType
 from typing import Any
 
 from secretbus.core import errors
+from secretbus.core.eager import run_eager
 from secretbus.rpc import protocol as P
-from secretbus.rpc.eager import run_eager
 from secretbus.rpc.failures import RemoteFailure, daemon_internal, error_body, rpc_failure
 from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, encode_reply, frame_length, parse_header
 from secretbus.rpc.procedures import Handler

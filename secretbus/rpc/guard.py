@@ -27,9 +27,9 @@ from secretbus.access.audit import AuditFailed, AuditMode, Auditor, AuditRecord,
 from secretbus.access.denials import DenialLog
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.core import errors
+from secretbus.core.eager import run_eager
 from secretbus.core.model import SecretDef
 from secretbus.rpc import protocol as P
-from secretbus.rpc.eager import run_eager
 from secretbus.rpc.failures import AUTH_FAILED, AUTH_FAILED_PREFIX, RemoteFailure
 from secretbus.rpc.remote import RemotePolicy
 from secretbus.rpc.session import Session
@@ -231,7 +231,29 @@ class Guard:
         s = c.session
         if not self.checked(s) and self.auditor is None:
             return read()
+        if (self.auditor is not None and self.cached(s, Perm.READ_SECURE, d) is True
+                and not (s.remote is not None and d.private)):
+            # Allowed without asking anyone (an unchecked connection, root, a cached yes): read
+            # and write the record now, if journald takes it at once. A coroutine, the
+            # deferred record and the loop turns they cost were 40 % of an RPC GetValue.
+            try:
+                value = read()
+            except Exception:   # noqa: BLE001 - a refusal: the path below records it (read() only reads)
+                return self._value_read(s, d, read)
+            if self.auditor.write_now(self._rec(s, d, Outcome.ALLOWED, None)):   # AuditFailed: no value
+                return value
+            if self._deferred_ok:
+                self._defer(s, d)
+                return value
+            return self._then_value(s, d, value)
+        return self._value_read(s, d, read)
 
+    async def _then_value(self, s: Session, d: SecretDef, value: T) -> T:
+        """The record journald could not take at once, awaited before the value goes out."""
+        await self._record(s, d, Outcome.ALLOWED, None)
+        return value
+
+    def _value_read(self, s: Session, d: SecretDef, read: Callable[[], T]) -> Awaitable[T]:
         async def run() -> T:
             try:
                 if self.checked(s):
@@ -277,16 +299,17 @@ class Guard:
     async def _record(self, s: Session, d: SecretDef, outcome: Outcome, reason: Reason | None) -> None:
         if self.auditor is None:
             return
+        await self.auditor.write(self._rec(s, d, outcome, reason))
+
+    @staticmethod
+    def _rec(s: Session, d: SecretDef, outcome: Outcome, reason: Reason | None) -> AuditRecord:
+        if s.remote is not None:        # no uid, no pid: the certificate's DN is who asked
+            return AuditRecord(FRONT_END, outcome, d, None, None, s.name, reason, identity=s.remote.describe())
         ident = s.identity
         identity = "" if ident is None else f"{ident.describe()}{' (elevated)' if ident.elevated else ''}"
         if s.sasl_user is not None:        # auth_unix_* = "sasl": the name joins the peer's identity
             identity = f"SASL user '{s.sasl_user}'" + (f", {identity}" if identity else "")
-        if s.remote is not None:        # no uid, no pid: the certificate's DN is who asked
-            await self.auditor.write(AuditRecord(FRONT_END, outcome, d, None, None, s.name, reason,
-                                                 identity=s.remote.describe()))
-            return
-        await self.auditor.write(AuditRecord(FRONT_END, outcome, d, s.peer.uid, s.peer.pid, s.name, reason,
-                                             identity=identity))
+        return AuditRecord(FRONT_END, outcome, d, s.peer.uid, s.peer.pid, s.name, reason, identity=identity)
 
     # -- events ---------------------------------------------------------------------------
     def event_decided(self, s: Session, d: SecretDef | None) -> bool | None:

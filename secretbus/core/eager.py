@@ -7,10 +7,15 @@ caller's frame; only a coroutine that suspends continues in a task. Python 3.12'
 `eager_start` does this with the current task set right; on 3.11 the first step runs under
 the reading task, which matters only to `asyncio.timeout()` (none in the call paths; 3.11's
 `wait_for` does not look at the current task).
+
+Used by both front ends (the RPC connection, the D-Bus call runner). With `context`, the first
+step and the task run in that context, as a task of their own would (a call's context
+variables, e.g. the caller uid of its log records, stay out of the reader's context).
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sys
 from collections.abc import Callable, Coroutine
 from functools import partial
@@ -20,21 +25,22 @@ Done = Callable[[Any, BaseException | None], None]     # (result, error): exactl
 
 
 def run_eager(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
-              done: Done) -> asyncio.Task[None] | None:
+              done: Done, context: contextvars.Context | None = None) -> asyncio.Task[None] | None:
     """Run `coro`; `done(result, error)` when it ends. None when it ended at once (done has
-    been called), else the task that finishes it."""
+    been called), else the task that finishes it. `context`: run in it (else the current one)."""
     if sys.version_info >= (3, 12):
-        task = asyncio.Task(_report(coro, done), loop=loop, eager_start=True)  # type: ignore[call-arg]
+        task = asyncio.Task(_report(coro, done), loop=loop, eager_start=True,  # type: ignore[call-arg]
+                            context=context)
         return None if task.done() else task
     try:
-        yielded = coro.send(None)
+        yielded = coro.send(None) if context is None else context.run(coro.send, None)
     except StopIteration as e:
         done(e.value, None)
         return None
     except Exception as e:  # noqa: BLE001 - the call's failure, for its error reply
         done(None, e)
         return None
-    return loop.create_task(_resume(coro, yielded, done))
+    return loop.create_task(_resume(coro, yielded, done), context=context)
 
 
 async def _report(coro: Coroutine[Any, Any, Any], done: Done) -> None:
