@@ -324,6 +324,10 @@ class Row:
     modes: tuple[int, ...] = (1, INFLIGHT)
     samples: dict[int, list[Sample]] = field(default_factory=dict)
     max_calls: int | None = None     # e.g. ListSecrets with 10k secrets: fewer calls
+    # Untimed, around each measurement: prepare(first, count) before (the Undefine row defines
+    # the secrets it will undefine), tidy(first, count) after (undefines those left over).
+    prepare: Callable[[int, int], Awaitable[None]] | None = None
+    tidy: Callable[[int, int], Awaitable[None]] | None = None
 
 
 def ms(x: float) -> str:
@@ -498,6 +502,31 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
     def fixed(msg_factory: Callable[[int], Message]) -> Op:
         return lambda i: send(msg_factory(i))
 
+    def scratch_uuid(i: int) -> str:
+        return f"{SCRATCH_PREFIX}-0000-4000-8000-{i:012x}"
+
+    async def in_parallel(fn: Callable[[int], Awaitable[object]], first: int, count: int) -> None:
+        sem = asyncio.Semaphore(INFLIGHT)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await fn(i)
+        await asyncio.gather(*(one(i) for i in range(first, first + count)))
+
+    async def define_scratch(i: int) -> None:
+        await send(m_connect("SecretDefineXML", "su", [secret_xml(i, scratch_uuid(i), f"/bench/scratch/{i}"), 0]))
+
+    async def undefine_scratch(i: int) -> None:
+        await send(m_secret(secret_path(scratch_uuid(i)), "Undefine", "", []))
+
+    async def undefine_left(first: int, count: int) -> None:
+        async def one(i: int) -> None:
+            try:
+                await undefine_scratch(i)
+            except Exception:  # noqa: BLE001 - undefined by the measurement already
+                pass
+        await in_parallel(one, first, count)
+
     async def undefine_define(i: int) -> None:
         u = f"{SCRATCH_PREFIX}-0000-4000-8000-{i:012x}"
         (path,) = await send(m_connect("SecretDefineXML", "su", [secret_xml(i, u, f"/bench/scratch/{i}"), 0]))
@@ -518,18 +547,29 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
         Row("SetValue (fsync)", fixed(lambda i: m_secret(paths[i % m], "SetValue", "ayu", [value, 0]))),
         Row("SecretDefineXML (redefine, fsync)", fixed(lambda i: m_connect("SecretDefineXML", "su", [xmls[i % m], 0]))),
         Row("SecretDefineXML + Undefine (new secret; per pair)", undefine_define),
+        Row("Undefine (of a secret defined before, untimed)", undefine_scratch,
+            prepare=lambda first, count: in_parallel(define_scratch, first, count), tidy=undefine_left),
     ]
+    if a.only:
+        # rows 0 and 7 (bus floor, GetValue) stay: the ratio rows are computed from them
+        keep = [w.strip().lower() for w in a.only.split(",") if w.strip()]
+        rows = [row for k, row in enumerate(rows) if k in (0, 7) or any(w in row.name.lower() for w in keep)]
     t_calls = time.perf_counter()
     offset = 0
     peak = HwmTracker(pid)
     # Measured in this order: GetValue right after the bus floor, so that the ratio of the two
     # (taken per round, then the median) compares figures taken seconds apart.
-    order = [rows[0], rows[7]] + [row for row in rows if row not in (rows[0], rows[7])]
+    get_value = next(row for row in rows if row.name == "GetValue")
+    order = [rows[0], get_value] + [row for row in rows if row not in (rows[0], get_value)]
     for r in range(a.rounds):
         for row in order:
             for mode in row.modes:
                 calls = min(a.calls, row.max_calls or a.calls)
+                if row.prepare is not None:
+                    await row.prepare(offset, calls + 5)      # 5: measure's warm-up calls
                 s = await measure(row.op, calls=calls, inflight=mode, seconds=a.seconds, pids=pids, start=offset)
+                if row.tidy is not None:
+                    await row.tidy(offset, calls + 5)
                 offset += calls + 10
                 row.samples.setdefault(mode, []).append(s)
                 peak.check(f"{row.name}, {'sequential' if mode == 1 else f'{mode} in flight'}")
@@ -581,8 +621,7 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
           f"| {sync_svc:.0f} | {sync_bus:.0f} | |")
     def ratios(mode: int) -> list[float]:
         return [100 * g.rate / p.rate for g, p in zip(get_row.samples[mode], rows[0].samples[mode], strict=False)]
-    get_row = rows[7]
-    assert get_row.name == "GetValue"
+    get_row = get_value
     for mode in (INFLIGHT, 1):
         rs = ratios(mode)
         share = statistics.median(rs)
@@ -641,6 +680,8 @@ def main() -> None:
     ap.add_argument("--stall-seconds", type=float, help="per stall measurement (default 3; --quick: 0.5)")
     ap.add_argument("--store", metavar="DIR", help="build the store in DIR and keep it for the next run")
     ap.add_argument("--dir", metavar="DIR", help="parent of the temporary store (default: $TMPDIR)")
+    ap.add_argument("--only", metavar="WORDS", help="comma-separated words: only the rows whose name has "
+                    "one (the bus floor and GetValue always run), e.g. --only setvalue,definexml,undefine")
     ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                     help="pass ARG to secretbusd (repeatable), e.g. --daemon-arg=--audit=off")
     a = ap.parse_args()

@@ -20,7 +20,6 @@ import socket
 import stat
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +182,6 @@ class RpcServer:
         self._made: list[tuple[Path, int]] = []     # (path, inode) of the sockets this server bound
         self._conns: set[Connection] = set()
         self._per_uid: Counter[int] = Counter()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretbus-rpc-io")
         self._sub: int | None = None
         self.hub: EventHub | None = None
         self._table: dict = {}
@@ -229,7 +227,7 @@ class RpcServer:
             return
         trusted = peer.uid == 0 if self.system else peer.uid == os.geteuid()
         session = Session(peer, socket_readonly=readonly, trusted=trusted, authenticated=trusted)
-        conn = Connection(reader, writer, session, self._table, self.limits, self._executor, self._forget)
+        conn = Connection(reader, writer, session, self._table, self.limits, self._forget)
         self._conns.add(conn)
         self._per_uid[peer.uid] += 1
         await conn.serve()
@@ -245,7 +243,7 @@ class RpcServer:
             return
         session = Session(REMOTE_PEER, socket_readonly=False, trusted=False, authenticated=sasl is None,
                           remote=who, sasl=sasl)
-        conn = Connection(reader, writer, session, self._table, self.limits, self._executor, self._forget)
+        conn = Connection(reader, writer, session, self._table, self.limits, self._forget)
         self._conns.add(conn)
         self._per_uid[REMOTE_PEER.uid] += 1
         timer = None
@@ -313,7 +311,6 @@ class RpcServer:
         self._servers.clear()
         if self.hub is not None:
             await self.hub.close()
-        self._executor.shutdown(wait=True)
         self.guard.close()
         for path, ino in self._made:
             try:

@@ -1,0 +1,341 @@
+"""The driver's writes: planned where they are asked for, committed in batches by one I/O thread.
+
+A write (define, set value, undefine) is an `Op`. `Writes.submit` runs in the caller's thread
+(a front end's event loop): under the driver's mutex it checks the op against the table and
+plans it — libvirt's rules, XML formatting, encryption, the file names: CPU work, all of it —
+and hands only the plan's syscalls to the I/O thread. That thread takes every plan queued at
+that moment and commits them as one batch (store/commit.py: temp files, their data synced
+together, renames and unlinks, one directory fsync), then, under the mutex, applies each op to
+the table, announces it (log line, events) and resolves its future. A lone write costs one
+hand-off to the I/O thread and one back (as the worker thread it replaces did), and never
+waits for a batch to fill: the I/O thread commits whatever is queued when it wakes.
+
+Order: an op holds keys — its secret's UUID and the usages it claims or releases — from
+planning until it is announced. An op whose keys are held, or that shares a key with an op
+waiting before it, waits, and is planned only once they are released: against the table the
+earlier op left. So the writes to one secret are planned, committed, applied and announced in
+the order they were submitted (per-secret FIFO), and the ops of one batch are independent.
+
+A store without write plans (`store.group_commit` False: the fleet store, whose writes are etcd
+transactions) is written op by op in the I/O thread, under the mutex, as before.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from secretbus.core import errors
+from secretbus.core.model import SecretDef
+from secretbus.store.commit import Plan, commit_batch
+from secretbus.store.filestore import SecretStore
+
+log = logging.getLogger("secretbus.driver")
+
+T = TypeVar("T")
+U = TypeVar("U")
+Key = tuple[str, object]   # ("uuid", uuid) or ("usage", UsageKey)
+
+
+class Files:
+    """What a planner asks of the store. PlanFiles describes the changes (group commit);
+    DirectFiles makes them at once, one by one (a store without plans)."""
+
+    def value(self, d: SecretDef, data: bytes) -> None:
+        raise NotImplementedError
+
+    def definition(self, d: SecretDef, *, undo_values: bool = False) -> None:
+        """`undo_values`: if this fails, remove the value files written before it."""
+        raise NotImplementedError
+
+    def delete_values(self, uuid: str) -> None:
+        raise NotImplementedError
+
+    def delete_definition(self, uuid: str) -> None:
+        raise NotImplementedError
+
+
+class PlanFiles(Files):
+    def __init__(self, store: SecretStore) -> None:
+        self.store = store
+        self.plan = Plan()
+
+    def value(self, d: SecretDef, data: bytes) -> None:
+        self.plan.add(self.store.plan_value(d, data))
+
+    def definition(self, d: SecretDef, *, undo_values: bool = False) -> None:
+        self.plan.add(self.store.plan_definition(d))
+        if undo_values:
+            self.plan.undo = self.store.plan_delete_values(d.uuid)
+
+    def delete_values(self, uuid: str) -> None:
+        self.plan.add(self.store.plan_delete_values(uuid))
+
+    def delete_definition(self, uuid: str) -> None:
+        self.plan.add(self.store.plan_delete_definition(uuid))
+
+
+class DirectFiles(Files):
+    def __init__(self, store: SecretStore) -> None:
+        self.store = store
+
+    def value(self, d: SecretDef, data: bytes) -> None:
+        self.store.write_value(d, data)
+
+    def definition(self, d: SecretDef, *, undo_values: bool = False) -> None:
+        try:
+            self.store.write_definition(d)
+        except BaseException:
+            if undo_values:
+                self.store.delete_values(d.uuid)
+            raise
+
+    def delete_values(self, uuid: str) -> None:
+        self.store.delete_values(uuid)
+
+    def delete_definition(self, uuid: str) -> None:
+        self.store.delete_definition(uuid)
+
+
+@dataclass
+class Planned:
+    """A checked op: its file changes, and what to do once they are durable."""
+
+    apply: Callable[[], Any]             # under the mutex: change the table; returns the op's result
+    announce: Callable[[], None]         # after apply, mutex released: log line and events
+    plan: Plan = field(default_factory=Plan)
+
+
+@dataclass
+class Op:
+    """One write. `keys` and `plan` run under the driver's mutex; `static` are the keys known
+    before looking at the table (its UUID; a define's new usage)."""
+
+    static: frozenset[Key]
+    keys: Callable[[], set[Key]]
+    plan: Callable[[Files], Planned]
+    future: Future[Any] = field(default_factory=Future)
+    ctx: contextvars.Context = field(default_factory=contextvars.copy_context)
+    held: set[Key] = field(default_factory=set)
+    planned: Planned | None = None
+    direct: bool = False                 # no plans: planned and written in the I/O thread
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class WriterStats:
+    """Counters for tests and benchmarks (updated by the I/O thread, under the mutex)."""
+
+    batches: int = 0
+    plans: int = 0
+    dir_syncs: int = 0
+    largest: int = 0
+
+
+class Writes:
+    def __init__(self, mutex: threading.RLock, store: Callable[[], SecretStore]) -> None:
+        self._mutex = mutex
+        self._store = store
+        self._idle = threading.Condition(mutex)      # notified whenever keys are released
+        self._busy: set[Key] = set()                 # keys held by ops planned, not yet finished
+        self._waiting: list[Op] = []                 # ops that wait for keys, in arrival order
+        self._draining = 0                           # threads in exclusive(): nothing starts
+        self._closed = False
+        self._queue: list[Op] = []                   # planned, for the I/O thread
+        self._qcond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self.stats = WriterStats()
+        # Tests only: the I/O thread calls it before it takes a batch (to let a batch queue up).
+        self.gate: Callable[[], None] | None = None
+
+    # -- the callers' side ---------------------------------------------------------------
+    def submit(self, op: Op) -> Future[Any]:
+        """Plan `op` now if its keys are free, else queue it behind the ops holding them."""
+        op.future.set_running_or_notify_cancel()     # once submitted, a write cannot be cancelled
+        done: list[Op] = []
+        with self._mutex:
+            if self._closed:
+                raise errors.OperationFailed("the secret store is shutting down")
+            if self._draining or _blocked(op, self._waiting) or not self._start(op, done):
+                self._waiting.append(op)
+        self._finish(done)
+        return op.future
+
+    def run(self, op: Op) -> Any:
+        """submit and wait (the synchronous API). Not from the I/O thread: it would wait for itself."""
+        if threading.current_thread() is self._thread:
+            raise errors.InternalError("a write from inside a write's event callback is not possible")
+        return self.submit(op).result()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The mutex, with no write in flight (a reload or bulk rewrite replaces the table or
+        writes files itself). New writes wait meanwhile, so a stream of them cannot starve it."""
+        done: list[Op] = []
+        try:
+            with self._mutex:
+                self._draining += 1
+                try:
+                    while self._busy:
+                        self._idle.wait()
+                    yield
+                finally:
+                    self._draining -= 1
+                    self._start_waiting(done)
+        finally:
+            self._finish(done)
+
+    def close(self) -> None:
+        """Refuse new writes, let those submitted finish, stop the I/O thread."""
+        with self._mutex:
+            self._closed = True
+            while self._busy or self._waiting:
+                self._idle.wait()
+        with self._qcond:
+            thread, self._thread = self._thread, None
+            self._qcond.notify()
+        if thread is not None:
+            thread.join()
+
+    # -- keys and planning (mutex held) --------------------------------------------------
+    def _start(self, op: Op, done: list[Op]) -> bool:
+        """Plan `op` if its keys are free (False if not: it waits). A plan with nothing to
+        write is applied at once; a failed check fails the op at once."""
+        if not op.static.isdisjoint(self._busy):
+            return False
+        keys = op.keys()
+        if not keys.isdisjoint(self._busy):
+            return False
+        op.held = keys
+        self._busy |= keys
+        store = self._store()
+        if not store.group_commit:
+            op.direct = True
+            self._put(op)
+            return True
+        try:
+            files = PlanFiles(store)
+            op.planned = op.plan(files)
+            op.planned.plan = files.plan
+            if not files.plan:
+                op.result = op.planned.apply()
+                done.append(op)
+                return True
+        except Exception as e:  # noqa: BLE001 - the op's error, for its caller
+            op.error = e
+            done.append(op)
+            return True
+        self._put(op)
+        return True
+
+    def _start_waiting(self, done: list[Op]) -> None:
+        if self._draining or not self._waiting:
+            return
+        still: list[Op] = []
+        for op in self._waiting:
+            if _blocked(op, still) or not self._start(op, done):
+                still.append(op)
+        self._waiting = still
+
+    # -- finishing (mutex not held) ------------------------------------------------------
+    def _finish(self, ops: list[Op]) -> None:
+        """Announce and answer finished ops in order, then release their keys (only then may
+        a later op on the same secret be applied and announced), and start those waiting."""
+        while ops:
+            for op in ops:
+                if op.error is None and op.planned is not None:
+                    try:
+                        op.ctx.run(op.planned.announce)
+                    except Exception:
+                        log.exception("announcing a write failed")
+                if op.error is not None:
+                    op.future.set_exception(op.error)
+                else:
+                    op.future.set_result(op.result)
+            more: list[Op] = []
+            with self._mutex:
+                for op in ops:
+                    self._busy -= op.held
+                    op.held = set()
+                self._start_waiting(more)
+                self._idle.notify_all()
+            ops = more
+
+    # -- the I/O thread --------------------------------------------------------------------
+    def _put(self, op: Op) -> None:
+        with self._qcond:
+            self._queue.append(op)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="secretbus-writer", daemon=True)
+                self._thread.start()
+            self._qcond.notify()
+
+    def _loop(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._qcond:
+                while not self._queue and self._thread is me:
+                    self._qcond.wait()
+                if not self._queue:
+                    return
+            gate = self.gate
+            if gate is not None:
+                gate()
+            with self._qcond:
+                batch, self._queue = self._queue, []
+            try:
+                self._commit(batch)
+            except BaseException as e:  # noqa: BLE001 - no caller may wait forever
+                log.error("a batch of %d writes failed: %s", len(batch), type(e).__name__)
+                for op in batch:
+                    if not op.future.done() and op.error is None:
+                        op.error = e if isinstance(e, errors.SecretError) else errors.SystemError("the write failed")
+            self._finish(batch)
+
+    def _commit(self, batch: list[Op]) -> None:
+        planned = [op for op in batch if not op.direct]
+        result = commit_batch([op.planned.plan for op in planned if op.planned is not None])
+        with self._mutex:
+            for op, err in zip(planned, result.errors, strict=True):
+                if err is not None:
+                    op.error = err
+                    continue
+                try:
+                    assert op.planned is not None
+                    op.result = op.planned.apply()
+                except Exception as e:  # noqa: BLE001
+                    op.error = e
+            st = self.stats
+            st.batches += 1
+            st.plans += len(planned)
+            st.dir_syncs += result.dir_syncs
+            st.largest = max(st.largest, len(planned))
+        for op in batch:
+            if op.direct:
+                self._direct(op)
+
+    def _direct(self, op: Op) -> None:
+        """A store without plans: plan, write and apply under the mutex, as one call did before."""
+        with self._mutex:
+            try:
+                op.planned = op.ctx.run(op.plan, DirectFiles(self._store()))
+                op.result = op.planned.apply()
+            except Exception as e:  # noqa: BLE001 - the op's error, for its caller
+                op.error = e
+
+
+def _blocked(op: Op, before: list[Op]) -> bool:
+    """Whether an op waiting before `op` shares a key with it (it must go first)."""
+    return any(not op.static.isdisjoint(w.static) for w in before)
+
+
+async def outcome(fut: Future[T], then: Callable[[T], U]) -> U:
+    """For a front end on an event loop: await a submitted write, then map its result."""
+    return then(await asyncio.wrap_future(fut))
