@@ -29,11 +29,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from secretbus.core import errors
 from secretbus.core.model import SecretDef
-from secretbus.store.commit import Plan, commit_batch
+from secretbus.store.commit import Batch, Plan, finish_batches, prepare_batch
 from secretbus.store.filestore import SecretStore
 
 log = logging.getLogger("secretbus.driver")
@@ -149,8 +150,14 @@ class Writes:
         self._draining = 0                           # threads in exclusive(): nothing starts
         self._closed = False
         self._queue: list[Op] = []                   # planned, for the I/O thread
-        self._qcond = threading.Condition(threading.Lock())
-        self._thread: threading.Thread | None = None
+        qlock = threading.Lock()                      # the stages' queues; two conditions on it:
+        self._qcond = threading.Condition(qlock)      # stage 1 waits on this one,
+        self._thread: threading.Thread | None = None      # stage 1 (see _loop)
+        self._stage2: list[_Staged] = []                   # prepared batches for stage 2
+        self._qcond2 = threading.Condition(qlock)     # stage 2 on this one
+        self._stage2_busy = False
+        self._stopping2 = False
+        self._thread2: threading.Thread | None = None
         self.stats = WriterStats()
         # Tests only: the I/O thread calls it before it takes a batch (to let a batch queue up).
         self.gate: Callable[[], None] | None = None
@@ -250,6 +257,8 @@ class Writes:
         a later op on the same secret be applied and announced), and start those waiting."""
         while ops:
             for op in ops:
+                if op.future.done():
+                    continue        # finished already (a stage failed after finishing it)
                 if op.error is None and op.planned is not None:
                     try:
                         op.ctx.run(op.planned.announce)
@@ -278,48 +287,107 @@ class Writes:
             self._qcond.notify()
 
     def _loop(self) -> None:
+        """Stage 1: take what is queued, write its files and sync their data (prepare_batch);
+        then finish the batch here (a lone write: one hand-off in all), or, if more writes
+        queued meanwhile or stage 2 is busy, hand it to stage 2 and prepare the next one, so
+        that one batch's data syncs overlap the renames and directory fsync of the one before."""
         me = threading.current_thread()
+        try:
+            while True:
+                with self._qcond:
+                    while not self._queue and self._thread is me:
+                        self._qcond.wait()
+                    if not self._queue:
+                        return
+                gate = self.gate
+                if gate is not None:
+                    gate()
+                with self._qcond:
+                    ops, self._queue = self._queue, []
+                staged = self._guarded(ops, partial(self._prepare, ops))
+                if staged is None:
+                    continue
+                with self._qcond:
+                    handoff = bool(self._queue) or self._stage2_busy or bool(self._stage2)
+                    if handoff:
+                        self._stage2.append(staged)
+                        if self._thread2 is None:
+                            self._thread2 = threading.Thread(target=self._loop2, name="secretbus-commit",
+                                                             daemon=True)
+                            self._thread2.start()
+                        self._qcond2.notify()
+                if not handoff:
+                    self._guarded(ops, partial(self._complete, [staged]))
+        finally:
+            with self._qcond:
+                self._stopping2 = True
+                self._qcond2.notify()
+            t2 = self._thread2
+            if t2 is not None:
+                t2.join()
+
+    def _loop2(self) -> None:
+        """Stage 2: finish every prepared batch handed over, together (one directory fsync)."""
         while True:
             with self._qcond:
-                while not self._queue and self._thread is me:
-                    self._qcond.wait()
-                if not self._queue:
+                while not self._stage2 and not self._stopping2:
+                    self._qcond2.wait()
+                if not self._stage2:
                     return
-            gate = self.gate
-            if gate is not None:
-                gate()
+                staged, self._stage2 = self._stage2, []
+                self._stage2_busy = True
+            ops = [op for st in staged for op in st.ops]
+            self._guarded(ops, partial(self._complete, staged))
             with self._qcond:
-                batch, self._queue = self._queue, []
-            try:
-                self._commit(batch)
-            except BaseException as e:  # noqa: BLE001 - no caller may wait forever
-                log.error("a batch of %d writes failed: %s", len(batch), type(e).__name__)
-                for op in batch:
-                    if not op.future.done() and op.error is None:
-                        op.error = e if isinstance(e, errors.SecretError) else errors.SystemError("the write failed")
-            self._finish(batch)
+                self._stage2_busy = False
 
-    def _commit(self, batch: list[Op]) -> None:
-        planned = [op for op in batch if not op.direct]
-        result = commit_batch([op.planned.plan for op in planned if op.planned is not None])
+    def _guarded(self, ops: list[Op], step: Callable[[], T]) -> T | None:
+        """Run a stage's step; if it fails unexpectedly, fail and finish its ops (no caller may
+        wait forever)."""
+        try:
+            return step()
+        except BaseException as e:  # noqa: BLE001
+            log.error("a batch of %d writes failed: %s", len(ops), type(e).__name__)
+            for op in ops:
+                if op.error is None:
+                    op.error = e if isinstance(e, errors.SecretError) else errors.SystemError("the write failed")
+            self._finish(ops)
+            return None
+
+    def _prepare(self, ops: list[Op]) -> _Staged:
+        planned = [op for op in ops if not op.direct]
+        batch = prepare_batch([op.planned.plan for op in planned if op.planned is not None]) if planned else None
+        return _Staged(ops, planned, batch)
+
+    def _complete(self, staged: list[_Staged]) -> None:
+        """Renames, unlinks and directory fsyncs of prepared batches; then each op applied to
+        the table (only now durable) and finished."""
+        batches = [st.batch for st in staged if st.batch is not None]
+        syncs = finish_batches(batches) if batches else 0
         with self._mutex:
-            for op, err in zip(planned, result.errors, strict=True):
-                if err is not None:
-                    op.error = err
+            for st in staged:
+                if st.batch is None:
                     continue
-                try:
-                    assert op.planned is not None
-                    op.result = op.planned.apply()
-                except Exception as e:  # noqa: BLE001
-                    op.error = e
-            st = self.stats
-            st.batches += 1
-            st.plans += len(planned)
-            st.dir_syncs += result.dir_syncs
-            st.largest = max(st.largest, len(planned))
-        for op in batch:
-            if op.direct:
-                self._direct(op)
+                for op, err in zip(st.planned, st.batch.errors, strict=True):
+                    if err is not None:
+                        op.error = err
+                        continue
+                    try:
+                        assert op.planned is not None
+                        op.result = op.planned.apply()
+                    except Exception as e:  # noqa: BLE001
+                        op.error = e
+            n = sum(len(st.planned) for st in staged)
+            stats = self.stats
+            stats.batches += len(batches)
+            stats.plans += n
+            stats.dir_syncs += syncs
+            stats.largest = max(stats.largest, *(len(st.planned) for st in staged))
+        for st in staged:
+            for op in st.ops:
+                if op.direct:
+                    self._direct(op)
+        self._finish([op for st in staged for op in st.ops])
 
     def _direct(self, op: Op) -> None:
         """A store without plans: plan, write and apply under the mutex, as one call did before."""
@@ -329,6 +397,15 @@ class Writes:
                 op.result = op.planned.apply()
             except Exception as e:  # noqa: BLE001 - the op's error, for its caller
                 op.error = e
+
+
+@dataclass
+class _Staged:
+    """A batch between the stages: its ops, those with plans, and their prepared files."""
+
+    ops: list[Op]
+    planned: list[Op]
+    batch: Batch | None
 
 
 def _blocked(op: Op, before: list[Op]) -> bool:

@@ -112,8 +112,9 @@ def sync_data(fds: list[int]) -> list[OSError | None]:
 
 
 # -- one batch ---------------------------------------------------------------------------------
-class _Batch:
-    """The state of one commit_batch: verified directory fds, temp files, per-plan errors."""
+class Batch:
+    """The plans of one batch on their way: verified directory fds, temp files, per-plan errors
+    (`errors[i]` None once plan i is durable)."""
 
     def __init__(self, plans: list[Plan]) -> None:
         self.plans = plans
@@ -198,22 +199,6 @@ class _Batch:
                 # A stale file of another scheme: the current scheme's file wins at load.
                 log.warning("cannot remove stale value file %s: %s", s.name, e.strerror)
 
-    def sync_dirs(self) -> int:
-        """Step 4: one fsync per directory any plan changed; returns how many were made."""
-        done: dict[Path, BaseException | None] = {}
-        for i in range(len(self.plans)):
-            for d in self.changed[i]:
-                if d not in done:
-                    try:
-                        os.fsync(self.dirs[d])
-                        done[d] = None
-                    except OSError as e:
-                        done[d] = errors.SystemError(f"cannot sync '{d}': {e.strerror}")
-                err = done[d]
-                if err is not None and self.errors[i] is None:
-                    self.errors[i] = err
-        return len(done)
-
     def close(self) -> None:
         for i in range(len(self.plans)):
             self.discard(i)
@@ -239,6 +224,57 @@ def _write_temp(dir_fd: int, tmp: str, s: Replace) -> int:
     return fd
 
 
+def prepare_batch(plans: list[Plan]) -> Batch:
+    """Steps 1 and 2 for `plans`: every new file written under its temp name and durable."""
+    b = Batch(plans)
+    try:
+        b.sync_temps(b.write_temps())
+    except BaseException:
+        b.close()
+        raise
+    return b
+
+
+def finish_batches(batches: list[Batch]) -> int:
+    """Steps 3 and 4 for prepared batches, together: each plan's renames and unlinks, then one
+    fsync per directory changed by any of them (by inode: the same directory opened by two
+    batches is synced once). Closes the batches, undoes failed plans; returns the fsyncs made."""
+    done: dict[tuple[int, int], BaseException | None] = {}
+    try:
+        for b in batches:
+            for i in range(len(b.plans)):
+                if b.errors[i] is None:
+                    try:
+                        b.apply(i)
+                    except Exception as e:  # noqa: BLE001 - reported to that plan's caller
+                        b.fail(i, e)
+        for b in batches:
+            for i in range(len(b.plans)):
+                for d in b.changed[i]:
+                    fd = b.dirs[d]
+                    st = os.fstat(fd)
+                    key = (st.st_dev, st.st_ino)
+                    if key not in done:
+                        try:
+                            os.fsync(fd)
+                            done[key] = None
+                        except OSError as e:
+                            done[key] = errors.SystemError(f"cannot sync '{d}': {e.strerror}")
+                    err = done[key]
+                    if err is not None and b.errors[i] is None:
+                        b.errors[i] = err
+    finally:
+        for b in batches:
+            b.close()
+    for b in batches:
+        for p, err in zip(b.plans, b.errors, strict=True):
+            if err is not None and p.undo:
+                undone = commit_batch([p.undo]).errors[0]
+                if undone is not None:
+                    log.error("cannot undo a failed write: %s", undone)
+    return len(done)
+
+
 @dataclass
 class BatchResult:
     errors: list[BaseException | None]    # per plan: None when it is durable
@@ -247,24 +283,8 @@ class BatchResult:
 
 def commit_batch(plans: list[Plan]) -> BatchResult:
     """Carry out `plans` as one group (steps 1-4 above)."""
-    b = _Batch(plans)
-    syncs = 0
-    try:
-        b.sync_temps(b.write_temps())
-        for i in range(len(plans)):
-            if b.errors[i] is None:
-                try:
-                    b.apply(i)
-                except Exception as e:  # noqa: BLE001 - reported to that plan's caller
-                    b.fail(i, e)
-        syncs = b.sync_dirs()
-    finally:
-        b.close()
-    for p, err in zip(plans, b.errors, strict=True):
-        if err is not None and p.undo:
-            undone = commit_batch([p.undo]).errors[0]
-            if undone is not None:
-                log.error("cannot undo a failed write: %s", undone)
+    b = prepare_batch(plans)
+    syncs = finish_batches([b])
     return BatchResult(b.errors, syncs)
 
 
