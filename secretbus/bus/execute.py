@@ -42,7 +42,7 @@ class MethodSpec:
     signature: str                  # input signature; the dispatcher checks it against the XML
     perms: tuple[Perm, ...] = ()    # all needed, on the Prepared's target
     each: Perm | None = None        # the candidates are filtered by this permission
-    writes: bool = False            # writes files: runs in the worker thread
+    writes: bool = False            # writes files: submitted to the driver, awaited (its I/O thread commits it)
     audit: bool = False             # a value read: each reply or refusal is an audit record
     hidden: bool = False            # a denial answers UnknownObject (the object's existence is private)
 

@@ -114,7 +114,7 @@ class Connection:
             handler, ret_type, args = self._admit(header, payload)
             ret = handler.fn(self, args)
             if handler.writes:
-                # The act for the writer thread (after the checks, if a coroutine makes them).
+                # The act that submits the write (after the checks, if a coroutine makes them).
                 self._track(self._loop.create_task(self._finish(header, ret_type, ret)))
                 return False
             if type(ret) is CoroutineType:
