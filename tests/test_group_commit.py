@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 
 import harness
@@ -203,3 +204,28 @@ def test_pipelined_writes_to_one_secret_over_dbus(session_bus, make_secretbusd):
                 assert c.lookup_by_uuid(x).get_value() == f"{x}-{n - 1}".encode()
         finally:
             c.close()
+
+
+def test_batch_data_syncs_work_in_a_forked_child(driver, tmp_path):
+    """The helper threads that fdatasync a batch's files are per process: a forked child (the
+    store's crash tests fork) gets its own instead of a dead copy of its parent's."""
+    from secretbus.store.commit import commit_batch
+
+    def batch(tag: str) -> list:
+        return [driver.store.plan_value(driver.parse_definition(secret_xml(u, usage=None)), f"{tag}{u}".encode())
+                for u in UUIDS[8:16]]
+    for u in UUIDS[8:16]:
+        driver.define_xml(secret_xml(u, usage=None))
+    assert commit_batch(batch("parent")).errors == [None] * 8       # the parent's pool is running
+    pid = os.fork()
+    if pid == 0:    # child: a hang would be killed by the alarm
+        signal.alarm(10)
+        try:
+            ok = commit_batch(batch("child")).errors == [None] * 8
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    (loaded,) = [x for x in driver.store.load().secrets if x.definition.uuid == UUIDS[8]]
+    assert loaded.value == f"child{UUIDS[8]}".encode()

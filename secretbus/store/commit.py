@@ -78,14 +78,16 @@ class Plan:
 # back every other dirty file on that file system (a VM image being written: seconds), so a
 # secret write would wait for unrelated I/O; it is not used (docs/security.md §3c).
 SYNC_THREADS = 4
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None     # (pid, pool)
 
 
 def _sync_pool() -> ThreadPoolExecutor:
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=SYNC_THREADS - 1, thread_name_prefix="secretbus-sync")
-    return _pool
+    # Per process: a forked child (the crash tests fork) has none of its parent's threads, and
+    # a pool inherited from the parent would never run what it is given.
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=SYNC_THREADS - 1, thread_name_prefix="secretbus-sync"))
+    return _pool[1]
 
 
 def sync_data(fds: list[int]) -> list[OSError | None]:
