@@ -226,10 +226,11 @@ async def run(a: argparse.Namespace) -> Stats:
             key.chmod(0o600)
             (root / "etc" / "secret.conf").write_text(f'secrets_encryption_key = "{key}"\n')
         # At least two secrets per writer, so that each writer moves between secrets.
-        count = max(a.secrets, 2 * a.clients * a.inflight)
+        inflight = getattr(a, "inflight", 1)     # callers (tests/test_reliability.py) may leave it out
+        count = max(a.secrets, 2 * a.clients * inflight)
         state = {f"{i:08x}-0000-4000-8000-{rng.getrandbits(48):012x}": Tracked() for i in range(count)}
         for n in range(a.trials):
-            await trial(n, bus, root, log, state, stats, a.clients, rng, a.inflight)
+            await trial(n, bus, root, log, state, stats, a.clients, rng, inflight)
         stats.skipped = log.read_text(errors="replace").count("skipping secret")
     finally:
         bus.stop()

@@ -150,6 +150,13 @@ def test_sync_write_from_an_event_callback_is_refused_not_deadlocked(driver):
     driver.subscribe(cb)
     driver.set_value(u, b"x")
     assert seen and "event callback" in seen[0]
+    # also when the write was applied at once in the caller's thread (no files: ephemeral)
+    e = UUIDS[6]
+    driver.define_xml(secret_xml(e, eph="yes", usage=None))
+    seen.clear()
+    driver.subscribe(lambda ev: ev.uuid == e and cb(ev))
+    driver.set_value(e, b"y")
+    assert seen and "event callback" in seen[-1]
 
 
 # -- over the bus: one client pipelines its writes to one secret -------------------------------

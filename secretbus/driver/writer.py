@@ -159,6 +159,7 @@ class Writes:
         self._stopping2 = False
         self._thread2: threading.Thread | None = None
         self.stats = WriterStats()
+        self._announcing = threading.local()          # .active: this thread runs announcements
         # Tests only: the I/O thread calls it before it takes a batch (to let a batch queue up).
         self.gate: Callable[[], None] | None = None
 
@@ -176,8 +177,9 @@ class Writes:
         return op.future
 
     def run(self, op: Op) -> Any:
-        """submit and wait (the synchronous API). Not from the I/O thread: it would wait for itself."""
-        if threading.current_thread() is self._thread:
+        """submit and wait (the synchronous API). Not from an event callback of a write: that write
+        still holds its keys, and its thread (an I/O thread, maybe) would wait for itself."""
+        if getattr(self._announcing, "active", False):
             raise errors.InternalError("a write from inside a write's event callback is not possible")
         return self.submit(op).result()
 
@@ -260,10 +262,13 @@ class Writes:
                 if op.future.done():
                     continue        # finished already (a stage failed after finishing it)
                 if op.error is None and op.planned is not None:
+                    self._announcing.active = True
                     try:
                         op.ctx.run(op.planned.announce)
                     except Exception:
                         log.exception("announcing a write failed")
+                    finally:
+                        self._announcing.active = False
                 if op.error is not None:
                     op.future.set_exception(op.error)
                 else:
