@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""GetValue over TLS against the unix socket, from the same client, and `secretbus -c` start-up.
+"""GetValue over TLS and TCP/GSSAPI against the unix socket, from the same client, and `secretbus -c` start-up.
 
-    .venv/bin/python bench/bench_rpc_tls.py [--seconds S] [--rounds R] [--cli-runs N]
+    .venv/bin/python bench/bench_rpc_tls.py [--seconds S] [--rounds R] [--cli-runs N] [--no-tcp]
 
-One secretbusd (`--system --no-dbus --audit off`, its RPC sockets and a TLS listener on a free
-loopback port, certificates made here with openssl) serves one non-private secret. The
+One secretbusd (`--system --no-dbus --audit off`, its RPC sockets, a TLS listener on a free
+loopback port with certificates made here with openssl, and a TCP listener with SASL GSSAPI,
+whose Kerberos realm is a private KDC started here, tests/harness/kdc.py, with a `kinit`-ed
+client; left out with --no-tcp or without krb5-kdc / python gssapi) serves one non-private
+secret. TCP's figures include the SASL security layer: every frame wrapped and unwrapped with
+the Kerberos session key (AES-256), both ways. The
 project's asyncio client (secretbus.rpc.client) calls GetValue one call at a time for S
 seconds per round on each transport, the transports alternating per round; rates are medians
 over the rounds, p50/p99 pool every latency. Then `secretbus -c URI secret-list` is run N times
@@ -38,14 +42,22 @@ from secretbus.rpc.client import AsyncRpcClient  # noqa: E402
 from secretbus.rpc.tls_client import TlsTransport, tls_target  # noqa: E402
 from secretbus.rpc.transport import Transport, UnixTransport  # noqa: E402
 
+try:
+    from harness.kdc import Kdc  # noqa: E402
+
+    from secretbus.rpc.tcp_client import TcpTransport, tcp_target  # noqa: E402
+except ImportError:         # no python gssapi: TLS and unix only
+    Kdc = None  # type: ignore[assignment,misc]
+
 UUID = "6a0c2f4e-8d1b-4b7a-9c3e-5f1d2e3a4b5c"
 
 
-def start(d: Path, port: int, pki: Pki) -> tuple[subprocess.Popen, Path]:
+def start(d: Path, port: int, pki: Pki, tcp: str = "") -> tuple[subprocess.Popen, Path]:
     conf = d / "secretbusd.conf"
     conf.write_text(f'listen_tls = 1\ntls_port = "{port}"\nlisten_addr = "127.0.0.1"\n'
                     f'key_file = "{pki.d}/server.key"\ncert_file = "{pki.d}/server.pem"\n'
-                    f'ca_file = "{pki.d}/ca.pem"\nremote_access = [ "x509:*=rw+values" ]\n')
+                    f'ca_file = "{pki.d}/ca.pem"\nremote_access = [ "x509:*=rw+values", "sasl:bench@*=rw+values" ]\n'
+                    + tcp)
     conf.chmod(0o600)
     rpc = d / "rpc"
     log = open(d / "secretbusd.log", "wb")
@@ -116,21 +128,38 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cli-runs", type=int, default=7)
+    ap.add_argument("--no-tcp", action="store_true", help="leave out TCP with SASL GSSAPI (Kerberos)")
     a = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="sb-bench-tls-"))
     proc = None
+    kdc = None
+    with_tcp = not a.no_tcp and Kdc is not None and os.path.exists("/usr/sbin/krb5kdc")
     try:
         pki = Pki(d)
         pki.ca()
         pki.cert("server", "/C=GB/O=secretbus test/CN=127.0.0.1", SERVER_EXT)
         client = pki.client_dir("bench", "bench-client")
         port = free_port()
-        proc, sock = start(d, port, pki)
+        tcp_conf, tcp_port = "", free_port()
+        if with_tcp:
+            kdc = Kdc().start()
+            kdc.add_user("bench")
+            # This process (the client) and secretbusd (inheriting it) use the bench's realm.
+            os.environ.update(kdc.kinit("bench"))
+            os.environ["KRB5RCACHEDIR"] = str(kdc.dir)
+            tcp_conf = f'listen_tcp = 1\ntcp_port = "{tcp_port}"\nsasl_keytab = "{kdc.keytab}"\n'
+        proc, sock = start(d, port, pki, tcp_conf)
         asyncio.run(setup(sock))
         tls_uri = f"secret+tls://127.0.0.1:{port}/system?pkipath={client}"
         target = tls_target(tls_uri)
         assert target is not None
         transports: dict[str, Transport] = {"unix": UnixTransport(sock), "tls": TlsTransport(target)}
+        uris = {"unix": f"secret:///system?socket={sock}", "tls": tls_uri}
+        if with_tcp:
+            uris["tcp+gssapi"] = f"secret+tcp://localhost:{tcp_port}/system"
+            tcp = tcp_target(uris["tcp+gssapi"])
+            assert tcp is not None
+            transports["tcp+gssapi"] = TcpTransport(tcp)
         rates: dict[str, list[float]] = {k: [] for k in transports}
         lats: dict[str, list[float]] = {k: [] for k in transports}
         for r in range(a.rounds):
@@ -138,17 +167,18 @@ def main() -> int:
             for k in order:
                 rates[k].append(asyncio.run(run_round(transports[k], a.seconds, lats[k])))
         print(f"GetValue, one call at a time, {a.rounds} rounds x {a.seconds:g} s (cores: {os.cpu_count()})")
-        print(f"{'transport':<10}{'calls/s':>10}{'p50 µs':>10}{'p99 µs':>10}{'calls':>9}")
+        print(f"{'transport':<12}{'calls/s':>10}{'p50 µs':>10}{'p99 µs':>10}{'calls':>9}")
         for k in transports:
-            print(f"{k:<10}{statistics.median(rates[k]):>10.0f}{pct(lats[k], 0.5) * 1e6:>10.0f}"
+            print(f"{k:<12}{statistics.median(rates[k]):>10.0f}{pct(lats[k], 0.5) * 1e6:>10.0f}"
                   f"{pct(lats[k], 0.99) * 1e6:>10.0f}{len(lats[k]):>9}")
-        unix_uri = f"secret:///system?socket={sock}"
         print(f"\nsecretbus -c URI secret-list, start to exit, {a.cli_runs} runs")
-        for name, uri in (("unix", unix_uri), ("tls", tls_uri)):
+        for name, uri in uris.items():
             ts = cli_times(uri, a.cli_runs)
-            print(f"{name:<10} median {statistics.median(ts) * 1e3:.0f} ms, min {min(ts) * 1e3:.0f} ms")
+            print(f"{name:<12} median {statistics.median(ts) * 1e3:.0f} ms, min {min(ts) * 1e3:.0f} ms")
         return 0
     finally:
+        if kdc is not None:
+            kdc.cleanup()
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:

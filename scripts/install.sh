@@ -4,8 +4,14 @@
 # the user unit). The Python package itself (which provides the
 # `secretbus` and `secretbusd` commands) is installed with pip; point BINDIR at its commands.
 #
-#   scripts/install.sh [install|uninstall] [VAR=value ...]      (or set the VARs in the environment)
+#   scripts/install.sh [install|uninstall] [--with-network] [VAR=value ...]   (or set the VARs in the environment)
 #
+#   --with-network               also install the drop-in systemd/secretbusd-network.conf as
+#                                $SYSTEMD_SYSCONFDIR/secretbusd.service.d/network.conf: it opens the
+#                                network of secretbusd.service for the TLS/TCP listeners and fleet
+#                                mode (docs/remote.md). Without it the unit has no network; the
+#                                drop-in is always installed to $DOCDIR/examples to copy later.
+#                                uninstall removes an installed drop-in unless it was edited.
 #   DESTDIR=                     staging root for packaging (files go to $DESTDIR$dir)
 #   PREFIX=/usr                  the dirs dbus-daemon, polkitd and systemd search are under /usr
 #   BINDIR=$PREFIX/bin           where `secretbusd` and `secretbus` are; written into the units
@@ -19,6 +25,7 @@
 #   POLKIT_RULESDIR=$DATADIR/polkit-1/rules.d      (*.rules; *.rules.example go to DOCDIR/examples)
 #   SYSTEMD_UNITDIR=$PREFIX/lib/systemd/system
 #   SYSTEMD_USERUNITDIR=$PREFIX/lib/systemd/user
+#   SYSTEMD_SYSCONFDIR=/etc/systemd/system      (the administrator's unit dir: drop-ins go there)
 #   DOCDIR=$DATADIR/doc/secretbus
 #
 # The files in the repository name /usr/bin/secretbusd and /usr/bin/secretbus (the PREFIX=/usr
@@ -30,9 +37,11 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ACTION=install
+WITH_NETWORK=no
 for arg in "$@"; do
     case $arg in
         install|uninstall) ACTION=$arg ;;
+        --with-network) WITH_NETWORK=yes ;;
         [A-Z]*=*) export "${arg?}" ;;
         -h|--help) sed -n '2,/^set -e/{/^set -e/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
         *) echo "install.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
@@ -51,10 +60,12 @@ POLKIT_ACTIONSDIR=${POLKIT_ACTIONSDIR:-$DATADIR/polkit-1/actions}
 POLKIT_RULESDIR=${POLKIT_RULESDIR:-$DATADIR/polkit-1/rules.d}
 SYSTEMD_UNITDIR=${SYSTEMD_UNITDIR:-$PREFIX/lib/systemd/system}
 SYSTEMD_USERUNITDIR=${SYSTEMD_USERUNITDIR:-$PREFIX/lib/systemd/user}
+SYSTEMD_SYSCONFDIR=${SYSTEMD_SYSCONFDIR:-/etc/systemd/system}
 DOCDIR=${DOCDIR:-$DATADIR/doc/secretbus}
 
 for v in PREFIX BINDIR DATADIR DBUS_POLICYDIR DBUS_SYSTEM_SERVICEDIR DBUS_SESSION_SERVICEDIR \
-         DBUS_INTERFACESDIR POLKIT_ACTIONSDIR POLKIT_RULESDIR SYSTEMD_UNITDIR SYSTEMD_USERUNITDIR DOCDIR; do
+         DBUS_INTERFACESDIR POLKIT_ACTIONSDIR POLKIT_RULESDIR SYSTEMD_UNITDIR SYSTEMD_USERUNITDIR \
+         SYSTEMD_SYSCONFDIR DOCDIR; do
     case ${!v} in
         /*) ;;
         *) echo "install.sh: $v must be an absolute path, not '${!v}'" >&2; exit 2 ;;
@@ -90,8 +101,26 @@ for f in "$REPO"/polkit/*; do
     esac
 done
 [ -f "$REPO/README.md" ] && MANIFEST+=("README.md $DOCDIR")
+# The network drop-in: always as an example to copy; in place only with --with-network.
+MANIFEST+=("systemd/secretbusd-network.conf $DOCDIR/examples")
+NETWORK_DROPIN=$DESTDIR$SYSTEMD_SYSCONFDIR/secretbusd.service.d/network.conf
 
 say() { printf 'install.sh: %s\n' "$*"; }
+
+# put SRC DEST [subst]: write the repo's SRC as DEST (0644), atomically (temp file, rename).
+put() {
+    local src=$1 dest=$2 mode=${3:-} tmp
+    install -d -m 0755 -- "${dest%/*}"
+    tmp=$(mktemp "${dest%/*}/.${dest##*/}.XXXXXX")
+    if [ "$mode" = subst ]; then
+        sed -e "s|/usr/bin/secretbus|$BINDIR/secretbus|g" -- "$REPO/$src" >"$tmp"
+    else
+        cat -- "$REPO/$src" >"$tmp"
+    fi
+    chmod 0644 -- "$tmp"
+    mv -f -- "$tmp" "$dest"
+    say "installed $dest"
+}
 
 for entry in "${MANIFEST[@]}"; do
     read -r src dir mode <<<"$entry"
@@ -100,17 +129,21 @@ for entry in "${MANIFEST[@]}"; do
         if [ -e "$dest" ]; then rm -f -- "$dest"; say "removed $dest"; fi
         continue
     fi
-    install -d -m 0755 -- "$DESTDIR$dir"
-    tmp=$(mktemp "$DESTDIR$dir/.${src##*/}.XXXXXX")
-    if [ "${mode:-}" = subst ]; then
-        sed -e "s|/usr/bin/secretbus|$BINDIR/secretbus|g" -- "$REPO/$src" >"$tmp"
-    else
-        cat -- "$REPO/$src" >"$tmp"
-    fi
-    chmod 0644 -- "$tmp"
-    mv -f -- "$tmp" "$dest"
-    say "installed $dest"
+    put "$src" "$dest" "${mode:-}"
 done
+
+if [ "$ACTION" = install ] && [ "$WITH_NETWORK" = yes ]; then
+    put systemd/secretbusd-network.conf "$NETWORK_DROPIN"
+elif [ "$ACTION" = uninstall ] && [ -e "$NETWORK_DROPIN" ]; then
+    # The administrator's directory: remove only the file as shipped, never an edited one.
+    if cmp -s -- "$REPO/systemd/secretbusd-network.conf" "$NETWORK_DROPIN"; then
+        rm -f -- "$NETWORK_DROPIN"
+        rmdir -- "${NETWORK_DROPIN%/*}" 2>/dev/null || true
+        say "removed $NETWORK_DROPIN"
+    else
+        say "kept $NETWORK_DROPIN: it differs from systemd/secretbusd-network.conf (edited here)"
+    fi
+fi
 
 if [ "$ACTION" = install ] && [ -z "$DESTDIR" ]; then
     for cmd in secretbusd secretbus; do

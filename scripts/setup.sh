@@ -31,6 +31,10 @@ PACKAGES=(
     openssh-server                        # sshd for the secret+ssh:// tests (each test starts its own on loopback)
     openssh-client                        # ssh: the client side of secret+ssh:// (secretbus and virsh run it)
     netcat-openbsd                        # nc -U: libvirt's remote command for secret+ssh://…?socket=
+    libkrb5-dev                           # krb5-config and headers: pip builds python's gssapi (no Linux wheel) for secret+tcp://
+    krb5-kdc krb5-admin-server            # krb5kdc, kdb5_util, kadmin.local: each secret+tcp:// test runs its own KDC on loopback
+    krb5-user                             # kinit, klist: Kerberos tickets for the test clients
+    libsasl2-modules-gssapi-mit           # GSSAPI for virsh/python3-libvirt's SASL client (secret+tcp:// with Kerberos)
 )
 
 missing=()

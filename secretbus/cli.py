@@ -722,7 +722,7 @@ def _open(uri: str | None, direct_driver: bool, readonly: bool = False):
     if direct_driver:
         uri = uri or default_uri()
         return open_driver(parse_uri(uri), uri)
-    return open_connection(uri, readonly=readonly)
+    return open_connection(uri, readonly=readonly, prompt=True)     # SASL credentials: as virsh asks
 
 
 def _report(lines: tuple[str, ...] | list[str]) -> None:

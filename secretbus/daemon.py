@@ -11,7 +11,7 @@ passes (LISTEN_FDS, LISTEN_FDNAMES) instead of binding them.
 
 Remote access (DESIGN §10, docs/remote.md): secretbusd.conf (`--config FILE`; by default
 /etc/secretbus/secretbusd.conf, the session's $XDG_CONFIG_HOME/secretbus/, --root DIR's DIR/etc/)
-turns on the TLS listener and grants remote callers their rights.
+turns on the TLS and TCP (Kerberos) listeners and grants remote callers their rights.
 
 sd_notify READY/RELOADING/STOPPING/STATUS; SIGHUP reloads secret.conf, the key and the
 store, and secretbusd.conf (listeners added, removed or moved, certificates re-read); a failed
@@ -196,10 +196,13 @@ class Daemon:
                 await self.remote.apply(self.serverconf)
             except (errors.SecretError, OSError) as e:
                 log.error("cannot serve remote access: %s", _shown(e))
+                notify(f"STATUS=failed: cannot serve remote access: {_shown(e)}")   # systemctl status shows it
                 await self.rpc.stop()
                 return EXIT_CONFIG if isinstance(e, errors.SecretError) else 1
-        elif self.serverconf.listen_tls:
-            log.error("listen_tls = 1 needs the RPC front end, which is not served: no TLS listener")
+        else:
+            for key, what in (("listen_tls", "TLS"), ("listen_tcp", "TCP")):
+                if getattr(self.serverconf, key):
+                    log.error("%s = 1 needs the RPC front end, which is not served: no %s listener", key, what)
         try:
             if self._connect is None:
                 return await self._serve(None, t0)
@@ -415,8 +418,9 @@ class Daemon:
             except OSError as e:
                 raise errors.OperationFailed(f"cannot listen as {path} asks: {e.strerror or e}") from None
         self.serverconf = conf
-        log.info("reloaded %s: TLS listener %s", path,
-                 f"on port {conf.tls_port}" if conf.listen_tls else "off")
+        log.info("reloaded %s: TLS listener %s, TCP listener %s", path,
+                 f"on port {conf.tls_port}" if conf.listen_tls else "off",
+                 f"on port {conf.tcp_port}" if conf.listen_tcp else "off")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -445,7 +449,7 @@ def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, 
     limits = RpcLimits(max_clients=conf.max_clients, max_requests=conf.max_client_requests,
                        root_reserve=min(RpcLimits.root_reserve, conf.max_clients // 2))
     return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root), guard=guard,
-                     passed=passed, limits=limits)
+                     passed=passed, limits=limits, conf=conf)
 
 
 def take_sockets() -> list[Passed]:

@@ -13,15 +13,22 @@ Which front end a local URI uses (DESIGN §9; README "Which front end"):
 Remote transports can only be RPC. `secret+ssh://[user@]host[:port]/system` runs ssh to the
 remote host's RPC socket (secretbus.rpc.sshuri, sshcommand); `secret+tls://host[:port]/system`
 and `secret://host/system` (libvirt's TLS default for a host name) go over TLS
-(secretbus.rpc.tls_client); docs/remote.md. `secret+tcp://` answers NoSupport for now.
+(secretbus.rpc.tls_client); `secret+tcp://host[:port]/system` over TCP with SASL GSSAPI, the
+caller's Kerberos tickets (secretbus.rpc.tcp_client); docs/remote.md.
+
+A server that asks for SASL (auth_tls / auth_unix_* = "sasl") gets the credentials of libvirt's
+auth file (`authfile=`, $LIBVIRT_AUTH_FILE, …); with `prompt=True` (`secretbus -c`) and none
+there, they are asked on the controlling terminal in virsh's words and the connection is made
+again with them (rpc/askpass.py); without a terminal, or with no_tty=1, it is an auth error.
 """
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 from secretbus.core import errors
@@ -30,6 +37,9 @@ from secretbus.core.model import InstanceKind
 if TYPE_CHECKING:
     from secretbus.core.api import Connection
     from secretbus.driver.embedded import EmbeddedConnection
+    from secretbus.rpc.sasl_client import SaslLogin
+
+C = TypeVar("C")
 
 # URI parameters libvirt's client consumes itself (remote_driver.c); the others travel in the
 # name sent with CONNECT_OPEN, and the server accepts unknown ones.
@@ -46,6 +56,7 @@ class ParsedURI:
     socket: Path | None = None                 # ?socket=PATH: RPC on that socket
     mode: str | None = None                    # ?mode=auto|direct|legacy (libvirt's)
     params: tuple[tuple[str, str], ...] = field(default=())   # the others, passed on
+    authfile: str | None = None                # ?authfile=: libvirt's SASL credentials file
 
     @property
     def wants_rpc(self) -> bool:
@@ -60,12 +71,15 @@ class ParsedURI:
 LOCAL_SCHEMES = ("secret", "secret+unix")
 
 
-def _rpc_params(uri: str, query: str) -> tuple[Path | None, str | None, tuple[tuple[str, str], ...]]:
+def _rpc_params(uri: str, query: str) -> tuple[Path | None, str | None, tuple[tuple[str, str], ...], str | None]:
     socket: Path | None = None
     mode: str | None = None
+    authfile: str | None = None
     rest = []
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if key == "socket":
+        if key == "authfile":
+            authfile = value or None
+        elif key == "socket":
             if not value.startswith("/"):
                 raise errors.InvalidArg(f"socket parameter must be an absolute path, not '{value}'")
             socket = Path(value)
@@ -75,7 +89,7 @@ def _rpc_params(uri: str, query: str) -> tuple[Path | None, str | None, tuple[tu
             mode = value
         elif key not in CLIENT_PARAMS:
             rest.append((key, value))
-    return socket, mode, tuple(rest)
+    return socket, mode, tuple(rest), authfile
 
 
 def parse_uri(uri: str) -> ParsedURI:
@@ -88,9 +102,9 @@ def parse_uri(uri: str) -> ParsedURI:
         raise errors.NoSupport(f"remote URI '{uri}' is not supported yet")
     path = parts.path
     if path in ("/system", "/session"):
-        socket, mode, params = _rpc_params(uri, parts.query)
+        socket, mode, params, authfile = _rpc_params(uri, parts.query)
         kind = InstanceKind.SYSTEM if path == "/system" else InstanceKind.SESSION
-        return ParsedURI(kind, socket=socket, mode=mode, params=params)
+        return ParsedURI(kind, socket=socket, mode=mode, params=params, authfile=authfile)
     if path == "/embed":
         if parts.scheme != "secret":
             raise errors.InternalError("URI must be secret:///embed")
@@ -136,24 +150,27 @@ def _is_socket(path: Path) -> bool:
         return False
 
 
-def open_rpc(parsed: ParsedURI, uri: str, *, timeout: float = 25.0, readonly: bool = False) -> Connection:
+def open_rpc(parsed: ParsedURI, uri: str, *, timeout: float = 25.0, readonly: bool = False,
+             login: SaslLogin | None = None) -> Connection:
     from secretbus.rpc.facade import RpcConnection
+    from secretbus.rpc.sasl_client import SaslLogin
     from secretbus.rpc.transport import UnixTransport
     return RpcConnection.open(uri, UnixTransport(rpc_socket(parsed, readonly)), name=parsed.open_name(),
-                              readonly=readonly, timeout=timeout)
+                              readonly=readonly, timeout=timeout, login=login or SaslLogin(authfile=parsed.authfile))
 
 
-def open_ssh(uri: str, *, timeout: float = 25.0, readonly: bool = False) -> Connection:
+def open_ssh(uri: str, *, timeout: float = 25.0, readonly: bool = False,
+             login: SaslLogin | None = None) -> Connection:
     """secret+ssh://…: RPC through an ssh child (rpc/transport.SshTransport)."""
     from secretbus.rpc.facade import RpcConnection
     from secretbus.rpc.sshuri import parse_ssh_uri
     from secretbus.rpc.transport import SshTransport
     target = parse_ssh_uri(uri)
     return RpcConnection.open(uri, SshTransport(target, readonly=readonly), name=target.open_name(),
-                              readonly=readonly, timeout=timeout)
+                              readonly=readonly, timeout=timeout, login=login or _login(uri, target.host))
 
 
-def _open_tls(uri: str, timeout: float, readonly: bool) -> Connection | None:
+def _open_tls(uri: str, timeout: float, readonly: bool, login: SaslLogin | None = None) -> Connection | None:
     """secret+tls://host[:port]/system and secret://host/system (libvirt's TLS default), over
     RPC; None for any other URI (rpc/tls_client.py)."""
     from secretbus.rpc.tls_client import TlsTransport, tls_target
@@ -161,28 +178,80 @@ def _open_tls(uri: str, timeout: float, readonly: bool) -> Connection | None:
     if target is None:
         return None
     from secretbus.rpc.facade import RpcConnection
-    return RpcConnection.open(uri, TlsTransport(target), name=target.open_name(), readonly=readonly,
+    return RpcConnection.open(uri, TlsTransport(target, login), name=target.open_name(), readonly=readonly,
                               timeout=timeout)
 
 
-def open_connection(uri: str | None = None, *, timeout: float = 25.0, readonly: bool = False) -> Connection:
+def _open_tcp(uri: str, timeout: float, readonly: bool) -> Connection | None:
+    """secret+tcp://host[:port]/system over RPC with Kerberos; None for any other URI."""
+    if not uri.startswith("secret+tcp:"):
+        return None
+    try:
+        from secretbus.rpc.tcp_client import TcpTransport, tcp_target
+    except ImportError as e:
+        raise errors.NoSupport(f"secret+tcp:// needs python's gssapi module (Kerberos): {e.msg}") from None
+    target = tcp_target(uri)
+    assert target is not None
+    from secretbus.rpc.facade import RpcConnection
+    return RpcConnection.open(uri, TcpTransport(target), name=target.open_name(), readonly=readonly,
+                              timeout=timeout)
+
+
+def _login(uri: str, host: str) -> SaslLogin:
+    """Where SASL credentials come from for `uri`: its authfile=, else libvirt's search."""
+    from secretbus.rpc.sasl_client import SaslLogin
+    authfile = dict(parse_qsl(urlsplit(uri).query)).get("authfile") or None
+    return SaslLogin(host, authfile)
+
+
+def _login_host(uri: str) -> str:
+    from secretbus.rpc.sasl_client import LOCALHOST
+    return urlsplit(uri).hostname or LOCALHOST
+
+
+def _asking(uri: str, attempt: Callable[[SaslLogin | None], C]) -> C:
+    """`attempt(None)`; if it stopped for want of SASL credentials, ask them on the terminal and
+    `attempt(login)` once more with them (a wrong answer is the server's refusal)."""
+    from secretbus.rpc.askpass import ask_credentials
+    from secretbus.rpc.sasl_client import CredentialsNeeded
+    try:
+        return attempt(None)
+    except CredentialsNeeded:
+        no_tty = dict(parse_qsl(urlsplit(uri).query)).get("no_tty", "") not in ("", "0")
+        answer = None if no_tty else ask_credentials()
+        if answer is None:
+            raise
+    login = _login(uri, _login_host(uri))
+    login.credentials = answer
+    return attempt(login)
+
+
+def open_connection(uri: str | None = None, *, timeout: float = 25.0, readonly: bool = False,
+                    prompt: bool = False) -> Connection:
     """Open `uri` (default: $SECRETBUS_DEFAULT_URI, else system for root, session otherwise)
     over the front end chosen by the rule in this module's docstring. `readonly` asks for a
-    read-only connection, which only the RPC front end has (libvirt's `virsh -r`)."""
+    read-only connection, which only the RPC front end has (libvirt's `virsh -r`). `prompt`:
+    SASL credentials that no auth file gives are asked on the controlling terminal."""
     uri = uri or default_uri()
+    if prompt:
+        return _asking(uri, lambda login: _open(uri, timeout, readonly, login))
+    return _open(uri, timeout, readonly, None)
+
+
+def _open(uri: str, timeout: float, readonly: bool, login: SaslLogin | None) -> Connection:
     from secretbus.rpc.sshuri import is_ssh_uri
     if is_ssh_uri(uri):
-        return open_ssh(uri, timeout=timeout, readonly=readonly)
-    tls = _open_tls(uri, timeout, readonly)
-    if tls is not None:
-        return tls
+        return open_ssh(uri, timeout=timeout, readonly=readonly, login=login)
+    remote = _open_tls(uri, timeout, readonly, login) or _open_tcp(uri, timeout, readonly)
+    if remote is not None:
+        return remote
     parsed = parse_uri(uri)
     if parsed.kind is InstanceKind.EMBED:
         if readonly:
             raise errors.NoSupport("read-only connections are not supported by the embedded driver")
         return open_driver(parsed, uri)
     if parsed.wants_rpc or readonly:
-        return open_rpc(parsed, uri, timeout=timeout, readonly=readonly)
+        return open_rpc(parsed, uri, timeout=timeout, readonly=readonly, login=login)
     try:
         from secretbus.bus.client import DBusConnection
     except ImportError:
@@ -193,7 +262,7 @@ def open_connection(uri: str | None = None, *, timeout: float = 25.0, readonly: 
     except errors.OperationFailed:
         if not socket_there:
             raise
-        return open_rpc(parsed, uri, timeout=timeout)
+        return open_rpc(parsed, uri, timeout=timeout, login=login)
     if socket_there:
         try:
             present = conn.service_present()
@@ -202,5 +271,5 @@ def open_connection(uri: str | None = None, *, timeout: float = 25.0, readonly: 
             raise
         if not present:
             conn.close()
-            return open_rpc(parsed, uri, timeout=timeout)
+            return open_rpc(parsed, uri, timeout=timeout, login=login)
     return conn

@@ -2,13 +2,17 @@
 """Run a command inside the sandbox that a systemd unit file asks for, as far as that can be
 reproduced without systemd as PID 1 (for tests; run as root).
 
-    systemd_sandbox.py --unit FILE [--user] [--map UNITPATH=REALPATH]... -- COMMAND [ARG]...
+    systemd_sandbox.py --unit FILE [--dropin FILE]... [--user] [--map UNITPATH=REALPATH]... -- COMMAND [ARG]...
 
-It reads the unit's [Service] settings and applies them with the same kernel mechanisms
+It reads the unit's [Service] settings, and then each --dropin file's in the order given (as
+systemd reads FILE.d/*.conf after the unit, in file name order: every assignment continues
+the unit's, so a list key appends, a key assigned the empty string is reset, and for a single
+value the last assignment wins), and applies them with the same kernel mechanisms
 systemd uses, in three stages that each exec the next, so the command keeps this PID:
 
  1. `unshare --mount [--net] --propagation private` (PrivateNetwork=: a new network
-    namespace; AF_UNIX path sockets still work, only abstract ones are per namespace);
+    namespace with only lo, brought up as systemd does in stage 2; AF_UNIX path sockets
+    still work, only abstract ones are per namespace);
  2. mounts, as root: TemporaryFileSystem= (a tmpfs, read-only with ":ro") with
     BindReadOnlyPaths= bound onto it from what it hides, InaccessiblePaths= and
     ProtectHome=yes (/home, /root, /run/user) covered by an empty mode-0000 tmpfs or file,
@@ -17,21 +21,30 @@ systemd uses, in three stages that each exec the next, so the command keeps this
     Configuration/Runtime/StateDirectory= left writable (through --map when the unit's
     paths are stood in for by test directories; --user: a user unit's directories, named
     %E/DIR, %t/DIR and %S/DIR for --map, as systemd's specifiers name their roots),
-    ProcSubset=pid / ProtectProc= (a fresh procfs with subset=pid,hidepid=...), UMask=;
+    PrivateTmp= (/var/tmp, see below), ProcSubset=pid / ProtectProc= (a fresh procfs with
+    subset=pid,hidepid=...), UMask=;
     then `setpriv` for NoNewPrivileges=, CapabilityBoundingSet= and AmbientCapabilities=;
  3. seccomp filters through libseccomp, built like systemd builds them:
     SystemCallFilter= (allow list: its groups and names, minus the ~ lines, plus @default,
     groups expanded with `systemd-analyze syscall-filter`), SystemCallErrorNumber=,
     SystemCallArchitectures=native (a native-only filter), RestrictAddressFamilies=
-    (socket() of another family fails with EAFNOSUPPORT), MemoryDenyWriteExecute=
+    (socket() of another family fails with EAFNOSUPPORT; an allow list of several families is
+    built as systemd builds it: below the lowest, above the highest and each gap refused),
+    MemoryDenyWriteExecute=
     (mmap W+X, mprotect/pkey_mprotect +X and shmat SHM_EXEC fail with EPERM),
     RestrictNamespaces=yes (unshare/clone with namespace flags and setns fail with EPERM,
     clone3 with ENOSYS so that glibc falls back to clone).
 
-Not reproduced (listed on stderr): PrivateTmp=, PrivateDevices=/DevicePolicy=, PrivateUsers=,
+A --map UNITPATH=REALPATH also moves a BindReadOnlyPaths= source (e.g. /etc/pki from a test
+directory), so that the command sees REALPATH's files at UNITPATH.
+
+PrivateTmp=yes is reproduced for /var/tmp only (a fresh writable tmpfs); /tmp stays the
+host's, where the tests keep the files the command needs.
+
+Not reproduced (listed on stderr): PrivateDevices=/DevicePolicy=, PrivateUsers=,
 ProtectHome= other than yes, the other Protect*= mounts, LoadCredentialEncrypted= (the caller
-decrypts the credential itself), IPAddressDeny=, the cgroup limits (MemoryMax= and the like)
-and the remaining seccomp-based Restrict*=/LockPersonality= options.
+decrypts the credential itself), IPAddressDeny=/IPAddressAllow= (cgroup BPF), the cgroup
+limits (MemoryMax= and the like) and the remaining seccomp-based Restrict*=/LockPersonality= options.
 """
 from __future__ import annotations
 
@@ -45,6 +58,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import overload
 
@@ -56,6 +70,7 @@ EMULATED = {
     "SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
     "RestrictAddressFamilies", "MemoryDenyWriteExecute", "RestrictNamespaces",
     "TemporaryFileSystem", "BindReadOnlyPaths", "InaccessiblePaths", "PrivateMounts", "ProtectHome",
+    "PrivateTmp",   # /var/tmp only (see stage_mounts)
 }
 NOT_SANDBOXING = {  # [Service] keys that are not about the sandbox at all
     "Type", "NotifyAccess", "BusName", "ExecStart", "ExecReload", "Restart",
@@ -70,9 +85,26 @@ PROTECT_HOME = ("/home", "/root", "/run/user")
 
 
 # -- unit files ----------------------------------------------------------------------------
-def parse_unit(path: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
-    """{section: {key: [values in order]}}; repeated keys accumulate, as systemd's lists do."""
+def parse_unit(path: str | os.PathLike, dropins: Sequence[str | os.PathLike] = ()) -> dict[str, dict[str, list[str]]]:
+    """{section: {key: [values in order]}} of the unit and then its drop-ins, read as systemd
+    reads them: each assignment continues the ones before it, in the unit and across files, so
+    repeated keys accumulate (lists append; for a single value `last()` is the one in force)
+    and a key assigned the empty string starts again from nothing (`KEY=` resets a list, e.g.
+    IPAddressDeny=, and leaves CapabilityBoundingSet= as the empty set: the key is kept with
+    no values)."""
     sections: dict[str, dict[str, list[str]]] = {}
+    for f in (path, *dropins):
+        for section, key, value in _assignments(f):
+            values = sections.setdefault(section, {}).setdefault(key, [])
+            if value:
+                values.append(value)
+            else:
+                values.clear()
+    return sections
+
+
+def _assignments(path: str | os.PathLike) -> list[tuple[str, str, str]]:
+    out = []
     current = None
     text = Path(path).read_text()
     for raw in text.replace("\\\n", " ").splitlines():
@@ -80,13 +112,13 @@ def parse_unit(path: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
         if not line or line[0] in "#;":
             continue
         if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
+            current = line[1:-1]
             continue
         if current is None or "=" not in line:
             raise ValueError(f"{path}: cannot parse line {raw!r}")
         key, value = line.split("=", 1)
-        current.setdefault(key.strip(), []).append(value.strip())
-    return sections
+        out.append((current, key.strip(), value.strip()))
+    return out
 
 
 def service(unit: dict) -> dict[str, list[str]]:
@@ -239,13 +271,23 @@ def hide_paths(svc, mapping: dict[str, str], stage: Path) -> list[str]:
 
 
 def stage_mounts(args, svc) -> None:
+    if yes(last(svc, "PrivateNetwork")):
+        # systemd configures the namespace's loopback device (up, 127.0.0.1 and ::1); unshare
+        # leaves it down. Done here, where the new namespace is ours and capabilities still are.
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     mapping = dict(m.split("=", 1) for m in args.map)
     with tempfile.TemporaryDirectory(prefix="sandbox-", dir="/run") as stage:
         read_only = hide_paths(svc, mapping, Path(stage))
     for p in read_only:
         _mount("-o", "remount,bind,ro", p)
+    writable = []
+    if yes(last(svc, "PrivateTmp")):
+        # /var/tmp only: a fresh tmpfs, writable under ProtectSystem=strict as systemd's private
+        # one is (MIT Kerberos keeps its replay cache there). /tmp stays the host's: the tests'
+        # files (sockets, certificates, configs) are there.
+        _mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", "/var/tmp")
+        writable.append("/var/tmp")
     if last(svc, "ProtectSystem") == "strict":
-        writable = []
         paths = [p for group in words(svc, "ReadWritePaths") for p in group] + _exec_dirs(svc, args.user)
         for p in paths:
             optional = p.startswith("-")
@@ -258,7 +300,8 @@ def stage_mounts(args, svc) -> None:
                 raise SystemExit(f"sandbox: writable path {p} ({real}) does not exist")
             writable.append(os.path.realpath(real))
         for w in writable:
-            _mount("--bind", w, w)
+            if w != "/var/tmp":          # a mount of its own already
+                _mount("--bind", w, w)
         for mp in _mountpoints():
             if _under(mp, "/proc") or _under(mp, "/dev") or any(_under(mp, w) for w in writable):
                 continue
@@ -293,7 +336,7 @@ def stage_mounts(args, svc) -> None:
 # -- stage 3: seccomp -----------------------------------------------------------------------
 SCMP_ACT_KILL_PROCESS = 0x80000000
 SCMP_ACT_ALLOW = 0x7FFF0000
-SCMP_CMP_NE, SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ = 1, 4, 7
+SCMP_CMP_NE, SCMP_CMP_LT, SCMP_CMP_EQ, SCMP_CMP_GT, SCMP_CMP_MASKED_EQ = 1, 2, 4, 6, 7
 SCMP_FLTATR_CTL_NNP = 3
 PROT_WRITE, PROT_EXEC, SHM_EXEC = 0x2, 0x4, 0o100000
 NS_FLAGS = {"cgroup": 0x02000000, "ipc": 0x08000000, "net": 0x40000000, "mnt": 0x00020000,
@@ -400,6 +443,18 @@ def allowed_syscalls(svc) -> set[str] | None:
     return allow
 
 
+def address_family_rules(allowed: set[int]) -> list[tuple[int, int, int, int]]:
+    """The socket() argument-0 comparisons refused for an allow list of address families, one
+    rule each, as systemd's seccomp_restrict_address_families() adds them (a seccomp rule
+    cannot compare one argument twice): below the lowest, above the highest, and every
+    family in between that is not allowed."""
+    lo, hi = min(allowed), max(allowed)
+    rules = [(0, SCMP_CMP_LT, lo, 0)] if lo > 1 else []
+    rules.append((0, SCMP_CMP_GT, hi, 0))
+    rules += [(0, SCMP_CMP_EQ, af, 0) for af in range(lo + 1, hi) if af not in allowed]
+    return rules
+
+
 def build_filters(svc) -> list[Filter]:
     filters = []
     errno_name = last(svc, "SystemCallErrorNumber")
@@ -417,10 +472,8 @@ def build_filters(svc) -> list[Filter]:
         if any(x.startswith("~") for x in families):
             raise SystemExit("sandbox: RestrictAddressFamilies=~ is not supported")
         f = Filter(SCMP_ACT_ALLOW)
-        nums = sorted({AF[x] for x in families})
-        if len(nums) != 1:
-            raise SystemExit("sandbox: only one address family is supported")
-        f.add(SCMP_ACT_ERRNO(errno.EAFNOSUPPORT), "socket", (0, SCMP_CMP_NE, nums[0], 0))
+        for cmp in address_family_rules({AF[x] for x in families}):
+            f.add(SCMP_ACT_ERRNO(errno.EAFNOSUPPORT), "socket", cmp)
         filters.append(f)
     if yes(last(svc, "MemoryDenyWriteExecute")):
         f = Filter(SCMP_ACT_ALLOW)
@@ -460,6 +513,8 @@ def _exec(argv: list[str]) -> None:
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--unit", required=True)
+    p.add_argument("--dropin", action="append", default=[], metavar="FILE",
+                   help="a drop-in (FILE.d/*.conf) read after the unit, in the order given")
     p.add_argument("--map", action="append", default=[], metavar="UNITPATH=REALPATH")
     p.add_argument("--user", action="store_true", help="a user unit (its directories are %%E/..., %%t/...)")
     p.add_argument("--stage", default="namespaces", choices=("namespaces", "mounts", "seccomp"))
@@ -467,11 +522,13 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if not args.command or args.command[0] != "--" or len(args.command) < 2:
         p.error("missing -- COMMAND")
-    args.passthrough = ["--unit", args.unit, *(["--user"] if args.user else []),
+    args.passthrough = ["--unit", args.unit, *[x for d in args.dropin for x in ("--dropin", d)],
+                        *(["--user"] if args.user else []),
                         *[x for m in args.map for x in ("--map", m)], *args.command]
-    svc = service(parse_unit(args.unit))
+    svc = service(parse_unit(args.unit, args.dropin))
     if args.stage == "namespaces":
-        skipped = sorted(k for k in svc if k not in EMULATED and k not in NOT_SANDBOXING)
+        # A key reset to nothing (IPAddressDeny= in a drop-in) leaves nothing to emulate.
+        skipped = sorted(k for k, v in svc.items() if v and k not in EMULATED and k not in NOT_SANDBOXING)
         if skipped:
             print("sandbox: not emulated: " + json.dumps(skipped), file=sys.stderr)
         stage_namespaces(args, svc)

@@ -62,6 +62,17 @@ remote_access = [ "x509:C=GB,*,CN=client1=rw+values", "x509:*=ro", "sasl:fred=rw
     assert [g.line for g in c.remote_access] == [15, 15, 15]
 
 
+def test_unix_auth_defaults_are_libvirts_and_each_socket_has_its_own():
+    c = parse_serverconf("")
+    # libvirtd privileged with polkit: both sockets polkit; unprivileged: none
+    assert [c.unix_auth(True, ro) for ro in (False, True)] == ["polkit", "polkit"]
+    assert [c.unix_auth(False, ro) for ro in (False, True)] == ["none", "none"]
+    c = parse_serverconf('auth_unix_rw = "sasl"\nauth_unix_ro = "none"\n')
+    assert (c.unix_auth(True, False), c.unix_auth(True, True)) == ("sasl", "none")
+    assert c.unix_auth(False, False) == "sasl"
+    assert parse_serverconf('auth_unix_ro = "sasl"').unix_auth(True, False) == "polkit"
+
+
 def test_an_empty_dn_list_admits_nobody():
     assert not parse_serverconf("tls_allowed_dn_list = []").dn_allowed(DN)
 
@@ -82,6 +93,8 @@ def test_globs_are_glibs_simple_patterns(pattern, text, want):
     ("ca_file = \"relative.pem\"", 1, "absolute path"),
     ("auth_tls = \"polkit\"", 1, "'auth_tls' must be 'none' or 'sasl'"),
     ("auth_tcp = \"none\"", 1, "'auth_tcp' must be 'sasl'"),
+    ("auth_unix_rw = \"gssapi\"", 1, "'auth_unix_rw' must be 'none' or 'polkit' or 'sasl'"),
+    ("\nauth_unix_ro = 1", 2, "auth_unix_ro"),
     ("tls_allowed_dn_list = \"CN=*\"", 1, "expected a list"),
     ("remote_access = [\n \"x509:CN=a=all\" ]", 2, "rights must be ro, rw or rw+values"),
     ("remote_access = [ \"unix:x=ro\" ]", 1, "must start with x509: or sasl:"),

@@ -31,6 +31,7 @@ import sys
 import sysconfig
 import time
 import uuid as uuidlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,7 +238,7 @@ def test_system_unit_settings(installed):
     assert svc["ProtectSystem"] == ["strict"]
     assert rw == {str(system.config_dir), str(SYSTEM_DIR)}
     assert system.state_dir.is_relative_to(SYSTEM_DIR)
-    assert svc["CapabilityBoundingSet"] == [""] and svc["UMask"] == ["0077"]
+    assert svc["CapabilityBoundingSet"] == [] and svc["UMask"] == ["0077"]   # the empty set
     assert svc["RestrictAddressFamilies"] == ["AF_UNIX"] and svc["PrivateNetwork"] == ["yes"]
     assert_limits(svc)
     # Root's files stay out of sight: /etc is an empty tmpfs with a few files bound back.
@@ -430,17 +431,28 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_daemon(unit_file: Path, extra: list[str], env: dict[str, str], notify: harness.NotifySocket,
-                 log: Path, *, sandboxed: bool, maps: dict[str, Path] | None = None,
-                 user: bool = False, sockets: list[activate.SocketSpec] | None = None) -> Daemon:
-    """The unit's ExecStart= + `extra`, optionally inside the unit's sandbox (`user`: a user
-    unit's) and given `sockets` as systemd passes them (harness/activate.py, which execs in
-    place like each sandbox stage: LISTEN_PID stays the daemon's); waits for READY=1."""
-    svc = systemd_sandbox.service(systemd_sandbox.parse_unit(unit_file))
+def daemon_argv(unit_file: Path, extra: list[str], *, sandboxed: bool, maps: dict[str, Path] | None = None,
+                user: bool = False, dropins: Sequence[Path] = ()) -> list[str]:
+    """The unit's ExecStart= (its drop-ins applied) + `extra`, optionally in its sandbox."""
+    svc = systemd_sandbox.service(systemd_sandbox.parse_unit(unit_file, dropins))
     argv = execstart(svc) + extra
     if sandboxed:
         argv = [sys.executable, str(SANDBOX), "--unit", str(unit_file), *(["--user"] if user else []),
+                *[x for d in dropins for x in ("--dropin", str(d))],
                 *[x for k, v in (maps or {}).items() for x in ("--map", f"{k}={v}")], "--", *argv]
+    return argv
+
+
+def start_daemon(unit_file: Path, extra: list[str], env: dict[str, str], notify: harness.NotifySocket,
+                 log: Path, *, sandboxed: bool, maps: dict[str, Path] | None = None,
+                 user: bool = False, sockets: list[activate.SocketSpec] | None = None,
+                 dropins: Sequence[Path] = ()) -> Daemon:
+    """The unit's ExecStart= + `extra`, optionally inside the unit's sandbox (`user`: a user
+    unit's; `dropins`: its drop-ins) and given `sockets` as systemd passes them
+    (harness/activate.py, which execs in place like each sandbox stage: LISTEN_PID stays the
+    daemon's); waits for READY=1."""
+    svc = systemd_sandbox.service(systemd_sandbox.parse_unit(unit_file, dropins))
+    argv = daemon_argv(unit_file, extra, sandboxed=sandboxed, maps=maps, user=user, dropins=dropins)
     if sockets:
         argv = activate.argv(sockets) + argv
     umask = int(systemd_sandbox.last(svc, "UMask", "0022"), 8)

@@ -15,13 +15,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from secretbus.core import errors
 from secretbus.rpc import protocol as P
 from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, frame_length, parse_header
 from secretbus.rpc.transport import Transport
 from secretbus.rpc.xdr import XdrError, XdrType, decode, encode
+
+if TYPE_CHECKING:
+    from secretbus.rpc.sasl_client import SaslLogin
 
 log = logging.getLogger("secretbus.rpc.client")
 
@@ -47,6 +50,9 @@ def _other_class(code: int) -> type[errors.SecretError]:
                    code=code, prefix="", own_kind=False)
         _OTHER[code] = cls
     return cls
+
+
+remote_error_class = _other_class     # for the classes of other modules (rpc/sasl_client.py)
 
 
 def error_from_remote(body: dict[str, Any]) -> errors.SecretError:
@@ -139,13 +145,19 @@ class AsyncRpcClient:
             self._lose(f"the connection to {self.where} was lost: {e.strerror or type(e).__name__}")
 
     # -- the libvirt connection handshake ------------------------------------------
-    async def open(self, name: str | None, *, readonly: bool = False, keepalive: bool = True) -> None:
-        """AUTH_LIST (+ AUTH_POLKIT), keepalive negotiation, CONNECT_OPEN: what virsh sends."""
+    async def open(self, name: str | None, *, readonly: bool = False, keepalive: bool = True,
+                   sasl: SaslLogin | None = None) -> None:
+        """AUTH_LIST (+ AUTH_POLKIT or SASL), keepalive negotiation, CONNECT_OPEN: what virsh
+        sends. `sasl`: where SCRAM's credentials come from, if the server asks (None: refused)."""
         types = (await self.call(P.Proc.AUTH_LIST))["types"]
         if types and P.AuthType.NONE not in types:
-            if P.AuthType.POLKIT not in types:
-                raise auth_failed("the server offers only SASL, which this client does not implement yet")
-            if not (await self.call(P.Proc.AUTH_POLKIT))["complete"]:
+            if P.AuthType.SASL in types and P.AuthType.POLKIT not in types:
+                from secretbus.rpc.sasl_client import SaslLogin, scram  # it builds on this module
+                await scram(self.call, sasl if sasl is not None else SaslLogin())
+            elif P.AuthType.POLKIT not in types:
+                raise auth_failed(f"the server offers authentication types {types}, none of which this "
+                                  "client speaks")
+            elif not (await self.call(P.Proc.AUTH_POLKIT))["complete"]:
                 raise auth_failed("polkit authentication did not complete")
         if keepalive:
             # The server then pings this connection when idle, and drops it if we are gone.

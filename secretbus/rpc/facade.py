@@ -30,6 +30,7 @@ from secretbus.core.uuids import canonical_uuid, parse_uuid
 from secretbus.driver.rules import check_value
 from secretbus.rpc import protocol as P
 from secretbus.rpc.client import AsyncRpcClient
+from secretbus.rpc.sasl_client import SaslLogin
 from secretbus.rpc.transport import Transport
 
 log = logging.getLogger("secretbus.rpc.client")
@@ -63,16 +64,19 @@ class RpcConnection(Connection):
         self._callbacks: dict[EventId, int] = {}       # server callbackID per event id
         self._events: queue.SimpleQueue[SecretEvent | None] = queue.SimpleQueue()
         self._dispatcher: threading.Thread | None = None
+        self._login: SaslLogin | None = None
 
     # -- opening and closing --------------------------------------------------------
     @classmethod
     def open(cls, uri: str, transport: Transport, *, name: str | None, readonly: bool = False,
-             timeout: float = 25.0, keepalive: bool = True) -> RpcConnection:
+             timeout: float = 25.0, keepalive: bool = True, login: SaslLogin | None = None) -> RpcConnection:
         """Connect through `transport` and CONNECT_OPEN `name` (e.g. "secret:///system");
-        `readonly` asks for VIR_CONNECT_RO (the server's -ro socket is read-only anyway)."""
+        `readonly` asks for VIR_CONNECT_RO (the server's -ro socket is read-only anyway);
+        `login`: SASL credentials, if the server asks (default: libvirt's auth file)."""
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise errors.InvalidArg("timeout must be a positive number of seconds")
         conn = cls(uri, transport, timeout=timeout, readonly=readonly)
+        conn._login = login
         conn._loop.start()
         try:
             conn._loop.submit(conn._connect(name, keepalive), 2 * conn.timeout + 1)
@@ -90,7 +94,7 @@ class RpcConnection(Connection):
                 client = await AsyncRpcClient.connect(self.transport, on_event=self._on_event)
             self._client = client
             async with asyncio.timeout(self.timeout):
-                await client.open(name, readonly=self.readonly, keepalive=keepalive)
+                await client.open(name, readonly=self.readonly, keepalive=keepalive, sasl=self._login)
         except TimeoutError:
             raise self._no_reply() from None
 

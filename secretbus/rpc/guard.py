@@ -279,6 +279,8 @@ class Guard:
             return
         ident = s.identity
         identity = "" if ident is None else f"{ident.describe()}{' (elevated)' if ident.elevated else ''}"
+        if s.sasl_user is not None:        # auth_unix_* = "sasl": the name joins the peer's identity
+            identity = f"SASL user '{s.sasl_user}'" + (f", {identity}" if identity else "")
         if s.remote is not None:        # no uid, no pid: the certificate's DN is who asked
             await self.auditor.write(AuditRecord(FRONT_END, outcome, d, None, None, s.name, reason,
                                                  identity=s.remote.describe()))

@@ -131,9 +131,12 @@ class Procedures:
     def auth_list(self, c: Client, _a: Any) -> Any:
         s = c.session
         if s.sasl is not None and not s.authenticated:
-            return {"types": [P.AuthType.SASL]}       # TLS with auth_tls = "sasl"
-        if s.trusted or (s.remote is not None and s.authenticated):
-            # A TLS caller authenticated by its certificate (auth_tls = "none", as libvirtd).
+            # auth_tls = "sasl", or auth_unix_* = "sasl": root peers too (libvirt bypasses polkit
+            # for uid 0, never SASL).
+            return {"types": [P.AuthType.SASL]}
+        if s.trusted or s.authenticated:
+            # A root peer under polkit, auth_unix_* = "none", a TLS caller authenticated by its
+            # certificate (auth_tls = "none"), or after AUTH_POLKIT / SASL, as libvirtd answers.
             s.authenticated = True
             return {"types": [P.AuthType.NONE]}
         return {"types": [P.AuthType.POLKIT]}
@@ -143,6 +146,9 @@ class Procedures:
 
     def auth_polkit(self, c: Client, _a: Any) -> Any:
         s = c.session
+        if s.sasl is not None and not s.authenticated:
+            # libvirt: "client tried invalid PolicyKit init request" (SASL is this socket's auth).
+            raise RemoteFailure(AUTH_FAILED, P.FROM_RPC, "authentication failed", AUTH_FAILED_PREFIX)
         if s.trusted or s.authenticated:
             s.authenticated = True
             return {"complete": 1}

@@ -1,10 +1,11 @@
-"""Who a remote (TLS) caller is, and what it may do (DESIGN §10; issue 14 item 5).
+"""Who a remote (TLS, TCP) caller is, and what it may do (DESIGN §10; issue 14 item 5).
 
 A remote caller has no pid and no uid: polkit cannot be asked about it (libvirt's own polkit
-access driver refuses such identities too). Its identity is the verified certificate's DN (or,
-later, a SASL user name), and its rights come from secretbusd.conf's `remote_access` grants,
-looked up at every check in the configuration in force, so a SIGHUP that takes a grant away
-takes it away from open connections too:
+access driver refuses such identities too). Its identity is the verified certificate's DN and/or
+its SASL user name (over plain TCP, the Kerberos principal GSSAPI authenticated), and its rights
+come from secretbusd.conf's `remote_access` grants, looked up at every check in the
+configuration in force, so a SIGHUP that takes a grant away takes it away from open
+connections too:
 
     ro          list, lookup, XML, events          (search-secrets, getattr, read)
     rw          + define, set value, undefine      (write, save, delete)
@@ -33,16 +34,20 @@ PERMS: dict[Rights, frozenset[Perm]] = {
 @dataclass(frozen=True)
 class RemoteIdentity:
     kind: Kind
-    name: str            # the DN in GnuTLS's string form (what virt-pki-query-dn prints)
+    name: str            # the DN in GnuTLS's string form (what virt-pki-query-dn prints); for a
+    #                      TCP caller (kind SASL) the SASL user, "" until SASL succeeded
     address: str         # host:port of the peer, for the logs
-    sasl_user: str | None = None     # after SCRAM over TLS (auth_tls = "sasl")
+    sasl_user: str | None = None     # after SCRAM over TLS (auth_tls = "sasl") or GSSAPI over TCP
 
     def describe(self) -> str:
-        what = "x509 DN" if self.kind is Kind.X509 else "SASL user"
+        if self.kind is Kind.SASL:       # plain TCP: the SASL user is the whole identity
+            return f"SASL user '{self.name}' from {self.address}"
         user = f" SASL user '{self.sasl_user}'" if self.sasl_user is not None else ""
-        return f"{what} '{self.name}'{user} from {self.address}"
+        return f"x509 DN '{self.name}'{user} from {self.address}"
 
     def with_sasl_user(self, user: str) -> RemoteIdentity:
+        if self.kind is Kind.SASL:
+            return replace(self, name=user, sasl_user=user)
         return replace(self, sasl_user=user)
 
 
@@ -61,8 +66,8 @@ class RemotePolicy:
         conf = self.conf
         if who.kind is Kind.X509 and not conf.dn_allowed(who.name):
             return None          # taken off tls_allowed_dn_list since it connected
-        if who.sasl_user is None and conf.auth_tls == "sasl":
-            return None
+        if who.sasl_user is None and (conf.auth_tls == "sasl" or who.kind is Kind.SASL):
+            return None          # SASL still to come (a TCP caller is nobody before it)
         if who.sasl_user is not None and not conf.sasl_user_allowed(who.sasl_user):
             return None
         names = {who.kind: who.name}

@@ -1,10 +1,11 @@
-"""SASL SCRAM-SHA-256 over TLS (`auth_tls = "sasl"`), with secretbus's own verifier store.
+"""SASL SCRAM-SHA-256 over TLS (`auth_tls = "sasl"`) and on the unix sockets (`auth_unix_rw` /
+`auth_unix_ro = "sasl"`), with secretbus's own verifier store.
 
 libvirt's flow (research §3.6), as unmodified virsh runs it with Cyrus SASL's SCRAM plugin:
 AUTH_LIST → [SASL]; AUTH_SASL_INIT → "SCRAM-SHA-256"; AUTH_SASL_START (client-first) →
 server-first; AUTH_SASL_STEP (client-final) → server-final with complete = 1. SCRAM itself is
-`scramp`'s (RFC 5802/7677). Only over TLS: SCRAM has no security layer, and the TLS session
-already protects the exchange.
+`scramp`'s (RFC 5802/7677). Only over TLS and unix sockets, which libvirt counts as secure
+(no SSF asked of SASL): SCRAM has no security layer, and TLS, or the kernel, protects the exchange.
 
 The verifier store holds, per user, SCRAM's salted keys (salt, StoredKey, ServerKey,
 iterations): never a password, and nothing a client could log in with. It is a JSON file,

@@ -31,9 +31,10 @@ from secretbus.rpc.guard import EventVisibility, Guard
 from secretbus.rpc.identity import SystemToken
 from secretbus.rpc.paths import RO_SOCKET_NAME, SOCKET_NAME, SYSTEM_DIR, session_dir
 from secretbus.rpc.procedures import Procedures
-from secretbus.rpc.remote import RemoteIdentity
-from secretbus.rpc.sasl import SaslExchange
-from secretbus.rpc.session import Peer, Session, peer_of
+from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
+from secretbus.rpc.sasl import SaslExchange, VerifierStore
+from secretbus.rpc.serverconf import ServerConf
+from secretbus.rpc.session import Peer, SaslMechanism, Session, peer_of
 
 log = logging.getLogger("secretbus.rpc")
 
@@ -46,6 +47,7 @@ RO_UNIT_NAMES = frozenset({"secretbusd-ro.socket", "virtsecretd-ro.socket"})
 # A remote caller's peer: no process, no user (never uid 0, never a polkit subject).
 REMOTE_PEER = Peer(pid=0, uid=-1, gid=-1)
 REMOTE_AUTH_TIMEOUT = 30.0        # seconds a remote client has to pass SASL
+VERIFIER_DIR = Path("/etc/secretbus")   # the SASL verifier store's, when secretbusd.conf is not a file
 
 
 class SocketBusy(Exception):
@@ -169,11 +171,16 @@ def _plan_index(plan: list[Listen], name: str, path: str) -> int:
 class RpcServer:
     def __init__(self, driver: SecretDriver, *, system: bool, plan: list[Listen],
                  limits: RpcLimits | None = None, passed: list[Passed] | None = None,
-                 guard: Guard | None = None):
+                 guard: Guard | None = None, conf: ServerConf | None = None):
         """`passed`: the listeners systemd passed (socket activation), matched to `plan` at start;
-        `guard`: authentication, access checks and audit (the daemon attaches polkit to it)."""
+        `guard`: authentication, access checks and audit (the daemon attaches polkit to it);
+        `conf`: secretbusd.conf, whose auth_unix_rw / auth_unix_ro decide how a unix peer
+        authenticates. It becomes the guard's RemotePolicy, which reloads update (remote_listeners.py),
+        so a SIGHUP switches the mode for the connections that come next."""
         self.driver = driver
         self.guard = guard or Guard(system=system)
+        if conf is not None and self.guard.remote is None:
+            self.guard.remote = RemotePolicy(conf)
         self.system = system
         self.plan = plan
         self.passed = list(passed or [])
@@ -226,16 +233,32 @@ class RpcServer:
             writer.transport.abort()
             return
         trusted = peer.uid == 0 if self.system else peer.uid == os.geteuid()
-        session = Session(peer, socket_readonly=readonly, trusted=trusted, authenticated=trusted)
+        session = self._unix_session(peer, readonly, trusted)
         conn = Connection(reader, writer, session, self._table, self.limits, self._forget)
         self._conns.add(conn)
         self._per_uid[peer.uid] += 1
         await conn.serve()
 
+    def _unix_session(self, peer: Peer, readonly: bool, trusted: bool) -> Session:
+        """The session of a unix peer under the auth_unix_* mode in force (libvirt's rules):
+        polkit: root (the session's own user) needs nothing, others AUTH_POLKIT; none: served,
+        each call still checked on the system instance; sasl: SCRAM first, root too. The
+        session instance never serves another user, whatever the mode (fail closed)."""
+        policy = self.guard.remote
+        conf = policy.conf if policy is not None else ServerConf()
+        mode = conf.unix_auth(self.system, readonly)
+        if not self.system and not trusted:
+            mode = "polkit"                    # AUTH_POLKIT refuses them on the session instance
+        if mode == "sasl":
+            store = VerifierStore(conf.verifier_path(VERIFIER_DIR))
+            return Session(peer, socket_readonly=readonly, trusted=trusted, sasl=SaslExchange(store))
+        authenticated = trusted or mode == "none"
+        return Session(peer, socket_readonly=readonly, trusted=trusted, authenticated=authenticated)
+
     async def serve_remote(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           who: RemoteIdentity, sasl: SaslExchange | None = None) -> None:
-        """A remote (TLS) caller, authenticated by its transport (or, with `sasl`, once SCRAM
-        passed): served like a local one, with no peer pid or uid (REMOTE_PEER) and its rights
+                           who: RemoteIdentity, sasl: SaslMechanism | None = None) -> None:
+        """A remote (TLS, TCP) caller, authenticated by its transport (or, with `sasl`, once SCRAM
+        or GSSAPI passed): served like a local one, with no peer pid or uid (REMOTE_PEER) and its rights
         from remote_access (guard.py)."""
         if not self._table or len(self._conns) >= self.limits.max_clients - self.limits.root_reserve:
             log.warning("refusing remote RPC client %s: connection limit", who.describe())

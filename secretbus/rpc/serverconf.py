@@ -3,7 +3,9 @@
 The keys are libvirtd.conf's, so an administrator's libvirtd.conf habits carry over:
 listen_tls, listen_tcp, tls_port, tcp_port, listen_addr, key_file, cert_file, ca_file, crl_file,
 tls_no_verify_certificate, tls_allowed_dn_list, sasl_allowed_username_list, auth_tls, auth_tcp,
-max_clients, max_client_requests; plus secretbus's own `remote_access` grants:
+auth_unix_rw, auth_unix_ro, tcp_min_ssf, max_clients, max_client_requests; plus secretbus's own
+`remote_access` grants, and `sasl_keytab` (the GSSAPI service keys for TCP; libvirt takes them
+from KRB5_KTNAME):
 
     remote_access = [ "x509:C=GB,O=Example,CN=*.ops=rw", "x509:*=ro" ]
 
@@ -43,6 +45,7 @@ CERT_FILE = "/etc/pki/libvirt/servercert.pem"
 KEY_FILE = "/etc/pki/libvirt/private/serverkey.pem"
 TLS_PORT = 16514
 TCP_PORT = 16509
+MIN_SSF = 56                    # libvirt's tcp_min_ssf default, and the least it accepts
 
 
 class Rights(enum.Enum):
@@ -83,10 +86,16 @@ class ServerConf:
     sasl_allowed_username_list: tuple[str, ...] | None = None
     auth_tls: str = "none"
     auth_tcp: str = "sasl"
+    # The unix sockets' authentication (libvirtd.conf's names): None is libvirt's default,
+    # polkit on the system instance, none on the session's (unix_auth()).
+    auth_unix_rw: str | None = None
+    auth_unix_ro: str | None = None
     max_clients: int = 5000
     max_client_requests: int = 5
     remote_access: tuple[Grant, ...] = field(default=())
     sasl_verifier_file: str | None = None      # None: sasl-verifiers.json beside this file
+    tcp_min_ssf: int = MIN_SSF                 # SASL on plain TCP: the weakest security layer taken
+    sasl_keytab: str | None = None             # GSSAPI service keys; None: $KRB5_KTNAME or /etc/krb5.keytab
 
     def rights_of(self, kind: Kind, name: str) -> Rights | None:
         """The first matching grant's rights; None: refused."""
@@ -111,6 +120,13 @@ class ServerConf:
         if self.sasl_verifier_file is not None:
             return Path(self.sasl_verifier_file)
         return (self.path.parent if self.path is not None else fallback) / "sasl-verifiers.json"
+
+    def unix_auth(self, system: bool, readonly: bool) -> str:
+        """"none", "polkit" or "sasl" for a connection on the rw or the ro unix socket."""
+        mode = self.auth_unix_ro if readonly else self.auth_unix_rw
+        if mode is not None:
+            return mode
+        return "polkit" if system else "none"
 
     def crl_path(self) -> str | None:
         if self.crl_file is not None:
@@ -159,6 +175,14 @@ def _count(e: Entry, p: Parser) -> int:
     v = e.value.data
     if not isinstance(v, int) or not 0 < v <= 1_000_000:
         raise p.error(f"'{e.name}' must be a positive integer (got {_shown(e)})", e.line)
+    return v
+
+
+def _min_ssf(e: Entry, p: Parser) -> int:
+    v = e.value.data
+    if not isinstance(v, int) or isinstance(v, bool) or not MIN_SSF <= v <= 100_000:
+        # libvirt: "minimum SSF levels lower than 56 are not supported"
+        raise p.error(f"'{e.name}' must be an integer from {MIN_SSF} (got {_shown(e)})", e.line)
     return v
 
 
@@ -219,10 +243,14 @@ _OPTIONS: dict[str, Check] = {
     "sasl_allowed_username_list": string_list,
     "auth_tls": _choice("none", "sasl"),
     "auth_tcp": _choice("sasl"),
+    "auth_unix_rw": _choice("none", "polkit", "sasl"),
+    "auth_unix_ro": _choice("none", "polkit", "sasl"),
     "max_clients": _count,
     "max_client_requests": _count,
     "remote_access": _grants,
     "sasl_verifier_file": abs_path,
+    "tcp_min_ssf": _min_ssf,
+    "sasl_keytab": abs_path,
 }
 _NOT_FIELDS = {"tls_no_verify_certificate"}
 

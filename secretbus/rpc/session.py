@@ -5,11 +5,11 @@ import itertools
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from secretbus.access.permissions import UnixProcess
 from secretbus.rpc.identity import Identity
 from secretbus.rpc.remote import RemoteIdentity
-from secretbus.rpc.sasl import SaslExchange
 
 _UCRED = struct.Struct("3i")    # struct ucred: pid, uid, gid
 _names = itertools.count(1)
@@ -59,6 +59,18 @@ def peer_of(sock: socket.socket) -> Peer | None:
     return Peer(pid, uid, gid, start_time_of(pid)) if pid > 0 else None
 
 
+class SaslMechanism(Protocol):
+    """One connection's SASL exchange: SCRAM (rpc/sasl.py) or GSSAPI (rpc/sasl_gssapi.py)."""
+
+    user: str | None             # once it succeeded
+
+    def init(self) -> dict[str, Any]: ...
+
+    def start(self, mech: str, data: bytes | None) -> dict[str, Any]: ...
+
+    def step(self, data: bytes | None) -> dict[str, Any]: ...
+
+
 @dataclass
 class Session:
     peer: Peer
@@ -77,7 +89,11 @@ class Session:
     closed: bool = False           # the connection ended (a check still running keeps no decision)
     # A TLS caller (rpc/tls.py): no pid, no uid; its rights come from remote_access (rpc/remote.py).
     remote: RemoteIdentity | None = None
-    sasl: SaslExchange | None = None   # auth_tls = "sasl": SCRAM still to pass (rpc/sasl.py)
+    # auth_tls / auth_unix_* = "sasl" (SCRAM, rpc/sasl.py) or TCP (GSSAPI, rpc/sasl_gssapi.py): to pass
+    sasl: SaslMechanism | None = None
+    # The SASL user a unix peer authenticated as (auth_unix_* = "sasl"): part of its identity,
+    # as in libvirt, for the logs and the audit; its rights stay those of its uid.
+    sasl_user: str | None = None
 
     def subject(self) -> UnixProcess | None:
         """Whom polkit is asked about: the identity a root peer set (libvirt's ACL checks use

@@ -31,6 +31,7 @@ from pathlib import Path
 from cryptography import x509
 
 from secretbus.core import errors
+from secretbus.rpc.netcheck import require_sockets, warn_if_isolated
 from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
 from secretbus.rpc.sasl import SaslExchange, VerifierStore
 from secretbus.rpc.serverconf import Kind, ServerConf
@@ -110,7 +111,7 @@ async def _linger(spare: socket.socket) -> None:
         pass
 
 
-def _address(writer: asyncio.StreamWriter) -> str:
+def peer_address(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         host = peer[0]
@@ -142,9 +143,12 @@ class TlsListener:
 
     async def start(self) -> None:
         host = self.conf.listen_addr or None        # None: every address, as libvirtd's ""
-        self._server = await asyncio.start_server(self._accept, host, self.conf.tls_port, reuse_address=True,
-                                                  backlog=1024)
+        server = await asyncio.start_server(self._accept, host, self.conf.tls_port, reuse_address=True,
+                                            backlog=1024)
+        require_sockets(server, "TLS", self.conf.listen_addr, self.conf.tls_port)
+        self._server = server
         log.info("serving libvirt RPC over TLS on %s port %d", self.conf.listen_addr or "*", self.conf.tls_port)
+        warn_if_isolated("TLS")
 
     def reload(self, conf: ServerConf) -> None:
         """New certificates (and CA, CRL) for the connections from now on; a failure keeps the old."""
@@ -159,7 +163,7 @@ class TlsListener:
             self._server = None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        address = _address(writer)
+        address = peer_address(writer)
         host = address.rpartition(":")[0]
         if self.pending >= MAX_PENDING or self._pending[host] >= MAX_PENDING_PER_ADDRESS:
             log.warning("TLS client %s refused: too many handshakes under way", address)

@@ -24,7 +24,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from secretbus.core import errors
 from secretbus.rpc.client import auth_failed
-from secretbus.rpc.sasl_client import authenticate
+from secretbus.rpc.hosturi import host_endpoint
+from secretbus.rpc.sasl_client import SaslLogin, authenticate
 from secretbus.rpc.tls import CONFIRM
 from secretbus.rpc.transport import READ_LIMIT, Streams
 
@@ -57,16 +58,7 @@ def tls_target(uri: str) -> TlsTarget | None:
     u = urlsplit(uri)
     if u.scheme not in TLS_SCHEMES or (u.scheme == "secret" and not u.netloc):
         return None
-    if not u.hostname:
-        raise errors.InvalidArg(f"a host name is required in '{uri}'")
-    if u.username or u.password:
-        raise errors.InvalidArg(f"a user name has no meaning for a TLS URI: '{u.scheme}://{u.hostname}…'")
-    if u.path not in ("/system", "/session"):
-        raise errors.InternalError(f"unexpected secret URI path '{u.path}', try secret+tls://{u.hostname}/system")
-    try:
-        port = u.port or DEFAULT_PORT
-    except ValueError:
-        raise errors.InvalidArg(f"invalid port in '{uri}'") from None
+    host, port = host_endpoint(uri, u, "TLS", DEFAULT_PORT, "secret+tls")
     pkipath: Path | None = None
     no_verify = False
     authfile: str | None = None
@@ -80,7 +72,7 @@ def tls_target(uri: str) -> TlsTarget | None:
             authfile = value
         elif key not in CLIENT_ONLY:
             rest.append((key, value))
-    return TlsTarget(u.hostname, port, u.path, pkipath, no_verify, tuple(rest), authfile)
+    return TlsTarget(host, port, u.path, pkipath, no_verify, tuple(rest), authfile)
 
 
 def pki_files(pkipath: Path | None) -> tuple[Path, Path, Path, Path | None]:
@@ -135,6 +127,7 @@ def _why(e: Exception) -> str:
 @dataclass(frozen=True)
 class TlsTransport:
     target: TlsTarget
+    login: SaslLogin | None = None          # SASL credentials (default: the auth file, authfile=)
 
     def describe(self) -> str:
         return f"{self.target.host}:{self.target.port}"
@@ -166,7 +159,8 @@ class TlsTransport:
             writer.transport.abort()
             raise errors.RPCError("server verification (of our certificate or IP address) failed")
         try:
-            await authenticate(reader, writer, t.host, t.authfile)     # auth step: SCRAM, if asked
+            # auth step: SCRAM, if asked
+            await authenticate(reader, writer, self.login or SaslLogin(t.host, t.authfile))
         except BaseException:
             writer.transport.abort()
             raise

@@ -1,0 +1,23 @@
+"""The host part of a remote secret URI (secret+tls://, secret://host/, secret+tcp://): one set
+of checks and messages for each transport's client."""
+from __future__ import annotations
+
+from urllib.parse import SplitResult
+
+from secretbus.core import errors
+
+
+def host_endpoint(uri: str, u: SplitResult, kind: str, default_port: int, scheme: str) -> tuple[str, int]:
+    """(host, port) of `u`, the split `uri`; `kind` names the transport in messages ("TLS")."""
+    if not u.hostname:
+        raise errors.InvalidArg(f"a host name is required in '{uri}'")
+    if u.username or u.password:
+        # The certificate or the Kerberos ticket says who we are; libvirt ignores a name here.
+        # The message shows no more of the URI than the host: a password must not be echoed.
+        raise errors.InvalidArg(f"a user name has no meaning for a {kind} URI: '{u.scheme}://{u.hostname}…'")
+    if u.path not in ("/system", "/session"):
+        raise errors.InternalError(f"unexpected secret URI path '{u.path}', try {scheme}://{u.hostname}/system")
+    try:
+        return u.hostname, u.port or default_port
+    except ValueError:
+        raise errors.InvalidArg(f"invalid port in '{uri}'") from None
