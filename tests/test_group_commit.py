@@ -236,3 +236,33 @@ def test_batch_data_syncs_work_in_a_forked_child(driver, tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
     (loaded,) = [x for x in driver.store.load().secrets if x.definition.uuid == UUIDS[8]]
     assert loaded.value == f"child{UUIDS[8]}".encode()
+
+
+def test_a_write_submitted_while_the_mutex_is_held_does_not_block_its_caller(driver):
+    """A reload (or the fleet store's etcd write) holds the driver's mutex for long: a write
+    submitted meanwhile from an event loop returns its future at once, is started by the I/O
+    thread once the mutex is free, and keeps its place before later writes to its secret."""
+    import time
+    u = UUIDS[7]
+    driver.define_xml(secret_xml(u, usage=None))
+    order: list[bytes] = []
+    driver.subscribe(lambda ev: ev.uuid == u and order.append(driver.get_value(u)))
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with driver._mutex:        # what reload() holds while it loads the store
+            held.set()
+            release.wait(10)
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(10)
+    t0 = time.monotonic()
+    first = driver.submit_set_value(u, b"first")
+    assert time.monotonic() - t0 < 0.5 and not first.done()
+    release.set()
+    second = driver.submit_set_value(u, b"second")
+    first.result(10)
+    second.result(10)
+    t.join()
+    assert order == [b"first", b"second"]
+    assert driver.get_value(u) == b"second"

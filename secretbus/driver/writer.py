@@ -18,11 +18,16 @@ the order they were submitted (per-secret FIFO), and the ops of one batch are in
 
 A store without write plans (`store.group_commit` False: the fleet store, whose writes are etcd
 transactions) is written op by op in the I/O thread, under the mutex, as before.
+
+The caller never waits long for the mutex: if it is held for more than 2 ms (a reload, an etcd
+write of the fleet store), the op is handed to the I/O thread unstarted, and started there in
+its arrival order.
 """
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -124,6 +129,7 @@ class Op:
     future: Future[Any] = field(default_factory=Future)
     ctx: contextvars.Context = field(default_factory=contextvars.copy_context)
     held: set[Key] = field(default_factory=set)
+    seq: int = 0                         # arrival order (set by submit)
     planned: Planned | None = None
     direct: bool = False                 # no plans: planned and written in the I/O thread
     result: Any = None
@@ -150,6 +156,10 @@ class Writes:
         self._draining = 0                           # threads in exclusive(): nothing starts
         self._closed = False
         self._queue: list[Op] = []                   # planned, for the I/O thread
+        # Submitted while the mutex was held elsewhere (a reload, an etcd write of the fleet
+        # store): the I/O thread starts them, so that the caller, an event loop, never waits.
+        self._unstarted: list[Op] = []
+        self._seq = itertools.count()
         qlock = threading.Lock()                      # the stages' queues; two conditions on it:
         self._qcond = threading.Condition(qlock)      # stage 1 waits on this one,
         self._thread: threading.Thread | None = None      # stage 1 (see _loop)
@@ -167,12 +177,23 @@ class Writes:
     def submit(self, op: Op) -> Future[Any]:
         """Plan `op` now if its keys are free, else queue it behind the ops holding them."""
         op.future.set_running_or_notify_cancel()     # once submitted, a write cannot be cancelled
+        op.seq = next(self._seq)
+        if self._closed:
+            raise errors.OperationFailed("the secret store is shutting down")
+        # A short wait covers the I/O thread's own short holds; a long hold goes round it.
+        if not self._mutex.acquire(timeout=0.002):
+            with self._qcond:
+                self._unstarted.append(op)
+                self._wake_stage1()
+            return op.future
         done: list[Op] = []
-        with self._mutex:
-            if self._closed:
-                raise errors.OperationFailed("the secret store is shutting down")
-            if self._draining or _blocked(op, self._waiting) or not self._start(op, done):
+        try:
+            with self._qcond:
+                before = self._waiting + self._unstarted
+            if self._draining or _blocked(op, before) or not self._start(op, done):
                 self._waiting.append(op)
+        finally:
+            self._mutex.release()
         self._finish(done)
         return op.future
 
@@ -205,7 +226,7 @@ class Writes:
         """Refuse new writes, let those submitted finish, stop the I/O thread."""
         with self._mutex:
             self._closed = True
-            while self._busy or self._waiting:
+            while self._busy or self._waiting or self._unstarted:
                 self._idle.wait()
         with self._qcond:
             thread, self._thread = self._thread, None
@@ -245,6 +266,11 @@ class Writes:
         return True
 
     def _start_waiting(self, done: list[Op]) -> None:
+        with self._qcond:
+            unstarted, self._unstarted = self._unstarted, []
+        if unstarted:
+            # in arrival order among those already waiting (each waited for the ones before it)
+            self._waiting = sorted(self._waiting + unstarted, key=lambda o: o.seq)
         if self._draining or not self._waiting:
             return
         still: list[Op] = []
@@ -286,10 +312,14 @@ class Writes:
     def _put(self, op: Op) -> None:
         with self._qcond:
             self._queue.append(op)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="secretbus-writer", daemon=True)
-                self._thread.start()
-            self._qcond.notify()
+            self._wake_stage1()
+
+    def _wake_stage1(self) -> None:
+        """(_qcond held) Start stage 1 if needed, and wake it."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="secretbus-writer", daemon=True)
+            self._thread.start()
+        self._qcond.notify()
 
     def _loop(self) -> None:
         """Stage 1: take what is queued, write its files and sync their data (prepare_batch);
@@ -300,10 +330,19 @@ class Writes:
         try:
             while True:
                 with self._qcond:
-                    while not self._queue and self._thread is me:
+                    while not self._queue and not self._unstarted and self._thread is me:
                         self._qcond.wait()
-                    if not self._queue:
+                    if not self._queue and not self._unstarted:
                         return
+                    unstarted = bool(self._unstarted)
+                if unstarted:
+                    done: list[Op] = []
+                    with self._mutex:           # here, unlike in the caller, waiting is fine
+                        self._start_waiting(done)
+                    self._finish(done)
+                    with self._qcond:
+                        if not self._queue:
+                            continue
                 gate = self.gate
                 if gate is not None:
                     gate()
