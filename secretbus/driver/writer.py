@@ -198,11 +198,32 @@ class Writes:
         return op.future
 
     def run(self, op: Op) -> Any:
-        """submit and wait (the synchronous API). Not from an event callback of a write: that write
-        still holds its keys, and its thread (an I/O thread, maybe) would wait for itself."""
+        """submit and wait (the synchronous API). From an event callback of a write (embedded,
+        a handler runs in the thread that finishes the write, maybe the I/O thread): written at
+        once in this thread, see _run_nested."""
         if getattr(self._announcing, "active", False):
-            raise errors.InternalError("a write from inside a write's event callback is not possible")
+            return self._run_nested(op)
         return self.submit(op).result()
+
+    def _run_nested(self, op: Op) -> Any:
+        """A write from an event callback, as the driver did before group commit: planned,
+        written (each file synced, then its directory: the store's direct path), applied and
+        announced here and now, its events nested in the callback's. Waiting for the I/O thread
+        instead could wait for this very thread. The keys the finishing ops of this thread
+        hold are no obstacle (those writes are applied already; only their events are going
+        out); a key held by another write still in flight is, and is refused rather than
+        waited for, which could deadlock the same way."""
+        mine: set[Key] = getattr(self._announcing, "keys", set())
+        with self._mutex:
+            if self._closed:
+                raise errors.OperationFailed("the secret store is shutting down")
+            if not (op.keys() & self._busy) <= mine:
+                raise errors.InternalError("a write from an event callback to a secret that another "
+                                           "write in flight also changes is not possible")
+            op.planned = op.ctx.run(op.plan, DirectFiles(self._store()))
+            result = op.planned.apply()
+        op.ctx.run(op.planned.announce)
+        return result
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -289,12 +310,14 @@ class Writes:
                     continue        # finished already (a stage failed after finishing it)
                 if op.error is None and op.planned is not None:
                     self._announcing.active = True
+                    self._announcing.keys = set().union(*(o.held for o in ops))
                     try:
                         op.ctx.run(op.planned.announce)
                     except Exception:
                         log.exception("announcing a write failed")
                     finally:
                         self._announcing.active = False
+                        self._announcing.keys = set()
                 if op.error is not None:
                     op.future.set_exception(op.error)
                 else:
