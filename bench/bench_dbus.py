@@ -325,6 +325,10 @@ class Row:
     modes: tuple[int, ...] = (1, INFLIGHT)
     samples: dict[int, list[Sample]] = field(default_factory=dict)
     max_calls: int | None = None     # e.g. ListSecrets with 10k secrets: fewer calls
+    # Untimed, around each measurement: prepare(first, count) before (the Undefine row defines
+    # the secrets it will undefine), tidy(first, count) after (undefines those left over).
+    prepare: Callable[[int, int], Awaitable[None]] | None = None
+    tidy: Callable[[int, int], Awaitable[None]] | None = None
 
 
 def ms(x: float) -> str:
@@ -499,6 +503,31 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
     def fixed(msg_factory: Callable[[int], Message]) -> Op:
         return lambda i: send(msg_factory(i))
 
+    def scratch_uuid(i: int) -> str:
+        return f"{SCRATCH_PREFIX}-0000-4000-8000-{i:012x}"
+
+    async def in_parallel(fn: Callable[[int], Awaitable[object]], first: int, count: int) -> None:
+        sem = asyncio.Semaphore(INFLIGHT)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await fn(i)
+        await asyncio.gather(*(one(i) for i in range(first, first + count)))
+
+    async def define_scratch(i: int) -> None:
+        await send(m_connect("SecretDefineXML", "su", [secret_xml(i, scratch_uuid(i), f"/bench/scratch/{i}"), 0]))
+
+    async def undefine_scratch(i: int) -> None:
+        await send(m_secret(secret_path(scratch_uuid(i)), "Undefine", "", []))
+
+    async def undefine_left(first: int, count: int) -> None:
+        async def one(i: int) -> None:
+            try:
+                await undefine_scratch(i)
+            except Exception:  # noqa: BLE001 - undefined by the measurement already
+                pass
+        await in_parallel(one, first, count)
+
     async def undefine_define(i: int) -> None:
         u = f"{SCRATCH_PREFIX}-0000-4000-8000-{i:012x}"
         (path,) = await send(m_connect("SecretDefineXML", "su", [secret_xml(i, u, f"/bench/scratch/{i}"), 0]))
@@ -519,19 +548,32 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
         Row("SetValue (fsync)", fixed(lambda i: m_secret(paths[i % m], "SetValue", "ayu", [value, 0]))),
         Row("SecretDefineXML (redefine, fsync)", fixed(lambda i: m_connect("SecretDefineXML", "su", [xmls[i % m], 0]))),
         Row("SecretDefineXML + Undefine (new secret; per pair)", undefine_define),
+        Row("Undefine (of a secret defined before, untimed)", undefine_scratch,
+            prepare=lambda first, count: in_parallel(define_scratch, first, count), tidy=undefine_left),
     ]
+    get_value = next(row for row in rows if row.name == "GetValue")
+    own_ping = next(row for row in rows if row.name.startswith("Peer.Ping → secretbusd"))
+    if a.only:
+        # the bus floor, GetValue and the service's Ping stay: the ratio rows are computed from them
+        keep = [w.strip().lower() for w in a.only.split(",") if w.strip()]
+        rows = [row for row in rows if row in (rows[0], get_value, own_ping)
+                or any(w in row.name.lower() for w in keep)]
     t_calls = time.perf_counter()
     offset = 0
     peak = HwmTracker(pid)
     # Measured in this order: GetValue between the bus floor and the service's own Ping, so
     # that the ratios (taken per round, then the median) compare figures taken seconds apart.
-    first = [rows[0], rows[7], rows[2]]
+    first = [rows[0], get_value, own_ping]
     order = first + [row for row in rows if row not in first]
     for r in range(a.rounds):
         for row in order:
             for mode in row.modes:
                 calls = min(a.calls, row.max_calls or a.calls)
+                if row.prepare is not None:
+                    await row.prepare(offset, calls + 5)      # 5: measure's warm-up calls
                 s = await measure(row.op, calls=calls, inflight=mode, seconds=a.seconds, pids=pids, start=offset)
+                if row.tidy is not None:
+                    await row.tidy(offset, calls + 5)
                 offset += calls + 10
                 row.samples.setdefault(mode, []).append(s)
                 peak.check(f"{row.name}, {'sequential' if mode == 1 else f'{mode} in flight'}")
@@ -583,8 +625,7 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
           f"| {sync_svc:.0f} | {sync_bus:.0f} | |")
     def ratios(mode: int) -> list[float]:
         return [100 * g.rate / p.rate for g, p in zip(get_row.samples[mode], rows[0].samples[mode], strict=False)]
-    get_row = rows[7]
-    assert get_row.name == "GetValue"
+    get_row = get_value
     for mode in (INFLIGHT, 1):
         rs = ratios(mode)
         share = statistics.median(rs)
@@ -594,7 +635,7 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
         print(f"| GetValue {label} / bus-floor Ping {label} | ratio per round, median | {len(rs)} | "
               f"{share:.0f} % (rounds: {', '.join(f'{x:.0f}' for x in rs)}) | | | | | {goal} |")
     # Issue 15: against the service's own Ping (dbus-fast answers it: the library's ceiling).
-    own = [100 * g.rate / p.rate for g, p in zip(get_row.samples[INFLIGHT], rows[2].samples[INFLIGHT], strict=False)]
+    own = [100 * g.rate / p.rate for g, p in zip(get_row.samples[INFLIGHT], own_ping.samples[INFLIGHT], strict=False)]
     share = statistics.median(own)
     print(f"| GetValue {INFLIGHT}-in-flight / Peer.Ping → secretbusd {INFLIGHT}-in-flight | ratio per round, median "
           f"| {len(own)} | {share:.0f} % (rounds: {', '.join(f'{x:.0f}' for x in own)}) | | | | | "
@@ -649,6 +690,8 @@ def main() -> None:
     ap.add_argument("--stall-seconds", type=float, help="per stall measurement (default 3; --quick: 0.5)")
     ap.add_argument("--store", metavar="DIR", help="build the store in DIR and keep it for the next run")
     ap.add_argument("--dir", metavar="DIR", help="parent of the temporary store (default: $TMPDIR)")
+    ap.add_argument("--only", metavar="WORDS", help="comma-separated words: only the rows whose name has "
+                    "one (the bus floor and GetValue always run), e.g. --only setvalue,definexml,undefine")
     ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                     help="pass ARG to secretbusd (repeatable), e.g. --daemon-arg=--audit=off")
     a = ap.parse_args()

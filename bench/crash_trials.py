@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Crash consistency: kill -9 secretbusd under load, restart it, check every acknowledged write.
 
-    python bench/crash_trials.py [--trials 50] [--clients 4] [--encrypted]
+    python bench/crash_trials.py [--trials 50] [--clients 4] [--inflight N] [--encrypted]
 
 Each trial starts secretbusd on a private session bus over one store (kept across trials),
 drives define / set-value / redefine / undefine from several clients (each owns a few
@@ -11,7 +11,9 @@ a secret must be in its last acknowledged state, or in the state of the one call
 in flight when the daemon died; an undefine in flight may also be cut between its two
 unlinks (values go first), leaving the secret defined without a value, never a value file
 that a new secret with that UUID would inherit. Also checks that no temp file survives the restart and
-that no secret was skipped as damaged. Prints a table; exit status 1 on any violation.
+that no secret was skipped as damaged. `--inflight N` gives each client N calls in flight at
+once (each on its own secrets), so that the daemon's group writer batches them: the kill then
+lands in the middle of batches. Prints a table; exit status 1 on any violation.
 """
 from __future__ import annotations
 
@@ -99,9 +101,19 @@ async def wait_ready(address: str, proc: subprocess.Popen, timeout: float = 30) 
     raise RuntimeError("secretbusd did not answer")
 
 
-async def client(address: str, uuids: list[str], state: dict[str, Tracked], stats: Stats, rng: random.Random,
-                 seq: list[int]) -> None:
+async def client(address: str, groups: list[list[str]], state: dict[str, Tracked], stats: Stats,
+                 rng: random.Random, seq: list[int]) -> None:
+    """One connection with one call in flight per group of secrets."""
     bus = await MessageBus(bus_address=address).connect()
+    try:
+        await asyncio.gather(*(writer(bus, g, state, stats, rng, seq) for g in groups if g),
+                             return_exceptions=True)
+    finally:
+        bus.disconnect()
+
+
+async def writer(bus: MessageBus, uuids: list[str], state: dict[str, Tracked], stats: Stats, rng: random.Random,
+                 seq: list[int]) -> None:
     try:
         while True:
             uuid = rng.choice(uuids)
@@ -124,8 +136,6 @@ async def client(address: str, uuids: list[str], state: dict[str, Tracked], stat
             stats.acked_ops += 1
     except Exception:  # noqa: BLE001 - the daemon was killed under us
         return
-    finally:
-        bus.disconnect()
 
 
 async def observe(bus: MessageBus, uuid: str) -> tuple:
@@ -154,14 +164,16 @@ def orphan_values(d: Path) -> list[str]:
 
 
 async def trial(n: int, bus: PrivateBus, root: Path, log: Path, state: dict[str, Tracked], stats: Stats,
-                clients: int, rng: random.Random) -> None:
+                clients: int, rng: random.Random, inflight: int = 1) -> None:
     proc = start_daemon(bus, root, log)
     check = await wait_ready(bus.address, proc)
     seq = [n * 1_000_000]
     names = list(state)
-    per = max(1, len(names) // clients)
-    tasks = [asyncio.create_task(client(bus.address, names[i * per:(i + 1) * per], state, stats, rng, seq))
-             for i in range(clients)]
+    writers = clients * inflight
+    per = max(1, len(names) // writers)
+    groups = [names[i * per:(i + 1) * per] for i in range(writers)]
+    tasks = [asyncio.create_task(client(bus.address, groups[i * inflight:(i + 1) * inflight], state, stats, rng,
+                                        seq)) for i in range(clients)]
     await asyncio.sleep(rng.uniform(0.1, 0.8))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -213,9 +225,12 @@ async def run(a: argparse.Namespace) -> Stats:
             key.write_bytes(os.urandom(32))
             key.chmod(0o600)
             (root / "etc" / "secret.conf").write_text(f'secrets_encryption_key = "{key}"\n')
-        state = {f"{i:08x}-0000-4000-8000-{rng.getrandbits(48):012x}": Tracked() for i in range(a.secrets)}
+        # At least two secrets per writer, so that each writer moves between secrets.
+        inflight = getattr(a, "inflight", 1)     # callers (tests/test_reliability.py) may leave it out
+        count = max(a.secrets, 2 * a.clients * inflight)
+        state = {f"{i:08x}-0000-4000-8000-{rng.getrandbits(48):012x}": Tracked() for i in range(count)}
         for n in range(a.trials):
-            await trial(n, bus, root, log, state, stats, a.clients, rng)
+            await trial(n, bus, root, log, state, stats, a.clients, rng, inflight)
         stats.skipped = log.read_text(errors="replace").count("skipping secret")
     finally:
         bus.stop()
@@ -227,7 +242,8 @@ async def run(a: argparse.Namespace) -> Stats:
 def figures(size: str = "small") -> list[tuple[str, object, str]]:
     """Rows for bench/reliability.py: (figure, value, goal). small = CI-sized, full = the issue's."""
     trials = {"small": 8, "full": 50}.get(size, 50)
-    a = argparse.Namespace(trials=trials, clients=4, secrets=24, encrypted=True, seed=int(time.time()), keep=False)
+    a = argparse.Namespace(trials=trials, clients=4, secrets=24, encrypted=True, seed=int(time.time()), keep=False,
+                           inflight=1)
     s = asyncio.run(run(a))
     return [("crash: trials (kill -9 + restart)", s.trials, f"= {trials}"),
             ("crash: acknowledged operations", s.acked_ops, "-"),
@@ -242,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--inflight", type=int, default=1, help="calls in flight per client (group commit)")
     ap.add_argument("--secrets", type=int, default=24)
     ap.add_argument("--encrypted", action="store_true")
     ap.add_argument("--seed", type=int, default=int(time.time()))
@@ -249,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t = time.monotonic()
     s = asyncio.run(run(a))
-    print(f"crash trials (seed {a.seed}, {a.clients} clients, {a.secrets} secrets, "
+    print(f"crash trials (seed {a.seed}, {a.clients} clients x {a.inflight} in flight, "
+          f"{max(a.secrets, 2 * a.clients * a.inflight)} secrets, "
           f"{'encrypted' if a.encrypted else 'base64'} store, {time.monotonic() - t:.1f} s)")
     print("| figure | value |\n|---|---|")
     for k, v in (("trials (kill -9 + restart)", s.trials), ("acknowledged operations", s.acked_ops),

@@ -4,8 +4,9 @@ A handler declares its method with one `@method(...)` line (signature, permissio
 whether it writes) and, called with the message, returns a `Prepared`: what it found
 before any access check (the secret checked, the candidates to filter) and the action.
 `CallRunner` then checks the permissions (skipped when access control is off), filters
-the candidates, and runs the action: inline for reads, in one worker thread for
-anything that writes files, so fsync never stalls the event loop.
+the candidates, and runs the action: inline for reads; a write is checked and planned
+inline too, and awaited while the driver's I/O thread commits it (driver/writer.py), so
+fsync never stalls the event loop.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,7 +44,7 @@ class MethodSpec:
     signature: str                  # input signature; the dispatcher checks it against the XML
     perms: tuple[Perm, ...] = ()    # all needed, on the Prepared's target
     each: Perm | None = None        # the candidates are filtered by this permission
-    writes: bool = False            # writes files: runs in the worker thread
+    writes: bool = False            # writes files: submitted to the driver, awaited (its I/O thread commits it)
     audit: bool = False             # a value read: each reply or refusal is an audit record
     hidden: bool = False            # a denial answers UnknownObject (the object's existence is private)
 
@@ -86,7 +86,9 @@ class Grant:
 
 @dataclass(frozen=True)
 class Prepared:
-    act: Callable[[Grant], list[Any]]     # -> the reply body
+    # -> the reply body; a write's act (spec.writes) submits it to the driver and returns an
+    # awaitable of the body: planned here on the loop, committed by the driver's I/O thread.
+    act: Callable[[Grant], Any]
     target: SecretDef | None = None       # what the permissions are checked on (None: the connection)
     candidates: Sequence[SecretDef] = ()  # filtered by the spec's `each` permission
     private: bool = False                 # a private value: the caller's uid decides
@@ -182,8 +184,6 @@ class CallRunner:
         # Per caller: replies it left unread in the bus daemon (which would stall us all).
         self.unread = UnreadReplies(unread)
         self._loop = asyncio.get_running_loop()
-        # One worker keeps writes in arrival order; the driver serialises them anyway.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretbus-io")
         self.tasks: set[asyncio.Task[None]] = set()
         self.denials = DenialLog()   # one line per (uid, action), then a summary per minute
         self.unanswered = 0          # calls of callers over the unread bound, dropped
@@ -328,9 +328,7 @@ class CallRunner:
                                                      or await self._still_over(sender)):
                         raise Unanswered
                 if spec.writes:
-                    # run_in_executor does not carry context variables over; copy them.
-                    ctx = contextvars.copy_context()
-                    body = await self._loop.run_in_executor(self._executor, ctx.run, prep.act, grant)
+                    body = await prep.act(grant)
                 else:
                     body = prep.act(grant)
                     if spec.audit and self.audit:    # no record, no value (AuditFailed)
@@ -441,5 +439,4 @@ class CallRunner:
     async def drain(self) -> None:
         while self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
-        self._executor.shutdown(wait=True)
         self.denials.close()

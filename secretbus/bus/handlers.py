@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from dbus_fast import Message, Variant
@@ -32,6 +32,7 @@ from secretbus.bus.names import (
 from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
 from secretbus.driver import rules
 from secretbus.driver.driver import StoreState
+from secretbus.driver.writer import outcome
 
 LARGE_LIST = 1000              # paths; a reply above this waits for the previous large one
 LARGE_OBJECTS = 200            # GetManagedObjects entries (each carries six properties)
@@ -129,8 +130,8 @@ class ConnectHandlers:
         old = self.driver.find(d.uuid)
         # The act compares-and-sets: if the definition checked here changed during the
         # checks, the redefine is refused instead of acting on one nobody checked.
-        return Prepared(lambda g: [secret_path(self.driver.define(d, expect=old).uuid)], target=d,
-                        also=redefine_checks(old, d))
+        return Prepared(lambda g: outcome(self.driver.submit_define(d, expect=old), lambda nd: [secret_path(nd.uuid)]),
+                        target=d, also=redefine_checks(old, d))
 
     # libvirt's virConnectSecretEventRegisterAny needs search-secrets; each event then
     # reaches the subscriber only if it may getattr the secret (emit.py). With access
@@ -234,9 +235,9 @@ class SecretHandlers:
         rules.check_set_value_flags(flags)
         rules.check_value(value)
 
-        def act(g: Grant) -> list[Any]:
-            self.driver.set_value(d.uuid, value, 0, expect=d)    # still the secret checked
-            return []
+        def act(g: Grant) -> Awaitable[list[Any]]:
+            # still the secret checked
+            return outcome(self.driver.submit_set_value(d.uuid, value, 0, expect=d), lambda _: [])
         return Prepared(act, target=d)
 
     @method(SECRET_IFACE, "GetXMLDesc", "u", perms=(Perm.READ,))
@@ -249,9 +250,8 @@ class SecretHandlers:
     def undefine(self, msg: Message) -> Prepared:
         d = self._secret(msg)
 
-        def act(g: Grant) -> list[Any]:
-            self.driver.undefine(d.uuid, expect=d)    # still the secret checked
-            return []
+        def act(g: Grant) -> Awaitable[list[Any]]:
+            return outcome(self.driver.submit_undefine(d.uuid, expect=d), lambda _: [])    # still the secret checked
         return Prepared(act, target=d)
 
     @method(PROPS_IFACE, "Get", "ss", perms=(Perm.GETATTR,))

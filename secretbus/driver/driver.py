@@ -1,7 +1,9 @@
 """The secret driver: libvirt's API rules over the secret table and a store.
 
-Knows nothing of D-Bus. Thread-safe: mutations are serialised by one lock so that a
-bus front end may run them in worker threads while reads stay on its event loop.
+Knows nothing of D-Bus. Thread-safe: reads run in the caller's thread without a lock; writes
+are checked and planned under one lock in the caller's thread (a front end's event loop) and
+committed in batches by one I/O thread (driver/writer.py): `submit_*` return a future, the
+plain methods wait for it. A write reaches the table, and is announced, only once durable.
 The behaviour it follows is libvirt's secret driver; docs/ARCHITECTURE.md has the map.
 """
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -17,7 +20,8 @@ from secretbus.core.model import DEFINE_VALIDATE, EventId, Lifecycle, SecretDef,
 from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
 from secretbus.core.uuids import canonical_uuid, parse_uuid
 from secretbus.driver import rules
-from secretbus.driver.table import Entry, SecretTable
+from secretbus.driver.table import Entry, SecretTable, usage_key
+from secretbus.driver.writer import Files, Key, Op, Planned, Writes
 from secretbus.fleet.changes import RemoteChange
 from secretbus.store.codec import Binding, ValueCodecs
 from secretbus.store.conf import SecretConf
@@ -29,6 +33,16 @@ log = logging.getLogger("secretbus.driver")
 EventCallback = Callable[[SecretEvent], None]
 T = TypeVar("T")
 ANY = object()    # define(expect=ANY): no compare-and-set
+
+
+def _keys(uuid: str, *defs: SecretDef | None) -> set[Key]:
+    """What a write holds while in flight: its UUID and the usages of `defs`."""
+    keys: set[Key] = {("uuid", uuid)}
+    for d in defs:
+        uk = usage_key(d) if d is not None else None
+        if uk is not None:
+            keys.add(("usage", uk))
+    return keys
 
 
 def _check_expected(uuid: str, now: SecretDef | None, expect: SecretDef | None | object) -> None:
@@ -81,6 +95,7 @@ class SecretDriver:
         self._reload_setup = reload_setup
         self._lock = lock
         self._mutex = threading.RLock()
+        self._writes = Writes(self._mutex, lambda: self._setup.store)
         self._table = SecretTable()
         self._subscribers: dict[int, EventCallback] = {}
         self._next_sub = 0
@@ -111,6 +126,11 @@ class SecretDriver:
     @property
     def store(self) -> SecretStore:
         return self._setup.store
+
+    @property
+    def writes(self) -> Writes:
+        """The write scheduler (its `stats` count batches, for tests and benchmarks)."""
+        return self._writes
 
     @property
     def setup(self) -> Setup:
@@ -164,7 +184,7 @@ class SecretDriver:
         `check` sees the new conf before anything is replaced; what it raises aborts the reload."""
         if self._reload_setup is None:
             raise errors.NoSupport("this driver cannot reload its configuration")
-        with self._mutex:
+        with self._writes.exclusive():
             setup = self._reload_setup()
             if check is not None:
                 check(setup.conf)
@@ -210,6 +230,7 @@ class SecretDriver:
         for fn in reversed(self._closers):
             fn()
         self._closers.clear()
+        self._writes.close()
         with self._mutex:
             self._table.clear()
             if self._lock:
@@ -315,20 +336,38 @@ class SecretDriver:
         """Define or redefine `new`. With `expect` (a compare-and-set), the definition of its
         UUID must still be `expect` (None: absent): the caller checked its access against
         that one, and one that changed meanwhile is refused rather than acted on unchecked."""
+        return cast(SecretDef, self._writes.run(self._define_op(new, expect)))
+
+    def submit_define(self, new: SecretDef, *, expect: SecretDef | None | object = ANY) -> Future[SecretDef]:
+        """define(), answered through the future once durable."""
+        return self._writes.submit(self._define_op(new, expect))
+
+    def _define_op(self, new: SecretDef, expect: SecretDef | None | object) -> Op:
         rules.check_definition(new)
-        with self._mutex:
+
+        def keys() -> set[Key]:
+            entry = self._table.get(new.uuid)
+            return _keys(new.uuid, entry.definition if entry is not None else None, new)
+
+        def plan(files: Files) -> Planned:
             entry = self._table.get(new.uuid)
             old = entry.definition if entry is not None else None
             _check_expected(new.uuid, old, expect)
             self._check_define(old, new)
-            self._persist_define(old, new, entry.value if entry is not None else None)
-            if entry is not None:
-                self._table.redefine(entry, new)
-            else:
-                self._table.add(new)
-        log.info("defined secret %s", new.uuid, extra={"SECRET_UUID": new.uuid, "SECRET_OPERATION": "define"})
-        self._emit(new, EventId.LIFECYCLE, Lifecycle.DEFINED)
-        return new
+            self._persist_define(old, new, entry.value if entry is not None else None, files)
+
+            def apply() -> SecretDef:
+                if entry is not None:
+                    self._table.redefine(entry, new)
+                else:
+                    self._table.add(new)
+                return new
+
+            def announce() -> None:
+                log.info("defined secret %s", new.uuid, extra={"SECRET_UUID": new.uuid, "SECRET_OPERATION": "define"})
+                self._emit(new, EventId.LIFECYCLE, Lifecycle.DEFINED)
+            return Planned(apply, announce)
+        return Op(frozenset(_keys(new.uuid, new)), keys, plan)
 
     def _check_define(self, old: SecretDef | None, new: SecretDef) -> None:
         skipped = self._table.skipped(new.uuid)
@@ -351,49 +390,60 @@ class SecretDriver:
             raise errors.InternalError(
                 f"a secret with UUID {holder} is already defined for use with {new.usage_id}")
 
-    def _persist_define(self, old: SecretDef | None, new: SecretDef, value: bytearray | None) -> None:
-        store = self.store
+    @staticmethod
+    def _persist_define(old: SecretDef | None, new: SecretDef, value: bytearray | None, files: Files) -> None:
+        """The file changes of a define, in order (a plan keeps its steps' order)."""
         was_persistent = old is not None and not old.ephemeral
         if new.ephemeral:
             if was_persistent:
                 # Fix of libvirt's quirk: the XML goes too, so the secret cannot
                 # come back persistent and value-less after a restart.
-                store.delete_values(new.uuid)
-                store.delete_definition(new.uuid)
+                files.delete_values(new.uuid)
+                files.delete_definition(new.uuid)
             return
         if was_persistent:
-            store.write_definition(new)
+            files.definition(new)
             if value is not None and old is not None and Binding.of(old) != Binding.of(new):
                 # The value is bound to the private flag and usage: re-bind it (after the XML, so a
                 # crash in between leaves a stricter XML, which loads and is re-bound then).
-                store.write_value(new, bytes(value))
+                files.value(new, bytes(value))
             return
         # New on disk: a value file left by an interrupted undefine is not inherited.
         if value is not None:
-            store.write_value(new, bytes(value))
+            files.value(new, bytes(value))
         else:
-            store.delete_values(new.uuid)
-        try:
-            store.write_definition(new)
-        except BaseException:
-            if value is not None:
-                store.delete_values(new.uuid)
-            raise
+            files.delete_values(new.uuid)
+        # If the XML cannot be written, the value written before it goes again.
+        files.definition(new, undo_values=value is not None)
 
     # -- values -------------------------------------------------------------------
     def set_value(self, uuid: str, value: bytes, flags: int = 0, *, expect: SecretDef | object = ANY) -> None:
         """`expect`: as for define, the definition the caller's access was checked on."""
+        self._writes.run(self._set_value_op(uuid, value, flags, expect))
+
+    def submit_set_value(self, uuid: str, value: bytes, flags: int = 0, *,
+                         expect: SecretDef | object = ANY) -> Future[None]:
+        return self._writes.submit(self._set_value_op(uuid, value, flags, expect))
+
+    def _set_value_op(self, uuid: str, value: bytes, flags: int, expect: SecretDef | object) -> Op:
         rules.check_set_value_flags(flags)
         data = rules.check_value(value)
-        with self._mutex:
-            entry = self._get(uuid)
+        canon = canonical_uuid(uuid)
+        own: set[Key] = {("uuid", canon)}
+
+        def plan(files: Files) -> Planned:
+            entry = self._get(canon)
             d = entry.definition
             _check_expected(d.uuid, d, expect)
             if not d.ephemeral:
-                self.store.write_value(d, data)
-            self._table.set_value(entry, data)
-        log.info("set value of secret %s", d.uuid, extra={"SECRET_UUID": d.uuid, "SECRET_OPERATION": "set-value"})
-        self._emit(d, EventId.VALUE_CHANGED)
+                files.value(d, data)
+
+            def announce() -> None:
+                log.info("set value of secret %s", d.uuid,
+                         extra={"SECRET_UUID": d.uuid, "SECRET_OPERATION": "set-value"})
+                self._emit(d, EventId.VALUE_CHANGED)
+            return Planned(lambda: self._table.set_value(entry, data), announce)
+        return Op(frozenset(own), lambda: set(own), plan)
 
     def get_value(self, uuid: str, flags: int = 0, *, internal_call: bool = False) -> bytes:
         """The value; private secrets only for `internal_call` (an in-process VM launcher)."""
@@ -412,23 +462,38 @@ class SecretDriver:
     # -- undefine -----------------------------------------------------------------
     def undefine(self, uuid: str, *, expect: SecretDef | object = ANY) -> None:
         """`expect`: as for define, the definition the caller's access was checked on."""
-        with self._mutex:
-            d = self._get(uuid).definition
+        self._writes.run(self._undefine_op(uuid, expect))
+
+    def submit_undefine(self, uuid: str, *, expect: SecretDef | object = ANY) -> Future[None]:
+        return self._writes.submit(self._undefine_op(uuid, expect))
+
+    def _undefine_op(self, uuid: str, expect: SecretDef | object) -> Op:
+        canon = canonical_uuid(uuid)
+
+        def keys() -> set[Key]:
+            entry = self._table.get(canon)
+            return _keys(canon, entry.definition if entry is not None else None)
+
+        def plan(files: Files) -> Planned:
+            d = self._get(canon).definition
             _check_expected(d.uuid, d, expect)
             # Values first: a crash in between leaves a value-less secret, never a
             # value file that a later secret with this UUID would inherit.
-            self.store.delete_values(d.uuid)
-            self.store.delete_definition(d.uuid)
-            self._table.remove(d.uuid)
-        log.info("undefined secret %s", d.uuid, extra={"SECRET_UUID": d.uuid, "SECRET_OPERATION": "undefine"})
-        self._emit(d, EventId.LIFECYCLE, Lifecycle.UNDEFINED)
+            files.delete_values(d.uuid)
+            files.delete_definition(d.uuid)
+
+            def announce() -> None:
+                log.info("undefined secret %s", d.uuid, extra={"SECRET_UUID": d.uuid, "SECRET_OPERATION": "undefine"})
+                self._emit(d, EventId.LIFECYCLE, Lifecycle.UNDEFINED)
+            return Planned(lambda: self._table.remove(d.uuid), announce)
+        return Op(frozenset({("uuid", canon)}), keys, plan)
 
     # -- changes made elsewhere (fleet mode) -----------------------------------------------
     def apply_remote(self, changes: Callable[[], Iterable[RemoteChange]]) -> None:
         """Run `changes()` (the fleet store updating its cache) under the mutex, apply them to
         the table, then announce what differs, as a local define/set/undefine would."""
         events: list[tuple[SecretDef, EventId, Lifecycle | None]] = []
-        with self._mutex:
+        with self._writes.exclusive():
             batch = list(changes())
             # A value later in the batch (start-up resync) replaces, it does not clear first.
             valued = {c.uuid for c in batch if c.value is not None}
@@ -467,7 +532,7 @@ class SecretDriver:
         """Re-write every persistent value under the current scheme and key; this is also
         the explicit migration of legacy and unbound value files (store.load(migrate=True))."""
         done = total = 0
-        with self._mutex:
+        with self._writes.exclusive():
             self._load_store(self.store, migrate=True)
             for entry in self._table:
                 if entry.definition.ephemeral or entry.value is None:

@@ -9,10 +9,8 @@ than `max_unread` bytes unread drops the client. One client stalls only itself.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any
@@ -47,13 +45,12 @@ class RpcLimits:
 
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: Session,
-                 table: dict[int, Handler], limits: RpcLimits, executor: Executor,
+                 table: dict[int, Handler], limits: RpcLimits,
                  on_close: Callable[[Connection], None]):
         self.reader, self.writer = reader, writer
         self.session = session
         self._table = table
         self._limits = limits
-        self._executor = executor
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(limits.max_requests)
@@ -117,7 +114,7 @@ class Connection:
             handler, ret_type, args = self._admit(header, payload)
             ret = handler.fn(self, args)
             if handler.writes:
-                # The act for the writer thread (after the checks, if a coroutine makes them).
+                # The act that submits the write (after the checks, if a coroutine makes them).
                 self._track(self._loop.create_task(self._finish(header, ret_type, ret)))
                 return False
             if type(ret) is CoroutineType:
@@ -176,12 +173,12 @@ class Connection:
         return handler, spec.ret, args
 
     async def _finish(self, header: Header, ret_type: XdrType, ret: Any) -> None:
-        """Await the write's checks, run its act in the writer thread, reply."""
+        """Await the write's checks, submit its act to the driver (planned here, on the loop;
+        committed by the driver's I/O thread), await it, reply."""
         try:
             if type(ret) is CoroutineType:
                 ret = await ret
-            ctx = contextvars.copy_context()
-            ret = await self._loop.run_in_executor(self._executor, ctx.run, ret)
+            ret = await ret()
             if self._reply(header, ret_type, ret):
                 self._slots.release()
         except Exception as e:  # noqa: BLE001

@@ -1,8 +1,8 @@
 """Secret event registrations of RPC clients, and the MESSAGE frames the driver's events become.
 
 Callback ids are unique in the daemon (libvirt hands out 0, 1, … across connections). The
-driver calls its subscribers from whichever thread changed the table (the writer thread for
-a write), so events hop to the event loop before any socket is touched.
+driver calls its subscribers from whichever thread changed the table (the driver's I/O thread
+for a write), so events hop to the event loop before any socket is touched.
 
 An event reaches a registration only if its connection may `getattr` the secret (libvirt's
 `@aclfilter`; DESIGN §12: a secret's identity goes only to those allowed to see it). Decisions

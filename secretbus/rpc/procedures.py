@@ -1,11 +1,12 @@
 """The procedures this server answers, with libvirt's semantics (research §2.1, §1.4, §4.2).
 
 Each entry of `Procedures.table()` says when it may run (before authentication, before
-CONNECT_OPEN), whether it writes (then it returns the act that runs in the writer thread, so
-fsync never stalls the loop) and which public API a read-only connection is refused. The
-driver's rules and errors are the same as on D-Bus: every argument goes through the driver's
-own checks. Access checks (guard.py) come in libvirt's order: flags, then the lookup, then the
-ACL; a handler of a checked connection returns a coroutine that the connection awaits.
+CONNECT_OPEN), whether it writes (then it returns the act that submits the write to the
+driver, whose I/O thread commits it, so fsync never stalls the loop) and which public API a
+read-only connection is refused. The driver's rules and errors are the same as on D-Bus:
+every argument goes through the driver's own checks. Access checks (guard.py) come in
+libvirt's order: flags, then the lookup, then the ACL; a handler of a checked connection
+returns a coroutine that the connection awaits.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
 from secretbus.core.secretxml import format_secret_xml
 from secretbus.driver import rules
 from secretbus.driver.driver import ANY, SecretDriver
+from secretbus.driver.writer import outcome
 from secretbus.rpc import protocol as P
 from secretbus.rpc import remote_auth
 from secretbus.rpc.events import EventHub, EventSink
@@ -56,8 +58,12 @@ class Handler:
     fn: Fn
     pre_auth: bool = False          # AUTH_*: allowed before authentication
     pre_open: bool = False          # allowed before CONNECT_OPEN
-    writes: bool = False            # returns (or its coroutine returns) the act for the writer thread
+    writes: bool = False            # returns (or its coroutine returns) the act that submits the write
     denied_readonly: str | None = None   # the public API a read-only connection is refused
+
+
+def _none(_: None) -> None:
+    return None
 
 
 def _uuid(handle: dict[str, Any]) -> str:
@@ -282,7 +288,8 @@ class Procedures:
         return self.guard.listing(c, self.driver.list_secrets(a["flags"]),
                                   lambda defs: self._list_reply(len(defs), self._array(defs) if need else None, need))
 
-    # -- writes: each returns the act the writer thread runs ---------------------------
+    # -- writes: each returns the act that submits it to the driver (on the loop, once the
+    # checks passed) and returns an awaitable of the reply ----------------------------------
     def _expect(self, c: Client, d: SecretDef | None) -> SecretDef | None | object:
         """A checked write acts only on the definition its checks saw (compare-and-set)."""
         return d if self.guard.checked(c.session) else ANY
@@ -292,7 +299,8 @@ class Procedures:
         old = self.driver.find(d.uuid)
         expect = self._expect(c, old)
         return self.guard.then(c, [(Perm.WRITE, d), (Perm.SAVE, d), *redefine_checks(old, d)], "define",
-                               lambda: lambda: {"secret": wire_secret(self.driver.define(d, expect=expect))})
+                               lambda: lambda: outcome(self.driver.submit_define(d, expect=expect),
+                                                       lambda nd: {"secret": wire_secret(nd)}))
 
     def set_value(self, c: Client, a: Any) -> Any:
         if not a["value"]:
@@ -303,14 +311,15 @@ class Procedures:
         d = self.driver.lookup_by_uuid(uuid)
         expect = self._expect(c, d)
         return self.guard.then(c, [(Perm.WRITE, d)], "set-value",
-                               lambda: lambda: self.driver.set_value(uuid, value, flags, expect=expect))
+                               lambda: lambda: outcome(self.driver.submit_set_value(uuid, value, flags, expect=expect),
+                                                       _none))
 
     def undefine(self, c: Client, a: Any) -> Any:
         uuid = _uuid(a["secret"])
         d = self.driver.lookup_by_uuid(uuid)
         expect = self._expect(c, d)
         return self.guard.then(c, [(Perm.DELETE, d)], "undefine",
-                               lambda: lambda: self.driver.undefine(uuid, expect=expect))
+                               lambda: lambda: outcome(self.driver.submit_undefine(uuid, expect=expect), _none))
 
     # -- values -----------------------------------------------------------------------
     def get_value(self, c: Client, a: Any) -> Any:

@@ -20,7 +20,6 @@ import socket
 import stat
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,7 +189,6 @@ class RpcServer:
         self._made: list[tuple[Path, int]] = []     # (path, inode) of the sockets this server bound
         self._conns: set[Connection] = set()
         self._per_uid: Counter[int] = Counter()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="secretbus-rpc-io")
         self._sub: int | None = None
         self.hub: EventHub | None = None
         self._table: dict = {}
@@ -236,7 +234,7 @@ class RpcServer:
             return
         trusted = peer.uid == 0 if self.system else peer.uid == os.geteuid()
         session = self._unix_session(peer, readonly, trusted)
-        conn = Connection(reader, writer, session, self._table, self.limits, self._executor, self._forget)
+        conn = Connection(reader, writer, session, self._table, self.limits, self._forget)
         self._conns.add(conn)
         self._per_uid[peer.uid] += 1
         await conn.serve()
@@ -268,7 +266,7 @@ class RpcServer:
             return
         session = Session(REMOTE_PEER, socket_readonly=False, trusted=False, authenticated=sasl is None,
                           remote=who, sasl=sasl)
-        conn = Connection(reader, writer, session, self._table, self.limits, self._executor, self._forget)
+        conn = Connection(reader, writer, session, self._table, self.limits, self._forget)
         self._conns.add(conn)
         self._per_uid[REMOTE_PEER.uid] += 1
         timer = None
@@ -336,7 +334,6 @@ class RpcServer:
         self._servers.clear()
         if self.hub is not None:
             await self.hub.close()
-        self._executor.shutdown(wait=True)
         self.guard.close()
         for path, ino in self._made:
             try:

@@ -33,6 +33,7 @@ from secretbus.store.codec import (
     ValueCodecs,
     ValueFileError,
 )
+from secretbus.store.commit import Plan, Replace, Step, Unlink
 from secretbus.store.crypto import GCM_MAGIC, GcmCodec, gcm_key_id
 from secretbus.store.fsutil import (
     TMP_SUFFIX,
@@ -125,6 +126,36 @@ class SecretStore:
         except OSError as e:
             raise errors.SystemError(f"cannot create config directory '{self.dir}': {e.strerror}") from None
 
+    # -- write plans: the same file changes as the write_* methods below, described, not done;
+    # the driver commits the plans of concurrent operations together (store/commit.py).
+    @property
+    def group_commit(self) -> bool:
+        """Whether plan_* describes every write of this store. A store whose write_* methods
+        are replaced — by a subclass (the fleet store: an etcd transaction first) or on the
+        instance (a test's failing write) — is written through them, one operation at a time."""
+        cls = type(self)
+        return all(getattr(cls, n) is getattr(SecretStore, n) and n not in vars(self) for n in _WRITE_METHODS)
+
+    def plan_definition(self, d: SecretDef) -> Plan:
+        return Plan([Replace(self.dir, self._name(d.uuid, "xml"), format_secret_xml(d).encode("utf-8"))])
+
+    def plan_value(self, d: SecretDef, value: bytes) -> Plan:
+        """write_value's changes: the value under the current scheme, bound to `d`, then every
+        other value file removed (leniently: the current scheme's file wins at load)."""
+        writer = self.codecs.writer
+        steps: list[Step] = [Replace(self.dir, self._name(d.uuid, writer.suffix), writer.encode(Binding.of(d), value))]
+        steps += [Unlink(self.dir, self._name(d.uuid, sfx), strict=False)
+                  for sfx in KNOWN_SUFFIXES if sfx != writer.suffix]
+        return Plan(steps)
+
+    def plan_delete_values(self, uuid: str) -> Plan:
+        """delete_values' changes: a value file that stays fails the plan."""
+        return Plan([Unlink(self.dir, self._name(uuid, sfx)) for sfx in KNOWN_SUFFIXES])
+
+    def plan_delete_definition(self, uuid: str) -> Plan:
+        return Plan([Unlink(self.dir, self._name(uuid, "xml"))])
+
+    # -- writing one change at a time (start-up re-binds, maintenance, the fleet store) -----
     def write_definition(self, d: SecretDef) -> None:
         fd = self._open_dir()
         try:
@@ -202,6 +233,9 @@ class SecretStore:
             return _Load(self, fd, migrate).run()
         finally:
             os.close(fd)
+
+
+_WRITE_METHODS = ("write_definition", "write_value", "delete_definition", "delete_values")
 
 
 class _Load:

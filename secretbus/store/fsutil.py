@@ -20,7 +20,7 @@ from pathlib import Path
 TMP_SUFFIX = ".new"  # libvirt's temp suffix; start-up removes stale ones
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class UnsafeDirectory(OSError):
@@ -109,7 +109,7 @@ def fsync_dir(path: Path) -> None:
 def write_new(dir_fd: int, name: str, data: bytes) -> None:
     """Create `name` (0600, O_EXCL: never an existing file or a symlink's target) and
     write and fsync `data`. On failure the file is removed."""
-    fd = os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+    fd = os.open(name, NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
     try:
         os.fchmod(fd, 0o600)     # whatever the umask
         view = memoryview(data)

@@ -1,0 +1,298 @@
+"""Write plans and the batch commit: the file changes of many operations made durable together.
+
+A `Plan` is the ordered file changes of one operation (`Replace`: new content under a name;
+`Unlink`), built by the store (filestore.plan_*) without touching the disk. `commit_batch`
+carries out the plans of one batch with the fewest syncs that keep every guarantee
+(docs/security.md §3c says why each is there):
+
+1. every new file of every plan is created under a random temp name (0600, O_EXCL) and written;
+2. their data is made durable, all of them at once (`sync_data`): before a name points to a file,
+   its content must be on disk, or a crash could leave the name pointing to an empty file;
+3. each plan's renames and unlinks, in that plan's order;
+4. ONE fsync per directory changed, for the whole batch: only then is any plan durable, and only
+   then may its caller be answered.
+
+A plan that fails reports its own error and leaves none of its temp files behind; the other
+plans of the batch are unaffected, except that a failed directory fsync fails every plan that
+changed that directory.
+Nothing here logs or raises a file's content: only names and strerror.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from secretbus.core import errors
+from secretbus.store.fsutil import NEW_FILE_FLAGS, TMP_SUFFIX, open_dir, unlink_at, unlink_quiet
+
+log = logging.getLogger("secretbus.store")
+
+
+@dataclass
+class Replace:
+    """Replace `name` in `dir` with `data` (temp file, sync, rename)."""
+
+    dir: Path
+    name: str
+    data: bytes = field(repr=False)
+
+
+@dataclass
+class Unlink:
+    """Remove `name` in `dir`. `strict`: a failure fails the plan (a value file that must not
+    outlive its secret); otherwise it is logged (a stale file that loses at load anyway)."""
+
+    dir: Path
+    name: str
+    strict: bool = True
+
+
+Step = Replace | Unlink
+
+
+class Plan:
+    """The ordered file changes of one operation; `undo` is committed alone if the plan fails
+    after some of its steps were done (a new secret's value written, its XML not)."""
+
+    def __init__(self, steps: list[Step] | None = None, undo: Plan | None = None) -> None:
+        self.steps: list[Step] = list(steps or [])
+        self.undo = undo
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+    def add(self, other: Plan) -> Plan:
+        """Append `other`'s steps; returns self."""
+        self.steps.extend(other.steps)
+        return self
+
+
+# -- making new files' data durable ------------------------------------------------------------
+# fdatasync of each new file, at most SYNC_THREADS at once: ext4 (and xfs) fold fsyncs that
+# overlap into one journal commit, so a batch of 16 costs about what 4 serial ones do
+# (bench_syscalls.py). syncfs(2) of the whole file system would be one call, but it also writes
+# back every other dirty file on that file system (a VM image being written: seconds), so a
+# secret write would wait for unrelated I/O; it is not used (docs/security.md §3c).
+SYNC_THREADS = 4
+_pool: tuple[int, ThreadPoolExecutor] | None = None     # (pid, pool)
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    global _pool
+    # Per process: a forked child (the crash tests fork) has none of its parent's threads, and
+    # a pool inherited from the parent would never run what it is given.
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=SYNC_THREADS - 1, thread_name_prefix="secretbus-sync"))
+    return _pool[1]
+
+
+def sync_data(fds: list[int]) -> list[OSError | None]:
+    """fdatasync every fd: the caller's thread takes its share, the pool the rest (no thread
+    hop for a lone file). Returns each fd's error or None."""
+    def one(fd: int) -> OSError | None:
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            return e
+        return None
+    if len(fds) <= 1:
+        return [one(fd) for fd in fds]
+    # Interleaved shares: fd i goes to worker i % SYNC_THREADS; share 0 is this thread's.
+    shares = [fds[k::SYNC_THREADS] for k in range(SYNC_THREADS)]
+    def share(s: list[int]) -> list[OSError | None]:
+        return [one(fd) for fd in s]
+    futures = [_sync_pool().submit(share, s) for s in shares[1:] if s]
+    mine = [one(fd) for fd in shares[0]]
+    results: dict[int, OSError | None] = dict(zip(shares[0], mine, strict=True))
+    for s, f in zip((s for s in shares[1:] if s), futures, strict=True):
+        results.update(zip(s, f.result(), strict=True))
+    return [results[fd] for fd in fds]
+
+
+# -- one batch ---------------------------------------------------------------------------------
+class Batch:
+    """The plans of one batch on their way: verified directory fds, temp files, per-plan errors
+    (`errors[i]` None once plan i is durable)."""
+
+    def __init__(self, plans: list[Plan]) -> None:
+        self.plans = plans
+        self.errors: list[BaseException | None] = [None] * len(plans)
+        self.dirs: dict[Path, int] = {}
+        self.temps: list[dict[int, str]] = [{} for _ in plans]     # step index -> temp name
+        self.changed: list[set[Path]] = [set() for _ in plans]
+
+    def dir_fd(self, d: Path) -> int:
+        fd = self.dirs.get(d)
+        if fd is None:
+            try:
+                fd = open_dir(d)
+            except OSError as e:
+                raise errors.SystemError(f"cannot use config directory '{d}': {e.strerror}") from None
+            self.dirs[d] = fd
+        return fd
+
+    def fail(self, i: int, e: BaseException) -> None:
+        if self.errors[i] is None:
+            self.errors[i] = e
+        self.discard(i)
+
+    def discard(self, i: int) -> None:
+        """Remove plan i's temp files not yet renamed."""
+        steps = self.plans[i].steps
+        for k, tmp in self.temps[i].items():
+            fd = self.dirs.get(steps[k].dir)
+            if fd is not None:
+                unlink_quiet(fd, tmp)
+        self.temps[i].clear()
+
+    def write_temps(self) -> list[tuple[int, int]]:
+        """Step 1 for every plan; returns (plan index, open fd) of each file written."""
+        files: list[tuple[int, int]] = []
+        for i, p in enumerate(self.plans):
+            mine: list[int] = []
+            try:
+                for k, s in enumerate(p.steps):
+                    dfd = self.dir_fd(s.dir)
+                    if isinstance(s, Replace):
+                        tmp = f"{s.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+                        self.temps[i][k] = tmp
+                        mine.append(_write_temp(dfd, tmp, s))
+            except Exception as e:  # noqa: BLE001 - that plan's error; the others go on
+                for fd in mine:
+                    os.close(fd)
+                self.fail(i, e)
+                continue
+            files += [(i, fd) for fd in mine]
+        return files
+
+    def sync_temps(self, files: list[tuple[int, int]]) -> None:
+        """Step 2: make every temp file's data durable, then close them."""
+        try:
+            results = sync_data([fd for _, fd in files])
+        finally:
+            for _, fd in files:
+                os.close(fd)
+        for (i, _), err in zip(files, results, strict=True):
+            if err is not None:
+                self.fail(i, errors.SystemError(f"cannot sync a new file: {err.strerror}"))
+
+    def apply(self, i: int) -> None:
+        """Step 3 for plan i: its renames and unlinks, in order; stops at the first failure."""
+        for k, s in enumerate(self.plans[i].steps):
+            fd = self.dir_fd(s.dir)
+            if isinstance(s, Replace):
+                try:
+                    os.rename(self.temps[i][k], s.name, src_dir_fd=fd, dst_dir_fd=fd)
+                except OSError as e:
+                    raise errors.SystemError(f"cannot write '{s.dir / s.name}': {e.strerror}") from None
+                del self.temps[i][k]
+                self.changed[i].add(s.dir)
+                continue
+            try:
+                if unlink_at(fd, s.name):
+                    self.changed[i].add(s.dir)
+            except OSError as e:
+                if s.strict:
+                    raise errors.SystemError(f"cannot unlink '{s.dir / s.name}': {e.strerror}") from None
+                # A stale file of another scheme: the current scheme's file wins at load.
+                log.warning("cannot remove stale value file %s: %s", s.name, e.strerror)
+
+    def close(self) -> None:
+        for i in range(len(self.plans)):
+            self.discard(i)
+        for fd in self.dirs.values():
+            os.close(fd)
+        self.dirs.clear()
+
+
+def _write_temp(dir_fd: int, tmp: str, s: Replace) -> int:
+    """Create and write a temp file (not synced yet); returns its open fd."""
+    try:
+        fd = os.open(tmp, NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+    except OSError as e:
+        raise errors.SystemError(f"cannot write '{s.dir / s.name}': {e.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)     # whatever the umask
+        view = memoryview(s.data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        os.close(fd)
+        raise errors.SystemError(f"cannot write '{s.dir / s.name}': {e.strerror}") from None
+    return fd
+
+
+def prepare_batch(plans: list[Plan]) -> Batch:
+    """Steps 1 and 2 for `plans`: every new file written under its temp name and durable."""
+    b = Batch(plans)
+    try:
+        b.sync_temps(b.write_temps())
+    except BaseException:
+        b.close()
+        raise
+    return b
+
+
+def finish_batches(batches: list[Batch]) -> int:
+    """Steps 3 and 4 for prepared batches, together: each plan's renames and unlinks, then one
+    fsync per directory changed by any of them (by inode: the same directory opened by two
+    batches is synced once). Closes the batches, undoes failed plans; returns the fsyncs made."""
+    done: dict[tuple[int, int], BaseException | None] = {}
+    try:
+        for b in batches:
+            for i in range(len(b.plans)):
+                if b.errors[i] is None:
+                    try:
+                        b.apply(i)
+                    except Exception as e:  # noqa: BLE001 - reported to that plan's caller
+                        b.fail(i, e)
+        for b in batches:
+            for i in range(len(b.plans)):
+                for d in b.changed[i]:
+                    fd = b.dirs[d]
+                    st = os.fstat(fd)
+                    key = (st.st_dev, st.st_ino)
+                    if key not in done:
+                        try:
+                            os.fsync(fd)
+                            done[key] = None
+                        except OSError as e:
+                            done[key] = errors.SystemError(f"cannot sync '{d}': {e.strerror}")
+                    err = done[key]
+                    if err is not None and b.errors[i] is None:
+                        b.errors[i] = err
+    finally:
+        for b in batches:
+            b.close()
+    for b in batches:
+        for p, err in zip(b.plans, b.errors, strict=True):
+            if err is not None and p.undo:
+                undone = commit_batch([p.undo]).errors[0]
+                if undone is not None:
+                    log.error("cannot undo a failed write: %s", undone)
+    return len(done)
+
+
+@dataclass
+class BatchResult:
+    errors: list[BaseException | None]    # per plan: None when it is durable
+    dir_syncs: int
+
+
+def commit_batch(plans: list[Plan]) -> BatchResult:
+    """Carry out `plans` as one group (steps 1-4 above)."""
+    b = prepare_batch(plans)
+    syncs = finish_batches([b])
+    return BatchResult(b.errors, syncs)
+
+
+def commit_now(plan: Plan) -> None:
+    """Commit one plan alone; raise its error."""
+    if plan:
+        err = commit_batch([plan]).errors[0]
+        if err is not None:
+            raise err
