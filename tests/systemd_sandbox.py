@@ -52,9 +52,12 @@ import argparse
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import json
 import os
 import shlex
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -270,11 +273,23 @@ def hide_paths(svc, mapping: dict[str, str], stage: Path) -> list[str]:
     return read_only
 
 
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def loopback_up() -> None:
+    """`ip link set lo up` without iproute2 (a minimal Debian has no `ip`): the kernel then
+    gives lo 127.0.0.1 and ::1 itself."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH22x", b"lo", 0)              # struct ifreq: name, flags, padding
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+
+
 def stage_mounts(args, svc) -> None:
     if yes(last(svc, "PrivateNetwork")):
         # systemd configures the namespace's loopback device (up, 127.0.0.1 and ::1); unshare
         # leaves it down. Done here, where the new namespace is ours and capabilities still are.
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        loopback_up()
     mapping = dict(m.split("=", 1) for m in args.map)
     with tempfile.TemporaryDirectory(prefix="sandbox-", dir="/run") as stage:
         read_only = hide_paths(svc, mapping, Path(stage))
