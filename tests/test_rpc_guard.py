@@ -292,7 +292,7 @@ def _call(procs, client, proc: int, args: Any) -> Any:
         if asyncio.iscoroutine(ret):
             ret = await ret
         if procs.table()[proc].writes:
-            ret = ret()
+            ret = await ret()           # the write is submitted to the driver and awaited
         return ret
     return asyncio.get_event_loop().run_until_complete(run())
 
