@@ -38,8 +38,9 @@ systemd uses, in three stages that each exec the next, so the command keeps this
 A --map UNITPATH=REALPATH also moves a BindReadOnlyPaths= source (e.g. /etc/pki from a test
 directory), so that the command sees REALPATH's files at UNITPATH.
 
-PrivateTmp=yes is reproduced for /var/tmp only (a fresh writable tmpfs); /tmp stays the
-host's, where the tests keep the files the command needs.
+PrivateTmp=yes is reproduced only as far as the service needs it: /var/tmp stays writable
+(not a fresh one: the tests keep disk-backed directories there), and /tmp stays the host's,
+where the tests keep the files the command needs.
 
 Not reproduced (listed on stderr): PrivateDevices=/DevicePolicy=, PrivateUsers=,
 ProtectHome= other than yes, the other Protect*= mounts, LoadCredentialEncrypted= (the caller
@@ -73,7 +74,7 @@ EMULATED = {
     "SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
     "RestrictAddressFamilies", "MemoryDenyWriteExecute", "RestrictNamespaces",
     "TemporaryFileSystem", "BindReadOnlyPaths", "InaccessiblePaths", "PrivateMounts", "ProtectHome",
-    "PrivateTmp",   # /var/tmp only (see stage_mounts)
+    "PrivateTmp",   # /var/tmp writable only (see stage_mounts)
 }
 NOT_SANDBOXING = {  # [Service] keys that are not about the sandbox at all
     "Type", "NotifyAccess", "BusName", "ExecStart", "ExecReload", "Restart",
@@ -297,10 +298,10 @@ def stage_mounts(args, svc) -> None:
         _mount("-o", "remount,bind,ro", p)
     writable = []
     if yes(last(svc, "PrivateTmp")):
-        # /var/tmp only: a fresh tmpfs, writable under ProtectSystem=strict as systemd's private
-        # one is (MIT Kerberos keeps its replay cache there). /tmp stays the host's: the tests'
-        # files (sockets, certificates, configs) are there.
-        _mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", "/var/tmp")
+        # /var/tmp writable under ProtectSystem=strict, as systemd's private one is (MIT
+        # Kerberos keeps its replay cache there). Not a fresh one: the tests' disk-backed
+        # directories are under /var/tmp where /tmp is a tmpfs (a fresh Debian root), and
+        # /tmp stays the host's too, with the tests' sockets, certificates and configs.
         writable.append("/var/tmp")
     if last(svc, "ProtectSystem") == "strict":
         paths = [p for group in words(svc, "ReadWritePaths") for p in group] + _exec_dirs(svc, args.user)
@@ -315,8 +316,7 @@ def stage_mounts(args, svc) -> None:
                 raise SystemExit(f"sandbox: writable path {p} ({real}) does not exist")
             writable.append(os.path.realpath(real))
         for w in writable:
-            if w != "/var/tmp":          # a mount of its own already
-                _mount("--bind", w, w)
+            _mount("--bind", w, w)
         for mp in _mountpoints():
             if _under(mp, "/proc") or _under(mp, "/dev") or any(_under(mp, w) for w in writable):
                 continue
