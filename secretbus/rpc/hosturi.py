@@ -9,12 +9,13 @@ from secretbus.core import errors
 
 def host_endpoint(uri: str, u: SplitResult, kind: str, default_port: int, scheme: str) -> tuple[str, int]:
     """(host, port) of `u`, the split `uri`; `kind` names the transport in messages ("TLS")."""
-    if not u.hostname:
-        raise errors.InvalidArg(f"a host name is required in '{uri}'")
     if u.username or u.password:
         # The certificate or the Kerberos ticket says who we are; libvirt ignores a name here.
-        # The message shows no more of the URI than the host: a password must not be echoed.
-        raise errors.InvalidArg(f"a user name has no meaning for a {kind} URI: '{u.scheme}://{u.hostname}…'")
+        # Checked first, and shown no further than the host: a password must not be echoed by
+        # this message or by the ones below, which show the whole URI.
+        raise errors.InvalidArg(f"a user name has no meaning for a {kind} URI: '{u.scheme}://{u.hostname or ''}…'")
+    if not u.hostname:
+        raise errors.InvalidArg(f"a host name is required in '{uri}'")
     if u.path not in ("/system", "/session"):
         raise errors.InternalError(f"unexpected secret URI path '{u.path}', try {scheme}://{u.hostname}/system")
     try:
