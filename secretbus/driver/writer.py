@@ -220,10 +220,12 @@ class Writes:
             if not (op.keys() & self._busy) <= mine:
                 raise errors.InternalError("a write from an event callback to a secret that another "
                                            "write in flight also changes is not possible")
-            op.planned = op.ctx.run(op.plan, DirectFiles(self._store()))
-            result = op.planned.apply()
+            self._direct(op)
+        if op.error is not None:
+            raise op.error
+        assert op.planned is not None
         op.ctx.run(op.planned.announce)
-        return result
+        return op.result
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
