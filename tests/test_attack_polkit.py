@@ -380,9 +380,11 @@ async def calls(addr, path, n, conns, interactive, timeout):
         except Exception as e:
             res = "client." + type(e).__name__
         return [res, time.monotonic() - t0]
-    sem = asyncio.Semaphore(64)
+    # At most 64 in flight in all, spread evenly: a global bound would let calls pile up on a
+    # connection whose calls are slow (past the service's 32 per connection: LimitsExceeded).
+    sems = [asyncio.Semaphore(max(1, 64 // conns)) for _ in range(conns)]
     async def bounded(i):
-        async with sem:
+        async with sems[i % conns]:
             return await one(i)
     out = await asyncio.gather(*(bounded(i) for i in range(n)))
     for b in buses:
