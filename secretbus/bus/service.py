@@ -43,6 +43,7 @@ from secretbus.bus.names import (
     uuid_from_path,
 )
 from secretbus.bus.unread import Ask
+from secretbus.core import loophop
 from secretbus.core.model import SecretEvent
 from secretbus.driver.driver import StoreState
 
@@ -211,4 +212,5 @@ class SecretService:
         if threading.get_ident() == self._loop_thread:
             self._signals.emit(ev)
         else:
-            self._loop.call_soon_threadsafe(self._signals.emit, ev)
+            # with the other events and answers of its write batch, in order (core/loophop.py)
+            loophop.hops(self._loop).post(self._signals.emit, ev)
