@@ -95,6 +95,8 @@ class SecretService:
         self._loop_thread = threading.get_ident()
         # A small send buffer: what the kernel holds is ahead of root's replies (compat.py).
         compat.set_send_buffer(bus, SEND_BUFFER)
+        # The replies and signals of one loop iteration in one sendmsg (compat.py).
+        compat.coalesce_writes(bus)
         self._runner = CallRunner(bus, access, private_readers, audit=audit, bounds=bounds,
                                   max_message=max_message,
                                   unread=_outgoing_bytes(bus) if hasattr(bus, "call") else None)
