@@ -170,6 +170,12 @@ def test_messages_of_one_iteration_go_out_in_one_sendmsg_in_order():
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert counting.calls == 1 and all(f.done() for f in futs)
+        # flush_writes (before a disconnect) sends at once what waits for the iteration's end
+        last = loop.create_future()
+        writer.schedule_write(Message(path="/", interface="a.b", member="Last"), last)
+        compat.flush_writes(bus)
+        assert counting.calls == 2 and last.done()
+        msgs.append(Message(path="/", interface="a.b", member="Last"))
         want = b"".join(bytes(m._marshall(False)) for m in msgs)
         assert _read_all(b, len(want)) == want
         assert bus.finalized == [] and writer.buf is None and not writer.messages

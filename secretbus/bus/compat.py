@@ -200,3 +200,10 @@ def coalesce_writes(bus: Any) -> bool:
         return False                       # installed already
     w.schedule_write = _CoalescedWrites(w).schedule_write
     return True
+
+
+def flush_writes(bus: Any) -> None:
+    """Send now what coalesce_writes holds for the end of this iteration (before a disconnect)."""
+    cw = getattr(getattr(getattr(bus, "_writer", None), "schedule_write", None), "__self__", None)
+    if isinstance(cw, _CoalescedWrites):
+        cw.flush()

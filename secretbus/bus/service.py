@@ -195,6 +195,8 @@ class SecretService:
         if self._unwatch_state is not None:
             self._unwatch_state()
             self._unwatch_state = None
+        # The replies of this loop iteration go out now: the daemon disconnects next.
+        compat.flush_writes(self.bus)
 
     # -- calls and events ---------------------------------------------------------------
     def _invoke(self, msg: Message, entry: Entry[Bound]) -> Reply:
