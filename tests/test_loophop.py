@@ -61,3 +61,15 @@ def test_a_post_to_a_closed_loop_is_dropped():
     loop.close()
     h.post(print, "never")                            # no exception, nothing queued
     assert not h._calls and not h._woken
+
+
+def test_the_registry_does_not_keep_a_loop_alive():
+    import gc
+    import weakref
+    loop = asyncio.new_event_loop()
+    loophop.hops(loop).post(print, "never run")
+    ref = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert ref() is None

@@ -27,7 +27,8 @@ class Hops:
     """The calls queued for one loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # weak: the registry's value must not keep its key (the loop) alive
+        self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._woken = False                  # a _run is scheduled (or deferred by held())
@@ -47,8 +48,11 @@ class Hops:
             self._wake()
 
     def _wake(self) -> None:
+        loop = self._loop()
         try:
-            self.loop.call_soon_threadsafe(self._run)
+            if loop is None:
+                raise RuntimeError("the loop is gone")
+            loop.call_soon_threadsafe(self._run)
         except RuntimeError:                 # the loop has closed: nobody is left to tell
             with self._lock:
                 self._calls.clear()
@@ -62,7 +66,9 @@ class Hops:
             try:
                 fn(*args)
             except Exception as e:  # noqa: BLE001 - one failed call must not lose the others
-                self.loop.call_exception_handler({"message": "exception in a posted call", "exception": e})
+                loop = self._loop()
+                if loop is not None:
+                    loop.call_exception_handler({"message": "exception in a posted call", "exception": e})
 
 
 def hops(loop: asyncio.AbstractEventLoop) -> Hops:
