@@ -101,6 +101,50 @@ def test_record_fields_name_who_what_when_and_how():
     assert "CALLER_UID" not in d and "uid ?" in d["MESSAGE"]
 
 
+def test_allowed_record_encoded_in_one_step_has_the_same_fields():
+    """audit.encode_allowed (the value read's fast path) gives exactly the fields of
+    encode_entry(AuditRecord(...).fields()), the time aside; None where only the general
+    encoding can (a newline in a value)."""
+    volume = secret()
+    plain = SecretDef("5ca1ab1e-0000-4000-8000-000000000042")          # usage none, no usage id
+    for d, uid, pid, peer in [(volume, 1000, 4242, ":1.7"), (volume, None, None, ""), (plain, 0, 1, ":1.9"),
+                              (SecretDef(READABLE, usage_type=UsageType.CEPH, usage_id="client.ä"), 5, None, "p")]:
+        for fe in ("dbus", "rpc"):
+            fast = parse_entry(audit.encode_allowed(fe, d, uid, pid, peer))
+            slow = parse_entry(encode_entry(AuditRecord(fe, Outcome.ALLOWED, d, uid, pid, peer).fields()))
+            t_fast, t_slow = int(fast.pop("AUDIT_TIME_USEC")[0]), int(slow.pop("AUDIT_TIME_USEC")[0])
+            assert fast == slow and abs(t_fast - t_slow) < 10_000_000
+    assert audit.encode_allowed("dbus", SecretDef(READABLE, usage_type=UsageType.VOLUME, usage_id="a\nb"),
+                                0, 1, ":1.1") is None
+
+
+class _EncodedSink:
+    def __init__(self, fail: bool = False):
+        self.sent: list[bytes] = []
+        self.fail = fail
+
+    async def send(self, fields):
+        raise AssertionError("not awaited here")
+
+    def send_now_encoded(self, data: bytes) -> bool:
+        if self.fail:
+            raise OSError(2, "No such file or directory")
+        self.sent.append(data)
+        return True
+
+
+def test_allowed_now_writes_one_record_and_fails_closed_when_required():
+    sink = _EncodedSink()
+    assert Auditor(sink, AuditMode.REQUIRED).allowed_now("dbus", secret(), 1000, 4242, ":1.7") is True
+    (data,) = sink.sent
+    assert parse_entry(data)["SECRET_UUID"] == [READABLE.encode()]
+    with pytest.raises(AuditFailed):
+        Auditor(_EncodedSink(fail=True), AuditMode.REQUIRED).allowed_now("dbus", secret(), 1000, 4242, ":1.7")
+    assert Auditor(_EncodedSink(fail=True), AuditMode.BEST_EFFORT).allowed_now("dbus", secret(), 0, 1, ":1.1")
+    off = _EncodedSink()
+    assert Auditor(off, AuditMode.OFF).allowed_now("dbus", secret(), 0, 1, ":1.1") and off.sent == []
+
+
 def test_native_encoding_text_and_binary_forms_round_trip():
     fields = {"MESSAGE": "one line", "SECRET_USAGE_ID": "two\nlines", "EMPTY": ""}
     data = encode_entry(fields)

@@ -113,3 +113,103 @@ def test_dbus_fast_bus_address_and_socket_are_reachable(session_bus):
         finally:
             bus.disconnect()
     asyncio.run(main())
+
+
+class _CountingSock:
+    """A socket whose sendmsg calls are counted (the writer's `sock`)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.calls = sock, 0
+
+    def sendmsg(self, bufs: list) -> int:
+        self.calls += 1
+        return self.sock.sendmsg(bufs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def _writer_on_socketpair(sndbuf: int | None = None):
+    from dbus_fast.aio.message_bus import _MessageWriter
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    if sndbuf:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    bus = _Bus(a)
+    writer = _MessageWriter(bus)  # type: ignore[arg-type]  # a stand-in with what it reads
+    bus._writer = writer
+    compat.eagain_is_not_fatal(bus)
+    counting = _CountingSock(writer.sock)
+    writer.sock = counting
+    assert compat.coalesce_writes(bus)
+    assert not compat.coalesce_writes(bus)          # once
+    return bus, writer, counting, (a, b)
+
+
+def _read_all(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    sock.settimeout(5)
+    while len(got) < n:
+        got += sock.recv(n - len(got))
+    return got
+
+
+def test_messages_of_one_iteration_go_out_in_one_sendmsg_in_order():
+    """compat.coalesce_writes: messages sent in one loop iteration leave in one sendmsg, in
+    order; each future is done once its bytes are out; the queue is measured as before."""
+    async def main():
+        bus, writer, counting, (a, b) = _writer_on_socketpair()
+        loop = asyncio.get_running_loop()
+        msgs = [Message(path="/", interface="a.b", member="M", signature="s", body=[f"m{i}"]) for i in range(5)]
+        futs = [loop.create_future() for _ in msgs]
+        for m, f in zip(msgs, futs, strict=True):
+            writer.schedule_write(m, f)
+        # queued, not yet sent: the last one is measured as the writer's last entry
+        assert compat.queued_bytes(bus, futs[-1]) == len(msgs[-1]._marshall(False))
+        assert counting.calls == 0 and not any(f.done() for f in futs)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert counting.calls == 1 and all(f.done() for f in futs)
+        # flush_writes (before a disconnect) sends at once what waits for the iteration's end
+        last = loop.create_future()
+        writer.schedule_write(Message(path="/", interface="a.b", member="Last"), last)
+        compat.flush_writes(bus)
+        assert counting.calls == 2 and last.done()
+        msgs.append(Message(path="/", interface="a.b", member="Last"))
+        want = b"".join(bytes(m._marshall(False)) for m in msgs)
+        assert _read_all(b, len(want)) == want
+        assert bus.finalized == [] and writer.buf is None and not writer.messages
+        a.close()
+        b.close()
+    asyncio.run(main())
+
+
+def test_a_partial_coalesced_write_is_finished_by_the_writer_callback():
+    """A socket that takes only part of the batch: the rest stays in buf/offset/fut and the
+    queue, dbus-fast's writer callback sends it when the socket is writable again."""
+    async def main():
+        bus, writer, counting, (a, b) = _writer_on_socketpair(sndbuf=4096)
+        loop = asyncio.get_running_loop()
+        msgs = [Message(path="/", interface="a.b", member="M", signature="s", body=["x" * 20000 + str(i)])
+                for i in range(4)]
+        futs = [loop.create_future() for _ in msgs]
+        for m, f in zip(msgs, futs, strict=True):
+            writer.schedule_write(m, f)
+        want = b"".join(bytes(m._marshall(False)) for m in msgs)
+        got = b""
+        b.setblocking(False)
+        for _ in range(2000):
+            await asyncio.sleep(0.001)
+            try:
+                got += b.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            if len(got) >= len(want):
+                break
+        assert got == want
+        await asyncio.sleep(0.01)
+        assert all(f.done() and f.exception() is None for f in futs)
+        assert bus.finalized == [] and writer.buf is None and not writer.messages
+        a.close()
+        b.close()
+    asyncio.run(main())

@@ -103,6 +103,36 @@ def _text(n: int | None, unknown: str = "?") -> str:
     return unknown if n is None else str(n)
 
 
+# The fields every allowed GetValue record of a front end has, in the native journal protocol.
+_ALLOWED_CONST: dict[str, str] = {}
+
+
+def encode_allowed(front_end: str, d: SecretDef, uid: int | None, pid: int | None, peer: str) -> bytes | None:
+    """encode_entry(AuditRecord(front_end, ALLOWED, d, uid, pid, peer).fields()), made in one
+    format (a value read's record: a third of its service CPU when built field by field);
+    None for a value that needs the general encoding (a newline in the usage or the peer).
+    tests/test_audit.py checks that both give the same fields."""
+    usage_id = d.usage_id or ""
+    if "\n" in usage_id or "\n" in peer:
+        return None
+    const = _ALLOWED_CONST.get(front_end)
+    if const is None:
+        const = _ALLOWED_CONST.setdefault(front_end, (
+            f"MESSAGE_ID={MESSAGE_ID}\nPRIORITY=5\nSYSLOG_IDENTIFIER={IDENTIFIER}\n"
+            f"SECRET_OPERATION=GetValue\nAUDIT_OUTCOME={Outcome.ALLOWED.value}\nAUDIT_FRONT_END={front_end}\n"))
+    usec = time.time_ns() // 1000
+    utype = d.usage_type.xml_name
+    text = (f"MESSAGE=secret value read {Outcome.ALLOWED.value}: secret {d.uuid} for uid {_text(uid)} "
+            f"pid {_text(pid)} ({peer or '?'}) via {front_end}\n{const}SECRET_UUID={d.uuid}\n"
+            + (f"SECRET_USAGE_TYPE={utype}\n" if utype else "")
+            + (f"SECRET_USAGE_ID={usage_id}\n" if usage_id else "")
+            + f"AUDIT_TIME_USEC={usec}\n"
+            + (f"CALLER_UID={uid}\n" if uid is not None else "")
+            + (f"CALLER_PID={pid}\n" if pid is not None else "")
+            + (f"CALLER_PEER={peer}\n" if peer else ""))
+    return text.encode("utf-8", "replace")
+
+
 class RecordSink(Protocol):
     async def send(self, fields: dict[str, str]) -> None:
         """Write one record; raise OSError when it was not kept."""
@@ -151,6 +181,21 @@ class Auditor:
             return bool(send_now(rec.fields()))
         except (OSError, ValueError) as e:
             self._failed(rec, e)
+            return True
+
+    def allowed_now(self, front_end: str, d: SecretDef, uid: int | None, pid: int | None, peer: str) -> bool:
+        """write_now(AuditRecord(front_end, ALLOWED, d, uid, pid, peer)), the record encoded
+        in one step (encode_allowed) when the sink takes encoded entries."""
+        if not self.active:
+            return True
+        send_encoded: Callable[[bytes], bool] | None = getattr(self.sink, "send_now_encoded", None)
+        data = encode_allowed(front_end, d, uid, pid, peer) if send_encoded is not None else None
+        if send_encoded is None or data is None:
+            return self.write_now(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer))
+        try:
+            return bool(send_encoded(data))
+        except (OSError, ValueError) as e:
+            self._failed(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer), e)
             return True
 
     def _fold(self, rec: AuditRecord) -> AuditRecord | None:

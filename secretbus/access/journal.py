@@ -120,8 +120,13 @@ class JournalWriter:
         """Send one entry without awaiting: True when journald took it, False when nothing was
         sent and `send` must do it (its queue is full, or it restarted: `send` reconnects);
         OSError when there is no journald or a partial send."""
-        sock = self._connected()
-        data = encode_entry(fields)
+        sock = self._connected()      # no journald: fail before encoding
+        return self.send_now_encoded(encode_entry(fields), sock)
+
+    def send_now_encoded(self, data: bytes, sock: socket.socket | None = None) -> bool:
+        """send_now of an entry encoded already (encode_entry)."""
+        if sock is None:
+            sock = self._connected()
         try:
             sent = sock.send(data)
         except (BlockingIOError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError):

@@ -59,7 +59,7 @@ class ReadAudit:
         ok, uid = known(caller)
         if not ok:
             return False
-        return self.auditor.write_now(AuditRecord(FRONT_END, Outcome.ALLOWED, d, uid, pid, caller.sender))
+        return self.auditor.allowed_now(FRONT_END, d, uid, pid, caller.sender)
 
     async def allowed(self, caller: Caller, d: SecretDef | None) -> None:
         """Record a read about to return its value; AuditFailed (required mode) stops it."""

@@ -116,3 +116,94 @@ def set_send_buffer(bus: Any, size: int) -> bool:
     except OSError:
         return False
     return True
+
+
+# -- dbus-fast: `MessageBus._writer.schedule_write` (one send for an iteration's messages) --
+# Why: dbus-fast writes each message with its own send(2) the moment it is queued. A write
+# batch finishing answers 16 calls at once, each with its reply and one or two signals: 48
+# sends, each waking the bus daemon (on this VM half of the loop thread's CPU per Undefine,
+# py-spy). Here a message queued while the writer is idle waits for the end of the loop
+# iteration (`call_soon`), and everything queued by then goes out in one sendmsg(2) with one
+# buffer per message. Order, the queue's layout (queued_bytes) and each message's future
+# are as before: a future is resolved once the socket took its last byte; a partial write
+# leaves the rest in `buf` / `offset` / `fut` for dbus-fast's own writer callback, as a
+# partial send() does. Messages with unix fds (never sent here) take dbus-fast's path.
+# Reference: dbus_fast/aio/message_bus.py (_MessageWriter.schedule_write, write_callback,
+# messages, buf, offset, fut, sock, loop, fd; 5.x).
+# Remove when dbus-fast coalesces writes itself.
+IOV_MAX = 1024             # buffers in one sendmsg (Linux's UIO_MAXIOV)
+
+
+class _CoalescedWrites:
+    __slots__ = ("_w", "_scheduled")
+
+    def __init__(self, writer: Any) -> None:
+        self._w = writer
+        self._scheduled = False
+
+    def schedule_write(self, msg: Any = None, future: Any = None) -> None:
+        w = self._w
+        if msg is not None:
+            w.buffer_message(msg, future)
+        if not w.bus.unique_name or w.buf is not None:
+            # Before Hello, or a message part-written: dbus-fast's writer callback carries on.
+            w.loop.add_writer(w.fd, w.write_callback)
+        elif not self._scheduled and w.messages:
+            self._scheduled = True
+            w.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        w = self._w
+        messages = w.messages
+        if w.buf is not None or not messages:
+            return
+        bufs: list[bytes | bytearray] = []
+        for buf, fds, _ in messages:
+            if fds or len(bufs) >= IOV_MAX:
+                break
+            bufs.append(buf)
+        if not bufs:
+            w.loop.add_writer(w.fd, w.write_callback)
+            return
+        try:
+            sent = w.sock.sendmsg(bufs)
+        except BlockingIOError:
+            sent = 0
+        except Exception:  # noqa: BLE001 - dbus-fast's writer meets the same error and handles it
+            w.write_callback()
+            return
+        for buf in bufs:
+            if sent < len(buf):
+                break
+            sent -= len(buf)
+            fut = messages.popleft()[2]
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        if sent:
+            buf, _, fut = messages.popleft()
+            w.buf, w.offset, w.fut, w.unix_fds = memoryview(buf), sent, fut, None
+        if w.buf is not None or messages:
+            w.loop.add_writer(w.fd, w.write_callback)
+
+
+def coalesce_writes(bus: Any) -> bool:
+    """Make `bus`'s writer coalesce (above); False when its layout is not the expected one."""
+    w = getattr(bus, "_writer", None)
+    if w is None:
+        return False
+    needed = ("messages", "buf", "offset", "fut", "sock", "loop", "fd", "bus", "buffer_message",
+              "write_callback", "schedule_write")
+    if not all(hasattr(w, n) for n in needed) or not hasattr(w.sock, "sendmsg"):
+        return False
+    if getattr(getattr(w.schedule_write, "__self__", None), "_w", None) is w:
+        return False                       # installed already
+    w.schedule_write = _CoalescedWrites(w).schedule_write
+    return True
+
+
+def flush_writes(bus: Any) -> None:
+    """Send now what coalesce_writes holds for the end of this iteration (before a disconnect)."""
+    cw = getattr(getattr(getattr(bus, "_writer", None), "schedule_write", None), "__self__", None)
+    if isinstance(cw, _CoalescedWrites):
+        cw.flush()

@@ -43,6 +43,7 @@ from secretbus.bus.names import (
     uuid_from_path,
 )
 from secretbus.bus.unread import Ask
+from secretbus.core import loophop
 from secretbus.core.model import SecretEvent
 from secretbus.driver.driver import StoreState
 
@@ -94,6 +95,8 @@ class SecretService:
         self._loop_thread = threading.get_ident()
         # A small send buffer: what the kernel holds is ahead of root's replies (compat.py).
         compat.set_send_buffer(bus, SEND_BUFFER)
+        # The replies and signals of one loop iteration in one sendmsg (compat.py).
+        compat.coalesce_writes(bus)
         self._runner = CallRunner(bus, access, private_readers, audit=audit, bounds=bounds,
                                   max_message=max_message,
                                   unread=_outgoing_bytes(bus) if hasattr(bus, "call") else None)
@@ -192,6 +195,8 @@ class SecretService:
         if self._unwatch_state is not None:
             self._unwatch_state()
             self._unwatch_state = None
+        # The replies of this loop iteration go out now: the daemon disconnects next.
+        compat.flush_writes(self.bus)
 
     # -- calls and events ---------------------------------------------------------------
     def _invoke(self, msg: Message, entry: Entry[Bound]) -> Reply:
@@ -211,4 +216,5 @@ class SecretService:
         if threading.get_ident() == self._loop_thread:
             self._signals.emit(ev)
         else:
-            self._loop.call_soon_threadsafe(self._signals.emit, ev)
+            # with the other events and answers of its write batch, in order (core/loophop.py)
+            loophop.hops(self._loop).post(self._signals.emit, ev)

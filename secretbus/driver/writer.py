@@ -25,7 +25,6 @@ its arrival order.
 """
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import itertools
 import logging
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from secretbus.core import errors
+from secretbus.core import errors, loophop
 from secretbus.core.model import SecretDef
 from secretbus.store.commit import Batch, Plan, finish_batches, prepare_batch
 from secretbus.store.filestore import SecretStore
@@ -305,7 +304,12 @@ class Writes:
     # -- finishing (mutex not held) ------------------------------------------------------
     def _finish(self, ops: list[Op]) -> None:
         """Announce and answer finished ops in order, then release their keys (only then may
-        a later op on the same secret be applied and announced), and start those waiting."""
+        a later op on the same secret be applied and announced), and start those waiting.
+        A front end's event loop is woken once for the lot (core/loophop.py)."""
+        with loophop.held():
+            self._finish_all(ops)
+
+    def _finish_all(self, ops: list[Op]) -> None:
         while ops:
             for op in ops:
                 if op.future.done():
@@ -483,5 +487,6 @@ def _blocked(op: Op, before: list[Op]) -> bool:
 
 
 async def outcome(fut: Future[T], then: Callable[[T], U]) -> U:
-    """For a front end on an event loop: await a submitted write, then map its result."""
-    return then(await asyncio.wrap_future(fut))
+    """For a front end on an event loop: await a submitted write, then map its result (its
+    outcome handed to the loop with the others of its batch, core/loophop.py)."""
+    return then(await loophop.wrap(fut))
