@@ -37,7 +37,12 @@ class RpcLimits:
     max_clients: int = 5000              # libvirt's max_clients
     max_clients_per_uid: int = 64        # other than uid 0
     root_reserve: int = 64               # connections only uid 0 may take
-    max_requests: int = 5                # libvirt's max_client_requests
+    # Calls in flight per connection (secretbusd.conf's max_client_requests). libvirt's default
+    # is 5; 16 lets one connection's writes share a group commit of up to 16 (each batch pays
+    # two journal commits for its fsyncs), and the D-Bus side allows 32. What it holds at most:
+    # 16 calls' decoded arguments (≤ max_frame each, a define's XML ≤ 1 MiB in practice) plus
+    # one read and one partial frame, per connection; connections per uid are capped below.
+    max_requests: int = 16
     max_frame: int = 2 * 1024 * 1024     # inbound; the largest call (a define) is < 1.1 MiB
     max_unread: int = 16 * 1024 * 1024   # queued output before an event drops the client
     keepalive_interval: float = 5.0      # libvirt's keepalive_interval
