@@ -202,3 +202,39 @@ def test_the_stream_path_parses_the_same_and_stops_reading_when_full():
         assert t.closed and conn in r.closed
         r.conn.close()
     asyncio.run(main())
+
+
+# -- the client's reader (rpc/client.py), the same framing from the other side ---------------
+@pytest.mark.parametrize("cut", [1, 4, 5, 29, 100, 1 << 20])
+def test_the_client_reads_replies_cut_anywhere_or_many_at_once(cut):
+    from secretbus.rpc.client import AsyncRpcClient
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        t = FakeTransport()
+        reader = asyncio.StreamReader()
+        proto = asyncio.StreamReaderProtocol(reader)
+        proto.connection_made(t)
+        client = AsyncRpcClient(reader, asyncio.StreamWriter(t, proto, reader, loop), where="test")
+        futs = [client.send(TYPE) for _ in range(6)]
+        sent = bytes(t.out)
+        t.out.clear()
+
+        def reply(serial: int, value: str) -> bytes:
+            return encode_frame(Header(P.REMOTE_PROGRAM, 1, TYPE, P.MsgType.REPLY, serial, P.Status.OK),
+                                xdr.encode(P.PROCS[TYPE].ret, {"type": value}))
+        ping = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0, P.Status.OK))
+        big = "x" * 300_000             # a reply larger than one read
+        stream = reply(3, "c") + ping + reply(0, big) + b"".join(reply(i, str(i)) for i in (1, 2, 4, 5))
+        for i in range(0, len(stream), cut):
+            reader.feed_data(stream[i:i + cut])
+            await asyncio.sleep(0)
+        got = await asyncio.wait_for(asyncio.gather(*futs), 5)
+        assert got == [{"type": v} for v in (big, "1", "2", "c", "4", "5")]
+        assert len(sent) == 6 * 28 and bytes(t.out) == encode_frame(
+            Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, P.Status.OK))
+        reader.feed_data((P.MESSAGE_MAX + 5).to_bytes(4, "big"))      # out of bounds: the stream is dropped
+        await asyncio.sleep(0)
+        assert client.closed
+        await client.close(goodbye=False, wait=0.1)
+    asyncio.run(main())
