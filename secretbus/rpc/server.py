@@ -178,7 +178,11 @@ class _UnixAccept(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        conn = self._server._accept(transport, self._readonly)
+        try:
+            conn = self._server._accept(transport, self._readonly)
+        except BaseException:
+            transport.abort()           # fail closed: a peer whose session failed is not left open
+            raise
         if conn is not None:
             transport.set_protocol(conn)
             conn.connection_made(transport)
