@@ -20,7 +20,8 @@ so that a burst of load on the machine hits both alike:
 
   * python3-libvirt (Debian's /usr/bin/python3), one call at a time, as an application uses it;
   * the project's asyncio client (secretbus.rpc.client) with 16 calls in flight on one
-    connection (both servers work on at most 5 of them at once: libvirt's max_client_requests).
+    connection (max_client_requests: libvirtd works on at most 5 of them at once, its default;
+    secretbusd on all 16, its default, so that they share a group commit).
 
 Rows: lookup (LookupByUUID), GetValue, GetXMLDesc, ListAll (all N secrets), define (a new
 secret), set (its value) and undefine (it again). Rates are medians over the rounds; p50/p99

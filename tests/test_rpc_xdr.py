@@ -103,6 +103,36 @@ def test_strict_strings(data, why):
         xdr.decode(xdr.String(8), data)
 
 
+def _handle_wire(usage: bytes, pad: bytes | None = None) -> bytes:
+    pad = bytes(-len(usage) % 4) if pad is None else pad
+    return bytes(range(16)) + struct.pack(">iI", 5, len(usage)) + usage + pad
+
+
+def _one_by_one(t: xdr.Array, data: bytes) -> list:
+    r = xdr.Reader(data)
+    n = xdr.UINT.unpack(r)
+    out = [t.elem.unpack(r) for _ in range(n)]
+    assert not r.remaining()
+    return out
+
+
+def test_an_array_of_handles_decodes_in_one_loop_with_every_check_of_one_handle():
+    secrets = P.PROCS[P.Proc.CONNECT_LIST_ALL_SECRETS].ret.fields[0][1]
+    assert secrets._many is not None        # the fast path is the one taken for ListAll
+    good = [_handle_wire(u) for u in (b"", b"a", b"ab", b"abc", b"abcd", "caf\u00e9".encode())]
+    data = struct.pack(">I", len(good)) + b"".join(good)
+    assert xdr.decode(secrets, data) == _one_by_one(secrets, data)
+    assert xdr.decode(secrets, data)[5] == {"uuid": bytes(range(16)), "usageType": 5, "usageID": "caf\u00e9"}
+    for bad, why in [(_handle_wire(b"a", b"\0\0\1"), "padding"), (_handle_wire(b"a\0b"), "NUL"),
+                     (_handle_wire(b"\xff\xfe"), "UTF-8"), (_handle_wire(b"abcde")[:-4], "truncated"),
+                     (bytes(range(16)) + struct.pack(">iI", 5, P.REMOTE_STRING_MAX + 1), "maximum"),
+                     (_handle_wire(b"")[:-2], "truncated")]:
+        data = struct.pack(">I", 2) + good[1] + bad
+        for decode in (lambda d: xdr.decode(secrets, d), lambda d: _one_by_one(secrets, d)):
+            with pytest.raises(xdr.XdrError, match=why):
+                decode(data)
+
+
 def test_optional_and_union_discriminants():
     with pytest.raises(xdr.XdrError):
         xdr.decode(P.REMOTE_STRING, struct.pack(">I", 2))

@@ -2,7 +2,7 @@
 
 Bounds (DESIGN §12): a frame larger than the limit closes the connection before it is read;
 at most `max_requests` calls are in flight (then the connection is not read until one
-finishes, so a flood waits in the kernel's buffer, not in ours); a reply waits while the
+finishes, so a flood waits in the kernel's buffer, not in ours); a reply's slot is held while the
 client's unread output is above the transport's high-water mark; an event that finds more
 than `max_unread` bytes unread drops the client. One client stalls only itself.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any
@@ -27,6 +27,7 @@ from secretbus.rpc.xdr import XdrError, XdrType, decode, encode
 log = logging.getLogger("secretbus.rpc")
 
 WRITE_HIGH_WATER = 256 * 1024
+STREAM_READ = 256 * 1024        # serve_stream's read size (what a selector transport reads at once)
 _PONG = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, P.Status.OK))
 _PING = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0, P.Status.OK))
 
@@ -36,56 +37,163 @@ class RpcLimits:
     max_clients: int = 5000              # libvirt's max_clients
     max_clients_per_uid: int = 64        # other than uid 0
     root_reserve: int = 64               # connections only uid 0 may take
-    max_requests: int = 5                # libvirt's max_client_requests
+    # Calls in flight per connection (secretbusd.conf's max_client_requests). libvirt's default
+    # is 5; 16 lets one connection's writes share a group commit of up to 16 (each batch pays
+    # two journal commits for its fsyncs), and the D-Bus side allows 32. What it holds at most:
+    # 16 calls' decoded arguments (≤ max_frame each, a define's XML ≤ 1 MiB in practice) plus
+    # one read and one partial frame, per connection; connections per uid are capped below.
+    max_requests: int = 16
     max_frame: int = 2 * 1024 * 1024     # inbound; the largest call (a define) is < 1.1 MiB
     max_unread: int = 16 * 1024 * 1024   # queued output before an event drops the client
     keepalive_interval: float = 5.0      # libvirt's keepalive_interval
     keepalive_count: int = 5             # unanswered pings before the client is dropped
 
 
-class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: Session,
-                 table: dict[int, Handler], limits: RpcLimits,
+class Connection(asyncio.Protocol):
+    """A unix connection is served as an asyncio Protocol: `data_received` parses every whole
+    frame of what arrived and dispatches it at once, and a reply goes out with
+    `transport.write` in the same loop step (a StreamReader costs a loop iteration and two
+    futures per frame, which was most of a call's latency). A wrapped transport (TLS, the SASL
+    layer) keeps its StreamReader: `serve_stream` feeds the same parser from it.
+
+    Calls in flight are counted in `_busy`; a whole frame that finds them all taken is kept
+    (with the rest of its read) and reading stops until a call ends, so what a flood sends
+    waits in the kernel's buffer: one read (≤ 256 KiB) and one partial frame (≤ max_frame)
+    are all that is held here per connection."""
+
+    def __init__(self, session: Session, table: dict[int, Handler], limits: RpcLimits,
                  on_close: Callable[[Connection], None]):
-        self.reader, self.writer = reader, writer
         self.session = session
         self._table = table
         self._limits = limits
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
-        self._slots = asyncio.Semaphore(limits.max_requests)
+        self.transport: asyncio.Transport | None = None
+        self._busy = 0                      # calls in flight (each holds a slot until answered)
+        self._chunks: list[bytes] = []      # a partial frame, joined once `_need` bytes are in
+        self._have = 0
+        self._need = LENGTH_SIZE
+        self._stalled: tuple[bytes, int] | None = None    # (data, offset) waiting for a free slot
+        self._reader_wait: asyncio.Future[None] | None = None   # serve_stream, while stalled
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._stream_drain: Callable[[], Awaitable[None]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ka: asyncio.Task[None] | None = None
         self._closed = False
         self._last_rx = self._loop.time()
         self._pings = 0
         self.calls = 0
-        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return self._busy
 
-    # -- reading ------------------------------------------------------------------
-    async def serve(self) -> None:
-        ka = self._loop.create_task(self._keepalive())
+    # -- the transport ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._ka = self._loop.create_task(self._keepalive())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._wake_drain()
+        self.close()
+
+    def eof_received(self) -> bool:
+        return False        # the client is done: close (what is queued is still written)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve a stream pair (TLS, SASL layer): its reads go through the same parser."""
+        self._stream_drain = writer.drain
+        self.connection_made(writer.transport)
         try:
             while not self._closed:
-                word = await self.reader.readexactly(LENGTH_SIZE)
-                n = frame_length(word, self._limits.max_frame)
-                body = await self.reader.readexactly(n)
+                if self._stalled is not None:
+                    self._reader_wait = self._loop.create_future()
+                    await self._reader_wait
+                    continue
+                data = await reader.read(STREAM_READ)
+                if not data:
+                    break
+                self.data_received(data)
+        except ConnectionError:
+            pass
+        finally:
+            self.close()
+
+    # -- reading ------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._chunks:
+            self._chunks.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return              # a large frame arriving in pieces is joined once, not per piece
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+        self._parse(data, 0)
+
+    def _parse(self, data: bytes, pos: int) -> None:
+        end = len(data)
+        limit = self._limits.max_frame
+        need = LENGTH_SIZE
+        try:
+            while end - pos >= LENGTH_SIZE:
+                n = frame_length(data[pos:pos + LENGTH_SIZE], limit)
+                need = LENGTH_SIZE + n
+                if end - pos < need:
+                    break
                 self._last_rx, self._pings = self._loop.time(), 0
-                await self._slots.acquire()
-                self._handle(body)
+                if self._busy >= self._limits.max_requests:
+                    self._stall(data, pos)
+                    return
+                self._busy += 1
+                self._handle(memoryview(data)[pos + LENGTH_SIZE:pos + need])
+                pos += need
+                need = LENGTH_SIZE
+                if self._closed:
+                    return
         except XdrError as e:
             log.warning("closing RPC client pid %d uid %d: %s", self.session.peer.pid, self.session.peer.uid, e)
             self.close(abort=True)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            ka.cancel()
-            self.close()
+            return
+        if pos < end:
+            self._chunks.append(data[pos:])
+            self._have, self._need = end - pos, need
 
-    def _handle(self, body: bytes) -> None:
+    def _stall(self, data: bytes, pos: int) -> None:
+        self._stalled = (data, pos)
+        if self._stream_drain is None and self.transport is not None:
+            self.transport.pause_reading()
+
+    def _release(self) -> None:
+        """A call ended: its slot is free; a frame waiting for one is dispatched now."""
+        self._busy -= 1
+        stalled = self._stalled
+        if stalled is None or self._closed:
+            return
+        self._stalled = None
+        if self._stream_drain is None:
+            if self.transport is not None:
+                self.transport.resume_reading()
+        elif self._reader_wait is not None and not self._reader_wait.done():
+            self._reader_wait.set_result(None)
+        self._parse(*stalled)
+
+    def _handle(self, body: memoryview) -> None:
         """Dispatch one frame; the slot taken for it is released when it is answered."""
         release = True
         try:
@@ -105,7 +213,7 @@ class Connection:
             release = self._call(header, payload)
         finally:
             if release:
-                self._slots.release()
+                self._release()
 
     def _call(self, header: Header, payload: memoryview) -> bool:
         """Run one call; False when a task now owns the slot."""
@@ -134,7 +242,7 @@ class Connection:
             if not later:
                 now.append((result, error))     # answered below, the caller releases the slot
             elif self._answer(header, ret_type, result, error):
-                self._slots.release()
+                self._release()
         task = run_eager(self._loop, coro, done)
         if task is None:
             return self._answer(header, ret_type, *now[0])
@@ -180,10 +288,10 @@ class Connection:
                 ret = await ret
             ret = await ret()
             if self._reply(header, ret_type, ret):
-                self._slots.release()
+                self._release()
         except Exception as e:  # noqa: BLE001
             self._reply_error(header, e)
-            self._slots.release()
+            self._release()
 
     # -- writing ------------------------------------------------------------------
     def _reply(self, header: Header, ret_type: XdrType, ret: Any) -> bool:
@@ -194,18 +302,24 @@ class Connection:
             self._reply_error(header, rpc_failure(f"Unable to encode message payload: {e}"))
             return True
         self._send(encode_reply(header, payload))
-        if self._closed or self.writer.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
+        if self._closed or self.transport is None or self.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
             return True
         self._track(self._loop.create_task(self._drained()))
         return False
 
     async def _drained(self) -> None:
+        """Hold the call's slot until the client has read the reply down to the low-water mark."""
         try:
-            await self.writer.drain()
+            if self._stream_drain is not None:
+                await self._stream_drain()
+            elif self._write_paused and not self._closed:
+                w = self._loop.create_future()
+                self._drain_waiters.append(w)
+                await w
         except ConnectionError:
             pass
         finally:
-            self._slots.release()
+            self._release()
 
     def _reply_error(self, header: Header, e: BaseException) -> None:
         if not isinstance(e, (errors.SecretError, RemoteFailure)):
@@ -214,14 +328,14 @@ class Connection:
         self._send(encode_reply(header, encode(P.REMOTE_ERROR, error_body(e)), P.Status.ERROR))
 
     def _send(self, frame: bytes) -> None:
-        if not self._closed:
-            self.writer.write(frame)
+        if not self._closed and self.transport is not None:
+            self.transport.write(frame)
 
     def send_message(self, proc: int, payload: bytes) -> None:
         """An event (type MESSAGE, serial 1 as libvirtd sends them)."""
         if self._closed:
             return
-        if self.writer.transport.get_write_buffer_size() > self._limits.max_unread:
+        if self.transport is not None and self.transport.get_write_buffer_size() > self._limits.max_unread:
             log.warning("dropping RPC client pid %d uid %d: it does not read its events",
                         self.session.peer.pid, self.session.peer.uid)
             self.close(abort=True)
@@ -250,10 +364,17 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        if abort:
-            self.writer.transport.abort()
-        else:
-            self.writer.close()
+        if self._ka is not None:
+            self._ka.cancel()
+        self._stalled = None
+        if self._reader_wait is not None and not self._reader_wait.done():
+            self._reader_wait.set_result(None)
+        self._wake_drain()
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
         self._on_close(self)
 
     async def drain_tasks(self) -> None:

@@ -19,7 +19,7 @@ import os
 import socket
 import stat
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +168,26 @@ def _plan_index(plan: list[Listen], name: str, path: str) -> int:
     return by_name[0]
 
 
+class _UnixAccept(asyncio.Protocol):
+    """A unix connection's first protocol: admits the peer and hands the transport to its
+    Connection (which is then the transport's protocol), or aborts it."""
+
+    def __init__(self, server: RpcServer, readonly: bool):
+        self._server = server
+        self._readonly = readonly
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        try:
+            conn = self._server._accept(transport, self._readonly)
+        except BaseException:
+            transport.abort()           # fail closed: a peer whose session failed is not left open
+            raise
+        if conn is not None:
+            transport.set_protocol(conn)
+            conn.connection_made(transport)
+
+
 class RpcServer:
     def __init__(self, driver: SecretDriver, *, system: bool, plan: list[Listen],
                  limits: RpcLimits | None = None, passed: list[Passed] | None = None,
@@ -210,7 +230,7 @@ class RpcServer:
                     sock = _bind(listen)
                     self._made.append((listen.path, os.stat(listen.path).st_ino))
                 sock.setblocking(False)
-                server = await asyncio.start_unix_server(self._acceptor(listen.readonly), sock=sock)
+                server = await loop.create_unix_server(self._acceptor(listen.readonly), sock=sock)
                 self._servers.append(server)
                 log.info("serving libvirt RPC on %s%s%s", _bound_path(sock) or listen.path,
                          " (read-only)" if listen.readonly else "", origin)
@@ -222,22 +242,21 @@ class RpcServer:
         self._sub = self.driver.subscribe(self.hub.driver_callback())
 
     # -- connections --------------------------------------------------------------
-    def _acceptor(self, readonly: bool) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._accept(reader, writer, readonly)
-        return accept
+    def _acceptor(self, readonly: bool) -> Callable[[], asyncio.Protocol]:
+        return lambda: _UnixAccept(self, readonly)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, readonly: bool) -> None:
-        peer = peer_of(writer.get_extra_info("socket"))
+    def _accept(self, transport: asyncio.Transport, readonly: bool) -> Connection | None:
+        """The Connection that serves a new unix peer, or None (refused, aborted)."""
+        peer = peer_of(transport.get_extra_info("socket"))
         if peer is None or not self._admit(peer.uid):
-            writer.transport.abort()
-            return
+            transport.abort()
+            return None
         trusted = peer.uid == 0 if self.system else peer.uid == os.geteuid()
         session = self._unix_session(peer, readonly, trusted)
-        conn = Connection(reader, writer, session, self._table, self.limits, self._forget)
+        conn = Connection(session, self._table, self.limits, self._forget)
         self._conns.add(conn)
         self._per_uid[peer.uid] += 1
-        await conn.serve()
+        return conn
 
     def _unix_session(self, peer: Peer, readonly: bool, trusted: bool) -> Session:
         """The session of a unix peer under the auth_unix_* mode in force (libvirt's rules):
@@ -266,7 +285,7 @@ class RpcServer:
             return
         session = Session(REMOTE_PEER, socket_readonly=False, trusted=False, authenticated=sasl is None,
                           remote=who, sasl=sasl)
-        conn = Connection(reader, writer, session, self._table, self.limits, self._forget)
+        conn = Connection(session, self._table, self.limits, self._forget)
         self._conns.add(conn)
         self._per_uid[REMOTE_PEER.uid] += 1
         timer = None
@@ -279,7 +298,7 @@ class RpcServer:
                     conn.close(abort=True)
             timer = asyncio.get_running_loop().call_later(REMOTE_AUTH_TIMEOUT, expire)
         try:
-            await conn.serve()
+            await conn.serve_stream(reader, writer)
         finally:
             if timer is not None:
                 timer.cancel()

@@ -91,7 +91,7 @@ class ServerConf:
     auth_unix_rw: str | None = None
     auth_unix_ro: str | None = None
     max_clients: int = 5000
-    max_client_requests: int = 5
+    max_client_requests: int = 16          # libvirt's is 5; why 16: RpcLimits.max_requests
     remote_access: tuple[Grant, ...] = field(default=())
     sasl_verifier_file: str | None = None      # None: sasl-verifiers.json beside this file
     tcp_min_ssf: int = MIN_SSF                 # SASL on plain TCP: the weakest security layer taken

@@ -1,0 +1,240 @@
+"""The connection's frame parser (rpc/connection.py) on a fake transport: frames cut anywhere
+or packed many to a read, the in-flight bound (reading paused, then resumed), the frame-size
+bound, the unread-output hold, and the stream path (TLS, SASL) through the same parser."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from secretbus.rpc import protocol as P
+from secretbus.rpc import xdr
+from secretbus.rpc.connection import WRITE_HIGH_WATER, Connection, RpcLimits
+from secretbus.rpc.frame import LENGTH_SIZE, Header, decode_frame, encode_frame
+from secretbus.rpc.procedures import Handler
+from secretbus.rpc.session import Peer, Session
+
+TYPE = P.Proc.CONNECT_GET_TYPE           # answered at once
+WAIT = P.Proc.CONNECT_GET_HOSTNAME       # answered when the test says so
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.paused = False
+        self.pauses = 0
+        self.closed = self.aborted = False
+        self.unread = 0                     # what get_write_buffer_size() reports
+
+    def write(self, data: Any) -> None:
+        self.out += data
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return self.unread
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def replies(self) -> list[tuple[int, Any]]:
+        """(serial, decoded reply) of every whole frame written so far."""
+        out, data = [], bytes(self.out)
+        while data:
+            n = int.from_bytes(data[:LENGTH_SIZE], "big")
+            h, payload = decode_frame(data[:n])
+            out.append((h.serial, xdr.decode(P.PROCS[h.proc].ret, payload)))
+            data = data[n:]
+        return out
+
+
+def call(proc: int, serial: int) -> bytes:
+    return encode_frame(Header(P.REMOTE_PROGRAM, 1, proc, P.MsgType.CALL, serial, P.Status.OK),
+                        xdr.encode(P.PROCS[proc].args, None))
+
+
+class Rig:
+    def __init__(self, limits: RpcLimits):
+        self.gates: list[asyncio.Future[None]] = []
+
+        async def wait(_c: Any, _a: Any) -> Any:
+            gate = asyncio.get_running_loop().create_future()
+            self.gates.append(gate)
+            await gate
+            return {"hostname": "h"}
+        table = {TYPE: Handler(lambda _c, _a: {"type": "secret"}), WAIT: Handler(wait)}
+        session = Session(Peer(pid=1, uid=0, gid=0), socket_readonly=False, trusted=True, authenticated=True,
+                          opened=True)
+        self.closed: list[Connection] = []
+        self.conn = Connection(session, table, limits, self.closed.append)
+        self.t = FakeTransport()
+        self.conn.connection_made(self.t)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 5, 27, 28, 29, 1000])
+def test_frames_cut_anywhere_or_packed_are_answered_in_order(cut):
+    async def main() -> None:
+        r = Rig(RpcLimits())
+        stream = b"".join(call(TYPE, i) for i in range(20))
+        for i in range(0, len(stream), cut):
+            r.conn.data_received(stream[i:i + cut])
+        assert r.t.replies() == [(i, {"type": "secret"}) for i in range(20)]
+        assert r.conn.in_flight == 0 and not r.t.paused
+        r.conn.close()
+    asyncio.run(main())
+
+
+def test_a_full_connection_stops_reading_until_a_call_ends():
+    async def main() -> None:
+        r = Rig(RpcLimits(max_requests=3))
+        # five slow calls and a fast one in one read: three run, the rest wait, reading stops
+        r.conn.data_received(b"".join(call(WAIT, i) for i in range(5)) + call(TYPE, 5))
+        await settle()
+        assert (len(r.gates), r.conn.in_flight, r.t.paused, r.t.out) == (3, 3, True, bytearray())
+        r.gates[0].set_result(None)
+        await settle()
+        # one slot freed: the fourth call runs, reading is still off (the connection is full again)
+        assert [s for s, _ in r.t.replies()] == [0]
+        assert (len(r.gates), r.conn.in_flight, r.t.paused) == (4, 3, True)
+        for g in r.gates[1:]:
+            g.set_result(None)
+        await settle()
+        r.gates[4].set_result(None)
+        await settle()
+        assert sorted(s for s, _ in r.t.replies()) == [0, 1, 2, 3, 4, 5]
+        assert r.conn.in_flight == 0 and not r.t.paused
+        r.conn.close()
+    asyncio.run(main())
+
+
+def test_a_frame_over_the_limit_aborts_before_it_is_read():
+    async def main() -> None:
+        r = Rig(RpcLimits(max_frame=1000))
+        r.conn.data_received((1000 + LENGTH_SIZE + 1).to_bytes(4, "big") + b"\0" * 10)
+        assert r.t.aborted and r.closed == [r.conn]
+        r.conn.data_received(call(TYPE, 1))         # nothing more is served
+        assert r.t.out == bytearray()
+    asyncio.run(main())
+
+
+def test_a_large_frame_in_small_pieces_is_kept_as_pieces_until_whole():
+    async def main() -> None:
+        r = Rig(RpcLimits())
+        big = encode_frame(Header(P.REMOTE_PROGRAM, 1, TYPE, P.MsgType.CALL, 7, P.Status.OK), b"\0" * 100_000)
+        for i in range(0, len(big) - 1, 4096):
+            r.conn.data_received(big[i:min(i + 4096, len(big) - 1)])
+        assert len(r.conn._chunks) > 20 and r.t.out == bytearray()     # not joined per piece
+        r.conn.data_received(big[-1:] + call(TYPE, 8))
+        # the payload does not decode (trailing bytes): an error reply, then the next call
+        frames = bytes(r.t.out)
+        n = int.from_bytes(frames[:4], "big")
+        h, _ = decode_frame(frames[:n])
+        assert (h.serial, h.status) == (7, P.Status.ERROR)
+        h, _ = decode_frame(frames[n:])
+        assert (h.serial, h.status) == (8, P.Status.OK)
+        assert r.conn._chunks == []
+        r.conn.close()
+    asyncio.run(main())
+
+
+def test_a_reply_the_client_does_not_read_holds_its_slot():
+    async def main() -> None:
+        r = Rig(RpcLimits(max_requests=1))
+        r.t.unread = WRITE_HIGH_WATER + 1
+        r.conn.pause_writing()
+        r.conn.data_received(call(TYPE, 0) + call(TYPE, 1))
+        await settle()
+        assert [s for s, _ in r.t.replies()] == [0] and r.t.paused and r.conn.in_flight == 1
+        r.t.unread = 0
+        r.conn.resume_writing()
+        await settle()
+        assert [s for s, _ in r.t.replies()] == [0, 1] and r.conn.in_flight == 0
+        r.conn.close()
+    asyncio.run(main())
+
+
+def test_the_stream_path_parses_the_same_and_stops_reading_when_full():
+    async def main() -> None:
+        r = Rig(RpcLimits(max_requests=2))
+        t = FakeTransport()
+        reader = asyncio.StreamReader()
+        proto = asyncio.StreamReaderProtocol(reader)
+        proto.connection_made(t)
+        writer = asyncio.StreamWriter(t, proto, reader, asyncio.get_running_loop())
+        conn = Connection(r.conn.session, r.conn._table, RpcLimits(max_requests=2), r.closed.append)
+        task = asyncio.get_running_loop().create_task(conn.serve_stream(reader, writer))
+        reader.feed_data(b"".join(call(WAIT, i) for i in range(3)))
+        await settle()
+        assert conn.in_flight == 2 and len(r.gates) == 2 and not t.paused   # the loop waits, not the transport
+        reader.feed_data(call(TYPE, 9)[:10])
+        await settle()
+        for g in r.gates[:2]:
+            g.set_result(None)
+        await settle()
+        assert len(r.gates) == 3
+        r.gates[2].set_result(None)
+        reader.feed_data(call(TYPE, 9)[10:])
+        await settle()
+        assert sorted(s for s, _ in t.replies()) == [0, 1, 2, 9]
+        reader.feed_eof()
+        await asyncio.wait_for(task, 5)
+        assert t.closed and conn in r.closed
+        r.conn.close()
+    asyncio.run(main())
+
+
+# -- the client's reader (rpc/client.py), the same framing from the other side ---------------
+@pytest.mark.parametrize("cut", [1, 4, 5, 29, 100, 1 << 20])
+def test_the_client_reads_replies_cut_anywhere_or_many_at_once(cut):
+    from secretbus.rpc.client import AsyncRpcClient
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        t = FakeTransport()
+        reader = asyncio.StreamReader()
+        proto = asyncio.StreamReaderProtocol(reader)
+        proto.connection_made(t)
+        client = AsyncRpcClient(reader, asyncio.StreamWriter(t, proto, reader, loop), where="test")
+        futs = [client.send(TYPE) for _ in range(6)]
+        sent = bytes(t.out)
+        t.out.clear()
+
+        def reply(serial: int, value: str) -> bytes:
+            return encode_frame(Header(P.REMOTE_PROGRAM, 1, TYPE, P.MsgType.REPLY, serial, P.Status.OK),
+                                xdr.encode(P.PROCS[TYPE].ret, {"type": value}))
+        ping = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0, P.Status.OK))
+        big = "x" * 300_000             # a reply larger than one read
+        stream = reply(3, "c") + ping + reply(0, big) + b"".join(reply(i, str(i)) for i in (1, 2, 4, 5))
+        for i in range(0, len(stream), cut):
+            reader.feed_data(stream[i:i + cut])
+            await asyncio.sleep(0)
+        got = await asyncio.wait_for(asyncio.gather(*futs), 5)
+        assert got == [{"type": v} for v in (big, "1", "2", "c", "4", "5")]
+        assert len(sent) == 6 * 28 and bytes(t.out) == encode_frame(
+            Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, P.Status.OK))
+        reader.feed_data((P.MESSAGE_MAX + 5).to_bytes(4, "big"))      # out of bounds: the stream is dropped
+        await asyncio.sleep(0)
+        assert client.closed
+        await client.close(goodbye=False, wait=0.1)
+    asyncio.run(main())
