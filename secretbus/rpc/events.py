@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from secretbus.core import loophop
 from secretbus.core.model import EventId, SecretDef, SecretEvent
 from secretbus.rpc import protocol as P
 from secretbus.rpc.failures import daemon_internal, rpc_failure
@@ -91,11 +92,15 @@ class EventHub:
 
     # -- from the driver ----------------------------------------------------------
     def driver_callback(self) -> Callable[[SecretEvent], None]:
+        hops = loophop.hops(self._loop)
+
         def on_event(event: SecretEvent) -> None:
-            try:
-                self._loop.call_soon_threadsafe(self.deliver, event)
-            except RuntimeError:
-                pass    # the loop has closed: the daemon is stopping, nobody is listening
+            # No registration, nothing to deliver: no wake-up of the loop (a registration made
+            # before the write was submitted is seen here). Else the event goes with the other
+            # events and answers of its write batch, in one wake-up (core/loophop.py); a closed
+            # loop drops it (the daemon is stopping, nobody is listening).
+            if self._regs:
+                hops.post(self.deliver, event)
         return on_event
 
     def deliver(self, event: SecretEvent) -> None:
