@@ -10,13 +10,14 @@ import pytest
 
 from secretbus.rpc import protocol as P
 from secretbus.rpc import xdr
-from secretbus.rpc.connection import WRITE_HIGH_WATER, Connection, RpcLimits
+from secretbus.rpc.connection import LARGE_FRAME, MAX_LARGE, WRITE_HIGH_WATER, Connection, RpcLimits
 from secretbus.rpc.frame import LENGTH_SIZE, Header, decode_frame, encode_frame
 from secretbus.rpc.procedures import Handler
 from secretbus.rpc.session import Peer, Session
 
 TYPE = P.Proc.CONNECT_GET_TYPE           # answered at once
 WAIT = P.Proc.CONNECT_GET_HOSTNAME       # answered when the test says so
+BIG = P.Proc.SECRET_DEFINE_XML           # takes a long string; answered when the test says so
 
 
 class FakeTransport(asyncio.Transport):
@@ -78,7 +79,12 @@ class Rig:
             self.gates.append(gate)
             await gate
             return {"hostname": "h"}
-        table = {TYPE: Handler(lambda _c, _a: {"type": "secret"}), WAIT: Handler(wait)}
+        async def big(_c: Any, _a: Any) -> Any:
+            gate = asyncio.get_running_loop().create_future()
+            self.gates.append(gate)
+            await gate
+            return {"secret": {"uuid": b"\0" * 16, "usageType": 0, "usageID": "x"}}
+        table = {TYPE: Handler(lambda _c, _a: {"type": "secret"}), WAIT: Handler(wait), BIG: Handler(big)}
         session = Session(Peer(pid=1, uid=0, gid=0), socket_readonly=False, trusted=True, authenticated=True,
                           opened=True)
         self.closed: list[Connection] = []
@@ -124,6 +130,43 @@ def test_a_full_connection_stops_reading_until_a_call_ends():
         await settle()
         assert sorted(s for s, _ in r.t.replies()) == [0, 1, 2, 3, 4, 5]
         assert r.conn.in_flight == 0 and not r.t.paused
+        r.conn.close()
+    asyncio.run(main())
+
+
+def big_call(serial: int) -> bytes:
+    return encode_frame(Header(P.REMOTE_PROGRAM, 1, BIG, P.MsgType.CALL, serial, P.Status.OK),
+                        xdr.encode(P.PROCS[BIG].args, {"xml": "x" * LARGE_FRAME, "flags": 0}))
+
+
+def test_large_frames_in_flight_are_bounded_apart_from_small_ones():
+    """16 calls may be in flight, but at most MAX_LARGE frames over LARGE_FRAME: a flood of
+    large defines holds a few MiB per connection, not 16 × max_frame; small calls still run."""
+    async def main() -> None:
+        r = Rig(RpcLimits(max_requests=16))
+        r.conn.data_received(b"".join(big_call(i) for i in range(4)))
+        await settle()
+        assert (len(r.gates), r.conn.in_flight, r.t.paused) == (MAX_LARGE, MAX_LARGE, True)
+        r.gates[0].set_result(None)
+        await settle()
+        # one large slot freed: the next large frame runs, the last still waits
+        assert (len(r.gates), r.conn.in_flight, r.t.paused) == (MAX_LARGE + 1, MAX_LARGE, True)
+        for g in r.gates[1:]:
+            g.set_result(None)
+        await settle()
+        for g in r.gates[MAX_LARGE + 1:]:
+            g.set_result(None)
+        await settle()
+        assert sorted(s for s, _ in r.t.replies()) == [0, 1, 2, 3]
+        assert r.conn.in_flight == 0 and not r.t.paused
+        # small calls are not held back by the large bound
+        r.conn.data_received(big_call(10) + big_call(11) + b"".join(call(WAIT, 20 + i) for i in range(5)))
+        await settle()
+        assert (len(r.gates), r.conn.in_flight, r.t.paused) == (4 + MAX_LARGE + 5, MAX_LARGE + 5, False)
+        for g in r.gates[4:]:
+            g.set_result(None)
+        await settle()
+        assert r.conn.in_flight == 0
         r.conn.close()
     asyncio.run(main())
 

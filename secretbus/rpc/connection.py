@@ -27,6 +27,10 @@ from secretbus.rpc.xdr import XdrError, XdrType, decode, encode
 log = logging.getLogger("secretbus.rpc")
 
 WRITE_HIGH_WATER = 256 * 1024
+# Frames over LARGE_FRAME (defines with a long description, or junk) in flight per connection:
+# at most MAX_LARGE, so 16 calls in flight hold 16 small ones but never 16 of max_frame.
+LARGE_FRAME = 64 * 1024
+MAX_LARGE = 2
 STREAM_READ = 256 * 1024        # serve_stream's read size (what a selector transport reads at once)
 _PONG = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, P.Status.OK))
 _PING = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0, P.Status.OK))
@@ -40,8 +44,9 @@ class RpcLimits:
     # Calls in flight per connection (secretbusd.conf's max_client_requests). libvirt's default
     # is 5; 16 lets one connection's writes share a group commit of up to 16 (each batch pays
     # two journal commits for its fsyncs), and the D-Bus side allows 32. What it holds at most:
-    # 16 calls' decoded arguments (≤ max_frame each, a define's XML ≤ 1 MiB in practice) plus
-    # one read and one partial frame, per connection; connections per uid are capped below.
+    # 16 calls' decoded arguments, of which at most MAX_LARGE over LARGE_FRAME (each ≤ max_frame),
+    # so about 2 × 2 MiB + 14 × 64 KiB, plus one read and one partial frame, per connection (with
+    # 5 of max_frame, libvirt's bound is larger); connections per uid are capped below.
     max_requests: int = 16
     max_frame: int = 2 * 1024 * 1024     # inbound; the largest call (a define) is < 1.1 MiB
     max_unread: int = 16 * 1024 * 1024   # queued output before an event drops the client
@@ -70,6 +75,8 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._busy = 0                      # calls in flight (each holds a slot until answered)
+        self._large_busy = 0                # of them, frames over LARGE_FRAME
+        self._large: dict[int, Header] = {}  # id(header) -> header of each large call in flight
         self._chunks: list[bytes] = []      # a partial frame, joined once `_need` bytes are in
         self._have = 0
         self._need = LENGTH_SIZE
@@ -157,11 +164,13 @@ class Connection(asyncio.Protocol):
                 if end - pos < need:
                     break
                 self._last_rx, self._pings = self._loop.time(), 0
-                if self._busy >= self._limits.max_requests:
+                large = n > LARGE_FRAME
+                if self._busy >= self._limits.max_requests or (large and self._large_busy >= MAX_LARGE):
                     self._stall(data, pos)
                     return
                 self._busy += 1
-                self._handle(memoryview(data)[pos + LENGTH_SIZE:pos + need])
+                self._large_busy += large
+                self._handle(memoryview(data)[pos + LENGTH_SIZE:pos + need], large)
                 pos += need
                 need = LENGTH_SIZE
                 if self._closed:
@@ -179,9 +188,12 @@ class Connection(asyncio.Protocol):
         if self._stream_drain is None and self.transport is not None:
             self.transport.pause_reading()
 
-    def _release(self) -> None:
-        """A call ended: its slot is free; a frame waiting for one is dispatched now."""
+    def _release(self, header: Header | None, large: bool = False) -> None:
+        """The call of `header` ended (`large`: a large frame whose header did not parse): its
+        slot is free; a frame waiting for one is dispatched now."""
         self._busy -= 1
+        if large or (header is not None and self._large and self._large.pop(id(header), None) is not None):
+            self._large_busy -= 1
         stalled = self._stalled
         if stalled is None or self._closed:
             return
@@ -193,11 +205,14 @@ class Connection(asyncio.Protocol):
             self._reader_wait.set_result(None)
         self._parse(*stalled)
 
-    def _handle(self, body: memoryview) -> None:
+    def _handle(self, body: memoryview, large: bool) -> None:
         """Dispatch one frame; the slot taken for it is released when it is answered."""
         release = True
+        header: Header | None = None
         try:
             header, payload = parse_header(body)
+            if large:
+                self._large[id(header)] = header    # its release frees the large slot too
             if header.prog == P.KEEPALIVE_PROGRAM:
                 if header.type == P.MsgType.MESSAGE and header.proc == P.KeepAlive.PING:
                     self._send(_PONG)
@@ -213,7 +228,7 @@ class Connection(asyncio.Protocol):
             release = self._call(header, payload)
         finally:
             if release:
-                self._release()
+                self._release(header, large and header is None)
 
     def _call(self, header: Header, payload: memoryview) -> bool:
         """Run one call; False when a task now owns the slot."""
@@ -242,7 +257,7 @@ class Connection(asyncio.Protocol):
             if not later:
                 now.append((result, error))     # answered below, the caller releases the slot
             elif self._answer(header, ret_type, result, error):
-                self._release()
+                self._release(header)
         task = run_eager(self._loop, coro, done)
         if task is None:
             return self._answer(header, ret_type, *now[0])
@@ -288,10 +303,10 @@ class Connection(asyncio.Protocol):
                 ret = await ret
             ret = await ret()
             if self._reply(header, ret_type, ret):
-                self._release()
+                self._release(header)
         except Exception as e:  # noqa: BLE001
             self._reply_error(header, e)
-            self._release()
+            self._release(header)
 
     # -- writing ------------------------------------------------------------------
     def _reply(self, header: Header, ret_type: XdrType, ret: Any) -> bool:
@@ -304,10 +319,10 @@ class Connection(asyncio.Protocol):
         self._send(encode_reply(header, payload))
         if self._closed or self.transport is None or self.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
             return True
-        self._track(self._loop.create_task(self._drained()))
+        self._track(self._loop.create_task(self._drained(header)))
         return False
 
-    async def _drained(self) -> None:
+    async def _drained(self, header: Header) -> None:
         """Hold the call's slot until the client has read the reply down to the low-water mark."""
         try:
             if self._stream_drain is not None:
@@ -319,7 +334,7 @@ class Connection(asyncio.Protocol):
         except ConnectionError:
             pass
         finally:
-            self._release()
+            self._release(header)
 
     def _reply_error(self, header: Header, e: BaseException) -> None:
         if not isinstance(e, (errors.SecretError, RemoteFailure)):
