@@ -597,3 +597,19 @@ def test_rotate_leaves_an_unopenable_record_and_finishes(fleet: Fleet) -> None:
     assert r.returncode == 0 and "rotated to version 3" in r.stdout, r
     a.d.set_value(uid(80), b"still-fine")
     assert a.d.get_value(uid(80)) == b"still-fine"
+
+
+def test_the_rotation_lock_outlives_a_wait_longer_than_its_own_lease(etcd: EtcdCluster, monkeypatch) -> None:
+    """A crashed run's lock (its lease not kept alive) is waited for; our own lease, granted
+    before the wait, is kept alive meanwhile: once the crashed lease expires the lock is ours
+    (before, our lease could expire first and the put failed with "requested lease not found")."""
+    from secretbus.fleet import etcd as tx
+    from secretbus.fleet import rotate
+    client = Etcd(etcd.endpoints)
+    crashed = client.lease_grant(6)
+    ok, _, _ = client.txn([tx.absent(rotate.lock_key(KEYS))], [tx.put(rotate.lock_key(KEYS), b"crashed", crashed)])
+    assert ok
+    monkeypatch.setattr(rotate, "LOCK_TTL", 2)
+    with rotate.Lock(client, KEYS, "me", wait=30) as lock:
+        assert [kv.value for kv in client.range(rotate.lock_key(KEYS))[1]] == [b"me"]
+        lock.check()

@@ -76,6 +76,10 @@ class Lock:
         deadline = time.monotonic() + self.wait
         self.lease = self.client.lease_grant(LOCK_TTL)
         while True:
+            # Our own lease must outlive the wait: waiting for a crashed run's lock takes up to
+            # LOCK_TTL, as long as the lease lives without a keepalive ("lease not found").
+            if self.client.lease_keepalive(self.lease) <= 0:
+                self.lease = self.client.lease_grant(LOCK_TTL)
             ok, _, _ = self.client.txn([tx.absent(self.key)], [tx.put(self.key, self.owner.encode(), self.lease)])
             if ok:
                 break
