@@ -75,8 +75,7 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._busy = 0                      # calls in flight (each holds a slot until answered)
-        self._large_busy = 0                # of them, frames over LARGE_FRAME
-        self._large: dict[int, Header] = {}  # id(header) -> header of each large call in flight
+        self._large: dict[int, Header] = {}  # of them, frames over LARGE_FRAME: id(header) -> header
         self._chunks: list[bytes] = []      # a partial frame, joined once `_need` bytes are in
         self._have = 0
         self._need = LENGTH_SIZE
@@ -104,8 +103,7 @@ class Connection(asyncio.Protocol):
         self._ka = self._loop.create_task(self._keepalive())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._wake_drain()
-        self.close()
+        self.close()        # which wakes a reply waiting for the client to read
 
     def eof_received(self) -> bool:
         return False        # the client is done: close (what is queued is still written)
@@ -165,11 +163,10 @@ class Connection(asyncio.Protocol):
                     break
                 self._last_rx, self._pings = self._loop.time(), 0
                 large = n > LARGE_FRAME
-                if self._busy >= self._limits.max_requests or (large and self._large_busy >= MAX_LARGE):
+                if self._busy >= self._limits.max_requests or (large and len(self._large) >= MAX_LARGE):
                     self._stall(data, pos)
                     return
                 self._busy += 1
-                self._large_busy += large
                 self._handle(memoryview(data)[pos + LENGTH_SIZE:pos + need], large)
                 pos += need
                 need = LENGTH_SIZE
@@ -188,12 +185,12 @@ class Connection(asyncio.Protocol):
         if self._stream_drain is None and self.transport is not None:
             self.transport.pause_reading()
 
-    def _release(self, header: Header | None, large: bool = False) -> None:
-        """The call of `header` ended (`large`: a large frame whose header did not parse): its
-        slot is free; a frame waiting for one is dispatched now."""
+    def _release(self, header: Header | None) -> None:
+        """The call of `header` (None: a frame whose header did not parse) ended: its slot is
+        free; a frame waiting for one is dispatched now."""
         self._busy -= 1
-        if large or (header is not None and self._large and self._large.pop(id(header), None) is not None):
-            self._large_busy -= 1
+        if self._large and header is not None:
+            self._large.pop(id(header), None)
         stalled = self._stalled
         if stalled is None or self._closed:
             return
@@ -212,7 +209,9 @@ class Connection(asyncio.Protocol):
         try:
             header, payload = parse_header(body)
             if large:
-                self._large[id(header)] = header    # its release frees the large slot too
+                # counted from here until its release (a header that does not parse is
+                # released before _handle returns, so it never holds a large slot)
+                self._large[id(header)] = header
             if header.prog == P.KEEPALIVE_PROGRAM:
                 if header.type == P.MsgType.MESSAGE and header.proc == P.KeepAlive.PING:
                     self._send(_PONG)
@@ -228,7 +227,7 @@ class Connection(asyncio.Protocol):
             release = self._call(header, payload)
         finally:
             if release:
-                self._release(header, large and header is None)
+                self._release(header)
 
     def _call(self, header: Header, payload: memoryview) -> bool:
         """Run one call; False when a task now owns the slot."""
