@@ -76,10 +76,6 @@ class Lock:
         deadline = time.monotonic() + self.wait
         self.lease = self.client.lease_grant(LOCK_TTL)
         while True:
-            # Our own lease must outlive the wait: waiting for a crashed run's lock takes up to
-            # LOCK_TTL, as long as the lease lives without a keepalive ("lease not found").
-            if self.client.lease_keepalive(self.lease) <= 0:
-                self.lease = self.client.lease_grant(LOCK_TTL)
             ok, _, _ = self.client.txn([tx.absent(self.key)], [tx.put(self.key, self.owner.encode(), self.lease)])
             if ok:
                 break
@@ -88,6 +84,10 @@ class Lock:
                 raise errors.OperationFailed("another 'fleet rotate' holds the rotation lock "
                                              f"(a crashed one frees it within {LOCK_TTL} s); try again")
             time.sleep(0.5)
+            # Our own lease must outlive the wait: waiting for a crashed run's lock takes up to
+            # LOCK_TTL, as long as the lease lives without a keepalive ("lease not found").
+            if self.client.lease_keepalive(self.lease) <= 0:
+                self.lease = self.client.lease_grant(LOCK_TTL)
         self._thread.start()
         return self
 
