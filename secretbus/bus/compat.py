@@ -187,6 +187,12 @@ class _CoalescedWrites:
             w.loop.add_writer(w.fd, w.write_callback)
 
 
+def _coalescer(writer: Any) -> _CoalescedWrites | None:
+    """The _CoalescedWrites installed on `writer`, if any."""
+    cw = getattr(getattr(writer, "schedule_write", None), "__self__", None)
+    return cw if isinstance(cw, _CoalescedWrites) else None
+
+
 def coalesce_writes(bus: Any) -> bool:
     """Make `bus`'s writer coalesce (above); False when its layout is not the expected one."""
     w = getattr(bus, "_writer", None)
@@ -196,7 +202,7 @@ def coalesce_writes(bus: Any) -> bool:
               "write_callback", "schedule_write")
     if not all(hasattr(w, n) for n in needed) or not hasattr(w.sock, "sendmsg"):
         return False
-    if getattr(getattr(w.schedule_write, "__self__", None), "_w", None) is w:
+    if _coalescer(w) is not None:
         return False                       # installed already
     w.schedule_write = _CoalescedWrites(w).schedule_write
     return True
@@ -204,6 +210,6 @@ def coalesce_writes(bus: Any) -> bool:
 
 def flush_writes(bus: Any) -> None:
     """Send now what coalesce_writes holds for the end of this iteration (before a disconnect)."""
-    cw = getattr(getattr(getattr(bus, "_writer", None), "schedule_write", None), "__self__", None)
-    if isinstance(cw, _CoalescedWrites):
+    cw = _coalescer(getattr(bus, "_writer", None))
+    if cw is not None:
         cw.flush()
