@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from secretbus.core import errors
-from secretbus.store.fsutil import NEW_FILE_FLAGS, TMP_SUFFIX, open_dir, unlink_at, unlink_quiet
+from secretbus.store.fsutil import NEW_FILE_FLAGS, TMP_SUFFIX, DirCache, HeldDir, unlink_at, unlink_quiet
 
 log = logging.getLogger("secretbus.store")
 
@@ -78,16 +78,30 @@ class Plan:
 # back every other dirty file on that file system (a VM image being written: seconds), so a
 # secret write would wait for unrelated I/O; it is not used (docs/security.md §3c).
 SYNC_THREADS = 4
-_pool: tuple[int, ThreadPoolExecutor] | None = None     # (pid, pool)
+_pool: ThreadPoolExecutor | None = None
+# The store directories of the batches, verified and held open between them (fsutil.DirCache).
+_dirs = DirCache()
+
+
+def _after_fork_in_child() -> None:
+    # Per process: a forked child (the crash tests fork) has none of its parent's threads, so
+    # a pool inherited from the parent would never run what it is given, and a lock held by
+    # one of them at the fork would never be released. (Reset here rather than a getpid()
+    # per batch.) The inherited directory fds are the child's own copies: closed.
+    global _pool, _dirs
+    _pool = None
+    old, _dirs = _dirs, DirCache()
+    old.close_inherited()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _sync_pool() -> ThreadPoolExecutor:
     global _pool
-    # Per process: a forked child (the crash tests fork) has none of its parent's threads, and
-    # a pool inherited from the parent would never run what it is given.
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=SYNC_THREADS - 1, thread_name_prefix="secretbus-sync"))
-    return _pool[1]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=SYNC_THREADS - 1, thread_name_prefix="secretbus-sync")
+    return _pool
 
 
 def sync_data(fds: list[int]) -> list[OSError | None]:
@@ -121,19 +135,19 @@ class Batch:
     def __init__(self, plans: list[Plan]) -> None:
         self.plans = plans
         self.errors: list[BaseException | None] = [None] * len(plans)
-        self.dirs: dict[Path, int] = {}
+        self.dirs: dict[Path, HeldDir] = {}
         self.temps: list[dict[int, str]] = [{} for _ in plans]     # step index -> temp name
         self.changed: list[set[Path]] = [set() for _ in plans]
 
     def dir_fd(self, d: Path) -> int:
-        fd = self.dirs.get(d)
-        if fd is None:
+        h = self.dirs.get(d)
+        if h is None:
             try:
-                fd = open_dir(d)
+                h = _dirs.acquire(d)
             except OSError as e:
                 raise errors.SystemError(f"cannot use config directory '{d}': {e.strerror}") from None
-            self.dirs[d] = fd
-        return fd
+            self.dirs[d] = h
+        return h.fd
 
     def fail(self, i: int, e: BaseException) -> None:
         if self.errors[i] is None:
@@ -144,9 +158,9 @@ class Batch:
         """Remove plan i's temp files not yet renamed."""
         steps = self.plans[i].steps
         for k, tmp in self.temps[i].items():
-            fd = self.dirs.get(steps[k].dir)
-            if fd is not None:
-                unlink_quiet(fd, tmp)
+            h = self.dirs.get(steps[k].dir)
+            if h is not None:
+                unlink_quiet(h.fd, tmp)
         self.temps[i].clear()
 
     def write_temps(self) -> list[tuple[int, int]]:
@@ -204,8 +218,8 @@ class Batch:
     def close(self) -> None:
         for i in range(len(self.plans)):
             self.discard(i)
-        for fd in self.dirs.values():
-            os.close(fd)
+        for h in self.dirs.values():
+            _dirs.release(h)
         self.dirs.clear()
 
 
@@ -253,12 +267,11 @@ def finish_batches(batches: list[Batch]) -> int:
         for b in batches:
             for i in range(len(b.plans)):
                 for d in b.changed[i]:
-                    fd = b.dirs[d]
-                    st = os.fstat(fd)
-                    key = (st.st_dev, st.st_ino)
+                    h = b.dirs[d]
+                    key = h.key
                     if key not in done:
                         try:
-                            os.fsync(fd)
+                            os.fsync(h.fd)
                             done[key] = None
                         except OSError as e:
                             done[key] = errors.SystemError(f"cannot sync '{d}': {e.strerror}")
