@@ -307,3 +307,81 @@ def test_atomic_write_never_follows_a_symlink_at_the_target(tmp_path):
     fsutil.atomic_write(d / "f", b"new")
     assert outside.read_bytes() == b"keep"
     assert not (d / "f").is_symlink() and (d / "f").read_bytes() == b"new"
+
+
+# -- which value files a write removes ------------------------------------------------------
+def _plain_store(d):
+    from secretbus.store.codec import Base64Codec, ValueCodecs
+    from secretbus.store.filestore import SecretStore
+    return SecretStore(d, ValueCodecs(writer=Base64Codec()))
+
+
+def _defn(uuid):
+    from secretbus.core.secretxml import parse_secret_xml
+    return parse_secret_xml(f"<secret><uuid>{uuid}</uuid></secret>")
+
+
+def _unlinked(plan):
+    from secretbus.store.commit import Unlink
+    return [s.name for s in plan.steps if isinstance(s, Unlink)]
+
+
+def test_a_write_removes_only_the_value_files_that_may_exist(tmp_path):
+    from secretbus.store.commit import commit_now
+    d = cfg(tmp_path)
+    d.mkdir(parents=True, mode=0o700)
+    for u in (U1, U2):
+        (d / f"{u}.xml").write_text(LIBVIRT_XML.format(uuid=u, name=u))
+    (d / f"{U1}.base64").write_bytes(base64.b64encode(b"old"))
+    (d / f"{U2}.aes256cbc").write_bytes(b"stale file of another scheme")
+    (d / f"{U2}.base64").write_bytes(base64.b64encode(b"old too"))
+    store = _plain_store(d)
+    # Before a load nothing is known: every other scheme's file is removed.
+    assert _unlinked(store.plan_value(_defn(U1), b"v")) == [f"{U1}.aes256gcm", f"{U1}.aes256cbc"]
+    store.load()
+    assert _unlinked(store.plan_value(_defn(U1), b"v")) == []
+    p = store.plan_value(_defn(U2), b"new")
+    assert _unlinked(p) == [f"{U2}.aes256cbc"]          # found at load: removed
+    commit_now(p)
+    assert sorted(os.listdir(d)) == sorted([f"{U1}.xml", f"{U1}.base64", f"{U2}.xml", f"{U2}.base64"])
+    assert _unlinked(store.plan_value(_defn(U2), b"newer")) == []   # gone, known to be gone
+    # An undefine removes every scheme's file, known or not: none may outlive its secret.
+    (d / f"{U1}.aes256gcm").write_bytes(b"appeared behind our back")
+    commit_now(store.plan_delete_values(U1))
+    assert not [n for n in os.listdir(d) if n.startswith(U1) and not n.endswith(".xml")]
+    # ... and what it removed is known: a new value removes nothing more.
+    assert _unlinked(store.plan_value(_defn(U1), b"v")) == []
+
+
+def test_a_failed_write_keeps_what_it_was_removing_known(tmp_path, monkeypatch):
+    from secretbus.store.commit import commit_batch
+    d = cfg(tmp_path)
+    d.mkdir(parents=True, mode=0o700)
+    (d / f"{U1}.xml").write_text(LIBVIRT_XML.format(uuid=U1, name="n"))
+    (d / f"{U1}.aes256cbc").write_bytes(b"stale")
+    store = _plain_store(d)
+    store.load()
+
+    def no_rename(*a, **kw):
+        raise OSError(5, "Input/output error")
+    with monkeypatch.context() as m:
+        m.setattr(os, "rename", no_rename)
+        assert commit_batch([store.plan_value(_defn(U1), b"v")]).errors[0] is not None
+    assert (d / f"{U1}.aes256cbc").exists()
+    assert _unlinked(store.plan_value(_defn(U1), b"v")) == [f"{U1}.aes256cbc"]
+
+
+def test_a_value_file_appearing_behind_our_back_loses_at_load(tmp_path):
+    d = cfg(tmp_path)
+    with open_root(tmp_path) as c:
+        s = c.define_xml(f"<secret><uuid>{U1}</uuid></secret>")
+        s.set_value(b"first")
+        stale = d / f"{U1}.aes256cbc"
+        stale.write_bytes(b"not ours")
+        os.utime(stale, ns=(1_000_000_000, 1_000_000_000))     # older than what follows
+        s.set_value(b"second")                                 # not known: left in place
+        assert stale.exists()
+    with open_root(tmp_path) as c:
+        assert c.lookup_by_uuid(U1).get_value() == b"second"   # the newest file wins
+        c.lookup_by_uuid(U1).set_value(b"third")               # found at load: removed now
+    assert not stale.exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,18 +57,23 @@ Step = Replace | Unlink
 
 class Plan:
     """The ordered file changes of one operation; `undo` is committed alone if the plan fails
-    after some of its steps were done (a new secret's value written, its XML not)."""
+    after some of its steps were done (a new secret's value written, its XML not). `done` are
+    called once the plan is durable (the store learns which files exist), in the committing
+    thread, before the operation is applied or answered."""
 
-    def __init__(self, steps: list[Step] | None = None, undo: Plan | None = None) -> None:
+    def __init__(self, steps: list[Step] | None = None, undo: Plan | None = None,
+                 done: list[Callable[[], None]] | None = None) -> None:
         self.steps: list[Step] = list(steps or [])
         self.undo = undo
+        self.done: list[Callable[[], None]] = list(done or [])
 
     def __bool__(self) -> bool:
         return bool(self.steps)
 
     def add(self, other: Plan) -> Plan:
-        """Append `other`'s steps; returns self."""
+        """Append `other`'s steps (and its `done`); returns self."""
         self.steps.extend(other.steps)
+        self.done.extend(other.done)
         return self
 
 
@@ -283,7 +289,10 @@ def finish_batches(batches: list[Batch]) -> int:
             b.close()
     for b in batches:
         for p, err in zip(b.plans, b.errors, strict=True):
-            if err is not None and p.undo:
+            if err is None:
+                for fn in p.done:
+                    fn()
+            elif p.undo:
                 undone = commit_batch([p.undo]).errors[0]
                 if undone is not None:
                     log.error("cannot undo a failed write: %s", undone)
