@@ -176,7 +176,7 @@ def test_stale_value_file_is_not_inherited_by_a_new_secret(tmp_path):
 
 
 # -- crash at every step of a write -----------------------------------------------------
-_STEP_CALLS = ("open", "write", "fsync", "rename", "unlink")
+_STEP_CALLS = ("open", "write", "pwrite", "ftruncate", "fsync", "fdatasync", "rename", "link", "unlink")
 
 
 def _crash_child(root: str, op: str, crash_at: int) -> None:
@@ -199,6 +199,10 @@ def _crash_child(root: str, op: str, crash_at: int) -> None:
                 setattr(os, n, wrap(n))
             if op == "set":
                 c.lookup_by_uuid(U1).set_value(b"new-value")
+            elif op == "set-twice":
+                # the second write's temp file is the spare the first one left (store/commit.py)
+                c.lookup_by_uuid(U1).set_value(b"mid-value-longer")
+                c.lookup_by_uuid(U1).set_value(b"new-value")
             elif op == "define":
                 c.define_xml(f"<secret><uuid>{U1}</uuid><description>new</description>"
                              "<usage type='tls'><name>t</name></usage></secret>")
@@ -211,7 +215,7 @@ def _crash_child(root: str, op: str, crash_at: int) -> None:
     return os.waitstatus_to_exitcode(status)
 
 
-@pytest.mark.parametrize("op", ["set", "define", "undefine"])
+@pytest.mark.parametrize("op", ["set", "set-twice", "define", "undefine"])
 def test_crash_at_each_step_leaves_old_or_new(tmp_path, op):
     step = 1
     outcomes = set()
@@ -225,10 +229,10 @@ def test_crash_at_each_step_leaves_old_or_new(tmp_path, op):
         assert rc in (0, 77), rc
         with open_root(root) as c:
             names = os.listdir(cfg(root))
-            assert not [n for n in names if n.endswith(".new")]
-            if op == "set":
+            assert not [n for n in names if n.endswith(".new") or fsutil.is_spare_name(n)]
+            if op in ("set", "set-twice"):
                 v = c.lookup_by_uuid(U1).get_value()
-                assert v in (b"old-value", b"new-value")
+                assert v in (b"old-value", b"new-value", b"mid-value-longer")
                 outcomes.add(v)
                 if rc == 0:
                     assert v == b"new-value"
@@ -263,8 +267,9 @@ def test_crash_at_each_step_leaves_old_or_new(tmp_path, op):
         if rc == 0:
             break
         step += 1
-        assert step < 50
-    assert len(outcomes) == 2, outcomes   # both the old and the new state were observed
+        assert step < 80
+    # every state was observed: old and new (and the one in between)
+    assert len(outcomes) == (3 if op == "set-twice" else 2), outcomes
 
 
 def test_atomic_write_leaves_no_temp_on_failure(tmp_path, monkeypatch):
@@ -343,7 +348,8 @@ def test_a_write_removes_only_the_value_files_that_may_exist(tmp_path):
     p = store.plan_value(_defn(U2), b"new")
     assert _unlinked(p) == [f"{U2}.aes256cbc"]          # found at load: removed
     commit_now(p)
-    assert sorted(os.listdir(d)) == sorted([f"{U1}.xml", f"{U1}.base64", f"{U2}.xml", f"{U2}.base64"])
+    live = sorted(n for n in os.listdir(d) if not fsutil.is_spare_name(n))
+    assert live == sorted([f"{U1}.xml", f"{U1}.base64", f"{U2}.xml", f"{U2}.base64"])
     assert _unlinked(store.plan_value(_defn(U2), b"newer")) == []   # gone, known to be gone
     # An undefine removes every scheme's file, known or not: none may outlive its secret.
     (d / f"{U1}.aes256gcm").write_bytes(b"appeared behind our back")

@@ -40,6 +40,7 @@ from secretbus.store.fsutil import (
     TMP_SUFFIX,
     atomic_write_at,
     ensure_private_dir,
+    is_spare_name,
     open_dir,
     read_limited,
     unlink_at,
@@ -330,13 +331,17 @@ class _Load:
 
     def _remove_stale_temps(self, names: list[str]) -> None:
         for n in names:
-            if not n.endswith(TMP_SUFFIX):
+            if not (n.endswith(TMP_SUFFIX) or is_spare_name(n)):
                 continue
             try:
                 if not stat.S_ISREG(os.lstat(n, dir_fd=self.fd).st_mode):
                     continue        # not a temp file of ours: leave it alone
-                # A temp file is a write that never completed, hence never acknowledged.
-                log.warning("removing incomplete write '%s'", n)
+                if is_spare_name(n):
+                    # An earlier content of a file, kept to be written over (store/commit.py).
+                    log.debug("removing spare file '%s'", n)
+                else:
+                    # A temp file is a write that never completed, hence never acknowledged.
+                    log.warning("removing incomplete write '%s'", n)
                 unlink_at(self.fd, n)
             except OSError as e:
                 log.warning("cannot remove incomplete write '%s': %s", n, e.strerror)

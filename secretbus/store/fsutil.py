@@ -11,15 +11,26 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 TMP_SUFFIX = ".new"  # libvirt's temp suffix; start-up removes stale ones
+# A file replaced by a write, kept to be written again as a later write's temp file
+# (store/commit.py, "spare files"); start-up removes those left behind, like temp files.
+SPARE_SUFFIX = ".spare"
+_SPARE_NAME = re.compile(r"[^/]+\.[0-9a-f]{12}" + re.escape(SPARE_SUFFIX))
+
+
+def is_spare_name(name: str) -> bool:
+    """Whether `name` is a spare file's (NAME.<12 hex digits>.spare)."""
+    return _SPARE_NAME.fullmatch(name) is not None
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -95,13 +106,16 @@ def open_dir(path: Path | str, *, create: bool = False, read_only: bool = False)
 class HeldDir:
     """A verified directory fd held by a DirCache; `key` is its (st_dev, st_ino)."""
 
-    __slots__ = ("path", "fd", "key", "walked", "users", "retired")
+    __slots__ = ("path", "fd", "key", "walked", "users", "retired", "spares")
 
     def __init__(self, path: Path, fd: int, key: tuple[int, int]) -> None:
         self.path, self.fd, self.key = path, fd, key
         self.walked = time.monotonic()
         self.users = 0
         self.retired = False
+        # Names of the spare files in this directory (store/commit.py); a deque: stage 1 takes
+        # from it while stage 2 adds to it, and popleft/append need no lock.
+        self.spares: deque[str] = deque()
 
 
 class DirCache:
