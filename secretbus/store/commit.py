@@ -310,7 +310,7 @@ def _write_spare(h: HeldDir, s: Replace, temps: dict[int, str], k: int) -> int |
             view, off = memoryview(s.data), 0
             while off < len(view):
                 off += os.pwrite(fd, view[off:], off)
-            if st.st_size != off:
+            if st.st_size > off:         # a longer earlier content: cut; pwrite set the size otherwise
                 os.ftruncate(fd, off)
         except OSError as e:
             os.close(fd)
