@@ -120,3 +120,52 @@ def test_start_up_removes_spares_quietly_and_only_spares(tmp_path, caplog):
     assert spares(cfg) == []
     assert sorted(os.listdir(cfg)) == sorted([f"{U}.base64", f"{U}.xml", "notes.spare"])
     assert "incomplete write" not in caplog.text
+
+
+def test_spares_go_when_their_directory_is_walked_anew(d, monkeypatch):
+    # A held directory is walked anew every WALK_AGE s; the spares it knew must not stay on
+    # disk (each holds an earlier content) once it is dropped.
+    for k in range(3):
+        write(d, "a.base64", b"v%d" % k)
+    assert spares(d)
+    monkeypatch.setattr(fsutil.DirCache, "WALK_AGE", -1.0)     # every use walks anew
+    for k in range(5):
+        write(d, "a.base64", b"w%d" % k)
+        assert len(spares(d)) <= 1
+    assert (d / "a.base64").read_bytes() == b"w4"
+
+
+def test_spares_go_when_the_writer_is_idle(d):
+    for k in range(3):
+        write(d, "a.base64", b"v%d" % k)
+        write(d, "b.base64", b"v%d" % k)
+    assert spares(d)
+    commit.drop_idle_spares()
+    assert spares(d) == []
+    assert (d / "a.base64").read_bytes() == b"v2" and (d / "b.base64").read_bytes() == b"v2"
+    write(d, "a.base64", b"after")          # a fresh spare works as before
+    assert (d / "a.base64").read_bytes() == b"after"
+
+
+def test_the_writer_drops_the_spares_once_no_write_comes(tmp_path, monkeypatch):
+    import time
+
+    import secretbus
+    from secretbus.driver import writer
+
+    monkeypatch.setattr(writer, "SPARE_IDLE", 0.2)
+    c = secretbus.open(f"secret:///embed?root={tmp_path / 'inst'}")
+    try:
+        d = c.driver
+        d.define_xml(f"<secret ephemeral='no' private='no'><uuid>{U}</uuid></secret>")
+        for k in range(4):
+            d.set_value(U, b"value-%d" % k)
+        store = tmp_path / "inst" / "etc" / "secrets"
+        assert spares(store), "the test needs spares to exist while writes come"
+        deadline = time.monotonic() + 5
+        while spares(store) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spares(store) == []
+        assert d.get_value(U, internal_call=True) == b"value-3"
+    finally:
+        c.close()

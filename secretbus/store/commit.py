@@ -264,7 +264,8 @@ class Batch:
 # durably; never a file still live under another name); a crash may leave spares, which
 # start-up (and a reload's load) removes with the temp files. What a spare holds meanwhile is the previous
 # content of a file of this store, 0600 in our own directory: an undefine removes the spares
-# of the secret's files with them (none outlives it), and at most MAX_SPARES are kept.
+# of the secret's files with them (none outlives it), at most MAX_SPARES are kept, and they go
+# when the writer has been idle SPARE_IDLE s or their directory is walked anew (fsutil).
 MAX_SPARES = 32
 
 
@@ -316,6 +317,14 @@ def _write_spare(h: HeldDir, s: Replace, temps: dict[int, str], k: int) -> int |
             os.close(fd)
             raise errors.SystemError(f"cannot write '{s.dir / s.name}': {e.strerror}") from None
         return fd
+
+
+SPARE_IDLE = 1.0     # seconds without a write after which the spares go (the writer calls this)
+
+
+def drop_idle_spares() -> None:
+    """Remove every spare file now: the writes they were kept for are over."""
+    _dirs.drop_spares()
 
 
 def _drop_spares_of(h: HeldDir, name: str) -> bool:

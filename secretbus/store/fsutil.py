@@ -173,7 +173,7 @@ class DirCache:
         with self._lock:
             h.users -= 1
             if h.retired and h.users == 0:
-                os.close(h.fd)
+                _close_held(h)
 
     def clear(self) -> None:
         """Drop every held fd (closed once unused)."""
@@ -201,10 +201,33 @@ class DirCache:
             return False      # gone or unsafe: the walk says why (or serves what is there now)
         return True
 
+    def drop_spares(self) -> None:
+        """Remove every held directory's spare files now (the writer is idle: an earlier
+        content of a file should not outlive the burst of writes it was kept for)."""
+        with self._lock:
+            for h in self._held.values():
+                _unlink_spares(h)
+
     def _retire(self, h: HeldDir) -> None:
         h.retired = True
         if h.users == 0:
-            os.close(h.fd)
+            _close_held(h)
+
+
+def _unlink_spares(h: HeldDir) -> None:
+    while True:
+        try:
+            name = h.spares.popleft()
+        except IndexError:
+            return
+        unlink_quiet(h.fd, name)
+
+
+def _close_held(h: HeldDir) -> None:
+    # Its spares are known only to this HeldDir: removed with it, or they would stay on disk
+    # (each holding an earlier content) until the next start-up.
+    _unlink_spares(h)
+    os.close(h.fd)
 
 
 @contextmanager
