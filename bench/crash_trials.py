@@ -39,6 +39,7 @@ from dbus_fast.aio import MessageBus  # noqa: E402
 from harness import PrivateBus  # noqa: E402
 
 from secretbus.bus.names import secret_path as spath  # noqa: E402
+from secretbus.store.fsutil import is_spare_name  # noqa: E402
 
 NAME = "org.libvirt.secret"
 CONNECT = "/org/libvirt/secret"
@@ -181,6 +182,7 @@ async def trial(n: int, bus: PrivateBus, root: Path, log: Path, state: dict[str,
     check.disconnect()
     # Restart and compare.
     temps_before = [p.name for p in (root / "etc" / "secrets").glob("*.new")]
+    spares_before = [n for n in os.listdir(root / "etc" / "secrets") if is_spare_name(n)]
     proc = start_daemon(bus, root, log)
     check = await wait_ready(bus.address, proc)
     try:
@@ -199,11 +201,14 @@ async def trial(n: int, bus: PrivateBus, root: Path, log: Path, state: dict[str,
                                    f"seen {seen!r:.60}")
                 t.acked = seen
             t.in_flight = None
+        # temp files and spare files (store/commit.py): start-up removes both
         stats.temp_left += len(list((root / "etc" / "secrets").glob("*.new")))
+        stats.temp_left += len([n for n in os.listdir(root / "etc" / "secrets") if is_spare_name(n)])
         stats.orphans += len(orphan_values(root / "etc" / "secrets"))
         stats.trials += 1
-        if temps_before:
-            stats.notes.append(f"trial {n}: {len(temps_before)} temp file(s) found after the kill, removed at start")
+        if temps_before or spares_before:
+            stats.notes.append(f"trial {n}: {len(temps_before)} temp file(s) and {len(spares_before)} spare "
+                               "file(s) found after the kill, removed at start")
     finally:
         check.disconnect()
         proc.terminate()

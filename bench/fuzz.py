@@ -83,6 +83,7 @@ from secretbus.core.secretxml import MAX_XML_BYTES, format_secret_xml, parse_sec
 from secretbus.store.codec import Base64Codec, Binding, ValueFileError  # noqa: E402
 from secretbus.store.conf import SecretConf, load_conf, parse_conf, resolve_readers  # noqa: E402
 from secretbus.store.crypto import CbcCodec, GcmCodec, NoKeyCodec  # noqa: E402
+from secretbus.store.fsutil import is_spare_name  # noqa: E402
 from secretbus.store.keys import codecs_for  # noqa: E402
 
 SIZES: dict[str, dict[str, int]] = {
@@ -1365,7 +1366,9 @@ def _binding_on_disk(sdir: Path, uuid: str) -> Binding:
 
 def _check_store_dir(sdir: Path, persistent: set[str], res: Result) -> None:
     readers = {"aes256gcm": GcmCodec(KEY), "aes256cbc": CbcCodec(KEY), "base64": Base64Codec()}
-    names = sorted(os.listdir(sdir)) if sdir.is_dir() else []
+    # The spare files of a running service (store/commit.py) are earlier contents of its files,
+    # kept to be written over: not a leftover. (Start-up removes them, with the temp files.)
+    names = [n for n in sorted(os.listdir(sdir)) if not is_spare_name(n)] if sdir.is_dir() else []
     xml_uuids = set()
     for name in names:
         stem, _, sfx = name.partition(".")

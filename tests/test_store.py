@@ -176,7 +176,7 @@ def test_stale_value_file_is_not_inherited_by_a_new_secret(tmp_path):
 
 
 # -- crash at every step of a write -----------------------------------------------------
-_STEP_CALLS = ("open", "write", "fsync", "rename", "unlink")
+_STEP_CALLS = ("open", "write", "pwrite", "ftruncate", "fsync", "fdatasync", "rename", "link", "unlink")
 
 
 def _crash_child(root: str, op: str, crash_at: int) -> None:
@@ -199,6 +199,10 @@ def _crash_child(root: str, op: str, crash_at: int) -> None:
                 setattr(os, n, wrap(n))
             if op == "set":
                 c.lookup_by_uuid(U1).set_value(b"new-value")
+            elif op == "set-twice":
+                # the second write's temp file is the spare the first one left (store/commit.py)
+                c.lookup_by_uuid(U1).set_value(b"mid-value-longer")
+                c.lookup_by_uuid(U1).set_value(b"new-value")
             elif op == "define":
                 c.define_xml(f"<secret><uuid>{U1}</uuid><description>new</description>"
                              "<usage type='tls'><name>t</name></usage></secret>")
@@ -211,7 +215,7 @@ def _crash_child(root: str, op: str, crash_at: int) -> None:
     return os.waitstatus_to_exitcode(status)
 
 
-@pytest.mark.parametrize("op", ["set", "define", "undefine"])
+@pytest.mark.parametrize("op", ["set", "set-twice", "define", "undefine"])
 def test_crash_at_each_step_leaves_old_or_new(tmp_path, op):
     step = 1
     outcomes = set()
@@ -225,10 +229,10 @@ def test_crash_at_each_step_leaves_old_or_new(tmp_path, op):
         assert rc in (0, 77), rc
         with open_root(root) as c:
             names = os.listdir(cfg(root))
-            assert not [n for n in names if n.endswith(".new")]
-            if op == "set":
+            assert not [n for n in names if n.endswith(".new") or fsutil.is_spare_name(n)]
+            if op in ("set", "set-twice"):
                 v = c.lookup_by_uuid(U1).get_value()
-                assert v in (b"old-value", b"new-value")
+                assert v in (b"old-value", b"new-value", b"mid-value-longer")
                 outcomes.add(v)
                 if rc == 0:
                     assert v == b"new-value"
@@ -263,8 +267,9 @@ def test_crash_at_each_step_leaves_old_or_new(tmp_path, op):
         if rc == 0:
             break
         step += 1
-        assert step < 50
-    assert len(outcomes) == 2, outcomes   # both the old and the new state were observed
+        assert step < 80
+    # every state was observed: old and new (and the one in between)
+    assert len(outcomes) == (3 if op == "set-twice" else 2), outcomes
 
 
 def test_atomic_write_leaves_no_temp_on_failure(tmp_path, monkeypatch):
@@ -307,3 +312,82 @@ def test_atomic_write_never_follows_a_symlink_at_the_target(tmp_path):
     fsutil.atomic_write(d / "f", b"new")
     assert outside.read_bytes() == b"keep"
     assert not (d / "f").is_symlink() and (d / "f").read_bytes() == b"new"
+
+
+# -- which value files a write removes ------------------------------------------------------
+def _plain_store(d):
+    from secretbus.store.codec import Base64Codec, ValueCodecs
+    from secretbus.store.filestore import SecretStore
+    return SecretStore(d, ValueCodecs(writer=Base64Codec()))
+
+
+def _defn(uuid):
+    from secretbus.core.secretxml import parse_secret_xml
+    return parse_secret_xml(f"<secret><uuid>{uuid}</uuid></secret>")
+
+
+def _unlinked(plan):
+    from secretbus.store.commit import Unlink
+    return [s.name for s in plan.steps if isinstance(s, Unlink)]
+
+
+def test_a_write_removes_only_the_value_files_that_may_exist(tmp_path):
+    from secretbus.store.commit import commit_now
+    d = cfg(tmp_path)
+    d.mkdir(parents=True, mode=0o700)
+    for u in (U1, U2):
+        (d / f"{u}.xml").write_text(LIBVIRT_XML.format(uuid=u, name=u))
+    (d / f"{U1}.base64").write_bytes(base64.b64encode(b"old"))
+    (d / f"{U2}.aes256cbc").write_bytes(b"stale file of another scheme")
+    (d / f"{U2}.base64").write_bytes(base64.b64encode(b"old too"))
+    store = _plain_store(d)
+    # Before a load nothing is known: every other scheme's file is removed.
+    assert _unlinked(store.plan_value(_defn(U1), b"v")) == [f"{U1}.aes256gcm", f"{U1}.aes256cbc"]
+    store.load()
+    assert _unlinked(store.plan_value(_defn(U1), b"v")) == []
+    p = store.plan_value(_defn(U2), b"new")
+    assert _unlinked(p) == [f"{U2}.aes256cbc"]          # found at load: removed
+    commit_now(p)
+    live = sorted(n for n in os.listdir(d) if not fsutil.is_spare_name(n))
+    assert live == sorted([f"{U1}.xml", f"{U1}.base64", f"{U2}.xml", f"{U2}.base64"])
+    assert _unlinked(store.plan_value(_defn(U2), b"newer")) == []   # gone, known to be gone
+    # An undefine removes every scheme's file, known or not: none may outlive its secret.
+    (d / f"{U1}.aes256gcm").write_bytes(b"appeared behind our back")
+    commit_now(store.plan_delete_values(U1))
+    assert not [n for n in os.listdir(d) if n.startswith(U1) and not n.endswith(".xml")]
+    # ... and what it removed is known: a new value removes nothing more.
+    assert _unlinked(store.plan_value(_defn(U1), b"v")) == []
+
+
+def test_a_failed_write_keeps_what_it_was_removing_known(tmp_path, monkeypatch):
+    from secretbus.store.commit import commit_batch
+    d = cfg(tmp_path)
+    d.mkdir(parents=True, mode=0o700)
+    (d / f"{U1}.xml").write_text(LIBVIRT_XML.format(uuid=U1, name="n"))
+    (d / f"{U1}.aes256cbc").write_bytes(b"stale")
+    store = _plain_store(d)
+    store.load()
+
+    def no_rename(*a, **kw):
+        raise OSError(5, "Input/output error")
+    with monkeypatch.context() as m:
+        m.setattr(os, "rename", no_rename)
+        assert commit_batch([store.plan_value(_defn(U1), b"v")]).errors[0] is not None
+    assert (d / f"{U1}.aes256cbc").exists()
+    assert _unlinked(store.plan_value(_defn(U1), b"v")) == [f"{U1}.aes256cbc"]
+
+
+def test_a_value_file_appearing_behind_our_back_loses_at_load(tmp_path):
+    d = cfg(tmp_path)
+    with open_root(tmp_path) as c:
+        s = c.define_xml(f"<secret><uuid>{U1}</uuid></secret>")
+        s.set_value(b"first")
+        stale = d / f"{U1}.aes256cbc"
+        stale.write_bytes(b"not ours")
+        os.utime(stale, ns=(1_000_000_000, 1_000_000_000))     # older than what follows
+        s.set_value(b"second")                                 # not known: left in place
+        assert stale.exists()
+    with open_root(tmp_path) as c:
+        assert c.lookup_by_uuid(U1).get_value() == b"second"   # the newest file wins
+        c.lookup_by_uuid(U1).set_value(b"third")               # found at load: removed now
+    assert not stale.exists()

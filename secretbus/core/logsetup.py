@@ -9,6 +9,7 @@ import contextvars
 import logging
 import os
 import sys
+import time
 
 JOURNAL_FIELDS = ("SECRET_UUID", "SECRET_OPERATION", "CALLER_UID")
 
@@ -55,6 +56,21 @@ def _priority(level: int) -> int:
 
 
 class _FieldsFormatter(logging.Formatter):
+    """The stderr format: our fields appended. The time text is made once per second (every
+    write logs a line: logging's formatTime is a localtime and a strftime each time)."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None or self.datefmt is not None:
+            return super().formatTime(record, datefmt)
+        sec = int(record.created)
+        cached = self._second
+        if cached[0] != sec:
+            cached = self._second = (sec, time.strftime(self.default_time_format, self.converter(sec)))
+        msec = self.default_msec_format
+        return msec % (cached[1], record.msecs) if msec else cached[1]
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extra = " ".join(f"{k}={getattr(record, k)}" for k in JOURNAL_FIELDS
@@ -66,6 +82,8 @@ def setup_daemon_logging(identifier: str = "secretbusd", verbose: bool = False) 
     root = logging.getLogger("secretbus")
     root.handlers.clear()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # No format of ours shows them, and every record would look them up (every write logs one).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root.propagate = False
     handler: logging.Handler
     if os.environ.get("JOURNAL_STREAM"):

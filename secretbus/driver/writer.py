@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from secretbus.core import errors, loophop
 from secretbus.core.model import SecretDef
-from secretbus.store.commit import Batch, Plan, finish_batches, prepare_batch
+from secretbus.store.commit import SPARE_IDLE, Batch, Plan, drop_idle_spares, finish_batches, prepare_batch
 from secretbus.store.filestore import SecretStore
 
 log = logging.getLogger("secretbus.driver")
@@ -359,8 +359,15 @@ class Writes:
         try:
             while True:
                 with self._qcond:
+                    idle = False
                     while not self._queue and not self._unstarted and self._thread is me:
-                        self._qcond.wait()
+                        # After SPARE_IDLE s without a write the spare files go: an earlier
+                        # content of a file is kept only while writes come (store/commit.py).
+                        if idle:
+                            self._qcond.wait()
+                        elif not self._qcond.wait(SPARE_IDLE):
+                            drop_idle_spares()
+                            idle = True
                     if not self._queue and not self._unstarted:
                         return
                     unstarted = bool(self._unstarted)

@@ -22,12 +22,22 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from secretbus.core import errors
-from secretbus.store.fsutil import NEW_FILE_FLAGS, TMP_SUFFIX, open_dir, unlink_at, unlink_quiet
+from secretbus.store.fsutil import (
+    NEW_FILE_FLAGS,
+    SPARE_SUFFIX,
+    TMP_SUFFIX,
+    DirCache,
+    HeldDir,
+    unlink_at,
+    unlink_quiet,
+)
 
 log = logging.getLogger("secretbus.store")
 
@@ -56,18 +66,23 @@ Step = Replace | Unlink
 
 class Plan:
     """The ordered file changes of one operation; `undo` is committed alone if the plan fails
-    after some of its steps were done (a new secret's value written, its XML not)."""
+    after some of its steps were done (a new secret's value written, its XML not). `done` are
+    called once the plan is durable (the store learns which files exist), in the committing
+    thread, before the operation is applied or answered."""
 
-    def __init__(self, steps: list[Step] | None = None, undo: Plan | None = None) -> None:
+    def __init__(self, steps: list[Step] | None = None, undo: Plan | None = None,
+                 done: list[Callable[[], None]] | None = None) -> None:
         self.steps: list[Step] = list(steps or [])
         self.undo = undo
+        self.done: list[Callable[[], None]] = list(done or [])
 
     def __bool__(self) -> bool:
         return bool(self.steps)
 
     def add(self, other: Plan) -> Plan:
-        """Append `other`'s steps; returns self."""
+        """Append `other`'s steps (and its `done`); returns self."""
         self.steps.extend(other.steps)
+        self.done.extend(other.done)
         return self
 
 
@@ -78,16 +93,30 @@ class Plan:
 # back every other dirty file on that file system (a VM image being written: seconds), so a
 # secret write would wait for unrelated I/O; it is not used (docs/security.md §3c).
 SYNC_THREADS = 4
-_pool: tuple[int, ThreadPoolExecutor] | None = None     # (pid, pool)
+_pool: ThreadPoolExecutor | None = None
+# The store directories of the batches, verified and held open between them (fsutil.DirCache).
+_dirs = DirCache()
+
+
+def _after_fork_in_child() -> None:
+    # Per process: a forked child (the crash tests fork) has none of its parent's threads, so
+    # a pool inherited from the parent would never run what it is given, and a lock held by
+    # one of them at the fork would never be released. (Reset here rather than a getpid()
+    # per batch.) The inherited directory fds are the child's own copies: closed.
+    global _pool, _dirs
+    _pool = None
+    old, _dirs = _dirs, DirCache()
+    old.close_inherited()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _sync_pool() -> ThreadPoolExecutor:
     global _pool
-    # Per process: a forked child (the crash tests fork) has none of its parent's threads, and
-    # a pool inherited from the parent would never run what it is given.
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=SYNC_THREADS - 1, thread_name_prefix="secretbus-sync"))
-    return _pool[1]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=SYNC_THREADS - 1, thread_name_prefix="secretbus-sync")
+    return _pool
 
 
 def sync_data(fds: list[int]) -> list[OSError | None]:
@@ -121,19 +150,20 @@ class Batch:
     def __init__(self, plans: list[Plan]) -> None:
         self.plans = plans
         self.errors: list[BaseException | None] = [None] * len(plans)
-        self.dirs: dict[Path, int] = {}
+        self.dirs: dict[Path, HeldDir] = {}
         self.temps: list[dict[int, str]] = [{} for _ in plans]     # step index -> temp name
+        self.spares: list[list[tuple[HeldDir, str]]] = [[] for _ in plans]   # made by apply(i)
         self.changed: list[set[Path]] = [set() for _ in plans]
 
     def dir_fd(self, d: Path) -> int:
-        fd = self.dirs.get(d)
-        if fd is None:
+        h = self.dirs.get(d)
+        if h is None:
             try:
-                fd = open_dir(d)
+                h = _dirs.acquire(d)
             except OSError as e:
                 raise errors.SystemError(f"cannot use config directory '{d}': {e.strerror}") from None
-            self.dirs[d] = fd
-        return fd
+            self.dirs[d] = h
+        return h.fd
 
     def fail(self, i: int, e: BaseException) -> None:
         if self.errors[i] is None:
@@ -144,9 +174,9 @@ class Batch:
         """Remove plan i's temp files not yet renamed."""
         steps = self.plans[i].steps
         for k, tmp in self.temps[i].items():
-            fd = self.dirs.get(steps[k].dir)
-            if fd is not None:
-                unlink_quiet(fd, tmp)
+            h = self.dirs.get(steps[k].dir)
+            if h is not None:
+                unlink_quiet(h.fd, tmp)
         self.temps[i].clear()
 
     def write_temps(self) -> list[tuple[int, int]]:
@@ -158,6 +188,10 @@ class Batch:
                 for k, s in enumerate(p.steps):
                     dfd = self.dir_fd(s.dir)
                     if isinstance(s, Replace):
+                        reused = _write_spare(self.dirs[s.dir], s, self.temps[i], k)
+                        if reused is not None:
+                            mine.append(reused)
+                            continue
                         tmp = f"{s.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
                         self.temps[i][k] = tmp
                         mine.append(_write_temp(dfd, tmp, s))
@@ -184,14 +218,22 @@ class Batch:
         """Step 3 for plan i: its renames and unlinks, in order; stops at the first failure."""
         for k, s in enumerate(self.plans[i].steps):
             fd = self.dir_fd(s.dir)
+            h = self.dirs[s.dir]
             if isinstance(s, Replace):
+                spare = _keep_replaced(h, s.name)
                 try:
                     os.rename(self.temps[i][k], s.name, src_dir_fd=fd, dst_dir_fd=fd)
                 except OSError as e:
+                    if spare is not None:
+                        unlink_quiet(fd, spare)     # a second name of the file still live: never a spare
                     raise errors.SystemError(f"cannot write '{s.dir / s.name}': {e.strerror}") from None
+                if spare is not None:
+                    self.spares[i].append((h, spare))
                 del self.temps[i][k]
                 self.changed[i].add(s.dir)
                 continue
+            if s.strict and _drop_spares_of(h, s.name):
+                self.changed[i].add(s.dir)
             try:
                 if unlink_at(fd, s.name):
                     self.changed[i].add(s.dir)
@@ -204,9 +246,100 @@ class Batch:
     def close(self) -> None:
         for i in range(len(self.plans)):
             self.discard(i)
-        for fd in self.dirs.values():
-            os.close(fd)
+        for h in self.dirs.values():
+            _dirs.release(h)
         self.dirs.clear()
+
+
+# -- spare files -------------------------------------------------------------------------------
+# Every write used to create its temp file, a new inode, and its rename freed the inode of the
+# file it replaced. Creating an inode is most of a write's CPU on ext4 without a journal (this
+# VM's, bench/README "Writes: spare files"): the allocator skips the inodes freed in the last
+# 5 s (300 s while their inode table block is dirty), one by one, so its cost grows with the
+# write rate. Instead, just before a rename replaces a file, the file is given a second name
+# (link(2), NAME.<random>.spare), and once the batch's directory fsync has made the
+# rename durable that spare is the temp file of a later write: written over in place, synced,
+# renamed. Every guarantee stays: the temp file (spare or new) is written and fdatasync'd
+# before its rename; a spare is used only when it has one link (its old name was renamed over
+# durably; never a file still live under another name); a crash may leave spares, which
+# start-up (and a reload's load) removes with the temp files. What a spare holds meanwhile is the previous
+# content of a file of this store, 0600 in our own directory: an undefine removes the spares
+# of the secret's files with them (none outlives it), at most MAX_SPARES are kept, and they go
+# when the writer has been idle SPARE_IDLE s or their directory is walked anew (fsutil).
+MAX_SPARES = 32
+
+
+def _keep_replaced(h: HeldDir, name: str) -> str | None:
+    """Give the file at `name`, about to be renamed over, a spare name; None if there is none
+    (a new file: ENOENT) or enough spares are kept (then the rename frees it, as before)."""
+    if len(h.spares) >= MAX_SPARES:
+        return None
+    spare = f"{name}.{secrets.token_hex(6)}{SPARE_SUFFIX}"
+    try:
+        os.link(name, spare, src_dir_fd=h.fd, dst_dir_fd=h.fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return spare
+
+
+def _write_spare(h: HeldDir, s: Replace, temps: dict[int, str], k: int) -> int | None:
+    """Write `s` into a spare of `h`, registered as temp k; its open fd, or None (no spare)."""
+    while True:
+        try:
+            tmp = h.spares.popleft()
+        except IndexError:
+            return None
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=h.fd)
+        except OSError:
+            continue                 # removed meanwhile (a reload's load removes temp files)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            # Not a file we can write over alone: written, it would change what another name
+            # shows. Only this name goes.
+            os.close(fd)
+            unlink_quiet(h.fd, tmp)
+            continue
+        temps[k] = tmp               # from here on a failure removes it like a new temp file
+        try:
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(fd, 0o600)
+            view, off = memoryview(s.data), 0
+            while off < len(view):
+                off += os.pwrite(fd, view[off:], off)
+            if st.st_size > off:         # a longer earlier content: cut; pwrite set the size otherwise
+                os.ftruncate(fd, off)
+        except OSError as e:
+            os.close(fd)
+            raise errors.SystemError(f"cannot write '{s.dir / s.name}': {e.strerror}") from None
+        return fd
+
+
+SPARE_IDLE = 1.0     # seconds without a write after which the spares go (the writer calls this)
+
+
+def drop_idle_spares() -> None:
+    """Remove every spare file now: the writes they were kept for are over."""
+    _dirs.drop_spares()
+
+
+def _drop_spares_of(h: HeldDir, name: str) -> bool:
+    """Remove the spares that hold an earlier content of `name` (it is being removed for
+    good: an undefine); True if any was."""
+    prefix = name + "."
+    dropped = False
+    for spare in [n for n in list(h.spares) if n.startswith(prefix)]:    # list(): one step, under the GIL
+        try:
+            h.spares.remove(spare)
+        except ValueError:
+            continue                 # taken by a write meanwhile: written over by it
+        unlink_quiet(h.fd, spare)
+        dropped = True
+    return dropped
 
 
 def _write_temp(dir_fd: int, tmp: str, s: Replace) -> int:
@@ -253,24 +386,37 @@ def finish_batches(batches: list[Batch]) -> int:
         for b in batches:
             for i in range(len(b.plans)):
                 for d in b.changed[i]:
-                    fd = b.dirs[d]
-                    st = os.fstat(fd)
-                    key = (st.st_dev, st.st_ino)
+                    h = b.dirs[d]
+                    key = h.key
                     if key not in done:
                         try:
-                            os.fsync(fd)
+                            os.fsync(h.fd)
                             done[key] = None
                         except OSError as e:
                             done[key] = errors.SystemError(f"cannot sync '{d}': {e.strerror}")
                     err = done[key]
                     if err is not None and b.errors[i] is None:
                         b.errors[i] = err
+        for b in batches:
+            for i, err in enumerate(b.errors):
+                for h, spare in b.spares[i]:
+                    if err is None and len(h.spares) < MAX_SPARES:
+                        h.spares.append(spare)       # its old name's change is durable now
+                    else:
+                        unlink_quiet(h.fd, spare)
+                b.spares[i].clear()
     finally:
         for b in batches:
+            for i in range(len(b.plans)):
+                for h, spare in b.spares[i]:
+                    unlink_quiet(h.fd, spare)
             b.close()
     for b in batches:
         for p, err in zip(b.plans, b.errors, strict=True):
-            if err is not None and p.undo:
+            if err is None:
+                for fn in p.done:
+                    fn()
+            elif p.undo:
                 undone = commit_batch([p.undo]).errors[0]
                 if undone is not None:
                     log.error("cannot undo a failed write: %s", undone)

@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from secretbus.core import errors
@@ -39,6 +40,7 @@ from secretbus.store.fsutil import (
     TMP_SUFFIX,
     atomic_write_at,
     ensure_private_dir,
+    is_spare_name,
     open_dir,
     read_limited,
     unlink_at,
@@ -92,6 +94,15 @@ class SecretStore:
     def __init__(self, config_dir: Path, codecs: ValueCodecs):
         self.dir = config_dir
         self.codecs = codecs
+        # The value files (suffixes, by UUID) that may exist: what load found, plus what was
+        # written since, less what was removed (a superset: a failed write may leave what it
+        # was removing). A SetValue plans the removal of the other schemes' files only if they
+        # may exist, not two unlinks that fail with ENOENT each time. None until loaded: all
+        # are planned. A file that appears behind our back is not removed by a write, and
+        # loses at load as before (the bound scheme ignores it beside its own, otherwise the
+        # newest file wins). Updated by the committing thread before the write is applied, and
+        # read when one is planned: never both for one UUID at once (the writer's per-secret order).
+        self._value_files: dict[str, set[str]] | None = None
 
     @property
     def binds_definitions(self) -> bool:
@@ -141,16 +152,36 @@ class SecretStore:
 
     def plan_value(self, d: SecretDef, value: bytes) -> Plan:
         """write_value's changes: the value under the current scheme, bound to `d`, then every
-        other value file removed (leniently: the current scheme's file wins at load)."""
+        other value file that may exist removed (leniently: the current scheme's file wins at
+        load)."""
         writer = self.codecs.writer
         steps: list[Step] = [Replace(self.dir, self._name(d.uuid, writer.suffix), writer.encode(Binding.of(d), value))]
-        steps += [Unlink(self.dir, self._name(d.uuid, sfx), strict=False)
-                  for sfx in KNOWN_SUFFIXES if sfx != writer.suffix]
-        return Plan(steps)
+        known = self._value_files
+        if known is None:
+            others = [sfx for sfx in KNOWN_SUFFIXES if sfx != writer.suffix]
+        else:
+            have = known.setdefault(d.uuid, set())
+            others = [sfx for sfx in KNOWN_SUFFIXES if sfx != writer.suffix and sfx in have]
+            have.add(writer.suffix)       # from now on it may exist, even if this write fails
+        steps += [Unlink(self.dir, self._name(d.uuid, sfx), strict=False) for sfx in others]
+        return Plan(steps, done=[partial(self._values_now, d.uuid, {writer.suffix})])
 
     def plan_delete_values(self, uuid: str) -> Plan:
-        """delete_values' changes: a value file that stays fails the plan."""
-        return Plan([Unlink(self.dir, self._name(uuid, sfx)) for sfx in KNOWN_SUFFIXES])
+        """delete_values' changes: a value file that stays fails the plan. Every scheme's file
+        is removed, known or not: none may outlive its secret, to be inherited by the next one
+        defined with its UUID."""
+        return Plan([Unlink(self.dir, self._name(uuid, sfx)) for sfx in KNOWN_SUFFIXES],
+                    done=[partial(self._values_now, uuid, set())])
+
+    def _values_now(self, uuid: str, suffixes: set[str]) -> None:
+        """After a durable write or removal: `uuid`'s value files are exactly `suffixes`."""
+        known = self._value_files
+        if known is None:
+            return
+        if suffixes:
+            known[uuid] = set(suffixes)
+        else:
+            known.pop(uuid, None)
 
     def plan_delete_definition(self, uuid: str) -> Plan:
         return Plan([Unlink(self.dir, self._name(uuid, "xml"))])
@@ -169,10 +200,13 @@ class SecretStore:
         writer = self.codecs.writer
         fd = self._open_dir()
         try:
+            if self._value_files is not None:
+                self._value_files.setdefault(d.uuid, set()).add(writer.suffix)
             self._write(fd, self._name(d.uuid, writer.suffix), writer.encode(Binding.of(d), value))
             self._unlink_values(fd, d.uuid, keep=writer.suffix)
         finally:
             os.close(fd)
+        self._values_now(d.uuid, {writer.suffix})
 
     def delete_definition(self, uuid: str) -> None:
         name = self._name(uuid, "xml")
@@ -193,6 +227,7 @@ class SecretStore:
             self._unlink_values(fd, uuid, keep=None, strict=True)
         finally:
             os.close(fd)
+        self._values_now(uuid, set())
 
     def _unlink_values(self, fd: int, uuid: str, keep: str | None, strict: bool = False) -> None:
         removed = False
@@ -226,6 +261,7 @@ class SecretStore:
         try:
             fd = open_dir(self.dir)
         except FileNotFoundError:
+            self._value_files = {}
             return LoadReport([], [])
         except OSError as e:
             raise errors.SystemError(f"cannot read config directory '{self.dir}': {e.strerror}") from None
@@ -233,6 +269,15 @@ class SecretStore:
             return _Load(self, fd, migrate).run()
         finally:
             os.close(fd)
+
+    def _found_values(self, names: list[str]) -> None:
+        """What load found: the value files by UUID."""
+        found: dict[str, set[str]] = {}
+        for n in names:
+            stem, _, sfx = n.rpartition(".")
+            if sfx in KNOWN_SUFFIXES:
+                found.setdefault(stem, set()).add(sfx)
+        self._value_files = found
 
 
 _WRITE_METHODS = ("write_definition", "write_value", "delete_definition", "delete_values")
@@ -252,6 +297,7 @@ class _Load:
         names = sorted(os.listdir(self.fd))
         self._remove_stale_temps(names)
         self.present = set(names)
+        self.store._found_values(names)
         parsed: list[tuple[str, SecretDef]] = []
         for name in (n for n in names if n.endswith(".xml")):
             try:
@@ -285,13 +331,17 @@ class _Load:
 
     def _remove_stale_temps(self, names: list[str]) -> None:
         for n in names:
-            if not n.endswith(TMP_SUFFIX):
+            if not (n.endswith(TMP_SUFFIX) or is_spare_name(n)):
                 continue
             try:
                 if not stat.S_ISREG(os.lstat(n, dir_fd=self.fd).st_mode):
                     continue        # not a temp file of ours: leave it alone
-                # A temp file is a write that never completed, hence never acknowledged.
-                log.warning("removing incomplete write '%s'", n)
+                if is_spare_name(n):
+                    # An earlier content of a file, kept to be written over (store/commit.py).
+                    log.debug("removing spare file '%s'", n)
+                else:
+                    # A temp file is a write that never completed, hence never acknowledged.
+                    log.warning("removing incomplete write '%s'", n)
                 unlink_at(self.fd, n)
             except OSError as e:
                 log.warning("cannot remove incomplete write '%s': %s", n, e.strerror)

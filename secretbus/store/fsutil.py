@@ -11,13 +11,26 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import stat
+import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 TMP_SUFFIX = ".new"  # libvirt's temp suffix; start-up removes stale ones
+# A file replaced by a write, kept to be written again as a later write's temp file
+# (store/commit.py, "spare files"); start-up removes those left behind, like temp files.
+SPARE_SUFFIX = ".spare"
+_SPARE_NAME = re.compile(r"[^/]+\.[0-9a-f]{12}" + re.escape(SPARE_SUFFIX))
+
+
+def is_spare_name(name: str) -> bool:
+    """Whether `name` is a spare file's (NAME.<12 hex digits>.spare)."""
+    return _SPARE_NAME.fullmatch(name) is not None
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -31,7 +44,10 @@ class UnsafeDirectory(OSError):
 
 
 def _check_dir(fd: int, path: Path, leaf: bool, euid: int, read_only: bool = False) -> None:
-    st = os.fstat(fd)
+    _check_stat(os.fstat(fd), path, leaf, euid, read_only)
+
+
+def _check_stat(st: os.stat_result, path: Path, leaf: bool, euid: int, read_only: bool = False) -> None:
     mode = stat.S_IMODE(st.st_mode)
     if leaf:
         # Reading (secret.conf, the key) from root's directory is safe for anyone; a
@@ -85,6 +101,133 @@ def open_dir(path: Path | str, *, create: bool = False, read_only: bool = False)
     except BaseException:
         os.close(fd)
         raise
+
+
+class HeldDir:
+    """A verified directory fd held by a DirCache; `key` is its (st_dev, st_ino)."""
+
+    __slots__ = ("path", "fd", "key", "walked", "users", "retired", "spares")
+
+    def __init__(self, path: Path, fd: int, key: tuple[int, int]) -> None:
+        self.path, self.fd, self.key = path, fd, key
+        self.walked = time.monotonic()
+        self.users = 0
+        self.retired = False
+        # Names of the spare files in this directory (store/commit.py); a deque: stage 1 takes
+        # from it while stage 2 adds to it, and popleft/append need no lock.
+        self.spares: deque[str] = deque()
+
+
+class DirCache:
+    """Verified directory fds kept open from one use to the next (the store's write batches).
+
+    open_dir walks the path from "/" (an lstat, then open, fstat and close per component):
+    ~25 syscalls before a batch's first write, per write when they come one at a time. Its
+    checks keep our writes out of a directory someone else controls. A held fd cannot be
+    redirected: what is written relative to it lands in the directory that was checked,
+    whatever happens to the path afterwards. What can change, and how each use catches it:
+
+    - the path: the directory (or a component above it) replaced, by a new directory or a
+      symlink. Each use stats the path (following symlinks, the administrator's, as open_dir's
+      realpath does) and compares (st_dev, st_ino) with the held fd's; on a mismatch the fd is
+      dropped and the path walked anew with every check, so the directory now there is served
+      only if it passes them, and writes follow an administrator who replaced the directory.
+      (An inode number cannot be reused meanwhile: the held fd keeps the old inode alive.)
+    - the directory itself (owner, mode): that stat is of the same inode, so the leaf check
+      of open_dir runs on it at every use.
+    - the directories above it (made writable by others later): walked anew at least every
+      WALK_AGE seconds, so a path that became unsafe is refused as open_dir refuses it.
+
+    A dropped fd is closed once the batches using it are done (stage 1 and stage 2 of the
+    writer share one). At most `size` directories are held (tests make many stores)."""
+
+    WALK_AGE = 1.0
+
+    def __init__(self, size: int = 8) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[Path, HeldDir] = {}      # least recently used first
+        self._size = size
+
+    def acquire(self, path: Path) -> HeldDir:
+        """The verified directory at `path` (open_dir's errors); release() it after use."""
+        with self._lock:
+            h = self._held.pop(path, None)
+            if h is not None and not self._current(h):
+                self._retire(h)
+                h = None
+            if h is None:
+                fd = open_dir(path)
+                try:
+                    st = os.fstat(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                h = HeldDir(path, fd, (st.st_dev, st.st_ino))
+            self._held[path] = h
+            while len(self._held) > self._size:
+                self._retire(self._held.pop(next(iter(self._held))))
+            h.users += 1
+            return h
+
+    def release(self, h: HeldDir) -> None:
+        with self._lock:
+            h.users -= 1
+            if h.retired and h.users == 0:
+                _close_held(h)
+
+    def clear(self) -> None:
+        """Drop every held fd (closed once unused)."""
+        with self._lock:
+            held, self._held = self._held, {}
+            for h in held.values():
+                self._retire(h)
+
+    def close_inherited(self) -> None:
+        """In a forked child: close the copies of the parent's fds (no thread of the parent's
+        is here to use them; the lock may have been held by one, so it is not taken)."""
+        for h in self._held.values():
+            os.close(h.fd)
+        self._held = {}
+
+    def _current(self, h: HeldDir) -> bool:
+        if time.monotonic() - h.walked > self.WALK_AGE:
+            return False
+        try:
+            st = os.stat(h.path)
+            if (st.st_dev, st.st_ino) != h.key:
+                return False
+            _check_stat(st, h.path, True, os.geteuid())
+        except OSError:
+            return False      # gone or unsafe: the walk says why (or serves what is there now)
+        return True
+
+    def drop_spares(self) -> None:
+        """Remove every held directory's spare files now (the writer is idle: an earlier
+        content of a file should not outlive the burst of writes it was kept for)."""
+        with self._lock:
+            for h in self._held.values():
+                _unlink_spares(h)
+
+    def _retire(self, h: HeldDir) -> None:
+        h.retired = True
+        if h.users == 0:
+            _close_held(h)
+
+
+def _unlink_spares(h: HeldDir) -> None:
+    while True:
+        try:
+            name = h.spares.popleft()
+        except IndexError:
+            return
+        unlink_quiet(h.fd, name)
+
+
+def _close_held(h: HeldDir) -> None:
+    # Its spares are known only to this HeldDir: removed with it, or they would stay on disk
+    # (each holding an earlier content) until the next start-up.
+    _unlink_spares(h)
+    os.close(h.fd)
 
 
 @contextmanager

@@ -1,0 +1,171 @@
+"""Spare files (store/commit.py): a file replaced by a write is written over as a later write's
+temp file instead of a new inode, and never while another name still shows it; an undefine
+takes the spares of its files with it; start-up removes those left."""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from secretbus.store import commit, fsutil
+from secretbus.store.commit import Plan, Replace, Unlink
+
+U = "6c0a1b2e-0000-4000-8000-000000000001"
+
+
+@pytest.fixture
+def d(tmp_path, monkeypatch):
+    monkeypatch.setattr(commit, "_dirs", fsutil.DirCache())
+    path = tmp_path / "secrets"
+    path.mkdir(mode=0o700)
+    yield path
+    commit._dirs.clear()
+
+
+def write(d, name, data):
+    err = commit.commit_batch([Plan([Replace(d, name, data)])]).errors[0]
+    if err is not None:
+        raise err
+
+
+def spares(d):
+    return sorted(n for n in os.listdir(d) if fsutil.is_spare_name(n))
+
+
+def ino(d, name):
+    return os.lstat(d / name).st_ino
+
+
+def test_a_replaced_file_is_the_temp_file_of_a_later_write(d):
+    write(d, "a", b"first a, a longer content")
+    first = ino(d, "a")
+    write(d, "a", b"second a")                 # the first a's inode: now a spare
+    assert [ino(d, n) for n in spares(d)] == [first]
+    write(d, "b", b"b")                        # written over the spare, renamed to b
+    assert ino(d, "b") == first
+    assert (d / "b").read_bytes() == b"b"      # truncated to its new length
+    assert (d / "a").read_bytes() == b"second a"
+    assert spares(d) == []
+    for n in os.listdir(d):
+        st = os.lstat(d / n)
+        assert st.st_nlink == 1 and st.st_mode & 0o777 == 0o600, n
+    assert not [n for n in os.listdir(d) if n.endswith(".new")]
+
+
+def test_a_spare_with_a_second_name_is_never_written_over(d):
+    write(d, "a", b"old a")
+    write(d, "a", b"new a")
+    [spare] = spares(d)
+    os.link(d / spare, d / "other")            # the same file under another name now
+    write(d, "b", b"b")
+    assert (d / "other").read_bytes() == b"old a"
+    assert spares(d) == [] and ino(d, "b") != ino(d, "other")
+
+
+def test_a_failed_rename_leaves_the_file_and_no_spare(d, monkeypatch):
+    write(d, "a", b"old a")
+    real = os.rename
+
+    def fail(*a, **kw):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "rename", fail)
+    with pytest.raises(Exception, match="cannot write"):
+        write(d, "a", b"new a")
+    monkeypatch.setattr(os, "rename", real)
+    assert os.listdir(d) == ["a"]
+    assert (d / "a").read_bytes() == b"old a" and os.lstat(d / "a").st_nlink == 1
+    write(d, "b", b"b")                        # nothing pooled by the failed write
+    assert ino(d, "b") != ino(d, "a")
+
+
+def test_an_undefine_removes_the_spares_of_its_files(d):
+    name = f"{U}.base64"
+    write(d, name, b"value one")
+    write(d, name, b"value two")               # a spare holds value one
+    write(d, "other.xml", b"x")
+    write(d, "other.xml", b"y")                # a spare of another file
+    assert len(spares(d)) == 1                 # the first spare was taken by other.xml's write
+    write(d, name, b"value three")             # a spare holds value two
+    assert any((d / n).read_bytes() == b"value two" for n in spares(d))
+    assert commit.commit_batch([Plan([Unlink(d, name)])]).errors == [None]
+    left = {n: (d / n).read_bytes() for n in os.listdir(d)}
+    assert not [n for n in left if n.startswith(U)]
+    assert not [v for v in left.values() if v.startswith(b"value")]
+    assert sorted(left) == sorted(["other.xml", *spares(d)])   # other files' spares stay
+
+
+def test_at_most_max_spares_are_kept(d, monkeypatch):
+    monkeypatch.setattr(commit, "MAX_SPARES", 2)
+    for i in range(5):
+        write(d, f"f{i}", b"1")
+    res = commit.commit_batch([Plan([Replace(d, f"f{i}", b"2")]) for i in range(5)])   # 5 replaced at once
+    assert res.errors == [None] * 5
+    assert len(spares(d)) == 2
+    assert sorted(n for n in os.listdir(d) if not fsutil.is_spare_name(n)) == [f"f{i}" for i in range(5)]
+
+
+def test_start_up_removes_spares_quietly_and_only_spares(tmp_path, caplog):
+    import secretbus
+    cfg = tmp_path / "etc" / "secrets"
+    with secretbus.open(f"secret:///embed?root={tmp_path}") as c:
+        s = c.define_xml(f"<secret><uuid>{U}</uuid></secret>")
+        s.set_value(b"one")
+        s.set_value(b"two")
+        assert spares(cfg)
+    (cfg / "notes.spare").write_text("not a spare of ours")
+    with caplog.at_level(logging.INFO, logger="secretbus"):
+        with secretbus.open(f"secret:///embed?root={tmp_path}") as c:
+            assert c.lookup_by_uuid(U).get_value() == b"two"
+    assert spares(cfg) == []
+    assert sorted(os.listdir(cfg)) == sorted([f"{U}.base64", f"{U}.xml", "notes.spare"])
+    assert "incomplete write" not in caplog.text
+
+
+def test_spares_go_when_their_directory_is_walked_anew(d, monkeypatch):
+    # A held directory is walked anew every WALK_AGE s; the spares it knew must not stay on
+    # disk (each holds an earlier content) once it is dropped.
+    for k in range(3):
+        write(d, "a.base64", b"v%d" % k)
+    assert spares(d)
+    monkeypatch.setattr(fsutil.DirCache, "WALK_AGE", -1.0)     # every use walks anew
+    for k in range(5):
+        write(d, "a.base64", b"w%d" % k)
+        assert len(spares(d)) <= 1
+    assert (d / "a.base64").read_bytes() == b"w4"
+
+
+def test_spares_go_when_the_writer_is_idle(d):
+    for k in range(3):
+        write(d, "a.base64", b"v%d" % k)
+        write(d, "b.base64", b"v%d" % k)
+    assert spares(d)
+    commit.drop_idle_spares()
+    assert spares(d) == []
+    assert (d / "a.base64").read_bytes() == b"v2" and (d / "b.base64").read_bytes() == b"v2"
+    write(d, "a.base64", b"after")          # a fresh spare works as before
+    assert (d / "a.base64").read_bytes() == b"after"
+
+
+def test_the_writer_drops_the_spares_once_no_write_comes(tmp_path, monkeypatch):
+    import time
+
+    import secretbus
+    from secretbus.driver import writer
+
+    monkeypatch.setattr(writer, "SPARE_IDLE", 0.2)
+    c = secretbus.open(f"secret:///embed?root={tmp_path / 'inst'}")
+    try:
+        d = c.driver
+        d.define_xml(f"<secret ephemeral='no' private='no'><uuid>{U}</uuid></secret>")
+        for k in range(4):
+            d.set_value(U, b"value-%d" % k)
+        store = tmp_path / "inst" / "etc" / "secrets"
+        assert spares(store), "the test needs spares to exist while writes come"
+        deadline = time.monotonic() + 5
+        while spares(store) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spares(store) == []
+        assert d.get_value(U, internal_call=True) == b"value-3"
+    finally:
+        c.close()
