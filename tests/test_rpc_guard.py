@@ -518,3 +518,42 @@ def test_a_plain_peers_record_is_encoded_in_one_step_with_the_same_fields():
         else:
             assert guard.value_read(client, d, lambda: "v") == "v"
         assert gone.encoded == [] and gone.sent == []
+
+
+def test_unchecked_lookups_and_xml_give_the_checked_paths_bytes(tmp_path):
+    """A connection that is not checked (root, the session's user) gets its lookup and
+    GetXMLDesc replies without the check's closure: the same bytes as a checked one's, and as
+    the codec makes of the plain values."""
+    import uuid as uuidlib
+
+    from secretbus.core.secretxml import format_secret_xml
+    from secretbus.rpc import protocol as P
+    from secretbus.rpc.handles import wire_secret
+    from secretbus.rpc.xdr import encode
+    driver, token, guard, access, Procedures = _acl_setup(tmp_path)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        procs = Procedures(driver, EventHub(loop), token, system=True, guard=guard)
+        driver.define_xml(SECRET_XML)
+        d = driver.lookup_by_uuid(UUID_A)
+        h = {"uuid": uuidlib.UUID(UUID_A).bytes, "usageType": 1, "usageID": ""}
+        checked, root = AclClient(), AclClient()
+        root.session.peer = Peer(1, 0, 0, start_time=5)
+        root.session.trusted = True
+        assert guard.checked(checked.session) and not guard.checked(root.session)
+        Pr = P.Proc
+        for proc, args, plain in [
+                (Pr.SECRET_LOOKUP_BY_UUID, {"uuid": h["uuid"]}, {"secret": wire_secret(d)}),
+                (Pr.SECRET_LOOKUP_BY_USAGE, {"usageType": 1, "usageID": "/v/acl.img"}, {"secret": wire_secret(d)}),
+                (Pr.SECRET_GET_XML_DESC, {"secret": h, "flags": 0}, {"xml": format_secret_xml(d)})]:
+            ret = P.PROCS[proc].ret
+            access.asked.clear()
+            fast = encode(ret, _call(procs, root, proc, args))
+            assert access.asked == []
+            assert fast == encode(ret, _call(procs, checked, proc, args)) == encode(ret, plain)
+            assert access.asked != []
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+        driver.close()
