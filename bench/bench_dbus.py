@@ -5,7 +5,9 @@
                                          [--seconds S] [--starts K] [--store DIR] [--dir DIR]
 
 Starts its own dbus-daemon (session-type policy) and secretbusd on it, with a store of N
-(default 10,000) AES-256-GCM encrypted persistent secrets, and prints one markdown table:
+(default 10,000) AES-256-GCM encrypted persistent secrets and its audit records (one per
+GetValue) sent to a stand-in for journald's socket, as on a systemd host (journal_standin.py;
+`--journal host`: the host's socket, absent without journald), and prints one markdown table:
 
   * bus floor: Peer.Ping and GetId answered by the bus daemon itself;
   * Peer.Ping answered by secretbusd (dbus-fast's own handler: the library floor);
@@ -52,6 +54,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from dbus_fast import Message, MessageType  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
+from journal_standin import JournalStandIn  # noqa: E402
 
 from secretbus.bus.names import BUS_NAME, CONNECT_IFACE, CONNECT_PATH, PROPS_IFACE, SECRET_IFACE, secret_path  # noqa: E402
 
@@ -152,6 +155,8 @@ def daemon_env() -> dict[str, str]:
     env.pop("JOURNAL_STREAM", None)      # log to our file, not the journal
     env.pop("NOTIFY_SOCKET", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if JOURNAL is not None:
+        env.update(JOURNAL.env())
     return env
 
 
@@ -164,6 +169,12 @@ def spawn_daemon(procs: Procs, root: Path, address: str, log: Path) -> subproces
 
 # Extra secretbusd arguments (--daemon-arg), e.g. "--audit=off" to measure without the read audit.
 DAEMON_ARGS: list[str] = []
+# Where the daemons' audit records go (--journal): the stand-in, or None for the host's socket.
+JOURNAL: JournalStandIn | None = None
+
+
+def host_journal() -> str:
+    return "present" if os.path.exists("/run/systemd/journal/socket") else "absent"
 
 
 def cpu_ns(pid: int) -> int:
@@ -602,7 +613,9 @@ async def run_bench(a, procs: Procs, root: Path, built_s: float) -> None:
     print(f"D-Bus bench: secretbusd with {n:,} encrypted (aes256gcm) persistent secrets on a private "
           f"session-type dbus-daemon; client dbus-fast raw Messages on one connection; "
           f"{os.cpu_count()} cores ({load0} at start, {load} at end); {a.rounds} round(s), medians; "
-          f"store on {fs_type(root)}; {time.strftime('%Y-%m-%d')}")
+          f"store on {fs_type(root)}; audit records to "
+          f"{JOURNAL.describe() if JOURNAL is not None else 'the host journal socket, ' + host_journal()}; "
+          f"{time.strftime('%Y-%m-%d')}")
     print()
     print("| figure | mode | n | calls/s or value | p50 | p99 | svc µs/call | bus µs/call | goal |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -694,6 +707,11 @@ def main() -> None:
                     "one (the bus floor and GetValue always run), e.g. --only setvalue,definexml,undefine")
     ap.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                     help="pass ARG to secretbusd (repeatable), e.g. --daemon-arg=--audit=off")
+    ap.add_argument("--journal", choices=("standin", "host"), default="standin",
+                    help="where secretbusd's audit records go: a stand-in for journald's socket that drops "
+                         "them (default: a systemd host's cost without journald's own; journal_standin.py), "
+                         "or the host's /run/systemd/journal/socket (absent on a host without journald: "
+                         "each record then fails at once)")
     a = ap.parse_args()
     DAEMON_ARGS[:] = a.daemon_arg
     q = a.quick
@@ -716,8 +734,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
 
+    global JOURNAL
     procs = Procs()
     try:
+        if a.journal == "standin":
+            jdir = Path(tempfile.mkdtemp(prefix="sb-bench-journal-"))
+            procs.dirs.append(jdir)
+            JOURNAL = JournalStandIn(jdir).start()
         if a.store:
             root = Path(a.store).resolve() / "root"
         else:
@@ -734,6 +757,9 @@ def main() -> None:
         sys.exit(130)
     finally:
         procs.stop_all()
+        if JOURNAL is not None:
+            received = JOURNAL.stop()
+            print(f"journal stand-in: {'?' if received is None else received} records received", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Builds one store of N (default 10,000) persistent volume secrets in libvirt's la
 (`<uuid>.xml` + `<uuid>.base64`: libvirt 9.0 has no encryption at rest, so both servers
 read and write the same plain format) and gives each server its own copy:
 
-  * secretbusd: `--session --root DIR --no-dbus --rpc-dir DIR` (its RPC front end only);
+  * secretbusd: `--session --root DIR --no-dbus --rpc-dir DIR` (its RPC front end only), its
+    audit records (one per GetValue) sent to a stand-in for journald's socket, as on a systemd
+    host (journal_standin.py; `--journal host`: the host's socket, absent without journald);
   * libvirtd 9.0 (Debian's `libvirt-daemon`; apt-get installed if missing) in its own mount
     namespace (`unshare -m`): tmpfs over /run (so /run/libvirt is private), the private
     config dir bound over /etc/libvirt (libvirtd.conf with its socket dir in DIR, no auth;
@@ -51,6 +53,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+from journal_standin import JournalStandIn  # noqa: E402
 
 from secretbus.rpc import protocol as P  # noqa: E402
 from secretbus.rpc.client import AsyncRpcClient  # noqa: E402
@@ -154,13 +158,16 @@ def wait_ready(s: Server, n: int, log: Path, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
-def start_secretbusd(procs: Procs, work: Path, store: Path, n: int, audit: str | None = None) -> Server:
+def start_secretbusd(procs: Procs, work: Path, store: Path, n: int, audit: str | None = None,
+                     journal: JournalStandIn | None = None) -> Server:
     root, sock = work / "sb-root", work / "sb-sock"
     (root / "etc").mkdir(mode=0o700, parents=True)
     shutil.copytree(store, root / "etc" / "secrets")
     sock.mkdir(mode=0o700)
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "LISTEN_FDS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if journal is not None:
+        env.update(journal.env())
     log = work / "secretbusd.log"
     p = procs.spawn([sys.executable, "-m", "secretbus.daemon", "--session", "--root", str(root), "--no-dbus",
                      "--rpc-dir", str(sock), *(["--audit", audit] if audit else [])], "secretbusd", log, env=env)
@@ -434,6 +441,11 @@ def main() -> None:
     ap.add_argument("--audit", choices=("required", "best-effort", "off"),
                     help="secretbusd's --audit (default: the session's, best-effort). libvirtd keeps no record "
                          "of value reads; secretbusd writes one per GetValue to the journal")
+    ap.add_argument("--journal", choices=("standin", "host"), default="standin",
+                    help="where secretbusd's audit records go: a stand-in for journald's socket that drops "
+                         "them (default: a systemd host's cost without journald's own; journal_standin.py), "
+                         "or the host's /run/systemd/journal/socket (absent on a host without journald: "
+                         "each record then fails at once)")
     a = ap.parse_args()
     q = a.quick
     a.secrets = a.secrets or (50 if q else 10000)
@@ -444,12 +456,13 @@ def main() -> None:
     load0 = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="sb-bench-rpc-", dir=a.dir))
     procs = Procs()
+    journal = JournalStandIn(work).start() if a.journal == "standin" else None
     try:
         store = work / "store"
         t = time.perf_counter()
         build_store(store, a.secrets)
         print(f"store: {a.secrets} secrets in libvirt's layout ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
-        servers = [start_secretbusd(procs, work, store, a.secrets, a.audit)]
+        servers = [start_secretbusd(procs, work, store, a.secrets, a.audit, journal)]
         if not a.no_libvirtd:
             servers.append(start_libvirtd(procs, work, store, a.secrets))
         cells: dict[tuple[str, str, str], Cell] = {}
@@ -466,14 +479,21 @@ def main() -> None:
                         cells.setdefault((f"asyncio ×{INFLIGHT}", op, s.name), Cell()).samples.append(x)
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
         load1 = os.getloadavg()
+        procs.stop_all()
+        if journal is not None:
+            received = journal.stop()
+            where = f"{journal.describe()}: {'?' if received is None else received} records received"
+        else:
+            where = f"journal socket {'present' if os.path.exists('/run/systemd/journal/socket') else 'absent'}"
         print(f"# bench_rpc: {a.secrets} secrets, ≤ {a.calls} reads / {a.writes} writes per measurement, "
-              f"{a.seconds:g} s cap, {a.rounds} rounds; secretbusd audit {a.audit or 'best-effort'} (journal "
-              f"socket {'present' if os.path.exists('/run/systemd/journal/socket') else 'absent'}); "
+              f"{a.seconds:g} s cap, {a.rounds} rounds; secretbusd audit {a.audit or 'best-effort'} ({where}); "
               f"{os.cpu_count()} CPUs, load average "
               f"{load0[0]:.2f} at start, {load1[0]:.2f} at end; stores on {fs_type(work)}\n")
         print(table(cells, [s.name for s in servers]))
     finally:
         procs.stop_all()
+        if journal is not None:
+            journal.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

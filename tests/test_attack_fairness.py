@@ -102,6 +102,11 @@ def test_reply_size_is_an_upper_bound_close_to_the_wire_size():
         assert _marshalled("ao", paths) <= reply_size("ao", paths) <= _marshalled("ao", paths) * 1.2 + 1024
     value = [b"\x00" * 70000]
     assert _marshalled("ay", value) <= reply_size("ay", value)
+    for _ in range(2):          # the second time from the signatures split before
+        for sig, body in [("su", ["é" * 40, 7]), ("o", ["/org/libvirt/secret"]), ("ay", [b"v" * 33])]:
+            assert _marshalled(sig, body) <= reply_size(sig, body) <= _marshalled(sig, body) + 1024 + 32
+        with pytest.raises(ValueError):     # a body that does not match its signature
+            reply_size("ay", [b"a", b"b"])
 
 
 class FakePort:

@@ -407,3 +407,23 @@ def test_secretbus_audit_prints_the_records_of_a_secret(system_bus, make_polkitd
             assert form not in r.stdout
     r = cli("--secret", "not-a-uuid")
     assert r.returncode == 1 and b"invalid secret UUID 'not-a-uuid'" in r.stderr
+
+
+def test_no_journal_is_known_before_a_record_is_built(tmp_path):
+    """JournalWriter.available: no socket file, no send tried and no record encoded (the
+    no-journald host's every read); required still refuses, best-effort counts the loss."""
+    path = tmp_path / "journal.socket"
+    w = JournalWriter(str(path))
+    assert w.available() is False
+    with pytest.raises(AuditFailed):
+        Auditor(w, AuditMode.REQUIRED).allowed_now("rpc", secret(), 0, 1, "rpc-1")
+    with pytest.raises(AuditFailed):
+        Auditor(w, AuditMode.REQUIRED).write_now(record())
+    best = Auditor(w, AuditMode.BEST_EFFORT)
+    assert best.allowed_now("rpc", secret(), 0, 1, "rpc-1") and best.write_now(record())
+    assert best._failures == 2
+    with JournalSocket(path) as j:
+        assert w.available() is True
+        assert Auditor(w, AuditMode.REQUIRED).allowed_now("rpc", secret(), 0, 1, "rpc-1") is True
+        j.wait_for(lambda e: e.get("CALLER_PEER") == [b"rpc-1"], timeout=5)
+    w.close()

@@ -148,3 +148,18 @@ def test_a_structs_fixed_prefix_decodes_as_field_by_field():
     bad = data[:20] + (2).to_bytes(4, "big") + b"a\0\0\0"          # a NUL inside usageID
     with pytest.raises(xdr.XdrError):
         xdr.decode(P.NONNULL_SECRET, bad)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=300))
+def test_value_reply_packed_in_one_step_is_the_generic_encoding(value):
+    from secretbus.rpc.procedures import _value_reply
+    ret = P.PROCS[P.Proc.SECRET_GET_VALUE].ret
+    assert xdr.encode(ret, _value_reply(value)) == xdr.encode(ret, {"value": value})
+    assert xdr.decode(ret, xdr.encode(ret, _value_reply(value))) == {"value": value}
+
+
+def test_a_value_over_the_protocols_maximum_is_still_refused_by_the_codec():
+    from secretbus.rpc.procedures import _value_reply
+    with pytest.raises(xdr.XdrError):
+        xdr.encode(P.PROCS[P.Proc.SECRET_GET_VALUE].ret, _value_reply(b"x" * (P.REMOTE_SECRET_VALUE_MAX + 1)))

@@ -8,6 +8,8 @@ import asyncio
 import os
 from typing import Any
 
+import pytest
+
 from secretbus.access.busport import BusError
 from secretbus.access.permissions import Caller, Perm, UnixProcess
 from secretbus.access.polkit import CallerUids, PolkitAccess
@@ -459,3 +461,99 @@ def test_a_value_read_writes_its_record_at_once_when_the_journal_takes_it():
         assert asyncio.run(run(mode, True)) == (False, 1, 1)
     assert asyncio.run(run(AuditMode.BEST_EFFORT, False)) == (False, 0, 1)
     assert asyncio.run(run(AuditMode.REQUIRED, False)) == (True, 1, 1)
+
+
+class EncodedSink(NowSink):
+    """A journal with JournalWriter's encoded fast path and its word on whether one listens."""
+
+    def __init__(self, listening: bool = True):
+        super().__init__(True)
+        self.listening = listening
+        self.encoded: list[bytes] = []
+
+    def available(self) -> bool:
+        return self.listening
+
+    def send_now_encoded(self, data: bytes) -> bool:
+        self.encoded.append(data)
+        return True
+
+
+def test_a_plain_peers_record_is_encoded_in_one_step_with_the_same_fields():
+    """A local peer acting as itself: the record goes in encode_allowed's one format and says
+    what Guard._rec's does; a SASL name (or a set identity) takes the general record, which
+    names it. Without a journal nothing is built: required refuses the value, best-effort
+    answers."""
+    from harness.journal import parse_entry
+
+    from secretbus.access.audit import AuditFailed, AuditMode, Auditor, Outcome
+    from secretbus.access.journal import encode_entry
+
+    d = secret(1)
+    sink = EncodedSink()
+    guard = Guard(system=False, auditor=Auditor(sink, AuditMode.REQUIRED))
+    client = AclClient()
+    client.session.trusted = True
+    assert guard.value_read(client, d, lambda: "v") == "v"
+    (data,) = sink.encoded
+    fast = parse_entry(data)
+    slow = parse_entry(encode_entry(Guard._rec(client.session, d, Outcome.ALLOWED, None).fields()))
+    fast.pop("AUDIT_TIME_USEC"), slow.pop("AUDIT_TIME_USEC")
+    assert fast == slow and fast["CALLER_PID"] == [b"4242"] and fast["CALLER_PEER"] == [client.session.name.encode()]
+    assert sink.sent == []
+
+    client.session.sasl_user = "alice"
+    assert guard.value_read(client, d, lambda: "v") == "v"
+    (fields,) = sink.sent
+    assert fields["CALLER_IDENTITY"] == "SASL user 'alice'" and len(sink.encoded) == 1
+
+    for mode in (AuditMode.REQUIRED, AuditMode.BEST_EFFORT):
+        gone = EncodedSink(listening=False)
+        guard = Guard(system=False, auditor=Auditor(gone, mode))
+        client = AclClient()
+        client.session.trusted = True
+        if mode is AuditMode.REQUIRED:
+            with pytest.raises(AuditFailed):
+                guard.value_read(client, d, lambda: "v")
+        else:
+            assert guard.value_read(client, d, lambda: "v") == "v"
+        assert gone.encoded == [] and gone.sent == []
+
+
+def test_unchecked_lookups_and_xml_give_the_checked_paths_bytes(tmp_path):
+    """A connection that is not checked (root, the session's user) gets its lookup and
+    GetXMLDesc replies without the check's closure: the same bytes as a checked one's, and as
+    the codec makes of the plain values."""
+    import uuid as uuidlib
+
+    from secretbus.core.secretxml import format_secret_xml
+    from secretbus.rpc import protocol as P
+    from secretbus.rpc.handles import wire_secret
+    from secretbus.rpc.xdr import encode
+    driver, token, guard, access, Procedures = _acl_setup(tmp_path)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        procs = Procedures(driver, EventHub(loop), token, system=True, guard=guard)
+        driver.define_xml(SECRET_XML)
+        d = driver.lookup_by_uuid(UUID_A)
+        h = {"uuid": uuidlib.UUID(UUID_A).bytes, "usageType": 1, "usageID": ""}
+        checked, root = AclClient(), AclClient()
+        root.session.peer = Peer(1, 0, 0, start_time=5)
+        root.session.trusted = True
+        assert guard.checked(checked.session) and not guard.checked(root.session)
+        Pr = P.Proc
+        for proc, args, plain in [
+                (Pr.SECRET_LOOKUP_BY_UUID, {"uuid": h["uuid"]}, {"secret": wire_secret(d)}),
+                (Pr.SECRET_LOOKUP_BY_USAGE, {"usageType": 1, "usageID": "/v/acl.img"}, {"secret": wire_secret(d)}),
+                (Pr.SECRET_GET_XML_DESC, {"secret": h, "flags": 0}, {"xml": format_secret_xml(d)})]:
+            ret = P.PROCS[proc].ret
+            access.asked.clear()
+            fast = encode(ret, _call(procs, root, proc, args))
+            assert access.asked == []
+            assert fast == encode(ret, _call(procs, checked, proc, args)) == encode(ret, plain)
+            assert access.asked != []
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+        driver.close()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import errno
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ IDENTIFIER = "secretbusd"
 WARN_EVERY = 60.0     # seconds between repeated best-effort failure warnings
 DENIAL_WINDOW = 60.0  # seconds: one denied record per (uid, secret, reason) in each
 DENIAL_KEYS = 4096    # (uid, secret, reason) windows kept; the oldest go first
+NO_JOURNAL = os.strerror(errno.ENOENT)    # why a record is lost when the sink says none listens
 
 
 class AuditMode(enum.StrEnum):
@@ -166,7 +169,7 @@ class Auditor:
         try:
             await self.sink.send(rec.fields())
         except (OSError, ValueError) as e:
-            self._failed(rec, e)
+            self._failed(rec.secret.uuid, rec.operation, e)
 
     def write_now(self, rec: AuditRecord) -> bool:
         """`write` for an allowed read without awaiting: True when it is done (written, or
@@ -177,10 +180,13 @@ class Auditor:
         send_now = getattr(self.sink, "send_now", None)
         if send_now is None or rec.outcome is not Outcome.ALLOWED:
             return False
+        if not self._available():
+            self._failed(rec.secret.uuid, rec.operation, NO_JOURNAL)
+            return True
         try:
             return bool(send_now(rec.fields()))
         except (OSError, ValueError) as e:
-            self._failed(rec, e)
+            self._failed(rec.secret.uuid, rec.operation, e)
             return True
 
     def allowed_now(self, front_end: str, d: SecretDef, uid: int | None, pid: int | None, peer: str) -> bool:
@@ -189,14 +195,25 @@ class Auditor:
         if not self.active:
             return True
         send_encoded: Callable[[bytes], bool] | None = getattr(self.sink, "send_now_encoded", None)
-        data = encode_allowed(front_end, d, uid, pid, peer) if send_encoded is not None else None
-        if send_encoded is None or data is None:
+        if send_encoded is None:
+            return self.write_now(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer))
+        if not self._available():        # no journald: nothing to encode for
+            self._failed(d.uuid, "GetValue", NO_JOURNAL)
+            return True
+        data = encode_allowed(front_end, d, uid, pid, peer)
+        if data is None:
             return self.write_now(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer))
         try:
             return bool(send_encoded(data))
         except (OSError, ValueError) as e:
-            self._failed(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer), e)
+            self._failed(d.uuid, "GetValue", e)
             return True
+
+    def _available(self) -> bool:
+        """The sink's own word that nothing listens (journal.JournalWriter.available), if it
+        has one: the record is lost (or, required, the read refused) without being built."""
+        available: Callable[[], bool] | None = getattr(self.sink, "available", None)
+        return available is None or available()
 
     def _fold(self, rec: AuditRecord) -> AuditRecord | None:
         """None when a like denial was recorded less than DENIAL_WINDOW ago (it is counted),
@@ -213,12 +230,12 @@ class Auditor:
         self._denials[key] = [now, 0]
         return dataclasses.replace(rec, suppressed=int(window[1])) if window and window[1] else rec
 
-    def _failed(self, rec: AuditRecord, e: Exception) -> None:
+    def _failed(self, uuid: str, operation: str, e: Exception | str) -> None:
         self._failures += 1
-        why = getattr(e, "strerror", None) or type(e).__name__
+        why = e if isinstance(e, str) else getattr(e, "strerror", None) or type(e).__name__
         if self.mode is AuditMode.REQUIRED:
             log.error("audit record could not be written (%s); value not returned", why,
-                      extra={"SECRET_UUID": rec.secret.uuid, "SECRET_OPERATION": rec.operation})
+                      extra={"SECRET_UUID": uuid, "SECRET_OPERATION": operation})
             raise AuditFailed() from None
         # best-effort: the reads go on, the log says so (once a minute, with a count).
         now = time.monotonic()

@@ -97,6 +97,12 @@ class JournalWriter:
             self._sock = s
         return self._sock
 
+    def available(self) -> bool:
+        """False when there is no journald to send to (no socket file), without raising: on a
+        host without journald a stat's exception, a record built and its loss were most of
+        every value read's audit cost. True says only that a send may be tried."""
+        return self._sock is not None or os.access(self.path, os.F_OK)
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

@@ -76,4 +76,18 @@ def value_size(sig: str, value: Any) -> int:
 
 def reply_size(sig: str, body: list[Any]) -> int:
     """An upper bound of a method return with body `body` of signature `sig`."""
-    return HEADER + sum(value_size(t, v) for t, v in zip(_split(sig), body, strict=True))
+    types = _SPLITS.get(sig)
+    if types is None:
+        types = tuple(_split(sig))
+        if len(_SPLITS) < _SPLITS_MAX:
+            _SPLITS[sig] = types
+    if len(types) == 1 and len(body) == 1:
+        # One value, most replies (GetValue's "ay", a lookup's "o"): no generator and zip
+        # per reply, which were most of this on every call.
+        return HEADER + value_size(types[0], body[0])
+    return HEADER + sum(value_size(t, v) for t, v in zip(types, body, strict=True))
+
+
+# Reply signatures split once: they are the method table's out signatures, a handful.
+_SPLITS: dict[str, tuple[str, ...]] = {}
+_SPLITS_MAX = 256
