@@ -366,8 +366,14 @@ class Writes:
                         if idle:
                             self._qcond.wait()
                         elif not self._qcond.wait(SPARE_IDLE):
-                            drop_idle_spares()
                             idle = True
+                            # Unlinked without the queue's lock: a submitter (the event loop)
+                            # must not wait for up to MAX_SPARES unlinks per directory.
+                            self._qcond.release()
+                            try:
+                                drop_idle_spares()
+                            finally:
+                                self._qcond.acquire()
                     if not self._queue and not self._unstarted:
                         return
                     unstarted = bool(self._unstarted)
