@@ -164,7 +164,7 @@ class SecretStore:
         else:
             have = known.get(d.uuid, _NONE)
             others = [sfx for sfx in KNOWN_SUFFIXES if sfx != writer.suffix and sfx in have]
-            known[d.uuid] = _suffixes(have | {writer.suffix})   # it may exist now, even if this write fails
+            self._may_exist(d.uuid, writer.suffix)      # from now on, even if this write fails
         steps += [Unlink(self.dir, self._name(d.uuid, sfx), strict=False) for sfx in others]
         return Plan(steps, done=[partial(self._values_now, d.uuid, {writer.suffix})])
 
@@ -174,6 +174,12 @@ class SecretStore:
         defined with its UUID."""
         return Plan([Unlink(self.dir, self._name(uuid, sfx)) for sfx in KNOWN_SUFFIXES],
                     done=[partial(self._values_now, uuid, set())])
+
+    def _may_exist(self, uuid: str, suffix: str) -> None:
+        """Before a write of `uuid`'s value file with `suffix`: that file may exist from now on."""
+        known = self._value_files
+        if known is not None:
+            known[uuid] = _suffixes(known.get(uuid, _NONE) | {suffix})
 
     def _values_now(self, uuid: str, suffixes: set[str]) -> None:
         """After a durable write or removal: `uuid`'s value files are exactly `suffixes`."""
@@ -202,8 +208,7 @@ class SecretStore:
         writer = self.codecs.writer
         fd = self._open_dir()
         try:
-            if self._value_files is not None:
-                self._value_files[d.uuid] = _suffixes(self._value_files.get(d.uuid, _NONE) | {writer.suffix})
+            self._may_exist(d.uuid, writer.suffix)
             self._write(fd, self._name(d.uuid, writer.suffix), writer.encode(Binding.of(d), value))
             self._unlink_values(fd, d.uuid, keep=writer.suffix)
         finally:
