@@ -31,6 +31,7 @@ IDENTIFIER = "secretbusd"
 WARN_EVERY = 60.0     # seconds between repeated best-effort failure warnings
 DENIAL_WINDOW = 60.0  # seconds: one denied record per (uid, secret, reason) in each
 DENIAL_KEYS = 4096    # (uid, secret, reason) windows kept; the oldest go first
+GET_VALUE = "GetValue"     # the operation of an audit record of a value read
 NO_JOURNAL = os.strerror(errno.ENOENT)    # why a record is lost when the sink says none listens
 
 
@@ -70,7 +71,7 @@ class AuditRecord:
     pid: int | None
     peer: str                      # D-Bus unique name, or the RPC peer
     reason: Reason | None = None   # why it was denied
-    operation: str = "GetValue"
+    operation: str = GET_VALUE
     suppressed: int = 0            # like denials not recorded since the last record of this one
     identity: str = ""             # RPC: the identity a root peer set (SET_IDENTITY), if any
     usec: int = field(default_factory=lambda: time.time_ns() // 1000)   # wall clock, microseconds
@@ -198,7 +199,7 @@ class Auditor:
         if send_encoded is None:
             return self.write_now(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer))
         if not self._available():        # no journald: nothing to encode for
-            self._failed(d.uuid, "GetValue", NO_JOURNAL)
+            self._failed(d.uuid, GET_VALUE, NO_JOURNAL)
             return True
         data = encode_allowed(front_end, d, uid, pid, peer)
         if data is None:
@@ -206,7 +207,7 @@ class Auditor:
         try:
             return bool(send_encoded(data))
         except (OSError, ValueError) as e:
-            self._failed(d.uuid, "GetValue", e)
+            self._failed(d.uuid, GET_VALUE, e)
             return True
 
     def _available(self) -> bool:
