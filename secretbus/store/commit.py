@@ -155,7 +155,7 @@ class Batch:
         self.spares: list[list[tuple[HeldDir, str]]] = [[] for _ in plans]   # made by apply(i)
         self.changed: list[set[Path]] = [set() for _ in plans]
 
-    def dir_fd(self, d: Path) -> int:
+    def held(self, d: Path) -> HeldDir:
         h = self.dirs.get(d)
         if h is None:
             try:
@@ -163,7 +163,7 @@ class Batch:
             except OSError as e:
                 raise errors.SystemError(f"cannot use config directory '{d}': {e.strerror}") from None
             self.dirs[d] = h
-        return h.fd
+        return h
 
     def fail(self, i: int, e: BaseException) -> None:
         if self.errors[i] is None:
@@ -186,15 +186,15 @@ class Batch:
             mine: list[int] = []
             try:
                 for k, s in enumerate(p.steps):
-                    dfd = self.dir_fd(s.dir)
+                    h = self.held(s.dir)
                     if isinstance(s, Replace):
-                        reused = _write_spare(self.dirs[s.dir], s, self.temps[i], k)
+                        reused = _write_spare(h, s, self.temps[i], k)
                         if reused is not None:
                             mine.append(reused)
                             continue
                         tmp = f"{s.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
                         self.temps[i][k] = tmp
-                        mine.append(_write_temp(dfd, tmp, s))
+                        mine.append(_write_temp(h.fd, tmp, s))
             except Exception as e:  # noqa: BLE001 - that plan's error; the others go on
                 for fd in mine:
                     os.close(fd)
@@ -217,8 +217,8 @@ class Batch:
     def apply(self, i: int) -> None:
         """Step 3 for plan i: its renames and unlinks, in order; stops at the first failure."""
         for k, s in enumerate(self.plans[i].steps):
-            fd = self.dir_fd(s.dir)
-            h = self.dirs[s.dir]
+            h = self.held(s.dir)
+            fd = h.fd
             if isinstance(s, Replace):
                 spare = _keep_replaced(h, s.name)
                 try:
