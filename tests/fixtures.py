@@ -21,3 +21,12 @@ def secret_xml(uuid: str | None = U1, *, eph: str = "no", priv: str = "no", usag
         parts.append(f"<usage type='{usage}'><{child}>{uid}</{child}></usage>")
     parts.append("</secret>")
     return "".join(parts)
+
+
+def store_files(d) -> list[str]:
+    """The names in a store directory that are secrets' files: not spare files (which an
+    undefine or a replace leaves until the writer is idle, store/commit.py)."""
+    import os
+
+    from secretbus.store.fsutil import is_spare_name
+    return sorted(n for n in os.listdir(d) if not is_spare_name(n))

@@ -1,6 +1,6 @@
 """Spare files (store/commit.py): a file replaced by a write is written over as a later write's
 temp file instead of a new inode, and never while another name still shows it; an undefine
-takes the spares of its files with it; start-up removes those left."""
+renames its files to spares; an idle writer and start-up remove those left."""
 from __future__ import annotations
 
 import logging
@@ -79,20 +79,37 @@ def test_a_failed_rename_leaves_the_file_and_no_spare(d, monkeypatch):
     assert ino(d, "b") != ino(d, "a")
 
 
-def test_an_undefine_removes_the_spares_of_its_files(d):
+def test_an_undefine_turns_its_files_into_spares_until_the_writer_is_idle(d):
     name = f"{U}.base64"
     write(d, name, b"value one")
     write(d, name, b"value two")               # a spare holds value one
-    write(d, "other.xml", b"x")
-    write(d, "other.xml", b"y")                # a spare of another file
-    assert len(spares(d)) == 1                 # the first spare was taken by other.xml's write
-    write(d, name, b"value three")             # a spare holds value two
-    assert any((d / n).read_bytes() == b"value two" for n in spares(d))
+    live = ino(d, name)
     assert commit.commit_batch([Plan([Unlink(d, name)])]).errors == [None]
+    assert not (d / name).exists()
+    # Renamed, not unlinked: no inode freed; both are spares, under names that are not the secret's.
+    assert live in {ino(d, n) for n in spares(d)} and len(spares(d)) == 2
+    assert [n for n in spares(d) if n.startswith("removed.")]
+    kept = {ino(d, n) for n in spares(d)}
+    write(d, "other.xml", b"x")                # a later write takes one of them
+    assert ino(d, "other.xml") in kept
+    assert len(spares(d)) == 1
+    commit.drop_idle_spares()
     left = {n: (d / n).read_bytes() for n in os.listdir(d)}
-    assert not [n for n in left if n.startswith(U)]
-    assert not [v for v in left.values() if v.startswith(b"value")]
-    assert sorted(left) == sorted(["other.xml", *spares(d)])   # other files' spares stay
+    assert left == {"other.xml": b"x"}         # no earlier value stays once the writes are over
+
+
+def test_an_undefine_of_no_file_makes_no_spare_and_no_directory_change(d):
+    res = commit.commit_batch([Plan([Unlink(d, f"{U}.base64")])])
+    assert res.errors == [None] and res.dir_syncs == 0
+    assert os.listdir(d) == []
+
+
+def test_a_removed_file_with_a_second_name_is_never_written_over(d):
+    write(d, "a", b"old a")
+    os.link(d / "a", d / "other")             # the same file under another name
+    assert commit.commit_batch([Plan([Unlink(d, "a")])]).errors == [None]
+    write(d, "b", b"b")
+    assert (d / "other").read_bytes() == b"old a" and ino(d, "b") != ino(d, "other")
 
 
 def test_at_most_max_spares_are_kept(d, monkeypatch):
@@ -122,17 +139,42 @@ def test_start_up_removes_spares_quietly_and_only_spares(tmp_path, caplog):
     assert "incomplete write" not in caplog.text
 
 
-def test_spares_go_when_their_directory_is_walked_anew(d, monkeypatch):
-    # A held directory is walked anew every WALK_AGE s; the spares it knew must not stay on
-    # disk (each holds an earlier content) once it is dropped.
+def test_spares_stay_in_use_when_their_directory_is_walked_anew(d, monkeypatch):
+    # A held directory is walked anew every WALK_AGE s: the same directory keeps its spares
+    # (taken by the next write, not left on disk nor unlinked on the request's path).
     for k in range(3):
         write(d, "a.base64", b"v%d" % k)
     assert spares(d)
     monkeypatch.setattr(fsutil.DirCache, "WALK_AGE", -1.0)     # every use walks anew
     for k in range(5):
+        before = {ino(d, n) for n in spares(d)}
         write(d, "a.base64", b"w%d" % k)
-        assert len(spares(d)) <= 1
+        assert ino(d, "a.base64") in before
+        assert len(spares(d)) <= 2
     assert (d / "a.base64").read_bytes() == b"w4"
+
+
+def test_spares_go_when_their_directory_is_replaced(d, monkeypatch):
+    for k in range(3):
+        write(d, "a.base64", b"v%d" % k)
+    assert spares(d)
+    old = d.parent / "old"
+    d.rename(old)
+    d.mkdir(mode=0o700)
+    write(d, "b.base64", b"b")                 # the new directory: walked, the old one dropped
+    assert not [n for n in os.listdir(old) if fsutil.is_spare_name(n)]
+    assert os.listdir(d) == ["b.base64"]
+
+
+def test_an_idle_drop_stops_for_a_waiting_write_and_goes_on_later(d):
+    for i in range(200):
+        write(d, f"f{i}", b"1")
+    assert commit.commit_batch([Plan([Unlink(d, f"f{i}")]) for i in range(200)]).errors == [None] * 200
+    assert len(spares(d)) == 200
+    assert commit.drop_idle_spares(lambda: True) is False
+    assert len(spares(d)) == 200 - fsutil.DirCache.SWEEP_CHUNK
+    assert commit.drop_idle_spares(lambda: False) is True
+    assert spares(d) == []
 
 
 def test_spares_go_when_the_writer_is_idle(d):
@@ -147,13 +189,14 @@ def test_spares_go_when_the_writer_is_idle(d):
     assert (d / "a.base64").read_bytes() == b"after"
 
 
-def test_the_writer_drops_the_spares_once_no_write_comes(tmp_path, monkeypatch):
+def test_the_writer_empties_the_spares_then_drops_them_once_no_write_comes(tmp_path, monkeypatch):
     import time
 
     import secretbus
     from secretbus.driver import writer
 
     monkeypatch.setattr(writer, "SPARE_IDLE", 0.2)
+    monkeypatch.setattr(writer, "EMPTY_IDLE", 0.8)
     c = secretbus.open(f"secret:///embed?root={tmp_path / 'inst'}")
     try:
         d = c.driver
@@ -162,10 +205,32 @@ def test_the_writer_drops_the_spares_once_no_write_comes(tmp_path, monkeypatch):
             d.set_value(U, b"value-%d" % k)
         store = tmp_path / "inst" / "etc" / "secrets"
         assert spares(store), "the test needs spares to exist while writes come"
-        deadline = time.monotonic() + 5
-        while spares(store) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert spares(store) == []
+
+        def wait_for(cond):
+            deadline = time.monotonic() + 5
+            while not cond() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return cond()
+        # First no earlier content is left in any spare, then no spare at all.
+        assert wait_for(lambda: all((store / n).stat().st_size == 0 for n in spares(store)))
+        assert wait_for(lambda: spares(store) == [])
         assert d.get_value(U, internal_call=True) == b"value-3"
     finally:
         c.close()
+
+
+def test_an_idle_writer_keeps_empty_spares_for_the_next_writes(d, monkeypatch):
+    monkeypatch.setattr(commit, "KEEP_EMPTY", 3)
+    for i in range(5):
+        write(d, f"f{i}", b"a value")
+    assert commit.commit_batch([Plan([Unlink(d, f"f{i}")]) for i in range(5)]).errors == [None] * 5
+    assert commit.empty_idle_spares() is True
+    kept = spares(d)
+    assert len(kept) == 3 and all((d / n).stat().st_size == 0 for n in kept)
+    inodes = {ino(d, n) for n in kept}
+    write(d, "g", b"new")                      # no inode allocated: an empty spare is written
+    assert ino(d, "g") in inodes and (d / "g").read_bytes() == b"new"
+    os.link(d / spares(d)[0], d / "linked")    # a spare with a second name is never emptied
+    (d / "linked").write_bytes(b"other")
+    commit.empty_idle_spares()
+    assert (d / "linked").read_bytes() == b"other" and len(spares(d)) == 1

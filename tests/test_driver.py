@@ -5,7 +5,7 @@ import os
 import stat
 
 import pytest
-from fixtures import U1
+from fixtures import U1, store_files
 from fixtures import U1_NEXT as U2
 from fixtures import secret_xml as xml
 
@@ -237,7 +237,7 @@ def test_persistent_to_ephemeral_removes_xml_and_value(conn, root):
     s = conn.define_xml(xml())
     s.set_value(b"v")
     conn.define_xml(xml(eph="yes"))
-    assert os.listdir(root / "etc" / "secrets") == []   # libvirt leaves the XML (quirk 1)
+    assert store_files(root / "etc" / "secrets") == []   # libvirt leaves the XML (quirk 1)
     assert s.get_value() == b"v"
     conn = reopen(conn, root)
     assert conn.list_secrets() == []
@@ -259,7 +259,7 @@ def test_undefine(conn, root):
     s = conn.define_xml(xml())
     s.set_value(b"v")
     s.undefine()
-    assert os.listdir(root / "etc" / "secrets") == []
+    assert store_files(root / "etc" / "secrets") == []
     with pytest.raises(errors.NoSecret):
         conn.lookup_by_uuid(U1)
     with pytest.raises(errors.NoSecret):

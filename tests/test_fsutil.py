@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from fixtures import store_files
 
 from secretbus.core import errors
 from secretbus.store import commit, fsutil
@@ -56,7 +57,7 @@ def test_one_walk_for_many_batches(tmp_path, walks):
         assert write(d, f"f{i}") is None
     assert commit.commit_batch([Plan([Unlink(d, "f0")])]).errors == [None]
     assert walks[0] == 1
-    assert sorted(os.listdir(d)) == ["f1", "f2", "f3", "f4"]
+    assert store_files(d) == ["f1", "f2", "f3", "f4"]
 
 
 def test_a_replaced_directory_is_followed_and_the_old_fd_closed(tmp_path, walks):

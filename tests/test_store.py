@@ -11,7 +11,7 @@ from fixtures import U1
 from fixtures import U1_NEXT as U2
 
 import secretbus
-from secretbus.store import fsutil
+from secretbus.store import commit, fsutil
 
 U3 = "22e1353d-c27e-4d6d-bf15-465053e6ba0b"
 
@@ -54,6 +54,12 @@ def test_file_modes_after_each_operation(tmp_path):
             assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
         assert sorted(os.listdir(cfg(tmp_path))) == [f"{U1}.base64", f"{U1}.xml"]
         s.undefine()
+        # Its files are spares now (store/commit.py), 0600 too, until the writer is idle.
+        left = os.listdir(cfg(tmp_path))
+        assert all(fsutil.is_spare_name(n) for n in left)
+        for name in left:
+            assert stat.S_IMODE((cfg(tmp_path) / name).stat().st_mode) == 0o600, name
+        commit.drop_idle_spares()
         assert os.listdir(cfg(tmp_path)) == []
 
 
@@ -168,7 +174,7 @@ def test_stale_value_file_is_not_inherited_by_a_new_secret(tmp_path):
         c.define_xml(f"<secret ephemeral='yes'><uuid>{U2}</uuid></secret>")
         assert f"{U2}.base64" in os.listdir(d)          # ephemeral: the disk is not touched
         c.define_xml(f"<secret><uuid>{U2}</uuid></secret>")
-        assert sorted(os.listdir(d)) == [f"{U1}.xml", f"{U2}.xml"]
+        assert sorted(n for n in os.listdir(d) if not fsutil.is_spare_name(n)) == [f"{U1}.xml", f"{U2}.xml"]
     with open_root(tmp_path) as c:
         for u in (U1, U2):
             with pytest.raises(secretbus.core.errors.NoSecret, match="does not have a value"):
@@ -351,7 +357,8 @@ def test_a_write_removes_only_the_value_files_that_may_exist(tmp_path):
     live = sorted(n for n in os.listdir(d) if not fsutil.is_spare_name(n))
     assert live == sorted([f"{U1}.xml", f"{U1}.base64", f"{U2}.xml", f"{U2}.base64"])
     assert _unlinked(store.plan_value(_defn(U2), b"newer")) == []   # gone, known to be gone
-    # An undefine removes every scheme's file, known or not: none may outlive its secret.
+    # An undefine removes every scheme's file, known or not: none stays under its name (each
+    # is a spare until the writer is idle, store/commit.py).
     (d / f"{U1}.aes256gcm").write_bytes(b"appeared behind our back")
     commit_now(store.plan_delete_values(U1))
     assert not [n for n in os.listdir(d) if n.startswith(U1) and not n.endswith(".xml")]

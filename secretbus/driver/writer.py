@@ -38,7 +38,16 @@ from typing import Any, TypeVar
 
 from secretbus.core import errors, loophop
 from secretbus.core.model import SecretDef
-from secretbus.store.commit import SPARE_IDLE, Batch, Plan, drop_idle_spares, finish_batches, prepare_batch
+from secretbus.store.commit import (
+    EMPTY_IDLE,
+    SPARE_IDLE,
+    Batch,
+    Plan,
+    drop_idle_spares,
+    empty_idle_spares,
+    finish_batches,
+    prepare_batch,
+)
 from secretbus.store.filestore import SecretStore
 
 log = logging.getLogger("secretbus.driver")
@@ -359,19 +368,22 @@ class Writes:
         try:
             while True:
                 with self._qcond:
-                    idle = False
+                    idle = 0      # 0: a write came; 1: spares emptied; 2: spares removed
                     while not self._queue and not self._unstarted and self._thread is me:
-                        # After SPARE_IDLE s without a write the spare files go: an earlier
-                        # content of a file is kept only while writes come (store/commit.py).
-                        if idle:
+                        # Without writes the spare files are emptied after SPARE_IDLE s (an
+                        # earlier content of a file is kept only while writes come) and removed
+                        # after EMPTY_IDLE s (store/commit.py).
+                        if idle == 2:
                             self._qcond.wait()
-                        elif not self._qcond.wait(SPARE_IDLE):
-                            idle = True
-                            # Unlinked without the queue's lock: a submitter (the event loop)
-                            # must not wait for up to MAX_SPARES unlinks per directory.
+                        elif not self._qcond.wait(SPARE_IDLE if idle == 0 else EMPTY_IDLE - SPARE_IDLE):
+                            # Without the queue's lock: a submitter (the event loop) must not
+                            # wait for thousands of truncates or unlinks; a write that comes
+                            # meanwhile stops the sweep (the rest goes the next idle time).
+                            sweep = empty_idle_spares if idle == 0 else drop_idle_spares
+                            idle += 1
                             self._qcond.release()
                             try:
-                                drop_idle_spares()
+                                sweep(lambda: bool(self._queue or self._unstarted))
                             finally:
                                 self._qcond.acquire()
                     if not self._queue and not self._unstarted:

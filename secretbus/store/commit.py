@@ -232,8 +232,13 @@ class Batch:
                 del self.temps[i][k]
                 self.changed[i].add(s.dir)
                 continue
-            if s.strict and _drop_spares_of(h, s.name):
-                self.changed[i].add(s.dir)
+            if s.strict and len(h.spares) < MAX_SPARES:
+                moved = _keep_removed(h, s.name)
+                if moved is not None:
+                    if moved:
+                        self.spares[i].append((h, moved))
+                        self.changed[i].add(s.dir)
+                    continue
             try:
                 if unlink_at(fd, s.name):
                     self.changed[i].add(s.dir)
@@ -259,14 +264,19 @@ class Batch:
 # write rate. Instead, just before a rename replaces a file, the file is given a second name
 # (link(2), NAME.<random>.spare), and once the batch's directory fsync has made the
 # rename durable that spare is the temp file of a later write: written over in place, synced,
-# renamed. Every guarantee stays: the temp file (spare or new) is written and fdatasync'd
-# before its rename; a spare is used only when it has one link (its old name was renamed over
-# durably; never a file still live under another name); a crash may leave spares, which
-# start-up (and a reload's load) removes with the temp files. What a spare holds meanwhile is the previous
-# content of a file of this store, 0600 in our own directory: an undefine removes the spares
-# of the secret's files with them (none outlives it), at most MAX_SPARES are kept, and they go
-# when the writer has been idle SPARE_IDLE s or their directory is walked anew (fsutil).
-MAX_SPARES = 32
+# renamed. An undefine renames its secret's files to spare names (removed.<random>.spare)
+# instead of unlinking them: the same durable change of the directory, about half the cost of
+# an unlink, which frees the inode and discards its blocks on the request's path. Every
+# guarantee stays: the temp file (spare or new) is written and fdatasync'd before its rename; a
+# spare is used only when it has one link (its old name was renamed over or away durably; never
+# a file still live under another name); a crash may leave spares, which start-up (and a
+# reload's load) removes with the temp files. What a spare holds meanwhile is the previous
+# content of a file of this store (an undefined secret's too), 0600 in our own directory, as
+# the freed blocks of an unlinked file would: at most MAX_SPARES are kept per directory, they are
+# emptied when the writer has been idle SPARE_IDLE s and removed after EMPTY_IDLE s (below), or
+# when their directory is replaced (fsutil); so an earlier content stays on disk under a name
+# only while writes keep coming.
+MAX_SPARES = 4096     # per directory: a burst of undefines of a few thousand secrets frees nothing
 
 
 def _keep_replaced(h: HeldDir, name: str) -> str | None:
@@ -277,6 +287,21 @@ def _keep_replaced(h: HeldDir, name: str) -> str | None:
     spare = f"{name}.{secrets.token_hex(6)}{SPARE_SUFFIX}"
     try:
         os.link(name, spare, src_dir_fd=h.fd, dst_dir_fd=h.fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return spare
+
+
+def _keep_removed(h: HeldDir, name: str) -> str | None:
+    """A file removed for good (an undefine) renamed to a spare name instead of unlinked: its
+    inode is not freed, and rename(2) costs here about half an unlink (which frees the inode
+    and discards its blocks: bench/README). Returns the spare name; "" if there was no file;
+    None to unlink it as before (the rename failed: the unlink says why)."""
+    spare = f"removed.{secrets.token_hex(6)}{SPARE_SUFFIX}"
+    try:
+        os.rename(name, spare, src_dir_fd=h.fd, dst_dir_fd=h.fd)
+    except FileNotFoundError:
+        return ""
     except OSError:
         return None
     return spare
@@ -319,27 +344,45 @@ def _write_spare(h: HeldDir, s: Replace, temps: dict[int, str], k: int) -> int |
         return fd
 
 
-SPARE_IDLE = 1.0     # seconds without a write after which the spares go (the writer calls this)
+# The idle writer, in two steps (driver/writer.py): after SPARE_IDLE s without a write every
+# spare is emptied (truncated: the earlier content goes) and up to KEEP_EMPTY per directory stay,
+# empty, for the next burst's writes; after EMPTY_IDLE s all are removed. Keeping the inodes is
+# the point on ext4 without a journal: a file removed now is skipped by every inode allocation
+# of its group for the next 60 s (see above), and an empty spare needs no allocation at all.
+SPARE_IDLE = 1.0
+EMPTY_IDLE = 60.0
+KEEP_EMPTY = 1024
 
 
-def drop_idle_spares() -> None:
-    """Remove every spare file now: the writes they were kept for are over."""
-    _dirs.drop_spares()
+def empty_idle_spares(stop: Callable[[], bool] | None = None) -> bool:
+    """Empty every spare file, keep up to KEEP_EMPTY per directory, remove the rest. `stop`:
+    a write is waiting (the rest waits for the next idle moment); True when all were done."""
+    return _dirs.sweep_spares(lambda h, name, kept: kept < KEEP_EMPTY and _emptied(h, name), stop)
 
 
-def _drop_spares_of(h: HeldDir, name: str) -> bool:
-    """Remove the spares that hold an earlier content of `name` (it is being removed for
-    good: an undefine); True if any was."""
-    prefix = name + "."
-    dropped = False
-    for spare in [n for n in list(h.spares) if n.startswith(prefix)]:    # list(): one step, under the GIL
-        try:
-            h.spares.remove(spare)
-        except ValueError:
-            continue                 # taken by a write meanwhile: written over by it
-        unlink_quiet(h.fd, spare)
-        dropped = True
-    return dropped
+def drop_idle_spares(stop: Callable[[], bool] | None = None) -> bool:
+    """Remove every spare file now; True when all are gone (`stop` as above)."""
+    return _dirs.sweep_spares(lambda h, name, kept: False, stop)
+
+
+def _emptied(h: HeldDir, name: str) -> bool:
+    """Truncate spare `name` to nothing; False if it is gone or not a regular file of ours
+    with one link (never written then: only this name goes)."""
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=h.fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            return False
+        if st.st_size:
+            os.ftruncate(fd, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _write_temp(dir_fd: int, tmp: str, s: Replace) -> int:

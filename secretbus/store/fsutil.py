@@ -17,7 +17,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -152,17 +152,28 @@ class DirCache:
         """The verified directory at `path` (open_dir's errors); release() it after use."""
         with self._lock:
             h = self._held.pop(path, None)
+            old = None
             if h is not None and not self._current(h):
-                self._retire(h)
-                h = None
+                old, h = h, None
             if h is None:
-                fd = open_dir(path)
                 try:
-                    st = os.fstat(fd)
+                    fd = open_dir(path)
+                    try:
+                        st = os.fstat(fd)
+                    except BaseException:
+                        os.close(fd)
+                        raise
                 except BaseException:
-                    os.close(fd)
+                    if old is not None:
+                        self._retire(old)
                     raise
                 h = HeldDir(path, fd, (st.st_dev, st.st_ino))
+                if old is not None:
+                    if old.key == h.key:
+                        # The same directory walked anew (WALK_AGE): its spares are still
+                        # ours and in it, so they stay in use instead of being unlinked.
+                        h.spares, old.spares = old.spares, deque()
+                    self._retire(old)
             self._held[path] = h
             while len(self._held) > self._size:
                 self._retire(self._held.pop(next(iter(self._held))))
@@ -201,12 +212,37 @@ class DirCache:
             return False      # gone or unsafe: the walk says why (or serves what is there now)
         return True
 
-    def drop_spares(self) -> None:
-        """Remove every held directory's spare files now (the writer is idle: an earlier
-        content of a file should not outlive the burst of writes it was kept for)."""
+    SWEEP_CHUNK = 64
+
+    def sweep_spares(self, keep: Callable[[HeldDir, str, int], bool],
+                     stop: Callable[[], bool] | None = None) -> bool:
+        """Pass each held directory's spare files to keep(h, name, kept so far in h): a spare it
+        returns False for is unlinked. For the idle writer (store/commit.py); thousands may be
+        kept, so `stop` is asked every SWEEP_CHUNK spares, and when it says a write is waiting
+        the rest waits for the next idle moment. True when every spare was passed."""
         with self._lock:
-            for h in self._held.values():
-                _unlink_spares(h)
+            todo = [(h, len(h.spares)) for h in self._held.values()]
+        for h, left in todo:
+            kept = 0
+            while left > 0:
+                with self._lock:
+                    if h.retired:
+                        break            # its spares went with it
+                    for _ in range(min(left, self.SWEEP_CHUNK)):
+                        left -= 1
+                        try:
+                            name = h.spares.popleft()
+                        except IndexError:
+                            left = 0
+                            break
+                        if keep(h, name, kept):
+                            h.spares.append(name)
+                            kept += 1
+                        else:
+                            unlink_quiet(h.fd, name)
+                if left > 0 and stop is not None and stop():
+                    return False
+        return True
 
     def _retire(self, h: HeldDir) -> None:
         h.retired = True
