@@ -234,3 +234,20 @@ def test_an_idle_writer_keeps_empty_spares_for_the_next_writes(d, monkeypatch):
     (d / "linked").write_bytes(b"other")
     commit.empty_idle_spares()
     assert (d / "linked").read_bytes() == b"other" and len(spares(d)) == 1
+
+
+def test_a_spare_that_cannot_be_removed_at_start_up_is_logged_as_a_spare(tmp_path, caplog, monkeypatch):
+    import secretbus
+    from secretbus.store import filestore
+    cfg = tmp_path / "etc" / "secrets"
+    with secretbus.open(f"secret:///embed?root={tmp_path}") as c:
+        c.define_xml(f"<secret><uuid>{U}</uuid></secret>").set_value(b"one")
+    (cfg / f"{U}.base64.0123456789ab.spare").write_bytes(b"x")
+
+    def fail(fd, name):
+        raise OSError(1, "Operation not permitted")
+    monkeypatch.setattr(filestore, "unlink_at", fail)
+    with caplog.at_level(logging.WARNING, logger="secretbus"):
+        with secretbus.open(f"secret:///embed?root={tmp_path}") as c:
+            assert c.lookup_by_uuid(U).get_value() == b"one"
+    assert "cannot remove spare file" in caplog.text and "incomplete write" not in caplog.text

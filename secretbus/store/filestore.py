@@ -361,7 +361,8 @@ class _Load:
                     log.warning("removing incomplete write '%s'", n)
                 unlink_at(self.fd, n)
             except OSError as e:
-                log.warning("cannot remove incomplete write '%s': %s", n, e.strerror)
+                what = "spare file" if is_spare_name(n) else "incomplete write"
+                log.warning("cannot remove %s '%s': %s", what, n, e.strerror)
 
     def _definition(self, name: str) -> SecretDef:
         try:
