@@ -251,3 +251,32 @@ def test_a_spare_that_cannot_be_removed_at_start_up_is_logged_as_a_spare(tmp_pat
         with secretbus.open(f"secret:///embed?root={tmp_path}") as c:
             assert c.lookup_by_uuid(U).get_value() == b"one"
     assert "cannot remove spare file" in caplog.text and "incomplete write" not in caplog.text
+
+
+def test_an_idle_sweep_goes_gently_and_gives_way_to_a_write(tmp_path, monkeypatch):
+    import time
+
+    import secretbus
+    from secretbus.driver import writer
+
+    monkeypatch.setattr(writer, "SPARE_IDLE", 0.1)
+    monkeypatch.setattr(writer, "SWEEP_PAUSE", 0.5)     # 20 chunks of 64: ~10 s for a whole sweep
+    c = secretbus.open(f"secret:///embed?root={tmp_path / 'inst'}")
+    try:
+        d = c.driver
+        uuids = [f"6c0a1b2e-0000-4000-8000-{i:012x}" for i in range(640)]
+        for u in uuids:
+            d.define_xml(f"<secret ephemeral='no' private='no'><uuid>{u}</uuid></secret>")
+            d.set_value(u, b"v")
+        for u in uuids:
+            d.undefine(u)
+        store = tmp_path / "inst" / "etc" / "secrets"
+        assert len(spares(store)) >= 1000
+        time.sleep(0.8)                        # the emptying sweep has begun, and pauses
+        sizes = [(store / n).stat().st_size for n in spares(store)]
+        assert 0 in sizes and any(sizes), "the sweep should be under way, not done"
+        t = time.monotonic()
+        d.define_xml(f"<secret ephemeral='no' private='no'><uuid>{U}</uuid></secret>")
+        assert time.monotonic() - t < 0.4      # not behind the rest of the sweep
+    finally:
+        c.close()

@@ -50,6 +50,8 @@ from secretbus.store.commit import (
 )
 from secretbus.store.filestore import SecretStore
 
+# Seconds between two chunks of an idle sweep of spare files (a chunk: ~6 ms, 64 truncates).
+SWEEP_PAUSE = 0.02
 log = logging.getLogger("secretbus.driver")
 
 T = TypeVar("T")
@@ -383,7 +385,7 @@ class Writes:
                             idle += 1
                             self._qcond.release()
                             try:
-                                sweep(lambda: bool(self._queue or self._unstarted))
+                                sweep(partial(self._sweep_pause, me))
                             finally:
                                 self._qcond.acquire()
                     if not self._queue and not self._unstarted:
@@ -423,6 +425,15 @@ class Writes:
             t2 = self._thread2
             if t2 is not None:
                 t2.join()
+
+    def _sweep_pause(self, me: threading.Thread) -> bool:
+        """Between two chunks of an idle sweep of spare files: True (stop) if a write is waiting
+        or the writer is closing; else a pause first, so that the sweep (truncates and unlinks,
+        thousands after a burst of undefines) takes a small share of a CPU from the readers."""
+        with self._qcond:
+            if not (self._queue or self._unstarted) and self._thread is me:
+                self._qcond.wait(SWEEP_PAUSE)
+            return bool(self._queue or self._unstarted) or self._thread is not me
 
     def _loop2(self) -> None:
         """Stage 2: finish every prepared batch handed over, together (one directory fsync)."""
