@@ -96,6 +96,49 @@ def measure(d: Path, n: int) -> list[tuple[str, float, float]]:
             timed("syncfs after 1 new file", lambda: syncfs(dfd))
             timed("unlink", lambda i=i: os.unlink(f"c{i}", dir_fd=dfd))
             timed("fsync dir after 1 unlink", lambda: os.fsync(dfd))
+        # An undefine's two files (XML and value), and the write after it: the store renames
+        # them to spare names and writes into those emptied spares (store/commit.py) instead of
+        # unlinking them and creating new files.
+        for i in range(n):
+            for pfx in ("u", "r"):
+                for suffix in ("xml", "base64"):
+                    fd = _new(dfd, f"{pfx}{i}.{suffix}")
+                    os.fsync(fd)
+                    os.close(fd)
+            os.fsync(dfd)
+
+            def unlink2(i: int = i) -> None:
+                for suffix in ("xml", "base64"):
+                    os.unlink(f"u{i}.{suffix}", dir_fd=dfd)
+                os.fsync(dfd)
+
+            def rename2(i: int = i) -> None:
+                for suffix in ("xml", "base64"):
+                    os.rename(f"r{i}.{suffix}", f"s{i}.{suffix}.spare", src_dir_fd=dfd, dst_dir_fd=dfd)
+                os.fsync(dfd)
+            timed("undefine: 2 unlinks + dir fsync", unlink2)
+            timed("undefine: 2 renames to spare names + dir fsync", rename2)
+            fd = os.open(f"s{i}.xml.spare", os.O_WRONLY, dir_fd=dfd)
+            os.ftruncate(fd, 0)           # as the idle writer empties it
+            os.fsync(fd)
+            os.close(fd)
+
+            def new_write(i: int = i) -> None:
+                fd = _new(dfd, f"n{i}.tmp")
+                os.fdatasync(fd)
+                os.close(fd)
+                os.rename(f"n{i}.tmp", f"n{i}", src_dir_fd=dfd, dst_dir_fd=dfd)
+                os.fsync(dfd)
+
+            def spare_write(i: int = i) -> None:
+                fd = os.open(f"s{i}.xml.spare", os.O_WRONLY | os.O_NOFOLLOW, dir_fd=dfd)
+                os.pwrite(fd, DATA, 0)
+                os.fdatasync(fd)
+                os.close(fd)
+                os.rename(f"s{i}.xml.spare", f"w{i}", src_dir_fd=dfd, dst_dir_fd=dfd)
+                os.fsync(dfd)
+            timed("new file + fdatasync + rename + dir fsync", new_write)
+            timed("empty spare + pwrite + fdatasync + rename + dir fsync", spare_write)
         for i in range(max(10, n // 8)):
             shapes: tuple[tuple[str, Callable[[int], None] | None, int], ...] = (
                 ("16 x fsync file, serial", os.fsync, 1),

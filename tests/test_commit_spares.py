@@ -280,3 +280,16 @@ def test_an_idle_sweep_goes_gently_and_gives_way_to_a_write(tmp_path, monkeypatc
         assert time.monotonic() - t < 0.4      # not behind the rest of the sweep
     finally:
         c.close()
+
+
+def test_only_small_files_become_spares(d):
+    big = b"x" * (commit.SPARE_MAX_SIZE + 1)
+    write(d, "big", big)
+    write(d, "big", b"small now")              # the big file replaced: freed, not kept
+    assert spares(d) == []
+    write(d, "big2", big)
+    assert commit.commit_batch([Plan([Unlink(d, "big2")])]).errors == [None]
+    assert os.listdir(d) == ["big"]            # the big file removed: unlinked, not kept
+    write(d, "small", b"s")
+    assert commit.commit_batch([Plan([Unlink(d, "small")])]).errors == [None]
+    assert len(spares(d)) == 1

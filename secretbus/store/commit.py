@@ -277,12 +277,26 @@ class Batch:
 # when their directory is replaced (fsutil); so an earlier content stays on disk under a name
 # only while writes keep coming.
 MAX_SPARES = 4096     # per directory: a burst of undefines of a few thousand secrets frees nothing
+# Only files of at most one block become spares (a secret's XML or value nearly always is): a
+# burst of writes of 64 KiB values keeps then at most MAX_SPARES * 4 KiB = 16 MiB on disk.
+SPARE_MAX_SIZE = 4096
+
+
+def _spare_size(h: HeldDir, name: str) -> bool | None:
+    """None if there is no file at `name`; whether it may become a spare (small enough)."""
+    try:
+        return os.stat(name, dir_fd=h.fd, follow_symlinks=False).st_size <= SPARE_MAX_SIZE
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False
 
 
 def _keep_replaced(h: HeldDir, name: str) -> str | None:
     """Give the file at `name`, about to be renamed over, a spare name; None if there is none
-    (a new file: ENOENT) or enough spares are kept (then the rename frees it, as before)."""
-    if len(h.spares) >= MAX_SPARES:
+    (a new file: ENOENT), it is large, or enough spares are kept (then the rename frees it, as
+    before)."""
+    if len(h.spares) >= MAX_SPARES or not _spare_size(h, name):
         return None
     spare = f"{name}.{secrets.token_hex(6)}{SPARE_SUFFIX}"
     try:
@@ -296,7 +310,12 @@ def _keep_removed(h: HeldDir, name: str) -> str | None:
     """A file removed for good (an undefine) renamed to a spare name instead of unlinked: its
     inode is not freed, and rename(2) costs here about half an unlink (which frees the inode
     and discards its blocks: bench/README). Returns the spare name; "" if there was no file;
-    None to unlink it as before (the rename failed: the unlink says why)."""
+    None to unlink it as before (a large file, or the rename failed: the unlink says why)."""
+    small = _spare_size(h, name)
+    if small is None:
+        return ""
+    if not small:
+        return None
     spare = f"removed.{secrets.token_hex(6)}{SPARE_SUFFIX}"
     try:
         os.rename(name, spare, src_dir_fd=h.fd, dst_dir_fd=h.fd)
@@ -348,7 +367,7 @@ def _write_spare(h: HeldDir, s: Replace, temps: dict[int, str], k: int) -> int |
 # spare is emptied (truncated: the earlier content goes) and up to KEEP_EMPTY per directory stay,
 # empty, for the next burst's writes; after EMPTY_IDLE s all are removed. Keeping the inodes is
 # the point on ext4 without a journal: a file removed now is skipped by every inode allocation
-# of its group for the next 60 s (see above), and an empty spare needs no allocation at all.
+# of its group for the next 5 to 305 s (see above), and an empty spare needs no allocation.
 SPARE_IDLE = 1.0
 EMPTY_IDLE = 60.0
 KEEP_EMPTY = 1024
