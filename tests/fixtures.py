@@ -1,5 +1,9 @@
-"""Test data shared by the test modules: UUIDs and a secret XML builder."""
+"""Test data shared by the test modules: UUIDs, a secret XML builder, a store directory's files."""
 from __future__ import annotations
+
+import os
+
+from secretbus.store.fsutil import is_spare_name
 
 U1 = "f52a81b2-424e-490c-823d-6bd4235bc572"
 U2 = "1b40a534-8301-45d5-b1aa-11894ebb1735"   # sorts before U1
@@ -26,7 +30,4 @@ def secret_xml(uuid: str | None = U1, *, eph: str = "no", priv: str = "no", usag
 def store_files(d) -> list[str]:
     """The names in a store directory that are secrets' files: not spare files (which an
     undefine or a replace leaves until the writer is idle, store/commit.py)."""
-    import os
-
-    from secretbus.store.fsutil import is_spare_name
     return sorted(n for n in os.listdir(d) if not is_spare_name(n))

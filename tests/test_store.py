@@ -7,7 +7,7 @@ import os
 import stat
 
 import pytest
-from fixtures import U1
+from fixtures import U1, store_files
 from fixtures import U1_NEXT as U2
 
 import secretbus
@@ -174,7 +174,7 @@ def test_stale_value_file_is_not_inherited_by_a_new_secret(tmp_path):
         c.define_xml(f"<secret ephemeral='yes'><uuid>{U2}</uuid></secret>")
         assert f"{U2}.base64" in os.listdir(d)          # ephemeral: the disk is not touched
         c.define_xml(f"<secret><uuid>{U2}</uuid></secret>")
-        assert sorted(n for n in os.listdir(d) if not fsutil.is_spare_name(n)) == [f"{U1}.xml", f"{U2}.xml"]
+        assert store_files(d) == [f"{U1}.xml", f"{U2}.xml"]
     with open_root(tmp_path) as c:
         for u in (U1, U2):
             with pytest.raises(secretbus.core.errors.NoSecret, match="does not have a value"):

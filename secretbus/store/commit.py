@@ -232,7 +232,7 @@ class Batch:
                 del self.temps[i][k]
                 self.changed[i].add(s.dir)
                 continue
-            if s.strict and len(h.spares) < MAX_SPARES:
+            if s.strict:
                 moved = _keep_removed(h, s.name)
                 if moved is not None:
                     if moved:
@@ -310,7 +310,10 @@ def _keep_removed(h: HeldDir, name: str) -> str | None:
     """A file removed for good (an undefine) renamed to a spare name instead of unlinked: its
     inode is not freed, and rename(2) costs here about half an unlink (which frees the inode
     and discards its blocks: bench/README). Returns the spare name; "" if there was no file;
-    None to unlink it as before (a large file, or the rename failed: the unlink says why)."""
+    None to unlink it as before (enough spares are kept, a large file, or the rename failed:
+    the unlink says why)."""
+    if len(h.spares) >= MAX_SPARES:
+        return None
     small = _spare_size(h, name)
     if small is None:
         return ""
@@ -326,6 +329,26 @@ def _keep_removed(h: HeldDir, name: str) -> str | None:
     return spare
 
 
+def _open_spare(h: HeldDir, name: str) -> tuple[int, os.stat_result] | None:
+    """Spare `name` opened for writing, with its stat; None if it is gone (a reload's load
+    removes spares) or not a regular file of ours with one link: written, that would change
+    what another name shows, so only this name goes."""
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=h.fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        os.close(fd)
+        unlink_quiet(h.fd, name)
+        return None
+    return fd, st
+
+
 def _write_spare(h: HeldDir, s: Replace, temps: dict[int, str], k: int) -> int | None:
     """Write `s` into a spare of `h`, registered as temp k; its open fd, or None (no spare)."""
     while True:
@@ -333,21 +356,10 @@ def _write_spare(h: HeldDir, s: Replace, temps: dict[int, str], k: int) -> int |
             tmp = h.spares.popleft()
         except IndexError:
             return None
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=h.fd)
-        except OSError:
-            continue                 # removed meanwhile (a reload's load removes temp files)
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            os.close(fd)
+        opened = _open_spare(h, tmp)
+        if opened is None:
             continue
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
-            # Not a file we can write over alone: written, it would change what another name
-            # shows. Only this name goes.
-            os.close(fd)
-            unlink_quiet(h.fd, tmp)
-            continue
+        fd, st = opened
         temps[k] = tmp               # from here on a failure removes it like a new temp file
         try:
             if stat.S_IMODE(st.st_mode) != 0o600:
@@ -385,16 +397,12 @@ def drop_idle_spares(stop: Callable[[], bool] | None = None) -> bool:
 
 
 def _emptied(h: HeldDir, name: str) -> bool:
-    """Truncate spare `name` to nothing; False if it is gone or not a regular file of ours
-    with one link (never written then: only this name goes)."""
-    try:
-        fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=h.fd)
-    except OSError:
+    """Truncate spare `name` to nothing; False if it cannot be (_open_spare)."""
+    opened = _open_spare(h, name)
+    if opened is None:
         return False
+    fd, st = opened
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
-            return False
         if st.st_size:
             os.ftruncate(fd, 0)
         return True
