@@ -319,7 +319,9 @@ class CallRunner:
                 out = error_reply(h.msg, e)
         self._answered(h.sender, out)
         if isinstance(out, Message) and self.bus.connected:
-            self.bus.send(out).add_done_callback(_retrieved)
+            # As dbus-fast sends a reply returned inline: its future unwatched (a done
+            # callback would cost every read a loop callback of its own).
+            self.bus.send(out)
 
     def _await_held(self, h: HeldRead) -> None:
         """A held read whose record the journal could not take now: the awaiting path."""
