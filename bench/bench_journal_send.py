@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """What one audit record's datagram costs the sender: the first of a burst, which finds the
-receiver asleep and wakes it, against the next ones of the same burst (bus/burst.py).
+receiver asleep and wakes it, against the next ones of the same burst. The figures behind
+the experiment of sending a loop pass's audit records together (bench/README, 2026-12-03: it
+halved the stand-in's CPU per record and did not raise the GetValue rate; not kept).
 
     .venv/bin/python bench/bench_journal_send.py [--bursts 3000] [--size 16] [--gap-us 200]
 

@@ -51,7 +51,7 @@ async def _reads(address: str, n: int) -> tuple[list[bytes], list[tuple[str, str
 
 
 async def _reads_in_flight(address: str, n: int) -> list[bytes]:
-    """One read (it looks the pid up), then `n` with 16 in flight: answered in bursts (burst.py)."""
+    """One read (it looks the pid up), then `n` with 16 in flight (answered inline, several per loop pass)."""
     bus = await MessageBus(bus_address=address).connect()
     slots = asyncio.Semaphore(16)
 

@@ -193,31 +193,17 @@ class Auditor:
     def allowed_now(self, front_end: str, d: SecretDef, uid: int | None, pid: int | None, peer: str) -> bool:
         """write_now(AuditRecord(front_end, ALLOWED, d, uid, pid, peer)), the record encoded
         in one step (encode_allowed) when the sink takes encoded entries."""
-        data = self.encoded_allowed(front_end, d, uid, pid, peer)
-        if data is not None:
-            return self.send_allowed(d, data)
         if not self.active:
             return True
+        send_encoded: Callable[[bytes], bool] | None = getattr(self.sink, "send_now_encoded", None)
+        if send_encoded is None:
+            return self.write_now(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer))
         if not self._available():        # no journald: nothing to encode for
             self._failed(d.uuid, GET_VALUE, NO_JOURNAL)
             return True
-        return self.write_now(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer))
-
-    def encoded_allowed(self, front_end: str, d: SecretDef, uid: int | None, pid: int | None,
-                        peer: str) -> bytes | None:
-        """The record of an allowed read, encoded for `send_allowed` (which a front end may
-        call later, several records back to back: bus/burst.py); None when it takes the
-        general way (`allowed_now`): audit off, no journald, a sink without encoded entries,
-        a field that needs the binary-safe encoding."""
-        if not self.active or getattr(self.sink, "send_now_encoded", None) is None or not self._available():
-            return None
-        return encode_allowed(front_end, d, uid, pid, peer)
-
-    def send_allowed(self, d: SecretDef, data: bytes) -> bool:
-        """Send a record of `encoded_allowed` without awaiting: True when done (written, or
-        lost in best-effort mode; AuditFailed in required mode), False when the journal's
-        queue is full and `write` must be awaited (nothing was sent)."""
-        send_encoded: Callable[[bytes], bool] = self.sink.send_now_encoded  # type: ignore[attr-defined]
+        data = encode_allowed(front_end, d, uid, pid, peer)
+        if data is None:
+            return self.write_now(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer))
         try:
             return bool(send_encoded(data))
         except (OSError, ValueError) as e:

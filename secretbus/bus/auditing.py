@@ -46,39 +46,20 @@ class ReadAudit:
         if caller.sender:
             self.pids.prefetch(caller.sender)
 
-    def _known(self, caller: Caller) -> tuple[int | None, int] | None:
-        """(uid, pid) of `caller` when both are known without awaiting, else None."""
-        known = getattr(self.access, "known_uid", None)
-        pid = self.pids.cached(caller.sender) if caller.sender else None
-        if known is None or pid is None:
-            return None
-        ok, uid = known(caller)
-        return (uid, pid) if ok else None
-
     def allowed_now(self, caller: Caller, d: SecretDef | None) -> bool:
         """`allowed` without awaiting when the uid and pid are known and the journal takes the
         record at once: True when done (AuditFailed as `allowed`), False when `allowed` must
         be awaited (nothing was written)."""
         if d is None:
             raise AuditFailed()
-        who = self._known(caller)
-        if who is None:
+        known = getattr(self.access, "known_uid", None)
+        pid = self.pids.cached(caller.sender) if caller.sender else None
+        if known is None or pid is None:
             return False
-        return self.auditor.allowed_now(FRONT_END, d, who[0], who[1], caller.sender)
-
-    def encoded_now(self, caller: Caller, d: SecretDef | None) -> bytes | None:
-        """The record of this allowed read, encoded to be sent with others (bus/burst.py) by
-        `send_now`; None when it takes `allowed_now` or `allowed` instead."""
-        if d is None:
-            return None
-        who = self._known(caller)
-        if who is None:
-            return None
-        return self.auditor.encoded_allowed(FRONT_END, d, who[0], who[1], caller.sender)
-
-    def send_now(self, d: SecretDef, data: bytes) -> bool:
-        """Send a record of `encoded_now`: as `allowed_now` (True done, False await `allowed`)."""
-        return self.auditor.send_allowed(d, data)
+        ok, uid = known(caller)
+        if not ok:
+            return False
+        return self.auditor.allowed_now(FRONT_END, d, uid, pid, caller.sender)
 
     async def allowed(self, caller: Caller, d: SecretDef | None) -> None:
         """Record a read about to return its value; AuditFailed (required mode) stops it."""

@@ -16,7 +16,7 @@ import contextvars
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from dbus_fast import Message, MessageFlag, MessageType
 
@@ -24,7 +24,6 @@ from secretbus.access.denials import DenialLog
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.bus import compat
 from secretbus.bus.auditing import ReadAudit
-from secretbus.bus.burst import RecordBurst
 from secretbus.bus.dispatch import Reply, error
 from secretbus.bus.lane import LargeReplyLane
 from secretbus.bus.limits import LIMITS_EXCEEDED, Bounds, CallerBudget, Refused
@@ -118,19 +117,6 @@ class Bound:
         return self.spec.signature
 
 
-class HeldRead(NamedTuple):
-    """A value read answered at the end of the loop pass, once its audit record went (burst.py)."""
-
-    msg: Message
-    caller: Caller
-    spec: MethodSpec
-    prep: Prepared
-    out_sig: str
-    body: list[Any]
-    uid: int | None
-    sender: str
-
-
 class Unanswered(Exception):
     """The call of a caller over the unread bound: dropped without a reply (execute.py)."""
 
@@ -163,12 +149,6 @@ def _finished(_result: object, error: BaseException | None) -> None:
     """`_finish` answers every failure itself; anything reaching here is a bug (type only)."""
     if error is not None:
         log.error("internal error finishing a call: %s", type(error).__name__)
-
-
-def _retrieved(fut: asyncio.Future[None]) -> None:
-    """A send's outcome, read so that a lost connection is not logged as unretrieved."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 def reply(msg: Message, sig: str, body: list[Any]) -> Message | bool:
@@ -213,11 +193,6 @@ class CallRunner:
         self.denials = DenialLog()   # one line per (uid, action), then a summary per minute
         self.unanswered = 0          # calls of callers over the unread bound, dropped
         self.lane = LargeReplyLane()  # large replies of all but root, one at a time
-        # Value reads of one loop pass: their audit records sent together, then their replies.
-        self.burst: RecordBurst[HeldRead] | None = None
-        if self.audit is not None:
-            self.burst = RecordBurst(self._loop, self.audit.send_now, self._answer_held, self._await_held,
-                                     lambda: compat.flush_writes(self.bus))
 
     def run(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str) -> Reply:
         """Reply now when nothing needs awaiting, else finish in a task."""
@@ -250,7 +225,7 @@ class CallRunner:
             return
         out = self._start(msg, spec, prepare, out_sig, sender)
         if isinstance(out, Message) and self.bus.connected:
-            self.bus.send(out).add_done_callback(_retrieved)
+            self.bus.send(out).add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _start(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str,
                sender: str) -> Reply:
@@ -261,18 +236,11 @@ class CallRunner:
             if not spec.writes and not prep.private and not prep.large:
                 caller = Caller(msg.sender, bool(int(msg.flags) & _INTERACTIVE))
                 decided, uid = self._decided(caller, spec, prep)
-                if decided and spec.audit and self.audit is not None and self.burst is not None:
-                    # A value read: answered without awaiting when its audit record can be
-                    # written at once (uid and pid known, journald's queue not full): at the
-                    # end of this loop pass with the other reads' records (burst.py), or here;
-                    # else the path below does it all again, awaiting what it must (the act
-                    # only reads).
+                if decided and spec.audit and self.audit is not None:
+                    # A value read: answered here too when its audit record can be written at
+                    # once (uid and pid known, journald's queue not full); else the path below
+                    # does it all again, awaiting what it must (the act only reads).
                     body = prep.act(Grant(prep.candidates, False, uid))
-                    record = self.audit.encoded_now(caller, prep.target)
-                    if record is not None and prep.target is not None:
-                        self.burst.hold(prep.target, record,
-                                        HeldRead(msg, caller, spec, prep, out_sig, body, uid, sender))
-                        return True
                     if self.audit.allowed_now(caller, prep.target):   # AuditFailed: no value
                         out = self._measured(msg, out_sig, body, uid)
                 elif decided:
@@ -282,19 +250,11 @@ class CallRunner:
         except Exception as e:   # noqa: BLE001 - every failure becomes a clean error reply
             out = error_reply(msg, e)
         if out is not None:      # answered here: dbus-fast sends it
-            self._answered(sender, out)
+            if isinstance(out, Message) and out.message_type is MessageType.ERROR:
+                self._count(sender, ERROR_BYTES)
+            self.budget.release(sender)
             return out
-        self._continue(msg, Caller(msg.sender, bool(int(msg.flags) & _INTERACTIVE)), spec, out_sig, prep)
-        return True
-
-    def _answered(self, sender: str, out: Message | bool) -> None:
-        """A call answered without a task: its error's bytes counted, its budget released."""
-        if isinstance(out, Message) and out.message_type is MessageType.ERROR:
-            self._count(sender, ERROR_BYTES)
-        self.budget.release(sender)
-
-    def _continue(self, msg: Message, caller: Caller, spec: MethodSpec, out_sig: str, prep: Prepared) -> None:
-        """The awaiting path of an admitted call."""
+        caller = Caller(msg.sender, bool(int(msg.flags) & _INTERACTIVE))
         # Run at once: a read whose checks are cached and whose audit record goes out in one
         # non-blocking send never waits, so it needs no task (its creation, a loop iteration
         # before it starts: latency on every call). Only a call that really
@@ -304,28 +264,7 @@ class CallRunner:
                          contextvars.copy_context())
         if task is not None:
             self._track(task)
-
-    def _answer_held(self, h: HeldRead, failed: Exception | None) -> None:
-        """A held read whose record was taken (or, `failed`, refused): its reply, sent now."""
-        out: Message | bool
-        if failed is not None:
-            out = error_reply(h.msg, failed)    # AuditFailed: no value
-        else:
-            try:
-                out = self._measured(h.msg, h.out_sig, h.body, h.uid)
-            except Refused as e:
-                out = error(h.msg, LIMITS_EXCEEDED, str(e))
-            except Exception as e:  # noqa: BLE001 - every failure becomes a clean error reply
-                out = error_reply(h.msg, e)
-        self._answered(h.sender, out)
-        if isinstance(out, Message) and self.bus.connected:
-            # As dbus-fast sends a reply returned inline: its future unwatched (a done
-            # callback would cost every read a loop callback of its own).
-            self.bus.send(out)
-
-    def _await_held(self, h: HeldRead) -> None:
-        """A held read whose record the journal could not take now: the awaiting path."""
-        self._continue(h.msg, h.caller, h.spec, h.out_sig, h.prep)
+        return True
 
     def _decided(self, caller: Caller, spec: MethodSpec, prep: Prepared) -> tuple[bool, int | None]:
         """(True, uid) when this read needs no await: access control off, or every check a
