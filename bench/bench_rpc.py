@@ -53,6 +53,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))      # journal_standin, when loaded as a module (tests)
 
 from journal_standin import JournalStandIn  # noqa: E402
 

@@ -353,6 +353,15 @@ def test_encode_version():
     assert encode_version("9.0") == 9_000_000 and encode_version("x") == 0
 
 
+def test_the_package_constant_is_the_installed_version():
+    """The service answers Version from secretbus.__version__ (no importlib.metadata at start-up):
+    it must be what pyproject.toml ships."""
+    import importlib.metadata
+
+    import secretbus
+    assert secretbus.__version__ == importlib.metadata.version("secretbus")
+
+
 def test_path_helpers():
     assert uuid_from_path(secret_path(U1)) == U1
     assert uuid_from_path(secret_path(U1).upper()) is None and uuid_from_path(CONNECT_PATH) is None

@@ -14,12 +14,14 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import requests
-from etcd3gw import exceptions as etcd_exc
-from etcd3gw.client import Etcd3Client
+# requests and etcd3gw are imported where an Etcd uses them, not here: every daemon imports
+# this module (the fleet store's helpers below), and those two cost a daemon with no fleet
+# ~60 ms of its start-up and their share of its memory.
+if TYPE_CHECKING:
+    from etcd3gw.client import Etcd3Client
 
 log = logging.getLogger("secretbus.fleet")
 
@@ -88,6 +90,8 @@ class Etcd:
 
     @staticmethod
     def _client(endpoint: str, tls: TLS, timeout: float) -> Etcd3Client:
+        import requests
+        from etcd3gw.client import Etcd3Client
         u = urlsplit(endpoint)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"etcd endpoint '{endpoint}' is not http(s)://host:port")
@@ -103,6 +107,7 @@ class Etcd:
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST to the current endpoint, moving on to the next ones when it is unreachable."""
+        from etcd3gw import exceptions as etcd_exc
         with self._lock:
             start = self._current
         why = ""
@@ -178,6 +183,7 @@ class WatchStream:
     """One server-streamed watch; iterate for batches; close() from any thread ends it."""
 
     def __init__(self, client: Etcd3Client, prefix: bytes, start_revision: int):
+        import requests
         req: dict[str, Any] = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix)),
                                   "start_revision": start_revision}}
         try:
@@ -192,6 +198,7 @@ class WatchStream:
         self.endpoint = client.base_url
 
     def __iter__(self) -> Iterator[WatchBatch]:
+        import requests
         try:
             for line in self._lines():
                 result = json.loads(line).get("result")
@@ -234,6 +241,8 @@ class WatchStream:
 
 def _short(e: Exception) -> str:
     """Why, in a few words: requests' texts are long reprs of the connection pool."""
+    import requests
+    from etcd3gw import exceptions as etcd_exc
     text = getattr(e, "detail_text", None) or str(e) or ""
     m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
     if m:
