@@ -12,9 +12,9 @@
 from secretbus.core import errors
 from secretbus.core.api import Connection, Secret
 from secretbus.core.errors import SecretError
-from secretbus.core.model import EventId, Lifecycle, ListFlags, SecretDef, SecretEvent, UsageType
+from secretbus.core.model import VERSION, EventId, Lifecycle, ListFlags, SecretDef, SecretEvent, UsageType
 from secretbus.uri import open_connection as open
 
 __all__ = ["open", "Connection", "Secret", "SecretError", "errors", "EventId", "Lifecycle",
            "ListFlags", "SecretDef", "SecretEvent", "UsageType"]
-__version__ = "0.1.0"
+__version__ = VERSION

@@ -13,7 +13,6 @@ from typing import Any
 
 from dbus_fast import Message, Variant
 
-import secretbus
 from secretbus.access.permissions import Perm, redefine_checks
 from secretbus.bus.execute import DBusFailure, Grant, Prepared, method
 from secretbus.bus.names import (
@@ -29,7 +28,7 @@ from secretbus.bus.names import (
     secret_path,
     uuid_from_path,
 )
-from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
+from secretbus.core.model import LIBVIRT_COMPAT, VERSION, SecretDef
 from secretbus.driver import rules
 from secretbus.driver.driver import StoreState
 from secretbus.driver.writer import outcome
@@ -46,8 +45,8 @@ def encode_version(text: str) -> int:
 
 def _own_version() -> int:
     # The package's own constant, not importlib.metadata (~10 ms of every start-up);
-    # tests/test_version.py checks that it is the installed distribution's version.
-    return encode_version(secretbus.__version__)
+    # tests/test_dispatch.py checks that it is the installed distribution's version.
+    return encode_version(VERSION)
 
 
 def secret_properties(d: SecretDef) -> dict[str, Variant]:
