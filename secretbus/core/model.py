@@ -5,9 +5,9 @@ import enum
 from dataclasses import dataclass
 
 VALUE_MAX = 65536  # REMOTE_SECRET_VALUE_MAX: largest value a caller may set
-# What every front end reports as the library version (virConnectGetLibVersion): the libvirt
 # This package's version (secretbus.__version__): pyproject.toml's, as tests/test_dispatch.py checks.
 VERSION = "0.1.0"
+# What every front end reports as the library version (virConnectGetLibVersion): the libvirt
 # release whose secret driver secretbus reproduces, 12.1.0, in libvirt's encoding
 # major * 1,000,000 + minor * 1,000 + micro.
 LIBVIRT_COMPAT = 12_001_000
