@@ -13,6 +13,8 @@ import secretbus
 from secretbus.core import errors
 from secretbus.core.model import EventId, Lifecycle, ListFlags, UsageType
 from secretbus.core.uuids import parse_uuid
+from secretbus.driver.build import open_instance
+from secretbus.store.paths import InstancePaths
 
 U3 = "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"
 
@@ -372,3 +374,28 @@ def test_oversized_value_changes_nothing(conn):
     with pytest.raises(errors.RPCError, match=r"^value length greater than maximum: 65537 > 65536$"):
         s.set_value(b"n" * 65537)
     assert s.get_value() == b"old"
+
+
+def test_value_of_a_looked_up_definition_follows_get_value(tmp_path):
+    """The front ends' GetValue reads `value_of(d)` (no second UUID parse): the value while `d`
+    is the table's; get_value's answer and error once it was redefined, lost its value, or went."""
+    drv = open_instance(InstancePaths.embed(tmp_path / "inst"))
+    try:
+        d = drv.define_xml(xml())
+        with pytest.raises(errors.NoSecret, match="does not have a value"):
+            drv.value_of(d)
+        drv.set_value(U1, b"v1")
+        assert drv.value_of(d) == b"v1"
+        d2 = drv.define_xml(xml(desc="redefined"))          # d is no longer the table's
+        drv.set_value(U1, b"v2")
+        assert drv.value_of(d) == drv.get_value(U1) == b"v2"
+        priv = drv.define_xml(xml(U2, priv="yes", uid="client.private"))
+        drv.set_value(U2, b"p")
+        with pytest.raises(errors.InvalidSecret, match="secret is private"):
+            drv.value_of(priv)
+        assert drv.value_of(priv, internal_call=True) == b"p"
+        drv.undefine(U1)
+        with pytest.raises(errors.NoSecret, match=f"no secret with matching uuid '{U1}'"):
+            drv.value_of(d2)
+    finally:
+        drv.close()

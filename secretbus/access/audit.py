@@ -147,6 +147,9 @@ class Auditor:
 
     def __init__(self, sink: RecordSink, mode: AuditMode):
         self.sink = sink
+        # What the sink can do, found once (a value read asks on every call).
+        self._send_encoded: Callable[[bytes], bool] | None = getattr(sink, "send_now_encoded", None)
+        self._sink_available: Callable[[], bool] | None = getattr(sink, "available", None)
         self.mode = mode
         self._failures = 0
         self._warned_at = float("-inf")
@@ -195,7 +198,7 @@ class Auditor:
         in one step (encode_allowed) when the sink takes encoded entries."""
         if not self.active:
             return True
-        send_encoded: Callable[[bytes], bool] | None = getattr(self.sink, "send_now_encoded", None)
+        send_encoded = self._send_encoded
         if send_encoded is None:
             return self.write_now(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer))
         if not self._available():        # no journald: nothing to encode for
@@ -213,7 +216,7 @@ class Auditor:
     def _available(self) -> bool:
         """The sink's own word that nothing listens (journal.JournalWriter.available), if it
         has one: the record is lost (or, required, the read refused) without being built."""
-        available: Callable[[], bool] | None = getattr(self.sink, "available", None)
+        available = self._sink_available
         return available is None or available()
 
     def _fold(self, rec: AuditRecord) -> AuditRecord | None:

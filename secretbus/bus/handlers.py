@@ -223,7 +223,7 @@ class SecretHandlers:
 
         def act(g: Grant) -> list[Any]:
             rules.check_readable(d, internal_call=g.private_reader)
-            return [self.driver.get_value(d.uuid, 0, internal_call=g.private_reader)]
+            return [self.driver.value_of(d, internal_call=g.private_reader)]
         return Prepared(act, target=d, private=d.private)
 
     @method(SECRET_IFACE, "SetValue", "ayu", perms=(Perm.WRITE,), writes=True)

@@ -459,6 +459,16 @@ class SecretDriver:
             raise errors.NoSecret(f"secret '{entry.definition.uuid}' does not have a value")
         return bytes(value)
 
+    def value_of(self, d: SecretDef, *, internal_call: bool = False) -> bytes:
+        """get_value(d.uuid) of a definition a front end has just looked up and checked:
+        its UUID is not parsed and looked up again while `d` is still the table's; any
+        other case (replaced, gone, no value) is get_value's, with its errors."""
+        entry = self._table.get(d.uuid)
+        if entry is not None and entry.definition is d and entry.value is not None:
+            rules.check_readable(d, internal_call=internal_call)
+            return bytes(entry.value)
+        return self.get_value(d.uuid, 0, internal_call=internal_call)
+
     # -- undefine -----------------------------------------------------------------
     def undefine(self, uuid: str, *, expect: SecretDef | object = ANY) -> None:
         """`expect`: as for define, the definition the caller's access was checked on."""

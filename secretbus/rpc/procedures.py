@@ -346,7 +346,7 @@ class Procedures:
         d = self.driver.lookup_by_uuid(uuid)
 
         def read() -> Any:
-            value = self.driver.get_value(uuid, 0, internal_call=s.elevated)
+            value = self.driver.value_of(d, internal_call=s.elevated)
             if s.elevated and s.identity is not None and d.private:
                 log.info("private value of secret %s returned to an elevated identity (%s) of peer pid %d",
                          uuid, s.identity.describe(), s.peer.pid,
