@@ -2,7 +2,8 @@
 """secretbusd against libvirt's own libvirtd 9.0 over libvirt RPC, from the same clients, in one run.
 
     .venv/bin/python bench/bench_rpc.py [--quick] [--secrets N] [--calls N] [--seconds S]
-                                        [--rounds R] [--no-libvirtd] [--dir DIR] [--audit MODE]
+                                        [--rounds R] [--no-libvirtd] [--no-ceiling] [--dir DIR]
+                                        [--audit MODE]
 
 Builds one store of N (default 10,000) persistent volume secrets in libvirt's layout
 (`<uuid>.xml` + `<uuid>.base64`: libvirt 9.0 has no encryption at rest, so both servers
@@ -24,6 +25,11 @@ so that a burst of load on the machine hits both alike:
   * the project's asyncio client (secretbus.rpc.client) with 16 calls in flight on one
     connection (max_client_requests: libvirtd works on at most 5 of them at once, its default;
     secretbusd on all 16, its default, so that they share a group commit).
+
+A third server on the read rows (`--no-ceiling`: without it): bench/null_rpc.py, which answers
+with replies made once at start and does no work per call. Its rate is each client's ceiling on
+this machine (the client's own CPU and the wake-ups between two processes): where it is under
+1.5× libvirtd's, no server could meet the read goal with that client here.
 
 Rows: lookup (LookupByUUID), GetValue, GetXMLDesc, ListAll (all N secrets), define (a new
 secret), set (its value) and undefine (it again). Rates are medians over the rounds; p50/p99
@@ -72,6 +78,7 @@ DEBIAN_PYTHON = "/usr/bin/python3"
 LIBVIRTD = Path("/usr/sbin/libvirtd")
 DRIVER_DIR = Path("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver")
 VALUE = b"bench-value-32-bytes-long-abcdef"
+NULL = "no-work server"         # bench/null_rpc.py, the read rows only
 
 
 # -- the store ------------------------------------------------------------------------------
@@ -173,6 +180,17 @@ def start_secretbusd(procs: Procs, work: Path, store: Path, n: int, audit: str |
     p = procs.spawn([sys.executable, "-m", "secretbus.daemon", "--session", "--root", str(root), "--no-dbus",
                      "--rpc-dir", str(sock), *(["--audit", audit] if audit else [])], "secretbusd", log, env=env)
     s = Server("secretbusd", "secret:///session", sock / "virtsecretd-sock", p)
+    wait_ready(s, n, log)
+    return s
+
+
+def start_null(procs: Procs, work: Path, n: int) -> Server:
+    """bench/null_rpc.py: the read rows' replies made once, no work per call (the clients' ceiling)."""
+    sock = work / "null-sock"
+    sock.mkdir(mode=0o700)
+    log = work / "null.log"
+    p = procs.spawn([sys.executable, str(REPO / "bench" / "null_rpc.py"), str(sock / "sock"), str(n)], "null_rpc", log)
+    s = Server(NULL, "secret:///session", sock / "sock", p)
     wait_ready(s, n, log)
     return s
 
@@ -405,11 +423,18 @@ class Cell:
 
 
 def table(cells: dict[tuple[str, str, str], Cell], servers: list[str]) -> str:
+    """One row per (client, call): each server's figures, then secretbusd ÷ libvirtd against the
+    goal; with the no-work server, its rate (reads) and that rate ÷ libvirtd's: under the goal,
+    no server could meet it with that client here."""
+    ceiling = NULL in servers
+    servers = [s for s in servers if s != NULL]
     head = ["client", "call"]
     for s in servers:
         head += [f"{s} calls/s", "p50 ms", "p99 ms", "srv µs/call"]
     if len(servers) == 2:
         head += ["ratio", "goal"]
+    if ceiling:
+        head += [f"{NULL} calls/s", "its ÷ libvirtd"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for client in ("python3-libvirt", f"asyncio ×{INFLIGHT}"):
         for op in (*READS, *WRITES):
@@ -424,6 +449,13 @@ def table(cells: dict[tuple[str, str, str], Cell], servers: list[str]) -> str:
             if len(servers) == 2:
                 ratio = rates[0] / rates[1] if rates[1] else float("nan")
                 row += [f"{ratio:.2f}×", ("yes" if ratio >= GOAL[op] else "NO") + f" (≥ {GOAL[op]:g})"]
+            if ceiling:
+                c = cells.get((client, op, NULL))
+                if c is None:
+                    row += ["–", "–"]
+                else:
+                    lv = rates[1] if len(rates) == 2 else 0.0
+                    row += [f"{c.rate():,.0f}", f"{c.rate() / lv:.2f}×" if lv > 0 else "–"]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -437,6 +469,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, help="time cap per measurement (default 2; --quick: 0.3)")
     ap.add_argument("--rounds", type=int, help="rounds; rates are medians (default 3; --quick: 1)")
     ap.add_argument("--no-libvirtd", action="store_true", help="secretbusd only (no comparison)")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="without the no-work server (bench/null_rpc.py) that shows each client's ceiling on the reads")
     ap.add_argument("--only", choices=("reads", "writes"), help="measure only the read or the write rows")
     ap.add_argument("--dir", metavar="DIR", help="parent of the temporary directory (default: $TMPDIR)")
     ap.add_argument("--audit", choices=("required", "best-effort", "off"),
@@ -466,12 +500,16 @@ def main() -> None:
         servers = [start_secretbusd(procs, work, store, a.secrets, a.audit, journal)]
         if not a.no_libvirtd:
             servers.append(start_libvirtd(procs, work, store, a.secrets))
+        if not a.no_ceiling and a.only != "writes":
+            servers.append(start_null(procs, work, a.secrets))
         cells: dict[tuple[str, str, str], Cell] = {}
         tag = 0
         for r in range(a.rounds):
             order = servers if r % 2 == 0 else servers[::-1]
             for group in (a.only,) if a.only else ("reads", "writes"):
                 for s in order:
+                    if s.name == NULL and group != "reads":
+                        continue
                     tag += 1
                     for op, x in py_measure(s, group, a, tag).items():
                         cells.setdefault(("python3-libvirt", op, s.name), Cell()).samples.append(x)
@@ -491,6 +529,9 @@ def main() -> None:
               f"{os.cpu_count()} CPUs, load average "
               f"{load0[0]:.2f} at start, {load1[0]:.2f} at end; stores on {fs_type(work)}\n")
         print(table(cells, [s.name for s in servers]))
+        if any(s.name == NULL for s in servers):
+            print(f"\n{NULL}: bench/null_rpc.py, every reply made once at start (no store, no checks, no audit); "
+                  "its rate is the most a server could give that client on this machine.")
     finally:
         procs.stop_all()
         if journal is not None:
