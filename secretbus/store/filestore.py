@@ -43,6 +43,7 @@ from secretbus.store.fsutil import (
     is_spare_name,
     open_dir,
     read_limited,
+    read_limited_stat,
     unlink_at,
 )
 
@@ -308,6 +309,7 @@ class _Load:
         self.store, self.fd, self.migrate = store, fd, migrate
         self.strict = store.binds_definitions
         self.defs: dict[str, SecretDef] = {}
+        self.xml_mtimes: dict[str, int] = {}     # name -> mtime of the XML file as it was read
 
     def run(self) -> LoadReport:
         report = LoadReport([], [])
@@ -337,7 +339,7 @@ class _Load:
                 log_skip(s.skipped)
                 report.skipped.append(s.skipped)
                 continue
-            report.secrets.append(LoadedSecret(d, value, self._mtime(name), stale))
+            report.secrets.append(LoadedSecret(d, value, self.xml_mtimes[name], stale))
         return report
 
     def _mtime(self, name: str) -> int:
@@ -366,7 +368,7 @@ class _Load:
 
     def _definition(self, name: str) -> SecretDef:
         try:
-            data = read_limited(name, XML_READ_LIMIT, dir_fd=self.fd)
+            data, st = read_limited_stat(name, XML_READ_LIMIT, dir_fd=self.fd)
             d = parse_secret_xml(data, source=os.path.join(self.store.dir, name))
         except errors.SecretError as e:
             raise _Skip(name, None, f"invalid XML: {e.message}") from None
@@ -374,6 +376,7 @@ class _Load:
             raise _Skip(name, None, f"cannot read: {e.strerror}") from None
         if name != f"{d.uuid}.xml":
             raise _Skip(name, d.uuid, f"{d.uuid} does not match secret file name '{name}'")
+        self.xml_mtimes[name] = st.st_mtime_ns
         return d
 
     def _choose(self, uuid: str) -> str | None:

@@ -348,6 +348,12 @@ def unlink_quiet(dir_fd: int, name: str) -> None:
 def read_limited(path: Path | str, limit: int, *, dir_fd: int | None = None) -> bytes:
     """Read a whole regular file, refusing more than `limit` bytes and symlinks.
     With `dir_fd`, `path` is a name in that directory (no path walk: start-up reads thousands)."""
+    return read_limited_stat(path, limit, dir_fd=dir_fd)[0]
+
+
+def read_limited_stat(path: Path | str, limit: int, *, dir_fd: int | None = None) -> tuple[bytes, os.stat_result]:
+    """read_limited, and the stat of the file it read (its fstat: no second lookup by name, and
+    the mtime of the very inode read, not of whatever the name points to a moment later)."""
     # O_NONBLOCK: a FIFO planted in the store must not hang start-up waiting for a writer.
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     try:
@@ -368,6 +374,6 @@ def read_limited(path: Path | str, limit: int, *, dir_fd: int | None = None) -> 
             if total > limit:
                 raise OSError(errno.EFBIG, f"file larger than {limit} bytes", str(path))
             chunks.append(b)
-        return b"".join(chunks)
+        return b"".join(chunks), st
     finally:
         os.close(fd)
