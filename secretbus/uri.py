@@ -173,6 +173,9 @@ def open_ssh(uri: str, *, timeout: float = 25.0, readonly: bool = False,
 def _open_tls(uri: str, timeout: float, readonly: bool, login: SaslLogin | None = None) -> Connection | None:
     """secret+tls://host[:port]/system and secret://host/system (libvirt's TLS default), over
     RPC; None for any other URI (rpc/tls_client.py)."""
+    from secretbus.rpc.hosturi import is_tls_uri
+    if not is_tls_uri(uri):
+        return None
     from secretbus.rpc.tls_client import TlsTransport, tls_target
     target = tls_target(uri)
     if target is None:

@@ -2,9 +2,22 @@
 of checks and messages for each transport's client."""
 from __future__ import annotations
 
-from urllib.parse import SplitResult
+from urllib.parse import SplitResult, urlsplit
 
 from secretbus.core import errors
+
+TLS_SCHEMES = ("secret+tls", "secret")     # secret://host/… is TLS, as libvirt's default
+
+
+def is_tls(u: SplitResult) -> bool:
+    """Whether split URI `u` names a TLS endpoint (secret:///system, with no host, is local).
+    Here, not in tls_client: every URI opened asks, and that module's imports (ssl, SASL) cost
+    a local connection tens of ms."""
+    return u.scheme in TLS_SCHEMES and (u.scheme != "secret" or bool(u.netloc))
+
+
+def is_tls_uri(uri: str) -> bool:
+    return is_tls(urlsplit(uri))
 
 
 def host_endpoint(uri: str, u: SplitResult, kind: str, default_port: int, scheme: str) -> tuple[str, int]:

@@ -24,12 +24,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from secretbus.core import errors
 from secretbus.rpc.client import auth_failed
-from secretbus.rpc.hosturi import host_endpoint
+from secretbus.rpc.hosturi import host_endpoint, is_tls
 from secretbus.rpc.sasl_client import SaslLogin, authenticate
 from secretbus.rpc.tls import CONFIRM
 from secretbus.rpc.transport import READ_LIMIT, Streams
 
-TLS_SCHEMES = ("secret+tls", "secret")
 DEFAULT_PORT = 16514
 SYSTEM_PKI = (Path("/etc/pki/CA/cacert.pem"), Path("/etc/pki/libvirt/clientcert.pem"),
               Path("/etc/pki/libvirt/private/clientkey.pem"), Path("/etc/pki/CA/cacrl.pem"))
@@ -56,7 +55,7 @@ class TlsTarget:
 def tls_target(uri: str) -> TlsTarget | None:
     """The TLS endpoint of `uri`, or None when it is not a TLS URI (secret:///system is local)."""
     u = urlsplit(uri)
-    if u.scheme not in TLS_SCHEMES or (u.scheme == "secret" and not u.netloc):
+    if not is_tls(u):
         return None
     host, port = host_endpoint(uri, u, "TLS", DEFAULT_PORT, "secret+tls")
     pkipath: Path | None = None
