@@ -72,6 +72,8 @@ class Null(asyncio.Protocol):
         pos, end, out = 0, len(buf), []
         while end - pos >= 28:
             length, prog, vers, proc, typ, serial, _status = _HEAD.unpack_from(buf, pos)
+            if length < 28:
+                sys.exit(f"null_rpc: a frame of {length} bytes")
             if end - pos < length:
                 break
             if prog == P.KEEPALIVE_PROGRAM:
