@@ -149,9 +149,12 @@ enter_root() {
     fi
     cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"  # what DHCP would have written
     # what the installer (netcfg) writes and debootstrap does not: without it "localhost"
-    # does not resolve (the Kerberos tests name their service libvirt/localhost)
-    [ -e "$ROOT/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
-        "$(hostname)" > "$ROOT/etc/hosts"
+    # does not resolve (the Kerberos tests name their service libvirt/localhost), nor this
+    # host's name (libvirtd's own acceptor asks for libvirt/<hostname>). In the default variant
+    # netbase's postinst has written one already, with localhost only: the name is added.
+    [ -e "$ROOT/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' \
+        > "$ROOT/etc/hosts"
+    grep -qw -- "$(hostname)" "$ROOT/etc/hosts" || printf '127.0.1.1\t%s\n' "$(hostname)" >> "$ROOT/etc/hosts"
     git clone -q --no-hardlinks ${BRANCH:+--branch "$BRANCH"} "$REPO" "$ROOT$CLONE"
     git -C "$ROOT$CLONE" checkout -q --detach "$HEAD"
 }
