@@ -26,6 +26,8 @@ PACKAGES=(
     ca-certificates                       # pip reaches PyPI over HTTPS (minbase roots lack it)
     passwd adduser                        # useradd / groupadd for test users
     libvirt-clients python3-libvirt       # virsh and libvirt's python binding: real RPC clients in the tests
+    libvirt-daemon                        # libvirtd 9.0 and virt-ssh-helper, never started as a service (no
+                                          # libvirt-daemon-system): the tests that compare with libvirt's own daemon
     libsasl2-modules                      # SCRAM for virsh/python3-libvirt (libvirt's SASL client) in the SASL-over-TLS tests
     etcd-server etcd-client               # fleet mode's shared store (etcd 3.4); the fleet tests start their own
     openssh-server                        # sshd for the secret+ssh:// tests (each test starts its own on loopback)
