@@ -86,6 +86,10 @@ def uuid_of(i: int) -> str:
     return f"{i:08x}-0000-4000-8000-{i:012x}"
 
 
+def volume_of(i: int) -> str:
+    return f"/var/lib/libvirt/images/{i}.img"
+
+
 def scratch_uuid(tag: int, i: int) -> str:
     return f"ffffffff-{tag:04x}-4000-8000-{i:012x}"
 
@@ -102,7 +106,7 @@ def build_store(d: Path, n: int) -> None:
     value = base64.b64encode(VALUE).decode()
     for i in range(n):
         u = uuid_of(i)
-        for name, text in ((f"{u}.xml", secret_xml(u, f"/var/lib/libvirt/images/{i}.img")), (f"{u}.base64", value)):
+        for name, text in ((f"{u}.xml", secret_xml(u, volume_of(i))), (f"{u}.base64", value)):
             fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(text)

@@ -5,8 +5,8 @@
 
 Answers the calls bench_rpc.py's read rows make (and the handshake before them) with replies
 made once at start: N secrets to count and list, a lookup echoing the UUID asked for, one
-value, one XML. No store, no access check, no audit, no table: one parse of the 28-byte head
-per call and one write. A client's rate against it is the most any server could give that
+value, one XML. No store, no access check, no audit, no table: one parse of the length word and
+header per call and one write. A client's rate against it is the most any server could give that
 client here (its own CPU and the wake-ups between the two processes), so bench_rpc.py prints it
 beside secretbusd's and libvirtd's. Not a server for anything else: it checks nothing.
 """
@@ -14,31 +14,38 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 import sys
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_rpc import VALUE, secret_xml, uuid_of, volume_of  # noqa: E402  (the store the others serve)
 
 from secretbus.rpc import protocol as P  # noqa: E402
-from secretbus.rpc.frame import Header, encode_reply  # noqa: E402
+from secretbus.rpc.frame import (  # noqa: E402
+    LENGTH_SIZE,
+    MIN_FRAME,
+    Header,
+    encode_frame,
+    encode_reply,
+    frame_length,
+    parse_header,
+)
 from secretbus.rpc.xdr import encode  # noqa: E402
 
-VALUE = b"bench-value-32-bytes-long-abcdef"
-_HEAD = struct.Struct(">I6I")         # length word + header
-USAGE_ID = "/var/lib/libvirt/images/0.img"
+LOOKUP = P.Proc.SECRET_LOOKUP_BY_UUID
+_PONG = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, P.Status.OK))
 
 
-def uuid_bytes(i: int) -> bytes:
-    return bytes.fromhex(f"{i:08x}000040008000{i:012x}")
+def _secret(i: int) -> dict[str, object]:
+    return {"uuid": uuid.UUID(uuid_of(i)).bytes, "usageType": 1, "usageID": volume_of(i)}
 
 
 def canned(n: int) -> dict[int, bytes]:
-    """Each procedure's reply payload (the lookup's is made per call: it echoes the UUID)."""
-    xml = ("<secret ephemeral='no' private='no'>\n  <uuid>00000000-0000-4000-8000-000000000000</uuid>\n"
-           f"  <usage type='volume'>\n    <volume>{USAGE_ID}</volume>\n  </usage>\n</secret>\n")
-    listed = [{"uuid": uuid_bytes(i), "usageType": 1, "usageID": f"/var/lib/libvirt/images/{i}.img"}
-              for i in range(n)]
+    """Each procedure's reply payload; the lookup's is secret 0's, whose first 16 bytes (the
+    UUID) are replaced per call by the UUID asked for."""
     rets = {
         P.Proc.AUTH_LIST: {"types": [P.AuthType.NONE]},
         P.Proc.CONNECT_OPEN: None,
@@ -47,9 +54,10 @@ def canned(n: int) -> dict[int, bytes]:
         P.Proc.CONNECT_REGISTER_CLOSE_CALLBACK: None,
         P.Proc.CONNECT_UNREGISTER_CLOSE_CALLBACK: None,
         P.Proc.CONNECT_NUM_OF_SECRETS: {"num": n},
-        P.Proc.CONNECT_LIST_ALL_SECRETS: {"secrets": listed, "ret": n},
+        P.Proc.CONNECT_LIST_ALL_SECRETS: {"secrets": [_secret(i) for i in range(n)], "ret": n},
+        LOOKUP: {"secret": _secret(0)},
         P.Proc.SECRET_GET_VALUE: {"value": VALUE},
-        P.Proc.SECRET_GET_XML_DESC: {"xml": xml},
+        P.Proc.SECRET_GET_XML_DESC: {"xml": secret_xml(uuid_of(0), volume_of(0))},
     }
     return {int(proc): encode(P.PROCS[proc].ret, ret) for proc, ret in rets.items()}
 
@@ -57,11 +65,9 @@ def canned(n: int) -> dict[int, bytes]:
 class Null(asyncio.Protocol):
     def __init__(self, replies: dict[int, bytes]) -> None:
         self.replies = replies
+        self.lookup_tail = replies[LOOKUP][16:]     # after the UUID: usage type and id
         self.buf = b""
         self.transport: asyncio.Transport | None = None
-        # The lookup's reply after its UUID: the usage type and a usage id (XDR string).
-        uid = USAGE_ID.encode()
-        self.lookup_tail = struct.pack(">iI", 1, len(uid)) + uid + b"\0" * (-len(uid) % 4)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -70,24 +76,22 @@ class Null(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
         pos, end, out = 0, len(buf), []
-        while end - pos >= 28:
-            length, prog, vers, proc, typ, serial, _status = _HEAD.unpack_from(buf, pos)
-            if length < 28:
-                sys.exit(f"null_rpc: a frame of {length} bytes")
-            if end - pos < length:
+        while end - pos >= MIN_FRAME:
+            size = LENGTH_SIZE + frame_length(buf[pos:pos + LENGTH_SIZE])    # XdrError: the connection is dropped
+            if end - pos < size:
                 break
-            if prog == P.KEEPALIVE_PROGRAM:
-                if proc == P.KeepAlive.PING:
-                    out.append(_HEAD.pack(28, prog, vers, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, 0))
-            elif proc == P.Proc.SECRET_LOOKUP_BY_UUID:
-                out.append(encode_reply(Header(prog, vers, proc, typ, serial, 0),
-                                        buf[pos + 28:pos + 44] + self.lookup_tail))
+            h, payload = parse_header(memoryview(buf)[pos + LENGTH_SIZE:pos + size])
+            if h.prog == P.KEEPALIVE_PROGRAM:
+                if h.proc == P.KeepAlive.PING:
+                    out.append(_PONG)
+            elif h.proc == LOOKUP:
+                out.append(encode_reply(h, bytes(payload[:16]) + self.lookup_tail))
             else:
-                payload = self.replies.get(proc)
-                if payload is None:
-                    sys.exit(f"null_rpc: procedure {proc} is not served")
-                out.append(encode_reply(Header(prog, vers, proc, typ, serial, 0), payload))
-            pos += length
+                reply = self.replies.get(h.proc)
+                if reply is None:
+                    sys.exit(f"null_rpc: procedure {h.proc} is not served")
+                out.append(encode_reply(h, reply))
+            pos += size
         self.buf = buf[pos:]
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
