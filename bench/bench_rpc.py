@@ -32,7 +32,11 @@ this machine (the client's own CPU and the wake-ups between two processes): wher
 1.5× libvirtd's, no server could meet the read goal with that client here.
 
 Rows: lookup (LookupByUUID), GetValue, GetXMLDesc, ListAll (all N secrets), define (a new
-secret), set (its value) and undefine (it again). Rates are medians over the rounds; p50/p99
+secret), set (its value) and undefine (it again). Each read row is first run untimed (up to
+WARM_CALLS calls or WARM_SECONDS, ListAll a few calls) on the same connection: after 2 s idle,
+libvirtd's CPU per call here is 4–5× its steady figure (80–100 against 19 µs) for its next
+~5,000 calls with 16 in flight (secretbusd's ~1.3×, ~1,000 calls), so an unwarmed first row
+measured libvirtd waking up, not its rate. Rates are medians over the rounds; p50/p99
 pool every latency. "srv µs/call" is the server's CPU (all threads, /proc/PID/task/*/schedstat)
 per call. The goal of issue 13: every read ≥ 1.5× libvirtd's rate, every write ≥ 1×. Every
 process is started in its own session and stopped by PID, on errors and Ctrl-C too.
@@ -74,6 +78,8 @@ LABELS = {"lookup": "LookupByUUID", "value": "GetValue", "xml": "GetXMLDesc", "l
 GOAL = {**{op: 1.5 for op in READS}, **{op: 1.0 for op in WRITES}}
 INFLIGHT = 16
 HANDLES = 256                  # secrets the value/xml rows pick from (looked up untimed)
+WARM_CALLS, WARM_SECONDS = 6000, 0.4   # untimed calls before each read row (at most --calls, --seconds)
+WARM_LIST = 3                  # ListAll of N secrets: a few calls warm it
 DEBIAN_PYTHON = "/usr/bin/python3"
 LIBVIRTD = Path("/usr/sbin/libvirtd")
 DRIVER_DIR = Path("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver")
@@ -268,8 +274,9 @@ import json, random, sys, time
 import libvirt
 libvirt.registerErrorHandler(lambda *a: None, None)
 import os
-uri, group, max_calls, seconds, n, tag, handles, pid = sys.argv[1:]
+uri, group, max_calls, seconds, n, tag, handles, pid, warm, warm_s, warm_list = sys.argv[1:]
 max_calls, seconds, n, tag, handles = int(max_calls), float(seconds), int(n), int(tag), int(handles)
+warm, warm_s, warm_list = int(warm), float(warm_s), int(warm_list)
 
 def cpu_ns():
     total = 0
@@ -288,7 +295,12 @@ xml = lambda u: (f"<secret ephemeral='no' private='no'>\n  <uuid>{u}</uuid>\n  <
                  f"    <volume>/bench/{u}</volume>\n  </usage>\n</secret>\n")
 out = {}
 
-def run(name, fn, items, timed=True):
+def run(name, fn, items, timed=True, warm=0):
+    t_warm = time.perf_counter() + warm_s
+    for i, item in enumerate(items):      # untimed, the same calls
+        if i >= warm or time.perf_counter() > t_warm:
+            break
+        fn(item)
     lat = []
     c0 = cpu_ns()
     t0 = time.perf_counter()
@@ -308,10 +320,10 @@ def randoms():
 
 if group == "reads":
     hs = [conn.secretLookupByUUIDString(uuid_of(rnd.randrange(n))) for _ in range(handles)]
-    run("lookup", lambda i: conn.secretLookupByUUIDString(uuid_of(i)), randoms())
-    run("value", lambda i: hs[i % len(hs)].value(), randoms())
-    run("xml", lambda i: hs[i % len(hs)].XMLDesc(0), randoms())
-    run("list", lambda i: conn.listAllSecrets(0), randoms())
+    run("lookup", lambda i: conn.secretLookupByUUIDString(uuid_of(i)), randoms(), warm=warm)
+    run("value", lambda i: hs[i % len(hs)].value(), randoms(), warm=warm)
+    run("xml", lambda i: hs[i % len(hs)].XMLDesc(0), randoms(), warm=warm)
+    run("list", lambda i: conn.listAllSecrets(0), randoms(), warm=warm_list)
 else:
     k = run("define", lambda i: conn.secretDefineXML(xml(scratch(i))), range(max_calls))
     hs = [conn.secretLookupByUUIDString(scratch(i)) for i in range(k)]
@@ -322,9 +334,15 @@ print(json.dumps(out))
 """
 
 
+def warm_up(a: argparse.Namespace) -> tuple[int, float, int]:
+    """Each read row's untimed calls, its time cap for them, and ListAll's calls."""
+    return min(WARM_CALLS, a.calls), min(WARM_SECONDS, a.seconds), min(WARM_LIST, a.calls)
+
+
 def py_measure(s: Server, group: str, a: argparse.Namespace, tag: int) -> dict[str, Sample]:
     r = subprocess.run([DEBIAN_PYTHON, "-c", PY_CHILD, s.uri, group, str(a.calls if group == "reads" else a.writes),
-                        str(a.seconds), str(a.secrets), str(tag), str(HANDLES), str(s.proc.pid)],
+                        str(a.seconds), str(a.secrets), str(tag), str(HANDLES), str(s.proc.pid),
+                        *map(str, warm_up(a))],
                        capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise SystemExit(f"python3-libvirt against {s.name} failed:\n{r.stderr[-2000:]}")
@@ -371,15 +389,19 @@ async def raw_measure(s: Server, group: str, a: argparse.Namespace, tag: int) ->
     out: dict[str, Sample] = {}
     try:
         if group == "reads":
-            sec = a.seconds
-            out["lookup"] = await _pump(c, P.Proc.SECRET_LOOKUP_BY_UUID, randoms(lambda i: {"uuid": uuidlib.UUID(
-                uuid_of(i)).bytes}), max_calls=a.calls, seconds=sec, cpu=cpu)
-            out["value"] = await _pump(c, P.Proc.SECRET_GET_VALUE, randoms(lambda i: {"secret": handle(uuid_of(i)),
-                                       "flags": 0}), max_calls=a.calls, seconds=sec, cpu=cpu)
-            out["xml"] = await _pump(c, P.Proc.SECRET_GET_XML_DESC, randoms(lambda i: {"secret": handle(uuid_of(i)),
-                                     "flags": 0}), max_calls=a.calls, seconds=sec, cpu=cpu)
-            out["list"] = await _pump(c, P.Proc.CONNECT_LIST_ALL_SECRETS, randoms(lambda i: {"need_results": 1,
-                                      "flags": 0}), max_calls=a.calls, seconds=sec, cpu=cpu)
+            warm_calls, warm_s, warm_list = warm_up(a)
+            for op, proc, make, warm in (
+                    ("lookup", P.Proc.SECRET_LOOKUP_BY_UUID, lambda i: {"uuid": uuidlib.UUID(uuid_of(i)).bytes},
+                     warm_calls),
+                    ("value", P.Proc.SECRET_GET_VALUE, lambda i: {"secret": handle(uuid_of(i)), "flags": 0},
+                     warm_calls),
+                    ("xml", P.Proc.SECRET_GET_XML_DESC, lambda i: {"secret": handle(uuid_of(i)), "flags": 0},
+                     warm_calls),
+                    ("list", P.Proc.CONNECT_LIST_ALL_SECRETS, lambda i: {"need_results": 1, "flags": 0},
+                     warm_list)):
+                items = randoms(make)
+                await _pump(c, proc, items, max_calls=warm, seconds=warm_s, cpu=cpu)   # untimed
+                out[op] = await _pump(c, proc, items, max_calls=a.calls, seconds=a.seconds, cpu=cpu)
         else:
             uuids = [scratch_uuid(tag, i) for i in range(a.writes)]
             d = await _pump(c, P.Proc.SECRET_DEFINE_XML, iter({"xml": secret_xml(u, f"/bench/{u}"), "flags": 0}
@@ -454,12 +476,12 @@ def table(cells: dict[tuple[str, str, str], Cell], servers: list[str]) -> str:
                 ratio = rates[0] / rates[1] if rates[1] else float("nan")
                 row += [f"{ratio:.2f}×", ("yes" if ratio >= GOAL[op] else "NO") + f" (≥ {GOAL[op]:g})"]
             if ceiling:
-                c = cells.get((client, op, NULL))
-                if c is None:
+                null = cells.get((client, op, NULL))
+                if null is None:
                     row += ["–", "–"]
                 else:
                     lv = rates[1] if len(rates) == 2 else 0.0
-                    row += [f"{c.rate():,.0f}", f"{c.rate() / lv:.2f}×" if lv > 0 else "–"]
+                    row += [f"{null.rate():,.0f}", f"{null.rate() / lv:.2f}×" if lv > 0 else "–"]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
