@@ -672,6 +672,20 @@ def test_format_escapes_like_libvirt() -> None:
     assert parse_secret_xml(out) == d
 
 
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=())))
+def test_escape_text_fast_path_changes_nothing(text: str) -> None:
+    # escape_text returns a text unchanged when its search finds nothing to change: the same
+    # as escaping character by character, whatever the text holds (surrogates included).
+    from secretbus.core.secretxml import _ESCAPES, _xml_char
+    assert escape_text(text) == "".join(_ESCAPES.get(c, c) for c in text if _xml_char(c))
+
+
+@pytest.mark.parametrize("c", ["&", "<", ">", '"', "'", "\r", "\x00", "\x08", "\x0b", "\x0c", "\x0e",
+                               "\x1f", "\ud800", "\udfff", "\ufffe", "\uffff"])
+def test_escape_text_sees_each_changed_character(c: str) -> None:
+    assert escape_text(f"a{c}b") != f"a{c}b"
+
+
 def test_format_drops_characters_xml_cannot_carry() -> None:
     assert escape_text("a\x00b\x01c\x1fd\ud800e\ufffef\uffffg\U0001f600") == "abcdefg\U0001f600"
     d = SecretDef(uuid=UUID, description="\x01\x02")
