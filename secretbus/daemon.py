@@ -42,7 +42,7 @@ from secretbus.bus.execute import BUS_MESSAGE_MAX
 from secretbus.bus.names import BUS_NAME
 from secretbus.bus.polkit import CallerUids, PolkitAccess
 from secretbus.bus.service import SecretService
-from secretbus.core import errors
+from secretbus.core import busypoll, errors
 from secretbus.core.logsetup import setup_daemon_logging
 from secretbus.core.model import InstanceKind
 from secretbus.driver.build import open_instance
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "$XDG_CONFIG_HOME/secretbus/secretbusd.conf; it must exist")
     p.add_argument("--tls-handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="SECS",
                    help="close a TLS client whose handshake takes longer (default 10)")
+    p.add_argument("--poll-us", type=busypoll.poll_us_arg, default=busypoll.DEFAULT_POLL_US, metavar="US",
+                   help="after handling I/O, poll the sockets up to US µs before sleeping, so that a client "
+                        f"making one call at a time finds the daemon awake (default {busypoll.DEFAULT_POLL_US}; "
+                        f"0 to {busypoll.MAX_POLL_US}; 0: never)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -498,7 +502,8 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
                     serverconf_required=args.config is not None, serverconf_path=conf_path,
                     tls_handshake_timeout=args.tls_handshake_timeout)
     try:
-        return asyncio.run(daemon.run(readers, t0))
+        with asyncio.Runner(loop_factory=lambda: busypoll.new_event_loop(args.poll_us)) as runner:
+            return runner.run(daemon.run(readers, t0))
     except KeyboardInterrupt:
         return 0
     finally:
