@@ -27,7 +27,8 @@ so that a burst of load on the machine hits both alike:
     secretbusd on all 16, its default, so that they share a group commit).
 
 A third server on the read rows (`--no-ceiling`: without it): bench/null_rpc.py, which answers
-with replies made once at start and does no work per call. Its rate is each client's ceiling on
+with replies made once at start and does no work per call, on secretbusd's own event loop (which
+polls for 50 µs before it sleeps, core/busypoll.py). Its rate is each client's ceiling on
 this machine (the client's own CPU and the wake-ups between two processes): where it is under
 1.5× libvirtd's, no server could meet the read goal with that client here.
 

@@ -6,9 +6,10 @@
 Answers the calls bench_rpc.py's read rows make (and the handshake before them) with replies
 made once at start: N secrets to count and list, a lookup echoing the UUID asked for, one
 value, one XML. No store, no access check, no audit, no table: one parse of the length word and
-header per call and one write. A client's rate against it is the most any server could give that
-client here (its own CPU and the wake-ups between the two processes), so bench_rpc.py prints it
-beside secretbusd's and libvirtd's. Not a server for anything else: it checks nothing.
+header per call and one write, on secretbusd's loop (core/busypoll: it polls before it sleeps as
+secretbusd does). A client's rate against it is the most any server could give that client here
+(its own CPU and the wake-ups between the two processes), so bench_rpc.py prints it beside
+secretbusd's and libvirtd's. Not a server for anything else: it checks nothing.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_rpc import VALUE, secret_xml, uuid_of, volume_of  # noqa: E402  (the store the others serve)
 
+from secretbus.core import busypoll  # noqa: E402
 from secretbus.rpc import protocol as P  # noqa: E402
 from secretbus.rpc.frame import (  # noqa: E402
     LENGTH_SIZE,
@@ -106,4 +108,7 @@ async def serve(path: str, n: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1], int(sys.argv[2])))
+    # secretbusd's own loop, polling as long before it sleeps: the ceiling is that of a server
+    # that wakes as fast as secretbusd does and then does nothing.
+    with asyncio.Runner(loop_factory=lambda: busypoll.new_event_loop(busypoll.DEFAULT_POLL_US)) as r:
+        r.run(serve(sys.argv[1], int(sys.argv[2])))
