@@ -101,6 +101,21 @@ def test_no_poll_after_a_wake_up_without_io(counted, pair) -> None:
     sel.close()
 
 
+def test_a_select_that_does_not_wait_keeps_the_poll_for_the_next(counted, pair) -> None:
+    # asyncio selects with timeout 0 between the callbacks a request caused: finding nothing
+    # then is no sign of idleness, and the select that would sleep afterwards still polls.
+    a, b = pair
+    sel = counted(0.5)
+    sel.register(a, selectors.EVENT_READ)
+    _after_io(sel, a, b)
+    assert sel.select(0) == [] and sel.select(0) == []
+    sel.polls = sel.sleeps = 0
+    threading.Timer(0.02, b.send, (b"y",)).start()
+    assert [k.fileobj for k, _ in sel.select(None)] == [a]
+    assert sel.polls > 1 and sel.sleeps == 0
+    sel.close()
+
+
 def test_no_poll_when_asyncio_asks_not_to_wait(counted, pair) -> None:
     a, b = pair
     sel = counted(0.5)

@@ -48,7 +48,11 @@ class PollingSelector(selectors.EpollSelector):
             if timeout is not None:
                 timeout = max(0.0, timeout - (now() - start))
         ready = super().select(timeout)
-        self._after_io = bool(ready)
+        if ready:
+            self._after_io = True
+        elif timeout is None or timeout > 0:
+            self._after_io = False         # woken by a timer: nothing came while we slept
+        # (a select(0) with nothing ready, asyncio's between callbacks, leaves it as it was)
         return ready
 
 
