@@ -74,6 +74,8 @@ class Null(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        # as secretbusd's connections do: its loop polls after this socket's I/O (core/busypoll)
+        busypoll.mark(asyncio.get_running_loop(), transport.get_extra_info("socket").fileno())
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data

@@ -1,4 +1,5 @@
-"""core/busypoll: the daemon's loop polls after I/O for at most its spin, then sleeps."""
+"""core/busypoll: the daemon's loop polls after I/O on a marked socket for at most its spin,
+then sleeps; nothing else makes it poll."""
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def pair():
     b.close()
 
 
-def _after_io(sel: PollingSelector, a: socket.socket, b: socket.socket) -> None:
-    """A first select that returns an event, as after a request."""
+def _after_io(sel: PollingSelector, a: socket.socket, b: socket.socket, mark: bool = True) -> None:
+    """A first select that returns an event on `a`, as after a request (`a` marked first)."""
+    if mark:
+        sel.mark(a.fileno())
     b.send(b"x")
     assert sel.select(1.0)
     a.recv(16)
@@ -113,6 +116,37 @@ def test_a_select_that_does_not_wait_keeps_the_poll_for_the_next(counted, pair) 
     threading.Timer(0.02, b.send, (b"y",)).start()
     assert [k.fileobj for k, _ in sel.select(None)] == [a]
     assert sel.polls > 1 and sel.sleeps == 0
+    sel.close()
+
+
+def test_no_poll_after_io_on_a_socket_not_marked(counted, pair) -> None:
+    # the D-Bus connection, asyncio's self-pipe: their I/O makes no poll
+    a, b = pair
+    sel = counted(0.5)
+    sel.register(a, selectors.EVENT_READ)
+    _after_io(sel, a, b, mark=False)
+    sel.polls = sel.sleeps = 0
+    assert sel.select(0.02) == []
+    assert sel.polls == 0 and sel.sleeps == 1
+    sel.close()
+
+
+def test_no_poll_once_unmarked_or_after_the_window(counted, pair) -> None:
+    a, b = pair
+    sel = counted(0.5)
+    sel.register(a, selectors.EVENT_READ)
+    _after_io(sel, a, b)
+    assert sel.marked == {a.fileno()}
+    time.sleep(busypoll.HOT_WINDOW * 2)      # no marked I/O for longer than the window
+    sel.polls = sel.sleeps = 0
+    assert sel.select(0.02) == [] and sel.polls == 0
+    _after_io(sel, a, b)
+    sel.mark(a.fileno(), False)
+    assert sel.marked == frozenset()
+    time.sleep(busypoll.HOT_WINDOW * 2)
+    _after_io(sel, a, b, mark=False)          # the same fd's I/O, no longer marked
+    sel.polls = sel.sleeps = 0
+    assert sel.select(0.02) == [] and sel.polls == 0
     sel.close()
 
 

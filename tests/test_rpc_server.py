@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rpcraw import RawClient, RemoteError, handle
 
-from secretbus.core import errors
+from secretbus.core import busypoll, errors
 from secretbus.core.model import InstanceKind
 from secretbus.driver.build import open_instance
 from secretbus.rpc import protocol as P
@@ -499,3 +499,25 @@ def test_set_identity_from_a_non_root_peer_is_refused(tmp_path):
         assert client.session.identity is None
     finally:
         loop.close()
+
+
+def test_a_client_connection_is_polled_while_it_is_served(tmp_path, monkeypatch):
+    # core/busypoll: the connection marks its socket, and unmarks it when it closes
+    monkeypatch.setattr(asyncio, "new_event_loop", lambda: busypoll.new_event_loop(50))
+    s = InProcess(tmp_path)
+    monkeypatch.undo()
+    try:
+        sel = s.loop._selector
+        assert isinstance(sel, busypoll.PollingSelector) and sel.marked == frozenset()
+        with s.opened() as c:
+            c.call(P.Proc.CONNECT_NUM_OF_SECRETS)
+            assert len(sel.marked) == 1
+            with s.opened() as c2:
+                c2.call(P.Proc.CONNECT_NUM_OF_SECRETS)
+                assert len(sel.marked) == 2
+        deadline = time.monotonic() + 10
+        while sel.marked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sel.marked == frozenset()
+    finally:
+        s.close()

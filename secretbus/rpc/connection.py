@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any
 
-from secretbus.core import errors
+from secretbus.core import busypoll, errors
 from secretbus.core.eager import run_eager
 from secretbus.rpc import protocol as P
 from secretbus.rpc.failures import RemoteFailure, daemon_internal, error_body, rpc_failure
@@ -74,6 +74,7 @@ class Connection(asyncio.Protocol):
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self._fd = -1                       # the socket, marked for core/busypoll while served
         self._busy = 0                      # calls in flight (each holds a slot until answered)
         self._large: dict[int, Header] = {}  # of them, frames over LARGE_FRAME: id(header) -> header
         self._chunks: list[bytes] = []      # a partial frame, joined once `_need` bytes are in
@@ -100,6 +101,10 @@ class Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
+        if self._fd >= 0:
+            busypoll.mark(self._loop, self._fd)     # a client of one call at a time finds the loop awake
         self._ka = self._loop.create_task(self._keepalive())
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -378,6 +383,8 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        if self._fd >= 0:
+            busypoll.mark(self._loop, self._fd, False)
         if self._ka is not None:
             self._ka.cancel()
         self._stalled = None
