@@ -21,14 +21,29 @@ class Counted(PollingSelector):
 
     def __init__(self, spin: float) -> None:
         super().__init__(spin)
-        self.polls = 0
-        self.sleeps = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.polls = self.sleeps = 0
 
 
 @pytest.fixture
-def counted(monkeypatch):
+def pair():
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.fixture
+def counted(monkeypatch, pair):
+    """make(spin): a Counted selector watching the pair's first socket for reads."""
+    made: list[Counted] = []
+
     def make(spin: float) -> Counted:
         sel = Counted(spin)
+        sel.register(pair[0], selectors.EVENT_READ)
+        made.append(sel)
         inner = selectors.EpollSelector.select
 
         def select(self, timeout=None):
@@ -40,15 +55,9 @@ def counted(monkeypatch):
             return inner(self, timeout)
         monkeypatch.setattr(selectors.EpollSelector, "select", select)
         return sel
-    return make
-
-
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
+    yield make
+    for sel in made:
+        sel.close()
 
 
 def _after_io(sel: PollingSelector, a: socket.socket, b: socket.socket, mark: bool = True) -> None:
@@ -63,45 +72,39 @@ def _after_io(sel: PollingSelector, a: socket.socket, b: socket.socket, mark: bo
 def test_a_request_during_the_poll_is_taken_without_sleeping(counted, pair) -> None:
     a, b = pair
     sel = counted(0.5)
-    sel.register(a, selectors.EVENT_READ)
     _after_io(sel, a, b)
-    sel.polls = sel.sleeps = 0
+    sel.reset()
     threading.Timer(0.02, b.send, (b"y",)).start()
     t = time.perf_counter()
     ready = sel.select(None)
     assert [k.fileobj for k, _ in ready] == [a]
     assert time.perf_counter() - t < 0.4
     assert sel.polls > 1 and sel.sleeps == 0
-    sel.close()
 
 
 def test_the_poll_stops_at_its_spin_then_the_select_sleeps_the_rest(counted, pair) -> None:
     a, b = pair
     sel = counted(0.2)
-    sel.register(a, selectors.EVENT_READ)
     _after_io(sel, a, b)
-    sel.polls = sel.sleeps = 0
+    sel.reset()
     cpu, t = time.thread_time(), time.perf_counter()
     assert sel.select(0.3) == []
     wall, used = time.perf_counter() - t, time.thread_time() - cpu
     assert 0.28 <= wall < 0.45         # the timeout, not the spin added to it (0.5)
     assert used < 0.2 + 0.05           # CPU: the spin, then asleep
     assert sel.polls > 1 and sel.sleeps == 1
-    sel.close()
 
 
 def test_no_poll_after_a_wake_up_without_io(counted, pair) -> None:
     # a timer's wake-up (select returned nothing): the next select sleeps at once
     a, _ = pair
     sel = counted(0.5)
-    sel.register(a, selectors.EVENT_READ)
     assert sel.select(0.01) == []
-    sel.polls = sel.sleeps = 0
+    sel.reset()
     cpu = time.thread_time()
     assert sel.select(0.05) == []
     assert sel.polls == 0 and sel.sleeps == 1
     assert time.thread_time() - cpu < 0.02
-    sel.close()
 
 
 def test_a_select_that_does_not_wait_keeps_the_poll_for_the_next(counted, pair) -> None:
@@ -109,57 +112,49 @@ def test_a_select_that_does_not_wait_keeps_the_poll_for_the_next(counted, pair) 
     # then is no sign of idleness, and the select that would sleep afterwards still polls.
     a, b = pair
     sel = counted(0.5)
-    sel.register(a, selectors.EVENT_READ)
     _after_io(sel, a, b)
     assert sel.select(0) == [] and sel.select(0) == []
-    sel.polls = sel.sleeps = 0
+    sel.reset()
     threading.Timer(0.02, b.send, (b"y",)).start()
     assert [k.fileobj for k, _ in sel.select(None)] == [a]
     assert sel.polls > 1 and sel.sleeps == 0
-    sel.close()
 
 
 def test_no_poll_after_io_on_a_socket_not_marked(counted, pair) -> None:
     # the D-Bus connection, asyncio's self-pipe: their I/O makes no poll
     a, b = pair
     sel = counted(0.5)
-    sel.register(a, selectors.EVENT_READ)
     _after_io(sel, a, b, mark=False)
-    sel.polls = sel.sleeps = 0
+    sel.reset()
     assert sel.select(0.02) == []
     assert sel.polls == 0 and sel.sleeps == 1
-    sel.close()
 
 
 def test_no_poll_once_unmarked_or_after_the_window(counted, pair) -> None:
     a, b = pair
     sel = counted(0.5)
-    sel.register(a, selectors.EVENT_READ)
     _after_io(sel, a, b)
     assert sel.marked == {a.fileno()}
     time.sleep(busypoll.HOT_WINDOW * 2)      # no marked I/O for longer than the window
-    sel.polls = sel.sleeps = 0
+    sel.reset()
     assert sel.select(0.02) == [] and sel.polls == 0
     _after_io(sel, a, b)
     sel.mark(a.fileno(), False)
     assert sel.marked == frozenset()
     time.sleep(busypoll.HOT_WINDOW * 2)
     _after_io(sel, a, b, mark=False)          # the same fd's I/O, no longer marked
-    sel.polls = sel.sleeps = 0
+    sel.reset()
     assert sel.select(0.02) == [] and sel.polls == 0
-    sel.close()
 
 
 def test_no_poll_when_asyncio_asks_not_to_wait(counted, pair) -> None:
     a, b = pair
     sel = counted(0.5)
-    sel.register(a, selectors.EVENT_READ)
     _after_io(sel, a, b)
-    sel.polls = sel.sleeps = 0
+    sel.reset()
     t = time.perf_counter()
     assert sel.select(0) == []
     assert time.perf_counter() - t < 0.1 and sel.polls == 1
-    sel.close()
 
 
 def test_the_daemon_loop_serves_with_the_poll_and_without() -> None:
