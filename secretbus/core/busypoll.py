@@ -36,11 +36,12 @@ _selectors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PollingSelector
 
 class PollingSelector(selectors.EpollSelector):
     """EpollSelector whose select polls up to `spin` seconds before it blocks, while a
-    marked fd had I/O in the last HOT_WINDOW."""
+    marked fd had I/O in the last `window` seconds."""
 
-    def __init__(self, spin: float) -> None:
+    def __init__(self, spin: float, window: float = HOT_WINDOW) -> None:
         super().__init__()
         self._spin = spin
+        self._window = window
         self._marked: set[int] = set()
         self._hot_at = _NEVER             # when a select last returned a marked fd
 
@@ -57,7 +58,7 @@ class PollingSelector(selectors.EpollSelector):
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         now = time.perf_counter
         if (self._spin > 0 and (timeout is None or timeout > 0)
-                and now() - self._hot_at <= HOT_WINDOW):
+                and now() - self._hot_at <= self._window):
             poll = super().select
             start = now()
             end = start + (self._spin if timeout is None else min(self._spin, timeout))
