@@ -178,8 +178,7 @@ def _open_tls(uri: str, timeout: float, readonly: bool, login: SaslLogin | None 
         return None
     from secretbus.rpc.tls_client import TlsTransport, tls_target
     target = tls_target(uri)
-    if target is None:
-        return None
+    assert target is not None          # is_tls_uri said so: tls_target asks the same is_tls
     from secretbus.rpc.facade import RpcConnection
     return RpcConnection.open(uri, TlsTransport(target, login), name=target.open_name(), readonly=readonly,
                               timeout=timeout)
