@@ -10,8 +10,16 @@ import pytest
 
 from secretbus.rpc import protocol as P
 from secretbus.rpc import xdr
-from secretbus.rpc.connection import LARGE_FRAME, MAX_LARGE, WRITE_HIGH_WATER, Connection, RpcLimits
+from secretbus.rpc.connection import (
+    LARGE_FRAME,
+    MAX_LARGE,
+    PRE_AUTH_FRAME,
+    WRITE_HIGH_WATER,
+    Connection,
+    RpcLimits,
+)
 from secretbus.rpc.frame import LENGTH_SIZE, Header, decode_frame, encode_frame
+from secretbus.rpc.framebudget import FrameBudget
 from secretbus.rpc.procedures import Handler
 from secretbus.rpc.session import Peer, Session
 
@@ -71,7 +79,8 @@ def call(proc: int, serial: int) -> bytes:
 
 
 class Rig:
-    def __init__(self, limits: RpcLimits):
+    def __init__(self, limits: RpcLimits, *, budget: FrameBudget | None = None, authenticated: bool = True,
+                 table: dict[int, Handler] | None = None):
         self.gates: list[asyncio.Future[None]] = []
 
         async def wait(_c: Any, _a: Any) -> Any:
@@ -84,11 +93,12 @@ class Rig:
             self.gates.append(gate)
             await gate
             return {"secret": {"uuid": b"\0" * 16, "usageType": 0, "usageID": "x"}}
-        table = {TYPE: Handler(lambda _c, _a: {"type": "secret"}), WAIT: Handler(wait), BIG: Handler(big)}
-        session = Session(Peer(pid=1, uid=0, gid=0), socket_readonly=False, trusted=True, authenticated=True,
-                          opened=True)
+        table = {TYPE: Handler(lambda _c, _a: {"type": "secret"}), WAIT: Handler(wait), BIG: Handler(big),
+                 **(table or {})}
+        session = Session(Peer(pid=1, uid=0 if budget is None else 1000, gid=0), socket_readonly=False,
+                          trusted=budget is None, authenticated=authenticated, opened=authenticated)
         self.closed: list[Connection] = []
-        self.conn = Connection(session, table, limits, self.closed.append)
+        self.conn = Connection(session, table, limits, self.closed.append, budget)
         self.t = FakeTransport()
         self.conn.connection_made(self.t)
 
@@ -179,6 +189,103 @@ def test_a_frame_over_the_limit_aborts_before_it_is_read():
         r.conn.data_received(call(TYPE, 1))         # nothing more is served
         assert r.t.out == bytearray()
     asyncio.run(main())
+
+
+def test_before_authentication_a_frame_is_at_most_a_sasl_step():
+    """The largest call an unauthenticated peer may make is a SASL step with 64 KiB of data
+    (4 bytes a byte on the wire): it is read and answered; a larger frame aborts at its length."""
+    async def main() -> None:
+        async def step(_c: Any, a: Any) -> Any:
+            return {"complete": 0, "nil": 0, "data": a["data"][:1]}
+        r = Rig(RpcLimits(), authenticated=False, table={P.Proc.AUTH_SASL_STEP: Handler(step, pre_auth=True,
+                                                                                        pre_open=True)})
+        biggest = encode_frame(Header(P.REMOTE_PROGRAM, 1, P.Proc.AUTH_SASL_STEP, P.MsgType.CALL, 1, P.Status.OK),
+                               xdr.encode(P.PROCS[P.Proc.AUTH_SASL_STEP].args,
+                                          {"nil": 0, "data": b"x" * P.REMOTE_AUTH_SASL_DATA_MAX}))
+        assert LARGE_FRAME < len(biggest) <= PRE_AUTH_FRAME + LENGTH_SIZE
+        r.conn.data_received(biggest)
+        await settle()
+        assert r.t.replies() == [(1, {"complete": 0, "nil": 0, "data": b"x"})]
+        r.conn.data_received((PRE_AUTH_FRAME + LENGTH_SIZE + 1).to_bytes(4, "big"))
+        assert r.t.aborted and r.closed == [r.conn]
+    asyncio.run(main())
+
+
+def test_a_uids_connections_share_one_frame_budget():
+    """Frames are held against the uid's budget from their length word to their answer: a
+    frame that does not fit stops its connection reading, however many connections the uid
+    opens, until the uid's earlier frames are answered; then it is read and served."""
+    async def main() -> None:
+        frame = len(big_call(0)) - LENGTH_SIZE     # what a frame holds: all but its length word
+        budget = FrameBudget(2 * frame + 100)
+        a, b = Rig(RpcLimits(), budget=budget), Rig(RpcLimits(), budget=budget)
+        b.gates = a.gates
+        a.conn.data_received(big_call(1))
+        b.conn.data_received(big_call(2) + call(TYPE, 3))
+        await settle()
+        assert (budget.held, len(a.gates), a.t.paused, b.t.paused) == (2 * frame, 2, False, False)
+        # a third large frame, half sent: it does not fit, nothing of it is kept but the read
+        c = Rig(RpcLimits(), budget=budget)
+        c.gates = a.gates
+        c.conn.data_received(big_call(4)[:1000])
+        assert c.t.paused and c.conn._chunks == [] and budget.held == 2 * frame
+        # a small call behind it on another connection waits its turn too (FIFO)
+        b.conn.data_received(call(TYPE, 5))
+        assert b.t.paused and [s for s, _ in b.t.replies()] == [3]
+        a.gates[0].set_result(None)         # the first answered: its bytes go to c's frame
+        await settle()
+        assert [s for s, _ in a.t.replies()] == [1] and not c.t.paused and budget.held == 2 * frame
+        c.conn.data_received(big_call(4)[1000:])
+        await settle()
+        assert len(a.gates) == 3
+        assert [s for s, _ in b.t.replies()] == [3, 5] and not b.t.paused   # the small one fitted
+        for g in a.gates[1:]:
+            g.set_result(None)
+        await settle()
+        assert [s for s, _ in c.t.replies()] == [4] and budget.idle
+        for r in (a, b, c):
+            r.conn.close()
+    asyncio.run(main())
+
+
+def test_a_closed_connection_gives_back_what_it_held_or_was_given():
+    async def main() -> None:
+        frame = len(big_call(0)) - LENGTH_SIZE     # what a frame holds: all but its length word
+        budget = FrameBudget(frame + 10)     # one large frame, and no small one beside it
+        a, b, c = (Rig(RpcLimits(), budget=budget) for _ in range(3))
+        a.conn.data_received(big_call(1)[:5000])         # held while it arrives
+        b.conn.data_received(big_call(2)[:5000])         # waits
+        c.conn.data_received(call(TYPE, 3))               # waits behind b
+        assert budget.held == frame and b.t.paused and c.t.paused
+        a.conn.close()                                     # a's bytes go to b's frame
+        assert budget.held == frame
+        b.conn.close()                                     # b's grant, never used, goes on to c
+        await settle()
+        assert [s for s, _ in c.t.replies()] == [3] and budget.idle
+        c.conn.close()
+    asyncio.run(main())
+
+
+def test_the_frame_budget_in_order():
+    class W:
+        def __init__(self) -> None:
+            self.got: list[int] = []
+
+        def frame_granted(self, n: int) -> None:
+            self.got.append(n)
+    budget = FrameBudget(100)
+    x, y, z = W(), W(), W()
+    assert budget.take(x, 60) and not budget.take(y, 50) and not budget.take(z, 10)
+    assert not budget.take(y, 50) and budget.held == 60      # asking again does not queue twice
+    budget.give(60)
+    assert (x.got, y.got, z.got, budget.held) == ([], [50], [10], 60)   # in order, both fit
+    assert not budget.take(x, 50)
+    budget.cancel(x)
+    assert budget.take(x, 40) and budget.held == 100
+    budget.give(50)
+    budget.give(10)
+    budget.give(40)
+    assert budget.idle
 
 
 def test_a_large_frame_in_small_pieces_is_kept_as_pieces_until_whole():

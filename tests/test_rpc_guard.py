@@ -395,6 +395,55 @@ def test_connect_level_refusals_change_nothing(tmp_path):
         driver.close()
 
 
+def test_event_registrations_are_bounded_per_connection_and_per_uid(tmp_path):
+    """Any local user may register for events (the read-only socket, connect:search_secrets);
+    every event is matched against every registration. A connection holds at most
+    MAX_PER_CONNECTION, an untrusted uid at most MAX_PER_UID over its connections; a refusal
+    changes nothing, and what is deregistered or dropped with its connection counts no more."""
+    import pytest
+
+    from secretbus.core import errors
+    from secretbus.rpc import events
+    from secretbus.rpc import protocol as P
+    driver, token, guard, access, Procedures = _acl_setup(tmp_path)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    reg, dereg = P.Proc.CONNECT_SECRET_EVENT_REGISTER_ANY, P.Proc.CONNECT_SECRET_EVENT_DEREGISTER_ANY
+    try:
+        procs = Procedures(driver, EventHub(loop), token, system=True, guard=guard)
+        per_conn = events.MAX_PER_CONNECTION
+        conns = [AclClient() for _ in range(events.MAX_PER_UID // per_conn + 1)]
+        first = conns[0]
+        ids = [_call(procs, first, reg, {"eventID": i % 2, "secret": None})["callbackID"]
+               for i in range(per_conn)]
+        with pytest.raises(errors.OperationFailed, match="this connection has 64 event callbacks"):
+            _call(procs, first, reg, {"eventID": 0, "secret": None})
+        assert len(first.session.callbacks) == per_conn == len(procs.hub)
+        _call(procs, first, dereg, {"callbackID": ids[0]})
+        _call(procs, first, reg, {"eventID": 0, "secret": None})      # room again
+        for c in conns[1:-1]:
+            for _ in range(per_conn):
+                _call(procs, c, reg, {"eventID": 0, "secret": None})
+        assert len(procs.hub) == events.MAX_PER_UID
+        last = conns[-1]
+        with pytest.raises(errors.OperationFailed, match="this user has 256 event callbacks"):
+            _call(procs, last, reg, {"eventID": 0, "secret": None})
+        assert not last.session.callbacks and len(procs.hub) == events.MAX_PER_UID
+        procs.hub.drop(conns[1], conns[1].session.callbacks)           # its connection closed
+        conns[1].session.callbacks.clear()
+        _call(procs, last, reg, {"eventID": 0, "secret": None})
+        # root (and the session's own user) is counted per connection only
+        root = AclClient()
+        root.session.trusted = True
+        for _ in range(per_conn):
+            _call(procs, root, reg, {"eventID": 1, "secret": None})
+        assert len(root.session.callbacks) == per_conn
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+        driver.close()
+
+
 class RecordSink:
     def __init__(self):
         self.sent: list[dict[str, str]] = []

@@ -1,10 +1,13 @@
 """One client connection: read frames, dispatch calls, write replies and events, keepalive.
 
-Bounds (DESIGN §12): a frame larger than the limit closes the connection before it is read;
-at most `max_requests` calls are in flight (then the connection is not read until one
-finishes, so a flood waits in the kernel's buffer, not in ours); a reply's slot is held while the
-client's unread output is above the transport's high-water mark; an event that finds more
-than `max_unread` bytes unread drops the client. One client stalls only itself.
+Bounds (DESIGN §12): a frame larger than the limit (before authentication: PRE_AUTH_FRAME)
+closes the connection before it is read; at most `max_requests` calls are in flight (then the
+connection is not read until one finishes, so a flood waits in the kernel's buffer, not in
+ours); an untrusted local uid's frames, being read or in flight, share its FrameBudget over all
+its connections (the same: a frame that does not fit is not read); a reply's slot is held while
+the client's unread output is above the transport's high-water mark; an event that finds more
+than `max_unread` bytes unread drops the client. One client stalls only itself (and its uid's
+other connections, by the budget).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from secretbus.core.eager import run_eager
 from secretbus.rpc import protocol as P
 from secretbus.rpc.failures import RemoteFailure, daemon_internal, error_body, rpc_failure
 from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, encode_reply, frame_length, parse_header
+from secretbus.rpc.framebudget import UID_FRAME_BYTES, FrameBudget
 from secretbus.rpc.procedures import Handler
 from secretbus.rpc.session import Session
 from secretbus.rpc.xdr import XdrError, XdrType, decode, encode
@@ -27,10 +31,14 @@ from secretbus.rpc.xdr import XdrError, XdrType, decode, encode
 log = logging.getLogger("secretbus.rpc")
 
 WRITE_HIGH_WATER = 256 * 1024
-# Frames over LARGE_FRAME (defines with a long description, or junk) in flight per connection:
-# at most MAX_LARGE, so 16 calls in flight hold 16 small ones but never 16 of max_frame.
+# Frames over LARGE_FRAME (defines with a long description, or junk) held per connection, being
+# read or in flight: at most MAX_LARGE, so 16 calls in flight hold 16 small ones but never 16 of
+# max_frame. An untrusted local uid's frames share its FrameBudget besides (framebudget.py).
 LARGE_FRAME = 64 * 1024
 MAX_LARGE = 2
+# Before authentication only AUTH_* calls are served; the largest is a SASL step with its 64 KiB
+# of data at 4 bytes a byte (char data<>), so an unauthenticated peer's frame is no larger.
+PRE_AUTH_FRAME = 320 * 1024
 STREAM_READ = 256 * 1024        # serve_stream's read size (what a selector transport reads at once)
 _PONG = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, P.Status.OK))
 _PING = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0, P.Status.OK))
@@ -50,6 +58,9 @@ class RpcLimits:
     max_requests: int = 16
     max_frame: int = 2 * 1024 * 1024     # inbound; the largest call (a define) is < 1.1 MiB
     max_unread: int = 16 * 1024 * 1024   # queued output before an event drops the client
+    # Frame bytes held (being read or in flight) by all connections of one untrusted local uid
+    # (framebudget.py; at least max_frame): 64 connections × 16 calls could hold far more.
+    uid_frame_bytes: int = UID_FRAME_BYTES
     keepalive_interval: float = 5.0      # libvirt's keepalive_interval
     keepalive_count: int = 5             # unanswered pings before the client is dropped
 
@@ -67,7 +78,9 @@ class Connection(asyncio.Protocol):
     are all that is held here per connection."""
 
     def __init__(self, session: Session, table: dict[int, Handler], limits: RpcLimits,
-                 on_close: Callable[[Connection], None]):
+                 on_close: Callable[[Connection], None], budget: FrameBudget | None = None):
+        """`budget`: the frame bytes this peer's uid shares with its other connections (None:
+        this connection's own bounds only, as for root and remote peers)."""
         self.session = session
         self._table = table
         self._limits = limits
@@ -76,7 +89,13 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._fd = -1                       # the socket, marked for core/busypoll while served
         self._busy = 0                      # calls in flight (each holds a slot until answered)
-        self._large: dict[int, Header] = {}  # of them, frames over LARGE_FRAME: id(header) -> header
+        # Calls in flight that hold something: id(header) -> (header, frame size); each over
+        # LARGE_FRAME, and with a budget every one (its size taken from the budget)
+        self._held: dict[int, tuple[Header, int]] = {}
+        self._large = 0                     # frames over LARGE_FRAME held: in flight + being read
+        self._budget = budget
+        self._reading = 0                   # the size held for the frame being read (0: none)
+        self._granted = 0                   # bytes the budget gave this waiting connection
         self._chunks: list[bytes] = []      # a partial frame, joined once `_need` bytes are in
         self._have = 0
         self._need = LENGTH_SIZE
@@ -162,17 +181,24 @@ class Connection(asyncio.Protocol):
         need = LENGTH_SIZE
         try:
             while end - pos >= LENGTH_SIZE:
-                n = frame_length(data[pos:pos + LENGTH_SIZE], limit)
+                n = frame_length(data[pos:pos + LENGTH_SIZE],
+                                 limit if self.session.authenticated else min(limit, PRE_AUTH_FRAME))
                 need = LENGTH_SIZE + n
+                if not self._reading and (n > LARGE_FRAME or self._budget is not None):
+                    # Held from its length word on: a frame that must wait stays in the kernel.
+                    if not self._hold(n):
+                        self._stall(data, pos)
+                        return
+                    self._reading = n
                 if end - pos < need:
                     break
                 self._last_rx, self._pings = self._loop.time(), 0
-                large = n > LARGE_FRAME
-                if self._busy >= self._limits.max_requests or (large and len(self._large) >= MAX_LARGE):
+                if self._busy >= self._limits.max_requests:
                     self._stall(data, pos)
                     return
                 self._busy += 1
-                self._handle(memoryview(data)[pos + LENGTH_SIZE:pos + need], large)
+                held, self._reading = self._reading, 0      # its call holds it now
+                self._handle(memoryview(data)[pos + LENGTH_SIZE:pos + need], held)
                 pos += need
                 need = LENGTH_SIZE
                 if self._closed:
@@ -190,12 +216,44 @@ class Connection(asyncio.Protocol):
         if self._stream_drain is None and self.transport is not None:
             self.transport.pause_reading()
 
+    def _hold(self, n: int) -> bool:
+        """Hold a frame of `n` bytes (MAX_LARGE, the budget), or False: the connection waits."""
+        large = n > LARGE_FRAME
+        if large and self._large >= MAX_LARGE:
+            return False            # until one of this connection's own ends (_release resumes)
+        if self._granted:
+            self._granted = 0       # the budget gave what this frame asked for
+        elif self._budget is not None and not self._budget.take(self, n):
+            return False            # until the uid's earlier frames are answered (frame_granted)
+        self._large += large
+        return True
+
+    def _unhold(self, n: int) -> None:
+        self._large -= n > LARGE_FRAME
+        if self._budget is not None:
+            self._budget.give(n)
+
+    def frame_granted(self, n: int) -> None:
+        """The budget gave this waiting connection the `n` bytes its next frame needs."""
+        if self._closed:
+            if self._budget is not None:
+                self._budget.give(n)
+            return
+        self._granted = n
+        self._loop.call_soon(self._resume)
+
     def _release(self, header: Header | None) -> None:
         """The call of `header` (None: a frame whose header did not parse) ended: its slot is
         free; a frame waiting for one is dispatched now."""
         self._busy -= 1
-        if self._large and header is not None:
-            self._large.pop(id(header), None)
+        if self._held and header is not None:
+            held = self._held.pop(id(header), None)
+            if held is not None:
+                self._unhold(held[1])
+        self._resume()
+
+    def _resume(self) -> None:
+        """Dispatch the frames a stall kept, if any, and read again."""
         stalled = self._stalled
         if stalled is None or self._closed:
             return
@@ -207,16 +265,20 @@ class Connection(asyncio.Protocol):
             self._reader_wait.set_result(None)
         self._parse(*stalled)
 
-    def _handle(self, body: memoryview, large: bool) -> None:
-        """Dispatch one frame; the slot taken for it is released when it is answered."""
+    def _handle(self, body: memoryview, held: int) -> None:
+        """Dispatch one frame; the slot taken for it, and the `held` bytes, are released when
+        it is answered."""
         release = True
         header: Header | None = None
         try:
-            header, payload = parse_header(body)
-            if large:
-                # counted from here until its release (a header that does not parse is
-                # released before _handle returns, so it never holds a large slot)
-                self._large[id(header)] = header
+            try:
+                header, payload = parse_header(body)
+            except XdrError:
+                if held:
+                    self._unhold(held)      # released below without a header
+                raise
+            if held:
+                self._held[id(header)] = (header, held)
             if header.prog == P.KEEPALIVE_PROGRAM:
                 if header.type == P.MsgType.MESSAGE and header.proc == P.KeepAlive.PING:
                     self._send(_PONG)
@@ -383,6 +445,14 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        if self._budget is not None:
+            self._budget.cancel(self)
+            if self._granted:
+                self._budget.give(self._granted)
+                self._granted = 0
+        if self._reading:                   # the frame being read will not be
+            self._unhold(self._reading)
+            self._reading = 0
         if self._fd >= 0:
             busypoll.mark(self._loop, self._fd, False)
         if self._ka is not None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from secretbus.core import loophop
+from secretbus.core import errors, loophop
 from secretbus.core.model import EventId, SecretDef, SecretEvent
 from secretbus.rpc import protocol as P
 from secretbus.rpc.failures import daemon_internal, rpc_failure
@@ -50,6 +50,15 @@ class Registration:
     sink: EventSink
     event_id: EventId
     uuid: str | None               # only this secret's events, when set
+    owner: int | None = None       # the uid whose count it is in (None: not counted)
+
+
+# Every event is matched against every registration, and any local user may register (the
+# read-only socket and connect:search_secrets are open to all): unbounded, one user's millions
+# of registrations would stall the loop on each write and fill memory. virsh registers one,
+# a management stack a few per connection.
+MAX_PER_CONNECTION = 64
+MAX_PER_UID = 256                  # over all connections of an untrusted local uid
 
 
 class EventHub:
@@ -57,6 +66,7 @@ class EventHub:
         self._loop = loop
         self._next = 0
         self._regs: dict[int, Registration] = {}
+        self._per_owner: Counter[int] = Counter()
         self.visible = visible
         self._queue: deque[tuple[SecretEvent, list[tuple[int, Registration]]]] = deque()
         self._worker: asyncio.Task[None] | None = None
@@ -68,24 +78,42 @@ class EventHub:
         except ValueError:
             raise daemon_internal(f"unsupported secret event ID {event_id}") from None
 
-    def register(self, sink: EventSink, event_id: int, uuid: str | None) -> int:
+    def register(self, sink: EventSink, event_id: int, uuid: str | None, *, owner: int | None = None,
+                 held: int = 0) -> int:
+        """A new callback id; `held`: the registrations `sink` has already, `owner`: the uid
+        counted against MAX_PER_UID (None: not counted, root and remote peers)."""
         eid = self.event_id(event_id)
+        if held >= MAX_PER_CONNECTION:
+            raise errors.OperationFailed(f"this connection has {held} event callbacks, the most allowed")
+        if owner is not None and self._per_owner[owner] >= MAX_PER_UID:
+            raise errors.OperationFailed(f"this user has {self._per_owner[owner]} event callbacks, the most allowed")
         cb = self._next
         self._next += 1
-        self._regs[cb] = Registration(sink, eid, uuid)
+        self._regs[cb] = Registration(sink, eid, uuid, owner)
+        if owner is not None:
+            self._per_owner[owner] += 1
         return cb
 
     def deregister(self, sink: EventSink, callback_id: int) -> None:
         reg = self._regs.get(callback_id)
         if reg is None or reg.sink is not sink:
             raise rpc_failure(f"callbackID {callback_id} not registered")
-        del self._regs[callback_id]
+        self._remove(callback_id, reg)
 
     def drop(self, sink: EventSink, callback_ids: set[int]) -> None:
         for cb in callback_ids:
             reg = self._regs.get(cb)
             if reg is not None and reg.sink is sink:
-                del self._regs[cb]
+                self._remove(cb, reg)
+
+    def _remove(self, cb: int, reg: Registration) -> None:
+        del self._regs[cb]
+        if reg.owner is not None:
+            left = self._per_owner[reg.owner] - 1
+            if left > 0:
+                self._per_owner[reg.owner] = left
+            else:
+                del self._per_owner[reg.owner]
 
     def __len__(self) -> int:
         return len(self._regs)

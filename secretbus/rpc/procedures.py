@@ -382,7 +382,10 @@ class Procedures:
             if c.session.closed:
                 # Closed while its check ran: a registration now would never be dropped.
                 raise daemon_internal("connection closed")
-            cb = self.hub.register(c, event_id, _uuid(secret) if secret is not None else None)
+            s = c.session
+            cb = self.hub.register(c, event_id, _uuid(secret) if secret is not None else None,
+                                   owner=None if s.trusted or s.remote is not None else s.peer.uid,
+                                   held=len(s.callbacks))
             c.session.callbacks.add(cb)
             return {"callbackID": cb}
         # libvirt's connect:search_secrets; each event is then filtered by getattr (events.py).

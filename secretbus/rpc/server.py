@@ -27,6 +27,7 @@ from secretbus.driver.driver import SecretDriver
 from secretbus.rpc.activation import ActivationError, Passed, listening_unix_stream
 from secretbus.rpc.connection import Connection, RpcLimits
 from secretbus.rpc.events import EventHub
+from secretbus.rpc.framebudget import FrameBudget
 from secretbus.rpc.guard import EventVisibility, Guard
 from secretbus.rpc.identity import SystemToken
 from secretbus.rpc.paths import RO_SOCKET_NAME, SOCKET_NAME, SYSTEM_DIR, session_dir
@@ -209,6 +210,7 @@ class RpcServer:
         self._made: list[tuple[Path, int]] = []     # (path, inode) of the sockets this server bound
         self._conns: set[Connection] = set()
         self._per_uid: Counter[int] = Counter()
+        self._budgets: dict[int, FrameBudget] = {}      # the frame bytes of each untrusted local uid
         self._sub: int | None = None
         self.hub: EventHub | None = None
         self._table: dict = {}
@@ -253,7 +255,10 @@ class RpcServer:
             return None
         trusted = peer.uid == 0 if self.system else peer.uid == os.geteuid()
         session = self._unix_session(peer, readonly, trusted)
-        conn = Connection(session, self._table, self.limits, self._forget)
+        budget = None if trusted else self._budgets.get(peer.uid)
+        if budget is None and not trusted:
+            budget = self._budgets[peer.uid] = FrameBudget(max(self.limits.uid_frame_bytes, self.limits.max_frame))
+        conn = Connection(session, self._table, self.limits, self._forget, budget)
         self._conns.add(conn)
         self._per_uid[peer.uid] += 1
         return conn
@@ -321,6 +326,9 @@ class RpcServer:
             self._per_uid[uid] -= 1
             if self._per_uid[uid] <= 0:
                 del self._per_uid[uid]
+            budget = self._budgets.get(uid)
+            if budget is not None and budget.idle and uid not in self._per_uid:
+                del self._budgets[uid]      # (one that a closed connection's call still holds stays)
             if self.hub is not None:
                 self.hub.drop(conn, conn.session.callbacks)
             self.guard.closed(conn.session)
