@@ -19,9 +19,9 @@ from secretbus.rpc.connection import (
     RpcLimits,
 )
 from secretbus.rpc.frame import LENGTH_SIZE, Header, decode_frame, encode_frame
-from secretbus.rpc.framebudget import FrameBudget
 from secretbus.rpc.procedures import Handler
 from secretbus.rpc.session import Peer, Session
+from secretbus.rpc.uidshare import UidShare
 
 TYPE = P.Proc.CONNECT_GET_TYPE           # answered at once
 WAIT = P.Proc.CONNECT_GET_HOSTNAME       # answered when the test says so
@@ -79,7 +79,7 @@ def call(proc: int, serial: int) -> bytes:
 
 
 class Rig:
-    def __init__(self, limits: RpcLimits, *, budget: FrameBudget | None = None, authenticated: bool = True,
+    def __init__(self, limits: RpcLimits, *, share: UidShare | None = None, authenticated: bool = True,
                  table: dict[int, Handler] | None = None):
         self.gates: list[asyncio.Future[None]] = []
 
@@ -95,10 +95,10 @@ class Rig:
             return {"secret": {"uuid": b"\0" * 16, "usageType": 0, "usageID": "x"}}
         table = {TYPE: Handler(lambda _c, _a: {"type": "secret"}), WAIT: Handler(wait), BIG: Handler(big),
                  **(table or {})}
-        session = Session(Peer(pid=1, uid=0 if budget is None else 1000, gid=0), socket_readonly=False,
-                          trusted=budget is None, authenticated=authenticated, opened=authenticated)
+        session = Session(Peer(pid=1, uid=0 if share is None else 1000, gid=0), socket_readonly=False,
+                          trusted=share is None, authenticated=authenticated, opened=authenticated)
         self.closed: list[Connection] = []
-        self.conn = Connection(session, table, limits, self.closed.append, budget)
+        self.conn = Connection(session, table, limits, self.closed.append, share)
         self.t = FakeTransport()
         self.conn.connection_made(self.t)
 
@@ -217,15 +217,15 @@ def test_a_uids_connections_share_one_frame_budget():
     opens, until the uid's earlier frames are answered; then it is read and served."""
     async def main() -> None:
         frame = len(big_call(0)) - LENGTH_SIZE     # what a frame holds: all but its length word
-        budget = FrameBudget(2 * frame + 100)
-        a, b = Rig(RpcLimits(), budget=budget), Rig(RpcLimits(), budget=budget)
+        budget = UidShare(2 * frame + 100)
+        a, b = Rig(RpcLimits(), share=budget), Rig(RpcLimits(), share=budget)
         b.gates = a.gates
         a.conn.data_received(big_call(1))
         b.conn.data_received(big_call(2) + call(TYPE, 3))
         await settle()
         assert (budget.held, len(a.gates), a.t.paused, b.t.paused) == (2 * frame, 2, False, False)
         # a third large frame, half sent: it does not fit, nothing of it is kept but the read
-        c = Rig(RpcLimits(), budget=budget)
+        c = Rig(RpcLimits(), share=budget)
         c.gates = a.gates
         c.conn.data_received(big_call(4)[:1000])
         assert c.t.paused and c.conn._chunks == [] and budget.held == 2 * frame
@@ -242,17 +242,18 @@ def test_a_uids_connections_share_one_frame_budget():
         for g in a.gates[1:]:
             g.set_result(None)
         await settle()
-        assert [s for s, _ in c.t.replies()] == [4] and budget.idle
+        assert [s for s, _ in c.t.replies()] == [4] and budget.held == 0
         for r in (a, b, c):
             r.conn.close()
+        assert budget.idle
     asyncio.run(main())
 
 
 def test_a_closed_connection_gives_back_what_it_held_or_was_given():
     async def main() -> None:
         frame = len(big_call(0)) - LENGTH_SIZE     # what a frame holds: all but its length word
-        budget = FrameBudget(frame + 10)     # one large frame, and no small one beside it
-        a, b, c = (Rig(RpcLimits(), budget=budget) for _ in range(3))
+        budget = UidShare(frame + 10)     # one large frame, and no small one beside it
+        a, b, c = (Rig(RpcLimits(), share=budget) for _ in range(3))
         a.conn.data_received(big_call(1)[:5000])         # held while it arrives
         b.conn.data_received(big_call(2)[:5000])         # waits
         c.conn.data_received(call(TYPE, 3))               # waits behind b
@@ -261,8 +262,40 @@ def test_a_closed_connection_gives_back_what_it_held_or_was_given():
         assert budget.held == frame
         b.conn.close()                                     # b's grant, never used, goes on to c
         await settle()
-        assert [s for s, _ in c.t.replies()] == [3] and budget.idle
+        assert [s for s, _ in c.t.replies()] == [3] and budget.held == 0
         c.conn.close()
+        assert budget.idle
+    asyncio.run(main())
+
+
+def test_events_a_uids_connections_leave_unread_are_bounded_together():
+    """Each connection may leave max_unread of events unread, but a uid has 64 connections:
+    one that is itself behind is dropped once the uid's connections together leave more than
+    uid_max_unread; one that reads is never dropped for another's backlog."""
+    async def main() -> None:
+        share = UidShare()
+        limits = RpcLimits(max_unread=1000 * WRITE_HIGH_WATER, uid_max_unread=4 * WRITE_HIGH_WATER)
+        behind, other, reader = (Rig(limits, share=share) for _ in range(3))
+        behind.t.unread = other.t.unread = 2 * WRITE_HIGH_WATER
+        reader.t.unread = 0
+        for r in (behind, other, reader):
+            r.conn.send_message(P.Proc.SECRET_EVENT_VALUE_CHANGED, b"e")
+        assert not any(r.t.aborted for r in (behind, other, reader))     # exactly at the bound
+        behind.t.unread += 1
+        reader.conn.send_message(P.Proc.SECRET_EVENT_VALUE_CHANGED, b"e")
+        assert not reader.t.aborted                 # over it, but this one reads
+        behind.conn.send_message(P.Proc.SECRET_EVENT_VALUE_CHANGED, b"e")
+        assert behind.t.aborted and behind.conn not in share.connections
+        other.conn.send_message(P.Proc.SECRET_EVENT_VALUE_CHANGED, b"e")
+        assert not other.t.aborted                  # the uid is back under its bound
+        # root (no share) keeps the per-connection bound only
+        root = Rig(limits)
+        root.t.unread = 999 * WRITE_HIGH_WATER
+        root.conn.send_message(P.Proc.SECRET_EVENT_VALUE_CHANGED, b"e")
+        assert not root.t.aborted
+        for r in (other, reader, root):
+            r.conn.close()
+        assert share.idle
     asyncio.run(main())
 
 
@@ -273,7 +306,7 @@ def test_the_frame_budget_in_order():
 
         def frame_granted(self, n: int) -> None:
             self.got.append(n)
-    budget = FrameBudget(100)
+    budget = UidShare(100)
     x, y, z = W(), W(), W()
     assert budget.take(x, 60) and not budget.take(y, 50) and not budget.take(z, 10)
     assert not budget.take(y, 50) and budget.held == 60      # asking again does not queue twice

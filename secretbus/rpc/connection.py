@@ -3,11 +3,12 @@
 Bounds (DESIGN §12): a frame larger than the limit (before authentication: PRE_AUTH_FRAME)
 closes the connection before it is read; at most `max_requests` calls are in flight (then the
 connection is not read until one finishes, so a flood waits in the kernel's buffer, not in
-ours); an untrusted local uid's frames, being read or in flight, share its FrameBudget over all
-its connections (the same: a frame that does not fit is not read); a reply's slot is held while
-the client's unread output is above the transport's high-water mark; an event that finds more
-than `max_unread` bytes unread drops the client. One client stalls only itself (and its uid's
-other connections, by the budget).
+ours); the frames of an untrusted local uid, being read or in flight, take their bytes from
+what all its connections share (uidshare.py; a frame that does not fit is not read either); a
+reply's slot is held while the client's unread output is above the transport's high-water
+mark; an event that finds more than `max_unread` bytes unread, or finds this connection behind
+while its uid's connections together leave `uid_max_unread`, drops the client. One client
+stalls only itself, and its uid's other connections.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from secretbus.core.eager import run_eager
 from secretbus.rpc import protocol as P
 from secretbus.rpc.failures import RemoteFailure, daemon_internal, error_body, rpc_failure
 from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, encode_reply, frame_length, parse_header
-from secretbus.rpc.framebudget import UID_FRAME_BYTES, FrameBudget
 from secretbus.rpc.procedures import Handler
 from secretbus.rpc.session import Session
+from secretbus.rpc.uidshare import UID_FRAME_BYTES, UidShare
 from secretbus.rpc.xdr import XdrError, XdrType, decode, encode
 
 log = logging.getLogger("secretbus.rpc")
@@ -33,7 +34,7 @@ log = logging.getLogger("secretbus.rpc")
 WRITE_HIGH_WATER = 256 * 1024
 # Frames over LARGE_FRAME (defines with a long description, or junk) held per connection, being
 # read or in flight: at most MAX_LARGE, so 16 calls in flight hold 16 small ones but never 16 of
-# max_frame. An untrusted local uid's frames share its FrameBudget besides (framebudget.py).
+# max_frame. An untrusted local uid's frames share its UidShare's bytes besides (uidshare.py).
 LARGE_FRAME = 64 * 1024
 MAX_LARGE = 2
 # Before authentication only AUTH_* calls are served; the largest is a SASL step with its 64 KiB
@@ -59,8 +60,11 @@ class RpcLimits:
     max_frame: int = 2 * 1024 * 1024     # inbound; the largest call (a define) is < 1.1 MiB
     max_unread: int = 16 * 1024 * 1024   # queued output before an event drops the client
     # Frame bytes held (being read or in flight) by all connections of one untrusted local uid
-    # (framebudget.py; at least max_frame): 64 connections × 16 calls could hold far more.
+    # (uidshare.py; at least max_frame): 64 connections × 16 calls could hold far more.
     uid_frame_bytes: int = UID_FRAME_BYTES
+    # Output all connections of such a uid leave unread: over it, one of them that is itself
+    # behind is dropped when an event comes (64 × max_unread would be a GiB).
+    uid_max_unread: int = 16 * 1024 * 1024
     keepalive_interval: float = 5.0      # libvirt's keepalive_interval
     keepalive_count: int = 5             # unanswered pings before the client is dropped
 
@@ -78,8 +82,8 @@ class Connection(asyncio.Protocol):
     are all that is held here per connection."""
 
     def __init__(self, session: Session, table: dict[int, Handler], limits: RpcLimits,
-                 on_close: Callable[[Connection], None], budget: FrameBudget | None = None):
-        """`budget`: the frame bytes this peer's uid shares with its other connections (None:
+                 on_close: Callable[[Connection], None], share: UidShare | None = None):
+        """`share`: what this peer's uid shares with its other connections (None:
         this connection's own bounds only, as for root and remote peers)."""
         self.session = session
         self._table = table
@@ -90,10 +94,12 @@ class Connection(asyncio.Protocol):
         self._fd = -1                       # the socket, marked for core/busypoll while served
         self._busy = 0                      # calls in flight (each holds a slot until answered)
         # Calls in flight that hold something: id(header) -> (header, frame size); each over
-        # LARGE_FRAME, and with a budget every one (its size taken from the budget)
+        # LARGE_FRAME, and with a share every one (its size taken from the share)
         self._held: dict[int, tuple[Header, int]] = {}
         self._large = 0                     # frames over LARGE_FRAME held: in flight + being read
-        self._budget = budget
+        self._share = share
+        if share is not None:
+            share.connections.add(self)
         self._reading = 0                   # the size held for the frame being read (0: none)
         self._granted = 0                   # bytes the budget gave this waiting connection
         self._chunks: list[bytes] = []      # a partial frame, joined once `_need` bytes are in
@@ -114,6 +120,11 @@ class Connection(asyncio.Protocol):
     @property
     def in_flight(self) -> int:
         return self._busy
+
+    @property
+    def unread(self) -> int:
+        """Bytes written and not yet taken by the client."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
     # -- the transport ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -184,7 +195,7 @@ class Connection(asyncio.Protocol):
                 n = frame_length(data[pos:pos + LENGTH_SIZE],
                                  limit if self.session.authenticated else min(limit, PRE_AUTH_FRAME))
                 need = LENGTH_SIZE + n
-                if not self._reading and (n > LARGE_FRAME or self._budget is not None):
+                if not self._reading and (n > LARGE_FRAME or self._share is not None):
                     # Held from its length word on: a frame that must wait stays in the kernel.
                     if not self._hold(n):
                         self._stall(data, pos)
@@ -223,21 +234,21 @@ class Connection(asyncio.Protocol):
             return False            # until one of this connection's own ends (_release resumes)
         if self._granted:
             self._granted = 0       # the budget gave what this frame asked for
-        elif self._budget is not None and not self._budget.take(self, n):
+        elif self._share is not None and not self._share.take(self, n):
             return False            # until the uid's earlier frames are answered (frame_granted)
         self._large += large
         return True
 
     def _unhold(self, n: int) -> None:
         self._large -= n > LARGE_FRAME
-        if self._budget is not None:
-            self._budget.give(n)
+        if self._share is not None:
+            self._share.give(n)
 
     def frame_granted(self, n: int) -> None:
         """The budget gave this waiting connection the `n` bytes its next frame needs."""
         if self._closed:
-            if self._budget is not None:
-                self._budget.give(n)
+            if self._share is not None:
+                self._share.give(n)
             return
         self._granted = n
         self._loop.call_soon(self._resume)
@@ -416,7 +427,11 @@ class Connection(asyncio.Protocol):
         """An event (type MESSAGE, serial 1 as libvirtd sends them)."""
         if self._closed:
             return
-        if self.transport is not None and self.transport.get_write_buffer_size() > self._limits.max_unread:
+        unread = self.unread
+        if unread > self._limits.max_unread or (
+                # one that reads is never dropped for another's backlog
+                self._share is not None and unread > WRITE_HIGH_WATER
+                and self._share.unread_total() > self._limits.uid_max_unread):
             log.warning("dropping RPC client pid %d uid %d: it does not read its events",
                         self.session.peer.pid, self.session.peer.uid)
             self.close(abort=True)
@@ -445,10 +460,11 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        if self._budget is not None:
-            self._budget.cancel(self)
+        if self._share is not None:
+            self._share.connections.discard(self)
+            self._share.cancel(self)
             if self._granted:
-                self._budget.give(self._granted)
+                self._share.give(self._granted)
                 self._granted = 0
         if self._reading:                   # the frame being read will not be
             self._unhold(self._reading)

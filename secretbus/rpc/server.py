@@ -27,7 +27,6 @@ from secretbus.driver.driver import SecretDriver
 from secretbus.rpc.activation import ActivationError, Passed, listening_unix_stream
 from secretbus.rpc.connection import Connection, RpcLimits
 from secretbus.rpc.events import EventHub
-from secretbus.rpc.framebudget import FrameBudget
 from secretbus.rpc.guard import EventVisibility, Guard
 from secretbus.rpc.identity import SystemToken
 from secretbus.rpc.paths import RO_SOCKET_NAME, SOCKET_NAME, SYSTEM_DIR, session_dir
@@ -36,6 +35,7 @@ from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
 from secretbus.rpc.sasl import SaslExchange, VerifierStore
 from secretbus.rpc.serverconf import ServerConf
 from secretbus.rpc.session import Peer, SaslMechanism, Session, peer_of
+from secretbus.rpc.uidshare import UidShare
 
 log = logging.getLogger("secretbus.rpc")
 
@@ -210,7 +210,7 @@ class RpcServer:
         self._made: list[tuple[Path, int]] = []     # (path, inode) of the sockets this server bound
         self._conns: set[Connection] = set()
         self._per_uid: Counter[int] = Counter()
-        self._budgets: dict[int, FrameBudget] = {}      # the frame bytes of each untrusted local uid
+        self._shares: dict[int, UidShare] = {}       # what each untrusted local uid shares
         self._sub: int | None = None
         self.hub: EventHub | None = None
         self._table: dict = {}
@@ -255,10 +255,10 @@ class RpcServer:
             return None
         trusted = peer.uid == 0 if self.system else peer.uid == os.geteuid()
         session = self._unix_session(peer, readonly, trusted)
-        budget = None if trusted else self._budgets.get(peer.uid)
-        if budget is None and not trusted:
-            budget = self._budgets[peer.uid] = FrameBudget(max(self.limits.uid_frame_bytes, self.limits.max_frame))
-        conn = Connection(session, self._table, self.limits, self._forget, budget)
+        share = None if trusted else self._shares.get(peer.uid)
+        if share is None and not trusted:
+            share = self._shares[peer.uid] = UidShare(max(self.limits.uid_frame_bytes, self.limits.max_frame))
+        conn = Connection(session, self._table, self.limits, self._forget, share)
         self._conns.add(conn)
         self._per_uid[peer.uid] += 1
         return conn
@@ -326,9 +326,9 @@ class RpcServer:
             self._per_uid[uid] -= 1
             if self._per_uid[uid] <= 0:
                 del self._per_uid[uid]
-            budget = self._budgets.get(uid)
-            if budget is not None and budget.idle and uid not in self._per_uid:
-                del self._budgets[uid]      # (one that a closed connection's call still holds stays)
+            share = self._shares.get(uid)
+            if share is not None and share.idle and uid not in self._per_uid:
+                del self._shares[uid]       # (one that a closed connection's call still holds stays)
             if self.hub is not None:
                 self.hub.drop(conn, conn.session.callbacks)
             self.guard.closed(conn.session)
