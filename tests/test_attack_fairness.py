@@ -88,6 +88,23 @@ def _marshalled(sig: str, body: list[Any]) -> int:
     return len(Message.new_method_return(call, sig, body)._marshall(False))
 
 
+def test_uid_writes_bound_each_uid_apart_and_give_back():
+    from secretbus.bus.limits import WRITE_COST_MIN, UidWrites, write_size
+    w = UidWrites(100_000)
+    assert w.take(1000, 2_000_000) == 2_000_000       # one write alone is never refused
+    with pytest.raises(Refused, match="2000000 bytes of this user's writes are in flight"):
+        w.take(1000, 10)
+    assert w.take(1001, 10) == WRITE_COST_MIN          # another uid is not held up
+    w.give(1000, 2_000_000)
+    assert w.take(1000, 60_000) == 60_000
+    with pytest.raises(Refused):
+        w.take(1000, 50_000)
+    w.give(1000, 60_000)
+    w.give(1001, WRITE_COST_MIN)
+    assert w.sizes() == {"writing_uids": 0} and w.refused == 2
+    assert write_size(["<secret/>", 0]) == 9 and write_size([b"v" * 70, 0]) == 70
+
+
 def test_reply_size_is_an_upper_bound_close_to_the_wire_size():
     rnd = random.Random(12)
     for n in (0, 1, 7, 50):
@@ -676,6 +693,88 @@ def test_slow_readers_flooding_calls_get_no_replies_to_pile_up(test_users, unpri
         assert stack.daemon.proc.poll() is None
     finally:
         stack.stop()
+
+
+# --------------------------------------------------------------------------------------
+# writes queued: one member's connections together
+
+# A member allowed to write (the example rules) keeps 32 SetValue calls of 64 KiB in flight
+# on each of `conns` connections, all to one secret, whose writes are committed one per batch
+# (per-secret order): the rest wait, each holding its value. Unbounded, 64 connections took
+# secretbusd from 44 to 192 MB (and a uid may open 256); bounded per uid (limits.UidWrites),
+# the same flood adds ~11 MB, and most of its calls are refused with LimitsExceeded.
+FLOOD_CONNS = 64
+WRITE_FLOOD = r"""
+import asyncio, json, sys, time
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+from secretbus.bus import compat
+addr, path, conns, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+value, got = bytes(65536), {}
+async def one(bus, deadline):
+    while time.monotonic() < deadline:
+        try:
+            r = await asyncio.wait_for(bus.call(Message(
+                destination="org.libvirt.secret", path=path, interface="org.libvirt.Secret",
+                member="SetValue", signature="ayu", body=[value, 0])), 60)
+            k = r.error_name or "ok"
+        except Exception as e:
+            k = type(e).__name__
+        got[k] = got.get(k, 0) + 1
+async def main():
+    buses = [compat.eagain_is_not_fatal(await MessageBus(bus_address=addr).connect()) for _ in range(conns)]
+    print("ready", flush=True)
+    deadline = time.monotonic() + seconds
+    await asyncio.gather(*(one(b, deadline) for b in buses for _ in range(32)))
+    print(json.dumps(got), flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.bus_policy(BUS_CONF)
+def test_a_members_queued_writes_are_bounded_together(make_bus, make_polkitd, make_secretbusd, unpriv_python,
+                                                      test_users):
+    """The writes one uid keeps waiting for the writer are bounded together, however many
+    connections it opens; root is served meanwhile."""
+    bus = make_bus("system", policy_files=(BUS_CONF,))
+    make_polkitd(bus, actions=(ACTIONS,), rules=(RULES,))
+    root = harness.public_tempdir("sb-fair-writes-")
+    _store(root, 1, 10)
+    target = "5b7e5700-0000-4000-8001-000000000000"
+    daemon = make_secretbusd(bus, system=True, root=root)
+    attacker = None
+    try:
+        before = _rss_mb(daemon.proc.pid)
+        attacker = subprocess.Popen(
+            harness.as_user(MEMBER, unpriv_python.argv("-c", WRITE_FLOOD, bus.address, _secret_path(target),
+                                                       str(FLOOD_CONNS), "8")),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=unpriv_python.env(harness.user_env(MEMBER)),
+            cwd="/", start_new_session=True, text=True)
+        assert attacker.stdout is not None
+        assert attacker.stdout.readline().strip() == "ready", attacker.stderr.read() if attacker.stderr else ""
+        peak, lat = before, []
+        end = time.monotonic() + 8
+        while time.monotonic() < end:
+            peak = max(peak, _rss_mb(daemon.proc.pid))
+            timing: list[float] = []
+            r = asyncio.run(_call(bus.address, _secret_path(ROOT_UUID), "org.libvirt.Secret", "GetValue", "u", [0],
+                                  timeout=10, timing=timing))
+            assert r.message_type is MessageType.METHOD_RETURN and r.body == [b"root-value"], r.body
+            lat.append(timing[0])
+            time.sleep(0.1)
+        out, err = attacker.communicate(timeout=120)
+        got = json.loads(out.strip().splitlines()[-1])
+        print(f"\nwrite flood of {FLOOD_CONNS} member connections × 32 SetValue of 64 KiB: {got}; secretbusd RSS "
+              f"{before:.1f} -> peak {peak:.1f} MB; root GetValue max {max(lat) * 1000:.0f} ms")
+        assert got.get("ok", 0) > 100                   # the member's writes went through...
+        assert got.get("org.freedesktop.DBus.Error.LimitsExceeded", 0) > 100
+        assert peak - before < 40, (before, peak)        # ...but never 2,048 of them held at once
+        assert daemon.proc.poll() is None
+    finally:
+        if attacker is not None and attacker.poll() is None:
+            harness.stop_process(attacker)
+        remove_tree(root)
 
 
 # --------------------------------------------------------------------------------------

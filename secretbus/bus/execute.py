@@ -26,7 +26,7 @@ from secretbus.bus import compat
 from secretbus.bus.auditing import ReadAudit
 from secretbus.bus.dispatch import Reply, error
 from secretbus.bus.lane import LargeReplyLane
-from secretbus.bus.limits import LIMITS_EXCEEDED, Bounds, CallerBudget, Refused
+from secretbus.bus.limits import LIMITS_EXCEEDED, Bounds, CallerBudget, Refused, UidWrites, write_size
 from secretbus.bus.names import UNKNOWN_OBJECT, error_name, error_text
 from secretbus.bus.sizes import reply_size
 from secretbus.bus.unread import Ask, UnreadReplies
@@ -186,6 +186,8 @@ class CallRunner:
         self.max_message = max_message
         # Per caller: calls in flight (until the bus took the reply) and reply bytes queued.
         self.budget = CallerBudget(bounds or Bounds())
+        # Per uid but root: bytes of its writes waiting for the writer (per-secret order).
+        self.writes = UidWrites(self.budget.bounds.write_bytes_per_uid)
         # Per caller: replies it left unread in the bus daemon (which would stall us all).
         self.unread = UnreadReplies(unread)
         self._loop = asyncio.get_running_loop()
@@ -317,7 +319,7 @@ class CallRunner:
                 # spent on it (the uid's slots are its other connections' too): dropped.
                 if await self._still_over(sender):
                     raise Unanswered
-                uid, grant = await self._authorise(msg, caller, spec, prep)
+                uid, grant = await self._authorise(msg, caller, spec, prep, lane)
                 if await self._still_over(sender):
                     raise Unanswered
                 if uid != ROOT and (prep.large or self.budget.backlog >= LANE_BACKLOG):
@@ -401,8 +403,9 @@ class CallRunner:
         self.budget.forget(sender)
         self.unread.forget(sender)
 
-    async def _authorise(self, msg: Message, caller: Caller, spec: MethodSpec,
-                         prep: Prepared) -> tuple[int | None, Grant]:
+    async def _authorise(self, msg: Message, caller: Caller, spec: MethodSpec, prep: Prepared,
+                         held: contextlib.AsyncExitStack) -> tuple[int | None, Grant]:
+        """(uid, grant), or raise the refusal; what the call holds until its reply goes on `held`."""
         uid = None
         if spec.audit and self.audit:
             self.audit.prefetch(caller)
@@ -410,6 +413,9 @@ class CallRunner:
             # Who did it goes into the log records of this request (journal CALLER_UID).
             uid = await self.access.caller_uid(caller)
             logsetup.caller_uid.set(uid)
+        if spec.writes and uid != ROOT:
+            # Counted before its checks, which may wait for polkit with the arguments held.
+            held.callback(self.writes.give, uid, self.writes.take(uid, write_size(msg.body)))
         if self.access.enabled:
             checks = [(perm, prep.target) for perm in spec.perms] + list(prep.also)
             for perm, d in checks:

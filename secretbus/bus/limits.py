@@ -7,6 +7,7 @@ only callers with something outstanding. A release for a caller that left is a n
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
@@ -18,6 +19,9 @@ class Bounds:
     bytes_per_sender: int = 8 << 20       # replies queued in our writer for one caller
     backlog: int = 32 << 20               # all replies queued: over it, large replies are refused
     senders: int = 4096                   # callers with calls in flight at once (bus default: 2048 connections)
+    # What the writes of one uid other than root may hold at once, over all its connections
+    # (UidWrites): a uid may open 256 bus connections of 32 calls each.
+    write_bytes_per_uid: int = 8 << 20
 
 
 class Refused(Exception):
@@ -90,3 +94,48 @@ class CallerBudget:
     def _refuse(self, text: str) -> None:
         self.refused += 1
         raise Refused(text)
+
+
+# What one write holds at least while it waits (its message, the op, its plan) besides its
+# XML or value: an Undefine counts too.
+WRITE_COST_MIN = 4096
+
+
+class UidWrites:
+    """The bytes of the writes of each uid in flight, from their access check to their reply.
+
+    Writes to one secret are committed in order, one per batch, so a uid allowed to write can
+    keep thousands waiting: 32 member connections of 32 SetValue calls of 64 KiB each held
+    75 MB of the daemon's memory, and a uid may open 256 connections. A write that would take
+    its uid over the bound is refused at once (nothing is done). Root is not counted."""
+
+    def __init__(self, bound: int):
+        self.bound = bound
+        self._held: dict[int | None, int] = {}
+        self.refused = 0
+
+    def take(self, uid: int | None, n: int) -> int:
+        """Count a write of about `n` bytes for `uid`, or raise Refused; what to give back."""
+        n = max(n, WRITE_COST_MIN)
+        held = self._held.get(uid, 0)
+        if held and held + n > self.bound:
+            self.refused += 1
+            raise Refused(f"{held} bytes of this user's writes are in flight, the most allowed is "
+                          f"{self.bound}: wait for their replies")
+        self._held[uid] = held + n
+        return n
+
+    def give(self, uid: int | None, n: int) -> None:
+        left = self._held.get(uid, 0) - n
+        if left > 0:
+            self._held[uid] = left
+        else:
+            self._held.pop(uid, None)
+
+    def sizes(self) -> dict[str, int]:
+        return {"writing_uids": len(self._held)}
+
+
+def write_size(body: Sequence[object]) -> int:
+    """About what a write's arguments hold: its XML or value."""
+    return sum(len(x) for x in body if isinstance(x, (str, bytes, bytearray)))

@@ -182,7 +182,8 @@ class SecretService:
         """The per-caller tables' sizes, and the count of calls dropped unanswered (the daemon
         logs them on SIGUSR1, for tests)."""
         return {"tasks": len(self._runner.tasks), **self._runner.budget.sizes(), **self._runner.unread.sizes(),
-                **self._runner.lane.sizes(), **self._signals.subscribers.sizes(), "unanswered": self._runner.unanswered}
+                **self._runner.lane.sizes(), **self._runner.writes.sizes(), **self._signals.subscribers.sizes(),
+                "unanswered": self._runner.unanswered}
 
     async def drain(self) -> None:
         """Stop taking calls and wait for those already running (SIGTERM)."""
