@@ -32,6 +32,14 @@ class RawClient:
         self.serial = 0
         self.messages: list[tuple[Header, Any]] = []    # MESSAGE frames seen while waiting for replies
 
+    @classmethod
+    def over(cls, sock: socket.socket, timeout: float = 10) -> RawClient:
+        """A client on a connected socket (one end of a socketpair the server serves)."""
+        c = cls.__new__(cls)
+        c.sock, c.serial, c.messages = sock, 0, []
+        sock.settimeout(timeout)
+        return c
+
     def close(self) -> None:
         self.sock.close()
 

@@ -408,6 +408,37 @@ def test_stalled_handshakes_do_not_block_others(session_bus, make_secretbusd, pk
             s.close()
 
 
+def test_one_host_holds_at_most_64_connections(tls, tmp_path):
+    """A remote host is bounded as one local user (Session.bounds): its 65th connection is
+    accepted by TLS and then closed, before any RPC; another address is served meanwhile."""
+    ctx = ssl.create_default_context(cafile=str(tls.pki.d / "ca.pem"))
+    ctx.load_cert_chain(tls.good / "clientcert.pem", tls.good / "clientkey.pem")
+    held = []
+
+    def connect() -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", tls.port), timeout=10, source_address=("127.0.0.3", 0))
+        s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        held.append(s)
+        return s
+    try:
+        for _ in range(64):
+            assert connect().recv(1) == b"\x01"          # libvirt's confirmation byte: accepted
+        extra = connect()
+        assert extra.recv(1) == b"\x01"
+        assert closed_within(extra, 5), "a 65th connection of one host was served"
+        harness.wait_until(lambda: "connection limit" in tls.daemon.log(), timeout=5, what="the refusal's log line",
+                           proc=tls.daemon.proc, log=tls.daemon.log_path)
+        assert f"Secret {U1} created" in ok(virsh(tls.uri, "secret-define", define_file(tmp_path)))
+        for s in held[:2]:
+            s.close()
+        time.sleep(0.5)
+        again = connect()                                 # a slot came back
+        assert again.recv(1) == b"\x01" and not closed_within(again, 1)
+    finally:
+        for s in held:
+            s.close()
+
+
 def test_no_session_tickets(tls):
     """libvirt's GnuTLS client breaks on TLS 1.3 tickets; TLS 1.2 gets none either."""
     for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):

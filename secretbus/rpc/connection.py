@@ -84,7 +84,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, session: Session, table: dict[int, Handler], limits: RpcLimits,
                  on_close: Callable[[Connection], None], share: UidShare | None = None):
         """`share`: what this peer's uid shares with its other connections (None:
-        this connection's own bounds only, as for root and remote peers)."""
+        this connection's own bounds only, as for root and the session's own user)."""
         self.session = session
         self._table = table
         self._limits = limits

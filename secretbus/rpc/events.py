@@ -50,7 +50,7 @@ class Registration:
     sink: EventSink
     event_id: EventId
     uuid: str | None               # only this secret's events, when set
-    owner: int | None = None       # the uid whose count it is in (None: not counted)
+    owner: int | str | None = None   # whose count it is in (Session.bounds; None: not counted)
 
 
 # Every event is matched against every registration, and any local user may register (the
@@ -58,7 +58,7 @@ class Registration:
 # of registrations would stall the loop on each write and fill memory. virsh registers one,
 # a management stack a few per connection.
 MAX_PER_CONNECTION = 64
-MAX_PER_UID = 256                  # over all connections of an untrusted local uid
+MAX_PER_UID = 256                  # over all connections of an untrusted local uid (or remote host)
 
 
 class EventHub:
@@ -66,7 +66,7 @@ class EventHub:
         self._loop = loop
         self._next = 0
         self._regs: dict[int, Registration] = {}
-        self._per_owner: Counter[int] = Counter()
+        self._per_owner: Counter[int | str] = Counter()
         self.visible = visible
         self._queue: deque[tuple[SecretEvent, list[tuple[int, Registration]]]] = deque()
         self._worker: asyncio.Task[None] | None = None
@@ -78,15 +78,16 @@ class EventHub:
         except ValueError:
             raise daemon_internal(f"unsupported secret event ID {event_id}") from None
 
-    def register(self, sink: EventSink, event_id: int, uuid: str | None, *, owner: int | None = None,
+    def register(self, sink: EventSink, event_id: int, uuid: str | None, *, owner: int | str | None = None,
                  held: int = 0) -> int:
         """A new callback id; `held`: the registrations `sink` has already, `owner`: the uid
-        counted against MAX_PER_UID (None: not counted, root and remote peers)."""
+        or remote host counted against MAX_PER_UID (Session.bounds; None: not counted, trusted)."""
         eid = self.event_id(event_id)
         if held >= MAX_PER_CONNECTION:
             raise errors.OperationFailed(f"this connection has {held} event callbacks, the most allowed")
         if owner is not None and self._per_owner[owner] >= MAX_PER_UID:
-            raise errors.OperationFailed(f"this user has {self._per_owner[owner]} event callbacks, the most allowed")
+            who = "host" if isinstance(owner, str) else "user"
+            raise errors.OperationFailed(f"this {who} has {self._per_owner[owner]} event callbacks, the most allowed")
         cb = self._next
         self._next += 1
         self._regs[cb] = Registration(sink, eid, uuid, owner)

@@ -384,7 +384,7 @@ class Procedures:
                 raise daemon_internal("connection closed")
             s = c.session
             cb = self.hub.register(c, event_id, _uuid(secret) if secret is not None else None,
-                                   owner=None if s.trusted or s.remote is not None else s.peer.uid,
+                                   owner=s.bounds,
                                    held=len(s.callbacks))
             c.session.callbacks.add(cb)
             return {"callbackID": cb}

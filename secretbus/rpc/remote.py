@@ -31,6 +31,11 @@ PERMS: dict[Rights, frozenset[Perm]] = {
 }
 
 
+def host_of(address: str) -> str:
+    """The host of a peer's "host:port" (tls.peer_address; "[v6]:port" keeps its brackets)."""
+    return address.rpartition(":")[0]
+
+
 @dataclass(frozen=True)
 class RemoteIdentity:
     kind: Kind
@@ -38,6 +43,10 @@ class RemoteIdentity:
     #                      TCP caller (kind SASL) the SASL user, "" until SASL succeeded
     address: str         # host:port of the peer, for the logs
     sasl_user: str | None = None     # after SCRAM over TLS (auth_tls = "sasl") or GSSAPI over TCP
+
+    @property
+    def host(self) -> str:
+        return host_of(self.address)
 
     def describe(self) -> str:
         if self.kind is Kind.SASL:       # plain TCP: the SASL user is the whole identity

@@ -208,9 +208,10 @@ class RpcServer:
         self.limits = limits or RpcLimits()
         self._servers: list[asyncio.AbstractServer] = []
         self._made: list[tuple[Path, int]] = []     # (path, inode) of the sockets this server bound
-        self._conns: set[Connection] = set()
-        self._per_uid: Counter[int] = Counter()
-        self._shares: dict[int, UidShare] = {}       # what each untrusted local uid shares
+        # Each connection, and whom it counts for: its peer's uid, or a remote host (Session.bounds).
+        self._conns: dict[Connection, int | str] = {}
+        self._per_uid: Counter[int | str] = Counter()
+        self._shares: dict[int | str, UidShare] = {}   # what each untrusted uid or remote host shares
         self._sub: int | None = None
         self.hub: EventHub | None = None
         self._table: dict = {}
@@ -254,13 +255,20 @@ class RpcServer:
             transport.abort()
             return None
         trusted = peer.uid == 0 if self.system else peer.uid == os.geteuid()
-        session = self._unix_session(peer, readonly, trusted)
-        share = None if trusted else self._shares.get(peer.uid)
-        if share is None and not trusted:
-            share = self._shares[peer.uid] = UidShare(max(self.limits.uid_frame_bytes, self.limits.max_frame))
+        return self._add(self._unix_session(peer, readonly, trusted), peer.uid)
+
+    def _add(self, session: Session, counted: int | str) -> Connection:
+        """The Connection for `session`, counted for `counted` (and sharing its bounds, unless trusted)."""
+        key = session.bounds
+        share = None if key is None else self._shares.get(key)
+        if share is None and key is not None:
+            if len(self._shares) > 2 * len(self._per_uid) + 64:
+                # Those _forget kept because a closed connection's call held bytes, given back since.
+                self._shares = {k: v for k, v in self._shares.items() if not v.idle}
+            share = self._shares[key] = UidShare(max(self.limits.uid_frame_bytes, self.limits.max_frame))
         conn = Connection(session, self._table, self.limits, self._forget, share)
-        self._conns.add(conn)
-        self._per_uid[peer.uid] += 1
+        self._conns[conn] = counted
+        self._per_uid[counted] += 1
         return conn
 
     def _unix_session(self, peer: Peer, readonly: bool, trusted: bool) -> Session:
@@ -283,16 +291,16 @@ class RpcServer:
                            who: RemoteIdentity, sasl: SaslMechanism | None = None) -> None:
         """A remote (TLS, TCP) caller, authenticated by its transport (or, with `sasl`, once SCRAM
         or GSSAPI passed): served like a local one, with no peer pid or uid (REMOTE_PEER) and its rights
-        from remote_access (guard.py)."""
-        if not self._table or len(self._conns) >= self.limits.max_clients - self.limits.root_reserve:
+        from remote_access (guard.py); its host shares one set of bounds, as an untrusted local uid."""
+        host = who.host
+        if (not self._table or len(self._conns) >= self.limits.max_clients - self.limits.root_reserve
+                or self._per_uid[host] >= self.limits.max_clients_per_uid):
             log.warning("refusing remote RPC client %s: connection limit", who.describe())
             writer.transport.abort()
             return
         session = Session(REMOTE_PEER, socket_readonly=False, trusted=False, authenticated=sasl is None,
                           remote=who, sasl=sasl)
-        conn = Connection(session, self._table, self.limits, self._forget)
-        self._conns.add(conn)
-        self._per_uid[REMOTE_PEER.uid] += 1
+        conn = self._add(session, host)
         timer = None
         if sasl is not None:
             # An unauthenticated remote client must not hold a connection slot for ever.
@@ -319,16 +327,15 @@ class RpcServer:
         return True
 
     def _forget(self, conn: Connection) -> None:
-        if conn in self._conns:
-            self._conns.discard(conn)
+        key = self._conns.pop(conn, None)
+        if key is not None:
             self._calls_done += conn.calls
-            uid = conn.session.peer.uid
-            self._per_uid[uid] -= 1
-            if self._per_uid[uid] <= 0:
-                del self._per_uid[uid]
-            share = self._shares.get(uid)
-            if share is not None and share.idle and uid not in self._per_uid:
-                del self._shares[uid]       # (one that a closed connection's call still holds stays)
+            self._per_uid[key] -= 1
+            if self._per_uid[key] <= 0:
+                del self._per_uid[key]
+            share = self._shares.get(key)
+            if share is not None and share.idle and key not in self._per_uid:
+                del self._shares[key]       # (one that a closed connection's call still holds stays)
             if self.hub is not None:
                 self.hub.drop(conn, conn.session.callbacks)
             self.guard.closed(conn.session)

@@ -94,6 +94,15 @@ class Session:
     # The SASL user a unix peer authenticated as (auth_unix_* = "sasl"): part of its identity,
     # as in libvirt, for the logs and the audit; its rights stay those of its uid.
     sasl_user: str | None = None
+    @property
+    def bounds(self) -> int | str | None:
+        """Whose shared bounds this connection counts in (connections, frame bytes, unread
+        output, event callbacks; rpc/uidshare.py): an untrusted local peer's uid, or a remote
+        peer's host (one host is bounded as one local user, whatever it authenticates as);
+        None for a trusted peer."""
+        if self.trusted:
+            return None
+        return self.remote.host if self.remote is not None else self.peer.uid
 
     def subject(self) -> UnixProcess | None:
         """Whom polkit is asked about: the identity a root peer set (libvirt's ACL checks use

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from secretbus.rpc.netcheck import require_sockets, warn_if_isolated
-from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
+from secretbus.rpc.remote import RemoteIdentity, RemotePolicy, host_of
 from secretbus.rpc.sasl_gssapi import GssapiExchange, check_keytab, keytab_path
 from secretbus.rpc.sasl_layer import LayeredStreamProtocol, SecurityLayer
 from secretbus.rpc.serverconf import Kind, ServerConf
@@ -85,7 +85,7 @@ class TcpListener:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       proto: LayeredStreamProtocol) -> None:
         address = peer_address(writer)
-        host = address.rpartition(":")[0]
+        host = host_of(address)
         if self.pending >= MAX_PENDING or self._pending[host] >= MAX_PENDING_PER_ADDRESS:
             log.warning("TCP client %s refused: too many unauthenticated connections", address)
             self.refused += 1

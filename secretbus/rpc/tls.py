@@ -30,7 +30,7 @@ from pathlib import Path
 
 from secretbus.core import errors
 from secretbus.rpc.netcheck import require_sockets, warn_if_isolated
-from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
+from secretbus.rpc.remote import RemoteIdentity, RemotePolicy, host_of
 from secretbus.rpc.sasl import SaslExchange, VerifierStore
 from secretbus.rpc.serverconf import Kind, ServerConf
 
@@ -163,7 +163,7 @@ class TlsListener:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = peer_address(writer)
-        host = address.rpartition(":")[0]
+        host = host_of(address)
         if self.pending >= MAX_PENDING or self._pending[host] >= MAX_PENDING_PER_ADDRESS:
             log.warning("TLS client %s refused: too many handshakes under way", address)
             self.refused += 1

@@ -14,6 +14,7 @@ not enough together:
   connections is a GiB. So a connection that is itself behind is dropped as soon as the
   uid's connections together leave more than `uid_max_unread` unread (connection.py).
 A uid stalls or loses only its own connections; root and the session's own user share nothing.
+A remote host's connections (TLS, TCP) share one as an untrusted uid's do (Session.bounds).
 """
 from __future__ import annotations
 
