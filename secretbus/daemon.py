@@ -43,7 +43,7 @@ from secretbus.bus.names import BUS_NAME
 from secretbus.bus.polkit import CallerUids, PolkitAccess
 from secretbus.bus.service import SecretService
 from secretbus.core import busypoll, errors
-from secretbus.core.logsetup import setup_daemon_logging
+from secretbus.core.logsetup import flush_held, setup_daemon_logging
 from secretbus.core.model import InstanceKind
 from secretbus.driver.build import open_instance
 from secretbus.driver.driver import SecretDriver
@@ -508,6 +508,7 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
         return 0
     finally:
         driver.close()
+        flush_held()
 
 
 def _shown(e: BaseException) -> str:

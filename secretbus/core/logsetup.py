@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from secretbus.core.logflood import FloodFilter
+
 JOURNAL_FIELDS = ("SECRET_UUID", "SECRET_OPERATION", "CALLER_UID")
 
 # The uid of the bus caller whose request is being served; the D-Bus layer sets it and
@@ -97,7 +99,20 @@ def setup_daemon_logging(identifier: str = "secretbusd", verbose: bool = False) 
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_FieldsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_CallerFilter())
+    global _flood
+    _flood = FloodFilter()      # after _CallerFilter: its buckets are per caller uid
+    _flood.emit = handler.handle
+    handler.addFilter(_flood)
     root.addHandler(handler)
+
+
+_flood: FloodFilter | None = None
+
+
+def flush_held() -> None:
+    """Log how many records the flood filter held back that no summary has told of yet (at exit)."""
+    if _flood is not None:
+        _flood.flush()
 
 
 def setup_cli_logging() -> None:
