@@ -50,7 +50,7 @@ class FloodFilter(logging.Filter):
         self._total = _Bucket(float(total_burst), clock())
         self._untracked = _Bucket(0.0, 0.0)
         self._lock = threading.Lock()
-        self._swept = clock()
+        self._swept = self._forgot = clock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, SUMMARY, False):
@@ -80,7 +80,8 @@ class FloodFilter(logging.Filter):
             b.tokens = min(float(self.burst), b.tokens + (now - b.at) * self.rate)
             b.at = now
             return b
-        if len(self._keys) >= self.max_keys:
+        if len(self._keys) >= self.max_keys and now - self._forgot >= 1.0:
+            self._forgot = now          # a scan of every key at most once a second
             self._forget_full(now)
         if len(self._keys) >= self.max_keys:
             self._hold(self._untracked)
