@@ -36,10 +36,10 @@ from secretbus.access.audit import CallerPids
 from secretbus.access.busport import BusError, Signal
 from secretbus.access.permissions import Caller, Perm
 from secretbus.bus import compat
-from secretbus.bus.lane import LargeReplyLane
 from secretbus.bus.limits import Bounds, CallerBudget, Refused
 from secretbus.bus.sizes import reply_size
 from secretbus.bus.unread import UnreadReplies
+from secretbus.core.lane import LargeReplyLane
 
 REPO = Path(__file__).resolve().parents[1]
 BUS_CONF = REPO / "dbus" / "org.libvirt.secret.conf"

@@ -95,6 +95,52 @@ def test_unix_process_subject_and_one_cache_with_dbus():
     asyncio.run(run())
 
 
+class ListClient:
+    def __init__(self, pid: int, uid: int = 1000):
+        self.session = Session(Peer(pid, uid, uid, start_time=777), socket_readonly=False, trusted=False,
+                               authenticated=True, opened=True)
+
+
+def test_a_uids_lists_share_one_round_of_getattr_checks():
+    """1,000 lists of a uid arriving while nothing is cached once started 10,000 waits each on
+    the same checks, all woken in one loop step (root waited up to a second, test_rpc_attack_lists.py);
+    now the uid's first list asks, the others wait for it with one future and then read the
+    cache. Each list gets what its uid may see; a list whose connection closes (its task
+    cancelled) does not cancel the checks the others wait for."""
+    async def run():
+        port, access = await make()
+        guard = Guard(system=True)
+        guard.attach(access)
+        port.answer = lambda action, flags, details: (not details.get("secret_usage_volume", "").endswith(
+            ("1.img", "3.img")), False)
+        defs = [secret(i) for i in range(40)]
+        want = [d.uuid for d in defs if not d.usage_id.endswith(("1.img", "3.img"))]
+        asked = 0
+        allowed = access.allowed
+
+        async def counted(*a, **kw):
+            nonlocal asked
+            asked += 1
+            return await allowed(*a, **kw)
+        access.allowed = counted                # type: ignore[method-assign]
+        port.gate.clear()
+        clients = [ListClient(5000 + i) for i in range(20)]
+        for c in clients:
+            access.process_open(c.session.name)
+        tasks = [asyncio.ensure_future(guard.listing(c, defs, lambda ds: [d.uuid for d in ds])) for c in clients]
+        await asyncio.sleep(0.05)
+        tasks[0].cancel()                      # the list that asks goes away
+        port.gate.set()
+        results = await asyncio.gather(*tasks[1:])
+        assert all(r == want for r in results)
+        getattr_checks = [c for c in port.checks if c[2] == "org.libvirt.api.secret.getattr"]
+        assert len(getattr_checks) == len(defs), len(getattr_checks)
+        # one wait per secret in all (the first list's), not one per secret per list
+        assert asked <= len(defs) + len(clients), asked
+        assert not guard._fills
+    asyncio.run(run())
+
+
 def test_per_connection_decisions_go_with_the_connection():
     async def run():
         port, access = await make()

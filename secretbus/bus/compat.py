@@ -100,7 +100,7 @@ def bus_address(bus: Any) -> str | None:
 # -- dbus-fast: `MessageBus._writer.sock` (the socket's send buffer) ---------------------
 # Why: what the kernel holds in our socket's send buffer (~200 KB by default on Linux) is
 # ahead of every reply queued after it, root's too, and a flooded bus reads us slowly; a
-# small buffer keeps the queue in our writer, where the service orders it (bus/lane.py).
+# small buffer keeps the queue in our writer, where the service orders it (core/lane.py).
 # Same attribute as EagainIsNotFatal above (it forwards setsockopt).
 # Reference: dbus_fast/aio/message_bus.py (_MessageWriter.sock; 5.x).
 # Remove when dbus-fast exposes its socket.

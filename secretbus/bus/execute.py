@@ -25,13 +25,13 @@ from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.bus import compat
 from secretbus.bus.auditing import ReadAudit
 from secretbus.bus.dispatch import Reply, error
-from secretbus.bus.lane import LargeReplyLane
 from secretbus.bus.limits import LIMITS_EXCEEDED, Bounds, CallerBudget, Refused, UidWrites, write_size
 from secretbus.bus.names import UNKNOWN_OBJECT, error_name, error_text
 from secretbus.bus.sizes import reply_size
 from secretbus.bus.unread import Ask, UnreadReplies
 from secretbus.core import errors, logsetup
 from secretbus.core.eager import run_eager
+from secretbus.core.lane import LargeReplyLane
 from secretbus.core.model import SecretDef
 
 log = logging.getLogger("secretbus.dbus")

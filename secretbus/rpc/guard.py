@@ -19,6 +19,7 @@ while it has one. Each value read (allowed or refused) is an audit record (acces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -28,6 +29,7 @@ from secretbus.access.denials import DenialLog
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.core import errors
 from secretbus.core.eager import run_eager
+from secretbus.core.lane import LargeReplyLane
 from secretbus.core.model import SecretDef
 from secretbus.rpc import protocol as P
 from secretbus.rpc.failures import AUTH_FAILED, AUTH_FAILED_PREFIX, RemoteFailure
@@ -65,6 +67,11 @@ class Guard:
         # Rights of remote (TLS) callers, from secretbusd.conf; None: every remote check fails.
         self.remote: RemotePolicy | None = None
         self._pending_records: set[asyncio.Task[None]] = set()     # deferred records still being sent
+        # The lists of untrusted callers (their getattr filter and their reply, each holding the
+        # loop for a millisecond or more at thousands of secrets): one at a time, turns round
+        # the uids (remote hosts) and their connections, the loop's sockets polled between.
+        self.lane = LargeReplyLane()
+        self._fills: dict[int, asyncio.Future[list[bool]]] = {}    # uid -> its list's getattr checks under way
 
     # -- the daemon's side ----------------------------------------------------------
     def attach(self, access: AccessControl | None) -> None:
@@ -202,9 +209,18 @@ class Guard:
             return build(defs)
 
         async def checked() -> T:
-            await self.require(c.session, [(Perm.SEARCH_SECRETS, None)], "list")
-            return build(await self.visible(c.session, defs))
+            s = c.session
+            await self.require(s, [(Perm.SEARCH_SECRETS, None)], "list")
+            shown = await self.visible(s, defs)
+            async with self._turn(s):
+                return build(shown)
         return checked()
+
+    def _turn(self, s: Session) -> contextlib.AbstractAsyncContextManager[None]:
+        """A turn in the lane for a connection whose calls share bounds (Session.bounds);
+        trusted ones (root, also when it acts for a user) never wait for others'."""
+        who = s.bounds
+        return contextlib.nullcontext() if who is None else self.lane.turn(who, s.name)
 
     async def visible(self, s: Session, defs: list[SecretDef]) -> list[SecretDef]:
         if s.remote is not None:
@@ -215,14 +231,47 @@ class Guard:
         if caller.process.uid == ROOT:
             return defs
         cached = getattr(self.access, "cached", None)
+        async with self._turn(s):
+            known = self._known(caller, defs, cached)
+            missing = [d for d, k in zip(defs, known, strict=True) if k is None]
+        if missing:
+            # polkit is asked outside the lane: a slow answer holds up no other caller's list
+            fill = self._fills.get(caller.process.uid)
+            if fill is not None and cached is not None:
+                # A list of this uid asks already (getattr is decided per uid): wait for it
+                # with one future, then look again, rather than 1,000 lists each starting
+                # 10,000 waits on the same checks (every one woken in a single loop step).
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(fill)      # its own failure is no answer for this list
+                async with self._turn(s):
+                    known = self._known(caller, defs, cached)
+                    missing = [d for d, k in zip(defs, known, strict=True) if k is None]
+            asked = await self._ask(s, caller.process.uid, missing)
+        else:
+            asked = {}
+        async with self._turn(s):
+            return [d for d, k in zip(defs, known, strict=True) if (k if k is not None else asked[d.uuid])]
+
+    @staticmethod
+    def _known(caller: Caller, defs: list[SecretDef], cached: Callable[..., bool | None] | None) -> list[bool | None]:
         if cached is None:
-            known: list[bool | None] = [None] * len(defs)
-        else:           # one subject for the whole list: 10,000 lookups in the cache, no awaits
-            known = [cached(caller, Perm.GETATTR, d) for d in defs]
-        missing = [d for d, k in zip(defs, known, strict=True) if k is None]
-        asked = dict(zip((d.uuid for d in missing),
-                         await asyncio.gather(*(self.allowed(s, Perm.GETATTR, d) for d in missing)), strict=True))
-        return [d for d, k in zip(defs, known, strict=True) if (k if k is not None else asked[d.uuid])]
+            return [None] * len(defs)
+        # one subject for the whole list: 10,000 lookups in the cache, no awaits
+        return [cached(caller, Perm.GETATTR, d) for d in defs]
+
+    async def _ask(self, s: Session, uid: int, missing: list[SecretDef]) -> dict[str, bool]:
+        """getattr of each of `missing` for `s`, as one fill the uid's other lists can wait for."""
+        if not missing:
+            return {}
+        fill = asyncio.ensure_future(asyncio.gather(*(self.allowed(s, Perm.GETATTR, d) for d in missing)))
+        self._fills.setdefault(uid, fill)
+
+        def done(f: asyncio.Future[list[bool]]) -> None:
+            if self._fills.get(uid) is f:
+                del self._fills[uid]
+        fill.add_done_callback(done)
+        # shielded: a list whose connection closes must not cancel the checks others wait for
+        return dict(zip((d.uuid for d in missing), await asyncio.shield(fill), strict=True))
 
     # -- value reads ------------------------------------------------------------------------
     def value_read(self, c: HasSession, d: SecretDef, read: Callable[[], T]) -> T | Awaitable[T]:

@@ -10,8 +10,9 @@ sockets are polled between any two and a small call waits for one large reply at
 
 Turns go round the uids that wait, and within a uid round its connections, so one connection
 with many calls queued does not hold up the uid's other connections, nor a uid with many
-connections the other uids. Root does not take the lane (CallRunner): it is never queued
-behind others. O(1) per turn; the tables hold only callers that wait.
+connections the other uids. Root does not take the lane (bus/execute.py's CallRunner, and
+rpc/guard.py for RPC lists): it is never queued behind others. O(1) per turn; the tables hold
+only callers that wait.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-Who = int | str        # the caller's uid, or its unique name when the uid is not known
+Who = int | str        # the caller's uid (a remote host over RPC), or its unique name when the uid is not known
 
 
 class LargeReplyLane:
