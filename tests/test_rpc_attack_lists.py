@@ -27,14 +27,15 @@ DEBIAN_PYTHON = "/usr/bin/python3"
 SECRETS = 2000
 REPO = Path(__file__).resolve().parents[1]
 
-# `conns` read-only connections, each authenticated by polkit (monitor) and opened read-only,
-# each keeping `depth` CONNECT_LIST_ALL_SECRETS in flight and reading every reply, for `secs`.
-FLOOD = r"""
+# An attacker process: `conns` read-only connections, each authenticated by polkit (monitor)
+# and opened read-only, each sent `depth` CONNECT_LIST_ALL_SECRETS at once (the receive buffer
+# `rcvbuf` bytes, 0: the default); then READER or HOLDER goes on for `secs`.
+OPENER = r"""
 import selectors, socket, struct, sys, time
-sys.path.insert(0, sys.argv[5])
+sys.path.insert(0, sys.argv[6])
 from secretbus.rpc import protocol as P, xdr
 from secretbus.rpc.frame import Header, encode_frame
-path, conns, depth, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+path, conns, depth, secs, rcvbuf = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 def frame(proc, args, serial):
     return encode_frame(Header(P.REMOTE_PROGRAM, 1, proc, P.MsgType.CALL, serial, P.Status.OK),
                         xdr.encode(P.PROCS[proc].args, args))
@@ -44,21 +45,28 @@ def call(s, proc, args):
     body = s.recv(n - 4, socket.MSG_WAITALL)
     assert struct.unpack(">i", body[16:20])[0] == 0, (proc, body[24:200])
 listing = frame(P.Proc.CONNECT_LIST_ALL_SECRETS, {"need_results": 1, "flags": 0}, 1)
-sel, socks = selectors.DefaultSelector(), []
+socks = []
 for _ in range(conns):
     s = socket.socket(socket.AF_UNIX)
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.connect(path)
     call(s, P.Proc.AUTH_POLKIT, None)
     call(s, P.Proc.CONNECT_OPEN, {"name": "secret:///system", "flags": 1})
     s.sendall(listing * depth)
+    socks.append(s)
+"""
+# Reads every reply (only their lengths) and sends a new list for each, so that `depth` stay in
+# flight; prints the lists answered and when the last came.
+READER = OPENER + r"""
+sel = selectors.DefaultSelector()
+for s in socks:
     s.setblocking(False)
     sel.register(s, selectors.EVENT_READ, [b"", 0])
-    socks.append(s)
 end, replies = time.monotonic() + secs, 0
 last = t0 = time.monotonic()
 while time.monotonic() < end:
     for key, _ in sel.select(0.2):
-        st = key.data
         try:
             data = key.fileobj.recv(1 << 20)
         except BlockingIOError:
@@ -103,22 +111,24 @@ def root_lookups(rw: Path, u: str, secs: float) -> list[float]:
     return sorted(lat)
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv needed")
-def test_one_users_lists_do_not_hold_up_root(system_bus, make_polkitd, make_secretbusd, rpc_dir, test_users):
-    make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS])
-    make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
+def store(rpc_dir: Path) -> tuple[Path, Path, list[str]]:
+    """The sockets, and SECRETS volume secrets root defined."""
     rw, ro = rpc_dir / "virtsecretd-sock", rpc_dir / "virtsecretd-sock-ro"
     uuids = [str(uuidlib.UUID(int=(0x7a0f0002 << 96) | i)) for i in range(SECRETS)]
     with RawClient(rw, timeout=30) as c:
         c.open("secret:///system")
         for i, u in enumerate(uuids):
             c.call(P.Proc.SECRET_DEFINE_XML, {"xml": volume_xml(u, i), "flags": 0})
+    return rw, ro, uuids
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv needed")
+def test_one_users_lists_do_not_hold_up_root(system_bus, make_polkitd, make_secretbusd, rpc_dir, test_users):
+    make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS])
+    make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
+    rw, ro, uuids = store(rpc_dir)
     base = root_lookups(rw, uuids[7], 2)
-    # The uid's 64 connections, from 4 processes (one would be slower than the server).
-    floods = [subprocess.Popen(harness.as_user(test_users.other, [DEBIAN_PYTHON, "-c", FLOOD, str(ro), "16", "16",
-                                                                   "12", str(REPO)]),
-                               env=harness.user_env(test_users.other), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd="/") for _ in range(4)]
+    floods = attackers(test_users.other, READER, ro, 12)
     try:
         time.sleep(3)                   # its connections open and their lists are under way
         for f in floods:
@@ -139,3 +149,52 @@ def test_one_users_lists_do_not_hold_up_root(system_bus, make_polkitd, make_secr
           f"{under[-1] * 1e3:.2f} ms")
     assert replies > 500 and min(lasts) > 10      # the attack did happen, to its end
     assert p99 < 0.05, f"root's lookup p99 {p99 * 1e3:.1f} ms under the flood"
+
+
+HOLDER = OPENER + r"""
+print("ok", flush=True)
+time.sleep(secs)
+"""
+
+
+def attackers(user: harness.User, script: str, ro: Path, secs: float, rcvbuf: int = 0) -> list[subprocess.Popen]:
+    """The uid's 64 connections, from 4 processes (one would be slower than the server)."""
+    return [subprocess.Popen(harness.as_user(user, [DEBIAN_PYTHON, "-c", script, str(ro), "16", "16", str(secs),
+                                                    str(rcvbuf), str(REPO)]),
+                             env=harness.user_env(user), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd="/") for _ in range(4)]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv needed")
+def test_one_users_unread_lists_are_bounded(system_bus, make_polkitd, make_secretbusd, rpc_dir, test_users):
+    """The same user's 64 connections with 16 lists each, never reading (a 4 KiB receive
+    buffer). Each list's reply (~120 KB at 2,000 secrets) was written to our buffers: +125 MB
+    of RSS. Now a connection that is behind is dropped once the uid's connections together
+    leave 16 MiB unread (as for events), and at most 4 lists of a uid are under way at once
+    (each holds copies of the listing): +24 MB."""
+    make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS])
+    d = make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
+    rw, ro, uuids = store(rpc_dir)
+    before = rss_mb(d.proc.pid)
+    floods = attackers(test_users.other, HOLDER, ro, 15, rcvbuf=4096)
+    try:
+        for f in floods:
+            assert f.stdout.readline().strip() == "ok"
+        peak = before
+        for _ in range(20):
+            time.sleep(0.5)
+            peak = max(peak, rss_mb(d.proc.pid))
+        print(f"secretbusd RSS before {before:.1f} MB, peak {peak:.1f} MB")
+        assert peak - before < 48, f"secretbusd grew by {peak - before:.1f} MB"
+        assert root_lookups(rw, uuids[7], 1)[-1] < 0.5
+    finally:
+        for f in floods:
+            f.kill()
+            f.wait()

@@ -299,6 +299,30 @@ def test_events_a_uids_connections_leave_unread_are_bounded_together():
     asyncio.run(main())
 
 
+def test_replies_a_uids_connections_leave_unread_are_bounded_together():
+    """The same rule for replies: 64 connections × 16 lists never read held every reply here.
+    A reply that finds its connection behind while the uid's connections together leave more
+    than uid_max_unread drops that connection instead of queueing; one that reads is answered."""
+    async def main() -> None:
+        share = UidShare()
+        limits = RpcLimits(uid_max_unread=4 * WRITE_HIGH_WATER)
+        behind, other, reader = (Rig(limits, share=share) for _ in range(3))
+        behind.t.unread = other.t.unread = 2 * WRITE_HIGH_WATER + 1
+        reader.t.unread = 0
+        reader.conn.data_received(call(TYPE, 7))
+        assert not reader.t.aborted and reader.t.out     # over the uid's bound, but it reads
+        sent = len(behind.t.out)
+        behind.conn.data_received(call(TYPE, 8))
+        assert behind.t.aborted and len(behind.t.out) == sent and behind.conn not in share.connections
+        other.conn.data_received(call(TYPE, 9))
+        assert not other.t.aborted                       # the uid is back under its bound
+        root = Rig(limits)                               # root: no share, answered however behind
+        root.t.unread = 999 * WRITE_HIGH_WATER
+        root.conn.data_received(call(TYPE, 10))
+        assert not root.t.aborted
+    asyncio.run(main())
+
+
 def test_the_frame_budget_in_order():
     class W:
         def __init__(self) -> None:

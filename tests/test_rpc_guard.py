@@ -127,7 +127,8 @@ def test_a_uids_lists_share_one_round_of_getattr_checks():
         clients = [ListClient(5000 + i) for i in range(20)]
         for c in clients:
             access.process_open(c.session.name)
-        tasks = [asyncio.ensure_future(guard.listing(c, defs, lambda ds: [d.uuid for d in ds])) for c in clients]
+        tasks = [asyncio.ensure_future(guard.listing(c, lambda: defs, lambda ds: [d.uuid for d in ds]))
+                 for c in clients]
         await asyncio.sleep(0.05)
         tasks[0].cancel()                      # the list that asks goes away
         port.gate.set()

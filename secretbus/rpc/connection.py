@@ -6,8 +6,9 @@ connection is not read until one finishes, so a flood waits in the kernel's buff
 ours); the frames of an untrusted local uid, being read or in flight, take their bytes from
 what all its connections share (uidshare.py; a frame that does not fit is not read either); a
 reply's slot is held while the client's unread output is above the transport's high-water
-mark; an event that finds more than `max_unread` bytes unread, or finds this connection behind
-while its uid's connections together leave `uid_max_unread`, drops the client. One client
+mark; an event that finds more than `max_unread` bytes unread, or a reply or event that finds
+this connection behind while its uid's connections together leave `uid_max_unread`, drops
+the client. One client
 stalls only itself, and its uid's other connections.
 """
 from __future__ import annotations
@@ -393,6 +394,12 @@ class Connection(asyncio.Protocol):
         except XdrError as e:
             self._reply_error(header, rpc_failure(f"Unable to encode message payload: {e}"))
             return True
+        if self._behind_with_uid(self.unread):
+            # 64 connections × 16 lists of thousands, never read, held hundreds of MB here
+            log.warning("dropping RPC client pid %d uid %d: it does not read its replies",
+                        self.session.peer.pid, self.session.peer.uid)
+            self.close(abort=True)
+            return True
         self._send(encode_reply(header, payload))
         if self._closed or self.transport is None or self.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
             return True
@@ -428,16 +435,20 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         unread = self.unread
-        if unread > self._limits.max_unread or (
-                # one that reads is never dropped for another's backlog
-                self._share is not None and unread > WRITE_HIGH_WATER
-                and self._share.unread_total() > self._limits.uid_max_unread):
+        if unread > self._limits.max_unread or self._behind_with_uid(unread):
             log.warning("dropping RPC client pid %d uid %d: it does not read its events",
                         self.session.peer.pid, self.session.peer.uid)
             self.close(abort=True)
             return
         self._send(encode_frame(Header(P.REMOTE_PROGRAM, P.PROTOCOL_VERSION, proc, P.MsgType.MESSAGE, 1,
                                        P.Status.OK), payload))
+
+    def _behind_with_uid(self, unread: int) -> bool:
+        """This connection is behind (over the high-water mark) while its uid's (or remote
+        host's) connections together leave more than `uid_max_unread` unread: one that reads
+        is never dropped for another's backlog."""
+        return (self._share is not None and unread > WRITE_HIGH_WATER
+                and self._share.unread_total() > self._limits.uid_max_unread)
 
     async def _keepalive(self) -> None:
         """Once the client asked for keepalive: PING after an idle interval, drop after

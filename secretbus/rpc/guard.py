@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from secretbus.access.audit import AuditFailed, AuditMode, Auditor, AuditRecord, Outcome, Reason
 from secretbus.access.denials import DenialLog
+from secretbus.access.fairslots import FairSlots
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.core import errors
 from secretbus.core.eager import run_eager
@@ -43,6 +44,10 @@ CONNECT_DRIVER = "secret"        # libvirt names the hypervisor driver in its de
 AUTH_UNAVAILABLE = 94            # VIR_ERR_AUTH_UNAVAILABLE
 AUTH_UNAVAILABLE_PREFIX = "authentication unavailable: "
 ROOT = 0
+# Lists of untrusted callers under way at once, per uid (remote host) and in all (_list_slot);
+# they are built one at a time in the lane anyway.
+LISTS_PER_UID = 4
+LISTS_TOTAL = 64
 
 T = TypeVar("T")
 Checks = Sequence[tuple[Perm, SecretDef | None]]
@@ -72,6 +77,7 @@ class Guard:
         # the uids (remote hosts) and their connections, the loop's sockets polled between.
         self.lane = LargeReplyLane()
         self._fills: dict[int, asyncio.Future[list[bool]]] = {}    # uid -> its list's getattr checks under way
+        self._lists = FairSlots(LISTS_TOTAL, LISTS_PER_UID)
 
     # -- the daemon's side ----------------------------------------------------------
     def attach(self, access: AccessControl | None) -> None:
@@ -202,19 +208,28 @@ class Guard:
             return act()
         return checked()
 
-    def listing(self, c: HasSession, defs: list[SecretDef], build: Callable[[list[SecretDef]], T]) -> T | Awaitable[T]:
-        """`build(the defs the connection may getattr)`, after search-secrets (libvirt's
+    def listing(self, c: HasSession, defs: Callable[[], list[SecretDef]],
+                build: Callable[[list[SecretDef]], T]) -> T | Awaitable[T]:
+        """`build(the defs() the connection may getattr)`, after search-secrets (libvirt's
         ACL filter: the others are left out silently)."""
         if not self.checked(c.session):
-            return build(defs)
+            return build(defs())
 
         async def checked() -> T:
             s = c.session
             await self.require(s, [(Perm.SEARCH_SECRETS, None)], "list")
-            shown = await self.visible(s, defs)
-            async with self._turn(s):
-                return build(shown)
+            async with self._list_slot(s):
+                shown = await self.visible(s, defs())
+                async with self._turn(s):
+                    return build(shown)
         return checked()
+
+    def _list_slot(self, s: Session) -> contextlib.AbstractAsyncContextManager[None]:
+        """One of LISTS_PER_UID lists of an untrusted uid (remote host) at once: each holds
+        copies of the whole listing while it waits for its checks and turns, and 64
+        connections × 16 lists in flight were 1,024 of them (+53 MB at 2,000 secrets)."""
+        who = s.bounds
+        return contextlib.nullcontext() if who is None else self._lists.slot(who)
 
     def _turn(self, s: Session) -> contextlib.AbstractAsyncContextManager[None]:
         """A turn in the lane for a connection whose calls share bounds (Session.bounds);

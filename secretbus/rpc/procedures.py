@@ -266,7 +266,7 @@ class Procedures:
     def num_of_secrets(self, c: Client, _a: Any) -> Any:
         if not self.guard.checked(c.session):
             return {"num": self.driver.count()}
-        return self.guard.listing(c, self.driver.list_secrets(0), lambda defs: {"num": len(defs)})
+        return self.guard.listing(c, self.driver.list_secrets, lambda defs: {"num": len(defs)})
 
     def _uuid_list(self, defs: list[SecretDef]) -> list[str]:
         return [d.uuid for d in defs]
@@ -279,7 +279,7 @@ class Procedures:
             raise errors.InvalidArg("maxuuids in virConnectListSecrets must be greater than or equal to 0")
         if not self.guard.checked(c.session):
             return {"uuids": self.driver.list_view(0, self._derive_uuids)[:maxuuids]}
-        return self.guard.listing(c, self.driver.list_secrets(0),
+        return self.guard.listing(c, self.driver.list_secrets,
                                   lambda defs: {"uuids": [d.uuid for d in defs[:maxuuids]]})
 
     def _packed_list(self, defs: list[SecretDef]) -> tuple[int, Encoded | None]:
@@ -302,7 +302,9 @@ class Procedures:
         if not self.guard.checked(c.session):
             n, array = self.driver.list_view(a["flags"], self._derive_list)
             return self._list_reply(n, array, need)
-        return self.guard.listing(c, self.driver.list_secrets(a["flags"]),
+        flags = a["flags"]
+        rules.check_list_flags(flags)          # bad flags are refused before any check, as before
+        return self.guard.listing(c, lambda: self.driver.list_secrets(flags),
                                   lambda defs: self._list_reply(len(defs), self._array(defs) if need else None, need))
 
     # -- writes: each returns the act that submits it to the driver (on the loop, once the
