@@ -394,7 +394,7 @@ class Connection(asyncio.Protocol):
         except XdrError as e:
             self._reply_error(header, rpc_failure(f"Unable to encode message payload: {e}"))
             return True
-        if self._behind_with_uid(self.unread):
+        if self._behind_with_uid():
             # 64 connections × 16 lists of thousands, never read, held hundreds of MB here
             log.warning("dropping RPC client pid %d uid %d: it does not read its replies",
                         self.session.peer.pid, self.session.peer.uid)
@@ -435,7 +435,7 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         unread = self.unread
-        if unread > self._limits.max_unread or self._behind_with_uid(unread):
+        if unread > self._limits.max_unread or self._behind_with_uid():
             log.warning("dropping RPC client pid %d uid %d: it does not read its events",
                         self.session.peer.pid, self.session.peer.uid)
             self.close(abort=True)
@@ -443,11 +443,12 @@ class Connection(asyncio.Protocol):
         self._send(encode_frame(Header(P.REMOTE_PROGRAM, P.PROTOCOL_VERSION, proc, P.MsgType.MESSAGE, 1,
                                        P.Status.OK), payload))
 
-    def _behind_with_uid(self, unread: int) -> bool:
+    def _behind_with_uid(self) -> bool:
         """This connection is behind (over the high-water mark) while its uid's (or remote
         host's) connections together leave more than `uid_max_unread` unread: one that reads
-        is never dropped for another's backlog."""
-        return (self._share is not None and unread > WRITE_HIGH_WATER
+        is never dropped for another's backlog. Without a share (root) nothing is read: it is
+        asked on every reply."""
+        return (self._share is not None and self.unread > WRITE_HIGH_WATER
                 and self._share.unread_total() > self._limits.uid_max_unread)
 
     async def _keepalive(self) -> None:

@@ -255,11 +255,13 @@ class RpcServer:
             transport.abort()
             return None
         trusted = peer.uid == 0 if self.system else peer.uid == os.geteuid()
-        return self._add(self._unix_session(peer, readonly, trusted), peer.uid)
+        return self._add(self._unix_session(peer, readonly, trusted))
 
-    def _add(self, session: Session, counted: int | str) -> Connection:
-        """The Connection for `session`, counted for `counted` (and sharing its bounds, unless trusted)."""
+    def _add(self, session: Session) -> Connection:
+        """The Connection for `session`, counted for its uid or remote host (and sharing its
+        bounds, unless trusted)."""
         key = session.bounds
+        counted = session.peer.uid if key is None else key
         share = None if key is None else self._shares.get(key)
         if share is None and key is not None:
             if len(self._shares) > 2 * len(self._per_uid) + 64:
@@ -300,7 +302,7 @@ class RpcServer:
             return
         session = Session(REMOTE_PEER, socket_readonly=False, trusted=False, authenticated=sasl is None,
                           remote=who, sasl=sasl)
-        conn = self._add(session, host)
+        conn = self._add(session)
         timer = None
         if sasl is not None:
             # An unauthenticated remote client must not hold a connection slot for ever.

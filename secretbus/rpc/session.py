@@ -94,6 +94,7 @@ class Session:
     # The SASL user a unix peer authenticated as (auth_unix_* = "sasl"): part of its identity,
     # as in libvirt, for the logs and the audit; its rights stay those of its uid.
     sasl_user: str | None = None
+
     @property
     def bounds(self) -> int | str | None:
         """Whose shared bounds this connection counts in (connections, frame bytes, unread
