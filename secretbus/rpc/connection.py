@@ -8,8 +8,7 @@ what all its connections share (uidshare.py; a frame that does not fit is not re
 reply's slot is held while the client's unread output is above the transport's high-water
 mark; an event that finds more than `max_unread` bytes unread, or a reply or event that finds
 this connection behind while its uid's connections together leave `uid_max_unread`, drops
-the client. One client
-stalls only itself, and its uid's other connections.
+the client. One client stalls only itself, and its uid's other connections.
 """
 from __future__ import annotations
 
