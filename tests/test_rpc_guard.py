@@ -138,7 +138,7 @@ def test_a_uids_lists_share_one_round_of_getattr_checks():
         assert len(getattr_checks) == len(defs), len(getattr_checks)
         # one wait per secret in all (the first list's), not one per secret per list
         assert asked <= len(defs) + len(clients), asked
-        assert not guard._fills
+        assert not guard.lists.rounds
     asyncio.run(run())
 
 

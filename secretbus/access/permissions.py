@@ -48,6 +48,14 @@ _USAGE_DETAIL = {
 }
 
 
+# Decisions that may be shared by every connection of a uid. They only reveal what the default
+# policy grants every user anyway (metadata, the list), and a new connection per ListSecrets
+# must not cost one polkit check per secret. Write-side actions and read-secure stay per
+# connection: rules may look at the subject's process and session (active, local, seat), and
+# those differ between connections of one uid; a "yes" for one must not open the others.
+UID_SCOPED = frozenset({Perm.SEARCH_SECRETS, Perm.GETATTR, Perm.READ, Perm.CONNECT_GETATTR, Perm.CONNECT_READ})
+
+
 def details_for(d: SecretDef | None) -> dict[str, str]:
     """The CheckAuthorization details dict for a check on `d` (None: connection level)."""
     details = {"connect_driver": CONNECT_DRIVER}

@@ -29,7 +29,7 @@ from typing import Any
 
 from secretbus.access.busport import BusError, BusPort, Signal, Typed
 from secretbus.access.fairslots import FairSlots
-from secretbus.access.permissions import Caller, Perm, details_of, known_uid
+from secretbus.access.permissions import UID_SCOPED, Caller, Perm, details_of, known_uid
 from secretbus.core.model import SecretDef
 
 log = logging.getLogger("secretbus.polkit")
@@ -47,12 +47,6 @@ _NAME_GONE = ("type='signal',sender='org.freedesktop.DBus',interface='org.freede
 # (scope, action id, details); scope is the unique name, or the uid for UID_SCOPED actions.
 _Key = tuple[str | int, str, tuple[tuple[str, str], ...]]
 
-# Decisions that may be shared by every connection of a uid. They only reveal what the default
-# policy grants every user anyway (metadata, the list), and a new connection per ListSecrets
-# must not cost one polkit check per secret. Write-side actions and read-secure stay per
-# connection: rules may look at the subject's process and session (active, local, seat), and
-# those differ between connections of one uid; a "yes" for one must not open the others.
-UID_SCOPED = frozenset({Perm.SEARCH_SECRETS, Perm.GETATTR, Perm.READ, Perm.CONNECT_GETATTR, Perm.CONNECT_READ})
 ROOT = 0
 NO_OWNER = "org.freedesktop.DBus.Error.NameHasNoOwner"     # the caller left the bus
 _POLKIT_MATCHES = (

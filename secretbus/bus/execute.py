@@ -22,6 +22,7 @@ from dbus_fast import Message, MessageFlag, MessageType
 
 from secretbus.access.denials import DenialLog
 from secretbus.access.permissions import AccessControl, Caller, Perm
+from secretbus.access.visibility import ListFilter
 from secretbus.bus import compat
 from secretbus.bus.auditing import ReadAudit
 from secretbus.bus.dispatch import Reply, error
@@ -134,7 +135,6 @@ class DBusFailure(Exception):
 BUS_MESSAGE_MAX = 32 << 20
 LARGE_REPLY = 256 << 10   # over this, a reply is refused while the outgoing backlog is full
 ERROR_BYTES = 512         # what an error reply costs the caller's queue, about
-FILTER_BATCH = 32         # per-secret access checks of one call in flight at once
 ROOT = 0                  # polkit always allows uid 0: never queued behind others
 LANE_HOLD = 1.0           # s: the most a large reply holds the lane waiting for the bus to take it
 LANE_BACKLOG = 32 << 10   # bytes in our writer's queue over which every non-root reply takes the lane
@@ -195,6 +195,7 @@ class CallRunner:
         self.denials = DenialLog()   # one line per (uid, action), then a summary per minute
         self.unanswered = 0          # calls of callers over the unread bound, dropped
         self.lane = LargeReplyLane()  # large replies of all but root, one at a time
+        self.lists = ListFilter()     # which secrets of a list a caller may see
 
     def run(self, msg: Message, spec: MethodSpec, prepare: Callable[[Message], Prepared], out_sig: str) -> Reply:
         """Reply now when nothing needs awaiting, else finish in a task."""
@@ -427,25 +428,17 @@ class CallRunner:
                     raise errors.AccessDenied(f"'{perm.value}' denied access")
         visible = prep.candidates
         if spec.each is not None and self.access.enabled:
-            visible = await self._filter(caller, spec.each, list(visible))
+            visible = await self._filter(caller, spec.each, list(visible), uid)
         return uid, Grant(visible, prep.private and uid is not None and uid in self.private_readers, uid)
 
-    async def _filter(self, caller: Caller, perm: Perm, defs: list[SecretDef]) -> list[SecretDef]:
-        """The defs `caller` may see; cached decisions are read without awaiting each one."""
-        cached = getattr(self.access, "cached", None)
-        known = [cached(caller, perm, d) if cached else None for d in defs]
-        missing = [d for d, k in zip(defs, known, strict=True) if k is None]
-        # A few checks at a time: a uid has only so many polkit slots anyway (FairSlots), and
-        # 32 calls in flight on each of a member's connections must not hold a pending
-        # coroutine per secret each (tens of thousands of them: the daemon's RSS).
-        asked: dict[str, bool] = {}
-        for i in range(0, len(missing), FILTER_BATCH):
-            if self.unread.over(caller.sender or ""):
+    async def _filter(self, caller: Caller, perm: Perm, defs: list[SecretDef], uid: int | None) -> list[SecretDef]:
+        """The defs `caller` may see (access/visibility.py)."""
+        sender = caller.sender or ""
+
+        def stop() -> None:
+            if self.unread.over(sender):
                 raise Unanswered          # it will get no reply: the rest of the checks would be waste
-            batch = missing[i:i + FILTER_BATCH]
-            oks = await asyncio.gather(*(self.access.allowed(caller, perm, d) for d in batch))
-            asked.update(zip((d.uuid for d in batch), oks, strict=True))
-        return [d for d, k in zip(defs, known, strict=True) if (k if k is not None else asked[d.uuid])]
+        return await self.lists.visible(self.access, caller, perm, defs, uid=uid, stop=stop)
 
     async def drain(self) -> None:
         while self.tasks:

@@ -28,6 +28,7 @@ from secretbus.access.audit import AuditFailed, AuditMode, Auditor, AuditRecord,
 from secretbus.access.denials import DenialLog
 from secretbus.access.fairslots import FairSlots
 from secretbus.access.permissions import AccessControl, Caller, Perm
+from secretbus.access.visibility import ListFilter
 from secretbus.core import errors
 from secretbus.core.eager import run_eager
 from secretbus.core.lane import LargeReplyLane
@@ -76,7 +77,7 @@ class Guard:
         # loop for a millisecond or more at thousands of secrets): one at a time, turns round
         # the uids (remote hosts) and their connections, the loop's sockets polled between.
         self.lane = LargeReplyLane()
-        self._fills: dict[int, asyncio.Future[list[bool]]] = {}    # uid -> its list's getattr checks under way
+        self.lists = ListFilter()     # which secrets of a list a connection may see
         self._lists = FairSlots(LISTS_TOTAL, LISTS_PER_UID)
 
     # -- the daemon's side ----------------------------------------------------------
@@ -238,6 +239,9 @@ class Guard:
         return contextlib.nullcontext() if who is None else self.lane.turn(who, s.name)
 
     async def visible(self, s: Session, defs: list[SecretDef]) -> list[SecretDef]:
+        """The defs `s` may getattr (access/visibility.py); an untrusted caller's passes over
+        the list take turns in the lane, polkit is asked outside it (a slow answer holds up no
+        other caller's list)."""
         if s.remote is not None:
             return defs if self._remote_allows(s, Perm.GETATTR) else []
         caller = self._caller(s)
@@ -245,48 +249,11 @@ class Guard:
             return []
         if caller.process.uid == ROOT:
             return defs
-        cached = getattr(self.access, "cached", None)
-        async with self._turn(s):
-            known = self._known(caller, defs, cached)
-            missing = [d for d, k in zip(defs, known, strict=True) if k is None]
-        if missing:
-            # polkit is asked outside the lane: a slow answer holds up no other caller's list
-            fill = self._fills.get(caller.process.uid)
-            if fill is not None and cached is not None:
-                # A list of this uid asks already (getattr is decided per uid): wait for it
-                # with one future, then look again, rather than 1,000 lists each starting
-                # 10,000 waits on the same checks (every one woken in a single loop step).
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(fill)      # its own failure is no answer for this list
-                async with self._turn(s):
-                    known = self._known(caller, defs, cached)
-                    missing = [d for d, k in zip(defs, known, strict=True) if k is None]
-            asked = await self._ask(s, caller.process.uid, missing)
-        else:
-            asked = {}
-        async with self._turn(s):
-            return [d for d, k in zip(defs, known, strict=True) if (k if k is not None else asked[d.uuid])]
-
-    @staticmethod
-    def _known(caller: Caller, defs: list[SecretDef], cached: Callable[..., bool | None] | None) -> list[bool | None]:
-        if cached is None:
-            return [None] * len(defs)
-        # one subject for the whole list: 10,000 lookups in the cache, no awaits
-        return [cached(caller, Perm.GETATTR, d) for d in defs]
-
-    async def _ask(self, s: Session, uid: int, missing: list[SecretDef]) -> dict[str, bool]:
-        """getattr of each of `missing` for `s`, as one fill the uid's other lists can wait for."""
-        if not missing:
-            return {}
-        fill = asyncio.ensure_future(asyncio.gather(*(self.allowed(s, Perm.GETATTR, d) for d in missing)))
-        self._fills.setdefault(uid, fill)
-
-        def done(f: asyncio.Future[list[bool]]) -> None:
-            if self._fills.get(uid) is f:
-                del self._fills[uid]
-        fill.add_done_callback(done)
-        # shielded: a list whose connection closes must not cancel the checks others wait for
-        return dict(zip((d.uuid for d in missing), await asyncio.shield(fill), strict=True))
+        access = self._access(s)
+        if access is None:
+            return []
+        return await self.lists.visible(access, caller, Perm.GETATTR, defs, uid=caller.process.uid,
+                                        turn=lambda: self._turn(s))
 
     # -- value reads ------------------------------------------------------------------------
     def value_read(self, c: HasSession, d: SecretDef, read: Callable[[], T]) -> T | Awaitable[T]:
