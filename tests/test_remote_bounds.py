@@ -16,7 +16,7 @@ from secretbus.rpc import events
 from secretbus.rpc import protocol as P
 from secretbus.rpc.connection import RpcLimits
 from secretbus.rpc.frame import Header, encode_frame
-from secretbus.rpc.remote import RemoteIdentity, RemotePolicy
+from secretbus.rpc.remote import RemoteIdentity, RemotePolicy, host_of
 from secretbus.rpc.serverconf import Kind, parse_serverconf
 
 URI = "secret:///system"
@@ -79,6 +79,26 @@ def test_a_remote_hosts_connections_are_bounded_as_a_uids(remote):
     wait_until(lambda: remote.ip.server.clients == 4, timeout=5, what="the closed connection's slot back")
     again = remote.connect("192.0.2.1").open(URI)        # its slot is free again
     assert again.call(P.Proc.CONNECT_GET_TYPE)["type"] == "secret"
+
+
+def test_an_ipv6_host_is_counted_by_its_64():
+    """One interface may use any address of its /64: counted per address, one machine would
+    get max_clients_per_uid connections per address, every slot."""
+    assert host_of("[2001:db8::1]:16514") == host_of("[2001:db8::ffff:1:2]:1") == "[2001:db8::]/64"
+    assert host_of("[2001:db8:0:1::1]:1") == "[2001:db8:0:1::]/64"
+    assert host_of("[::ffff:192.0.2.9]:7") == host_of("192.0.2.9:8") == "192.0.2.9"
+    assert host_of("[fe80::1%eth0]:3") == "[fe80::]/64"
+    assert host_of("192.0.2.1:5") == "192.0.2.1"
+
+
+def test_addresses_of_one_ipv6_64_share_one_hosts_connections(remote):
+    held = [remote.connect(f"[2001:db8::{i + 1:x}]").open(URI) for i in range(4)]
+    assert closed_by_server(remote.connect("[2001:db8::ffff]"))
+    mapped = remote.connect("[::ffff:192.0.2.200]").open(URI)   # an IPv4 host
+    assert mapped.call(P.Proc.CONNECT_GET_TYPE)["type"] == "secret"
+    other = remote.connect("[2001:db8:0:1::1]").open(URI)     # another /64: another host
+    assert other.call(P.Proc.CONNECT_GET_TYPE)["type"] == "secret"
+    assert len(held) == 4
 
 
 def test_a_remote_hosts_event_callbacks_are_counted_together(remote, monkeypatch):

@@ -15,6 +15,7 @@ Private values are never sent over a remote transport, whatever the grant.
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, replace
 
 from secretbus.access.permissions import Perm
@@ -31,9 +32,26 @@ PERMS: dict[Rights, frozenset[Perm]] = {
 }
 
 
+# An IPv6 peer is counted by its /64: one interface picks addresses in it at will (privacy
+# addresses, or any of 2^64 bound on purpose), so a host keyed by its full address would get
+# max_clients_per_uid connections per address, all the slots from one machine.
+V6_HOST_PREFIX = 64
+
+
 def host_of(address: str) -> str:
-    """The host of a peer's "host:port" (tls.peer_address; "[v6]:port" keeps its brackets)."""
-    return address.rpartition(":")[0]
+    """Whose bounds a peer at "host:port" (tls.peer_address; "[v6]:port") counts in: an IPv4
+    address, an IPv6 /64 ("[2001:db8::]/64"; a v4-mapped one as its IPv4 address)."""
+    host = address.rpartition(":")[0]
+    if not host.startswith("["):
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host[1:-1].partition("%")[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    net = ipaddress.IPv6Network((ip, V6_HOST_PREFIX), strict=False)
+    return f"[{net.network_address}]/{V6_HOST_PREFIX}"
 
 
 @dataclass(frozen=True)
