@@ -203,3 +203,21 @@ def test_per_connection_decisions_are_not_shared():
         await asyncio.gather(*tasks)
         assert access.calls == 30
     asyncio.run(run())
+
+
+def test_a_list_that_finds_a_round_being_stopped_asks_for_itself():
+    """The round's only list goes away and, in the same loop step, another list of the uid
+    finds the round still registered: the round's cancellation is not that list's."""
+    async def run():
+        access, lists = FakeAccess(), ListFilter()
+        access.gate.clear()
+        first = asyncio.ensure_future(lists.visible(access, caller(":1.1"), Perm.GETATTR, DEFS, uid=1000))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        second = asyncio.ensure_future(lists.visible(access, caller(":1.2"), Perm.GETATTR, DEFS, uid=1000))
+        await asyncio.sleep(0.01)
+        access.gate.set()
+        assert await second == WANT
+        assert first.cancelled()
+        assert lists.rounds == 0
+    asyncio.run(run())

@@ -35,6 +35,10 @@ def _no_turn() -> contextlib.AbstractAsyncContextManager[None]:
     return contextlib.nullcontext()
 
 
+class Abandoned(Exception):
+    """The round a list waited for was stopped: it asks for itself."""
+
+
 class _Round:
     """The checks one list started, with the lists waiting for them."""
 
@@ -45,9 +49,16 @@ class _Round:
         self.waiters = 0
 
     async def wait(self) -> dict[str, bool]:
+        """The round's answers; `Abandoned` if it was stopped (its lists had all gone) while
+        this one waited, a cancellation of the caller's own task as ever."""
         self.waiters += 1
         try:
             return await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if self.task.cancelled() and not (me is not None and me.cancelling()):
+                raise Abandoned() from None
+            raise
         finally:
             self.waiters -= 1
             if not self.waiters and not self.task.done():
