@@ -63,6 +63,13 @@ DEFS = [secret(i) for i in range(100)]
 WANT = [d for d in DEFS if odd_hidden(d)]
 
 
+def start(lists: ListFilter, access: FakeAccess, name: str, uid: int | None = 1000, *,
+          perm: Perm = Perm.GETATTR, defs: list[SecretDef] = DEFS, **kw) -> asyncio.Future:
+    """A list of `name` (of `uid`) under way in a task."""
+    who = caller(name, 1000 if uid is None else uid)
+    return asyncio.ensure_future(lists.visible(access, who, perm, defs, uid=uid, **kw))
+
+
 def test_cached_decisions_are_read_without_asking():
     async def run():
         access, lists = FakeAccess(), ListFilter()
@@ -89,9 +96,8 @@ def test_lists_of_one_uid_share_one_round_and_other_uids_do_not():
     async def run():
         access, lists = FakeAccess(), ListFilter()
         access.gate.clear()
-        mine = [asyncio.ensure_future(lists.visible(access, caller(f":1.{i}"), Perm.GETATTR, DEFS, uid=1000))
-                for i in range(20)]
-        theirs = asyncio.ensure_future(lists.visible(access, caller(":2.1"), Perm.GETATTR, DEFS, uid=1001))
+        mine = [start(lists, access, f":1.{i}") for i in range(20)]
+        theirs = start(lists, access, ":2.1", 1001)
         await asyncio.sleep(0.01)
         assert lists.rounds == 2
         access.gate.set()
@@ -106,9 +112,9 @@ def test_a_round_goes_on_for_those_who_wait_and_stops_when_none_does():
     async def run():
         access, lists = FakeAccess(), ListFilter()
         access.gate.clear()
-        first = asyncio.ensure_future(lists.visible(access, caller(":1.1"), Perm.GETATTR, DEFS, uid=1000))
+        first = start(lists, access, ":1.1")
         await asyncio.sleep(0.01)
-        second = asyncio.ensure_future(lists.visible(access, caller(":1.2"), Perm.GETATTR, DEFS, uid=1000))
+        second = start(lists, access, ":1.2")
         await asyncio.sleep(0.01)
         first.cancel()                  # the list that asks goes away; the other still waits
         await asyncio.sleep(0.01)
@@ -120,7 +126,7 @@ def test_a_round_goes_on_for_those_who_wait_and_stops_when_none_does():
         # alone, a list that goes away takes its checks with it
         access2, lists2 = FakeAccess(), ListFilter()
         access2.gate.clear()
-        lone = asyncio.ensure_future(lists2.visible(access2, caller(":1.3"), Perm.GETATTR, DEFS, uid=1000))
+        lone = start(lists2, access2, ":1.3")
         await asyncio.sleep(0.01)
         lone.cancel()
         await asyncio.sleep(0.01)
@@ -143,9 +149,9 @@ def test_stop_ends_the_list_and_the_waiters_ask_for_themselves():
         def stop() -> None:
             if stopped:
                 raise Gone
-        first = asyncio.ensure_future(lists.visible(access, caller(":1.1"), Perm.GETATTR, DEFS, uid=1000, stop=stop))
+        first = start(lists, access, ":1.1", stop=stop)
         await asyncio.sleep(0.01)
-        second = asyncio.ensure_future(lists.visible(access, caller(":1.2"), Perm.GETATTR, DEFS, uid=1000))
+        second = start(lists, access, ":1.2")
         await asyncio.sleep(0.01)
         stopped = True
         access.gate.set()
@@ -178,8 +184,7 @@ def test_without_a_uid_nothing_is_shared():
     async def run():
         access, lists = FakeAccess(), ListFilter()
         access.gate.clear()
-        tasks = [asyncio.ensure_future(lists.visible(access, caller(f":1.{i}"), Perm.GETATTR, DEFS[:10], uid=None))
-                 for i in range(3)]
+        tasks = [start(lists, access, f":1.{i}", None, defs=DEFS[:10]) for i in range(3)]
         await asyncio.sleep(0.01)
         assert lists.rounds == 0
         access.gate.set()
@@ -195,8 +200,7 @@ def test_per_connection_decisions_are_not_shared():
         assert Perm.WRITE not in UID_SCOPED
         access, lists = FakeAccess(), ListFilter()
         access.gate.clear()
-        tasks = [asyncio.ensure_future(lists.visible(access, caller(f":1.{i}"), Perm.WRITE, DEFS[:10], uid=1000))
-                 for i in range(3)]
+        tasks = [start(lists, access, f":1.{i}", perm=Perm.WRITE, defs=DEFS[:10]) for i in range(3)]
         await asyncio.sleep(0.01)
         assert lists.rounds == 0
         access.gate.set()
@@ -211,10 +215,10 @@ def test_a_list_that_finds_a_round_being_stopped_asks_for_itself():
     async def run():
         access, lists = FakeAccess(), ListFilter()
         access.gate.clear()
-        first = asyncio.ensure_future(lists.visible(access, caller(":1.1"), Perm.GETATTR, DEFS, uid=1000))
+        first = start(lists, access, ":1.1")
         await asyncio.sleep(0.01)
         first.cancel()
-        second = asyncio.ensure_future(lists.visible(access, caller(":1.2"), Perm.GETATTR, DEFS, uid=1000))
+        second = start(lists, access, ":1.2")
         await asyncio.sleep(0.01)
         access.gate.set()
         assert await second == WANT

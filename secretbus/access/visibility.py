@@ -81,8 +81,7 @@ class ListFilter:
         """The defs `caller` (of `uid`, None if unknown) may `perm`, in their order."""
         cached: Callable[..., bool | None] | None = getattr(access, "cached", None)
         async with turn():
-            known = _known(cached, caller, perm, defs)
-            missing = [d for d, k in zip(defs, known, strict=True) if k is None]
+            known, missing = _known(cached, caller, perm, defs)
         asked: dict[str, bool] = {}
         if missing:
             key = (uid, perm) if uid is not None and cached is not None and perm in UID_SCOPED else None
@@ -91,8 +90,7 @@ class ListFilter:
                 with contextlib.suppress(Exception):
                     await running.wait()    # its failure (its caller went away) is no answer for this list
                 async with turn():
-                    known = _known(cached, caller, perm, defs)
-                    missing = [d for d, k in zip(defs, known, strict=True) if k is None]
+                    known, missing = _known(cached, caller, perm, defs)
             if missing:
                 asked = await self._ask(access, caller, perm, missing, key, stop)
         async with turn():
@@ -123,7 +121,7 @@ class ListFilter:
 
 
 def _known(cached: Callable[..., bool | None] | None, caller: Caller, perm: Perm,
-           defs: list[SecretDef]) -> list[bool | None]:
-    if cached is None:
-        return [None] * len(defs)
-    return [cached(caller, perm, d) for d in defs]
+           defs: list[SecretDef]) -> tuple[list[bool | None], list[SecretDef]]:
+    """The cached decision of each def (None: not known), and the defs without one."""
+    known: list[bool | None] = [None] * len(defs) if cached is None else [cached(caller, perm, d) for d in defs]
+    return known, [d for d, k in zip(defs, known, strict=True) if k is None]

@@ -78,7 +78,7 @@ class Guard:
         # the uids (remote hosts) and their connections, the loop's sockets polled between.
         self.lane = LargeReplyLane()
         self.lists = ListFilter()     # which secrets of a list a connection may see
-        self._lists = FairSlots(LISTS_TOTAL, LISTS_PER_UID)
+        self._list_slots = FairSlots(LISTS_TOTAL, LISTS_PER_UID)
 
     # -- the daemon's side ----------------------------------------------------------
     def attach(self, access: AccessControl | None) -> None:
@@ -230,7 +230,7 @@ class Guard:
         copies of the whole listing while it waits for its checks and turns, and 64
         connections × 16 lists in flight were 1,024 of them (+53 MB at 2,000 secrets)."""
         who = s.bounds
-        return contextlib.nullcontext() if who is None else self._lists.slot(who)
+        return contextlib.nullcontext() if who is None else self._list_slots.slot(who)
 
     def _turn(self, s: Session) -> contextlib.AbstractAsyncContextManager[None]:
         """A turn in the lane for a connection whose calls share bounds (Session.bounds);
