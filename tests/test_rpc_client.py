@@ -230,7 +230,7 @@ def test_errors_are_the_projects_classes_with_libvirts_codes(sessiond, rpc_dir):
     assert isinstance(got["missing"], errors.NoSecret) and got["missing"].code == 66
     assert got["private"].display() == "Invalid secret: secret is private"
     assert isinstance(got["negative flags"], errors.InvalidArg) and "0xffffffff" in got["negative flags"].message
-    assert got["empty value"].display() == "invalid argument: value in virSecretSetValue must not be NULL"
+    assert got["empty value"].display() == "value in virSecretSetValue must not be NULL"
     assert isinstance(got["internal_call"], errors.InvalidArg) and isinstance(got["bad event"], errors.InvalidArg)
 
 

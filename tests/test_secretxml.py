@@ -81,7 +81,7 @@ FIXTURE_INVALID = {
     "usage-without-type.xml": (errors.XMLError, "unknown secret usage type"),
     "volume-without-path.xml": (errors.InternalError, "volume usage specified, but volume path is missing"),
     "malformed-uuid.xml": (errors.InternalError, "malformed uuid element"),
-    "wrong-root.xml": (errors.XMLError, "expecting root element of 'secret', not 'secrets'"),
+    "wrong-root.xml": (errors.XMLRootError, "expecting root element of 'secret', not 'secrets'"),
 }
 
 
@@ -183,13 +183,13 @@ ERROR_CASES = [
     ("not-well-formed", errors.XMLDetail, "<secret>",
      "(definition_of_secret):1: Premature end of data in tag secret line 1"),
     ("empty-document", errors.XMLDetail, "", "(definition_of_secret):1: Document is empty"),
-    ("wrong-root", errors.XMLError, "<secrets/>",
+    ("wrong-root", errors.XMLRootError, "<secrets/>",
      "expecting root element of 'secret', not 'secrets'"),
-    ("namespaced-root", errors.XMLError, "<x:secret xmlns:x='urn:x'/>",
+    ("namespaced-root", errors.XMLRootError, "<x:secret xmlns:x='urn:x'/>",
      "expecting root element of 'secret', not 'x:secret' with xmlns:x='urn:x'"),
-    ("default-namespace-root", errors.XMLError, "<secret xmlns='urn:x'/>",
+    ("default-namespace-root", errors.XMLRootError, "<secret xmlns='urn:x'/>",
      "expecting root element of 'secret', not 'secret' with xmlns='urn:x'"),
-    ("namespaced-other-root", errors.XMLError, "<y:secrets xmlns:y='urn:y'/>",
+    ("namespaced-other-root", errors.XMLRootError, "<y:secrets xmlns:y='urn:y'/>",
      "expecting root element of 'secret', not 'y:secrets' with xmlns:y='urn:y'"),
     ("ephemeral-maybe", errors.XMLError, doc(attrs=" ephemeral='maybe'"),
      "invalid value of 'ephemeral'"),
@@ -649,7 +649,7 @@ def test_schema_error_lines_redact_quoted_values() -> None:
 
 
 def test_validate_runs_after_root_check_and_before_field_checks() -> None:
-    raises(errors.XMLError, "<secrets/>", "expecting root element of 'secret', not 'secrets'",
+    raises(errors.XMLRootError, "<secrets/>", "expecting root element of 'secret', not 'secrets'",
            validate=True)
     raises(errors.XMLDetail, "<secret", validate=True)
     raises(errors.XMLInvalidSchema, doc(attrs=" ephemeral='maybe'"), validate=True)

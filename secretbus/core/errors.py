@@ -59,7 +59,14 @@ class NoSupport(SecretError, code=3, prefix="this function is not supported by t
 
 
 class InvalidArg(SecretError, code=8, prefix="invalid argument: "):
-    """VIR_ERR_INVALID_ARG: flags, UUID strings, event ids, argument types."""
+    """VIR_ERR_INVALID_ARG: argument types, URIs, SET_IDENTITY's parameters."""
+
+
+class InvalidArgCheck(InvalidArg, prefix="", own_kind=False):
+    """VIR_ERR_INVALID_ARG from libvirt's argument checks (virCheckFlags, virCheckNonNullArg,
+    virCheckNonNegativeArg, virReportInvalidArg: flags, NULL values and usage ids, UUID
+    strings, event ids): they call virRaiseErrorFull with their own text, so libvirt puts no
+    "invalid argument: " before it (libvirtd 9.0, tests/test_libvirtd_diff.py)."""
 
 
 class OperationFailed(SecretError, code=9, prefix="operation failed: "):
@@ -69,6 +76,11 @@ class OperationFailed(SecretError, code=9, prefix="operation failed: "):
 
 class XMLError(SecretError, code=27, prefix="XML error: "):
     """VIR_ERR_XML_ERROR"""
+
+
+class XMLRootError(XMLError, own_kind=False):
+    """VIR_ERR_XML_ERROR of the root element check, which libvirt makes in its XML utilities
+    (virxml.c), not in the secret parser: an RPC front end reports it from VIR_FROM_XML."""
 
 
 class XMLDetail(XMLError, code=35, prefix=""):
@@ -108,7 +120,7 @@ class AccessDenied(SecretError, code=88, prefix="access denied: "):
 
 
 class XMLInvalidSchema(SecretError, code=92, prefix="XML document failed to validate against schema: "):
-    """VIR_ERR_XML_INVALID_SCHEMA"""
+    """VIR_ERR_XML_INVALID_SCHEMA (made in libvirt's XML utilities, so VIR_FROM_XML over RPC)"""
 
 
 class InvalidEncrKey(SecretError, code=114, prefix=""):
@@ -132,16 +144,36 @@ def _kinds(base: type[SecretError]) -> list[type[SecretError]]:
     return out
 
 
+def _unprefixed(base: type[SecretError]) -> dict[str, type[SecretError]]:
+    """kind -> the class of that kind whose texts carry no prefix, where its kind's has one
+    (ConfigError, InvalidArgCheck)."""
+    out = {}
+    for c in base.__subclasses__():
+        if not c.prefix and c.kind == base.kind and base.prefix:
+            out[c.kind] = c
+        out.update(_unprefixed(c))
+    return out
+
+
 ALL_ERRORS: tuple[type[SecretError], ...] = (InternalError, *_kinds(SecretError))
 BY_DBUS_NAME: dict[str, type[SecretError]] = {DBUS_ERROR_PREFIX + c.kind: c for c in ALL_ERRORS}
+_UNPREFIXED = _unprefixed(SecretError)
+
+
+def rebuild(cls: type[SecretError], text: str) -> SecretError:
+    """The exception of `cls`'s kind for `text` as a server's `display()` made it: without the
+    prefix it starts with, or, when it has none, of the kind's class without one, so that
+    `display()` gives `text` back (libvirt's own argument checks have no prefix)."""
+    if cls.prefix:
+        if text.startswith(cls.prefix):
+            return cls(text[len(cls.prefix):])
+        cls = _UNPREFIXED.get(cls.kind, cls)
+    return cls(text)
 
 
 def from_dbus(name: str, text: str) -> SecretError:
     """Rebuild the project's exception from a D-Bus error reply (`text` as `display()` made it)."""
-    cls = BY_DBUS_NAME.get(name, OperationFailed)
-    if cls.prefix and text.startswith(cls.prefix):
-        text = text[len(cls.prefix):]
-    return cls(text)
+    return rebuild(BY_DBUS_NAME.get(name, OperationFailed), text)
 
 
 def display(err: SecretError) -> str:
@@ -153,4 +185,4 @@ def unsupported_flags(flags: int, supported: int, function: str) -> None:
     if flags < 0 or extra:
         # Negative numbers are shown as the C unsigned int they would be.
         shown = extra if flags >= 0 else extra & 0xFFFFFFFF
-        raise InvalidArg(f"unsupported flags (0x{shown:x}) in function {function}")
+        raise InvalidArgCheck(f"unsupported flags (0x{shown:x}) in function {function}")

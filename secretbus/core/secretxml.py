@@ -298,11 +298,11 @@ def _wrong_root(root: etree._Element) -> errors.SecretError:
     'secret' would be confusing."""
     qname = etree.QName(root)
     if qname.namespace is None:
-        return errors.XMLError(f"expecting root element of 'secret', not '{qname.localname}'")
+        return errors.XMLRootError(f"expecting root element of 'secret', not '{qname.localname}'")
     written = f"{root.prefix}:{qname.localname}" if root.prefix else qname.localname
     xmlns = f"xmlns:{root.prefix}" if root.prefix else "xmlns"
-    return errors.XMLError(f"expecting root element of 'secret', not '{written}' "
-                           f"with {xmlns}='{qname.namespace}'")
+    return errors.XMLRootError(f"expecting root element of 'secret', not '{written}' "
+                               f"with {xmlns}='{qname.namespace}'")
 
 
 def _parse_full(data: bytes, from_str: bool, name: str, validate: bool) -> SecretDef:

@@ -46,7 +46,7 @@ def canonical_uuid(text: object) -> str:
     (the driver and both clients say the same)."""
     canon = parse_uuid(text) if isinstance(text, str) else None
     if canon is None:
-        raise errors.InvalidArg(INVALID_UUID)
+        raise errors.InvalidArgCheck(INVALID_UUID)
     return canon
 
 

@@ -64,10 +64,7 @@ def error_from_remote(body: dict[str, Any]) -> errors.SecretError:
     if code == errors.RPCError.code and message.startswith("unknown procedure"):
         # libvirt's client does the same (virnetclientprogram.c): an old server lacks the call.
         return errors.NoSupport(message)
-    cls = _BY_CODE.get(code) or _other_class(code)
-    if cls.prefix and message.startswith(cls.prefix):
-        message = message[len(cls.prefix):]
-    return cls(message)
+    return errors.rebuild(_BY_CODE.get(code) or _other_class(code), message)
 
 
 def auth_failed(message: str) -> errors.SecretError:

@@ -36,7 +36,8 @@ AUTH_FAILED_PREFIX = "authentication failed: "
 NO_CONNECT = 5                   # VIR_ERR_NO_CONNECT
 NO_CONNECT_PREFIX = "no connection driver available for "
 
-_DOMAIN = {errors.RPCError: P.FROM_RPC, errors.AccessDenied: P.FROM_ACCESS}
+_DOMAIN = {errors.RPCError: P.FROM_RPC, errors.AccessDenied: P.FROM_ACCESS,
+           errors.XMLRootError: P.FROM_XML, errors.XMLInvalidSchema: P.FROM_XML}
 
 
 def error_body(e: BaseException) -> dict[str, Any]:

@@ -276,7 +276,7 @@ class Procedures:
         if maxuuids > P.REMOTE_SECRET_LIST_MAX:
             raise rpc_failure("maxuuids > REMOTE_SECRET_LIST_MAX")
         if maxuuids < 0:
-            raise errors.InvalidArg("maxuuids in virConnectListSecrets must be greater than or equal to 0")
+            raise errors.InvalidArgCheck("maxuuids in virConnectListSecrets must be greater than or equal to 0")
         if not self.guard.checked(c.session):
             return {"uuids": self.driver.list_view(0, self._derive_uuids)[:maxuuids]}
         return self.guard.listing(c, self.driver.list_secrets,
@@ -324,7 +324,7 @@ class Procedures:
     def set_value(self, c: Client, a: Any) -> Any:
         if not a["value"]:
             # XDR decodes an empty opaque as NULL; libvirt 9.0 refuses it so (verified).
-            raise errors.InvalidArg("value in virSecretSetValue must not be NULL")
+            raise errors.InvalidArgCheck("value in virSecretSetValue must not be NULL")
         rules.check_set_value_flags(a["flags"])
         uuid, value, flags = _uuid(a["secret"]), a["value"], a["flags"]
         d = self.driver.lookup_by_uuid(uuid)

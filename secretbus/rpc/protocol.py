@@ -215,6 +215,7 @@ MESSAGES: dict[int, XdrType] = {
 
 # libvirt's error domains (virerror.h) that this front end reports.
 FROM_NONE = 0
+FROM_XML = 5                    # virxml.c: the root element check, schema validation
 FROM_RPC = 7
 FROM_DOMAIN = 20                # libvirt-host.c's connection-level APIs report this one
 FROM_SECRET = 30
