@@ -96,7 +96,11 @@ def xml(uuid=None, eph="no", priv="no", usage="ceph", uid="client.admin", desc=N
 
 
 def define(doc, flags=0):
-    s = conn.secretDefineXML(doc, flags)
+    return define_on(conn, doc, flags)
+
+
+def define_on(c, doc, flags=0):
+    s = c.secretDefineXML(doc, flags)
     return [s.UUIDString(), s.usageType(), s.usageID(), s.XMLDesc(0)]
 
 
@@ -135,6 +139,7 @@ def virsh_value(*args):
 
 
 libvirt.registerErrorHandler(lambda ctx, err: None, None)   # errors come back as exceptions only
+libvirt.virEventRegisterDefaultImpl()        # event registration needs one (never run: no event is awaited)
 conn = libvirt.open(uri)
 
 # -- the connection --------------------------------------------------------------------------
@@ -339,6 +344,26 @@ for _f in range(16):
     case(f"list_all_flags_{_f}", lambda f=_f: listall(f))
 case("list_all_flags_16", lambda: listall(16))
 case("list_all_flags_high", lambda: listall(1 << 31))
+
+# -- a read-only connection, events ---------------------------------------------------------
+ro = libvirt.openReadOnly(uri)
+case("ro_list", lambda: sorted(norm(s.UUIDString()) for s in ro.listAllSecrets(0)))
+case("ro_xml", lambda: ro.secretLookupByUUIDString(UUIDS["U_TLS"]).XMLDesc(0))
+case("ro_get_value", lambda: digest(ro.secretLookupByUUIDString(UUIDS["U_TLS"]).value(0)))
+case("ro_set_value", lambda: ro.secretLookupByUUIDString(UUIDS["U_TLS"]).setValue(b"ro"))
+case("ro_undefine", lambda: ro.secretLookupByUUIDString(UUIDS["U_TLS"]).undefine())
+case("ro_define", lambda: define_on(ro, xml("U_SPARE")))
+case("ro_value_unchanged", lambda: value("U_TLS"))
+ro.close()
+
+
+def register(secret, event_id):
+    cb = conn.secretEventRegisterAny(secret, event_id, lambda *a: None, None)
+    return [cb >= 0, conn.secretEventDeregisterAny(cb)]
+
+
+case("event_register", lambda: register(by_uuid("U_TLS"), libvirt.VIR_SECRET_EVENT_ID_LIFECYCLE))
+case("event_register_all", lambda: register(None, libvirt.VIR_SECRET_EVENT_ID_VALUE_CHANGED))
 
 # -- virsh ----------------------------------------------------------------------------------
 with open(f"{work}/virsh.xml", "w") as f:
