@@ -9,8 +9,8 @@ opened as `secret:///system`; secretbusd as the system instance, RPC only, opene
 `harness/programs/libvirt_diff_cases.py` runs every case on one python3-libvirt connection per
 server and prints one normalised result per case. A case whose answers differ is in TRIAGE:
 on purpose (the row or section of docs/libvirt-differences.md that says so), asserting what we
-document instead of equality; or unclear, pinning both answers. A bug not fixed yet is in
-XFAIL, asserting libvirt's answer (strict).
+document instead of equality. A bug not fixed yet is in XFAIL, asserting libvirt's answer
+(strict).
 """
 from __future__ import annotations
 
@@ -198,33 +198,23 @@ def _no_clash_by_type_change(lv, sb, name):
                                      "shared-id"]
 
 
-# Unclear (documented neither way): both answers are pinned, so that a change on either side
-# is seen and triaged again.
-
-def _unclear_lib_version(lv, sb, name):
-    # libvirtd reports its own version; secretbusd the libvirt it follows (core.model.LIBVIRT_COMPAT,
-    # 12.1, the encryption-at-rest era), on purpose but not in docs/libvirt-differences.md.
+def _our_lib_version(lv, sb, name):
+    # "Other hardening", last item: libvirtd reports its own version; secretbusd the libvirt
+    # release whose secret driver it follows (core.model.LIBVIRT_COMPAT, 12.1.0).
     from secretbus.core.model import LIBVIRT_COMPAT
     assert lv[name]["ok"] == 9_000_000 and sb[name]["ok"] == LIBVIRT_COMPAT
 
 
-def _unclear_null_usage(lv, sb, name):
-    # A redefine that gives a usage to a secret without one: libvirt prints the old usage id,
-    # NULL, as "(null)" (glib's printf); we print nothing.
-    assert _err(sb[name]) == _msg_of(lv[name], "for use with (null)", "for use with ")
-
-
-def _unclear_description_limit(lv, sb, name):
-    # libvirt defines a description of 1 MiB - 200 characters; driver/rules.py refuses one over
-    # DESCRIPTION_MAX (128 Ki characters), which docs/libvirt-differences.md does not mention.
+def _description_limit(lv, sb, name):
+    # "Other hardening": a description is at most DESCRIPTION_MAX characters (every definition
+    # formats within the store's 1 MiB); libvirt defines one of 1 MiB - 200 characters.
     from secretbus.driver.rules import DESCRIPTION_MAX
     assert lv[name]["ok"][0] == "U_BIG"
     assert _err(sb[name]) == [27, 30, f"XML error: secret description is longer than {DESCRIPTION_MAX} characters"]
 
 
 TRIAGE = {
-    "conn_lib_version": _unclear_lib_version,
-    "re_from_no_usage": _unclear_null_usage,
+    "conn_lib_version": _our_lib_version,
     "def_validate_relative_volume": _our_schema_path,
     "def_validate_usage_none": _our_schema_path,
     "def_not_well_formed": _first_line_only,
@@ -232,7 +222,7 @@ TRIAGE = {
     "def_empty_string": _first_line_only,
     "def_namespaced_root": _namespaced_root,
     "def_dtd": _dtd_refused,
-    "def_large_1mib": _unclear_description_limit,
+    "def_large_1mib": _description_limit,
     "def_oversize_1_5mib": _over_1mib,
     "def_oversize_2mib": _over_1mib,
     "def_oversize_3mib": _over_1mib,
@@ -240,14 +230,8 @@ TRIAGE = {
     "re_dup_usage_private_new_uuid": _one_clash_wording,
     "re_type_into_held_usage_of_same_id": _no_clash_by_type_change,
 }
-# Bugs not fixed here: the case asserts the right answer, and fails until it is fixed.
-XFAIL = {
-    # A define of 2..4 MiB (under libvirt's 4 MiB string limit) is a frame over the RPC front
-    # end's max_frame (2 MiB, rpc/connection.py): secretbusd drops the connection ("frame
-    # length … out of bounds") instead of answering the documented over-1-MiB refusal.
-    "def_oversize_2mib": "secretbusd drops the connection for a frame over max_frame (2 MiB)",
-    "def_oversize_3mib": "secretbusd drops the connection for a frame over max_frame (2 MiB)",
-}
+# Bugs not fixed yet: the case asserts the right answer, and fails until it is fixed (none now).
+XFAIL: dict[str, str] = {}
 
 
 def _param(name: str) -> Any:

@@ -181,14 +181,106 @@ def test_large_frames_in_flight_are_bounded_apart_from_small_ones():
     asyncio.run(main())
 
 
-def test_a_frame_over_the_limit_aborts_before_it_is_read():
+def test_a_frame_over_libvirts_bound_aborts_before_it_is_read():
     async def main() -> None:
         r = Rig(RpcLimits(max_frame=1000))
-        r.conn.data_received((1000 + LENGTH_SIZE + 1).to_bytes(4, "big") + b"\0" * 10)
+        r.conn.data_received((P.MESSAGE_MAX + LENGTH_SIZE + 1).to_bytes(4, "big") + b"\0" * 10)
         assert r.t.aborted and r.closed == [r.conn]
         r.conn.data_received(call(TYPE, 1))         # nothing more is served
         assert r.t.out == bytearray()
     asyncio.run(main())
+
+
+def raw_frame(proc: int, serial: int, payload: bytes, msg_type: P.MsgType = P.MsgType.CALL) -> bytes:
+    return encode_frame(Header(P.REMOTE_PROGRAM, 1, proc, msg_type, serial, P.Status.OK), payload)
+
+
+def answers(t: FakeTransport) -> list[tuple[int, Any]]:
+    """(serial, the reply or (code, message) of the error) of every whole frame written."""
+    out, data = [], bytes(t.out)
+    while data:
+        n = int.from_bytes(data[:LENGTH_SIZE], "big")
+        h, payload = decode_frame(data[:n])
+        if h.status == P.Status.ERROR:
+            e = xdr.decode(P.REMOTE_ERROR, payload)
+            out.append((h.serial, (e["code"], e["message"])))
+        else:
+            out.append((h.serial, xdr.decode(P.PROCS[h.proc].ret, payload)))
+        data = data[n:]
+    return out
+
+
+@pytest.mark.parametrize("cut", [1, 7, 28, 1000, 1 << 20])
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_call_over_max_frame_is_read_past_and_refused(cut, shared):
+    """A call larger than max_frame but within libvirt's bound (libvirt takes a define of up to
+    its 4 MiB string) is not buffered: read past, its header kept, answered with an error, and
+    the connection goes on. It takes nothing from its uid's frame budget (smaller than it)."""
+    from secretbus.core.secretxml import MAX_XML_BYTES
+    async def main() -> None:
+        share = UidShare(3000) if shared else None
+        r = Rig(RpcLimits(max_frame=2000), share=share)
+        define = xdr.encode(P.PROCS[BIG].args, {"xml": "x" * 5000, "flags": 0})
+        stream = (raw_frame(BIG, 1, define) + raw_frame(9999, 2, bytes(4000)) + raw_frame(TYPE, 3, bytes(4000))
+                  + raw_frame(TYPE, 9, bytes(4000), P.MsgType.REPLY) + call(TYPE, 4))
+        for i in range(0, len(stream), cut):
+            r.conn.data_received(stream[i:i + cut])
+        await settle()
+        assert answers(r.t) == [
+            (1, (27, f"XML error: secret XML document is larger than {MAX_XML_BYTES} bytes")),
+            (2, (39, "unknown procedure: 9999")),
+            (3, (39, f"message of {P.HEADER_SIZE + 4000} bytes is larger than the 2000 this server reads")),
+            (4, {"type": "secret"})]
+        assert not r.t.aborted and r.conn.in_flight == 0 and not r.t.paused
+        if share is not None:
+            assert share.take(r.conn, 3000)             # the whole budget is still there
+        r.conn.close()
+    asyncio.run(main())
+
+
+def test_bad_calls_never_read_stop_the_reading():
+    """An error reply or a PONG holds no slot, so a client sending bad calls or PINGs and never
+    reading used to grow our output without end: no frame is read while more than the
+    high-water mark is unread, and reading resumes once the client has read."""
+    async def main() -> None:
+        r = Rig(RpcLimits())
+        def write(data: Any) -> None:             # nothing written is read
+            r.t.out += data
+            r.t.unread += len(data)
+            if r.t.unread > WRITE_HIGH_WATER and not r.conn._write_paused:
+                r.conn.pause_writing()
+        r.t.write = write                         # type: ignore[method-assign]
+        ping = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0, P.Status.OK))
+        flood = b"".join(raw_frame(9999, i, b"") + ping for i in range(20000))
+        r.conn.data_received(flood)
+        await settle()
+        held = len(r.t.out)
+        assert r.t.paused and WRITE_HIGH_WATER < held < WRITE_HIGH_WATER + 200
+        r.conn.data_received(b"")                 # (a paused transport delivers nothing more)
+        await settle()
+        assert len(r.t.out) == held
+        answered = 0
+        while r.t.paused:                         # the client reads everything, round by round
+            answered = len(r.t.out)
+            r.t.unread = 0
+            r.conn.resume_writing()
+            await settle()
+            assert len(r.t.out) > answered
+        got = answers_and_pongs(r.t)
+        assert sum(a == "pong" for _, a in got) == 20000
+        assert [s for s, a in got if a != "pong"] == list(range(20000))
+        r.conn.close()
+    asyncio.run(main())
+
+
+def answers_and_pongs(t: FakeTransport) -> list[tuple[int, Any]]:
+    out, data, pos = [], memoryview(bytes(t.out)), 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + LENGTH_SIZE], "big")
+        h, payload = decode_frame(data[pos:pos + n])
+        out.append((h.serial, "pong" if h.prog == P.KEEPALIVE_PROGRAM else xdr.decode(P.REMOTE_ERROR, payload)))
+        pos += n
+    return out
 
 
 def test_before_authentication_a_frame_is_at_most_a_sasl_step():
@@ -302,24 +394,38 @@ def test_events_a_uids_connections_leave_unread_are_bounded_together():
 def test_replies_a_uids_connections_leave_unread_are_bounded_together():
     """The same rule for replies: 64 connections × 16 lists never read held every reply here.
     A reply that finds its connection behind while the uid's connections together leave more
-    than uid_max_unread drops that connection instead of queueing; one that reads is answered."""
+    than uid_max_unread drops that connection instead of queueing; one that reads is answered.
+    (The calls are read before their connections fall behind: a connection already behind
+    reads no new call, test_bad_calls_never_read_stop_the_reading.)"""
     async def main() -> None:
         share = UidShare()
         limits = RpcLimits(uid_max_unread=4 * WRITE_HIGH_WATER)
         behind, other, reader = (Rig(limits, share=share) for _ in range(3))
+        for n, r in enumerate((behind, other, reader)):
+            r.conn.data_received(call(WAIT, n))
+        await settle()
         behind.t.unread = other.t.unread = 2 * WRITE_HIGH_WATER + 1
-        reader.t.unread = 0
-        reader.conn.data_received(call(TYPE, 7))
+        reader.gates[0].set_result(None)
+        await settle()
         assert not reader.t.aborted and reader.t.out     # over the uid's bound, but it reads
         sent = len(behind.t.out)
-        behind.conn.data_received(call(TYPE, 8))
+        behind.gates[0].set_result(None)
+        await settle()
         assert behind.t.aborted and len(behind.t.out) == sent and behind.conn not in share.connections
-        other.conn.data_received(call(TYPE, 9))
+        other.t.unread = 0                               # (drained, so that its reply is not held)
+        other.gates[0].set_result(None)
+        await settle()
         assert not other.t.aborted                       # the uid is back under its bound
         root = Rig(limits)                               # root: no share, answered however behind
+        root.conn.data_received(call(WAIT, 10))
+        await settle()
         root.t.unread = 999 * WRITE_HIGH_WATER
-        root.conn.data_received(call(TYPE, 10))
-        assert not root.t.aborted
+        root.gates[0].set_result(None)
+        await settle()
+        assert not root.t.aborted and [s for s, _ in root.t.replies()] == [10]
+        for r in (other, reader, root):
+            r.conn.close()
+        await settle()
     asyncio.run(main())
 
 
@@ -368,8 +474,12 @@ def test_a_large_frame_in_small_pieces_is_kept_as_pieces_until_whole():
 def test_a_reply_the_client_does_not_read_holds_its_slot():
     async def main() -> None:
         r = Rig(RpcLimits(max_requests=1))
-        r.t.unread = WRITE_HIGH_WATER + 1
-        r.conn.pause_writing()
+        def write(data: Any) -> None:             # the first reply is not read
+            if not r.t.out:
+                r.t.unread = WRITE_HIGH_WATER + 1
+                r.conn.pause_writing()
+            r.t.out += data
+        r.t.write = write                         # type: ignore[method-assign]
         r.conn.data_received(call(TYPE, 0) + call(TYPE, 1))
         await settle()
         assert [s for s, _ in r.t.replies()] == [0] and r.t.paused and r.conn.in_flight == 1

@@ -19,7 +19,7 @@ from secretbus.core.model import InstanceKind
 from secretbus.driver.build import open_instance
 from secretbus.rpc import protocol as P
 from secretbus.rpc import xdr
-from secretbus.rpc.connection import RpcLimits
+from secretbus.rpc.connection import WRITE_HIGH_WATER, RpcLimits
 from secretbus.rpc.events import EventHub
 from secretbus.rpc.frame import Header, encode_frame
 from secretbus.rpc.identity import SystemToken
@@ -378,6 +378,50 @@ def test_a_client_that_never_reads_stalls_only_itself(srv):
         assert c.call(P.Proc.CONNECT_LIST_ALL_SECRETS, {"need_results": 0, "flags": 0})["ret"] == 300
     assert time.monotonic() - t0 < 5
     hog.close()
+
+
+def test_bad_calls_and_pings_never_read_are_not_kept(srv):
+    """Error replies and PONGs hold no call slot: a client that floods unknown procedures and
+    PINGs and never reads must stop being read, not grow our output buffer (it held 66 MB
+    after 14 MB of such frames)."""
+    hog = srv.opened()
+    hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ping = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0, P.Status.OK))
+    bad = encode_frame(Header(P.REMOTE_PROGRAM, 1, 9999, P.MsgType.CALL, 7, P.Status.OK))
+    chunk = (bad + ping) * 500
+    hog.sock.setblocking(False)
+    sent = 0
+    try:
+        while sent < 40 * 1024 * 1024:
+            sent += hog.sock.send(chunk)
+    except BlockingIOError:
+        pass
+    time.sleep(0.5)
+
+    assert sent < 40 * 1024 * 1024                  # the server stopped reading it
+    async def unread() -> int:                      # read on the server's loop
+        return srv.server.unread
+    assert srv.run(unread()) < 2 * WRITE_HIGH_WATER
+    t0 = time.monotonic()
+    with srv.opened() as c:
+        assert c.call(P.Proc.CONNECT_NUM_OF_SECRETS) == {"num": 0}
+    assert time.monotonic() - t0 < 5
+    hog.close()
+
+
+def test_a_define_over_the_frame_limit_is_refused_and_the_connection_goes_on(srv):
+    """libvirt takes a define of up to its 4 MiB string; we read past one over max_frame
+    without keeping it and give the XML size refusal, as for one over 1 MiB."""
+    from secretbus.core.secretxml import MAX_XML_BYTES
+    with srv.opened() as c:
+        uuid = "00000000-0000-4000-8000-00000000abcd"
+        xml = f"<secret><uuid>{uuid}</uuid><description>{'d' * (3 << 20)}</description></secret>"
+        assert len(xml) > RpcLimits().max_frame
+        with pytest.raises(RemoteError) as ei:
+            c.call(P.Proc.SECRET_DEFINE_XML, {"xml": xml, "flags": 0})
+        assert (ei.value.code, ei.value.domain, ei.value.message) == \
+            (27, 30, f"XML error: secret XML document is larger than {MAX_XML_BYTES} bytes")
+        assert c.call(P.Proc.CONNECT_NUM_OF_SECRETS) == {"num": 0}
 
 
 # -- the sockets ------------------------------------------------------------------------------

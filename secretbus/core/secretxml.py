@@ -90,7 +90,7 @@ def _to_bytes(text: str | bytes, source: str) -> tuple[bytes, bool]:
     """Bytes for libxml2 and whether they came from a str (size-checked first)."""
     if isinstance(text, str):
         if len(text) > MAX_XML_BYTES:       # cheap early refusal: every char is >= 1 byte
-            raise _too_large()
+            raise too_large()
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError:          # lone surrogates cannot be XML
@@ -103,11 +103,13 @@ def _to_bytes(text: str | bytes, source: str) -> tuple[bytes, bool]:
     else:
         raise errors.InvalidArg("secret XML must be str or bytes")
     if len(data) > MAX_XML_BYTES:
-        raise _too_large()
+        raise too_large()
     return data, from_str
 
 
-def _too_large() -> errors.SecretError:
+def too_large() -> errors.SecretError:
+    """The refusal of a document over MAX_XML_BYTES (the RPC front end gives it, too, for a
+    define it reads past unbuffered)."""
     return errors.XMLError(f"secret XML document is larger than {MAX_XML_BYTES} bytes")
 
 

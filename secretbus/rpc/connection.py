@@ -1,12 +1,16 @@
 """One client connection: read frames, dispatch calls, write replies and events, keepalive.
 
-Bounds (DESIGN §12): a frame larger than the limit (before authentication: PRE_AUTH_FRAME)
-closes the connection before it is read; at most `max_requests` calls are in flight (then the
+Bounds (DESIGN §12): a frame larger than libvirt's own bound (before authentication:
+PRE_AUTH_FRAME) closes the connection before it is read; an authenticated call over
+`max_frame` but within libvirt's bound (a define of 2 to 4 MiB, which libvirt takes) is read
+past, keeping only its header, and refused; at most `max_requests` calls are in flight (then the
 connection is not read until one finishes, so a flood waits in the kernel's buffer, not in
 ours); the frames of an untrusted local uid, being read or in flight, take their bytes from
 what all its connections share (uidshare.py; a frame that does not fit is not read either); a
 reply's slot is held while the client's unread output is above the transport's high-water
-mark; an event that finds more than `max_unread` bytes unread, or a reply or event that finds
+mark, and no frame at all is read while the client leaves more than that unread (an error
+reply or a PONG holds no slot: a flood of bad calls, never read, grew our buffer without end);
+an event that finds more than `max_unread` bytes unread, or a reply or event that finds
 this connection behind while its uid's connections together leave `uid_max_unread`, drops
 the client. One client stalls only itself, and its uid's other connections.
 """
@@ -19,10 +23,10 @@ from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any
 
-from secretbus.core import busypoll, errors
+from secretbus.core import busypoll, errors, secretxml
 from secretbus.core.eager import run_eager
 from secretbus.rpc import protocol as P
-from secretbus.rpc.failures import RemoteFailure, daemon_internal, error_body, rpc_failure
+from secretbus.rpc.failures import RemoteFailure, daemon_internal, error_body, rpc_failure, unknown_procedure
 from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, encode_reply, frame_length, parse_header
 from secretbus.rpc.procedures import Handler
 from secretbus.rpc.session import Session
@@ -105,7 +109,11 @@ class Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []      # a partial frame, joined once `_need` bytes are in
         self._have = 0
         self._need = LENGTH_SIZE
-        self._stalled: tuple[bytes, int] | None = None    # (data, offset) waiting for a free slot
+        self._stalled: tuple[bytes, int] | None = None    # (data, offset) waiting for a slot or a read
+        self._output_wait: asyncio.Task[None] | None = None  # resumes reading once the client has read
+        self._skip_left = 0                 # bytes still to read past of an oversized call
+        self._skip_size = 0
+        self._skip_head = bytearray()       # its header, to answer it
         self._reader_wait: asyncio.Future[None] | None = None   # serve_stream, while stalled
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -177,6 +185,11 @@ class Connection(asyncio.Protocol):
 
     # -- reading ------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self._skip_left:
+            pos = self._skip(data, 0)
+            if pos is not None and pos < len(data):
+                self._parse(data, pos)
+            return
         if self._chunks:
             self._chunks.append(data)
             self._have += len(data)
@@ -192,8 +205,19 @@ class Connection(asyncio.Protocol):
         need = LENGTH_SIZE
         try:
             while end - pos >= LENGTH_SIZE:
+                if self.unread > WRITE_HIGH_WATER:
+                    self._stall(data, pos)          # until the client reads what it made us write
+                    self._wait_output()
+                    return
                 n = frame_length(data[pos:pos + LENGTH_SIZE],
-                                 limit if self.session.authenticated else min(limit, PRE_AUTH_FRAME))
+                                 P.MESSAGE_MAX if self.session.authenticated else min(limit, PRE_AUTH_FRAME))
+                if n > limit:
+                    self._skip_left, self._skip_size = n, n
+                    skipped = self._skip(data, pos + LENGTH_SIZE)
+                    if skipped is None or self._closed:
+                        return
+                    pos = skipped
+                    continue
                 need = LENGTH_SIZE + n
                 if not self._reading and (n > LARGE_FRAME or self._share is not None):
                     # Held from its length word on: a frame that must wait stays in the kernel.
@@ -221,6 +245,51 @@ class Connection(asyncio.Protocol):
         if pos < end:
             self._chunks.append(data[pos:])
             self._have, self._need = end - pos, need
+
+    def _skip(self, data: bytes, pos: int) -> int | None:
+        """Read past an oversized call in `data` from `pos`, keeping its header; once it has all
+        gone by, answer it. Where the next frame starts, or None if `data` ends first."""
+        take = min(self._skip_left, len(data) - pos)
+        head = self._skip_head
+        if len(head) < P.HEADER_SIZE:
+            head += data[pos:pos + min(take, P.HEADER_SIZE - len(head))]
+        self._skip_left -= take
+        self._last_rx, self._pings = self._loop.time(), 0
+        if self._skip_left:
+            return None
+        self._skip_head = bytearray()
+        self._oversized(bytes(head), self._skip_size)
+        return pos + take
+
+    def _oversized(self, head: bytes, n: int) -> None:
+        """Answer a call of `n` bytes, over max_frame, read past: a define as one over the XML
+        size limit (what libvirt's 4 MiB string would let through), any other call with an RPC
+        error. What is not a call of ours gets nothing, as a frame this size never did."""
+        header, _ = parse_header(head)
+        if header.prog != P.REMOTE_PROGRAM or header.vers != P.PROTOCOL_VERSION or header.type != P.MsgType.CALL:
+            return
+        if header.proc not in self._table:
+            e: BaseException = unknown_procedure(header.proc)
+        elif header.proc == P.Proc.SECRET_DEFINE_XML:
+            e = secretxml.too_large()
+        else:
+            e = rpc_failure(f"message of {n} bytes is larger than the {self._limits.max_frame} this server reads")
+        self._reply_error(header, e)
+
+    def _wait_output(self) -> None:
+        """Resume the stalled reading once the client has read its output down (one task)."""
+        if self._output_wait is None and not self._closed:
+            self._output_wait = self._loop.create_task(self._output_read())
+            self._track(self._output_wait)
+
+    async def _output_read(self) -> None:
+        try:
+            await self._until_read()
+            if self.unread > WRITE_HIGH_WATER:
+                await asyncio.sleep(0.01)   # never a busy loop if a drain says done too early
+        finally:
+            self._output_wait = None
+            self._resume()
 
     def _stall(self, data: bytes, pos: int) -> None:
         self._stalled = (data, pos)
@@ -359,7 +428,7 @@ class Connection(asyncio.Protocol):
         spec = P.PROCS.get(header.proc)
         s = self.session
         if handler is None or spec is None:
-            raise rpc_failure(f"unknown procedure: {header.proc}")
+            raise unknown_procedure(header.proc)
         if not s.authenticated and not handler.pre_auth:
             raise rpc_failure("authentication required")
         try:
@@ -408,6 +477,13 @@ class Connection(asyncio.Protocol):
     async def _drained(self, header: Header) -> None:
         """Hold the call's slot until the client has read the reply down to the low-water mark."""
         try:
+            await self._until_read()
+        finally:
+            self._release(header)
+
+    async def _until_read(self) -> None:
+        """Until the client has read its output down to the low-water mark (or is gone)."""
+        try:
             if self._stream_drain is not None:
                 await self._stream_drain()
             elif self._write_paused and not self._closed:
@@ -416,8 +492,6 @@ class Connection(asyncio.Protocol):
                 await w
         except ConnectionError:
             pass
-        finally:
-            self._release(header)
 
     def _reply_error(self, header: Header, e: BaseException) -> None:
         if not isinstance(e, (errors.SecretError, RemoteFailure)):

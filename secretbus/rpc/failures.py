@@ -26,6 +26,11 @@ def rpc_failure(message: str) -> RemoteFailure:
     return RemoteFailure(errors.RPCError.code, P.FROM_RPC, message)
 
 
+def unknown_procedure(proc: int) -> RemoteFailure:
+    """What libvirt answers for a procedure it does not serve (clients turn it into NoSupport)."""
+    return rpc_failure(f"unknown procedure: {proc}")
+
+
 def daemon_internal(message: str) -> RemoteFailure:
     """VIR_ERR_INTERNAL_ERROR raised by libvirt's remote dispatcher (VIR_FROM_RPC)."""
     return RemoteFailure(errors.InternalError.code, P.FROM_RPC, message, errors.InternalError.prefix)

@@ -356,6 +356,11 @@ class RpcServer:
     def in_flight(self) -> int:
         return sum(c.in_flight for c in self._conns)
 
+    @property
+    def unread(self) -> int:
+        """Bytes written to the clients that they have not read yet, all connections."""
+        return sum(c.unread for c in self._conns)
+
     async def stop(self) -> None:
         if self._sub is not None:
             self.driver.unsubscribe(self._sub)
