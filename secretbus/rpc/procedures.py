@@ -60,6 +60,8 @@ class Handler:
     pre_open: bool = False          # allowed before CONNECT_OPEN
     writes: bool = False            # returns (or its coroutine returns) the act that submits the write
     denied_readonly: str | None = None   # the public API a read-only connection is refused
+    secret: bool = False            # a secret driver's procedure (before CONNECT_OPEN: "connection not open")
+    closes: bool = False            # the connection is closed once it is answered (CONNECT_CLOSE)
 
 
 def _none(_: None) -> None:
@@ -109,7 +111,7 @@ class Procedures:
             Pr.AUTH_SASL_START: Handler(remote_auth.sasl_start, pre_auth=True, pre_open=True),
             Pr.AUTH_SASL_STEP: Handler(self._sasl_step, pre_auth=True, pre_open=True),
             Pr.CONNECT_OPEN: Handler(self.connect_open, pre_open=True),
-            Pr.CONNECT_CLOSE: Handler(self.connect_close, pre_open=True),
+            Pr.CONNECT_CLOSE: Handler(self.connect_close, pre_open=True, closes=True),
             Pr.CONNECT_SUPPORTS_FEATURE: Handler(self.supports_feature, pre_open=True),
             # @acl: connect:getattr (remote_protocol.x), as every connection-level call below
             # unless it says otherwise; IS_SECURE, CLOSE and the AUTH_* have none.
@@ -123,20 +125,21 @@ class Procedures:
             Pr.CONNECT_REGISTER_CLOSE_CALLBACK: Handler(self.register_close_callback),
             Pr.CONNECT_UNREGISTER_CLOSE_CALLBACK: Handler(self.unregister_close_callback),
             Pr.CONNECT_SET_IDENTITY: Handler(self.set_identity),
-            Pr.CONNECT_NUM_OF_SECRETS: Handler(self.num_of_secrets),
-            Pr.CONNECT_LIST_SECRETS: Handler(self.list_secrets),
-            Pr.CONNECT_LIST_ALL_SECRETS: Handler(self.list_all_secrets),
+            Pr.CONNECT_NUM_OF_SECRETS: Handler(self.num_of_secrets, secret=True),
+            Pr.CONNECT_LIST_SECRETS: Handler(self.list_secrets, secret=True),
+            Pr.CONNECT_LIST_ALL_SECRETS: Handler(self.list_all_secrets, secret=True),
             Pr.SECRET_LOOKUP_BY_UUID: Handler(
-                lambda c, a: self._found(c, self.driver.lookup_by_uuid(uuid_text(a["uuid"])))),
+                lambda c, a: self._found(c, self.driver.lookup_by_uuid(uuid_text(a["uuid"]))), secret=True),
             Pr.SECRET_LOOKUP_BY_USAGE: Handler(
-                lambda c, a: self._found(c, self.driver.lookup_by_usage(a["usageType"], a["usageID"]))),
-            Pr.SECRET_DEFINE_XML: Handler(self.define_xml, writes=True, denied_readonly="virSecretDefineXML"),
-            Pr.SECRET_GET_XML_DESC: Handler(self.get_xml_desc),
-            Pr.SECRET_SET_VALUE: Handler(self.set_value, writes=True, denied_readonly="virSecretSetValue"),
-            Pr.SECRET_GET_VALUE: Handler(self.get_value, denied_readonly="virSecretGetValue"),
-            Pr.SECRET_UNDEFINE: Handler(self.undefine, writes=True, denied_readonly="virSecretUndefine"),
-            Pr.CONNECT_SECRET_EVENT_REGISTER_ANY: Handler(self.event_register),
-            Pr.CONNECT_SECRET_EVENT_DEREGISTER_ANY: Handler(self.event_deregister),
+                lambda c, a: self._found(c, self.driver.lookup_by_usage(a["usageType"], a["usageID"])), secret=True),
+            Pr.SECRET_DEFINE_XML: Handler(self.define_xml, writes=True, denied_readonly="virSecretDefineXML",
+                                          secret=True),
+            Pr.SECRET_GET_XML_DESC: Handler(self.get_xml_desc, secret=True),
+            Pr.SECRET_SET_VALUE: Handler(self.set_value, writes=True, denied_readonly="virSecretSetValue", secret=True),
+            Pr.SECRET_GET_VALUE: Handler(self.get_value, denied_readonly="virSecretGetValue", secret=True),
+            Pr.SECRET_UNDEFINE: Handler(self.undefine, writes=True, denied_readonly="virSecretUndefine", secret=True),
+            Pr.CONNECT_SECRET_EVENT_REGISTER_ANY: Handler(self.event_register, secret=True),
+            Pr.CONNECT_SECRET_EVENT_DEREGISTER_ANY: Handler(self.event_deregister, secret=True),
         }
 
     # -- authentication -------------------------------------------------------------
@@ -195,11 +198,14 @@ class Procedures:
             return          # no URI: the client probes, then asks GET_URI
         u = urlsplit(name)
         if u.scheme != "secret" or u.netloc:
-            raise RemoteFailure(NO_CONNECT, P.FROM_NONE, name, NO_CONNECT_PREFIX)
+            # libvirt shows an empty name as NULL: "<null>" (libvirtd 9.0)
+            raise RemoteFailure(NO_CONNECT, P.FROM_NONE, name or "<null>", NO_CONNECT_PREFIX)
         want = urlsplit(self.uri).path
         if u.path != want:
-            # Unknown query parameters are accepted, as libvirt does.
-            raise errors.InternalError(f"unexpected secret URI path '{u.path}', try {self.uri}")
+            # Unknown query parameters are accepted, as libvirt does. The check is
+            # virConnectValidateURIPath's (src/driver.c), from VIR_FROM_NONE.
+            raise RemoteFailure(errors.InternalError.code, P.FROM_NONE,
+                                f"unexpected secret URI path '{u.path}', try {self.uri}", errors.InternalError.prefix)
 
     def connect_close(self, c: Client, _a: Any) -> Any:
         self._close(c)
@@ -215,10 +221,11 @@ class Procedures:
         if feature == P.Feature.PROGRAM_KEEPALIVE:
             c.session.keepalive = True        # the server pings it from now on
             return {"supported": 1}
-        if feature in (P.Feature.REMOTE_EVENT_CALLBACK, P.Feature.REMOTE_CLOSE_CALLBACK):
-            return {"supported": 1}         # answered by libvirt's dispatcher itself, unchecked
         if not c.session.opened:
+            # remoteDispatchConnectSupportsFeature asks for the connection before the rest
             raise daemon_internal("hypervisor connection not open")
+        if feature in (P.Feature.FD_PASSING, P.Feature.REMOTE_EVENT_CALLBACK, P.Feature.REMOTE_CLOSE_CALLBACK):
+            return {"supported": 1}         # answered by libvirt's dispatcher itself, unchecked
         # Any other feature is the driver's question: connect:getattr.
         return self.guard.then(c, [(Perm.CONNECT_GETATTR, None)], "supports-feature", lambda: {"supported": 0})
 
@@ -276,7 +283,7 @@ class Procedures:
         if maxuuids > P.REMOTE_SECRET_LIST_MAX:
             raise rpc_failure("maxuuids > REMOTE_SECRET_LIST_MAX")
         if maxuuids < 0:
-            raise errors.InvalidArgCheck("maxuuids in virConnectListSecrets must be greater than or equal to 0")
+            raise rpc_failure("maxuuids must be non-negative")    # the dispatcher's check (libvirtd 9.0)
         if not self.guard.checked(c.session):
             return {"uuids": self.driver.list_view(0, self._derive_uuids)[:maxuuids]}
         return self.guard.listing(c, self.driver.list_secrets,

@@ -71,6 +71,7 @@ class AuthType(enum.IntEnum):
 class Feature(enum.IntEnum):
     """VIR_DRV_FEATURE_* a client asks about (libvirt_internal.h); any other is answered 0."""
 
+    FD_PASSING = 8                  # answered by libvirt's dispatcher (1) for every driver
     PROGRAM_KEEPALIVE = 10
     REMOTE_EVENT_CALLBACK = 14
     REMOTE_CLOSE_CALLBACK = 15

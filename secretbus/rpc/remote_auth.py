@@ -30,7 +30,7 @@ class HasSession(Protocol):
 
 
 def _not_offered() -> RemoteFailure:
-    return RemoteFailure(AUTH_FAILED, P.FROM_RPC, "SASL authentication is not offered by this server",
+    return RemoteFailure(AUTH_FAILED, P.FROM_RPC, "authentication failed",
                          AUTH_FAILED_PREFIX)
 
 
