@@ -27,7 +27,7 @@ from typing import Any
 import harness
 import pytest
 from fixtures import store_files
-from harness import programs
+from harness import programs, reference
 from harness.procs import remove_tree
 
 pytestmark = pytest.mark.integration     # root: libvirtd runs in a mount namespace of its own
@@ -50,8 +50,9 @@ CASES = _case_names()
 
 
 def _have_libvirt() -> str | None:
-    if not bench_rpc.LIBVIRTD.exists() or not (bench_rpc.DRIVER_DIR / "libvirt_driver_secret.so").exists():
-        return "libvirtd 9.0 (libvirt-daemon) not installed"
+    why = reference.missing_libvirtd()
+    if why:
+        return why
     if not Path(DEBIAN_PYTHON).exists() or subprocess.run([DEBIAN_PYTHON, "-c", "import libvirt"],
                                                            capture_output=True).returncode != 0:
         return "python3-libvirt not installed"
@@ -77,34 +78,13 @@ class Run:
 
 
 def start_secretbusd(daemons: list[Any], work: Path, store: Path | None, n: int) -> tuple[str, Path]:
-    """secretbusd --system --no-dbus with a copy of `store` (harness.Secretbusd, added to
-    `daemons`: an emulated journal for the value-read audit the system instance requires),
-    ready when it serves `n` secrets: its URI and store."""
-    root, sock = work / "sb-root", work / "sb-sock"
-    (root / "etc").mkdir(mode=0o700, parents=True)
-    if store is not None:
-        shutil.copytree(store, root / "etc" / "secrets")
-    sock.mkdir(mode=0o700)
-    d = harness.Secretbusd(SimpleNamespace(address="unix:path=/nonexistent"), system=True, root=root,
-                           args=("--no-dbus", "--rpc-dir", str(sock)))
-    daemons.append(d)
-    d.start(wait=False)
-    s = bench_rpc.Server("secretbusd", "secret:///system", sock / "virtsecretd-sock", d.proc)
-    _ready(lambda: bench_rpc.wait_ready(s, n, d.log_path, timeout=30))
-    return s.uri, root / "etc" / "secrets"
+    """harness.reference's secretbusd with a copy of `store`: its URI and store."""
+    return reference.start_secretbusd(daemons, work, store, n).uri, work / "sb-root" / "etc" / "secrets"
 
 
 def start_libvirtd(procs: Any, work: Path, store: Path, n: int) -> tuple[str, Path]:
-    """bench_rpc's libvirtd with a copy of `store`, ready when it serves `n` secrets."""
-    s = _ready(lambda: bench_rpc.start_libvirtd(procs, work, store, n))
-    return s.uri, work / "lv" / "etc" / "secrets"
-
-
-def _ready(start: Any) -> Any:
-    try:
-        return start()
-    except SystemExit as e:          # bench_rpc's way of failing (the server's log is in it)
-        pytest.fail(str(e))
+    """harness.reference's libvirtd with a copy of `store`: its URI and store."""
+    return reference.start_libvirtd(procs, work, store, n).uri, work / "lv" / "etc" / "secrets"
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,11 @@ import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import harness
 import pytest
+from harness import reference
 from harness.procs import remove_tree
 
 from secretbus.rpc import protocol as P
@@ -378,42 +378,18 @@ BY_NAME = {c.name: c for c in CASES}
 
 
 # -- the servers ------------------------------------------------------------------------------
-def _have_libvirtd() -> str | None:
-    if not bench_rpc.LIBVIRTD.exists():
-        return "libvirtd 9.0 (libvirt-daemon) not installed"
-    if not (bench_rpc.DRIVER_DIR / "libvirt_driver_secret.so").exists():
-        return "libvirtd's secret driver (libvirt-daemon-driver-secret… libvirt_driver_secret.so) missing"
-    return None
-
-
-def _ready(start: Callable[[], Any]) -> Any:
-    try:
-        return start()
-    except SystemExit as e:          # bench_rpc's way of failing (the server's log is in it)
-        pytest.fail(str(e))
-
-
 def start_servers(work: Path, procs: Any, daemons: list[Any]) -> dict[str, dict[str, Path]]:
     empty = work / "empty"
     empty.mkdir(mode=0o700)
-    lv = _ready(lambda: bench_rpc.start_libvirtd(procs, work / "l", empty, 0))
-    root, sock = work / "s" / "sb-root", work / "s" / "sb-sock"
-    (root / "etc").mkdir(mode=0o700, parents=True)
-    sock.mkdir(mode=0o700)
-    no_bus: Any = SimpleNamespace(address="unix:path=/nonexistent")     # --no-dbus: never used
-    d = harness.Secretbusd(no_bus, system=True, root=root,
-                           args=("--no-dbus", "--rpc-dir", str(sock)))
-    daemons.append(d)
-    d.start(wait=False)
-    sb = bench_rpc.Server("secretbusd", "secret:///system", sock / "virtsecretd-sock", d.proc)
-    _ready(lambda: bench_rpc.wait_ready(sb, 0, d.log_path, timeout=30))
-    return {"libvirtd": {"rw": lv.socket, "ro": lv.socket.with_name(lv.socket.name + "-ro"), "proc": lv.proc},
-            "secretbusd": {"rw": sb.socket, "ro": sb.socket.with_name(sb.socket.name + "-ro"), "proc": d.proc}}
+    lv = reference.start_libvirtd(procs, work / "l", empty, 0)
+    sb = reference.start_secretbusd(daemons, work / "s", None, 0)
+    return {name: {"rw": s.socket, "ro": s.socket.with_name(s.socket.name + "-ro"), "proc": s.proc}
+            for name, s in (("libvirtd", lv), ("secretbusd", sb))}
 
 
 @pytest.fixture(scope="module")
 def servers():
-    why = _have_libvirtd()
+    why = reference.missing_libvirtd()
     if why:
         pytest.skip(why)
     work = harness.public_tempdir("sb-wirediff-")
