@@ -594,7 +594,8 @@ ACCESS = {
     "A_OPEN": "7a0f0002-0000-4000-8000-000000000001",      # member may read and write its value
     "A_VISIBLE": "7a0f0002-0000-4000-8000-000000000002",   # member sees it, may not read or write its value
     "A_HIDDEN": "7a0f0002-0000-4000-8000-000000000003",    # member may not even see it
-    "A_PRIVATE": "7a0f0002-0000-4000-8000-000000000004",   # private; member may read-secure it
+    "A_PRIVATE": "7a0f0002-0000-4000-8000-000000000004",   # private; member may read-secure it, and is a reader
+    "A_PRIV2": "7a0f0002-0000-4000-8000-000000000006",     # private; member may not read-secure it
     "A_NEW": "7a0f0002-0000-4000-8000-000000000005",       # never defined
 }
 RULES = [("50-sbtest-fediff.rules", f"""
@@ -651,18 +652,21 @@ def access_calls() -> list[list[Any]]:
 
 @pytest.fixture
 def system_served(system_bus, make_polkitd, make_secretbusd, rpc_dir, test_users, unpriv_python):
-    """secretbusd --system (D-Bus and RPC, polkit asked for every call but root's) with four
-    secrets root defined over D-Bus; `.run(user)` runs access_calls() as `user` on both."""
+    """secretbusd --system (D-Bus and RPC, polkit asked for every call but root's; member in
+    private_value_readers) with five secrets root defines over D-Bus before each front end's
+    turn; `.run(user)` runs access_calls() as `user` on both."""
     make_polkitd(system_bus, actions=ACTIONS, rules=RULES)
-    d = make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
+    d = make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)),
+                        conf=f'private_value_readers = [ "{test_users.member.name}" ]\n')
     src = (Path(harness.__file__).resolve().parent / "frontends.py").read_text()
 
     def reset() -> None:
-        """The four secrets with their values, and nothing else (root, over D-Bus)."""
+        """The five secrets with their values, and nothing else (root, over D-Bus)."""
         root = DBusSide(system_bus.address)
         try:
             empty_store(root)
-            for n, priv in (("A_OPEN", "no"), ("A_VISIBLE", "no"), ("A_HIDDEN", "no"), ("A_PRIVATE", "yes")):
+            for n, priv in (("A_OPEN", "no"), ("A_VISIBLE", "no"), ("A_HIDDEN", "no"), ("A_PRIVATE", "yes"),
+                            ("A_PRIV2", "yes")):
                 root.define(access_xml(n, priv))
                 root.set_value(ACCESS[n], val(n))
         finally:
@@ -688,11 +692,13 @@ ACTION_OF = {"redefine_A_PRIVATE_public": "save",     # write granted (the rules
              "lookup": "getattr", "xml": "read", "get_value": "read-secure", "set_value": "write",
              "define": "write", "redefine": "write", "undefine": "delete"}
 # What member may not do (tests/test_rpc_polkit.py's rules): A_HIDDEN nothing; A_VISIBLE look
-# and read its XML; write, save and delete nothing (auth_admin_keep, no agent).
+# and read its XML; A_PRIV2 not its value; write, save and delete nothing but A_OPEN's and A_PRIVATE's
+# values (auth_admin_keep, no agent).
 MEMBER_DENIED = {"get_value_A_VISIBLE", "lookup_uuid_A_HIDDEN", "xml_A_HIDDEN", "get_value_A_HIDDEN",
                  "lookup_usage_A_HIDDEN", "set_value_A_VISIBLE", "set_value_A_HIDDEN", "define_A_NEW",
                  "redefine_A_VISIBLE", "undefine_A_VISIBLE", "undefine_A_HIDDEN", "define_clash_A_HIDDEN",
-                 "redefine_A_HIDDEN", "redefine_A_PRIVATE_public", "set_value_empty_A_HIDDEN"}
+                 "redefine_A_HIDDEN", "redefine_A_PRIVATE_public", "set_value_empty_A_HIDDEN",
+                 "get_value_A_PRIV2"}
 
 
 @pytest.mark.bus_policy(BUS_CONF)
@@ -729,6 +735,12 @@ def test_access_alike_on_both(system_served, who):
             # as value_set_over_max above (unclear): D-Bus's size check, RPC's undecodable opaque,
             # both before any access check
             assert db[k] == {"err": OVER_MAX} and rpc[k] == {"err": UNDECODABLE}
+        elif k == "get_value_A_PRIVATE" and who == "member":
+            # Documented (DESIGN §6 and §9, docs/libvirt-differences.md row 7): member is in
+            # private_value_readers and granted read-secure: D-Bus returns the private value;
+            # over RPC private values go to an elevated identity (system token) only.
+            assert db[k] == {"ok": digest(val("A_PRIVATE"))}
+            assert rpc[k] == {"err": ["InvalidSecret", "Invalid secret: secret is private"]}
         elif rpc[k] == DENIED_RPC:
             # Documented (polkit/README.md, same section, 2 and 3): a refusal over D-Bus names the
             # action, `'<action id>' denied access`; over RPC it is libvirt's `'secret' denied
@@ -741,10 +753,12 @@ def test_access_alike_on_both(system_served, who):
             assert db[k] == rpc[k], k
     assert denied == (set() if who == "root" else MEMBER_DENIED)
     # and what was allowed did happen (the same on both, above)
-    seen = ["A_OPEN", "A_VISIBLE", "A_HIDDEN", "A_PRIVATE"] if who == "root" else ["A_OPEN", "A_VISIBLE", "A_PRIVATE"]
-    assert db["list"] == {"ok": seen}
+    seen = ["A_OPEN", "A_VISIBLE", "A_HIDDEN", "A_PRIVATE", "A_PRIV2"]
+    assert db["list"] == {"ok": [n for n in seen if who == "root" or n != "A_HIDDEN"]}
     assert db["get_value_A_OPEN_after"] == {"ok": digest(val("A_OPEN2"))}
-    assert db["get_value_A_PRIVATE"] == {"err": ["InvalidSecret", "Invalid secret: secret is private"]}
+    assert rpc["get_value_A_PRIVATE"] == {"err": ["InvalidSecret", "Invalid secret: secret is private"]}
+    if who == "root":         # not a reader: refused the private values on both
+        assert db["get_value_A_PRIV2"] == rpc["get_value_A_PRIV2"] == rpc["get_value_A_PRIVATE"]
     assert ("ok" in db["define_A_NEW"]) == ("ok" in db["undefine_A_HIDDEN"]) == (who == "root")
 
 
