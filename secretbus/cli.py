@@ -687,10 +687,32 @@ def _short_options(top: dict[str, object], w: str, argv: list[str], i: int) -> i
     return 0
 
 
+def _help_topic(words: list[str]) -> str | None:
+    """`help [--command] NAME`: vsh ignores the help command's unknown options and extra data."""
+    topic, data_only, i = None, False, 0
+    while i < len(words):
+        w = words[i]
+        i += 1
+        if not data_only and w == "--":
+            data_only = True
+        elif not data_only and w.startswith("--") and len(w) > 2:
+            name, eq, value = w[2:].partition("=")
+            if name != "command":
+                continue
+            if not eq:
+                if i >= len(words):
+                    raise UsageError("expected syntax: --command <string>")
+                value, i = words[i], i + 1
+            topic = value if topic is None else topic
+        elif topic is None:
+            topic = w
+    return topic
+
+
 def parse_command_line(argv: list[str]) -> Invocation:
     top, rest = _top_options(argv)
     inv = Invocation(connect=top["connect"], quiet=top["quiet"], readonly=top["readonly"], help_text=None,
-                     func=None, flags={}, args=None)
+                     help_error=None, func=None, flags={}, args=None)
     if top["help"] or not rest:
         if not top["help"]:
             raise UsageError("a command is required (secretbus has no interactive shell); see --help")
@@ -698,11 +720,17 @@ def parse_command_line(argv: list[str]) -> Invocation:
         return inv
     name, words = rest[0], rest[1:]
     if name == "help":
-        if len(words) > 1:
-            raise UsageError(f"unexpected data '{words[1]}'")
-        if words and words[0] not in COMMANDS:
-            raise UsageError(f"command or command group '{words[0]}' doesn't exist")
-        inv.help_text = format_help(COMMANDS[words[0]][0]) if words else top_help()
+        topic = _help_topic(words)
+        if not topic:
+            inv.help_text = top_help()
+        elif topic in COMMANDS:
+            inv.help_text = format_help(COMMANDS[topic][0])
+        elif topic == "secret":
+            inv.help_text = " Secret (help keyword 'secret'):\n" + "".join(
+                f"    {n:<30} {d.help}\n" for n, (d, _f, _fl) in COMMANDS.items() if n.startswith("secret-"))
+        else:
+            # A command that ran and failed (virsh's cmdHelp): its blank line follows.
+            inv.help_error = f"command or command group '{topic}' doesn't exist"
         return inv
     if name not in COMMANDS:
         raise UsageError(f"unknown command: '{name}'")
@@ -809,6 +837,10 @@ def main(argv: list[str] | None = None) -> int:
             _out.print(inv.help_text)
             _extra()
             rc = 0
+        elif inv.help_error is not None:
+            _err(inv.help_error)
+            _extra()
+            rc = 1
         else:
             rc = _run(inv)
     except OutputLost:

@@ -46,9 +46,10 @@ class UsageError(Exception):
 
 
 def parse(cmd: CommandDef, words: list[str]) -> dict[str, str | bool] | None:
-    """The options given, by name (bools as True, values as str); None for `--help`."""
+    """The options given, by name (bools as True, values as str); None for `--help` (vsh parses
+    the whole line first: its other usage errors win)."""
     seen: dict[str, str | bool] = {}
-    data_only = False
+    data_only = want_help = False
     i = 0
     while i < len(words):
         w = words[i]
@@ -57,11 +58,14 @@ def parse(cmd: CommandDef, words: list[str]) -> dict[str, str | bool] | None:
             data_only = True
         elif not data_only and w.startswith("--") and len(w) > 2:
             taken = _named_option(cmd, w[2:], words, i, seen)
-            if taken is None:
-                return None
-            i += taken
+            if taken is None:       # --help: the rest is still checked, the required options are not
+                want_help = True
+            else:
+                i += taken
         else:
             _positional(cmd, w, seen)
+    if want_help:
+        return None
     for o in cmd.opts:
         if o.required and o.name not in seen:
             raise UsageError(f"command '{cmd.name}' requires <{o.name}> option")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import base64
+import functools
+import json
 import os
 import shutil
 import stat
@@ -16,9 +18,20 @@ from harness import programs
 SENTINEL = b"cli-S3ntinel\x00\xfe"
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
 def entry_point() -> list[str]:
+    """The installed `secretbus` script when it runs this checkout's code; otherwise (the venv's
+    editable install is another checkout, e.g. from a git worktree) this checkout's cli.main."""
     script = Path(sys.executable).parent / "secretbus"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "secretbus.cli"]
+    where = subprocess.run([sys.executable, "-c", "import secretbus; print(secretbus.__file__)"],
+                           capture_output=True, text=True, cwd="/", timeout=60).stdout.strip()
+    if script.exists() and where == str(REPO / "secretbus" / "__init__.py"):
+        return [str(script)]
+    code = f"import sys; sys.path.insert(0, {json.dumps(str(REPO))}); from secretbus.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", code]
 
 
 class CLI:
@@ -256,6 +269,8 @@ USAGE_ERRORS = [
     (["secret-event", U1, "lifecycle", "5", "more"], "unexpected data 'more'"),
     (["secret-define", "--", "a", "b"], "unexpected data 'b'"),
     (["secret-dumpxml", "--help=1"], "invalid '=' after option --help"),
+    (["secret-list", "--help", "extra"], "unexpected data 'extra'"),     # vsh parses past --help
+    (["secret-dumpxml", "--help", "--xpath"], "expected syntax: --xpath <string>"),
     (["bogus-cmd"], "unknown command: 'bogus-cmd'"),
 ]
 
@@ -305,7 +320,10 @@ def test_help_pages_as_virsh(cli):
         assert (p.returncode, p.stdout.decode(), p.stderr) == (0, SET_VALUE_HELP, b"")
     p = cli("help")
     assert p.returncode == 0 and b"secret-define" in p.stdout and b"rewrite-values" in p.stdout
-    assert cli("help", "nope").stderr == b"error: command or command group 'nope' doesn't exist\n"
+    p = cli("help", "nope")     # a command that ran and failed: the blank line follows
+    assert (p.returncode, p.stdout) == (1, b"\n")
+    assert p.stderr == b"error: command or command group 'nope' doesn't exist\n"
+    assert cli("help", "--bogus", "secret-set-value", "extra").stdout.decode() == SET_VALUE_HELP
     p = subprocess.run(entry_point() + ["--help"], capture_output=True, timeout=60)
     assert p.returncode == 0 and b"--connect=URI" in p.stdout
     p = subprocess.run(entry_point(), capture_output=True, timeout=60)
