@@ -666,11 +666,7 @@ DELIBERATE: dict[str, tuple[str, Check]] = {
         (f"{DOC} Command line: 'secret-event --secret X with an unknown X'", _event_lookup_ends),
 }
 # case id: why (virsh's output is asserted, strict xfail)
-XFAIL: dict[str, str] = {
-    # not in cli*.py: the same parser reads <uuid> in definitions (core/secretxml.py)
-    "secret-dumpxml {A}-": "secretbus.core.uuids.parse_uuid takes a '-' after the 16th pair; libvirt's "
-                           "virUUIDParse allows only whitespace there",
-}
+XFAIL: dict[str, str] = {}     # none now
 
 
 def _differences(results: dict[str, Result]) -> str:

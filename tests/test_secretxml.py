@@ -347,6 +347,19 @@ def test_lenient_uuid_forms_normalised(text: str) -> None:
     assert f"<uuid>{UUID}</uuid>" in format_secret_xml(d)
 
 
+@pytest.mark.parametrize("text, canon", [
+    (f"-{UUID}", UUID),                        # '-' before the first pair, as virUUIDParse
+    (f" - {UUID} \t", UUID),
+    (f"{UUID}-", None),                        # but not after the last: only whitespace there
+    (f"{UUID} -", None),
+    (f"{UUID}0", None),
+    (UUID[:-1], None),
+])
+def test_uuid_separators_only_up_to_the_last_pair(text: str, canon: str | None) -> None:
+    from secretbus.core.uuids import parse_uuid
+    assert parse_uuid(text) == canon
+
+
 @pytest.mark.parametrize("body", ["", "<uuid></uuid>", "<uuid/>"])
 def test_missing_uuid_generated(body: str) -> None:
     a, b = parse_secret_xml(doc(body)), parse_secret_xml(doc(body))

@@ -13,8 +13,9 @@ _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 def parse_uuid(text: str) -> str | None:
     """Return the canonical form, or None if `text` is not a UUID by libvirt's rules.
 
-    Leading/trailing whitespace is allowed; '-' or ' ' may separate hex *pairs*;
-    exactly 32 hex digits, any case.
+    Leading/trailing whitespace is allowed; '-' or ' ' may come before and between hex *pairs*,
+    not after the last (virUUIDParse allows only whitespace there); exactly 32 hex digits, any
+    case.
     """
     if _CANONICAL.fullmatch(text):   # the common case, and the hot one at start-up
         return text
@@ -30,9 +31,9 @@ def parse_uuid(text: str) -> str | None:
             return None
         digits.append(s[i:i + 2])
         i += 2
-        if len(digits) > 16:
-            return None
-    if len(digits) != 16:
+        if len(digits) == 16:
+            break
+    if len(digits) != 16 or i != n:        # (s is stripped: what follows is not whitespace)
         return None
     h = "".join(digits).lower()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

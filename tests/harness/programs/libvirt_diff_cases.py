@@ -171,6 +171,9 @@ case("re_from_no_usage", lambda: define(xml("U_GONE", usage="tls", uid="x")))
 case("def_unknown_children", lambda: define(f"<secret foo='bar'><uuid>{UUIDS['U_EXTRA']}</uuid><extra>1</extra>"
                                             "<usage type='tls' x='y'><name>n-extra</name><z/></usage></secret>"))
 case("def_undashed_upper_uuid", lambda: define(xml(raw_uuid=UUIDS["U_UPPER"].replace("-", "").upper(), usage=None)))
+case("def_uuid_dash_after_last_pair", lambda: define(xml(raw_uuid=UUIDS["U_SPARE"] + "-", usage=None)))
+case("def_uuid_dash_before_first_pair", lambda: define(xml(raw_uuid="-" + UUIDS["U_UPPER"], usage=None)))
+case("def_uuid_space_after_last_pair", lambda: define(xml(raw_uuid=UUIDS["U_UPPER"] + " \t", usage=None)))
 case("def_spaced_uuid", lambda: define(xml(raw_uuid=" " + " ".join(UUIDS["U_UPPER"].replace("-", "")[i:i + 2]
                                                                    for i in range(0, 32, 2)) + " ", usage=None)))
 
