@@ -36,6 +36,7 @@ from typing import Any
 
 import harness
 import pytest
+from harness import reference
 from harness.procs import remove_tree
 
 pytestmark = pytest.mark.integration     # root: libvirtd runs in a mount namespace of its own
@@ -382,11 +383,17 @@ def _generated(text: str) -> str:
     return re.sub(UUID_RE, lambda m: m.group(0) if m.group(0) in OURS else "<generated-uuid>", text)
 
 
+# virsh's own refcount warning when an event was still queued as it closed (one-shot waits while
+# more events come): a race inside virsh, whichever server sent the event, not its output.
+LEAKED = b"error: One or more references were leaked after disconnect from the hypervisor\n"
+
+
 def _result(p: subprocess.CompletedProcess, words: list[str]) -> Result:
     out = TIMESTAMP.sub(b"<time>: ", p.stdout)
     if "secret-get-value" not in words:
         out = _generated(out.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
-    return Result(p.returncode, out, p.stderr, secret_output="secret-get-value" in words)
+    err = p.stderr.replace(LEAKED, b"") if "secret-event" in words else p.stderr
+    return Result(p.returncode, out, err, secret_output="secret-get-value" in words)
 
 
 class Server:
@@ -536,16 +543,7 @@ def _have() -> str | None:
     v = subprocess.run(["virsh", "--version"], capture_output=True, text=True)
     if not v.stdout.startswith("9.0."):
         return f"virsh {v.stdout.strip()} is not 9.0, whose texts secretbus follows"
-    if not bench_rpc.LIBVIRTD.exists() or not (bench_rpc.DRIVER_DIR / "libvirt_driver_secret.so").exists():
-        return "libvirtd 9.0 (libvirt-daemon) not installed"
-    return None
-
-
-def _ready(start: Callable[[], Any]) -> Any:
-    try:
-        return start()
-    except SystemExit as e:          # bench_rpc's way of failing (the server's log is in it)
-        pytest.fail(str(e))
+    return reference.missing_libvirtd()
 
 
 @pytest.fixture(scope="module")
@@ -560,19 +558,10 @@ def runs():
         tmp.mkdir()
         for name, data in FILES.items():
             (tmp / name).write_bytes(data)
-        # secretbusd: the system instance, libvirt RPC only
-        root, sock = work / "sb-root", work / "sb-sock"
-        (root / "etc").mkdir(mode=0o700, parents=True)
-        sock.mkdir(mode=0o700)
-        d = harness.Secretbusd(SimpleNamespace(address="unix:path=/nonexistent"), system=True, root=root,
-                               args=("--no-dbus", "--rpc-dir", str(sock)))
-        daemons.append(d)
-        d.start(wait=False)
-        s = bench_rpc.Server("secretbusd", "secret:///system", sock / "virtsecretd-sock", d.proc)
         empty = work / "empty"
         empty.mkdir(mode=0o700)
-        lv = _ready(lambda: bench_rpc.start_libvirtd(procs, work / "lv", empty, 0))
-        _ready(lambda: bench_rpc.wait_ready(s, 0, d.log_path, timeout=30))
+        s = reference.start_secretbusd(daemons, work, None, 0)
+        lv = reference.start_libvirtd(procs, work / "lv", empty, 0)
         sb, lvd = Server(s.uri), Server(lv.uri)
         servers += [sb, lvd]
         where = subprocess.run([*SECRETBUS[:1], "-c", "import secretbus; print(secretbus.__file__)"],
