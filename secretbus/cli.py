@@ -22,7 +22,7 @@ from secretbus.cli_options import CommandDef, Kind, Opt, UsageError, format_help
 from secretbus.cli_output import Output, OutputLost, guard_std_fds
 from secretbus.core import errors
 from secretbus.core.model import VALUE_MAX, EventId, Lifecycle, ListFlags, UsageType
-from secretbus.core.uuids import INVALID_UUID, parse_uuid
+from secretbus.core.uuids import invalid_uuid, parse_uuid
 from secretbus.store.codec import ValueFileError, strict_b64decode
 
 DEFINE_FILE_LIMIT = 10 * 1024 * 1024   # virsh reads at most 10 MiB of XML
@@ -77,7 +77,7 @@ def _lookup(conn, a, name: str = "secret"):
     arg = _required(a, name)
     if parse_uuid(arg) is None:
         # libvirt's client library refuses it before any call, with this text and no prefix.
-        raise CommandError(f"failed to get secret '{arg}'", INVALID_UUID)
+        raise CommandError(f"failed to get secret '{arg}'", invalid_uuid().message)
     try:
         return conn.lookup_by_uuid(arg)
     except errors.SecretError as e:

@@ -191,7 +191,7 @@ class DBusConnection(Connection):
         # Arguments that cannot be put on the wire ('i', 's') get the answer the service gives
         # for a usage no secret has.
         if not isinstance(usage_id, str):
-            raise errors.InvalidArgCheck("usageID in virSecretLookupByUsage must not be NULL")
+            raise errors.arg_check("usageID", "virSecretLookupByUsage", "must not be NULL")
         if not wire.fits_int32(usage_type) or not wire_safe(usage_id):
             raise errors.NoSecret(f"no secret with matching usage '{usage_id}'")
         utype = int(usage_type)

@@ -101,7 +101,7 @@ class Connection(abc.ABC):
 
 def check_event_id(event_id: int | None) -> None:
     if event_id is not None and event_id not in (EventId.LIFECYCLE, EventId.VALUE_CHANGED):
-        raise errors.InvalidArgCheck(f"eventID in virConnectSecretEventRegisterAny must be less than {len(EventId)}")
+        raise errors.arg_check("eventID", "virConnectSecretEventRegisterAny", f"must be less than {len(EventId)}")
 
 
 def event_filter(event_id: int | None, secret: Secret | str | None):

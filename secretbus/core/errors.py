@@ -66,7 +66,17 @@ class InvalidArgCheck(InvalidArg, prefix="", own_kind=False):
     """VIR_ERR_INVALID_ARG from libvirt's argument checks (virCheckFlags, virCheckNonNullArg,
     virCheckNonNegativeArg, virReportInvalidArg: flags, NULL values and usage ids, UUID
     strings, event ids): they call virRaiseErrorFull with their own text, so libvirt puts no
-    "invalid argument: " before it (libvirtd 9.0, tests/test_libvirtd_diff.py)."""
+    "invalid argument: " before it (libvirtd 9.0, tests/test_libvirtd_diff.py). `function` and
+    `argument` are what libvirt puts in str1 and str2 (None in one rebuilt from a reply)."""
+
+    def __init__(self, message: str, *, function: str | None = None, argument: str | None = None):
+        super().__init__(message)
+        self.function, self.argument = function, argument
+
+
+def arg_check(argument: str, function: str, rule: str) -> InvalidArgCheck:
+    """libvirt's virCheck…Arg refusal: `ARGUMENT in FUNCTION RULE` ("must not be NULL")."""
+    return InvalidArgCheck(f"{argument} in {function} {rule}", function=function, argument=argument)
 
 
 class OperationFailed(SecretError, code=9, prefix="operation failed: "):
@@ -185,4 +195,5 @@ def unsupported_flags(flags: int, supported: int, function: str) -> None:
     if flags < 0 or extra:
         # Negative numbers are shown as the C unsigned int they would be.
         shown = extra if flags >= 0 else extra & 0xFFFFFFFF
-        raise InvalidArgCheck(f"unsupported flags (0x{shown:x}) in function {function}")
+        raise InvalidArgCheck(f"unsupported flags (0x{shown:x}) in function {function}",
+                              function=function, argument="flags")

@@ -39,7 +39,9 @@ def parse_uuid(text: str) -> str | None:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-INVALID_UUID = "uuidstr in virSecretLookupByUUIDString must be a valid UUID"
+def invalid_uuid() -> errors.InvalidArgCheck:
+    """libvirt's refusal of a UUID string that is not one (virSecretLookupByUUIDString's check)."""
+    return errors.arg_check("uuidstr", "virSecretLookupByUUIDString", "must be a valid UUID")
 
 
 def canonical_uuid(text: object) -> str:
@@ -47,7 +49,7 @@ def canonical_uuid(text: object) -> str:
     (the driver and both clients say the same)."""
     canon = parse_uuid(text) if isinstance(text, str) else None
     if canon is None:
-        raise errors.InvalidArgCheck(INVALID_UUID)
+        raise invalid_uuid()
     return canon
 
 

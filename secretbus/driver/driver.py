@@ -278,7 +278,7 @@ class SecretDriver:
 
     def lookup_by_usage(self, usage_type: int, usage_id: str) -> SecretDef:
         if not isinstance(usage_id, str):
-            raise errors.InvalidArgCheck("usageID in virSecretLookupByUsage must not be NULL")
+            raise errors.arg_check("usageID", "virSecretLookupByUsage", "must not be NULL")
         try:
             ut = UsageType(usage_type)
         except ValueError:

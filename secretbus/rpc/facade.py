@@ -151,7 +151,7 @@ class RpcConnection(Connection):
 
     def lookup_by_usage(self, usage_type: int, usage_id: str) -> Secret:
         if not isinstance(usage_id, str):
-            raise errors.InvalidArgCheck("usageID in virSecretLookupByUsage must not be NULL")
+            raise errors.arg_check("usageID", "virSecretLookupByUsage", "must not be NULL")
         if isinstance(usage_type, bool) or not isinstance(usage_type, int) or not -(2 ** 31) <= usage_type < 2 ** 31:
             # An int the wire cannot carry names no usage type: the answer for a usage no secret has.
             raise errors.NoSecret(f"no secret with matching usage '{usage_id}'")

@@ -7,7 +7,6 @@ by the project's rule never carries a value.
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from secretbus.core import errors
@@ -46,21 +45,6 @@ _DOMAIN = {errors.RPCError: P.FROM_RPC, errors.AccessDenied: P.FROM_ACCESS,
            errors.XMLRootError: P.FROM_XML, errors.XMLInvalidSchema: P.FROM_XML}
 
 
-# virReportInvalidArg (virCheckFlags, virCheckNonNullArg…) fills str1 with the function and str2
-# with the argument's name, int1 and int2 with 0 (virerror.h; libvirtd 9.0).
-_FLAGS_CHECK = re.compile(r"unsupported flags \(0x[0-9a-f]+\) in function (\w+)")
-_ARG_CHECK = re.compile(r"(\w+) in (\w+) must ")
-
-
-def _invalid_arg_fields(message: str) -> tuple[str, str] | None:
-    """(function, argument) of one of libvirt's argument checks' texts, or None."""
-    m = _FLAGS_CHECK.fullmatch(message)
-    if m:
-        return m.group(1), "flags"
-    m = _ARG_CHECK.match(message)
-    return (m.group(2), m.group(1)) if m else None
-
-
 def error_body(e: BaseException) -> dict[str, Any]:
     if isinstance(e, RemoteFailure):
         code, domain, prefix, detail = e.code, e.domain, e.prefix, e.message
@@ -71,10 +55,10 @@ def error_body(e: BaseException) -> dict[str, Any]:
         code, domain, prefix, detail = errors.InternalError.code, P.FROM_SECRET, errors.InternalError.prefix, \
             "unexpected failure"
     str1, str2, ints = prefix + "%s", detail, -1
-    if isinstance(e, errors.InvalidArgCheck):
-        fields = _invalid_arg_fields(detail)
-        if fields is not None:
-            (str1, str2), ints = fields, 0
+    if isinstance(e, errors.InvalidArgCheck) and e.function is not None and e.argument is not None:
+        # virReportInvalidArg (virCheckFlags, virCheckNonNullArg…): str1 the function, str2
+        # the argument's name, int1 and int2 0 (virerror.h; libvirtd 9.0)
+        str1, str2, ints = e.function, e.argument, 0
     return {
         "code": code, "domain": domain, "message": prefix + detail, "level": P.ERR_LEVEL_ERROR,
         "dom": None, "str1": str1, "str2": str2, "str3": None,

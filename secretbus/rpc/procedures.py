@@ -331,7 +331,7 @@ class Procedures:
     def set_value(self, c: Client, a: Any) -> Any:
         if not a["value"]:
             # XDR decodes an empty opaque as NULL; libvirt 9.0 refuses it so (verified).
-            raise errors.InvalidArgCheck("value in virSecretSetValue must not be NULL")
+            raise errors.arg_check("value", "virSecretSetValue", "must not be NULL")
         rules.check_set_value_flags(a["flags"])
         uuid, value, flags = _uuid(a["secret"]), a["value"], a["flags"]
         d = self.driver.lookup_by_uuid(uuid)
