@@ -516,3 +516,15 @@ def test_text_left_in_pythons_stdout_is_flushed_and_reported(cli, xmlfile):
     finally:
         os.close(w)
     _assert_one_error_line(p, b"Broken pipe")
+
+
+def test_a_connection_without_sasl_does_not_load_scram(tmp_path):
+    """`secretbus -c` starts for every command of a script: SCRAM's library (scramp, with
+    asn1crypto and importlib.metadata) cost a fifth of that start and is loaded only when a
+    server asks for SASL."""
+    code = ("import sys, secretbus.cli as c\n"
+            f"rc = c.main(['-c', 'secret:///session?socket={tmp_path}/none', 'secret-list'])\n"
+            "print(rc, sorted(m for m in ('scramp', 'asn1crypto') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.stdout.split("\n")[-2] == "1 []", (r.stdout, r.stderr)

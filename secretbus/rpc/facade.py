@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import uuid as uuidlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from secretbus.core import errors
 from secretbus.core.api import Connection, EventHandler, Secret, event_filter
@@ -30,8 +30,10 @@ from secretbus.core.uuids import canonical_uuid, parse_uuid
 from secretbus.driver.rules import check_value
 from secretbus.rpc import protocol as P
 from secretbus.rpc.client import AsyncRpcClient
-from secretbus.rpc.sasl_client import SaslLogin
 from secretbus.rpc.transport import Transport
+
+if TYPE_CHECKING:
+    from secretbus.rpc.sasl_client import SaslLogin
 
 log = logging.getLogger("secretbus.rpc.client")
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scramp import ScramClient, ScramException  # type: ignore[import-untyped]
-
 from secretbus.core import errors
 from secretbus.rpc import protocol as P
 from secretbus.rpc.client import AUTH_FAILED, auth_failed, error_from_remote, remote_error_class
@@ -126,6 +124,9 @@ async def authenticate(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 async def scram(call: Call, login: SaslLogin) -> None:
     """AUTH_SASL_INIT, _START, _STEP with SCRAM-SHA-256 (after AUTH_LIST said SASL); the
     credentials are looked up only once the server offers the mechanism."""
+    # Here, not at the top: scramp and what it pulls in (asn1crypto, importlib.metadata) took
+    # a fifth of every `secretbus -c` start, and most connections never ask for SASL.
+    from scramp import ScramClient, ScramException  # type: ignore[import-untyped]
     try:
         mechs = (await call(P.Proc.AUTH_SASL_INIT))["mechlist"].split(",")
         if MECH not in [m.strip() for m in mechs]:
