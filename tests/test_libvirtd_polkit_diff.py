@@ -11,10 +11,13 @@ without running the rules). Values are compared by length and SHA-256 only.
 A case whose answers differ is in TRIAGE: deliberate (the row of docs/libvirt-differences.md
 that says so; asserting ours and libvirt's answer, so that a change on either side shows), or
 in XFAIL: a bug not fixed yet, asserting libvirt's answer (strict). What differs, all on purpose:
-row 9 (a vTPM secret's usage reaches the rules as secret_usage_name; libvirt passes none) and
+row 9 (a vTPM secret's usage reaches the rules as secret_usage_name; libvirt passes none),
 row 14 (a redefine is also checked against the existing definition, so the member can neither
 turn a volume secret, even one it may not see, into "its" ceph secret, nor make a secret
-ephemeral without `delete`), with what those redefines leave behind on libvirtd. Everything
+ephemeral without `delete`), with what those redefines leave behind on libvirtd, and row 15
+(SET_IDENTITY from root peers only: on libvirtd a member granted connect.write names pid 1 as
+its identity and then passes every check as root); unclear: the wording of that SET_IDENTITY
+refusal. Everything
 else is answered alike: authentication (manage/monitor), every per-secret check and detail
 (volume path, ceph, tls name, iscsi target, uuid), list filtering, the read-only refusals,
 the private-value refusal, event filtering, and the connection-level checks libvirt makes
@@ -24,6 +27,7 @@ event registration), which secretbusd makes too (polkit/README.md; row 15's last
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -163,6 +167,7 @@ WRITES = [
     S("redefine_ceph_ephemeral", "define", xml(EPH, "ceph", "client.eph", ephemeral=True)),
     S("redefine_hidden_as_ceph", "define", xml(HIDDEN, "ceph", "/srv/hidden/h.img")),
     S("list_all_after", "list_all"),
+    S("set_identity_self", "set_identity", "self"),
 ]
 RO_STEPS = [
     S("num", "num"), S("list_all", "list_all"), S("lookup_vol_a", "lookup", VOL_A),
@@ -180,13 +185,16 @@ EVENT_TRIGGER = [
     ["set_value", EV_VIS, b"ev".hex()], ["set_value", EV_HID, b"ev".hex()],
     ["undefine", EV_VIS], ["undefine", EV_HID], ["define", xml(SENTINEL, "volume", IMAGES + "sentinel.img")],
 ]
-SCENARIOS: list[tuple[str, str, bool, list[tuple[str, list[Any]]]]] = [
-    # name, user ("member" | "other" | "root"), read-only socket, steps
+SCENARIOS: list[tuple[str, str, str, list[tuple[str, list[Any]]]]] = [
+    # name, user ("member" | "other"), how it connects ("rw": the rw socket; "ro": the read-only
+    # socket; "rw+ro": openReadOnly, i.e. CONNECT_OPEN flag 1, on the rw socket), steps
     # (read-only ones first: the member's redefines below change what libvirtd then shows)
-    ("member_ro", "member", True, RO_STEPS),
-    ("other_rw", "other", False, [S("list_all", "list_all")]),
-    ("other_ro", "other", True, RO_STEPS),
-    ("member_rw", "member", False, READS + WRITES),
+    ("member_ro", "member", "ro", RO_STEPS),
+    ("other_rw", "other", "rw", [S("list_all", "list_all")]),
+    ("other_ro", "other", "ro", RO_STEPS),
+    ("member_rw_flag_ro", "member", "rw+ro", RO_STEPS),
+    ("other_rw_flag_ro", "other", "rw+ro", [S("list_all", "list_all")]),
+    ("member_rw", "member", "rw", READS + WRITES),
 ]
 # Later phases: a rules file of higher priority (40-) installed while both servers run (polkitd
 # reloads it; secretbusd drops its cached decisions on polkitd's Changed signal), for the
@@ -202,17 +210,22 @@ polkit.addRule(function(action, subject) {
     return polkit.Result.NOT_HANDLED;
 });
 """, ("member", "org.libvirt.api.connect.getattr", "{}", False), [
-        ("member_rw", "member", False, [S("list_all", "list_all"), S("lookup_vol_a", "lookup", VOL_A)]),
-        ("other_ro", "other", True, [S("list_all", "list_all"), S("event_cycle", "event_cycle")]),
+        ("member_rw", "member", "rw", [S("list_all", "list_all"), S("lookup_vol_a", "lookup", VOL_A)]),
+        ("other_ro", "other", "ro", [S("list_all", "list_all"), S("event_cycle", "event_cycle")]),
     ]),
-    "no_search": ("""
+    "no_search_identity": ("""
 polkit.addRule(function(action, subject) {
     if (action.id == "org.libvirt.api.connect.search-secrets" && !subject.isInGroup("libvirt"))
         return polkit.Result.NO;
+    if (action.id == "org.libvirt.api.connect.write" && subject.isInGroup("libvirt"))
+        return polkit.Result.YES;
     return polkit.Result.NOT_HANDLED;
 });
 """, ("other", "org.libvirt.api.connect.search-secrets", "{'connect_driver': 'secret'}", False), [
-        ("other_ro", "other", True, [S("num", "num"), S("list", "list"), S("list_all", "list_all"),
+        # with connect.write, the member names pid 1 (root's) as its connection's identity
+        ("member_rw", "member", "rw", [S("set_identity_pid1", "set_identity", "1"), S("value_vol_b", "value", VOL_B),
+                                       S("lookup_hidden", "lookup", HIDDEN)]),
+        ("other_ro", "other", "ro", [S("num", "num"), S("list", "list"), S("list_all", "list_all"),
                                      S("event_cycle", "event_cycle"), S("lookup_vol_a", "lookup", VOL_A)]),
     ]),
 }
@@ -262,8 +275,8 @@ def listener(user: Any, uri: str) -> subprocess.Popen:
 def run_scenarios(uri: str, ro_uri: str, who: dict[str, Any], scenarios: list[Any],
                   prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, user, ro, steps in scenarios:
-        got = client(who[user], ro_uri if ro else uri, [s for _, s in steps])
+    for name, user, how, steps in scenarios:
+        got = client(who[user], {"rw": uri, "ro": ro_uri, "rw+ro": f"readonly:{uri}"}[how], [s for _, s in steps])
         out[f"{prefix}{name}:open"] = got["open"]
         results = got["steps"] if got["open"] is None else [{"not_run": "open failed"}] * len(steps)
         assert len(results) == len(steps), got
@@ -352,7 +365,8 @@ def runs():
         rpc_dir.mkdir(mode=0o755)
         sbd = harness.Secretbusd(bus, system=True, args=("--rpc-dir", str(rpc_dir))).start()
         # the daemon runs this checkout's code (its PYTHONPATH starts here)
-        environ = dict(e.split("=", 1) for e in Path(f"/proc/{sbd.proc.pid}/environ").read_text().split("\0") if e)
+        assert sbd.proc is not None
+        environ = dict(e.partition("=")[::2] for e in Path(f"/proc/{sbd.proc.pid}/environ").read_text().split("\0"))
         assert environ["PYTHONPATH"].split(":")[0] == str(REPO), environ.get("PYTHONPATH")
         who = {"member": users.member, "other": users.other}
         uris = {"libvirtd": (lv.uri, lv.uri + "-ro"),
@@ -387,7 +401,6 @@ DENIED = [88, 55, "access denied: 'secret' denied access"]
 
 
 def digest(value: bytes) -> dict[str, Any]:
-    import hashlib
     return {"len": len(value), "sha256": hashlib.sha256(value).hexdigest()}
 
 
@@ -457,7 +470,40 @@ def _root_sees(uuid: str, kind_lv: str, usage_lv: str, kind_sb: str, usage_sb: s
     return check
 
 
+ROOT_PEERS_ONLY = [88, 55, "access denied: only a root peer may set the identity of a connection"]
+
+
+def _set_identity_wording(lv, sb, case):
+    # Unclear (documented nowhere): both refuse a non-root peer's SET_IDENTITY with 88/55, libvirt
+    # because connect.write defaults to no (so a rule could grant it), secretbus because only
+    # root peers may (row 15), and its message says so instead of libvirt's "'secret' denied
+    # access". Asserting both.
+    assert lv[case] == {"error": DENIED}
+    assert sb[case] == {"error": ROOT_PEERS_ONLY}
+
+
+def _identity_root_peers_only(lv, sb, case):
+    # Row 15: libvirt lets any rw client that a rule grants connect.write name any identity, here
+    # pid 1's (root), and then asks polkit about that process; secretbus takes SET_IDENTITY from
+    # root peers only.
+    assert lv[case] == "set"
+    assert sb[case] == {"error": ROOT_PEERS_ONLY}
+
+
+def _as_root_after_set_identity(expected_lv: Any) -> Checker:
+    # Row 15's consequence: as "pid 1" the member passes every check on libvirtd (polkit
+    # authorises root), reading a value and seeing a secret the rules refuse it.
+    def check(lv, sb, case):
+        assert lv[case] == expected_lv
+        assert sb[case] == {"error": DENIED}
+    return check
+
+
 TRIAGE: dict[str, Checker] = {
+    "member_rw:set_identity_self": _set_identity_wording,
+    "no_search_identity/member_rw:set_identity_pid1": _identity_root_peers_only,
+    "no_search_identity/member_rw:value_vol_b": _as_root_after_set_identity(digest(value_of(VOL_B))),
+    "no_search_identity/member_rw:lookup_hidden": _as_root_after_set_identity(HIDDEN),
     "member_rw:xml_vtpm": _vtpm_usage_name,
     "member_rw:redefine_volume_as_ceph": _redefine_checked_on_the_old_definition(REDEF),
     "member_rw:redefine_ceph_ephemeral": _redefine_checked_on_the_old_definition(EPH),

@@ -2,17 +2,20 @@
 open a URI, run steps, record each result or libvirt error; one JSON document on stdout.
 Secret values are never printed: a value is reported as its length and SHA-256.
 
-argv: URI STEPS_JSON, steps being [name, args...] with name one of
+argv: URI STEPS_JSON (URI "readonly:U": openReadOnly(U)), steps being [name, args...] with name one of
 num, list, list_all, lookup, lookup_usage, xml, value, set_value (hex), define (xml), undefine,
 events (register lifecycle and value-changed callbacks, print {"ready": ...} on a line of its
 own, then collect events until the lifecycle event of SENTINEL_UUID or TIMEOUT seconds;
 deregister both callbacks), event_cycle (register a lifecycle callback, then deregister it:
-"deregistered", or {"deregister_error": ...}).
+"deregistered", or {"deregister_error": ...}), set_identity ("self" or a pid: that process's
+identity).
 Output: {"open": null | [code, domain, message], "steps": [result...]} where a result is the
 value or {"error": [code, domain, message]}.
 """
 import hashlib
 import json
+import os
+import pwd
 import sys
 import time
 
@@ -30,7 +33,7 @@ def err(e):
 
 
 try:
-    conn = libvirt.open(uri)
+    conn = libvirt.openReadOnly(uri[len("readonly:"):]) if uri.startswith("readonly:") else libvirt.open(uri)
 except libvirt.libvirtError as e:
     out["open"] = err(e)
     print(json.dumps(out))
@@ -78,6 +81,17 @@ def event_cycle():
     return "deregistered"
 
 
+def set_identity(who):
+    """setIdentity to this process ("self") or process `who` (its uid, pid and start time)."""
+    pid = os.getpid() if who == "self" else int(who)
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    uid = os.stat(f"/proc/{pid}").st_uid
+    conn.setIdentity({"user-name": pwd.getpwuid(uid).pw_name, "unix-user-id": uid, "process-id": pid,
+                      "process-time": int(stat[stat.rfind(b")") + 2:].split()[19])})
+    return "set"
+
+
 ACTIONS = {
     "num": lambda: conn.numOfSecrets(),
     "list": lambda: sorted(conn.listSecrets()),
@@ -91,6 +105,7 @@ ACTIONS = {
     "undefine": lambda u: conn.secretLookupByUUIDString(u).undefine(),
     "events": events,
     "event_cycle": event_cycle,
+    "set_identity": set_identity,
 }
 for name, *args in steps:
     try:
