@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,30 +214,49 @@ def ensure_libvirtd() -> None:
                     "libvirt-daemon"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
+# $4, if given: a private system bus's socket, bound where libvirt's GDBus connects to it (so a
+# polkitd on that bus is the one libvirtd asks; tests/test_libvirtd_polkit_diff.py).
 LIBVIRTD_NS = """set -e
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/libvirt
+if [ -n "${4:-}" ]; then
+  mkdir -p /run/dbus
+  : > /run/dbus/system_bus_socket
+  mount --bind "$4" /run/dbus/system_bus_socket
+fi
 mount --bind "$1/etc" /etc/libvirt
 mount --bind "$1/drivers" "$2"
 exec "$3" -f "$1/etc/libvirtd.conf"
 """
+# libvirtd.conf lines of the benchmark's libvirtd: root only, no authentication
+AUTH_NONE = ('unix_sock_rw_perms = "0700"', 'unix_sock_ro_perms = "0700"', 'auth_unix_rw = "none"',
+             'auth_unix_ro = "none"')
 
 
-def start_libvirtd(procs: Procs, work: Path, store: Path, n: int) -> Server:
+def start_libvirtd(procs: Procs, work: Path, store: Path, n: int, conf: Iterable[str] = AUTH_NONE,
+                   bus_socket: str | None = None, public: bool = False) -> Server:
+    """libvirtd with only its secret driver and a copy of `store`, in its own mount namespace,
+    ready when it serves `n` secrets (asked as root). `conf`: its libvirtd.conf lines besides
+    the socket directory and the log; `bus_socket`: a private system bus for it (its polkit);
+    `public`: its socket directory reachable by every uid (the sockets' perms are `conf`'s)."""
     ensure_libvirtd()
     lv = work / "lv"
     (lv / "etc").mkdir(mode=0o700, parents=True)
     shutil.copytree(store, lv / "etc" / "secrets")
-    (lv / "sock").mkdir(mode=0o700)
+    (lv / "sock").mkdir(mode=0o755 if public else 0o700)
+    if public:
+        for d in (work, lv):
+            d.chmod(0o755)
     (lv / "drivers").mkdir()
     shutil.copy2(DRIVER_DIR / "libvirt_driver_secret.so", lv / "drivers")
     (lv / "etc" / "libvirtd.conf").write_text(
-        f'unix_sock_dir = "{lv / "sock"}"\nunix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
-        'auth_unix_rw = "none"\nauth_unix_ro = "none"\nlog_outputs = "3:stderr"\n')
+        f'unix_sock_dir = "{lv / "sock"}"\nlog_outputs = "3:stderr"\n' + "".join(f"{c}\n" for c in conf))
     (lv / "ns.sh").write_text(LIBVIRTD_NS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "NOTIFY_SOCKET", "LISTEN_"))}
     log = work / "libvirtd.log"
     p = procs.spawn(["unshare", "-m", "--propagation", "private", "sh", str(lv / "ns.sh"), str(lv),
-                     str(DRIVER_DIR), str(LIBVIRTD)], "libvirtd", log)
+                     str(DRIVER_DIR), str(LIBVIRTD), *([bus_socket] if bus_socket else [])], "libvirtd", log,
+                    env=env)
     s = Server("libvirtd", "secret:///system", lv / "sock" / "libvirt-sock", p)
     wait_ready(s, n, log)
     return s

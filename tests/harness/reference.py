@@ -4,7 +4,6 @@ namespace, auth none) and secretbusd as the system instance serving RPC only. Bo
 as `secret:///system`, so that private values and the URI compare like for like."""
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -41,49 +40,21 @@ def start_libvirtd(procs: Any, work: Path, store: Path, n: int) -> Any:
     return _ready(lambda: bench_rpc.start_libvirtd(procs, work, store, n))
 
 
-# bench_rpc's LIBVIRTD_NS plus the system bus: the private bus's socket bound onto the path
-# libvirt's GDBus connects to (/run/dbus/system_bus_socket, under the namespace's own /run).
-# (libvirtd 9.0's GDBus honours DBUS_SYSTEM_BUS_ADDRESS too, seen to work; the bind does not
-# depend on the environment reaching it.)
-_LIBVIRTD_BUS_NS = """set -e
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/libvirt /run/dbus
-: > /run/dbus/system_bus_socket
-mount --bind "$4" /run/dbus/system_bus_socket
-mount --bind "$1/etc" /etc/libvirt
-mount --bind "$1/drivers" "$2"
-exec "$3" -f "$1/etc/libvirtd.conf"
-"""
-
-
 def start_libvirtd_on_bus(procs: Any, work: Path, bus_socket: str, conf_lines: Iterable[str],
                           n: int = 0) -> Any:
     """libvirtd as start_libvirtd, but with an empty store, its system bus being the private
-    bus at `bus_socket` (so a polkitd on that bus is the one it asks), `conf_lines` appended to
-    its libvirtd.conf (e.g. auth_unix_rw = "polkit", access_drivers = [ "polkit" ],
+    bus at `bus_socket` (so a polkitd on that bus is the one it asks), `conf_lines` in its
+    libvirtd.conf (e.g. auth_unix_rw = "polkit", access_drivers = [ "polkit" ],
     unix_sock_rw_perms = "0777") and its socket directory work/lv/sock reachable by any uid.
     Ready when it serves `n` secrets (to root, which polkit auth lets in without asking):
     a bench_rpc.Server on work/lv/sock/libvirt-sock."""
     why = missing_libvirtd()
     if why:
         pytest.skip(why)
-    lv = work / "lv"
-    (lv / "etc" / "secrets").mkdir(mode=0o700, parents=True)
-    (lv / "sock").mkdir(mode=0o755)
-    for d in (work, lv):
-        d.chmod(0o755)
-    (lv / "drivers").mkdir()
-    shutil.copy2(bench_rpc.DRIVER_DIR / "libvirt_driver_secret.so", lv / "drivers")
-    (lv / "etc" / "libvirtd.conf").write_text(
-        f'unix_sock_dir = "{lv / "sock"}"\nlog_outputs = "3:stderr"\n' + "".join(f"{c}\n" for c in conf_lines))
-    (lv / "ns.sh").write_text(_LIBVIRTD_BUS_NS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "NOTIFY_SOCKET", "LISTEN_"))}
-    log = work / "libvirtd.log"
-    p = procs.spawn(["unshare", "-m", "--propagation", "private", "sh", str(lv / "ns.sh"), str(lv),
-                     str(bench_rpc.DRIVER_DIR), str(bench_rpc.LIBVIRTD), bus_socket], "libvirtd", log, env=env)
-    s = bench_rpc.Server("libvirtd", "secret:///system", lv / "sock" / "libvirt-sock", p)
-    _ready(lambda: bench_rpc.wait_ready(s, n, log, timeout=30))
-    return s
+    empty = work / "empty-store"
+    empty.mkdir(mode=0o700, parents=True)
+    return _ready(lambda: bench_rpc.start_libvirtd(procs, work, empty, n, conf=tuple(conf_lines),
+                                                   bus_socket=bus_socket, public=True))
 
 
 def start_secretbusd(daemons: list[Secretbusd], work: Path, store: Path | None, n: int) -> Any:
