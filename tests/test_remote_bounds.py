@@ -81,6 +81,21 @@ def test_a_remote_hosts_connections_are_bounded_as_a_uids(remote):
     assert again.call(P.Proc.CONNECT_GET_TYPE)["type"] == "secret"
 
 
+@pytest.mark.parametrize("remote", [RpcLimits(max_clients_per_uid=4, max_remote_clients=6)], indirect=True)
+def test_remote_hosts_together_are_bounded_and_leave_the_local_slots(remote):
+    """77 hosts of 64 connections each could take every slot but root's, and with them every
+    local user's: remote connections together are max_remote_clients at most."""
+    held = [remote.connect("192.0.2.1").open(URI) for _ in range(4)] + \
+        [remote.connect("192.0.2.2").open(URI) for _ in range(2)]
+    assert closed_by_server(remote.connect("192.0.2.3"))       # a host with none yet: the pool is full
+    with remote.ip.opened() as local:                           # a local caller is served
+        assert local.call(P.Proc.CONNECT_GET_TYPE)["type"] == "secret"
+    held[0].close()
+    wait_until(lambda: remote.ip.server.clients == 5, timeout=5, what="the closed connection's slot back")
+    third = remote.connect("192.0.2.3").open(URI)
+    assert third.call(P.Proc.CONNECT_GET_TYPE)["type"] == "secret"
+
+
 def test_an_ipv6_host_is_counted_by_its_64():
     """One interface may use any address of its /64: counted per address, one machine would
     get max_clients_per_uid connections per address, every slot."""

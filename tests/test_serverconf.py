@@ -53,6 +53,8 @@ remote_access = [ "x509:C=GB,*,CN=client1=rw+values", "x509:*=ro", "sasl:fred=rw
 ''', "/etc/secretbus/secretbusd.conf")
     assert c.listen_tls and not c.listen_tcp and c.tls_port == 16600 and c.listen_addr == "127.0.0.1"
     assert c.crl_path() == "/k/cacrl.pem" and c.max_clients == 20 and c.max_client_requests == 3
+    assert c.remote_clients() == 10                    # half of max_clients, unless set
+    assert parse_serverconf("max_remote_clients = 7\n").remote_clients() == 7
     assert c.dn_allowed(DN) and c.dn_allowed("CN=admin1") and not c.dn_allowed("CN=admin12")
     assert not c.dn_allowed("C=GB,ST=London,L=London,O=other,CN=x")
     # first match wins; the DN's own '=' signs stay in the glob

@@ -53,6 +53,10 @@ _PING = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.
 class RpcLimits:
     max_clients: int = 5000              # libvirt's max_clients
     max_clients_per_uid: int = 64        # other than uid 0
+    # Remote (TLS, TCP) connections together, whatever their hosts: 64 a host, 77 hosts could
+    # take every slot but root's and lock the local users out (secretbusd.conf's
+    # max_remote_clients; the daemon's default is half of max_clients).
+    max_remote_clients: int = 2500
     root_reserve: int = 64               # connections only uid 0 may take
     # Calls in flight per connection (secretbusd.conf's max_client_requests). libvirt's default
     # is 5; 16 lets one connection's writes share a group commit of up to 16 (each batch pays

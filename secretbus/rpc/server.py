@@ -211,6 +211,7 @@ class RpcServer:
         # Each connection, and whom it counts for: its peer's uid, or a remote host (Session.bounds).
         self._conns: dict[Connection, int | str] = {}
         self._per_uid: Counter[int | str] = Counter()
+        self._remote = 0                    # connections of remote (TLS, TCP) callers
         self._shares: dict[int | str, UidShare] = {}   # what each untrusted uid or remote host shares
         self._sub: int | None = None
         self.hub: EventHub | None = None
@@ -271,6 +272,7 @@ class RpcServer:
         conn = Connection(session, self._table, self.limits, self._forget, share)
         self._conns[conn] = counted
         self._per_uid[counted] += 1
+        self._remote += session.remote is not None
         return conn
 
     def _unix_session(self, peer: Peer, readonly: bool, trusted: bool) -> Session:
@@ -296,7 +298,8 @@ class RpcServer:
         from remote_access (guard.py); its host shares one set of bounds, as an untrusted local uid."""
         host = who.host
         if (not self._table or len(self._conns) >= self.limits.max_clients - self.limits.root_reserve
-                or self._per_uid[host] >= self.limits.max_clients_per_uid):
+                or self._per_uid[host] >= self.limits.max_clients_per_uid
+                or self._remote >= self.limits.max_remote_clients):
             log.warning("refusing remote RPC client %s: connection limit", who.describe())
             writer.transport.abort()
             return
@@ -331,6 +334,7 @@ class RpcServer:
     def _forget(self, conn: Connection) -> None:
         key = self._conns.pop(conn, None)
         if key is not None:
+            self._remote -= conn.session.remote is not None
             self._calls_done += conn.calls
             self._per_uid[key] -= 1
             if self._per_uid[key] <= 0:

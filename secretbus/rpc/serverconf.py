@@ -4,8 +4,9 @@ The keys are libvirtd.conf's, so an administrator's libvirtd.conf habits carry o
 listen_tls, listen_tcp, tls_port, tcp_port, listen_addr, key_file, cert_file, ca_file, crl_file,
 tls_no_verify_certificate, tls_allowed_dn_list, sasl_allowed_username_list, auth_tls, auth_tcp,
 auth_unix_rw, auth_unix_ro, tcp_min_ssf, max_clients, max_client_requests; plus secretbus's own
-`remote_access` grants, and `sasl_keytab` (the GSSAPI service keys for TCP; libvirt takes them
-from KRB5_KTNAME):
+`remote_access` grants, `max_remote_clients` (remote connections together; default half of
+max_clients, so that remote hosts cannot take the local users' slots), and `sasl_keytab`
+(the GSSAPI service keys for TCP; libvirt takes them from KRB5_KTNAME):
 
     remote_access = [ "x509:C=GB,O=Example,CN=*.ops=rw", "x509:*=ro" ]
 
@@ -91,6 +92,7 @@ class ServerConf:
     auth_unix_rw: str | None = None
     auth_unix_ro: str | None = None
     max_clients: int = 5000
+    max_remote_clients: int | None = None      # None: max_clients // 2
     max_client_requests: int = 16          # libvirt's is 5; why 16: RpcLimits.max_requests
     remote_access: tuple[Grant, ...] = field(default=())
     sasl_verifier_file: str | None = None      # None: sasl-verifiers.json beside this file
@@ -127,6 +129,11 @@ class ServerConf:
         if mode is not None:
             return mode
         return "polkit" if system else "none"
+
+    def remote_clients(self) -> int:
+        """Remote (TLS, TCP) connections together: max_remote_clients, else half of max_clients
+        (the local users keep the other half, whatever the remote hosts do)."""
+        return self.max_remote_clients if self.max_remote_clients is not None else self.max_clients // 2
 
     def crl_path(self) -> str | None:
         if self.crl_file is not None:
@@ -246,6 +253,7 @@ _OPTIONS: dict[str, Check] = {
     "auth_unix_rw": _choice("none", "polkit", "sasl"),
     "auth_unix_ro": _choice("none", "polkit", "sasl"),
     "max_clients": _count,
+    "max_remote_clients": _count,
     "max_client_requests": _count,
     "remote_access": _grants,
     "sasl_verifier_file": abs_path,
