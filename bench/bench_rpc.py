@@ -214,8 +214,9 @@ def ensure_libvirtd() -> None:
                     "libvirt-daemon"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
-# $4, if given: a private system bus's socket, bound where libvirt's GDBus connects to it (so a
-# polkitd on that bus is the one libvirtd asks; tests/test_libvirtd_polkit_diff.py).
+# $4, if not empty: a private system bus's socket, bound where libvirt's GDBus connects to it (so
+# a polkitd on that bus is the one libvirtd asks; tests/test_libvirtd_polkit_diff.py); $5: its
+# extra options (--listen: the TLS and TCP listeners of its conf).
 LIBVIRTD_NS = """set -e
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/libvirt
@@ -226,19 +227,21 @@ if [ -n "${4:-}" ]; then
 fi
 mount --bind "$1/etc" /etc/libvirt
 mount --bind "$1/drivers" "$2"
-exec "$3" -f "$1/etc/libvirtd.conf"
+exec "$3" ${5:-} -f "$1/etc/libvirtd.conf"
 """
 # libvirtd.conf lines of the benchmark's libvirtd: root only, no authentication
 AUTH_NONE = ('unix_sock_rw_perms = "0700"', 'unix_sock_ro_perms = "0700"', 'auth_unix_rw = "none"',
-             'auth_unix_ro = "none"')
+             'auth_unix_ro = "none"', 'log_outputs = "3:stderr"')
 
 
 def start_libvirtd(procs: Procs, work: Path, store: Path, n: int, conf: Iterable[str] = AUTH_NONE,
-                   bus_socket: str | None = None, public: bool = False) -> Server:
+                   bus_socket: str | None = None, public: bool = False, listen: bool = False,
+                   env: dict[str, str] | None = None) -> Server:
     """libvirtd with only its secret driver and a copy of `store`, in its own mount namespace,
     ready when it serves `n` secrets (asked as root). `conf`: its libvirtd.conf lines besides
-    the socket directory and the log; `bus_socket`: a private system bus for it (its polkit);
-    `public`: its socket directory reachable by every uid (the sockets' perms are `conf`'s)."""
+    the socket directory; `bus_socket`: a private system bus for it (its polkit); `public`: its
+    socket directory reachable by every uid (the sockets' perms are `conf`'s); `listen`: its
+    TLS and TCP listeners as `conf` says; `env`: added to its environment."""
     ensure_libvirtd()
     lv = work / "lv"
     (lv / "etc").mkdir(mode=0o700, parents=True)
@@ -250,13 +253,13 @@ def start_libvirtd(procs: Procs, work: Path, store: Path, n: int, conf: Iterable
     (lv / "drivers").mkdir()
     shutil.copy2(DRIVER_DIR / "libvirt_driver_secret.so", lv / "drivers")
     (lv / "etc" / "libvirtd.conf").write_text(
-        f'unix_sock_dir = "{lv / "sock"}"\nlog_outputs = "3:stderr"\n' + "".join(f"{c}\n" for c in conf))
+        f'unix_sock_dir = "{lv / "sock"}"\n' + "".join(f"{c}\n" for c in conf))
     (lv / "ns.sh").write_text(LIBVIRTD_NS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "NOTIFY_SOCKET", "LISTEN_"))}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "NOTIFY_SOCKET", "LISTEN_"))}
     log = work / "libvirtd.log"
     p = procs.spawn(["unshare", "-m", "--propagation", "private", "sh", str(lv / "ns.sh"), str(lv),
-                     str(DRIVER_DIR), str(LIBVIRTD), *([bus_socket] if bus_socket else [])], "libvirtd", log,
-                    env=env)
+                     str(DRIVER_DIR), str(LIBVIRTD), bus_socket or "", "--listen" if listen else ""], "libvirtd",
+                    log, env={**environ, **(env or {})})
     s = Server("libvirtd", "secret:///system", lv / "sock" / "libvirt-sock", p)
     wait_ready(s, n, log)
     return s

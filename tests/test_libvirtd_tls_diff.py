@@ -20,6 +20,7 @@ from pathlib import Path
 import harness
 import pytest
 from fixtures import U1, U2, secret_xml
+from harness import reference
 from harness.procs import remove_tree
 from test_remote_tls import Pki, free_port
 
@@ -35,8 +36,7 @@ SERVER_EXT = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSign
 VALUE = b"tls-diff-v\x00\x01\xff"
 CONFIRM_FAILED = "server verification (of our certificate or IP address) failed"
 
-LIBVIRTD_CONF = """unix_sock_dir = "{sock}"
-unix_sock_rw_perms = "0700"
+LIBVIRTD_CONF = """unix_sock_rw_perms = "0700"
 unix_sock_ro_perms = "0700"
 auth_unix_rw = "none"
 auth_unix_ro = "none"
@@ -113,12 +113,6 @@ def expired_client_dir(pki: Pki, name: str, cn: str) -> Path:
     return out
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -144,25 +138,19 @@ def setup():
     clients["nocert"] = nocert
 
     servers: list[Server] = []
-    procs = []
+    lv_procs = bench_rpc.Procs()
     bus = None
     sbd = None
     try:
         # libvirtd
         port = free_port()
-        lv = d / "lv"
-        for sub in ("etc/secrets", "sock", "drivers"):
-            (lv / sub).mkdir(parents=True, mode=0o700)
-        shutil.copy2(bench_rpc.DRIVER_DIR / "libvirt_driver_secret.so", lv / "drivers")
-        (lv / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(sock=lv / "sock", port=port, pki=d,
-                                                                      allowed=ALLOWED))
-        (lv / "ns.sh").write_text(bench_rpc.LIBVIRTD_NS.replace('exec "$3" -f', 'exec "$3" --listen -f'))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "NOTIFY_SOCKET", "LISTEN_"))}
-        log = d / "libvirtd.log"
-        proc = harness.spawn(["unshare", "-m", "--propagation", "private", "sh", str(lv / "ns.sh"), str(lv),
-                              str(bench_rpc.DRIVER_DIR), str(bench_rpc.LIBVIRTD)], what="libvirtd", log=log, env=env)
-        procs.append(proc)
-        harness.wait_until(lambda: _listening(port), timeout=15, what="libvirtd's TLS listener", proc=proc, log=log)
+        empty = d / "empty"
+        empty.mkdir(mode=0o700)
+        conf_lines = LIBVIRTD_CONF.format(port=port, pki=d, allowed=ALLOWED).splitlines()
+        lvs = bench_rpc.start_libvirtd(lv_procs, d, empty, 0, conf=conf_lines, listen=True)
+        proc, log = lvs.proc, d / "libvirtd.log"
+        harness.wait_until(lambda: reference.accepting(port), timeout=15, what="libvirtd's TLS listener",
+                           proc=proc, log=log)
         servers.append(Server("libvirtd", port, log, proc.pid))
         # secretbusd
         port = free_port()
@@ -183,8 +171,7 @@ def setup():
             sbd.cleanup()
         if bus is not None:
             bus.stop()
-        for p in procs:
-            harness.stop_process(p)
+        lv_procs.stop_all()
         remove_tree(d)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import harness
 import pytest
 from fixtures import U1, U2, secret_xml
+from harness import reference
 from harness.kdc import CLOCKSKEW, Kdc
 from test_remote_tls import DEBIAN_PYTHON, PY_CLIENT, define_file, free_port, ok
 
@@ -684,8 +685,7 @@ def test_kdc_harness_stops_by_pid():
 
 
 # -- secretbus's client against libvirt's own libvirtd 9.0 -----------------------------------------
-LIBVIRTD_CONF = """unix_sock_dir = "{sock}"
-unix_sock_rw_perms = "0700"
+LIBVIRTD_CONF = """unix_sock_rw_perms = "0700"
 unix_sock_ro_perms = "0700"
 auth_unix_rw = "none"
 auth_unix_ro = "none"
@@ -710,44 +710,34 @@ def test_secretbus_client_against_libvirtd_over_tcp(kdc, tmp_path, monkeypatch):
         pytest.skip(f"{HOSTNAME} is not a loopback name: libvirtd's service principal would not be ours")
     port = free_port()
     lv = harness.public_tempdir("sb-lv-tcp-")
+    procs = bench_rpc.Procs()
     try:
-        for d in ("etc/secrets", "sock", "drivers", "sasl"):
-            (lv / d).mkdir(parents=True, mode=0o700)
-        shutil.copy2(bench_rpc.DRIVER_DIR / "libvirt_driver_secret.so", lv / "drivers")
-        (lv / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(sock=lv / "sock", port=port))
+        (lv / "sasl").mkdir(mode=0o700)
+        (lv / "empty").mkdir(mode=0o700)
         (lv / "sasl" / "libvirt.conf").write_text(f"mech_list: gssapi\nkeytab: {kdc.keytab}\n")
-        (lv / "ns.sh").write_text(bench_rpc.LIBVIRTD_NS.replace('exec "$3" -f', 'exec "$3" --listen -f'))
         env = kdc.env(SASL_CONF_PATH=str(lv / "sasl"), KRB5_KTNAME=str(kdc.keytab), KRB5RCACHEDIR=str(kdc.dir))
+        server = bench_rpc.start_libvirtd(procs, lv, lv / "empty", 0, conf=LIBVIRTD_CONF.format(port=port).splitlines(),
+                                          listen=True, env=env)
         log = lv / "libvirtd.log"
-        proc = harness.spawn(["unshare", "-m", "--propagation", "private", "sh", str(lv / "ns.sh"), str(lv),
-                              str(bench_rpc.DRIVER_DIR), str(bench_rpc.LIBVIRTD)], what="libvirtd", log=log, env=env)
-        try:
-            harness.wait_until(lambda: _listening(port), timeout=30, what="libvirtd's TCP listener", proc=proc,
-                               log=log)
-            for k, v in kdc.kinit("fred").items():
-                if k.startswith("KRB5"):
-                    monkeypatch.setenv(k, v)
-            from secretbus.uri import open_connection
-            with open_connection(f"secret+tcp://{HOSTNAME}:{port}/system", timeout=15) as conn:
-                s = conn.define_xml(secret_xml(U1))
-                big = os.urandom(60000)             # more than one SASL packet each way
-                s.set_value(big)
-                assert conn.secret_get_value(U1) == big
-                assert [x.uuid for x in conn.list_secrets()] == [U1]
-                s.undefine()
-            text = log.read_text(errors="replace")
-            assert "negotiated an SSF of 256" in text
-            # Cyrus drops the default realm (docs/libvirt-differences.md #16); secretbusd does not
-            assert "SASL client username fred\n" in text
-        finally:
-            harness.stop_process(proc)
+        harness.wait_until(lambda: reference.accepting(port), timeout=30, what="libvirtd's TCP listener",
+                           proc=server.proc, log=log)
+        for k, v in kdc.kinit("fred").items():
+            if k.startswith("KRB5"):
+                monkeypatch.setenv(k, v)
+        from secretbus.uri import open_connection
+        with open_connection(f"secret+tcp://{HOSTNAME}:{port}/system", timeout=15) as conn:
+            s = conn.define_xml(secret_xml(U1))
+            big = os.urandom(60000)             # more than one SASL packet each way
+            s.set_value(big)
+            assert conn.secret_get_value(U1) == big
+            assert [x.uuid for x in conn.list_secrets()] == [U1]
+            s.undefine()
+        text = log.read_text(errors="replace")
+        assert "negotiated an SSF of 256" in text
+        # Cyrus drops the default realm (docs/libvirt-differences.md #16); secretbusd does not
+        assert "SASL client username fred\n" in text
     finally:
+        procs.stop_all()
         harness.procs.remove_tree(lv)
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False

@@ -5,6 +5,7 @@ as `secret:///system`, so that private values and the URI compare like for like.
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,15 @@ def missing_libvirtd() -> str | None:
     if not (bench_rpc.DRIVER_DIR / "libvirt_driver_secret.so").exists():
         return "libvirtd's secret driver (libvirt_driver_secret.so) missing"
     return None
+
+
+def accepting(port: int) -> bool:
+    """Something accepts TCP connections on 127.0.0.1:`port` (a libvirtd's TLS or TCP listener)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def _ready(start: Callable[[], Any]) -> Any:
