@@ -26,8 +26,8 @@ from typing import Any
 from secretbus.core import busypoll, errors, secretxml
 from secretbus.core.eager import run_eager
 from secretbus.rpc import protocol as P
-from secretbus.rpc.failures import RemoteFailure, daemon_internal, error_body, rpc_failure, unknown_procedure
-from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, encode_reply, frame_length, parse_header
+from secretbus.rpc.failures import RemoteFailure, error_body, not_open, rpc_failure, unknown_procedure
+from secretbus.rpc.frame import LENGTH_SIZE, Header, encode_frame, encode_reply, frame_length, parse_header, without_fds
 from secretbus.rpc.procedures import Handler
 from secretbus.rpc.session import Session
 from secretbus.rpc.uidshare import UID_FRAME_BYTES, UidShare
@@ -357,23 +357,12 @@ class Connection(asyncio.Protocol):
         try:
             try:
                 header, payload = parse_header(body)
+                if header.type == P.MsgType.CALL_WITH_FDS:
+                    header, payload = without_fds(header, payload)
             except XdrError:
                 if held:
-                    self._unhold(held)      # released below without a header
+                    self._unhold(held)      # released below, held by no header
                 raise
-            if header.type == P.MsgType.CALL_WITH_FDS:
-                # libvirt reads the number of fds first (virNetMessageDecodeNumFDs) and waits for
-                # them; none is ever passed to us, so a call that announces any (or not even
-                # the count) ends the connection, as it does there. With 0 it is a plain call.
-                if len(payload) < 4 or int.from_bytes(payload[:4], "big") != 0:
-                    log.warning("closing RPC client pid %d uid %d: a call with file descriptors",
-                                self.session.peer.pid, self.session.peer.uid)
-                    if held:
-                        self._unhold(held)
-                    header = None
-                    self.close(abort=True)
-                    return
-                header, payload = header._replace(type=P.MsgType.CALL), payload[4:]
             if held:
                 self._held[id(header)] = (header, held)
             if (header.prog == P.KEEPALIVE_PROGRAM and header.vers == P.PROTOCOL_VERSION
@@ -464,7 +453,7 @@ class Connection(asyncio.Protocol):
             raise rpc_failure("Unable to decode message payload") from None
         if not s.opened and not handler.pre_open:
             # remoteGetSecretConn's text for the secret procedures, remoteGetHypervisorConn's else
-            raise daemon_internal("connection not open" if handler.secret else "hypervisor connection not open")
+            raise not_open(handler.secret)
         if handler.denied_readonly and s.readonly:
             raise errors.OperationDenied(f"read only access prevents {handler.denied_readonly}")
         return handler, spec.ret, args

@@ -31,9 +31,16 @@ def unknown_procedure(proc: int) -> RemoteFailure:
     return rpc_failure(f"unknown procedure: {proc}")
 
 
-def daemon_internal(message: str) -> RemoteFailure:
-    """VIR_ERR_INTERNAL_ERROR raised by libvirt's remote dispatcher (VIR_FROM_RPC)."""
-    return RemoteFailure(errors.InternalError.code, P.FROM_RPC, message, errors.InternalError.prefix)
+def daemon_internal(message: str, domain: int = P.FROM_RPC) -> RemoteFailure:
+    """VIR_ERR_INTERNAL_ERROR raised by libvirt's remote dispatcher (VIR_FROM_RPC), or by its
+    generic driver code (`domain` VIR_FROM_NONE: virConnectValidateURIPath)."""
+    return RemoteFailure(errors.InternalError.code, domain, message, errors.InternalError.prefix)
+
+
+def not_open(secret: bool = False) -> RemoteFailure:
+    """A call before CONNECT_OPEN: remoteGetSecretConn's text for a secret procedure,
+    remoteGetHypervisorConn's for the others."""
+    return daemon_internal("connection not open" if secret else "hypervisor connection not open")
 
 
 AUTH_FAILED = 45                 # VIR_ERR_AUTH_FAILED

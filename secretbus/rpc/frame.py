@@ -45,6 +45,15 @@ def parse_header(body: bytes | memoryview) -> tuple[Header, memoryview]:
     return Header(*_HEADER.unpack_from(view)), view[HEADER_SIZE:]
 
 
+def without_fds(header: Header, payload: memoryview) -> tuple[Header, memoryview]:
+    """A CALL_WITH_FDS as libvirt reads it: the number of fds first (virNetMessageDecodeNumFDs).
+    With 0 it is a plain call; none is ever passed to us, so one that announces any, or not even
+    the count, is an XdrError (it ends the connection, as it does there)."""
+    if len(payload) < 4 or int.from_bytes(payload[:4], "big") != 0:
+        raise XdrError("a call with file descriptors")
+    return header._replace(type=MsgType.CALL), payload[4:]
+
+
 def encode_frame(header: Header, payload: bytes = b"") -> bytes:
     total = MIN_FRAME + len(payload)
     if total - LENGTH_SIZE > MESSAGE_MAX:

@@ -33,6 +33,7 @@ from secretbus.rpc.failures import (
     NO_CONNECT_PREFIX,
     RemoteFailure,
     daemon_internal,
+    not_open,
     rpc_failure,
 )
 from secretbus.rpc.guard import Guard
@@ -204,8 +205,7 @@ class Procedures:
         if u.path != want:
             # Unknown query parameters are accepted, as libvirt does. The check is
             # virConnectValidateURIPath's (src/driver.c), from VIR_FROM_NONE.
-            raise RemoteFailure(errors.InternalError.code, P.FROM_NONE,
-                                f"unexpected secret URI path '{u.path}', try {self.uri}", errors.InternalError.prefix)
+            raise daemon_internal(f"unexpected secret URI path '{u.path}', try {self.uri}", P.FROM_NONE)
 
     def connect_close(self, c: Client, _a: Any) -> Any:
         self._close(c)
@@ -223,7 +223,7 @@ class Procedures:
             return {"supported": 1}
         if not c.session.opened:
             # remoteDispatchConnectSupportsFeature asks for the connection before the rest
-            raise daemon_internal("hypervisor connection not open")
+            raise not_open()
         if feature in (P.Feature.FD_PASSING, P.Feature.REMOTE_EVENT_CALLBACK, P.Feature.REMOTE_CLOSE_CALLBACK):
             return {"supported": 1}         # answered by libvirt's dispatcher itself, unchecked
         # Any other feature is the driver's question: connect:getattr.
