@@ -143,6 +143,7 @@ class Case:
     replies: int = 1                     # answers waited for (up to WAIT) before the probe
     setup: tuple[bytes, ...] = ()        # frames sent (and answered) after the open, before the case
     probe: bool = True                   # False: no probe; the answers until the server closes or is quiet
+    in_turn: bool = False                # each frame's answer read before the next is sent
 
 
 @dataclass
@@ -168,6 +169,8 @@ def run_case(paths: dict[str, Path], case: Case) -> Outcome:
         try:
             for f in case.frames:
                 w.send(f)
+                if case.in_turn:
+                    out.answers.append(w.read())
             # The answers first, then the probe: libvirtd's worker threads run the calls of one
             # connection in parallel, so a probe sent at once may overtake a call's effect.
             w.sock.settimeout(WAIT)
@@ -287,9 +290,11 @@ for _name, _uri in (("null", None), ("empty", ""), ("query", "secret:///system?x
                     ("test", "test:///default"), ("slash", "secret:///"), ("junk", "::")):
     case(f"open_{_name}", frame(P_.CONNECT_OPEN, open_args(_uri)))
     case(f"open_{_name}_ro", frame(P_.CONNECT_OPEN, open_args(_uri)), ro=True)
+# in turn: libvirtd's workers could run the GetValue before the open and answer "connection not open"
 case("open_flags_ro_then_value",
      frame(P_.CONNECT_OPEN, open_args("secret:///system", 1)),
-     frame(P_.SECRET_GET_VALUE, args(P_.SECRET_GET_VALUE, {"secret": handle(), "flags": 0}), serial=2), replies=2)
+     frame(P_.SECRET_GET_VALUE, args(P_.SECRET_GET_VALUE, {"secret": handle(), "flags": 0}), serial=2),
+     replies=2, in_turn=True)
 case("open_flags_unknown", frame(P_.CONNECT_OPEN, open_args("secret:///system", 0x80)))
 case("open_flags_no_tty", frame(P_.CONNECT_OPEN, open_args("secret:///system", 2)))
 case("close_unopened", frame(P_.CONNECT_CLOSE))
