@@ -124,8 +124,8 @@ def store(rpc_dir: Path) -> tuple[Path, Path, list[str]]:
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv needed")
 def test_one_users_lists_do_not_hold_up_root(system_bus, make_polkitd, make_secretbusd, rpc_dir, test_users):
-    make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS])
-    make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
+    pk = make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS])
+    d = make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
     rw, ro, uuids = store(rpc_dir)
     base = root_lookups(rw, uuids[7], 2)
     floods = attackers(test_users.other, READER, ro, 12)
@@ -147,7 +147,10 @@ def test_one_users_lists_do_not_hold_up_root(system_bus, make_polkitd, make_secr
     print(f"root lookup p50/p99/max: alone {base[len(base) // 2] * 1e3:.2f}/{base[int(len(base) * .99)] * 1e3:.2f}/"
           f"{base[-1] * 1e3:.2f} ms; under {replies} lists {under[len(under) // 2] * 1e3:.2f}/{p99 * 1e3:.2f}/"
           f"{under[-1] * 1e3:.2f} ms")
-    assert replies > 500 and min(lasts) > 10      # the attack did happen, to its end
+    # The attack did happen, to its end. If not, the daemons' logs say why (it failed once in
+    # CI with no list answered at all, and polkitd is suspected).
+    assert replies > 500 and min(lasts) > 10, (f"replies {replies}, last at {lasts}\n"
+                                               f"polkitd: {pk.log()[-3000:]}\nsecretbusd: {d.log()[-3000:]}")
     assert p99 < 0.05, f"root's lookup p99 {p99 * 1e3:.1f} ms under the flood"
 
 
