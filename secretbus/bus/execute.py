@@ -16,11 +16,13 @@ import contextvars
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from dbus_fast import Message, MessageFlag, MessageType
 
 from secretbus.access.denials import DenialLog
+from secretbus.access.disclosure import disclosed
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.access.visibility import ListFilter
 from secretbus.bus import compat
@@ -348,6 +350,8 @@ class CallRunner:
             except Refused as e:
                 out = error(msg, LIMITS_EXCEEDED, str(e))
             except Exception as e:  # noqa: BLE001 - every failure becomes a clean error reply
+                if spec.writes and self.access.enabled:
+                    e = await disclosed(e, partial(self.access.allowed, caller, Perm.GETATTR))
                 out = error_reply(msg, e)
                 if spec.audit and self.audit:
                     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from secretbus.core.model import SecretDef
+
 DBUS_ERROR_PREFIX = "org.libvirt.Error."
 
 
@@ -52,6 +54,20 @@ class SecretError(Exception):
 class InternalError(SecretError):
     """VIR_ERR_INTERNAL_ERROR: what libvirt itself reports this way (usage clashes, malformed
     elements), and anything unexpected, which a front end answers without detail."""
+
+
+class UsageClash(InternalError, own_kind=False):
+    """A define of `d` whose usage the secret `holder` (a UUID) holds: libvirt's text names
+    that UUID. `holder` becomes that secret as polkit is asked about it (its UUID and the usage
+    it shares with `d`); `hidden()` is the same refusal without the UUID, for a caller that may
+    not getattr it (access/disclosure.py decides)."""
+
+    def __init__(self, holder: str, d: SecretDef):
+        super().__init__(f"a secret with UUID {holder} is already defined for use with {d.usage_id}")
+        self.holder = SecretDef(holder, usage_type=d.usage_type, usage_id=d.usage_id)
+
+    def hidden(self) -> InternalError:
+        return InternalError(f"another secret is already defined for use with {self.holder.usage_id}")
 
 
 class NoSupport(SecretError, code=3, prefix="this function is not supported by the connection driver: "):

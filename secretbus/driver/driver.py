@@ -388,8 +388,7 @@ class SecretDriver:
         if holder is not None:
             # libvirt compares only the id (ceph "x" -> tls "x" clashes there) and its text
             # lacks "is" for a new secret; ours is the redefine wording in both cases.
-            raise errors.InternalError(
-                f"a secret with UUID {holder} is already defined for use with {new.usage_id}")
+            raise errors.UsageClash(holder, new)
 
     @staticmethod
     def _persist_define(old: SecretDef | None, new: SecretDef, value: bytearray | None, files: Files) -> None:

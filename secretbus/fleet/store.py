@@ -269,8 +269,7 @@ class FleetStore(SecretStore):
         if len(kvs) > 1 and kvs[1]:
             holder = KV.of(kvs[1][0]).value.decode("ascii", "replace")
             if holder != d.uuid:
-                return errors.InternalError(
-                    f"a secret with UUID {holder} is already defined for use with {d.usage_id}")
+                return errors.UsageClash(holder, d)
         if known is None:
             return errors.OperationFailed(f"secret {d.uuid} was defined on another host meanwhile; try again")
         return errors.OperationFailed(f"secret {d.uuid} was changed on another host meanwhile; try again")

@@ -22,10 +22,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from secretbus.access.audit import AuditFailed, AuditMode, Auditor, AuditRecord, Outcome, Reason
 from secretbus.access.denials import DenialLog
+from secretbus.access.disclosure import disclosed
 from secretbus.access.fairslots import FairSlots
 from secretbus.access.permissions import AccessControl, Caller, Perm
 from secretbus.access.visibility import ListFilter
@@ -208,6 +210,15 @@ class Guard:
             await self.require(c.session, checks, operation, as_peer=as_peer)
             return act()
         return checked()
+
+    async def disclosing(self, s: Session, pending: Awaitable[T]) -> T:
+        """`pending` (a write's outcome), its refusal told as access/disclosure.py allows."""
+        try:
+            return await pending
+        except errors.UsageClash as e:
+            if not self.checked(s):
+                raise
+            raise await disclosed(e, partial(self.allowed, s, Perm.GETATTR)) from None
 
     def listing(self, c: HasSession, defs: Callable[[], list[SecretDef]],
                 build: Callable[[list[SecretDef]], T]) -> T | Awaitable[T]:

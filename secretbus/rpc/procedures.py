@@ -324,9 +324,11 @@ class Procedures:
         d = self.driver.parse_definition(a["xml"], a["flags"])   # flags, size and parse: the driver's rules
         old = self.driver.find(d.uuid)
         expect = self._expect(c, old)
+        def act() -> Any:
+            return self.guard.disclosing(c.session, outcome(self.driver.submit_define(d, expect=expect),
+                                                            lambda nd: {"secret": wire_secret(nd)}))
         return self.guard.then(c, [(Perm.WRITE, d), (Perm.SAVE, d), *redefine_checks(old, d)], "define",
-                               lambda: lambda: outcome(self.driver.submit_define(d, expect=expect),
-                                                       lambda nd: {"secret": wire_secret(nd)}))
+                               lambda: act)
 
     def set_value(self, c: Client, a: Any) -> Any:
         if not a["value"]:

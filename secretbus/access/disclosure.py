@@ -1,0 +1,31 @@
+"""What a refusal may tell its caller about other secrets.
+
+A define whose usage another secret holds is refused with libvirt's text, which names that
+secret's UUID (errors.UsageClash). A caller that may not getattr that secret must not learn it
+(DESIGN §12: no caller learns of a secret it may not getattr): it gets the same refusal
+without the UUID. That the usage is taken it learns either way, as the define cannot happen.
+The one rule under both front ends (bus/execute.py, rpc/procedures.py); each passes its own
+getattr check.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from secretbus.core import errors
+from secretbus.core.model import SecretDef
+
+log = logging.getLogger("secretbus.access")
+
+
+async def disclosed(error: Exception, may_see: Callable[[SecretDef], Awaitable[bool]]) -> Exception:
+    """`error`, or, when it names a secret `may_see` does not allow, the same refusal without
+    it (also when the check itself fails: closed)."""
+    if not isinstance(error, errors.UsageClash):
+        return error
+    try:
+        ok = await may_see(error.holder)
+    except Exception as e:  # noqa: BLE001 - fail closed on anything
+        log.error("getattr check of a usage clash's holder failed, hiding it: %s", type(e).__name__)
+        ok = False
+    return error if ok else error.hidden()

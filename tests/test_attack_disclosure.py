@@ -1,0 +1,152 @@
+"""A refusal must not name a secret its caller may not getattr (DESIGN §12). A define whose usage
+another secret holds is refused with libvirt's text, "a secret with UUID <holder> is already
+defined for use with <usage>"; libvirtd 9.0 says so to anyone allowed to define, so a member
+granted writes of a usage learns the UUID of a secret polkit hides from it. Here it gets
+"another secret is already defined for use with <usage>" instead, over D-Bus (gdbus) and over
+RPC (Debian's virsh), while a caller that may see the holder (the member for a visible one,
+root always) still gets libvirt's text.
+
+A private system-type bus with the shipped policy, real polkitd with the shipped actions and
+the rules below, `secretbusd --system` serving both front ends from one driver, and the
+unprivileged `sbtest-member` (group libvirt) through setpriv.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid as uuidlib
+from pathlib import Path
+
+import harness
+import pytest
+from test_polkit import g
+from test_rpc_polkit import API_ACTIONS, BUS_CONF, UNIX_ACTIONS, uri
+
+from secretbus.access.disclosure import disclosed
+from secretbus.core import errors
+from secretbus.core.model import SecretDef, UsageType
+
+CONNECT_PATH = "/org/libvirt/secret"
+DEFINE = "org.libvirt.Connect.SecretDefineXML"
+HIDDEN = "7a0f0003-0000-4000-8000-000000000001"      # its usage taken; the member may not see it
+SEEN = "7a0f0003-0000-4000-8000-000000000002"        # its usage taken; the member sees it
+NEW = "7a0f0003-0000-4000-8000-000000000003"         # the member's define
+VOLUMES = "/var/lib/sbtest/clash-"
+
+RULES = ("50-sbtest-disclosure.rules", f"""
+// Members may connect over RPC, and define volume secrets under {VOLUMES}*; one secret is
+// hidden from them (getattr, like everything else on it, denied).
+polkit.addRule(function(action, subject) {{
+    if (!subject.isInGroup("libvirt"))
+        return polkit.Result.NOT_HANDLED;
+    if (action.id == "org.libvirt.unix.manage")
+        return polkit.Result.YES;
+    if (action.lookup("secret_uuid") == "{HIDDEN}")
+        return polkit.Result.NO;
+    var volume = action.lookup("secret_usage_volume") || "";
+    if ((action.id == "org.libvirt.api.secret.write" || action.id == "org.libvirt.api.secret.save") &&
+            volume.indexOf("{VOLUMES}") == 0)
+        return polkit.Result.YES;
+    return polkit.Result.NOT_HANDLED;
+}});
+""")
+
+pytestmark = [pytest.mark.integration, pytest.mark.bus_policy(BUS_CONF)]
+
+
+def xml(uuid: str, name: str) -> str:
+    return (f"<secret ephemeral='no' private='no'><uuid>{uuid}</uuid>"
+            f"<usage type='volume'><volume>{VOLUMES}{name}.img</volume></usage></secret>")
+
+
+def spellings(uuid: str) -> list[str]:
+    """Every form a UUID could leak in: dashed, bare hex, an object path's."""
+    return [uuid, uuid.replace("-", ""), uuid.replace("-", "_")]
+
+
+def virsh_define(user, rpc_dir: Path, uuid: str, name: str) -> subprocess.CompletedProcess:
+    f = rpc_dir / f"{name}-{uuid[-4:]}.xml"      # readable by the member (0755 directory)
+    f.write_text(xml(uuid, name))
+    f.chmod(0o644)
+    return harness.run_as(user, ["virsh", "-c", uri(rpc_dir), "secret-define", str(f)], timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("virsh") is None, reason="virsh (libvirt-clients) not installed")
+def test_a_usage_clash_names_the_holder_only_to_who_may_see_it(system_bus, make_polkitd, make_secretbusd,
+                                                               rpc_dir, test_users):
+    make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS], rules=[RULES])
+    make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
+    member = test_users.member
+    for u, name in ((HIDDEN, "hidden"), (SEEN, "seen")):
+        r = virsh_define(None, rpc_dir, u, name)
+        assert r.returncode == 0, r.stderr
+    hidden_text = f"another secret is already defined for use with {VOLUMES}hidden.img"
+
+    # D-Bus: the hidden holder is not named; the visible one is, in libvirt's words.
+    r = g(system_bus, member, CONNECT_PATH, DEFINE, xml(NEW, "hidden"), "0")
+    assert not r.ok and r.error == "org.libvirt.Error.InternalError", r
+    assert hidden_text in r.message, r
+    assert not any(s in r.message for s in spellings(HIDDEN)), r
+    r = g(system_bus, member, CONNECT_PATH, DEFINE, xml(NEW, "seen"), "0")
+    assert not r.ok and f"a secret with UUID {SEEN} is already defined for use with {VOLUMES}seen.img" in r.message, r
+
+    # RPC, with libvirt's own client.
+    r = virsh_define(member, rpc_dir, NEW, "hidden")
+    assert r.returncode == 1 and f"error: internal error: {hidden_text}" in r.stderr, r.stderr
+    assert not any(s in r.stdout + r.stderr for s in spellings(HIDDEN)), r.stderr
+    r = virsh_define(member, rpc_dir, NEW, "seen")
+    assert r.returncode == 1 and f"a secret with UUID {SEEN} is already defined" in r.stderr, r.stderr
+
+    # Root sees every secret: libvirt's text, on both front ends.
+    r = g(system_bus, None, CONNECT_PATH, DEFINE, xml(NEW, "hidden"), "0")
+    assert not r.ok and f"a secret with UUID {HIDDEN} is already defined" in r.message, r
+    r = virsh_define(None, rpc_dir, NEW, "hidden")
+    assert r.returncode == 1 and f"a secret with UUID {HIDDEN} is already defined" in r.stderr, r.stderr
+
+    # The refusals came from the clash, not from the grant: a free usage is defined.
+    r = virsh_define(member, rpc_dir, NEW, "free")
+    assert r.returncode == 0, r.stderr
+    r = g(system_bus, member, CONNECT_PATH, DEFINE, xml(str(uuidlib.uuid4()), "free-dbus"), "0")
+    assert r.ok, r
+
+
+# -- the rule alone ------------------------------------------------------------------------
+CLASH = errors.UsageClash(HIDDEN, SecretDef(NEW, usage_type=UsageType.CEPH, usage_id="client.x"))
+
+
+def run(coro):
+    import asyncio
+    return asyncio.run(coro)
+
+
+def test_the_holder_is_asked_about_with_the_usage_it_shares():
+    assert CLASH.holder == SecretDef(HIDDEN, usage_type=UsageType.CEPH, usage_id="client.x")
+    assert CLASH.display() == f"internal error: a secret with UUID {HIDDEN} is already defined for use with client.x"
+
+
+def test_a_clash_is_told_as_the_check_allows():
+    asked: list[SecretDef] = []
+
+    async def yes(d: SecretDef) -> bool:
+        asked.append(d)
+        return True
+
+    async def no(d: SecretDef) -> bool:
+        return False
+
+    async def broken(d: SecretDef) -> bool:
+        raise OSError("polkit gone")
+
+    assert run(disclosed(CLASH, yes)) is CLASH and asked == [CLASH.holder]
+    for check in (no, broken):         # denied, or not asked: closed
+        e = run(disclosed(CLASH, check))
+        assert type(e) is errors.InternalError and e.code == CLASH.code and e.kind == CLASH.kind
+        assert e.display() == "internal error: another secret is already defined for use with client.x"
+        assert not any(s in e.display() for s in spellings(HIDDEN))
+
+
+def test_other_errors_are_told_as_they_are():
+    async def never(d: SecretDef) -> bool:
+        raise AssertionError("asked")
+    for e in (errors.NoSecret(f"no secret with matching uuid '{HIDDEN}'"), errors.InternalError("x"), ValueError()):
+        assert run(disclosed(e, never)) is e
