@@ -1,10 +1,11 @@
 """A refusal must not name a secret its caller may not getattr (DESIGN §12). A define whose usage
 another secret holds is refused with libvirt's text, "a secret with UUID <holder> is already
-defined for use with <usage>"; libvirtd 9.0 says so to anyone allowed to define, so a member
+defined for use with <usage>"; libvirt says so to anyone allowed to define, so a member
 granted writes of a usage learns the UUID of a secret polkit hides from it. Here it gets
 "another secret is already defined for use with <usage>" instead, over D-Bus (gdbus) and over
 RPC (Debian's virsh), while a caller that may see the holder (the member for a visible one,
-root always) still gets libvirt's text.
+root always) still gets libvirt's text. Likewise a redefine that would change a secret's usage
+id, whose text names the current one: not to a caller without getattr on it.
 
 A private system-type bus with the shipped policy, real polkitd with the shipped actions and
 the rules below, `secretbusd --system` serving both front ends from one driver, and the
@@ -31,17 +32,20 @@ DEFINE = "org.libvirt.Connect.SecretDefineXML"
 HIDDEN = "7a0f0003-0000-4000-8000-000000000001"      # its usage taken; the member may not see it
 SEEN = "7a0f0003-0000-4000-8000-000000000002"        # its usage taken; the member sees it
 NEW = "7a0f0003-0000-4000-8000-000000000003"         # the member's define
+REDEF = "7a0f0003-0000-4000-8000-000000000004"       # the member may write and save it, not getattr it
 VOLUMES = "/var/lib/sbtest/clash-"
 
 RULES = ("50-sbtest-disclosure.rules", f"""
 // Members may connect over RPC, and define volume secrets under {VOLUMES}*; one secret is
-// hidden from them (getattr, like everything else on it, denied).
+// hidden from them (getattr, like everything else on it, denied), and one they may write and
+// save but not getattr.
 polkit.addRule(function(action, subject) {{
     if (!subject.isInGroup("libvirt"))
         return polkit.Result.NOT_HANDLED;
     if (action.id == "org.libvirt.unix.manage")
         return polkit.Result.YES;
-    if (action.lookup("secret_uuid") == "{HIDDEN}")
+    if (action.lookup("secret_uuid") == "{HIDDEN}" ||
+            (action.lookup("secret_uuid") == "{REDEF}" && action.id == "org.libvirt.api.secret.getattr"))
         return polkit.Result.NO;
     var volume = action.lookup("secret_usage_volume") || "";
     if ((action.id == "org.libvirt.api.secret.write" || action.id == "org.libvirt.api.secret.save") &&
@@ -77,7 +81,7 @@ def test_a_usage_clash_names_the_holder_only_to_who_may_see_it(system_bus, make_
     make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS], rules=[RULES])
     make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
     member = test_users.member
-    for u, name in ((HIDDEN, "hidden"), (SEEN, "seen")):
+    for u, name in ((HIDDEN, "hidden"), (SEEN, "seen"), (REDEF, "redef")):
         r = virsh_define(None, rpc_dir, u, name)
         assert r.returncode == 0, r.stderr
     hidden_text = f"another secret is already defined for use with {VOLUMES}hidden.img"
@@ -96,6 +100,16 @@ def test_a_usage_clash_names_the_holder_only_to_who_may_see_it(system_bus, make_
     assert not any(s in r.stdout + r.stderr for s in spellings(HIDDEN)), r.stderr
     r = virsh_define(member, rpc_dir, NEW, "seen")
     assert r.returncode == 1 and f"a secret with UUID {SEEN} is already defined" in r.stderr, r.stderr
+
+    # A redefine that would change a usage id names the current one; not to a caller that may
+    # write and save the secret but not getattr it.
+    changed = f"a secret with UUID {REDEF} is already defined for another usage"
+    r = g(system_bus, member, CONNECT_PATH, DEFINE, xml(REDEF, "redef-2"), "0")
+    assert not r.ok and changed in r.message and "clash-redef.img" not in r.message, r
+    r = virsh_define(member, rpc_dir, REDEF, "redef-2")
+    assert r.returncode == 1 and changed in r.stderr and "clash-redef.img" not in r.stderr, r.stderr
+    r = virsh_define(None, rpc_dir, REDEF, "redef-2")
+    assert r.returncode == 1 and f"already defined for use with {VOLUMES}redef.img" in r.stderr, r.stderr
 
     # Root sees every secret: libvirt's text, on both front ends.
     r = g(system_bus, None, CONNECT_PATH, DEFINE, xml(NEW, "hidden"), "0")
@@ -143,6 +157,19 @@ def test_a_clash_is_told_as_the_check_allows():
         assert type(e) is errors.InternalError and e.code == CLASH.code and e.kind == CLASH.kind
         assert e.display() == "internal error: another secret is already defined for use with client.x"
         assert not any(s in e.display() for s in spellings(HIDDEN))
+
+
+def test_a_usage_change_is_told_as_the_check_allows():
+    old = SecretDef(REDEF, usage_type=UsageType.VOLUME, usage_id="/v/old.img")
+    e = errors.UsageChange(old)
+    assert e.holder is old
+    assert e.display() == f"internal error: a secret with UUID {REDEF} is already defined for use with /v/old.img"
+
+    async def no(d: SecretDef) -> bool:
+        return False
+    h = run(disclosed(e, no))
+    assert h.display() == f"internal error: a secret with UUID {REDEF} is already defined for another usage"
+    assert errors.UsageChange(SecretDef(REDEF)).message.endswith("for use with (null)")
 
 
 def test_other_errors_are_told_as_they_are():

@@ -1,9 +1,10 @@
 """What a refusal may tell its caller about other secrets.
 
 A define whose usage another secret holds is refused with libvirt's text, which names that
-secret's UUID (errors.UsageClash). A caller that may not getattr that secret must not learn it
-(DESIGN §12: no caller learns of a secret it may not getattr): it gets the same refusal
-without the UUID. That the usage is taken it learns either way, as the define cannot happen.
+secret's UUID (errors.UsageClash); a redefine that would change a secret's usage id, with a
+text that names the current one (errors.UsageChange). A caller that may not getattr that
+secret must not learn either (DESIGN §12: no caller learns of a secret it may not getattr): it
+gets the same refusal without it. That the define cannot happen it learns either way.
 The one rule under both front ends (bus/execute.py, rpc/procedures.py); each passes its own
 getattr check.
 """
@@ -21,7 +22,7 @@ log = logging.getLogger("secretbus.access")
 async def disclosed(error: Exception, may_see: Callable[[SecretDef], Awaitable[bool]]) -> Exception:
     """`error`, or, when it names a secret `may_see` does not allow, the same refusal without
     it (also when the check itself fails: closed)."""
-    if not isinstance(error, errors.UsageClash):
+    if not isinstance(error, errors.NamesSecret):
         return error
     try:
         ok = await may_see(error.holder)

@@ -56,11 +56,21 @@ class InternalError(SecretError):
     elements), and anything unexpected, which a front end answers without detail."""
 
 
-class UsageClash(InternalError, own_kind=False):
+class NamesSecret(InternalError, own_kind=False):
+    """A refusal whose text names what another caller may not be allowed to know of `holder`
+    (libvirt's usage-clash texts). `hidden()` is the same refusal without it, for a caller that
+    may not getattr `holder` (access/disclosure.py decides)."""
+
+    holder: SecretDef
+
+    def hidden(self) -> InternalError:
+        raise NotImplementedError
+
+
+class UsageClash(NamesSecret, own_kind=False):
     """A define of `d` whose usage the secret `holder` (a UUID) holds: libvirt's text names
     that UUID. `holder` becomes that secret as polkit is asked about it (its UUID and the usage
-    it shares with `d`); `hidden()` is the same refusal without the UUID, for a caller that may
-    not getattr it (access/disclosure.py decides)."""
+    it shares with `d`)."""
 
     def __init__(self, holder: str, d: SecretDef):
         super().__init__(f"a secret with UUID {holder} is already defined for use with {d.usage_id}")
@@ -68,6 +78,19 @@ class UsageClash(InternalError, own_kind=False):
 
     def hidden(self) -> InternalError:
         return InternalError(f"another secret is already defined for use with {self.holder.usage_id}")
+
+
+class UsageChange(NamesSecret, own_kind=False):
+    """A redefine that would change the usage id of the secret `holder`: libvirt's text names
+    its current usage."""
+
+    def __init__(self, holder: SecretDef):
+        super().__init__(f"a secret with UUID {holder.uuid} is already defined for use with "
+                         f"{holder.usage_id or '(null)'}")
+        self.holder = holder
+
+    def hidden(self) -> InternalError:
+        return InternalError(f"a secret with UUID {self.holder.uuid} is already defined for another usage")
 
 
 class NoSupport(SecretError, code=3, prefix="this function is not supported by the connection driver: "):

@@ -380,8 +380,7 @@ class SecretDriver:
         if old is not None:
             if (old.usage_id or None) != (new.usage_id or None):
                 # libvirt prints a missing usage id as C's printf does a NULL: "(null)".
-                raise errors.InternalError(
-                    f"a secret with UUID {new.uuid} is already defined for use with {old.usage_id or '(null)'}")
+                raise errors.UsageChange(old)
             if old.private and not new.private:
                 raise errors.InternalError("cannot change private flag on existing secret")
         holder = self._table.usage_holder(new)

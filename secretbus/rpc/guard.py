@@ -215,7 +215,7 @@ class Guard:
         """`pending` (a write's outcome), its refusal told as access/disclosure.py allows."""
         try:
             return await pending
-        except errors.UsageClash as e:
+        except errors.NamesSecret as e:
             if not self.checked(s):
                 raise
             raise await disclosed(e, partial(self.allowed, s, Perm.GETATTR)) from None
