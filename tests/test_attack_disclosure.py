@@ -13,6 +13,7 @@ unprivileged `sbtest-member` (group libvirt) through setpriv.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import uuid as uuidlib
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import harness
 import pytest
+from harness.procs import remove_tree
 from test_polkit import g
 from test_rpc_polkit import API_ACTIONS, BUS_CONF, UNIX_ACTIONS, uri
 
@@ -33,19 +35,22 @@ HIDDEN = "7a0f0003-0000-4000-8000-000000000001"      # its usage taken; the memb
 SEEN = "7a0f0003-0000-4000-8000-000000000002"        # its usage taken; the member sees it
 NEW = "7a0f0003-0000-4000-8000-000000000003"         # the member's define
 REDEF = "7a0f0003-0000-4000-8000-000000000004"       # the member may write and save it, not getattr it
+FIRST = "7a0f0003-0000-4000-8000-000000000005"       # in the store: claims a usage first
+SECOND = "7a0f0003-0000-4000-8000-000000000006"      # in the store: claims it too, so not loaded; as REDEF
 VOLUMES = "/var/lib/sbtest/clash-"
 
 RULES = ("50-sbtest-disclosure.rules", f"""
 // Members may connect over RPC, and define volume secrets under {VOLUMES}*; one secret is
-// hidden from them (getattr, like everything else on it, denied), and one they may write and
+// hidden from them (getattr, like everything else on it, denied), and two they may write and
 // save but not getattr.
 polkit.addRule(function(action, subject) {{
     if (!subject.isInGroup("libvirt"))
         return polkit.Result.NOT_HANDLED;
     if (action.id == "org.libvirt.unix.manage")
         return polkit.Result.YES;
-    if (action.lookup("secret_uuid") == "{HIDDEN}" ||
-            (action.lookup("secret_uuid") == "{REDEF}" && action.id == "org.libvirt.api.secret.getattr"))
+    var uuid = action.lookup("secret_uuid");
+    if (uuid == "{HIDDEN}" ||
+            ((uuid == "{REDEF}" || uuid == "{SECOND}") && action.id == "org.libvirt.api.secret.getattr"))
         return polkit.Result.NO;
     var volume = action.lookup("secret_usage_volume") || "";
     if ((action.id == "org.libvirt.api.secret.write" || action.id == "org.libvirt.api.secret.save") &&
@@ -124,6 +129,34 @@ def test_a_usage_clash_names_the_holder_only_to_who_may_see_it(system_bus, make_
     assert r.ok, r
 
 
+def test_why_a_secret_did_not_load_is_told_only_to_who_may_see_it(system_bus, make_polkitd, make_secretbusd,
+                                                                 test_users):
+    """A define of a UUID whose files did not load is refused with the reason; when that is a
+    usage clash at load, the reason names the secret that won it."""
+    root = harness.public_tempdir("sb-root-")
+    try:
+        store = root / "etc" / "secrets"
+        store.mkdir(parents=True, mode=0o700)
+        (root / "etc").chmod(0o700)
+        for i, u in enumerate((FIRST, SECOND)):
+            f = store / f"{u}.xml"
+            f.write_text(xml(u, "dup"))
+            f.chmod(0o600)
+            os.utime(f, ns=(10**18 + i, 10**18 + i))      # FIRST's claim is the older: it wins
+        make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS], rules=[RULES])
+        make_secretbusd(system_bus, system=True, root=root)
+        told = f"secret {SECOND} exists in the store but could not be loaded"
+        r = g(system_bus, test_users.member, CONNECT_PATH, DEFINE, xml(SECOND, "dup-2"), "0")
+        assert not r.ok and r.error == "org.libvirt.Error.OperationFailed", r
+        assert f"{told}; its files are left untouched until it loads" in r.message, r
+        assert not any(x in r.message for x in (*spellings(FIRST), "dup.img")), r
+        r = g(system_bus, None, CONNECT_PATH, DEFINE, xml(SECOND, "dup-2"), "0")
+        assert not r.ok and f"{told} (a secret with UUID {FIRST} already defined for use with {VOLUMES}dup.img)" \
+            in r.message, r
+    finally:
+        remove_tree(root)
+
+
 # -- the rule alone ------------------------------------------------------------------------
 CLASH = errors.UsageClash(HIDDEN, SecretDef(NEW, usage_type=UsageType.CEPH, usage_id="client.x"))
 
@@ -170,6 +203,18 @@ def test_a_usage_change_is_told_as_the_check_allows():
     h = run(disclosed(e, no))
     assert h.display() == f"internal error: a secret with UUID {REDEF} is already defined for another usage"
     assert errors.UsageChange(SecretDef(REDEF)).message.endswith("for use with (null)")
+
+
+def test_why_it_did_not_load_is_told_as_the_check_allows():
+    e = errors.NotLoaded(SecretDef(SECOND), f"a secret with UUID {FIRST} already defined for use with x")
+
+    async def no(d: SecretDef) -> bool:
+        return False
+    h = run(disclosed(e, no))
+    assert type(h) is errors.OperationFailed and e.kind == h.kind == "OperationFailed" and e.code == h.code == 9
+    assert h.display() == (f"operation failed: secret {SECOND} exists in the store but could not be loaded; "
+                           "its files are left untouched until it loads")
+    assert FIRST in e.message and FIRST not in h.display()
 
 
 def test_other_errors_are_told_as_they_are():

@@ -2,9 +2,11 @@
 
 A define whose usage another secret holds is refused with libvirt's text, which names that
 secret's UUID (errors.UsageClash); a redefine that would change a secret's usage id, with a
-text that names the current one (errors.UsageChange). A caller that may not getattr that
-secret must not learn either (DESIGN §12: no caller learns of a secret it may not getattr): it
-gets the same refusal without it. That the define cannot happen it learns either way.
+text that names the current one (errors.UsageChange); a define of a UUID whose files did not
+load, with the reason, which may name another secret (errors.NotLoaded). A caller that may not
+getattr that secret must not learn these (DESIGN §12: no caller learns of a secret it may not
+getattr): it gets the same refusal without them (errors.NamesSecret.hidden). That the define
+cannot happen it learns either way.
 The one rule under both front ends (bus/execute.py, rpc/procedures.py); each passes its own
 getattr check.
 """

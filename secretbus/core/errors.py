@@ -49,6 +49,18 @@ class SecretError(Exception):
         return self.prefix + self.message
 
 
+class NamesSecret(SecretError, own_kind=False):
+    """A refusal whose text says what a caller may not be allowed to know of the secret
+    `holder` (a usage clash's holder, a usage, why its files did not load). `hidden()` is the
+    same refusal without it, for a caller that may not getattr `holder` (access/disclosure.py
+    decides). Mixed into the error of libvirt's code: `class UsageClash(InternalError, NamesSecret)`."""
+
+    holder: SecretDef
+
+    def hidden(self) -> SecretError:
+        raise NotImplementedError
+
+
 # libvirt's names for the codes are in each docstring; virerror.c gives the prefixes.
 
 class InternalError(SecretError):
@@ -56,18 +68,7 @@ class InternalError(SecretError):
     elements), and anything unexpected, which a front end answers without detail."""
 
 
-class NamesSecret(InternalError, own_kind=False):
-    """A refusal whose text names what another caller may not be allowed to know of `holder`
-    (libvirt's usage-clash texts). `hidden()` is the same refusal without it, for a caller that
-    may not getattr `holder` (access/disclosure.py decides)."""
-
-    holder: SecretDef
-
-    def hidden(self) -> InternalError:
-        raise NotImplementedError
-
-
-class UsageClash(NamesSecret, own_kind=False):
+class UsageClash(InternalError, NamesSecret, own_kind=False):
     """A define of `d` whose usage the secret `holder` (a UUID) holds: libvirt's text names
     that UUID. `holder` becomes that secret as polkit is asked about it (its UUID and the usage
     it shares with `d`)."""
@@ -80,7 +81,7 @@ class UsageClash(NamesSecret, own_kind=False):
         return InternalError(f"another secret is already defined for use with {self.holder.usage_id}")
 
 
-class UsageChange(NamesSecret, own_kind=False):
+class UsageChange(InternalError, NamesSecret, own_kind=False):
     """A redefine that would change the usage id of the secret `holder`: libvirt's text names
     its current usage."""
 
@@ -121,6 +122,21 @@ def arg_check(argument: str, function: str, rule: str) -> InvalidArgCheck:
 class OperationFailed(SecretError, code=9, prefix="operation failed: "):
     """VIR_ERR_OPERATION_FAILED: the service cannot be reached or could not do what was asked
     for a reason outside the request (it is shutting down, a reply got lost)."""
+
+
+class NotLoaded(OperationFailed, NamesSecret, own_kind=False):
+    """A define of a UUID whose files are in the store but did not load: overwriting them is
+    refused. The reason (a key missing, damage, a usage clash, which names another secret) is
+    told to who may getattr the secret; `holder` is its definition if the XML was readable."""
+
+    def __init__(self, holder: SecretDef, reason: str):
+        super().__init__(f"secret {holder.uuid} exists in the store but could not be loaded ({reason}); "
+                         "its files are left untouched until it loads")
+        self.holder = holder
+
+    def hidden(self) -> SecretError:
+        return OperationFailed(f"secret {self.holder.uuid} exists in the store but could not be loaded; "
+                               "its files are left untouched until it loads")
 
 
 class XMLError(SecretError, code=27, prefix="XML error: "):

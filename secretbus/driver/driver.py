@@ -374,9 +374,8 @@ class SecretDriver:
         if skipped is not None:
             # Its files are in the store (an undecodable value, say, without the key):
             # writing would overwrite or delete them.
-            raise errors.OperationFailed(
-                f"secret {new.uuid} exists in the store but could not be loaded "
-                f"({skipped.reason}); its files are left untouched until it loads")
+            d = skipped.definition
+            raise errors.NotLoaded(d if d is not None and d.uuid == new.uuid else SecretDef(new.uuid), skipped.reason)
         if old is not None:
             if (old.usage_id or None) != (new.usage_id or None):
                 # libvirt prints a missing usage id as C's printf does a NULL: "(null)".
