@@ -7,6 +7,7 @@ load, with the reason, which may name another secret (errors.NotLoaded). A calle
 getattr that secret must not learn these (DESIGN §12: no caller learns of a secret it may not
 getattr): it gets the same refusal without them (errors.NamesSecret.hidden). That the define
 cannot happen it learns either way.
+
 The one rule under both front ends (bus/execute.py, rpc/procedures.py); each passes its own
 getattr check.
 """
@@ -29,6 +30,6 @@ async def disclosed(error: Exception, may_see: Callable[[SecretDef], Awaitable[b
     try:
         ok = await may_see(error.holder)
     except Exception as e:  # noqa: BLE001 - fail closed on anything
-        log.error("getattr check of a usage clash's holder failed, hiding it: %s", type(e).__name__)
+        log.error("getattr check of the secret a refusal names failed; not naming it: %s", type(e).__name__)
         ok = False
     return error if ok else error.hidden()

@@ -350,9 +350,10 @@ class CallRunner:
             except Refused as e:
                 out = error(msg, LIMITS_EXCEEDED, str(e))
             except Exception as e:  # noqa: BLE001 - every failure becomes a clean error reply
-                if spec.writes and self.access.enabled:
-                    e = await disclosed(e, partial(self.access.allowed, caller, Perm.GETATTR))
-                out = error_reply(msg, e)
+                # A refused write may name another secret: only to who may getattr it.
+                told = (await disclosed(e, partial(self.access.allowed, caller, Perm.GETATTR))
+                        if spec.writes and self.access.enabled else e)
+                out = error_reply(msg, told)
                 if spec.audit and self.audit:
                     try:
                         await self.audit.denied(caller, prep.target, e, prep.private)

@@ -324,7 +324,8 @@ class Procedures:
         d = self.driver.parse_definition(a["xml"], a["flags"])   # flags, size and parse: the driver's rules
         old = self.driver.find(d.uuid)
         expect = self._expect(c, old)
-        def act() -> Any:
+
+        def act() -> Any:     # its refusal may name another secret: told as the guard allows
             return self.guard.disclosing(c.session, outcome(self.driver.submit_define(d, expect=expect),
                                                             lambda nd: {"secret": wire_secret(nd)}))
         return self.guard.then(c, [(Perm.WRITE, d), (Perm.SAVE, d), *redefine_checks(old, d)], "define",
