@@ -312,3 +312,16 @@ def test_no_leftover_harness_processes():
     children = subprocess.run(["ps", "--no-headers", "-o", "pid,args", "--ppid", str(os.getpid())],
                               capture_output=True, text=True).stdout.splitlines()
     assert [c for c in children if " ps " not in f" {c} "] == []
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_never_repeat():
+    import socket
+
+    from harness import ports
+    low = ports._ephemeral_low()
+    got = [ports.free_port() for _ in range(50)]
+    assert len(set(got)) == 50 and all(ports.LOW <= p < low for p in got), got
+    taken = ports.free_port()
+    with socket.socket() as s:                # one in use is not handed out
+        s.bind(("127.0.0.1", taken))
+        assert not ports._bindable(taken)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import harness
 import pytest
 from fixtures import U1, U2, secret_xml
 from harness import programs
+from harness.ports import free_port
 from harness.procs import remove_tree
 from harness.sshd import SSH_USER, Sshd, ensure_ssh_user
 from test_cli import entry_point
@@ -287,9 +287,7 @@ def test_errors_say_which_step_failed(sysd, rpc_dir, make_sshd, tmp_path):
     d = make_sshd(programs=("secretbus",))
     good = dict(socket=sock(rpc_dir))
     # connection: nothing listens on the port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+    free = free_port()
     msg = failure(d.uri(**good).replace(f":{d.port}/", f":{free}/"))
     assert "ssh connection failed" in msg and "Connection refused" in msg, msg
     # host key: a known_hosts that has another key for the host

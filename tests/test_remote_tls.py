@@ -18,6 +18,7 @@ from pathlib import Path
 import harness
 import pytest
 from fixtures import U1, U2, secret_xml
+from harness.ports import free_port
 from harness.procs import remove_tree
 
 from secretbus.rpc.tls import dn_string
@@ -30,12 +31,6 @@ DN_BASE = "C=GB,ST=London,L=London,O=secretbus test"
 
 pytestmark = pytest.mark.skipif(shutil.which("virsh") is None or shutil.which("openssl") is None,
                                 reason="virsh (libvirt-clients) and openssl needed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- a test PKI (openssl), with the extensions libvirt's client sanity checks want -----------------

@@ -28,6 +28,7 @@ import pytest
 import systemd_sandbox
 import test_systemd
 from harness.journal import JournalSocket
+from harness.ports import free_port
 from test_systemd import (
     MAX_EXPOSURE,
     SANDBOX,
@@ -395,12 +396,6 @@ class Unit:
 
     def ro_socket(self) -> Path:
         return self.rundir / socket_plan(True)[1].path.name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DN_BASE = "C=GB,ST=London,L=London,O=secretbus test"

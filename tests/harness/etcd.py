@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import ssl
 import subprocess
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.harness.ports import free_port
 from tests.harness.procs import spawn, stop_process, wait_until
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import time
 
+from .ports import free_port
 from .procs import HarnessError, log_tail, public_tempdir, remove_tree, spawn, stop_process
 
 KRB5KDC = "/usr/sbin/krb5kdc"
@@ -31,12 +32,6 @@ KADMIN_LOCAL = "/usr/sbin/kadmin.local"
 KINIT = "/usr/bin/kinit"
 REALM = "SECRETBUS.TEST"
 CLOCKSKEW = 2                   # seconds of tolerance for ticket times (MIT's default is 300)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Kdc:
@@ -113,7 +108,7 @@ class Kdc:
             except OSError as e:
                 raise HarnessError(f"{host!r} does not resolve ({e}): the machine needs /etc/hosts "
                                    "with localhost, as Debian's installer writes it") from e
-        self.port = _free_port()
+        self.port = free_port()
         self._write_conf()
         self._run([KDB5_UTIL, "create", "-s", "-r", self.realm, "-P", secrets.token_hex(16)])
         for host in self.hosts:

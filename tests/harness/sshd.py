@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlencode
 
+from .ports import free_port
 from .procs import HarnessError, log_tail, public_tempdir, remove_tree, spawn, stop_process
 from .users import LOCK_FILE, User, lookup_user
 
@@ -53,12 +53,6 @@ def ensure_ssh_user(name: str = SSH_USER) -> User:
             subprocess.run(["useradd", "--system", "--no-create-home", "--user-group", "--home-dir", "/",
                             "--shell", "/bin/sh", "--password", "*", name], check=True, capture_output=True)
     return lookup_user(name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _keygen(path: Path, comment: str) -> str:
@@ -172,7 +166,7 @@ class Sshd:
         host_pub = _keygen(self.dir / "host_ed25519_key", "secretbus-test-host")
         self._bin_dir()
         for attempt in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             if attempt == 0:
                 self._client_files(host_pub)
             else:
