@@ -166,6 +166,11 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def no(d: SecretDef) -> bool:
+    """A getattr check that denies."""
+    return False
+
+
 def test_the_holder_is_asked_about_with_the_usage_it_shares():
     assert CLASH.holder == SecretDef(HIDDEN, usage_type=UsageType.CEPH, usage_id="client.x")
     assert CLASH.display() == f"internal error: a secret with UUID {HIDDEN} is already defined for use with client.x"
@@ -177,9 +182,6 @@ def test_a_clash_is_told_as_the_check_allows():
     async def yes(d: SecretDef) -> bool:
         asked.append(d)
         return True
-
-    async def no(d: SecretDef) -> bool:
-        return False
 
     async def broken(d: SecretDef) -> bool:
         raise OSError("polkit gone")
@@ -197,9 +199,6 @@ def test_a_usage_change_is_told_as_the_check_allows():
     e = errors.UsageChange(old)
     assert e.holder is old
     assert e.display() == f"internal error: a secret with UUID {REDEF} is already defined for use with /v/old.img"
-
-    async def no(d: SecretDef) -> bool:
-        return False
     h = run(disclosed(e, no))
     assert h.display() == f"internal error: a secret with UUID {REDEF} is already defined for another usage"
     assert errors.UsageChange(SecretDef(REDEF)).message.endswith("for use with (null)")
@@ -207,9 +206,6 @@ def test_a_usage_change_is_told_as_the_check_allows():
 
 def test_why_it_did_not_load_is_told_as_the_check_allows():
     e = errors.NotLoaded(SecretDef(SECOND), f"a secret with UUID {FIRST} already defined for use with x")
-
-    async def no(d: SecretDef) -> bool:
-        return False
     h = run(disclosed(e, no))
     assert type(h) is errors.OperationFailed and e.kind == h.kind == "OperationFailed" and e.code == h.code == 9
     assert h.display() == (f"operation failed: secret {SECOND} exists in the store but could not be loaded; "
