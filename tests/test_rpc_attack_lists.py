@@ -23,16 +23,13 @@ from test_rpc_polkit import API_ACTIONS, BUS_CONF, UNIX_ACTIONS
 from secretbus.rpc import protocol as P
 
 pytestmark = [pytest.mark.integration, pytest.mark.bus_policy(BUS_CONF)]
-DEBIAN_PYTHON = "/usr/bin/python3"
 SECRETS = 2000
-REPO = Path(__file__).resolve().parents[1]
 
 # An attacker process: `conns` read-only connections, each authenticated by polkit (monitor)
 # and opened read-only, each sent `depth` CONNECT_LIST_ALL_SECRETS at once (the receive buffer
 # `rcvbuf` bytes, 0: the default); then READER or HOLDER goes on for `secs`.
 OPENER = r"""
 import selectors, socket, struct, sys, time
-sys.path.insert(0, sys.argv[6])
 from secretbus.rpc import protocol as P, xdr
 from secretbus.rpc.frame import Header, encode_frame
 path, conns, depth, secs, rcvbuf = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
@@ -135,12 +132,13 @@ def store(rpc_dir: Path) -> tuple[Path, Path, list[str]]:
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv needed")
-def test_one_users_lists_do_not_hold_up_root(system_bus, make_polkitd, make_secretbusd, rpc_dir, test_users):
+def test_one_users_lists_do_not_hold_up_root(system_bus, make_polkitd, make_secretbusd, rpc_dir, test_users,
+                                             unpriv_python):
     pk = make_polkitd(system_bus, actions=[API_ACTIONS, UNIX_ACTIONS])
     d = make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
     rw, ro, uuids = store(rpc_dir)
     base = root_lookups(rw, uuids[7], 2)
-    floods = attackers(test_users.other, READER, ro, 12)
+    floods = attackers(unpriv_python, test_users.other, READER, ro, 12)
     try:
         # Each process's lists are answered (a first round of checks in polkitd can take a
         # while: once in CI none came within 12 s), then the flood goes on for 12 s more.
@@ -174,12 +172,14 @@ time.sleep(secs)
 """
 
 
-def attackers(user: harness.User, script: str, ro: Path, secs: float, rcvbuf: int = 0) -> list[subprocess.Popen]:
-    """The uid's 64 connections, from 4 processes (one would be slower than the server)."""
-    return [subprocess.Popen(harness.as_user(user, [DEBIAN_PYTHON, "-c", script, str(ro), "16", "16", str(secs),
-                                                    str(rcvbuf), str(REPO)]),
-                             env=harness.user_env(user), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd="/") for _ in range(4)]
+def attackers(unpriv_python, user: harness.User, script: str, ro: Path, secs: float,
+              rcvbuf: int = 0) -> list[subprocess.Popen]:
+    """The uid's 64 connections, from 4 processes (one would be slower than the server), on
+    the copy of the package other users can read (the repository may be under /root)."""
+    return [subprocess.Popen(harness.as_user(user, unpriv_python.argv("-c", script, str(ro), "16", "16", str(secs),
+                                                                      str(rcvbuf))),
+                             env=unpriv_python.env(harness.user_env(user)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd="/") for _ in range(4)]
 
 
 def rss_mb(pid: int) -> float:
@@ -190,7 +190,8 @@ def rss_mb(pid: int) -> float:
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv needed")
-def test_one_users_unread_lists_are_bounded(system_bus, make_polkitd, make_secretbusd, rpc_dir, test_users):
+def test_one_users_unread_lists_are_bounded(system_bus, make_polkitd, make_secretbusd, rpc_dir, test_users,
+                                            unpriv_python):
     """The same user's 64 connections with 16 lists each, never reading (a 4 KiB receive
     buffer). Each list's reply (~120 KB at 2,000 secrets) was written to our buffers: +125 MB
     of RSS. Now a connection that is behind is dropped once the uid's connections together
@@ -200,7 +201,7 @@ def test_one_users_unread_lists_are_bounded(system_bus, make_polkitd, make_secre
     d = make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
     rw, ro, uuids = store(rpc_dir)
     before = rss_mb(d.proc.pid)
-    floods = attackers(test_users.other, HOLDER, ro, 15, rcvbuf=4096)
+    floods = attackers(unpriv_python, test_users.other, HOLDER, ro, 15, rcvbuf=4096)
     try:
         for f in floods:
             assert f.stdout.readline().strip() == "ok"
