@@ -19,7 +19,7 @@ from pathlib import Path
 
 import harness
 import pytest
-from harness.journal import Journald, JournalSocket, parse_entry
+from harness.journal import Journald, JournalSocket, parse_entries, parse_entry
 from harness.procs import remove_tree
 from test_polkit import ACTIONS_FILE, BUS_CONF, PYCLIENT, SECRET, PyClient, g, gdbus_bytes, root_define, secret_path
 
@@ -426,4 +426,89 @@ def test_no_journal_is_known_before_a_record_is_built(tmp_path):
         assert w.available() is True
         assert Auditor(w, AuditMode.REQUIRED).allowed_now("rpc", secret(), 0, 1, "rpc-1") is True
         j.wait_for(lambda e: e.get("CALLER_PEER") == [b"rpc-1"], timeout=5)
+    w.close()
+
+
+def test_held_records_go_in_one_send_and_fail_as_one():
+    """Auditor.hold: records held go with send_held in one datagram (none before); a datagram
+    journald refuses is every record lost: required refuses them all, best-effort counts each."""
+    class Sink:
+        def __init__(self, now: bool | None = True):
+            self.now, self.sent, self.later = now, [], []
+
+        def available(self):
+            return True
+
+        def send_now_encoded(self, data):
+            if self.now is None:
+                raise OSError(5, "Input/output error")
+            if self.now:
+                self.sent.append(data)
+            return self.now
+
+        async def send_encoded(self, data):
+            self.later.append(data)
+
+        async def send(self, fields):
+            raise AssertionError("held records are not sent one by one")
+
+    sink = Sink()
+    a = Auditor(sink, AuditMode.REQUIRED)
+    held = a.hold()
+    assert held is not None and a.send_held(held) is None and sink.sent == []     # nothing held: nothing sent
+    for i in range(3):
+        assert a.allowed_now("rpc", secret(f"5b7e5700-0000-4000-8000-a0d10000010{i}"), 0, 1, "rpc-1", held)
+    assert a.write_now(record(), held) and sink.sent == [] and len(held) == 4
+    assert a.send_held(held) is None and len(held) == 0
+    (data,) = sink.sent
+    assert [e["SECRET_UUID"][0][-1:] for e in parse_entries(data)] == [b"0", b"1", b"2", b"1"]
+
+    for mode, failures in ((AuditMode.REQUIRED, 2), (AuditMode.BEST_EFFORT, 2)):
+        a = Auditor(Sink(now=None), mode)
+        held = a.hold()
+        a.allowed_now("rpc", secret(), 0, 1, "rpc-1", held)
+        a.allowed_now("rpc", secret(), 0, 1, "rpc-1", held)
+        if mode is AuditMode.REQUIRED:
+            with pytest.raises(AuditFailed):
+                a.send_held(held)
+        else:
+            assert a.send_held(held) is None
+        assert a._failures == failures and len(held) == 0
+
+    full = Sink(now=False)
+    a = Auditor(full, AuditMode.REQUIRED)
+    held = a.hold()
+    a.allowed_now("rpc", secret(), 0, 1, "rpc-1", held)
+    waits = a.send_held(held)
+    assert waits is not None and waits[1] == 1 and full.later == []
+    asyncio.run(a.send_held_later(*waits))
+    assert full.later == [waits[0]]
+    assert Auditor(full, AuditMode.OFF).hold() is None
+    assert Auditor(RecordOnlySink(), AuditMode.REQUIRED).hold() is None
+
+
+class RecordOnlySink:
+    async def send(self, fields):
+        pass
+
+
+@needs_journald
+@pytest.mark.integration
+def test_the_real_journald_keeps_every_record_of_one_datagram(journald):
+    """What send_held sends: the fast format, the general one (an identity), and a usage id
+    with a newline (its binary-safe field) in one datagram are three records in journald."""
+    w = JournalWriter(str(journald.socket))
+    a = Auditor(w, AuditMode.REQUIRED)
+    held = a.hold()
+    uuids = [f"5b7e5700-0000-4000-8000-a0d10000020{i}" for i in range(3)]
+    a.allowed_now("rpc", secret(uuids[0]), 0, 1, "rpc-1", held)
+    a.write_now(AuditRecord("rpc", Outcome.ALLOWED, secret(uuids[1]), 0, 1, "rpc-1", identity="uid 5 (elevated)"),
+                held)
+    odd = SecretDef(uuid=uuids[2], usage_type=UsageType.VOLUME, usage_id="/v/a\nb.img")
+    a.allowed_now("rpc", odd, 0, 1, "rpc-1", held)
+    assert a.send_held(held) is None
+    recs = {r["SECRET_UUID"]: r for r in journald.wait_for(MSGID, "CALLER_PEER=rpc-1", count=3)}
+    assert set(recs) == set(uuids)
+    assert recs[uuids[1]]["CALLER_IDENTITY"] == "uid 5 (elevated)"
+    assert recs[uuids[2]]["SECRET_USAGE_ID"] == "/v/a\nb.img"
     w.close()

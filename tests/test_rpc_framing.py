@@ -13,6 +13,7 @@ from secretbus.rpc import xdr
 from secretbus.rpc.connection import (
     LARGE_FRAME,
     MAX_LARGE,
+    OUT_BYTES,
     PRE_AUTH_FRAME,
     WRITE_HIGH_WATER,
     Connection,
@@ -471,22 +472,54 @@ def test_a_large_frame_in_small_pieces_is_kept_as_pieces_until_whole():
     asyncio.run(main())
 
 
-def test_a_reply_the_client_does_not_read_holds_its_slot():
+def test_replies_the_client_does_not_read_stop_the_reading():
+    """What one read asks is answered in one write; while the client leaves that unread,
+    the next read waits in the kernel."""
     async def main() -> None:
         r = Rig(RpcLimits(max_requests=1))
-        def write(data: Any) -> None:             # the first reply is not read
+        writes: list[bytes] = []
+        def write(data: Any) -> None:             # the first write is not read
             if not r.t.out:
                 r.t.unread = WRITE_HIGH_WATER + 1
                 r.conn.pause_writing()
+            writes.append(bytes(data))
             r.t.out += data
         r.t.write = write                         # type: ignore[method-assign]
         r.conn.data_received(call(TYPE, 0) + call(TYPE, 1))
         await settle()
-        assert [s for s, _ in r.t.replies()] == [0] and r.t.paused and r.conn.in_flight == 1
+        assert [s for s, _ in r.t.replies()] == [0, 1] and len(writes) == 1
+        r.conn.data_received(call(TYPE, 2))
+        await settle()
+        assert [s for s, _ in r.t.replies()] == [0, 1] and r.t.paused
         r.t.unread = 0
         r.conn.resume_writing()
         await settle()
-        assert [s for s, _ in r.t.replies()] == [0, 1] and r.conn.in_flight == 0
+        assert [s for s, _ in r.t.replies()] == [0, 1, 2] and r.conn.in_flight == 0 and not r.t.paused
+        r.conn.close()
+    asyncio.run(main())
+
+
+def test_a_large_reply_is_written_at_once_and_holds_its_slot():
+    """Replies of one read are written together only up to OUT_BYTES: a larger one goes out
+    when it is made, and while the client leaves it unread its slot stays taken."""
+    uri = P.Proc.CONNECT_GET_URI
+    async def main() -> None:
+        r = Rig(RpcLimits(max_requests=1), table={uri: Handler(lambda _c, _a: {"uri": "u" * OUT_BYTES})})
+        writes: list[bytes] = []
+        def write(data: Any) -> None:
+            if not r.t.out:
+                r.t.unread = WRITE_HIGH_WATER + 1
+                r.conn.pause_writing()
+            writes.append(bytes(data))
+            r.t.out += data
+        r.t.write = write                         # type: ignore[method-assign]
+        r.conn.data_received(call(uri, 0) + call(TYPE, 1))
+        await settle()
+        assert [s for s, _ in r.t.replies()] == [0] and len(writes) == 1 and r.conn.in_flight == 1
+        r.t.unread = 0
+        r.conn.resume_writing()
+        await settle()
+        assert [s for s, _ in r.t.replies()] == [0, 1] and len(writes) == 2 and r.conn.in_flight == 0
         r.conn.close()
     asyncio.run(main())
 

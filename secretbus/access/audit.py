@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from secretbus.access.journal import BATCH_BYTES, encode_entry, join_entries
 from secretbus.core import errors
 from secretbus.core.model import SecretDef
 
@@ -137,6 +138,37 @@ def encode_allowed(front_end: str, d: SecretDef, uid: int | None, pid: int | Non
     return text.encode("utf-8", "replace")
 
 
+class HeldRecords:
+    """Records of allowed reads held back to be sent together (Auditor.hold): a front end that
+    answers several reads in one step sends their records in one datagram before any of those
+    values goes out, which wakes journald once for the step instead of once per value (each
+    wake-up was about 11 µs of a 25 µs RPC value read). It is the front end's to send: `full`
+    says when, `take` gives the datagram."""
+
+    __slots__ = ("_parts", "size")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self.size = 0
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def add(self, data: bytes) -> None:
+        self._parts.append(data)
+        self.size += len(data)
+
+    @property
+    def full(self) -> bool:
+        return self.size >= BATCH_BYTES
+
+    def take(self) -> tuple[bytes, int]:
+        """The held records as one datagram and how many they are; none are held after."""
+        data, n = join_entries(self._parts), len(self._parts)
+        self._parts, self.size = [], 0
+        return data, n
+
+
 class RecordSink(Protocol):
     async def send(self, fields: dict[str, str]) -> None:
         """Write one record; raise OSError when it was not kept."""
@@ -150,6 +182,7 @@ class Auditor:
         # What the sink can do, found once (a value read asks on every call).
         self._send_encoded: Callable[[bytes], bool] | None = getattr(sink, "send_now_encoded", None)
         self._sink_available: Callable[[], bool] | None = getattr(sink, "available", None)
+        self._send_encoded_later: Callable[[bytes], Awaitable[None]] | None = getattr(sink, "send_encoded", None)
         self.mode = mode
         self._failures = 0
         self._warned_at = float("-inf")
@@ -175,27 +208,44 @@ class Auditor:
         except (OSError, ValueError) as e:
             self._failed(rec.secret.uuid, rec.operation, e)
 
-    def write_now(self, rec: AuditRecord) -> bool:
+    def hold(self) -> HeldRecords | None:
+        """Somewhere to hold allowed reads' records for `write_now(held=)`, or None when this
+        auditor writes nothing or its sink cannot take records encoded and together."""
+        if not self.active or self._send_encoded is None or self._send_encoded_later is None:
+            return None
+        return HeldRecords()
+
+    def write_now(self, rec: AuditRecord, held: HeldRecords | None = None) -> bool:
         """`write` for an allowed read without awaiting: True when it is done (written, or
         lost in best-effort mode; AuditFailed in required mode, as `write`), False when
-        nothing was sent and `write` must be awaited (the sink cannot send at once)."""
+        nothing was sent and `write` must be awaited (the sink cannot send at once). With
+        `held` (from `hold`), the record is added to it, to go with `send_held`: the value must
+        not go out before."""
         if not self.active:
             return True
         send_now = getattr(self.sink, "send_now", None)
-        if send_now is None or rec.outcome is not Outcome.ALLOWED:
+        if (send_now is None and held is None) or rec.outcome is not Outcome.ALLOWED:
             return False
         if not self._available():
             self._failed(rec.secret.uuid, rec.operation, NO_JOURNAL)
             return True
+        if held is not None:
+            try:
+                held.add(encode_entry(rec.fields()))
+            except ValueError as e:
+                self._failed(rec.secret.uuid, rec.operation, e)
+            return True
+        assert send_now is not None
         try:
             return bool(send_now(rec.fields()))
         except (OSError, ValueError) as e:
             self._failed(rec.secret.uuid, rec.operation, e)
             return True
 
-    def allowed_now(self, front_end: str, d: SecretDef, uid: int | None, pid: int | None, peer: str) -> bool:
-        """write_now(AuditRecord(front_end, ALLOWED, d, uid, pid, peer)), the record encoded
-        in one step (encode_allowed) when the sink takes encoded entries."""
+    def allowed_now(self, front_end: str, d: SecretDef, uid: int | None, pid: int | None, peer: str,
+                    held: HeldRecords | None = None) -> bool:
+        """write_now(AuditRecord(front_end, ALLOWED, d, uid, pid, peer), held), the record
+        encoded in one step (encode_allowed) when the sink takes encoded entries."""
         if not self.active:
             return True
         send_encoded = self._send_encoded
@@ -206,12 +256,52 @@ class Auditor:
             return True
         data = encode_allowed(front_end, d, uid, pid, peer)
         if data is None:
-            return self.write_now(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer))
+            return self.write_now(AuditRecord(front_end, Outcome.ALLOWED, d, uid, pid, peer), held)
+        if held is not None:
+            held.add(data)
+            return True
         try:
             return bool(send_encoded(data))
         except (OSError, ValueError) as e:
             self._failed(d.uuid, GET_VALUE, e)
             return True
+
+    def send_held(self, held: HeldRecords) -> tuple[bytes, int] | None:
+        """Send what `held` holds, in one datagram, without awaiting. None when that is done
+        (sent; or lost, in best-effort mode; AuditFailed in required mode: none of those
+        values may go out); else the datagram and its count, which journald could not take at
+        once: `await send_held_later(...)` before the values go out."""
+        if not len(held):
+            return None
+        data, n = held.take()
+        assert self._send_encoded is not None       # hold() gave `held`
+        try:
+            if self._send_encoded(data):
+                return None
+        except (OSError, ValueError) as e:
+            self._failed_held(n, e)
+            return None
+        return data, n
+
+    async def send_held_later(self, data: bytes, n: int) -> None:
+        """send_held's datagram that had to wait: sent (within the sink's timeout), lost
+        (best-effort) or AuditFailed (required)."""
+        assert self._send_encoded_later is not None     # hold() gave what was held
+        try:
+            await self._send_encoded_later(data)
+        except (OSError, ValueError) as e:
+            self._failed_held(n, e)
+
+    def _failed_held(self, n: int, e: Exception) -> None:
+        """_failed of `n` records sent together: counted each, logged once."""
+        if n == 1 or self.mode is not AuditMode.REQUIRED:
+            self._failures += n - 1
+            self._failed("", GET_VALUE, e)
+            return
+        self._failures += n
+        log.error("audit records of %d value reads could not be written (%s); values not returned",
+                  n, getattr(e, "strerror", None) or type(e).__name__, extra={"SECRET_OPERATION": GET_VALUE})
+        raise AuditFailed() from None
 
     def _available(self) -> bool:
         """The sink's own word that nothing listens (journal.JournalWriter.available), if it

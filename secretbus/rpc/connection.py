@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any
 
+from secretbus.access.audit import AuditFailed, Auditor
 from secretbus.core import busypoll, errors, secretxml
 from secretbus.core.eager import run_eager
 from secretbus.rpc import protocol as P
@@ -45,6 +46,9 @@ MAX_LARGE = 2
 # of data at 4 bytes a byte (char data<>), so an unauthenticated peer's frame is no larger.
 PRE_AUTH_FRAME = 320 * 1024
 STREAM_READ = 256 * 1024        # serve_stream's read size (what a selector transport reads at once)
+# The replies of one read are written together (one send, one wake-up of the client) up to
+# this size; a larger one goes out at once.
+OUT_BYTES = 64 * 1024
 _PONG = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, P.Status.OK))
 _PING = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0, P.Status.OK))
 
@@ -87,12 +91,20 @@ class Connection(asyncio.Protocol):
     Calls in flight are counted in `_busy`; a whole frame that finds them all taken is kept
     (with the rest of its read) and reading stops until a call ends, so what a flood sends
     waits in the kernel's buffer: one read (≤ 256 KiB) and one partial frame (≤ max_frame)
-    are all that is held here per connection."""
+    are all that is held here per connection.
+
+    What the calls of one read answer at once goes out together (`_out`, at most OUT_BYTES),
+    after the audit records of the values among it (`Session.held`): one send to the client
+    and one to journald for a read of 16 calls, not 16 of each. No value leaves before its
+    record was taken; a record that cannot be written (audit = required) turns that read's
+    value replies into errors."""
 
     def __init__(self, session: Session, table: dict[int, Handler], limits: RpcLimits,
-                 on_close: Callable[[Connection], None], share: UidShare | None = None):
+                 on_close: Callable[[Connection], None], share: UidShare | None = None,
+                 auditor: Auditor | None = None):
         """`share`: what this peer's uid shares with its other connections (None:
-        this connection's own bounds only, as for root and the session's own user)."""
+        this connection's own bounds only, as for root and the session's own user);
+        `auditor`: the value reads' audit (its records held and sent with each read's replies)."""
         self.session = session
         self._table = table
         self._limits = limits
@@ -128,6 +140,15 @@ class Connection(asyncio.Protocol):
         self._last_rx = self._loop.time()
         self._pings = 0
         self.calls = 0
+        # The replies of the read being answered (None: none is), the value replies among them
+        # (index, header), and the records those need first (None: no audit, or none to hold).
+        self._out: list[bytes] | None = None
+        self._out_size = 0
+        self._values: list[tuple[int, Header]] = []
+        self._auditor = auditor
+        self._records = auditor.hold() if auditor is not None else None
+        self._waiting: asyncio.Task[None] | None = None   # replies waiting for journald to take their records
+        self._waiting_size = 0
 
     @property
     def in_flight(self) -> int:
@@ -135,8 +156,9 @@ class Connection(asyncio.Protocol):
 
     @property
     def unread(self) -> int:
-        """Bytes written and not yet taken by the client."""
-        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+        """Bytes written and not yet taken by the client (or made and not yet written)."""
+        queued = self._out_size + self._waiting_size
+        return queued + self.transport.get_write_buffer_size() if self.transport is not None else queued
 
     # -- the transport ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -204,11 +226,29 @@ class Connection(asyncio.Protocol):
         self._parse(data, 0)
 
     def _parse(self, data: bytes, pos: int) -> None:
+        """Answer the whole frames of `data` from `pos`, their replies (and the audit records of
+        their values) sent together at the end."""
+        if self._out is not None:
+            self._frames(data, pos)     # a call that ended resumed a stalled frame: the same step
+            return
+        self._out = []
+        self.session.held = self._records
+        try:
+            self._frames(data, pos)
+        finally:
+            self.session.held = None
+            self._flush_out()
+            self._out = None
+
+    def _frames(self, data: bytes, pos: int) -> None:
         end = len(data)
         limit = self._limits.max_frame
         need = LENGTH_SIZE
         try:
             while end - pos >= LENGTH_SIZE:
+                if self._waiting is not None:
+                    self._stall(data, pos)          # until journald took the records of replies before
+                    return
                 if self.unread > WRITE_HIGH_WATER:
                     self._stall(data, pos)          # until the client reads what it made us write
                     self._wait_output()
@@ -485,6 +525,8 @@ class Connection(asyncio.Protocol):
                         self.session.peer.pid, self.session.peer.uid)
             self.close(abort=True)
             return True
+        if self._out is not None and header.proc == P.Proc.SECRET_GET_VALUE:
+            self._values.append((len(self._out), header))    # out only after its audit record
         self._send(encode_reply(header, payload))
         if self._closed or self.transport is None or self.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
             return True
@@ -517,8 +559,56 @@ class Connection(asyncio.Protocol):
         self._send(encode_reply(header, encode(P.REMOTE_ERROR, error_body(e)), P.Status.ERROR))
 
     def _send(self, frame: bytes) -> None:
-        if not self._closed and self.transport is not None:
+        if self._closed or self.transport is None:
+            return
+        out = self._out
+        if out is None:
             self.transport.write(frame)
+            return
+        out.append(frame)
+        self._out_size += len(frame)
+        if self._out_size >= OUT_BYTES or (self._records is not None and self._records.full):
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        """Write the replies made so far in this step, after the records of their values."""
+        out = self._out
+        if not out:
+            return
+        values, self._values = self._values, []
+        self._out, self._out_size = [], 0
+        if self._records is not None and len(self._records):
+            assert self._auditor is not None
+            try:
+                waits = self._auditor.send_held(self._records)
+            except AuditFailed:
+                waits = None
+                _refuse_values(out, values)
+            if waits is not None:
+                self._write_after(waits, out, values)
+                return
+        if not self._closed and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write_after(self, records: tuple[bytes, int], out: list[bytes], values: list[tuple[int, Header]]) -> None:
+        """journald's queue is full: these replies wait for it to take their records (within
+        the journal's timeout), and this connection reads nothing more meanwhile."""
+        assert self._auditor is not None
+        auditor = self._auditor
+        self._waiting_size = sum(map(len, out))
+
+        async def write() -> None:
+            try:
+                await auditor.send_held_later(*records)
+            except AuditFailed:
+                _refuse_values(out, values)
+            finally:
+                self._waiting, self._waiting_size = None, 0
+            if not self._closed and self.transport is not None:
+                self.transport.write(b"".join(out))
+            self._resume()
+        self._waiting = self._loop.create_task(write())
+        self._track(self._waiting)
 
     def send_message(self, proc: int, payload: bytes) -> None:
         """An event (type MESSAGE, serial 1 as libvirtd sends them)."""
@@ -561,6 +651,8 @@ class Connection(asyncio.Protocol):
         """Stop serving; `abort` discards unread output (a client that does not read)."""
         if self._closed:
             return
+        if self._out and not abort:
+            self._flush_out()       # a reply of this step (CONNECT_CLOSE's) goes before the end
         self._closed = True
         if self._share is not None:
             self._share.connections.discard(self)
@@ -589,3 +681,11 @@ class Connection(asyncio.Protocol):
     async def drain_tasks(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _refuse_values(out: list[bytes], values: list[tuple[int, Header]]) -> None:
+    """The value replies among `out` become the error of a record that could not be written."""
+    if values:
+        error = encode(P.REMOTE_ERROR, error_body(AuditFailed()))
+        for i, header in values:
+            out[i] = encode_reply(header, error, P.Status.ERROR)

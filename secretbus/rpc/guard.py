@@ -296,8 +296,8 @@ class Guard:
         identity set, no SASL name: the record of _rec with uid, pid and name only) in
         encode_allowed's one format, a third of the record's cost."""
         if s.remote is None and s.identity is None and s.sasl_user is None:
-            return auditor.allowed_now(FRONT_END, d, s.peer.uid, s.peer.pid, s.name)
-        return auditor.write_now(cls._rec(s, d, Outcome.ALLOWED, None))
+            return auditor.allowed_now(FRONT_END, d, s.peer.uid, s.peer.pid, s.name, s.held)
+        return auditor.write_now(cls._rec(s, d, Outcome.ALLOWED, None), s.held)
 
     async def _then_value(self, s: Session, d: SecretDef, value: T) -> T:
         """The record journald could not take at once, awaited before the value goes out."""
@@ -313,7 +313,7 @@ class Guard:
                     # Never over a remote transport, whatever the grant (the driver's own text).
                     raise errors.InvalidSecret("secret is private")
                 value = read()
-                if self._deferred_ok:
+                if self._deferred_ok and s.held is None:
                     self._defer(s, d)
                 else:
                     await self._record(s, d, Outcome.ALLOWED, None)
@@ -350,6 +350,8 @@ class Guard:
     async def _record(self, s: Session, d: SecretDef, outcome: Outcome, reason: Reason | None) -> None:
         if self.auditor is None:
             return
+        if outcome is Outcome.ALLOWED and s.held is not None and self._write_now(self.auditor, s, d):
+            return      # held with the rest of what this connection answers now (Session.held)
         await self.auditor.write(self._rec(s, d, outcome, reason))
 
     @staticmethod

@@ -269,7 +269,7 @@ class RpcServer:
                 # Those _forget kept because a closed connection's call held bytes, given back since.
                 self._shares = {k: v for k, v in self._shares.items() if not v.idle}
             share = self._shares[key] = UidShare(max(self.limits.uid_frame_bytes, self.limits.max_frame))
-        conn = Connection(session, self._table, self.limits, self._forget, share)
+        conn = Connection(session, self._table, self.limits, self._forget, share, self.guard.auditor)
         self._conns[conn] = counted
         self._per_uid[counted] += 1
         self._remote += session.remote is not None

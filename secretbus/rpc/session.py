@@ -7,6 +7,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from secretbus.access.audit import HeldRecords
 from secretbus.access.permissions import UnixProcess
 from secretbus.rpc.identity import Identity
 from secretbus.rpc.remote import RemoteIdentity
@@ -94,6 +95,9 @@ class Session:
     # The SASL user a unix peer authenticated as (auth_unix_* = "sasl"): part of its identity,
     # as in libvirt, for the logs and the audit; its rights stay those of its uid.
     sasl_user: str | None = None
+    # While the connection answers what one read brought (rpc/connection.py): the allowed
+    # reads' audit records, sent together before any of those replies goes out (None: at once).
+    held: HeldRecords | None = None
 
     @property
     def bounds(self) -> int | str | None:

@@ -40,12 +40,26 @@ MAX_FDS = 16
 
 def parse_entry(data: bytes) -> dict[str, list[bytes]]:
     """Fields of one native-protocol entry (a field may repeat, hence lists)."""
+    entries = parse_entries(data)
+    if len(entries) != 1:
+        raise ValueError(f"{len(entries)} entries where one was expected")
+    return entries[0]
+
+
+def parse_entries(data: bytes) -> list[dict[str, list[bytes]]]:
+    """The entries of one datagram: journald's parser takes an empty line between two fields as
+    the end of an entry (journald-native.c), so a sender may put several in one."""
+    entries: list[dict[str, list[bytes]]] = []
     fields: dict[str, list[bytes]] = {}
     pos, n = 0, len(data)
     while pos < n:
         nl = data.find(b"\n", pos)
         if nl < 0:
             raise ValueError(f"entry ends without newline at {pos}")
+        if nl == pos:                    # an empty line: the entry ends
+            entries.append(fields)
+            fields, pos = {}, pos + 1
+            continue
         eq = data.find(b"=", pos, nl)
         if eq >= 0:                      # NAME=value\n
             name, value, pos = data[pos:eq], data[eq + 1:nl], nl + 1
@@ -58,7 +72,9 @@ def parse_entry(data: bytes) -> dict[str, list[bytes]]:
                 raise ValueError(f"binary field {name!r} truncated")
             pos = start + size + 1
         fields.setdefault(name.decode("ascii", "replace"), []).append(value)
-    return fields
+    if fields:
+        entries.append(fields)
+    return entries
 
 
 def _read_fd(fd: int) -> bytes:
@@ -192,7 +208,7 @@ class JournalSocket:
             with self._mutex:
                 self.raw.append(blob)
                 try:
-                    self.entries.append(parse_entry(blob))
+                    self.entries.extend(parse_entries(blob))
                 except (ValueError, struct.error) as e:
                     self.errors.append(f"unparsable entry: {e}")
         return True
