@@ -472,19 +472,27 @@ def test_a_large_frame_in_small_pieces_is_kept_as_pieces_until_whole():
     asyncio.run(main())
 
 
+def first_write_unread(r: Rig) -> list[bytes]:
+    """The client leaves the connection's first write unread (over the high-water mark, as the
+    transport says) until the test says otherwise; what is written is listed, a write each."""
+    writes: list[bytes] = []
+
+    def write(data: Any) -> None:
+        if not r.t.out:
+            r.t.unread = WRITE_HIGH_WATER + 1
+            r.conn.pause_writing()
+        writes.append(bytes(data))
+        r.t.out += data
+    r.t.write = write                         # type: ignore[method-assign]
+    return writes
+
+
 def test_replies_the_client_does_not_read_stop_the_reading():
     """What one read asks is answered in one write; while the client leaves that unread,
     the next read waits in the kernel."""
     async def main() -> None:
         r = Rig(RpcLimits(max_requests=1))
-        writes: list[bytes] = []
-        def write(data: Any) -> None:             # the first write is not read
-            if not r.t.out:
-                r.t.unread = WRITE_HIGH_WATER + 1
-                r.conn.pause_writing()
-            writes.append(bytes(data))
-            r.t.out += data
-        r.t.write = write                         # type: ignore[method-assign]
+        writes = first_write_unread(r)
         r.conn.data_received(call(TYPE, 0) + call(TYPE, 1))
         await settle()
         assert [s for s, _ in r.t.replies()] == [0, 1] and len(writes) == 1
@@ -505,14 +513,7 @@ def test_a_large_reply_is_written_at_once_and_holds_its_slot():
     uri = P.Proc.CONNECT_GET_URI
     async def main() -> None:
         r = Rig(RpcLimits(max_requests=1), table={uri: Handler(lambda _c, _a: {"uri": "u" * OUT_BYTES})})
-        writes: list[bytes] = []
-        def write(data: Any) -> None:
-            if not r.t.out:
-                r.t.unread = WRITE_HIGH_WATER + 1
-                r.conn.pause_writing()
-            writes.append(bytes(data))
-            r.t.out += data
-        r.t.write = write                         # type: ignore[method-assign]
+        writes = first_write_unread(r)
         r.conn.data_received(call(uri, 0) + call(TYPE, 1))
         await settle()
         assert [s for s, _ in r.t.replies()] == [0] and len(writes) == 1 and r.conn.in_flight == 1
