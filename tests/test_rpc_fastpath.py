@@ -127,6 +127,27 @@ def test_a_coroutine_that_waits_continues_in_a_task_with_its_futures_outcomes():
     assert _run(waits) == (False, [(6, None)])
 
 
+def test_coroutines_started_at_once_may_all_wait_for_one_future():
+    """Each first step that waits on the same future (one uid lookup, one gate): on 3.11 the
+    second was refused "await wasn't used with future" until the first's task had run."""
+    from secretbus.core.eager import run_eager
+
+    async def main() -> list[tuple[object, object]]:
+        loop = asyncio.get_running_loop()
+        gate = loop.create_future()
+        got: list[tuple[object, object]] = []
+
+        async def waits(i: int) -> int:
+            await gate
+            return i
+        tasks = [run_eager(loop, waits(i), lambda r, e: got.append((r, e))) for i in range(3)]
+        assert all(t is not None for t in tasks) and got == []
+        gate.set_result(None)
+        await asyncio.gather(*(t for t in tasks if t is not None))
+        return got
+    assert sorted(asyncio.run(main()), key=lambda x: str(x[0])) == [(0, None), (1, None), (2, None)]
+
+
 def test_a_failure_after_waiting_is_reported_by_the_task():
     async def late():
         await asyncio.sleep(0.01)

@@ -40,6 +40,10 @@ def run_eager(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
     except Exception as e:  # noqa: BLE001 - the call's failure, for its error reply
         done(None, e)
         return None
+    if asyncio.isfuture(yielded):
+        # As Task.__step does at once: while the flag this await set is up, the next coroutine
+        # to await the same future is refused ("await wasn't used with future").
+        yielded._asyncio_future_blocking = False
     return loop.create_task(_resume(coro, yielded, done), context=context)
 
 
