@@ -365,3 +365,64 @@ def test_the_package_constant_is_the_installed_version():
 def test_path_helpers():
     assert uuid_from_path(secret_path(U1)) == U1
     assert uuid_from_path(secret_path(U1).upper()) is None and uuid_from_path(CONNECT_PATH) is None
+
+
+class SlowUids(Recorder):
+    """Access control whose uid answers wait for `gate`, as the bus daemon's answer to
+    GetConnectionUnixUser waits behind everything it queued for us."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate: asyncio.Future[None] | None = None
+
+    def known_uid(self, caller: Caller) -> tuple[bool, int | None]:
+        return (self.gate is None, self.uid if self.gate is None else None)
+
+    async def caller_uid(self, caller: Caller) -> int | None:
+        if self.gate is not None:
+            await self.gate
+        return self.uid
+
+
+def _new_connections_write(h: Harness) -> tuple[list[tuple[int, int, str, str]], int]:
+    """8 connections each send 20 SetValue of 64 KiB to P1: (those answered at once, each
+    as (connection, call, error name, text); how many are still waiting)."""
+    value, calls = bytes(65536), {}
+    before = len(h.bus.sent)
+    for c in range(8):
+        for i in range(20):
+            h.serial += 1
+            calls[h.serial] = (c, i)
+            h.bus.handlers[0](Message(destination="org.libvirt.secret", path=P1, interface=SECRET_IFACE,
+                                      member="SetValue", signature="ayu", body=[value, 0], serial=h.serial,
+                                      sender=f":1.{100 + c}"))
+    answered = [(*calls[m.reply_serial], *err(m)) for m in h.bus.sent[before:] if m.reply_serial in calls]
+    return answered, len(calls) - len(answered)
+
+
+def test_writes_waiting_for_their_uid_are_bounded_together(tmp_path):
+    """8 new connections send 20 SetValue of 64 KiB each before the bus daemon tells their
+    uid: those over the 8 MiB the waiting writes share are refused at once (each connection's
+    first is taken), not held; once the uid is known the rest are served."""
+    async def main():
+        acc = SlowUids()
+        async with Harness(tmp_path, acc) as h:
+            ok(await h.call(CONNECT_PATH, CONNECT_IFACE, "SecretDefineXML", "su", [xml(U1), 0]))
+            gate = acc.gate = asyncio.get_running_loop().create_future()
+            try:
+                refused, waiting = _new_connections_write(h)
+            finally:
+                gate.set_result(None)          # else the waiting writes would hold the exit forever
+                acc.gate = None
+            assert waiting == 129 and len(refused) == 31       # 8 MiB of 64 KiB, and the 8th's first
+            assert {(c, name) for c, _i, name, _t in refused} == {
+                (6, "org.freedesktop.DBus.Error.LimitsExceeded"), (7, "org.freedesktop.DBus.Error.LimitsExceeded")}
+            assert all("whose user is not known yet" in t for *_x, t in refused)
+            assert (7, 0) not in {(c, i) for c, i, *_y in refused}
+            for _ in range(300):
+                await asyncio.sleep(0.01)
+                if h.service._runner.writes.sizes() == {"writing_uids": 0, "writing_unknown_senders": 0}:
+                    break
+            assert h.service._runner.writes.sizes() == {"writing_uids": 0, "writing_unknown_senders": 0}
+
+    run(main())

@@ -415,13 +415,21 @@ class CallRunner:
         uid = None
         if spec.audit and self.audit:
             self.audit.prefetch(caller)
+        size = write_size(msg.body) if spec.writes else 0
         if spec.writes or prep.private or self.access.enabled:
-            # Who did it goes into the log records of this request (journal CALLER_UID).
-            uid = await self.access.caller_uid(caller)
+            # A write waiting for its uid holds its arguments too (UidWrites.take_unknown).
+            unknown = (self.writes.take_unknown(caller.sender or "", size)
+                       if spec.writes and not self._uid_known(caller) else None)
+            try:
+                # Who did it goes into the log records of this request (journal CALLER_UID).
+                uid = await self.access.caller_uid(caller)
+            finally:
+                if unknown is not None:
+                    self.writes.give_unknown(*unknown)
             logsetup.caller_uid.set(uid)
         if spec.writes and uid != ROOT:
             # Counted before its checks, which may wait for polkit with the arguments held.
-            held.callback(self.writes.give, uid, self.writes.take(uid, write_size(msg.body)))
+            held.callback(self.writes.give, uid, self.writes.take(uid, size))
         if self.access.enabled:
             checks = [(perm, prep.target) for perm in spec.perms] + list(prep.also)
             for perm, d in checks:
@@ -435,6 +443,11 @@ class CallRunner:
         if spec.each is not None and self.access.enabled:
             visible = await self._filter(caller, spec.each, list(visible), uid)
         return uid, Grant(visible, prep.private and uid is not None and uid in self.private_readers, uid)
+
+    def _uid_known(self, caller: Caller) -> bool:
+        """Whether caller_uid(caller) needs no question to the bus daemon."""
+        known = getattr(self.access, "known_uid", None)
+        return known is not None and bool(known(caller)[0])
 
     async def _filter(self, caller: Caller, perm: Perm, defs: list[SecretDef], uid: int | None) -> list[SecretDef]:
         """The defs `caller` may see (access/visibility.py)."""

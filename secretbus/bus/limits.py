@@ -113,6 +113,10 @@ class UidWrites:
         self.bound = bound
         self._held: dict[int | None, int] = {}
         self.refused = 0
+        # Writes still waiting to learn their uid (take_unknown): their bytes, all together,
+        # and how many each connection has.
+        self._unknown = 0
+        self._unknown_by_sender: dict[str, int] = {}
 
     def take(self, uid: int | None, n: int) -> int:
         """Count a write of about `n` bytes for `uid`, or raise Refused; what to give back."""
@@ -132,8 +136,33 @@ class UidWrites:
         else:
             self._held.pop(uid, None)
 
+    def take_unknown(self, sender: str, n: int) -> tuple[str, int]:
+        """Count a write of about `n` bytes whose uid is still being asked of the bus daemon,
+        or raise Refused; what to give back (give_unknown). The answer comes after everything
+        the bus queued for us, so a flood of writes from new connections would all be held
+        until then: 64 connections of 32 SetValue of 64 KiB, up to 128 MB. A connection's
+        first such write is always taken (root's first write too; its uid is known after it);
+        a further one only while those of all connections stay within the bound together."""
+        n = max(n, WRITE_COST_MIN)
+        waiting = self._unknown_by_sender.get(sender, 0)
+        if waiting and self._unknown + n > self.bound:
+            self.refused += 1
+            raise Refused(f"{self._unknown} bytes of writes of connections whose user is not known yet are in "
+                          f"flight, the most allowed is {self.bound}: wait for this connection's first reply")
+        self._unknown += n
+        self._unknown_by_sender[sender] = waiting + 1
+        return sender, n
+
+    def give_unknown(self, sender: str, n: int) -> None:
+        self._unknown -= n
+        left = self._unknown_by_sender.get(sender, 0) - 1
+        if left > 0:
+            self._unknown_by_sender[sender] = left
+        else:
+            self._unknown_by_sender.pop(sender, None)
+
     def sizes(self) -> dict[str, int]:
-        return {"writing_uids": len(self._held)}
+        return {"writing_uids": len(self._held), "writing_unknown_senders": len(self._unknown_by_sender)}
 
 
 def write_size(body: Sequence[object]) -> int:
