@@ -44,6 +44,7 @@ from secretbus.bus.polkit import CallerUids, PolkitAccess
 from secretbus.bus.service import SecretService
 from secretbus.core import busypoll, errors
 from secretbus.core.logsetup import flush_held, setup_daemon_logging
+from secretbus.core.malloc import give_back_freed_memory
 from secretbus.core.model import InstanceKind
 from secretbus.driver.build import open_instance
 from secretbus.driver.driver import SecretDriver
@@ -474,6 +475,7 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
     setup_daemon_logging(verbose=args.verbose)
     passed = take_sockets()
     no_core_dumps()
+    give_back_freed_memory()
     os.umask(0o077)
     t0 = time.monotonic()
     system = bool(args.system)

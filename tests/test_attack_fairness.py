@@ -884,3 +884,12 @@ def test_departed_callers_leave_nothing_behind(make_bus, make_polkitd, make_secr
         assert r.message_type is MessageType.METHOD_RETURN
     finally:
         remove_tree(root)
+
+
+def test_glibc_is_told_to_give_freed_memory_back(monkeypatch):
+    """core/malloc.py: on glibc the thresholds are fixed (the daemon calls it at start); an
+    administrator's MALLOC_*_THRESHOLD_ is left alone."""
+    from secretbus.core.malloc import give_back_freed_memory
+    assert give_back_freed_memory() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "262144")
+    assert give_back_freed_memory() is False
