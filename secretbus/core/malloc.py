@@ -4,9 +4,11 @@ glibc raises its mmap threshold each time a block it had mmapped is freed, up to
 keeps up to twice that free at the top of the heap untrimmed. A caller's burst of 64 KiB
 writes or a few large list replies then leaves the daemon's RSS tens of MB above what it
 holds: a member's flood of SetValue, bounded to 8 MiB of writes in flight, took it from 45 to
-137-154 MB with the store on tmpfs (tests/test_attack_fairness.py). Setting the thresholds once
-turns that adjustment off: blocks of 128 KiB and more are mmapped and unmapped when freed, and
-more than 128 KiB free at the top of the heap is trimmed. Same flood: +10-18 MB.
+104-154 MB with the store on tmpfs (tests/test_attack_fairness.py). Setting the thresholds once
+turns that adjustment off. Blocks of 64 KiB and more (a value at VALUE_MAX, its message) are
+mmapped and unmapped when freed, and more than 128 KiB free at the top of the heap is trimmed.
+Same flood: 55-59 MB. The mmap threshold at 128 KiB was not enough (104-129 MB); SetValue ×16
+costs ~2.5 % more (bench/README).
 
 Nothing changes where malloc is not glibc's, or when the MALLOC_TRIM_THRESHOLD_ /
 MALLOC_MMAP_THRESHOLD_ environment variables already say what the administrator wants.
