@@ -279,7 +279,7 @@ class Auditor:
             if self._send_encoded(data):
                 return None
         except (OSError, ValueError) as e:
-            self._failed_held(n, e)
+            self._failed("", GET_VALUE, e, n)
             return None
         return data, n
 
@@ -290,18 +290,7 @@ class Auditor:
         try:
             await self._send_encoded_later(data)
         except (OSError, ValueError) as e:
-            self._failed_held(n, e)
-
-    def _failed_held(self, n: int, e: Exception) -> None:
-        """_failed of `n` records sent together: counted each, logged once."""
-        if n == 1 or self.mode is not AuditMode.REQUIRED:
-            self._failures += n - 1
-            self._failed("", GET_VALUE, e)
-            return
-        self._failures += n
-        log.error("audit records of %d value reads could not be written (%s); values not returned",
-                  n, getattr(e, "strerror", None) or type(e).__name__, extra={"SECRET_OPERATION": GET_VALUE})
-        raise AuditFailed() from None
+            self._failed("", GET_VALUE, e, n)
 
     def _available(self) -> bool:
         """The sink's own word that nothing listens (journal.JournalWriter.available), if it
@@ -324,12 +313,17 @@ class Auditor:
         self._denials[key] = [now, 0]
         return dataclasses.replace(rec, suppressed=int(window[1])) if window and window[1] else rec
 
-    def _failed(self, uuid: str, operation: str, e: Exception | str) -> None:
-        self._failures += 1
+    def _failed(self, uuid: str, operation: str, e: Exception | str, n: int = 1) -> None:
+        """`n` records lost (n > 1: sent together, of no one secret; counted each, logged once)."""
+        self._failures += n
         why = e if isinstance(e, str) else getattr(e, "strerror", None) or type(e).__name__
         if self.mode is AuditMode.REQUIRED:
-            log.error("audit record could not be written (%s); value not returned", why,
-                      extra={"SECRET_UUID": uuid, "SECRET_OPERATION": operation})
+            if n == 1:
+                log.error("audit record could not be written (%s); value not returned", why,
+                          extra={"SECRET_UUID": uuid, "SECRET_OPERATION": operation})
+            else:
+                log.error("audit records of %d value reads could not be written (%s); values not returned",
+                          n, why, extra={"SECRET_OPERATION": operation})
             raise AuditFailed() from None
         # best-effort: the reads go on, the log says so (once a minute, with a count).
         now = time.monotonic()

@@ -587,6 +587,9 @@ class Connection(asyncio.Protocol):
             if waits is not None:
                 self._write_after(waits, out, values)
                 return
+        self._write(out)
+
+    def _write(self, out: list[bytes]) -> None:
         if not self._closed and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
@@ -604,8 +607,7 @@ class Connection(asyncio.Protocol):
                 _refuse_values(out, values)
             finally:
                 self._waiting, self._waiting_size = None, 0
-            if not self._closed and self.transport is not None:
-                self.transport.write(b"".join(out))
+            self._write(out)
             self._resume()
         self._waiting = self._loop.create_task(write())
         self._track(self._waiting)
