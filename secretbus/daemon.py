@@ -43,6 +43,7 @@ from secretbus.bus.names import BUS_NAME
 from secretbus.bus.polkit import CallerUids, PolkitAccess
 from secretbus.bus.service import SecretService
 from secretbus.core import busypoll, errors
+from secretbus.core.gil import shorten_switch_interval
 from secretbus.core.logsetup import flush_held, setup_daemon_logging
 from secretbus.core.malloc import give_back_freed_memory
 from secretbus.core.model import InstanceKind
@@ -476,6 +477,7 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
     passed = take_sockets()
     no_core_dumps()
     give_back_freed_memory()
+    shorten_switch_interval()
     os.umask(0o077)
     t0 = time.monotonic()
     system = bool(args.system)

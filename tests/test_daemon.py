@@ -3,6 +3,8 @@ the access control and the bus passed in (no monkeypatching of the daemon module
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -11,6 +13,7 @@ from fixtures import U1
 from secretbus import daemon
 from secretbus.access.permissions import Caller, Perm
 from secretbus.bus.names import BUS_NAME, CONNECT_IFACE, CONNECT_PATH
+from secretbus.core.gil import SWITCH_INTERVAL
 from secretbus.core.model import SecretDef
 from secretbus.driver.build import open_instance
 from secretbus.store.paths import InstancePaths
@@ -75,3 +78,17 @@ def test_daemon_serves_with_the_access_control_it_is_given(tmp_path, session_bus
     assert reply.message_type is MessageType.ERROR and reply.error_name == "org.libvirt.Error.AccessDenied"
     assert deny.asked and deny.asked[0] == Perm.SEARCH_SECRETS.value
     assert deny.closed
+
+
+def test_the_daemon_shortens_the_gil_switch_interval(tmp_path):
+    """core/gil.py: main sets the interval before it loads the store. Here it stops right after:
+    the root is a file, so the configuration cannot be read (EX_CONFIG, 78)."""
+    root = tmp_path / "root"
+    root.write_text("")
+    code = ("import sys; from secretbus import daemon; "
+            "rc = daemon.main(['--session', '--root', sys.argv[1], '--no-rpc']); "
+            "print(rc, sys.getswitchinterval())")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert sys.getswitchinterval() == 0.005          # this process: CPython's default, untouched
+    assert out.stdout.split() == ["78", str(SWITCH_INTERVAL)]
