@@ -265,7 +265,7 @@ class CallRunner:
         # before it starts: latency on every call). Only a call that really
         # waits (polkit, a uid lookup, the writer thread, the lane) continues in a task,
         # in a context of its own as a task would have (its log records' caller uid).
-        task = run_eager(self._loop, self._finish(msg, caller, spec, out_sig, prep), _finished,
+        task = run_eager(self._loop, self._finish(msg, caller, spec, out_sig, prep, prepare), _finished,
                          contextvars.copy_context())
         if task is not None:
             self._track(task)
@@ -311,7 +311,8 @@ class CallRunner:
                           "then; use ListSecrets with flags, or ask each secret")
         return reply(msg, out_sig, body)
 
-    async def _finish(self, msg: Message, caller: Caller, spec: MethodSpec, out_sig: str, prep: Prepared) -> None:
+    async def _finish(self, msg: Message, caller: Caller, spec: MethodSpec, out_sig: str, prep: Prepared,
+                      prepare: Callable[[Message], Prepared]) -> None:
         uid: int | None = None
         sender = caller.sender or ""
         in_lane = False
@@ -338,7 +339,7 @@ class CallRunner:
                                                      or await self._still_over(sender)):
                         raise Unanswered
                 if spec.writes:
-                    body = await prep.act(grant)
+                    body = await self._write(msg, caller, spec, prepare, prep, grant)
                 else:
                     body = prep.act(grant)
                     if spec.audit and self.audit:    # no record, no value (AuditFailed)
@@ -430,6 +431,11 @@ class CallRunner:
         if spec.writes and uid != ROOT:
             # Counted before its checks, which may wait for polkit with the arguments held.
             held.callback(self.writes.give, uid, self.writes.take(uid, size))
+        return uid, await self._check(msg, caller, spec, prep, uid)
+
+    async def _check(self, msg: Message, caller: Caller, spec: MethodSpec, prep: Prepared,
+                     uid: int | None) -> Grant:
+        """The call's access checks on `prep`; its grant, or raise the refusal."""
         if self.access.enabled:
             checks = [(perm, prep.target) for perm in spec.perms] + list(prep.also)
             for perm, d in checks:
@@ -442,7 +448,23 @@ class CallRunner:
         visible = prep.candidates
         if spec.each is not None and self.access.enabled:
             visible = await self._filter(caller, spec.each, list(visible), uid)
-        return uid, Grant(visible, prep.private and uid is not None and uid in self.private_readers, uid)
+        return Grant(visible, prep.private and uid is not None and uid in self.private_readers, uid)
+
+    async def _write(self, msg: Message, caller: Caller, spec: MethodSpec, prepare: Callable[[Message], Prepared],
+                     prep: Prepared, grant: Grant) -> list[Any]:
+        """A write's act. If its secret was redefined while it was checked (the driver refuses
+        to act on a definition nobody checked), it is prepared and checked again on the secret
+        as it is now, as if it had come after that change: up to ChangedMeanwhile.retries times."""
+        left = errors.ChangedMeanwhile.retries
+        while True:
+            try:
+                return await prep.act(grant)
+            except errors.ChangedMeanwhile:
+                if not left:
+                    raise
+                left -= 1
+            prep = prepare(msg)
+            grant = await self._check(msg, caller, spec, prep, grant.uid)
 
     def _uid_known(self, caller: Caller) -> bool:
         """Whether caller_uid(caller) needs no question to the bus daemon."""

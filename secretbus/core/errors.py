@@ -139,6 +139,19 @@ class NotLoaded(OperationFailed, NamesSecret, own_kind=False):
                                "its files are left untouched until it loads")
 
 
+class ChangedMeanwhile(OperationFailed, own_kind=False):
+    """A write checked on one definition of its secret, which was replaced or redefined before
+    the write could act (the driver's compare-and-set: nothing is done unchecked). The front
+    ends look the secret up and check the write again on what it is now, up to `retries`
+    times, before they answer this; libvirt, checking under the secret's lock, never
+    refuses for it."""
+
+    retries: ClassVar[int] = 2
+
+    def __init__(self, uuid: str):
+        super().__init__(f"secret {uuid} changed while the request was being authorised; try again")
+
+
 class XMLError(SecretError, code=27, prefix="XML error: "):
     """VIR_ERR_XML_ERROR"""
 

@@ -49,7 +49,7 @@ def _check_expected(uuid: str, now: SecretDef | None, expect: SecretDef | None |
     """Compare-and-set: the front end checked the caller's access on `expect` and awaited
     meanwhile; a definition that changed since then was not checked, so nothing is done."""
     if expect is not ANY and now != expect:
-        raise errors.OperationFailed(f"secret {uuid} changed while the request was being authorised; try again")
+        raise errors.ChangedMeanwhile(uuid)
 
 
 @dataclass(frozen=True)

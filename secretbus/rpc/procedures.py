@@ -320,16 +320,38 @@ class Procedures:
         """A checked write acts only on the definition its checks saw (compare-and-set)."""
         return d if self.guard.checked(c.session) else ANY
 
-    def define_xml(self, c: Client, a: Any) -> Any:
-        d = self.driver.parse_definition(a["xml"], a["flags"])   # flags, size and parse: the driver's rules
-        old = self.driver.find(d.uuid)
-        expect = self._expect(c, old)
+    def _retried(self, c: Client, once: Callable[[], Any]) -> Any:
+        """`once()`: a write looked up, checked and acted on. A checked one is done again on
+        its secret as it is now if the secret was redefined while it was checked (the driver
+        refuses to act on a definition nobody checked), up to ChangedMeanwhile.retries
+        times, as on D-Bus. The first attempt too runs in the connection's task for the call."""
+        if not self.guard.checked(c.session):
+            return once()
 
-        def act() -> Any:     # its refusal may name another secret: told as the guard allows
-            return self.guard.disclosing(c.session, outcome(self.driver.submit_define(d, expect=expect),
-                                                            lambda nd: {"secret": wire_secret(nd)}))
-        return self.guard.then(c, [(Perm.WRITE, d), (Perm.SAVE, d), *redefine_checks(old, d)], "define",
-                               lambda: act)
+        async def attempts() -> Any:
+            left = errors.ChangedMeanwhile.retries
+            while True:
+                act = await once()
+                try:
+                    return await act()
+                except errors.ChangedMeanwhile:
+                    if not left:
+                        raise
+                    left -= 1
+        return attempts
+
+    def define_xml(self, c: Client, a: Any) -> Any:
+        def once() -> Any:
+            d = self.driver.parse_definition(a["xml"], a["flags"])   # flags, size and parse: the driver's rules
+            old = self.driver.find(d.uuid)
+            expect = self._expect(c, old)
+
+            def act() -> Any:     # its refusal may name another secret: told as the guard allows
+                return self.guard.disclosing(c.session, outcome(self.driver.submit_define(d, expect=expect),
+                                                                lambda nd: {"secret": wire_secret(nd)}))
+            return self.guard.then(c, [(Perm.WRITE, d), (Perm.SAVE, d), *redefine_checks(old, d)], "define",
+                                   lambda: act)
+        return self._retried(c, once)
 
     def set_value(self, c: Client, a: Any) -> Any:
         if not a["value"]:
@@ -337,18 +359,24 @@ class Procedures:
             raise errors.arg_check("value", "virSecretSetValue", "must not be NULL")
         rules.check_set_value_flags(a["flags"])
         uuid, value, flags = _uuid(a["secret"]), a["value"], a["flags"]
-        d = self.driver.lookup_by_uuid(uuid)
-        expect = self._expect(c, d)
-        return self.guard.then(c, [(Perm.WRITE, d)], "set-value",
-                               lambda: lambda: outcome(self.driver.submit_set_value(uuid, value, flags, expect=expect),
-                                                       _none))
+
+        def once() -> Any:
+            d = self.driver.lookup_by_uuid(uuid)
+            expect = self._expect(c, d)
+            return self.guard.then(c, [(Perm.WRITE, d)], "set-value",
+                                   lambda: lambda: outcome(self.driver.submit_set_value(uuid, value, flags,
+                                                                                        expect=expect), _none))
+        return self._retried(c, once)
 
     def undefine(self, c: Client, a: Any) -> Any:
         uuid = _uuid(a["secret"])
-        d = self.driver.lookup_by_uuid(uuid)
-        expect = self._expect(c, d)
-        return self.guard.then(c, [(Perm.DELETE, d)], "undefine",
-                               lambda: lambda: outcome(self.driver.submit_undefine(uuid, expect=expect), _none))
+
+        def once() -> Any:
+            d = self.driver.lookup_by_uuid(uuid)
+            expect = self._expect(c, d)
+            return self.guard.then(c, [(Perm.DELETE, d)], "undefine",
+                                   lambda: lambda: outcome(self.driver.submit_undefine(uuid, expect=expect), _none))
+        return self._retried(c, once)
 
     # -- values -----------------------------------------------------------------------
     def get_value(self, c: Client, a: Any) -> Any:
