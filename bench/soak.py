@@ -35,8 +35,9 @@ Expected errors (everything else is unexpected, goal 0):
     a root client (and only then: root reading it, or sbtest-member refused, is unexpected);
   * org.libvirt.Error.OperationFailed "... changed while the request was being authorised; try
     again" on SetValue of ANOTHER client's churn secret: its owner undefined and redefined it
-    (with another description) while the call's access was checked, and the driver acts only
-    on the definition that was checked (driver.py, compare-and-set).
+    (with another description) while the call's access was checked, each of the three times
+    the service checked it (errors.ChangedMeanwhile: the driver acts only on the definition
+    that was checked).
 Also unexpected: any error on a shared secret, a success where NoSecret was certain (own
 churn secret undefined), a client-side timeout or exception, a ListSecrets /
 GetManagedObjects answer without every shared secret, a GetValue whose bytes were not
