@@ -135,9 +135,58 @@ def g(bus, user, path, method, *args, interactive=False) -> Result:
     return Result(False, m.group(1), m.group(2).strip(), secs=secs)
 
 
+_GLIB_ESCAPES = {"b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11}
+
+
 def gdbus_bytes(out: str) -> bytes:
-    """The `ay` in gdbus's printout `([byte 0x68, 0x69],)`."""
-    return bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", out))
+    """The `ay` in gdbus's printout: `([byte 0x68, 0x69],)`, or GLib's bytestring form
+    `(b'hi',)` when the bytes end in their only NUL (a random value does about one time in 256):
+    g_strescape'd (octal and C escapes), in '' or "", the NUL not shown."""
+    m = re.fullmatch(r"""\(b(['"])(.*)\1,\)""", out.strip(), re.S)
+    if m is None:
+        return bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", out))
+    text, data, i = m.group(2), bytearray(), 0
+    while i < len(text):
+        if text[i] != "\\":
+            data += text[i].encode("ascii")
+            i += 1
+            continue
+        octal = re.match(r"[0-7]{1,3}", text[i + 1:i + 4])
+        if octal:
+            data.append(int(octal.group(), 8))
+            i += 1 + len(octal.group())
+        else:
+            data.append(_GLIB_ESCAPES.get(text[i + 1], ord(text[i + 1])))
+            i += 2
+    return bytes(data) + b"\0"
+
+
+def test_gdbus_bytes_reads_both_of_gdbus_forms():
+    """The bytestring form, as gdbus printed a value that ended in NUL (test_audit failed on it)."""
+    out = ("(b'Y\\230\\271\\247P\\204\\034g\\312\\272\\207\\367\\232\\220\\305\\231\\303"
+           "\\036\\200\\336W\\r\\245',)")
+    assert gdbus_bytes(out) == (b"Y\x98\xb9\xa7P\x84\x1cg\xca\xba\x87\xf7\x9a\x90\xc5\x99\xc3\x1e\x80\xde"
+                                b"W\r\xa5\x00")
+    assert gdbus_bytes("(b\"it's\\n\",)") == b"it's\n\0"
+    assert gdbus_bytes("([byte 0x68, 0x00, 0x69],)") == b"h\0i"
+
+
+@pytest.mark.integration
+def test_gdbus_bytes_reads_what_real_gdbus_prints(session_bus, make_secretbusd):
+    """Values that end in their only NUL, with quotes, backslashes and every other byte, read
+    back through gdbus itself."""
+    make_secretbusd(session_bus)
+    uuid = "5b7e5700-0000-4000-8004-000000000001"
+    r = g(session_bus, None, CONNECT_PATH, f"{CONNECT}.SecretDefineXML", secret_xml(uuid, False, "/v/gdbus.img"), "0")
+    assert r.ok, r
+    forms = set()
+    for value in (b"plain\0", b"it's\0", b'say "x"\0', b"both ' and \"\\\0", bytes(range(1, 256)) + b"\0",
+                  b"no nul", b"\0inner\0"):
+        assert g(session_bus, None, secret_path(uuid), f"{SECRET}.SetValue", gdbus_ay(value), "0").ok
+        r = g(session_bus, None, secret_path(uuid), f"{SECRET}.GetValue", "0")
+        assert r.ok and gdbus_bytes(r.out) == value, (value, r.out)
+        forms.add(r.out[:2])
+    assert forms == {"(b", "(["}        # both of gdbus's forms were read
 
 
 def gdbus_ay(value: bytes) -> str:
