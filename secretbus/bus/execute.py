@@ -36,6 +36,7 @@ from secretbus.core import errors, logsetup
 from secretbus.core.eager import run_eager
 from secretbus.core.lane import LargeReplyLane
 from secretbus.core.model import SecretDef
+from secretbus.driver.writer import until_unchanged
 
 log = logging.getLogger("secretbus.dbus")
 
@@ -454,17 +455,11 @@ class CallRunner:
                      prep: Prepared, grant: Grant) -> list[Any]:
         """A write's act. If its secret was redefined while it was checked (the driver refuses
         to act on a definition nobody checked), it is prepared and checked again on the secret
-        as it is now, as if it had come after that change: up to ChangedMeanwhile.retries times."""
-        left = errors.ChangedMeanwhile.retries
-        while True:
-            try:
-                return await prep.act(grant)
-            except errors.ChangedMeanwhile:
-                if not left:
-                    raise
-                left -= 1
-            prep = prepare(msg)
-            grant = await self._check(msg, caller, spec, prep, grant.uid)
+        as it is now, as if it had come after that change (driver/writer.py until_unchanged)."""
+        async def again() -> list[Any]:
+            now = prepare(msg)
+            return await now.act(await self._check(msg, caller, spec, now, grant.uid))
+        return await until_unchanged(prep.act(grant), again)
 
     def _uid_known(self, caller: Caller) -> bool:
         """Whether caller_uid(caller) needs no question to the bus daemon."""

@@ -29,7 +29,7 @@ import contextvars
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -520,6 +520,20 @@ class _Staged:
 def _blocked(op: Op, before: list[Op]) -> bool:
     """Whether an op waiting before `op` shares a key with it (it must go first)."""
     return any(not op.static.isdisjoint(w.static) for w in before)
+
+
+async def until_unchanged(first: Awaitable[T], again: Callable[[], Awaitable[T]]) -> T:
+    """For a front end: a checked write's outcome. `first` is its act; while the driver refuses
+    it because its secret was redefined during the checks (errors.ChangedMeanwhile), `again()`
+    looks the secret up, checks the write on it as it is now and acts, up to
+    ChangedMeanwhile.retries times; the last refusal stands."""
+    attempt = first
+    for _ in range(errors.ChangedMeanwhile.retries):
+        try:
+            return await attempt
+        except errors.ChangedMeanwhile:
+            attempt = again()
+    return await attempt
 
 
 async def outcome(fut: Future[T], then: Callable[[T], U]) -> U:

@@ -22,7 +22,7 @@ from secretbus.core.model import LIBVIRT_COMPAT, SecretDef
 from secretbus.core.secretxml import format_secret_xml
 from secretbus.driver import rules
 from secretbus.driver.driver import ANY, SecretDriver
-from secretbus.driver.writer import outcome
+from secretbus.driver.writer import outcome, until_unchanged
 from secretbus.rpc import protocol as P
 from secretbus.rpc import remote_auth
 from secretbus.rpc.events import EventHub, EventSink
@@ -323,22 +323,15 @@ class Procedures:
     def _retried(self, c: Client, once: Callable[[], Any]) -> Any:
         """`once()`: a write looked up, checked and acted on. A checked one is done again on
         its secret as it is now if the secret was redefined while it was checked (the driver
-        refuses to act on a definition nobody checked), up to ChangedMeanwhile.retries
-        times, as on D-Bus. The first attempt too runs in the connection's task for the call."""
+        refuses to act on a definition nobody checked; driver/writer.py until_unchanged), as on
+        D-Bus. The first attempt too runs in the connection's task for the call."""
         if not self.guard.checked(c.session):
             return once()
 
-        async def attempts() -> Any:
-            left = errors.ChangedMeanwhile.retries
-            while True:
-                act = await once()
-                try:
-                    return await act()
-                except errors.ChangedMeanwhile:
-                    if not left:
-                        raise
-                    left -= 1
-        return attempts
+        async def attempt() -> Any:
+            act = await once()
+            return await act()
+        return lambda: until_unchanged(attempt(), attempt)
 
     def define_xml(self, c: Client, a: Any) -> Any:
         def once() -> Any:
