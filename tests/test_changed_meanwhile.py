@@ -19,7 +19,8 @@ from typing import Any
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
-from test_rpc_framing import FakeTransport
+from test_rpc_audit_batch import call
+from test_rpc_framing import FakeTransport, answers
 
 from secretbus import daemon
 from secretbus.access.permissions import Caller, Perm
@@ -28,9 +29,7 @@ from secretbus.core import errors
 from secretbus.core.model import SecretDef
 from secretbus.driver.build import open_instance
 from secretbus.rpc import protocol as P
-from secretbus.rpc import xdr
 from secretbus.rpc.connection import Connection, RpcLimits
-from secretbus.rpc.frame import LENGTH_SIZE, Header, decode_frame, encode_frame
 from secretbus.rpc.guard import Guard
 from secretbus.rpc.identity import SystemToken
 from secretbus.rpc.procedures import Procedures
@@ -82,24 +81,18 @@ def _driver(tmp_path: Any) -> Any:
 
 
 # -- D-Bus ---------------------------------------------------------------------------------
-def _over_dbus(address: str, access: Redefining, msg: Message) -> Message:
+def _over_dbus(bus: Any, access: Redefining, msg: Message) -> Message:
     async def make_access(bus: Any, uids: Any) -> Redefining:
         return access
 
     d = daemon.Daemon(access.driver, access=make_access, system=False,
-                      connect=daemon.bus_factory(address, system=False))
+                      connect=daemon.bus_factory(bus.address, system=False))
 
     async def scenario() -> Message:
         served = asyncio.create_task(d.run(frozenset()))
-        client = await MessageBus(bus_address=address).connect()
+        client = await MessageBus(bus_address=bus.address).connect()
         try:
-            for _ in range(200):
-                owner = await asyncio.wait_for(client.call(Message(
-                    destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus", member="NameHasOwner", signature="s", body=[BUS_NAME])), 10)
-                if owner is not None and owner.body == [True]:
-                    break
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(bus.wait_for_name, BUS_NAME)     # the daemon runs on this loop
             reply = await asyncio.wait_for(client.call(msg), 30)
             assert reply is not None
             return reply
@@ -119,7 +112,7 @@ def test_dbus_set_value_across_one_redefine_is_checked_again_and_done(tmp_path, 
     driver = _driver(tmp_path)
     access = Redefining(driver, Perm.WRITE, times=1)
     try:
-        reply = _over_dbus(session_bus.address, access, _set_value(b"new"))
+        reply = _over_dbus(session_bus, access, _set_value(b"new"))
         assert reply.message_type is MessageType.METHOD_RETURN, reply.body
         assert access.asked == [(Perm.WRITE, "first"), (Perm.WRITE, "redefined 1")]
         assert driver.get_value(U) == b"new"
@@ -131,7 +124,7 @@ def test_dbus_set_value_redefined_at_every_check_is_refused_and_changes_nothing(
     driver = _driver(tmp_path)
     access = Redefining(driver, Perm.WRITE, times=TRIES + 5)
     try:
-        reply = _over_dbus(session_bus.address, access, _set_value(b"new"))
+        reply = _over_dbus(session_bus, access, _set_value(b"new"))
         assert reply.message_type is MessageType.ERROR
         assert reply.error_name == "org.libvirt.Error.OperationFailed" and reply.body == [CHANGED]
         assert [p for p, _ in access.asked] == [Perm.WRITE] * TRIES      # bounded: then the refusal stands
@@ -146,7 +139,7 @@ def test_dbus_set_value_refused_on_the_definition_it_meets_again(tmp_path, sessi
     driver = _driver(tmp_path)
     access = Redefining(driver, Perm.WRITE, times=1, refuse=("redefined 1",))
     try:
-        reply = _over_dbus(session_bus.address, access, _set_value(b"new"))
+        reply = _over_dbus(session_bus, access, _set_value(b"new"))
         assert reply.message_type is MessageType.ERROR and reply.error_name == "org.libvirt.Error.AccessDenied"
         assert driver.get_value(U) == b"old"
     finally:
@@ -157,7 +150,7 @@ def test_dbus_redefine_across_another_redefine_checks_the_one_it_replaces_now(tm
     driver = _driver(tmp_path)
     access = Redefining(driver, Perm.SAVE, times=1)
     try:
-        reply = _over_dbus(session_bus.address, access, Message(
+        reply = _over_dbus(session_bus, access, Message(
             destination=BUS_NAME, path=CONNECT_PATH, interface=CONNECT_IFACE, member="SecretDefineXML",
             signature="su", body=[xml("mine"), 0]))
         assert reply.message_type is MessageType.METHOD_RETURN, reply.body
@@ -170,19 +163,10 @@ def test_dbus_redefine_across_another_redefine_checks_the_one_it_replaces_now(tm
 
 
 # -- RPC -----------------------------------------------------------------------------------
-def _frames(data: bytes) -> list[tuple[Header, bytes]]:
-    out = []
-    while data:
-        n = int.from_bytes(data[:LENGTH_SIZE], "big")
-        out.append(decode_frame(data[:n]))
-        data = data[n:]
-    return out
-
-
-def _over_rpc(tmp_path: Any, access: Redefining, proc: int, args: Any) -> tuple[int, Any]:
+def _over_rpc(tmp_path: Any, access: Redefining, proc: int, args: Any) -> Any:
     """One call of an unprivileged peer (this process, as uid 1000) on a checked connection:
-    (status, the decoded reply or the error message)."""
-    async def main() -> tuple[int, Any]:
+    the decoded reply, or (code, message) of the error."""
+    async def main() -> Any:
         token = SystemToken(tmp_path / "common" / "system.token")
         token.ensure()
         guard = Guard(system=True)
@@ -195,18 +179,15 @@ def _over_rpc(tmp_path: Any, access: Redefining, proc: int, args: Any) -> tuple[
         conn = Connection(session, table, RpcLimits(), lambda _c: None, None, None)
         t = FakeTransport()
         conn.connection_made(t)
-        conn.data_received(encode_frame(Header(P.REMOTE_PROGRAM, 1, proc, P.MsgType.CALL, 7, P.Status.OK),
-                                        xdr.encode(P.PROCS[proc].args, args)))
+        conn.data_received(call(proc, 7, args))
         for _ in range(1000):
             if t.out:
                 break
             await asyncio.sleep(0.01)
         conn.close()
-        ((h, payload),) = _frames(bytes(t.out))
-        assert h.serial == 7
-        if h.status == P.Status.OK:
-            return h.status, xdr.decode(P.PROCS[proc].ret, payload)
-        return h.status, xdr.decode(P.REMOTE_ERROR, payload)["message"]
+        ((serial, got),) = answers(t)
+        assert serial == 7
+        return got
     return asyncio.run(main())
 
 
@@ -218,9 +199,8 @@ def test_rpc_set_value_across_one_redefine_is_checked_again_and_done(tmp_path):
     driver = _driver(tmp_path)
     access = Redefining(driver, Perm.WRITE, times=1)
     try:
-        status, _ = _over_rpc(tmp_path, access, P.Proc.SECRET_SET_VALUE,
-                              {"secret": _handle(), "value": b"new", "flags": 0})
-        assert status == P.Status.OK
+        assert _over_rpc(tmp_path, access, P.Proc.SECRET_SET_VALUE,
+                         {"secret": _handle(), "value": b"new", "flags": 0}) is None
         assert access.asked == [(Perm.WRITE, "first"), (Perm.WRITE, "redefined 1")]
         assert driver.get_value(U) == b"new"
     finally:
@@ -231,9 +211,8 @@ def test_rpc_set_value_redefined_at_every_check_is_refused_and_changes_nothing(t
     driver = _driver(tmp_path)
     access = Redefining(driver, Perm.WRITE, times=TRIES + 5)
     try:
-        status, message = _over_rpc(tmp_path, access, P.Proc.SECRET_SET_VALUE,
-                                    {"secret": _handle(), "value": b"new", "flags": 0})
-        assert status == P.Status.ERROR and message == CHANGED
+        got = _over_rpc(tmp_path, access, P.Proc.SECRET_SET_VALUE, {"secret": _handle(), "value": b"new", "flags": 0})
+        assert got == (errors.OperationFailed.code, CHANGED)
         assert [p for p, _ in access.asked] == [Perm.WRITE] * TRIES
         assert driver.get_value(U) == b"old"
     finally:
@@ -244,8 +223,7 @@ def test_rpc_undefine_across_one_redefine_is_checked_again_and_done(tmp_path):
     driver = _driver(tmp_path)
     access = Redefining(driver, Perm.DELETE, times=1)
     try:
-        status, _ = _over_rpc(tmp_path, access, P.Proc.SECRET_UNDEFINE, {"secret": _handle()})
-        assert status == P.Status.OK
+        assert _over_rpc(tmp_path, access, P.Proc.SECRET_UNDEFINE, {"secret": _handle()}) is None
         assert access.asked == [(Perm.DELETE, "first"), (Perm.DELETE, "redefined 1")]
         assert driver.find(U) is None
     finally:
