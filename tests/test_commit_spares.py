@@ -293,3 +293,18 @@ def test_only_small_files_become_spares(d):
     write(d, "small", b"s")
     assert commit.commit_batch([Plan([Unlink(d, "small")])]).errors == [None]
     assert len(spares(d)) == 1
+
+
+def test_a_batch_without_spares_keeps_no_replaced_or_removed_file(d):
+    """keep_spares=False (the fleet cache: no idle writer empties its spares): what a write
+    replaces and what an undefine removes goes, and an earlier content stays under no name."""
+    write(d, "a", b"old a")
+    write(d, "b", b"old b")
+    plans = [Plan([Replace(d, "a", b"new a")]), Plan([Unlink(d, "b")])]
+    assert commit.commit_batch(plans, keep_spares=False).errors == [None, None]
+    assert sorted(os.listdir(d)) == ["a"] and (d / "a").read_bytes() == b"new a"
+    assert os.lstat(d / "a").st_nlink == 1
+    # the same batch with spares kept leaves both earlier contents as spares
+    write(d, "b", b"old b")
+    assert commit.commit_batch([Plan([Replace(d, "a", b"newer a")]), Plan([Unlink(d, "b")])]).errors == [None, None]
+    assert len(spares(d)) == 2

@@ -2,6 +2,7 @@
 root (cache, host key, fleet state), share one etcd; a loopback proxy partitions one host."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -594,6 +595,76 @@ def test_a_resync_in_several_steps_applies_everything(tmp_path: Path, etcd: Etcd
         assert b.store.resyncs == 1
         assert b.state() == a.state() and len(b.state()) == n
         assert b.d.get_value(uid(20000)) == b"first"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_resync_into_an_empty_cache_is_committed_a_step_at_a_time(tmp_path: Path, etcd: EtcdCluster,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """fleet/cachewrites.py: a resync step's cache writes share one directory fsync (two steps
+    here, not one fsync per secret), and what they wrote is what b serves after a restart."""
+    from secretbus.fleet.store import RESYNC_STEP
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    b, _ = make_host(tmp_path, "b", etcd.endpoints, key)
+    a.open()
+    try:
+        n = RESYNC_STEP + 40
+        for i in range(n):
+            a.d.define_xml(xml(uid(21000 + i), f"batched.{i}"))
+        for i in range(0, n, 37):
+            a.d.set_value(uid(21000 + i), f"value {i}".encode())
+        cache = str(fleet_dir(b.paths) / "cache")
+        real = os.fsync
+        synced: list[int] = []
+
+        def counting(fd: int) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}") == cache:
+                synced.append(fd)
+            real(fd)
+        monkeypatch.setattr(os, "fsync", counting)
+        b.open()
+        monkeypatch.setattr(os, "fsync", real)
+        assert b.state() == a.state() and len(b.state()) == n
+        assert 1 <= len(synced) <= 4, len(synced)
+        assert b.store.remote_writes.batches >= 2
+        assert not [f for f in os.listdir(cache) if not f.endswith((".xml", ".aes256gcm"))]   # no temp or spare
+        b.close()
+        b.open(online=False)        # from the cache alone
+        assert b.state() == a.state()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_change_the_cache_cannot_write_is_logged_and_the_rest_of_its_batch_is_written(
+        tmp_path: Path, etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None)
+    b, _ = make_host(tmp_path, "b", etcd.endpoints, key)
+    a.open()
+    try:
+        us = [uid(22000 + i) for i in range(5)]
+        for i, u in enumerate(us):
+            a.d.define_xml(xml(u, f"failing.{i}"))
+            a.d.set_value(u, f"value {i}".encode())
+        bad = us[2]
+        real = os.rename
+
+        def rename(src: str, dst: str, **kw: object) -> None:
+            if dst.startswith(bad):
+                raise OSError(5, "Input/output error")
+            real(src, dst, **kw)        # type: ignore[arg-type]
+        monkeypatch.setattr(os, "rename", rename)
+        with caplog.at_level(logging.ERROR, logger="secretbus.fleet"):
+            b.open()
+        monkeypatch.setattr(os, "rename", real)
+        assert b.state() == a.state()       # served: the driver has every change
+        cache = fleet_dir(b.paths) / "cache"
+        assert sorted(f for f in os.listdir(cache)) == sorted(
+            f"{u}.{sfx}" for u in us if u != bad for sfx in ("xml", "aes256gcm"))
+        lines = [r.getMessage() for r in caplog.records if "cannot cache" in r.getMessage()]
+        assert lines and all(bad in line and "Input/output error" in line for line in lines)
+        assert not any("value " in r.getMessage() for r in caplog.records)
     finally:
         a.close()
         b.close()

@@ -36,6 +36,7 @@ from secretbus.core import errors
 from secretbus.core.model import SecretDef, UsageType
 from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
 from secretbus.fleet import etcd as tx
+from secretbus.fleet.cachewrites import CacheWrites
 from secretbus.fleet.changes import RemoteChange
 from secretbus.fleet.etcd import KV, Etcd, EtcdUnavailable, WatchEvent
 from secretbus.fleet.keyspace import Keyspace, group_records
@@ -84,6 +85,7 @@ class FleetStore(SecretStore):
                  options: FleetOptions, state_dir: Path):
         super().__init__(config_dir, codecs)
         self.cache = SecretStore(state_dir / CACHE_DIR, codecs)
+        self.remote_writes = CacheWrites(self.cache)     # the cache's writes of remote changes
         self.etcd = etcd
         self.sealer = sealer
         self._options = options
@@ -339,8 +341,9 @@ class FleetStore(SecretStore):
         """Apply one watch response (events in revision order) to the cache; what changed."""
         changes: list[RemoteChange] = []
         with self._lock:
-            for ev in events:
-                self._apply(ev.kv, ev.deleted, changes)
+            with self.remote_writes.batch():
+                for ev in events:
+                    self._apply(ev.kv, ev.deleted, changes)
             self._advance(revision)
         return changes
 
@@ -363,7 +366,7 @@ class FleetStore(SecretStore):
 
     def _resync_drops(self, revision: int, present: set[str]) -> list[RemoteChange]:
         changes: list[RemoteChange] = []
-        with self._lock:
+        with self._lock, self.remote_writes.batch():
             for uuid in sorted((set(self._known) | set(self._cached)) - present):
                 known = self._known.get(uuid)
                 if known is None or known.def_rev <= revision:
@@ -372,14 +375,14 @@ class FleetStore(SecretStore):
 
     def _resync_items(self, items: list[tuple[str, dict[str, KV]]]) -> list[RemoteChange]:
         changes: list[RemoteChange] = []
-        with self._lock:
+        with self._lock, self.remote_writes.batch():
             for uuid, parts in items:
                 cached = self._cached.pop(uuid, None)
                 self._apply(parts["def"], False, changes, cached)
                 if "value" in parts:
                     self._apply(parts["value"], False, changes, cached)
                 elif cached is not None and cached[1] is not None:
-                    self.cache.delete_values(uuid)
+                    self.remote_writes.delete_values(uuid)
         return changes
 
     def _resync_done(self, revision: int) -> list[RemoteChange]:
@@ -443,9 +446,9 @@ class FleetStore(SecretStore):
         if known is None and cached is not None and cached[0] == d:
             pass        # the cache is current (start-up): no rewrite
         else:
-            self.cache.write_definition(d)
+            self.remote_writes.definition(d)
             if fresh and (cached is None or cached[1] is not None):
-                self.cache.delete_values(uuid)    # its value, if any, follows in the same batch
+                self.remote_writes.delete_values(uuid)    # its value, if any, follows in the same batch
         changes.append(RemoteChange(uuid, d, fresh=fresh))
 
     def _apply_value(self, uuid: str, kv: KV, known: Known, changes: list[RemoteChange],
@@ -453,14 +456,13 @@ class FleetStore(SecretStore):
         gen, value = self.sealer.open("value", uuid, kv.value, extra=known.inc)
         known.value_gen, known.value_rev, known.digest = gen, kv.mod_revision, self.sealer.digest(value)
         if cached is None or cached != (known.definition, known.digest):
-            self.cache.write_value(known.definition, value)
+            self.remote_writes.value(known.definition, value)
         changes.append(RemoteChange(uuid, known.definition, value))
 
     def _drop(self, uuid: str, changes: list[RemoteChange]) -> None:
         self._known.pop(uuid, None)
         self._cached.pop(uuid, None)
-        self.cache.delete_values(uuid)
-        self.cache.delete_definition(uuid)
+        self.remote_writes.drop(uuid)
         changes.append(RemoteChange(uuid, None))
 
     # -- catching up on a lookup miss -------------------------------------------------------

@@ -147,8 +147,9 @@ class Batch:
     """The plans of one batch on their way: verified directory fds, temp files, per-plan errors
     (`errors[i]` None once plan i is durable)."""
 
-    def __init__(self, plans: list[Plan]) -> None:
+    def __init__(self, plans: list[Plan], keep_spares: bool = True) -> None:
         self.plans = plans
+        self.keep_spares = keep_spares     # False: replaced and removed files go (no new spares)
         self.errors: list[BaseException | None] = [None] * len(plans)
         self.dirs: dict[Path, HeldDir] = {}
         self.temps: list[dict[int, str]] = [{} for _ in plans]     # step index -> temp name
@@ -220,7 +221,7 @@ class Batch:
             h = self.held(s.dir)
             fd = h.fd
             if isinstance(s, Replace):
-                spare = _keep_replaced(h, s.name)
+                spare = _keep_replaced(h, s.name) if self.keep_spares else None
                 try:
                     os.rename(self.temps[i][k], s.name, src_dir_fd=fd, dst_dir_fd=fd)
                 except OSError as e:
@@ -232,7 +233,7 @@ class Batch:
                 del self.temps[i][k]
                 self.changed[i].add(s.dir)
                 continue
-            if s.strict:
+            if s.strict and self.keep_spares:
                 moved = _keep_removed(h, s.name)
                 if moved is not None:
                     if moved:
@@ -429,9 +430,11 @@ def _write_temp(dir_fd: int, tmp: str, s: Replace) -> int:
     return fd
 
 
-def prepare_batch(plans: list[Plan]) -> Batch:
-    """Steps 1 and 2 for `plans`: every new file written under its temp name and durable."""
-    b = Batch(plans)
+def prepare_batch(plans: list[Plan], keep_spares: bool = True) -> Batch:
+    """Steps 1 and 2 for `plans`: every new file written under its temp name and durable.
+    `keep_spares`: whether the batch may keep the files it replaces or removes as spares
+    (only a writer that sweeps them when idle may: driver/writer.py)."""
+    b = Batch(plans, keep_spares)
     try:
         b.sync_temps(b.write_temps())
     except BaseException:
@@ -487,7 +490,7 @@ def finish_batches(batches: list[Batch]) -> int:
                 for fn in p.done:
                     fn()
             elif p.undo:
-                undone = commit_batch([p.undo]).errors[0]
+                undone = commit_batch([p.undo], b.keep_spares).errors[0]
                 if undone is not None:
                     log.error("cannot undo a failed write: %s", undone)
     return len(done)
@@ -499,9 +502,9 @@ class BatchResult:
     dir_syncs: int
 
 
-def commit_batch(plans: list[Plan]) -> BatchResult:
-    """Carry out `plans` as one group (steps 1-4 above)."""
-    b = prepare_batch(plans)
+def commit_batch(plans: list[Plan], keep_spares: bool = True) -> BatchResult:
+    """Carry out `plans` as one group (steps 1-4 above); `keep_spares` as in prepare_batch."""
+    b = prepare_batch(plans, keep_spares)
     syncs = finish_batches([b])
     return BatchResult(b.errors, syncs)
 
