@@ -574,7 +574,8 @@ _command("fleet", "fleet mode: init, join, approve HOST, status, leave, revoke H
          (Opt("action", S, ", ".join(FLEET_ACTIONS), required=True),
           Opt("host", S, "the host id (approve, revoke)"),
           Opt("wait", N, "join: wait this many seconds for the approval", named_only=True),
-          Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...)", named_only=True),
+          Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...); init, join: also "
+              "for the fleet keys this host picks up later", named_only=True),
           Opt("raw", B, "write a raw 0600 key file (hosts without systemd)"),
           Opt("from-file", S, "seal a copy of the first host's fleet key (a raw 32-byte file) instead of "
               "creating one", named_only=True)),

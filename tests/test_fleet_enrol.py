@@ -423,6 +423,43 @@ def test_join_with_a_sealed_host_key(tmp_path: Path, disk_tmp_path: Path, etcd: 
         fleet.close()
 
 
+def test_the_key_type_given_to_join_seals_the_fleet_key_picked_up_at_start(
+        tmp_path: Path, disk_tmp_path: Path, etcd: EtcdCluster) -> None:
+    """`fleet join --with-key=tpm2-absent` (systemd 252's null key: a credential that opens
+    without this host's credential secret, unlike one sealed with `host`, the default here):
+    the fleet key the service picks up at start, with no second join, is sealed the same way;
+    `fleet leave` forgets the choice."""
+    if shutil.which("systemd-creds") is None:
+        pytest.skip("systemd-creds not installed")
+    env = {**os.environ, "SYSTEMD_CREDENTIAL_SECRET": str(disk_tmp_path / "host.secret")}
+    fleet = Fleet(tmp_path, etcd, env)
+    old = dict(os.environ)
+    try:
+        _init_first(fleet)
+        a = fleet.host("a").open()
+        a.d.define_xml(xml(uid(41), "chosen.41"))
+        a.d.set_value(uid(41), b"sealed-as-asked")
+        r = fleet.cli("b", "join", "--with-key", "tpm2-absent")
+        assert r.returncode == 0 and ID.fullmatch(r.stdout.strip()), r
+        d = fleet_dir(InstancePaths.embed(fleet.root("b")))
+        assert (d / "seal-with").read_text() == "tpm2-absent\n"
+        assert oct((d / "seal-with").stat().st_mode & 0o777) == "0o600"
+        assert fleet.cli("a", "approve", r.stdout.strip()).returncode == 0
+        os.environ.update(env)           # the embedded driver seals and unseals with these creds
+        b = fleet.host("b").open()
+        assert b.d.get_value(uid(41)) == b"sealed-as-asked"
+        b.close()
+        assert (d / "fleet-key.cred").exists()
+        elsewhere = {**env, "SYSTEMD_CREDENTIAL_SECRET": str(disk_tmp_path / "another.secret")}
+        assert load_fleet_key(d, elsewhere).key == load_fleet_key(d, env).key
+        assert fleet.cli("b", "leave").returncode == 0
+        assert not (d / "seal-with").exists()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+        fleet.close()
+
+
 @needs_etcd
 def test_fleet_commands_refuse_without_fleet_mode(tmp_path: Path) -> None:
     etc = tmp_path / "x" / "etc"

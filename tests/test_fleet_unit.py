@@ -10,7 +10,7 @@ import pytest
 
 from secretbus.core import errors
 from secretbus.core.model import UsageType
-from secretbus.fleet.keyfile import init_fleet_key, load_fleet_key
+from secretbus.fleet.keyfile import init_fleet_key, load_fleet_key, remember_seal_choice, seal_choice
 from secretbus.fleet.keyspace import Keyspace
 from secretbus.fleet.seal import FleetKey, Sealer, SealError
 from secretbus.store.conf import parse_conf
@@ -134,3 +134,19 @@ def test_lookup_misses_ask_etcd_at_a_bounded_rate(tmp_path: Path) -> None:
     answers = [s.catch_up(uuid=U1) for _ in range(500)]
     assert not any(answers)
     assert int(fleet_store.CATCH_UP_RATE) <= CountingEtcd.reads <= int(fleet_store.CATCH_UP_RATE) + 10
+
+
+def test_the_recorded_key_type_is_checked_both_ways(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    d.mkdir(mode=0o700)
+    assert seal_choice(d) is None
+    remember_seal_choice(d, "host+tpm2")
+    assert seal_choice(d) == "host+tpm2"
+    assert oct((d / "seal-with").stat().st_mode & 0o777) == "0o600"
+    for bad in ("", "host\n--with-key=tpm2", "Host", "../x", "host tpm2"):
+        with pytest.raises(errors.InvalidArg):
+            remember_seal_choice(d, bad)
+    assert seal_choice(d) == "host+tpm2"        # unchanged by the refusals
+    (d / "seal-with").write_text("host\nrm -rf /\n")
+    with pytest.raises(errors.ConfigError, match="does not name a systemd-creds key type"):
+        seal_choice(d)

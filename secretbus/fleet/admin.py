@@ -13,11 +13,13 @@ from secretbus.fleet import rotate as rotation
 from secretbus.fleet.etcd import Etcd, EtcdUnavailable
 from secretbus.fleet.hostkey import has_host_key, load_host_key, load_or_create_host_key, remove_host_key
 from secretbus.fleet.keyfile import (
+    SEAL_CHOICE_NAME,
     fleet_dir,
     has_fleet_key,
     init_fleet_key,
     load_fleet_key,
     load_fleet_keys,
+    remember_seal_choice,
     remove_files,
     remove_fleet_key,
 )
@@ -40,6 +42,8 @@ def init(paths: InstancePaths, conf: SecretConf, *, raw: bool = False, with_key:
     if key is not None and len(key) != KEY_SIZE:
         raise errors.InvalidArg(f"a fleet key has {KEY_SIZE} bytes")
     path = init_fleet_key(fleet_dir(paths), raw=raw, with_key=with_key, environ=environ, key=key)
+    if with_key is not None and not raw:
+        remember_seal_choice(fleet_dir(paths), with_key)    # for the keys of later rotations
     lines = [f"Fleet key created at {path}"]
     if not conf.fleet_endpoints:
         lines.append("fleet_endpoints is not set in secret.conf: nothing registered in etcd yet")
@@ -93,6 +97,9 @@ def join(paths: InstancePaths, conf: SecretConf, *, announce: Callable[[str], No
     client, keys = _etcd(conf)
     directory = fleet_dir(paths)
     host, made = load_or_create_host_key(directory, raw=raw, with_key=with_key, environ=environ)
+    if with_key is not None and not host.raw:
+        # The fleet keys this host seals later by itself (at start-up, after a rotation) too.
+        remember_seal_choice(directory, with_key)
     try:
         if has_fleet_key(directory, environ):
             # (a key rotated while this host was down comes first: it is the one to record)
@@ -190,7 +197,8 @@ def _leave(client: Etcd, keys: Keyspace, directory: Path, environ: Mapping[str, 
         except EtcdUnavailable as e:
             raise _unavailable(e) from None
         lines.append(f"Fleet host {host.id} left cluster '{keys.cluster}'")
-    removed = remove_fleet_key(directory) + remove_host_key(directory) + _drop_cache(directory)
+    removed = (remove_fleet_key(directory) + remove_host_key(directory)
+               + remove_files(directory, (SEAL_CHOICE_NAME,)) + _drop_cache(directory))
     lines.append(f"removed {len(removed)} files of the fleet state in {directory}")
     return lines
 

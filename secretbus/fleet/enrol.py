@@ -25,7 +25,7 @@ from secretbus.fleet.enrol_records import HostRecord, RecordError
 from secretbus.fleet.enrol_wrap import WrapError, unwrap, wrap, wrap_version
 from secretbus.fleet.etcd import KV, Etcd
 from secretbus.fleet.hostkey import HostKey, fingerprint
-from secretbus.fleet.keyfile import init_fleet_key
+from secretbus.fleet.keyfile import init_fleet_key, seal_choice
 from secretbus.fleet.keyspace import HOST_ID, Keyspace, group_records
 from secretbus.fleet.seal import ROTATING, FleetKey, cluster_checks
 
@@ -117,7 +117,10 @@ def pick_up(client: Etcd, keys: Keyspace, host: HostKey) -> FleetKey | None:
 
 def install(directory: Path, key: FleetKey, host: HostKey, *, with_key: str | None = None,
             environ: Mapping[str, str] = os.environ) -> Path:
-    """Seal the picked-up fleet key locally, the way the host key is kept (raw or systemd-creds)."""
+    """Seal the picked-up fleet key locally, the way the host key is kept (raw or systemd-creds;
+    without `with_key`, with the key type recorded at init or join, if any)."""
+    if with_key is None and not host.raw:
+        with_key = seal_choice(directory)
     return init_fleet_key(directory, raw=host.raw, with_key=with_key, environ=environ, key=key.key,
                           version=key.version)
 

@@ -26,6 +26,10 @@ RAW_NAME = "fleet-key"
 SEALED_NAME = "fleet-key.cred"
 KEY_VERSION = 1      # the first key's; `fleet rotate` adds fleet-key.v<N>[.cred] beside it
 _VERSIONED = re.compile(r"fleet-key\.v([1-9][0-9]{0,8})(\.cred)?")
+# The `--with-key` an administrator gave `fleet init` or `fleet join`, for the fleet keys this
+# host seals later by itself (picked up at start-up, after `fleet approve` or a rotation).
+SEAL_CHOICE_NAME = "seal-with"
+_SEAL_CHOICE = re.compile(r"[a-z0-9][a-z0-9+-]{0,63}")     # systemd-creds' key types: host, tpm2, host+tpm2, ...
 
 
 def key_names(version: int) -> tuple[str, str]:
@@ -33,6 +37,32 @@ def key_names(version: int) -> tuple[str, str]:
     if version == KEY_VERSION:
         return RAW_NAME, SEALED_NAME
     return f"fleet-key.v{version}", f"fleet-key.v{version}.cred"
+
+
+def remember_seal_choice(directory: Path, with_key: str) -> None:
+    """Record `with_key` (0600, atomically) as how this host seals its fleet keys from now on."""
+    if not _SEAL_CHOICE.fullmatch(with_key):
+        raise errors.InvalidArg(f"'{with_key}' is not a systemd-creds key type (--with-key)")
+    try:
+        with fsutil.verified_dir(directory) as dir_fd:
+            fsutil.atomic_write_at(dir_fd, SEAL_CHOICE_NAME, f"{with_key}\n".encode())
+    except OSError as e:
+        raise errors.OperationFailed(f"cannot record the key choice in '{directory}': {e.strerror or e}") from None
+
+
+def seal_choice(directory: Path) -> str | None:
+    """The recorded `--with-key`, or None (systemd-creds' default). A record that is not one
+    is refused rather than ignored: ignoring it would seal with another key than was asked."""
+    path = directory / SEAL_CHOICE_NAME
+    try:
+        text = fsutil.read_limited(path, 256).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise errors.ConfigError(f"cannot read '{path}': {e.strerror or e}") from None
+    if not _SEAL_CHOICE.fullmatch(text):
+        raise errors.ConfigError(f"'{path}' does not name a systemd-creds key type")
+    return text
 
 
 def fleet_dir(paths: InstancePaths) -> Path:
