@@ -386,20 +386,30 @@ def test_etcd_holds_no_key_material_in_clear(fleet: Fleet) -> None:
             assert k not in blob
 
 
-def test_join_with_a_sealed_host_key(tmp_path: Path, disk_tmp_path: Path, etcd: EtcdCluster) -> None:
+def _sealed_fleet(tmp_path: Path, disk_tmp_path: Path, etcd: EtcdCluster) -> tuple[Fleet, dict[str, str]]:
+    """A fleet whose commands seal with real systemd-creds and a private credential secret."""
     if shutil.which("systemd-creds") is None:
         pytest.skip("systemd-creds not installed")
     env = {**os.environ, "SYSTEMD_CREDENTIAL_SECRET": str(disk_tmp_path / "host.secret")}
-    fleet = Fleet(tmp_path, etcd, env)
+    return Fleet(tmp_path, etcd, env), env
+
+
+def _join_sealed(fleet: Fleet, n: int, value: bytes, with_key: str) -> tuple[str, Path]:
+    """a: the first host, serving secret uid(n) with `value`; b joined with `with_key`: its id
+    and fleet directory."""
+    _init_first(fleet)
+    a = fleet.host("a").open()
+    a.d.define_xml(xml(uid(n), f"sealed.{n}"))
+    a.d.set_value(uid(n), value)
+    r = fleet.cli("b", "join", "--with-key", with_key)
+    assert r.returncode == 0 and ID.fullmatch(r.stdout.strip()), r
+    return r.stdout.strip(), fleet_dir(InstancePaths.embed(fleet.root("b")))
+
+
+def test_join_with_a_sealed_host_key(tmp_path: Path, disk_tmp_path: Path, etcd: EtcdCluster) -> None:
+    fleet, env = _sealed_fleet(tmp_path, disk_tmp_path, etcd)
     try:
-        _init_first(fleet)
-        a = fleet.host("a").open()
-        a.d.define_xml(xml(uid(40), "sealed.40"))
-        a.d.set_value(uid(40), b"sealed-host")
-        r = fleet.cli("b", "join", "--with-key", "host")
-        assert r.returncode == 0 and ID.fullmatch(r.stdout.strip()), r
-        b_id = r.stdout.strip()
-        d = fleet_dir(InstancePaths.embed(fleet.root("b")))
+        b_id, d = _join_sealed(fleet, 40, b"sealed-host", "host")
         sealed = (d / "host-key.cred").read_bytes()
         assert oct((d / "host-key.cred").stat().st_mode & 0o777) == "0o600"
         assert oct(d.stat().st_mode & 0o777) == "0o700"
@@ -429,22 +439,13 @@ def test_the_key_type_given_to_join_seals_the_fleet_key_picked_up_at_start(
     without this host's credential secret, unlike one sealed with `host`, the default here):
     the fleet key the service picks up at start, with no second join, is sealed the same way;
     `fleet leave` forgets the choice."""
-    if shutil.which("systemd-creds") is None:
-        pytest.skip("systemd-creds not installed")
-    env = {**os.environ, "SYSTEMD_CREDENTIAL_SECRET": str(disk_tmp_path / "host.secret")}
-    fleet = Fleet(tmp_path, etcd, env)
+    fleet, env = _sealed_fleet(tmp_path, disk_tmp_path, etcd)
     old = dict(os.environ)
     try:
-        _init_first(fleet)
-        a = fleet.host("a").open()
-        a.d.define_xml(xml(uid(41), "chosen.41"))
-        a.d.set_value(uid(41), b"sealed-as-asked")
-        r = fleet.cli("b", "join", "--with-key", "tpm2-absent")
-        assert r.returncode == 0 and ID.fullmatch(r.stdout.strip()), r
-        d = fleet_dir(InstancePaths.embed(fleet.root("b")))
+        b_id, d = _join_sealed(fleet, 41, b"sealed-as-asked", "tpm2-absent")
         assert (d / "seal-with").read_text() == "tpm2-absent\n"
         assert oct((d / "seal-with").stat().st_mode & 0o777) == "0o600"
-        assert fleet.cli("a", "approve", r.stdout.strip()).returncode == 0
+        assert fleet.cli("a", "approve", b_id).returncode == 0
         os.environ.update(env)           # the embedded driver seals and unseals with these creds
         b = fleet.host("b").open()
         assert b.d.get_value(uid(41)) == b"sealed-as-asked"
