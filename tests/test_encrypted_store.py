@@ -176,3 +176,62 @@ def test_secret_skipped_without_its_key_is_never_overwritten(tmp_path, caplog):
     (root / "etc" / "secret.conf").write_text(conf)
     with open_root(root) as c:
         assert c.lookup_by_uuid(U1).get_value() == SENTINEL
+
+
+def test_rewrite_values_commits_a_batch_at_a_time_and_keeps_no_old_ciphertext(tmp_path, monkeypatch):
+    """driver/rewrite.py: one directory fsync per REWRITE_BATCH values (not one per value), and
+    the files the rewrite replaces are gone, not kept as spares holding the earlier ciphertexts."""
+    from secretbus.driver.rewrite import REWRITE_BATCH
+    root, _ = make_root(tmp_path, ['secrets_encryption_key = "KEY"'])
+    cfg = root / "etc" / "secrets"
+    n = REWRITE_BATCH + 20
+    uuids = [f"5e0e0000-0000-4000-8000-{i:012x}" for i in range(n)]
+    with open_root(root) as c:
+        for i, u in enumerate(uuids):
+            c.define_xml(xml(u, f"rw{i}")).set_value(b"value %d" % i)
+        before = {u: (cfg / f"{u}.aes256gcm").read_bytes() for u in uuids}
+        real, synced = os.fsync, []
+
+        def counting(fd):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(cfg):
+                synced.append(fd)
+            real(fd)
+        monkeypatch.setattr(os, "fsync", counting)
+        assert c.rewrite_values() == (n, n, 0)
+        monkeypatch.setattr(os, "fsync", real)
+    assert 1 <= len(synced) <= 4, len(synced)
+    assert sorted(os.listdir(cfg)) == sorted(f"{u}.{s}" for u in uuids for s in ("xml", "aes256gcm"))
+    olds = set(before.values())
+    for name in os.listdir(cfg):
+        assert (cfg / name).read_bytes() not in olds      # every value has a new nonce
+    with open_root(root) as c:
+        assert [c.lookup_by_uuid(u).get_value() for u in uuids] == [b"value %d" % i for i in range(n)]
+
+
+def test_a_value_the_rewrite_cannot_write_fails_alone(tmp_path, monkeypatch):
+    """One file that cannot be renamed into place: that value keeps its old file and reports
+    the error; the rest of its batch is rewritten (driver/rewrite.py)."""
+    from secretbus.driver.rewrite import rewrite
+    root, _ = make_root(tmp_path, ['secrets_encryption_key = "KEY"'])
+    cfg = root / "etc" / "secrets"
+    uuids = [f"5e0e0000-0000-4000-8000-{i:012x}" for i in range(5)]
+    with open_root(root) as c:
+        for i, u in enumerate(uuids):
+            c.define_xml(xml(u, f"rw{i}")).set_value(b"value %d" % i)
+        before = {u: (cfg / f"{u}.aes256gcm").read_bytes() for u in uuids}
+        bad, real = uuids[3], os.rename
+
+        def rename(src, dst, **kw):
+            if dst.startswith(bad):
+                raise OSError(5, "Input/output error")
+            real(src, dst, **kw)
+        monkeypatch.setattr(os, "rename", rename)
+        d = c.driver
+        results = dict(rewrite(d.store, [d._table.get(u) for u in uuids]))
+        monkeypatch.setattr(os, "rename", real)
+    assert [u for u, e in results.items() if e is not None] == [bad]
+    assert "Input/output error" in results[bad].message
+    assert [(cfg / f"{u}.aes256gcm").read_bytes() == before[u] for u in uuids] == [u == bad for u in uuids]
+    assert not [n for n in os.listdir(cfg) if not n.endswith((".xml", ".aes256gcm"))]    # no temp file left
+    with open_root(root) as c:
+        assert [c.lookup_by_uuid(u).get_value() for u in uuids] == [b"value %d" % i for i in range(5)]

@@ -20,6 +20,7 @@ from secretbus.core.model import DEFINE_VALIDATE, EventId, Lifecycle, SecretDef,
 from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
 from secretbus.core.uuids import canonical_uuid, parse_uuid
 from secretbus.driver import rules
+from secretbus.driver.rewrite import rewrite
 from secretbus.driver.table import Entry, SecretTable, usage_key
 from secretbus.driver.writer import Files, Key, Op, Planned, Writes
 from secretbus.fleet.changes import RemoteChange
@@ -166,15 +167,12 @@ class SecretDriver:
         if not store.binds_definitions:
             return
         with self._mutex:
-            for uuid in uuids:
-                entry = self._table.get(uuid)
-                if entry is None or entry.value is None or entry.definition.ephemeral:
-                    continue
-                try:
-                    store.write_value(entry.definition, bytes(entry.value))
-                except errors.SecretError as e:
+            entries = [e for uuid in uuids if (e := self._table.get(uuid)) is not None
+                       and e.value is not None and not e.definition.ephemeral]
+            for uuid, err in rewrite(store, entries):
+                if err is not None:
                     log.warning("cannot rewrite the value of secret %s in the bound format: %s",
-                                uuid, e.message, extra={"SECRET_UUID": uuid})
+                                uuid, err.message, extra={"SECRET_UUID": uuid})
                     continue
                 log.info("rewrote the value of secret %s in the bound format under the current key", uuid,
                          extra={"SECRET_UUID": uuid, "SECRET_OPERATION": "load"})
@@ -542,11 +540,11 @@ class SecretDriver:
         done = total = 0
         with self._writes.exclusive():
             self._load_store(self.store, migrate=True)
-            for entry in self._table:
-                if entry.definition.ephemeral or entry.value is None:
-                    continue
-                total += 1
-                self.store.write_value(entry.definition, bytes(entry.value))
+            entries = [e for e in self._table if not e.definition.ephemeral and e.value is not None]
+            total = len(entries)
+            for _, err in rewrite(self.store, entries):
+                if err is not None:
+                    raise err
                 done += 1
             skipped = len(self._table.skipped_files())
         return RewriteResult(done, total + skipped, skipped)
