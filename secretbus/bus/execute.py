@@ -280,11 +280,10 @@ class CallRunner:
         access = self.access
         if not access.enabled:
             return True, None
-        known = getattr(access, "known_uid", None)
         cached = getattr(access, "cached", None)
-        if known is None or cached is None or spec.each is not None or prep.also:
+        if cached is None or spec.each is not None or prep.also:
             return False, None
-        ok, uid = known(caller)
+        ok, uid = self._known_uid(caller)
         if not ok or uid is None or (uid != ROOT and self.budget.backlog >= LANE_BACKLOG):
             return False, None
         for perm in spec.perms:
@@ -421,7 +420,7 @@ class CallRunner:
         if spec.writes or prep.private or self.access.enabled:
             # A write waiting for its uid holds its arguments too (UidWrites.take_unknown).
             unknown = (self.writes.take_unknown(caller.sender or "", size)
-                       if spec.writes and not self._uid_known(caller) else None)
+                       if spec.writes and not self._known_uid(caller)[0] else None)
             try:
                 # Who did it goes into the log records of this request (journal CALLER_UID).
                 uid = await self.access.caller_uid(caller)
@@ -461,10 +460,13 @@ class CallRunner:
             return await now.act(await self._check(msg, caller, spec, now, grant.uid))
         return await until_unchanged(prep.act(grant), again)
 
-    def _uid_known(self, caller: Caller) -> bool:
-        """Whether caller_uid(caller) needs no question to the bus daemon."""
+    def _known_uid(self, caller: Caller) -> tuple[bool, int | None]:
+        """(True, uid) when caller_uid(caller) needs no question to the bus daemon."""
         known = getattr(self.access, "known_uid", None)
-        return known is not None and bool(known(caller)[0])
+        if known is None:
+            return False, None
+        ok, uid = known(caller)
+        return bool(ok), uid
 
     async def _filter(self, caller: Caller, perm: Perm, defs: list[SecretDef], uid: int | None) -> list[SecretDef]:
         """The defs `caller` may see (access/visibility.py)."""
