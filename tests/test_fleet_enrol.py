@@ -461,6 +461,50 @@ def test_the_key_type_given_to_join_seals_the_fleet_key_picked_up_at_start(
         fleet.close()
 
 
+def _up(fleet: Fleet, name: str) -> dict[str, str]:
+    """Each host of `fleet status` run on `name`: "up" or "down"."""
+    r = fleet.cli(name, "status")
+    assert r.returncode == 0, r
+    found = re.findall(r"^  ([0-9a-f]{32})  \S+  (?:approved key v\d+|pending)  (up since \S+Z|down)  ", r.stdout, re.M)
+    return {h: "down" if state == "down" else "up" for h, state in found}
+
+
+def test_status_shows_which_hosts_services_are_up(fleet: Fleet) -> None:
+    """fleet/presence.py: a host whose service runs shows "up since", within a heartbeat; its
+    service closing revokes the record at once; a host that joined and never started shows
+    "down"."""
+    a_id = _init_first(fleet)
+    a = fleet.host("a").open()
+    b_id = fleet.join("b")
+    assert fleet.cli("a", "approve", b_id).returncode == 0
+    wait_for(lambda: _up(fleet, "a") == {a_id: "up", b_id: "down"}, "a up, b down")
+    b = fleet.host("b").open()
+    wait_for(lambda: _up(fleet, "b") == {a_id: "up", b_id: "up"}, "both up")
+    b.close()
+    assert _up(fleet, "a") == {a_id: "up", b_id: "down"}
+    a.close()
+    assert _up(fleet, "a") == {a_id: "down", b_id: "down"}
+
+
+def test_a_presence_not_renewed_ends_with_its_lease(etcd: EtcdCluster) -> None:
+    """A service gone without revoking (kill -9, power loss, cut off): etcd drops the record
+    when its lease runs out, and a beat after the lease ended takes a new one."""
+    from secretbus.fleet.presence import Presence, alive_since
+    keys, client = Keyspace(CLUSTER), Etcd(etcd.endpoints)
+    me = "0123456789abcdef0123456789abcdef"
+    p = Presence(client, keys, me, "crashing", ttl=2)
+    p.beat()
+    _, kvs = client.range(keys.host_alive(me))
+    assert len(kvs) == 1 and alive_since(kvs[0].value)
+    wait_for(lambda: not client.range(keys.host_alive(me))[1], "the record's lease to run out", timeout=15)
+    p.beat()                 # the keepalive finds the lease gone: a new lease and record
+    assert len(client.range(keys.host_alive(me))[1]) == 1
+    p.stop()
+    assert not client.range(keys.host_alive(me))[1]
+    p.beat()                 # stopped: nothing written again
+    assert not client.range(keys.host_alive(me))[1]
+
+
 @needs_etcd
 def test_fleet_commands_refuse_without_fleet_mode(tmp_path: Path) -> None:
     etc = tmp_path / "x" / "etc"

@@ -150,3 +150,12 @@ def test_the_recorded_key_type_is_checked_both_ways(tmp_path: Path) -> None:
     (d / "seal-with").write_text("host\nrm -rf /\n")
     with pytest.raises(errors.ConfigError, match="does not name a systemd-creds key type"):
         seal_choice(d)
+
+
+def test_presence_records_are_read_strictly() -> None:
+    from secretbus.fleet.presence import MAX_ALIVE_RECORD, alive_record, alive_since
+    assert alive_since(alive_record("host-a", 0)) == "1970-01-01T00:00:00Z"
+    for bad in (b"", b"not json", b"[]", b'{"v": 2, "since": "x"}', b'{"v": 1}', b'{"v": 1, "since": 5}',
+                b'{"v": 1, "since": "a\\nb"}', b'{"v": 1, "since": "' + b"9" * 40 + b'"}',
+                b'{"v": 1, "since": "x", "pad": "' + b" " * MAX_ALIVE_RECORD + b'"}', b"\xff\xfe"):
+        assert alive_since(bad) is None, bad

@@ -245,6 +245,7 @@ def status(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = 
     lines.append(f"hosts: {len(hosts)}")
     for h in hosts:
         state = f"approved key v{h.key_version}" if h.approved else "pending"
-        lines.append(f"  {h.id}  {h.hostname}  {state}  joined {h.joined}  {h.fingerprint}"
+        up = f"up since {h.up_since}" if h.up_since else "down"
+        lines.append(f"  {h.id}  {h.hostname}  {state}  {up}  joined {h.joined}  {h.fingerprint}"
                      + (f"  PROBLEM: {h.problem}" if h.problem else "") + ("  (this host)" if h.id == me else ""))
     return lines

@@ -27,6 +27,7 @@ from secretbus.fleet.etcd import KV, Etcd
 from secretbus.fleet.hostkey import HostKey, fingerprint
 from secretbus.fleet.keyfile import init_fleet_key, seal_choice
 from secretbus.fleet.keyspace import HOST_ID, Keyspace, group_records
+from secretbus.fleet.presence import alive_since
 from secretbus.fleet.seal import ROTATING, FleetKey, cluster_checks
 
 log = logging.getLogger("secretbus.fleet")
@@ -43,6 +44,7 @@ class HostInfo:
     approved: bool
     key_version: int | None
     problem: str = ""        # why the record is not sound ("" when it is)
+    up_since: str | None = None     # its service's presence record (presence.py): connected since
 
 
 def check_id(text: str) -> str:
@@ -206,13 +208,17 @@ def revoke(client: Etcd, keys: Keyspace, target: str) -> HostInfo:
 
 def forget(client: Etcd, keys: Keyspace, host_id: str) -> None:
     """`fleet leave`: this host's own records, whatever they hold."""
-    client.txn([], [tx.delete(keys.host_pub(host_id)), tx.delete(keys.host_wrap(host_id))])
+    client.txn([], [tx.delete(keys.host_pub(host_id)), tx.delete(keys.host_wrap(host_id)),
+                    tx.delete(keys.host_alive(host_id))])
 
 
 # -- listing ---------------------------------------------------------------------------------
-def describe(host: str, pub: KV | None, wrapped: KV | None) -> HostInfo:
+def describe(host: str, pub: KV | None, wrapped: KV | None, alive: KV | None = None) -> HostInfo:
     problem, hostname, joined, fp = "", "?", "?", "?"
-    if pub is None:
+    since = alive_since(alive.value) if alive is not None else None
+    if pub is None and wrapped is None:
+        problem = "no records but its presence: revoked or left, and its service still connected"
+    elif pub is None:
         problem = "no public record (approved, then its record was deleted)"
     else:
         try:
@@ -228,13 +234,13 @@ def describe(host: str, pub: KV | None, wrapped: KV | None) -> HostInfo:
             version = wrap_version(wrapped.value)
         except WrapError as e:
             problem = problem or str(e)
-    return HostInfo(host, hostname, joined, fp, wrapped is not None, version, problem)
+    return HostInfo(host, hostname, joined, fp, wrapped is not None, version, problem, since)
 
 
 def list_hosts(client: Etcd, keys: Keyspace) -> list[HostInfo]:
     _, kvs = client.range(keys.hosts, tx.prefix_end(keys.hosts))
     parts = group_records(kvs, keys.parse_host)
-    return [describe(h, p.get("pub"), p.get("wrap")) for h, p in sorted(parts.items())]
+    return [describe(h, p.get("pub"), p.get("wrap"), p.get("alive")) for h, p in sorted(parts.items())]
 
 
 # -- the service at start-up -----------------------------------------------------------------

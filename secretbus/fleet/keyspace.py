@@ -6,6 +6,7 @@
     meta/key-check         fingerprint of the fleet key (a host with another key refuses)
     hosts/<id>/pub         a host's X25519 public key, hostname, time (not secret; fleet join)
     hosts/<id>/wrap        the fleet key wrapped for that host (fleet approve; enrol_wrap.py)
+    hosts/<id>/alive       hostname and start time, on a lease, while its service runs (presence.py)
 """
 from __future__ import annotations
 
@@ -61,12 +62,15 @@ class Keyspace:
     def host_wrap(self, host_id: str) -> bytes:
         return self.hosts + _host(host_id) + b"/wrap"
 
+    def host_alive(self, host_id: str) -> bytes:
+        return self.hosts + _host(host_id) + b"/alive"
+
     def parse_host(self, key: bytes) -> tuple[str, str] | None:
-        """(host id, "pub" | "wrap") of a host record's key; None for every other key."""
+        """(host id, "pub" | "wrap" | "alive") of a host record's key; None for every other key."""
         if not key.startswith(self.hosts):
             return None
         parts = key[len(self.hosts):].decode("ascii", "replace").split("/")
-        if len(parts) != 2 or parts[1] not in ("pub", "wrap") or not HOST_ID.fullmatch(parts[0]):
+        if len(parts) != 2 or parts[1] not in ("pub", "wrap", "alive") or not HOST_ID.fullmatch(parts[0]):
             return None
         return parts[0], parts[1]
 
@@ -97,7 +101,7 @@ K = TypeVar("K", bound=_Keyed)
 
 def group_records(kvs: Iterable[K], parse: Callable[[bytes], tuple[str, str] | None]) -> dict[str, dict[str, K]]:
     """Records of one range read by the id `parse` finds in their key, then by record kind
-    (Keyspace.parse: uuid -> def/value; parse_host: host id -> pub/wrap); other keys left out."""
+    (Keyspace.parse: uuid -> def/value; parse_host: host id -> pub/wrap/alive); other keys left out."""
     out: dict[str, dict[str, K]] = {}
     for kv in kvs:
         parsed = parse(kv.key)

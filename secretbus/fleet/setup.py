@@ -54,6 +54,7 @@ def open_fleet_store(paths: InstancePaths, conf: SecretConf, codecs: ValueCodecs
                        options=options, state_dir=directory)
     if host is not None:
         store.key_refresh = partial(_refresh, store, directory, host, environ)
+        store.host_id = host.id
     return store
 
 

@@ -95,6 +95,7 @@ class FleetStore(SecretStore):
         # `fleet rotate` (rotate.py): picks up this host's newer key; None without a host key.
         self.key_refresh: Callable[[], Sealer | None] | None = None
         self.keys = Keyspace(options.cluster)
+        self.host_id: str | None = None           # this host's fleet identity, if it has one
         self.state_dir = state_dir
         self.cell = StatusCell()
         self._lock = threading.Condition(threading.RLock())

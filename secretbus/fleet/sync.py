@@ -9,6 +9,7 @@ that went silent while the stream looks open.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -16,6 +17,7 @@ from functools import partial
 from secretbus.fleet import etcd as tx
 from secretbus.fleet.changes import RemoteChange
 from secretbus.fleet.etcd import EtcdUnavailable, WatchStream
+from secretbus.fleet.presence import Presence
 from secretbus.fleet.seal import cluster_checks
 from secretbus.fleet.status import FleetState
 from secretbus.fleet.store import FleetStore
@@ -40,6 +42,10 @@ class FleetSync:
         self._stop = threading.Event()
         self._mu = threading.Lock()
         self._stream: WatchStream | None = None
+        # This host's presence record (hosts/<id>/alive), renewed by the heartbeat; a host
+        # without a fleet identity (a hand-copied key of the first increment) has none.
+        self.presence = (Presence(store.etcd, store.keys, store.host_id, os.uname().nodename)
+                         if store.host_id is not None else None)
         self._threads = [threading.Thread(target=self._run, name="fleet-watch", daemon=True),
                          threading.Thread(target=self._beat, name="fleet-heartbeat", daemon=True)]
 
@@ -53,6 +59,8 @@ class FleetSync:
         for t in self._threads:
             if t.is_alive() and t is not threading.current_thread():
                 t.join(timeout=10)
+        if self.presence is not None:
+            self.presence.stop()
 
     def _close_stream(self) -> None:
         with self._mu:
@@ -93,6 +101,8 @@ class FleetSync:
         if self._stop.is_set():
             return False
         self.store.cell.set(FleetState.ONLINE)
+        if self.presence is not None:
+            self.presence.beat()        # at once, not a heartbeat later
         for batch in stream:
             if batch.compact_revision:
                 log.warning("fleet: the watch from revision %d was compacted (compacted up to %d); "
@@ -153,3 +163,5 @@ class FleetSync:
                 # A write or catch-up failed (a timeout, say) while the watch stayed up: etcd
                 # answers a quorum read again and the watch never broke, so nothing was missed.
                 self.store.cell.set(FleetState.ONLINE)
+            if self.presence is not None:
+                self.presence.beat()
