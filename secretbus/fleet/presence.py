@@ -26,6 +26,7 @@ log = logging.getLogger("secretbus.fleet")
 
 ALIVE_TTL = 10          # seconds: a host gone without revoking disappears from status within this
 MAX_ALIVE_RECORD = 1024
+STOP_WAIT = 1.0         # seconds a closing service waits for a beat under way
 
 
 def alive_record(hostname: str, since: float) -> bytes:
@@ -86,11 +87,15 @@ class Presence:
 
     def stop(self) -> None:
         """Revoke the lease (the record goes with it); no beat after this."""
-        with self._mu:
-            self._stopped = True
+        self._stopped = True
+        if not self._mu.acquire(timeout=STOP_WAIT):
+            return          # a beat stuck on an unreachable etcd: the lease ends by itself
+        try:
             lease, self._lease = self._lease, 0
-            if lease:
-                self._revoke(lease)
+        finally:
+            self._mu.release()
+        if lease:
+            self._revoke(lease)
 
     def _revoke(self, lease: int) -> None:
         try:
