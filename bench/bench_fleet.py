@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fleet mode on a real etcd (started here, stopped by PID): two embedded hosts A and B.
 
-    python bench/bench_fleet.py [--latency 200] [--writes 400] [--resync 2000]
+    python bench/bench_fleet.py [--latency 200] [--writes 400] [--resync 2000] [--members 1]
 
 Prints: define-to-visible-on-B latency (p50/p99, A defines, B's DEFINED event arrives),
 define+set throughput from 16 threads on A, and B's full resync of N secrets (B reopened:
@@ -35,9 +35,11 @@ def main() -> int:
     ap.add_argument("--latency", type=int, default=200)
     ap.add_argument("--writes", type=int, default=400)
     ap.add_argument("--resync", type=int, default=2000)
+    ap.add_argument("--members", type=int, default=1, help="etcd cluster members (on loopback)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sb-fleet-bench-"))
-    etcd = EtcdCluster.create(tmp / "etcd", 1)
+    etcd = EtcdCluster.create(tmp / "etcd", args.members)
+    print(f"fleet bench: {args.members} etcd member(s) on loopback")
     hosts = []
     try:
         etcd.start()
