@@ -57,10 +57,6 @@ class Presence:
         self._mu = threading.Lock()      # beat (heartbeat thread) against stop (the closer)
         self._stopped = False
 
-    @property
-    def present(self) -> bool:
-        return bool(self._lease)
-
     def beat(self) -> None:
         """Renew the lease, or take a new one and write the record."""
         with self._mu:
