@@ -601,6 +601,7 @@ from secretbus.fleet.etcd import Etcd, prefix_end
 from secretbus.fleet.hostkey import load_host_key
 from secretbus.fleet.keyspace import Keyspace
 endpoint, cluster, directory, after = sys.argv[1:]
+rotate.LOCK_TTL = 2         # the lease this crash leaves: the resuming run waits 2 s, not 10
 def crash(n):
     if n == int(after):
         os._exit(9)         # no cleanup, no lock release: as a killed process

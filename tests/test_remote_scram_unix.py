@@ -21,6 +21,7 @@ from pathlib import Path
 import harness
 import pytest
 from fixtures import U1, U2, secret_xml
+from harness.events import EventWatch
 from harness.procs import remove_tree
 from rpcraw import RawClient, RemoteError
 
@@ -132,13 +133,12 @@ def test_virsh_events_over_scram_unix(scram_unix, tmp_path):
     _d, _conf, rpc_dir = scram_unix
     u = uri(rpc_dir)
     env = client_env(tmp_path, "fred", "fr3d-unix-pass")
-    ev = subprocess.Popen(["virsh", "-c", u, "secret-event", "--event", "lifecycle", "--loop", "--timeout", "8"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ev = EventWatch(["virsh", "-c", u, "secret-event", "--event", "lifecycle", "--loop", "--timeout", "20"], env=env)
     try:
         time.sleep(1.5)
         ok(virsh(u, "secret-define", define_file(tmp_path), env=env))
         ok(virsh(u, "secret-undefine", U1, env=env))
-        out, err = ev.communicate(timeout=20)
+        out, err = ev.until(f"secret {U1}: Undefined")
     finally:
         ev.kill()
     assert f"'lifecycle' for secret {U1}: Defined" in out, (out, err)

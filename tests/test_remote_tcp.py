@@ -21,6 +21,7 @@ import harness
 import pytest
 from fixtures import U1, U2, secret_xml
 from harness import reference
+from harness.events import EventWatch
 from harness.kdc import CLOCKSKEW, Kdc
 from test_remote_tls import DEBIAN_PYTHON, PY_CLIENT, define_file, free_port, ok
 
@@ -135,13 +136,13 @@ def test_virsh_over_tcp_with_kerberos(tcp, tmp_path):
 
 def test_virsh_secret_event_over_tcp(tcp, tmp_path):
     env = tcp.env()
-    ev = subprocess.Popen(["virsh", "-c", tcp.uri(), "secret-event", "--event", "lifecycle", "--loop",
-                           "--timeout", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ev = EventWatch(["virsh", "-c", tcp.uri(), "secret-event", "--event", "lifecycle", "--loop", "--timeout", "20"],
+                    env=env)
     try:
         time.sleep(1.5)
         ok(virsh(tcp.uri(), "secret-define", define_file(tmp_path), env=env))
         ok(virsh(tcp.uri(), "secret-undefine", U1, env=env))
-        out, err = ev.communicate(timeout=20)
+        out, err = ev.until(f"secret {U1}: Undefined")
     finally:
         ev.kill()
     assert f"'lifecycle' for secret {U1}: Defined" in out, (out, err)

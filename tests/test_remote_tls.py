@@ -18,6 +18,7 @@ from pathlib import Path
 import harness
 import pytest
 from fixtures import U1, U2, secret_xml
+from harness.events import EventWatch
 from harness.ports import free_port
 from harness.procs import remove_tree
 
@@ -228,17 +229,17 @@ def test_virsh_over_tls(tls, tmp_path):
 
 
 def test_virsh_secret_event_over_tls(tls, tmp_path):
-    ev = subprocess.Popen(["virsh", "-c", tls.uri, "secret-event", "--event", "lifecycle", "--loop",
-                           "--timeout", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ev = EventWatch(["virsh", "-c", tls.uri, "secret-event", "--event", "lifecycle", "--loop", "--timeout", "20"])
     try:
         time.sleep(1.5)
         ok(virsh(tls.uri, "secret-define", define_file(tmp_path)))
         ok(virsh(tls.uri, "secret-undefine", U1))
-        out, err = ev.communicate(timeout=20)
+        out, err = ev.until(f"secret {U1}: Undefined")
     finally:
         ev.kill()
     assert f"'lifecycle' for secret {U1}: Defined" in out, (out, err)
     assert f"'lifecycle' for secret {U1}: Undefined" in out, (out, err)
+    assert out.endswith("events received: 2\n\n"), (out, err)
 
 
 PY_CLIENT = r'''

@@ -138,17 +138,17 @@ def test_one_users_lists_do_not_hold_up_root(system_bus, make_polkitd, make_secr
     d = make_secretbusd(system_bus, system=True, args=("--rpc-dir", str(rpc_dir)))
     rw, ro, uuids = store(rpc_dir)
     base = root_lookups(rw, uuids[7], 2)
-    floods = attackers(unpriv_python, test_users.other, READER, ro, 12)
+    floods = attackers(unpriv_python, test_users.other, READER, ro, 8)
     try:
         # Each process's lists are answered (a first round of checks in polkitd can take a
-        # while: once in CI none came within 12 s), then the flood goes on for 12 s more.
+        # while: once in CI none came within 12 s), then the flood goes on for 8 s more.
         for f in floods:
             first = f.stdout.readline().strip()
             assert first == "first", (first, logs(pk, d))
         time.sleep(1)
         for f in floods:
             assert f.poll() is None, f.communicate()[1][-2000:]
-        under = root_lookups(rw, uuids[7], 6)
+        under = root_lookups(rw, uuids[7], 5)
         outs = [f.communicate(timeout=30) for f in floods]
     finally:
         for f in floods:
@@ -162,7 +162,7 @@ def test_one_users_lists_do_not_hold_up_root(system_bus, make_polkitd, make_secr
     print(f"root lookup p50/p99/max: alone {base[len(base) // 2] * 1e3:.2f}/{base[int(len(base) * .99)] * 1e3:.2f}/"
           f"{base[-1] * 1e3:.2f} ms; under {replies} lists {under[len(under) // 2] * 1e3:.2f}/{p99 * 1e3:.2f}/"
           f"{under[-1] * 1e3:.2f} ms")
-    assert replies > 500 and min(lasts) > 10, (replies, lasts, logs(pk, d))    # the attack ran to its end
+    assert replies > 500 and min(lasts) > 6.5, (replies, lasts, logs(pk, d))    # the attack ran to its end
     assert p99 < 0.05, f"root's lookup p99 {p99 * 1e3:.1f} ms under the flood"
 
 
@@ -206,7 +206,7 @@ def test_one_users_unread_lists_are_bounded(system_bus, make_polkitd, make_secre
         for f in floods:
             assert f.stdout.readline().strip() == "ok"
         peak = before
-        for _ in range(20):
+        for _ in range(12):           # 6 s: the growth ended within 2 s when it was measured
             time.sleep(0.5)
             peak = max(peak, rss_mb(d.proc.pid))
         print(f"secretbusd RSS before {before:.1f} MB, peak {peak:.1f} MB")

@@ -16,6 +16,7 @@ import harness
 import pytest
 from fixtures import U1, U2, secret_xml
 from harness import programs
+from harness.events import EventWatch
 from harness.procs import remove_tree
 
 from secretbus.bus.client import DBusConnection
@@ -132,23 +133,19 @@ def test_virsh_non_root_is_refused_without_polkit(systemd_, rpc_dir, test_users,
 
 def test_virsh_secret_event_across_keepalive(sessiond, rpc_dir, tmp_path):
     u = uri(rpc_dir)
-    ev = subprocess.Popen(["virsh", "-c", u, "secret-event", "--event", "lifecycle", "--loop", "--timeout", "14"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    vc = subprocess.Popen(["virsh", "-c", u, "secret-event", "--event", "value-changed", "--loop",
-                           "--timeout", "14"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ev = EventWatch(["virsh", "-c", u, "secret-event", "--event", "lifecycle", "--loop", "--timeout", "30"])
+    vc = EventWatch(["virsh", "-c", u, "secret-event", "--event", "value-changed", "--loop", "--timeout", "30"])
     try:
         time.sleep(1.5)
         ok(virsh(u, "secret-define", define_file(tmp_path)))
         time.sleep(10)          # > 5 s: the server pings, virsh pings, both answer
         ok(virsh(u, "secret-set-value", U1, "--base64", "QUJD"))
         ok(virsh(u, "secret-undefine", U1))
-        out, err = ev.communicate(timeout=30)
-        out2, err2 = vc.communicate(timeout=30)
+        out, err = ev.until(f"secret {U1}: Undefined")
+        out2, err2 = vc.until(f"event 'value-changed' for secret {U1}")
     finally:
-        for p in (ev, vc):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        ev.kill()
+        vc.kill()
     assert f"event 'lifecycle' for secret {U1}: Defined" in out, (out, err)
     assert f"event 'lifecycle' for secret {U1}: Undefined" in out
     assert "events received: 2" in out
