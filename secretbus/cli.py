@@ -359,10 +359,17 @@ def cmd_init_encryption(conn_unused, a) -> int:
 FLEET_ACTIONS = ("init", "join", "approve", "status", "leave", "revoke", "rotate")
 
 
+def _instance_paths(parsed, a):
+    """The local instance a fleet or rotate-key command acts on, with its secretbusd.conf
+    named by --config (DESIGN §11), as `secretbusd --config` names it."""
+    from secretbus.store.paths import InstancePaths
+    paths = InstancePaths.for_kind(parsed.kind, parsed.root)
+    return paths.with_server_conf(a.config) if _req(a, "config") else paths
+
+
 def cmd_fleet(conn_unused, a) -> int:
     from secretbus.fleet import admin
-    from secretbus.store.conf import load_conf
-    from secretbus.store.paths import InstancePaths
+    from secretbus.store.conf import load_instance_conf
     from secretbus.uri import default_uri, parse_uri
     if a.action not in FLEET_ACTIONS:
         raise CommandError(f"unknown fleet action '{a.action}' ({', '.join(FLEET_ACTIONS)})")
@@ -392,8 +399,8 @@ def cmd_fleet(conn_unused, a) -> int:
         _out.flush()        # before waiting: the operator needs it for 'fleet approve'
     try:
         parsed = parse_uri(a.connect_uri or default_uri())
-        paths = InstancePaths.for_kind(parsed.kind, parsed.root)
-        conf = load_conf(paths.conf_file)
+        paths = _instance_paths(parsed, a)
+        conf = load_instance_conf(paths)
         if a.action == "init":
             lines = admin.init(paths, conf, raw=a.raw, with_key=_req(a, "with-key"),
                                copy_from=Path(a.from_file) if _req(a, "from-file") else None)
@@ -421,14 +428,13 @@ def cmd_fleet(conn_unused, a) -> int:
 
 def cmd_rotate_key(conn_unused, a) -> int:
     from secretbus import cli_rotate
-    from secretbus.store.conf import load_conf
-    from secretbus.store.paths import InstancePaths
+    from secretbus.store.conf import load_instance_conf
     from secretbus.uri import default_uri, parse_uri
     try:
         parsed = parse_uri(a.connect_uri or default_uri())
-        paths = InstancePaths.for_kind(parsed.kind, parsed.root)
+        paths = _instance_paths(parsed, a)
         timeout = float(_req(a, "timeout") or 60)
-        lines = cli_rotate.rotate_key(paths, load_conf(paths.conf_file), key_path=_req(a, "key-path"),
+        lines = cli_rotate.rotate_key(paths, load_instance_conf(paths), key_path=_req(a, "key-path"),
                                       with_key=_req(a, "with-key"), timeout=timeout, say=_print)
     except ValueError:
         raise CommandError(f"invalid --timeout '{a.timeout}'") from None
@@ -488,13 +494,13 @@ def cmd_audit(conn_unused, a) -> int:
 def cmd_sasl_passwd(conn_unused, a) -> int:
     """secretbusd's SASL verifier store (rpc/sasl.py): set or delete USER's SCRAM verifier."""
     from secretbus.rpc import sasl
-    from secretbus.rpc.serverconf import default_path
+    from secretbus.store.paths import InstancePaths
     from secretbus.uri import default_uri, parse_uri
     if _req(a, "file"):
         path = Path(a.file)
     else:
-        kind = parse_uri(a.connect_uri or default_uri()).kind
-        path = default_path(kind.value == "system").parent / sasl.FILE_NAME
+        parsed = parse_uri(a.connect_uri or default_uri())
+        path = InstancePaths.for_kind(parsed.kind, parsed.root).server_conf_file.parent / sasl.FILE_NAME
     store = sasl.VerifierStore(path)
     try:
         if a.delete:
@@ -564,6 +570,10 @@ _command("init-encryption", "create the sealed encryption key (once)",
           Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...)", named_only=True),
           Opt("raw", B, "write a raw 0600 key file (hosts without systemd)")),
          cmd_init_encryption, no_connection=True)
+# The secretbusd.conf that holds fleet mode's keys (DESIGN §11), as `secretbusd --config` names it.
+_CONFIG = Opt("config", S, "the secretbusd.conf with the fleet_* keys (default /etc/secretbus/secretbusd.conf; "
+              "session: ~/.config/secretbus/, embedded: ROOT/etc/), as given to secretbusd --config",
+              named_only=True)
 _command("fleet", "fleet mode: init, join, approve HOST, status, leave, revoke HOST, rotate",
          "Fleet mode (docs/fleet.md): 'init' creates the fleet key on the first host (sealed with systemd-creds) "
          "and registers it for the cluster; 'join' makes this host's key pair, publishes it and prints its "
@@ -578,7 +588,8 @@ _command("fleet", "fleet mode: init, join, approve HOST, status, leave, revoke H
               "for the fleet keys this host picks up later", named_only=True),
           Opt("raw", B, "write a raw 0600 key file (hosts without systemd)"),
           Opt("from-file", S, "seal a copy of the first host's fleet key (a raw 32-byte file) instead of "
-              "creating one", named_only=True)),
+              "creating one", named_only=True),
+          _CONFIG),
          cmd_fleet, no_connection=True)
 _command("audit", "show the audit records of value reads",
          "Show the journal's records of secret value reads (allowed and denied), oldest first.",
@@ -605,7 +616,8 @@ _command("rotate-key", "replace the encryption key, the service running or not",
               "/var/lib/libvirt/secrets/secrets-encryption-key; a raw key in secret.conf is found there)",
               named_only=True),
           Opt("with-key", S, "systemd-creds --with-key= for the new sealed key (host, tpm2, ...)", named_only=True),
-          Opt("timeout", S, "seconds to wait for the service to re-encrypt (default 60)", named_only=True)),
+          Opt("timeout", S, "seconds to wait for the service to re-encrypt (default 60)", named_only=True),
+          _CONFIG),
          cmd_rotate_key, no_connection=True)
 _command("ssh-bridge", "relay stdin/stdout to the local RPC socket (remote end of secret+ssh://)",
          "Copy standard input and output to and from this host's libvirt RPC socket for URI, as libvirt's "

@@ -57,7 +57,7 @@ from secretbus.rpc.connection import RpcLimits
 from secretbus.rpc.guard import Guard
 from secretbus.rpc.remote_listeners import RemoteListeners
 from secretbus.rpc.server import RpcServer, SocketBusy, socket_plan
-from secretbus.rpc.serverconf import ServerConf, default_path, load_serverconf
+from secretbus.rpc.serverconf import ServerConf, load_serverconf
 from secretbus.rpc.tls import HANDSHAKE_TIMEOUT
 from secretbus.store.conf import resolve_readers
 from secretbus.store.paths import InstancePaths
@@ -483,6 +483,8 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
     system = bool(args.system)
     paths_root = os.path.abspath(args.root) if args.root else None
     paths = InstancePaths.for_kind(InstanceKind.SYSTEM if system else InstanceKind.SESSION, paths_root)
+    if args.config is not None:
+        paths = paths.with_server_conf(args.config)
     notify("STATUS=loading secrets")
     try:
         driver = open_instance(paths)
@@ -493,9 +495,9 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
     except errors.SecretError as e:
         driver.close()
         return _config_failure(e)
-    conf_path = default_path(system, paths_root) if args.config is None else Path(os.path.abspath(args.config))
+    conf_path = paths.server_conf_file
     try:
-        serverconf = load_serverconf(conf_path, required=args.config is not None)
+        serverconf = load_serverconf(conf_path, required=paths.server_conf_named)
     except errors.SecretError as e:
         driver.close()
         return _config_failure(e)
@@ -505,7 +507,7 @@ def main(argv: list[str] | None = None, *, polkit: Callable[..., PolkitAccess] =
                     max_message=args.max_message_size, audit=AuditMode(args.audit) if args.audit else None,
                     rpc=rpc_front_end(args, driver, system, paths_root, passed, serverconf),
                     rpc_optional=args.rpc_dir is None, serverconf=serverconf,
-                    serverconf_required=args.config is not None, serverconf_path=conf_path,
+                    serverconf_required=paths.server_conf_named, serverconf_path=conf_path,
                     tls_handshake_timeout=args.tls_handshake_timeout)
     try:
         with asyncio.Runner(loop_factory=lambda: busypoll.new_event_loop(args.poll_us)) as runner:

@@ -111,8 +111,8 @@ def make_host(base: Path, name: str, endpoints: list[str], fleet_key: bytes | No
     etc.chmod(0o700)
     init_encryption(etc / "host-key", raw=True)       # the local cache is encrypted under the host key
     ends = ", ".join(f'"{e}"' for e in endpoints)
-    (etc / "secret.conf").write_text(f'secrets_encryption_key = "{etc / "host-key"}"\n'
-                                     f'fleet_endpoints = [ {ends} ]\nfleet_cluster = "test"\n' + extra_conf)
+    (etc / "secret.conf").write_text(f'secrets_encryption_key = "{etc / "host-key"}"\n')
+    (etc / "secretbusd.conf").write_text(f'fleet_endpoints = [ {ends} ]\nfleet_cluster = "test"\n' + extra_conf)
     path = init_fleet_key(fleet_dir(InstancePaths.embed(root)), raw=True, key=fleet_key)
     return Host(name, root, endpoints), path.read_bytes()
 
@@ -396,7 +396,7 @@ def test_cli_fleet_init_and_status(tmp_path: Path, etcd: EtcdCluster) -> None:
     for name in ("one", "two", "three"):
         etc = tmp_path / name / "etc"
         etc.mkdir(parents=True, mode=0o700)
-        (etc / "secret.conf").write_text(f'fleet_endpoints = [ "{etcd.endpoints[0]}" ]\nfleet_cluster = "cli"\n')
+        (etc / "secretbusd.conf").write_text(f'fleet_endpoints = [ "{etcd.endpoints[0]}" ]\nfleet_cluster = "cli"\n')
         roots.append(tmp_path / name)
     r = cli(roots[0], "init", "--raw")
     assert r.returncode == 0 and "uses this key" in r.stdout, r
@@ -418,7 +418,9 @@ def test_secretbusd_serves_the_fleet_on_dbus(tmp_path: Path, etcd: EtcdCluster, 
     a, key = make_host(tmp_path, "a", etcd.endpoints, None)
     a.open()
     d, _ = make_host(tmp_path, "d", etcd.endpoints, key)
-    daemon = make_secretbusd(session_bus, root=d.root)
+    named = tmp_path / "d-secretbusd.conf"          # DESIGN §11: --config names the file of the fleet keys
+    d.paths.server_conf_file.rename(named)
+    daemon = make_secretbusd(session_bus, root=d.root, args=("--config", str(named)))
     conn = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
                                bus_address=session_bus.address)
     got: list[SecretEvent] = []
@@ -531,9 +533,9 @@ def test_the_largest_definition_the_rules_allow_replicates(hosts: list[Host]) ->
 
 def test_secrets_a_host_had_before_fleet_mode_stay_local(tmp_path: Path, etcd: EtcdCluster) -> None:
     a, key = make_host(tmp_path, "a", etcd.endpoints, None)
-    conf = a.paths.conf_file
+    conf = a.paths.server_conf_file
     fleet_conf = conf.read_text()
-    conf.write_text(fleet_conf.split("fleet_endpoints")[0])     # the host key only: no fleet yet
+    conf.write_text("")                                         # no fleet yet
     u = uid(1400)
     d = open_instance(a.paths)
     d.define_xml(xml(u, "old.1400"))
@@ -691,8 +693,8 @@ def test_a_reload_in_fleet_mode_keeps_the_store_and_follows_the_conf(hosts: list
     what the host publishes follows the new conf; changes that need a new store are refused and
     change nothing."""
     a, b, _ = hosts
-    conf = a.paths.conf_file
-    text = conf.read_text()
+    conf, secret_conf = a.paths.server_conf_file, a.paths.conf_file
+    text, secret_text = conf.read_text(), secret_conf.read_text()
     store = a.store
     a.d.define_xml(xml(uid(700), "reload.700"))
     conf.write_text(text + "fleet_private = 0\n")
@@ -704,16 +706,19 @@ def test_a_reload_in_fleet_mode_keeps_the_store_and_follows_the_conf(hosts: list
     assert not b.seen(uid(701), EventId.LIFECYCLE, Lifecycle.DEFINED)
     assert not a.store.is_fleet(uid(701)) and a.store.is_fleet(uid(702))
     refused = {
-        "fleet_cluster": text.replace('fleet_cluster = "test"', 'fleet_cluster = "other"'),
-        "fleet_endpoints": text.replace("fleet_endpoints = [", 'fleet_endpoints = [ "http://127.0.0.1:1",'),
-        "secrets_encryption_key": text.replace("host-key", "other-key"),
-        "fleet mode ends": "\n".join(x for x in text.splitlines() if not x.startswith("fleet_endpoints")),
+        "fleet_cluster": (conf, text.replace('fleet_cluster = "test"', 'fleet_cluster = "other"')),
+        "fleet_endpoints": (conf, text.replace("fleet_endpoints = [", 'fleet_endpoints = [ "http://127.0.0.1:1",')),
+        "secrets_encryption_key": (secret_conf, secret_text.replace("host-key", "other-key")),
+        "fleet mode ends": (conf, "\n".join(x for x in text.splitlines() if not x.startswith("fleet_endpoints"))),
+        "both here and in": (secret_conf, secret_text + 'fleet_cluster = "test"\n'),
     }
-    for what, bad in refused.items():
-        conf.write_text(bad)
+    for what, (where, bad) in refused.items():
+        where.write_text(bad)
         with pytest.raises(errors.ConfigError, match=what):
             a.d.reload()
         assert a.store is store and a.d.conf.fleet_private is False and a.d.count() == 3
+        conf.write_text(text + "fleet_private = 0\n")
+        secret_conf.write_text(secret_text)
     conf.write_text(text)
     a.d.reload()
     a.d.define_xml(xml(uid(703), "reload.703", private="yes"))     # published again
@@ -722,7 +727,7 @@ def test_a_reload_in_fleet_mode_keeps_the_store_and_follows_the_conf(hosts: list
 
 def test_a_reload_does_not_turn_fleet_mode_on(tmp_path: Path, etcd: EtcdCluster) -> None:
     h, _ = make_host(tmp_path, "plain", etcd.endpoints, None)
-    conf = h.paths.conf_file
+    conf = h.paths.server_conf_file
     text = conf.read_text()
     conf.write_text("\n".join(x for x in text.splitlines() if not x.startswith("fleet_endpoints")))
     d = open_instance(h.paths)

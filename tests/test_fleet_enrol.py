@@ -111,9 +111,9 @@ class Fleet:
         if not etc.exists():
             etc.mkdir(parents=True, mode=0o700)
             init_encryption(etc / "host-key", raw=True)      # the cache's at-rest key
-            (etc / "secret.conf").write_text(f'secrets_encryption_key = "{etc / "host-key"}"\n'
-                                             f'fleet_endpoints = [ "{self.etcd.endpoints[0]}" ]\n'
-                                             f'fleet_cluster = "{CLUSTER}"\n')
+            (etc / "secret.conf").write_text(f'secrets_encryption_key = "{etc / "host-key"}"\n')
+            (etc / "secretbusd.conf").write_text(f'fleet_endpoints = [ "{self.etcd.endpoints[0]}" ]\n'
+                                                 f'fleet_cluster = "{CLUSTER}"\n')
         return root
 
     def cli(self, name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -467,6 +467,32 @@ def _up(fleet: Fleet, name: str) -> dict[str, str]:
     assert r.returncode == 0, r
     found = re.findall(r"^  ([0-9a-f]{32})  \S+  (?:approved key v\d+|pending)  (up since \S+Z|down)  ", r.stdout, re.M)
     return {h: "down" if state == "down" else "up" for h, state in found}
+
+
+def test_fleet_commands_read_the_keys_from_secretbusd_conf_or_config(fleet: Fleet) -> None:
+    """DESIGN §11: fleet mode's keys are secretbusd.conf's; `--config FILE` names it as for
+    secretbusd. Keys left in secret.conf (the first builds read them there) still work, and
+    status says to move them."""
+    a_id = _init_first(fleet)
+    root = fleet.root("a")
+    default = root / "etc" / "secretbusd.conf"
+    r = fleet.cli("a", "status")
+    assert r.returncode == 0 and f"configuration: {default}" in r.stdout and "PROBLEM" not in r.stdout, r
+    named = fleet.base / "elsewhere.conf"
+    default.rename(named)
+    r = fleet.cli("a", "status")
+    assert r.returncode == 0 and r.stdout.startswith(f"fleet mode: off (fleet_endpoints is not set in {default})"), r
+    r = fleet.cli("a", "status", "--config", str(named))
+    assert r.returncode == 0 and f"configuration: {named}" in r.stdout and a_id in r.stdout, r
+    r = fleet.cli("a", "status", "--config", str(fleet.base / "missing.conf"))
+    assert r.returncode == 1 and "No such file" in r.stderr, r
+    secret_conf = root / "etc" / "secret.conf"
+    secret_conf.write_text(secret_conf.read_text() + named.read_text())
+    r = fleet.cli("a", "status")
+    assert r.returncode == 0 and a_id in r.stdout, r
+    assert f"configuration: {secret_conf}" in r.stdout and "PROBLEM: fleet mode's keys are in secret.conf" in r.stdout
+    r = fleet.cli("a", "status", "--config", str(named))
+    assert r.returncode == 1 and "set both here and in" in r.stderr, r
 
 
 def test_status_shows_which_hosts_services_are_up(fleet: Fleet) -> None:

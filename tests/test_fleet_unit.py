@@ -1,5 +1,6 @@
 """Fleet mode's pure logic: sealing and its bindings, the usage index, keyspace names, the
-fleet_* keys of secret.conf, and the fleet key files (raw and sealed with systemd-creds)."""
+fleet_* keys of secretbusd.conf (and of secret.conf, where the first builds read them), and the
+fleet key files (raw and sealed with systemd-creds)."""
 from __future__ import annotations
 
 import os
@@ -10,10 +11,13 @@ import pytest
 
 from secretbus.core import errors
 from secretbus.core.model import UsageType
+from secretbus.core.virconf import is_fleet_key
 from secretbus.fleet.keyfile import init_fleet_key, load_fleet_key, remember_seal_choice, seal_choice
 from secretbus.fleet.keyspace import Keyspace
 from secretbus.fleet.seal import FleetKey, Sealer, SealError
-from secretbus.store.conf import parse_conf
+from secretbus.rpc.serverconf import parse_serverconf
+from secretbus.store.conf import FLEET_OPTIONS, load_instance_conf, parse_conf
+from secretbus.store.paths import InstancePaths
 
 U1 = "6a1e0c1e-0000-4000-8000-000000000001"
 U2 = "6a1e0c1e-0000-4000-8000-000000000002"
@@ -78,6 +82,76 @@ def test_fleet_keys_of_secret_conf() -> None:
                      ('fleet_ca_file = "rel.pem"', "absolute")):
         with pytest.raises(errors.ConfigError, match=msg):
             parse_conf(bad)
+
+
+SERVER_AND_FLEET = ('listen_tls = 0\nmax_clients = 20\n'
+                    'fleet_endpoints = [ "http://127.0.0.1:2379" ]\nfleet_cluster = "dc-2"\nfleet_private = 0\n')
+
+
+def _instance(tmp_path: Path, secret_conf: str | None = None, server_conf: str | None = None) -> InstancePaths:
+    paths = InstancePaths.embed(tmp_path / "i")
+    paths.conf_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path, text in ((paths.conf_file, secret_conf), (paths.server_conf_file, server_conf)):
+        if text is not None:
+            path.write_text(text)
+            path.chmod(0o600)
+    return paths
+
+
+def test_fleet_keys_are_read_from_secretbusd_conf(tmp_path: Path, caplog) -> None:
+    """DESIGN §11: fleet mode's keys are secretbusd.conf's; each reader of that file leaves the
+    other's keys alone (no 'unknown key' warning for them), and a misspelt fleet key is
+    reported once."""
+    assert FLEET_OPTIONS and all(is_fleet_key(k) for k in FLEET_OPTIONS)
+    paths = _instance(tmp_path, 'encrypt_data = 0\n', SERVER_AND_FLEET + 'fleet_endpoint = "typo"\n')
+    with caplog.at_level("WARNING"):
+        conf = load_instance_conf(paths)
+        server = parse_serverconf(paths.server_conf_file.read_text(), str(paths.server_conf_file))
+    assert (conf.fleet_endpoints, conf.fleet_cluster, conf.fleet_private) == (("http://127.0.0.1:2379",), "dc-2", False)
+    assert conf.fleet_file == paths.server_conf_file and conf.encrypt_data is False
+    assert server.max_clients == 20
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [f"{paths.server_conf_file}:6: unknown key 'fleet_endpoint' ignored"], warned
+
+
+def test_no_secretbusd_conf_is_fleet_mode_off_and_says_where(tmp_path: Path) -> None:
+    paths = _instance(tmp_path, 'encrypt_data = 0\n')
+    conf = load_instance_conf(paths)
+    assert conf.fleet_endpoints == () and conf.fleet_file == paths.server_conf_file
+    with pytest.raises(errors.ConfigError, match="No such file"):
+        load_instance_conf(paths.with_server_conf(tmp_path / "named.conf"))     # --config FILE must exist
+    named = tmp_path / "named.conf"
+    named.write_text(SERVER_AND_FLEET)
+    assert load_instance_conf(paths.with_server_conf(named)).fleet_cluster == "dc-2"
+
+
+def test_fleet_keys_in_secret_conf_still_work_with_a_warning(tmp_path: Path, caplog) -> None:
+    paths = _instance(tmp_path, 'fleet_endpoints = [ "http://127.0.0.1:2379" ]\nfleet_cluster = "old"\n',
+                      "listen_tls = 0\n")
+    with caplog.at_level("WARNING"):
+        conf = load_instance_conf(paths)
+    assert conf.fleet_cluster == "old" and conf.fleet_file == paths.conf_file
+    assert any("belong in" in r.getMessage() and str(paths.server_conf_file) in r.getMessage()
+               for r in caplog.records)
+
+
+def test_fleet_keys_in_both_files_are_refused(tmp_path: Path) -> None:
+    paths = _instance(tmp_path, 'fleet_cluster = "old"\n', SERVER_AND_FLEET)
+    with pytest.raises(errors.ConfigError, match="set both here and in .*secret.conf"):
+        load_instance_conf(paths)
+
+
+def test_a_secretbusd_conf_others_may_write_is_refused_for_fleet_mode_too(tmp_path: Path) -> None:
+    """It names the etcd a host trusts and the TLS files it uses: the rule of remote access."""
+    paths = _instance(tmp_path, None, SERVER_AND_FLEET)
+    paths.server_conf_file.chmod(0o620)
+    with pytest.raises(errors.ConfigError, match="writable by others"):
+        load_instance_conf(paths)
+    paths.server_conf_file.chmod(0o600)
+    link = paths.server_conf_file.with_name("link.conf")
+    link.symlink_to(paths.server_conf_file)
+    with pytest.raises(errors.ConfigError, match="Failed to open"):
+        load_instance_conf(paths.with_server_conf(link))
 
 
 def _private_dir(tmp_path: Path) -> Path:

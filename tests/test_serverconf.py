@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from secretbus.core import errors
+from secretbus.core.model import InstanceKind
 from secretbus.rpc.serverconf import (
     CA_FILE,
     CERT_FILE,
@@ -16,11 +17,11 @@ from secretbus.rpc.serverconf import (
     TLS_PORT,
     Kind,
     Rights,
-    default_path,
     glob_match,
     load_serverconf,
     parse_serverconf,
 )
+from secretbus.store.paths import InstancePaths
 
 DN = "C=GB,ST=London,L=London,O=secretbus test,CN=client1"
 
@@ -147,10 +148,12 @@ def test_load(tmp_path: Path):
 
 
 def test_default_paths(monkeypatch, tmp_path):
-    assert str(default_path(True)) == "/etc/secretbus/secretbusd.conf"
+    assert str(InstancePaths.system().server_conf_file) == "/etc/secretbus/secretbusd.conf"
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    assert default_path(False) == tmp_path / "secretbus" / "secretbusd.conf"
-    assert default_path(True, "/r") == Path("/r/etc/secretbusd.conf")
+    assert InstancePaths.session().server_conf_file == tmp_path / "secretbus" / "secretbusd.conf"
+    assert InstancePaths.for_kind(InstanceKind.SYSTEM, "/r").server_conf_file == Path("/r/etc/secretbusd.conf")
+    named = InstancePaths.system().with_server_conf("rel/x.conf")
+    assert named.server_conf_named and named.server_conf_file == Path.cwd() / "rel" / "x.conf"
 
 
 # -- rights of remote callers (rpc/remote.py, guard.py's remote branch): pure logic --------------

@@ -598,13 +598,13 @@ def test_fleet_under_the_unit_with_the_dropin(installed, notify_socket, tmp_path
         root = disk_tmp_path / "root"
         unit = Unit(installed, root, tmp_path, notify_socket)
         ends = ", ".join(f'"{e}"' for e in cluster.endpoints)
-        (root / "etc/secret.conf").write_text(
-            f'fleet_endpoints = [ {ends} ]\nfleet_cluster = "test"\n'
-            'fleet_ca_file = "/etc/pki/secretbus/etcd-ca.pem"\nfleet_cert_file = "/etc/pki/secretbus/etcd-client.pem"\n'
-            'fleet_key_file = "/etc/pki/secretbus/etcd-client-key.pem"\n')
         state = fleet_dir(InstancePaths.embed(root))
         init_fleet_key(state, raw=True, key=key)
-        unit.write_conf("")
+        # fleet mode's keys in /etc/secretbus/secretbusd.conf, which the unit binds read-only
+        unit.write_conf(f'fleet_endpoints = [ {ends} ]\nfleet_cluster = "test"\n'
+                        'fleet_ca_file = "/etc/pki/secretbus/etcd-ca.pem"\n'
+                        'fleet_cert_file = "/etc/pki/secretbus/etcd-client.pem"\n'
+                        'fleet_key_file = "/etc/pki/secretbus/etcd-client-key.pem"\n')
         d = unit.start(dropin=True, maps={"/etc/pki/secretbus": etc_pki, "/etc/libvirt/secretbus-fleet": state})
         sock = unit.rundir / socket_plan(True)[0].path.name
         uri = f"secret:///system?socket={sock}"

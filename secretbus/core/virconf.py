@@ -21,8 +21,11 @@ business; the typed checks both use are at the end.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from secretbus.core import errors
@@ -203,9 +206,10 @@ def type_name(v: Value) -> str:
 
 
 def read_options(text: str, path: str, options: Mapping[str, Callable[[Entry, Parser], Any]],
-                 log: logging.Logger) -> dict[str, Any]:
+                 log: logging.Logger, *, skip: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """Each known key's checked value. A duplicate key is an error (virConf would silently take
-    the first); an unknown key is logged and ignored."""
+    the first); an unknown key is logged and ignored; a key `skip` names is another reader's
+    of the same file (secretbusd.conf's fleet keys), left alone."""
     p = Parser(text, path)
     seen: dict[str, int] = {}
     values: dict[str, Any] = {}
@@ -213,12 +217,56 @@ def read_options(text: str, path: str, options: Mapping[str, Callable[[Entry, Pa
         if e.name in seen:
             raise p.error(f"duplicate key '{e.name}' (first set at line {seen[e.name]})", e.line)
         seen[e.name] = e.line
+        if skip is not None and skip(e.name):
+            continue
         check = options.get(e.name)
         if check is None:
             log.warning("%s:%d: unknown key '%s' ignored", path, e.line, e.name)
             continue
         values[e.name] = check(e, p)
     return values
+
+
+def is_fleet_key(name: str) -> bool:
+    """secretbusd.conf holds the keys of two readers: fleet mode's `fleet_*` (store/conf.py,
+    DESIGN §11) and the server's (rpc/serverconf.py, §10); each skips the other's."""
+    return name.startswith("fleet_")
+
+
+PROTECTED_MAX = 1024 * 1024
+
+
+def read_protected(path: Path, *, required: bool = False, max_size: int = PROTECTED_MAX) -> str | None:
+    """The text of a configuration that grants rights (secretbusd.conf: remote access, the etcd
+    a fleet host trusts): a regular file, not a symlink, owned by root or this user and
+    writable by nobody else. None if it is missing, unless `required` (named by --config)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        if required:
+            raise errors.ConfigError(f"Failed to open file '{path}': No such file or directory") from None
+        return None
+    except OSError as e:
+        raise errors.ConfigError(f"Failed to open file '{path}': {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.ConfigError(f"Failed to read file '{path}': not a regular file")
+        if st.st_mode & 0o022 or st.st_uid not in (0, os.geteuid()):
+            raise errors.ConfigError(f"Failed to read file '{path}': writable by others or not owned "
+                                     "by root or this user")
+        data = os.read(fd, max_size + 1)
+    except OSError as e:
+        raise errors.ConfigError(f"Failed to read file '{path}': {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_size:
+        raise errors.ConfigError(f"Failed to read file '{path}': larger than {max_size} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise errors.ConfigError(f"{path}:{line}: not valid UTF-8") from None
 
 
 # -- typed checks shared by both configurations ------------------------------------------------

@@ -14,7 +14,7 @@ from secretbus.fleet.setup import fleet_options, open_fleet_store
 from secretbus.fleet.store import FleetStore
 from secretbus.fleet.sync import FleetSync
 from secretbus.store.codec import ValueCodecs
-from secretbus.store.conf import SecretConf, load_conf
+from secretbus.store.conf import SecretConf, load_instance_conf
 from secretbus.store.filestore import SecretStore
 from secretbus.store.keys import codecs_for
 from secretbus.store.lock import InstanceLock
@@ -23,10 +23,10 @@ from secretbus.store.paths import InstancePaths
 
 def load_setup(paths: InstancePaths, environ: Mapping[str, str] | None = None,
                conf: SecretConf | None = None) -> Setup:
-    """Read secret.conf (unless `conf` is given) and the key it names; the store that
-    serves with them."""
+    """Read secret.conf and secretbusd.conf's fleet keys (unless `conf` is given) and the key
+    they name; the store that serves with them."""
     if conf is None:
-        conf = load_conf(paths.conf_file)
+        conf = load_instance_conf(paths)
     env = os.environ if environ is None else environ
     codecs, description = codecs_for(conf, env, paths.config_dir)
     if conf.fleet_endpoints:
@@ -34,7 +34,7 @@ def load_setup(paths: InstancePaths, environ: Mapping[str, str] | None = None,
     return Setup(conf, SecretStore(paths.config_dir, codecs), description)
 
 
-# secret.conf keys that shape a fleet store (etcd, the cluster, the key of its cache): a reload
+# Keys that shape a fleet store (etcd, the cluster, the key of its cache): a reload
 # in fleet mode keeps the store it has, so changing one of them needs a restart.
 FLEET_RESTART_KEYS = ("fleet_endpoints", "fleet_cluster", "fleet_ca_file", "fleet_cert_file", "fleet_key_file",
                       "encrypt_data", "secrets_encryption_key", "encryption_scheme")
@@ -45,8 +45,8 @@ def reload_setup(paths: InstancePaths, environ: Mapping[str, str] | None, now: S
     everything read anew. In fleet mode: the new secret.conf with the same fleet store (its
     watch, cache and etcd connection stay; what it publishes follows the new conf); fleet mode
     is not turned on or off, nor its connection or key changed, by a reload."""
-    conf = load_conf(paths.conf_file)
-    where = paths.conf_file
+    conf = load_instance_conf(paths)
+    where = conf.fleet_file
     if not isinstance(now.store, FleetStore):
         if conf.fleet_endpoints:
             raise errors.ConfigError(f"{where}: fleet_endpoints: fleet mode starts with a restart of "

@@ -46,7 +46,7 @@ def init(paths: InstancePaths, conf: SecretConf, *, raw: bool = False, with_key:
         remember_seal_choice(fleet_dir(paths), with_key)    # for the keys of later rotations
     lines = [f"Fleet key created at {path}"]
     if not conf.fleet_endpoints:
-        lines.append("fleet_endpoints is not set in secret.conf: nothing registered in etcd yet")
+        lines.append(f"fleet_endpoints is not set in {_where(conf)}: nothing registered in etcd yet")
         return lines
     sealer = Sealer(conf.fleet_cluster, load_fleet_key(fleet_dir(paths), environ))
     keys = Keyspace(conf.fleet_cluster)
@@ -78,9 +78,14 @@ def hostname() -> str:
     return os.uname().nodename
 
 
+def _where(conf: SecretConf) -> str:
+    """The file fleet mode's keys are read from (secretbusd.conf: store/conf.py)."""
+    return str(conf.fleet_file) if conf.fleet_file is not None else "secretbusd.conf"
+
+
 def _etcd(conf: SecretConf) -> tuple[Etcd, Keyspace]:
     if not conf.fleet_endpoints:
-        raise errors.ConfigError("fleet mode is off: fleet_endpoints is not set in secret.conf")
+        raise errors.ConfigError(f"fleet mode is off: fleet_endpoints is not set in {_where(conf)}")
     return connect(conf), Keyspace(conf.fleet_cluster)
 
 
@@ -215,8 +220,12 @@ def _drop_cache(directory: Path) -> list[Path]:
 
 def status(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = os.environ) -> list[str]:
     if not conf.fleet_endpoints:
-        return ["fleet mode: off (fleet_endpoints is not set)"]
-    lines = [f"cluster: {conf.fleet_cluster}", f"endpoints: {', '.join(conf.fleet_endpoints)}"]
+        return [f"fleet mode: off (fleet_endpoints is not set in {_where(conf)})"]
+    lines = [f"cluster: {conf.fleet_cluster}", f"endpoints: {', '.join(conf.fleet_endpoints)}",
+             f"configuration: {_where(conf)}"]
+    if conf.fleet_file is not None and conf.fleet_file == conf.path:
+        lines.append("PROBLEM: fleet mode's keys are in secret.conf: move them to secretbusd.conf "
+                     f"({paths.server_conf_file})")
     try:
         sealer = Sealer(conf.fleet_cluster, load_fleet_key(fleet_dir(paths), environ))
         lines.append(f"fleet key: {sealer.check_value}")

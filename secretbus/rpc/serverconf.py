@@ -24,20 +24,27 @@ import enum
 import logging
 import os
 import re
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from secretbus.core import errors
-from secretbus.core.virconf import Entry, Parser, abs_path, read_options, string, string_list, type_name
+from secretbus.core.virconf import (
+    PROTECTED_MAX,
+    Entry,
+    Parser,
+    abs_path,
+    is_fleet_key,
+    read_options,
+    read_protected,
+    string,
+    string_list,
+    type_name,
+)
 
 log = logging.getLogger("secretbus.serverconf")
 
-SYSTEM_PATH = Path("/etc/secretbus/secretbusd.conf")
-FILE_NAME = "secretbusd.conf"
-MAX_SIZE = 1024 * 1024
+MAX_SIZE = PROTECTED_MAX
 
 # libvirt's PKI defaults (virnettlsconfig.c / libvirtd.conf.in).
 CA_FILE = "/etc/pki/CA/cacert.pem"
@@ -147,16 +154,6 @@ def glob_match(pattern: str, text: str) -> bool:
     return re.fullmatch(rx, text, re.DOTALL) is not None
 
 
-def default_path(system: bool, root: str | None = None) -> Path:
-    """/etc/secretbus/secretbusd.conf; session: $XDG_CONFIG_HOME/secretbus/; --root DIR: DIR/etc/."""
-    if root is not None:
-        return Path(root) / "etc" / FILE_NAME
-    if system:
-        return SYSTEM_PATH
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "secretbus" / FILE_NAME
-
-
 # -- typed values -------------------------------------------------------------------------
 Check = Callable[[Entry, Parser], Any]
 
@@ -264,38 +261,15 @@ _NOT_FIELDS = {"tls_no_verify_certificate"}
 
 
 def parse_serverconf(text: str, path: str = "<string>") -> ServerConf:
-    values = {k: v for k, v in read_options(text, path, _OPTIONS, log).items() if k not in _NOT_FIELDS}
+    values = {k: v for k, v in read_options(text, path, _OPTIONS, log, skip=is_fleet_key).items()
+              if k not in _NOT_FIELDS}
     return ServerConf(path=None if path == "<string>" else Path(path), **values)
 
 
 def load_serverconf(path: Path, *, required: bool = False) -> ServerConf:
-    """Read `path`; missing: the defaults (no remote listener), unless `required` (--config)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        if required:
-            raise errors.ConfigError(f"Failed to open file '{path}': No such file or directory") from None
+    """Read `path`; missing: the defaults (no remote listener), unless `required` (--config).
+    It grants remote rights: nobody but its owner (root, or the session's user) may write it."""
+    text = read_protected(path, required=required, max_size=MAX_SIZE)
+    if text is None:
         return replace(ServerConf(), path=None)
-    except OSError as e:
-        raise errors.ConfigError(f"Failed to open file '{path}': {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise errors.ConfigError(f"Failed to read file '{path}': not a regular file")
-        if st.st_mode & 0o022 or st.st_uid not in (0, os.geteuid()):
-            # It grants remote rights: nobody but its owner (root, or the session's user) may write it.
-            raise errors.ConfigError(f"Failed to read file '{path}': writable by others or not owned "
-                                     "by root or this user")
-        data = os.read(fd, MAX_SIZE + 1)
-    except OSError as e:
-        raise errors.ConfigError(f"Failed to read file '{path}': {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SIZE:
-        raise errors.ConfigError(f"Failed to read file '{path}': larger than {MAX_SIZE} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise errors.ConfigError(f"{path}:{line}: not valid UTF-8") from None
     return parse_serverconf(text, str(path))

@@ -16,12 +16,23 @@ import logging
 import os
 import pwd
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from secretbus.core import errors
-from secretbus.core.virconf import Entry, Parser, Value, abs_path, read_options, string_list, type_name
+from secretbus.core.virconf import (
+    Entry,
+    Parser,
+    Value,
+    abs_path,
+    is_fleet_key,
+    read_options,
+    read_protected,
+    string_list,
+    type_name,
+)
 from secretbus.store import fsutil
+from secretbus.store.paths import InstancePaths
 
 log = logging.getLogger("secretbus.conf")
 
@@ -37,7 +48,9 @@ class SecretConf:
     secrets_encryption_key: str | None = None
     encryption_scheme: str = "aes256gcm"      # or "aes256cbc"
     private_value_readers: tuple[str | int, ...] = ()   # user names or uids
-    # Fleet mode (DESIGN §11; docs/fleet.md): on when fleet_endpoints is set.
+    # Fleet mode (DESIGN §11; docs/fleet.md): on when fleet_endpoints is set. Its keys are
+    # secretbusd.conf's (load_instance_conf); `fleet_file` is the file they are read from.
+    fleet_file: Path | None = None
     fleet_endpoints: tuple[str, ...] = ()
     fleet_cluster: str = "default"
     fleet_ca_file: str | None = None
@@ -125,11 +138,7 @@ def _cluster(e: _Entry, p: _Parser) -> str:
 
 FLEET_USAGE_TYPES = ("volume", "ceph", "iscsi", "tls", "vtpm")
 
-_OPTIONS = {
-    "encrypt_data": _encrypt_data,
-    "secrets_encryption_key": _key_path,
-    "encryption_scheme": _scheme,
-    "private_value_readers": _readers,
+FLEET_OPTIONS = {
     "fleet_endpoints": _endpoints,
     "fleet_cluster": _cluster,
     "fleet_ca_file": _key_path,
@@ -138,11 +147,42 @@ _OPTIONS = {
     "fleet_usage_types": _usage_types,
     "fleet_private": _encrypt_data,
 }
+_OPTIONS = {
+    "encrypt_data": _encrypt_data,
+    "secrets_encryption_key": _key_path,
+    "encryption_scheme": _scheme,
+    "private_value_readers": _readers,
+    # Read from secret.conf too, where the first fleet builds had them (load_instance_conf).
+    **FLEET_OPTIONS,
+}
 
 
 def parse_conf(text: str, path: str = "<string>") -> SecretConf:
     values = read_options(text, path, _OPTIONS, log)
-    return SecretConf(path=None if path == "<string>" else Path(path), **values)
+    where = None if path == "<string>" else Path(path)
+    fleet_file = where if any(k in FLEET_OPTIONS for k in values) else None
+    return SecretConf(path=where, fleet_file=fleet_file, **values)
+
+
+def _not_fleet(name: str) -> bool:
+    return not is_fleet_key(name)
+
+
+def load_instance_conf(paths: InstancePaths) -> SecretConf:
+    """secret.conf, with fleet mode's keys from secretbusd.conf (DESIGN §11). Fleet keys still
+    in secret.conf (where the first fleet builds read them) are used with a warning while
+    secretbusd.conf has none; in both files they are an error rather than a guess."""
+    conf = load_conf(paths.conf_file)
+    where = paths.server_conf_file
+    text = read_protected(where, required=paths.server_conf_named)
+    fleet = {} if text is None else read_options(text, str(where), FLEET_OPTIONS, log, skip=_not_fleet)
+    if fleet and conf.fleet_file is not None:
+        raise errors.ConfigError(f"{where}: fleet mode's keys are set both here and in {conf.fleet_file}: "
+                                 "keep them here only")
+    if conf.fleet_file is not None:
+        log.warning("%s: fleet mode's keys belong in %s now (DESIGN §11): move them there", conf.fleet_file, where)
+        return conf
+    return replace(conf, fleet_file=where, **fleet)
 
 
 def load_conf(path: Path) -> SecretConf:
