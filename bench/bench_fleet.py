@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Fleet mode on a real etcd (started here, stopped by PID): two embedded hosts A and B.
 
-    python bench/bench_fleet.py [--latency 200] [--writes 400] [--resync 2000] [--members 1]
+    python bench/bench_fleet.py [--latency 200] [--writes 400] [--resync 2000] [--members 1] [--rotate]
 
 Prints: define-to-visible-on-B latency (p50/p99, A defines, B's DEFINED event arrives),
 define+set throughput from 16 threads on A, and B's full resync of N secrets (B reopened:
-start-up from its cache plus the resync to ONLINE).
+start-up from its cache plus the resync to ONLINE). With --rotate, then: `fleet rotate` of
+all of them (fleet writes are refused meanwhile), one secret a transaction (as before
+fleet/rotate.py's batches) and in batches, one after the other on the same secrets.
 """
 from __future__ import annotations
 
@@ -30,12 +32,38 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
+def rotations(a, etcd: EtcdCluster, total: int) -> None:
+    """A enrols itself (a host identity, as `fleet init` gives), then rotates twice (A's
+    service closed meanwhile: it was opened before it had a host identity, so it would not
+    pick the new key up), and serves every secret again."""
+    from secretbus.fleet import enrol, rotate
+    from secretbus.fleet.etcd import Etcd
+    from secretbus.fleet.hostkey import load_or_create_host_key
+    from secretbus.fleet.keyfile import fleet_dir, load_fleet_key
+    from secretbus.fleet.keyspace import Keyspace
+    directory, keys, client = fleet_dir(a.paths), Keyspace("test"), Etcd(list(etcd.endpoints))
+    a.close()
+    host, _ = load_or_create_host_key(directory, raw=True)
+    enrol.enrol_self(client, keys, host, load_fleet_key(directory), "bench-a")
+    for batch in (1, rotate.BATCH):
+        rotate.BATCH = batch
+        t0 = time.perf_counter()
+        r = rotate.rotate(client, keys, host, directory)
+        dt = time.perf_counter() - t0
+        assert r.resealed == total, r
+        print(f"fleet rotate of {total} secrets, {batch} a transaction: {dt * 1000:.0f} ms "
+              f"({total / dt:.0f} secrets/s; fleet writes refused meanwhile)")
+    a.open()
+    assert a.d.count() == total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency", type=int, default=200)
     ap.add_argument("--writes", type=int, default=400)
     ap.add_argument("--resync", type=int, default=2000)
     ap.add_argument("--members", type=int, default=1, help="etcd cluster members (on loopback)")
+    ap.add_argument("--rotate", action="store_true", help="also time fleet rotate of all the secrets")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sb-fleet-bench-"))
     etcd = EtcdCluster.create(tmp / "etcd", args.members)
@@ -98,6 +126,9 @@ def main() -> int:
         b.open()
         print(f"B full resync of {total} secrets into an empty cache: {(time.perf_counter() - t0) * 1000:.0f} ms")
         assert len(b.d.list_secrets()) == total
+        if args.rotate:
+            b.close()       # no host identity: it could not pick the new key up
+            rotations(a, etcd, total)
         print(f"(median latency {statistics.median(lat):.2f} ms)")
     finally:
         for h in hosts:

@@ -628,6 +628,7 @@ from secretbus.fleet.hostkey import load_host_key
 from secretbus.fleet.keyspace import Keyspace
 endpoint, cluster, directory, after = sys.argv[1:]
 rotate.LOCK_TTL = 2         # the lease this crash leaves: the resuming run waits 2 s, not 10
+rotate.BATCH = 5            # so that the crash after 12 leaves some secrets at the old version
 def crash(n):
     if n == int(after):
         os._exit(9)         # no cleanup, no lock release: as a killed process
@@ -706,6 +707,58 @@ def test_rotate_leaves_an_unopenable_record_and_finishes(fleet: Fleet) -> None:
     assert r.returncode == 0 and "rotated to version 3" in r.stdout, r
     a.d.set_value(uid(80), b"still-fine")
     assert a.d.get_value(uid(80)) == b"still-fine"
+
+
+class _CountingEtcd(Etcd):
+    """The real client, recording each transaction's size and outcome."""
+    txns: list[tuple[int, bool]]
+
+    def txn(self, compare, success, failure=None):
+        ok, rev, out = super().txn(compare, success, failure)
+        self.txns.append((len(success), ok))
+        return ok, rev, out
+
+
+def test_rotate_reseals_in_batches_within_etcds_limits(fleet: Fleet) -> None:
+    """fleet/rotate.py re-seals BATCH secrets a transaction, fewer when their records would
+    pass etcd's request size (values of 60 KiB here: 30 of them in one transaction would be
+    refused as too large); a batch that finds one record changed since it was read writes the
+    others one by one, and the changed one is re-sealed by the next pass."""
+    from secretbus.fleet import rotate
+    _init_first(fleet)
+    a = fleet.host("a").open()
+    big = {uid(900 + n): os.urandom(60 * 1024) for n in range(30)}
+    small = {uid(960 + n): b"small-%d" % n for n in range(60)}
+    for u, v in {**big, **small}.items():
+        a.d.define_xml(xml(u, f"batch.{u}"))
+        a.d.set_value(u, v)
+    a.close()
+    a_dir = fleet_dir(InstancePaths.embed(fleet.root("a")))
+    client = _CountingEtcd(list(fleet.etcd.endpoints))
+    client.txns = []
+    touched: list[int] = []
+
+    def progress(n: int) -> None:
+        # After the first batch: touch a small secret's value record (same bytes, new revision),
+        # as a write that slipped in would, before its batch is sent.
+        if not touched:
+            touched.append(n)
+            _, kvs = fleet.client().range(KEYS.value(uid(1019)))
+            fleet.client().txn([], [{"request_put": {"key": base64.b64encode(KEYS.value(uid(1019))).decode(),
+                                                     "value": base64.b64encode(kvs[0].value).decode()}}])
+    result = rotate.rotate(client, KEYS, load_host_key(a_dir), a_dir, progress=progress)
+    assert result.resealed == 90 and _versions_in_etcd(fleet) == {2}
+    # Each secret: def and value put, its usage index renamed (4 operations). The others: the
+    # lock (1), the start (2: the marker, one wrap) and the finish (1).
+    reseals = [(n, ok) for n, ok in client.txns if n >= 4]
+    assert sum(n for n, ok in reseals if ok) == 4 * 90, client.txns
+    assert max(n for n, _ in reseals) <= rotate.TXN_OPS, client.txns
+    # refused: the touched one's batch, then it alone (the others of the batch went one by one)
+    refused = [n for n, ok in reseals if not ok]
+    assert len(refused) == 2 and refused[0] > 4 and refused[1] == 4, client.txns
+    assert len(reseals) < 40, client.txns                                 # 90 secrets: not one each
+    a = fleet.host("a").open()
+    assert all(a.d.get_value(u, internal_call=True) == v for u, v in {**big, **small}.items())
 
 
 def test_the_rotation_lock_outlives_a_wait_longer_than_its_own_lease(etcd: EtcdCluster, monkeypatch) -> None:

@@ -9,8 +9,9 @@ crashed rotation frees it after LOCK_TTL seconds):
    then on the fleet's writes and approvals are refused (they compare the key check: store._txn),
    reads go on: a host that meets a record of version V picks its new wrap up (store.refresh_key).
 2. this host seals key V locally, next to the old versions (keyfile.py), before any record uses it;
-3. every definition and value is re-sealed under V, its usage index renamed to V's, one
-   transaction per secret that requires the records it read to be unchanged;
+3. every definition and value is re-sealed under V, its usage index renamed to V's, up to
+   BATCH secrets per transaction, which requires the records it read to be unchanged (a batch
+   that finds one changed is tried again a secret at a time);
 4. finish, one transaction, only if nothing under secrets/ or usage/ changed since the last
    pass found everything at V: `meta/key-check` = V's check. Hosts without V (revoked ones)
    now fail the key check and get no new record they can open.
@@ -27,7 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from secretbus.core import errors
@@ -48,6 +49,13 @@ log = logging.getLogger("secretbus.fleet")
 LOCK_TTL = 10          # seconds: how long a crashed rotation keeps the lock
 MAX_HOSTS = 60         # etcd's default --max-txn-ops (128) bounds the start transaction
 MAX_PASSES = 20        # writes are fenced meanwhile: passes beyond the second mean something is wrong
+# Re-sealing: writes are refused until it ends, so secrets go BATCH to a transaction (each has
+# 2 compares and up to 4 operations), within etcd's default limits: --max-txn-ops 128, and
+# --max-request-bytes 1.5 MiB (of the request etcd gets from its gateway: the bytes, not their
+# base64; measured on 3.4.23).
+BATCH = 32
+TXN_OPS = 128
+TXN_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,8 @@ def rotate(client: Etcd, keys: Keyspace, host: HostKey, directory: Path, *,
            environ: Mapping[str, str] = os.environ, lock_wait: float = 30.0,
            progress: Callable[[int], None] | None = None) -> Result:
     """Rotate (or resume a rotation) as fleet host `host`, whose keys are in `directory`.
-    `progress(n)` is called after each re-sealed secret (tests crash there)."""
+    `progress(n)` is called for each re-sealed secret once its transaction is committed (tests
+    crash there)."""
     held = load_fleet_keys(directory, environ)
     with Lock(client, keys, host.id, lock_wait) as lock:
         check = enrol.cluster_check(client, keys)
@@ -239,43 +248,93 @@ def _reseal_all(client: Etcd, keys: Keyspace, ring: Sealer, held: list[FleetKey]
                               len(broken), ", ".join(sorted(broken)))
                 return done
             continue
+        fence, batch = tx.value_is(keys.key_check, marker), _Batch()
         for uuid, parts in stale:
-            lock.check()
-            outcome = _reseal(client, keys, ring, by_version, marker, uuid, parts)
-            if outcome is None:
+            plan = _plan(keys, ring, by_version, uuid, parts)
+            if plan is None:
                 broken.add(uuid)
-            elif outcome:
-                done += 1
-                if progress is not None:
-                    progress(done)
+                continue
+            if not batch.fits(plan):
+                lock.check()
+                done = batch.commit(client, fence, done, progress)
+                batch = _Batch()
+            batch.plans.append(plan)
+        lock.check()
+        done = batch.commit(client, fence, done, progress)
     raise errors.OperationFailed(f"the fleet's secrets kept changing during {MAX_PASSES} passes of the "
                                  "rotation; run 'fleet rotate' again to resume")
 
 
-def _reseal(client: Etcd, keys: Keyspace, ring: Sealer, by_version: dict[int, Sealer], marker: bytes,
-            uuid: str, parts: dict[str, KV]) -> bool | None:
-    """One secret under the new key, its usage index renamed; False if it changed meanwhile
-    (the next pass sees it again), None if it cannot be opened (logged, left as it is)."""
+@dataclass
+class _Plan:
+    """One secret's re-sealing: what it requires unchanged, what it writes, and the bytes."""
+    compare: list[dict]
+    ops: list[dict]
+    size: int
+
+
+@dataclass
+class _Batch:
+    plans: list[_Plan] = field(default_factory=list)
+
+    def fits(self, plan: _Plan) -> bool:
+        if not self.plans:
+            return True
+        compares = 1 + sum(len(p.compare) for p in self.plans) + len(plan.compare)
+        ops = sum(len(p.ops) for p in self.plans) + len(plan.ops)
+        size = sum(p.size for p in self.plans) + plan.size
+        return len(self.plans) < BATCH and compares <= TXN_OPS and ops <= TXN_OPS and size <= TXN_BYTES
+
+    def commit(self, client: Etcd, fence: dict, done: int, progress: Callable[[int], None] | None) -> int:
+        """One transaction for the batch (`fence`: the rotation marker still there); if a record
+        changed meanwhile, one per secret: the others still go, the changed one is seen again
+        by the next pass. Returns `done` counted on."""
+        if not self.plans:
+            return done
+        if _txn(client, fence, self.plans):
+            written = len(self.plans)
+        elif len(self.plans) > 1:
+            written = sum(1 for p in self.plans if _txn(client, fence, [p]))
+        else:
+            written = 0
+        for _ in range(written):
+            done += 1
+            if progress is not None:
+                progress(done)
+        return done
+
+
+def _txn(client: Etcd, fence: dict, plans: list[_Plan]) -> bool:
+    ok, _, _ = client.txn([fence, *(c for p in plans for c in p.compare)], [op for p in plans for op in p.ops])
+    return ok
+
+
+def _plan(keys: Keyspace, ring: Sealer, by_version: dict[int, Sealer], uuid: str,
+          parts: dict[str, KV]) -> _Plan | None:
+    """One secret under the new key, its usage index renamed, to be written only if its
+    records are unchanged; None if it cannot be opened (logged, left as it is)."""
     d_kv, v_kv = parts["def"], parts.get("value")
     try:
         gen, plain = ring.open("def", uuid, d_kv.value)
         rec = json.loads(plain)
         d, inc = parse_secret_xml(rec["xml"]), str(rec["inc"])
-        ops = [tx.put(keys.definition(uuid), ring.seal("def", uuid, gen, plain))]
+        records = [(keys.definition(uuid), ring.seal("def", uuid, gen, plain))]
         if v_kv is not None:
             vgen, value = ring.open("value", uuid, v_kv.value, extra=inc)
-            ops.append(tx.put(keys.value(uuid), ring.seal("value", uuid, vgen, value, extra=inc)))
+            records.append((keys.value(uuid), ring.seal("value", uuid, vgen, value, extra=inc)))
     except (SealError, ValueError, KeyError, TypeError, errors.SecretError) as e:
         log.error("fleet rotate: secret %s left as it is: %s", uuid, getattr(e, "message", e),
                   extra={"SECRET_UUID": uuid})
         return None
-    compare = [tx.value_is(keys.key_check, marker), tx.mod_is(keys.definition(uuid), d_kv.mod_revision),
+    compare = [tx.mod_is(keys.definition(uuid), d_kv.mod_revision),
                tx.mod_is(keys.value(uuid), v_kv.mod_revision) if v_kv is not None else tx.absent(keys.value(uuid))]
+    ops = [tx.put(k, v) for k, v in records]
+    size = sum(len(k) + len(v) for k, v in records)
     old_version = record_version(d_kv.value)
     if d.usage_type != UsageType.NONE and old_version in by_version:
         old_usage = keys.usage(by_version[old_version].usage_index(d.usage_type, d.usage_id or ""))
         new_usage = keys.usage(ring.usage_index(d.usage_type, d.usage_id or ""))
         if old_usage != new_usage:
             ops += [tx.delete(old_usage), tx.put(new_usage, uuid.encode())]
-    ok, _, _ = client.txn(compare, ops)
-    return ok
+            size += len(old_usage) + 2 * len(new_usage)
+    return _Plan(compare, ops, size)
