@@ -227,6 +227,45 @@ def test_join_wait_picks_up_the_approval(fleet: Fleet) -> None:
         load_fleet_key(fleet_dir(InstancePaths.embed(fleet.root("a")))).key
 
 
+class _CountingEtcd(Etcd):
+    """The real client, recording each transaction's size and outcome, and counting reads."""
+    txns: list[tuple[int, bool]]
+    ranges = 0
+
+    def txn(self, compare, success, failure=None):
+        ok, rev, out = super().txn(compare, success, failure)
+        self.txns.append((len(success), ok))
+        return ok, rev, out
+
+    def range(self, *args, **kw):
+        self.ranges += 1
+        return super().range(*args, **kw)
+
+
+def test_join_wait_watches_for_the_approval(fleet: Fleet) -> None:
+    """enrol.wait_for_approval watches the host's wrap record: the approval is picked up as it
+    lands, with a handful of reads in all (polling read the record twice a second)."""
+    import threading
+    import time
+    _init_first(fleet)
+    b_id = fleet.join("b")
+    b_dir = fleet_dir(InstancePaths.embed(fleet.root("b")))
+    client = _CountingEtcd(list(fleet.etcd.endpoints))
+    client.txns, client.ranges = [], 0
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(enrol.wait_for_approval(client, KEYS, load_host_key(b_dir),
+                                                                                   30)))
+    waiter.start()
+    time.sleep(3)                        # unapproved meanwhile: polling read 12 times by now
+    assert fleet.cli("a", "approve", b_id).returncode == 0
+    approved = time.monotonic()
+    waiter.join(30)
+    took = time.monotonic() - approved
+    assert isinstance(got[0], FleetKey) and got[0].key == load_fleet_key(fleet_dir(fleet.host("a").paths)).key
+    assert client.ranges <= 5, client.ranges
+    assert took < 2, took                # (generous: a loaded machine; the poll alone was up to 0.5 s)
+
+
 def test_join_wait_times_out_unapproved(fleet: Fleet) -> None:
     _init_first(fleet)
     r = fleet.cli("b", "join", "--raw", "--wait", "1")
@@ -709,14 +748,6 @@ def test_rotate_leaves_an_unopenable_record_and_finishes(fleet: Fleet) -> None:
     assert a.d.get_value(uid(80)) == b"still-fine"
 
 
-class _CountingEtcd(Etcd):
-    """The real client, recording each transaction's size and outcome."""
-    txns: list[tuple[int, bool]]
-
-    def txn(self, compare, success, failure=None):
-        ok, rev, out = super().txn(compare, success, failure)
-        self.txns.append((len(success), ok))
-        return ok, rev, out
 
 
 def test_rotate_reseals_in_batches_within_etcds_limits(fleet: Fleet) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from secretbus.fleet.seal import ROTATING, FleetKey, cluster_checks
 
 log = logging.getLogger("secretbus.fleet")
 
-POLL = 0.5     # seconds between looks for the wrap while `join --wait` waits
+POLL = 0.5     # seconds before `join --wait` watches again after its watch broke
 
 
 @dataclass(frozen=True)
@@ -140,14 +141,40 @@ def refresh(directory: Path, client: Etcd, keys: Keyspace, host: HostKey, held: 
     return key
 
 
-def wait_for_approval(client: Etcd, keys: Keyspace, host: HostKey, seconds: float,
-                      sleep: Callable[[float], None] = time.sleep) -> FleetKey | None:
+def wait_for_approval(client: Etcd, keys: Keyspace, host: HostKey, seconds: float) -> FleetKey | None:
+    """The fleet key once an enrolled host has wrapped it for us; None after `seconds`. It
+    watches this host's wrap record, so an approval is picked up as it lands; a watch that
+    breaks is opened again (POLL seconds later) from a new look at the record."""
     deadline = time.monotonic() + seconds
     while True:
+        rev, _ = client.range(keys.host_wrap(host.id))     # before the look: the watch misses nothing
         key = pick_up(client, keys, host)
-        if key is not None or time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if key is not None or left <= 0:
             return key
-        sleep(min(POLL, max(0.0, deadline - time.monotonic())))
+        try:
+            _wait_for_change(client, keys.host_wrap(host.id), rev + 1, left)
+        except tx.EtcdUnavailable:
+            time.sleep(min(POLL, max(0.0, deadline - time.monotonic())))
+
+
+def _wait_for_change(client: Etcd, key: bytes, start: int, seconds: float) -> None:
+    """Until `key` changes after revision `start - 1`, or `seconds` pass (the watch closed
+    under it: a quiet watch has no timeout of its own)."""
+    stream = client.watch(key, start)
+    timer = threading.Timer(seconds, stream.close)
+    timer.daemon = True
+    timer.start()
+    ends = time.monotonic() + seconds
+    try:
+        for _batch in stream:
+            return
+    except tx.EtcdUnavailable:
+        if time.monotonic() < ends:
+            raise
+    finally:
+        timer.cancel()
+        stream.close()
 
 
 # -- an enrolled host ------------------------------------------------------------------------
