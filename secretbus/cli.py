@@ -360,8 +360,8 @@ FLEET_ACTIONS = ("init", "join", "approve", "status", "leave", "revoke", "rotate
 
 
 def _instance_paths(parsed, a):
-    """The local instance a fleet or rotate-key command acts on, with its secretbusd.conf
-    named by --config (DESIGN §11), as `secretbusd --config` names it."""
+    """The local instance a fleet, rotate-key or sasl-passwd command acts on, with its
+    secretbusd.conf named by --config (DESIGN §11), as `secretbusd --config` names it."""
     from secretbus.store.paths import InstancePaths
     paths = InstancePaths.for_kind(parsed.kind, parsed.root)
     return paths.with_server_conf(a.config) if _req(a, "config") else paths
@@ -494,13 +494,18 @@ def cmd_audit(conn_unused, a) -> int:
 def cmd_sasl_passwd(conn_unused, a) -> int:
     """secretbusd's SASL verifier store (rpc/sasl.py): set or delete USER's SCRAM verifier."""
     from secretbus.rpc import sasl
-    from secretbus.store.paths import InstancePaths
+    from secretbus.rpc.serverconf import load_serverconf
     from secretbus.uri import default_uri, parse_uri
-    if _req(a, "file"):
-        path = Path(a.file)
-    else:
-        parsed = parse_uri(a.connect_uri or default_uri())
-        path = InstancePaths.for_kind(parsed.kind, parsed.root).server_conf_file.parent / sasl.FILE_NAME
+    try:
+        if _req(a, "file"):
+            path = Path(a.file)
+        else:
+            # The store the server reads: secretbusd.conf's sasl_verifier_file, else beside it.
+            paths = _instance_paths(parse_uri(a.connect_uri or default_uri()), a)
+            conf = load_serverconf(paths.server_conf_file, required=paths.server_conf_named)
+            path = conf.verifier_path(paths.server_conf_file.parent)
+    except errors.SecretError as e:
+        raise CommandError(errors.display(e)) from None
     store = sasl.VerifierStore(path)
     try:
         if a.delete:
@@ -605,8 +610,9 @@ _command("sasl-passwd", "set or delete a SASL user's password (secretbusd's SCRA
          "reading the password from the terminal (twice) or one line of stdin; --delete removes USER.",
          (Opt("user", S, "SASL user name", required=True),
           Opt("delete", B, "delete the user"),
-          Opt("file", S, "the verifier store (default: sasl-verifiers.json beside secretbusd.conf)",
-              named_only=True)),
+          Opt("file", S, "the verifier store (default: the server's, secretbusd.conf's sasl_verifier_file "
+              "or sasl-verifiers.json beside it)", named_only=True),
+          Opt("config", S, "the secretbusd.conf that names it (as given to secretbusd --config)", named_only=True)),
          cmd_sasl_passwd, no_connection=True)
 _command("rotate-key", "replace the encryption key, the service running or not",
          "Replace the key that encrypts values at rest by a new one, online: the running service re-encrypts "

@@ -157,6 +157,33 @@ def test_default_paths(monkeypatch, tmp_path):
 
 
 # -- rights of remote callers (rpc/remote.py, guard.py's remote branch): pure logic --------------
+def test_sasl_passwd_writes_the_store_the_server_reads(tmp_path: Path):
+    """`secretbus sasl-passwd USER` without --file: secretbusd.conf's sasl_verifier_file, else
+    sasl-verifiers.json beside that file (--config names another, as for secretbusd)."""
+    import subprocess
+    import sys
+    root = tmp_path / "r"
+    (root / "etc").mkdir(parents=True)
+
+    def passwd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "secretbus.cli", "-c", f"secret:///embed?root={root}",
+                               "sasl-passwd", "fred", *args], input="fr3d-pass\n", capture_output=True, text=True,
+                              timeout=60, cwd=Path(__file__).resolve().parents[1])
+    r = passwd()
+    beside = root / "etc" / "sasl-verifiers.json"
+    assert r.returncode == 0 and f"set in {beside}" in r.stdout and beside.exists(), r
+    named = tmp_path / "verifiers.json"
+    (root / "etc" / "secretbusd.conf").write_text(f'sasl_verifier_file = "{named}"\n')
+    r = passwd()
+    assert r.returncode == 0 and named.exists() and b"fr3d-pass" not in named.read_bytes(), r
+    other, elsewhere = tmp_path / "other.conf", tmp_path / "elsewhere.json"
+    other.write_text(f'sasl_verifier_file = "{elsewhere}"\n')
+    r = passwd("--config", str(other))
+    assert r.returncode == 0 and elsewhere.exists(), r
+    r = passwd("--config", str(tmp_path / "missing.conf"))
+    assert r.returncode == 1 and "No such file" in r.stderr, r
+
+
 def _remote_session(dn: str = DN):
     from secretbus.rpc.remote import RemoteIdentity
     from secretbus.rpc.server import REMOTE_PEER
