@@ -729,6 +729,60 @@ def test_a_crash_mid_rotation_leaves_every_value_readable(fleet: Fleet) -> None:
                                         for name in [*(f"crash.{u}" for u in values), "crash.new"]}
 
 
+class _CrashAfter(Etcd):
+    """The real client, failing (as a killed run would stop) after `left` transactions."""
+    left = -1
+
+    def txn(self, compare, success, failure=None):
+        if self.left == 0:
+            raise RuntimeError("crash")
+        self.left -= 1
+        return super().txn(compare, success, failure)
+
+
+def test_rotate_wraps_any_number_of_hosts_a_batch_at_a_time(fleet: Fleet, monkeypatch) -> None:
+    """More approved hosts than one transaction holds (HOSTS_PER_TXN, 2 here; 60 at etcd's
+    defaults) each get the new key, also when the run stops between two of those transactions
+    and is run again; a host whose record no longer holds up loses its wrap."""
+    from secretbus.fleet import rotate
+    from secretbus.fleet.enrol_wrap import wrap_version
+    from secretbus.fleet.hostkey import load_or_create_host_key
+    monkeypatch.setattr(rotate, "HOSTS_PER_TXN", 2)
+    _init_first(fleet)
+    a = fleet.host("a").open()
+    a.d.define_xml(xml(uid(90), "many.90"))
+    a.d.set_value(uid(90), b"for-every-host")
+    a.close()
+    a_dir = fleet_dir(InstancePaths.embed(fleet.root("a")))
+    client = fleet.client()
+    others = {}
+    for n in range(5):
+        host, _ = load_or_create_host_key(fleet.base / f"h{n}", raw=True)
+        enrol.publish(client, KEYS, host, f"h{n}")
+        enrol.approve(client, KEYS, load_fleet_key(a_dir), host.id)
+        others[host.id] = host
+    broken = sorted(others)[2]       # its public record damaged after approval
+    client.txn([], [{"request_put": {"key": base64.b64encode(KEYS.host_pub(broken)).decode(),
+                                     "value": base64.b64encode(b"not a record").decode()}}])
+    crashing = _CrashAfter(list(fleet.etcd.endpoints))
+    crashing.left = 3                # the lock, the start, one transaction of wraps
+    with pytest.raises(RuntimeError, match="crash"):
+        rotate.rotate(crashing, KEYS, load_host_key(a_dir), a_dir, lock_wait=0)
+    versions = {h: enrol.describe(h, None, kv).key_version
+                for h in others for kv in client.range(KEYS.host_wrap(h))[1]}
+    assert sorted(versions.values()) == [1, 1, 1, 2, 2], versions      # stopped half way
+    result = rotate.rotate(fleet.client(), KEYS, load_host_key(a_dir), a_dir)
+    assert result.resumed and result.version == 2 and result.hosts == 5, result   # a and four others
+    for h, host in others.items():
+        _, kvs = client.range(KEYS.host_wrap(h))
+        if h == broken:
+            assert kvs == []
+            continue
+        assert wrap_version(kvs[0].value) == 2
+        assert enrol.pick_up(client, KEYS, host).version == 2
+    assert _versions_in_etcd(fleet) == {2}
+
+
 def test_rotate_leaves_an_unopenable_record_and_finishes(fleet: Fleet) -> None:
     _init_first(fleet)
     a = fleet.host("a").open()

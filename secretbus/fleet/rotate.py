@@ -4,10 +4,12 @@ Under an etcd lock (`meta/rotate-lock`, bound to a lease that this process keeps
 crashed rotation frees it after LOCK_TTL seconds):
 
 1. start, one transaction: `meta/key-check` becomes "rotating V <old check> <new check>" and
-   every approved host whose record holds up gets `hosts/<id>/wrap` = the new key V (its old
-   wrap is retired by the same put); a host whose record does not hold up loses its wrap. From
-   then on the fleet's writes and approvals are refused (they compare the key check: store._txn),
-   reads go on: a host that meets a record of version V picks its new wrap up (store.refresh_key).
+   this host's `hosts/<id>/wrap` the new key V. From then on the fleet's writes and approvals
+   are refused (they compare the key check: store._txn), reads go on. Then every other approved
+   host whose record holds up gets its wrap of V (its old wrap is retired by the same put), up
+   to HOSTS_PER_TXN hosts a transaction that requires the marker and the records it read; a
+   host whose record does not hold up loses its wrap. A host that meets a record of version V
+   picks its new wrap up (store.refresh_key); no record is at V before every wrap is written;
 2. this host seals key V locally, next to the old versions (keyfile.py), before any record uses it;
 3. every definition and value is re-sealed under V, its usage index renamed to V's, up to
    BATCH secrets per transaction, which requires the records it read to be unchanged (a batch
@@ -47,7 +49,7 @@ from secretbus.store.crypto import KEY_SIZE
 log = logging.getLogger("secretbus.fleet")
 
 LOCK_TTL = 10          # seconds: how long a crashed rotation keeps the lock
-MAX_HOSTS = 60         # etcd's default --max-txn-ops (128) bounds the start transaction
+HOSTS_PER_TXN = 60     # new wraps a transaction: 2 compares a host, and the marker's (--max-txn-ops 128)
 MAX_PASSES = 20        # writes are fenced meanwhile: passes beyond the second mean something is wrong
 # Re-sealing: writes are refused until it ends, so secrets go BATCH to a transaction (each has
 # 2 compares and up to 4 operations), within etcd's default limits: --max-txn-ops 128, and
@@ -150,7 +152,7 @@ def rotate(client: Etcd, keys: Keyspace, host: HostKey, directory: Path, *,
                 raise errors.OperationFailed(f"this host's newest fleet key is not the one of fleet cluster "
                                              f"'{keys.cluster}'; it cannot rotate it")
             new = FleetKey(old.version + 1, os.urandom(KEY_SIZE))
-            hosts, check = _start(client, keys, old, new, host.id)
+            check = _start(client, keys, old, new, host.id)
             resumed = False
         else:
             version, old_check, _ = marker
@@ -158,10 +160,10 @@ def rotate(client: Etcd, keys: Keyspace, host: HostKey, directory: Path, *,
             if old is None:
                 raise errors.OperationFailed("a rotation is under way from a fleet key this host does not hold")
             new = _own_new_key(client, keys, host, version, held)
-            hosts = sum(1 for h in enrol.list_hosts(client, keys) if h.key_version == version)
             resumed = True
             if marker[2] != new.check_value(keys.cluster):
                 raise errors.OperationFailed("the rotation under way is to another key than this host's wrap holds")
+        hosts = _wrap_hosts(client, keys, new, check)      # (a crashed run may have left some)
         if all(k.version != new.version for k in held):
             enrol.install(directory, new, host, environ=environ)
             held.append(new)
@@ -173,38 +175,64 @@ def rotate(client: Etcd, keys: Keyspace, host: HostKey, directory: Path, *,
     return Result(new.version, hosts, resealed, resumed)
 
 
-def _start(client: Etcd, keys: Keyspace, old: FleetKey, new: FleetKey, me: str) -> tuple[int, bytes]:
-    """Step 1: the marker and the new wraps, in one transaction: how many hosts got one, and
-    the marker."""
+def _start(client: Etcd, keys: Keyspace, old: FleetKey, new: FleetKey, me: str) -> bytes:
+    """Step 1's first transaction: the marker, and this host's wrap of the new key (so that a
+    run resumed after a crash finds it); the marker."""
     old_check = old.check_value(keys.cluster)
     marker = f"{ROTATING} {new.version} {old_check} {new.check_value(keys.cluster)}".encode()
-    compare = [tx.value_is(keys.key_check, old_check.encode())]
-    ops = [tx.put(keys.key_check, marker)]
     _, kvs = client.range(keys.hosts, tx.prefix_end(keys.hosts))
-    parts = group_records(kvs, keys.parse_host)
-    wrapped = 0
-    for host_id, p in sorted(parts.items()):
-        if "wrap" not in p:
-            continue        # pending: approved later, with the new key
-        info = enrol.describe(host_id, p.get("pub"), p["wrap"])
-        compare.append(tx.mod_is(keys.host_wrap(host_id), p["wrap"].mod_revision))
-        if info.problem or "pub" not in p:
-            log.warning("fleet rotate: host %s gets no new key: %s", host_id, info.problem)
-            ops.append(tx.delete(keys.host_wrap(host_id)))
-            continue
-        compare.append(tx.mod_is(keys.host_pub(host_id), p["pub"].mod_revision))
-        record = enrol.HostRecord.decode(p["pub"].value)
-        ops.append(tx.put(keys.host_wrap(host_id), wrap(new, record.public, keys.cluster, host_id)))
-        wrapped += 1
-    if me not in parts or "wrap" not in parts[me]:
+    mine = group_records(kvs, keys.parse_host).get(me, {})
+    if "wrap" not in mine or "pub" not in mine:
         raise errors.OperationFailed("this host is not an approved fleet host (run 'secretbus fleet join')")
-    if wrapped > MAX_HOSTS:
-        raise errors.OperationFailed(f"{wrapped} approved hosts: one rotation transaction handles {MAX_HOSTS}")
-    ok, _, _ = client.txn(compare, ops)
+    info = enrol.describe(me, mine["pub"], mine["wrap"])
+    if info.problem:
+        raise errors.OperationFailed(f"this host's own fleet record does not hold up: {info.problem}")
+    record = enrol.HostRecord.decode(mine["pub"].value)
+    ok, _, _ = client.txn([tx.value_is(keys.key_check, old_check.encode()),
+                           tx.mod_is(keys.host_wrap(me), mine["wrap"].mod_revision),
+                           tx.mod_is(keys.host_pub(me), mine["pub"].mod_revision)],
+                          [tx.put(keys.key_check, marker),
+                           tx.put(keys.host_wrap(me), wrap(new, record.public, keys.cluster, me))])
     if not ok:
-        raise errors.OperationFailed("the fleet's hosts or key changed while the rotation started; nothing "
-                                     "written, try again")
-    return wrapped, marker
+        raise errors.OperationFailed("the fleet's key or this host's record changed while the rotation started; "
+                                     "nothing written, try again")
+    return marker
+
+
+def _wrap_hosts(client: Etcd, keys: Keyspace, new: FleetKey, marker: bytes) -> int:
+    """Step 1, the rest: each approved host's wrap of `new`, HOSTS_PER_TXN a transaction that
+    requires the marker and the records it read (one changed meanwhile: read again, next pass);
+    a host whose record does not hold up loses its wrap. How many hosts hold a wrap of `new`."""
+    for _ in range(MAX_PASSES):
+        if enrol.cluster_check(client, keys) != marker:
+            raise errors.OperationFailed("the fleet key check changed during the rotation (another rotation?); "
+                                         "nothing more written")
+        _, kvs = client.range(keys.hosts, tx.prefix_end(keys.hosts))
+        todo, done = [], 0
+        for host_id, p in sorted(group_records(kvs, keys.parse_host).items()):
+            if "wrap" not in p:
+                continue        # pending: approved later, with the new key; or revoked
+            info = enrol.describe(host_id, p.get("pub"), p["wrap"])
+            if info.key_version == new.version and not info.problem:
+                done += 1
+            else:
+                todo.append((host_id, p, info))
+        if not todo:
+            return done
+        for first in range(0, len(todo), HOSTS_PER_TXN):
+            compare, ops = [tx.value_is(keys.key_check, marker)], []
+            for host_id, p, info in todo[first:first + HOSTS_PER_TXN]:
+                compare.append(tx.mod_is(keys.host_wrap(host_id), p["wrap"].mod_revision))
+                if info.problem or "pub" not in p:
+                    log.warning("fleet rotate: host %s gets no new key: %s", host_id, info.problem)
+                    ops.append(tx.delete(keys.host_wrap(host_id)))
+                    continue
+                compare.append(tx.mod_is(keys.host_pub(host_id), p["pub"].mod_revision))
+                record = enrol.HostRecord.decode(p["pub"].value)
+                ops.append(tx.put(keys.host_wrap(host_id), wrap(new, record.public, keys.cluster, host_id)))
+            client.txn(compare, ops)        # refused: its records changed; the next pass reads them again
+    raise errors.OperationFailed(f"the fleet's host records kept changing during {MAX_PASSES} passes of the "
+                                 "rotation; run 'fleet rotate' again to resume")
 
 
 def _own_new_key(client: Etcd, keys: Keyspace, host: HostKey, version: int, held: list[FleetKey]) -> FleetKey:
