@@ -699,6 +699,8 @@ def test_a_crash_mid_rotation_leaves_every_value_readable(fleet: Fleet) -> None:
         a.d.set_value(uid(600), b"during")
     r = fleet.cli("a", "status")
     assert "being rotated" in r.stdout, r
+    m = re.search(r"to version 2: (\d+) of 30 secrets re-sealed", r.stdout)
+    assert m and 0 < int(m.group(1)) < 30, r.stdout           # how far the stopped run came
     r = fleet.cli("a", "approve", c_id)
     assert r.returncode == 1 and "being rotated" in r.stderr, r
     # restart both hosts mid-rotation: every value is readable

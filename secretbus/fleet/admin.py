@@ -24,7 +24,7 @@ from secretbus.fleet.keyfile import (
     remove_fleet_key,
 )
 from secretbus.fleet.keyspace import Keyspace
-from secretbus.fleet.seal import ROTATING, Sealer
+from secretbus.fleet.seal import ROTATING, Sealer, record_version
 from secretbus.fleet.setup import connect
 from secretbus.fleet.store import CACHE_DIR
 from secretbus.store.conf import SecretConf
@@ -239,7 +239,12 @@ def status(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = 
     except EtcdUnavailable as e:
         return lines + [f"etcd: unavailable ({e})"]
     if check and check[0].value.startswith(ROTATING.encode()):
-        match = f"being rotated ({check[0].value.split()[1].decode()}; fleet writes refused until done)"
+        version = check[0].value.split()[1].decode()
+        defs = [kv for kv in kvs if kv.key.endswith(b"/def")]
+        at_new = sum(1 for kv in defs if str(record_version(kv.value)) == version)
+        # (a stopped rotation: 'fleet rotate' on an approved host resumes it from here)
+        match = (f"being rotated (to version {version}: {at_new} of {len(defs)} secrets re-sealed; "
+                 "fleet writes refused until done)")
     else:
         match = "matches" if check and check[0].value == sealer.check_value.encode() else "does NOT match"
     lines += [f"etcd: reachable, revision {rev}", f"cluster key: {match} this host's",
