@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from secretbus.core import errors
 from secretbus.core.model import UsageType
@@ -16,7 +18,7 @@ from secretbus.fleet.keyfile import init_fleet_key, load_fleet_key, remember_sea
 from secretbus.fleet.keyspace import Keyspace
 from secretbus.fleet.seal import FleetKey, Sealer, SealError
 from secretbus.rpc.serverconf import parse_serverconf
-from secretbus.store.conf import FLEET_OPTIONS, load_instance_conf, parse_conf
+from secretbus.store.conf import FLEET_OPTIONS, load_instance_conf, parse_conf, parse_fleet_keys
 from secretbus.store.paths import InstancePaths
 
 U1 = "6a1e0c1e-0000-4000-8000-000000000001"
@@ -112,6 +114,24 @@ def test_fleet_keys_are_read_from_secretbusd_conf(tmp_path: Path, caplog) -> Non
     assert server.max_clients == 20
     warned = [r.getMessage() for r in caplog.records]
     assert warned == [f"{paths.server_conf_file}:6: unknown key 'fleet_endpoint' ignored"], warned
+
+
+_TOKENS = [*FLEET_OPTIONS, "listen_tls", "max_clients", "remote_access", "fleet_x", "=", " = ", ";", "#", "\n",
+           " ", '"', "'", '"""', "[", "]", ",", "0", "1", "-1", '"http://e:2379"', '"https://e"', '"etcd:1"',
+           '"ceph"', '"disk"', '"/abs.pem"', '"rel"', '""', "[]", '[ "volume",\n "tls", ]', "\x00", "é"]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(_TOKENS), max_size=25).map("".join) | st.text(max_size=120))
+def test_fuzz_both_readers_of_secretbusd_conf(text: str) -> None:
+    """Any text: each reader of secretbusd.conf gives its values or a ConfigError naming the
+    file and line; nothing else escapes (the fleet keys' checks are secret.conf's, fuzzed by
+    bench/fuzz.py; here they run as the second reader of the server's file)."""
+    for parse in (parse_fleet_keys, parse_serverconf):
+        try:
+            parse(text, "/etc/secretbus/secretbusd.conf")
+        except errors.ConfigError as e:
+            assert e.message.startswith("/etc/secretbus/secretbusd.conf:"), e.message
 
 
 def test_no_secretbusd_conf_is_fleet_mode_off_and_says_where(tmp_path: Path) -> None:

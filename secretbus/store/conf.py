@@ -168,6 +168,11 @@ def _not_fleet(name: str) -> bool:
     return not is_fleet_key(name)
 
 
+def parse_fleet_keys(text: str, path: str = "<string>") -> dict:
+    """The `fleet_*` keys of a secretbusd.conf, checked; its other keys are the server's."""
+    return read_options(text, path, FLEET_OPTIONS, log, skip=_not_fleet)
+
+
 def load_instance_conf(paths: InstancePaths) -> SecretConf:
     """secret.conf, with fleet mode's keys from secretbusd.conf (DESIGN §11). Fleet keys still
     in secret.conf (where the first fleet builds read them) are used with a warning while
@@ -175,7 +180,7 @@ def load_instance_conf(paths: InstancePaths) -> SecretConf:
     conf = load_conf(paths.conf_file)
     where = paths.server_conf_file
     text = read_protected(where, required=paths.server_conf_named)
-    fleet = {} if text is None else read_options(text, str(where), FLEET_OPTIONS, log, skip=_not_fleet)
+    fleet = {} if text is None else parse_fleet_keys(text, str(where))
     if fleet and conf.fleet_file is not None:
         raise errors.ConfigError(f"{where}: fleet mode's keys are set both here and in {conf.fleet_file}: "
                                  "keep them here only")
