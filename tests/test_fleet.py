@@ -436,6 +436,12 @@ def test_secretbusd_serves_the_fleet_on_dbus(tmp_path: Path, etcd: EtcdCluster, 
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: fleet_state() == "(<'online'>,)", "FleetState online on D-Bus")
+        # SIGHUP re-reads the --config file: a new cluster name needs a restart, and is refused
+        named.write_text(named.read_text().replace('fleet_cluster = "test"', 'fleet_cluster = "other"'))
+        daemon.signal()
+        wait_for(lambda: f"{named}: in fleet mode a change of fleet_cluster needs a restart" in daemon.log(),
+                 "the refused reload in the log")
+        named.write_text(named.read_text().replace('fleet_cluster = "other"', 'fleet_cluster = "test"'))
         conn.subscribe(lambda s, ev: got.append(ev))
         u = uid(1000)
         a.d.define_xml(xml(u, "dbus.1000"))
