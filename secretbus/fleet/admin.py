@@ -238,9 +238,9 @@ def status(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = 
         _, check = client.range(keys.key_check)
     except EtcdUnavailable as e:
         return lines + [f"etcd: unavailable ({e})"]
+    defs = [kv for kv in kvs if kv.key.endswith(b"/def")]
     if check and check[0].value.startswith(ROTATING.encode()):
         version = check[0].value.split()[1].decode()
-        defs = [kv for kv in kvs if kv.key.endswith(b"/def")]
         at_new = sum(1 for kv in defs if str(record_version(kv.value)) == version)
         # (a stopped rotation: 'fleet rotate' on an approved host resumes it from here)
         match = (f"being rotated (to version {version}: {at_new} of {len(defs)} secrets re-sealed; "
@@ -248,7 +248,7 @@ def status(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = 
     else:
         match = "matches" if check and check[0].value == sealer.check_value.encode() else "does NOT match"
     lines += [f"etcd: reachable, revision {rev}", f"cluster key: {match} this host's",
-              f"fleet secrets: {sum(1 for kv in kvs if kv.key.endswith(b'/def'))}"]
+              f"fleet secrets: {len(defs)}"]
     try:
         hosts = enrol.list_hosts(client, keys)
     except EtcdUnavailable as e:

@@ -107,7 +107,11 @@ def publish(client: Etcd, keys: Keyspace, host: HostKey, hostname: str) -> bool:
 def pick_up(client: Etcd, keys: Keyspace, host: HostKey) -> FleetKey | None:
     """The fleet key an enrolled host wrapped for us, checked against the cluster; None if
     this host is not approved (yet)."""
-    kv = _one(client, keys.host_wrap(host.id))
+    return _open_wrap(client, keys, host, _one(client, keys.host_wrap(host.id)))
+
+
+def _open_wrap(client: Etcd, keys: Keyspace, host: HostKey, kv: KV | None) -> FleetKey | None:
+    """pick_up's key from the wrap record `kv` (None: no wrap yet)."""
     if kv is None:
         return None
     try:
@@ -147,8 +151,8 @@ def wait_for_approval(client: Etcd, keys: Keyspace, host: HostKey, seconds: floa
     breaks is opened again (POLL seconds later) from a new look at the record."""
     deadline = time.monotonic() + seconds
     while True:
-        rev, _ = client.range(keys.host_wrap(host.id))     # before the look: the watch misses nothing
-        key = pick_up(client, keys, host)
+        rev, kvs = client.range(keys.host_wrap(host.id))   # the watch starts after this look: it misses nothing
+        key = _open_wrap(client, keys, host, kvs[0] if kvs else None)
         left = deadline - time.monotonic()
         if key is not None or left <= 0:
             return key

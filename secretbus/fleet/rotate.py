@@ -187,12 +187,9 @@ def _start(client: Etcd, keys: Keyspace, old: FleetKey, new: FleetKey, me: str) 
     info = enrol.describe(me, mine["pub"], mine["wrap"])
     if info.problem:
         raise errors.OperationFailed(f"this host's own fleet record does not hold up: {info.problem}")
-    record = enrol.HostRecord.decode(mine["pub"].value)
-    ok, _, _ = client.txn([tx.value_is(keys.key_check, old_check.encode()),
-                           tx.mod_is(keys.host_wrap(me), mine["wrap"].mod_revision),
-                           tx.mod_is(keys.host_pub(me), mine["pub"].mod_revision)],
-                          [tx.put(keys.key_check, marker),
-                           tx.put(keys.host_wrap(me), wrap(new, record.public, keys.cluster, me))])
+    compare, ops = _rewrap(keys, new, me, mine)
+    ok, _, _ = client.txn([tx.value_is(keys.key_check, old_check.encode()), *compare],
+                          [tx.put(keys.key_check, marker), *ops])
     if not ok:
         raise errors.OperationFailed("the fleet's key or this host's record changed while the rotation started; "
                                      "nothing written, try again")
@@ -222,17 +219,26 @@ def _wrap_hosts(client: Etcd, keys: Keyspace, new: FleetKey, marker: bytes) -> i
         for first in range(0, len(todo), HOSTS_PER_TXN):
             compare, ops = [tx.value_is(keys.key_check, marker)], []
             for host_id, p, info in todo[first:first + HOSTS_PER_TXN]:
-                compare.append(tx.mod_is(keys.host_wrap(host_id), p["wrap"].mod_revision))
                 if info.problem or "pub" not in p:
                     log.warning("fleet rotate: host %s gets no new key: %s", host_id, info.problem)
+                    compare.append(tx.mod_is(keys.host_wrap(host_id), p["wrap"].mod_revision))
                     ops.append(tx.delete(keys.host_wrap(host_id)))
                     continue
-                compare.append(tx.mod_is(keys.host_pub(host_id), p["pub"].mod_revision))
-                record = enrol.HostRecord.decode(p["pub"].value)
-                ops.append(tx.put(keys.host_wrap(host_id), wrap(new, record.public, keys.cluster, host_id)))
+                host_compare, host_ops = _rewrap(keys, new, host_id, p)
+                compare += host_compare
+                ops += host_ops
             client.txn(compare, ops)        # refused: its records changed; the next pass reads them again
     raise errors.OperationFailed(f"the fleet's host records kept changing during {MAX_PASSES} passes of the "
                                  "rotation; run 'fleet rotate' again to resume")
+
+
+def _rewrap(keys: Keyspace, new: FleetKey, host_id: str, parts: dict[str, KV]) -> tuple[list[dict], list[dict]]:
+    """A sound approved host's wrap of `new` (its old one retired by the put), written only if
+    its wrap and public records are still the ones read."""
+    record = enrol.HostRecord.decode(parts["pub"].value)
+    return ([tx.mod_is(keys.host_wrap(host_id), parts["wrap"].mod_revision),
+             tx.mod_is(keys.host_pub(host_id), parts["pub"].mod_revision)],
+            [tx.put(keys.host_wrap(host_id), wrap(new, record.public, keys.cluster, host_id))])
 
 
 def _own_new_key(client: Etcd, keys: Keyspace, host: HostKey, version: int, held: list[FleetKey]) -> FleetKey:
