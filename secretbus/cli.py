@@ -356,7 +356,7 @@ def cmd_init_encryption(conn_unused, a) -> int:
     return 0
 
 
-FLEET_ACTIONS = ("init", "join", "approve", "status", "leave", "revoke", "rotate")
+FLEET_ACTIONS = ("init", "join", "approve", "status", "leave", "revoke", "rotate", "publish")
 
 
 def _instance_paths(parsed, a):
@@ -374,10 +374,10 @@ def cmd_fleet(conn_unused, a) -> int:
     if a.action not in FLEET_ACTIONS:
         raise CommandError(f"unknown fleet action '{a.action}' ({', '.join(FLEET_ACTIONS)})")
     needs_host = a.action in ("approve", "revoke")
-    if needs_host and not _req(a, "host"):
+    if needs_host and not _req(a, "target"):
         raise CommandError(f"fleet {a.action} needs the id of a host (as 'fleet join' printed it)")
-    if not needs_host and a.host is not None:
-        raise CommandError(f"unexpected data '{a.host}'")
+    if not needs_host and a.action != "publish" and a.target is not None:
+        raise CommandError(f"unexpected data '{a.target}'")
     wait = None
     if a.wait is not None:
         if a.action != "join":
@@ -410,13 +410,20 @@ def cmd_fleet(conn_unused, a) -> int:
                                   with_key=_req(a, "with-key"), wait=wait)
             return 0 if approved or wait is None else 1
         elif a.action == "approve":
-            lines = admin.approve(paths, conf, a.host)
+            lines = admin.approve(paths, conf, a.target)
         elif a.action == "revoke":
-            lines = admin.revoke(paths, conf, a.host)
+            lines = admin.revoke(paths, conf, a.target)
         elif a.action == "leave":
             lines = admin.leave(paths, conf)
         elif a.action == "rotate":
             lines = admin.rotate(paths, conf)
+        elif a.action == "publish":
+            from secretbus import cli_fleet
+            lines, refused = cli_fleet.publish(paths, a.target)
+            for line in lines:
+                _print(line)
+            _report(refused)
+            return 1 if refused else 0
         else:
             lines = admin.status(paths, conf)
     except errors.SecretError as e:
@@ -579,15 +586,16 @@ _command("init-encryption", "create the sealed encryption key (once)",
 _CONFIG = Opt("config", S, "the secretbusd.conf with the fleet_* keys (default /etc/secretbus/secretbusd.conf; "
               "session: ~/.config/secretbus/, embedded: ROOT/etc/), as given to secretbusd --config",
               named_only=True)
-_command("fleet", "fleet mode: init, join, approve HOST, status, leave, revoke HOST, rotate",
+_command("fleet", "fleet mode: init, join, approve HOST, status, leave, revoke HOST, rotate, publish [UUID]",
          "Fleet mode (docs/fleet.md): 'init' creates the fleet key on the first host (sealed with systemd-creds) "
          "and registers it for the cluster; 'join' makes this host's key pair, publishes it and prints its "
          "id, and picks up the fleet key once approved; 'approve HOST' (on an enrolled host) wraps the fleet "
          "key for that host; 'revoke HOST' deletes its records; 'leave' this host's; 'rotate' makes a new "
          "fleet key for the approved hosts and re-seals every secret; 'status' shows the cluster, the key, "
-         "etcd and the hosts.",
+         "etcd and the hosts; 'publish' moves the secrets this host had before fleet mode (or the one named) "
+         "into the fleet (the service must be stopped).",
          (Opt("action", S, ", ".join(FLEET_ACTIONS), required=True),
-          Opt("host", S, "the host id (approve, revoke)"),
+          Opt("target", S, "approve, revoke: the host id; publish: a secret's UUID (default: every local secret)"),
           Opt("wait", N, "join: wait this many seconds for the approval", named_only=True),
           Opt("with-key", S, "systemd-creds --with-key= (host, tpm2, host+tpm2, auto, ...); init, join: also "
               "for the fleet keys this host picks up later", named_only=True),

@@ -18,9 +18,12 @@ from secretbus.core import errors
 from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
 from secretbus.driver.build import open_instance
 from secretbus.driver.driver import SecretDriver
+from secretbus.fleet import admin
+from secretbus.fleet.changes import Published, PublishResult
 from secretbus.fleet.keyfile import fleet_dir, init_fleet_key
 from secretbus.fleet.status import FleetState
 from secretbus.fleet.store import FleetStore
+from secretbus.store.conf import load_instance_conf
 from secretbus.store.keys import init_encryption
 from secretbus.store.paths import InstancePaths
 from tests.harness.bus import gdbus
@@ -877,3 +880,159 @@ def _lookup(conn, usage: str) -> str | None:
         return conn.lookup_by_usage(UsageType.CEPH, usage).uuid
     except errors.SecretError:
         return None
+
+
+def _before_fleet(h: Host, defs: list[tuple[str, str, bytes | None]]) -> None:
+    """Define `defs` (uuid, xml, value) on `h` as a host without fleet mode would have them."""
+    conf = h.paths.server_conf_file
+    fleet_conf = conf.read_text()
+    conf.write_text("")
+    d = open_instance(h.paths)
+    try:
+        for u, text, value in defs:
+            d.define_xml(text)
+            if value is not None:
+                d.set_value(u, value)
+    finally:
+        d.close()
+        conf.write_text(fleet_conf)
+
+
+def _outcomes(results: list[PublishResult]) -> dict[str, Published]:
+    return {r.uuid: r.outcome for r in results}
+
+
+def test_publish_moves_the_secrets_of_before_fleet_mode_into_the_fleet(tmp_path: Path, etcd: EtcdCluster) -> None:
+    a, key = make_host(tmp_path, "a", etcd.endpoints, None, 'fleet_usage_types = [ "ceph", "volume" ]\n')
+    b, _ = make_host(tmp_path, "b", etcd.endpoints, key)
+    u1, u2, u3, u4, same, other = (uid(n) for n in range(2100, 2106))
+    tls = f"<secret ephemeral='no' private='no'><uuid>{u3}</uuid><usage type='tls'><name>web</name></usage></secret>"
+    _before_fleet(a, [(u1, xml(u1, "pub.one"), b"v-one"),
+                      (u2, f"<secret ephemeral='no' private='no'><uuid>{u2}</uuid><usage type='volume'>"
+                           "<volume>/var/lib/pub.img</volume></usage></secret>", None),
+                      (u3, tls, b"v-tls"),
+                      (u4, xml(u4, "pub.taken"), b"v-four"),
+                      (same, xml(same, "pub.same"), b"v-same"),
+                      (other, xml(other, "pub.other"), b"v-a")])
+    # b had two of them before fleet mode too, defined by hand (libvirt's way of sharing a secret)
+    _before_fleet(b, [(same, xml(same, "pub.same"), b"v-same"), (other, xml(other, "pub.other"), b"v-b")])
+    a.open()
+    b.open()
+    try:
+        b.d.define_xml(xml(uid(2199), "pub.taken"))          # a fleet secret holds u4's usage
+        wait_for(lambda: a.store.is_fleet(uid(2199)), "b's define on a")
+        assert not a.store.is_fleet(u1) and a.store.local_copies() == []
+
+        results = a.d.publish_to_fleet()
+        assert _outcomes(results) == {u1: Published.PUBLISHED, u2: Published.PUBLISHED, u3: Published.STAYS_LOCAL,
+                                      u4: Published.REFUSED, same: Published.PUBLISHED, other: Published.PUBLISHED}
+        why = {r.uuid: r.reason for r in results}
+        assert why[u3] == "its usage type 'tls' is not in fleet_usage_types"
+        assert why[u4] == f"a secret with UUID {uid(2199)} is already defined for use with pub.taken"
+        # a serves what it served, from the cache now; its own directory keeps only what stays local
+        assert a.d.get_value(u1) == b"v-one" and a.store.is_fleet(u1) and a.store.is_fleet(u2)
+        assert sorted(p.name for p in a.paths.config_dir.glob("*.xml")) == sorted([f"{u3}.xml", f"{u4}.xml"])
+        assert a.events == []         # nothing changed for a's callers
+        # b learns the new ones with their events; for the two it has itself the fleet's copy wins
+        wait_for(lambda: b.seen(u1, EventId.VALUE_CHANGED), "u1's value on b")
+        assert b.seen(u1, EventId.LIFECYCLE, Lifecycle.DEFINED) == 1 and b.d.get_value(u1) == b"v-one"
+        wait_for(lambda: b.d.get_value(other) == b"v-a", "the fleet's value of the clashing copy on b")
+        assert b.store.local_copies() == sorted([same, other])
+
+        # b publishes: the same copy is retired, the other is kept (and reported), nothing else changes
+        results = b.d.publish_to_fleet()
+        assert _outcomes(results) == {same: Published.ALREADY, other: Published.REFUSED}
+        assert "the fleet has it with another definition or value" in results[1].reason
+        assert not b.paths.config_dir.joinpath(f"{same}.xml").exists()
+        assert b.paths.config_dir.joinpath(f"{other}.xml").exists() and b.d.get_value(other) == b"v-a"
+        assert b.store.local_copies() == [other]
+        # named: a secret that stays local by conf is refused, and one not here is NoSecret
+        (r,) = a.d.publish_to_fleet(u3)
+        assert r.outcome is Published.REFUSED and r.reason.endswith("is not in fleet_usage_types")
+        (r,) = a.d.publish_to_fleet(u1)
+        assert r.outcome is Published.REFUSED and r.reason.endswith("it is in the fleet already")
+        with pytest.raises(errors.NoSecret):
+            a.d.publish_to_fleet(uid(2198))
+
+        # a published secret is a fleet secret everywhere: a write on a reaches b
+        a.d.set_value(u1, b"v-one-2")
+        wait_for(lambda: b.d.get_value(u1) == b"v-one-2", "a's new value on b")
+        # undefining the one b still has a copy of removes that copy too: it does not come back
+        b.d.undefine(other)
+        assert not b.paths.config_dir.joinpath(f"{other}.xml").exists()
+        wait_for(lambda: not a.store.is_fleet(other), "the undefine on a")
+        for h in (a, b):
+            h.close()
+            h.open()
+        assert a.d.get_value(u1) == b"v-one-2" and b.d.get_value(u1) == b"v-one-2"
+        assert a.d.get_value(u3) == b"v-tls" and not a.store.is_fleet(u3)
+        for h in (a, b):
+            with pytest.raises(errors.NoSecret):
+                h.d.lookup_by_uuid(other)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_publish_cut_after_its_commit_is_finished_by_the_next(tmp_path: Path, etcd: EtcdCluster,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    a, _ = make_host(tmp_path, "a", etcd.endpoints, None)
+    u = uid(2200)
+    _before_fleet(a, [(u, xml(u, "cut.one"), b"v-cut")])
+    a.open()
+    try:
+        def crash(self: FleetStore, uuid: str) -> None:
+            raise errors.SystemError("simulated crash")
+        monkeypatch.setattr(FleetStore, "_remove_local_copy", crash)
+        (r,) = a.d.publish_to_fleet()
+        assert r.outcome is Published.REFUSED
+        assert r.reason == f"secret {u} is in the fleet now, but its local copy stays: simulated crash " \
+                           "(a second publish removes it)"
+        monkeypatch.undo()
+        # committed and cached, the local copy still there: the fleet's is served, also after a restart
+        assert a.store.is_fleet(u) and a.store.local_copies() == [u]
+        a.close()
+        a.open()
+        assert a.d.get_value(u) == b"v-cut" and a.store.local_copies() == [u]
+        status = admin.status(a.paths, load_instance_conf(a.paths))
+        assert "local secrets: 0 (served by this host only; 'secretbus fleet publish' moves them into the fleet)" \
+            in status
+        assert any(line.startswith("PROBLEM: 1 local copies of fleet secrets") and u in line for line in status)
+        (r,) = a.d.publish_to_fleet()
+        assert r.outcome is Published.ALREADY and a.store.local_copies() == []
+        assert not any("PROBLEM" in line for line in admin.status(a.paths, load_instance_conf(a.paths)))
+        a.close()
+        a.open()
+        assert a.d.get_value(u) == b"v-cut" and a.store.is_fleet(u)
+    finally:
+        a.close()
+
+
+def test_cli_fleet_publish_and_status(tmp_path: Path, etcd: EtcdCluster) -> None:
+    import sys
+    a, _ = make_host(tmp_path, "a", etcd.endpoints, None)
+    u1, u2 = uid(2300), uid(2301)
+    _before_fleet(a, [(u1, xml(u1, "cli.one"), b"cli-value-one"), (u2, xml(u2, "cli.two", private="yes"), b"v2")])
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "secretbus.cli", "-c", f"secret:///embed?root={a.root}",
+                               "fleet", *args], capture_output=True, text=True, timeout=120)
+    r = cli("status")
+    assert r.returncode == 0 and "local secrets: 2 (served by this host only" in r.stdout, r
+    a.open()
+    try:
+        r = cli("publish")                          # the instance is in use: refused, nothing changed
+        assert r.returncode == 1 and "stop it before 'fleet publish'" in r.stderr, r
+        assert not a.store.is_fleet(u1)
+    finally:
+        a.close()
+    r = cli("publish", u1)
+    assert r.returncode == 0 and r.stdout.splitlines()[:2] == [
+        f"Secret {u1} published to fleet cluster 'test'", "1 of 1 local secrets are in the fleet now"], r
+    r = cli("publish", "--config", str(tmp_path / "none.conf"))
+    assert r.returncode == 1 and "none.conf" in r.stderr, r
+    r = cli("publish")
+    assert r.returncode == 0 and f"Secret {u2} published" in r.stdout, r
+    r = cli("status")
+    assert "fleet secrets: 2" in r.stdout and "local secrets: 0" in r.stdout and "PROBLEM" not in r.stdout, r
+    assert b"cli-value-one".decode() not in r.stdout + r.stderr

@@ -23,7 +23,8 @@ from secretbus.driver import rules
 from secretbus.driver.rewrite import rewrite
 from secretbus.driver.table import Entry, SecretTable, usage_key
 from secretbus.driver.writer import Files, Key, Op, Planned, Writes
-from secretbus.fleet.changes import RemoteChange
+from secretbus.fleet.changes import Published, PublishResult, RemoteChange
+from secretbus.fleet.store import FleetStore
 from secretbus.store.codec import Binding, ValueCodecs
 from secretbus.store.conf import SecretConf
 from secretbus.store.filestore import SecretStore, Skipped, log_skip
@@ -548,6 +549,36 @@ class SecretDriver:
                 done += 1
             skipped = len(self._table.skipped_files())
         return RewriteResult(done, total + skipped, skipped)
+
+    def publish_to_fleet(self, uuid: str | None = None) -> list[PublishResult]:
+        """`secretbus fleet publish`: the persistent secrets this host had before fleet mode
+        (or the one named) moved into the fleet, one etcd transaction each, while no other
+        write runs. The table does not change (same definition, same value), so nothing is
+        announced here; the other hosts' watches announce the new secrets."""
+        store = self.store
+        if not isinstance(store, FleetStore):
+            raise errors.OperationFailed("fleet mode is off: there is no fleet to publish to")
+        results: list[PublishResult] = []
+        with self._writes.exclusive():
+            # From the files: where the fleet has a secret too, the table serves the fleet's copy.
+            local = store.local_secrets()
+            if uuid is not None:
+                named = self._get(uuid).definition
+                todo = [local.get(named.uuid, (named, None))]
+            else:
+                todo = [local[u] for u in sorted(local)]
+            for d, value in todo:
+                why = None if uuid is not None or store.is_fleet(d.uuid) else store.stays_local(d)
+                if why is not None:
+                    results.append(PublishResult(d.uuid, Published.STAYS_LOCAL, why))
+                    continue
+                try:
+                    done = store.publish(d, value)
+                except errors.SecretError as err:
+                    results.append(PublishResult(d.uuid, Published.REFUSED, err.message))
+                else:
+                    results.append(PublishResult(d.uuid, done))
+        return results
 
     def has_ephemeral(self) -> bool:
         return any(e.definition.ephemeral for e in self._table)

@@ -1,4 +1,4 @@
-"""`secretbus fleet init | join | approve | revoke | leave | status` for one instance (its
+"""`secretbus fleet init | join | approve | revoke | leave | rotate | status` for one instance (its
 paths and secret.conf). The enrolment itself is enrol.py; this wires paths, conf and etcd."""
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from secretbus.fleet.setup import connect
 from secretbus.fleet.store import CACHE_DIR
 from secretbus.store.conf import SecretConf
 from secretbus.store.crypto import KEY_SIZE
+from secretbus.store.filestore import defined_uuids
 from secretbus.store.keys import load_key
 from secretbus.store.lock import InstanceLock
 from secretbus.store.paths import InstancePaths
@@ -218,6 +219,19 @@ def _drop_cache(directory: Path) -> list[Path]:
     return remove_files(cache, names)
 
 
+def _local_lines(paths: InstancePaths, in_fleet: set[str]) -> list[str]:
+    """The secrets this host had before fleet mode: served here only until published."""
+    local = defined_uuids(paths.config_dir)
+    lines = [f"local secrets: {len(local - in_fleet)} (served by this host only; 'secretbus fleet publish' "
+             "moves them into the fleet)"]
+    shadowed = local & in_fleet
+    if shadowed:
+        lines.append(f"PROBLEM: {len(shadowed)} local copies of fleet secrets, e.g. {min(shadowed)} (the "
+                     "fleet's are served; a copy is served again if the fleet's is undefined elsewhere and "
+                     "this host restarts): 'secretbus fleet publish' removes the copies that are the same")
+    return lines
+
+
 def status(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = os.environ) -> list[str]:
     if not conf.fleet_endpoints:
         return [f"fleet mode: off (fleet_endpoints is not set in {_where(conf)})"]
@@ -249,6 +263,7 @@ def status(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = 
         match = "matches" if check and check[0].value == sealer.check_value.encode() else "does NOT match"
     lines += [f"etcd: reachable, revision {rev}", f"cluster key: {match} this host's",
               f"fleet secrets: {len(defs)}"]
+    lines += _local_lines(paths, {p[0] for kv in defs if (p := keys.parse(kv.key)) is not None})
     try:
         hosts = enrol.list_hosts(client, keys)
     except EtcdUnavailable as e:

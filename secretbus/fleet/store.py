@@ -37,7 +37,7 @@ from secretbus.core.model import SecretDef, UsageType
 from secretbus.core.secretxml import format_secret_xml, parse_secret_xml
 from secretbus.fleet import etcd as tx
 from secretbus.fleet.cachewrites import CacheWrites
-from secretbus.fleet.changes import RemoteChange
+from secretbus.fleet.changes import Published, RemoteChange
 from secretbus.fleet.etcd import KV, Etcd, EtcdUnavailable, WatchEvent
 from secretbus.fleet.keyspace import Keyspace, group_records
 from secretbus.fleet.seal import ROTATING, NewerKey, Sealer, SealError, cluster_checks
@@ -129,9 +129,21 @@ class FleetStore(SecretStore):
             return uuid in self._known
 
     def replicates(self, d: SecretDef) -> bool:
-        if d.ephemeral or (d.private and not self.options.private):
-            return False
-        return self.options.usage_types is None or d.usage_type in self.options.usage_types
+        return self.stays_local(d) is None
+
+    def stays_local(self, d: SecretDef) -> str | None:
+        """Why `d` is not for the fleet under this host's conf; None if it replicates."""
+        if d.ephemeral:
+            return "ephemeral secrets never leave this host"
+        if d.private and not self.options.private:
+            return "it is private and fleet_private is off"
+        if self.options.usage_types is not None and d.usage_type not in self.options.usage_types:
+            return f"its usage type '{d.usage_type.name.lower()}' is not in fleet_usage_types"
+        return None
+
+    def has_local_copy(self, uuid: str) -> bool:
+        """Whether the instance's own directory holds `uuid` (a secret of before fleet mode)."""
+        return self.xml_path(uuid).exists()
 
     def _require_online(self) -> None:
         state, reason = self.cell.get()
@@ -307,6 +319,63 @@ class FleetStore(SecretStore):
             known.value_gen, known.value_rev, known.digest = gen, rev, digest
             self.cache.write_value(d, value)
 
+    def publish(self, d: SecretDef, value: bytes | None) -> Published:
+        """Move a secret this host had before fleet mode into the fleet (`secretbus fleet
+        publish`): one transaction creates it in etcd, as a define with its value would; then
+        it is cached and its local files are removed. Already in the fleet with the same
+        definition and value (published from another host that had it too): only the local
+        copy is removed. Anything else changes nothing and raises.
+        A crash after the commit leaves both copies; the fleet's is served (load) and a
+        second publish removes the local one."""
+        with self._lock:
+            known = self._known.get(d.uuid)
+            if d.ephemeral or not self.has_local_copy(d.uuid):
+                why = (self.stays_local(d) if d.ephemeral else
+                       "it is in the fleet already" if known is not None else "this host has no file of it")
+                raise errors.InvalidArg(f"secret {d.uuid} is not published: {why}")
+            if known is not None:
+                digest = None if value is None else self.sealer.digest(value)
+                if known.definition != d or known.digest != digest:
+                    raise errors.OperationFailed(
+                        f"secret {d.uuid} is not published: the fleet has it with another definition or "
+                        "value; the fleet's is served here and the local copy is kept")
+                self._remove_local_copy(d.uuid)
+                return Published.ALREADY
+            why = self.stays_local(d)
+            if why is not None:
+                raise errors.InvalidArg(f"secret {d.uuid} is not published: {why}")
+            if value is not None:
+                self._pending_value[d.uuid] = bytes(value)
+            try:
+                self._define(d, None)
+            finally:
+                self._pending_value.pop(d.uuid, None)
+            try:
+                self._remove_local_copy(d.uuid)
+            except errors.SecretError as e:
+                raise errors.SystemError(f"secret {d.uuid} is in the fleet now, but its local copy stays: "
+                                         f"{e.message} (a second publish removes it)") from None
+            return Published.PUBLISHED
+
+    def _remove_local_copy(self, uuid: str) -> None:
+        # Value first, as undefine does: a crash between leaves a definition without a value,
+        # never a value file the next secret of this UUID could inherit.
+        super().delete_values(uuid)
+        super().delete_definition(uuid)
+
+    def local_secrets(self) -> dict[str, tuple[SecretDef, bytes | None]]:
+        """What the instance's own directory holds, read anew (for a publish: the table serves
+        the fleet's copy where both exist)."""
+        report = SecretStore.load(self)
+        return {x.definition.uuid: (x.definition, None if x.value is None else bytes(x.value))
+                for x in report.secrets}
+
+    def local_copies(self) -> list[str]:
+        """UUIDs of fleet secrets of which the instance's own directory also holds a copy (an
+        interrupted publish, or the same secret defined by hand on several hosts)."""
+        with self._lock:
+            return sorted(u for u in self._known if self.has_local_copy(u))
+
     def delete_values(self, uuid: str) -> None:
         with self._lock:
             self._pending_value.pop(uuid, None)
@@ -336,6 +405,8 @@ class FleetStore(SecretStore):
             self._gone[uuid] = rev
             self.cache.delete_values(uuid)
             self.cache.delete_definition(uuid)
+            if self.has_local_copy(uuid):
+                self._remove_local_copy(uuid)     # or it would come back at the next start
 
     # -- remote changes -------------------------------------------------------------------
     def apply_events(self, events: Iterable[WatchEvent], revision: int) -> list[RemoteChange]:

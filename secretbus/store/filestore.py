@@ -301,6 +301,18 @@ def _suffixes(s: set[str] | frozenset[str]) -> frozenset[str]:
 _WRITE_METHODS = ("write_definition", "write_value", "delete_definition", "delete_values")
 
 
+def defined_uuids(directory: Path) -> set[str]:
+    """The UUIDs with a definition file in `directory` (none if it does not exist), without
+    reading one: what `fleet status` counts while the service runs."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return set()
+    except OSError as e:
+        raise errors.SystemError(f"cannot read directory '{directory}': {e.strerror}") from None
+    return {n[:-4] for n in names if n.endswith(".xml") and is_canonical(n[:-4])}
+
+
 class _Load:
     """One pass over the store: definitions first, then each secret's value file, so an
     authentication failure can be checked against the other definitions (moved files)."""
