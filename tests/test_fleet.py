@@ -622,7 +622,7 @@ def test_a_resync_in_several_steps_applies_everything_a_step_at_a_time(
         assert b.state() == a.state() and len(b.state()) == n
         assert b.d.get_value(uid(20000)) == b"value 0"
         assert 1 <= len(synced) <= 4, len(synced)
-        assert b.store.remote_writes.batches >= 2
+        assert b.store.cache_writes.batches >= 2
         assert not [f for f in os.listdir(cache) if not f.endswith((".xml", ".aes256gcm"))]   # no temp or spare
         b.close()
         b.open(online=False)        # from the cache alone
@@ -1036,3 +1036,82 @@ def test_cli_fleet_publish_and_status(tmp_path: Path, etcd: EtcdCluster) -> None
     r = cli("status")
     assert "fleet secrets: 2" in r.stdout and "local secrets: 0" in r.stdout and "PROBLEM" not in r.stdout, r
     assert b"cli-value-one".decode() not in r.stdout + r.stderr
+
+
+class _Hold:
+    """Holds a driver's I/O thread before its next batch (Writes.gate) until `release()`."""
+
+    def __init__(self, d: SecretDriver) -> None:
+        self.held, self.go, self.d = threading.Event(), threading.Event(), d
+        d.writes.gate = self.wait
+
+    def wait(self) -> None:
+        self.held.set()
+        assert self.go.wait(20)
+
+    def release(self) -> None:
+        self.go.set()
+        self.d.writes.gate = None
+
+
+def _count_txns(h: Host) -> list[int]:
+    """Counts h's etcd transactions: [n]."""
+    n = [0]
+    real = h.store.etcd.txn
+
+    def txn(*args: object, **kw: object) -> object:
+        n[0] += 1
+        return real(*args, **kw)  # type: ignore[arg-type]
+    h.store.etcd.txn = txn  # type: ignore[method-assign]
+    return n
+
+
+def test_concurrent_fleet_writes_share_one_transaction(hosts: list[Host]) -> None:
+    a, b, _ = hosts
+    old = [uid(2400 + i) for i in range(6)]
+    new = [uid(2410 + i) for i in range(6)]
+    for i, u in enumerate(old):
+        a.d.define_xml(xml(u, f"batch.{i}"))
+        a.d.set_value(u, b"first")
+    wait_for(lambda: all(b.store.is_fleet(u) for u in old), "the secrets on b")
+    txns = _count_txns(a)
+    hold = _Hold(a.d)
+    futures = [a.d.submit_set_value(u, b"second") for u in old[:3]]
+    futures += [a.d.submit_undefine(u) for u in old[3:5]]
+    futures.append(a.d.submit_define(a.d.parse_definition(xml(old[5], "batch.5", desc="again"))))
+    futures += [a.d.submit_define(a.d.parse_definition(xml(u, f"batch.new.{i}"))) for i, u in enumerate(new)]
+    assert hold.held.wait(20)
+    hold.release()
+    for f in futures:
+        f.result(20)
+    assert txns[0] <= 2, txns        # 12 writes: one transaction (the first may have gone alone)
+    for h in (a, b):
+        wait_for(lambda h=h: all(h.store.is_fleet(u) for u in new) and not h.store.is_fleet(old[3]),
+                 f"the batch on {h.name}")
+        assert [h.d.get_value(u) for u in old[:3]] == [b"second"] * 3
+        assert h.d.lookup_by_uuid(old[5]).description == "again" and h.d.get_value(old[5]) == b"first"
+        for u in old[3:5]:
+            with pytest.raises(errors.NoSecret):
+                h.d.lookup_by_uuid(u)
+    assert b.seen(new[0], EventId.LIFECYCLE, Lifecycle.DEFINED) == 1
+    assert a.seen(new[0], EventId.LIFECYCLE, Lifecycle.DEFINED) == 1          # announced once
+    # a batch one of whose records another host changed meanwhile: the others still go
+    hold = _Hold(a.d)
+    before = txns[0]
+    futures = [a.d.submit_set_value(u, b"third") for u in old[:3]]
+    assert hold.held.wait(20)
+    b.d.define_xml(xml(old[1], "batch.1", desc="by b"))     # a's watch waits behind the held writes
+    hold.release()
+    outcomes = []
+    for f in futures:
+        try:
+            f.result(20)
+            outcomes.append("ok")
+        except errors.OperationFailed as e:
+            outcomes.append(str(e))
+    assert outcomes == ["ok", f"secret {old[1]} was changed on another host meanwhile; try again", "ok"], outcomes
+    assert txns[0] - before == 4           # the batch's, refused, then one each
+    for h in (a, b):
+        wait_for(lambda h=h: h.d.lookup_by_uuid(old[1]).description == "by b", f"b's redefine on {h.name}")
+        wait_for(lambda h=h: h.d.get_value(old[0]) == b"third", f"the batch's values on {h.name}")
+        assert h.d.get_value(old[1]) == b"second" and h.d.get_value(old[2]) == b"third"

@@ -21,7 +21,7 @@ from secretbus.core.model import EventId
 from secretbus.fleet import enrol
 from secretbus.fleet.enrol_records import HostRecord, RecordError
 from secretbus.fleet.enrol_wrap import WrapError, unwrap, wrap
-from secretbus.fleet.etcd import Etcd, prefix_end
+from secretbus.fleet.etcd import TXN_OPS, Etcd, prefix_end
 from secretbus.fleet.hostkey import HostKey, host_id, load_host_key
 from secretbus.fleet.keyfile import fleet_dir, load_fleet_key, load_fleet_keys
 from secretbus.fleet.keyspace import Keyspace
@@ -839,7 +839,7 @@ def test_rotate_reseals_in_batches_within_etcds_limits(fleet: Fleet) -> None:
     # lock (1), the start (2: the marker, one wrap) and the finish (1).
     reseals = [(n, ok) for n, ok in client.txns if n >= 4]
     assert sum(n for n, ok in reseals if ok) == 4 * 90, client.txns
-    assert max(n for n, _ in reseals) <= rotate.TXN_OPS, client.txns
+    assert max(n for n, _ in reseals) <= TXN_OPS, client.txns
     # refused: the touched one's batch, then it alone (the others of the batch went one by one)
     refused = [n for n, ok in reseals if not ok]
     assert len(refused) == 2 and refused[0] > 4 and refused[1] == 4, client.txns

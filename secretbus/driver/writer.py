@@ -17,7 +17,9 @@ earlier op left. So the writes to one secret are planned, committed, applied and
 the order they were submitted (per-secret FIFO), and the ops of one batch are independent.
 
 A store without write plans (`store.group_commit` False: the fleet store, whose writes are etcd
-transactions) is written op by op in the I/O thread, under the mutex, as before.
+transactions) is written op by op in the I/O thread, under the mutex, as before; if it
+`batches_writes`, the ops the I/O thread took together are planned as recorded calls and
+handed to it at once (`store.write_many`: the fleet store sends them in one transaction).
 
 The caller never waits long for the mutex: if it is held for more than 2 ms (a reload, an etcd
 write of the fleet store), the op is handed to the I/O thread unstarted, and started there in
@@ -38,6 +40,7 @@ from typing import Any, TypeVar
 
 from secretbus.core import errors, loophop
 from secretbus.core.model import SecretDef
+from secretbus.store.calls import StoreCall
 from secretbus.store.commit import (
     EMPTY_IDLE,
     SPARE_IDLE,
@@ -117,6 +120,26 @@ class DirectFiles(Files):
 
     def delete_definition(self, uuid: str) -> None:
         self.store.delete_definition(uuid)
+
+
+@dataclass
+class RecordFiles(Files):
+    """Records the calls (a store that commits a batch's writes together: store.write_many)."""
+
+    def __init__(self) -> None:
+        self.calls: list[StoreCall] = []
+
+    def value(self, d: SecretDef, data: bytes) -> None:
+        self.calls.append(StoreCall("write_value", (d, data)))
+
+    def definition(self, d: SecretDef, *, undo_values: bool = False) -> None:
+        self.calls.append(StoreCall("write_definition", (d,), undo_values))
+
+    def delete_values(self, uuid: str) -> None:
+        self.calls.append(StoreCall("delete_values", (uuid,)))
+
+    def delete_definition(self, uuid: str) -> None:
+        self.calls.append(StoreCall("delete_definition", (uuid,)))
 
 
 @dataclass
@@ -492,11 +515,39 @@ class Writes:
             stats.plans += n
             stats.dir_syncs += syncs
             stats.largest = max(stats.largest, *(len(st.planned) for st in staged))
-        for st in staged:
-            for op in st.ops:
-                if op.direct:
-                    self._direct(op)
+        self._direct_all([op for st in staged for op in st.ops if op.direct])
         self._finish([op for st in staged for op in st.ops])
+
+    def _direct_all(self, ops: list[Op]) -> None:
+        """The ops of a store without plans: one by one, or, for a store that commits a batch's
+        writes together (the fleet store: one etcd transaction), all planned first, then
+        written in one `store.write_many`, then applied. (Their keys are disjoint: planning
+        one does not depend on applying another.)"""
+        store = self._store()
+        if len(ops) < 2 or not store.batches_writes:
+            for op in ops:
+                self._direct(op)
+            return
+        with self._mutex:
+            recorded: list[tuple[Op, RecordFiles]] = []
+            for op in ops:
+                files = RecordFiles()
+                try:
+                    op.planned = op.ctx.run(op.plan, files)
+                except Exception as e:  # noqa: BLE001 - the op's error, for its caller
+                    op.error = e
+                    continue
+                recorded.append((op, files))
+            outcomes = store.write_many([files.calls for _, files in recorded])
+            for (op, _), err in zip(recorded, outcomes, strict=True):
+                if err is not None:
+                    op.error = err
+                    continue
+                try:
+                    assert op.planned is not None
+                    op.result = op.planned.apply()
+                except Exception as e:  # noqa: BLE001
+                    op.error = e
 
     def _direct(self, op: Op) -> None:
         """A store without plans: plan, write and apply under the mutex, as one call did before."""

@@ -52,12 +52,8 @@ LOCK_TTL = 10          # seconds: how long a crashed rotation keeps the lock
 HOSTS_PER_TXN = 60     # new wraps a transaction: 2 compares a host, and the marker's (--max-txn-ops 128)
 MAX_PASSES = 20        # writes are fenced meanwhile: passes beyond the second mean something is wrong
 # Re-sealing: writes are refused until it ends, so secrets go BATCH to a transaction (each has
-# 2 compares and up to 4 operations), within etcd's default limits: --max-txn-ops 128, and
-# --max-request-bytes 1.5 MiB (of the request etcd gets from its gateway: the bytes, not their
-# base64; measured on 3.4.23).
+# 2 compares and up to 4 operations), within etcd's bounds (etcd.TXN_OPS, etcd.TXN_BYTES).
 BATCH = 32
-TXN_OPS = 128
-TXN_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -299,12 +295,7 @@ def _reseal_all(client: Etcd, keys: Keyspace, ring: Sealer, held: list[FleetKey]
                                  "rotation; run 'fleet rotate' again to resume")
 
 
-@dataclass
-class _Plan:
-    """One secret's re-sealing: what it requires unchanged, what it writes, and the bytes."""
-    compare: list[dict]
-    ops: list[dict]
-    size: int
+_Plan = tx.TxnPart     # one secret's re-sealing: what it requires unchanged, what it writes, the bytes
 
 
 @dataclass
@@ -312,12 +303,7 @@ class _Batch:
     plans: list[_Plan] = field(default_factory=list)
 
     def fits(self, plan: _Plan) -> bool:
-        if not self.plans:
-            return True
-        compares = 1 + sum(len(p.compare) for p in self.plans) + len(plan.compare)
-        ops = sum(len(p.ops) for p in self.plans) + len(plan.ops)
-        size = sum(p.size for p in self.plans) + plan.size
-        return len(self.plans) < BATCH and compares <= TXN_OPS and ops <= TXN_OPS and size <= TXN_BYTES
+        return not self.plans or (len(self.plans) < BATCH and tx.fits(self.plans, plan))
 
     def commit(self, client: Etcd, fence: dict, done: int, progress: Callable[[int], None] | None) -> int:
         """One transaction for the batch (`fence`: the rotation marker still there); if a record

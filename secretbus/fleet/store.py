@@ -5,8 +5,9 @@ here, persistent ones that do not replicate) plus the fleet's local encrypted ca
 `SecretStore` under the host key in the fleet directory; the driver loads both at start-up and
 serves from them. Every file in the cache is a fleet secret, so a resync after a restart knows
 which cached secrets etcd dropped meanwhile. Writes of fleet secrets: each define, set-value and
-undefine is one etcd transaction, and the cache is written only after it commits, so the
-writing host reads its own writes and never diverges from etcd.
+undefine is one etcd transaction (the writes the driver's writer takes together share one:
+`write_many`), and the cache is written only after it commits, so the writing host reads its
+own writes and never diverges from etcd.
 Changes made by other hosts arrive through `apply_events`/`resync` (fleet/sync.py), which
 update the cache and return what the driver must apply and announce.
 
@@ -26,7 +27,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,6 +44,7 @@ from secretbus.fleet.keyspace import Keyspace, group_records
 from secretbus.fleet.seal import ROTATING, NewerKey, Sealer, SealError, cluster_checks
 from secretbus.fleet.status import FleetState, FleetStatus, StatusCell
 from secretbus.store import fsutil
+from secretbus.store.calls import StoreCall, replay
 from secretbus.store.codec import ValueCodecs
 from secretbus.store.filestore import LoadReport, SecretStore
 
@@ -80,12 +82,26 @@ def unavailable(why: str) -> errors.SecretError:
     return errors.OperationFailed(f"fleet store unavailable: {why}")
 
 
+def _changed_meanwhile(uuid: str) -> errors.SecretError:
+    return errors.OperationFailed(f"secret {uuid} was changed on another host meanwhile; try again")
+
+
+@dataclass
+class _Write(tx.TxnPart):
+    """One write of a fleet secret as a transaction: `failure` reads what explains a refusal
+    (`refused(responses)` makes its error); `done(revision)` follows the commit."""
+    failure: list[dict[str, Any]]
+    done: Callable[[int], None]
+    refused: Callable[[list[dict[str, Any]]], errors.SecretError]
+
+
 class FleetStore(SecretStore):
     def __init__(self, config_dir: Path, codecs: ValueCodecs, *, etcd: Etcd, sealer: Sealer,
                  options: FleetOptions, state_dir: Path):
         super().__init__(config_dir, codecs)
         self.cache = SecretStore(state_dir / CACHE_DIR, codecs)
-        self.remote_writes = CacheWrites(self.cache)     # the cache's writes of remote changes
+        # The cache's writes: of other hosts' changes, and of this host's once committed.
+        self.cache_writes = CacheWrites(self.cache)
         self.etcd = etcd
         self.sealer = sealer
         self._options = options
@@ -103,6 +119,7 @@ class FleetStore(SecretStore):
         self._gone: dict[str, int] = {}          # uuid -> revision of our own undefine
         self._pending_value: dict[str, bytes] = {}
         self._pending_delete: set[str] = set()
+        self._deferred: list[_Write] | None = None     # inside write_many: the write's transaction
         self.revision = 0                         # last revision applied from watch/resync
         self.resyncs = 0                          # full resyncs done (start-up, compaction)
         # what the cache held at load, consumed by the first resync: unchanged secrets are not rewritten
@@ -170,6 +187,92 @@ class FleetStore(SecretStore):
                 raise self._fenced(check)
             responses = responses[:-1]
         return ok, rev, responses
+
+    def _run(self, w: _Write) -> None:
+        """Send one write's transaction, or, inside write_many, keep it for the batch's."""
+        if self._deferred is not None:
+            if self._deferred:
+                raise errors.InternalError("one write of a batch made two fleet transactions")
+            self._deferred.append(w)
+            return
+        ok, rev, responses = self._txn(w.compare, w.ops, w.failure)
+        if not ok:
+            raise w.refused(responses)
+        with self.cache_writes.batch():
+            w.done(rev)
+
+    # -- a batch of writes: one transaction ---------------------------------------------------
+    batches_writes = True
+
+    def write_many(self, writes: Sequence[Sequence[StoreCall]]) -> list[Exception | None]:
+        """The writes the driver's writer took together (their secrets and usages disjoint):
+        each one's transaction is made as usual but kept, then they are sent as one (several
+        when etcd's bounds call for it), and the cache's files of all of them are committed
+        together. A batch refused (a record changed by another host) is sent again one write
+        at a time, so each gets its own verdict. A write that is not a single transaction
+        at its end (a redefine that re-binds the value, a local secret's) is made at once."""
+        out: list[Exception | None] = [None] * len(writes)
+        kept: list[tuple[int, _Write]] = []
+        with self._lock:
+            for i, calls in enumerate(writes):
+                self._deferred = [] if self._one_transaction(calls) else None
+                try:
+                    replay(self, calls)
+                except Exception as e:  # noqa: BLE001 - that write's error, for its caller
+                    out[i] = e
+                    continue
+                finally:
+                    got, self._deferred = self._deferred, None
+                if got:
+                    kept.append((i, got[0]))
+            for i, err in self._send(kept):
+                out[i] = err
+        return out
+
+    def _one_transaction(self, calls: Sequence[StoreCall]) -> bool:
+        """Whether only the last of `calls` may send a transaction: the calls before it
+        leave only pending state (a new secret's value, an undefine's delete_values)."""
+        for c in calls[:-1]:
+            if c.method == "delete_values":
+                continue
+            if c.method == "write_value" and c.args[0].uuid not in self._known:
+                continue
+            return False
+        return bool(calls)
+
+    def _send(self, kept: list[tuple[int, _Write]]) -> list[tuple[int, Exception | None]]:
+        """(index, error or None) of each kept write, sent as few transactions as fit."""
+        out: list[tuple[int, Exception | None]] = []
+        group: list[tuple[int, _Write]] = []
+        for item in kept:
+            if group and not tx.fits([w for _, w in group], item[1]):
+                out += self._send_group(group)
+                group = []
+            group.append(item)
+        if group:
+            out += self._send_group(group)
+        return out
+
+    def _send_group(self, group: list[tuple[int, _Write]]) -> list[tuple[int, Exception | None]]:
+        if len(group) > 1:
+            try:
+                ok, rev, _ = self._txn([c for _, w in group for c in w.compare], [op for _, w in group for op in w.ops])
+            except errors.SecretError as e:    # etcd unreachable, or this host's key fenced out
+                return [(i, e) for i, _ in group]
+            if ok:
+                with self.cache_writes.batch():
+                    for _, w in group:
+                        w.done(rev)
+                return [(i, None) for i, _ in group]
+        out: list[tuple[int, Exception | None]] = []
+        for i, w in group:          # one, or a refused batch: one at a time
+            try:
+                self._run(w)
+            except errors.SecretError as e:
+                out.append((i, e))
+            else:
+                out.append((i, None))
+        return out
 
     def _fenced(self, check: bytes) -> errors.SecretError:
         if check.startswith(ROTATING.encode()):
@@ -247,36 +350,42 @@ class FleetStore(SecretStore):
             raise errors.InvalidArg(f"secret {d.uuid}: the definition is too large for the fleet store "
                                     f"({len(record)} bytes sealed, at most {MAX_RECORD})")
         ops = [tx.put(kd, record)]
+        size = len(kd) + len(record)
         if usage is not None and usage != old_usage:
             compare.append(tx.absent(usage))
             ops.append(tx.put(usage, d.uuid.encode()))
+            size += 2 * len(usage)
         if old_usage is not None and old_usage != usage:
             ops.append(tx.delete(old_usage))
-        value = self._pending_value.get(d.uuid)
+            size += len(old_usage)
+        # (taken now: a refused define leaves nothing pending)
+        value = self._pending_value.pop(d.uuid, None)
         value_gen = known.value_gen if known is not None else 0
         if value is not None:
             value_gen += 1
-            ops.append(tx.put(kv, self.sealer.seal("value", d.uuid, value_gen, value, extra=inc)))
+            sealed = self.sealer.seal("value", d.uuid, value_gen, value, extra=inc)
+            ops.append(tx.put(kv, sealed))
+            size += len(kv) + len(sealed)
         elif known is None:
             ops.append(tx.delete(kv))    # a new secret inherits no value
+            size += len(kv)
         failure = [tx.get(kd)] + ([tx.get(usage)] if usage is not None else [])
-        ok, rev, responses = self._txn(compare, ops, failure)
-        if not ok:
-            raise self._define_refused(d, known, responses)
-        self._pending_value.pop(d.uuid, None)
-        self._pending_delete.discard(d.uuid)
-        self._gone.pop(d.uuid, None)
-        entry = Known(d, inc, gen, rev)
-        if known is not None:
-            entry.value_gen, entry.value_rev, entry.digest = known.value_gen, known.value_rev, known.digest
-        if value is not None:
-            entry.value_gen, entry.value_rev, entry.digest = value_gen, rev, self.sealer.digest(value)
-        self._known[d.uuid] = entry
-        self.cache.write_definition(d)
-        if value is not None:
-            self.cache.write_value(d, value)
-        elif known is None:
-            self.cache.delete_values(d.uuid)
+
+        def done(rev: int) -> None:
+            self._pending_delete.discard(d.uuid)
+            self._gone.pop(d.uuid, None)
+            entry = Known(d, inc, gen, rev)
+            if known is not None:
+                entry.value_gen, entry.value_rev, entry.digest = known.value_gen, known.value_rev, known.digest
+            if value is not None:
+                entry.value_gen, entry.value_rev, entry.digest = value_gen, rev, self.sealer.digest(value)
+            self._known[d.uuid] = entry
+            self.cache_writes.definition(d)
+            if value is not None:
+                self.cache_writes.value(d, value)
+            elif known is None:
+                self.cache_writes.delete_values(d.uuid)
+        self._run(_Write(compare, ops, size, failure, done, partial(self._define_refused, d, known)))
 
     def _define_refused(self, d: SecretDef, known: Known | None,
                         responses: list[dict[str, Any]]) -> errors.SecretError:
@@ -312,12 +421,14 @@ class FleetStore(SecretStore):
                 return
             kd, kv = self.keys.definition(d.uuid), self.keys.value(d.uuid)
             gen = known.value_gen + 1
-            ok, rev, _ = self._txn([tx.mod_is(kd, known.def_rev)],
-                                   [tx.put(kv, self.sealer.seal("value", d.uuid, gen, value, extra=known.inc))])
-            if not ok:
-                raise errors.OperationFailed(f"secret {d.uuid} was changed on another host meanwhile; try again")
-            known.value_gen, known.value_rev, known.digest = gen, rev, digest
-            self.cache.write_value(d, value)
+            sealed = self.sealer.seal("value", d.uuid, gen, value, extra=known.inc)
+            data = bytes(value)
+
+            def done(rev: int) -> None:
+                known.value_gen, known.value_rev, known.digest = gen, rev, digest
+                self.cache_writes.value(d, data)
+            self._run(_Write([tx.mod_is(kd, known.def_rev)], [tx.put(kv, sealed)], len(kv) + len(sealed),
+                             [], done, lambda _: _changed_meanwhile(d.uuid)))
 
     def publish(self, d: SecretDef, value: bytes | None) -> Published:
         """Move a secret this host had before fleet mode into the fleet (`secretbus fleet
@@ -392,28 +503,34 @@ class FleetStore(SecretStore):
             if known is None:
                 super().delete_definition(uuid)
                 return
-            kd = self.keys.definition(uuid)
-            ops = [tx.delete(kd), tx.delete(self.keys.value(uuid))]
+            kd, kv = self.keys.definition(uuid), self.keys.value(uuid)
+            ops = [tx.delete(kd), tx.delete(kv)]
+            size = len(kd) + len(kv)
             usage = self._usage_key(known.definition)
             if usage is not None:
                 ops.append(tx.delete(usage))
-            ok, rev, _ = self._txn([tx.mod_is(kd, known.def_rev)], ops)
-            if not ok:
-                raise errors.OperationFailed(f"secret {uuid} was changed on another host meanwhile; try again")
-            del self._known[uuid]
-            self._pending_delete.discard(uuid)
-            self._gone[uuid] = rev
-            self.cache.delete_values(uuid)
-            self.cache.delete_definition(uuid)
-            if self.has_local_copy(uuid):
-                self._remove_local_copy(uuid)     # or it would come back at the next start
+                size += len(usage)
+
+            def done(rev: int) -> None:
+                del self._known[uuid]
+                self._pending_delete.discard(uuid)
+                self._gone[uuid] = rev
+                self.cache_writes.drop(uuid)
+                if self.has_local_copy(uuid):
+                    try:
+                        self._remove_local_copy(uuid)     # or it would come back at the next start
+                    except errors.SecretError as e:
+                        log.error("fleet: secret %s is undefined, but its local copy stays: %s", uuid, e.message,
+                                  extra={"SECRET_UUID": uuid})
+            self._run(_Write([tx.mod_is(kd, known.def_rev)], ops, size, [], done,
+                             lambda _: _changed_meanwhile(uuid)))
 
     # -- remote changes -------------------------------------------------------------------
     def apply_events(self, events: Iterable[WatchEvent], revision: int) -> list[RemoteChange]:
         """Apply one watch response (events in revision order) to the cache; what changed."""
         changes: list[RemoteChange] = []
         with self._lock:
-            with self.remote_writes.batch():
+            with self.cache_writes.batch():
                 for ev in events:
                     self._apply(ev.kv, ev.deleted, changes)
             self._advance(revision)
@@ -438,7 +555,7 @@ class FleetStore(SecretStore):
 
     def _resync_drops(self, revision: int, present: set[str]) -> list[RemoteChange]:
         changes: list[RemoteChange] = []
-        with self._lock, self.remote_writes.batch():
+        with self._lock, self.cache_writes.batch():
             for uuid in sorted((set(self._known) | set(self._cached)) - present):
                 known = self._known.get(uuid)
                 if known is None or known.def_rev <= revision:
@@ -447,14 +564,14 @@ class FleetStore(SecretStore):
 
     def _resync_items(self, items: list[tuple[str, dict[str, KV]]]) -> list[RemoteChange]:
         changes: list[RemoteChange] = []
-        with self._lock, self.remote_writes.batch():
+        with self._lock, self.cache_writes.batch():
             for uuid, parts in items:
                 cached = self._cached.pop(uuid, None)
                 self._apply(parts["def"], False, changes, cached)
                 if "value" in parts:
                     self._apply(parts["value"], False, changes, cached)
                 elif cached is not None and cached[1] is not None:
-                    self.remote_writes.delete_values(uuid)
+                    self.cache_writes.delete_values(uuid)
         return changes
 
     def _resync_done(self, revision: int) -> list[RemoteChange]:
@@ -518,9 +635,9 @@ class FleetStore(SecretStore):
         if known is None and cached is not None and cached[0] == d:
             pass        # the cache is current (start-up): no rewrite
         else:
-            self.remote_writes.definition(d)
+            self.cache_writes.definition(d)
             if fresh and (cached is None or cached[1] is not None):
-                self.remote_writes.delete_values(uuid)    # its value, if any, follows in the same batch
+                self.cache_writes.delete_values(uuid)    # its value, if any, follows in the same batch
         changes.append(RemoteChange(uuid, d, fresh=fresh))
 
     def _apply_value(self, uuid: str, kv: KV, known: Known, changes: list[RemoteChange],
@@ -528,13 +645,13 @@ class FleetStore(SecretStore):
         gen, value = self.sealer.open("value", uuid, kv.value, extra=known.inc)
         known.value_gen, known.value_rev, known.digest = gen, kv.mod_revision, self.sealer.digest(value)
         if cached is None or cached != (known.definition, known.digest):
-            self.remote_writes.value(known.definition, value)
+            self.cache_writes.value(known.definition, value)
         changes.append(RemoteChange(uuid, known.definition, value))
 
     def _drop(self, uuid: str, changes: list[RemoteChange]) -> None:
         self._known.pop(uuid, None)
         self._cached.pop(uuid, None)
-        self.remote_writes.drop(uuid)
+        self.cache_writes.drop(uuid)
         changes.append(RemoteChange(uuid, None))
 
     # -- catching up on a lookup miss -------------------------------------------------------

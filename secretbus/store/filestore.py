@@ -18,6 +18,7 @@ import binascii
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from secretbus.core import errors
 from secretbus.core.model import SecretDef
 from secretbus.core.secretxml import MAX_XML_BYTES, format_secret_xml, parse_secret_xml
 from secretbus.core.uuids import is_canonical
+from secretbus.store.calls import WRITE_METHODS, StoreCall, replay
 from secretbus.store.codec import (
     KNOWN_SUFFIXES,
     LEGACY_SUFFIXES,
@@ -148,7 +150,23 @@ class SecretStore:
         are replaced — by a subclass (the fleet store: an etcd transaction first) or on the
         instance (a test's failing write) — is written through them, one operation at a time."""
         cls = type(self)
-        return all(getattr(cls, n) is getattr(SecretStore, n) and n not in vars(self) for n in _WRITE_METHODS)
+        return all(getattr(cls, n) is getattr(SecretStore, n) and n not in vars(self) for n in WRITE_METHODS)
+
+    # A store without plans that can still commit the writes of one batch together (the
+    # fleet store: one etcd transaction) says so; the writer hands it the batch as data.
+    batches_writes = False
+
+    def write_many(self, writes: Sequence[Sequence[StoreCall]]) -> list[Exception | None]:
+        """Make each write (its calls, in order); for each, the error it ended in, or None."""
+        out: list[Exception | None] = []
+        for calls in writes:
+            try:
+                replay(self, calls)
+            except Exception as e:  # noqa: BLE001 - that write's error, for its caller
+                out.append(e)
+            else:
+                out.append(None)
+        return out
 
     def plan_definition(self, d: SecretDef) -> Plan:
         return Plan([Replace(self.dir, self._name(d.uuid, "xml"), format_secret_xml(d).encode("utf-8"))])
@@ -298,7 +316,6 @@ def _suffixes(s: set[str] | frozenset[str]) -> frozenset[str]:
     return _SHARED.setdefault(f, f)
 
 
-_WRITE_METHODS = ("write_definition", "write_value", "delete_definition", "delete_values")
 
 
 def defined_uuids(directory: Path) -> set[str]:
