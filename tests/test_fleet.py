@@ -28,6 +28,7 @@ from secretbus.store.keys import init_encryption
 from secretbus.store.paths import InstancePaths
 from tests.harness.bus import gdbus
 from tests.harness.etcd import EtcdCluster
+from tests.harness.gate import Gate
 from tests.harness.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed")
@@ -998,6 +999,11 @@ def test_a_publish_cut_after_its_commit_is_finished_by_the_next(tmp_path: Path, 
         assert "local secrets: 0 (served by this host only; 'secretbus fleet publish' moves them into the fleet)" \
             in status
         assert any(line.startswith("PROBLEM: 1 local copies of fleet secrets") and u in line for line in status)
+        # and cut again between the copy's value file and its XML: the XML alone is retired too
+        values = [p for p in a.paths.config_dir.glob(f"{u}.*") if p.suffix != ".xml"]
+        assert values
+        for p in values:
+            p.unlink()
         (r,) = a.d.publish_to_fleet()
         assert r.outcome is Published.ALREADY and a.store.local_copies() == []
         assert not any("PROBLEM" in line for line in admin.status(a.paths, load_instance_conf(a.paths)))
@@ -1038,22 +1044,6 @@ def test_cli_fleet_publish_and_status(tmp_path: Path, etcd: EtcdCluster) -> None
     assert b"cli-value-one".decode() not in r.stdout + r.stderr
 
 
-class _Hold:
-    """Holds a driver's I/O thread before its next batch (Writes.gate) until `release()`."""
-
-    def __init__(self, d: SecretDriver) -> None:
-        self.held, self.go, self.d = threading.Event(), threading.Event(), d
-        d.writes.gate = self.wait
-
-    def wait(self) -> None:
-        self.held.set()
-        assert self.go.wait(20)
-
-    def release(self) -> None:
-        self.go.set()
-        self.d.writes.gate = None
-
-
 def _count_txns(h: Host) -> list[int]:
     """Counts h's etcd transactions: [n]."""
     n = [0]
@@ -1075,13 +1065,13 @@ def test_concurrent_fleet_writes_share_one_transaction(hosts: list[Host]) -> Non
         a.d.set_value(u, b"first")
     wait_for(lambda: all(b.store.is_fleet(u) for u in old), "the secrets on b")
     txns = _count_txns(a)
-    hold = _Hold(a.d)
+    gate = Gate(a.d, timeout=20)
     futures = [a.d.submit_set_value(u, b"second") for u in old[:3]]
     futures += [a.d.submit_undefine(u) for u in old[3:5]]
     futures.append(a.d.submit_define(a.d.parse_definition(xml(old[5], "batch.5", desc="again"))))
     futures += [a.d.submit_define(a.d.parse_definition(xml(u, f"batch.new.{i}"))) for i, u in enumerate(new)]
-    assert hold.held.wait(20)
-    hold.release()
+    assert gate.held.wait(20)
+    gate.open()
     for f in futures:
         f.result(20)
     assert txns[0] <= 2, txns        # 12 writes: one transaction (the first may have gone alone)
@@ -1096,12 +1086,12 @@ def test_concurrent_fleet_writes_share_one_transaction(hosts: list[Host]) -> Non
     assert b.seen(new[0], EventId.LIFECYCLE, Lifecycle.DEFINED) == 1
     assert a.seen(new[0], EventId.LIFECYCLE, Lifecycle.DEFINED) == 1          # announced once
     # a batch one of whose records another host changed meanwhile: the others still go
-    hold = _Hold(a.d)
+    gate = Gate(a.d, timeout=20)
     before = txns[0]
     futures = [a.d.submit_set_value(u, b"third") for u in old[:3]]
-    assert hold.held.wait(20)
+    assert gate.held.wait(20)
     b.d.define_xml(xml(old[1], "batch.1", desc="by b"))     # a's watch waits behind the held writes
-    hold.release()
+    gate.open()
     outcomes = []
     for f in futures:
         try:

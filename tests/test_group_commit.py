@@ -14,13 +14,13 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 from fixtures import secret_xml
+from harness.gate import Gate
 
 import secretbus
 from secretbus.bus.client import DBusConnection
 from secretbus.bus.names import BUS_NAME, CONNECT_IFACE, CONNECT_PATH, SECRET_IFACE, secret_path
 from secretbus.core import errors
 from secretbus.core.model import EventId, Lifecycle
-from secretbus.driver.driver import SecretDriver
 from secretbus.store.paths import InstanceKind
 
 UUIDS = [f"6c0a1b2e-0000-4000-8000-{i:012x}" for i in range(16)]
@@ -38,22 +38,6 @@ def driver(tmp_path):
 
 def cfg(tmp_path):
     return tmp_path / "inst" / "etc" / "secrets"
-
-
-class Gate:
-    """Holds the I/O thread before its next batch until `open()`; counts the waits."""
-
-    def __init__(self, driver: SecretDriver) -> None:
-        self.held = threading.Event()
-        self.go = threading.Event()
-        driver.writes.gate = self.wait
-
-    def wait(self) -> None:
-        self.held.set()
-        assert self.go.wait(10)
-
-    def open(self) -> None:
-        self.go.set()
 
 
 def test_concurrent_writes_share_one_directory_fsync(driver):

@@ -31,7 +31,7 @@ import contextvars
 import itertools
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -498,17 +498,8 @@ class Writes:
         syncs = finish_batches(batches) if batches else 0
         with self._mutex:
             for st in staged:
-                if st.batch is None:
-                    continue
-                for op, err in zip(st.planned, st.batch.errors, strict=True):
-                    if err is not None:
-                        op.error = err
-                        continue
-                    try:
-                        assert op.planned is not None
-                        op.result = op.planned.apply()
-                    except Exception as e:  # noqa: BLE001
-                        op.error = e
+                if st.batch is not None:
+                    _apply(st.planned, st.batch.errors)
             n = sum(len(st.planned) for st in staged)
             stats = self.stats
             stats.batches += len(batches)
@@ -538,16 +529,7 @@ class Writes:
                     op.error = e
                     continue
                 recorded.append((op, files))
-            outcomes = store.write_many([files.calls for _, files in recorded])
-            for (op, _), err in zip(recorded, outcomes, strict=True):
-                if err is not None:
-                    op.error = err
-                    continue
-                try:
-                    assert op.planned is not None
-                    op.result = op.planned.apply()
-                except Exception as e:  # noqa: BLE001
-                    op.error = e
+            _apply([op for op, _ in recorded], store.write_many([files.calls for _, files in recorded]))
 
     def _direct(self, op: Op) -> None:
         """A store without plans: plan, write and apply under the mutex, as one call did before."""
@@ -566,6 +548,19 @@ class _Staged:
     ops: list[Op]
     planned: list[Op]
     batch: Batch | None
+
+
+def _apply(ops: list[Op], outcomes: Sequence[BaseException | None]) -> None:
+    """(mutex held) Each op whose write is durable applied to the table; the others fail."""
+    for op, err in zip(ops, outcomes, strict=True):
+        if err is not None:
+            op.error = err
+            continue
+        try:
+            assert op.planned is not None
+            op.result = op.planned.apply()
+        except Exception as e:  # noqa: BLE001 - the op's error, for its caller
+            op.error = e
 
 
 def _blocked(op: Op, before: list[Op]) -> bool:

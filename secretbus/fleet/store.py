@@ -434,10 +434,10 @@ class FleetStore(SecretStore):
         """Move a secret this host had before fleet mode into the fleet (`secretbus fleet
         publish`): one transaction creates it in etcd, as a define with its value would; then
         it is cached and its local files are removed. Already in the fleet with the same
-        definition and value (published from another host that had it too): only the local
-        copy is removed. Anything else changes nothing and raises.
-        A crash after the commit leaves both copies; the fleet's is served (load) and a
-        second publish removes the local one."""
+        definition and value, or the same definition and no local value (published from
+        another host that had it too, or a removal cut short): only the local copy is
+        removed. Anything else changes nothing and raises. A crash after the commit leaves
+        both copies; the fleet's is served (load) and a second publish removes the local one."""
         with self._lock:
             known = self._known.get(d.uuid)
             if d.ephemeral or not self.has_local_copy(d.uuid):
@@ -445,8 +445,8 @@ class FleetStore(SecretStore):
                        "it is in the fleet already" if known is not None else "this host has no file of it")
                 raise errors.InvalidArg(f"secret {d.uuid} is not published: {why}")
             if known is not None:
-                digest = None if value is None else self.sealer.digest(value)
-                if known.definition != d or known.digest != digest:
+                # A local copy without a value (also what a removal cut short leaves) adds nothing.
+                if known.definition != d or (value is not None and known.digest != self.sealer.digest(value)):
                     raise errors.OperationFailed(
                         f"secret {d.uuid} is not published: the fleet has it with another definition or "
                         "value; the fleet's is served here and the local copy is kept")
