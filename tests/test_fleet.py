@@ -1105,3 +1105,31 @@ def test_concurrent_fleet_writes_share_one_transaction(hosts: list[Host]) -> Non
         wait_for(lambda h=h: h.d.lookup_by_uuid(old[1]).description == "by b", f"b's redefine on {h.name}")
         wait_for(lambda h=h: h.d.get_value(old[0]) == b"third", f"the batch's values on {h.name}")
         assert h.d.get_value(old[1]) == b"second" and h.d.get_value(old[2]) == b"third"
+
+
+def test_a_publish_keeps_the_local_copy_until_the_cache_has_the_fleets(tmp_path: Path, etcd: EtcdCluster,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    a, _ = make_host(tmp_path, "a", etcd.endpoints, None)
+    u = uid(2500)
+    _before_fleet(a, [(u, xml(u, "nocache.one"), b"v-nocache")])
+    a.open()
+    try:
+        # every cache file of the commit fails (logged, as after any commit): the copy stays
+        monkeypatch.setattr(a.store.cache_writes, "_commit", lambda plans: None)
+        (r,) = a.d.publish_to_fleet()
+        assert r.outcome is Published.REFUSED and r.reason == (
+            f"secret {u} is in the fleet now, but its local copy stays: this host's fleet cache has no copy "
+            "of it yet (the service's next start writes one) (a second publish removes it)")
+        (r,) = a.d.publish_to_fleet()
+        assert r.outcome is Published.REFUSED and r.reason.startswith(f"secret {u} is in the fleet, but its local")
+        assert a.store.local_copies() == [u] and a.d.get_value(u) == b"v-nocache"
+        monkeypatch.undo()
+        a.close()
+        a.open()                                  # the start's resync writes the cache
+        (r,) = a.d.publish_to_fleet()
+        assert r.outcome is Published.ALREADY and a.store.local_copies() == []
+        a.close()
+        a.open()
+        assert a.d.get_value(u) == b"v-nocache" and a.store.is_fleet(u)
+    finally:
+        a.close()

@@ -45,7 +45,7 @@ from secretbus.fleet.seal import ROTATING, NewerKey, Sealer, SealError, cluster_
 from secretbus.fleet.status import FleetState, FleetStatus, StatusCell
 from secretbus.store import fsutil
 from secretbus.store.calls import StoreCall, replay
-from secretbus.store.codec import ValueCodecs
+from secretbus.store.codec import KNOWN_SUFFIXES, ValueCodecs
 from secretbus.store.filestore import LoadReport, SecretStore
 
 log = logging.getLogger("secretbus.fleet")
@@ -450,7 +450,11 @@ class FleetStore(SecretStore):
                     raise errors.OperationFailed(
                         f"secret {d.uuid} is not published: the fleet has it with another definition or "
                         "value; the fleet's is served here and the local copy is kept")
-                self._remove_local_copy(d.uuid)
+                try:
+                    self._retire_local_copy(d.uuid, known.digest is not None)
+                except errors.SecretError as e:
+                    raise errors.SystemError(f"secret {d.uuid} is in the fleet, but its local copy stays: "
+                                             f"{e.message}") from None
                 return Published.ALREADY
             why = self.stays_local(d)
             if why is not None:
@@ -462,11 +466,22 @@ class FleetStore(SecretStore):
             finally:
                 self._pending_value.pop(d.uuid, None)
             try:
-                self._remove_local_copy(d.uuid)
+                self._retire_local_copy(d.uuid, value is not None)
             except errors.SecretError as e:
                 raise errors.SystemError(f"secret {d.uuid} is in the fleet now, but its local copy stays: "
                                          f"{e.message} (a second publish removes it)") from None
             return Published.PUBLISHED
+
+    def _retire_local_copy(self, uuid: str, valued: bool) -> None:
+        """The local copy of a secret the fleet has, removed once the cache holds the fleet's
+        (a cache write after the commit is only logged: without it the copy is all this host
+        would have at its next start while etcd is unreachable)."""
+        cached = self.cache.xml_path(uuid).exists() and (
+            not valued or any((self.cache.dir / f"{uuid}.{suffix}").exists() for suffix in KNOWN_SUFFIXES))
+        if not cached:
+            raise errors.SystemError("this host's fleet cache has no copy of it yet (the service's next start "
+                                     "writes one)")
+        self._remove_local_copy(uuid)
 
     def _remove_local_copy(self, uuid: str) -> None:
         # Value first, as undefine does: a crash between leaves a definition without a value,
