@@ -975,12 +975,17 @@ def test_publish_moves_the_secrets_of_before_fleet_mode_into_the_fleet(tmp_path:
         b.close()
 
 
+def _host_with_one_older_secret(tmp_path: Path, etcd: EtcdCluster, n: int, value: bytes) -> tuple[Host, str]:
+    """A host (open) with one secret of before fleet mode, `uid(n)`, of value `value`."""
+    a, _ = make_host(tmp_path, "a", etcd.endpoints, None)
+    u = uid(n)
+    _before_fleet(a, [(u, xml(u, f"older.{n}"), value)])
+    return a.open(), u
+
+
 def test_a_publish_cut_after_its_commit_is_finished_by_the_next(tmp_path: Path, etcd: EtcdCluster,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    a, _ = make_host(tmp_path, "a", etcd.endpoints, None)
-    u = uid(2200)
-    _before_fleet(a, [(u, xml(u, "cut.one"), b"v-cut")])
-    a.open()
+    a, u = _host_with_one_older_secret(tmp_path, etcd, 2200, b"v-cut")
     try:
         def crash(self: FleetStore, uuid: str) -> None:
             raise errors.SystemError("simulated crash")
@@ -1109,10 +1114,7 @@ def test_concurrent_fleet_writes_share_one_transaction(hosts: list[Host]) -> Non
 
 def test_a_publish_keeps_the_local_copy_until_the_cache_has_the_fleets(tmp_path: Path, etcd: EtcdCluster,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    a, _ = make_host(tmp_path, "a", etcd.endpoints, None)
-    u = uid(2500)
-    _before_fleet(a, [(u, xml(u, "nocache.one"), b"v-nocache")])
-    a.open()
+    a, u = _host_with_one_older_secret(tmp_path, etcd, 2500, b"v-nocache")
     try:
         # every cache file of the commit fails (logged, as after any commit): the copy stays
         monkeypatch.setattr(a.store.cache_writes, "_commit", lambda plans: None)
