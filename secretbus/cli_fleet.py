@@ -22,11 +22,9 @@ def publish(paths: InstancePaths, uuid: str | None = None,
     found was published, was in the fleet already, or stays local by this host's conf."""
     try:
         driver = open_instance(paths)
-    except errors.OperationFailed as e:
-        if "already holds the lock" in e.message:
-            raise errors.OperationFailed("the service of this instance is running: stop it before "
-                                         "'fleet publish'") from None
-        raise
+    except errors.LockHeld:
+        raise errors.OperationFailed("the service of this instance is running: stop it before "
+                                     "'fleet publish'") from None
     try:
         store = driver.store
         if not isinstance(store, FleetStore):

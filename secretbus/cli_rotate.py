@@ -188,9 +188,7 @@ def _re_encrypt(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, st
     the service, or None if there was none."""
     try:
         driver = open_instance(paths, environ=environ)
-    except errors.OperationFailed as e:
-        if "already holds the lock" not in e.message:
-            raise
+    except errors.LockHeld:
         pid = running_service(paths)
         if pid is None:
             raise errors.OperationFailed(f"the lock '{paths.lock_file}' is held, but not by a secretbus "

@@ -139,6 +139,11 @@ class NotLoaded(OperationFailed, NamesSecret, own_kind=False):
                                "its files are left untouched until it loads")
 
 
+class LockHeld(OperationFailed, own_kind=False):
+    """The instance's single-instance lock is held by another driver (its service, most
+    often): the commands that open the instance themselves say what to do about it."""
+
+
 class ChangedMeanwhile(OperationFailed, own_kind=False):
     """A write checked on one definition of its secret, which was replaced or redefined before
     the write could act (the driver's compare-and-set: nothing is done unchecked). The front

@@ -122,7 +122,6 @@ class DirectFiles(Files):
         self.store.delete_definition(uuid)
 
 
-@dataclass
 class RecordFiles(Files):
     """Records the calls (a store that commits a batch's writes together: store.write_many)."""
 

@@ -186,7 +186,7 @@ def leave(paths: InstancePaths, conf: SecretConf, environ: Mapping[str, str] = o
     lock = InstanceLock(paths.lock_file)
     try:
         lock.acquire()
-    except errors.OperationFailed:
+    except errors.LockHeld:
         raise errors.OperationFailed("the service of this instance is running: stop it before 'fleet leave'") from None
     try:
         return _leave(client, keys, directory, environ)

@@ -27,7 +27,7 @@ from secretbus.core import errors
 from secretbus.core.model import SecretDef
 from secretbus.core.secretxml import MAX_XML_BYTES, format_secret_xml, parse_secret_xml
 from secretbus.core.uuids import is_canonical
-from secretbus.store.calls import WRITE_METHODS, StoreCall, replay
+from secretbus.store.calls import WRITE_METHODS, StoreCall
 from secretbus.store.codec import (
     KNOWN_SUFFIXES,
     LEGACY_SUFFIXES,
@@ -153,20 +153,14 @@ class SecretStore:
         return all(getattr(cls, n) is getattr(SecretStore, n) and n not in vars(self) for n in WRITE_METHODS)
 
     # A store without plans that can still commit the writes of one batch together (the
-    # fleet store: one etcd transaction) says so; the writer hands it the batch as data.
+    # fleet store: one etcd transaction) says so and overrides write_many; the writer then
+    # hands it the batch as data.
     batches_writes = False
 
     def write_many(self, writes: Sequence[Sequence[StoreCall]]) -> list[Exception | None]:
-        """Make each write (its calls, in order); for each, the error it ended in, or None."""
-        out: list[Exception | None] = []
-        for calls in writes:
-            try:
-                replay(self, calls)
-            except Exception as e:  # noqa: BLE001 - that write's error, for its caller
-                out.append(e)
-            else:
-                out.append(None)
-        return out
+        """Make each write (its calls, in order); for each, the error it ended in, or None.
+        Only asked of a store that `batches_writes`."""
+        raise NotImplementedError
 
     def plan_definition(self, d: SecretDef) -> Plan:
         return Plan([Replace(self.dir, self._name(d.uuid, "xml"), format_secret_xml(d).encode("utf-8"))])
@@ -314,8 +308,6 @@ def _suffixes(s: set[str] | frozenset[str]) -> frozenset[str]:
     """The shared frozenset equal to `s` (at most 2**len(KNOWN_SUFFIXES) of them)."""
     f = frozenset(s)
     return _SHARED.setdefault(f, f)
-
-
 
 
 def defined_uuids(directory: Path) -> set[str]:

@@ -40,7 +40,7 @@ class InstanceLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise errors.OperationFailed(
+            raise errors.LockHeld(
                 f"another secret driver already holds the lock '{self.path}'") from None
         except errors.SecretError:
             os.close(fd)
