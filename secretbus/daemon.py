@@ -451,11 +451,12 @@ def rpc_front_end(args: argparse.Namespace, driver: SecretDriver, system: bool, 
     mode = AuditMode(args.audit) if args.audit else AuditMode.default(system)
     guard = Guard(system=system, auditor=Auditor(JournalWriter(), mode))
     conf = serverconf or ServerConf()
-    # secretbusd.conf's max_clients / max_client_requests (libvirtd.conf's) and max_remote_clients
-    # (ours), read at start only.
+    # secretbusd.conf's max_clients / max_client_requests / keepalive_* (libvirtd.conf's) and
+    # max_remote_clients (ours), read at start only.
     limits = RpcLimits(max_clients=conf.max_clients, max_requests=conf.max_client_requests,
                        root_reserve=min(RpcLimits.root_reserve, conf.max_clients // 2),
-                       max_remote_clients=conf.remote_clients())
+                       max_remote_clients=conf.remote_clients(),
+                       keepalive_interval=conf.keepalive_interval, keepalive_count=conf.keepalive_count)
     return RpcServer(driver, system=system, plan=socket_plan(system, args.rpc_dir, root), guard=guard,
                      passed=passed, limits=limits, conf=conf)
 

@@ -131,14 +131,22 @@ def test_virsh_non_root_is_refused_without_polkit(systemd_, rpc_dir, test_users,
     ok(virsh(uri(rpc_dir, "system"), "secret-list"))        # root still served
 
 
-def test_virsh_secret_event_across_keepalive(sessiond, rpc_dir, tmp_path):
+def test_virsh_secret_event_across_keepalive(session_bus, make_secretbusd, rpc_dir, tmp_path):
+    """Both sides ping every second and drop the other after one unanswered ping
+    (secretbusd.conf's keepalive_interval/count, virsh's -k/-K): a missing PONG either way
+    ends the watchers within the 3.5 s of silence below."""
+    conf = tmp_path / "secretbusd.conf"
+    conf.write_text("keepalive_interval = 1\nkeepalive_count = 1\n")
+    make_secretbusd(session_bus, args=("--rpc-dir", str(rpc_dir), "--config", str(conf)))
     u = uri(rpc_dir)
-    ev = EventWatch(["virsh", "-c", u, "secret-event", "--event", "lifecycle", "--loop", "--timeout", "30"])
-    vc = EventWatch(["virsh", "-c", u, "secret-event", "--event", "value-changed", "--loop", "--timeout", "30"])
+    ka = ["-k", "1", "-K", "1"]
+    ev = EventWatch(["virsh", *ka, "-c", u, "secret-event", "--event", "lifecycle", "--loop", "--timeout", "30"])
+    vc = EventWatch(["virsh", *ka, "-c", u, "secret-event", "--event", "value-changed", "--loop", "--timeout", "30"])
     try:
         time.sleep(1.5)
         ok(virsh(u, "secret-define", define_file(tmp_path)))
-        time.sleep(10)          # > 5 s: the server pings, virsh pings, both answer
+        time.sleep(3.5)         # > 3 intervals: the server pings, virsh pings, both answer
+        assert ev.proc.poll() is None and vc.proc.poll() is None, (ev.text(), vc.text())
         ok(virsh(u, "secret-set-value", U1, "--base64", "QUJD"))
         ok(virsh(u, "secret-undefine", U1))
         out, err = ev.until(f"secret {U1}: Undefined")

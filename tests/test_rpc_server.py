@@ -165,6 +165,32 @@ def test_keepalive_ping_pong_and_dead_peers(tmp_path):
         s.close()
 
 
+def test_keepalive_interval_off_and_count_zero(tmp_path):
+    """secretbusd.conf's keepalive_interval = -1: never pinged (client PINGs still answered);
+    keepalive_count = 0: dropped after one silent interval, with no PING first (libvirtd.conf)."""
+    off = InProcess(tmp_path / "off", limits=RpcLimits(keepalive_interval=-1))
+    try:
+        with off.client() as c:
+            c.call(P.Proc.AUTH_LIST)
+            assert c.call(P.Proc.CONNECT_SUPPORTS_FEATURE, {"feature": 10}) == {"supported": 1}
+            c.sock.settimeout(1.0)
+            with pytest.raises(socket.timeout):
+                c.read_frame()
+            assert exchange(c, fx("KEEPALIVE PING (server")) == fx("KEEPALIVE PONG (client")
+    finally:
+        off.close()
+    zero = InProcess(tmp_path / "zero", limits=RpcLimits(keepalive_interval=0.2, keepalive_count=0))
+    try:
+        with zero.client() as c:
+            c.call(P.Proc.AUTH_LIST)
+            c.call(P.Proc.CONNECT_SUPPORTS_FEATURE, {"feature": 10})
+            c.sock.settimeout(5.0)
+            with pytest.raises(EOFError):
+                c.read_frame()          # the end, not a PING
+    finally:
+        zero.close()
+
+
 # -- libvirt's dispatch rules -------------------------------------------------------------
 def _err(c: RawClient, proc, args=None) -> tuple[int, int, str]:
     with pytest.raises(RemoteError) as ei:

@@ -55,6 +55,9 @@ remote_access = [ "x509:C=GB,*,CN=client1=rw+values", "x509:*=ro", "sasl:fred=rw
     assert c.listen_tls and not c.listen_tcp and c.tls_port == 16600 and c.listen_addr == "127.0.0.1"
     assert c.crl_path() == "/k/cacrl.pem" and c.max_clients == 20 and c.max_client_requests == 3
     assert c.remote_clients() == 10                    # half of max_clients, unless set
+    assert (c.keepalive_interval, c.keepalive_count) == (5, 5)      # libvirtd's defaults
+    k = parse_serverconf("keepalive_interval = -1\nkeepalive_count = 0\n")
+    assert (k.keepalive_interval, k.keepalive_count) == (-1, 0)
     assert parse_serverconf("max_remote_clients = 7\n").remote_clients() == 7
     assert c.dn_allowed(DN) and c.dn_allowed("CN=admin1") and not c.dn_allowed("CN=admin12")
     assert not c.dn_allowed("C=GB,ST=London,L=London,O=other,CN=x")
@@ -106,6 +109,10 @@ def test_globs_are_glibs_simple_patterns(pattern, text, want):
     ("remote_access = [ 1 ]", 1, "must be strings"),
     ("tls_no_verify_certificate = 1", 1, "not supported"),
     ("max_clients = 0", 1, "positive integer"),
+    ("keepalive_interval = -2", 1, "'keepalive_interval' must be an integer from -1 to 2147483"),
+    ("keepalive_interval = 2147484", 1, "from -1 to 2147483"),
+    ("keepalive_interval = \"5\"", 1, "keepalive_interval"),
+    ("keepalive_count = -1", 1, "'keepalive_count' must be an integer from 0"),
     ("listen_tls = 1\nlisten_tls = 0", 2, "duplicate key 'listen_tls' (first set at line 1)"),
     ("listen_tls 1", 1, "expecting an assignment"),
     ("x = [ \"a\",\n  \"b\"", 1, "list is not closed"),

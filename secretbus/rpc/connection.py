@@ -77,7 +77,7 @@ class RpcLimits:
     # Output all connections of such a uid leave unread: over it, one of them that is itself
     # behind is dropped when an event comes (64 × max_unread would be a GiB).
     uid_max_unread: int = 16 * 1024 * 1024
-    keepalive_interval: float = 5.0      # libvirt's keepalive_interval
+    keepalive_interval: float = 5.0      # libvirt's keepalive_interval; <= 0: the server never pings
     keepalive_count: int = 5             # unanswered pings before the client is dropped
 
 
@@ -169,7 +169,8 @@ class Connection(asyncio.Protocol):
         self._fd = sock.fileno() if sock is not None else -1
         if self._fd >= 0:
             busypoll.mark(self._loop, self._fd)     # a client of one call at a time finds the loop awake
-        self._ka = self._loop.create_task(self._keepalive())
+        if self._limits.keepalive_interval > 0:
+            self._ka = self._loop.create_task(self._keepalive())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()        # which wakes a reply waiting for the client to read

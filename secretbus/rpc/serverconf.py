@@ -3,7 +3,8 @@
 The keys are libvirtd.conf's, so an administrator's libvirtd.conf habits carry over:
 listen_tls, listen_tcp, tls_port, tcp_port, listen_addr, key_file, cert_file, ca_file, crl_file,
 tls_no_verify_certificate, tls_allowed_dn_list, sasl_allowed_username_list, auth_tls, auth_tcp,
-auth_unix_rw, auth_unix_ro, tcp_min_ssf, max_clients, max_client_requests; plus secretbus's own
+auth_unix_rw, auth_unix_ro, tcp_min_ssf, max_clients, max_client_requests, keepalive_interval,
+keepalive_count; plus secretbus's own
 `remote_access` grants, `max_remote_clients` (remote connections together; default half of
 max_clients, so that remote hosts cannot take the local users' slots), and `sasl_keytab`
 (the GSSAPI service keys for TCP; libvirt takes them from KRB5_KTNAME):
@@ -101,6 +102,10 @@ class ServerConf:
     max_clients: int = 5000
     max_remote_clients: int | None = None      # None: max_clients // 2
     max_client_requests: int = 16          # libvirt's is 5; why 16: RpcLimits.max_requests
+    # libvirt's: PING a client after keepalive_interval s of silence (<= 0: never), drop it
+    # after keepalive_count unanswered (0: after one silent interval, without pinging).
+    keepalive_interval: int = 5
+    keepalive_count: int = 5
     remote_access: tuple[Grant, ...] = field(default=())
     sasl_verifier_file: str | None = None      # None: sasl-verifiers.json beside this file
     tcp_min_ssf: int = MIN_SSF                 # SASL on plain TCP: the weakest security layer taken
@@ -182,6 +187,15 @@ def _count(e: Entry, p: Parser) -> int:
     return v
 
 
+def _int_in(low: int, high: int) -> Check:
+    def check(e: Entry, p: Parser) -> int:
+        v = e.value.data
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            raise p.error(f"'{e.name}' must be an integer from {low} to {high} (got {_shown(e)})", e.line)
+        return v
+    return check
+
+
 def _min_ssf(e: Entry, p: Parser) -> int:
     v = e.value.data
     if not isinstance(v, int) or isinstance(v, bool) or not MIN_SSF <= v <= 100_000:
@@ -252,6 +266,9 @@ _OPTIONS: dict[str, Check] = {
     "max_clients": _count,
     "max_remote_clients": _count,
     "max_client_requests": _count,
+    # libvirt refuses intervals whose milliseconds overflow an int (virKeepAliveStart).
+    "keepalive_interval": _int_in(-1, 2**31 // 1000),
+    "keepalive_count": _int_in(0, 1_000_000),
     "remote_access": _grants,
     "sasl_verifier_file": abs_path,
     "tcp_min_ssf": _min_ssf,
