@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from secretbus.cli_options import CommandDef, Kind, Opt, UsageError, format_help, parse
 from secretbus.cli_output import Output, OutputLost, guard_std_fds
 from secretbus.core import errors
-from secretbus.core.model import VALUE_MAX, EventId, Lifecycle, ListFlags, UsageType
+from secretbus.core.model import VALUE_MAX, VERSION, EventId, Lifecycle, ListFlags, UsageType
 from secretbus.core.uuids import invalid_uuid, parse_uuid
 from secretbus.store.codec import ValueFileError, strict_b64decode
 
@@ -654,7 +654,10 @@ def top_help() -> str:
             "                            secret:///system for root and secret:///session otherwise)\n"
             "    -h | --help             this help\n"
             "    -q | --quiet            quiet mode\n"
-            "    -r | --readonly         connect readonly (over libvirt RPC)\n\n"
+            "    -r | --readonly         connect readonly (over libvirt RPC)\n"
+            "    -v                      short version\n"
+            "    -V                      long version\n"
+            "         --version[=TYPE]   version, TYPE is short or long (default short)\n\n"
             "  commands (see 'secretbus help <command>' or '<command> --help'):\n"
             f"    {'help':<18} print help\n" + cmds)
 
@@ -666,9 +669,26 @@ class Invocation(SimpleNamespace):
 _NEEDS_URI = "option '-c'/'--connect' requires an argument"
 
 
+def version_text(long: bool) -> str:
+    """virsh's -v (its version alone) and -V (what it was built with)."""
+    if not long:
+        return VERSION
+    try:
+        import gssapi  # noqa: F401 - only whether it is there
+        kerberos = "yes"
+    except ImportError:
+        kerberos = "no (python3 gssapi module missing)"
+    return (f"Secretbus command line tool {VERSION}\n"
+            "libvirt's secret-* commands, over D-Bus (org.libvirt.Secret) or libvirt RPC\n\n"
+            "Supported:\n"
+            " URIs: secret:///system secret:///session secret:///embed secret+ssh:// secret+tls:// secret+tcp://\n"
+            f" Kerberos for secret+tcp://: {kerberos}")
+
+
 def _top_options(argv: list[str]) -> tuple[dict[str, object], list[str]]:
-    """virsh's own options (getopt_long: -c URI, -cURI, --connect[=]URI, -q, -h, bundled)."""
-    top: dict[str, object] = {"connect": None, "quiet": False, "help": False, "readonly": False}
+    """virsh's own options (getopt_long: -c URI, -cURI, --connect[=]URI, -q, -h, -r, bundled;
+    -v, -V and --version[=TYPE] end the parse there, as virsh prints the version at once)."""
+    top: dict[str, object] = {"connect": None, "quiet": False, "help": False, "readonly": False, "version": None}
     i = 0
     while i < len(argv):
         w = argv[i]
@@ -680,6 +700,8 @@ def _top_options(argv: list[str]) -> tuple[dict[str, object], list[str]]:
             i += 1 + _short_options(top, w, argv, i + 1)
         else:
             break
+        if top["version"] is not None:
+            return top, []
     return top, argv[i:]
 
 
@@ -698,6 +720,9 @@ def _long_option(top: dict[str, object], w: str, argv: list[str], i: int) -> int
     if name in ("quiet", "help", "readonly") and not eq:
         top[name] = True
         return 0
+    if name == "version":
+        top["version"] = "long" if value == "long" else "short"     # virsh: anything else is short
+        return 0
     raise UsageError(f"unsupported option '{w}'. See --help.")
 
 
@@ -708,6 +733,9 @@ def _short_options(top: dict[str, object], w: str, argv: list[str], i: int) -> i
             value = w[j + 1:]
             top["connect"] = value or _option_value(argv, i)
             return 0 if value else 1
+        if ch in "vV":
+            top["version"] = "short" if ch == "v" else "long"
+            return 0
         if ch not in "qhr":
             raise UsageError(f"unsupported option '-{ch}'. See --help.")
         top[{"q": "quiet", "h": "help", "r": "readonly"}[ch]] = True
@@ -739,7 +767,10 @@ def _help_topic(words: list[str]) -> str | None:
 def parse_command_line(argv: list[str]) -> Invocation:
     top, rest = _top_options(argv)
     inv = Invocation(connect=top["connect"], quiet=top["quiet"], readonly=top["readonly"], help_text=None,
-                     help_error=None, func=None, flags={}, args=None)
+                     help_error=None, version_text=None, func=None, flags={}, args=None)
+    if top["version"] is not None:
+        inv.version_text = version_text(top["version"] == "long")
+        return inv
     if top["help"] or not rest:
         if not top["help"]:
             raise UsageError("a command is required (secretbus has no interactive shell); see --help")
@@ -860,7 +891,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _out.quiet = bool(inv.quiet)
     try:
-        if inv.help_text is not None:
+        if inv.version_text is not None:
+            _out.print(inv.version_text + "\n")
+            rc = 0
+        elif inv.help_text is not None:
             _out.print(inv.help_text)
             _extra()
             rc = 0

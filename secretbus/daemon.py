@@ -46,7 +46,7 @@ from secretbus.core import busypoll, errors
 from secretbus.core.gil import shorten_switch_interval
 from secretbus.core.logsetup import flush_held, setup_daemon_logging
 from secretbus.core.malloc import give_back_freed_memory
-from secretbus.core.model import InstanceKind
+from secretbus.core.model import VERSION, InstanceKind
 from secretbus.driver.build import open_instance
 from secretbus.driver.driver import SecretDriver
 from secretbus.notify import notify, reloading
@@ -73,6 +73,7 @@ CONNECT_TIMEOUT = 25.0
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secretbusd", description="libvirt-compatible secret service on D-Bus")
+    p.add_argument("--version", action="version", version=f"%(prog)s (secretbus) {VERSION}")     # libvirtd's form
     bus = p.add_mutually_exclusive_group()
     bus.add_argument("--system", action="store_true", help="serve the system bus, authorise with polkit")
     bus.add_argument("--session", action="store_true", help="serve the user's session bus (default)")

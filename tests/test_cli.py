@@ -292,6 +292,39 @@ def test_top_level_usage_errors(top, message):
     assert (p.returncode, p.stdout, p.stderr) == (1, b"", f"error: {message}\n".encode())
 
 
+def test_version_options_as_virsh():
+    """virsh's -v/--version[=short] print the version alone and -V/--version=long more; either
+    ends the option parse there (what follows is not read; an unknown option before it is)."""
+    from secretbus.core.model import VERSION
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(entry_point() + list(args), capture_output=True, timeout=60)
+    for args in (["-v"], ["--version"], ["--version=short"], ["--version=foo"], ["-qv"], ["-v", "-x"],
+                 ["-c", "secret:///nowhere", "--version", "secret-list"]):
+        p = run(*args)
+        assert (p.returncode, p.stdout, p.stderr) == (0, f"{VERSION}\n".encode(), b""), args
+    for args in (["-V"], ["--version=long"]):
+        p = run(*args)
+        assert p.returncode == 0 and p.stderr == b"", args
+        assert p.stdout.startswith(f"Secretbus command line tool {VERSION}\n".encode())
+        assert b"secret+tcp://" in p.stdout and p.stdout.endswith(b"\n") and not p.stdout.endswith(b"\n\n")
+    p = run("-x", "-v")
+    assert (p.returncode, p.stdout, p.stderr) == (1, b"", b"error: unsupported option '-x'. See --help.\n")
+    d = subprocess.run([sys.executable, "-m", "secretbus.daemon", "--version"], capture_output=True, text=True,
+                       timeout=60, cwd=REPO)
+    assert (d.returncode, d.stdout) == (0, f"secretbusd (secretbus) {VERSION}\n")     # as libvirtd's
+
+
+@pytest.mark.skipif(shutil.which("virsh") is None, reason="virsh is not installed")
+def test_version_option_parse_matches_real_virsh():
+    """The same words end the same way in virsh (whose version is another)."""
+    for args in (["-v", "-x"], ["-x", "-v"], ["-qv"], ["--version", "long"], ["-v", "secret-list"]):
+        v = subprocess.run(["virsh", *args], capture_output=True, timeout=60)
+        p = subprocess.run(entry_point() + args, capture_output=True, timeout=60)
+        assert (p.returncode, p.stderr, len(p.stdout.splitlines())) == \
+            (v.returncode, v.stderr, len(v.stdout.splitlines())), args
+
+
 SET_VALUE_HELP = """\
   NAME
     secret-set-value - set a secret value
