@@ -628,7 +628,9 @@ def test_rotate_keeps_approved_hosts_and_shuts_a_revoked_one_out(fleet: Fleet) -
     assert b.d.get_value(new) == b"after-rotation" and b.d.get_value(old) == b"before-rotation"
     b.d.set_value(old, b"set-on-b")
     wait_for(lambda: a.d.get_value(old) == b"set-on-b", "b's write on a")
-    assert [k.version for k in load_fleet_keys(fleet_dir(b.paths))] == [1, 2]
+    # ...and retires v1 once the key check names v2 alone (the rotation has finished)
+    wait_for(lambda: [k.version for k in load_fleet_keys(fleet_dir(b.paths))] == [2], "b retiring key v1")
+    assert b.store.sealer.versions == [2] and b.d.get_value(old) == b"set-on-b"
     # c (revoked) kept what it had, gets nothing new, and cannot open the new records
     assert c.d.get_value(old) == b"before-rotation"
     with pytest.raises(errors.NoSecret):
@@ -649,7 +651,8 @@ def test_rotate_keeps_approved_hosts_and_shuts_a_revoked_one_out(fleet: Fleet) -
     # d, down during the rotation, picks its new key up when it starts (the watch's key check)
     d = fleet.host("d").open()
     assert d.d.get_value(new) == b"after-rotation" and d.d.get_value(old) == b"set-on-b"
-    assert [k.version for k in load_fleet_keys(fleet_dir(d.paths))] == [1, 2]
+    assert [k.version for k in load_fleet_keys(fleet_dir(d.paths))] == [2]      # and retires v1 at once
+    assert d.store.sealer.versions == [2]
     r = fleet.cli("b", "status")
     assert re.search(rf"{b_id} .* approved key v2", r.stdout) and re.search(rf"{d_id} .* approved key v2", r.stdout)
     assert c_id not in r.stdout, r
@@ -708,6 +711,7 @@ def test_a_crash_mid_rotation_leaves_every_value_readable(fleet: Fleet) -> None:
         h.close()
         h.open()
         assert all(h.d.get_value(u, internal_call=True) == v for u, v in values.items()), h.name
+        assert 1 in h.store.sealer.versions and (fleet_dir(h.paths) / "fleet-key").exists()   # not retired mid-way
     # run again: it resumes (once the crashed run's lock lease expired) and finishes
     r = fleet.cli("a", "rotate")
     assert r.returncode == 0 and "resumed" in r.stdout and "rotated to version 2" in r.stdout, r
@@ -716,6 +720,8 @@ def test_a_crash_mid_rotation_leaves_every_value_readable(fleet: Fleet) -> None:
         assert all(h.d.get_value(u, internal_call=True) == v for u, v in values.items()), h.name
     a.d.set_value(uid(600), b"after")
     wait_for(lambda: b.d.get_value(uid(600), internal_call=True) == b"after", "a's write on b")
+    wait_for(lambda: b.store.sealer.versions == [2] and not (fleet_dir(b.paths) / "fleet-key").exists(),
+             "b retiring key v1 once the resumed rotation finished")
     assert fleet.cli("a", "approve", c_id).returncode == 0    # approved after: with the new key only
     c = fleet.host("c").open()
     assert [k.version for k in load_fleet_keys(fleet_dir(c.paths))] == [2]

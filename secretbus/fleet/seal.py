@@ -12,6 +12,7 @@ and the value digest are the newest key's (rotation re-indexes).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import os
@@ -82,6 +83,13 @@ class Sealer:
     @property
     def versions(self) -> list[int]:
         return sorted(self._ring)
+
+    def newest_only(self) -> Sealer:
+        """This sealer without its older versions (retired once a rotation has finished)."""
+        s = copy.copy(self)
+        s._ring = {self.key_version: self._aead}
+        s.check_values = frozenset({self.check_value})
+        return s
 
     def __repr__(self) -> str:
         return f"Sealer(cluster={self.cluster!r}, key_version={self.key_version}, versions={self.versions})"

@@ -40,6 +40,7 @@ from secretbus.fleet import etcd as tx
 from secretbus.fleet.cachewrites import CacheWrites
 from secretbus.fleet.changes import Published, RemoteChange
 from secretbus.fleet.etcd import KV, Etcd, EtcdUnavailable, WatchEvent
+from secretbus.fleet.keyfile import remove_fleet_key
 from secretbus.fleet.keyspace import Keyspace, group_records
 from secretbus.fleet.seal import ROTATING, NewerKey, Sealer, SealError, cluster_checks
 from secretbus.fleet.status import FleetState, FleetStatus, StatusCell
@@ -297,6 +298,27 @@ class FleetStore(SecretStore):
             log.info("fleet: now using fleet key version %d", sealer.key_version)
             self.sealer = sealer
             return True
+
+    def retire_older_keys(self, checks: frozenset[str]) -> None:
+        """Once the cluster's key check names this host's newest key alone, the rotation to it
+        has finished: every record is sealed under it (rotate.py's last transaction requires
+        it), so the older versions open nothing of the fleet's any more. They leave the ring
+        and this host's disk, as on the host that rotated (the local cache is under the host's
+        own key, store/keys.py). Called with the check of a revision already applied."""
+        with self._lock:
+            older = [v for v in self.sealer.versions if v != self.sealer.key_version]
+            if not older or checks != {self.sealer.check_value}:
+                return
+            self.sealer = self.sealer.newest_only()
+            try:
+                removed = remove_fleet_key(self.state_dir, older)
+            except errors.SecretError as e:
+                log.error("fleet: cannot remove retired fleet key versions %s: %s",
+                          ", ".join(map(str, older)), e.message)
+                return
+            log.info("fleet: retired fleet key version%s %s (the rotation to version %d has finished; "
+                     "%d files removed)", "s" if len(older) > 1 else "", ", ".join(map(str, older)),
+                     self.sealer.key_version, len(removed))
 
     # -- sealing ---------------------------------------------------------------------
     def _seal_def(self, d: SecretDef, inc: str, gen: int) -> bytes:
@@ -608,9 +630,11 @@ class FleetStore(SecretStore):
         """`cached`: what the cache held at start-up (resync only): left as it is if equal."""
         parsed = self.keys.parse(kv.key)
         if parsed is None:
-            if kv.key == self.keys.key_check and not deleted and \
-                    self.sealer.check_value not in cluster_checks(kv.value):
-                self.refresh_key()     # a rotation ended (or began) with a key this host lacks
+            if kv.key == self.keys.key_check and not deleted:
+                checks = cluster_checks(kv.value)
+                if self.sealer.check_value not in checks:
+                    self.refresh_key()     # a rotation ended (or began) with a key this host lacks
+                self.retire_older_keys(checks)     # (every change before it was applied: in order)
             return
         uuid, part = parsed
         known = self._known.get(uuid)

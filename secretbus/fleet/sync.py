@@ -73,7 +73,7 @@ class FleetSync:
         resync = True
         while not self._stop.is_set():
             try:
-                self._check_key()
+                self._check_key(resync)
                 if resync:
                     self._resync()
                     resync = False
@@ -130,9 +130,10 @@ class FleetSync:
         log.info("fleet: resynced %d secrets at revision %d (%d changes)",
                  sum(1 for kv in kvs if kv.key.endswith(b"/def")), rev, len(changes))
 
-    def _check_key(self) -> None:
+    def _check_key(self, resync: bool) -> None:
         """The cluster's key fingerprint must be one of ours (the first host to connect sets it);
-        after a rotation this host missed, it picks up its newer key first."""
+        after a rotation this host missed, it picks up its newer key first. `resync`: a full
+        read of the records follows."""
         key = self.store.keys.key_check
         mine = self.store.sealer.check_value.encode()
         _, kvs = self.store.etcd.range(key)
@@ -144,6 +145,11 @@ class FleetSync:
             return bool(kvs) and bool(cluster_checks(kvs[0].value) & self.store.sealer.check_values)
         if not ours() and not (self.store.refresh_key() and ours()):
             raise KeyMismatch(f"this host's fleet key is not the one of fleet cluster '{self.store.options.cluster}'")
+        if resync or kvs[0].mod_revision <= self.store.revision:
+            # No record older than this check is read from here on (a full read follows, or the
+            # watch goes on from after it): a rotation finished while this host was away leaves
+            # it older versions to retire. A check that comes later is the watch's (_apply).
+            self.store.retire_older_keys(cluster_checks(kvs[0].value))
 
     # -- heartbeat ----------------------------------------------------------------------
     def _beat(self) -> None:
