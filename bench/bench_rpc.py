@@ -155,7 +155,7 @@ class Procs:
 async def _probe(socket: Path, name: str) -> int:
     c = await AsyncRpcClient.connect(UnixTransport(socket))
     try:
-        await c.open(name, keepalive=False)
+        await c.open(name, keepalive=None)
         return int((await c.call(P.Proc.CONNECT_NUM_OF_SECRETS))["num"])
     finally:
         await c.close()
@@ -396,7 +396,7 @@ async def _pump(c: AsyncRpcClient, proc: int, items: Iterator[Any], *, max_calls
 
 async def raw_measure(s: Server, group: str, a: argparse.Namespace, tag: int) -> dict[str, Sample]:
     c = await AsyncRpcClient.connect(UnixTransport(s.socket))
-    await c.open(s.open_name, keepalive=False)
+    await c.open(s.open_name, keepalive=None)
     rnd = random.Random(tag)
     pid = s.proc.pid
 

@@ -61,7 +61,7 @@ def start(d: Path) -> tuple[subprocess.Popen, Path]:
 async def one(sock: Path, login: SaslLogin | None) -> float:
     t0 = time.perf_counter()
     c = await AsyncRpcClient.connect(UnixTransport(sock))
-    await c.open("secret:///system", keepalive=False, sasl=login)
+    await c.open("secret:///system", keepalive=None, sasl=login)
     await c.call(P.Proc.SECRET_LOOKUP_BY_UUID, {"uuid": HANDLE["uuid"]})    # -ro answers it too
     await c.close()
     return time.perf_counter() - t0
@@ -69,7 +69,7 @@ async def one(sock: Path, login: SaslLogin | None) -> float:
 
 async def setup(rw: Path, login: SaslLogin) -> None:
     c = await AsyncRpcClient.connect(UnixTransport(rw))
-    await c.open("secret:///system", keepalive=False, sasl=login)
+    await c.open("secret:///system", keepalive=None, sasl=login)
     xml = (f"<secret ephemeral='no' private='no'><uuid>{UUID}</uuid>"
            "<usage type='ceph'><name>bench-scram</name></usage></secret>")
     await c.call(P.Proc.SECRET_DEFINE_XML, {"xml": xml, "flags": 0})

@@ -74,7 +74,7 @@ def start(d: Path, port: int, pki: Pki, tcp: str = "") -> tuple[subprocess.Popen
 
 async def opened(transport: Transport) -> AsyncRpcClient:
     c = await AsyncRpcClient.connect(transport)
-    await c.open("secret:///system", keepalive=False)
+    await c.open("secret:///system", keepalive=None)
     return c
 
 

@@ -319,6 +319,17 @@ def cmd_event(conn, a) -> int:
             if not a.loop:
                 done.set()
 
+    lost: list[str] = []
+
+    def on_lost(reason: str) -> None:
+        # virsh's close callback (virshCatchDisconnect), then its event loop ends
+        with lock:
+            _out.flush()
+            _err(f"Disconnected from {a.connect_uri or conn.uri} due to {reason}")
+            lost.append(reason)
+            done.set()
+
+    conn.on_lost(on_lost)
     sub = conn.subscribe(handler, _EVENT_NAMES[event], target)
     interrupted = threading.Event()
 
@@ -340,6 +351,9 @@ def cmd_event(conn, a) -> int:
     elif interrupted.is_set():
         _print("event loop interrupted")
     _print(f"events received: {count}")
+    if lost:
+        # what virsh says next, as deregistering its callback fails on the closed connection
+        raise CommandError("internal error: client socket is closed")
     return 0 if count else 1
 
 
@@ -653,6 +667,10 @@ def top_help() -> str:
             "    -c | --connect=URI      connection URI (default: $SECRETBUS_DEFAULT_URI, else\n"
             "                            secret:///system for root and secret:///session otherwise)\n"
             "    -h | --help             this help\n"
+            "    -k | --keepalive-interval=NUM\n"
+            "                            keepalive interval in seconds, 0 for disable (libvirt RPC)\n"
+            "    -K | --keepalive-count=NUM\n"
+            "                            number of possible missed keepalive messages\n"
             "    -q | --quiet            quiet mode\n"
             "    -r | --readonly         connect readonly (over libvirt RPC)\n"
             "    -v                      short version\n"
@@ -664,9 +682,6 @@ def top_help() -> str:
 
 class Invocation(SimpleNamespace):
     """What the command line asks for: a help page, or a command and its options."""
-
-
-_NEEDS_URI = "option '-c'/'--connect' requires an argument"
 
 
 def version_text(long: bool) -> str:
@@ -688,7 +703,8 @@ def version_text(long: bool) -> str:
 def _top_options(argv: list[str]) -> tuple[dict[str, object], list[str]]:
     """virsh's own options (getopt_long: -c URI, -cURI, --connect[=]URI, -q, -h, -r, bundled;
     -v, -V and --version[=TYPE] end the parse there, as virsh prints the version at once)."""
-    top: dict[str, object] = {"connect": None, "quiet": False, "help": False, "readonly": False, "version": None}
+    top: dict[str, object] = {"connect": None, "quiet": False, "help": False, "readonly": False, "version": None,
+                              "keepalive_interval": None, "keepalive_count": None}
     i = 0
     while i < len(argv):
         w = argv[i]
@@ -705,10 +721,34 @@ def _top_options(argv: list[str]) -> tuple[dict[str, object], list[str]]:
     return top, argv[i:]
 
 
-def _option_value(argv: list[str], i: int) -> str:
+_VALUED = {"c": "connect", "k": "keepalive-interval", "K": "keepalive-count"}    # short -> long
+
+
+def _option_value(argv: list[str], i: int, short: str = "c") -> str:
     if i >= len(argv):
-        raise UsageError(_NEEDS_URI)
+        raise UsageError(f"option '-{short}'/'--{_VALUED[short]}' requires an argument")
     return argv[i]
+
+
+def _c_long(text: str) -> int | None:
+    """C's strtol in base 0 over the whole text (white space, a sign, then 0x… hex, 0… octal
+    or decimal), as virStrToLong_i reads virsh's numbers; None if it does not parse."""
+    m = re.fullmatch(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+    if m is None:
+        return None
+    digits = m.group(2)
+    n = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits.startswith("0") else 10)
+    return -n if m.group(1) == "-" else n
+
+
+def _keepalive_value(top: dict[str, object], short: str, spelled: str, text: str) -> None:
+    """virsh's -k/-K: an int, at least 0."""
+    n = _c_long(text)
+    if n is None or not -2**31 <= n < 2**31:
+        raise UsageError(f"Invalid value for option {spelled}")
+    if n < 0:
+        raise UsageError(f"option {spelled} requires a positive integer argument")
+    top[_VALUED[short].replace("-", "_")] = n
 
 
 def _long_option(top: dict[str, object], w: str, argv: list[str], i: int) -> int:
@@ -716,6 +756,10 @@ def _long_option(top: dict[str, object], w: str, argv: list[str], i: int) -> int
     name, eq, value = w[2:].partition("=")
     if name == "connect":
         top["connect"] = value if eq else _option_value(argv, i)
+        return 0 if eq else 1
+    if name in ("keepalive-interval", "keepalive-count"):
+        short = "k" if name == "keepalive-interval" else "K"
+        _keepalive_value(top, short, f"--{name}", value if eq else _option_value(argv, i, short))
         return 0 if eq else 1
     if name in ("quiet", "help", "readonly") and not eq:
         top[name] = True
@@ -729,9 +773,13 @@ def _long_option(top: dict[str, object], w: str, argv: list[str], i: int) -> int
 def _short_options(top: dict[str, object], w: str, argv: list[str], i: int) -> int:
     """Record bundled `-qh`, `-cURI`, `-c URI`: how many of the words after it were a value."""
     for j, ch in enumerate(w[1:], start=1):
-        if ch == "c":
+        if ch in _VALUED:
             value = w[j + 1:]
-            top["connect"] = value or _option_value(argv, i)
+            text = value or _option_value(argv, i, ch)
+            if ch == "c":
+                top["connect"] = text
+            else:
+                _keepalive_value(top, ch, f"-{ch}", text)
             return 0 if value else 1
         if ch in "vV":
             top["version"] = "short" if ch == "v" else "long"
@@ -767,7 +815,8 @@ def _help_topic(words: list[str]) -> str | None:
 def parse_command_line(argv: list[str]) -> Invocation:
     top, rest = _top_options(argv)
     inv = Invocation(connect=top["connect"], quiet=top["quiet"], readonly=top["readonly"], help_text=None,
-                     help_error=None, version_text=None, func=None, flags={}, args=None)
+                     help_error=None, version_text=None, func=None, flags={}, args=None,
+                     keepalive=(top["keepalive_interval"], top["keepalive_count"]))
     if top["version"] is not None:
         inv.version_text = version_text(top["version"] == "long")
         return inv
@@ -803,12 +852,19 @@ def parse_command_line(argv: list[str]) -> Invocation:
     return inv
 
 
-def _open(uri: str | None, direct_driver: bool, readonly: bool = False):
+def _open(uri: str | None, direct_driver: bool, readonly: bool = False,
+          keepalive: tuple[int | None, int | None] = (None, None)):
     from secretbus.uri import default_uri, open_connection, open_driver, parse_uri
     if direct_driver:
         uri = uri or default_uri()
         return open_driver(parse_uri(uri), uri)
-    return open_connection(uri, readonly=readonly, prompt=True)     # SASL credentials: as virsh asks
+    ka = None
+    if keepalive != (None, None):       # -k/-K (over libvirt RPC; a D-Bus connection has none)
+        from secretbus.rpc.client import DEFAULT_KEEPALIVE, KeepAlive
+        interval, count = keepalive
+        ka = KeepAlive(DEFAULT_KEEPALIVE.interval if interval is None else interval,
+                       DEFAULT_KEEPALIVE.count if count is None else count)
+    return open_connection(uri, readonly=readonly, prompt=True, keepalive=ka)     # SASL: as virsh asks
 
 
 def _report(lines: tuple[str, ...] | list[str]) -> None:
@@ -830,7 +886,7 @@ def _run(inv: Invocation) -> int:
     try:
         if not inv.flags.get("no_connection"):
             try:
-                conn = _open(inv.connect, inv.flags.get("direct_driver", False), bool(inv.readonly))
+                conn = _open(inv.connect, inv.flags.get("direct_driver", False), bool(inv.readonly), inv.keepalive)
             except errors.SecretError as e:
                 _report(["failed to connect to the hypervisor", errors.display(e)])
                 return 1

@@ -37,6 +37,7 @@ from secretbus.core.model import InstanceKind
 if TYPE_CHECKING:
     from secretbus.core.api import Connection
     from secretbus.driver.embedded import EmbeddedConnection
+    from secretbus.rpc.client import KeepAlive
     from secretbus.rpc.sasl_client import SaslLogin
 
 C = TypeVar("C")
@@ -150,27 +151,36 @@ def _is_socket(path: Path) -> bool:
         return False
 
 
+def _keepalive(keepalive: KeepAlive | None) -> KeepAlive:
+    """None: virsh's defaults."""
+    from secretbus.rpc.client import DEFAULT_KEEPALIVE
+    return DEFAULT_KEEPALIVE if keepalive is None else keepalive
+
+
 def open_rpc(parsed: ParsedURI, uri: str, *, timeout: float = 25.0, readonly: bool = False,
-             login: SaslLogin | None = None) -> Connection:
+             login: SaslLogin | None = None, keepalive: KeepAlive | None = None) -> Connection:
     from secretbus.rpc.facade import RpcConnection
     from secretbus.rpc.sasl_client import SaslLogin
     from secretbus.rpc.transport import UnixTransport
     return RpcConnection.open(uri, UnixTransport(rpc_socket(parsed, readonly)), name=parsed.open_name(),
-                              readonly=readonly, timeout=timeout, login=login or SaslLogin(authfile=parsed.authfile))
+                              readonly=readonly, timeout=timeout, login=login or SaslLogin(authfile=parsed.authfile),
+                              keepalive=_keepalive(keepalive))
 
 
 def open_ssh(uri: str, *, timeout: float = 25.0, readonly: bool = False,
-             login: SaslLogin | None = None) -> Connection:
+             login: SaslLogin | None = None, keepalive: KeepAlive | None = None) -> Connection:
     """secret+ssh://…: RPC through an ssh child (rpc/transport.SshTransport)."""
     from secretbus.rpc.facade import RpcConnection
     from secretbus.rpc.sshuri import parse_ssh_uri
     from secretbus.rpc.transport import SshTransport
     target = parse_ssh_uri(uri)
     return RpcConnection.open(uri, SshTransport(target, readonly=readonly), name=target.open_name(),
-                              readonly=readonly, timeout=timeout, login=login or _login(uri, target.host))
+                              readonly=readonly, timeout=timeout, login=login or _login(uri, target.host),
+                              keepalive=_keepalive(keepalive))
 
 
-def _open_tls(uri: str, timeout: float, readonly: bool, login: SaslLogin | None = None) -> Connection | None:
+def _open_tls(uri: str, timeout: float, readonly: bool, login: SaslLogin | None = None,
+              keepalive: KeepAlive | None = None) -> Connection | None:
     """secret+tls://host[:port]/system and secret://host/system (libvirt's TLS default), over
     RPC; None for any other URI (rpc/tls_client.py)."""
     from secretbus.rpc.hosturi import is_tls_uri
@@ -181,10 +191,10 @@ def _open_tls(uri: str, timeout: float, readonly: bool, login: SaslLogin | None 
     assert target is not None          # is_tls_uri said so: tls_target asks the same is_tls
     from secretbus.rpc.facade import RpcConnection
     return RpcConnection.open(uri, TlsTransport(target, login), name=target.open_name(), readonly=readonly,
-                              timeout=timeout)
+                              timeout=timeout, keepalive=_keepalive(keepalive))
 
 
-def _open_tcp(uri: str, timeout: float, readonly: bool) -> Connection | None:
+def _open_tcp(uri: str, timeout: float, readonly: bool, keepalive: KeepAlive | None = None) -> Connection | None:
     """secret+tcp://host[:port]/system over RPC with Kerberos; None for any other URI."""
     if not uri.startswith("secret+tcp:"):
         return None
@@ -196,7 +206,7 @@ def _open_tcp(uri: str, timeout: float, readonly: bool) -> Connection | None:
     assert target is not None
     from secretbus.rpc.facade import RpcConnection
     return RpcConnection.open(uri, TcpTransport(target), name=target.open_name(), readonly=readonly,
-                              timeout=timeout)
+                              timeout=timeout, keepalive=_keepalive(keepalive))
 
 
 def _login(uri: str, host: str) -> SaslLogin:
@@ -229,22 +239,24 @@ def _asking(uri: str, attempt: Callable[[SaslLogin | None], C]) -> C:
 
 
 def open_connection(uri: str | None = None, *, timeout: float = 25.0, readonly: bool = False,
-                    prompt: bool = False) -> Connection:
+                    prompt: bool = False, keepalive: KeepAlive | None = None) -> Connection:
     """Open `uri` (default: $SECRETBUS_DEFAULT_URI, else system for root, session otherwise)
     over the front end chosen by the rule in this module's docstring. `readonly` asks for a
     read-only connection, which only the RPC front end has (libvirt's `virsh -r`). `prompt`:
-    SASL credentials that no auth file gives are asked on the controlling terminal."""
+    SASL credentials that no auth file gives are asked on the controlling terminal.
+    `keepalive`: an RPC connection's (virsh's -k/-K; None: virsh's defaults)."""
     uri = uri or default_uri()
     if prompt:
-        return _asking(uri, lambda login: _open(uri, timeout, readonly, login))
-    return _open(uri, timeout, readonly, None)
+        return _asking(uri, lambda login: _open(uri, timeout, readonly, login, keepalive))
+    return _open(uri, timeout, readonly, None, keepalive)
 
 
-def _open(uri: str, timeout: float, readonly: bool, login: SaslLogin | None) -> Connection:
+def _open(uri: str, timeout: float, readonly: bool, login: SaslLogin | None,
+          keepalive: KeepAlive | None = None) -> Connection:
     from secretbus.rpc.sshuri import is_ssh_uri
     if is_ssh_uri(uri):
-        return open_ssh(uri, timeout=timeout, readonly=readonly, login=login)
-    remote = _open_tls(uri, timeout, readonly, login) or _open_tcp(uri, timeout, readonly)
+        return open_ssh(uri, timeout=timeout, readonly=readonly, login=login, keepalive=keepalive)
+    remote = _open_tls(uri, timeout, readonly, login, keepalive) or _open_tcp(uri, timeout, readonly, keepalive)
     if remote is not None:
         return remote
     parsed = parse_uri(uri)
@@ -253,7 +265,7 @@ def _open(uri: str, timeout: float, readonly: bool, login: SaslLogin | None) -> 
             raise errors.NoSupport("read-only connections are not supported by the embedded driver")
         return open_driver(parsed, uri)
     if parsed.wants_rpc or readonly:
-        return open_rpc(parsed, uri, timeout=timeout, readonly=readonly, login=login)
+        return open_rpc(parsed, uri, timeout=timeout, readonly=readonly, login=login, keepalive=keepalive)
     try:
         from secretbus.bus.client import DBusConnection
     except ImportError:
@@ -264,7 +276,7 @@ def _open(uri: str, timeout: float, readonly: bool, login: SaslLogin | None) -> 
     except errors.OperationFailed:
         if not socket_there:
             raise
-        return open_rpc(parsed, uri, timeout=timeout, login=login)
+        return open_rpc(parsed, uri, timeout=timeout, login=login, keepalive=keepalive)
     if socket_there:
         try:
             present = conn.service_present()
@@ -273,5 +285,5 @@ def _open(uri: str, timeout: float, readonly: bool, login: SaslLogin | None) -> 
             raise
         if not present:
             conn.close()
-            return open_rpc(parsed, uri, timeout=timeout, login=login)
+            return open_rpc(parsed, uri, timeout=timeout, login=login, keepalive=keepalive)
     return conn

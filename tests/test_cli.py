@@ -316,9 +316,16 @@ def test_version_options_as_virsh():
 
 
 @pytest.mark.skipif(shutil.which("virsh") is None, reason="virsh is not installed")
-def test_version_option_parse_matches_real_virsh():
-    """The same words end the same way in virsh (whose version is another)."""
-    for args in (["-v", "-x"], ["-x", "-v"], ["-qv"], ["--version", "long"], ["-v", "secret-list"]):
+def test_version_and_keepalive_option_parse_matches_real_virsh():
+    """The same words end the same way in virsh (whose version is another): -v/-V, and the
+    -k/-K numbers (C's strtol in base 0, an int, at least 0) with virsh's error texts."""
+    for args in (["-v", "-x"], ["-x", "-v"], ["-qv"], ["--version", "long"], ["-v", "secret-list"],
+                 ["-k"], ["-K"], ["--keepalive-interval"], ["--keepalive-count"], ["-k", "x"], ["-K", "x"],
+                 ["-k", "-1"], ["-K", "-2"], ["--keepalive-interval=abc"], ["--keepalive-count=-1"],
+                 ["--keepalive-interval=-1"], ["-k", "99999999999", "-v"], ["-k", "5x", "-v"], ["-k", "", "-v"],
+                 ["-k", "0x10", "-v"], ["-k", "010", "-v"], ["-k", "08", "-v"], ["-k", " 5", "-v"], ["-k5", "-v"],
+                 ["-k+5", "-v"], ["-k", "-0", "-v"], ["--keepalive-interval", "3", "-v"], ["-K0", "-k", "0", "-v"],
+                 ["-k", "2147483647", "-v"], ["-k", "2147483648", "-v"], ["-qk", "1", "-v"]):
         v = subprocess.run(["virsh", *args], capture_output=True, timeout=60)
         p = subprocess.run(entry_point() + args, capture_output=True, timeout=60)
         assert (p.returncode, p.stderr, len(p.stdout.splitlines())) == \

@@ -396,14 +396,103 @@ def test_keepalive_answered(tmp_path):
         s.close()
 
 
+class SilentAfterOpen:
+    """A server that answers the handshake (keepalive supported), then reads everything and
+    answers nothing, or only PINGs (`pong`): what a vanished or a live idle peer looks like."""
+
+    def __init__(self, path: Path, *, pong: bool):
+        self.pings = 0
+        self.pong = pong
+        self._l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._l.bind(str(path))
+        self._l.listen(1)
+        self._t = threading.Thread(target=self._serve, daemon=True)
+        self._t.start()
+
+    def _serve(self) -> None:
+        peer, _ = self._l.accept()
+        replies = {P.Proc.AUTH_LIST: {"types": [0]}, P.Proc.CONNECT_SUPPORTS_FEATURE: {"supported": 1},
+                   P.Proc.CONNECT_OPEN: None}
+        with peer:
+            buf = b""
+            while True:
+                data = peer.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while len(buf) >= 4 and len(buf) >= int.from_bytes(buf[:4], "big"):
+                    n = int.from_bytes(buf[:4], "big")
+                    h, _payload = decode_frame(buf[:n])
+                    buf = buf[n:]
+                    if h.prog == P.KEEPALIVE_PROGRAM and h.proc == P.KeepAlive.PING:
+                        self.pings += 1
+                        if self.pong:
+                            peer.sendall(encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG,
+                                                             P.MsgType.MESSAGE, 0, 0)))
+                    elif h.prog == P.REMOTE_PROGRAM and h.proc in replies:
+                        body = xdr.encode(P.PROCS[h.proc].ret, replies[h.proc])
+                        peer.sendall(encode_frame(Header(P.REMOTE_PROGRAM, 1, h.proc, P.MsgType.REPLY, h.serial, 0),
+                                                  body))
+
+    def close(self) -> None:
+        self._l.close()
+        self._t.join(5)
+
+
+@pytest.mark.parametrize("pong", [False, True])
+def test_the_client_pings_and_closes_a_silent_server(tmp_path, pong):
+    """virsh's keepalive (-k/-K): PINGs after a silent interval; `count` unanswered end the
+    connection with "keepalive timeout" told to on_lost, and calls fail; PONGs keep it."""
+    from secretbus.rpc.client import KeepAlive
+    srv = SilentAfterOpen(tmp_path / "silent", pong=pong)
+    lost: list[str] = []
+    conn = RpcConnection.open("secret:///session", UnixTransport(tmp_path / "silent"), name="secret:///session",
+                              timeout=10, keepalive=KeepAlive(0.2, 2))
+    try:
+        conn.on_lost(lost.append)
+        t0 = time.monotonic()
+        if pong:
+            time.sleep(1.5)
+            assert lost == [] and srv.pings >= 4        # answered each time: still up
+        else:
+            harness.wait_until(lambda: lost, timeout=10, what="the keepalive timeout")
+            took = time.monotonic() - t0
+            assert lost == ["keepalive timeout"] and srv.pings == 2 and 0.4 < took < 3, (lost, srv.pings, took)
+            with pytest.raises(errors.OperationFailed, match="no answer to 2 keepalive pings"):
+                conn.list_secrets()
+    finally:
+        conn.close()
+        srv.close()
+    assert lost == ([] if pong else ["keepalive timeout"])     # and never for our own close
+
+
+def test_keepalive_interval_zero_never_pings(tmp_path):
+    from secretbus.rpc.client import KeepAlive
+    srv = SilentAfterOpen(tmp_path / "silent", pong=False)
+    conn = RpcConnection.open("secret:///session", UnixTransport(tmp_path / "silent"), name="secret:///session",
+                              timeout=10, keepalive=KeepAlive(0, 1))
+    lost: list[str] = []
+    conn.on_lost(lost.append)
+    try:
+        time.sleep(1.0)
+        assert srv.pings == 0 and lost == []
+    finally:
+        conn.close()
+        srv.close()
+
+
 def test_a_server_that_goes_away(tmp_path):
     s = InProcess(tmp_path)
     conn = RpcConnection.open(s.uri, UnixTransport(s.rw), name=s.uri, timeout=10)
+    lost: list[str] = []
+    conn.on_lost(lost.append)
     try:
         s.close()
         with pytest.raises(errors.OperationFailed) as ei:
             conn.list_secrets()
         assert "was lost" in ei.value.message or "closed" in ei.value.message
+        harness.wait_until(lambda: lost, timeout=10, what="the close callback")
+        assert lost == ["end of file"]
     finally:
         conn.close()
     with pytest.raises(errors.OperationFailed):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import signal
 import socket
@@ -158,6 +159,63 @@ def test_virsh_secret_event_across_keepalive(session_bus, make_secretbusd, rpc_d
     assert f"event 'lifecycle' for secret {U1}: Undefined" in out
     assert "events received: 2" in out
     assert f"event 'value-changed' for secret {U1}" in out2 and "events received: 1" in out2, (out2, err2)
+
+
+def _watchers(rpc_dir: Path, *top: str) -> dict[str, subprocess.Popen]:
+    """`secret-event --loop` (no timeout) by virsh and by secretbus, with the same options."""
+    from test_cli import entry_point
+    u = uri(rpc_dir)
+    env = {**os.environ, "LC_ALL": "C"}
+    return {name: subprocess.Popen([*prog, *top, "-c", u, "secret-event", "--event", "lifecycle", "--loop"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for name, prog in (("virsh", ["virsh"]), ("secretbus", entry_point()))}
+
+
+def _ended(watchers: dict[str, subprocess.Popen], timeout: float) -> dict[str, tuple[int, str, str]]:
+    out = {}
+    try:
+        for name, p in watchers.items():
+            o, e = p.communicate(timeout=timeout)
+            out[name] = (p.returncode, o, e)
+    finally:
+        for p in watchers.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+def test_an_event_loop_ends_when_the_server_goes_away_as_virshs(session_bus, make_secretbusd, rpc_dir):
+    """virsh's close callback: "Disconnected from URI due to end of file", the loop ends, the
+    deregistration's error, status 1. secretbus waited for its --timeout, or for ever."""
+    d = make_secretbusd(session_bus, args=("--rpc-dir", str(rpc_dir)))
+    watchers = _watchers(rpc_dir)
+    time.sleep(1.5)                             # both connected and registered
+    d.proc.terminate()
+    got = _ended(watchers, 20)
+    assert got["virsh"] == got["secretbus"], got
+    rc, out, err = got["secretbus"]
+    assert rc == 1 and out == "events received: 0\n\n", got
+    assert err == (f"error: Disconnected from {uri(rpc_dir)} due to end of file\n"
+                   "error: internal error: client socket is closed\n"), got
+
+
+def test_a_stopped_server_ends_the_event_loop_by_keepalive_as_virshs(session_bus, make_secretbusd, rpc_dir):
+    """-k 1 -K 2: a server that stopped answering (SIGSTOP: no FIN, as a host that vanished)
+    is given up after about 3 s with "keepalive timeout", by both programs alike."""
+    d = make_secretbusd(session_bus, args=("--rpc-dir", str(rpc_dir)))
+    watchers = _watchers(rpc_dir, "-k", "1", "-K", "2")
+    time.sleep(1.5)
+    d.proc.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        got = _ended(watchers, 20)
+        took = time.monotonic() - t0
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    assert got["virsh"] == got["secretbus"], got
+    assert got["secretbus"][2].startswith(f"error: Disconnected from {uri(rpc_dir)} due to keepalive timeout\n")
+    assert 2 < took < 10, took
 
 
 def test_python_libvirt_api(sessiond, rpc_dir):

@@ -12,6 +12,7 @@ from secretbus.core import errors
 from secretbus.core.model import EventId, SecretDef, SecretEvent, UsageType
 
 EventHandler = Callable[["Secret", SecretEvent], None]
+LostHandler = Callable[[str], None]      # (why: "end of file", "keepalive timeout", "error")
 
 
 class Secret:
@@ -88,6 +89,11 @@ class Connection(abc.ABC):
 
     @abc.abstractmethod
     def unsubscribe(self, sub_id: int) -> None: ...
+
+    def on_lost(self, handler: LostHandler) -> None:  # noqa: B027 - only a remote connection is lost
+        """Call `handler(reason)` once if the service's side ends the connection, after the
+        events it delivered: libvirt's close callback, with virsh's words for the reason
+        ("end of file", "keepalive timeout", "error"). Never after `close()`."""
 
     def close(self) -> None:  # noqa: B027 - an optional hook: most connections hold nothing
         pass

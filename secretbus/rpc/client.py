@@ -3,7 +3,14 @@
 `AsyncRpcClient` owns one stream pair (any `transport.Transport`). Calls go out with serials
 0, 1, 2, … and any number may be in flight: replies are matched by serial, so they may come
 back in any order. The reader task also answers keepalive PINGs and hands event MESSAGEs to
-`on_event`. When the stream ends every pending call fails with OperationFailed.
+`on_event`. When the stream ends every pending call fails with OperationFailed, and `on_lost`
+is told why (libvirt's close callback: end of file, keepalive timeout or an I/O error), unless
+this side closed it.
+
+Keepalive as libvirt's client does it (virkeepalive.c, virsh's -k/-K): once the server has
+said it speaks the keepalive program, a connection silent for `interval` seconds is PINGed,
+and after `count` PINGs without a frame back it is closed ("keepalive timeout"): a server
+host that vanished without a FIN ends an event loop instead of leaving it waiting for ever.
 
 Error replies become the project's exception classes (core/errors.py) by libvirt's code, with
 libvirt's prefix taken off the message so that `display()` prints what virsh prints. The
@@ -13,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from secretbus.core import errors
@@ -33,6 +42,29 @@ CONNECT_RO = 1                   # VIR_CONNECT_RO
 AUTH_FAILED = 45                 # VIR_ERR_AUTH_FAILED
 _SERIAL_MOD = 2 ** 32
 _PONG = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PONG, P.MsgType.MESSAGE, 0, P.Status.OK))
+_PING = encode_frame(Header(P.KEEPALIVE_PROGRAM, 1, P.KeepAlive.PING, P.MsgType.MESSAGE, 0, P.Status.OK))
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """virsh's defaults (-k 5, -K 6). interval <= 0: never PING (the server's PINGs are still
+    answered); count 0: closed after one silent interval, without a PING (libvirt's rule)."""
+    interval: float = 5.0
+    count: int = 6
+
+
+DEFAULT_KEEPALIVE = KeepAlive()
+
+
+class Lost(enum.Enum):
+    """Why the server's side of a connection ended (libvirt's virConnectCloseReason, as virsh
+    names them: "Disconnected from URI due to …")."""
+    ERROR = "error"
+    EOF = "end of file"
+    KEEPALIVE = "keepalive timeout"
+
+
+LostCallback = Callable[[Lost, str], None]      # (reason, the text pending calls fail with)
 
 # -- errors ----------------------------------------------------------------------------------
 _BY_CODE: dict[int, type[errors.SecretError]] = {}
@@ -80,6 +112,10 @@ class AsyncRpcClient:
                  on_event: EventCallback | None = None, max_frame: int = P.MESSAGE_MAX):
         self.where = where
         self.on_event = on_event
+        self.on_lost: LostCallback | None = None
+        self._loop = asyncio.get_running_loop()
+        self._last_rx = self._loop.time()
+        self._pinger: asyncio.Task[None] | None = None
         self._reader, self._writer = reader, writer
         self._max_frame = max_frame
         self._serial = 0
@@ -139,13 +175,14 @@ class AsyncRpcClient:
         try:
             await self._writer.drain()
         except ConnectionError as e:
-            self._lose(f"the connection to {self.where} was lost: {e.strerror or type(e).__name__}")
+            self._lose(f"the connection to {self.where} was lost: {e.strerror or type(e).__name__}", Lost.ERROR)
 
     # -- the libvirt connection handshake ------------------------------------------
-    async def open(self, name: str | None, *, readonly: bool = False, keepalive: bool = True,
-                   sasl: SaslLogin | None = None) -> None:
+    async def open(self, name: str | None, *, readonly: bool = False,
+                   keepalive: KeepAlive | None = DEFAULT_KEEPALIVE, sasl: SaslLogin | None = None) -> None:
         """AUTH_LIST (+ AUTH_POLKIT or SASL), keepalive negotiation, CONNECT_OPEN: what virsh
-        sends. `sasl`: where SCRAM's credentials come from, if the server asks (None: refused)."""
+        sends. `sasl`: where SCRAM's credentials come from, if the server asks (None: refused).
+        `keepalive` None: not negotiated (as python3-libvirt without an event loop)."""
         types = (await self.call(P.Proc.AUTH_LIST))["types"]
         if types and P.AuthType.NONE not in types:
             if P.AuthType.SASL in types and P.AuthType.POLKIT not in types:
@@ -156,10 +193,29 @@ class AsyncRpcClient:
                                   "client speaks")
             elif not (await self.call(P.Proc.AUTH_POLKIT))["complete"]:
                 raise auth_failed("polkit authentication did not complete")
-        if keepalive:
+        if keepalive is not None:
             # The server then pings this connection when idle, and drops it if we are gone.
-            await self.call(P.Proc.CONNECT_SUPPORTS_FEATURE, {"feature": P.Feature.PROGRAM_KEEPALIVE})
+            answer = await self.call(P.Proc.CONNECT_SUPPORTS_FEATURE, {"feature": P.Feature.PROGRAM_KEEPALIVE})
+            if answer.get("supported") and keepalive.interval > 0:
+                self._pinger = self._loop.create_task(self._keepalive(keepalive))
         await self.call(P.Proc.CONNECT_OPEN, {"name": name, "flags": CONNECT_RO if readonly else 0})
+
+    async def _keepalive(self, ka: KeepAlive) -> None:
+        """PING after `ka.interval` s without a frame from the server; after `ka.count`
+        unanswered, close (any frame counts as an answer, as in virKeepAliveCheckMessage)."""
+        sent, pinged = 0, self._loop.time()
+        while self._lost is None:
+            await asyncio.sleep(ka.interval)
+            if self._last_rx > pinged:
+                sent = 0            # heard from since the last PING
+            if self._loop.time() - self._last_rx < ka.interval:
+                continue
+            if sent >= ka.count:
+                self._lose(f"the connection to {self.where} was closed: no answer to "
+                           f"{sent} keepalive ping{'' if sent == 1 else 's'}", Lost.KEEPALIVE)
+                return
+            sent, pinged = sent + 1, self._loop.time()
+            self._writer.write(_PING)
 
     async def close(self, *, goodbye: bool = True, wait: float = 5.0) -> None:
         """CONNECT_CLOSE (when `goodbye` and the stream is up), then close the stream."""
@@ -167,7 +223,7 @@ class AsyncRpcClient:
             with contextlib.suppress(errors.SecretError, TimeoutError):
                 async with asyncio.timeout(wait):
                     await self.call(P.Proc.CONNECT_CLOSE)
-        self._lose("the connection is closed")
+        self._lose("the connection is closed", None)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
@@ -180,25 +236,26 @@ class AsyncRpcClient:
 
     # -- reading -------------------------------------------------------------------
     async def _read_loop(self) -> None:
-        why = f"the connection to {self.where} was lost: the server closed it"
+        why, reason = f"the connection to {self.where} was lost: the server closed it", Lost.EOF
         try:
             while True:
                 word = await self._reader.readexactly(LENGTH_SIZE)
                 body = await self._reader.readexactly(frame_length(word, self._max_frame))
+                self._last_rx = self._loop.time()
                 self._dispatch(body)
         except asyncio.IncompleteReadError:
             pass
         except XdrError as e:
-            why = f"the connection to {self.where} was dropped: {e}"
+            why, reason = f"the connection to {self.where} was dropped: {e}", Lost.ERROR
             log.warning("RPC server %s sent a frame out of bounds: %s", self.where, e)
         except ConnectionError as e:
-            why = f"the connection to {self.where} was lost: {e.strerror or type(e).__name__}"
+            why, reason = f"the connection to {self.where} was lost: {e.strerror or type(e).__name__}", Lost.ERROR
         # A transport that knows better (ssh: "authentication failed", "no remote helper") says so.
         failure = getattr(self._transport, "failure", None)
         if failure is not None and self._lost is None:
             with contextlib.suppress(Exception):
                 why = await failure() or why
-        self._lose(why)
+        self._lose(why, reason)
 
     def _dispatch(self, body: bytes) -> None:
         header, payload = parse_header(body)
@@ -235,7 +292,8 @@ class AsyncRpcClient:
             except Exception:  # noqa: BLE001 - a subscriber's bug must not end the connection
                 log.exception("RPC event callback failed")
 
-    def _lose(self, why: str) -> None:
+    def _lose(self, why: str, reason: Lost | None) -> None:
+        """The stream is done: `reason` None when this side closed it (nobody is told)."""
         if self._lost is not None:
             return
         self._lost = why
@@ -243,5 +301,12 @@ class AsyncRpcClient:
             if not fut.done():
                 fut.set_exception(errors.OperationFailed(why))
         self._pending.clear()
+        if self._pinger is not None and self._pinger is not asyncio.current_task():
+            self._pinger.cancel()
         with contextlib.suppress(Exception):
             self._writer.close()
+        if reason is not None and self.on_lost is not None:
+            try:
+                self.on_lost(reason, why)
+            except Exception:  # noqa: BLE001 - a subscriber's bug must not hide the loss
+                log.exception("RPC close callback failed")

@@ -22,14 +22,14 @@ import uuid as uuidlib
 from typing import TYPE_CHECKING, Any
 
 from secretbus.core import errors
-from secretbus.core.api import Connection, EventHandler, Secret, event_filter
+from secretbus.core.api import Connection, EventHandler, LostHandler, Secret, event_filter
 from secretbus.core.clientargs import flags_u32, xml_document
 from secretbus.core.loopthread import CLOSED, LoopThread
 from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
 from secretbus.core.uuids import canonical_uuid, parse_uuid
 from secretbus.driver.rules import check_value
 from secretbus.rpc import protocol as P
-from secretbus.rpc.client import AsyncRpcClient
+from secretbus.rpc.client import DEFAULT_KEEPALIVE, AsyncRpcClient, KeepAlive, Lost
 from secretbus.rpc.transport import Transport
 
 if TYPE_CHECKING:
@@ -64,14 +64,17 @@ class RpcConnection(Connection):
         self._subs: dict[int, tuple[EventHandler, Any, tuple[EventId, ...]]] = {}
         self._sub_ids = itertools.count(1)
         self._callbacks: dict[EventId, int] = {}       # server callbackID per event id
-        self._events: queue.SimpleQueue[SecretEvent | None] = queue.SimpleQueue()
+        # Events, then a loss of the connection (after the events it delivered), then None: stop.
+        self._events: queue.SimpleQueue[SecretEvent | Lost | None] = queue.SimpleQueue()
+        self._lost_handlers: list[LostHandler] = []
         self._dispatcher: threading.Thread | None = None
         self._login: SaslLogin | None = None
 
     # -- opening and closing --------------------------------------------------------
     @classmethod
     def open(cls, uri: str, transport: Transport, *, name: str | None, readonly: bool = False,
-             timeout: float = 25.0, keepalive: bool = True, login: SaslLogin | None = None) -> RpcConnection:
+             timeout: float = 25.0, keepalive: KeepAlive | None = DEFAULT_KEEPALIVE,
+             login: SaslLogin | None = None) -> RpcConnection:
         """Connect through `transport` and CONNECT_OPEN `name` (e.g. "secret:///system");
         `readonly` asks for VIR_CONNECT_RO (the server's -ro socket is read-only anyway);
         `login`: SASL credentials, if the server asks (default: libvirt's auth file)."""
@@ -90,10 +93,11 @@ class RpcConnection(Connection):
     def _no_reply(self) -> errors.OperationFailed:
         return errors.OperationFailed(f"no reply from {self.transport.describe()} within {self.timeout:g} s")
 
-    async def _connect(self, name: str | None, keepalive: bool) -> None:
+    async def _connect(self, name: str | None, keepalive: KeepAlive | None) -> None:
         try:
             async with asyncio.timeout(self.timeout):
                 client = await AsyncRpcClient.connect(self.transport, on_event=self._on_event)
+            client.on_lost = self._on_lost
             self._client = client
             async with asyncio.timeout(self.timeout):
                 await client.open(name, readonly=self.readonly, keepalive=keepalive, sasl=self._login)
@@ -206,9 +210,7 @@ class RpcConnection(Connection):
             except BaseException:
                 self._deregister(added)      # all or nothing: no registration without a subscriber
                 raise
-            if self._dispatcher is None:
-                self._dispatcher = threading.Thread(target=self._dispatch, name="secretbus-rpc-events", daemon=True)
-                self._dispatcher.start()
+            self._start_dispatcher()
             sub_id = next(self._sub_ids)
             self._subs = {**self._subs, sub_id: (handler, wanted, ids)}
         return sub_id
@@ -248,11 +250,34 @@ class RpcConnection(Connection):
             return
         self._events.put(ev)
 
+    def on_lost(self, handler: LostHandler) -> None:
+        with self._sub_lock:
+            self._lost_handlers.append(handler)
+            self._start_dispatcher()
+
+    def _on_lost(self, reason: Lost, _why: str) -> None:
+        """Loop thread: the server's side ended (not our close()); told after its events."""
+        if not self._loop.closed:
+            self._events.put(reason)
+
+    def _start_dispatcher(self) -> None:
+        """(under _sub_lock)"""
+        if self._dispatcher is None:
+            self._dispatcher = threading.Thread(target=self._dispatch, name="secretbus-rpc-events", daemon=True)
+            self._dispatcher.start()
+
     def _dispatch(self) -> None:
         while True:
             ev = self._events.get()
             if ev is None:
                 return
+            if isinstance(ev, Lost):
+                for lost in list(self._lost_handlers):
+                    try:
+                        lost(ev.value)
+                    except Exception:  # noqa: BLE001 - as for event handlers
+                        log.exception("connection-lost handler failed")
+                continue
             for handler, wanted, _ in self._subs.values():
                 if not wanted(ev):
                     continue
