@@ -466,19 +466,24 @@ def test_the_client_pings_and_closes_a_silent_server(tmp_path, pong):
     assert lost == ([] if pong else ["keepalive timeout"])     # and never for our own close
 
 
-def test_keepalive_interval_zero_never_pings(tmp_path):
+def test_keepalive_interval_zero_never_pings_and_count_zero_never_waits(tmp_path):
+    """libvirt's rules: -k 0 disables the PINGs; -K 0 closes after one silent interval, unasked."""
     from secretbus.rpc.client import KeepAlive
-    srv = SilentAfterOpen(tmp_path / "silent", pong=False)
-    conn = RpcConnection.open("secret:///session", UnixTransport(tmp_path / "silent"), name="secret:///session",
-                              timeout=10, keepalive=KeepAlive(0, 1))
-    lost: list[str] = []
-    conn.on_lost(lost.append)
-    try:
-        time.sleep(1.0)
-        assert srv.pings == 0 and lost == []
-    finally:
-        conn.close()
-        srv.close()
+    for ka, sock in ((KeepAlive(0, 1), "off"), (KeepAlive(0.3, 0), "zero")):
+        srv = SilentAfterOpen(tmp_path / sock, pong=False)
+        conn = RpcConnection.open("secret:///session", UnixTransport(tmp_path / sock), name="secret:///session",
+                                  timeout=10, keepalive=ka)
+        lost: list[str] = []
+        conn.on_lost(lost.append)
+        try:
+            time.sleep(1.0)
+            assert srv.pings == 0 and lost == ([] if ka.count else ["keepalive timeout"]), (ka, lost)
+            if not ka.count:
+                with pytest.raises(errors.OperationFailed, match=r"silent for 0.3 s \(keepalive count 0\)"):
+                    conn.list_secrets()
+        finally:
+            conn.close()
+            srv.close()
 
 
 def test_a_server_that_goes_away(tmp_path):

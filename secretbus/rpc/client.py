@@ -211,8 +211,9 @@ class AsyncRpcClient:
             if self._loop.time() - self._last_rx < ka.interval:
                 continue
             if sent >= ka.count:
-                self._lose(f"the connection to {self.where} was closed: no answer to "
-                           f"{sent} keepalive ping{'' if sent == 1 else 's'}", Lost.KEEPALIVE)
+                silence = (f"no answer to {sent} keepalive ping{'' if sent == 1 else 's'}" if sent
+                           else f"silent for {ka.interval:g} s (keepalive count 0)")
+                self._lose(f"the connection to {self.where} was closed: {silence}", Lost.KEEPALIVE)
                 return
             sent, pinged = sent + 1, self._loop.time()
             self._writer.write(_PING)
