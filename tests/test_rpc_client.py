@@ -397,8 +397,8 @@ def test_keepalive_answered(tmp_path):
 
 
 class SilentAfterOpen:
-    """A server that answers the handshake (keepalive supported), then reads everything and
-    answers nothing, or only PINGs (`pong`): what a vanished or a live idle peer looks like."""
+    """A server that answers the handshake (keepalive supported) and CONNECT_CLOSE, nothing
+    else, and PINGs only if `pong`: what a vanished or a live idle peer looks like."""
 
     def __init__(self, path: Path, *, pong: bool):
         self.pings = 0
@@ -412,7 +412,7 @@ class SilentAfterOpen:
     def _serve(self) -> None:
         peer, _ = self._l.accept()
         replies = {P.Proc.AUTH_LIST: {"types": [0]}, P.Proc.CONNECT_SUPPORTS_FEATURE: {"supported": 1},
-                   P.Proc.CONNECT_OPEN: None}
+                   P.Proc.CONNECT_OPEN: None, P.Proc.CONNECT_CLOSE: None}
         with peer:
             buf = b""
             while True:
