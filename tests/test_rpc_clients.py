@@ -179,9 +179,7 @@ def _ended(watchers: dict[str, subprocess.Popen], timeout: float) -> dict[str, t
             out[name] = (p.returncode, o, e)
     finally:
         for p in watchers.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            harness.stop_process(p)
     return out
 
 
