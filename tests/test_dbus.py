@@ -311,6 +311,35 @@ def test_cli_over_session_bus_and_secret_event(session_bus, daemon, tmp_path):
                    "event loop interrupted\nevents received: 2\n\n"), err
 
 
+def test_cli_event_loop_ends_when_the_bus_goes_away(session_bus, daemon):
+    """The bus daemon gone (restarted at the same address): `secret-event` says so and ends, as
+    over RPC and as virsh does when its server goes (test_rpc_clients.py); the handlers of a
+    library connection are told "end of file". Not after close()."""
+    lost: list[str] = []
+    conn = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10, bus_address=session_bus.address)
+    conn.on_lost(lost.append)
+    quiet = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
+                                bus_address=session_bus.address)
+    closed: list[str] = []
+    quiet.on_lost(closed.append)
+    quiet.close()
+    ev = subprocess.Popen([sys.executable, "-m", "secretbus.cli", "-c", "secret:///session", "secret-event",
+                           "--event", "lifecycle", "--loop"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={**os.environ, "DBUS_SESSION_BUS_ADDRESS": session_bus.address, "PYTHONPATH": str(REPO)})
+    try:
+        time.sleep(1.5)
+        session_bus.restart()
+        out, err = ev.communicate(timeout=20)
+    finally:
+        harness.stop_process(ev)
+        conn.close()
+    assert (ev.returncode, out) == (1, b"events received: 0\n\n"), (out, err)
+    assert err == (b"error: Disconnected from secret:///session due to end of file\n"
+                   b"error: internal error: client socket is closed\n"), err
+    harness.wait_until(lambda: lost, timeout=10, what="the library's close callback")
+    assert lost == ["end of file"] and closed == []
+
+
 def test_cli_reports_service_not_running(session_bus):
     r = _cli(session_bus, "secret-list")
     assert r.returncode == 1 and b"error:" in r.stderr

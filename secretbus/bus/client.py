@@ -17,6 +17,7 @@ logged or put into an exception text or a repr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -40,7 +41,7 @@ from secretbus.bus.names import (
 )
 from secretbus.bus.signals import known_usage, usage_from_props
 from secretbus.core import errors
-from secretbus.core.api import Connection, EventHandler, Secret, event_filter
+from secretbus.core.api import Connection, EventHandler, LostHandler, Secret, event_filter
 from secretbus.core.clientargs import wire_safe
 from secretbus.core.loopthread import LoopThread
 from secretbus.core.uuids import canonical_uuid, parse_uuid
@@ -75,10 +76,11 @@ class DBusConnection(Connection):
         self._calls = Calls(address, self.bus_label, self.timeout, interactive=interactive,
                             closed=lambda: self._loop.closed)
         self._cache = UsageCache()            # loop thread only
-        events: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        events: queue.SimpleQueue[Pending | str | None] = queue.SimpleQueue()
         self._signals = SignalFeed(self._calls, self._cache, events)
         self._subs = Dispatcher(events, lookup=self._lookup_usage, handle=self._handle_of,
                                 closed=lambda: self._loop.closed)
+        self._bus_watch: asyncio.Task[None] | None = None      # loop thread: on_lost's
 
     # -- opening and closing --------------------------------------------------------------
     @classmethod
@@ -281,4 +283,22 @@ class DBusConnection(Connection):
 
     def unsubscribe(self, sub_id: int) -> None:
         self._subs.remove(sub_id, last=lambda: self._loop.submit(self._signals.unlisten(), self.timeout + 1))
+
+    def on_lost(self, handler: LostHandler) -> None:
+        """The bus connection ending (the bus daemon gone), not the service: a secretbusd that
+        restarts keeps the subscriptions, and its events come again."""
+        if self._subs.add_lost(handler):
+            self._loop.submit(self._watch_bus(), self.timeout + 1)
+
+    async def _watch_bus(self) -> None:
+        bus = self._calls.bus
+        if bus is None:
+            return
+
+        async def watch() -> None:
+            with contextlib.suppress(Exception):
+                await bus.wait_for_disconnect()
+            if not self._loop.closed:
+                self._subs.events.put("end of file")     # after the signals that came before
+        self._bus_watch = asyncio.get_running_loop().create_task(watch())
 

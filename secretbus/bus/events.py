@@ -35,7 +35,7 @@ from secretbus.bus.signals import (
     match_rules,
 )
 from secretbus.core import errors
-from secretbus.core.api import EventHandler, Secret
+from secretbus.core.api import EventHandler, LostHandler, Secret
 from secretbus.core.loopthread import CLOSED
 from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
 
@@ -92,7 +92,7 @@ class SignalFeed:
     """Loop thread: the match rules, the trusted owner of the service's name, the usage
     cache, and events queued for the dispatcher."""
 
-    def __init__(self, calls: Calls, cache: UsageCache, events: queue.SimpleQueue[Pending | None]):
+    def __init__(self, calls: Calls, cache: UsageCache, events: queue.SimpleQueue[Pending | str | None]):
         self._calls = calls
         self.cache = cache
         self.events = events
@@ -193,7 +193,7 @@ class Dispatcher:
     (None if it cannot tell); `handle(uuid, type, id)` makes the handle passed to handlers.
     """
 
-    def __init__(self, events: queue.SimpleQueue[Pending | None], *,
+    def __init__(self, events: queue.SimpleQueue[Pending | str | None], *,
                  lookup: Callable[[str, str], Usage | None],
                  handle: Callable[[str, int, str], Secret],
                  closed: Callable[[], bool]):
@@ -204,6 +204,7 @@ class Dispatcher:
         # Copy-on-write: replaced under _lock, read by the thread without locking.
         self._lock = threading.Lock()
         self.subs: dict[int, tuple[EventHandler, Wanted]] = {}
+        self.lost_handlers: list[LostHandler] = []
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
 
@@ -214,12 +215,25 @@ class Dispatcher:
                 raise errors.OperationFailed(CLOSED)
             if not self.subs:
                 first()
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self.run, name="secretbus-events", daemon=True)
-                    self._thread.start()
+                self._start()
             sub_id = next(self._ids)
             self.subs = {**self.subs, sub_id: (handler, wanted)}
         return sub_id
+
+    def add_lost(self, handler: LostHandler) -> bool:
+        """Register a handler of the connection's loss; True for the first."""
+        with self._lock:
+            if self._closed():
+                raise errors.OperationFailed(CLOSED)
+            self.lost_handlers.append(handler)
+            self._start()
+            return len(self.lost_handlers) == 1
+
+    def _start(self) -> None:
+        """(under _lock)"""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.run, name="secretbus-events", daemon=True)
+            self._thread.start()
 
     def remove(self, sub_id: int, *, last: Callable[[], None]) -> None:
         """Unregister `sub_id`; `last()` runs after the last one is gone (failures are logged)."""
@@ -249,11 +263,19 @@ class Dispatcher:
                 self._thread.join(wait)
 
     def run(self) -> None:
-        """The events thread: call the handlers, in arrival order, until None arrives."""
+        """The events thread: call the handlers, in arrival order, until None arrives (a str:
+        the bus connection was lost, why)."""
         while True:
             item = self.events.get()
             if item is None:
                 return
+            if isinstance(item, str):
+                for lost in list(self.lost_handlers):
+                    try:
+                        lost(item)
+                    except Exception:  # noqa: BLE001
+                        log.exception("connection-lost handler failed")
+                continue
             self._deliver(item)
 
     def _deliver(self, item: Pending) -> None:

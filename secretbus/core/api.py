@@ -90,10 +90,11 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def unsubscribe(self, sub_id: int) -> None: ...
 
-    def on_lost(self, handler: LostHandler) -> None:  # noqa: B027 - only a remote connection is lost
-        """Call `handler(reason)` once if the service's side ends the connection, after the
-        events it delivered: libvirt's close callback, with virsh's words for the reason
-        ("end of file", "keepalive timeout", "error"). Never after `close()`."""
+    def on_lost(self, handler: LostHandler) -> None:  # noqa: B027 - an embedded one is never lost
+        """Call `handler(reason)` once if the other side ends the connection (the RPC server,
+        the D-Bus bus daemon), after the events it delivered: libvirt's close callback, with
+        virsh's words for the reason ("end of file", "keepalive timeout", "error"). Never
+        after `close()`."""
 
     def close(self) -> None:  # noqa: B027 - an optional hook: most connections hold nothing
         pass
