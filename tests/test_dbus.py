@@ -318,6 +318,7 @@ def test_cli_event_loop_ends_when_the_bus_goes_away(session_bus, daemon):
     lost: list[str] = []
     conn = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10, bus_address=session_bus.address)
     conn.on_lost(lost.append)
+    assert conn.is_alive()
     quiet = DBusConnection.open(InstanceKind.SESSION, "secret:///session", timeout=10,
                                 bus_address=session_bus.address)
     closed: list[str] = []
@@ -330,6 +331,7 @@ def test_cli_event_loop_ends_when_the_bus_goes_away(session_bus, daemon):
         time.sleep(1.5)
         session_bus.restart()
         out, err = ev.communicate(timeout=20)
+        harness.wait_until(lambda: not conn.is_alive(), timeout=10, what="virConnectIsAlive false")
     finally:
         harness.stop_process(ev)
         conn.close()
@@ -337,7 +339,7 @@ def test_cli_event_loop_ends_when_the_bus_goes_away(session_bus, daemon):
     assert err == (b"error: Disconnected from secret:///session due to end of file\n"
                    b"error: internal error: client socket is closed\n"), err
     harness.wait_until(lambda: lost, timeout=10, what="the library's close callback")
-    assert lost == ["end of file"] and closed == []
+    assert lost == ["end of file"] and closed == [] and not quiet.is_alive()
 
 
 def test_cli_reports_service_not_running(session_bus):

@@ -314,6 +314,15 @@ def test_event_filter_by_secret(conn):
     assert got == [U2]
 
 
+def test_an_embedded_connection_is_alive_until_closed(root):
+    c = secretbus.open(f"secret:///embed?root={root}")
+    lost: list[str] = []
+    c.on_lost(lost.append)           # never called: nothing on the other side to go away
+    assert c.is_alive()
+    c.close()
+    assert not c.is_alive() and lost == []
+
+
 def test_second_driver_on_same_root_is_refused(conn, root):
     with pytest.raises(errors.OperationFailed, match="already holds the lock"):
         secretbus.open(f"secret:///embed?root={root}")

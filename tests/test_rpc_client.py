@@ -491,13 +491,14 @@ def test_a_server_that_goes_away(tmp_path):
     conn = RpcConnection.open(s.uri, UnixTransport(s.rw), name=s.uri, timeout=10)
     lost: list[str] = []
     conn.on_lost(lost.append)
+    assert conn.is_alive()
     try:
         s.close()
         with pytest.raises(errors.OperationFailed) as ei:
             conn.list_secrets()
         assert "was lost" in ei.value.message or "closed" in ei.value.message
         harness.wait_until(lambda: lost, timeout=10, what="the close callback")
-        assert lost == ["end of file"]
+        assert lost == ["end of file"] and not conn.is_alive()     # libvirt's virConnectIsAlive
     finally:
         conn.close()
     with pytest.raises(errors.OperationFailed):

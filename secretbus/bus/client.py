@@ -284,6 +284,10 @@ class DBusConnection(Connection):
     def unsubscribe(self, sub_id: int) -> None:
         self._subs.remove(sub_id, last=lambda: self._loop.submit(self._signals.unlisten(), self.timeout + 1))
 
+    def is_alive(self) -> bool:
+        bus = self._calls.bus
+        return not self._loop.closed and bus is not None and bus.connected
+
     def on_lost(self, handler: LostHandler) -> None:
         """The bus connection ending (the bus daemon gone), not the service: a secretbusd that
         restarts keeps the subscriptions, and its events come again."""

@@ -90,6 +90,10 @@ class Connection(abc.ABC):
     @abc.abstractmethod
     def unsubscribe(self, sub_id: int) -> None: ...
 
+    @abc.abstractmethod
+    def is_alive(self) -> bool:
+        """libvirt's virConnectIsAlive: not closed, and (for a remote one) its channel is up."""
+
     def on_lost(self, handler: LostHandler) -> None:  # noqa: B027 - an embedded one is never lost
         """Call `handler(reason)` once if the other side ends the connection (the RPC server,
         the D-Bus bus daemon), after the events it delivered: libvirt's close callback, with

@@ -60,6 +60,9 @@ class EmbeddedConnection(Connection):
     def rewrite_values(self) -> RewriteResult:
         return self.driver.rewrite_values()
 
+    def is_alive(self) -> bool:
+        return self._driver is not None
+
     def close(self) -> None:
         if self._driver is not None:
             self.driver.close()

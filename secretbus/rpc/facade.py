@@ -250,6 +250,10 @@ class RpcConnection(Connection):
             return
         self._events.put(ev)
 
+    def is_alive(self) -> bool:
+        client = self._client
+        return not self._loop.closed and client is not None and not client.closed
+
     def on_lost(self, handler: LostHandler) -> None:
         with self._sub_lock:
             self._lost_handlers.append(handler)
