@@ -326,10 +326,17 @@ def test_errors_never_carry_content(codec_cls):
     c = codec_cls(KEY)
     data = c.encode(A, VALUE)
     raw = base64.b64decode(data)
-    for bad in (data[:-4], rewrap(flip(raw, len(raw) - 1)), codec_cls(KEY2).encode(A, VALUE),
-                b"*" + data[1:]):
-        with pytest.raises(ValueFileError) as ei:
-            c.decode(A, bad)
-        text = str(ei.value) + repr(ei.value.args)
-        assert VALUE.decode() not in text and KEY.hex() not in text
-        assert bad.decode("latin-1") not in text
+    always = (data[:-4], b"*" + data[1:])               # truncated, not base64: refused by every codec
+    garbled = (rewrap(flip(raw, len(raw) - 1)), codec_cls(KEY2).encode(A, VALUE))
+    for bad in always + garbled:
+        try:
+            got = c.decode(A, bad)
+        except ValueFileError as e:
+            text = str(e) + repr(e.args)
+            assert VALUE.decode() not in text and KEY.hex() not in text
+            assert bad.decode("latin-1") not in text
+            continue
+        # libvirt's CBC format is unauthenticated: a flipped byte or another key leaves valid
+        # padding about once in 256 (the random IV makes it so in about 1 % of runs), and
+        # decodes to garbage, never to the value. GCM refuses every one.
+        assert bad in garbled and codec_cls is CbcCodec and got != VALUE, bad
