@@ -253,3 +253,13 @@ def test_presence_records_are_read_strictly() -> None:
                 b'{"v": 1, "since": "a\\nb"}', b'{"v": 1, "since": "' + b"9" * 40 + b'"}',
                 b'{"v": 1, "since": "x", "pad": "' + b" " * MAX_ALIVE_RECORD + b'"}', b"\xff\xfe"):
         assert alive_since(bad) is None, bad
+
+
+def test_a_transaction_parts_size_is_its_raw_keys_and_values():
+    """etcd's request limit counts raw bytes, not the base64 the gateway carries (rotate.py's
+    and the store's batches are bounded by it): every length of value, puts and deletes."""
+    from secretbus.fleet import etcd as tx
+    for n in range(70):
+        part = tx.TxnPart([tx.absent(b"c")], [tx.put(b"key-" + bytes(n % 5), os.urandom(n)), tx.delete(b"gone"),
+                                              tx.put(b"lease", b"v", lease=7)])
+        assert part.size == (4 + n % 5 + n) + 4 + (5 + 1), n

@@ -35,7 +35,7 @@ from secretbus.bus.signals import (
     match_rules,
 )
 from secretbus.core import errors
-from secretbus.core.api import EventHandler, LostHandler, Secret
+from secretbus.core.api import EventHandler, LostHandler, Secret, tell_lost
 from secretbus.core.loopthread import CLOSED
 from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
 
@@ -270,11 +270,7 @@ class Dispatcher:
             if item is None:
                 return
             if isinstance(item, str):
-                for lost in list(self.lost_handlers):
-                    try:
-                        lost(item)
-                    except Exception:  # noqa: BLE001
-                        log.exception("connection-lost handler failed")
+                tell_lost(self.lost_handlers, item)
                 continue
             self._deliver(item)
 

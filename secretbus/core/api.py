@@ -6,13 +6,26 @@ client (`secretbus.bus.client`) implements the same `Connection` methods over th
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 
 from secretbus.core import errors
 from secretbus.core.model import EventId, SecretDef, SecretEvent, UsageType
 
 EventHandler = Callable[["Secret", SecretEvent], None]
 LostHandler = Callable[[str], None]      # (why: "end of file", "keepalive timeout", "error")
+
+log = logging.getLogger("secretbus.api")
+
+
+def tell_lost(handlers: Iterable[LostHandler], reason: str) -> None:
+    """Each `on_lost` handler, in order (on a client's events thread); one that raises is
+    logged, never propagated, as an event handler's."""
+    for handler in list(handlers):
+        try:
+            handler(reason)
+        except Exception:  # noqa: BLE001
+            log.exception("connection-lost handler failed")
 
 
 class Secret:

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from secretbus.core import errors, loophop
 from secretbus.core.model import SecretDef
-from secretbus.store.calls import StoreCall
+from secretbus.store.calls import StoreCall, write_definition
 from secretbus.store.commit import (
     EMPTY_IDLE,
     SPARE_IDLE,
@@ -108,12 +108,7 @@ class DirectFiles(Files):
         self.store.write_value(d, data)
 
     def definition(self, d: SecretDef, *, undo_values: bool = False) -> None:
-        try:
-            self.store.write_definition(d)
-        except BaseException:
-            if undo_values:
-                self.store.delete_values(d.uuid)
-            raise
+        write_definition(self.store, d, undo_values=undo_values)
 
     def delete_values(self, uuid: str) -> None:
         self.store.delete_values(uuid)

@@ -260,10 +260,21 @@ def _short(e: Exception) -> str:
 # Compare and request builders for transactions -----------------------------------------
 @dataclass
 class TxnPart:
-    """What one change adds to a transaction: its compares, its operations, its records' bytes."""
+    """What one change adds to a transaction: its compares and its operations."""
     compare: list[dict[str, Any]]
     ops: list[dict[str, Any]]
-    size: int
+
+    @property
+    def size(self) -> int:
+        """The raw bytes of its operations' keys and values: what etcd's request limit counts
+        (measured: not the base64 the gateway carries)."""
+        return sum(_raw_len(req[name]) for op in self.ops for req in op.values()
+                   for name in ("key", "value") if name in req)
+
+
+def _raw_len(text: str) -> int:
+    """The length of what the base64 `text` holds (each '=' of its padding stands for no byte)."""
+    return len(text) * 3 // 4 - (len(text) - len(text.rstrip("=")))
 
 
 def fits(group: Sequence[TxnPart], part: TxnPart, extra_compares: int = 1) -> bool:

@@ -295,7 +295,7 @@ def _reseal_all(client: Etcd, keys: Keyspace, ring: Sealer, held: list[FleetKey]
                                  "rotation; run 'fleet rotate' again to resume")
 
 
-_Plan = tx.TxnPart     # one secret's re-sealing: what it requires unchanged, what it writes, the bytes
+_Plan = tx.TxnPart     # one secret's re-sealing: what it requires unchanged, what it writes
 
 
 @dataclass
@@ -349,12 +349,10 @@ def _plan(keys: Keyspace, ring: Sealer, by_version: dict[int, Sealer], uuid: str
     compare = [tx.mod_is(keys.definition(uuid), d_kv.mod_revision),
                tx.mod_is(keys.value(uuid), v_kv.mod_revision) if v_kv is not None else tx.absent(keys.value(uuid))]
     ops = [tx.put(k, v) for k, v in records]
-    size = sum(len(k) + len(v) for k, v in records)
     old_version = record_version(d_kv.value)
     if d.usage_type != UsageType.NONE and old_version in by_version:
         old_usage = keys.usage(by_version[old_version].usage_index(d.usage_type, d.usage_id or ""))
         new_usage = keys.usage(ring.usage_index(d.usage_type, d.usage_id or ""))
         if old_usage != new_usage:
             ops += [tx.delete(old_usage), tx.put(new_usage, uuid.encode())]
-            size += len(old_usage) + 2 * len(new_usage)
-    return _Plan(compare, ops, size)
+    return _Plan(compare, ops)

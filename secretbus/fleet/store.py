@@ -46,7 +46,7 @@ from secretbus.fleet.seal import ROTATING, NewerKey, Sealer, SealError, cluster_
 from secretbus.fleet.status import FleetState, FleetStatus, StatusCell
 from secretbus.store import fsutil
 from secretbus.store.calls import StoreCall, replay
-from secretbus.store.codec import KNOWN_SUFFIXES, ValueCodecs
+from secretbus.store.codec import ValueCodecs
 from secretbus.store.filestore import LoadReport, SecretStore
 
 log = logging.getLogger("secretbus.fleet")
@@ -372,14 +372,11 @@ class FleetStore(SecretStore):
             raise errors.InvalidArg(f"secret {d.uuid}: the definition is too large for the fleet store "
                                     f"({len(record)} bytes sealed, at most {MAX_RECORD})")
         ops = [tx.put(kd, record)]
-        size = len(kd) + len(record)
         if usage is not None and usage != old_usage:
             compare.append(tx.absent(usage))
             ops.append(tx.put(usage, d.uuid.encode()))
-            size += 2 * len(usage)
         if old_usage is not None and old_usage != usage:
             ops.append(tx.delete(old_usage))
-            size += len(old_usage)
         # (taken now: a refused define leaves nothing pending)
         value = self._pending_value.pop(d.uuid, None)
         value_gen = known.value_gen if known is not None else 0
@@ -387,10 +384,8 @@ class FleetStore(SecretStore):
             value_gen += 1
             sealed = self.sealer.seal("value", d.uuid, value_gen, value, extra=inc)
             ops.append(tx.put(kv, sealed))
-            size += len(kv) + len(sealed)
         elif known is None:
             ops.append(tx.delete(kv))    # a new secret inherits no value
-            size += len(kv)
         failure = [tx.get(kd)] + ([tx.get(usage)] if usage is not None else [])
 
         def done(rev: int) -> None:
@@ -407,7 +402,7 @@ class FleetStore(SecretStore):
                 self.cache_writes.value(d, value)
             elif known is None:
                 self.cache_writes.delete_values(d.uuid)
-        self._run(_Write(compare, ops, size, failure, done, partial(self._define_refused, d, known)))
+        self._run(_Write(compare, ops, failure, done, partial(self._define_refused, d, known)))
 
     def _define_refused(self, d: SecretDef, known: Known | None,
                         responses: list[dict[str, Any]]) -> errors.SecretError:
@@ -449,8 +444,8 @@ class FleetStore(SecretStore):
             def done(rev: int) -> None:
                 known.value_gen, known.value_rev, known.digest = gen, rev, digest
                 self.cache_writes.value(d, data)
-            self._run(_Write([tx.mod_is(kd, known.def_rev)], [tx.put(kv, sealed)], len(kv) + len(sealed),
-                             [], done, lambda _: _changed_meanwhile(d.uuid)))
+            self._run(_Write([tx.mod_is(kd, known.def_rev)], [tx.put(kv, sealed)], [], done,
+                             lambda _: _changed_meanwhile(d.uuid)))
 
     def publish(self, d: SecretDef, value: bytes | None) -> Published:
         """Move a secret this host had before fleet mode into the fleet (`secretbus fleet
@@ -498,8 +493,7 @@ class FleetStore(SecretStore):
         """The local copy of a secret the fleet has, removed once the cache holds the fleet's
         (a cache write after the commit is only logged: without it the copy is all this host
         would have at its next start while etcd is unreachable)."""
-        cached = self.cache.xml_path(uuid).exists() and (
-            not valued or any((self.cache.dir / f"{uuid}.{suffix}").exists() for suffix in KNOWN_SUFFIXES))
+        cached = self.cache.xml_path(uuid).exists() and (not valued or self.cache.has_value_file(uuid))
         if not cached:
             raise errors.SystemError("this host's fleet cache has no copy of it yet (the service's next start "
                                      "writes one)")
@@ -540,13 +534,11 @@ class FleetStore(SecretStore):
             if known is None:
                 super().delete_definition(uuid)
                 return
-            kd, kv = self.keys.definition(uuid), self.keys.value(uuid)
-            ops = [tx.delete(kd), tx.delete(kv)]
-            size = len(kd) + len(kv)
+            kd = self.keys.definition(uuid)
+            ops = [tx.delete(kd), tx.delete(self.keys.value(uuid))]
             usage = self._usage_key(known.definition)
             if usage is not None:
                 ops.append(tx.delete(usage))
-                size += len(usage)
 
             def done(rev: int) -> None:
                 del self._known[uuid]
@@ -559,7 +551,7 @@ class FleetStore(SecretStore):
                     except errors.SecretError as e:
                         log.error("fleet: secret %s is undefined, but its local copy stays: %s", uuid, e.message,
                                   extra={"SECRET_UUID": uuid})
-            self._run(_Write([tx.mod_is(kd, known.def_rev)], ops, size, [], done,
+            self._run(_Write([tx.mod_is(kd, known.def_rev)], ops, [], done,
                              lambda _: _changed_meanwhile(uuid)))
 
     # -- remote changes -------------------------------------------------------------------

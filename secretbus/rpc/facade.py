@@ -22,7 +22,7 @@ import uuid as uuidlib
 from typing import TYPE_CHECKING, Any
 
 from secretbus.core import errors
-from secretbus.core.api import Connection, EventHandler, LostHandler, Secret, event_filter
+from secretbus.core.api import Connection, EventHandler, LostHandler, Secret, event_filter, tell_lost
 from secretbus.core.clientargs import flags_u32, xml_document
 from secretbus.core.loopthread import CLOSED, LoopThread
 from secretbus.core.model import EventId, Lifecycle, SecretEvent, UsageType
@@ -276,11 +276,7 @@ class RpcConnection(Connection):
             if ev is None:
                 return
             if isinstance(ev, Lost):
-                for lost in list(self._lost_handlers):
-                    try:
-                        lost(ev.value)
-                    except Exception:  # noqa: BLE001 - as for event handlers
-                        log.exception("connection-lost handler failed")
+                tell_lost(self._lost_handlers, ev.value)
                 continue
             for handler, wanted, _ in self._subs.values():
                 if not wanted(ev):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from secretbus.core.model import SecretDef
     from secretbus.store.filestore import SecretStore
 
 WRITE_METHODS = ("write_definition", "write_value", "delete_definition", "delete_values")
@@ -27,12 +28,21 @@ class StoreCall:
         return f"StoreCall({self.method})"
 
 
+def write_definition(store: SecretStore, d: SecretDef, *, undo_values: bool = False) -> None:
+    """`store.write_definition(d)`; if it fails and `undo_values`, the values written before it
+    go too (a new secret's value, written first, must not outlive its definition)."""
+    try:
+        store.write_definition(d)
+    except BaseException:
+        if undo_values:
+            store.delete_values(d.uuid)
+        raise
+
+
 def replay(store: SecretStore, calls: Sequence[StoreCall]) -> None:
     """Make the calls of one write at once, in order, as the writer's DirectFiles would."""
     for c in calls:
-        try:
+        if c.method == "write_definition":
+            write_definition(store, *c.args, undo_values=c.undo_values)
+        else:
             getattr(store, c.method)(*c.args)
-        except BaseException:
-            if c.undo_values:
-                store.delete_values(c.args[0].uuid)
-            raise

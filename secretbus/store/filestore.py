@@ -125,6 +125,10 @@ class SecretStore:
     def xml_path(self, uuid: str) -> Path:
         return self.dir / self._name(uuid, "xml")
 
+    def has_value_file(self, uuid: str) -> bool:
+        """Whether a value file of `uuid` exists, in any format (not read)."""
+        return any((self.dir / self._name(uuid, sfx)).exists() for sfx in KNOWN_SUFFIXES)
+
     def _open_dir(self) -> int:
         try:
             return open_dir(self.dir)
